@@ -1,0 +1,212 @@
+//! calicoctl output: Calico's tables (`-o ps|wide`), YAML and JSON (REFERENCE §7).
+
+use serde_json::Value;
+
+use crate::model::{AnyResource, KindInfo, API_VERSION};
+
+/// Output formats of `calicoctl get`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Ps,
+    Wide,
+    Yaml,
+    Json,
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ps" => Ok(Format::Ps),
+            "wide" => Ok(Format::Wide),
+            "yaml" => Ok(Format::Yaml),
+            "json" => Ok(Format::Json),
+            other => Err(format!("unrecognized output format '{other}' (use ps, wide, yaml or json)")),
+        }
+    }
+}
+
+/// Render rows as Go's `tabwriter.NewWriter(w, 5, 1, 3, ' ', 0)` renders calicoctl's
+/// templates: every cell (the last included, as the templates end in a tab) is padded to
+/// the column's widest text plus 3, with a minimum width of 5.
+pub fn tabwriter(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            let w = rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0);
+            (w + 3).max(5)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        for (c, cell) in r.iter().enumerate() {
+            out.push_str(cell);
+            out.push_str(&" ".repeat(widths[c] - cell.chars().count()));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Context a table needs beyond the rows themselves.
+pub struct TableContext {
+    /// The global AS number (shown in parentheses for nodes that inherit it).
+    pub global_as: String,
+    /// Whether several namespaces are shown (adds a NAMESPACE column).
+    pub all_namespaces: bool,
+}
+
+fn headers(info: &KindInfo, wide: bool, ctx: &TableContext) -> Vec<&'static str> {
+    match (info.kind, wide) {
+        ("IPPool", false) => vec!["NAME", "CIDR", "SELECTOR"],
+        ("IPPool", true) => vec!["NAME", "CIDR", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED", "DISABLEBGPEXPORT", "SELECTOR"],
+        ("Node", false) => vec!["NAME"],
+        ("Node", true) => vec!["NAME", "ASN", "IPV4", "IPV6"],
+        ("BGPPeer", false) => vec!["NAME", "PEERIP", "NODE", "ASN"],
+        ("BGPPeer", true) => vec!["NAME", "PEERIP", "NODE", "ASN"],
+        ("WorkloadEndpoint", wide) => {
+            let mut h = if ctx.all_namespaces { vec!["NAMESPACE"] } else { vec![] };
+            h.extend(["WORKLOAD", "NODE", "NETWORKS", "INTERFACE"]);
+            if wide {
+                h.extend(["PROFILES", "NATS"]);
+            }
+            h
+        }
+        ("BGPConfiguration", _) => vec!["NAME", "LOGSEVERITY", "MESHENABLED", "ASNUMBER"],
+        _ => vec!["NAME"],
+    }
+}
+
+fn row(r: &AnyResource, wide: bool, ctx: &TableContext) -> Vec<String> {
+    let name = r.meta().name.clone();
+    match r {
+        AnyResource::IPPool(p) => {
+            let s = &p.spec;
+            let sel = s.node_selector_or_default().to_string();
+            if wide {
+                vec![
+                    name,
+                    s.cidr.clone(),
+                    s.nat_outgoing.to_string(),
+                    s.ipip().to_string(),
+                    s.vxlan().to_string(),
+                    s.disabled.to_string(),
+                    s.disable_bgp_export.to_string(),
+                    sel,
+                ]
+            } else {
+                vec![name, s.cidr.clone(), sel]
+            }
+        }
+        AnyResource::Node(n) => {
+            if !wide {
+                return vec![name];
+            }
+            let bgp = n.spec.bgp.clone().unwrap_or_default();
+            let asn = match bgp.as_number {
+                Some(a) => a.to_string(),
+                None => format!("({})", ctx.global_as),
+            };
+            vec![name, asn, bgp.ipv4_address.unwrap_or_default(), bgp.ipv6_address.unwrap_or_default()]
+        }
+        AnyResource::BGPPeer(p) => {
+            let s = &p.spec;
+            let node = if !s.node.is_empty() {
+                s.node.clone()
+            } else if !s.node_selector.is_empty() {
+                s.node_selector.clone()
+            } else {
+                "(global)".into()
+            };
+            let peer = if s.peer_selector.is_empty() { s.peer_ip.clone() } else { s.peer_selector.clone() };
+            let asn = s.as_number.map(|a| a.to_string()).unwrap_or_default();
+            vec![name, peer, node, asn]
+        }
+        AnyResource::WorkloadEndpoint(w) => {
+            let s = &w.spec;
+            let workload = if s.workload.is_empty() { s.pod.clone() } else { s.workload.clone() };
+            let mut v = Vec::new();
+            if ctx.all_namespaces {
+                v.push(w.metadata.namespace.clone().unwrap_or_else(|| "default".into()));
+            }
+            v.extend([workload, s.node.clone(), s.ip_networks.join(","), s.interface_name.clone()]);
+            if wide {
+                v.push(s.profiles.join(","));
+                v.push(s.ip_nats.iter().map(|n| format!("{}:{}", n.internal_ip, n.external_ip)).collect::<Vec<_>>().join(","));
+            }
+            v
+        }
+        AnyResource::BGPConfiguration(c) => {
+            let s = &c.spec;
+            vec![
+                name,
+                s.log_severity_screen.clone().unwrap_or_else(|| "Info".into()),
+                s.node_to_node_mesh_enabled.map(|b| b.to_string()).unwrap_or_default(),
+                s.as_number.map(|a| a.to_string()).unwrap_or_default(),
+            ]
+        }
+        _ => vec![name],
+    }
+}
+
+/// A table of resources of one kind.
+pub fn table(info: &KindInfo, items: &[AnyResource], wide: bool, ctx: &TableContext) -> String {
+    let mut rows = vec![headers(info, wide, ctx).into_iter().map(String::from).collect::<Vec<_>>()];
+    rows.extend(items.iter().map(|r| row(r, wide, ctx)));
+    tabwriter(&rows)
+}
+
+/// Sort object keys recursively (Calico's YAML comes from JSON through ghodss/yaml, which
+/// orders keys alphabetically).
+fn sorted(v: Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut pairs: Vec<(String, Value)> = m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+            pairs.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(pairs.into_iter().collect())
+        }
+        Value::Array(a) => Value::Array(a.into_iter().map(sorted).collect()),
+        other => other,
+    }
+}
+
+fn list_value(info: &KindInfo, items: &[AnyResource], revision: i64) -> Value {
+    serde_json::json!({
+        "kind": format!("{}List", info.kind),
+        "apiVersion": API_VERSION,
+        "metadata": {"resourceVersion": revision.to_string()},
+        "items": items.iter().map(AnyResource::to_value).collect::<Vec<_>>(),
+    })
+}
+
+/// YAML of one resource, or of a `<Kind>List` when `list` is set.
+pub fn yaml(info: &KindInfo, items: &[AnyResource], revision: i64, list: bool) -> String {
+    let v = if list || items.len() != 1 { list_value(info, items, revision) } else { items[0].to_value() };
+    serde_yaml::to_string(&sorted(v)).expect("JSON values always serialize as YAML")
+}
+
+/// JSON of one resource, or of a `<Kind>List`, indented by two spaces.
+pub fn json(info: &KindInfo, items: &[AnyResource], revision: i64, list: bool) -> String {
+    let v = if list || items.len() != 1 { list_value(info, items, revision) } else { items[0].to_value() };
+    let mut s = serde_json::to_string_pretty(&v).expect("JSON values always serialize");
+    s.push('\n');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tabwriter_pads_like_go_with_min_width_and_trailing_padding() {
+        let rows = vec![
+            vec!["NAME".to_string(), "CIDR".into(), "SELECTOR".into()],
+            vec!["default-ipv4-ippool".into(), "192.168.0.0/16".into(), "all()".into()],
+        ];
+        assert_eq!(
+            tabwriter(&rows),
+            "NAME                  CIDR             SELECTOR   \ndefault-ipv4-ippool   192.168.0.0/16   all()      \n"
+        );
+        assert_eq!(tabwriter(&[vec!["A".into()]]), "A    \n");
+    }
+}

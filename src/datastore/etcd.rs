@@ -1,0 +1,304 @@
+//! The etcd v3 backend: Calico's transactions (REFERENCE §1, "Write semantics"), paged
+//! lists at one revision, and watches with PrevKV that report compaction.
+
+use async_trait::async_trait;
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
+    Identity, KvClient, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchClient, WatchOptions,
+};
+use tokio::sync::mpsc;
+use tonic::Code;
+
+use super::{
+    Datastore, DatastoreConfig, DatastoreError, DsResult, KeyValue, WATCH_CHANNEL_CAPACITY,
+    WatchBatch, WatchEvent, WatchReceiver,
+};
+
+/// Largest gRPC message accepted (a page of a list, a watch batch).
+const MAX_MESSAGE: usize = 64 << 20;
+/// Keys per page of a list: bounded memory per response, few round trips.
+const LIST_PAGE: i64 = 2000;
+
+/// etcd v3 datastore.
+#[derive(Clone)]
+pub struct EtcdDatastore {
+    client: Client,
+    kv: KvClient,
+    watch: WatchClient,
+}
+
+fn map_err(e: etcd_client::Error) -> DatastoreError {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(s) => match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+                DatastoreError::Unavailable(s.message().to_string())
+            }
+            _ => DatastoreError::Other(format!("{:?}: {}", s.code(), s.message())),
+        },
+        E::TransportError(t) => DatastoreError::Unavailable(t.to_string()),
+        E::IoError(io) => DatastoreError::Unavailable(io.to_string()),
+        other => DatastoreError::Other(other.to_string()),
+    }
+}
+
+
+fn kv(k: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(k.key()).into_owned(),
+        value: k.value().to_vec(),
+        mod_revision: k.mod_revision(),
+        create_revision: k.create_revision(),
+    }
+}
+
+/// The first key after every key with this prefix (etcd's range end for a prefix).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Build etcd-client's options from our config (timeouts, keep-alive, TLS).
+fn connect_options(cfg: &DatastoreConfig) -> DsResult<ConnectOptions> {
+    let mut opts = ConnectOptions::new()
+        .with_timeout(cfg.timeout)
+        .with_connect_timeout(std::time::Duration::from_secs(3))
+        .with_keep_alive(std::time::Duration::from_secs(10), std::time::Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| {
+            DatastoreError::Other(format!("cannot read TLS file {}: {e}", p.display()))
+        })
+    };
+    if cfg.ca_cert_file.is_some() || cfg.cert_file.is_some() {
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &cfg.ca_cert_file {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        match (&cfg.cert_file, &cfg.key_file) {
+            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
+            (None, None) => {}
+            _ => {
+                return Err(DatastoreError::Other(
+                    "ETCD_CERT_FILE and ETCD_KEY_FILE must be given together".into(),
+                ));
+            }
+        }
+        opts = opts.with_tls(tls);
+    }
+    Ok(opts)
+}
+
+impl EtcdDatastore {
+    /// Connect to the configured endpoints.
+    pub async fn connect(cfg: &DatastoreConfig) -> DsResult<Self> {
+        let client = Client::connect(&cfg.endpoints, Some(connect_options(cfg)?))
+            .await
+            .map_err(map_err)?;
+        let kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let watch = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+        Ok(EtcdDatastore { client, kv, watch })
+    }
+
+    /// Compact history up to `revision` (tests and maintenance).
+    pub async fn compact(&self, revision: i64) -> DsResult<()> {
+        self.client
+            .clone()
+            .compact(revision, None)
+            .await
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn txn(&self, txn: Txn) -> DsResult<etcd_client::TxnResponse> {
+        self.kv.clone().txn(txn).await.map_err(map_err)
+    }
+
+    /// The ModRevision found by the `or_else` Get of a failed transaction.
+    fn found_revision(resp: &etcd_client::TxnResponse) -> Option<i64> {
+        resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().map(|k| k.mod_revision()),
+            _ => None,
+        })
+    }
+
+    fn put_revision(resp: &etcd_client::TxnResponse) -> i64 {
+        resp.header().map_or(0, |h| h.revision())
+    }
+}
+
+#[async_trait]
+impl Datastore for EtcdDatastore {
+    async fn get(&self, key: &str) -> DsResult<Option<KeyValue>> {
+        let resp = self.kv.clone().get(key, None).await.map_err(map_err)?;
+        Ok(resp.kvs().first().map(kv))
+    }
+
+    async fn list(&self, prefix: &str) -> DsResult<(Vec<KeyValue>, i64)> {
+        let end = prefix_end(prefix);
+        let mut out = Vec::new();
+        let mut start = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+            if revision > 0 {
+                // Later pages read the same snapshot as the first.
+                opts = opts.with_revision(revision);
+            }
+            let resp = self.kv.clone().get(start.clone(), Some(opts)).await.map_err(map_err)?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            out.extend(resp.kvs().iter().map(kv));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok((out, revision))
+    }
+
+    async fn create(&self, key: &str, value: Vec<u8>) -> DsResult<i64> {
+        let txn = Txn::new()
+            .when(vec![Compare::version(key, CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(key, value, None)])
+            .or_else(vec![TxnOp::get(key, None)]);
+        let resp = self.txn(txn).await?;
+        if resp.succeeded() {
+            Ok(Self::put_revision(&resp))
+        } else {
+            Err(DatastoreError::AlreadyExists { key: key.into() })
+        }
+    }
+
+    async fn update(&self, key: &str, value: Vec<u8>, revision: i64) -> DsResult<i64> {
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(key, CompareOp::Equal, revision)])
+            .and_then(vec![TxnOp::put(key, value, None)])
+            .or_else(vec![TxnOp::get(key, None)]);
+        let resp = self.txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(Self::put_revision(&resp));
+        }
+        match Self::found_revision(&resp) {
+            Some(found) => Err(DatastoreError::Conflict { key: key.into(), expected: revision, found }),
+            None => Err(DatastoreError::NotFound { key: key.into() }),
+        }
+    }
+
+    async fn apply(&self, key: &str, value: Vec<u8>) -> DsResult<i64> {
+        let resp = self.kv.clone().put(key, value, None).await.map_err(map_err)?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
+    async fn delete(&self, key: &str, revision: Option<i64>) -> DsResult<KeyValue> {
+        let del = TxnOp::delete(key, Some(DeleteOptions::new().with_prev_key()));
+        let txn = match revision {
+            Some(rev) => Txn::new()
+                .when(vec![Compare::mod_revision(key, CompareOp::Equal, rev)])
+                .and_then(vec![del])
+                .or_else(vec![TxnOp::get(key, None)]),
+            None => Txn::new().and_then(vec![del]),
+        };
+        let resp = self.txn(txn).await?;
+        if !resp.succeeded() {
+            return match Self::found_revision(&resp) {
+                Some(found) => Err(DatastoreError::Conflict {
+                    key: key.into(),
+                    expected: revision.unwrap_or(0),
+                    found,
+                }),
+                None => Err(DatastoreError::NotFound { key: key.into() }),
+            };
+        }
+        let prev = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Delete(d) => d.prev_kvs().first().map(kv),
+            _ => None,
+        });
+        prev.ok_or_else(|| DatastoreError::NotFound { key: key.into() })
+    }
+
+    async fn watch(&self, prefix: &str, from_revision: i64) -> DsResult<WatchReceiver> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from_revision)
+            .with_prev_key()
+            .with_progress_notify();
+        let mut stream = self.watch.clone().watch(prefix, Some(opts)).await.map_err(map_err)?;
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = tx.closed() => return,
+                    m = stream.message() => m,
+                };
+                let out = match msg {
+                    Ok(Some(resp)) if resp.compact_revision() > 0 => Err(DatastoreError::Compacted {
+                        requested: from_revision,
+                        compact_revision: resp.compact_revision(),
+                    }),
+                    Ok(Some(resp)) if resp.canceled() => Err(DatastoreError::Unavailable(format!(
+                        "watch cancelled by etcd: {}",
+                        resp.cancel_reason()
+                    ))),
+                    // The creation response carries the *current* revision while older
+                    // events may still be on their way: it says nothing about progress.
+                    Ok(Some(resp)) if resp.created() && resp.events().is_empty() => continue,
+                    Ok(Some(resp)) => {
+                        let events: Vec<WatchEvent> = resp
+                            .events()
+                            .iter()
+                            .filter_map(|e| {
+                                let k = e.kv()?;
+                                let prev = e.prev_kv().map(kv);
+                                Some(match e.event_type() {
+                                    EventType::Put => WatchEvent::Put { kv: kv(k), prev },
+                                    EventType::Delete => WatchEvent::Delete {
+                                        key: String::from_utf8_lossy(k.key()).into_owned(),
+                                        mod_revision: k.mod_revision(),
+                                        prev,
+                                    },
+                                })
+                            })
+                            .collect();
+                        // With events, progress is the last event's revision (a catching-up
+                        // watcher's header is ahead of what it has delivered); without, this is a
+                        // progress notification and the header revision is a safe bound.
+                        let revision = match events.last() {
+                            Some(e) => e.revision(),
+                            None => resp.header().map_or(0, |h| h.revision()),
+                        };
+                        Ok(WatchBatch { events, revision })
+                    }
+                    Ok(None) => Err(DatastoreError::Unavailable("watch stream closed".into())),
+                    Err(e) => Err(map_err(e)),
+                };
+                let fatal = out.is_err();
+                if tx.send(out).await.is_err() || fatal {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(prefix_end("/calico/"), b"/calico0".to_vec());
+        assert_eq!(prefix_end("ab"), b"ac".to_vec());
+    }
+}

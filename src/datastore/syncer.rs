@@ -1,0 +1,501 @@
+//! The syncer actor: list + watch of every Calico key, turned into typed updates with an
+//! in-sync marker, for confd, Felix and the node's own tasks.
+//!
+//! ```text
+//!  Datastore --list/watch--> [Syncer] --SyncerEvent (bounded mpsc, one per subscriber)--> consumers
+//!                               |
+//!                               +--> metrics (events, resyncs, in-sync, errors), health
+//! ```
+//! Recovery rules (REFERENCE §1; Calico bug calico#4109 is the loop we must never have):
+//! - a broken watch is resumed from the last revision seen, with backoff; the cache is kept
+//!   and consumers keep their state;
+//! - a watch that reports compaction triggers a fresh list at the current revision, and
+//!   only the real differences against the cache are emitted — the new watch starts after
+//!   that list's revision, which is never compacted, so the syncer cannot loop.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::client::decode_any;
+use super::{Datastore, DatastoreError, KeyValue, WatchEvent};
+use crate::model::ipam::{AllocationBlock, BlockAffinity, IPAMConfig, IPAMHandle};
+use crate::model::keys::{IpamKey, parse_ipam_key, parse_resource_key};
+use crate::model::{AnyResource, kind_by_plural};
+use crate::node::http::HealthReporter;
+
+/// Everything Calico keeps under this prefix: v3 resources and IPAM records.
+pub const CALICO_PREFIX: &str = "/calico/";
+
+/// A decoded value of a Calico key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SyncValue {
+    Resource(AnyResource),
+    Block(AllocationBlock),
+    Affinity {
+        host: String,
+        cidr: ipnet::IpNet,
+        affinity: BlockAffinity,
+    },
+    Handle {
+        id: String,
+        handle: IPAMHandle,
+    },
+    IpamConfig(IPAMConfig),
+}
+
+impl SyncValue {
+    /// A short name of what the value is, for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SyncValue::Resource(r) => r.kind(),
+            SyncValue::Block(_) => "IPAMBlock",
+            SyncValue::Affinity { .. } => "BlockAffinity",
+            SyncValue::Handle { .. } => "IPAMHandle",
+            SyncValue::IpamConfig(_) => "IPAMConfig",
+        }
+    }
+}
+
+/// What happened to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum UpdateType {
+    New,
+    Updated,
+    Deleted,
+}
+
+impl UpdateType {
+    fn label(self) -> &'static str {
+        match self {
+            UpdateType::New => "new",
+            UpdateType::Updated => "updated",
+            UpdateType::Deleted => "deleted",
+        }
+    }
+}
+
+/// One typed change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub key: String,
+    pub update_type: UpdateType,
+    /// The new value (`None` for deletes).
+    pub value: Option<Arc<SyncValue>>,
+    /// The etcd revision of the change.
+    pub revision: i64,
+}
+
+/// The syncer's state, as Calico's syncers report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncStatus {
+    /// Listing (first time or after compaction).
+    ResyncInProgress,
+    /// Every key up to the list revision has been delivered.
+    InSync,
+}
+
+/// What consumers receive.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SyncerEvent {
+    Update(Update),
+    Status(SyncStatus),
+}
+
+fn json<T>(r: Result<T, serde_json::Error>) -> Result<T, String> {
+    r.map_err(|e| e.to_string())
+}
+
+/// Decode a Calico key and value; `None` for keys we do not model.
+pub fn decode(kv: &KeyValue) -> Option<Result<SyncValue, String>> {
+    if let Some(rk) = parse_resource_key(&kv.key) {
+        let info = kind_by_plural(&rk.plural)?;
+        return Some(decode_any(info, kv).map(SyncValue::Resource).map_err(|e| e.to_string()));
+    }
+    Some(match parse_ipam_key(&kv.key)? {
+        IpamKey::Block(_) => json(serde_json::from_slice(&kv.value)).map(SyncValue::Block),
+        IpamKey::Affinity { host, cidr } => json(BlockAffinity::from_bytes(&kv.value))
+            .map(|affinity| SyncValue::Affinity { host, cidr, affinity }),
+        IpamKey::Handle(id) => json(serde_json::from_slice(&kv.value)).map(|handle| SyncValue::Handle { id, handle }),
+        IpamKey::Config => json(serde_json::from_slice(&kv.value)).map(SyncValue::IpamConfig),
+    })
+}
+
+/// The syncer's Prometheus metrics.
+#[derive(Clone)]
+pub struct SyncerMetrics {
+    events: IntCounterVec,
+    resyncs: IntCounter,
+    in_sync: IntGauge,
+    errors: IntCounterVec,
+    cached: IntGauge,
+}
+
+impl SyncerMetrics {
+    /// Create and register the metrics.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let m = SyncerMetrics {
+            events: IntCounterVec::new(
+                Opts::new("calico_syncer_events_total", "Datastore updates delivered by the syncer, by kind and type."),
+                &["kind", "type"],
+            )?,
+            resyncs: IntCounter::new("calico_syncer_resyncs_total", "Full lists of the datastore (start-up and after compaction).")?,
+            in_sync: IntGauge::new("calico_syncer_in_sync", "1 when the syncer has delivered a complete snapshot, else 0.")?,
+            errors: IntCounterVec::new(
+                Opts::new("calico_datastore_errors_total", "Datastore errors seen by the syncer, by operation."),
+                &["operation"],
+            )?,
+            cached: IntGauge::new("calico_syncer_cached_keys", "Keys currently held in the syncer's cache.")?,
+        };
+        registry.register(Box::new(m.events.clone()))?;
+        registry.register(Box::new(m.resyncs.clone()))?;
+        registry.register(Box::new(m.in_sync.clone()))?;
+        registry.register(Box::new(m.errors.clone()))?;
+        registry.register(Box::new(m.cached.clone()))?;
+        Ok(m)
+    }
+}
+
+/// Exponential backoff between retries: 100 ms doubling up to 5 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        Backoff { next: Self::MIN }
+    }
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        d
+    }
+}
+
+/// Cache entry: the ModRevision identifies the value (a key rewritten gets a new one).
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    mod_revision: i64,
+}
+
+/// The pure part of the syncer: cache + diff. Inputs are lists and watch events; outputs
+/// the updates to deliver.
+#[derive(Default)]
+pub struct SyncerState {
+    cache: HashMap<String, Cached>,
+}
+
+impl SyncerState {
+    /// Keys held.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// Replace the cache by a full list; returns only the real differences.
+    pub fn on_list(&mut self, kvs: &[KeyValue], revision: i64) -> Vec<Update> {
+        let mut out = Vec::new();
+        let mut seen = HashMap::with_capacity(kvs.len());
+        for kv in kvs {
+            let Some(value) = decode_logged(kv) else { continue };
+            seen.insert(kv.key.clone(), Cached { mod_revision: kv.mod_revision });
+            match self.cache.get(&kv.key) {
+                Some(c) if c.mod_revision == kv.mod_revision => {}
+                Some(_) => out.push(update(kv, UpdateType::Updated, value)),
+                None => out.push(update(kv, UpdateType::New, value)),
+            }
+        }
+        let mut gone: Vec<&String> = self.cache.keys().filter(|k| !seen.contains_key(*k)).collect();
+        gone.sort();
+        for key in gone {
+            out.push(Update { key: key.clone(), update_type: UpdateType::Deleted, value: None, revision });
+        }
+        self.cache = seen;
+        out
+    }
+
+    /// Apply watch events; returns the updates (deduplicated against the cache, so an
+    /// event replayed after a resume is not delivered twice).
+    pub fn on_events(&mut self, events: &[WatchEvent]) -> Vec<Update> {
+        let mut out = Vec::new();
+        for e in events {
+            match e {
+                WatchEvent::Put { kv, .. } => {
+                    let prev = self.cache.get(&kv.key).map(|c| c.mod_revision);
+                    if prev.is_some_and(|r| r >= kv.mod_revision) {
+                        continue;
+                    }
+                    match decode_logged(kv) {
+                        Some(value) => {
+                            self.cache.insert(kv.key.clone(), Cached { mod_revision: kv.mod_revision });
+                            let t = if prev.is_some() { UpdateType::Updated } else { UpdateType::New };
+                            out.push(update(kv, t, value));
+                        }
+                        // An undecodable value replaces a good one: consumers must forget it.
+                        None if prev.is_some() => {
+                            self.cache.remove(&kv.key);
+                            out.push(Update {
+                                key: kv.key.clone(),
+                                update_type: UpdateType::Deleted,
+                                value: None,
+                                revision: kv.mod_revision,
+                            });
+                        }
+                        None => {}
+                    }
+                }
+                WatchEvent::Delete { key, mod_revision, .. } => {
+                    if self.cache.remove(key).is_some() {
+                        out.push(Update {
+                            key: key.clone(),
+                            update_type: UpdateType::Deleted,
+                            value: None,
+                            revision: *mod_revision,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn decode_logged(kv: &KeyValue) -> Option<SyncValue> {
+    match decode(kv)? {
+        Ok(v) => Some(v),
+        Err(e) => {
+            warn!(key = %kv.key, error = %e, "ignoring undecodable datastore value");
+            None
+        }
+    }
+}
+
+fn update(kv: &KeyValue, t: UpdateType, value: SyncValue) -> Update {
+    Update { key: kv.key.clone(), update_type: t, value: Some(Arc::new(value)), revision: kv.mod_revision }
+}
+
+/// The syncer actor.
+pub struct Syncer {
+    ds: Arc<dyn Datastore>,
+    prefix: String,
+    subscribers: Vec<mpsc::Sender<SyncerEvent>>,
+    metrics: Option<SyncerMetrics>,
+    health: Option<HealthReporter>,
+    state: SyncerState,
+}
+
+/// Why the syncer stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SyncerExit {
+    /// The cancellation token fired.
+    Cancelled,
+    /// Every subscriber went away.
+    NoSubscribers,
+}
+
+enum WatchEnd {
+    Compacted,
+    Broken,
+    Stop(SyncerExit),
+}
+
+impl Syncer {
+    /// A syncer over `prefix` (normally [`CALICO_PREFIX`]).
+    pub fn new(ds: Arc<dyn Datastore>, prefix: &str) -> Self {
+        Syncer { ds, prefix: prefix.into(), subscribers: Vec::new(), metrics: None, health: None, state: SyncerState::default() }
+    }
+
+    /// Add a consumer; `capacity` bounds how far it may lag.
+    pub fn subscribe(&mut self, capacity: usize) -> mpsc::Receiver<SyncerEvent> {
+        let (tx, rx) = mpsc::channel(capacity);
+        self.subscribers.push(tx);
+        rx
+    }
+
+    /// Report metrics.
+    pub fn with_metrics(mut self, m: SyncerMetrics) -> Self {
+        self.metrics = Some(m);
+        self
+    }
+
+    /// Report readiness (ready once in sync).
+    pub fn with_health(mut self, h: HealthReporter) -> Self {
+        self.health = Some(h);
+        self
+    }
+
+    fn count_error(&self, op: &str) {
+        if let Some(m) = &self.metrics {
+            m.errors.with_label_values(&[op]).inc();
+        }
+    }
+
+    async fn emit(&mut self, ev: SyncerEvent) -> bool {
+        if let (Some(m), SyncerEvent::Update(u)) = (&self.metrics, &ev) {
+            let kind = u.value.as_ref().map_or("(deleted)", |v| v.kind());
+            m.events.with_label_values(&[kind, u.update_type.label()]).inc();
+        }
+        let mut alive = Vec::with_capacity(self.subscribers.len());
+        for s in self.subscribers.drain(..) {
+            if s.send(ev.clone()).await.is_ok() {
+                alive.push(s);
+            }
+        }
+        self.subscribers = alive;
+        !self.subscribers.is_empty()
+    }
+
+    async fn emit_all(&mut self, updates: Vec<Update>) -> bool {
+        for u in updates {
+            if !self.emit(SyncerEvent::Update(u)).await {
+                return false;
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.cached.set(self.state.len() as i64);
+        }
+        true
+    }
+
+    /// Run until cancelled or no subscriber is left.
+    pub async fn run(mut self, cancel: CancellationToken) -> SyncerExit {
+        let mut backoff = Backoff::new();
+        let mut revision: Option<i64> = None;
+        loop {
+            let rev = match revision {
+                Some(r) => r,
+                None => {
+                    if !self.emit(SyncerEvent::Status(SyncStatus::ResyncInProgress)).await {
+                        return SyncerExit::NoSubscribers;
+                    }
+                    if let Some(m) = &self.metrics {
+                        m.in_sync.set(0);
+                    }
+                    let listed = tokio::select! {
+                        _ = cancel.cancelled() => return SyncerExit::Cancelled,
+                        l = self.ds.list(&self.prefix) => l,
+                    };
+                    match listed {
+                        Ok((kvs, rev)) => {
+                            let updates = self.state.on_list(&kvs, rev);
+                            info!(keys = kvs.len(), changes = updates.len(), revision = rev, "datastore listed");
+                            if !self.emit_all(updates).await || !self.emit(SyncerEvent::Status(SyncStatus::InSync)).await {
+                                return SyncerExit::NoSubscribers;
+                            }
+                            if let Some(m) = &self.metrics {
+                                m.resyncs.inc();
+                                m.in_sync.set(1);
+                            }
+                            if let Some(h) = &self.health {
+                                h.set_ready(true, None);
+                            }
+                            revision = Some(rev);
+                            rev
+                        }
+                        Err(e) => {
+                            self.count_error("list");
+                            warn!(error = %e, "datastore list failed; retrying");
+                            if let Some(h) = &self.health
+                                && self.state.is_empty()
+                            {
+                                h.set_ready(false, Some(format!("cannot list the datastore: {e}")));
+                            }
+                            if sleep_or_cancel(&cancel, backoff.step()).await {
+                                return SyncerExit::Cancelled;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            match self.watch_from(rev, &cancel, &mut revision, &mut backoff).await {
+                WatchEnd::Stop(exit) => return exit,
+                WatchEnd::Compacted => {
+                    info!(revision = rev, "watch revision compacted; re-listing");
+                    revision = None;
+                }
+                WatchEnd::Broken => {
+                    if sleep_or_cancel(&cancel, backoff.step()).await {
+                        return SyncerExit::Cancelled;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Watch from `rev + 1` until the watch ends; `revision` follows the events.
+    async fn watch_from(
+        &mut self,
+        rev: i64,
+        cancel: &CancellationToken,
+        revision: &mut Option<i64>,
+        backoff: &mut Backoff,
+    ) -> WatchEnd {
+        let started = tokio::select! {
+            _ = cancel.cancelled() => return WatchEnd::Stop(SyncerExit::Cancelled),
+            w = self.ds.watch(&self.prefix, rev + 1) => w,
+        };
+        let mut rx = match started {
+            Ok(rx) => rx,
+            Err(DatastoreError::Compacted { .. }) => return WatchEnd::Compacted,
+            Err(e) => {
+                self.count_error("watch");
+                warn!(error = %e, "cannot start datastore watch; retrying with cache kept");
+                return WatchEnd::Broken;
+            }
+        };
+        debug!(from = rev + 1, "watching datastore");
+        loop {
+            let msg = tokio::select! {
+                _ = cancel.cancelled() => return WatchEnd::Stop(SyncerExit::Cancelled),
+                m = rx.recv() => m,
+            };
+            match msg {
+                Some(Ok(batch)) => {
+                    backoff.reset();
+                    let updates = self.state.on_events(&batch.events);
+                    let last = batch.events.iter().map(WatchEvent::revision).max().unwrap_or(0);
+                    let new_rev = revision.unwrap_or(0).max(last).max(batch.revision);
+                    *revision = Some(new_rev);
+                    if !self.emit_all(updates).await {
+                        return WatchEnd::Stop(SyncerExit::NoSubscribers);
+                    }
+                }
+                Some(Err(DatastoreError::Compacted { .. })) => return WatchEnd::Compacted,
+                Some(Err(e)) => {
+                    self.count_error("watch");
+                    warn!(error = %e, "datastore watch broken; resuming with cache kept");
+                    return WatchEnd::Broken;
+                }
+                None => {
+                    self.count_error("watch");
+                    warn!("datastore watch closed; resuming with cache kept");
+                    return WatchEnd::Broken;
+                }
+            }
+        }
+    }
+}
+
+/// Sleep unless cancelled first; true when cancelled.
+async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}

@@ -1,0 +1,49 @@
+//! Environment variables read through a small trait, so tests never set process env
+//! (linkerd2-proxy's approach).
+
+use std::collections::BTreeMap;
+
+/// A source of environment variables.
+pub trait Env: Send + Sync {
+    /// The value of `name`, if set.
+    fn var(&self, name: &str) -> Option<String>;
+    /// Every variable (for `FELIX_*` overrides).
+    fn vars(&self) -> Vec<(String, String)>;
+
+    /// The value of `name` if set and not empty.
+    fn non_empty(&self, name: &str) -> Option<String> {
+        self.var(name).filter(|v| !v.trim().is_empty())
+    }
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+    fn vars(&self) -> Vec<(String, String)> {
+        std::env::vars().collect()
+    }
+}
+
+/// A fixed set of variables, for tests.
+#[derive(Debug, Clone, Default)]
+pub struct MapEnv(pub BTreeMap<String, String>);
+
+impl MapEnv {
+    /// Build from pairs.
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        MapEnv(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+}
+
+impl Env for MapEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+    fn vars(&self) -> Vec<(String, String)> {
+        self.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}

@@ -1,0 +1,8 @@
+//! calico-node in Rust: a Calico-compatible node agent (datastore, BGP, Felix, confd, IPAM,
+//! CNI and calicoctl) in one crate. See `README.md` and the module docs.
+
+pub mod model;
+pub mod node;
+pub mod datastore;
+pub mod env;
+pub mod ctl;

@@ -1,0 +1,492 @@
+//! BGPConfiguration and BGPPeer (REFERENCE §2, §6).
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::asn::AsNumber;
+use super::validate::{self, ValidationError, Validated};
+use super::{Kind, ObjectMeta, Resource};
+
+/// A BGPConfiguration resource (`default` or `node.<name>`).
+pub type BGPConfiguration = Resource<BGPConfigurationSpec>;
+/// A BGPPeer resource.
+pub type BGPPeer = Resource<BGPPeerSpec>;
+
+/// Default AS number when neither the Node nor BGPConfiguration sets one.
+pub const DEFAULT_AS: AsNumber = AsNumber(64512);
+
+/// `{cidr}` entries of the service IP lists.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CidrBlock {
+    pub cidr: String,
+}
+
+/// A named BGP community (`aa:nn` or large `aa:nn:mm`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Community {
+    pub name: String,
+    pub value: String,
+}
+
+/// Communities attached to a prefix on export.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixAdvertisement {
+    pub cidr: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<String>,
+}
+
+/// Reference to a Kubernetes secret holding a BGP password.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optional: Option<bool>,
+}
+
+/// A BGP session password.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BGPPassword {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
+}
+
+/// Calico's `BGPConfigurationSpec`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BGPConfigurationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_severity_screen: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_to_node_mesh_enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_number: Option<AsNumber>,
+    #[serde(default, rename = "serviceLoadBalancerIPs", skip_serializing_if = "Vec::is_empty")]
+    pub service_load_balancer_ips: Vec<CidrBlock>,
+    #[serde(default, rename = "serviceExternalIPs", skip_serializing_if = "Vec::is_empty")]
+    pub service_external_ips: Vec<CidrBlock>,
+    #[serde(default, rename = "serviceClusterIPs", skip_serializing_if = "Vec::is_empty")]
+    pub service_cluster_ips: Vec<CidrBlock>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<Community>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_port: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefix_advertisements: Vec<PrefixAdvertisement>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_mesh_password: Option<BGPPassword>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_mesh_max_restart_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored_interfaces: Vec<String>,
+    #[serde(default, rename = "localWorkloadPeeringIPV4", skip_serializing_if = "Option::is_none")]
+    pub local_workload_peering_ipv4: Option<String>,
+    #[serde(default, rename = "localWorkloadPeeringIPV6", skip_serializing_if = "Option::is_none")]
+    pub local_workload_peering_ipv6: Option<String>,
+}
+
+impl BGPConfigurationSpec {
+    /// `nodeToNodeMeshEnabled`, default true.
+    pub fn mesh_enabled(&self) -> bool {
+        self.node_to_node_mesh_enabled.unwrap_or(true)
+    }
+    /// `listenPort`, default 179.
+    pub fn listen_port_or_default(&self) -> u16 {
+        self.listen_port.and_then(|p| u16::try_from(p).ok()).unwrap_or(179)
+    }
+}
+
+fn community_value(field: &str, v: &str) -> Validated {
+    let parts: Vec<&str> = v.split(':').collect();
+    // Standard communities are two 16-bit halves; large communities three 32-bit parts.
+    let ok = match parts.len() {
+        2 => parts.iter().all(|p| p.parse::<u16>().is_ok()),
+        3 => parts.iter().all(|p| p.parse::<u32>().is_ok()),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            v,
+            "community must be aa:nn (each 0-65535) or a large community aa:nn:mm",
+        ))
+    }
+}
+
+impl Kind for BGPConfigurationSpec {
+    const KIND: &'static str = "BGPConfiguration";
+    const PLURAL: &'static str = "bgpconfigurations";
+
+    fn validate(&self, meta: &ObjectMeta) -> Validated {
+        if meta.name != "default" {
+            if let Some(v) = self.node_to_node_mesh_enabled {
+                return Err(ValidationError::new(
+                    "spec.nodeToNodeMeshEnabled",
+                    v,
+                    "may only be set on the global BGPConfiguration named 'default'",
+                ));
+            }
+            if let Some(v) = self.as_number {
+                return Err(ValidationError::new(
+                    "spec.asNumber",
+                    v,
+                    "may only be set on the global BGPConfiguration named 'default'",
+                ));
+            }
+        }
+        if let Some(s) = &self.log_severity_screen {
+            validate::log_severity("spec.logSeverityScreen", s)?;
+        }
+        for (name, list) in [
+            ("serviceLoadBalancerIPs", &self.service_load_balancer_ips),
+            ("serviceExternalIPs", &self.service_external_ips),
+            ("serviceClusterIPs", &self.service_cluster_ips),
+        ] {
+            for (i, b) in list.iter().enumerate() {
+                validate::cidr(&format!("spec.{name}[{i}].cidr"), &b.cidr, false)?;
+            }
+        }
+        for (i, c) in self.communities.iter().enumerate() {
+            community_value(&format!("spec.communities[{i}].value"), &c.value)?;
+        }
+        for (i, p) in self.prefix_advertisements.iter().enumerate() {
+            validate::cidr(&format!("spec.prefixAdvertisements[{i}].cidr"), &p.cidr, false)?;
+            for (j, c) in p.communities.iter().enumerate() {
+                let field = format!("spec.prefixAdvertisements[{i}].communities[{j}]");
+                let named = self.communities.iter().any(|n| &n.name == c);
+                if !named {
+                    community_value(&field, c)?;
+                }
+            }
+        }
+        if let Some(p) = self.listen_port {
+            validate::port("spec.listenPort", p)?;
+        }
+        if let Some(d) = &self.node_mesh_max_restart_time {
+            validate::duration("spec.nodeMeshMaxRestartTime", d)?;
+        }
+        if let Some(m) = &self.bind_mode {
+            validate::one_of("spec.bindMode", m, &["None", "NodeIP"])?;
+        }
+        if let Some(pw) = &self.node_mesh_password {
+            secret_ref("spec.nodeMeshPassword", pw)?;
+        }
+        Ok(())
+    }
+}
+
+fn secret_ref(field: &str, pw: &BGPPassword) -> Validated {
+    if let Some(r) = &pw.secret_key_ref {
+        if r.name.is_empty() {
+            return Err(ValidationError::new(
+                &format!("{field}.secretKeyRef.name"),
+                "",
+                "the secret name is required",
+            ));
+        }
+        if r.key.is_empty() {
+            return Err(ValidationError::new(
+                &format!("{field}.secretKeyRef.key"),
+                "",
+                "the secret key is required",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Calico's `BGPPeerSpec`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BGPPeerSpec {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
+    #[serde(default, rename = "peerIP", skip_serializing_if = "String::is_empty")]
+    pub peer_ip: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_number: Option<AsNumber>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node_selector: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer_selector: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_original_next_hop: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<BGPPassword>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_detection_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_restart_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bird_gateway_mode: Option<String>,
+    #[serde(default, rename = "numAllowedLocalASNumbers", skip_serializing_if = "Option::is_none")]
+    pub num_allowed_local_as_numbers: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_security: Option<u8>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reachable_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive_time: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub local_workload_selector: String,
+    #[serde(default, rename = "localASNumber", skip_serializing_if = "Option::is_none")]
+    pub local_as_number: Option<AsNumber>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub external_network: String,
+}
+
+/// Parse a BGPPeer `peerIP`: `ip`, `ip:port` (IPv4) or `[v6]:port`; a bare IPv6 address
+/// is also accepted. Returns the address and the port when one is given.
+pub fn parse_peer_ip(s: &str) -> Result<(IpAddr, Option<u16>), String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok((ip, None));
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err("port must be between 1 and 65535".into());
+        }
+        return Ok((sa.ip(), Some(sa.port())));
+    }
+    if s.starts_with('[')
+        && let Some(inner) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']'))
+        && let Ok(ip) = inner.parse::<Ipv6Addr>()
+    {
+        return Ok((IpAddr::V6(ip), None));
+    }
+    Err("must be an IP address, IPv4:port or [IPv6]:port".into())
+}
+
+impl BGPPeerSpec {
+    /// The peer address and optional port (after validation this cannot fail).
+    pub fn peer_addr(&self) -> Option<(IpAddr, Option<u16>)> {
+        parse_peer_ip(&self.peer_ip).ok()
+    }
+}
+
+impl Kind for BGPPeerSpec {
+    const KIND: &'static str = "BGPPeer";
+    const PLURAL: &'static str = "bgppeers";
+
+    fn validate(&self, _meta: &ObjectMeta) -> Validated {
+        if !self.node.is_empty() && !self.node_selector.is_empty() {
+            return Err(ValidationError::new(
+                "spec.nodeSelector",
+                &self.node_selector,
+                "node and nodeSelector cannot both be set",
+            ));
+        }
+        if !self.peer_selector.is_empty() {
+            if !self.peer_ip.is_empty() {
+                return Err(ValidationError::new(
+                    "spec.peerIP",
+                    &self.peer_ip,
+                    "peerIP and peerSelector cannot both be set",
+                ));
+            }
+            if let Some(a) = self.as_number {
+                return Err(ValidationError::new(
+                    "spec.asNumber",
+                    a,
+                    "asNumber and peerSelector cannot both be set (the peers' own AS is used)",
+                ));
+            }
+            validate::selector("spec.peerSelector", &self.peer_selector)?;
+        } else {
+            if self.peer_ip.is_empty() {
+                return Err(ValidationError::new(
+                    "spec.peerIP",
+                    "",
+                    "peerIP or peerSelector is required",
+                ));
+            }
+            parse_peer_ip(&self.peer_ip)
+                .map_err(|r| ValidationError::new("spec.peerIP", &self.peer_ip, r))?;
+            if self.as_number.is_none() {
+                return Err(ValidationError::new(
+                    "spec.asNumber",
+                    "",
+                    "asNumber is required when peerIP is set",
+                ));
+            }
+        }
+        if !self.node_selector.is_empty() {
+            validate::selector("spec.nodeSelector", &self.node_selector)?;
+        }
+        if !self.local_workload_selector.is_empty() {
+            validate::selector("spec.localWorkloadSelector", &self.local_workload_selector)?;
+        }
+        if let Some(m) = &self.next_hop_mode {
+            validate::one_of("spec.nextHopMode", m, &["Auto", "Self", "Keep"])?;
+            if self.keep_original_next_hop && m != "Keep" && m != "Auto" {
+                return Err(ValidationError::new(
+                    "spec.keepOriginalNextHop",
+                    true,
+                    format!("conflicts with nextHopMode {m}"),
+                ));
+            }
+        }
+        if let Some(s) = &self.source_address {
+            validate::one_of("spec.sourceAddress", s, &["UseNodeIP", "None"])?;
+        }
+        if let Some(s) = &self.failure_detection_mode {
+            validate::one_of("spec.failureDetectionMode", s, &["None", "BFDIfDirectlyConnected"])?;
+        }
+        if let Some(s) = &self.restart_mode {
+            validate::one_of("spec.restartMode", s, &["GracefulRestart", "LongLivedGracefulRestart"])?;
+        }
+        if let Some(s) = &self.bird_gateway_mode {
+            validate::one_of("spec.birdGatewayMode", s, &["Recursive", "DirectIfDirectlyConnected"])?;
+        }
+        if let Some(d) = &self.max_restart_time {
+            validate::duration("spec.maxRestartTime", d)?;
+        }
+        if let Some(d) = &self.keepalive_time {
+            validate::duration("spec.keepaliveTime", d)?;
+        }
+        if let Some(pw) = &self.password {
+            secret_ref("spec.password", pw)?;
+        }
+        if !self.reachable_by.is_empty() {
+            validate::ip("spec.reachableBy", &self.reachable_by)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn peer_ip_forms() {
+        assert_eq!(parse_peer_ip("10.0.0.1"), Ok(("10.0.0.1".parse().unwrap(), None)));
+        assert_eq!(parse_peer_ip("10.0.0.1:1179"), Ok(("10.0.0.1".parse().unwrap(), Some(1179))));
+        assert_eq!(parse_peer_ip("[fd00::1]:1179"), Ok(("fd00::1".parse().unwrap(), Some(1179))));
+        assert_eq!(parse_peer_ip("fd00::1"), Ok(("fd00::1".parse().unwrap(), None)));
+        assert_eq!(parse_peer_ip("[fd00::1]"), Ok(("fd00::1".parse().unwrap(), None)));
+        assert!(parse_peer_ip("10.0.0.1:0").is_err());
+        assert!(parse_peer_ip("10.0.0.300").is_err());
+        assert!(parse_peer_ip("fd00::1:179:x").is_err());
+    }
+
+    fn peer(ip: &str, asn: Option<u32>) -> BGPPeerSpec {
+        BGPPeerSpec {
+            peer_ip: ip.into(),
+            as_number: asn.map(AsNumber),
+            ..Default::default()
+        }
+    }
+
+    fn err(p: &BGPPeerSpec) -> String {
+        p.validate(&meta("p")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn peer_rules_give_exact_messages() {
+        assert!(peer("10.0.0.1:1179", Some(64512)).validate(&meta("p")).is_ok());
+        assert_eq!(
+            err(&peer("10.0.0.1:x", Some(64512))),
+            "error with field spec.peerIP = '10.0.0.1:x' (must be an IP address, IPv4:port or [IPv6]:port)"
+        );
+        assert_eq!(
+            err(&peer("10.0.0.1", None)),
+            "error with field spec.asNumber = '' (asNumber is required when peerIP is set)"
+        );
+        assert_eq!(
+            err(&peer("", None)),
+            "error with field spec.peerIP = '' (peerIP or peerSelector is required)"
+        );
+        let mut p = peer("10.0.0.1", Some(1));
+        p.peer_selector = "has(rr)".into();
+        assert_eq!(
+            err(&p),
+            "error with field spec.peerIP = '10.0.0.1' (peerIP and peerSelector cannot both be set)"
+        );
+        let mut p = peer("10.0.0.1", Some(1));
+        p.node = "n1".into();
+        p.node_selector = "all()".into();
+        assert_eq!(
+            err(&p),
+            "error with field spec.nodeSelector = 'all()' (node and nodeSelector cannot both be set)"
+        );
+        let mut p = peer("10.0.0.1", Some(1));
+        p.next_hop_mode = Some("Never".into());
+        assert_eq!(
+            err(&p),
+            "error with field spec.nextHopMode = 'Never' (must be one of: Auto, Self, Keep)"
+        );
+        let mut p = peer("10.0.0.1", Some(1));
+        p.max_restart_time = Some("2 minutes".into());
+        assert_eq!(
+            err(&p),
+            "error with field spec.maxRestartTime = '2 minutes' (not a valid duration (e.g. 90s, 1m30s, 500ms))"
+        );
+    }
+
+    #[test]
+    fn as_number_out_of_range_fails_to_decode() {
+        let e = serde_json::from_str::<BGPPeerSpec>(r#"{"peerIP":"10.0.0.1","asNumber":4294967296}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("AS number must be between 1 and 4294967295"), "{e}");
+    }
+
+    #[test]
+    fn node_specific_bgp_configuration_cannot_set_global_fields() {
+        let c = BGPConfigurationSpec {
+            node_to_node_mesh_enabled: Some(false),
+            ..Default::default()
+        };
+        assert!(c.validate(&meta("default")).is_ok());
+        assert_eq!(
+            c.validate(&meta("node.n1")).unwrap_err().to_string(),
+            "error with field spec.nodeToNodeMeshEnabled = 'false' (may only be set on the global BGPConfiguration named 'default')"
+        );
+        let c = BGPConfigurationSpec {
+            listen_port: Some(70000),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.validate(&meta("default")).unwrap_err().to_string(),
+            "error with field spec.listenPort = '70000' (port must be between 1 and 65535)"
+        );
+        let c = BGPConfigurationSpec {
+            communities: vec![Community { name: "c".into(), value: "65536:1".into() }],
+            ..Default::default()
+        };
+        assert!(c.validate(&meta("default")).is_err());
+        let c = BGPConfigurationSpec {
+            communities: vec![Community { name: "c".into(), value: "64512:100".into() }],
+            ..Default::default()
+        };
+        assert!(c.validate(&meta("default")).is_ok());
+    }
+}

@@ -1,0 +1,134 @@
+//! The calico-node daemon: start-up, then the actors on one tokio runtime.
+//!
+//! ```text
+//!   etcd --list/watch--> [syncer] --SyncerEvent (mpsc 1024)--> [cluster view] (counts; the
+//!                           |                                   confd and Felix actors of
+//!                           |                                   later issues subscribe here)
+//!                           +--> metrics registry --> [metrics HTTP :9091]
+//!                           +--> health aggregator --> [health HTTP :9099]
+//!   SIGTERM/SIGINT --> root CancellationToken --> every task (TaskTracker waits <= 2 s)
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
+
+use super::config::NodeConfig;
+use super::http::{self, HealthAggregator};
+use super::startup;
+use crate::datastore::syncer::{CALICO_PREFIX, SyncStatus, Syncer, SyncerEvent, SyncerMetrics, UpdateType};
+use crate::datastore::{Client, Datastore};
+use crate::model::FelixConfigurationSpec;
+
+/// How long start-up waits for the datastore before giving up (the orchestrator restarts us).
+pub const DATASTORE_WAIT: Duration = Duration::from_secs(60);
+/// How long shutdown waits for tasks to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// The effective Felix configuration: global, then per-node, then `FELIX_*` variables.
+pub async fn felix_config(client: &Client, cfg: &NodeConfig) -> anyhow::Result<FelixConfigurationSpec> {
+    let global = client.get::<FelixConfigurationSpec>(None, "default").await?.map(|r| r.spec).unwrap_or_default();
+    let node = client
+        .get::<FelixConfigurationSpec>(None, &format!("node.{}", cfg.nodename))
+        .await?
+        .map(|r| r.spec)
+        .unwrap_or_default();
+    let mut merged = FelixConfigurationSpec::merged(&global, &node);
+    for (k, v) in &cfg.felix_env {
+        if !merged.apply_env(k, v)? {
+            tracing::warn!(variable = %k, "FELIX_ variable not interpreted by this version; ignored");
+        }
+    }
+    Ok(merged)
+}
+
+/// Counts of what the datastore holds, kept from the syncer's events; logged when in sync.
+/// This is where later issues' consumers (confd, Felix) attach.
+async fn cluster_view(mut rx: tokio::sync::mpsc::Receiver<SyncerEvent>) {
+    let mut kinds: BTreeMap<String, &'static str> = BTreeMap::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            SyncerEvent::Update(u) => match (u.update_type, u.value) {
+                (UpdateType::Deleted, _) => {
+                    kinds.remove(&u.key);
+                }
+                (_, Some(v)) => {
+                    kinds.insert(u.key, v.kind());
+                }
+                _ => {}
+            },
+            SyncerEvent::Status(SyncStatus::InSync) => {
+                let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+                for k in kinds.values() {
+                    *counts.entry(k).or_default() += 1;
+                }
+                info!(?counts, "datastore in sync");
+            }
+            SyncerEvent::Status(SyncStatus::ResyncInProgress) => info!("datastore resync in progress"),
+        }
+    }
+}
+
+async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind((host, port)).await.with_context(|| format!("cannot listen for {what} on {host}:{port}"))
+}
+
+/// Run calico-node until `shutdown` fires; returns after an orderly stop.
+pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let ds: Arc<dyn Datastore> = cfg.datastore.connect().await.context("connecting to etcd")?;
+    let client = Client::new(ds.clone());
+    let started = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = startup::startup(&client, &cfg, DATASTORE_WAIT) => r?,
+    };
+    info!(node = %cfg.nodename, ipv4 = ?started.ipv4, "start-up complete");
+    let felix = felix_config(&client, &cfg).await?;
+
+    let registry = http::new_registry();
+    let health = HealthAggregator::new();
+    let tracker = TaskTracker::new();
+
+    let syncer_metrics = SyncerMetrics::new(&registry).context("registering syncer metrics")?;
+    let mut syncer = Syncer::new(ds, CALICO_PREFIX)
+        .with_metrics(syncer_metrics)
+        .with_health(health.register("datastore-syncer"));
+    let view_rx = syncer.subscribe(1024);
+    let token = shutdown.child_token();
+    tracker.spawn(async move {
+        let exit = syncer.run(token).await;
+        info!(?exit, "syncer stopped");
+    });
+    tracker.spawn(cluster_view(view_rx));
+
+    if felix.health_enabled() {
+        let listener = bind(felix.health_host(), felix.health_port(), "health").await?;
+        let (h, token) = (health.clone(), shutdown.child_token());
+        tracker.spawn(async move {
+            if let Err(e) = http::serve_health(listener, h, token).await {
+                error!(error = %e, "health endpoint failed");
+            }
+        });
+    }
+    if felix.prometheus_enabled() {
+        let listener = bind(felix.prometheus_host(), felix.prometheus_port(), "metrics").await?;
+        let token = shutdown.child_token();
+        tracker.spawn(async move {
+            if let Err(e) = http::serve_metrics(listener, registry, token).await {
+                error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    tracker.close();
+    shutdown.cancelled().await;
+    info!("shutting down");
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        error!("tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! calico-node start-up (what Calico's `calico-node -startup` does): wait for the
+//! datastore, choose the node IP, register the Node, create the default pool, mark the
+//! datastore ready in ClusterInformation and write the nodename file.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use tracing::{info, warn};
+
+use super::autodetect::{self, AutodetectionMethod};
+use super::config::{DEFAULT_POOL_NAME, IpSetting, NodeConfig};
+use crate::datastore::client::new_uid;
+use crate::datastore::{Client, ClientError};
+use crate::model::node::NodeBGPSpec;
+use crate::model::{ClusterInformation, ClusterInformationSpec, IPPool, IPPoolSpec, Node, NodeSpec};
+
+/// Why start-up failed; each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The datastore stayed unreachable.
+    #[error("datastore not reachable after {waited:?}: {source}")]
+    DatastoreUnreachable { waited: Duration, source: ClientError },
+    /// No address could be chosen.
+    #[error("cannot determine the node's IPv4 address: {0}")]
+    Autodetect(#[from] autodetect::AutodetectError),
+    /// Another node already uses our address.
+    #[error("Calico node '{other}' is already using the IPv4 address {addr}; set IP or IP_AUTODETECTION_METHOD so that each node has its own")]
+    AddressInUse { other: String, addr: Ipv4Addr },
+    /// A datastore write failed.
+    #[error("{what}: {source}")]
+    Datastore { what: String, source: ClientError },
+    /// The nodename file could not be written.
+    #[error("cannot write {path}: {source}")]
+    NodenameFile { path: String, source: std::io::Error },
+}
+
+fn ds_err(what: &str) -> impl FnOnce(ClientError) -> StartupError + '_ {
+    move |source| StartupError::Datastore { what: what.to_string(), source }
+}
+
+/// The node's IPv4 address in CIDR form, per the `IP` setting.
+pub fn choose_ipv4(setting: &IpSetting) -> Result<Option<Ipv4Net>, StartupError> {
+    match setting {
+        IpSetting::None => Ok(None),
+        IpSetting::Fixed { addr, prefix: Some(p) } => Ok(Ipv4Net::new(*addr, *p).ok()),
+        IpSetting::Fixed { addr, prefix: None } => {
+            // Calico looks the address up on the interfaces to learn its prefix; /32 if absent.
+            let ifaces = autodetect::list_interfaces()?;
+            Ok(Some(autodetect::find_prefix_for(*addr, &ifaces).unwrap_or_else(|| {
+                Ipv4Net::new(*addr, 32).expect("/32 is a valid prefix")
+            })))
+        }
+        IpSetting::Autodetect(m) => Ok(Some(autodetect::detect(m)?)),
+    }
+}
+
+/// Wait until the datastore answers (Calico retries its connection the same way).
+pub async fn wait_for_datastore(client: &Client, limit: Duration) -> Result<(), StartupError> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match client.get::<ClusterInformationSpec>(None, "default").await {
+            Ok(_) => return Ok(()),
+            Err(e) if start.elapsed() >= limit => {
+                return Err(StartupError::DatastoreUnreachable { waited: start.elapsed(), source: e });
+            }
+            Err(e) => {
+                warn!(error = %e, "waiting for the datastore");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Create or update this node's Node resource with its address and AS.
+pub async fn register_node(client: &Client, cfg: &NodeConfig, ipv4: Option<Ipv4Net>) -> Result<Node, StartupError> {
+    if let Some(ip) = ipv4 {
+        let (nodes, _) = client.list::<NodeSpec>(None).await.map_err(ds_err("listing nodes"))?;
+        for n in nodes.iter().filter(|n| n.metadata.name != cfg.nodename) {
+            let theirs = n.spec.ipv4_address().and_then(|a| a.parse::<Ipv4Net>().ok());
+            if theirs.is_some_and(|t| t.addr() == ip.addr()) {
+                return Err(StartupError::AddressInUse { other: n.metadata.name.clone(), addr: ip.addr() });
+            }
+        }
+    }
+    for _ in 0..10 {
+        let existing = client.get::<NodeSpec>(None, &cfg.nodename).await.map_err(ds_err("reading this node"))?;
+        let mut node = existing.clone().unwrap_or_else(|| Node::new(&cfg.nodename, NodeSpec::default()));
+        let bgp = node.spec.bgp.get_or_insert_with(NodeBGPSpec::default);
+        bgp.ipv4_address = ipv4.map(|n| n.to_string());
+        if cfg.as_number.is_some() {
+            bgp.as_number = cfg.as_number;
+        }
+        if node.spec.bgp.as_ref().is_some_and(|b| *b == NodeBGPSpec::default()) {
+            node.spec.bgp = None;
+        }
+        if existing.as_ref() == Some(&node) {
+            return Ok(node);
+        }
+        let result = match existing {
+            None => client.create(node).await,
+            Some(_) => client.update(node).await,
+        };
+        match result {
+            Ok(n) => {
+                info!(node = %cfg.nodename, ipv4 = ?ipv4, "node registered");
+                return Ok(n);
+            }
+            Err(ClientError::Conflict(..)) | Err(ClientError::AlreadyExists(_)) => continue,
+            Err(e) => return Err(ds_err("writing this node")(e)),
+        }
+    }
+    Err(ds_err("writing this node")(ClientError::Conflict(format!("Node({})", cfg.nodename), 0)))
+}
+
+/// Create the default IPv4 pool when no IPv4 pool exists. Returns it when created.
+pub async fn ensure_default_pool(client: &Client, cfg: &NodeConfig) -> Result<Option<IPPool>, StartupError> {
+    let Some(default) = &cfg.default_pool else { return Ok(None) };
+    let (pools, _) = client.list::<IPPoolSpec>(None).await.map_err(ds_err("listing IP pools"))?;
+    if pools.iter().any(|p| matches!(p.spec.net(), Some(ipnet::IpNet::V4(_)))) {
+        return Ok(None);
+    }
+    match client.create(IPPool::new(DEFAULT_POOL_NAME, default.spec.clone())).await {
+        Ok(p) => {
+            info!(cidr = %p.spec.cidr, "created the default IPv4 pool");
+            Ok(Some(p))
+        }
+        // Another node created it at the same moment.
+        Err(ClientError::AlreadyExists(_)) => Ok(None),
+        Err(e) => Err(ds_err("creating the default IP pool")(e)),
+    }
+}
+
+/// Create or refresh ClusterInformation `default`, setting `datastoreReady: true` unless an
+/// administrator set it to false (Calico's rule: only an unset value is turned on).
+pub async fn ensure_cluster_information(client: &Client, cfg: &NodeConfig) -> Result<ClusterInformation, StartupError> {
+    let version = format!("v{}", env!("CARGO_PKG_VERSION"));
+    for _ in 0..10 {
+        let existing = client.get::<ClusterInformationSpec>(None, "default").await.map_err(ds_err("reading ClusterInformation"))?;
+        let result = match existing {
+            None => {
+                let spec = ClusterInformationSpec {
+                    cluster_guid: new_uid().replace('-', ""),
+                    cluster_type: cfg.cluster_type.clone(),
+                    calico_version: version.clone(),
+                    datastore_ready: Some(true),
+                    variant: "Calico".into(),
+                };
+                client.create(ClusterInformation::new("default", spec)).await
+            }
+            Some(mut ci) => {
+                let before = ci.clone();
+                ci.spec.datastore_ready.get_or_insert(true);
+                ci.spec.calico_version = version.clone();
+                if !cfg.cluster_type.is_empty() {
+                    ci.spec.cluster_type = cfg.cluster_type.clone();
+                }
+                if ci.spec.cluster_guid.is_empty() {
+                    ci.spec.cluster_guid = new_uid().replace('-', "");
+                }
+                if ci == before {
+                    return Ok(ci);
+                }
+                client.update(ci).await
+            }
+        };
+        match result {
+            Ok(ci) => return Ok(ci),
+            Err(ClientError::Conflict(..)) | Err(ClientError::AlreadyExists(_)) => continue,
+            Err(e) => return Err(ds_err("writing ClusterInformation")(e)),
+        }
+    }
+    Err(ds_err("writing ClusterInformation")(ClientError::Conflict("ClusterInformation(default)".into(), 0)))
+}
+
+/// Write `<dir>/nodename` atomically (the CNI plugin reads it).
+pub fn write_nodename_file(dir: &Path, nodename: &str) -> Result<(), StartupError> {
+    let path = dir.join("nodename");
+    let err = |source| StartupError::NodenameFile { path: path.display().to_string(), source };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let tmp = dir.join(".nodename.tmp");
+    std::fs::write(&tmp, nodename).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)
+}
+
+/// What start-up established.
+#[derive(Debug)]
+pub struct StartupResult {
+    pub node: Node,
+    pub ipv4: Option<Ipv4Net>,
+    pub created_pool: Option<IPPool>,
+}
+
+/// The whole start-up sequence.
+pub async fn startup(client: &Client, cfg: &NodeConfig, datastore_wait: Duration) -> Result<StartupResult, StartupError> {
+    wait_for_datastore(client, datastore_wait).await?;
+    let ipv4 = choose_ipv4(&cfg.ip)?;
+    if let (IpSetting::Autodetect(m), Some(ip)) = (&cfg.ip, ipv4) {
+        let method = match m {
+            AutodetectionMethod::FirstFound => "first-found".to_string(),
+            other => format!("{other:?}"),
+        };
+        info!(%ip, method, "autodetected the node's IPv4 address");
+    }
+    let node = register_node(client, cfg, ipv4).await?;
+    let created_pool = ensure_default_pool(client, cfg).await?;
+    ensure_cluster_information(client, cfg).await?;
+    write_nodename_file(&cfg.state_dir, &cfg.nodename)?;
+    Ok(StartupResult { node, ipv4, created_pool })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::datastore::MemoryDatastore;
+    use crate::env::MapEnv;
+
+    fn cfg(dir: &Path, pairs: &[(&str, &str)]) -> NodeConfig {
+        let mut all = vec![("CALICO_STATE_DIR", dir.to_str().unwrap())];
+        all.extend_from_slice(pairs);
+        NodeConfig::from_env(&MapEnv::from_pairs(&all)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn startup_registers_node_pool_and_cluster_information() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::new(Arc::new(MemoryDatastore::new()));
+        let c = cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "10.99.0.1/24"), ("AS", "65001")]);
+        let r = startup(&client, &c, Duration::from_secs(1)).await.unwrap();
+        let bgp = r.node.spec.bgp.unwrap();
+        assert_eq!(bgp.ipv4_address.as_deref(), Some("10.99.0.1/24"));
+        assert_eq!(bgp.as_number.map(|a| a.0), Some(65001));
+        assert_eq!(r.created_pool.unwrap().spec.cidr, "192.168.0.0/16");
+        let ci = client.get::<ClusterInformationSpec>(None, "default").await.unwrap().unwrap();
+        assert_eq!(ci.spec.datastore_ready, Some(true));
+        assert_eq!(std::fs::read_to_string(dir.path().join("nodename")).unwrap(), "n1");
+        // A second start changes nothing and creates no second pool.
+        let again = startup(&client, &c, Duration::from_secs(1)).await.unwrap();
+        assert!(again.created_pool.is_none());
+    }
+
+    #[tokio::test]
+    async fn admin_datastore_ready_false_is_respected() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::new(Arc::new(MemoryDatastore::new()));
+        let spec = ClusterInformationSpec { datastore_ready: Some(false), ..Default::default() };
+        client.create(ClusterInformation::new("default", spec)).await.unwrap();
+        let c = cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "none")]);
+        startup(&client, &c, Duration::from_secs(1)).await.unwrap();
+        let ci = client.get::<ClusterInformationSpec>(None, "default").await.unwrap().unwrap();
+        assert_eq!(ci.spec.datastore_ready, Some(false));
+    }
+
+    #[tokio::test]
+    async fn duplicate_node_address_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::new(Arc::new(MemoryDatastore::new()));
+        startup(&client, &cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "10.99.0.1/24")]), Duration::from_secs(1)).await.unwrap();
+        let e = startup(&client, &cfg(dir.path(), &[("NODENAME", "n2"), ("IP", "10.99.0.1/24")]), Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().starts_with("Calico node 'n1' is already using the IPv4 address 10.99.0.1"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn existing_pool_means_no_default_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::new(Arc::new(MemoryDatastore::new()));
+        client.create(IPPool::new("mine", IPPoolSpec { cidr: "10.244.0.0/16".into(), ..Default::default() })).await.unwrap();
+        let r = startup(&client, &cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "none")]), Duration::from_secs(1)).await.unwrap();
+        assert!(r.created_pool.is_none());
+        assert_eq!(client.list::<IPPoolSpec>(None).await.unwrap().0.len(), 1);
+    }
+}
