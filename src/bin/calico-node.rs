@@ -58,7 +58,7 @@ async fn run(startup_only: bool) -> anyhow::Result<()> {
     if startup_only {
         let ds = cfg.datastore.connect().await.context("connecting to etcd")?;
         let client = calico_node::datastore::Client::new(ds);
-        startup::startup(&client, &cfg, daemon::DATASTORE_WAIT).await?;
+        startup::startup(&client, &cfg, daemon::DATASTORE_WAIT, &|_| {}).await?;
         return Ok(());
     }
     let shutdown = CancellationToken::new();

@@ -79,20 +79,76 @@ async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> 
     TcpListener::bind((host, port)).await.with_context(|| format!("cannot listen for {what} on {host}:{port}"))
 }
 
-/// Run calico-node until `shutdown` fires; returns after an orderly stop.
-pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let ds: Arc<dyn Datastore> = cfg.datastore.connect().await.context("connecting to etcd")?;
-    let client = Client::new(ds.clone());
-    let started = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        r = startup::startup(&client, &cfg, DATASTORE_WAIT) => r?,
-    };
-    info!(node = %cfg.nodename, ipv4 = ?started.ipv4, "start-up complete");
-    let felix = felix_config(&client, &cfg).await?;
+/// The Felix settings known before the datastore is reachable: defaults and `FELIX_*`.
+fn env_felix_config(cfg: &NodeConfig) -> anyhow::Result<FelixConfigurationSpec> {
+    let mut f = FelixConfigurationSpec::default();
+    for (k, v) in &cfg.felix_env {
+        f.apply_env(k, v)?;
+    }
+    Ok(f)
+}
 
+/// Run calico-node until `shutdown` fires; returns after an orderly stop.
+///
+/// The health endpoint starts first (from defaults and `FELIX_*`), so that while the
+/// datastore is unreachable a probe already gets "not ready" with the reason.
+pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let registry = http::new_registry();
     let health = HealthAggregator::new();
     let tracker = TaskTracker::new();
+    let early = env_felix_config(&cfg)?;
+    let startup_health = health.register("startup");
+    startup_health.set_ready(false, Some("registering the node".into()));
+    if early.health_enabled() {
+        let listener = bind(early.health_host(), early.health_port(), "health").await?;
+        let (h, token) = (health.clone(), shutdown.child_token());
+        tracker.spawn(async move {
+            if let Err(e) = http::serve_health(listener, h, token).await {
+                error!(error = %e, "health endpoint failed");
+            }
+        });
+    }
+    let result = run_started(&cfg, &shutdown, &tracker, registry, &health, &startup_health).await;
+    if let Err(e) = &result {
+        error!("{e:#}");
+    }
+    tracker.close();
+    if result.is_ok() {
+        shutdown.cancelled().await;
+        info!("shutting down");
+    } else {
+        shutdown.cancel();
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        error!("tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    result
+}
+
+async fn run_started(
+    cfg: &NodeConfig,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+    registry: prometheus::Registry,
+    health: &HealthAggregator,
+    startup_health: &http::HealthReporter,
+) -> anyhow::Result<()> {
+    let ds: Arc<dyn Datastore> = cfg.datastore.connect().await.context("connecting to etcd")?;
+    let client = Client::new(ds.clone());
+    let report = |why: String| startup_health.set_ready(false, Some(why));
+    let started = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        r = startup::startup(&client, cfg, DATASTORE_WAIT, &report) => r?,
+    };
+    startup_health.set_ready(true, None);
+    info!(node = %cfg.nodename, ipv4 = ?started.ipv4, "start-up complete");
+    let felix = felix_config(&client, cfg).await?;
+    let early = env_felix_config(cfg)?;
+    if (felix.health_enabled(), felix.health_port(), felix.health_host())
+        != (early.health_enabled(), early.health_port(), early.health_host())
+    {
+        tracing::warn!("health settings in the datastore's FelixConfiguration differ from the environment; the environment's apply until restart");
+    }
 
     let syncer_metrics = SyncerMetrics::new(&registry).context("registering syncer metrics")?;
     let mut syncer = Syncer::new(ds, CALICO_PREFIX)
@@ -106,15 +162,6 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result
     });
     tracker.spawn(cluster_view(view_rx));
 
-    if felix.health_enabled() {
-        let listener = bind(felix.health_host(), felix.health_port(), "health").await?;
-        let (h, token) = (health.clone(), shutdown.child_token());
-        tracker.spawn(async move {
-            if let Err(e) = http::serve_health(listener, h, token).await {
-                error!(error = %e, "health endpoint failed");
-            }
-        });
-    }
     if felix.prometheus_enabled() {
         let listener = bind(felix.prometheus_host(), felix.prometheus_port(), "metrics").await?;
         let token = shutdown.child_token();
@@ -123,12 +170,6 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result
                 error!(error = %e, "metrics endpoint failed");
             }
         });
-    }
-    tracker.close();
-    shutdown.cancelled().await;
-    info!("shutting down");
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
-        error!("tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
     }
     Ok(())
 }

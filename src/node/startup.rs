@@ -57,7 +57,8 @@ pub fn choose_ipv4(setting: &IpSetting) -> Result<Option<Ipv4Net>, StartupError>
 }
 
 /// Wait until the datastore answers (Calico retries its connection the same way).
-pub async fn wait_for_datastore(client: &Client, limit: Duration) -> Result<(), StartupError> {
+/// `report` hears why we are still waiting (for readiness and logs).
+pub async fn wait_for_datastore(client: &Client, limit: Duration, report: &(dyn Fn(String) + Sync)) -> Result<(), StartupError> {
     let start = Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
@@ -68,6 +69,7 @@ pub async fn wait_for_datastore(client: &Client, limit: Duration) -> Result<(), 
             }
             Err(e) => {
                 warn!(error = %e, "waiting for the datastore");
+                report(format!("waiting for the datastore: {e}"));
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
@@ -195,8 +197,13 @@ pub struct StartupResult {
 }
 
 /// The whole start-up sequence.
-pub async fn startup(client: &Client, cfg: &NodeConfig, datastore_wait: Duration) -> Result<StartupResult, StartupError> {
-    wait_for_datastore(client, datastore_wait).await?;
+pub async fn startup(
+    client: &Client,
+    cfg: &NodeConfig,
+    datastore_wait: Duration,
+    report: &(dyn Fn(String) + Sync),
+) -> Result<StartupResult, StartupError> {
+    wait_for_datastore(client, datastore_wait, report).await?;
     let ipv4 = choose_ipv4(&cfg.ip)?;
     if let (IpSetting::Autodetect(m), Some(ip)) = (&cfg.ip, ipv4) {
         let method = match m {
@@ -231,7 +238,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::new(Arc::new(MemoryDatastore::new()));
         let c = cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "10.99.0.1/24"), ("AS", "65001")]);
-        let r = startup(&client, &c, Duration::from_secs(1)).await.unwrap();
+        let r = startup(&client, &c, Duration::from_secs(1), &|_| {}).await.unwrap();
         let bgp = r.node.spec.bgp.unwrap();
         assert_eq!(bgp.ipv4_address.as_deref(), Some("10.99.0.1/24"));
         assert_eq!(bgp.as_number.map(|a| a.0), Some(65001));
@@ -240,7 +247,7 @@ mod tests {
         assert_eq!(ci.spec.datastore_ready, Some(true));
         assert_eq!(std::fs::read_to_string(dir.path().join("nodename")).unwrap(), "n1");
         // A second start changes nothing and creates no second pool.
-        let again = startup(&client, &c, Duration::from_secs(1)).await.unwrap();
+        let again = startup(&client, &c, Duration::from_secs(1), &|_| {}).await.unwrap();
         assert!(again.created_pool.is_none());
     }
 
@@ -251,7 +258,7 @@ mod tests {
         let spec = ClusterInformationSpec { datastore_ready: Some(false), ..Default::default() };
         client.create(ClusterInformation::new("default", spec)).await.unwrap();
         let c = cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "none")]);
-        startup(&client, &c, Duration::from_secs(1)).await.unwrap();
+        startup(&client, &c, Duration::from_secs(1), &|_| {}).await.unwrap();
         let ci = client.get::<ClusterInformationSpec>(None, "default").await.unwrap().unwrap();
         assert_eq!(ci.spec.datastore_ready, Some(false));
     }
@@ -260,8 +267,8 @@ mod tests {
     async fn duplicate_node_address_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::new(Arc::new(MemoryDatastore::new()));
-        startup(&client, &cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "10.99.0.1/24")]), Duration::from_secs(1)).await.unwrap();
-        let e = startup(&client, &cfg(dir.path(), &[("NODENAME", "n2"), ("IP", "10.99.0.1/24")]), Duration::from_secs(1))
+        startup(&client, &cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "10.99.0.1/24")]), Duration::from_secs(1), &|_| {}).await.unwrap();
+        let e = startup(&client, &cfg(dir.path(), &[("NODENAME", "n2"), ("IP", "10.99.0.1/24")]), Duration::from_secs(1), &|_| {})
             .await
             .unwrap_err();
         assert!(e.to_string().starts_with("Calico node 'n1' is already using the IPv4 address 10.99.0.1"), "{e}");
@@ -272,7 +279,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::new(Arc::new(MemoryDatastore::new()));
         client.create(IPPool::new("mine", IPPoolSpec { cidr: "10.244.0.0/16".into(), ..Default::default() })).await.unwrap();
-        let r = startup(&client, &cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "none")]), Duration::from_secs(1)).await.unwrap();
+        let r = startup(&client, &cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "none")]), Duration::from_secs(1), &|_| {}).await.unwrap();
         assert!(r.created_pool.is_none());
         assert_eq!(client.list::<IPPoolSpec>(None).await.unwrap().0.len(), 1);
     }

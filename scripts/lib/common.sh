@@ -1,0 +1,33 @@
+# Shared by scripts/test, scripts/lab and scripts/bench: install what the project needs.
+# Packages come from Debian; nothing else is downloaded except crates from crates.io.
+
+# Debian packages every command needs (etcd for the datastore, protoc for etcd-client's
+# build, iproute2 for namespaces, prometheus for promtool, nftables/iputils for later
+# dataplane tests).
+CALICO_APT_PACKAGES=(protobuf-compiler etcd-server etcd-client iproute2 iputils-ping nftables prometheus procps psmisc)
+
+need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "$1 needs root (it installs packages and creates network namespaces)." >&2
+        exit 1
+    fi
+}
+
+install_deps() {
+    local missing=()
+    for p in "${CALICO_APT_PACKAGES[@]}"; do
+        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo ">>> installing Debian packages: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    # prometheus (the server) is only installed for promtool: never leave it running.
+    if systemctl is-active --quiet prometheus 2>/dev/null; then systemctl stop prometheus || true; fi
+    if ! command -v cargo >/dev/null 2>&1; then
+        echo "cargo is not installed: install a Rust toolchain (rustup) first." >&2
+        exit 1
+    fi
+}
