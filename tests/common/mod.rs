@@ -34,6 +34,8 @@ pub fn free_port() -> u16 {
 /// A real etcd server for one test.
 pub struct Etcd {
     child: Option<Child>,
+    /// Network namespace etcd runs in (None: the test's own).
+    netns: Option<String>,
     pub dir: tempfile::TempDir,
     pub client_port: u16,
     peer_port: u16,
@@ -42,14 +44,25 @@ pub struct Etcd {
 impl Etcd {
     /// Start etcd, or return None (after a loud skip message) when it is not installed.
     pub fn start() -> Option<Etcd> {
+        Self::start_in(None)
+    }
+
+    /// Start etcd inside a network namespace (on that namespace's loopback).
+    pub fn start_in(netns: Option<&str>) -> Option<Etcd> {
+        Self::start_on(netns, free_port())
+    }
+
+    /// Start etcd on a given client port, optionally inside a network namespace.
+    pub fn start_on(netns: Option<&str>, client_port: u16) -> Option<Etcd> {
         if !have("etcd") {
             skip("etcd is not installed (scripts/test installs etcd-server)");
             return None;
         }
         let mut e = Etcd {
             child: None,
+            netns: netns.map(str::to_string),
             dir: tempfile::tempdir().unwrap(),
-            client_port: free_port(),
+            client_port,
             peer_port: free_port(),
         };
         e.spawn();
@@ -60,7 +73,8 @@ impl Etcd {
         let c = format!("http://127.0.0.1:{}", self.client_port);
         let p = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
+        let child = self
+            .cmd("etcd")
             .args(["--name", "s1", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
@@ -77,7 +91,8 @@ impl Etcd {
     fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            let out = Command::new("etcdctl")
+            let out = self
+                .cmd("etcdctl")
                 .env("ETCDCTL_API", "3")
                 .args(["--endpoints", &self.endpoint(), "endpoint", "health"])
                 .stdout(Stdio::null())
@@ -96,6 +111,18 @@ impl Etcd {
         format!("http://127.0.0.1:{}", self.client_port)
     }
 
+    /// A command run in etcd's namespace (`ip netns exec` execs, so PIDs are the program's).
+    fn cmd(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     /// Datastore config pointing at this etcd (or at another endpoint, e.g. a proxy).
     pub fn config_for(endpoint: &str) -> DatastoreConfig {
         let mut c = DatastoreConfig::from_env(&calico_node::env::MapEnv::from_pairs(&[("ETCD_ENDPOINTS", endpoint)])).unwrap();
@@ -110,7 +137,8 @@ impl Etcd {
 
     /// Run etcdctl and return stdout.
     pub fn etcdctl(&self, args: &[&str]) -> String {
-        let out = Command::new("etcdctl")
+        let out = self
+            .cmd("etcdctl")
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(self.endpoint())
@@ -242,4 +270,86 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Whether we run as root (network namespace tests need it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A network namespace created by the test, deleted on drop (also when the test fails).
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// Create `<prefix>-<random>`; None (after a loud skip) without root or iproute2.
+    pub fn new(prefix: &str) -> Option<NetNs> {
+        if !is_root() {
+            skip("needs root to create network namespaces");
+            return None;
+        }
+        if !have("ip") {
+            skip("iproute2 is not installed");
+            return None;
+        }
+        let mut b = [0u8; 4];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
+        let name = format!("{prefix}-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>());
+        run("ip", &["netns", "add", &name]);
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        Some(ns)
+    }
+
+    /// `ip -n <ns> ...`, which must succeed.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        run("ip", &all);
+    }
+
+    /// A command that will run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Run `f` on a thread that has entered the namespace (sockets it opens live there).
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Run a command that must succeed.
+pub fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1 (of the calling thread's namespace): (status, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
 }

@@ -1,0 +1,127 @@
+//! calico-node started in a fresh network namespace with a real etcd there: readiness says
+//! why it is not ready until the datastore is up, then flips; the Node (autodetected IP),
+//! the default pool, ClusterInformation and the nodename file are written; the metrics
+//! pass `promtool check metrics`; SIGTERM exits 0 within 2 s.
+
+mod common;
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Etcd, NetNs, free_port, have, http_get, skip};
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_http(ns: &NetNs, port: u16, path: &'static str, want: u16, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok((status, body)) = ns.run_in(move || http_get(port, path)) {
+            if status == want {
+                return body;
+            }
+            last = format!("{status} {body}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{path} never answered {want}; last: {last}");
+}
+
+#[test]
+fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
+    let Some(ns) = NetNs::new("cn-node") else { return };
+    if !have("promtool") {
+        skip("promtool is not installed (scripts/test installs prometheus)");
+        return;
+    }
+    // Two interfaces: the autodetection method must pick eth1's address.
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+    ns.ip(&["addr", "add", "10.99.7.1/24", "dev", "eth0"]);
+    ns.ip(&["addr", "add", "10.99.8.1/24", "dev", "eth1"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.ip(&["link", "set", "eth1", "up"]);
+
+    let etcd_port = free_port();
+    let (health_port, metrics_port) = (free_port(), free_port());
+    let state = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(state.path().join("calico-node.log")).unwrap();
+    let child = ns
+        .command(env!("CARGO_BIN_EXE_calico-node"))
+        .env_clear()
+        .env("NODENAME", "node-a")
+        .env("ETCD_ENDPOINTS", format!("http://127.0.0.1:{etcd_port}"))
+        .env("IP_AUTODETECTION_METHOD", "interface=eth1")
+        .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
+        .env("CALICO_IPV4POOL_VXLAN", "Always")
+        .env("CALICO_STATE_DIR", state.path())
+        .env("FELIX_HEALTHPORT", health_port.to_string())
+        .env("FELIX_PROMETHEUSMETRICSENABLED", "true")
+        .env("FELIX_PROMETHEUSMETRICSPORT", metrics_port.to_string())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+
+    // No etcd yet: not ready, and the body says why.
+    let body = wait_http(&ns, health_port, "/readiness", 503, Duration::from_secs(10));
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["ready"], false);
+    let startup = report["reporters"].as_array().unwrap().iter().find(|r| r["name"] == "startup").unwrap();
+    assert!(startup["reason"].as_str().unwrap().contains("waiting for the datastore"), "{body}");
+    assert_eq!(wait_http(&ns, health_port, "/liveness", 200, Duration::from_secs(5)).is_empty(), false);
+
+    // Start etcd in the namespace on the port calico-node is waiting for.
+    let Some(etcd) = Etcd::start_on(Some(&ns.name), etcd_port) else { return };
+    let body = wait_http(&ns, health_port, "/readiness", 200, Duration::from_secs(30));
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["ready"], true, "{body}");
+
+    let node: serde_json::Value =
+        serde_json::from_str(&etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/nodes/node-a")).unwrap();
+    assert_eq!(node["spec"]["bgp"]["ipv4Address"], "10.99.8.1/24");
+    let pool: serde_json::Value =
+        serde_json::from_str(&etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/ippools/default-ipv4-ippool")).unwrap();
+    assert_eq!(pool["spec"]["cidr"], "10.244.0.0/16");
+    assert_eq!(pool["spec"]["vxlanMode"], "Always");
+    assert_eq!(pool["spec"]["natOutgoing"], true);
+    let ci: serde_json::Value =
+        serde_json::from_str(&etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/clusterinformations/default")).unwrap();
+    assert_eq!(ci["spec"]["datastoreReady"], true);
+    assert_eq!(std::fs::read_to_string(state.path().join("nodename")).unwrap(), "node-a");
+
+    // Metrics: real syncer values, clean for promtool.
+    let metrics = wait_http(&ns, metrics_port, "/metrics", 200, Duration::from_secs(5));
+    assert!(metrics.contains("calico_syncer_in_sync 1"), "{metrics}");
+    assert!(metrics.contains("calico_syncer_resyncs_total 1"), "{metrics}");
+    assert!(metrics.contains("calico_syncer_events_total{kind=\"IPPool\",type=\"new\"} 1"), "{metrics}");
+    assert!(metrics.contains("process_resident_memory_bytes"), "{metrics}");
+    let file = state.path().join("metrics.txt");
+    std::fs::write(&file, &metrics).unwrap();
+    let check = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("promtool check metrics < {}", file.display()))
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "promtool: {}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+
+    // SIGTERM: exit 0 within 2 s.
+    let pid = nix::unistd::Pid::from_raw(daemon.0.id() as i32);
+    let sent = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = loop {
+        if let Some(s) = daemon.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(sent.elapsed() < Duration::from_secs(2), "calico-node still running 2 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status:?}; log: {}", std::fs::read_to_string(state.path().join("calico-node.log")).unwrap());
+}
