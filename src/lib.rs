@@ -1,8 +1,12 @@
 //! calico-node in Rust: a Calico-compatible node agent (datastore, BGP, Felix, confd, IPAM,
 //! CNI and calicoctl) in one crate. See `README.md` and the module docs.
 
-pub mod model;
-pub mod node;
+pub mod bgp;
+pub mod confd;
+pub mod ctl;
 pub mod datastore;
 pub mod env;
-pub mod ctl;
+pub mod felix;
+pub mod ipam;
+pub mod model;
+pub mod node;
