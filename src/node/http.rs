@@ -1,0 +1,290 @@
+//! The node's HTTP endpoints, as Felix offers them: health on 9099 (`/liveness`,
+//! `/readiness`, with a JSON body naming each actor and, when not ready, why) and
+//! Prometheus metrics on 9091 (`/metrics`). Servers take their listener and a shutdown
+//! token as parameters (mini-redis style), so tests bind `127.0.0.1:0`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus::{Encoder, Registry, TextEncoder};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// One actor's health.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReporterState {
+    pub name: String,
+    pub live: bool,
+    pub ready: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The node's health: ready when every actor is ready, live when every actor is live.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HealthReport {
+    pub live: bool,
+    pub ready: bool,
+    pub reporters: Vec<ReporterState>,
+}
+
+type States = Arc<Mutex<BTreeMap<String, ReporterState>>>;
+
+fn lock(s: &States) -> std::sync::MutexGuard<'_, BTreeMap<String, ReporterState>> {
+    // Each update replaces one entry whole: a poisoned lock still holds consistent data.
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Collects the health of every actor. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct HealthAggregator {
+    states: States,
+}
+
+/// An actor's handle for reporting its health.
+#[derive(Clone)]
+pub struct HealthReporter {
+    name: String,
+    states: States,
+}
+
+impl HealthAggregator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register an actor: live, not ready ("starting") until it says otherwise.
+    pub fn register(&self, name: &str) -> HealthReporter {
+        lock(&self.states).insert(
+            name.to_string(),
+            ReporterState { name: name.to_string(), live: true, ready: false, reason: Some("starting".into()) },
+        );
+        HealthReporter { name: name.to_string(), states: self.states.clone() }
+    }
+
+    /// The current report.
+    pub fn snapshot(&self) -> HealthReport {
+        let reporters: Vec<ReporterState> = lock(&self.states).values().cloned().collect();
+        HealthReport {
+            live: reporters.iter().all(|r| r.live),
+            ready: !reporters.is_empty() && reporters.iter().all(|r| r.ready),
+            reporters,
+        }
+    }
+}
+
+impl HealthReporter {
+    /// Report readiness; `reason` says why not (kept for readiness only).
+    pub fn set_ready(&self, ready: bool, reason: Option<String>) {
+        if let Some(s) = lock(&self.states).get_mut(&self.name) {
+            s.ready = ready;
+            s.reason = if ready { None } else { reason };
+        }
+    }
+
+    /// Report liveness (a dead actor makes `/liveness` fail, so the node is restarted).
+    pub fn set_live(&self, live: bool, reason: Option<String>) {
+        if let Some(s) = lock(&self.states).get_mut(&self.name) {
+            s.live = live;
+            if !live {
+                s.reason = reason;
+            }
+        }
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn health_response(req: &Request<Incoming>, health: &HealthAggregator) -> Resp {
+    if req.method() != Method::GET {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n");
+    }
+    let report = health.snapshot();
+    let ok = match req.uri().path() {
+        "/liveness" => report.live,
+        "/readiness" => report.ready,
+        _ => return respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    };
+    let body = serde_json::to_vec(&report).expect("health reports serialize");
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    respond(status, "application/json", body)
+}
+
+fn metrics_response(req: &Request<Incoming>, registry: &Registry) -> Resp {
+    if req.method() != Method::GET {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n");
+    }
+    if req.uri().path() != "/metrics" {
+        return respond(StatusCode::NOT_FOUND, "text/plain", "not found\n");
+    }
+    let encoder = TextEncoder::new();
+    let mut buf = Vec::new();
+    match encoder.encode(&registry.gather(), &mut buf) {
+        Ok(()) => respond(StatusCode::OK, encoder.format_type(), buf),
+        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+    }
+}
+
+/// Accept connections until cancelled; each is served on its own task.
+async fn serve<F>(listener: TcpListener, shutdown: CancellationToken, handler: F) -> std::io::Result<()>
+where
+    F: Fn(&Request<Incoming>) -> Resp + Clone + Send + Sync + 'static,
+{
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let handler = handler.clone();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let r = handler(&req);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = token.cancelled() => {}
+                r = conn => if let Err(e) = r {
+                    debug!(%peer, error = %e, "HTTP connection error");
+                },
+            }
+        });
+    }
+}
+
+/// Serve `/liveness` and `/readiness` until `shutdown` fires.
+pub async fn serve_health(listener: TcpListener, health: HealthAggregator, shutdown: CancellationToken) -> std::io::Result<()> {
+    serve(listener, shutdown, move |req| health_response(req, &health)).await
+}
+
+/// Serve `/metrics` from `registry` until `shutdown` fires.
+pub async fn serve_metrics(listener: TcpListener, registry: Registry, shutdown: CancellationToken) -> std::io::Result<()> {
+    serve(listener, shutdown, move |req| metrics_response(req, &registry)).await
+}
+
+/// A registry with the process collector (`process_*` metrics) registered.
+pub fn new_registry() -> Registry {
+    let r = Registry::new();
+    let pc = prometheus::process_collector::ProcessCollector::for_self();
+    if let Err(e) = r.register(Box::new(pc)) {
+        tracing::warn!(error = %e, "process metrics unavailable");
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn request(port: u16, method: &str, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.unwrap();
+        let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        (status, body)
+    }
+
+    async fn start_health(h: HealthAggregator) -> (u16, CancellationToken, tokio::task::JoinHandle<std::io::Result<()>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = CancellationToken::new();
+        let j = tokio::spawn(serve_health(l, h, t.clone()));
+        (port, t, j)
+    }
+
+    #[tokio::test]
+    async fn readiness_names_the_actor_and_reason_until_all_ready() {
+        let h = HealthAggregator::new();
+        let a = h.register("syncer");
+        let b = h.register("startup");
+        b.set_ready(false, Some("waiting for the datastore".into()));
+        let (port, t, j) = start_health(h).await;
+        let (status, body) = request(port, "GET", "/readiness").await;
+        assert_eq!(status, 503);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["ready"], false);
+        assert_eq!(v["reporters"][0]["name"], "startup");
+        assert_eq!(v["reporters"][0]["reason"], "waiting for the datastore");
+        assert_eq!(v["reporters"][1]["reason"], "starting");
+        a.set_ready(true, None);
+        b.set_ready(true, None);
+        let (status, body) = request(port, "GET", "/readiness").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(!body.contains("reason"));
+        t.cancel();
+        tokio::time::timeout(Duration::from_secs(2), j).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn liveness_fails_when_an_actor_is_dead_and_other_paths_are_refused() {
+        let h = HealthAggregator::new();
+        let a = h.register("syncer");
+        let (port, t, _j) = start_health(h).await;
+        assert_eq!(request(port, "GET", "/liveness").await.0, 200);
+        a.set_live(false, Some("stuck".into()));
+        let (status, body) = request(port, "GET", "/liveness").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("stuck"));
+        assert_eq!(request(port, "GET", "/nope").await.0, 404);
+        assert_eq!(request(port, "POST", "/readiness").await.0, 405);
+        t.cancel();
+    }
+
+    #[tokio::test]
+    async fn no_reporters_means_not_ready() {
+        assert!(!HealthAggregator::new().snapshot().ready);
+    }
+
+    #[tokio::test]
+    async fn metrics_expose_process_and_registered_metrics() {
+        let r = new_registry();
+        let c = prometheus::IntCounter::new("calico_test_total", "A test counter.").unwrap();
+        r.register(Box::new(c.clone())).unwrap();
+        c.inc_by(3);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = CancellationToken::new();
+        let j = tokio::spawn(serve_metrics(l, r, t.clone()));
+        let (status, body) = request(port, "GET", "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("calico_test_total 3"), "{body}");
+        assert!(body.contains("process_cpu_seconds_total"), "{body}");
+        assert_eq!(request(port, "GET", "/").await.0, 404);
+        t.cancel();
+        tokio::time::timeout(Duration::from_secs(2), j).await.unwrap().unwrap().unwrap();
+    }
+}
