@@ -52,7 +52,10 @@ fn node_json(i: usize) -> (String, String) {
         "spec": {"bgp": {"ipv4Address": format!("10.99.{}.{}/16", i / 256, i % 256)},
             "orchRefs": [{"nodeName": name, "orchestrator": "k8s"}]}
     });
-    (format!("/calico/resources/v3/projectcalico.org/nodes/{name}"), v.to_string())
+    (
+        format!("/calico/resources/v3/projectcalico.org/nodes/{name}"),
+        v.to_string(),
+    )
 }
 
 async fn load(ds: &Arc<EtcdDatastore>, items: Vec<(String, String)>) {
@@ -74,7 +77,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
 /// Our side: a fresh connection, list + decode everything, until the in-sync marker.
 async fn syncer_initial_list(etcd: &Etcd) -> (Duration, usize) {
     let start = Instant::now();
-    let ds: Arc<dyn Datastore> = Arc::new(EtcdDatastore::connect(&Etcd::config_for(&etcd.endpoint())).await.unwrap());
+    let ds: Arc<dyn Datastore> = Arc::new(
+        EtcdDatastore::connect(&Etcd::config_for(&etcd.endpoint()))
+            .await
+            .unwrap(),
+    );
     let mut syncer = Syncer::new(ds, "/calico/");
     let mut rx = syncer.subscribe(65536);
     let cancel = CancellationToken::new();
@@ -96,7 +103,13 @@ fn etcdctl_get(etcd: &Etcd) -> Duration {
     let start = Instant::now();
     let st = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &etcd.endpoint(), "get", "--prefix", "/calico/"])
+        .args([
+            "--endpoints",
+            &etcd.endpoint(),
+            "get",
+            "--prefix",
+            "/calico/",
+        ])
         .stdout(Stdio::null())
         .status()
         .unwrap();
@@ -112,7 +125,10 @@ async fn main() {
     items.extend((0..NODES).map(node_json));
     let bytes: usize = items.iter().map(|(k, v)| k.len() + v.len()).sum();
     load(&ds, items).await;
-    println!("datastore benchmark: {WEPS} WorkloadEndpoints + {NODES} Nodes ({:.1} MiB) in etcd, {RUNS} runs each", bytes as f64 / 1048576.0);
+    println!(
+        "datastore benchmark: {WEPS} WorkloadEndpoints + {NODES} Nodes ({:.1} MiB) in etcd, {RUNS} runs each",
+        bytes as f64 / 1048576.0
+    );
 
     // Warm-up of both sides.
     syncer_initial_list(&etcd).await;
@@ -126,11 +142,19 @@ async fn main() {
         theirs.push(etcdctl_get(&etcd));
     }
     let (o, t) = (median(ours), median(theirs));
-    println!("initial list + decode: syncer {:>8.1} ms   etcdctl get --prefix {:>8.1} ms   ratio {:.2}x (goal <= 1.0x)",
-        o.as_secs_f64() * 1e3, t.as_secs_f64() * 1e3, o.as_secs_f64() / t.as_secs_f64());
+    println!(
+        "initial list + decode: syncer {:>8.1} ms   etcdctl get --prefix {:>8.1} ms   ratio {:.2}x (goal <= 1.0x)",
+        o.as_secs_f64() * 1e3,
+        t.as_secs_f64() * 1e3,
+        o.as_secs_f64() / t.as_secs_f64()
+    );
 
     // Watch of 10,000 updates: both watchers run while the same writes happen.
-    let ds_watch: Arc<dyn Datastore> = Arc::new(EtcdDatastore::connect(&Etcd::config_for(&etcd.endpoint())).await.unwrap());
+    let ds_watch: Arc<dyn Datastore> = Arc::new(
+        EtcdDatastore::connect(&Etcd::config_for(&etcd.endpoint()))
+            .await
+            .unwrap(),
+    );
     let mut syncer = Syncer::new(ds_watch, "/calico/");
     let mut rx = syncer.subscribe(65536);
     let cancel = CancellationToken::new();
@@ -142,7 +166,13 @@ async fn main() {
     }
     let mut child = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &etcd.endpoint(), "watch", "--prefix", "/calico/"])
+        .args([
+            "--endpoints",
+            &etcd.endpoint(),
+            "watch",
+            "--prefix",
+            "/calico/",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -158,7 +188,7 @@ async fn main() {
                 break;
             }
             lines += 1;
-            if lines % 3 == 0 {
+            if lines.is_multiple_of(3) {
                 let n = s2.fetch_add(1, Ordering::SeqCst) + 1;
                 if n == WEPS {
                     done_at = Some(Instant::now());
@@ -183,11 +213,20 @@ async fn main() {
     let ours = start.elapsed();
     writer.await.unwrap();
     let writes = start.elapsed();
-    let theirs_at = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap();
+    let theirs_at = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
     let _ = child.kill();
     let _ = child.wait();
     cancel.cancel();
-    let theirs = theirs_at.map(|t| t.duration_since(start)).expect("etcdctl saw every update");
-    println!("watch of {WEPS} updates (writes took {:.1} ms): syncer {:>8.1} ms   etcdctl watch {:>8.1} ms   ratio {:.2}x",
-        writes.as_secs_f64() * 1e3, ours.as_secs_f64() * 1e3, theirs.as_secs_f64() * 1e3, ours.as_secs_f64() / theirs.as_secs_f64());
+    let theirs = theirs_at
+        .map(|t| t.duration_since(start))
+        .expect("etcdctl saw every update");
+    println!(
+        "watch of {WEPS} updates (writes took {:.1} ms): syncer {:>8.1} ms   etcdctl watch {:>8.1} ms   ratio {:.2}x",
+        writes.as_secs_f64() * 1e3,
+        ours.as_secs_f64() * 1e3,
+        theirs.as_secs_f64() * 1e3,
+        ours.as_secs_f64() / theirs.as_secs_f64()
+    );
 }

@@ -35,7 +35,12 @@ pub struct MapEnv(pub BTreeMap<String, String>);
 impl MapEnv {
     /// Build from pairs.
     pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
-        MapEnv(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        MapEnv(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
     }
 }
 

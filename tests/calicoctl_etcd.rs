@@ -19,12 +19,21 @@ fn calicoctl(etcd: &Etcd, args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
 fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "calicoctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "calicoctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
@@ -77,15 +86,34 @@ spec:
 #[test]
 fn apply_get_yaml_round_trip_and_wide_columns() {
     let Some(etcd) = Etcd::start() else { return };
-    assert_eq!(ok(&calicoctl(&etcd, &["apply", "-f", "-"], RESOURCES)), "Successfully applied 5 resource(s)\n");
+    assert_eq!(
+        ok(&calicoctl(&etcd, &["apply", "-f", "-"], RESOURCES)),
+        "Successfully applied 5 resource(s)\n"
+    );
 
-    assert_golden("calicoctl_get_ippools_wide.txt", &ok(&calicoctl(&etcd, &["get", "ippools", "-o", "wide"], "")));
-    assert_golden("calicoctl_get_nodes_wide.txt", &ok(&calicoctl(&etcd, &["get", "nodes", "-o", "wide"], "")));
-    assert_golden("calicoctl_get_bgpp.txt", &ok(&calicoctl(&etcd, &["get", "bgpp"], "")));
-    assert_eq!(ok(&calicoctl(&etcd, &["get", "ipp"], "")), "NAME     CIDR           SELECTOR      \npool-a   10.65.0.0/16   all()         \npool-b   10.66.0.0/16   zone == 'a'   \n");
+    assert_golden(
+        "calicoctl_get_ippools_wide.txt",
+        &ok(&calicoctl(&etcd, &["get", "ippools", "-o", "wide"], "")),
+    );
+    assert_golden(
+        "calicoctl_get_nodes_wide.txt",
+        &ok(&calicoctl(&etcd, &["get", "nodes", "-o", "wide"], "")),
+    );
+    assert_golden(
+        "calicoctl_get_bgpp.txt",
+        &ok(&calicoctl(&etcd, &["get", "bgpp"], "")),
+    );
+    assert_eq!(
+        ok(&calicoctl(&etcd, &["get", "ipp"], "")),
+        "NAME     CIDR           SELECTOR      \npool-a   10.65.0.0/16   all()         \npool-b   10.66.0.0/16   zone == 'a'   \n"
+    );
 
     // get -o yaml of one resource, applied again, changes nothing but the revision.
-    let yaml = ok(&calicoctl(&etcd, &["get", "ippool", "pool-b", "-o", "yaml"], ""));
+    let yaml = ok(&calicoctl(
+        &etcd,
+        &["get", "ippool", "pool-b", "-o", "yaml"],
+        "",
+    ));
     let doc: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
     assert_eq!(doc["kind"], "IPPool");
     assert_eq!(doc["spec"]["cidr"], "10.66.0.0/16");
@@ -94,14 +122,28 @@ fn apply_get_yaml_round_trip_and_wide_columns() {
     assert_eq!(doc["spec"]["ipipMode"], "Never");
     assert!(doc["metadata"]["resourceVersion"].as_str().is_some());
     let before = etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/ippools/pool-b");
-    assert_eq!(ok(&calicoctl(&etcd, &["apply", "-f", "-"], &yaml)), "Successfully applied 1 'IPPool' resource(s)\n");
-    assert_eq!(etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/ippools/pool-b"), before);
+    assert_eq!(
+        ok(&calicoctl(&etcd, &["apply", "-f", "-"], &yaml)),
+        "Successfully applied 1 'IPPool' resource(s)\n"
+    );
+    assert_eq!(
+        etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/ippools/pool-b"),
+        before
+    );
     // A list round trips too.
     let list = ok(&calicoctl(&etcd, &["get", "nodes", "-o", "yaml"], ""));
     assert!(list.contains("kind: NodeList"), "{list}");
-    assert_eq!(ok(&calicoctl(&etcd, &["replace", "-f", "-"], &list)), "Successfully replaced 2 'Node' resource(s)\n");
+    assert_eq!(
+        ok(&calicoctl(&etcd, &["replace", "-f", "-"], &list)),
+        "Successfully replaced 2 'Node' resource(s)\n"
+    );
     // JSON output parses back to the same spec.
-    let json: serde_json::Value = serde_json::from_str(&ok(&calicoctl(&etcd, &["get", "node", "node-1", "-o", "json"], ""))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&ok(&calicoctl(
+        &etcd,
+        &["get", "node", "node-1", "-o", "json"],
+        "",
+    )))
+    .unwrap();
     assert_eq!(json["spec"]["bgp"]["asNumber"], 65001);
 }
 
@@ -118,10 +160,19 @@ fn one_bad_document_writes_nothing_and_names_the_field() {
         "Failed to apply any resources: document 6 (BGPPeer \"bad-peer\"): error with field spec.peerIP = '10.99.0.1:99999' (must be an IP address, IPv4:port or [IPv6]:port)\n"
     );
     assert!(out.stdout.is_empty());
-    assert_eq!(etcd.etcdctl(&["get", "--prefix", "/calico/", "--keys-only"]).trim(), "", "nothing written");
+    assert_eq!(
+        etcd.etcdctl(&["get", "--prefix", "/calico/", "--keys-only"])
+            .trim(),
+        "",
+        "nothing written"
+    );
 
     // A decode error (wrong type) also names the document and the field.
-    let out = calicoctl(&etcd, &["create", "-f", "-"], "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: p\nspec:\n  cidr: 10.1.0.0/16\n  natOutgoing: sometimes\n");
+    let out = calicoctl(
+        &etcd,
+        &["create", "-f", "-"],
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: p\nspec:\n  cidr: 10.1.0.0/16\n  natOutgoing: sometimes\n",
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("document 1 (IPPool \"p\"): error with field spec.natOutgoing: invalid type: string \"sometimes\", expected a boolean"), "{err}");
@@ -132,10 +183,15 @@ fn errors_exit_1_on_stderr_and_config_file_is_honoured() {
     let Some(etcd) = Etcd::start() else { return };
     let out = calicoctl(&etcd, &["get", "ippool", "missing"], "");
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&out.stderr), "resource does not exist: IPPool(missing)\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "resource does not exist: IPPool(missing)\n"
+    );
     let out = calicoctl(&etcd, &["get", "pods"], "");
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).starts_with("resource type 'pods' is not supported"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("resource type 'pods' is not supported")
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("calicoctl.cfg");
@@ -153,15 +209,29 @@ fn errors_exit_1_on_stderr_and_config_file_is_honoured() {
         })
         .unwrap();
     assert_eq!(ok(&out), "Successfully created 1 'IPPool' resource(s)\n");
-    let out = calicoctl(&etcd, &["create", "-f", "-"], "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: p\nspec:\n  cidr: 10.1.0.0/16\n");
+    let out = calicoctl(
+        &etcd,
+        &["create", "-f", "-"],
+        "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: p\nspec:\n  cidr: 10.1.0.0/16\n",
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&out.stderr), "Failed to create any resources: document 1 (IPPool \"p\"): resource already exists: IPPool(p)\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "Failed to create any resources: document 1 (IPPool \"p\"): resource already exists: IPPool(p)\n"
+    );
     // Unreachable etcd: a clear error, exit 1.
     let out = Command::new(env!("CARGO_BIN_EXE_calicoctl"))
         .args(["-c", "/nonexistent", "get", "ippools"])
-        .env("ETCD_ENDPOINTS", format!("http://127.0.0.1:{}", common::free_port()))
+        .env(
+            "ETCD_ENDPOINTS",
+            format!("http://127.0.0.1:{}", common::free_port()),
+        )
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("datastore unavailable"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("datastore unavailable"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

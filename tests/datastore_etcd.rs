@@ -13,13 +13,41 @@ use common::{Etcd, assert_golden};
 
 /// One sample document per kind, with fixed uid and timestamp so the stored JSON is stable.
 const SAMPLES: &[(&str, &str, &str)] = &[
-    ("ippool", "ippools/pool-a", r#"{"apiVersion":"projectcalico.org/v3","kind":"IPPool","metadata":{"name":"pool-a","uid":"11111111-1111-4111-8111-111111111111","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"cidr":"10.65.0.0/16","ipipMode":"CrossSubnet","natOutgoing":true}}"#),
-    ("bgpconfiguration", "bgpconfigurations/default", r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPConfiguration","metadata":{"name":"default","uid":"22222222-2222-4222-8222-222222222222","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"logSeverityScreen":"Info","nodeToNodeMeshEnabled":false,"asNumber":64513,"serviceClusterIPs":[{"cidr":"10.96.0.0/12"}]}}"#),
-    ("bgppeer", "bgppeers/rr-peers", r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{"name":"rr-peers","uid":"33333333-3333-4333-8333-333333333333","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"nodeSelector":"!has(routeReflector)","peerSelector":"has(routeReflector)"}}"#),
-    ("node", "nodes/node-1", r#"{"apiVersion":"projectcalico.org/v3","kind":"Node","metadata":{"name":"node-1","uid":"44444444-4444-4444-8444-444444444444","creationTimestamp":"2026-01-01T00:00:00Z","labels":{"routeReflector":"true"}},"spec":{"bgp":{"ipv4Address":"10.99.0.1/24","routeReflectorClusterID":"224.0.0.1"},"ipv4VXLANTunnelAddr":"10.65.0.1","vxlanTunnelMACAddr":"66:aa:bb:cc:dd:ee"}}"#),
-    ("felixconfiguration", "felixconfigurations/default", r#"{"apiVersion":"projectcalico.org/v3","kind":"FelixConfiguration","metadata":{"name":"default","uid":"55555555-5555-4555-8555-555555555555","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"routeRefreshInterval":"60s","prometheusMetricsEnabled":true,"bpfLogLevel":""}}"#),
-    ("workloadendpoint", "workloadendpoints/ns1/node--1-k8s-pod--a-eth0", r#"{"apiVersion":"projectcalico.org/v3","kind":"WorkloadEndpoint","metadata":{"name":"node--1-k8s-pod--a-eth0","namespace":"ns1","uid":"66666666-6666-4666-8666-666666666666","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"orchestrator":"k8s","node":"node-1","containerID":"abc","pod":"pod-a","endpoint":"eth0","ipNetworks":["10.65.0.5/32"],"profiles":["kns.ns1"],"interfaceName":"cali1234567890a","mac":"aa:bb:cc:dd:ee:ff"}}"#),
-    ("clusterinformation", "clusterinformations/default", r#"{"apiVersion":"projectcalico.org/v3","kind":"ClusterInformation","metadata":{"name":"default","uid":"77777777-7777-4777-8777-777777777777","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"clusterGUID":"abc","calicoVersion":"v0.1.0","datastoreReady":true}}"#),
+    (
+        "ippool",
+        "ippools/pool-a",
+        r#"{"apiVersion":"projectcalico.org/v3","kind":"IPPool","metadata":{"name":"pool-a","uid":"11111111-1111-4111-8111-111111111111","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"cidr":"10.65.0.0/16","ipipMode":"CrossSubnet","natOutgoing":true}}"#,
+    ),
+    (
+        "bgpconfiguration",
+        "bgpconfigurations/default",
+        r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPConfiguration","metadata":{"name":"default","uid":"22222222-2222-4222-8222-222222222222","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"logSeverityScreen":"Info","nodeToNodeMeshEnabled":false,"asNumber":64513,"serviceClusterIPs":[{"cidr":"10.96.0.0/12"}]}}"#,
+    ),
+    (
+        "bgppeer",
+        "bgppeers/rr-peers",
+        r#"{"apiVersion":"projectcalico.org/v3","kind":"BGPPeer","metadata":{"name":"rr-peers","uid":"33333333-3333-4333-8333-333333333333","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"nodeSelector":"!has(routeReflector)","peerSelector":"has(routeReflector)"}}"#,
+    ),
+    (
+        "node",
+        "nodes/node-1",
+        r#"{"apiVersion":"projectcalico.org/v3","kind":"Node","metadata":{"name":"node-1","uid":"44444444-4444-4444-8444-444444444444","creationTimestamp":"2026-01-01T00:00:00Z","labels":{"routeReflector":"true"}},"spec":{"bgp":{"ipv4Address":"10.99.0.1/24","routeReflectorClusterID":"224.0.0.1"},"ipv4VXLANTunnelAddr":"10.65.0.1","vxlanTunnelMACAddr":"66:aa:bb:cc:dd:ee"}}"#,
+    ),
+    (
+        "felixconfiguration",
+        "felixconfigurations/default",
+        r#"{"apiVersion":"projectcalico.org/v3","kind":"FelixConfiguration","metadata":{"name":"default","uid":"55555555-5555-4555-8555-555555555555","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"routeRefreshInterval":"60s","prometheusMetricsEnabled":true,"bpfLogLevel":""}}"#,
+    ),
+    (
+        "workloadendpoint",
+        "workloadendpoints/ns1/node--1-k8s-pod--a-eth0",
+        r#"{"apiVersion":"projectcalico.org/v3","kind":"WorkloadEndpoint","metadata":{"name":"node--1-k8s-pod--a-eth0","namespace":"ns1","uid":"66666666-6666-4666-8666-666666666666","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"orchestrator":"k8s","node":"node-1","containerID":"abc","pod":"pod-a","endpoint":"eth0","ipNetworks":["10.65.0.5/32"],"profiles":["kns.ns1"],"interfaceName":"cali1234567890a","mac":"aa:bb:cc:dd:ee:ff"}}"#,
+    ),
+    (
+        "clusterinformation",
+        "clusterinformations/default",
+        r#"{"apiVersion":"projectcalico.org/v3","kind":"ClusterInformation","metadata":{"name":"default","uid":"77777777-7777-4777-8777-777777777777","creationTimestamp":"2026-01-01T00:00:00Z"},"spec":{"clusterGUID":"abc","calicoVersion":"v0.1.0","datastoreReady":true}}"#,
+    ),
 ];
 
 fn sample(doc: &str) -> AnyResource {
@@ -45,27 +73,61 @@ async fn every_kind_round_trips_with_calicos_key_and_json() {
         client.check_any(&mut r, Create, &[]).await.unwrap();
         let created = client.write_any(r.clone(), Create).await.unwrap();
         assert_eq!(created.key(), key);
-        assert_golden(&format!("etcd_{kind}.json"), &(etcd.etcdctl_value(&key) + "\n"));
-        let rev: i64 = created.meta().resource_version.as_deref().unwrap().parse().unwrap();
+        assert_golden(
+            &format!("etcd_{kind}.json"),
+            &(etcd.etcdctl_value(&key) + "\n"),
+        );
+        let rev: i64 = created
+            .meta()
+            .resource_version
+            .as_deref()
+            .unwrap()
+            .parse()
+            .unwrap();
         let kv = ds.get(&key).await.unwrap().unwrap();
-        assert_eq!(kv.mod_revision, rev, "{kind}: resourceVersion is the ModRevision");
+        assert_eq!(
+            kv.mod_revision, rev,
+            "{kind}: resourceVersion is the ModRevision"
+        );
         // create again: exists
         let again = client.write_any(r.clone(), Create).await.unwrap_err();
-        assert!(matches!(again, ClientError::AlreadyExists(_)), "{kind}: {again}");
+        assert!(
+            matches!(again, ClientError::AlreadyExists(_)),
+            "{kind}: {again}"
+        );
         // update with the right revision, then with the now stale one: conflict
-        let updated = client.write_any(touched(created.clone()), Replace).await.unwrap();
-        let stale = client.write_any(touched(created.clone()), Replace).await.unwrap_err();
-        assert!(matches!(stale, ClientError::Conflict(..)), "{kind}: {stale}");
+        let updated = client
+            .write_any(touched(created.clone()), Replace)
+            .await
+            .unwrap();
+        let stale = client
+            .write_any(touched(created.clone()), Replace)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(stale, ClientError::Conflict(..)),
+            "{kind}: {stale}"
+        );
         // read back
         let info = model::lookup_kind(kind).unwrap();
-        let got = client.get_any(info, created.namespace(), &created.meta().name).await.unwrap().unwrap();
+        let got = client
+            .get_any(info, created.namespace(), &created.meta().name)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got, updated);
         assert!(etcd.etcdctl_value(&key).contains("\"touched\":\"yes\""));
         // delete with a stale revision: conflict; then delete
-        assert!(matches!(client.write_any(created.clone(), Delete).await, Err(ClientError::Conflict(..))));
+        assert!(matches!(
+            client.write_any(created.clone(), Delete).await,
+            Err(ClientError::Conflict(..))
+        ));
         client.write_any(updated.clone(), Delete).await.unwrap();
         assert_eq!(etcd.etcdctl_value(&key), "");
-        assert!(matches!(client.write_any(updated, Delete).await, Err(ClientError::NotFound(_))));
+        assert!(matches!(
+            client.write_any(updated, Delete).await,
+            Err(ClientError::NotFound(_))
+        ));
     }
 }
 
@@ -74,16 +136,25 @@ async fn raw_operations_follow_calicos_transactions() {
     let Some(etcd) = Etcd::start() else { return };
     let ds = etcd.datastore().await;
     let r1 = ds.create("/calico/t/a", b"1".to_vec()).await.unwrap();
-    assert!(matches!(ds.create("/calico/t/a", b"2".to_vec()).await, Err(DatastoreError::AlreadyExists { .. })));
+    assert!(matches!(
+        ds.create("/calico/t/a", b"2".to_vec()).await,
+        Err(DatastoreError::AlreadyExists { .. })
+    ));
     assert!(matches!(
         ds.update("/calico/t/a", b"2".to_vec(), r1 - 1).await,
         Err(DatastoreError::Conflict { expected, found, .. }) if expected == r1 - 1 && found == r1
     ));
-    assert!(matches!(ds.update("/calico/t/none", b"2".to_vec(), 5).await, Err(DatastoreError::NotFound { .. })));
+    assert!(matches!(
+        ds.update("/calico/t/none", b"2".to_vec(), 5).await,
+        Err(DatastoreError::NotFound { .. })
+    ));
     let r2 = ds.update("/calico/t/a", b"2".to_vec(), r1).await.unwrap();
     let prev = ds.delete("/calico/t/a", Some(r2)).await.unwrap();
     assert_eq!(prev.value, b"2");
-    assert!(matches!(ds.delete("/calico/t/a", None).await, Err(DatastoreError::NotFound { .. })));
+    assert!(matches!(
+        ds.delete("/calico/t/a", None).await,
+        Err(DatastoreError::NotFound { .. })
+    ));
 }
 
 #[tokio::test]
@@ -93,7 +164,11 @@ async fn lists_page_through_many_keys_at_one_revision() {
     let futs: Vec<_> = (0..4500)
         .map(|i| {
             let ds = ds.clone();
-            async move { ds.apply(&format!("/calico/many/{i:05}"), vec![b'x'; 100]).await.unwrap() }
+            async move {
+                ds.apply(&format!("/calico/many/{i:05}"), vec![b'x'; 100])
+                    .await
+                    .unwrap()
+            }
         })
         .collect();
     futures::future::join_all(futs).await;
@@ -114,16 +189,28 @@ async fn watch_delivers_puts_and_deletes_and_reports_compaction() {
     ds.delete("/calico/w/a", None).await.unwrap();
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        let batch = tokio::time::timeout(Duration::from_secs(5), w.recv()).await.unwrap().unwrap().unwrap();
+        let batch = tokio::time::timeout(Duration::from_secs(5), w.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         seen.extend(batch.events);
     }
     assert!(matches!(&seen[0], WatchEvent::Put { kv, prev: None } if kv.key == "/calico/w/b"));
-    assert!(matches!(&seen[1], WatchEvent::Delete { key, prev: Some(p), .. } if key == "/calico/w/a" && p.value == b"1"));
+    assert!(
+        matches!(&seen[1], WatchEvent::Delete { key, prev: Some(p), .. } if key == "/calico/w/a" && p.value == b"1")
+    );
     let now = ds.apply("/calico/w/c", b"3".to_vec()).await.unwrap();
     etcd.etcdctl(&["compaction", &now.to_string()]);
     let mut old = ds.watch("/calico/w/", r0).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(5), old.recv()).await.unwrap().unwrap();
-    assert!(matches!(first, Err(DatastoreError::Compacted { .. })), "{first:?}");
+    let first = tokio::time::timeout(Duration::from_secs(5), old.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(first, Err(DatastoreError::Compacted { .. })),
+        "{first:?}"
+    );
 }
 
 #[tokio::test]

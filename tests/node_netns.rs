@@ -36,13 +36,17 @@ fn wait_http(ns: &NetNs, port: u16, path: &'static str, want: u16, limit: Durati
 
 #[test]
 fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
-    let Some(ns) = NetNs::new("cn-node") else { return };
+    let Some(ns) = NetNs::new("cn-node") else {
+        return;
+    };
     if !have("promtool") {
         skip("promtool is not installed (scripts/test installs prometheus)");
         return;
     }
     // Two interfaces: the autodetection method must pick eth1's address.
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
     ns.ip(&["addr", "add", "10.99.7.1/24", "dev", "eth0"]);
     ns.ip(&["addr", "add", "10.99.8.1/24", "dev", "eth1"]);
     ns.ip(&["link", "set", "eth0", "up"]);
@@ -74,35 +78,68 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
     let body = wait_http(&ns, health_port, "/readiness", 503, Duration::from_secs(10));
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(report["ready"], false);
-    let startup = report["reporters"].as_array().unwrap().iter().find(|r| r["name"] == "startup").unwrap();
-    assert!(startup["reason"].as_str().unwrap().contains("waiting for the datastore"), "{body}");
-    assert_eq!(wait_http(&ns, health_port, "/liveness", 200, Duration::from_secs(5)).is_empty(), false);
+    let startup = report["reporters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "startup")
+        .unwrap();
+    assert!(
+        startup["reason"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for the datastore"),
+        "{body}"
+    );
+    let live: serde_json::Value =
+        serde_json::from_str(&wait_http(&ns, health_port, "/liveness", 200, Duration::from_secs(5))).unwrap();
+    assert_eq!(live["live"], true, "alive while waiting for the datastore");
 
     // Start etcd in the namespace on the port calico-node is waiting for.
-    let Some(etcd) = Etcd::start_on(Some(&ns.name), etcd_port) else { return };
+    let Some(etcd) = Etcd::start_on(Some(&ns.name), etcd_port) else {
+        return;
+    };
     let body = wait_http(&ns, health_port, "/readiness", 200, Duration::from_secs(30));
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(report["ready"], true, "{body}");
 
-    let node: serde_json::Value =
-        serde_json::from_str(&etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/nodes/node-a")).unwrap();
+    let node: serde_json::Value = serde_json::from_str(
+        &etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/nodes/node-a"),
+    )
+    .unwrap();
     assert_eq!(node["spec"]["bgp"]["ipv4Address"], "10.99.8.1/24");
-    let pool: serde_json::Value =
-        serde_json::from_str(&etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/ippools/default-ipv4-ippool")).unwrap();
+    let pool: serde_json::Value = serde_json::from_str(
+        &etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/ippools/default-ipv4-ippool"),
+    )
+    .unwrap();
     assert_eq!(pool["spec"]["cidr"], "10.244.0.0/16");
     assert_eq!(pool["spec"]["vxlanMode"], "Always");
     assert_eq!(pool["spec"]["natOutgoing"], true);
-    let ci: serde_json::Value =
-        serde_json::from_str(&etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/clusterinformations/default")).unwrap();
+    let ci: serde_json::Value = serde_json::from_str(
+        &etcd.etcdctl_value("/calico/resources/v3/projectcalico.org/clusterinformations/default"),
+    )
+    .unwrap();
     assert_eq!(ci["spec"]["datastoreReady"], true);
-    assert_eq!(std::fs::read_to_string(state.path().join("nodename")).unwrap(), "node-a");
+    assert_eq!(
+        std::fs::read_to_string(state.path().join("nodename")).unwrap(),
+        "node-a"
+    );
 
     // Metrics: real syncer values, clean for promtool.
     let metrics = wait_http(&ns, metrics_port, "/metrics", 200, Duration::from_secs(5));
     assert!(metrics.contains("calico_syncer_in_sync 1"), "{metrics}");
-    assert!(metrics.contains("calico_syncer_resyncs_total 1"), "{metrics}");
-    assert!(metrics.contains("calico_syncer_events_total{kind=\"IPPool\",type=\"new\"} 1"), "{metrics}");
-    assert!(metrics.contains("process_resident_memory_bytes"), "{metrics}");
+    assert!(
+        metrics.contains("calico_syncer_resyncs_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("calico_syncer_events_total{kind=\"IPPool\",type=\"new\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("process_resident_memory_bytes"),
+        "{metrics}"
+    );
     let file = state.path().join("metrics.txt");
     std::fs::write(&file, &metrics).unwrap();
     let check = std::process::Command::new("sh")
@@ -110,7 +147,12 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
         .arg(format!("promtool check metrics < {}", file.display()))
         .output()
         .unwrap();
-    assert!(check.status.success(), "promtool: {}{}", String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
 
     // SIGTERM: exit 0 within 2 s.
     let pid = nix::unistd::Pid::from_raw(daemon.0.id() as i32);
@@ -120,8 +162,15 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
         if let Some(s) = daemon.0.try_wait().unwrap() {
             break s;
         }
-        assert!(sent.elapsed() < Duration::from_secs(2), "calico-node still running 2 s after SIGTERM");
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "calico-node still running 2 s after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert!(status.success(), "exit status {status:?}; log: {}", std::fs::read_to_string(state.path().join("calico-node.log")).unwrap());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log: {}",
+        std::fs::read_to_string(state.path().join("calico-node.log")).unwrap()
+    );
 }

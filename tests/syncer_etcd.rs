@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use calico_node::datastore::syncer::{SyncStatus, SyncValue, Syncer, SyncerEvent, SyncerMetrics, UpdateType};
+use calico_node::datastore::syncer::{
+    SyncStatus, SyncValue, Syncer, SyncerEvent, SyncerMetrics, UpdateType,
+};
 use calico_node::datastore::{Client, Datastore, EtcdDatastore};
 use calico_node::model::{AnyResource, IPPool, IPPoolSpec};
 use common::{Etcd, Proxy, eventually};
@@ -17,8 +19,12 @@ use tokio_util::sync::CancellationToken;
 type Log = Arc<Mutex<Vec<SyncerEvent>>>;
 
 /// Run a syncer over `/calico/` and collect what it emits.
-fn start_syncer(ds: Arc<dyn Datastore>, registry: &prometheus::Registry) -> (Log, CancellationToken) {
-    let mut syncer = Syncer::new(ds, "/calico/").with_metrics(SyncerMetrics::new(registry).unwrap());
+fn start_syncer(
+    ds: Arc<dyn Datastore>,
+    registry: &prometheus::Registry,
+) -> (Log, CancellationToken) {
+    let mut syncer =
+        Syncer::new(ds, "/calico/").with_metrics(SyncerMetrics::new(registry).unwrap());
     let mut rx = syncer.subscribe(1024);
     let cancel = CancellationToken::new();
     tokio::spawn(syncer.run(cancel.clone()));
@@ -33,7 +39,13 @@ fn start_syncer(ds: Arc<dyn Datastore>, registry: &prometheus::Registry) -> (Log
 }
 
 fn pool(name: &str, cidr: &str) -> IPPool {
-    IPPool::new(name, IPPoolSpec { cidr: cidr.into(), ..Default::default() })
+    IPPool::new(
+        name,
+        IPPoolSpec {
+            cidr: cidr.into(),
+            ..Default::default()
+        },
+    )
 }
 
 /// (key suffix, type) of the updates in the log, in order.
@@ -42,14 +54,23 @@ fn updates(log: &Log) -> Vec<(String, UpdateType)> {
         .unwrap()
         .iter()
         .filter_map(|e| match e {
-            SyncerEvent::Update(u) => Some((u.key.rsplit('/').next().unwrap().to_string(), u.update_type)),
+            SyncerEvent::Update(u) => {
+                Some((u.key.rsplit('/').next().unwrap().to_string(), u.update_type))
+            }
             _ => None,
         })
         .collect()
 }
 
 fn statuses(log: &Log) -> Vec<SyncStatus> {
-    log.lock().unwrap().iter().filter_map(|e| match e { SyncerEvent::Status(s) => Some(*s), _ => None }).collect()
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            SyncerEvent::Status(s) => Some(*s),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The state a consumer builds from the events: key -> value.
@@ -74,7 +95,9 @@ fn replay(log: &Log) -> BTreeMap<String, SyncValue> {
 async fn truth(ds: &dyn Datastore) -> BTreeMap<String, SyncValue> {
     let (kvs, _) = ds.list("/calico/").await.unwrap();
     kvs.iter()
-        .filter_map(|kv| calico_node::datastore::syncer::decode(kv).map(|v| (kv.key.clone(), v.unwrap())))
+        .filter_map(|kv| {
+            calico_node::datastore::syncer::decode(kv).map(|v| (kv.key.clone(), v.unwrap()))
+        })
         .collect()
 }
 
@@ -83,7 +106,12 @@ fn counter(registry: &prometheus::Registry, name: &str) -> f64 {
         .gather()
         .iter()
         .find(|f| f.name() == name)
-        .map(|f| f.get_metric().iter().map(|m| m.get_counter().value() + m.get_gauge().value()).sum())
+        .map(|f| {
+            f.get_metric()
+                .iter()
+                .map(|m| m.get_counter().value() + m.get_gauge().value())
+                .sum()
+        })
         .unwrap_or(0.0)
 }
 
@@ -95,8 +123,14 @@ async fn put_update_delete_become_typed_events_after_in_sync() {
     client.create(pool("a", "10.1.0.0/16")).await.unwrap();
     let registry = prometheus::Registry::new();
     let (log, cancel) = start_syncer(ds.clone(), &registry);
-    eventually(Duration::from_secs(10), "in sync", || async { statuses(&log).contains(&SyncStatus::InSync).then_some(()) }).await;
-    assert_eq!(statuses(&log), vec![SyncStatus::ResyncInProgress, SyncStatus::InSync]);
+    eventually(Duration::from_secs(10), "in sync", || async {
+        statuses(&log).contains(&SyncStatus::InSync).then_some(())
+    })
+    .await;
+    assert_eq!(
+        statuses(&log),
+        vec![SyncStatus::ResyncInProgress, SyncStatus::InSync]
+    );
     assert_eq!(updates(&log), vec![("a".to_string(), UpdateType::New)]);
 
     let b = client.create(pool("b", "10.2.0.0/16")).await.unwrap();
@@ -110,7 +144,10 @@ async fn put_update_delete_become_typed_events_after_in_sync() {
         ("b".to_string(), UpdateType::Updated),
         ("a".to_string(), UpdateType::Deleted),
     ];
-    eventually(Duration::from_secs(10), "watch events", || async { (updates(&log).len() >= 4).then_some(()) }).await;
+    eventually(Duration::from_secs(10), "watch events", || async {
+        (updates(&log).len() >= 4).then_some(())
+    })
+    .await;
     assert_eq!(updates(&log), want);
     // The typed value carries the resource with its resourceVersion.
     let last_b = log.lock().unwrap().iter().rev().find_map(|e| match e {
@@ -134,15 +171,26 @@ async fn compaction_while_disconnected_relists_and_emits_only_the_difference() {
     let Some(etcd) = Etcd::start() else { return };
     let direct = etcd.datastore().await;
     let client = Client::new(direct.clone());
-    for (n, c) in [("a", "10.1.0.0/16"), ("b", "10.2.0.0/16"), ("c", "10.3.0.0/16")] {
+    for (n, c) in [
+        ("a", "10.1.0.0/16"),
+        ("b", "10.2.0.0/16"),
+        ("c", "10.3.0.0/16"),
+    ] {
         client.create(pool(n, c)).await.unwrap();
     }
     let target: SocketAddr = format!("127.0.0.1:{}", etcd.client_port).parse().unwrap();
     let proxy = Proxy::start(target).await;
-    let via_proxy: Arc<dyn Datastore> = Arc::new(EtcdDatastore::connect(&Etcd::config_for(&proxy.endpoint())).await.unwrap());
+    let via_proxy: Arc<dyn Datastore> = Arc::new(
+        EtcdDatastore::connect(&Etcd::config_for(&proxy.endpoint()))
+            .await
+            .unwrap(),
+    );
     let registry = prometheus::Registry::new();
     let (log, cancel) = start_syncer(via_proxy, &registry);
-    eventually(Duration::from_secs(10), "in sync", || async { statuses(&log).contains(&SyncStatus::InSync).then_some(()) }).await;
+    eventually(Duration::from_secs(10), "in sync", || async {
+        statuses(&log).contains(&SyncStatus::InSync).then_some(())
+    })
+    .await;
     let before = updates(&log).len();
     assert_eq!(before, 3);
 
@@ -156,19 +204,38 @@ async fn compaction_while_disconnected_relists_and_emits_only_the_difference() {
     client.create(pool("d", "10.4.0.0/16")).await.unwrap();
     client.create(pool("e", "10.5.0.0/16")).await.unwrap();
     let gone = client.delete::<IPPoolSpec>(None, "e", None).await.unwrap();
-    let rev: i64 = gone.metadata.resource_version.unwrap().parse::<i64>().unwrap() + 1;
+    let rev: i64 = gone
+        .metadata
+        .resource_version
+        .unwrap()
+        .parse::<i64>()
+        .unwrap()
+        + 1;
     etcd.etcdctl(&["compaction", &rev.to_string()]);
     proxy.restore();
 
-    eventually(Duration::from_secs(30), "resync after compaction", || async {
-        (statuses(&log).iter().filter(|s| **s == SyncStatus::InSync).count() >= 2).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "resync after compaction",
+        || async {
+            (statuses(&log)
+                .iter()
+                .filter(|s| **s == SyncStatus::InSync)
+                .count()
+                >= 2)
+                .then_some(())
+        },
+    )
     .await;
     let mut diff = updates(&log)[before..].to_vec();
     diff.sort();
     assert_eq!(
         diff,
-        vec![("a".to_string(), UpdateType::Updated), ("b".to_string(), UpdateType::Deleted), ("d".to_string(), UpdateType::New)],
+        vec![
+            ("a".to_string(), UpdateType::Updated),
+            ("b".to_string(), UpdateType::Deleted),
+            ("d".to_string(), UpdateType::New)
+        ],
         "exactly the real differences, nothing for c (unchanged) or e (created and deleted)"
     );
     assert_eq!(counter(&registry, "calico_syncer_resyncs_total"), 2.0);
@@ -186,14 +253,19 @@ async fn compaction_while_disconnected_relists_and_emits_only_the_difference() {
 
 #[tokio::test]
 async fn etcd_killed_and_restarted_loses_and_duplicates_nothing() {
-    let Some(mut etcd) = Etcd::start() else { return };
+    let Some(mut etcd) = Etcd::start() else {
+        return;
+    };
     let ds = etcd.datastore().await;
     let client = Client::new(ds.clone());
     client.create(pool("a", "10.1.0.0/16")).await.unwrap();
     client.create(pool("b", "10.2.0.0/16")).await.unwrap();
     let registry = prometheus::Registry::new();
     let (log, cancel) = start_syncer(ds.clone(), &registry);
-    eventually(Duration::from_secs(10), "in sync", || async { statuses(&log).contains(&SyncStatus::InSync).then_some(()) }).await;
+    eventually(Duration::from_secs(10), "in sync", || async {
+        statuses(&log).contains(&SyncStatus::InSync).then_some(())
+    })
+    .await;
 
     etcd.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -210,11 +282,17 @@ async fn etcd_killed_and_restarted_loses_and_duplicates_nothing() {
 
     eventually(Duration::from_secs(30), "events after restart", || async {
         let u = updates(&log);
-        (u.contains(&("c".into(), UpdateType::New)) && u.contains(&("a".into(), UpdateType::Updated))).then_some(())
+        (u.contains(&("c".into(), UpdateType::New))
+            && u.contains(&("a".into(), UpdateType::Updated)))
+        .then_some(())
     })
     .await;
     let u = updates(&log);
-    let news: Vec<_> = u.iter().filter(|x| x.1 == UpdateType::New).map(|x| x.0.clone()).collect();
+    let news: Vec<_> = u
+        .iter()
+        .filter(|x| x.1 == UpdateType::New)
+        .map(|x| x.0.clone())
+        .collect();
     assert_eq!(news, vec!["a", "b", "c"], "each key announced once: {u:?}");
     assert_eq!(replay(&log), truth(ds.as_ref()).await);
     cancel.cancel();

@@ -26,16 +26,25 @@ fn init_logging(env: &dyn Env) {
         .unwrap_or("info");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// `-felix-ready` / `-felix-live`: GET the local health endpoint; exit 0 when it says 200.
 fn probe(path: &str, env: &dyn Env) -> i32 {
-    let port = env.non_empty("FELIX_HEALTHPORT").and_then(|p| p.parse::<u16>().ok()).unwrap_or(9099);
+    let port = env
+        .non_empty("FELIX_HEALTHPORT")
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(9099);
     let result = (|| -> std::io::Result<String> {
         let mut s = TcpStream::connect(("127.0.0.1", port))?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )?;
         let mut body = String::new();
         s.read_to_string(&mut body)?;
         Ok(body)
@@ -56,7 +65,11 @@ fn probe(path: &str, env: &dyn Env) -> i32 {
 async fn run(startup_only: bool) -> anyhow::Result<()> {
     let cfg = NodeConfig::from_env(&ProcessEnv).context("calico-node configuration")?;
     if startup_only {
-        let ds = cfg.datastore.connect().await.context("connecting to etcd")?;
+        let ds = cfg
+            .datastore
+            .connect()
+            .await
+            .context("connecting to etcd")?;
         let client = calico_node::datastore::Client::new(ds);
         startup::startup(&client, &cfg, daemon::DATASTORE_WAIT, &|_| {}).await?;
         return Ok(());
@@ -65,7 +78,10 @@ async fn run(startup_only: bool) -> anyhow::Result<()> {
     let signals = shutdown.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -86,9 +102,19 @@ fn main() {
         return;
     }
     if let Some(unknown) = args.iter().find(|a| {
-        !["-startup", "--startup", "-felix-ready", "--felix-ready", "-felix-live", "--felix-live"].contains(&a.as_str())
+        ![
+            "-startup",
+            "--startup",
+            "-felix-ready",
+            "--felix-ready",
+            "-felix-live",
+            "--felix-live",
+        ]
+        .contains(&a.as_str())
     }) {
-        eprintln!("calico-node: unsupported argument '{unknown}' (supported: -startup, -felix-ready, -felix-live, -v)");
+        eprintln!(
+            "calico-node: unsupported argument '{unknown}' (supported: -startup, -felix-ready, -felix-live, -v)"
+        );
         std::process::exit(2);
     }
     if flag(&["-felix-ready", "--felix-ready"]) {
@@ -98,7 +124,11 @@ fn main() {
         std::process::exit(probe("/liveness", &ProcessEnv));
     }
     init_logging(&ProcessEnv);
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("calico-node: cannot start the runtime: {e}");

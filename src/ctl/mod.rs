@@ -24,7 +24,11 @@ pub const DEFAULT_CONFIG: &str = "/etc/calico/calicoctl.cfg";
 
 /// Command line of calicoctl.
 #[derive(Debug, Parser)]
-#[command(name = "calicoctl", version, about = "Manage Calico resources in the datastore")]
+#[command(
+    name = "calicoctl",
+    version,
+    about = "Manage Calico resources in the datastore"
+)]
 pub struct Cli {
     /// Path to the calicoctl configuration file (CalicoAPIConfig); when it does not exist
     /// the environment (DATASTORE_TYPE, ETCD_ENDPOINTS, ETCD_*_FILE) is used.
@@ -131,7 +135,8 @@ pub enum CtlError {
 pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
     let mut docs = Vec::new();
     for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let v = Value::deserialize(de).map_err(|e| format!("document {}: cannot parse: {e}", i + 1))?;
+        let v =
+            Value::deserialize(de).map_err(|e| format!("document {}: cannot parse: {e}", i + 1))?;
         if v.is_null() {
             continue;
         }
@@ -149,7 +154,10 @@ pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
 
 fn doc_label(v: &Value) -> String {
     let kind = v.get("kind").and_then(Value::as_str).unwrap_or("(no kind)");
-    let name = v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    let name = v
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
     format!("{kind} \"{name}\"")
 }
 
@@ -202,7 +210,12 @@ fn summary(op: WriteOp, done: &[AnyResource]) -> String {
 }
 
 /// Check the whole batch, then write it. Returns the message for stdout.
-pub async fn write_batch(client: &Client, mut resources: Vec<AnyResource>, op: WriteOp, skip: bool) -> Result<String, CtlError> {
+pub async fn write_batch(
+    client: &Client,
+    mut resources: Vec<AnyResource>,
+    op: WriteOp,
+    skip: bool,
+) -> Result<String, CtlError> {
     let label = |r: &AnyResource| format!("{} \"{}\"", r.kind(), r.meta().name);
     for i in 0..resources.len() {
         for j in 0..i {
@@ -222,10 +235,17 @@ pub async fn write_batch(client: &Client, mut resources: Vec<AnyResource>, op: W
     let mut skipped = vec![false; resources.len()];
     for i in 0..resources.len() {
         let mut res = resources[i].clone();
-        let others: Vec<AnyResource> = resources.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, r)| r.clone()).collect();
+        let others: Vec<AnyResource> = resources
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, r)| r.clone())
+            .collect();
         match client.check_any(&mut res, op, &others).await {
             Ok(()) => resources[i] = res,
-            Err(ClientError::AlreadyExists(_)) if skip && op == WriteOp::Create => skipped[i] = true,
+            Err(ClientError::AlreadyExists(_)) if skip && op == WriteOp::Create => {
+                skipped[i] = true
+            }
             Err(ClientError::NotFound(_)) if skip && op == WriteOp::Delete => skipped[i] = true,
             Err(e) => {
                 let (verb, _) = op_words(op);
@@ -251,7 +271,10 @@ pub async fn write_batch(client: &Client, mut resources: Vec<AnyResource>, op: W
                 let prefix = if done.is_empty() {
                     format!("Failed to {verb} any resources")
                 } else {
-                    format!("Partial success: {past} the first {} out of {total} resources", done.len())
+                    format!(
+                        "Partial success: {past} the first {} out of {total} resources",
+                        done.len()
+                    )
                 };
                 return Err(CtlError::Usage(format!("{prefix}: {l}: {e}")));
             }
@@ -270,7 +293,10 @@ fn kind_arg(kind: &str) -> Result<&'static KindInfo, CtlError> {
 
 async fn global_as(client: &Client) -> String {
     match client.get::<BGPConfigurationSpec>(None, "default").await {
-        Ok(Some(c)) => c.spec.as_number.map_or_else(|| "64512".into(), |a| a.to_string()),
+        Ok(Some(c)) => c
+            .spec
+            .as_number
+            .map_or_else(|| "64512".into(), |a| a.to_string()),
         _ => "64512".into(),
     }
 }
@@ -278,7 +304,11 @@ async fn global_as(client: &Client) -> String {
 async fn get(client: &Client, args: &GetArgs) -> Result<String, CtlError> {
     let info = kind_arg(&args.kind)?;
     let format: Format = args.output.parse().map_err(CtlError::Usage)?;
-    let ns = if args.all_namespaces { None } else { Some(args.namespace.as_deref().unwrap_or("default")) };
+    let ns = if args.all_namespaces {
+        None
+    } else {
+        Some(args.namespace.as_deref().unwrap_or("default"))
+    };
     let (items, revision) = if args.names.is_empty() {
         client.list_any(info, ns).await?
     } else {
@@ -300,7 +330,10 @@ async fn get(client: &Client, args: &GetArgs) -> Result<String, CtlError> {
     let list = args.names.len() != 1;
     Ok(match format {
         Format::Ps | Format::Wide => {
-            let ctx = TableContext { global_as: global_as(client).await, all_namespaces: args.all_namespaces && info.namespaced };
+            let ctx = TableContext {
+                global_as: global_as(client).await,
+                all_namespaces: args.all_namespaces && info.namespaced,
+            };
             output::table(info, &items, format == Format::Wide, &ctx)
         }
         Format::Yaml => output::yaml(info, &items, revision, list),
@@ -342,47 +375,95 @@ async fn patch(client: &Client, args: &PatchArgs) -> Result<String, CtlError> {
         // The patch may not rename or move the resource.
         v["metadata"]["name"] = Value::from(args.name.clone());
         v["metadata"]["resourceVersion"] = Value::from(current.meta().resource_version.clone());
-        let res = AnyResource::decode(info.kind, v).map_err(|e| CtlError::Usage(format!("patched {}: {e}", info.kind)))?;
+        let res = AnyResource::decode(info.kind, v)
+            .map_err(|e| CtlError::Usage(format!("patched {}: {e}", info.kind)))?;
         let mut checked = res.clone();
-        client.check_any(&mut checked, WriteOp::Replace, &[]).await?;
+        client
+            .check_any(&mut checked, WriteOp::Replace, &[])
+            .await?;
         match client.write_any(checked, WriteOp::Replace).await {
             Ok(_) => return Ok(format!("Successfully patched 1 '{}' resource", info.kind)),
             Err(ClientError::Conflict(..)) => continue,
             Err(e) => return Err(e.into()),
         }
     }
-    Err(CtlError::Usage(format!("{}({}) kept changing while patching; try again", info.kind, args.name)))
+    Err(CtlError::Usage(format!(
+        "{}({}) kept changing while patching; try again",
+        info.kind, args.name
+    )))
 }
 
-async fn delete(client: &Client, args: &DeleteArgs, stdin: &mut dyn Read) -> Result<String, CtlError> {
+async fn delete(
+    client: &Client,
+    args: &DeleteArgs,
+    stdin: &mut dyn Read,
+) -> Result<String, CtlError> {
     let resources = match (&args.filename, &args.kind) {
         (Some(f), None) => decode_documents(&read_source(f, stdin)?)?,
         (None, Some(kind)) => {
             let info = kind_arg(kind)?;
             if args.names.is_empty() {
-                return Err(CtlError::Usage("delete needs at least one resource name".into()));
+                return Err(CtlError::Usage(
+                    "delete needs at least one resource name".into(),
+                ));
             }
             let mut out = Vec::new();
             for name in &args.names {
                 let mut v = serde_json::json!({"apiVersion": crate::model::API_VERSION, "kind": info.kind, "metadata": {"name": name}});
                 if info.namespaced {
-                    v["metadata"]["namespace"] = Value::from(args.namespace.clone().unwrap_or_else(|| "default".into()));
+                    v["metadata"]["namespace"] =
+                        Value::from(args.namespace.clone().unwrap_or_else(|| "default".into()));
                 }
-                out.push(AnyResource::decode(info.kind, v).map_err(|e| CtlError::Usage(e.to_string()))?);
+                out.push(
+                    AnyResource::decode(info.kind, v)
+                        .map_err(|e| CtlError::Usage(e.to_string()))?,
+                );
             }
             out
         }
-        _ => return Err(CtlError::Usage("delete takes either -f FILE or KIND NAME...".into())),
+        _ => {
+            return Err(CtlError::Usage(
+                "delete takes either -f FILE or KIND NAME...".into(),
+            ));
+        }
     };
     write_batch(client, resources, WriteOp::Delete, args.skip_not_exists).await
 }
 
 /// Run one command against a client; returns what to print on stdout.
-pub async fn execute(client: &Client, command: &Command, stdin: &mut dyn Read) -> Result<String, CtlError> {
+pub async fn execute(
+    client: &Client,
+    command: &Command,
+    stdin: &mut dyn Read,
+) -> Result<String, CtlError> {
     match command {
-        Command::Create(a) => write_batch(client, decode_documents(&read_source(&a.filename, stdin)?)?, WriteOp::Create, a.skip_exists).await,
-        Command::Apply(a) => write_batch(client, decode_documents(&read_source(&a.filename, stdin)?)?, WriteOp::Apply, false).await,
-        Command::Replace(a) => write_batch(client, decode_documents(&read_source(&a.filename, stdin)?)?, WriteOp::Replace, false).await,
+        Command::Create(a) => {
+            write_batch(
+                client,
+                decode_documents(&read_source(&a.filename, stdin)?)?,
+                WriteOp::Create,
+                a.skip_exists,
+            )
+            .await
+        }
+        Command::Apply(a) => {
+            write_batch(
+                client,
+                decode_documents(&read_source(&a.filename, stdin)?)?,
+                WriteOp::Apply,
+                false,
+            )
+            .await
+        }
+        Command::Replace(a) => {
+            write_batch(
+                client,
+                decode_documents(&read_source(&a.filename, stdin)?)?,
+                WriteOp::Replace,
+                false,
+            )
+            .await
+        }
         Command::Delete(a) => delete(client, a, stdin).await,
         Command::Get(a) => get(client, a).await,
         Command::Patch(a) => patch(client, a).await,
@@ -396,12 +477,22 @@ pub fn version() -> String {
 }
 
 /// calicoctl's main: parse, connect, execute, print. Returns the exit code.
-pub async fn main(args: Vec<String>, env: &dyn Env, stdin: &mut dyn Read, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+pub async fn main(
+    args: Vec<String>,
+    env: &dyn Env,
+    stdin: &mut dyn Read,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> i32 {
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() { 1 } else { 0 };
-            let _ = if code == 0 { write!(out, "{e}") } else { write!(err, "{e}") };
+            let _ = if code == 0 {
+                write!(out, "{e}")
+            } else {
+                write!(err, "{e}")
+            };
             return code;
         }
     };
@@ -410,8 +501,12 @@ pub async fn main(args: Vec<String>, env: &dyn Env, stdin: &mut dyn Read, out: &
         return 0;
     }
     let result = async {
-        let cfg = DatastoreConfig::for_calicoctl(&cli.config, env).map_err(|e| CtlError::Usage(e.to_string()))?;
-        let ds = cfg.connect().await.map_err(|e| CtlError::Usage(e.to_string()))?;
+        let cfg = DatastoreConfig::for_calicoctl(&cli.config, env)
+            .map_err(|e| CtlError::Usage(e.to_string()))?;
+        let ds = cfg
+            .connect()
+            .await
+            .map_err(|e| CtlError::Usage(e.to_string()))?;
         execute(&Client::new(ds), &cli.command, stdin).await
     }
     .await;
@@ -453,7 +548,10 @@ mod tests {
     #[tokio::test]
     async fn apply_then_get_wide_shows_calicos_columns() {
         let c = client();
-        assert_eq!(run(&c, &["apply", "-f", "-"], TWO_POOLS).await.unwrap(), "Successfully applied 2 'IPPool' resource(s)");
+        assert_eq!(
+            run(&c, &["apply", "-f", "-"], TWO_POOLS).await.unwrap(),
+            "Successfully applied 2 'IPPool' resource(s)"
+        );
         let out = run(&c, &["get", "ipp", "-o", "wide"], "").await.unwrap();
         assert_eq!(
             out,
@@ -466,20 +564,31 @@ mod tests {
     #[tokio::test]
     async fn one_bad_document_writes_nothing() {
         let c = client();
-        let bad = format!("{TWO_POOLS}---\napiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: c\nspec:\n  cidr: 10.3.0.1/16\n");
-        let e = run(&c, &["create", "-f", "-"], &bad).await.unwrap_err().to_string();
+        let bad = format!(
+            "{TWO_POOLS}---\napiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata:\n  name: c\nspec:\n  cidr: 10.3.0.1/16\n"
+        );
+        let e = run(&c, &["create", "-f", "-"], &bad)
+            .await
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "Failed to create any resources: document 3 (IPPool \"c\"): error with field spec.cidr = '10.3.0.1/16' (CIDR is not strictly masked; did you mean 10.3.0.0/16?)"
         );
-        assert_eq!(run(&c, &["get", "ipp"], "").await.unwrap(), "NAME   CIDR   SELECTOR   \n");
+        assert_eq!(
+            run(&c, &["get", "ipp"], "").await.unwrap(),
+            "NAME   CIDR   SELECTOR   \n"
+        );
     }
 
     #[tokio::test]
     async fn overlap_inside_one_file_is_refused() {
         let c = client();
         let bad = TWO_POOLS.replace("10.2.0.0/16", "10.1.64.0/18");
-        let e = run(&c, &["apply", "-f", "-"], &bad).await.unwrap_err().to_string();
+        let e = run(&c, &["apply", "-f", "-"], &bad)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("document 1 (IPPool \"a\"): error with field spec.cidr = '10.1.0.0/16' (IPPool CIDR overlaps with IPPool b (10.1.64.0/18))"), "{e}");
     }
 
@@ -488,12 +597,41 @@ mod tests {
         let c = client();
         run(&c, &["apply", "-f", "-"], TWO_POOLS).await.unwrap();
         assert_eq!(
-            run(&c, &["patch", "ippool", "a", "-p", r#"{"spec":{"vxlanMode":"Always"}}"#], "").await.unwrap(),
+            run(
+                &c,
+                &[
+                    "patch",
+                    "ippool",
+                    "a",
+                    "-p",
+                    r#"{"spec":{"vxlanMode":"Always"}}"#
+                ],
+                ""
+            )
+            .await
+            .unwrap(),
             "Successfully patched 1 'IPPool' resource"
         );
-        let e = run(&c, &["patch", "ippool", "a", "-p", r#"{"spec":{"cidr":"10.9.0.0/16"}}"#], "").await.unwrap_err();
-        assert_eq!(e.to_string(), "error with field spec.cidr = '10.9.0.0/16' (IPPool CIDR cannot be modified (was 10.1.0.0/16))");
-        let y = run(&c, &["get", "ippool", "a", "-o", "yaml"], "").await.unwrap();
+        let e = run(
+            &c,
+            &[
+                "patch",
+                "ippool",
+                "a",
+                "-p",
+                r#"{"spec":{"cidr":"10.9.0.0/16"}}"#,
+            ],
+            "",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "error with field spec.cidr = '10.9.0.0/16' (IPPool CIDR cannot be modified (was 10.1.0.0/16))"
+        );
+        let y = run(&c, &["get", "ippool", "a", "-o", "yaml"], "")
+            .await
+            .unwrap();
         assert!(y.contains("vxlanMode: Always"), "{y}");
     }
 
@@ -501,16 +639,32 @@ mod tests {
     async fn delete_by_name_and_missing_name_fails() {
         let c = client();
         run(&c, &["apply", "-f", "-"], TWO_POOLS).await.unwrap();
-        assert_eq!(run(&c, &["delete", "ippool", "a"], "").await.unwrap(), "Successfully deleted 1 'IPPool' resource(s)");
-        let e = run(&c, &["delete", "ippool", "a"], "").await.unwrap_err().to_string();
-        assert_eq!(e, "Failed to delete any resources: document 1 (IPPool \"a\"): resource does not exist: IPPool(a)");
-        assert!(run(&c, &["delete", "ippool", "a", "--skip-not-exists"], "").await.is_ok());
+        assert_eq!(
+            run(&c, &["delete", "ippool", "a"], "").await.unwrap(),
+            "Successfully deleted 1 'IPPool' resource(s)"
+        );
+        let e = run(&c, &["delete", "ippool", "a"], "")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "Failed to delete any resources: document 1 (IPPool \"a\"): resource does not exist: IPPool(a)"
+        );
+        assert!(
+            run(&c, &["delete", "ippool", "a", "--skip-not-exists"], "")
+                .await
+                .is_ok()
+        );
     }
 
     #[test]
     fn merge_patch_follows_rfc7386() {
         let mut t = serde_json::json!({"a": {"b": 1, "c": 2}, "d": [1]});
-        merge_patch(&mut t, &serde_json::json!({"a": {"b": null, "e": 3}, "d": [2]}));
+        merge_patch(
+            &mut t,
+            &serde_json::json!({"a": {"b": null, "e": 3}, "d": [2]}),
+        );
         assert_eq!(t, serde_json::json!({"a": {"c": 2, "e": 3}, "d": [2]}));
     }
 }

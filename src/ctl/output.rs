@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::model::{AnyResource, KindInfo, API_VERSION};
+use crate::model::{API_VERSION, AnyResource, KindInfo};
 
 /// Output formats of `calicoctl get`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +21,9 @@ impl std::str::FromStr for Format {
             "wide" => Ok(Format::Wide),
             "yaml" => Ok(Format::Yaml),
             "json" => Ok(Format::Json),
-            other => Err(format!("unrecognized output format '{other}' (use ps, wide, yaml or json)")),
+            other => Err(format!(
+                "unrecognized output format '{other}' (use ps, wide, yaml or json)"
+            )),
         }
     }
 }
@@ -33,7 +35,12 @@ pub fn tabwriter(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|c| {
-            let w = rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0);
+            let w = rows
+                .iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0);
             (w + 3).max(5)
         })
         .collect();
@@ -59,13 +66,26 @@ pub struct TableContext {
 fn headers(info: &KindInfo, wide: bool, ctx: &TableContext) -> Vec<&'static str> {
     match (info.kind, wide) {
         ("IPPool", false) => vec!["NAME", "CIDR", "SELECTOR"],
-        ("IPPool", true) => vec!["NAME", "CIDR", "NAT", "IPIPMODE", "VXLANMODE", "DISABLED", "DISABLEBGPEXPORT", "SELECTOR"],
+        ("IPPool", true) => vec![
+            "NAME",
+            "CIDR",
+            "NAT",
+            "IPIPMODE",
+            "VXLANMODE",
+            "DISABLED",
+            "DISABLEBGPEXPORT",
+            "SELECTOR",
+        ],
         ("Node", false) => vec!["NAME"],
         ("Node", true) => vec!["NAME", "ASN", "IPV4", "IPV6"],
         ("BGPPeer", false) => vec!["NAME", "PEERIP", "NODE", "ASN"],
         ("BGPPeer", true) => vec!["NAME", "PEERIP", "NODE", "ASN"],
         ("WorkloadEndpoint", wide) => {
-            let mut h = if ctx.all_namespaces { vec!["NAMESPACE"] } else { vec![] };
+            let mut h = if ctx.all_namespaces {
+                vec!["NAMESPACE"]
+            } else {
+                vec![]
+            };
             h.extend(["WORKLOAD", "NODE", "NETWORKS", "INTERFACE"]);
             if wide {
                 h.extend(["PROFILES", "NATS"]);
@@ -107,7 +127,12 @@ fn row(r: &AnyResource, wide: bool, ctx: &TableContext) -> Vec<String> {
                 Some(a) => a.to_string(),
                 None => format!("({})", ctx.global_as),
             };
-            vec![name, asn, bgp.ipv4_address.unwrap_or_default(), bgp.ipv6_address.unwrap_or_default()]
+            vec![
+                name,
+                asn,
+                bgp.ipv4_address.unwrap_or_default(),
+                bgp.ipv6_address.unwrap_or_default(),
+            ]
         }
         AnyResource::BGPPeer(p) => {
             let s = &p.spec;
@@ -118,21 +143,45 @@ fn row(r: &AnyResource, wide: bool, ctx: &TableContext) -> Vec<String> {
             } else {
                 "(global)".into()
             };
-            let peer = if s.peer_selector.is_empty() { s.peer_ip.clone() } else { s.peer_selector.clone() };
+            let peer = if s.peer_selector.is_empty() {
+                s.peer_ip.clone()
+            } else {
+                s.peer_selector.clone()
+            };
             let asn = s.as_number.map(|a| a.to_string()).unwrap_or_default();
             vec![name, peer, node, asn]
         }
         AnyResource::WorkloadEndpoint(w) => {
             let s = &w.spec;
-            let workload = if s.workload.is_empty() { s.pod.clone() } else { s.workload.clone() };
+            let workload = if s.workload.is_empty() {
+                s.pod.clone()
+            } else {
+                s.workload.clone()
+            };
             let mut v = Vec::new();
             if ctx.all_namespaces {
-                v.push(w.metadata.namespace.clone().unwrap_or_else(|| "default".into()));
+                v.push(
+                    w.metadata
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| "default".into()),
+                );
             }
-            v.extend([workload, s.node.clone(), s.ip_networks.join(","), s.interface_name.clone()]);
+            v.extend([
+                workload,
+                s.node.clone(),
+                s.ip_networks.join(","),
+                s.interface_name.clone(),
+            ]);
             if wide {
                 v.push(s.profiles.join(","));
-                v.push(s.ip_nats.iter().map(|n| format!("{}:{}", n.internal_ip, n.external_ip)).collect::<Vec<_>>().join(","));
+                v.push(
+                    s.ip_nats
+                        .iter()
+                        .map(|n| format!("{}:{}", n.internal_ip, n.external_ip))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                );
             }
             v
         }
@@ -140,8 +189,12 @@ fn row(r: &AnyResource, wide: bool, ctx: &TableContext) -> Vec<String> {
             let s = &c.spec;
             vec![
                 name,
-                s.log_severity_screen.clone().unwrap_or_else(|| "Info".into()),
-                s.node_to_node_mesh_enabled.map(|b| b.to_string()).unwrap_or_default(),
+                s.log_severity_screen
+                    .clone()
+                    .unwrap_or_else(|| "Info".into()),
+                s.node_to_node_mesh_enabled
+                    .map(|b| b.to_string())
+                    .unwrap_or_default(),
                 s.as_number.map(|a| a.to_string()).unwrap_or_default(),
             ]
         }
@@ -151,7 +204,12 @@ fn row(r: &AnyResource, wide: bool, ctx: &TableContext) -> Vec<String> {
 
 /// A table of resources of one kind.
 pub fn table(info: &KindInfo, items: &[AnyResource], wide: bool, ctx: &TableContext) -> String {
-    let mut rows = vec![headers(info, wide, ctx).into_iter().map(String::from).collect::<Vec<_>>()];
+    let mut rows = vec![
+        headers(info, wide, ctx)
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>(),
+    ];
     rows.extend(items.iter().map(|r| row(r, wide, ctx)));
     tabwriter(&rows)
 }
@@ -161,7 +219,8 @@ pub fn table(info: &KindInfo, items: &[AnyResource], wide: bool, ctx: &TableCont
 fn sorted(v: Value) -> Value {
     match v {
         Value::Object(m) => {
-            let mut pairs: Vec<(String, Value)> = m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+            let mut pairs: Vec<(String, Value)> =
+                m.into_iter().map(|(k, v)| (k, sorted(v))).collect();
             pairs.sort_by(|a, b| a.0.cmp(&b.0));
             Value::Object(pairs.into_iter().collect())
         }
@@ -181,13 +240,21 @@ fn list_value(info: &KindInfo, items: &[AnyResource], revision: i64) -> Value {
 
 /// YAML of one resource, or of a `<Kind>List` when `list` is set.
 pub fn yaml(info: &KindInfo, items: &[AnyResource], revision: i64, list: bool) -> String {
-    let v = if list || items.len() != 1 { list_value(info, items, revision) } else { items[0].to_value() };
+    let v = if list || items.len() != 1 {
+        list_value(info, items, revision)
+    } else {
+        items[0].to_value()
+    };
     serde_yaml::to_string(&sorted(v)).expect("JSON values always serialize as YAML")
 }
 
 /// JSON of one resource, or of a `<Kind>List`, indented by two spaces.
 pub fn json(info: &KindInfo, items: &[AnyResource], revision: i64, list: bool) -> String {
-    let v = if list || items.len() != 1 { list_value(info, items, revision) } else { items[0].to_value() };
+    let v = if list || items.len() != 1 {
+        list_value(info, items, revision)
+    } else {
+        items[0].to_value()
+    };
     let mut s = serde_json::to_string_pretty(&v).expect("JSON values always serialize");
     s.push('\n');
     s
@@ -201,7 +268,11 @@ mod tests {
     fn tabwriter_pads_like_go_with_min_width_and_trailing_padding() {
         let rows = vec![
             vec!["NAME".to_string(), "CIDR".into(), "SELECTOR".into()],
-            vec!["default-ipv4-ippool".into(), "192.168.0.0/16".into(), "all()".into()],
+            vec![
+                "default-ipv4-ippool".into(),
+                "192.168.0.0/16".into(),
+                "all()".into(),
+            ],
         ];
         assert_eq!(
             tabwriter(&rows),

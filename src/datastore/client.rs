@@ -26,7 +26,9 @@ pub enum ClientError {
     #[error("resource does not exist: {0}")]
     NotFound(String),
     /// Someone else changed the resource since it was read.
-    #[error("update conflict: {0} has been modified; read it again and retry (resourceVersion {1} is stale)")]
+    #[error(
+        "update conflict: {0} has been modified; read it again and retry (resourceVersion {1} is stale)"
+    )]
     Conflict(String, i64),
     /// A stored value does not decode as its kind.
     #[error("cannot decode stored {key}: {reason}")]
@@ -60,10 +62,11 @@ fn ns_for<S: Kind>(namespace: Option<&str>) -> Option<&str> {
 
 /// Decode a stored resource and set its `resourceVersion`.
 pub fn decode_kv<S: Kind>(kv: &KeyValue) -> ClientResult<Resource<S>> {
-    let mut r: Resource<S> = serde_json::from_slice(&kv.value).map_err(|e| ClientError::Decode {
-        key: kv.key.clone(),
-        reason: e.to_string(),
-    })?;
+    let mut r: Resource<S> =
+        serde_json::from_slice(&kv.value).map_err(|e| ClientError::Decode {
+            key: kv.key.clone(),
+            reason: e.to_string(),
+        })?;
     r.metadata.resource_version = Some(kv.mod_revision.to_string());
     Ok(r)
 }
@@ -77,7 +80,9 @@ pub fn encode<S: Kind>(r: &Resource<S>) -> Vec<u8> {
 
 /// RFC 3339 UTC timestamp, as Kubernetes metadata uses (`2024-05-01T12:00:00Z`).
 pub fn now_rfc3339() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -105,13 +110,22 @@ pub fn new_uid() -> String {
         .is_err()
     {
         // No /dev/urandom: fall back to time and pid, still unique per process and call.
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         b[..16].copy_from_slice(&(t ^ (u128::from(std::process::id()) << 64)).to_le_bytes());
     }
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// Typed Calico client. Cheap to clone.
@@ -132,7 +146,9 @@ impl Client {
 
     fn map_ds<S: Kind>(&self, e: DatastoreError, ns: Option<&str>, name: &str) -> ClientError {
         match e {
-            DatastoreError::AlreadyExists { .. } => ClientError::AlreadyExists(describe::<S>(ns, name)),
+            DatastoreError::AlreadyExists { .. } => {
+                ClientError::AlreadyExists(describe::<S>(ns, name))
+            }
             DatastoreError::NotFound { .. } => ClientError::NotFound(describe::<S>(ns, name)),
             DatastoreError::Conflict { expected, .. } => {
                 ClientError::Conflict(describe::<S>(ns, name), expected)
@@ -142,7 +158,11 @@ impl Client {
     }
 
     /// Read one resource.
-    pub async fn get<S: Kind>(&self, namespace: Option<&str>, name: &str) -> ClientResult<Option<Resource<S>>> {
+    pub async fn get<S: Kind>(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> ClientResult<Option<Resource<S>>> {
         let key = resource_key(S::PLURAL, ns_for::<S>(namespace), name);
         match self.ds.get(&key).await.map_err(ClientError::Datastore)? {
             Some(kv) => Ok(Some(decode_kv(&kv)?)),
@@ -151,10 +171,20 @@ impl Client {
     }
 
     /// List a kind (one namespace, or all when `namespace` is None), with the revision.
-    pub async fn list<S: Kind>(&self, namespace: Option<&str>) -> ClientResult<(Vec<Resource<S>>, i64)> {
+    pub async fn list<S: Kind>(
+        &self,
+        namespace: Option<&str>,
+    ) -> ClientResult<(Vec<Resource<S>>, i64)> {
         let prefix = resource_prefix(S::PLURAL, if S::NAMESPACED { namespace } else { None });
-        let (kvs, rev) = self.ds.list(&prefix).await.map_err(ClientError::Datastore)?;
-        let items = kvs.iter().map(decode_kv).collect::<ClientResult<Vec<_>>>()?;
+        let (kvs, rev) = self
+            .ds
+            .list(&prefix)
+            .await
+            .map_err(ClientError::Datastore)?;
+        let items = kvs
+            .iter()
+            .map(decode_kv)
+            .collect::<ClientResult<Vec<_>>>()?;
         Ok((items, rev))
     }
 
@@ -173,7 +203,11 @@ impl Client {
             let (pools, _) = self.list::<IPPoolSpec>(None).await?;
             let others = pools
                 .iter()
-                .filter(|p| !batch.iter().any(|b| b.kind() == "IPPool" && b.meta().name == p.metadata.name))
+                .filter(|p| {
+                    !batch
+                        .iter()
+                        .any(|b| b.kind() == "IPPool" && b.meta().name == p.metadata.name)
+                })
                 .map(|p| (p.metadata.name.clone(), p.spec.clone()))
                 .chain(batch.iter().filter_map(|b| match b {
                     AnyResource::IPPool(p) => Some((p.metadata.name.clone(), p.spec.clone())),
@@ -202,7 +236,9 @@ impl Client {
 
     async fn create_prepared<S: Kind>(&self, mut r: Resource<S>) -> ClientResult<Resource<S>> {
         r.metadata.uid.get_or_insert_with(new_uid);
-        r.metadata.creation_timestamp.get_or_insert_with(now_rfc3339);
+        r.metadata
+            .creation_timestamp
+            .get_or_insert_with(now_rfc3339);
         let (ns, name) = (r.namespace().map(str::to_string), r.metadata.name.clone());
         let rev = self
             .ds
@@ -224,7 +260,11 @@ impl Client {
         self.update_prepared(r, &old).await
     }
 
-    async fn update_prepared<S: Kind>(&self, mut r: Resource<S>, old: &Resource<S>) -> ClientResult<Resource<S>> {
+    async fn update_prepared<S: Kind>(
+        &self,
+        mut r: Resource<S>,
+        old: &Resource<S>,
+    ) -> ClientResult<Resource<S>> {
         let rev = match r.revision() {
             Some(rev) => rev,
             None => old.revision().unwrap_or(0),
@@ -258,7 +298,9 @@ impl Client {
                 Some(old) => self.update_prepared(r.clone(), old).await,
             };
             match result {
-                Err(ClientError::AlreadyExists(_)) | Err(ClientError::Conflict(..)) if !pinned => continue,
+                Err(ClientError::AlreadyExists(_)) | Err(ClientError::Conflict(..)) if !pinned => {
+                    continue;
+                }
                 other => return other,
             }
         }
@@ -312,20 +354,33 @@ macro_rules! dispatch {
 impl Client {
     /// Check one resource of a batch before anything is written: defaults, validation,
     /// existence as the operation needs it, immutable fields and pool overlap.
-    pub async fn check_any(&self, res: &mut AnyResource, op: WriteOp, batch: &[AnyResource]) -> ClientResult<()> {
+    pub async fn check_any(
+        &self,
+        res: &mut AnyResource,
+        op: WriteOp,
+        batch: &[AnyResource],
+    ) -> ClientResult<()> {
         if op != WriteOp::Delete {
             res.prepare()?;
         }
-        let r: ClientResult<AnyResource> = dispatch!(res, r => self.check_typed(r, op, batch).await);
+        let r: ClientResult<AnyResource> =
+            dispatch!(res, r => self.check_typed(r, op, batch).await);
         r.map(|_| ())
     }
 
-    async fn check_typed<S: Kind>(&self, r: &Resource<S>, op: WriteOp, batch: &[AnyResource]) -> ClientResult<Resource<S>> {
+    async fn check_typed<S: Kind>(
+        &self,
+        r: &Resource<S>,
+        op: WriteOp,
+        batch: &[AnyResource],
+    ) -> ClientResult<Resource<S>> {
         let old = self.get::<S>(r.namespace(), &r.metadata.name).await?;
         let what = || describe::<S>(r.namespace(), &r.metadata.name);
         match (op, &old) {
             (WriteOp::Create, Some(_)) => return Err(ClientError::AlreadyExists(what())),
-            (WriteOp::Replace | WriteOp::Delete, None) => return Err(ClientError::NotFound(what())),
+            (WriteOp::Replace | WriteOp::Delete, None) => {
+                return Err(ClientError::NotFound(what()));
+            }
             _ => {}
         }
         if op != WriteOp::Delete {
@@ -343,7 +398,11 @@ impl Client {
             WriteOp::Delete => {
                 let ns = res.namespace().map(str::to_string);
                 let name = res.meta().name.clone();
-                let rev = res.meta().resource_version.as_deref().and_then(|v| v.parse().ok());
+                let rev = res
+                    .meta()
+                    .resource_version
+                    .as_deref()
+                    .and_then(|v| v.parse().ok());
                 dispatch!(res, r => self.delete_like(&r, ns.as_deref(), &name, rev).await)
             }
         }
@@ -360,8 +419,21 @@ impl Client {
     }
 
     /// Read one resource of the kind named by `info`.
-    pub async fn get_any(&self, info: &model::KindInfo, ns: Option<&str>, name: &str) -> ClientResult<Option<AnyResource>> {
-        let key = resource_key(info.plural, if info.namespaced { Some(ns.unwrap_or("default")) } else { None }, name);
+    pub async fn get_any(
+        &self,
+        info: &model::KindInfo,
+        ns: Option<&str>,
+        name: &str,
+    ) -> ClientResult<Option<AnyResource>> {
+        let key = resource_key(
+            info.plural,
+            if info.namespaced {
+                Some(ns.unwrap_or("default"))
+            } else {
+                None
+            },
+            name,
+        );
         match self.ds.get(&key).await.map_err(ClientError::Datastore)? {
             Some(kv) => decode_any(info, &kv).map(Some),
             None => Ok(None),
@@ -369,20 +441,32 @@ impl Client {
     }
 
     /// List the kind named by `info` (all namespaces when `ns` is None).
-    pub async fn list_any(&self, info: &model::KindInfo, ns: Option<&str>) -> ClientResult<(Vec<AnyResource>, i64)> {
+    pub async fn list_any(
+        &self,
+        info: &model::KindInfo,
+        ns: Option<&str>,
+    ) -> ClientResult<(Vec<AnyResource>, i64)> {
         let prefix = resource_prefix(info.plural, if info.namespaced { ns } else { None });
-        let (kvs, rev) = self.ds.list(&prefix).await.map_err(ClientError::Datastore)?;
-        let items = kvs.iter().map(|kv| decode_any(info, kv)).collect::<ClientResult<Vec<_>>>()?;
+        let (kvs, rev) = self
+            .ds
+            .list(&prefix)
+            .await
+            .map_err(ClientError::Datastore)?;
+        let items = kvs
+            .iter()
+            .map(|kv| decode_any(info, kv))
+            .collect::<ClientResult<Vec<_>>>()?;
         Ok((items, rev))
     }
 }
 
 /// Decode a stored value of a known kind, with `resourceVersion` set.
 pub fn decode_any(info: &model::KindInfo, kv: &KeyValue) -> ClientResult<AnyResource> {
-    let v: serde_json::Value = serde_json::from_slice(&kv.value).map_err(|e| ClientError::Decode {
-        key: kv.key.clone(),
-        reason: e.to_string(),
-    })?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&kv.value).map_err(|e| ClientError::Decode {
+            key: kv.key.clone(),
+            reason: e.to_string(),
+        })?;
     let mut r = AnyResource::decode(info.kind, v).map_err(|e| ClientError::Decode {
         key: kv.key.clone(),
         reason: e.to_string(),
@@ -401,7 +485,13 @@ mod tests {
     }
 
     fn pool(name: &str, cidr: &str) -> IPPool {
-        IPPool::new(name, IPPoolSpec { cidr: cidr.into(), ..Default::default() })
+        IPPool::new(
+            name,
+            IPPoolSpec {
+                cidr: cidr.into(),
+                ..Default::default()
+            },
+        )
     }
 
     #[tokio::test]
@@ -409,11 +499,20 @@ mod tests {
         let c = client();
         let p = c.create(pool("p1", "10.1.0.0/16")).await.unwrap();
         assert!(p.metadata.uid.as_ref().is_some_and(|u| u.len() == 36));
-        assert!(p.metadata.creation_timestamp.as_ref().is_some_and(|t| t.ends_with('Z')));
+        assert!(
+            p.metadata
+                .creation_timestamp
+                .as_ref()
+                .is_some_and(|t| t.ends_with('Z'))
+        );
         let got = c.get::<IPPoolSpec>(None, "p1").await.unwrap().unwrap();
         assert_eq!(got, p);
         let stored = c.datastore().get(&p.key()).await.unwrap().unwrap();
-        assert!(!String::from_utf8(stored.value).unwrap().contains("resourceVersion"));
+        assert!(
+            !String::from_utf8(stored.value)
+                .unwrap()
+                .contains("resourceVersion")
+        );
     }
 
     #[tokio::test]

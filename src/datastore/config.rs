@@ -114,7 +114,10 @@ fn build(
 impl DatastoreConfig {
     /// From Calico's environment variables.
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
-        check_type("DATASTORE_TYPE", env.var("DATASTORE_TYPE").as_deref().unwrap_or(""))?;
+        check_type(
+            "DATASTORE_TYPE",
+            env.var("DATASTORE_TYPE").as_deref().unwrap_or(""),
+        )?;
         build(
             "ETCD_ENDPOINTS",
             env.non_empty("ETCD_ENDPOINTS"),
@@ -126,11 +129,17 @@ impl DatastoreConfig {
 
     /// From a calicoctl `CalicoAPIConfig` YAML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let ferr = |reason: String| ConfigError::File { path: path.into(), reason };
+        let ferr = |reason: String| ConfigError::File {
+            path: path.into(),
+            reason,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| ferr(e.to_string()))?;
         let cfg: ApiConfig = serde_yaml::from_str(&text).map_err(|e| ferr(e.to_string()))?;
         if cfg.kind != "CalicoAPIConfig" {
-            return Err(ferr(format!("kind is '{}', expected CalicoAPIConfig", cfg.kind)));
+            return Err(ferr(format!(
+                "kind is '{}', expected CalicoAPIConfig",
+                cfg.kind
+            )));
         }
         let spec = cfg.spec.unwrap_or(ApiConfigSpec {
             datastore_type: None,
@@ -139,7 +148,10 @@ impl DatastoreConfig {
             etcd_cert_file: None,
             etcd_ca_cert_file: None,
         });
-        check_type("spec.datastoreType", spec.datastore_type.as_deref().unwrap_or(""))?;
+        check_type(
+            "spec.datastoreType",
+            spec.datastore_type.as_deref().unwrap_or(""),
+        )?;
         build(
             "spec.etcdEndpoints",
             spec.etcd_endpoints,
@@ -172,13 +184,19 @@ mod tests {
     #[test]
     fn env_gives_endpoints_and_tls_files() {
         let env = MapEnv::from_pairs(&[
-            ("ETCD_ENDPOINTS", "https://10.0.0.1:2379, https://10.0.0.2:2379"),
+            (
+                "ETCD_ENDPOINTS",
+                "https://10.0.0.1:2379, https://10.0.0.2:2379",
+            ),
             ("ETCD_CA_CERT_FILE", "/etc/ca.pem"),
             ("ETCD_CERT_FILE", "/etc/cert.pem"),
             ("ETCD_KEY_FILE", "/etc/key.pem"),
         ]);
         let c = DatastoreConfig::from_env(&env).unwrap();
-        assert_eq!(c.endpoints, vec!["https://10.0.0.1:2379", "https://10.0.0.2:2379"]);
+        assert_eq!(
+            c.endpoints,
+            vec!["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
+        );
         assert_eq!(c.ca_cert_file.as_deref(), Some(Path::new("/etc/ca.pem")));
         let c = DatastoreConfig::from_env(&MapEnv::default()).unwrap();
         assert_eq!(c.endpoints, vec![DEFAULT_ETCD_ENDPOINT]);

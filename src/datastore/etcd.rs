@@ -42,7 +42,6 @@ fn map_err(e: etcd_client::Error) -> DatastoreError {
     }
 }
 
-
 fn kv(k: &etcd_client::KeyValue) -> KeyValue {
     KeyValue {
         key: String::from_utf8_lossy(k.key()).into_owned(),
@@ -69,7 +68,10 @@ fn connect_options(cfg: &DatastoreConfig) -> DsResult<ConnectOptions> {
     let mut opts = ConnectOptions::new()
         .with_timeout(cfg.timeout)
         .with_connect_timeout(std::time::Duration::from_secs(3))
-        .with_keep_alive(std::time::Duration::from_secs(10), std::time::Duration::from_secs(5))
+        .with_keep_alive(
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_secs(5),
+        )
         .with_keep_alive_while_idle(true);
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|e| {
@@ -146,12 +148,19 @@ impl Datastore for EtcdDatastore {
         let mut start = prefix.as_bytes().to_vec();
         let mut revision = 0;
         loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
             if revision > 0 {
                 // Later pages read the same snapshot as the first.
                 opts = opts.with_revision(revision);
             }
-            let resp = self.kv.clone().get(start.clone(), Some(opts)).await.map_err(map_err)?;
+            let resp = self
+                .kv
+                .clone()
+                .get(start.clone(), Some(opts))
+                .await
+                .map_err(map_err)?;
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -190,13 +199,22 @@ impl Datastore for EtcdDatastore {
             return Ok(Self::put_revision(&resp));
         }
         match Self::found_revision(&resp) {
-            Some(found) => Err(DatastoreError::Conflict { key: key.into(), expected: revision, found }),
+            Some(found) => Err(DatastoreError::Conflict {
+                key: key.into(),
+                expected: revision,
+                found,
+            }),
             None => Err(DatastoreError::NotFound { key: key.into() }),
         }
     }
 
     async fn apply(&self, key: &str, value: Vec<u8>) -> DsResult<i64> {
-        let resp = self.kv.clone().put(key, value, None).await.map_err(map_err)?;
+        let resp = self
+            .kv
+            .clone()
+            .put(key, value, None)
+            .await
+            .map_err(map_err)?;
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
@@ -233,7 +251,12 @@ impl Datastore for EtcdDatastore {
             .with_start_revision(from_revision)
             .with_prev_key()
             .with_progress_notify();
-        let mut stream = self.watch.clone().watch(prefix, Some(opts)).await.map_err(map_err)?;
+        let mut stream = self
+            .watch
+            .clone()
+            .watch(prefix, Some(opts))
+            .await
+            .map_err(map_err)?;
         let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
         tokio::spawn(async move {
             loop {
@@ -242,10 +265,12 @@ impl Datastore for EtcdDatastore {
                     m = stream.message() => m,
                 };
                 let out = match msg {
-                    Ok(Some(resp)) if resp.compact_revision() > 0 => Err(DatastoreError::Compacted {
-                        requested: from_revision,
-                        compact_revision: resp.compact_revision(),
-                    }),
+                    Ok(Some(resp)) if resp.compact_revision() > 0 => {
+                        Err(DatastoreError::Compacted {
+                            requested: from_revision,
+                            compact_revision: resp.compact_revision(),
+                        })
+                    }
                     Ok(Some(resp)) if resp.canceled() => Err(DatastoreError::Unavailable(format!(
                         "watch cancelled by etcd: {}",
                         resp.cancel_reason()

@@ -70,7 +70,9 @@ impl MemoryDatastore {
 
     fn check(g: &Inner) -> DsResult<()> {
         if g.unavailable {
-            Err(DatastoreError::Unavailable("in-memory datastore set unavailable".into()))
+            Err(DatastoreError::Unavailable(
+                "in-memory datastore set unavailable".into(),
+            ))
         } else {
             Ok(())
         }
@@ -83,7 +85,10 @@ impl MemoryDatastore {
             if !event.key().starts_with(&w.prefix) {
                 return !w.tx.is_closed();
             }
-            let batch = WatchBatch { events: vec![event.clone()], revision: rev };
+            let batch = WatchBatch {
+                events: vec![event.clone()],
+                revision: rev,
+            };
             // A full channel means the consumer fell too far behind: cut it off (it will
             // resume from its last revision), as etcd cancels slow watchers.
             w.tx.try_send(Ok(batch)).is_ok()
@@ -177,7 +182,11 @@ impl Datastore for MemoryDatastore {
         let rev = g.revision;
         Self::commit(
             &mut g,
-            WatchEvent::Delete { key: key.into(), mod_revision: rev, prev: Some(current.clone()) },
+            WatchEvent::Delete {
+                key: key.into(),
+                mod_revision: rev,
+                prev: Some(current.clone()),
+            },
         );
         Ok(current)
     }
@@ -199,11 +208,17 @@ impl Datastore for MemoryDatastore {
             .cloned()
             .collect();
         if !backlog.is_empty() {
-            let batch = WatchBatch { events: backlog, revision: g.revision };
+            let batch = WatchBatch {
+                events: backlog,
+                revision: g.revision,
+            };
             // The channel is new and empty: the first send always fits.
             let _ = tx.try_send(Ok(batch));
         }
-        g.watchers.push(Watcher { prefix: prefix.to_string(), tx });
+        g.watchers.push(Watcher {
+            prefix: prefix.to_string(),
+            tx,
+        });
         Ok(rx)
     }
 }
@@ -216,17 +231,35 @@ mod tests {
     async fn create_update_delete_follow_etcd_semantics() {
         let ds = MemoryDatastore::new();
         let r1 = ds.create("/a", b"1".to_vec()).await.unwrap();
-        assert!(matches!(ds.create("/a", b"x".to_vec()).await, Err(DatastoreError::AlreadyExists { .. })));
-        assert!(matches!(ds.update("/a", b"2".to_vec(), r1 + 5).await, Err(DatastoreError::Conflict { .. })));
-        assert!(matches!(ds.update("/b", b"2".to_vec(), 1).await, Err(DatastoreError::NotFound { .. })));
+        assert!(matches!(
+            ds.create("/a", b"x".to_vec()).await,
+            Err(DatastoreError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            ds.update("/a", b"2".to_vec(), r1 + 5).await,
+            Err(DatastoreError::Conflict { .. })
+        ));
+        assert!(matches!(
+            ds.update("/b", b"2".to_vec(), 1).await,
+            Err(DatastoreError::NotFound { .. })
+        ));
         let r2 = ds.update("/a", b"2".to_vec(), r1).await.unwrap();
         assert!(r2 > r1);
         let kv = ds.get("/a").await.unwrap().unwrap();
-        assert_eq!((kv.value.as_slice(), kv.mod_revision, kv.create_revision), (&b"2"[..], r2, r1));
-        assert!(matches!(ds.delete("/a", Some(r1)).await, Err(DatastoreError::Conflict { .. })));
+        assert_eq!(
+            (kv.value.as_slice(), kv.mod_revision, kv.create_revision),
+            (&b"2"[..], r2, r1)
+        );
+        assert!(matches!(
+            ds.delete("/a", Some(r1)).await,
+            Err(DatastoreError::Conflict { .. })
+        ));
         ds.delete("/a", Some(r2)).await.unwrap();
         assert!(ds.get("/a").await.unwrap().is_none());
-        assert!(matches!(ds.delete("/a", None).await, Err(DatastoreError::NotFound { .. })));
+        assert!(matches!(
+            ds.delete("/a", None).await,
+            Err(DatastoreError::NotFound { .. })
+        ));
     }
 
     #[tokio::test]
@@ -242,7 +275,10 @@ mod tests {
         let second = w.recv().await.unwrap().unwrap();
         assert_eq!(second.events[0].key(), "/p/b");
         ds.compact(ds.revision());
-        assert!(matches!(ds.watch("/p/", r1).await, Err(DatastoreError::Compacted { .. })));
+        assert!(matches!(
+            ds.watch("/p/", r1).await,
+            Err(DatastoreError::Compacted { .. })
+        ));
         assert!(ds.watch("/p/", ds.revision() + 1).await.is_ok());
     }
 }

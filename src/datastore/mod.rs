@@ -31,7 +31,10 @@ pub struct KeyValue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
     /// The key was created or updated.
-    Put { kv: KeyValue, prev: Option<KeyValue> },
+    Put {
+        kv: KeyValue,
+        prev: Option<KeyValue>,
+    },
     /// The key was deleted at `mod_revision`.
     Delete {
         key: String,
@@ -86,7 +89,9 @@ pub enum DatastoreError {
         found: i64,
     },
     /// A watch asked for history that etcd has compacted away; the caller must re-list.
-    #[error("required revision {requested} has been compacted (oldest available {compact_revision})")]
+    #[error(
+        "required revision {requested} has been compacted (oldest available {compact_revision})"
+    )]
     Compacted {
         requested: i64,
         compact_revision: i64,

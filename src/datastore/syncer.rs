@@ -33,6 +33,9 @@ use crate::node::http::HealthReporter;
 pub const CALICO_PREFIX: &str = "/calico/";
 
 /// A decoded value of a Calico key.
+// Values travel behind an `Arc` in [`Update`], so the variants' size difference costs one
+// allocation per value either way.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum SyncValue {
     Resource(AnyResource),
@@ -115,13 +118,24 @@ fn json<T>(r: Result<T, serde_json::Error>) -> Result<T, String> {
 pub fn decode(kv: &KeyValue) -> Option<Result<SyncValue, String>> {
     if let Some(rk) = parse_resource_key(&kv.key) {
         let info = kind_by_plural(&rk.plural)?;
-        return Some(decode_any(info, kv).map(SyncValue::Resource).map_err(|e| e.to_string()));
+        return Some(
+            decode_any(info, kv)
+                .map(SyncValue::Resource)
+                .map_err(|e| e.to_string()),
+        );
     }
     Some(match parse_ipam_key(&kv.key)? {
         IpamKey::Block(_) => json(serde_json::from_slice(&kv.value)).map(SyncValue::Block),
-        IpamKey::Affinity { host, cidr } => json(BlockAffinity::from_bytes(&kv.value))
-            .map(|affinity| SyncValue::Affinity { host, cidr, affinity }),
-        IpamKey::Handle(id) => json(serde_json::from_slice(&kv.value)).map(|handle| SyncValue::Handle { id, handle }),
+        IpamKey::Affinity { host, cidr } => {
+            json(BlockAffinity::from_bytes(&kv.value)).map(|affinity| SyncValue::Affinity {
+                host,
+                cidr,
+                affinity,
+            })
+        }
+        IpamKey::Handle(id) => {
+            json(serde_json::from_slice(&kv.value)).map(|handle| SyncValue::Handle { id, handle })
+        }
         IpamKey::Config => json(serde_json::from_slice(&kv.value)).map(SyncValue::IpamConfig),
     })
 }
@@ -141,16 +155,31 @@ impl SyncerMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let m = SyncerMetrics {
             events: IntCounterVec::new(
-                Opts::new("calico_syncer_events_total", "Datastore updates delivered by the syncer, by kind and type."),
+                Opts::new(
+                    "calico_syncer_events_total",
+                    "Datastore updates delivered by the syncer, by kind and type.",
+                ),
                 &["kind", "type"],
             )?,
-            resyncs: IntCounter::new("calico_syncer_resyncs_total", "Full lists of the datastore (start-up and after compaction).")?,
-            in_sync: IntGauge::new("calico_syncer_in_sync", "1 when the syncer has delivered a complete snapshot, else 0.")?,
+            resyncs: IntCounter::new(
+                "calico_syncer_resyncs_total",
+                "Full lists of the datastore (start-up and after compaction).",
+            )?,
+            in_sync: IntGauge::new(
+                "calico_syncer_in_sync",
+                "1 when the syncer has delivered a complete snapshot, else 0.",
+            )?,
             errors: IntCounterVec::new(
-                Opts::new("calico_datastore_errors_total", "Datastore errors seen by the syncer, by operation."),
+                Opts::new(
+                    "calico_datastore_errors_total",
+                    "Datastore errors seen by the syncer, by operation.",
+                ),
                 &["operation"],
             )?,
-            cached: IntGauge::new("calico_syncer_cached_keys", "Keys currently held in the syncer's cache.")?,
+            cached: IntGauge::new(
+                "calico_syncer_cached_keys",
+                "Keys currently held in the syncer's cache.",
+            )?,
         };
         registry.register(Box::new(m.events.clone()))?;
         registry.register(Box::new(m.resyncs.clone()))?;
@@ -212,18 +241,34 @@ impl SyncerState {
         let mut out = Vec::new();
         let mut seen = HashMap::with_capacity(kvs.len());
         for kv in kvs {
-            let Some(value) = decode_logged(kv) else { continue };
-            seen.insert(kv.key.clone(), Cached { mod_revision: kv.mod_revision });
+            let Some(value) = decode_logged(kv) else {
+                continue;
+            };
+            seen.insert(
+                kv.key.clone(),
+                Cached {
+                    mod_revision: kv.mod_revision,
+                },
+            );
             match self.cache.get(&kv.key) {
                 Some(c) if c.mod_revision == kv.mod_revision => {}
                 Some(_) => out.push(update(kv, UpdateType::Updated, value)),
                 None => out.push(update(kv, UpdateType::New, value)),
             }
         }
-        let mut gone: Vec<&String> = self.cache.keys().filter(|k| !seen.contains_key(*k)).collect();
+        let mut gone: Vec<&String> = self
+            .cache
+            .keys()
+            .filter(|k| !seen.contains_key(*k))
+            .collect();
         gone.sort();
         for key in gone {
-            out.push(Update { key: key.clone(), update_type: UpdateType::Deleted, value: None, revision });
+            out.push(Update {
+                key: key.clone(),
+                update_type: UpdateType::Deleted,
+                value: None,
+                revision,
+            });
         }
         self.cache = seen;
         out
@@ -242,8 +287,17 @@ impl SyncerState {
                     }
                     match decode_logged(kv) {
                         Some(value) => {
-                            self.cache.insert(kv.key.clone(), Cached { mod_revision: kv.mod_revision });
-                            let t = if prev.is_some() { UpdateType::Updated } else { UpdateType::New };
+                            self.cache.insert(
+                                kv.key.clone(),
+                                Cached {
+                                    mod_revision: kv.mod_revision,
+                                },
+                            );
+                            let t = if prev.is_some() {
+                                UpdateType::Updated
+                            } else {
+                                UpdateType::New
+                            };
                             out.push(update(kv, t, value));
                         }
                         // An undecodable value replaces a good one: consumers must forget it.
@@ -259,7 +313,9 @@ impl SyncerState {
                         None => {}
                     }
                 }
-                WatchEvent::Delete { key, mod_revision, .. } => {
+                WatchEvent::Delete {
+                    key, mod_revision, ..
+                } => {
                     if self.cache.remove(key).is_some() {
                         out.push(Update {
                             key: key.clone(),
@@ -286,7 +342,12 @@ fn decode_logged(kv: &KeyValue) -> Option<SyncValue> {
 }
 
 fn update(kv: &KeyValue, t: UpdateType, value: SyncValue) -> Update {
-    Update { key: kv.key.clone(), update_type: t, value: Some(Arc::new(value)), revision: kv.mod_revision }
+    Update {
+        key: kv.key.clone(),
+        update_type: t,
+        value: Some(Arc::new(value)),
+        revision: kv.mod_revision,
+    }
 }
 
 /// The syncer actor.
@@ -317,7 +378,14 @@ enum WatchEnd {
 impl Syncer {
     /// A syncer over `prefix` (normally [`CALICO_PREFIX`]).
     pub fn new(ds: Arc<dyn Datastore>, prefix: &str) -> Self {
-        Syncer { ds, prefix: prefix.into(), subscribers: Vec::new(), metrics: None, health: None, state: SyncerState::default() }
+        Syncer {
+            ds,
+            prefix: prefix.into(),
+            subscribers: Vec::new(),
+            metrics: None,
+            health: None,
+            state: SyncerState::default(),
+        }
     }
 
     /// Add a consumer; `capacity` bounds how far it may lag.
@@ -348,7 +416,9 @@ impl Syncer {
     async fn emit(&mut self, ev: SyncerEvent) -> bool {
         if let (Some(m), SyncerEvent::Update(u)) = (&self.metrics, &ev) {
             let kind = u.value.as_ref().map_or("(deleted)", |v| v.kind());
-            m.events.with_label_values(&[kind, u.update_type.label()]).inc();
+            m.events
+                .with_label_values(&[kind, u.update_type.label()])
+                .inc();
         }
         let mut alive = Vec::with_capacity(self.subscribers.len());
         for s in self.subscribers.drain(..) {
@@ -380,7 +450,10 @@ impl Syncer {
             let rev = match revision {
                 Some(r) => r,
                 None => {
-                    if !self.emit(SyncerEvent::Status(SyncStatus::ResyncInProgress)).await {
+                    if !self
+                        .emit(SyncerEvent::Status(SyncStatus::ResyncInProgress))
+                        .await
+                    {
                         return SyncerExit::NoSubscribers;
                     }
                     if let Some(m) = &self.metrics {
@@ -393,8 +466,15 @@ impl Syncer {
                     match listed {
                         Ok((kvs, rev)) => {
                             let updates = self.state.on_list(&kvs, rev);
-                            info!(keys = kvs.len(), changes = updates.len(), revision = rev, "datastore listed");
-                            if !self.emit_all(updates).await || !self.emit(SyncerEvent::Status(SyncStatus::InSync)).await {
+                            info!(
+                                keys = kvs.len(),
+                                changes = updates.len(),
+                                revision = rev,
+                                "datastore listed"
+                            );
+                            if !self.emit_all(updates).await
+                                || !self.emit(SyncerEvent::Status(SyncStatus::InSync)).await
+                            {
                                 return SyncerExit::NoSubscribers;
                             }
                             if let Some(m) = &self.metrics {
@@ -423,7 +503,10 @@ impl Syncer {
                     }
                 }
             };
-            match self.watch_from(rev, &cancel, &mut revision, &mut backoff).await {
+            match self
+                .watch_from(rev, &cancel, &mut revision, &mut backoff)
+                .await
+            {
                 WatchEnd::Stop(exit) => return exit,
                 WatchEnd::Compacted => {
                     info!(revision = rev, "watch revision compacted; re-listing");
@@ -469,7 +552,12 @@ impl Syncer {
                 Some(Ok(batch)) => {
                     backoff.reset();
                     let updates = self.state.on_events(&batch.events);
-                    let last = batch.events.iter().map(WatchEvent::revision).max().unwrap_or(0);
+                    let last = batch
+                        .events
+                        .iter()
+                        .map(WatchEvent::revision)
+                        .max()
+                        .unwrap_or(0);
                     let new_rev = revision.unwrap_or(0).max(last).max(batch.revision);
                     *revision = Some(new_rev);
                     if !self.emit_all(updates).await {

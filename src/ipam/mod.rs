@@ -26,6 +26,9 @@ mod tests {
     fn handles_use_calicos_names() {
         assert_eq!(ipip_tunnel_handle("node-1"), "ipip-tunnel-addr-node-1");
         assert_eq!(vxlan_tunnel_handle("node-1"), "vxlan-tunnel-addr-node-1");
-        assert_eq!(workload_handle("k8s-pod-network", "abc"), "k8s-pod-network.abc");
+        assert_eq!(
+            workload_handle("k8s-pod-network", "abc"),
+            "k8s-pod-network.abc"
+        );
     }
 }

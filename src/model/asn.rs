@@ -10,7 +10,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct AsNumber(pub u32);
 
 /// Why an AS number does not parse.
-pub const AS_RANGE: &str = "AS number must be between 1 and 4294967295 (or asdot 0.1 to 65535.65535)";
+pub const AS_RANGE: &str =
+    "AS number must be between 1 and 4294967295 (or asdot 0.1 to 65535.65535)";
 
 impl AsNumber {
     /// Parse `64512` or asdot `1.10` (= 1*65536 + 10).
@@ -98,9 +99,17 @@ mod tests {
 
     #[test]
     fn json_refuses_out_of_range_with_the_range() {
-        let e = serde_json::from_str::<AsNumber>("0").unwrap_err().to_string();
-        assert!(e.contains("AS number must be between 1 and 4294967295"), "{e}");
-        assert_eq!(serde_json::from_str::<AsNumber>("\"1.1\"").unwrap(), AsNumber(65537));
+        let e = serde_json::from_str::<AsNumber>("0")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("AS number must be between 1 and 4294967295"),
+            "{e}"
+        );
+        assert_eq!(
+            serde_json::from_str::<AsNumber>("\"1.1\"").unwrap(),
+            AsNumber(65537)
+        );
         assert_eq!(serde_json::to_string(&AsNumber(65001)).unwrap(), "65001");
     }
 }

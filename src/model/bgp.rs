@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use super::asn::AsNumber;
-use super::validate::{self, ValidationError, Validated};
+use super::validate::{self, Validated, ValidationError};
 use super::{Kind, ObjectMeta, Resource};
 
 /// A BGPConfiguration resource (`default` or `node.<name>`).
@@ -70,11 +70,23 @@ pub struct BGPConfigurationSpec {
     pub node_to_node_mesh_enabled: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub as_number: Option<AsNumber>,
-    #[serde(default, rename = "serviceLoadBalancerIPs", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "serviceLoadBalancerIPs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub service_load_balancer_ips: Vec<CidrBlock>,
-    #[serde(default, rename = "serviceExternalIPs", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "serviceExternalIPs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub service_external_ips: Vec<CidrBlock>,
-    #[serde(default, rename = "serviceClusterIPs", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        rename = "serviceClusterIPs",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub service_cluster_ips: Vec<CidrBlock>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub communities: Vec<Community>,
@@ -90,9 +102,17 @@ pub struct BGPConfigurationSpec {
     pub bind_mode: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignored_interfaces: Vec<String>,
-    #[serde(default, rename = "localWorkloadPeeringIPV4", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "localWorkloadPeeringIPV4",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub local_workload_peering_ipv4: Option<String>,
-    #[serde(default, rename = "localWorkloadPeeringIPV6", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "localWorkloadPeeringIPV6",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub local_workload_peering_ipv6: Option<String>,
 }
 
@@ -103,7 +123,9 @@ impl BGPConfigurationSpec {
     }
     /// `listenPort`, default 179.
     pub fn listen_port_or_default(&self) -> u16 {
-        self.listen_port.and_then(|p| u16::try_from(p).ok()).unwrap_or(179)
+        self.listen_port
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(179)
     }
 }
 
@@ -163,7 +185,11 @@ impl Kind for BGPConfigurationSpec {
             community_value(&format!("spec.communities[{i}].value"), &c.value)?;
         }
         for (i, p) in self.prefix_advertisements.iter().enumerate() {
-            validate::cidr(&format!("spec.prefixAdvertisements[{i}].cidr"), &p.cidr, false)?;
+            validate::cidr(
+                &format!("spec.prefixAdvertisements[{i}].cidr"),
+                &p.cidr,
+                false,
+            )?;
             for (j, c) in p.communities.iter().enumerate() {
                 let field = format!("spec.prefixAdvertisements[{i}].communities[{j}]");
                 let named = self.communities.iter().any(|n| &n.name == c);
@@ -238,7 +264,11 @@ pub struct BGPPeerSpec {
     pub max_restart_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bird_gateway_mode: Option<String>,
-    #[serde(default, rename = "numAllowedLocalASNumbers", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "numAllowedLocalASNumbers",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub num_allowed_local_as_numbers: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_security: Option<u8>,
@@ -250,7 +280,11 @@ pub struct BGPPeerSpec {
     pub keepalive_time: Option<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub local_workload_selector: String,
-    #[serde(default, rename = "localASNumber", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "localASNumber",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub local_as_number: Option<AsNumber>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub external_network: String,
@@ -350,13 +384,25 @@ impl Kind for BGPPeerSpec {
             validate::one_of("spec.sourceAddress", s, &["UseNodeIP", "None"])?;
         }
         if let Some(s) = &self.failure_detection_mode {
-            validate::one_of("spec.failureDetectionMode", s, &["None", "BFDIfDirectlyConnected"])?;
+            validate::one_of(
+                "spec.failureDetectionMode",
+                s,
+                &["None", "BFDIfDirectlyConnected"],
+            )?;
         }
         if let Some(s) = &self.restart_mode {
-            validate::one_of("spec.restartMode", s, &["GracefulRestart", "LongLivedGracefulRestart"])?;
+            validate::one_of(
+                "spec.restartMode",
+                s,
+                &["GracefulRestart", "LongLivedGracefulRestart"],
+            )?;
         }
         if let Some(s) = &self.bird_gateway_mode {
-            validate::one_of("spec.birdGatewayMode", s, &["Recursive", "DirectIfDirectlyConnected"])?;
+            validate::one_of(
+                "spec.birdGatewayMode",
+                s,
+                &["Recursive", "DirectIfDirectlyConnected"],
+            )?;
         }
         if let Some(d) = &self.max_restart_time {
             validate::duration("spec.maxRestartTime", d)?;
@@ -387,11 +433,26 @@ mod tests {
 
     #[test]
     fn peer_ip_forms() {
-        assert_eq!(parse_peer_ip("10.0.0.1"), Ok(("10.0.0.1".parse().unwrap(), None)));
-        assert_eq!(parse_peer_ip("10.0.0.1:1179"), Ok(("10.0.0.1".parse().unwrap(), Some(1179))));
-        assert_eq!(parse_peer_ip("[fd00::1]:1179"), Ok(("fd00::1".parse().unwrap(), Some(1179))));
-        assert_eq!(parse_peer_ip("fd00::1"), Ok(("fd00::1".parse().unwrap(), None)));
-        assert_eq!(parse_peer_ip("[fd00::1]"), Ok(("fd00::1".parse().unwrap(), None)));
+        assert_eq!(
+            parse_peer_ip("10.0.0.1"),
+            Ok(("10.0.0.1".parse().unwrap(), None))
+        );
+        assert_eq!(
+            parse_peer_ip("10.0.0.1:1179"),
+            Ok(("10.0.0.1".parse().unwrap(), Some(1179)))
+        );
+        assert_eq!(
+            parse_peer_ip("[fd00::1]:1179"),
+            Ok(("fd00::1".parse().unwrap(), Some(1179)))
+        );
+        assert_eq!(
+            parse_peer_ip("fd00::1"),
+            Ok(("fd00::1".parse().unwrap(), None))
+        );
+        assert_eq!(
+            parse_peer_ip("[fd00::1]"),
+            Ok(("fd00::1".parse().unwrap(), None))
+        );
         assert!(parse_peer_ip("10.0.0.1:0").is_err());
         assert!(parse_peer_ip("10.0.0.300").is_err());
         assert!(parse_peer_ip("fd00::1:179:x").is_err());
@@ -411,7 +472,11 @@ mod tests {
 
     #[test]
     fn peer_rules_give_exact_messages() {
-        assert!(peer("10.0.0.1:1179", Some(64512)).validate(&meta("p")).is_ok());
+        assert!(
+            peer("10.0.0.1:1179", Some(64512))
+                .validate(&meta("p"))
+                .is_ok()
+        );
         assert_eq!(
             err(&peer("10.0.0.1:x", Some(64512))),
             "error with field spec.peerIP = '10.0.0.1:x' (must be an IP address, IPv4:port or [IPv6]:port)"
@@ -453,10 +518,14 @@ mod tests {
 
     #[test]
     fn as_number_out_of_range_fails_to_decode() {
-        let e = serde_json::from_str::<BGPPeerSpec>(r#"{"peerIP":"10.0.0.1","asNumber":4294967296}"#)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("AS number must be between 1 and 4294967295"), "{e}");
+        let e =
+            serde_json::from_str::<BGPPeerSpec>(r#"{"peerIP":"10.0.0.1","asNumber":4294967296}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("AS number must be between 1 and 4294967295"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -479,12 +548,18 @@ mod tests {
             "error with field spec.listenPort = '70000' (port must be between 1 and 65535)"
         );
         let c = BGPConfigurationSpec {
-            communities: vec![Community { name: "c".into(), value: "65536:1".into() }],
+            communities: vec![Community {
+                name: "c".into(),
+                value: "65536:1".into(),
+            }],
             ..Default::default()
         };
         assert!(c.validate(&meta("default")).is_err());
         let c = BGPConfigurationSpec {
-            communities: vec![Community { name: "c".into(), value: "64512:100".into() }],
+            communities: vec![Community {
+                name: "c".into(),
+                value: "64512:100".into(),
+            }],
             ..Default::default()
         };
         assert!(c.validate(&meta("default")).is_ok());

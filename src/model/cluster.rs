@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::validate::{ValidationError, Validated};
+use super::validate::{Validated, ValidationError};
 use super::{Kind, ObjectMeta, Resource};
 
 /// A ClusterInformation resource.
@@ -13,7 +13,11 @@ pub type ClusterInformation = Resource<ClusterInformationSpec>;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterInformationSpec {
-    #[serde(default, rename = "clusterGUID", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "clusterGUID",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub cluster_guid: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster_type: String,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::validate::{self, ValidationError, Validated};
+use super::validate::{self, Validated, ValidationError};
 use super::{Kind, ObjectMeta, Resource};
 
 /// A FelixConfiguration resource.
@@ -83,7 +83,9 @@ impl FelixConfigurationSpec {
             Ok(Value::Object(o)) => o,
             _ => serde_json::Map::new(),
         };
-        let Some(field) = Self::known_fields().into_iter().find(|f| f.to_ascii_lowercase() == key)
+        let Some(field) = Self::known_fields()
+            .into_iter()
+            .find(|f| f.to_ascii_lowercase() == key)
         else {
             return Ok(false);
         };
@@ -172,7 +174,9 @@ impl FelixConfigurationSpec {
     }
     /// `prometheusMetricsPort`, default 9091.
     pub fn prometheus_port(&self) -> u16 {
-        self.prometheus_metrics_port.and_then(|p| u16::try_from(p).ok()).unwrap_or(9091)
+        self.prometheus_metrics_port
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(9091)
     }
     /// `prometheusMetricsHost`, default all addresses.
     pub fn prometheus_host(&self) -> &str {
@@ -184,7 +188,9 @@ impl FelixConfigurationSpec {
     }
     /// `healthPort`, default 9099.
     pub fn health_port(&self) -> u16 {
-        self.health_port.and_then(|p| u16::try_from(p).ok()).unwrap_or(9099)
+        self.health_port
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(9099)
     }
     /// `healthHost`, default `localhost` (Felix's default).
     pub fn health_host(&self) -> &str {
@@ -200,11 +206,15 @@ impl FelixConfigurationSpec {
     }
     /// `vxlanPort`, default 4789.
     pub fn vxlan_port(&self) -> u16 {
-        self.vxlan_port.and_then(|p| u16::try_from(p).ok()).unwrap_or(4789)
+        self.vxlan_port
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(4789)
     }
     /// `deviceRouteProtocol`, default 3 (boot).
     pub fn device_route_protocol(&self) -> u8 {
-        self.device_route_protocol.and_then(|p| u8::try_from(p).ok()).unwrap_or(3)
+        self.device_route_protocol
+            .and_then(|p| u8::try_from(p).ok())
+            .unwrap_or(3)
     }
 }
 
@@ -240,7 +250,11 @@ impl Kind for FelixConfigurationSpec {
         if let Some(v) = self.vxlan_vni
             && !(1..=16_777_215).contains(&v)
         {
-            return Err(ValidationError::new("spec.vxlanVNI", v, "VNI must be between 1 and 16777215"));
+            return Err(ValidationError::new(
+                "spec.vxlanVNI",
+                v,
+                "VNI must be between 1 and 16777215",
+            ));
         }
         if let Some(v) = self.device_route_protocol
             && v > 255
@@ -251,12 +265,19 @@ impl Kind for FelixConfigurationSpec {
                 "route protocol must be between 0 and 255",
             ));
         }
-        for (f, v) in [("spec.ipipMTU", self.ipip_mtu), ("spec.vxlanMTU", self.vxlan_mtu)] {
+        for (f, v) in [
+            ("spec.ipipMTU", self.ipip_mtu),
+            ("spec.vxlanMTU", self.vxlan_mtu),
+        ] {
             if let Some(v) = v
                 && v != 0
                 && !(68..=65535).contains(&v)
             {
-                return Err(ValidationError::new(f, v, "MTU must be 0 (auto) or between 68 and 65535"));
+                return Err(ValidationError::new(
+                    f,
+                    v,
+                    "MTU must be 0 (auto) or between 68 and 65535",
+                ));
             }
         }
         if let Some(p) = &self.interface_prefix
@@ -302,13 +323,20 @@ mod tests {
         assert_eq!(m.route_refresh_interval(), Duration::from_secs(60));
         assert_eq!(m.ipip_mtu, Some(1400));
         assert_eq!(m.other.get("bpfEnabled"), Some(&Value::Bool(false)));
-        assert!(serde_json::to_string(&m).unwrap().contains("\"bpfEnabled\":false"));
+        assert!(
+            serde_json::to_string(&m)
+                .unwrap()
+                .contains("\"bpfEnabled\":false")
+        );
     }
 
     #[test]
     fn env_overrides_parse_like_felix() {
         let mut s = FelixConfigurationSpec::default();
-        assert!(s.apply_env("FELIX_PROMETHEUSMETRICSENABLED", "true").unwrap());
+        assert!(
+            s.apply_env("FELIX_PROMETHEUSMETRICSENABLED", "true")
+                .unwrap()
+        );
         assert!(s.prometheus_enabled());
         assert!(s.apply_env("FELIX_ROUTEREFRESHINTERVAL", "30").unwrap());
         assert_eq!(s.route_refresh_interval(), Duration::from_secs(30));
@@ -316,15 +344,21 @@ mod tests {
         assert_eq!(s.health_port(), 9199);
         assert!(!s.apply_env("FELIX_SOMETHINGELSE", "x").unwrap());
         assert_eq!(
-            s.apply_env("FELIX_HEALTHPORT", "abc").unwrap_err().to_string(),
+            s.apply_env("FELIX_HEALTHPORT", "abc")
+                .unwrap_err()
+                .to_string(),
             "error with field FELIX_HEALTHPORT = 'abc' (expected a non-negative integer)"
         );
         assert_eq!(
-            s.apply_env("FELIX_HEALTHPORT", "70000").unwrap_err().to_string(),
+            s.apply_env("FELIX_HEALTHPORT", "70000")
+                .unwrap_err()
+                .to_string(),
             "error with field spec.healthPort = '70000' (port must be between 1 and 65535)"
         );
         assert_eq!(
-            s.apply_env("FELIX_PROMETHEUSMETRICSENABLED", "maybe").unwrap_err().to_string(),
+            s.apply_env("FELIX_PROMETHEUSMETRICSENABLED", "maybe")
+                .unwrap_err()
+                .to_string(),
             "error with field FELIX_PROMETHEUSMETRICSENABLED = 'maybe' (expected a boolean (true or false))"
         );
     }

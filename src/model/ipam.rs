@@ -89,9 +89,17 @@ pub struct IPAMHandle {
 /// The IPAM configuration (`/calico/ipam/v2/config`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IPAMConfig {
-    #[serde(default, rename = "strict_affinity", skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        rename = "strict_affinity",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub strict_affinity: bool,
-    #[serde(default = "yes", rename = "auto_allocate_blocks", skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default = "yes",
+        rename = "auto_allocate_blocks",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub auto_allocate_blocks: bool,
     /// 0 means the default (20 here, as REFERENCE §1 says).
     #[serde(default, rename = "maxBlocksPerHost", skip_serializing_if = "is_zero")]
@@ -144,22 +152,37 @@ mod tests {
 
     #[test]
     fn empty_affinity_value_means_confirmed() {
-        assert_eq!(BlockAffinity::from_bytes(b"").unwrap().state, AffinityState::Confirmed);
-        let a = BlockAffinity::from_bytes(br#"{"state":"pendingDeletion","deleted":false}"#).unwrap();
+        assert_eq!(
+            BlockAffinity::from_bytes(b"").unwrap().state,
+            AffinityState::Confirmed
+        );
+        let a =
+            BlockAffinity::from_bytes(br#"{"state":"pendingDeletion","deleted":false}"#).unwrap();
         assert_eq!(a.state, AffinityState::PendingDeletion);
         assert_eq!(
-            serde_json::to_string(&BlockAffinity { state: AffinityState::Pending, deleted: false }).unwrap(),
+            serde_json::to_string(&BlockAffinity {
+                state: AffinityState::Pending,
+                deleted: false
+            })
+            .unwrap(),
             r#"{"state":"pending","deleted":false}"#
         );
     }
 
     #[test]
     fn ipam_config_omits_defaults_like_calico() {
-        let c = IPAMConfig { strict_affinity: true, auto_allocate_blocks: true, max_blocks_per_host: 4 };
+        let c = IPAMConfig {
+            strict_affinity: true,
+            auto_allocate_blocks: true,
+            max_blocks_per_host: 4,
+        };
         assert_eq!(
             serde_json::to_string(&c).unwrap(),
             r#"{"strict_affinity":true,"auto_allocate_blocks":true,"maxBlocksPerHost":4}"#
         );
-        assert_eq!(serde_json::from_str::<IPAMConfig>("{}").unwrap(), IPAMConfig::default());
+        assert_eq!(
+            serde_json::from_str::<IPAMConfig>("{}").unwrap(),
+            IPAMConfig::default()
+        );
     }
 }

@@ -3,7 +3,7 @@
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::validate::{self, ValidationError, Validated};
+use super::validate::{self, Validated, ValidationError};
 use super::{Kind, ObjectMeta, Resource};
 
 /// An IPPool resource.
@@ -25,7 +25,11 @@ pub struct IPPoolSpec {
     pub nat_outgoing: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
-    #[serde(default, rename = "disableBGPExport", skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        rename = "disableBGPExport",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub disable_bgp_export: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_size: Option<u32>,
@@ -90,7 +94,8 @@ impl Kind for IPPoolSpec {
         self.node_selector.get_or_insert_with(|| "all()".into());
         self.allowed_uses
             .get_or_insert_with(|| vec!["Workload".into(), "Tunnel".into()]);
-        self.assignment_mode.get_or_insert_with(|| "Automatic".into());
+        self.assignment_mode
+            .get_or_insert_with(|| "Automatic".into());
     }
 
     fn validate(&self, _meta: &ObjectMeta) -> Validated {
@@ -192,7 +197,9 @@ mod tests {
     }
 
     fn err(spec: &IPPoolSpec) -> String {
-        spec.validate(&ObjectMeta::default()).unwrap_err().to_string()
+        spec.validate(&ObjectMeta::default())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -203,7 +210,10 @@ mod tests {
         assert_eq!(p.ipip_mode.as_deref(), Some("Never"));
         assert_eq!(p.vxlan_mode.as_deref(), Some("Never"));
         assert_eq!(p.node_selector.as_deref(), Some("all()"));
-        assert_eq!(p.allowed_uses, Some(vec!["Workload".into(), "Tunnel".into()]));
+        assert_eq!(
+            p.allowed_uses,
+            Some(vec!["Workload".into(), "Tunnel".into()])
+        );
         assert_eq!(p.assignment_mode.as_deref(), Some("Automatic"));
         let mut p6 = pool("fd00:0::/48");
         p6.set_defaults(&mut ObjectMeta::default());
@@ -270,7 +280,9 @@ mod tests {
         );
         let mut p = pool("10.65.0.0/16");
         p.node_selector = Some("has(a".into());
-        assert!(err(&p).starts_with("error with field spec.nodeSelector = 'has(a' (invalid selector at position"));
+        assert!(err(&p).starts_with(
+            "error with field spec.nodeSelector = 'has(a' (invalid selector at position"
+        ));
     }
 
     #[test]

@@ -145,14 +145,26 @@ mod tests {
     #[test]
     fn ipam_keys_replace_the_first_slash() {
         let b: IpNet = "10.65.0.0/26".parse().unwrap();
-        assert_eq!(block_key(&b), "/calico/ipam/v2/assignment/ipv4/block/10.65.0.0-26");
-        assert_eq!(affinity_key("node-1", &b), "/calico/ipam/v2/host/node-1/ipv4/block/10.65.0.0-26");
+        assert_eq!(
+            block_key(&b),
+            "/calico/ipam/v2/assignment/ipv4/block/10.65.0.0-26"
+        );
+        assert_eq!(
+            affinity_key("node-1", &b),
+            "/calico/ipam/v2/host/node-1/ipv4/block/10.65.0.0-26"
+        );
         let b6: IpNet = "fd00::/122".parse().unwrap();
-        assert_eq!(block_key(&b6), "/calico/ipam/v2/assignment/ipv6/block/fd00::-122");
+        assert_eq!(
+            block_key(&b6),
+            "/calico/ipam/v2/assignment/ipv6/block/fd00::-122"
+        );
         assert_eq!(parse_ipam_key(&block_key(&b6)), Some(IpamKey::Block(b6)));
         assert_eq!(
             parse_ipam_key("/calico/ipam/v2/host/node-1/ipv4/block/10.65.0.0-26"),
-            Some(IpamKey::Affinity { host: "node-1".into(), cidr: b })
+            Some(IpamKey::Affinity {
+                host: "node-1".into(),
+                cidr: b
+            })
         );
         assert_eq!(
             parse_ipam_key("/calico/ipam/v2/handle/k8s-pod-network.abc"),

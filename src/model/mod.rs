@@ -27,7 +27,7 @@ pub use felix::{FelixConfiguration, FelixConfigurationSpec};
 pub use ippool::{IPPool, IPPoolSpec};
 pub use meta::{API_VERSION, ObjectMeta, Resource};
 pub use node::{Node, NodeSpec};
-pub use validate::{ValidationError, Validated};
+pub use validate::{Validated, ValidationError};
 pub use workload::{WorkloadEndpoint, WorkloadEndpointSpec};
 
 /// A kind of v3 resource, implemented by its spec type.
@@ -65,21 +65,71 @@ pub struct KindInfo {
 
 /// Every kind this project stores, with calicoctl's names for it.
 pub const KINDS: &[KindInfo] = &[
-    KindInfo { kind: "IPPool", plural: "ippools", namespaced: false, aliases: &["ippool", "ippools", "ipp", "ipps", "pool", "pools"] },
-    KindInfo { kind: "BGPConfiguration", plural: "bgpconfigurations", namespaced: false, aliases: &["bgpconfiguration", "bgpconfigurations", "bgpconfig", "bgpconfigs"] },
-    KindInfo { kind: "BGPPeer", plural: "bgppeers", namespaced: false, aliases: &["bgppeer", "bgppeers", "bgpp", "bgpps", "bp", "bps"] },
-    KindInfo { kind: "Node", plural: "nodes", namespaced: false, aliases: &["node", "nodes", "no", "nos"] },
-    KindInfo { kind: "FelixConfiguration", plural: "felixconfigurations", namespaced: false, aliases: &["felixconfiguration", "felixconfigurations", "felixconfig", "felixconfigs"] },
-    KindInfo { kind: "WorkloadEndpoint", plural: "workloadendpoints", namespaced: true, aliases: &["workloadendpoint", "workloadendpoints", "wep", "weps"] },
-    KindInfo { kind: "ClusterInformation", plural: "clusterinformations", namespaced: false, aliases: &["clusterinformation", "clusterinformations", "clusterinfo", "clusterinfos"] },
+    KindInfo {
+        kind: "IPPool",
+        plural: "ippools",
+        namespaced: false,
+        aliases: &["ippool", "ippools", "ipp", "ipps", "pool", "pools"],
+    },
+    KindInfo {
+        kind: "BGPConfiguration",
+        plural: "bgpconfigurations",
+        namespaced: false,
+        aliases: &[
+            "bgpconfiguration",
+            "bgpconfigurations",
+            "bgpconfig",
+            "bgpconfigs",
+        ],
+    },
+    KindInfo {
+        kind: "BGPPeer",
+        plural: "bgppeers",
+        namespaced: false,
+        aliases: &["bgppeer", "bgppeers", "bgpp", "bgpps", "bp", "bps"],
+    },
+    KindInfo {
+        kind: "Node",
+        plural: "nodes",
+        namespaced: false,
+        aliases: &["node", "nodes", "no", "nos"],
+    },
+    KindInfo {
+        kind: "FelixConfiguration",
+        plural: "felixconfigurations",
+        namespaced: false,
+        aliases: &[
+            "felixconfiguration",
+            "felixconfigurations",
+            "felixconfig",
+            "felixconfigs",
+        ],
+    },
+    KindInfo {
+        kind: "WorkloadEndpoint",
+        plural: "workloadendpoints",
+        namespaced: true,
+        aliases: &["workloadendpoint", "workloadendpoints", "wep", "weps"],
+    },
+    KindInfo {
+        kind: "ClusterInformation",
+        plural: "clusterinformations",
+        namespaced: false,
+        aliases: &[
+            "clusterinformation",
+            "clusterinformations",
+            "clusterinfo",
+            "clusterinfos",
+        ],
+    },
 ];
 
 /// Find a kind by its `kind` name, plural or calicoctl alias (case-insensitive).
 pub fn lookup_kind(name: &str) -> Option<&'static KindInfo> {
     let n = name.to_ascii_lowercase();
-    KINDS
-        .iter()
-        .find(|k| k.kind.eq_ignore_ascii_case(&n) || k.plural == n || k.aliases.contains(&n.as_str()))
+    KINDS.iter().find(|k| {
+        k.kind.eq_ignore_ascii_case(&n) || k.plural == n || k.aliases.contains(&n.as_str())
+    })
 }
 
 /// Find a kind by the plural of its etcd key.
@@ -101,7 +151,11 @@ pub enum DecodeError {
 /// Validate a whole resource: envelope, name, namespace and spec.
 pub fn validate_resource<S: Kind>(r: &Resource<S>) -> Validated {
     if r.kind != S::KIND {
-        return Err(ValidationError::new("kind", &r.kind, format!("expected {}", S::KIND)));
+        return Err(ValidationError::new(
+            "kind",
+            &r.kind,
+            format!("expected {}", S::KIND),
+        ));
     }
     if r.api_version != API_VERSION {
         return Err(ValidationError::new(
@@ -140,7 +194,11 @@ fn decode_typed<S: Kind>(v: Value) -> Result<Resource<S>, DecodeError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let path = e.path().to_string();
         DecodeError::Field {
-            path: if path == "." { "(document)".into() } else { path },
+            path: if path == "." {
+                "(document)".into()
+            } else {
+                path
+            },
             message: e.into_inner().to_string(),
         }
     })
@@ -261,7 +319,10 @@ mod tests {
         assert_eq!(lookup_kind("wep").unwrap().kind, "WorkloadEndpoint");
         assert_eq!(lookup_kind("bgpp").unwrap().kind, "BGPPeer");
         assert_eq!(lookup_kind("node").unwrap().kind, "Node");
-        assert_eq!(lookup_kind("felixconfig").unwrap().kind, "FelixConfiguration");
+        assert_eq!(
+            lookup_kind("felixconfig").unwrap().kind,
+            "FelixConfiguration"
+        );
         assert!(lookup_kind("pods").is_none());
     }
 
@@ -270,11 +331,19 @@ mod tests {
         let v = serde_json::json!({"apiVersion": API_VERSION, "kind": "IPPool",
             "metadata": {"name": "p"}, "spec": {"cidr": "10.0.0.0/16", "blockSize": "big"}});
         let e = AnyResource::from_document(v).unwrap_err().to_string();
-        assert!(e.starts_with("error with field spec.blockSize: invalid type: string \"big\""), "{e}");
+        assert!(
+            e.starts_with("error with field spec.blockSize: invalid type: string \"big\""),
+            "{e}"
+        );
         let v = serde_json::json!({"apiVersion": API_VERSION, "kind": "IPPool",
             "metadata": {"name": "p"}, "spec": {"cidr": "10.0.0.0/16", "ipipmode": "Always"}});
         let e = AnyResource::from_document(v).unwrap_err().to_string();
-        assert!(e.starts_with("error with field spec.ipipmode: unknown field `ipipmode`, expected one of"), "{e}");
+        assert!(
+            e.starts_with(
+                "error with field spec.ipipmode: unknown field `ipipmode`, expected one of"
+            ),
+            "{e}"
+        );
         let v = serde_json::json!({"apiVersion": "v1", "kind": "IPPool"});
         assert_eq!(
             AnyResource::from_document(v).unwrap_err().to_string(),
@@ -284,11 +353,14 @@ mod tests {
 
     #[test]
     fn stored_json_has_calicos_order_and_no_resource_version() {
-        let mut p = IPPool::new("default-ipv4-ippool", IPPoolSpec {
-            cidr: "192.168.0.0/16".into(),
-            nat_outgoing: true,
-            ..Default::default()
-        });
+        let mut p = IPPool::new(
+            "default-ipv4-ippool",
+            IPPoolSpec {
+                cidr: "192.168.0.0/16".into(),
+                nat_outgoing: true,
+                ..Default::default()
+            },
+        );
         prepare_resource(&mut p).unwrap();
         assert_eq!(
             serde_json::to_string(&p).unwrap(),
@@ -298,7 +370,13 @@ mod tests {
 
     #[test]
     fn names_are_validated() {
-        let p = IPPool::new("Bad_Name", IPPoolSpec { cidr: "10.0.0.0/16".into(), ..Default::default() });
+        let p = IPPool::new(
+            "Bad_Name",
+            IPPoolSpec {
+                cidr: "10.0.0.0/16".into(),
+                ..Default::default()
+            },
+        );
         assert_eq!(
             validate_resource(&p).unwrap_err().to_string(),
             "error with field metadata.name = 'Bad_Name' (must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character)"

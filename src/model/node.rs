@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::asn::AsNumber;
-use super::validate::{self, ValidationError, Validated};
+use super::validate::{self, Validated, ValidationError};
 use super::{Kind, ObjectMeta, Resource};
 
 /// A Node resource.
@@ -16,13 +16,29 @@ pub struct NodeBGPSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub as_number: Option<AsNumber>,
     /// The node's IPv4 address in CIDR form, e.g. `10.192.0.2/16`.
-    #[serde(default, rename = "ipv4Address", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ipv4Address",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv4_address: Option<String>,
-    #[serde(default, rename = "ipv6Address", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ipv6Address",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv6_address: Option<String>,
-    #[serde(default, rename = "ipv4IPIPTunnelAddr", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ipv4IPIPTunnelAddr",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv4_ipip_tunnel_addr: Option<String>,
-    #[serde(default, rename = "routeReflectorClusterID", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "routeReflectorClusterID",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub route_reflector_cluster_id: Option<String>,
 }
 
@@ -39,9 +55,17 @@ pub struct OrchRef {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeWireguardSpec {
-    #[serde(default, rename = "interfaceIPv4Address", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "interfaceIPv4Address",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub interface_ipv4_address: Option<String>,
-    #[serde(default, rename = "interfaceIPv6Address", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "interfaceIPv6Address",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub interface_ipv6_address: Option<String>,
 }
 
@@ -60,13 +84,29 @@ pub struct NodeAddress {
 pub struct NodeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp: Option<NodeBGPSpec>,
-    #[serde(default, rename = "ipv4VXLANTunnelAddr", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ipv4VXLANTunnelAddr",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv4_vxlan_tunnel_addr: Option<String>,
-    #[serde(default, rename = "ipv6VXLANTunnelAddr", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "ipv6VXLANTunnelAddr",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ipv6_vxlan_tunnel_addr: Option<String>,
-    #[serde(default, rename = "vxlanTunnelMACAddr", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "vxlanTunnelMACAddr",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub vxlan_tunnel_mac_addr: Option<String>,
-    #[serde(default, rename = "vxlanTunnelMACAddrV6", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "vxlanTunnelMACAddrV6",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub vxlan_tunnel_mac_addr_v6: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub orch_refs: Vec<OrchRef>,
@@ -126,7 +166,11 @@ impl Kind for NodeSpec {
             if a.address.parse::<std::net::IpAddr>().is_err()
                 && a.address.parse::<ipnet::IpNet>().is_err()
             {
-                return Err(ValidationError::new(&field, &a.address, "not an IP address or CIDR"));
+                return Err(ValidationError::new(
+                    &field,
+                    &a.address,
+                    "not an IP address or CIDR",
+                ));
             }
             if !a.kind.is_empty() {
                 validate::one_of(

@@ -58,7 +58,11 @@ pub struct SelectorError {
 impl Selector {
     /// Parse a selector; `""` is `all()`.
     pub fn parse(input: &str) -> Result<Selector, SelectorError> {
-        let mut p = Parser { chars: input.chars().collect(), pos: 0, input };
+        let mut p = Parser {
+            chars: input.chars().collect(),
+            pos: 0,
+            input,
+        };
         p.skip_ws();
         if p.at_end() {
             return Ok(Selector::all());
@@ -124,7 +128,11 @@ impl Expr {
 }
 
 fn quote(s: &str) -> String {
-    if s.contains('\'') { format!("\"{s}\"") } else { format!("'{s}'") }
+    if s.contains('\'') {
+        format!("\"{s}\"")
+    } else {
+        format!("'{s}'")
+    }
 }
 
 fn set_text(set: &[String]) -> String {
@@ -132,7 +140,11 @@ fn set_text(set: &[String]) -> String {
 }
 
 fn write_child(f: &mut fmt::Formatter<'_>, e: &Expr, min: u8) -> fmt::Result {
-    if e.precedence() < min { write!(f, "({e})") } else { write!(f, "{e}") }
+    if e.precedence() < min {
+        write!(f, "({e})")
+    } else {
+        write!(f, "{e}")
+    }
 }
 
 impl fmt::Display for Expr {
@@ -218,7 +230,12 @@ impl Parser<'_> {
     fn eat(&mut self, s: &str) -> bool {
         self.skip_ws();
         let n = s.chars().count();
-        if self.chars.len() >= self.pos + n && self.chars[self.pos..self.pos + n].iter().copied().eq(s.chars()) {
+        if self.chars.len() >= self.pos + n
+            && self.chars[self.pos..self.pos + n]
+                .iter()
+                .copied()
+                .eq(s.chars())
+        {
             self.pos += n;
             true
         } else {
@@ -302,10 +319,16 @@ impl Parser<'_> {
 
     fn comparison(&mut self, key: String) -> Result<Expr, SelectorError> {
         if self.eat("==") {
-            return Ok(Expr::Eq(key, self.string("expected a quoted string after '=='")?));
+            return Ok(Expr::Eq(
+                key,
+                self.string("expected a quoted string after '=='")?,
+            ));
         }
         if self.eat("!=") {
-            return Ok(Expr::Ne(key, self.string("expected a quoted string after '!='")?));
+            return Ok(Expr::Ne(
+                key,
+                self.string("expected a quoted string after '!='")?,
+            ));
         }
         if self.eat_word("in") {
             return Ok(Expr::In(key, self.set()?));
@@ -318,9 +341,15 @@ impl Parser<'_> {
             return Ok(Expr::NotIn(key, self.set()?));
         }
         if self.eat_word("contains") {
-            return Ok(Expr::Contains(key, self.string("expected a quoted string after 'contains'")?));
+            return Ok(Expr::Contains(
+                key,
+                self.string("expected a quoted string after 'contains'")?,
+            ));
         }
-        for (first, make) in [("starts", Expr::StartsWith as fn(String, String) -> Expr), ("ends", Expr::EndsWith)] {
+        for (first, make) in [
+            ("starts", Expr::StartsWith as fn(String, String) -> Expr),
+            ("ends", Expr::EndsWith),
+        ] {
             if self.eat_word(first) {
                 if !self.eat_word("with") {
                     self.skip_ws();
@@ -331,7 +360,8 @@ impl Parser<'_> {
             }
         }
         self.skip_ws();
-        Err(self.error("expected an operator (==, !=, in, not in, contains, starts with, ends with)"))
+        Err(self
+            .error("expected an operator (==, !=, in, not in, contains, starts with, ends with)"))
     }
 
     fn key(&mut self) -> Result<String, SelectorError> {
@@ -393,7 +423,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn m(sel: &str, pairs: &[(&str, &str)]) -> bool {
@@ -470,8 +503,14 @@ mod tests {
 
     #[test]
     fn keys_with_dots_slashes_and_dashes() {
-        assert!(m("kubernetes.io/hostname == 'node-1'", &[("kubernetes.io/hostname", "node-1")]));
-        assert!(m("projectcalico.org/namespace in {'ns1'}", &[("projectcalico.org/namespace", "ns1")]));
+        assert!(m(
+            "kubernetes.io/hostname == 'node-1'",
+            &[("kubernetes.io/hostname", "node-1")]
+        ));
+        assert!(m(
+            "projectcalico.org/namespace in {'ns1'}",
+            &[("projectcalico.org/namespace", "ns1")]
+        ));
         assert!(m("has(my_label-1)", &[("my_label-1", "")]));
     }
 
@@ -504,8 +543,16 @@ mod tests {
             let again = Selector::parse(&p.to_string()).unwrap();
             assert_eq!(p, again, "{s} -> {p}");
         }
-        assert_eq!(Selector::parse("has(a)&&(b=='x'||c!='y')").unwrap().to_string(), "has(a) && (b == 'x' || c != 'y')");
-        assert_eq!(Selector::parse("a in {\"x\",'y'}").unwrap().to_string(), "a in {'x', 'y'}");
+        assert_eq!(
+            Selector::parse("has(a)&&(b=='x'||c!='y')")
+                .unwrap()
+                .to_string(),
+            "has(a) && (b == 'x' || c != 'y')"
+        );
+        assert_eq!(
+            Selector::parse("a in {\"x\",'y'}").unwrap().to_string(),
+            "a in {'x', 'y'}"
+        );
     }
 
     fn err(s: &str) -> SelectorError {
@@ -515,31 +562,61 @@ mod tests {
     #[test]
     fn error_points_at_unterminated_string() {
         let e = err("zone == 'a");
-        assert_eq!((e.position, e.message.as_str()), (8, "unterminated string literal"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (8, "unterminated string literal")
+        );
         assert_eq!(e.caret, "        ^");
-        assert_eq!(e.to_string(), "invalid selector at position 8: unterminated string literal\n  zone == 'a\n          ^");
+        assert_eq!(
+            e.to_string(),
+            "invalid selector at position 8: unterminated string literal\n  zone == 'a\n          ^"
+        );
     }
 
     #[test]
     fn errors_name_what_was_expected() {
         let e = err("zone == a");
-        assert_eq!((e.position, e.message.as_str()), (8, "expected a quoted string after '=='"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (8, "expected a quoted string after '=='")
+        );
         let e = err("has(a");
-        assert_eq!((e.position, e.message.as_str()), (5, "unexpected end of selector"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (5, "unexpected end of selector")
+        );
         let e = err("(has(a) || has(b)");
-        assert_eq!((e.position, e.message.as_str()), (17, "unexpected end of selector"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (17, "unexpected end of selector")
+        );
         let e = err("a in {'x' 'y'}");
-        assert_eq!((e.position, e.message.as_str()), (10, "expected '}' or ','"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (10, "expected '}' or ','")
+        );
         let e = err("has(a) #");
-        assert_eq!((e.position, e.message.as_str()), (7, "trailing input after selector"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (7, "trailing input after selector")
+        );
         let e = err("# == 'x'");
-        assert_eq!((e.position, e.message.as_str()), (0, "unexpected character '#'"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (0, "unexpected character '#'")
+        );
         let e = err("a ~ 'x'");
         assert_eq!(e.position, 2);
         assert!(e.message.starts_with("expected an operator"));
         let e = err("a not 'x'");
-        assert_eq!((e.position, e.message.as_str()), (6, "expected 'in' after 'not'"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (6, "expected 'in' after 'not'")
+        );
         let e = err("has(a) &&");
-        assert_eq!((e.position, e.message.as_str()), (9, "unexpected end of selector"));
+        assert_eq!(
+            (e.position, e.message.as_str()),
+            (9, "unexpected end of selector")
+        );
     }
 }

@@ -47,17 +47,26 @@ pub fn cidr(field: &str, value: &str, strict: bool) -> Result<IpNet, ValidationE
 
 /// Parse an IP address.
 pub fn ip(field: &str, value: &str) -> Result<IpAddr, ValidationError> {
-    IpAddr::from_str(value).map_err(|_| ValidationError::new(field, value, "not a valid IP address"))
+    IpAddr::from_str(value)
+        .map_err(|_| ValidationError::new(field, value, "not a valid IP address"))
 }
 
 /// Parse an address in CIDR form (`10.0.0.2/16`): host bits are expected here.
 pub fn ip_with_prefix(field: &str, value: &str, v4: bool) -> Result<IpNet, ValidationError> {
     let net = IpNet::from_str(value).map_err(|_| {
-        ValidationError::new(field, value, "not an address in CIDR form (e.g. 10.0.0.2/24)")
+        ValidationError::new(
+            field,
+            value,
+            "not an address in CIDR form (e.g. 10.0.0.2/24)",
+        )
     })?;
     if v4 != matches!(net, IpNet::V4(_)) {
         let want = if v4 { "IPv4" } else { "IPv6" };
-        return Err(ValidationError::new(field, value, format!("not an {want} address")));
+        return Err(ValidationError::new(
+            field,
+            value,
+            format!("not an {want} address"),
+        ));
     }
     Ok(net)
 }
@@ -85,7 +94,11 @@ pub fn selector(field: &str, value: &str) -> Validated {
 /// Check a Go-style duration (`90s`, `1m30s`, `500ms`).
 pub fn duration(field: &str, value: &str) -> Result<Duration, ValidationError> {
     parse_go_duration(value).ok_or_else(|| {
-        ValidationError::new(field, value, "not a valid duration (e.g. 90s, 1m30s, 500ms)")
+        ValidationError::new(
+            field,
+            value,
+            "not a valid duration (e.g. 90s, 1m30s, 500ms)",
+        )
     })
 }
 
@@ -131,7 +144,7 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
 /// Format a duration the way Go prints simple durations (`90s`, `1m0s` is printed `60s`).
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -143,7 +156,11 @@ pub fn port(field: &str, value: u32) -> Validated {
     if (1..=65535).contains(&value) {
         Ok(())
     } else {
-        Err(ValidationError::new(field, value, "port must be between 1 and 65535"))
+        Err(ValidationError::new(
+            field,
+            value,
+            "port must be between 1 and 65535",
+        ))
     }
 }
 
@@ -157,7 +174,11 @@ pub fn mac(field: &str, value: &str) -> Validated {
     if ok {
         Ok(())
     } else {
-        Err(ValidationError::new(field, value, "not a valid MAC address (e.g. ee:ee:ee:ee:ee:ee)"))
+        Err(ValidationError::new(
+            field,
+            value,
+            "not a valid MAC address (e.g. ee:ee:ee:ee:ee:ee)",
+        ))
     }
 }
 
@@ -168,7 +189,11 @@ pub fn name(field: &str, value: &str) -> Validated {
         return Err(ValidationError::new(field, value, "a name is required"));
     }
     if value.len() > 253 {
-        return Err(ValidationError::new(field, value, "must be at most 253 characters"));
+        return Err(ValidationError::new(
+            field,
+            value,
+            "must be at most 253 characters",
+        ));
     }
     let valid_chars = value
         .chars()
@@ -186,7 +211,11 @@ pub fn name(field: &str, value: &str) -> Validated {
 
 /// Check a log severity as Calico spells it.
 pub fn log_severity(field: &str, value: &str) -> Validated {
-    one_of(field, value, &["Trace", "Debug", "Info", "Warning", "Error", "Fatal"])
+    one_of(
+        field,
+        value,
+        &["Trace", "Debug", "Info", "Warning", "Error", "Fatal"],
+    )
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::validate::{self, ValidationError, Validated};
+use super::validate::{self, Validated, ValidationError};
 use super::{Kind, ObjectMeta, Resource};
 
 /// A WorkloadEndpoint resource (namespaced).
@@ -49,7 +49,11 @@ pub struct WorkloadEndpointSpec {
     pub workload: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub node: String,
-    #[serde(default, rename = "containerID", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "containerID",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub container_id: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod: String,
@@ -59,9 +63,17 @@ pub struct WorkloadEndpointSpec {
     pub service_account_name: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip_networks: Vec<String>,
-    #[serde(default, rename = "ipv4Gateway", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "ipv4Gateway",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub ipv4_gateway: String,
-    #[serde(default, rename = "ipv6Gateway", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "ipv6Gateway",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub ipv6_gateway: String,
     #[serde(default, rename = "ipNATs", skip_serializing_if = "Vec::is_empty")]
     pub ip_nats: Vec<IpNat>,
@@ -80,9 +92,20 @@ pub struct WorkloadEndpointSpec {
 /// Calico's WorkloadEndpoint name: `<node>-<orchestrator>-<workload>-<endpoint>` with
 /// every `-` inside a segment doubled (`k8s` uses the pod name as workload, `cni` the
 /// container ID).
-pub fn workload_endpoint_name(node: &str, orchestrator: &str, workload: &str, endpoint: &str) -> String {
+pub fn workload_endpoint_name(
+    node: &str,
+    orchestrator: &str,
+    workload: &str,
+    endpoint: &str,
+) -> String {
     let esc = |s: &str| s.replace('-', "--");
-    format!("{}-{}-{}-{}", esc(node), esc(orchestrator), esc(workload), esc(endpoint))
+    format!(
+        "{}-{}-{}-{}",
+        esc(node),
+        esc(orchestrator),
+        esc(workload),
+        esc(endpoint)
+    )
 }
 
 impl Kind for WorkloadEndpointSpec {
@@ -91,7 +114,10 @@ impl Kind for WorkloadEndpointSpec {
     const NAMESPACED: bool = true;
 
     fn set_defaults(&mut self, meta: &mut ObjectMeta) {
-        let ns = meta.namespace.get_or_insert_with(|| "default".into()).clone();
+        let ns = meta
+            .namespace
+            .get_or_insert_with(|| "default".into())
+            .clone();
         meta.labels.insert(LABEL_NAMESPACE.into(), ns);
         if !self.orchestrator.is_empty() {
             meta.labels
@@ -114,9 +140,10 @@ impl Kind for WorkloadEndpointSpec {
         for (i, nat) in self.ip_nats.iter().enumerate() {
             validate::ip(&format!("spec.ipNATs[{i}].internalIP"), &nat.internal_ip)?;
             validate::ip(&format!("spec.ipNATs[{i}].externalIP"), &nat.external_ip)?;
-            let inside = self.ip_networks.iter().any(|n| {
-                n.split('/').next() == Some(nat.internal_ip.as_str())
-            });
+            let inside = self
+                .ip_networks
+                .iter()
+                .any(|n| n.split('/').next() == Some(nat.internal_ip.as_str()));
             if !inside {
                 return Err(ValidationError::new(
                     &format!("spec.ipNATs[{i}].internalIP"),
@@ -142,7 +169,10 @@ impl Kind for WorkloadEndpointSpec {
         if !self.mac.is_empty() {
             validate::mac("spec.mac", &self.mac)?;
         }
-        for (f, v) in [("spec.ipv4Gateway", &self.ipv4_gateway), ("spec.ipv6Gateway", &self.ipv6_gateway)] {
+        for (f, v) in [
+            ("spec.ipv4Gateway", &self.ipv4_gateway),
+            ("spec.ipv6Gateway", &self.ipv6_gateway),
+        ] {
             if !v.is_empty() {
                 validate::ip(f, v)?;
             }
@@ -161,7 +191,10 @@ mod tests {
             workload_endpoint_name("node-1", "k8s", "my-pod", "eth0"),
             "node--1-k8s-my--pod-eth0"
         );
-        assert_eq!(workload_endpoint_name("n1", "cni", "abc123", "eth0"), "n1-cni-abc123-eth0");
+        assert_eq!(
+            workload_endpoint_name("n1", "cni", "abc123", "eth0"),
+            "n1-cni-abc123-eth0"
+        );
     }
 
     #[test]
@@ -192,7 +225,13 @@ mod tests {
         let mut m = ObjectMeta::default();
         w.set_defaults(&mut m);
         assert_eq!(m.namespace.as_deref(), Some("default"));
-        assert_eq!(m.labels.get(LABEL_NAMESPACE).map(String::as_str), Some("default"));
-        assert_eq!(m.labels.get(LABEL_ORCHESTRATOR).map(String::as_str), Some("k8s"));
+        assert_eq!(
+            m.labels.get(LABEL_NAMESPACE).map(String::as_str),
+            Some("default")
+        );
+        assert_eq!(
+            m.labels.get(LABEL_ORCHESTRATOR).map(String::as_str),
+            Some("k8s")
+        );
     }
 }

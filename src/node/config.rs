@@ -8,7 +8,9 @@ use ipnet::Ipv4Net;
 use super::autodetect::AutodetectionMethod;
 use crate::datastore::DatastoreConfig;
 use crate::env::Env;
-use crate::model::{AsNumber, IPPoolSpec, FelixConfigurationSpec, ObjectMeta, Kind, ValidationError};
+use crate::model::{
+    AsNumber, FelixConfigurationSpec, IPPoolSpec, Kind, ObjectMeta, ValidationError,
+};
 
 /// Name of the pool calico-node creates when there is none.
 pub const DEFAULT_POOL_NAME: &str = "default-ipv4-ippool";
@@ -73,7 +75,11 @@ pub struct NodeConfigError {
 }
 
 fn bad(var: &str, value: &str, reason: impl Into<String>) -> NodeConfigError {
-    NodeConfigError { var: var.into(), value: value.into(), reason: reason.into() }
+    NodeConfigError {
+        var: var.into(),
+        value: value.into(),
+        reason: reason.into(),
+    }
 }
 
 fn parse_bool(var: &str, v: &str) -> Result<bool, NodeConfigError> {
@@ -86,7 +92,9 @@ fn parse_bool(var: &str, v: &str) -> Result<bool, NodeConfigError> {
 
 /// Calico's spellings of an encapsulation mode in `CALICO_IPV4POOL_IPIP` / `_VXLAN`.
 fn parse_encap(var: &str, v: Option<String>) -> Result<String, NodeConfigError> {
-    let Some(v) = v else { return Ok("Never".into()) };
+    let Some(v) = v else {
+        return Ok("Never".into());
+    };
     match v.trim().to_ascii_lowercase().as_str() {
         "" | "off" | "never" => Ok("Never".into()),
         "always" => Ok("Always".into()),
@@ -99,7 +107,11 @@ fn parse_encap(var: &str, v: Option<String>) -> Result<String, NodeConfigError> 
 pub fn determine_nodename(env: &dyn Env) -> String {
     env.non_empty("NODENAME")
         .or_else(|| env.non_empty("HOSTNAME"))
-        .or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()))
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
         .unwrap_or_else(|| "localhost".into())
         .trim()
         .to_ascii_lowercase()
@@ -113,18 +125,27 @@ impl NodeConfig {
     /// Read and check every variable; the first bad one is reported by name.
     pub fn from_env(env: &dyn Env) -> Result<Self, NodeConfigError> {
         let nodename = determine_nodename(env);
-        crate::model::validate::name("NODENAME", &nodename).map_err(|e| bad("NODENAME", &nodename, e.reason))?;
-        let datastore = DatastoreConfig::from_env(env).map_err(|e| bad("datastore", "", e.to_string()))?;
+        crate::model::validate::name("NODENAME", &nodename)
+            .map_err(|e| bad("NODENAME", &nodename, e.reason))?;
+        let datastore =
+            DatastoreConfig::from_env(env).map_err(|e| bad("datastore", "", e.to_string()))?;
         let ip = match env.non_empty("IP") {
             None => None,
             Some(v) if v.eq_ignore_ascii_case("autodetect") => None,
             Some(v) if v.eq_ignore_ascii_case("none") => Some(IpSetting::None),
             Some(v) => Some(if let Ok(net) = v.parse::<Ipv4Net>() {
-                IpSetting::Fixed { addr: net.addr(), prefix: Some(net.prefix_len()) }
+                IpSetting::Fixed {
+                    addr: net.addr(),
+                    prefix: Some(net.prefix_len()),
+                }
             } else if let Ok(addr) = v.parse::<Ipv4Addr>() {
                 IpSetting::Fixed { addr, prefix: None }
             } else {
-                return Err(bad("IP", &v, "expected an IPv4 address, address/prefix, 'autodetect' or 'none'"));
+                return Err(bad(
+                    "IP",
+                    &v,
+                    "expected an IPv4 address, address/prefix, 'autodetect' or 'none'",
+                ));
             }),
         };
         let ip = match ip {
@@ -132,26 +153,48 @@ impl NodeConfig {
             None => {
                 let m = env.var("IP_AUTODETECTION_METHOD").unwrap_or_default();
                 IpSetting::Autodetect(
-                    AutodetectionMethod::parse(&m).map_err(|e| bad("IP_AUTODETECTION_METHOD", &m, e.to_string()))?,
+                    AutodetectionMethod::parse(&m)
+                        .map_err(|e| bad("IP_AUTODETECTION_METHOD", &m, e.to_string()))?,
                 )
             }
         };
         let as_number = match env.non_empty("AS") {
-            Some(v) => Some(AsNumber::parse(&v).ok_or_else(|| bad("AS", &v, crate::model::asn::AS_RANGE))?),
+            Some(v) => Some(
+                AsNumber::parse(&v).ok_or_else(|| bad("AS", &v, crate::model::asn::AS_RANGE))?,
+            ),
             None => None,
         };
         let no_default = match env.non_empty("NO_DEFAULT_POOLS") {
             Some(v) => parse_bool("NO_DEFAULT_POOLS", &v)?,
             None => false,
         };
-        let default_pool = if no_default { None } else { Some(Self::default_pool(env)?) };
-        let backend = match env.non_empty("CALICO_NETWORKING_BACKEND").as_deref().map(str::to_ascii_lowercase).as_deref() {
+        let default_pool = if no_default {
+            None
+        } else {
+            Some(Self::default_pool(env)?)
+        };
+        let backend = match env
+            .non_empty("CALICO_NETWORKING_BACKEND")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("bird") => NetworkingBackend::Bird,
             Some("vxlan") => NetworkingBackend::Vxlan,
             Some("none") => NetworkingBackend::None,
-            Some(other) => return Err(bad("CALICO_NETWORKING_BACKEND", other, "expected bird, vxlan or none")),
+            Some(other) => {
+                return Err(bad(
+                    "CALICO_NETWORKING_BACKEND",
+                    other,
+                    "expected bird, vxlan or none",
+                ));
+            }
         };
-        let felix_env: Vec<(String, String)> = env.vars().into_iter().filter(|(k, _)| k.starts_with("FELIX_")).collect();
+        let felix_env: Vec<(String, String)> = env
+            .vars()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("FELIX_"))
+            .collect();
         // Check the overrides now so a typo stops start-up with the variable's name.
         let mut probe = FelixConfigurationSpec::default();
         for (k, v) in &felix_env {
@@ -165,17 +208,27 @@ impl NodeConfig {
             default_pool,
             backend,
             felix_env,
-            state_dir: env.non_empty("CALICO_STATE_DIR").map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
+            state_dir: env
+                .non_empty("CALICO_STATE_DIR")
+                .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
             cluster_type: env.var("CLUSTER_TYPE").unwrap_or_default(),
         })
     }
 
     fn default_pool(env: &dyn Env) -> Result<DefaultPool, NodeConfigError> {
-        let cidr = env.non_empty("CALICO_IPV4POOL_CIDR").unwrap_or_else(|| DEFAULT_POOL_CIDR.into());
+        let cidr = env
+            .non_empty("CALICO_IPV4POOL_CIDR")
+            .unwrap_or_else(|| DEFAULT_POOL_CIDR.into());
         let ipip = parse_encap("CALICO_IPV4POOL_IPIP", env.var("CALICO_IPV4POOL_IPIP"))?;
         let vxlan = parse_encap("CALICO_IPV4POOL_VXLAN", env.var("CALICO_IPV4POOL_VXLAN"))?;
         let block_size = match env.non_empty("CALICO_IPV4POOL_BLOCK_SIZE") {
-            Some(v) => Some(v.trim().parse::<u32>().map_err(|_| bad("CALICO_IPV4POOL_BLOCK_SIZE", &v, "expected a number between 20 and 32"))?),
+            Some(v) => Some(v.trim().parse::<u32>().map_err(|_| {
+                bad(
+                    "CALICO_IPV4POOL_BLOCK_SIZE",
+                    &v,
+                    "expected a number between 20 and 32",
+                )
+            })?),
             None => None,
         };
         let nat = match env.non_empty("CALICO_IPV4POOL_NAT_OUTGOING") {
@@ -248,27 +301,81 @@ mod tests {
             ("FELIX_HEALTHPORT", "9199"),
         ])
         .unwrap();
-        assert_eq!(c.ip, IpSetting::Fixed { addr: "10.0.0.2".parse().unwrap(), prefix: Some(24) });
+        assert_eq!(
+            c.ip,
+            IpSetting::Fixed {
+                addr: "10.0.0.2".parse().unwrap(),
+                prefix: Some(24)
+            }
+        );
         assert_eq!(c.as_number, Some(AsNumber(65001)));
         let p = c.default_pool.unwrap().spec;
-        assert_eq!((p.cidr.as_str(), p.vxlan(), p.block_size, p.nat_outgoing), ("10.244.0.0/16", "CrossSubnet", Some(24), false));
+        assert_eq!(
+            (p.cidr.as_str(), p.vxlan(), p.block_size, p.nat_outgoing),
+            ("10.244.0.0/16", "CrossSubnet", Some(24), false)
+        );
         assert_eq!(c.backend, NetworkingBackend::Vxlan);
-        assert_eq!(c.felix_env, vec![("FELIX_HEALTHPORT".to_string(), "9199".to_string())]);
-        assert!(cfg(&[("NODENAME", "n1"), ("NO_DEFAULT_POOLS", "true")]).unwrap().default_pool.is_none());
-        assert_eq!(cfg(&[("NODENAME", "n1"), ("IP", "none")]).unwrap().ip, IpSetting::None);
+        assert_eq!(
+            c.felix_env,
+            vec![("FELIX_HEALTHPORT".to_string(), "9199".to_string())]
+        );
+        assert!(
+            cfg(&[("NODENAME", "n1"), ("NO_DEFAULT_POOLS", "true")])
+                .unwrap()
+                .default_pool
+                .is_none()
+        );
+        assert_eq!(
+            cfg(&[("NODENAME", "n1"), ("IP", "none")]).unwrap().ip,
+            IpSetting::None
+        );
     }
 
     #[test]
     fn bad_values_name_the_variable() {
         let e = |p: &[(&str, &str)]| cfg(p).unwrap_err().to_string();
-        assert_eq!(e(&[("NODENAME", "n1"), ("IP", "10.0.0.300")]), "invalid IP='10.0.0.300': expected an IPv4 address, address/prefix, 'autodetect' or 'none'");
-        assert_eq!(e(&[("NODENAME", "n1"), ("AS", "0")]), format!("invalid AS='0': {}", crate::model::asn::AS_RANGE));
-        assert_eq!(e(&[("NODENAME", "n1"), ("CALICO_IPV4POOL_CIDR", "10.244.0.1/16")]), "invalid CALICO_IPV4POOL_CIDR='10.244.0.1/16': CIDR is not strictly masked; did you mean 10.244.0.0/16?");
-        assert_eq!(e(&[("NODENAME", "n1"), ("CALICO_IPV4POOL_IPIP", "Always"), ("CALICO_IPV4POOL_VXLAN", "Always")]), "invalid CALICO_IPV4POOL_VXLAN='Always': ipipMode (Always) and vxlanMode cannot both be enabled on the same pool");
-        assert_eq!(e(&[("NODENAME", "n1"), ("CALICO_IPV4POOL_BLOCK_SIZE", "40")]), "invalid CALICO_IPV4POOL_BLOCK_SIZE='40': block size must be between 20 and 32");
-        assert_eq!(e(&[("NODENAME", "n1"), ("CALICO_NETWORKING_BACKEND", "gobgp")]), "invalid CALICO_NETWORKING_BACKEND='gobgp': expected bird, vxlan or none");
-        assert_eq!(e(&[("NODENAME", "n1"), ("CALICO_IPV4POOL_IPIP", "sometimes")]), "invalid CALICO_IPV4POOL_IPIP='sometimes': expected Always, CrossSubnet or Never");
-        assert_eq!(e(&[("NODENAME", "n1"), ("FELIX_HEALTHPORT", "x")]), "invalid FELIX_HEALTHPORT='x': expected a non-negative integer");
-        assert_eq!(e(&[("NODENAME", "bad_name")]), "invalid NODENAME='bad_name': must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character");
+        assert_eq!(
+            e(&[("NODENAME", "n1"), ("IP", "10.0.0.300")]),
+            "invalid IP='10.0.0.300': expected an IPv4 address, address/prefix, 'autodetect' or 'none'"
+        );
+        assert_eq!(
+            e(&[("NODENAME", "n1"), ("AS", "0")]),
+            format!("invalid AS='0': {}", crate::model::asn::AS_RANGE)
+        );
+        assert_eq!(
+            e(&[
+                ("NODENAME", "n1"),
+                ("CALICO_IPV4POOL_CIDR", "10.244.0.1/16")
+            ]),
+            "invalid CALICO_IPV4POOL_CIDR='10.244.0.1/16': CIDR is not strictly masked; did you mean 10.244.0.0/16?"
+        );
+        assert_eq!(
+            e(&[
+                ("NODENAME", "n1"),
+                ("CALICO_IPV4POOL_IPIP", "Always"),
+                ("CALICO_IPV4POOL_VXLAN", "Always")
+            ]),
+            "invalid CALICO_IPV4POOL_VXLAN='Always': ipipMode (Always) and vxlanMode cannot both be enabled on the same pool"
+        );
+        assert_eq!(
+            e(&[("NODENAME", "n1"), ("CALICO_IPV4POOL_BLOCK_SIZE", "40")]),
+            "invalid CALICO_IPV4POOL_BLOCK_SIZE='40': block size must be between 20 and 32"
+        );
+        assert_eq!(
+            e(&[("NODENAME", "n1"), ("CALICO_NETWORKING_BACKEND", "gobgp")]),
+            "invalid CALICO_NETWORKING_BACKEND='gobgp': expected bird, vxlan or none"
+        );
+        assert_eq!(
+            e(&[("NODENAME", "n1"), ("CALICO_IPV4POOL_IPIP", "sometimes")]),
+            "invalid CALICO_IPV4POOL_IPIP='sometimes': expected Always, CrossSubnet or Never"
+        );
+        assert_eq!(
+            e(&[("NODENAME", "n1"), ("FELIX_HEALTHPORT", "x")]),
+            "invalid FELIX_HEALTHPORT='x': expected a non-negative integer"
+        );
+        assert_eq!(
+            e(&[("NODENAME", "bad_name")]),
+            "invalid NODENAME='bad_name': must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+        );
     }
 }

@@ -22,7 +22,9 @@ use tracing::{error, info};
 use super::config::NodeConfig;
 use super::http::{self, HealthAggregator};
 use super::startup;
-use crate::datastore::syncer::{CALICO_PREFIX, SyncStatus, Syncer, SyncerEvent, SyncerMetrics, UpdateType};
+use crate::datastore::syncer::{
+    CALICO_PREFIX, SyncStatus, Syncer, SyncerEvent, SyncerMetrics, UpdateType,
+};
 use crate::datastore::{Client, Datastore};
 use crate::model::FelixConfigurationSpec;
 
@@ -32,8 +34,15 @@ pub const DATASTORE_WAIT: Duration = Duration::from_secs(60);
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// The effective Felix configuration: global, then per-node, then `FELIX_*` variables.
-pub async fn felix_config(client: &Client, cfg: &NodeConfig) -> anyhow::Result<FelixConfigurationSpec> {
-    let global = client.get::<FelixConfigurationSpec>(None, "default").await?.map(|r| r.spec).unwrap_or_default();
+pub async fn felix_config(
+    client: &Client,
+    cfg: &NodeConfig,
+) -> anyhow::Result<FelixConfigurationSpec> {
+    let global = client
+        .get::<FelixConfigurationSpec>(None, "default")
+        .await?
+        .map(|r| r.spec)
+        .unwrap_or_default();
     let node = client
         .get::<FelixConfigurationSpec>(None, &format!("node.{}", cfg.nodename))
         .await?
@@ -70,13 +79,17 @@ async fn cluster_view(mut rx: tokio::sync::mpsc::Receiver<SyncerEvent>) {
                 }
                 info!(?counts, "datastore in sync");
             }
-            SyncerEvent::Status(SyncStatus::ResyncInProgress) => info!("datastore resync in progress"),
+            SyncerEvent::Status(SyncStatus::ResyncInProgress) => {
+                info!("datastore resync in progress")
+            }
         }
     }
 }
 
 async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind((host, port)).await.with_context(|| format!("cannot listen for {what} on {host}:{port}"))
+    TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("cannot listen for {what} on {host}:{port}"))
 }
 
 /// The Felix settings known before the datastore is reachable: defaults and `FELIX_*`.
@@ -108,7 +121,15 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result
             }
         });
     }
-    let result = run_started(&cfg, &shutdown, &tracker, registry, &health, &startup_health).await;
+    let result = run_started(
+        &cfg,
+        &shutdown,
+        &tracker,
+        registry,
+        &health,
+        &startup_health,
+    )
+    .await;
     if let Err(e) = &result {
         error!("{e:#}");
     }
@@ -119,7 +140,10 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result
     } else {
         shutdown.cancel();
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         error!("tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
     }
     result
@@ -133,7 +157,11 @@ async fn run_started(
     health: &HealthAggregator,
     startup_health: &http::HealthReporter,
 ) -> anyhow::Result<()> {
-    let ds: Arc<dyn Datastore> = cfg.datastore.connect().await.context("connecting to etcd")?;
+    let ds: Arc<dyn Datastore> = cfg
+        .datastore
+        .connect()
+        .await
+        .context("connecting to etcd")?;
     let client = Client::new(ds.clone());
     let report = |why: String| startup_health.set_ready(false, Some(why));
     let started = tokio::select! {
@@ -144,10 +172,18 @@ async fn run_started(
     info!(node = %cfg.nodename, ipv4 = ?started.ipv4, "start-up complete");
     let felix = felix_config(&client, cfg).await?;
     let early = env_felix_config(cfg)?;
-    if (felix.health_enabled(), felix.health_port(), felix.health_host())
-        != (early.health_enabled(), early.health_port(), early.health_host())
-    {
-        tracing::warn!("health settings in the datastore's FelixConfiguration differ from the environment; the environment's apply until restart");
+    if (
+        felix.health_enabled(),
+        felix.health_port(),
+        felix.health_host(),
+    ) != (
+        early.health_enabled(),
+        early.health_port(),
+        early.health_host(),
+    ) {
+        tracing::warn!(
+            "health settings in the datastore's FelixConfiguration differ from the environment; the environment's apply until restart"
+        );
     }
 
     let syncer_metrics = SyncerMetrics::new(&registry).context("registering syncer metrics")?;

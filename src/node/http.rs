@@ -67,9 +67,17 @@ impl HealthAggregator {
     pub fn register(&self, name: &str) -> HealthReporter {
         lock(&self.states).insert(
             name.to_string(),
-            ReporterState { name: name.to_string(), live: true, ready: false, reason: Some("starting".into()) },
+            ReporterState {
+                name: name.to_string(),
+                live: true,
+                ready: false,
+                reason: Some("starting".into()),
+            },
         );
-        HealthReporter { name: name.to_string(), states: self.states.clone() }
+        HealthReporter {
+            name: name.to_string(),
+            states: self.states.clone(),
+        }
     }
 
     /// The current report.
@@ -116,7 +124,11 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Re
 
 fn health_response(req: &Request<Incoming>, health: &HealthAggregator) -> Resp {
     if req.method() != Method::GET {
-        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n");
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        );
     }
     let report = health.snapshot();
     let ok = match req.uri().path() {
@@ -125,13 +137,21 @@ fn health_response(req: &Request<Incoming>, health: &HealthAggregator) -> Resp {
         _ => return respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     };
     let body = serde_json::to_vec(&report).expect("health reports serialize");
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     respond(status, "application/json", body)
 }
 
 fn metrics_response(req: &Request<Incoming>, registry: &Registry) -> Resp {
     if req.method() != Method::GET {
-        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n");
+        return respond(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n",
+        );
     }
     if req.uri().path() != "/metrics" {
         return respond(StatusCode::NOT_FOUND, "text/plain", "not found\n");
@@ -140,12 +160,20 @@ fn metrics_response(req: &Request<Incoming>, registry: &Registry) -> Resp {
     let mut buf = Vec::new();
     match encoder.encode(&registry.gather(), &mut buf) {
         Ok(()) => respond(StatusCode::OK, encoder.format_type(), buf),
-        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("{e}\n")),
+        Err(e) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
     }
 }
 
 /// Accept connections until cancelled; each is served on its own task.
-async fn serve<F>(listener: TcpListener, shutdown: CancellationToken, handler: F) -> std::io::Result<()>
+async fn serve<F>(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    handler: F,
+) -> std::io::Result<()>
 where
     F: Fn(&Request<Incoming>) -> Resp + Clone + Send + Sync + 'static,
 {
@@ -179,13 +207,24 @@ where
 }
 
 /// Serve `/liveness` and `/readiness` until `shutdown` fires.
-pub async fn serve_health(listener: TcpListener, health: HealthAggregator, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve_health(
+    listener: TcpListener,
+    health: HealthAggregator,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     serve(listener, shutdown, move |req| health_response(req, &health)).await
 }
 
 /// Serve `/metrics` from `registry` until `shutdown` fires.
-pub async fn serve_metrics(listener: TcpListener, registry: Registry, shutdown: CancellationToken) -> std::io::Result<()> {
-    serve(listener, shutdown, move |req| metrics_response(req, &registry)).await
+pub async fn serve_metrics(
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    serve(listener, shutdown, move |req| {
+        metrics_response(req, &registry)
+    })
+    .await
 }
 
 /// A registry with the process collector (`process_*` metrics) registered.
@@ -207,18 +246,31 @@ mod tests {
     use super::*;
 
     async fn request(port: u16, method: &str, path: &str) -> (u16, String) {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .unwrap();
+        s.write_all(
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut resp = String::new();
         s.read_to_string(&mut resp).await.unwrap();
         let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         (status, body)
     }
 
-    async fn start_health(h: HealthAggregator) -> (u16, CancellationToken, tokio::task::JoinHandle<std::io::Result<()>>) {
+    async fn start_health(
+        h: HealthAggregator,
+    ) -> (
+        u16,
+        CancellationToken,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let t = CancellationToken::new();
@@ -246,7 +298,11 @@ mod tests {
         assert_eq!(status, 200, "{body}");
         assert!(!body.contains("reason"));
         t.cancel();
-        tokio::time::timeout(Duration::from_secs(2), j).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(2), j)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]
@@ -285,6 +341,10 @@ mod tests {
         assert!(body.contains("process_cpu_seconds_total"), "{body}");
         assert_eq!(request(port, "GET", "/").await.0, 404);
         t.cancel();
-        tokio::time::timeout(Duration::from_secs(2), j).await.unwrap().unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(2), j)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
     }
 }

@@ -14,43 +14,60 @@ use super::config::{DEFAULT_POOL_NAME, IpSetting, NodeConfig};
 use crate::datastore::client::new_uid;
 use crate::datastore::{Client, ClientError};
 use crate::model::node::NodeBGPSpec;
-use crate::model::{ClusterInformation, ClusterInformationSpec, IPPool, IPPoolSpec, Node, NodeSpec};
+use crate::model::{
+    ClusterInformation, ClusterInformationSpec, IPPool, IPPoolSpec, Node, NodeSpec,
+};
 
 /// Why start-up failed; each says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     /// The datastore stayed unreachable.
     #[error("datastore not reachable after {waited:?}: {source}")]
-    DatastoreUnreachable { waited: Duration, source: ClientError },
+    DatastoreUnreachable {
+        waited: Duration,
+        source: ClientError,
+    },
     /// No address could be chosen.
     #[error("cannot determine the node's IPv4 address: {0}")]
     Autodetect(#[from] autodetect::AutodetectError),
     /// Another node already uses our address.
-    #[error("Calico node '{other}' is already using the IPv4 address {addr}; set IP or IP_AUTODETECTION_METHOD so that each node has its own")]
+    #[error(
+        "Calico node '{other}' is already using the IPv4 address {addr}; set IP or IP_AUTODETECTION_METHOD so that each node has its own"
+    )]
     AddressInUse { other: String, addr: Ipv4Addr },
     /// A datastore write failed.
     #[error("{what}: {source}")]
     Datastore { what: String, source: ClientError },
     /// The nodename file could not be written.
     #[error("cannot write {path}: {source}")]
-    NodenameFile { path: String, source: std::io::Error },
+    NodenameFile {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 fn ds_err(what: &str) -> impl FnOnce(ClientError) -> StartupError + '_ {
-    move |source| StartupError::Datastore { what: what.to_string(), source }
+    move |source| StartupError::Datastore {
+        what: what.to_string(),
+        source,
+    }
 }
 
 /// The node's IPv4 address in CIDR form, per the `IP` setting.
 pub fn choose_ipv4(setting: &IpSetting) -> Result<Option<Ipv4Net>, StartupError> {
     match setting {
         IpSetting::None => Ok(None),
-        IpSetting::Fixed { addr, prefix: Some(p) } => Ok(Ipv4Net::new(*addr, *p).ok()),
+        IpSetting::Fixed {
+            addr,
+            prefix: Some(p),
+        } => Ok(Ipv4Net::new(*addr, *p).ok()),
         IpSetting::Fixed { addr, prefix: None } => {
             // Calico looks the address up on the interfaces to learn its prefix; /32 if absent.
             let ifaces = autodetect::list_interfaces()?;
-            Ok(Some(autodetect::find_prefix_for(*addr, &ifaces).unwrap_or_else(|| {
-                Ipv4Net::new(*addr, 32).expect("/32 is a valid prefix")
-            })))
+            Ok(Some(
+                autodetect::find_prefix_for(*addr, &ifaces)
+                    .unwrap_or_else(|| Ipv4Net::new(*addr, 32).expect("/32 is a valid prefix")),
+            ))
         }
         IpSetting::Autodetect(m) => Ok(Some(autodetect::detect(m)?)),
     }
@@ -58,14 +75,21 @@ pub fn choose_ipv4(setting: &IpSetting) -> Result<Option<Ipv4Net>, StartupError>
 
 /// Wait until the datastore answers (Calico retries its connection the same way).
 /// `report` hears why we are still waiting (for readiness and logs).
-pub async fn wait_for_datastore(client: &Client, limit: Duration, report: &(dyn Fn(String) + Sync)) -> Result<(), StartupError> {
+pub async fn wait_for_datastore(
+    client: &Client,
+    limit: Duration,
+    report: &(dyn Fn(String) + Sync),
+) -> Result<(), StartupError> {
     let start = Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
         match client.get::<ClusterInformationSpec>(None, "default").await {
             Ok(_) => return Ok(()),
             Err(e) if start.elapsed() >= limit => {
-                return Err(StartupError::DatastoreUnreachable { waited: start.elapsed(), source: e });
+                return Err(StartupError::DatastoreUnreachable {
+                    waited: start.elapsed(),
+                    source: e,
+                });
             }
             Err(e) => {
                 warn!(error = %e, "waiting for the datastore");
@@ -78,25 +102,48 @@ pub async fn wait_for_datastore(client: &Client, limit: Duration, report: &(dyn 
 }
 
 /// Create or update this node's Node resource with its address and AS.
-pub async fn register_node(client: &Client, cfg: &NodeConfig, ipv4: Option<Ipv4Net>) -> Result<Node, StartupError> {
+pub async fn register_node(
+    client: &Client,
+    cfg: &NodeConfig,
+    ipv4: Option<Ipv4Net>,
+) -> Result<Node, StartupError> {
     if let Some(ip) = ipv4 {
-        let (nodes, _) = client.list::<NodeSpec>(None).await.map_err(ds_err("listing nodes"))?;
+        let (nodes, _) = client
+            .list::<NodeSpec>(None)
+            .await
+            .map_err(ds_err("listing nodes"))?;
         for n in nodes.iter().filter(|n| n.metadata.name != cfg.nodename) {
-            let theirs = n.spec.ipv4_address().and_then(|a| a.parse::<Ipv4Net>().ok());
+            let theirs = n
+                .spec
+                .ipv4_address()
+                .and_then(|a| a.parse::<Ipv4Net>().ok());
             if theirs.is_some_and(|t| t.addr() == ip.addr()) {
-                return Err(StartupError::AddressInUse { other: n.metadata.name.clone(), addr: ip.addr() });
+                return Err(StartupError::AddressInUse {
+                    other: n.metadata.name.clone(),
+                    addr: ip.addr(),
+                });
             }
         }
     }
     for _ in 0..10 {
-        let existing = client.get::<NodeSpec>(None, &cfg.nodename).await.map_err(ds_err("reading this node"))?;
-        let mut node = existing.clone().unwrap_or_else(|| Node::new(&cfg.nodename, NodeSpec::default()));
+        let existing = client
+            .get::<NodeSpec>(None, &cfg.nodename)
+            .await
+            .map_err(ds_err("reading this node"))?;
+        let mut node = existing
+            .clone()
+            .unwrap_or_else(|| Node::new(&cfg.nodename, NodeSpec::default()));
         let bgp = node.spec.bgp.get_or_insert_with(NodeBGPSpec::default);
         bgp.ipv4_address = ipv4.map(|n| n.to_string());
         if cfg.as_number.is_some() {
             bgp.as_number = cfg.as_number;
         }
-        if node.spec.bgp.as_ref().is_some_and(|b| *b == NodeBGPSpec::default()) {
+        if node
+            .spec
+            .bgp
+            .as_ref()
+            .is_some_and(|b| *b == NodeBGPSpec::default())
+        {
             node.spec.bgp = None;
         }
         if existing.as_ref() == Some(&node) {
@@ -115,17 +162,34 @@ pub async fn register_node(client: &Client, cfg: &NodeConfig, ipv4: Option<Ipv4N
             Err(e) => return Err(ds_err("writing this node")(e)),
         }
     }
-    Err(ds_err("writing this node")(ClientError::Conflict(format!("Node({})", cfg.nodename), 0)))
+    Err(ds_err("writing this node")(ClientError::Conflict(
+        format!("Node({})", cfg.nodename),
+        0,
+    )))
 }
 
 /// Create the default IPv4 pool when no IPv4 pool exists. Returns it when created.
-pub async fn ensure_default_pool(client: &Client, cfg: &NodeConfig) -> Result<Option<IPPool>, StartupError> {
-    let Some(default) = &cfg.default_pool else { return Ok(None) };
-    let (pools, _) = client.list::<IPPoolSpec>(None).await.map_err(ds_err("listing IP pools"))?;
-    if pools.iter().any(|p| matches!(p.spec.net(), Some(ipnet::IpNet::V4(_)))) {
+pub async fn ensure_default_pool(
+    client: &Client,
+    cfg: &NodeConfig,
+) -> Result<Option<IPPool>, StartupError> {
+    let Some(default) = &cfg.default_pool else {
+        return Ok(None);
+    };
+    let (pools, _) = client
+        .list::<IPPoolSpec>(None)
+        .await
+        .map_err(ds_err("listing IP pools"))?;
+    if pools
+        .iter()
+        .any(|p| matches!(p.spec.net(), Some(ipnet::IpNet::V4(_))))
+    {
         return Ok(None);
     }
-    match client.create(IPPool::new(DEFAULT_POOL_NAME, default.spec.clone())).await {
+    match client
+        .create(IPPool::new(DEFAULT_POOL_NAME, default.spec.clone()))
+        .await
+    {
         Ok(p) => {
             info!(cidr = %p.spec.cidr, "created the default IPv4 pool");
             Ok(Some(p))
@@ -138,10 +202,16 @@ pub async fn ensure_default_pool(client: &Client, cfg: &NodeConfig) -> Result<Op
 
 /// Create or refresh ClusterInformation `default`, setting `datastoreReady: true` unless an
 /// administrator set it to false (Calico's rule: only an unset value is turned on).
-pub async fn ensure_cluster_information(client: &Client, cfg: &NodeConfig) -> Result<ClusterInformation, StartupError> {
+pub async fn ensure_cluster_information(
+    client: &Client,
+    cfg: &NodeConfig,
+) -> Result<ClusterInformation, StartupError> {
     let version = format!("v{}", env!("CARGO_PKG_VERSION"));
     for _ in 0..10 {
-        let existing = client.get::<ClusterInformationSpec>(None, "default").await.map_err(ds_err("reading ClusterInformation"))?;
+        let existing = client
+            .get::<ClusterInformationSpec>(None, "default")
+            .await
+            .map_err(ds_err("reading ClusterInformation"))?;
         let result = match existing {
             None => {
                 let spec = ClusterInformationSpec {
@@ -151,7 +221,9 @@ pub async fn ensure_cluster_information(client: &Client, cfg: &NodeConfig) -> Re
                     datastore_ready: Some(true),
                     variant: "Calico".into(),
                 };
-                client.create(ClusterInformation::new("default", spec)).await
+                client
+                    .create(ClusterInformation::new("default", spec))
+                    .await
             }
             Some(mut ci) => {
                 let before = ci.clone();
@@ -175,13 +247,19 @@ pub async fn ensure_cluster_information(client: &Client, cfg: &NodeConfig) -> Re
             Err(e) => return Err(ds_err("writing ClusterInformation")(e)),
         }
     }
-    Err(ds_err("writing ClusterInformation")(ClientError::Conflict("ClusterInformation(default)".into(), 0)))
+    Err(ds_err("writing ClusterInformation")(ClientError::Conflict(
+        "ClusterInformation(default)".into(),
+        0,
+    )))
 }
 
 /// Write `<dir>/nodename` atomically (the CNI plugin reads it).
 pub fn write_nodename_file(dir: &Path, nodename: &str) -> Result<(), StartupError> {
     let path = dir.join("nodename");
-    let err = |source| StartupError::NodenameFile { path: path.display().to_string(), source };
+    let err = |source| StartupError::NodenameFile {
+        path: path.display().to_string(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(err)?;
     let tmp = dir.join(".nodename.tmp");
     std::fs::write(&tmp, nodename).map_err(err)?;
@@ -216,7 +294,11 @@ pub async fn startup(
     let created_pool = ensure_default_pool(client, cfg).await?;
     ensure_cluster_information(client, cfg).await?;
     write_nodename_file(&cfg.state_dir, &cfg.nodename)?;
-    Ok(StartupResult { node, ipv4, created_pool })
+    Ok(StartupResult {
+        node,
+        ipv4,
+        created_pool,
+    })
 }
 
 #[cfg(test)]
@@ -237,17 +319,31 @@ mod tests {
     async fn startup_registers_node_pool_and_cluster_information() {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::new(Arc::new(MemoryDatastore::new()));
-        let c = cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "10.99.0.1/24"), ("AS", "65001")]);
-        let r = startup(&client, &c, Duration::from_secs(1), &|_| {}).await.unwrap();
+        let c = cfg(
+            dir.path(),
+            &[("NODENAME", "n1"), ("IP", "10.99.0.1/24"), ("AS", "65001")],
+        );
+        let r = startup(&client, &c, Duration::from_secs(1), &|_| {})
+            .await
+            .unwrap();
         let bgp = r.node.spec.bgp.unwrap();
         assert_eq!(bgp.ipv4_address.as_deref(), Some("10.99.0.1/24"));
         assert_eq!(bgp.as_number.map(|a| a.0), Some(65001));
         assert_eq!(r.created_pool.unwrap().spec.cidr, "192.168.0.0/16");
-        let ci = client.get::<ClusterInformationSpec>(None, "default").await.unwrap().unwrap();
+        let ci = client
+            .get::<ClusterInformationSpec>(None, "default")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(ci.spec.datastore_ready, Some(true));
-        assert_eq!(std::fs::read_to_string(dir.path().join("nodename")).unwrap(), "n1");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("nodename")).unwrap(),
+            "n1"
+        );
         // A second start changes nothing and creates no second pool.
-        let again = startup(&client, &c, Duration::from_secs(1), &|_| {}).await.unwrap();
+        let again = startup(&client, &c, Duration::from_secs(1), &|_| {})
+            .await
+            .unwrap();
         assert!(again.created_pool.is_none());
     }
 
@@ -255,11 +351,23 @@ mod tests {
     async fn admin_datastore_ready_false_is_respected() {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::new(Arc::new(MemoryDatastore::new()));
-        let spec = ClusterInformationSpec { datastore_ready: Some(false), ..Default::default() };
-        client.create(ClusterInformation::new("default", spec)).await.unwrap();
+        let spec = ClusterInformationSpec {
+            datastore_ready: Some(false),
+            ..Default::default()
+        };
+        client
+            .create(ClusterInformation::new("default", spec))
+            .await
+            .unwrap();
         let c = cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "none")]);
-        startup(&client, &c, Duration::from_secs(1), &|_| {}).await.unwrap();
-        let ci = client.get::<ClusterInformationSpec>(None, "default").await.unwrap().unwrap();
+        startup(&client, &c, Duration::from_secs(1), &|_| {})
+            .await
+            .unwrap();
+        let ci = client
+            .get::<ClusterInformationSpec>(None, "default")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(ci.spec.datastore_ready, Some(false));
     }
 
@@ -267,19 +375,51 @@ mod tests {
     async fn duplicate_node_address_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::new(Arc::new(MemoryDatastore::new()));
-        startup(&client, &cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "10.99.0.1/24")]), Duration::from_secs(1), &|_| {}).await.unwrap();
-        let e = startup(&client, &cfg(dir.path(), &[("NODENAME", "n2"), ("IP", "10.99.0.1/24")]), Duration::from_secs(1), &|_| {})
-            .await
-            .unwrap_err();
-        assert!(e.to_string().starts_with("Calico node 'n1' is already using the IPv4 address 10.99.0.1"), "{e}");
+        startup(
+            &client,
+            &cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "10.99.0.1/24")]),
+            Duration::from_secs(1),
+            &|_| {},
+        )
+        .await
+        .unwrap();
+        let e = startup(
+            &client,
+            &cfg(dir.path(), &[("NODENAME", "n2"), ("IP", "10.99.0.1/24")]),
+            Duration::from_secs(1),
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("Calico node 'n1' is already using the IPv4 address 10.99.0.1"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
     async fn existing_pool_means_no_default_pool() {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::new(Arc::new(MemoryDatastore::new()));
-        client.create(IPPool::new("mine", IPPoolSpec { cidr: "10.244.0.0/16".into(), ..Default::default() })).await.unwrap();
-        let r = startup(&client, &cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "none")]), Duration::from_secs(1), &|_| {}).await.unwrap();
+        client
+            .create(IPPool::new(
+                "mine",
+                IPPoolSpec {
+                    cidr: "10.244.0.0/16".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap();
+        let r = startup(
+            &client,
+            &cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "none")]),
+            Duration::from_secs(1),
+            &|_| {},
+        )
+        .await
+        .unwrap();
         assert!(r.created_pool.is_none());
         assert_eq!(client.list::<IPPoolSpec>(None).await.unwrap().0.len(), 1);
     }

@@ -28,7 +28,11 @@ pub fn skip(reason: &str) {
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A real etcd server for one test.
@@ -78,7 +82,12 @@ impl Etcd {
             .args(["--name", "s1", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-            .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
             .args(["--initial-cluster", &format!("s1={p}"), "--unsafe-no-fsync"])
             .stdout(Stdio::null())
             .stderr(log)
@@ -103,7 +112,10 @@ impl Etcd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("etcd did not become healthy; log: {}", std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default());
+        panic!(
+            "etcd did not become healthy; log: {}",
+            std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+        );
     }
 
     /// `http://127.0.0.1:<port>`
@@ -125,14 +137,22 @@ impl Etcd {
 
     /// Datastore config pointing at this etcd (or at another endpoint, e.g. a proxy).
     pub fn config_for(endpoint: &str) -> DatastoreConfig {
-        let mut c = DatastoreConfig::from_env(&calico_node::env::MapEnv::from_pairs(&[("ETCD_ENDPOINTS", endpoint)])).unwrap();
+        let mut c = DatastoreConfig::from_env(&calico_node::env::MapEnv::from_pairs(&[(
+            "ETCD_ENDPOINTS",
+            endpoint,
+        )]))
+        .unwrap();
         c.timeout = Duration::from_secs(3);
         c
     }
 
     /// A connected datastore.
     pub async fn datastore(&self) -> Arc<EtcdDatastore> {
-        Arc::new(EtcdDatastore::connect(&Self::config_for(&self.endpoint())).await.unwrap())
+        Arc::new(
+            EtcdDatastore::connect(&Self::config_for(&self.endpoint()))
+                .await
+                .unwrap(),
+        )
     }
 
     /// Run etcdctl and return stdout.
@@ -145,13 +165,19 @@ impl Etcd {
             .args(args)
             .output()
             .expect("run etcdctl");
-        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
     /// The value of a key as etcdctl prints it.
     pub fn etcdctl_value(&self, key: &str) -> String {
-        self.etcdctl(&["get", key, "--print-value-only"]).trim_end().to_string()
+        self.etcdctl(&["get", key, "--print-value-only"])
+            .trim_end()
+            .to_string()
     }
 
     /// SIGKILL etcd (by the PID we started).
@@ -192,11 +218,16 @@ impl Proxy {
     pub async fn start(target: SocketAddr) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(std::sync::Mutex::new(ProxyState { open: true, conns: Vec::new() }));
+        let state = Arc::new(std::sync::Mutex::new(ProxyState {
+            open: true,
+            conns: Vec::new(),
+        }));
         let st = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 if !st.lock().unwrap().open {
                     drop(inbound);
                     continue;
@@ -241,7 +272,9 @@ impl Drop for Proxy {
 
 /// Path of a golden file.
 pub fn golden(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
 }
 
 /// Compare with a golden file; `UPDATE_GOLDEN=1` rewrites it.
@@ -250,7 +283,8 @@ pub fn assert_golden(name: &str, actual: &str) {
     if std::env::var("UPDATE_GOLDEN").is_ok() {
         std::fs::write(&p, actual).unwrap();
     }
-    let expected = std::fs::read_to_string(&p).unwrap_or_else(|_| panic!("missing golden file {}", p.display()));
+    let expected = std::fs::read_to_string(&p)
+        .unwrap_or_else(|_| panic!("missing golden file {}", p.display()));
     assert_eq!(actual, expected, "golden {name} differs");
 }
 
@@ -294,8 +328,12 @@ impl NetNs {
             return None;
         }
         let mut b = [0u8; 4];
-        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
-        let name = format!("{prefix}-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>());
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b)
+            .unwrap();
+        let name = format!(
+            "{prefix}-{}",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        );
         run("ip", &["netns", "add", &name]);
         let ns = NetNs { name };
         ns.ip(&["link", "set", "lo", "up"]);
@@ -331,14 +369,20 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
 /// Run a command that must succeed.
 pub fn run(program: &str, args: &[&str]) {
     let out = Command::new(program).args(args).output().unwrap();
-    assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A plain HTTP/1.1 GET on 127.0.0.1 (of the calling thread's namespace): (status, body).
@@ -346,10 +390,20 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
