@@ -91,8 +91,14 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
             .contains("waiting for the datastore"),
         "{body}"
     );
-    let live: serde_json::Value =
-        serde_json::from_str(&wait_http(&ns, health_port, "/liveness", 200, Duration::from_secs(5))).unwrap();
+    let live: serde_json::Value = serde_json::from_str(&wait_http(
+        &ns,
+        health_port,
+        "/liveness",
+        200,
+        Duration::from_secs(5),
+    ))
+    .unwrap();
     assert_eq!(live["live"], true, "alive while waiting for the datastore");
 
     // Start etcd in the namespace on the port calico-node is waiting for.
