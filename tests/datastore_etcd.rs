@@ -160,7 +160,12 @@ async fn raw_operations_follow_calicos_transactions() {
 #[tokio::test]
 async fn lists_page_through_many_keys_at_one_revision() {
     let Some(etcd) = Etcd::start() else { return };
-    let ds = etcd.datastore().await;
+    let ds = Arc::new(
+        calico_node::datastore::EtcdDatastore::connect(&Etcd::config_for(&etcd.endpoint()))
+            .await
+            .unwrap()
+            .with_list_page(1000),
+    );
     let futs: Vec<_> = (0..4500)
         .map(|i| {
             let ds = ds.clone();

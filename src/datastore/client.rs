@@ -462,15 +462,11 @@ impl Client {
 
 /// Decode a stored value of a known kind, with `resourceVersion` set.
 pub fn decode_any(info: &model::KindInfo, kv: &KeyValue) -> ClientResult<AnyResource> {
-    let v: serde_json::Value =
-        serde_json::from_slice(&kv.value).map_err(|e| ClientError::Decode {
+    let mut r =
+        AnyResource::decode_slice(info.kind, &kv.value).map_err(|e| ClientError::Decode {
             key: kv.key.clone(),
             reason: e.to_string(),
         })?;
-    let mut r = AnyResource::decode(info.kind, v).map_err(|e| ClientError::Decode {
-        key: kv.key.clone(),
-        reason: e.to_string(),
-    })?;
     r.meta_mut().resource_version = Some(kv.mod_revision.to_string());
     Ok(r)
 }

@@ -25,6 +25,7 @@ pub struct EtcdDatastore {
     client: Client,
     kv: KvClient,
     watch: WatchClient,
+    list_page: i64,
 }
 
 fn map_err(e: etcd_client::Error) -> DatastoreError {
@@ -105,7 +106,18 @@ impl EtcdDatastore {
             .map_err(map_err)?;
         let kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
         let watch = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-        Ok(EtcdDatastore { client, kv, watch })
+        Ok(EtcdDatastore {
+            client,
+            kv,
+            watch,
+            list_page: LIST_PAGE,
+        })
+    }
+
+    /// Keys per page of a list (tests use small pages to exercise paging).
+    pub fn with_list_page(mut self, keys: i64) -> Self {
+        self.list_page = keys.max(1);
+        self
     }
 
     /// Compact history up to `revision` (tests and maintenance).
@@ -130,6 +142,43 @@ impl EtcdDatastore {
         })
     }
 
+    /// One page of a range read: the keys, the snapshot revision, and where the next page
+    /// starts (None when this was the last). `revision` 0 reads the current snapshot; later
+    /// pages pass the first page's revision so every page reads the same snapshot.
+    async fn page(
+        &self,
+        start: Vec<u8>,
+        end: &[u8],
+        revision: i64,
+    ) -> DsResult<(Vec<KeyValue>, i64, Option<Vec<u8>>)> {
+        let mut opts = GetOptions::new()
+            .with_range(end.to_vec())
+            .with_limit(self.list_page);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = self
+            .kv
+            .clone()
+            .get(start, Some(opts))
+            .await
+            .map_err(map_err)?;
+        let revision = if revision > 0 {
+            revision
+        } else {
+            resp.header().map_or(0, |h| h.revision())
+        };
+        let next = match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                let mut n = last.key().to_vec();
+                n.push(0);
+                Some(n)
+            }
+            _ => None,
+        };
+        Ok((resp.kvs().iter().map(kv).collect(), revision, next))
+    }
+
     fn put_revision(resp: &etcd_client::TxnResponse) -> i64 {
         resp.header().map_or(0, |h| h.revision())
     }
@@ -144,36 +193,26 @@ impl Datastore for EtcdDatastore {
 
     async fn list(&self, prefix: &str) -> DsResult<(Vec<KeyValue>, i64)> {
         let end = prefix_end(prefix);
-        let mut out = Vec::new();
-        let mut start = prefix.as_bytes().to_vec();
-        let mut revision = 0;
-        loop {
-            let mut opts = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(LIST_PAGE);
-            if revision > 0 {
-                // Later pages read the same snapshot as the first.
-                opts = opts.with_revision(revision);
-            }
-            let resp = self
-                .kv
-                .clone()
-                .get(start.clone(), Some(opts))
-                .await
-                .map_err(map_err)?;
-            if revision == 0 {
-                revision = resp.header().map_or(0, |h| h.revision());
-            }
-            out.extend(resp.kvs().iter().map(kv));
-            match resp.kvs().last() {
-                Some(last) if resp.more() => {
-                    start = last.key().to_vec();
-                    start.push(0);
-                }
-                _ => break,
-            }
+        let (mut out, revision, mut next) = self.page(prefix.as_bytes().to_vec(), &end, 0).await?;
+        while let Some(start) = next {
+            let (kvs, _, n) = self.page(start, &end, revision).await?;
+            out.extend(kvs);
+            next = n;
         }
         Ok((out, revision))
+    }
+
+    async fn list_pages(&self, prefix: &str, pages: mpsc::Sender<Vec<KeyValue>>) -> DsResult<i64> {
+        let gone = || DatastoreError::Other("list consumer went away".into());
+        let end = prefix_end(prefix);
+        let (kvs, revision, mut next) = self.page(prefix.as_bytes().to_vec(), &end, 0).await?;
+        pages.send(kvs).await.map_err(|_| gone())?;
+        while let Some(start) = next {
+            let (kvs, _, n) = self.page(start, &end, revision).await?;
+            pages.send(kvs).await.map_err(|_| gone())?;
+            next = n;
+        }
+        Ok(revision)
     }
 
     async fn create(&self, key: &str, value: Vec<u8>) -> DsResult<i64> {

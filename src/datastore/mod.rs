@@ -114,6 +114,16 @@ pub trait Datastore: Send + Sync + 'static {
     async fn get(&self, key: &str) -> DsResult<Option<KeyValue>>;
     /// Every key under `prefix`, sorted by key, and the store revision of that snapshot.
     async fn list(&self, prefix: &str) -> DsResult<(Vec<KeyValue>, i64)>;
+    /// The same snapshot as `list`, handed over page by page as it arrives, so a consumer
+    /// can decode one page while the next is fetched. Returns the snapshot's revision.
+    async fn list_pages(&self, prefix: &str, pages: mpsc::Sender<Vec<KeyValue>>) -> DsResult<i64> {
+        let (kvs, rev) = self.list(prefix).await?;
+        pages
+            .send(kvs)
+            .await
+            .map_err(|_| DatastoreError::Other("list consumer went away".into()))?;
+        Ok(rev)
+    }
     /// Create-only write: fails with `AlreadyExists`. Returns the new revision.
     async fn create(&self, key: &str, value: Vec<u8>) -> DsResult<i64>;
     /// Write only if the key's ModRevision is `revision`: `Conflict` or `NotFound` otherwise.

@@ -236,13 +236,27 @@ impl SyncerState {
         self.cache.is_empty()
     }
 
-    /// Replace the cache by a full list; returns only the real differences.
-    pub fn on_list(&mut self, kvs: &[KeyValue], revision: i64) -> Vec<Update> {
+    /// Replace the cache by a full list; returns only the real differences. Values are
+    /// decoded on all cores (the list of a large cluster is tens of thousands of values).
+    pub fn on_list(&mut self, kvs: Vec<KeyValue>, revision: i64) -> Vec<Update> {
+        let decoded = decode_all(&kvs);
+        self.on_decoded_list(kvs.into_iter().zip(decoded).collect(), revision)
+    }
+
+    /// `on_list` for values already decoded (the syncer decodes pages as they arrive).
+    pub fn on_decoded_list(
+        &mut self,
+        list: Vec<(KeyValue, Option<SyncValue>)>,
+        revision: i64,
+    ) -> Vec<Update> {
         let mut out = Vec::new();
-        let mut seen = HashMap::with_capacity(kvs.len());
-        for kv in kvs {
-            let Some(value) = decode_logged(kv) else {
-                continue;
+        let mut seen = HashMap::with_capacity(list.len());
+        for (kv, value) in list {
+            let Some(value) = value else { continue };
+            let t = match self.cache.get(&kv.key) {
+                Some(c) if c.mod_revision == kv.mod_revision => None,
+                Some(_) => Some(UpdateType::Updated),
+                None => Some(UpdateType::New),
             };
             seen.insert(
                 kv.key.clone(),
@@ -250,10 +264,13 @@ impl SyncerState {
                     mod_revision: kv.mod_revision,
                 },
             );
-            match self.cache.get(&kv.key) {
-                Some(c) if c.mod_revision == kv.mod_revision => {}
-                Some(_) => out.push(update(kv, UpdateType::Updated, value)),
-                None => out.push(update(kv, UpdateType::New, value)),
+            if let Some(t) = t {
+                out.push(Update {
+                    key: kv.key,
+                    update_type: t,
+                    value: Some(Arc::new(value)),
+                    revision: kv.mod_revision,
+                });
             }
         }
         let mut gone: Vec<&String> = self
@@ -329,6 +346,30 @@ impl SyncerState {
         }
         out
     }
+}
+
+/// Decode many values, split across the available cores.
+fn decode_all(kvs: &[KeyValue]) -> Vec<Option<SyncValue>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    if threads == 1 || kvs.len() < 1024 {
+        return kvs.iter().map(decode_logged).collect();
+    }
+    let chunk = kvs.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = kvs
+            .chunks(chunk)
+            .map(|c| s.spawn(move || c.iter().map(decode_logged).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .expect("decoding never panics: serde returns errors")
+            })
+            .collect()
+    })
 }
 
 fn decode_logged(kv: &KeyValue) -> Option<SyncValue> {
@@ -461,13 +502,26 @@ impl Syncer {
                     }
                     let listed = tokio::select! {
                         _ = cancel.cancelled() => return SyncerExit::Cancelled,
-                        l = self.ds.list(&self.prefix) => l,
+                        l = list_and_decode(self.ds.as_ref(), &self.prefix) => l,
                     };
                     match listed {
-                        Ok((kvs, rev)) => {
-                            let updates = self.state.on_list(&kvs, rev);
+                        Ok((decoded, rev)) => {
+                            let keys = decoded.len();
+                            // The diff over a large list is CPU work: keep it off the async workers.
+                            let mut state = std::mem::take(&mut self.state);
+                            let diffed = tokio::task::spawn_blocking(move || {
+                                let u = state.on_decoded_list(decoded, rev);
+                                (state, u)
+                            })
+                            .await;
+                            let (state, updates) = match diffed {
+                                Ok(r) => r,
+                                // Only when the runtime is shutting down (the diff cannot panic).
+                                Err(_) => return SyncerExit::Cancelled,
+                            };
+                            self.state = state;
                             info!(
-                                keys = kvs.len(),
+                                keys,
                                 changes = updates.len(),
                                 revision = rev,
                                 "datastore listed"
@@ -578,6 +632,30 @@ impl Syncer {
             }
         }
     }
+}
+
+/// List the datastore and decode each page (on blocking threads) while the next page is
+/// being fetched.
+async fn list_and_decode(
+    ds: &dyn Datastore,
+    prefix: &str,
+) -> Result<(Vec<(KeyValue, Option<SyncValue>)>, i64), DatastoreError> {
+    let (tx, mut rx) = mpsc::channel::<Vec<KeyValue>>(4);
+    let decoder = async move {
+        let mut out = Vec::new();
+        while let Some(page) = rx.recv().await {
+            let decoded = tokio::task::spawn_blocking(move || {
+                let values = decode_all(&page);
+                page.into_iter().zip(values).collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| DatastoreError::Other(format!("decoding stopped: {e}")))?;
+            out.extend(decoded);
+        }
+        Ok::<_, DatastoreError>(out)
+    };
+    let (listed, decoded) = tokio::join!(ds.list_pages(prefix, tx), decoder);
+    Ok((decoded?, listed?))
 }
 
 /// Sleep unless cancelled first; true when cancelled.

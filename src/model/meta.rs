@@ -8,30 +8,44 @@ use serde_json::Value;
 /// `apiVersion` of every Calico v3 resource.
 pub const API_VERSION: &str = "projectcalico.org/v3";
 
-/// Kubernetes-style object metadata, in the field order Calico writes to etcd.
-///
-/// Fields we do not interpret (`generation`, `ownerReferences`, ...) are kept in `extra`
-/// so that nothing a user wrote is lost on a read-modify-write.
+/// Kubernetes object metadata, every field of Kubernetes' `ObjectMeta` in its order, so
+/// that nothing a user (or Calico) wrote is lost on a read-modify-write. An unknown field is
+/// refused by name, as Calico's strict decoding does. (No `#[serde(flatten)]`: it would
+/// buffer every document and make decoding several times slower.)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectMeta {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_link: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
     /// The etcd ModRevision of the key; never stored (Calico fills it on read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_grace_period_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
-    #[serde(flatten)]
-    pub extra: BTreeMap<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_references: Option<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub finalizers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_fields: Option<Value>,
 }
 
 /// A v3 resource: `Resource<IPPoolSpec>` is an IPPool.

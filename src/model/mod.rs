@@ -259,6 +259,15 @@ macro_rules! any_resource {
                     }),
                 }
             }
+            /// Decode stored JSON of the named kind straight into its type (the fast path
+            /// for datastore reads; user input goes through [`AnyResource::from_document`]).
+            pub fn decode_slice(kind: &str, bytes: &[u8]) -> Result<AnyResource, DecodeError> {
+                let field = |e: serde_json::Error| DecodeError::Field { path: "(stored value)".into(), message: e.to_string() };
+                match kind {
+                    $(k if k == <$spec as Kind>::KIND => Ok(AnyResource::$variant(serde_json::from_slice(bytes).map_err(field)?)),)*
+                    other => Err(DecodeError::Envelope { field: "kind".into(), reason: format!("'{other}' is not a supported kind") }),
+                }
+            }
         }
     };
 }
