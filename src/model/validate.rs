@@ -88,7 +88,10 @@ pub fn one_of(field: &str, value: &str, allowed: &[&str]) -> Validated {
 pub fn selector(field: &str, value: &str) -> Validated {
     super::selector::Selector::parse(value)
         .map(|_| ())
-        .map_err(|e| ValidationError::new(field, value, e.to_string().replace('\n', " ")))
+        .map_err(|e| {
+            let reason = format!("invalid selector at position {}: {}", e.position, e.message);
+            ValidationError::new(field, value, reason)
+        })
 }
 
 /// Check a Go-style duration (`90s`, `1m30s`, `500ms`).
