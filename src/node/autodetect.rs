@@ -157,7 +157,8 @@ impl AutodetectionMethod {
         }
     }
 
-    fn describe(&self) -> String {
+    /// The method as the user writes it (`interface=eth0`).
+    pub fn describe(&self) -> String {
         let res = |v: &[IfaceRegex]| {
             v.iter()
                 .map(|r| {

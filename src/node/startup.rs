@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
 
-use super::autodetect::{self, AutodetectionMethod};
+use super::autodetect;
 use super::config::{DEFAULT_POOL_NAME, IpSetting, NodeConfig};
 use crate::datastore::client::new_uid;
 use crate::datastore::{Client, ClientError};
@@ -284,11 +284,7 @@ pub async fn startup(
     wait_for_datastore(client, datastore_wait, report).await?;
     let ipv4 = choose_ipv4(&cfg.ip)?;
     if let (IpSetting::Autodetect(m), Some(ip)) = (&cfg.ip, ipv4) {
-        let method = match m {
-            AutodetectionMethod::FirstFound => "first-found".to_string(),
-            other => format!("{other:?}"),
-        };
-        info!(%ip, method, "autodetected the node's IPv4 address");
+        info!(%ip, method = %m.describe(), "autodetected the node's IPv4 address");
     }
     let node = register_node(client, cfg, ipv4).await?;
     let created_pool = ensure_default_pool(client, cfg).await?;
