@@ -297,3 +297,32 @@ async fn etcd_killed_and_restarted_loses_and_duplicates_nothing() {
     assert_eq!(replay(&log), truth(ds.as_ref()).await);
     cancel.cancel();
 }
+
+#[tokio::test]
+async fn a_quiet_watch_outlives_the_request_timeout() {
+    let Some(etcd) = Etcd::start() else { return };
+    let mut cfg = Etcd::config_for(&etcd.endpoint());
+    cfg.timeout = Duration::from_secs(1);
+    let ds: Arc<dyn Datastore> = Arc::new(EtcdDatastore::connect(&cfg).await.unwrap());
+    let registry = prometheus::Registry::new();
+    let (log, cancel) = start_syncer(ds, &registry);
+    eventually(Duration::from_secs(10), "in sync", || async {
+        statuses(&log).contains(&SyncStatus::InSync).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let client = Client::new(etcd.datastore().await);
+    client.create(pool("late", "10.9.0.0/16")).await.unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "event after a quiet period",
+        || async { updates(&log).iter().any(|u| u.0 == "late").then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        counter(&registry, "calico_datastore_errors_total"),
+        0.0,
+        "the watch was never cut"
+    );
+    cancel.cancel();
+}

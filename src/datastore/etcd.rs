@@ -1,5 +1,12 @@
 //! The etcd v3 backend: Calico's transactions (REFERENCE §1, "Write semantics"), paged
-//! lists at one revision, and watches with PrevKV that report compaction.
+//! lists at one revision, and watches with PrevKV that report compaction. With several
+//! endpoints, a request that cannot reach one member is sent to the next (the request never
+//! reached etcd, so even a write is safe to resend), and the member that answered is used
+//! from then on.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use etcd_client::{
@@ -19,13 +26,32 @@ const MAX_MESSAGE: usize = 64 << 20;
 /// Keys per page of a list: bounded memory per response, few round trips.
 const LIST_PAGE: i64 = 2000;
 
-/// etcd v3 datastore.
+/// A connection to one etcd member.
 #[derive(Clone)]
-pub struct EtcdDatastore {
+struct Member {
+    endpoint: String,
     client: Client,
     kv: KvClient,
     watch: WatchClient,
+}
+
+/// etcd v3 datastore. Cheap to clone: clones share the connections.
+#[derive(Clone)]
+pub struct EtcdDatastore {
+    members: Arc<Vec<Member>>,
+    /// The member that answered last.
+    current: Arc<AtomicUsize>,
     list_page: i64,
+}
+
+/// Whether the request failed before reaching a working member, so another may be tried.
+fn unreachable(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::TransportError(_) | E::IoError(_) => true,
+        E::GRpcStatus(s) => s.code() == Code::Unavailable,
+        _ => false,
+    }
 }
 
 fn map_err(e: etcd_client::Error) -> DatastoreError {
@@ -99,19 +125,60 @@ fn connect_options(cfg: &DatastoreConfig) -> DsResult<ConnectOptions> {
 }
 
 impl EtcdDatastore {
-    /// Connect to the configured endpoints.
+    /// Connect to the configured endpoints (lazily: an unreachable member shows up on the
+    /// first request sent to it).
     pub async fn connect(cfg: &DatastoreConfig) -> DsResult<Self> {
-        let client = Client::connect(&cfg.endpoints, Some(connect_options(cfg)?))
-            .await
-            .map_err(map_err)?;
-        let kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
-        let watch = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+        let opts = connect_options(cfg)?;
+        let mut members = Vec::with_capacity(cfg.endpoints.len());
+        for endpoint in &cfg.endpoints {
+            let client = Client::connect([endpoint], Some(opts.clone()))
+                .await
+                .map_err(map_err)?;
+            members.push(Member {
+                endpoint: endpoint.clone(),
+                kv: client.kv_client().max_decoding_message_size(MAX_MESSAGE),
+                watch: client.watch_client().max_decoding_message_size(MAX_MESSAGE),
+                client,
+            });
+        }
+        if members.is_empty() {
+            return Err(DatastoreError::Other("no etcd endpoint configured".into()));
+        }
         Ok(EtcdDatastore {
-            client,
-            kv,
-            watch,
+            members: Arc::new(members),
+            current: Arc::new(AtomicUsize::new(0)),
             list_page: LIST_PAGE,
         })
+    }
+
+    /// Send a request to the current member, then to each other member while the failure
+    /// is "could not reach it".
+    async fn call<T, F, Fut>(&self, f: F) -> DsResult<T>
+    where
+        F: Fn(Member) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let n = self.members.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut tried = 0;
+        loop {
+            let idx = (first + tried) % n;
+            let member = self.members[idx].clone();
+            let endpoint = member.endpoint.clone();
+            match f(member).await {
+                Ok(v) => {
+                    if idx != first {
+                        self.current.store(idx, Ordering::Relaxed);
+                    }
+                    return Ok(v);
+                }
+                Err(e) if tried + 1 < n && unreachable(&e) => {
+                    tracing::debug!(%endpoint, error = %e, "etcd member unreachable; trying the next");
+                    tried += 1;
+                }
+                Err(e) => return Err(map_err(e)),
+            }
+        }
     }
 
     /// Keys per page of a list (tests use small pages to exercise paging).
@@ -122,16 +189,17 @@ impl EtcdDatastore {
 
     /// Compact history up to `revision` (tests and maintenance).
     pub async fn compact(&self, revision: i64) -> DsResult<()> {
-        self.client
-            .clone()
-            .compact(revision, None)
+        self.call(|m| async move { m.client.clone().compact(revision, None).await })
             .await
             .map(|_| ())
-            .map_err(map_err)
     }
 
     async fn txn(&self, txn: Txn) -> DsResult<etcd_client::TxnResponse> {
-        self.kv.clone().txn(txn).await.map_err(map_err)
+        self.call(|m| {
+            let txn = txn.clone();
+            async move { m.kv.clone().txn(txn).await }
+        })
+        .await
     }
 
     /// The ModRevision found by the `or_else` Get of a failed transaction.
@@ -158,11 +226,11 @@ impl EtcdDatastore {
             opts = opts.with_revision(revision);
         }
         let resp = self
-            .kv
-            .clone()
-            .get(start, Some(opts))
-            .await
-            .map_err(map_err)?;
+            .call(|m| {
+                let (start, opts) = (start.clone(), opts.clone());
+                async move { m.kv.clone().get(start, Some(opts)).await }
+            })
+            .await?;
         let revision = if revision > 0 {
             revision
         } else {
@@ -187,7 +255,9 @@ impl EtcdDatastore {
 #[async_trait]
 impl Datastore for EtcdDatastore {
     async fn get(&self, key: &str) -> DsResult<Option<KeyValue>> {
-        let resp = self.kv.clone().get(key, None).await.map_err(map_err)?;
+        let resp = self
+            .call(|m| async move { m.kv.clone().get(key, None).await })
+            .await?;
         Ok(resp.kvs().first().map(kv))
     }
 
@@ -249,11 +319,11 @@ impl Datastore for EtcdDatastore {
 
     async fn apply(&self, key: &str, value: Vec<u8>) -> DsResult<i64> {
         let resp = self
-            .kv
-            .clone()
-            .put(key, value, None)
-            .await
-            .map_err(map_err)?;
+            .call(|m| {
+                let value = value.clone();
+                async move { m.kv.clone().put(key, value, None).await }
+            })
+            .await?;
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
 
@@ -291,11 +361,11 @@ impl Datastore for EtcdDatastore {
             .with_prev_key()
             .with_progress_notify();
         let mut stream = self
-            .watch
-            .clone()
-            .watch(prefix, Some(opts))
-            .await
-            .map_err(map_err)?;
+            .call(|m| {
+                let opts = opts.clone();
+                async move { m.watch.clone().watch(prefix, Some(opts)).await }
+            })
+            .await?;
         let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
         tokio::spawn(async move {
             loop {

@@ -87,6 +87,13 @@ async fn cluster_view(mut rx: tokio::sync::mpsc::Receiver<SyncerEvent>) {
 }
 
 async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> {
+    // "localhost" (Felix's default health host) means IPv4 loopback, where probes connect,
+    // whatever order the resolver would give.
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
     TcpListener::bind((host, port))
         .await
         .with_context(|| format!("cannot listen for {what} on {host}:{port}"))

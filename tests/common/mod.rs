@@ -43,6 +43,59 @@ pub struct Etcd {
     pub dir: tempfile::TempDir,
     pub client_port: u16,
     peer_port: u16,
+    /// Client TLS (server cert, key, CA; clients must present a cert signed by the CA).
+    pub tls: Option<TlsFiles>,
+}
+
+/// Certificates made with openssl for a TLS etcd on 127.0.0.1.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// A CA, a server certificate for IP 127.0.0.1 and a client certificate, in `dir`.
+    pub fn generate(dir: &Path) -> TlsFiles {
+        let sh = |script: &str| {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        sh(&format!(
+            "openssl req -x509 {ec} -keyout ca-key.pem -out ca.pem -days 2 -subj /CN=test-ca"
+        ));
+        for (name, usage, san) in [
+            ("server", "serverAuth", "subjectAltName=IP:127.0.0.1\n"),
+            ("client", "clientAuth", ""),
+        ] {
+            sh(&format!(
+                "openssl req {ec} -keyout {name}-key.pem -out {name}.csr -subj /CN={name} && \
+                 printf '{san}extendedKeyUsage={usage}\n' > {name}.ext && \
+                 openssl x509 -req -in {name}.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial \
+                   -out {name}.pem -days 2 -extfile {name}.ext"
+            ));
+        }
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server-key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+        }
+    }
 }
 
 impl Etcd {
@@ -68,13 +121,59 @@ impl Etcd {
             dir: tempfile::tempdir().unwrap(),
             client_port,
             peer_port: free_port(),
+            tls: None,
         };
         e.spawn();
         Some(e)
     }
 
+    /// Start etcd serving clients over TLS with client-certificate authentication.
+    pub fn start_tls() -> Option<Etcd> {
+        if !have("etcd") || !have("openssl") {
+            skip("etcd or openssl is not installed");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let tls = TlsFiles::generate(dir.path());
+        let mut e = Etcd {
+            child: None,
+            netns: None,
+            dir,
+            client_port: free_port(),
+            peer_port: free_port(),
+            tls: Some(tls),
+        };
+        e.spawn();
+        Some(e)
+    }
+
+    fn tls_args(&self, server: bool) -> Vec<String> {
+        let Some(t) = &self.tls else { return vec![] };
+        let p = |p: &PathBuf| p.display().to_string();
+        if server {
+            vec![
+                "--cert-file".into(),
+                p(&t.server_cert),
+                "--key-file".into(),
+                p(&t.server_key),
+                "--trusted-ca-file".into(),
+                p(&t.ca),
+                "--client-cert-auth".into(),
+            ]
+        } else {
+            vec![
+                "--cacert".into(),
+                p(&t.ca),
+                "--cert".into(),
+                p(&t.client_cert),
+                "--key".into(),
+                p(&t.client_key),
+            ]
+        }
+    }
+
     fn spawn(&mut self) {
-        let c = format!("http://127.0.0.1:{}", self.client_port);
+        let c = self.endpoint();
         let p = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
         let child = self
@@ -89,6 +188,7 @@ impl Etcd {
                 &p,
             ])
             .args(["--initial-cluster", &format!("s1={p}"), "--unsafe-no-fsync"])
+            .args(self.tls_args(true))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -104,6 +204,7 @@ impl Etcd {
                 .cmd("etcdctl")
                 .env("ETCDCTL_API", "3")
                 .args(["--endpoints", &self.endpoint(), "endpoint", "health"])
+                .args(self.tls_args(false))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
@@ -118,9 +219,10 @@ impl Etcd {
         );
     }
 
-    /// `http://127.0.0.1:<port>`
+    /// `http(s)://127.0.0.1:<port>`
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// A command run in etcd's namespace (`ip netns exec` execs, so PIDs are the program's).
@@ -162,6 +264,7 @@ impl Etcd {
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(self.endpoint())
+            .args(self.tls_args(false))
             .args(args)
             .output()
             .expect("run etcdctl");
