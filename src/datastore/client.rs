@@ -239,13 +239,22 @@ impl Client {
         r.metadata
             .creation_timestamp
             .get_or_insert_with(now_rfc3339);
-        let (ns, name) = (r.namespace().map(str::to_string), r.metadata.name.clone());
-        let rev = self
-            .ds
-            .create(&r.key(), encode(&r))
-            .await
-            .map_err(|e| self.map_ds::<S>(e, ns.as_deref(), &name))?;
-        r.metadata.resource_version = Some(rev.to_string());
+        self.store(r, None).await
+    }
+
+    /// Write a prepared resource: create-only when `revision` is None, else revision-checked.
+    async fn store<S: Kind>(
+        &self,
+        mut r: Resource<S>,
+        revision: Option<i64>,
+    ) -> ClientResult<Resource<S>> {
+        let (key, value) = (r.key(), encode(&r));
+        let written = match revision {
+            None => self.ds.create(&key, value).await,
+            Some(rev) => self.ds.update(&key, value, rev).await,
+        };
+        let new_rev = written.map_err(|e| self.map_ds::<S>(e, r.namespace(), &r.metadata.name))?;
+        r.metadata.resource_version = Some(new_rev.to_string());
         Ok(r)
     }
 
@@ -275,14 +284,7 @@ impl Client {
         if r.metadata.creation_timestamp.is_none() {
             r.metadata.creation_timestamp = old.metadata.creation_timestamp.clone();
         }
-        let (ns, name) = (r.namespace().map(str::to_string), r.metadata.name.clone());
-        let new_rev = self
-            .ds
-            .update(&r.key(), encode(&r), rev)
-            .await
-            .map_err(|e| self.map_ds::<S>(e, ns.as_deref(), &name))?;
-        r.metadata.resource_version = Some(new_rev.to_string());
-        Ok(r)
+        self.store(r, Some(rev)).await
     }
 
     /// Create or update. Without a `resourceVersion` the current one is used (retrying on

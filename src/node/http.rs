@@ -123,13 +123,6 @@ fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Re
 }
 
 fn health_response(req: &Request<Incoming>, health: &HealthAggregator) -> Resp {
-    if req.method() != Method::GET {
-        return respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "method not allowed\n",
-        );
-    }
     let report = health.snapshot();
     let ok = match req.uri().path() {
         "/liveness" => report.live,
@@ -146,13 +139,6 @@ fn health_response(req: &Request<Incoming>, health: &HealthAggregator) -> Resp {
 }
 
 fn metrics_response(req: &Request<Incoming>, registry: &Registry) -> Resp {
-    if req.method() != Method::GET {
-        return respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "method not allowed\n",
-        );
-    }
     if req.uri().path() != "/metrics" {
         return respond(StatusCode::NOT_FOUND, "text/plain", "not found\n");
     }
@@ -192,7 +178,16 @@ where
         let token = shutdown.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let r = handler(&req);
+                // Every endpoint here is read-only.
+                let r = if req.method() == Method::GET {
+                    handler(&req)
+                } else {
+                    respond(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "text/plain",
+                        "method not allowed\n",
+                    )
+                };
                 async move { Ok::<_, Infallible>(r) }
             });
             let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
