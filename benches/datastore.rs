@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 const WEPS: usize = 10_000;
 const NODES: usize = 200;
-const RUNS: usize = 5;
+const RUNS: usize = 9;
 
 fn wep_json(i: usize, generation: usize) -> (String, String) {
     let node = format!("node-{}", i % NODES);

@@ -382,6 +382,23 @@ fn decode_logged(kv: &KeyValue) -> Option<SyncValue> {
     }
 }
 
+/// What kind of thing an update is about (deletes carry no value: the key says).
+fn kind_of(u: &Update) -> &'static str {
+    if let Some(v) = &u.value {
+        return v.kind();
+    }
+    if let Some(k) = parse_resource_key(&u.key) {
+        return kind_by_plural(&k.plural).map_or("Unknown", |i| i.kind);
+    }
+    match parse_ipam_key(&u.key) {
+        Some(IpamKey::Block(_)) => "IPAMBlock",
+        Some(IpamKey::Affinity { .. }) => "BlockAffinity",
+        Some(IpamKey::Handle(_)) => "IPAMHandle",
+        Some(IpamKey::Config) => "IPAMConfig",
+        None => "Unknown",
+    }
+}
+
 fn update(kv: &KeyValue, t: UpdateType, value: SyncValue) -> Update {
     Update {
         key: kv.key.clone(),
@@ -454,27 +471,40 @@ impl Syncer {
         }
     }
 
+    /// Send to every subscriber, forgetting those that went away. False when none is left.
     async fn emit(&mut self, ev: SyncerEvent) -> bool {
-        if let (Some(m), SyncerEvent::Update(u)) = (&self.metrics, &ev) {
-            let kind = u.value.as_ref().map_or("(deleted)", |v| v.kind());
-            m.events
-                .with_label_values(&[kind, u.update_type.label()])
-                .inc();
-        }
-        let mut alive = Vec::with_capacity(self.subscribers.len());
-        for s in self.subscribers.drain(..) {
-            if s.send(ev.clone()).await.is_ok() {
-                alive.push(s);
+        let n = self.subscribers.len();
+        let mut ev = Some(ev);
+        let mut gone = Vec::new();
+        for i in 0..n {
+            // The last subscriber gets the event itself, the others a clone.
+            let this = if i + 1 == n { ev.take() } else { ev.clone() };
+            let Some(this) = this else { break };
+            if self.subscribers[i].send(this).await.is_err() {
+                gone.push(i);
             }
         }
-        self.subscribers = alive;
+        for i in gone.into_iter().rev() {
+            self.subscribers.remove(i);
+        }
         !self.subscribers.is_empty()
     }
 
     async fn emit_all(&mut self, updates: Vec<Update>) -> bool {
+        let mut counts: HashMap<(&'static str, &'static str), u64> = HashMap::new();
+        for u in &updates {
+            *counts
+                .entry((kind_of(u), u.update_type.label()))
+                .or_default() += 1;
+        }
         for u in updates {
             if !self.emit(SyncerEvent::Update(u)).await {
                 return false;
+            }
+        }
+        if let Some(m) = &self.metrics {
+            for ((kind, t), n) in counts {
+                m.events.with_label_values(&[kind, t]).inc_by(n);
             }
         }
         if let Some(m) = &self.metrics {
