@@ -695,3 +695,139 @@ async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
         _ = tokio::time::sleep(d) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool_kv(name: &str, cidr: &str, rev: i64) -> KeyValue {
+        let v = format!(
+            r#"{{"kind":"IPPool","apiVersion":"projectcalico.org/v3","metadata":{{"name":"{name}"}},"spec":{{"cidr":"{cidr}"}}}}"#
+        );
+        KeyValue {
+            key: format!("/calico/resources/v3/projectcalico.org/ippools/{name}"),
+            value: v.into_bytes(),
+            mod_revision: rev,
+            create_revision: rev,
+        }
+    }
+
+    fn summary(u: &[Update]) -> Vec<(String, UpdateType)> {
+        u.iter()
+            .map(|u| (u.key.rsplit('/').next().unwrap().to_string(), u.update_type))
+            .collect()
+    }
+
+    #[test]
+    fn relist_emits_only_differences() {
+        let mut st = SyncerState::default();
+        let first = st.on_list(
+            vec![
+                pool_kv("a", "10.1.0.0/16", 2),
+                pool_kv("b", "10.2.0.0/16", 3),
+            ],
+            3,
+        );
+        assert_eq!(
+            summary(&first),
+            [("a".into(), UpdateType::New), ("b".into(), UpdateType::New)]
+        );
+        let second = st.on_list(
+            vec![
+                pool_kv("a", "10.1.0.0/16", 2),
+                pool_kv("c", "10.3.0.0/16", 7),
+            ],
+            7,
+        );
+        assert_eq!(
+            summary(&second),
+            [
+                ("c".into(), UpdateType::New),
+                ("b".into(), UpdateType::Deleted)
+            ]
+        );
+        let third = st.on_list(
+            vec![
+                pool_kv("a", "10.1.0.0/16", 9),
+                pool_kv("c", "10.3.0.0/16", 7),
+            ],
+            9,
+        );
+        assert_eq!(summary(&third), [("a".into(), UpdateType::Updated)]);
+        assert_eq!(st.len(), 2);
+    }
+
+    #[test]
+    fn replayed_watch_events_are_not_delivered_twice() {
+        let mut st = SyncerState::default();
+        st.on_list(vec![pool_kv("a", "10.1.0.0/16", 2)], 2);
+        let put = WatchEvent::Put {
+            kv: pool_kv("a", "10.1.0.0/16", 2),
+            prev: None,
+        };
+        assert!(st.on_events(&[put]).is_empty(), "same revision as cached");
+        let newer = WatchEvent::Put {
+            kv: pool_kv("a", "10.9.0.0/16", 5),
+            prev: None,
+        };
+        assert_eq!(
+            summary(&st.on_events(std::slice::from_ref(&newer))),
+            [("a".into(), UpdateType::Updated)]
+        );
+        assert!(st.on_events(&[newer]).is_empty());
+        let del = WatchEvent::Delete {
+            key: pool_kv("a", "", 0).key,
+            mod_revision: 6,
+            prev: None,
+        };
+        assert_eq!(
+            summary(&st.on_events(std::slice::from_ref(&del))),
+            [("a".into(), UpdateType::Deleted)]
+        );
+        assert!(
+            st.on_events(&[del]).is_empty(),
+            "deleting an absent key says nothing"
+        );
+    }
+
+    #[test]
+    fn an_undecodable_value_replaces_a_good_one_as_a_delete() {
+        let mut st = SyncerState::default();
+        st.on_list(vec![pool_kv("a", "10.1.0.0/16", 2)], 2);
+        let mut bad = pool_kv("a", "", 3);
+        bad.value = b"{not json".to_vec();
+        let out = st.on_events(&[WatchEvent::Put {
+            kv: bad,
+            prev: None,
+        }]);
+        assert_eq!(summary(&out), [("a".into(), UpdateType::Deleted)]);
+        assert!(st.is_empty());
+    }
+
+    #[test]
+    fn ipam_keys_decode_and_unknown_keys_are_ignored() {
+        let kv = |key: &str, v: &str| KeyValue {
+            key: key.into(),
+            value: v.as_bytes().to_vec(),
+            mod_revision: 1,
+            create_revision: 1,
+        };
+        let aff = decode(&kv("/calico/ipam/v2/host/n1/ipv4/block/10.65.0.0-26", ""))
+            .unwrap()
+            .unwrap();
+        assert_eq!(aff.kind(), "BlockAffinity");
+        let h = decode(&kv(
+            "/calico/ipam/v2/handle/k8s-pod-network.x",
+            r#"{"block":{"10.65.0.0/26":1},"deleted":false}"#,
+        ));
+        assert_eq!(h.unwrap().unwrap().kind(), "IPAMHandle");
+        assert!(decode(&kv("/calico/felix/v1/something", "x")).is_none());
+        assert!(
+            decode(&kv(
+                "/calico/resources/v3/projectcalico.org/pods/default/x",
+                "{}"
+            ))
+            .is_none()
+        );
+    }
+}

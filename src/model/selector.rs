@@ -619,4 +619,54 @@ mod tests {
             (9, "unexpected end of selector")
         );
     }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn key() -> impl Strategy<Value = String> {
+            "[a-z][a-z0-9_./-]{0,8}"
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            "[a-zA-Z0-9 _.-]{0,6}"
+        }
+
+        fn expr() -> impl Strategy<Value = Expr> {
+            let leaf = prop_oneof![
+                Just(Expr::All),
+                key().prop_map(Expr::Has),
+                (key(), value()).prop_map(|(k, v)| Expr::Eq(k, v)),
+                (key(), value()).prop_map(|(k, v)| Expr::Ne(k, v)),
+                (key(), prop::collection::vec(value(), 0..3)).prop_map(|(k, v)| Expr::In(k, v)),
+                (key(), prop::collection::vec(value(), 0..3)).prop_map(|(k, v)| Expr::NotIn(k, v)),
+                (key(), value()).prop_map(|(k, v)| Expr::Contains(k, v)),
+            ];
+            leaf.prop_recursive(4, 24, 2, |inner| {
+                prop_oneof![
+                    inner.clone().prop_map(|e| Expr::Not(Box::new(e))),
+                    (inner.clone(), inner.clone())
+                        .prop_map(|(a, b)| Expr::And(Box::new(a), Box::new(b))),
+                    (inner.clone(), inner).prop_map(|(a, b)| Expr::Or(Box::new(a), Box::new(b))),
+                ]
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn display_parses_back_to_the_same_selector(e in expr()) {
+                let s = Selector { root: e };
+                let text = s.to_string();
+                prop_assert_eq!(Selector::parse(&text).unwrap(), s, "{}", text);
+            }
+
+            #[test]
+            fn any_input_parses_or_points_inside_it(input in ".{0,40}") {
+                if let Err(e) = Selector::parse(&input) {
+                    prop_assert!(e.position <= input.chars().count());
+                }
+            }
+        }
+    }
 }
