@@ -1,7 +1,11 @@
-//! Calico block IPAM. The records (blocks, affinities, handles, config) and their keys are
-//! in `model::ipam` and `model::keys`; the allocator over a CAS store, its etcd store and
-//! the garbage collector arrive with the pod-networking issue. The handle names below are
-//! Calico's and are shared by the CNI plugin, Felix and `calicoctl ipam check`.
+//! Calico block IPAM: pure block operations (`block`), the allocator over the datastore's
+//! compare-and-swap (`allocator`), and Calico's handle names. The records and their keys
+//! are in `model::ipam` and `model::keys`.
+
+pub mod allocator;
+pub mod block;
+
+pub use allocator::{AssignArgs, IpUse, Ipam, IpamError};
 
 /// Handle of a node's IPIP tunnel address.
 pub fn ipip_tunnel_handle(node: &str) -> String {

@@ -1,0 +1,992 @@
+//! Calico's block IPAM over the datastore's compare-and-swap operations (REFERENCE §3).
+//!
+//! Every write is revision-checked and retried on conflict, so any number of hosts (and
+//! CNI calls on one host) can allocate at once without handing an address out twice:
+//! - assign: from blocks affine to the host, then by claiming a new block (affinity
+//!   `pending` -> block create-only -> affinity `confirmed`; the loser of a race backs out),
+//!   then, unless strict affinity, by borrowing from any block of a usable pool;
+//! - the handle (`/calico/ipam/v2/handle/<id>`) counts the handle's addresses per block;
+//! - release frees addresses to the tail of the block's free list, deletes a block left
+//!   empty without affinity, and decrements (and at zero deletes) the handle.
+//!
+//! Ordering on a crash: the block is written before the handle, so a crash in between
+//! leaves an allocation whose handle count is short; the allocation still names its handle
+//! in the block, which is what the leak checker reads.
+
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::block::ordinal_in;
+use crate::datastore::{Client, ClientError, Datastore, DatastoreError, KeyValue};
+use crate::model::ipam::{AffinityState, AllocationBlock, BlockAffinity, IPAMConfig, IPAMHandle};
+use crate::model::keys::{self, IPAM_CONFIG_KEY, IpamKey};
+use crate::model::selector::Selector;
+use crate::model::{IPPool, IPPoolSpec, NodeSpec};
+
+/// How often a compare-and-swap write is retried on conflict (Calico: 100).
+pub const CAS_RETRIES: usize = 100;
+/// `maxBlocksPerHost` when the configuration says 0 (REFERENCE §1).
+pub const DEFAULT_MAX_BLOCKS_PER_HOST: u32 = 20;
+
+/// What an address is for (IPPool `allowedUses`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpUse {
+    Workload,
+    Tunnel,
+}
+
+impl IpUse {
+    fn name(self) -> &'static str {
+        match self {
+            IpUse::Workload => "Workload",
+            IpUse::Tunnel => "Tunnel",
+        }
+    }
+}
+
+/// IPAM failures, each naming what a user can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    /// No pool may be used by this host for this purpose.
+    #[error("no enabled IPv{family} pool allows {use_name} addresses on node {host}{requested}")]
+    NoPools {
+        family: u8,
+        use_name: &'static str,
+        host: String,
+        requested: String,
+    },
+    /// A requested pool does not exist or cannot be used.
+    #[error("IP pool {0} does not exist, is disabled, or does not select this node")]
+    PoolNotUsable(IpNet),
+    /// Every usable block is full and no new block may be claimed.
+    #[error("no free IPv{family} address for node {host}: {reason}")]
+    Exhausted {
+        family: u8,
+        host: String,
+        reason: String,
+    },
+    /// The address is not inside any block/pool.
+    #[error("{0} is not inside any IP pool")]
+    NotInPool(IpAddr),
+    /// The address is already allocated.
+    #[error("{0} is already in use")]
+    InUse(IpAddr),
+    /// Writes kept conflicting (extreme contention).
+    #[error("gave up on {key} after {CAS_RETRIES} conflicting writes")]
+    TooManyConflicts { key: String },
+    /// A stored IPAM record does not decode.
+    #[error("cannot decode {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    /// The datastore failed.
+    #[error(transparent)]
+    Datastore(#[from] DatastoreError),
+    /// Reading pools or nodes failed.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// Result of an IPAM call.
+pub type IpamResult<T> = Result<T, IpamError>;
+
+/// A request for addresses.
+#[derive(Debug, Clone)]
+pub struct AssignArgs {
+    /// Handle that will own the addresses (`k8s-pod-network.<cid>`, `ipip-tunnel-addr-<node>`).
+    pub handle: String,
+    /// Secondary attributes stored with the allocation (`node`, `pod`, `namespace`, ...).
+    pub attrs: BTreeMap<String, String>,
+    pub host: String,
+    pub num_v4: usize,
+    pub num_v6: usize,
+    /// Pools to use (CNI `ipv4_pools`); empty means every usable pool.
+    pub v4_pools: Vec<IpNet>,
+    pub v6_pools: Vec<IpNet>,
+    pub use_: IpUse,
+}
+
+impl AssignArgs {
+    /// One IPv4 workload address.
+    pub fn v4(handle: &str, host: &str) -> Self {
+        AssignArgs {
+            handle: handle.into(),
+            attrs: BTreeMap::new(),
+            host: host.into(),
+            num_v4: 1,
+            num_v6: 0,
+            v4_pools: Vec::new(),
+            v6_pools: Vec::new(),
+            use_: IpUse::Workload,
+        }
+    }
+}
+
+fn corrupt(kv: &KeyValue, e: serde_json::Error) -> IpamError {
+    IpamError::Corrupt {
+        key: kv.key.clone(),
+        reason: e.to_string(),
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// A small deterministic generator (splitmix64) for the candidate block order.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded(seed: &str) -> Rng {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        seed.hash(&mut h);
+        Rng(h.finish())
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// The block containing `ip` for a pool with this block size.
+fn block_of(ip: IpAddr, block_size: u32) -> Option<IpNet> {
+    IpNet::new(ip, u8::try_from(block_size).ok()?)
+        .ok()
+        .map(|n| n.trunc())
+}
+
+/// The `i`-th block of a pool.
+fn nth_block(pool: &IpNet, block_size: u8, i: u128) -> Option<IpNet> {
+    let shift = u32::from(pool.max_prefix_len() - block_size);
+    let offset = i.checked_shl(shift)?;
+    let base = match pool.network() {
+        IpAddr::V4(a) => {
+            IpAddr::V4((u32::from(a).checked_add(u32::try_from(offset).ok()?)?).into())
+        }
+        IpAddr::V6(a) => IpAddr::V6((u128::from(a).checked_add(offset)?).into()),
+    };
+    IpNet::new(base, block_size).ok()
+}
+
+/// Calico block IPAM.
+#[derive(Clone)]
+pub struct Ipam {
+    ds: Arc<dyn Datastore>,
+    client: Client,
+    clock: fn() -> u64,
+}
+
+impl Ipam {
+    pub fn new(ds: Arc<dyn Datastore>) -> Self {
+        Ipam {
+            client: Client::new(ds.clone()),
+            ds,
+            clock: now_ns,
+        }
+    }
+
+    /// Use a fixed clock for new blocks' sequence numbers (golden tests).
+    pub fn with_clock(mut self, clock: fn() -> u64) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The IPAM configuration (defaults when absent).
+    pub async fn config(&self) -> IpamResult<IPAMConfig> {
+        match self.ds.get(IPAM_CONFIG_KEY).await? {
+            Some(kv) => serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e)),
+            None => Ok(IPAMConfig::default()),
+        }
+    }
+
+    /// Replace the IPAM configuration.
+    pub async fn set_config(&self, cfg: &IPAMConfig) -> IpamResult<()> {
+        let v = serde_json::to_vec(cfg).expect("IPAMConfig serializes");
+        self.ds.apply(IPAM_CONFIG_KEY, v).await?;
+        Ok(())
+    }
+
+    /// Pools this host may use for `use_` in one family, restricted to `requested` if given.
+    pub async fn usable_pools(
+        &self,
+        host: &str,
+        v6: bool,
+        requested: &[IpNet],
+        use_: IpUse,
+    ) -> IpamResult<Vec<IPPool>> {
+        let (pools, _) = self.client.list::<IPPoolSpec>(None).await?;
+        let labels = match self.client.get::<NodeSpec>(None, host).await? {
+            Some(n) => n.metadata.labels,
+            None => BTreeMap::new(),
+        };
+        let usable = |p: &IPPool| {
+            let Some(net) = p.spec.net() else {
+                return false;
+            };
+            let uses = p
+                .spec
+                .allowed_uses
+                .clone()
+                .unwrap_or_else(|| vec!["Workload".into(), "Tunnel".into()]);
+            !p.spec.disabled
+                && matches!(net, IpNet::V6(_)) == v6
+                && uses.iter().any(|u| u == use_.name())
+                && Selector::parse(p.spec.node_selector_or_default())
+                    .is_ok_and(|s| s.matches(&labels))
+                && p.spec.assignment_mode.as_deref() != Some("Manual")
+        };
+        let chosen: Vec<IPPool> = pools.into_iter().filter(usable).collect();
+        if requested.is_empty() {
+            return Ok(chosen);
+        }
+        let mut out = Vec::new();
+        for r in requested {
+            match chosen.iter().find(|p| p.spec.net() == Some(*r)) {
+                Some(p) => out.push(p.clone()),
+                None => return Err(IpamError::PoolNotUsable(*r)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Assign addresses per `args`. All or nothing: on failure nothing stays allocated.
+    pub async fn auto_assign(&self, args: &AssignArgs) -> IpamResult<Vec<IpAddr>> {
+        let mut out = Vec::new();
+        for (v6, n, req) in [
+            (false, args.num_v4, &args.v4_pools),
+            (true, args.num_v6, &args.v6_pools),
+        ] {
+            if n == 0 {
+                continue;
+            }
+            match self.assign_family(args, v6, n, req).await {
+                Ok(ips) => out.extend(ips),
+                Err(e) => {
+                    if !out.is_empty() {
+                        let _ = self.release_ips(&out).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn assign_family(
+        &self,
+        args: &AssignArgs,
+        v6: bool,
+        n: usize,
+        requested: &[IpNet],
+    ) -> IpamResult<Vec<IpAddr>> {
+        let family = if v6 { 6 } else { 4 };
+        let pools = self
+            .usable_pools(&args.host, v6, requested, args.use_)
+            .await?;
+        if pools.is_empty() {
+            return Err(IpamError::NoPools {
+                family,
+                use_name: args.use_.name(),
+                host: args.host.clone(),
+                requested: if requested.is_empty() {
+                    String::new()
+                } else {
+                    format!(" among {requested:?}")
+                },
+            });
+        }
+        let in_pools = |b: &IpNet| {
+            pools
+                .iter()
+                .any(|p| p.spec.net().is_some_and(|n| n.contains(&b.network())))
+        };
+        let cfg = self.config().await?;
+        let mut got: Vec<IpAddr> = Vec::new();
+        let result = async {
+            // 1. Blocks this host already has.
+            let affine = self.affine_blocks(&args.host, v6).await?;
+            for cidr in affine.iter().filter(|c| in_pools(c)) {
+                if got.len() == n {
+                    break;
+                }
+                let more = self.assign_in_block(cidr, args, n - got.len(), Some(&args.host)).await?;
+                got.extend(more);
+            }
+            // 2. New blocks, within the per-host limit.
+            let max = if cfg.max_blocks_per_host == 0 { DEFAULT_MAX_BLOCKS_PER_HOST } else { cfg.max_blocks_per_host };
+            let mut owned = affine.len();
+            while got.len() < n && cfg.auto_allocate_blocks && owned < max as usize {
+                let Some(cidr) = self.claim_block(&args.host, &pools, v6).await? else { break };
+                owned += 1;
+                let more = self.assign_in_block(&cidr, args, n - got.len(), Some(&args.host)).await?;
+                got.extend(more);
+            }
+            // 3. Borrow from other hosts' blocks.
+            if got.len() < n && !cfg.strict_affinity {
+                for (cidr, _) in self.blocks(v6).await? {
+                    if got.len() == n {
+                        break;
+                    }
+                    if in_pools(&cidr) {
+                        let more = self.assign_in_block(&cidr, args, n - got.len(), None).await?;
+                        got.extend(more);
+                    }
+                }
+            }
+            if got.len() < n {
+                let reason = if cfg.strict_affinity {
+                    format!("its blocks are full, it may claim no more (maxBlocksPerHost {max}) or none is free, and strict affinity forbids borrowing")
+                } else {
+                    "every block of the usable pools is full".to_string()
+                };
+                return Err(IpamError::Exhausted { family, host: args.host.clone(), reason });
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(got),
+            Err(e) => {
+                if !got.is_empty() {
+                    let _ = self.release_ips(&got).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// CIDRs of the confirmed affinities of `host`.
+    pub async fn affine_blocks(&self, host: &str, v6: bool) -> IpamResult<Vec<IpNet>> {
+        let fam = if v6 { "ipv6" } else { "ipv4" };
+        let prefix = format!("{}host/{host}/{fam}/block/", keys::IPAM_PREFIX);
+        let (kvs, _) = self.ds.list(&prefix).await?;
+        let mut out = Vec::new();
+        for kv in &kvs {
+            let Some(IpamKey::Affinity { cidr, .. }) = keys::parse_ipam_key(&kv.key) else {
+                continue;
+            };
+            let aff = BlockAffinity::from_bytes(&kv.value).map_err(|e| corrupt(kv, e))?;
+            if aff.state == AffinityState::Confirmed && !aff.deleted {
+                out.push(cidr);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every block of one family, decoded.
+    pub async fn blocks(&self, v6: bool) -> IpamResult<Vec<(IpNet, AllocationBlock)>> {
+        let fam = if v6 { "ipv6" } else { "ipv4" };
+        let (kvs, _) = self
+            .ds
+            .list(&format!("{}assignment/{fam}/block/", keys::IPAM_PREFIX))
+            .await?;
+        let mut out = Vec::new();
+        for kv in &kvs {
+            let Some(IpamKey::Block(cidr)) = keys::parse_ipam_key(&kv.key) else {
+                continue;
+            };
+            out.push((
+                cidr,
+                serde_json::from_slice(&kv.value).map_err(|e| corrupt(kv, e))?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Claim a free block of one of `pools` for `host`: affinity pending, block create-only,
+    /// affinity confirmed. Candidates come in an order seeded by the host name.
+    async fn claim_block(
+        &self,
+        host: &str,
+        pools: &[IPPool],
+        v6: bool,
+    ) -> IpamResult<Option<IpNet>> {
+        let taken: HashSet<IpNet> = self.blocks(v6).await?.into_iter().map(|(c, _)| c).collect();
+        let mut rng = Rng::seeded(host);
+        for pool in pools {
+            let (Some(net), Ok(bs)) = (
+                pool.spec.net(),
+                u8::try_from(pool.spec.block_size_or_default()),
+            ) else {
+                continue;
+            };
+            let count_bits = u32::from(bs - net.prefix_len());
+            // Small pools: every block in a seeded order; huge (IPv6) pools: seeded probes.
+            let candidates: Vec<u128> = if count_bits <= 16 {
+                let mut all: Vec<u128> = (0..(1u128 << count_bits)).collect();
+                for i in (1..all.len()).rev() {
+                    let j = (rng.next() % (i as u64 + 1)) as usize;
+                    all.swap(i, j);
+                }
+                all
+            } else {
+                (0..4096)
+                    .map(|_| u128::from(rng.next()) & ((1u128 << count_bits.min(64)) - 1))
+                    .collect()
+            };
+            for i in candidates {
+                let Some(cidr) = nth_block(&net, bs, i) else {
+                    continue;
+                };
+                if taken.contains(&cidr) {
+                    continue;
+                }
+                if let Some(c) = self.try_claim(host, cidr).await? {
+                    return Ok(Some(c));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn try_claim(&self, host: &str, cidr: IpNet) -> IpamResult<Option<IpNet>> {
+        let aff_key = keys::affinity_key(host, &cidr);
+        let pending = serde_json::to_vec(&BlockAffinity {
+            state: AffinityState::Pending,
+            deleted: false,
+        })
+        .expect("serializes");
+        let aff_rev = match self.ds.create(&aff_key, pending).await {
+            Ok(r) => r,
+            Err(DatastoreError::AlreadyExists { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let block = AllocationBlock::new_empty(cidr, Some(host), (self.clock)());
+        let value = serde_json::to_vec(&block).expect("blocks serialize");
+        match self.ds.create(&keys::block_key(&cidr), value).await {
+            Ok(_) => {}
+            Err(DatastoreError::AlreadyExists { .. }) => {
+                // Another host won this block: back out our claim.
+                let _ = self.ds.delete(&aff_key, Some(aff_rev)).await;
+                return Ok(None);
+            }
+            Err(e) => {
+                let _ = self.ds.delete(&aff_key, Some(aff_rev)).await;
+                return Err(e.into());
+            }
+        }
+        let confirmed = serde_json::to_vec(&BlockAffinity {
+            state: AffinityState::Confirmed,
+            deleted: false,
+        })
+        .expect("serializes");
+        self.ds.update(&aff_key, confirmed, aff_rev).await?;
+        Ok(Some(cidr))
+    }
+
+    /// Assign up to `n` addresses in one block (CAS, retried). For an affine block whose
+    /// affinity exists but block does not, the block is rebuilt.
+    async fn assign_in_block(
+        &self,
+        cidr: &IpNet,
+        args: &AssignArgs,
+        n: usize,
+        affine_host: Option<&str>,
+    ) -> IpamResult<Vec<IpAddr>> {
+        let key = keys::block_key(cidr);
+        for _ in 0..CAS_RETRIES {
+            let (mut block, rev) = match self.ds.get(&key).await? {
+                Some(kv) => (
+                    serde_json::from_slice::<AllocationBlock>(&kv.value)
+                        .map_err(|e| corrupt(&kv, e))?,
+                    Some(kv.mod_revision),
+                ),
+                None => match affine_host {
+                    Some(h) => (
+                        AllocationBlock::new_empty(*cidr, Some(h), (self.clock)()),
+                        None,
+                    ),
+                    None => return Ok(Vec::new()),
+                },
+            };
+            let ips = block.assign(n, Some(&args.handle), &args.attrs);
+            if ips.is_empty() {
+                return Ok(ips);
+            }
+            let value = serde_json::to_vec(&block).expect("blocks serialize");
+            let written = match rev {
+                Some(rev) => self.ds.update(&key, value, rev).await,
+                None => self.ds.create(&key, value).await,
+            };
+            match written {
+                Ok(_) => {
+                    self.handle_add(&args.handle, cidr, ips.len() as i64)
+                        .await?;
+                    return Ok(ips);
+                }
+                Err(
+                    DatastoreError::Conflict { .. }
+                    | DatastoreError::AlreadyExists { .. }
+                    | DatastoreError::NotFound { .. },
+                ) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::TooManyConflicts { key })
+    }
+
+    /// Assign one specific address (e.g. a tunnel address being restored).
+    pub async fn assign_ip(
+        &self,
+        ip: IpAddr,
+        handle: &str,
+        attrs: &BTreeMap<String, String>,
+    ) -> IpamResult<()> {
+        let pools = self.client.list::<IPPoolSpec>(None).await?.0;
+        let pool = pools
+            .iter()
+            .find(|p| p.spec.net().is_some_and(|n| n.contains(&ip)))
+            .ok_or(IpamError::NotInPool(ip))?;
+        let cidr =
+            block_of(ip, pool.spec.block_size_or_default()).ok_or(IpamError::NotInPool(ip))?;
+        let key = keys::block_key(&cidr);
+        for _ in 0..CAS_RETRIES {
+            let (mut block, rev) = match self.ds.get(&key).await? {
+                Some(kv) => (
+                    serde_json::from_slice::<AllocationBlock>(&kv.value)
+                        .map_err(|e| corrupt(&kv, e))?,
+                    Some(kv.mod_revision),
+                ),
+                None => (AllocationBlock::new_empty(cidr, None, (self.clock)()), None),
+            };
+            if !block.assign_ip(ip, Some(handle), attrs) {
+                return Err(IpamError::InUse(ip));
+            }
+            let value = serde_json::to_vec(&block).expect("blocks serialize");
+            let written = match rev {
+                Some(rev) => self.ds.update(&key, value, rev).await,
+                None => self.ds.create(&key, value).await,
+            };
+            match written {
+                Ok(_) => return self.handle_add(handle, &cidr, 1).await,
+                Err(
+                    DatastoreError::Conflict { .. }
+                    | DatastoreError::AlreadyExists { .. }
+                    | DatastoreError::NotFound { .. },
+                ) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::TooManyConflicts { key })
+    }
+
+    /// Add `delta` (may be negative) to a handle's count for a block; the handle is
+    /// created at the first address and deleted when its last address goes.
+    async fn handle_add(&self, handle: &str, cidr: &IpNet, delta: i64) -> IpamResult<()> {
+        let key = keys::handle_key(handle);
+        let block = cidr.to_string();
+        for _ in 0..CAS_RETRIES {
+            let current = self.ds.get(&key).await?;
+            let (mut h, rev) = match &current {
+                Some(kv) => (
+                    serde_json::from_slice::<IPAMHandle>(&kv.value).map_err(|e| corrupt(kv, e))?,
+                    Some(kv.mod_revision),
+                ),
+                None if delta < 0 => return Ok(()),
+                None => (IPAMHandle::default(), None),
+            };
+            let count = h.block.get(&block).copied().unwrap_or(0) as i64 + delta;
+            if count > 0 {
+                h.block.insert(block.clone(), count as u64);
+            } else {
+                h.block.remove(&block);
+            }
+            let result = match (rev, h.block.is_empty()) {
+                (Some(rev), true) => self.ds.delete(&key, Some(rev)).await.map(|_| 0),
+                (Some(rev), false) => {
+                    self.ds
+                        .update(&key, serde_json::to_vec(&h).expect("serializes"), rev)
+                        .await
+                }
+                (None, true) => return Ok(()),
+                (None, false) => {
+                    self.ds
+                        .create(&key, serde_json::to_vec(&h).expect("serializes"))
+                        .await
+                }
+            };
+            match result {
+                Ok(_) => return Ok(()),
+                Err(
+                    DatastoreError::Conflict { .. }
+                    | DatastoreError::AlreadyExists { .. }
+                    | DatastoreError::NotFound { .. },
+                ) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::TooManyConflicts { key })
+    }
+
+    /// Release addresses. Returns those that were allocated (others are ignored).
+    pub async fn release_ips(&self, ips: &[IpAddr]) -> IpamResult<Vec<IpAddr>> {
+        let mut by_block: BTreeMap<IpNet, Vec<IpAddr>> = BTreeMap::new();
+        let blocks = {
+            let mut all = self.blocks(false).await?;
+            all.extend(self.blocks(true).await?);
+            all
+        };
+        for &ip in ips {
+            if let Some((cidr, _)) = blocks.iter().find(|(c, _)| c.contains(&ip)) {
+                by_block.entry(*cidr).or_default().push(ip);
+            }
+        }
+        let mut released = Vec::new();
+        for (cidr, ips) in by_block {
+            released.extend(
+                self.release_in_block(&cidr, |b| {
+                    ips.iter()
+                        .copied()
+                        .filter(|ip| b.handle_of(*ip).is_some())
+                        .collect()
+                })
+                .await?,
+            );
+        }
+        Ok(released)
+    }
+
+    /// Release every address of a handle, then the handle. Returns the addresses.
+    pub async fn release_by_handle(&self, handle: &str) -> IpamResult<Vec<IpAddr>> {
+        let key = keys::handle_key(handle);
+        let Some(kv) = self.ds.get(&key).await? else {
+            return Ok(Vec::new());
+        };
+        let h: IPAMHandle = serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+        let mut released = Vec::new();
+        for cidr in h.block.keys().filter_map(|c| c.parse::<IpNet>().ok()) {
+            released.extend(
+                self.release_in_block(&cidr, |b| b.ips_of_handle(handle))
+                    .await?,
+            );
+        }
+        // A handle still present had counts out of step (a crash between block and handle
+        // writes): it owns nothing any more, so it goes. A concurrent change wins.
+        if let Some(kv) = self.ds.get(&key).await? {
+            match self.ds.delete(&key, Some(kv.mod_revision)).await {
+                Ok(_) | Err(DatastoreError::NotFound { .. } | DatastoreError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(released)
+    }
+
+    /// Release the addresses `pick` chooses in one block (CAS, retried); delete the block
+    /// when it is left empty without affinity; decrement the handles.
+    async fn release_in_block<F>(&self, cidr: &IpNet, pick: F) -> IpamResult<Vec<IpAddr>>
+    where
+        F: Fn(&AllocationBlock) -> Vec<IpAddr>,
+    {
+        let key = keys::block_key(cidr);
+        for _ in 0..CAS_RETRIES {
+            let Some(kv) = self.ds.get(&key).await? else {
+                return Ok(Vec::new());
+            };
+            let mut block: AllocationBlock =
+                serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+            let ips = pick(&block);
+            if ips.is_empty() {
+                return Ok(ips);
+            }
+            let per_handle = block.release(&ips);
+            let written = if block.is_empty() && block.affinity.is_none() {
+                self.ds.delete(&key, Some(kv.mod_revision)).await.map(|_| 0)
+            } else {
+                self.ds
+                    .update(
+                        &key,
+                        serde_json::to_vec(&block).expect("blocks serialize"),
+                        kv.mod_revision,
+                    )
+                    .await
+            };
+            match written {
+                Ok(_) => {
+                    for (h, n) in per_handle {
+                        self.handle_add(&h, cidr, -(n as i64)).await?;
+                    }
+                    return Ok(ips);
+                }
+                Err(DatastoreError::Conflict { .. } | DatastoreError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(IpamError::TooManyConflicts { key })
+    }
+
+    /// Which block and handle an address belongs to, if allocated.
+    pub async fn lookup(&self, ip: IpAddr) -> IpamResult<Option<(IpNet, Option<String>)>> {
+        for (cidr, b) in self.blocks(ip.is_ipv6()).await? {
+            if cidr.contains(&ip) {
+                return Ok(b.handle_of(ip).map(|h| (cidr, h.map(str::to_string))));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The ordinal of `ip` in `block` (re-exported for tools).
+pub fn ordinal(block: &IpNet, ip: IpAddr) -> Option<usize> {
+    ordinal_in(block, ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::datastore::MemoryDatastore;
+
+    async fn setup(pools: &[(&str, &str, u32)]) -> (Ipam, MemoryDatastore) {
+        let mem = MemoryDatastore::new();
+        let ds: Arc<dyn Datastore> = Arc::new(mem.clone());
+        let client = Client::new(ds.clone());
+        for (name, cidr, bs) in pools {
+            let spec = IPPoolSpec {
+                cidr: cidr.to_string(),
+                block_size: Some(*bs),
+                ..Default::default()
+            };
+            client.create(IPPool::new(*name, spec)).await.unwrap();
+        }
+        (Ipam::new(ds).with_clock(|| 1000), mem)
+    }
+
+    fn args(handle: &str, host: &str, n: usize) -> AssignArgs {
+        AssignArgs {
+            num_v4: n,
+            ..AssignArgs::v4(handle, host)
+        }
+    }
+
+    #[tokio::test]
+    async fn first_assign_claims_an_affine_block() {
+        let (ipam, mem) = setup(&[("p", "10.65.0.0/24", 26)]).await;
+        let ips = ipam.auto_assign(&args("h1", "node-1", 3)).await.unwrap();
+        assert_eq!(ips.len(), 3);
+        let blocks = ipam.affine_blocks("node-1", false).await.unwrap();
+        assert_eq!(blocks.len(), 1);
+        assert!(ips.iter().all(|ip| blocks[0].contains(ip)));
+        // Consecutive from the head of the block.
+        assert_eq!(ips[0], blocks[0].network());
+        let h = mem.get(&keys::handle_key("h1")).await.unwrap().unwrap();
+        assert_eq!(
+            String::from_utf8(h.value).unwrap(),
+            format!(r#"{{"block":{{"{}":3}},"deleted":false}}"#, blocks[0])
+        );
+    }
+
+    #[tokio::test]
+    async fn hosts_get_their_own_blocks_and_borrow_when_out_of_blocks() {
+        // /26 pool of /28 blocks: 4 blocks of 16.
+        let (ipam, _) = setup(&[("p", "10.65.0.0/26", 28)]).await;
+        ipam.set_config(&IPAMConfig {
+            max_blocks_per_host: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let a = ipam.auto_assign(&args("a", "node-a", 16)).await.unwrap();
+        let b = ipam.auto_assign(&args("b", "node-b", 16)).await.unwrap();
+        assert_ne!(
+            ipam.affine_blocks("node-a", false).await.unwrap(),
+            ipam.affine_blocks("node-b", false).await.unwrap()
+        );
+        // node-a's block is full and it may not claim another: it borrows from free space.
+        let borrowed = ipam.auto_assign(&args("a2", "node-a", 1)).await;
+        // Only node-a and node-b blocks exist, both full: nothing to borrow yet.
+        assert!(
+            matches!(borrowed, Err(IpamError::Exhausted { .. })),
+            "{borrowed:?}"
+        );
+        ipam.auto_assign(&args("c", "node-c", 2)).await.unwrap();
+        let borrowed = ipam.auto_assign(&args("a2", "node-a", 1)).await.unwrap();
+        let c_block = ipam.affine_blocks("node-c", false).await.unwrap()[0];
+        assert!(
+            c_block.contains(&borrowed[0]),
+            "borrowed from node-c's block"
+        );
+        let all: HashSet<IpAddr> = a.iter().chain(&b).chain(&borrowed).copied().collect();
+        assert_eq!(all.len(), 33);
+    }
+
+    #[tokio::test]
+    async fn strict_affinity_refuses_to_borrow() {
+        let (ipam, mem) = setup(&[("p", "10.65.0.0/27", 28)]).await;
+        ipam.set_config(&IPAMConfig {
+            strict_affinity: true,
+            max_blocks_per_host: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        ipam.auto_assign(&args("a", "node-a", 16)).await.unwrap();
+        ipam.auto_assign(&args("b", "node-b", 1)).await.unwrap();
+        let e = ipam
+            .auto_assign(&args("a2", "node-a", 1))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("strict affinity forbids borrowing"),
+            "{e}"
+        );
+        assert!(
+            mem.get(&keys::handle_key("a2")).await.unwrap().is_none(),
+            "nothing left behind"
+        );
+    }
+
+    #[tokio::test]
+    async fn max_blocks_per_host_is_honoured() {
+        let (ipam, _) = setup(&[("p", "10.65.0.0/24", 28)]).await;
+        ipam.set_config(&IPAMConfig {
+            strict_affinity: true,
+            max_blocks_per_host: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        ipam.auto_assign(&args("a", "node-a", 32)).await.unwrap();
+        assert_eq!(ipam.affine_blocks("node-a", false).await.unwrap().len(), 2);
+        assert!(ipam.auto_assign(&args("a2", "node-a", 1)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn release_by_handle_removes_handle_and_empty_unaffine_blocks() {
+        let (ipam, mem) = setup(&[("p", "10.65.0.0/26", 28)]).await;
+        ipam.set_config(&IPAMConfig {
+            max_blocks_per_host: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        ipam.auto_assign(&args("b", "node-b", 2)).await.unwrap();
+        ipam.auto_assign(&args("a", "node-a", 16)).await.unwrap();
+        let borrowed = ipam.auto_assign(&args("a2", "node-a", 1)).await.unwrap();
+        let released = ipam.release_by_handle("a2").await.unwrap();
+        assert_eq!(released, borrowed);
+        assert!(mem.get(&keys::handle_key("a2")).await.unwrap().is_none());
+        // node-b's block keeps its affinity, so it stays even when emptied.
+        ipam.release_by_handle("b").await.unwrap();
+        assert_eq!(ipam.blocks(false).await.unwrap().len(), 2);
+        assert!(mem.get(&keys::handle_key("b")).await.unwrap().is_none());
+        // A non-affine block (made by assign_ip) is deleted when emptied.
+        let taken: Vec<IpNet> = ipam
+            .blocks(false)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        let free_block = [
+            "10.65.0.0/28",
+            "10.65.0.16/28",
+            "10.65.0.32/28",
+            "10.65.0.48/28",
+        ]
+        .iter()
+        .map(|c| c.parse::<IpNet>().unwrap())
+        .find(|c| !taken.contains(c))
+        .unwrap();
+        let ip = super::super::block::nth_ip(&free_block, 2);
+        ipam.assign_ip(ip, "manual", &BTreeMap::new())
+            .await
+            .unwrap();
+        assert_eq!(ipam.blocks(false).await.unwrap().len(), 3);
+        assert_eq!(ipam.release_ips(&[ip]).await.unwrap(), vec![ip]);
+        assert_eq!(ipam.blocks(false).await.unwrap().len(), 2);
+        assert!(matches!(
+            ipam.assign_ip("10.99.0.1".parse().unwrap(), "x", &BTreeMap::new())
+                .await,
+            Err(IpamError::NotInPool(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn pools_are_chosen_by_enabled_selector_and_use() {
+        let mem = MemoryDatastore::new();
+        let ds: Arc<dyn Datastore> = Arc::new(mem.clone());
+        let client = Client::new(ds.clone());
+        let mk = |name: &str, cidr: &str, f: fn(&mut IPPoolSpec)| {
+            let mut spec = IPPoolSpec {
+                cidr: cidr.into(),
+                block_size: Some(28),
+                ..Default::default()
+            };
+            f(&mut spec);
+            IPPool::new(name, spec)
+        };
+        client
+            .create(mk("off", "10.1.0.0/24", |s| s.disabled = true))
+            .await
+            .unwrap();
+        client
+            .create(mk("zone-b", "10.2.0.0/24", |s| {
+                s.node_selector = Some("zone == 'b'".into())
+            }))
+            .await
+            .unwrap();
+        client
+            .create(mk("tunnels", "10.3.0.0/24", |s| {
+                s.allowed_uses = Some(vec!["Tunnel".into()])
+            }))
+            .await
+            .unwrap();
+        client
+            .create(mk("zone-a", "10.4.0.0/24", |s| {
+                s.node_selector = Some("zone == 'a'".into())
+            }))
+            .await
+            .unwrap();
+        let mut node = crate::model::Node::new("node-a", NodeSpec::default());
+        node.metadata.labels.insert("zone".into(), "a".into());
+        client.create(node).await.unwrap();
+        let ipam = Ipam::new(ds);
+        let ip = ipam.auto_assign(&args("w", "node-a", 1)).await.unwrap()[0];
+        assert!(
+            "10.4.0.0/24".parse::<IpNet>().unwrap().contains(&ip),
+            "{ip}"
+        );
+        let t = ipam
+            .auto_assign(&AssignArgs {
+                use_: IpUse::Tunnel,
+                ..args("t", "node-a", 1)
+            })
+            .await
+            .unwrap()[0];
+        assert!(
+            "10.3.0.0/24".parse::<IpNet>().unwrap().contains(&t)
+                || "10.4.0.0/24".parse::<IpNet>().unwrap().contains(&t)
+        );
+        let e = ipam
+            .auto_assign(&AssignArgs {
+                v4_pools: vec!["10.2.0.0/24".parse().unwrap()],
+                ..args("x", "node-a", 1)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "IP pool 10.2.0.0/24 does not exist, is disabled, or does not select this node"
+        );
+        let e = ipam
+            .auto_assign(&AssignArgs {
+                num_v4: 0,
+                num_v6: 1,
+                ..args("x", "node-a", 0)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no enabled IPv6 pool allows Workload addresses on node node-a"
+        );
+    }
+}
