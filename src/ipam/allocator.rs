@@ -175,12 +175,18 @@ fn nth_block(pool: &IpNet, block_size: u8, i: u128) -> Option<IpNet> {
     IpNet::new(base, block_size).ok()
 }
 
+/// Per-host serialization of assignments inside one process. Concurrent assigns for one
+/// host would otherwise each claim a new block when the host has none yet; Calico avoids
+/// that with a host-wide lock too (its CNI plugin adds a file lock across processes).
+type HostLocks = Arc<std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>>;
+
 /// Calico block IPAM.
 #[derive(Clone)]
 pub struct Ipam {
     ds: Arc<dyn Datastore>,
     client: Client,
     clock: fn() -> u64,
+    host_locks: HostLocks,
 }
 
 impl Ipam {
@@ -189,6 +195,7 @@ impl Ipam {
             client: Client::new(ds.clone()),
             ds,
             clock: now_ns,
+            host_locks: HostLocks::default(),
         }
     }
 
@@ -286,6 +293,11 @@ impl Ipam {
         n: usize,
         requested: &[IpNet],
     ) -> IpamResult<Vec<IpAddr>> {
+        let lock = {
+            let mut locks = self.host_locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(args.host.clone()).or_default().clone()
+        };
+        let _serialized = lock.lock().await;
         let family = if v6 { 6 } else { 4 };
         let pools = self
             .usable_pools(&args.host, v6, requested, args.use_)
