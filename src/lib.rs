@@ -2,6 +2,7 @@
 //! CNI and calicoctl) in one crate. See `README.md` and the module docs.
 
 pub mod bgp;
+pub mod cni;
 pub mod confd;
 pub mod ctl;
 pub mod datastore;

@@ -733,6 +733,35 @@ impl Ipam {
         Err(IpamError::TooManyConflicts { key })
     }
 
+    /// The addresses a handle holds.
+    pub async fn ips_of_handle(&self, handle: &str) -> IpamResult<Vec<IpAddr>> {
+        let Some(kv) = self.ds.get(&keys::handle_key(handle)).await? else {
+            return Ok(Vec::new());
+        };
+        let h: IPAMHandle = serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+        let mut out = Vec::new();
+        for cidr in h.block.keys().filter_map(|c| c.parse::<IpNet>().ok()) {
+            if let Some(kv) = self.ds.get(&keys::block_key(&cidr)).await? {
+                let b: AllocationBlock =
+                    serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+                out.extend(b.ips_of_handle(handle));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every handle ID starting with `prefix`.
+    pub async fn handles(&self, prefix: &str) -> IpamResult<Vec<String>> {
+        let (kvs, _) = self.ds.list(&keys::handle_key(prefix)).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| match keys::parse_ipam_key(&kv.key) {
+                Some(IpamKey::Handle(id)) => Some(id),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// Which block and handle an address belongs to, if allocated.
     pub async fn lookup(&self, ip: IpAddr) -> IpamResult<Option<(IpNet, Option<String>)>> {
         for (cidr, b) in self.blocks(ip.is_ipv6()).await? {

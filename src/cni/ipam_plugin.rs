@@ -1,0 +1,192 @@
+//! `calico-ipam`, the CNI IPAM plugin: addresses from Calico block IPAM, owned by the
+//! handle `<network name>.<container ID>` (REFERENCE §1, §4).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde_json::Value;
+
+use super::{CniEnv, CniError, CniResult, Command, NetConf, code, version_result};
+use crate::datastore::{Client, ClientError, DatastoreError};
+use crate::ipam::{AssignArgs, IpUse, Ipam, IpamError, workload_handle};
+use crate::model::ClusterInformationSpec;
+
+/// Map IPAM failures to CNI codes: an unreachable datastore is "try again later".
+pub fn ipam_error(e: IpamError) -> CniError {
+    match e {
+        IpamError::Datastore(DatastoreError::Unavailable(d))
+        | IpamError::Client(ClientError::Datastore(DatastoreError::Unavailable(d))) => {
+            CniError::new(
+                code::TRY_AGAIN_LATER,
+                "the Calico datastore (etcd) is unreachable; try again later",
+                d,
+            )
+        }
+        IpamError::PoolNotUsable(p) => CniError::new(
+            code::INVALID_NETWORK_CONFIG,
+            "invalid network configuration field ipam.ipv4_pools",
+            format!("IP pool {p} does not exist, is disabled, or does not select this node"),
+        ),
+        other => CniError::new(
+            code::PLUGIN_FAILURE,
+            "Calico IPAM failed",
+            other.to_string(),
+        ),
+    }
+}
+
+fn client_error(e: ClientError) -> CniError {
+    ipam_error(IpamError::Client(e))
+}
+
+/// Refuse to act until calico-node has marked the datastore ready (Calico's rule).
+pub async fn check_datastore_ready(client: &Client) -> Result<(), CniError> {
+    match client
+        .get::<ClusterInformationSpec>(None, "default")
+        .await
+        .map_err(client_error)?
+    {
+        Some(ci) if ci.spec.datastore_ready == Some(true) => Ok(()),
+        _ => Err(CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the Calico datastore is not ready",
+            "ClusterInformation 'default' does not say datastoreReady: true (is calico-node running?)",
+        )),
+    }
+}
+
+fn prefix_of(ip: IpAddr) -> IpNet {
+    IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix is valid")
+}
+
+/// Run one IPAM command. ADD returns the CNI result; DEL, CHECK, GC and STATUS return None.
+pub async fn execute(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniError> {
+    if env.command == Command::Version {
+        return Ok(Some(version_result()));
+    }
+    let ds = conf
+        .datastore()?
+        .connect()
+        .await
+        .map_err(|e| ipam_error(e.into()))?;
+    let client = Client::new(ds.clone());
+    let ipam = Ipam::new(ds);
+    let handle = workload_handle(&conf.name, &env.container_id);
+    match env.command {
+        Command::Add => {
+            check_datastore_ready(&client).await?;
+            let host = conf.node_name()?;
+            // A repeated ADD for the same container gets the addresses it already has.
+            let mut ips = ipam.ips_of_handle(&handle).await.map_err(ipam_error)?;
+            if ips.is_empty() {
+                let mut attrs = BTreeMap::from([
+                    ("node".to_string(), host.clone()),
+                    (
+                        "timestamp".to_string(),
+                        crate::datastore::client::now_rfc3339(),
+                    ),
+                ]);
+                if let Some((ns, pod)) = env.k8s_pod() {
+                    attrs.insert("namespace".into(), ns.into());
+                    attrs.insert("pod".into(), pod.into());
+                }
+                let parse = |v: &Vec<String>| {
+                    v.iter()
+                        .filter_map(|p| p.parse().ok())
+                        .collect::<Vec<IpNet>>()
+                };
+                let args = AssignArgs {
+                    handle: handle.clone(),
+                    attrs,
+                    host,
+                    num_v4: usize::from(conf.ipam.assign_ipv4.as_deref() != Some("false")),
+                    num_v6: usize::from(conf.ipam.assign_ipv6.as_deref() == Some("true")),
+                    v4_pools: parse(&conf.ipam.ipv4_pools),
+                    v6_pools: parse(&conf.ipam.ipv6_pools),
+                    use_: IpUse::Workload,
+                };
+                ips = ipam.auto_assign(&args).await.map_err(ipam_error)?;
+            }
+            let mut result = CniResult::new(&conf.cni_version);
+            for ip in ips {
+                result.push_ip(prefix_of(ip), None);
+            }
+            Ok(Some(
+                serde_json::to_value(result).expect("results serialize"),
+            ))
+        }
+        Command::Del => {
+            ipam.release_by_handle(&handle).await.map_err(ipam_error)?;
+            Ok(None)
+        }
+        Command::Check => {
+            let held = ipam.ips_of_handle(&handle).await.map_err(ipam_error)?;
+            let prev: CniResult = conf
+                .prev_result
+                .clone()
+                .ok_or_else(|| {
+                    CniError::new(
+                        code::INVALID_NETWORK_CONFIG,
+                        "invalid network configuration field prevResult",
+                        "CHECK needs prevResult",
+                    )
+                })
+                .and_then(|v| {
+                    serde_json::from_value(v).map_err(|e| {
+                        CniError::new(
+                            code::DECODE_FAILURE,
+                            "cannot decode prevResult",
+                            e.to_string(),
+                        )
+                    })
+                })?;
+            for ip in &prev.ips {
+                let addr = ip.address.parse::<IpNet>().map(|n| n.addr()).map_err(|e| {
+                    CniError::new(
+                        code::DECODE_FAILURE,
+                        "cannot decode prevResult",
+                        e.to_string(),
+                    )
+                })?;
+                if !held.contains(&addr) {
+                    return Err(CniError::new(
+                        code::PLUGIN_FAILURE,
+                        format!("{addr} is not allocated to {handle}"),
+                        "the address was released or reassigned",
+                    ));
+                }
+            }
+            Ok(None)
+        }
+        Command::Gc => {
+            let keep: std::collections::HashSet<String> = conf
+                .valid_attachments
+                .iter()
+                .flatten()
+                .map(|a| workload_handle(&conf.name, &a.container_id))
+                .collect();
+            for h in ipam
+                .handles(&format!("{}.", conf.name))
+                .await
+                .map_err(ipam_error)?
+            {
+                if !keep.contains(&h) {
+                    ipam.release_by_handle(&h).await.map_err(ipam_error)?;
+                }
+            }
+            Ok(None)
+        }
+        Command::Status => {
+            check_datastore_ready(&client).await.map_err(|e| {
+                CniError::new(
+                    code::PLUGIN_NOT_AVAILABLE,
+                    "Calico IPAM cannot assign addresses",
+                    e.to_string(),
+                )
+            })?;
+            Ok(None)
+        }
+        Command::Version => Ok(Some(version_result())),
+    }
+}

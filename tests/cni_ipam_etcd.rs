@@ -1,0 +1,211 @@
+//! The `calico-ipam` binary driven as a CNI runtime drives it (env + stdin), against a real
+//! etcd: ADD/CHECK/DEL/GC/STATUS/VERSION, idempotence, and error codes naming the cause.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use calico_node::datastore::Client;
+use calico_node::model::{ClusterInformation, ClusterInformationSpec, IPPool, IPPoolSpec};
+use common::Etcd;
+use serde_json::{Value, json};
+
+fn run(env: &[(&str, &str)], conf: &Value) -> (i32, Value) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_calico-ipam"))
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = c.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v = if stdout.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("not JSON: {stdout}"))
+    };
+    (out.status.code().unwrap(), v)
+}
+
+fn cni_env<'a>(cmd: &'a str, cid: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", cmd),
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", "/run/netns/test"),
+        ("CNI_IFNAME", "eth0"),
+        (
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=web-0",
+        ),
+        ("CNI_PATH", "/usr/lib/cni"),
+    ]
+}
+
+async fn ready_etcd() -> Option<Etcd> {
+    let etcd = Etcd::start()?;
+    let client = Client::new(etcd.datastore().await);
+    let spec = IPPoolSpec {
+        cidr: "10.88.0.0/16".into(),
+        ..Default::default()
+    };
+    client.create(IPPool::new("pool", spec)).await.unwrap();
+    let ci = ClusterInformationSpec {
+        datastore_ready: Some(true),
+        ..Default::default()
+    };
+    client
+        .create(ClusterInformation::new("default", ci))
+        .await
+        .unwrap();
+    Some(etcd)
+}
+
+fn conf(etcd: &Etcd, version: &str) -> Value {
+    json!({"cniVersion": version, "name": "k8s-pod-network", "type": "calico-ipam",
+           "etcd_endpoints": etcd.endpoint(), "nodename": "node-1",
+           "log_level": "debug", "log_file_path": etcd.dir.path().join("cni.log")})
+}
+
+#[tokio::test]
+async fn add_check_del_round_trip_with_idempotence() {
+    let Some(etcd) = ready_etcd().await else {
+        return;
+    };
+    let c = conf(&etcd, "1.0.0");
+    let (code, res) = run(&cni_env("ADD", "c1"), &c);
+    assert_eq!(code, 0, "{res}");
+    assert_eq!(res["cniVersion"], "1.0.0");
+    let addr = res["ips"][0]["address"].as_str().unwrap().to_string();
+    assert!(
+        addr.starts_with("10.88.") && addr.ends_with("/32"),
+        "{addr}"
+    );
+    assert!(
+        res["ips"][0].get("version").is_none(),
+        "1.0.0 results have no version field"
+    );
+    // The handle and the allocation's attributes are Calico's.
+    let handle = etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.c1");
+    assert!(handle.starts_with(r#"{"block":{"10.88."#), "{handle}");
+    let blocks = etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "/calico/ipam/v2/assignment/",
+        "--print-value-only",
+    ]);
+    assert!(blocks.contains(r#""handle_id":"k8s-pod-network.c1","secondary":{"namespace":"ns1","node":"node-1","pod":"web-0","timestamp":"#), "{blocks}");
+    // A repeated ADD returns the same address.
+    let (_, again) = run(&cni_env("ADD", "c1"), &c);
+    assert_eq!(again["ips"][0]["address"], addr.as_str());
+    // CHECK with prevResult.
+    let mut check = c.clone();
+    check["prevResult"] = res.clone();
+    assert_eq!(run(&cni_env("CHECK", "c1"), &check), (0, Value::Null));
+    // DEL releases; DEL again is fine; CHECK now fails with the address named.
+    assert_eq!(run(&cni_env("DEL", "c1"), &c), (0, Value::Null));
+    assert_eq!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.c1"),
+        ""
+    );
+    assert_eq!(run(&cni_env("DEL", "c1"), &c), (0, Value::Null));
+    let (code, err) = run(&cni_env("CHECK", "c1"), &check);
+    assert_eq!(code, 1);
+    assert_eq!(err["code"], 100);
+    assert_eq!(
+        err["msg"],
+        format!(
+            "{} is not allocated to k8s-pod-network.c1",
+            addr.trim_end_matches("/32")
+        )
+    );
+    // Logs went to the file, not stdout.
+    assert!(std::fs::read_to_string(etcd.dir.path().join("cni.log")).is_ok());
+}
+
+#[tokio::test]
+async fn legacy_versions_gc_status_and_version() {
+    let Some(etcd) = ready_etcd().await else {
+        return;
+    };
+    let c = conf(&etcd, "0.3.1");
+    let (code, res) = run(&cni_env("ADD", "keep"), &c);
+    assert_eq!(code, 0);
+    assert_eq!(res["ips"][0]["version"], "4");
+    run(&cni_env("ADD", "stale"), &c);
+    let mut gc = conf(&etcd, "1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
+    assert_eq!(run(&[("CNI_COMMAND", "GC")], &gc), (0, Value::Null));
+    assert_ne!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.keep"),
+        ""
+    );
+    assert_eq!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.stale"),
+        "",
+        "GC released the stale attachment"
+    );
+    assert_eq!(
+        run(&[("CNI_COMMAND", "STATUS")], &conf(&etcd, "1.1.0")),
+        (0, Value::Null)
+    );
+    let (code, v) = run(
+        &[("CNI_COMMAND", "VERSION")],
+        &json!({"cniVersion": "1.0.0"}),
+    );
+    assert_eq!(code, 0);
+    assert_eq!(
+        v["supportedVersions"],
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+    );
+}
+
+#[tokio::test]
+async fn errors_carry_the_spec_codes() {
+    let Some(etcd) = ready_etcd().await else {
+        return;
+    };
+    // 1: incompatible version.
+    let (code, e) = run(&cni_env("ADD", "c1"), &conf(&etcd, "9.9.9"));
+    assert_eq!((code, e["code"].as_u64()), (1, Some(1)));
+    // 4: invalid configuration, naming the field.
+    let mut bad = conf(&etcd, "1.0.0");
+    bad["ipam"] = json!({"type": "calico-ipam", "ipv4_pools": ["10.99.0.0/16"]});
+    let (_, e) = run(&cni_env("ADD", "c1"), &bad);
+    assert_eq!(e["code"], 4);
+    assert_eq!(
+        e["msg"],
+        "invalid network configuration field ipam.ipv4_pools"
+    );
+    assert_eq!(
+        e["details"],
+        "IP pool 10.99.0.0/16 does not exist, is disabled, or does not select this node"
+    );
+    // 7: a missing variable.
+    let (_, e) = run(&[("CNI_COMMAND", "ADD")], &conf(&etcd, "1.0.0"));
+    assert_eq!(
+        (e["code"].as_u64(), e["msg"].as_str()),
+        (
+            Some(7),
+            Some("invalid environment variable CNI_CONTAINERID")
+        )
+    );
+    // 11: etcd unreachable.
+    let mut down = conf(&etcd, "1.0.0");
+    down["etcd_endpoints"] = json!(format!("http://127.0.0.1:{}", common::free_port()));
+    let (code, e) = run(&cni_env("ADD", "c1"), &down);
+    assert_eq!((code, e["code"].as_u64()), (1, Some(11)), "{e}");
+    // Nothing was allocated by the failed calls.
+    assert_eq!(
+        etcd.etcdctl(&["get", "--prefix", "/calico/ipam/v2/handle/", "--keys-only"])
+            .trim(),
+        ""
+    );
+}
