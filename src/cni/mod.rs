@@ -2,7 +2,9 @@
 //! stdin in, a result or an error JSON out, and the network configuration keys Calico's
 //! plugins read (REFERENCE §4).
 
+pub mod dataplane;
 pub mod ipam_plugin;
+pub mod plugin;
 
 use std::collections::BTreeMap;
 use std::io::Write;

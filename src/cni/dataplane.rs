@@ -1,0 +1,468 @@
+//! The pod's dataplane, exactly as Calico builds it (REFERENCE §4): a veth whose peer is
+//! created directly in the pod's namespace (no move between namespaces), the host side
+//! `cali…` with MAC ee:ee:ee:ee:ee:ee and proxy-ARP sysctls, the pod's /32 (or /128) with
+//! `169.254.1.1 dev eth0 scope link` and `default via 169.254.1.1`, and the host route
+//! `<ip>/32 dev cali… scope link proto boot`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+
+/// The host side's MAC (Calico uses one fixed MAC on every host veth).
+pub const HOST_MAC: [u8; 6] = [0xee; 6];
+/// The pod's gateway, answered by the host through proxy ARP.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+const EEXIST: i32 = 17;
+const ENOENT: i32 = 2;
+const ENODEV: i32 = 19;
+
+/// Dataplane failures, with the object and operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The pod's network namespace could not be opened or entered.
+    #[error("network namespace {path}: {reason}")]
+    Netns { path: String, reason: String },
+    /// A netlink request failed (errno kept).
+    #[error("{op}: {message}")]
+    Netlink {
+        op: String,
+        errno: Option<i32>,
+        message: String,
+    },
+    /// A sysctl could not be written.
+    #[error("sysctl {path}: {reason}")]
+    Sysctl { path: String, reason: String },
+    /// The host already routes the pod's address to another interface.
+    #[error("route to {ip} already exists via {other} (not {ours})")]
+    RouteConflict {
+        ip: IpNet,
+        other: String,
+        ours: String,
+    },
+}
+
+fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
+    let op = op.into();
+    move |e| {
+        let errno = match &e {
+            rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+            _ => None,
+        };
+        DataplaneError::Netlink {
+            op,
+            errno,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn errno(e: &DataplaneError) -> Option<i32> {
+    match e {
+        DataplaneError::Netlink { errno, .. } => *errno,
+        _ => None,
+    }
+}
+
+/// A netlink handle for the calling thread's current namespace.
+fn connect() -> Result<Handle, DataplaneError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| DataplaneError::Netlink {
+        op: "open netlink socket".into(),
+        errno: e.raw_os_error(),
+        message: e.to_string(),
+    })?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// Run `f` on a dedicated thread inside the namespace at `path` (setns changes only the
+/// calling thread; a netlink socket stays in the namespace it was opened in).
+async fn in_netns<T, F, Fut>(path: &str, f: F) -> Result<T, DataplaneError>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, DataplaneError>>,
+{
+    let path = path.to_string();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let run = || -> Result<T, DataplaneError> {
+            let ns_err = |reason: String| DataplaneError::Netns {
+                path: path.clone(),
+                reason,
+            };
+            let file = std::fs::File::open(&path).map_err(|e| ns_err(e.to_string()))?;
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| ns_err(e.to_string()))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| ns_err(e.to_string()))?;
+            rt.block_on(async move { f(connect()?).await })
+        };
+        let _ = tx.send(run());
+    });
+    rx.await.map_err(|_| DataplaneError::Netns {
+        path: "(thread)".into(),
+        reason: "namespace worker stopped".into(),
+    })?
+}
+
+async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, DataplaneError> {
+    match h
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
+        Ok(l) => Ok(l),
+        Err(e) => {
+            let e = nl(format!("get link {name}"))(e);
+            if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+fn mac_of(l: &LinkMessage) -> Option<String> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(m) => Some(
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":"),
+        ),
+        _ => None,
+    })
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<(), DataplaneError> {
+    std::fs::write(path, value).map_err(|e| DataplaneError::Sysctl {
+        path: path.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// Calico's host-side sysctls for a workload interface.
+pub fn host_sysctls(ifname: &str, v6: bool) -> Result<(), DataplaneError> {
+    write_sysctl(&format!("/proc/sys/net/ipv4/conf/{ifname}/proxy_arp"), "1")?;
+    write_sysctl(
+        &format!("/proc/sys/net/ipv4/neigh/{ifname}/proxy_delay"),
+        "0",
+    )?;
+    write_sysctl(&format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"), "1")?;
+    write_sysctl(
+        &format!("/proc/sys/net/ipv4/conf/{ifname}/route_localnet"),
+        "1",
+    )?;
+    if v6 {
+        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad"), "0")?;
+        write_sysctl(
+            &format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
+            "0",
+        )?;
+        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{ifname}/proxy_ndp"), "1")?;
+        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{ifname}/forwarding"), "1")?;
+        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{ifname}/accept_ra"), "0")?;
+    }
+    Ok(())
+}
+
+/// What the pod's network should look like.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub host_ifname: String,
+    pub container_ifname: String,
+    pub netns: String,
+    pub mtu: u32,
+    /// Host prefixes (/32, /128).
+    pub addrs: Vec<IpNet>,
+}
+
+/// The veth pair, made in one request with the peer created inside the pod namespace.
+fn veth_message(spec: &PodSpec, netns_fd: i32) -> LinkMessage {
+    let peer = LinkMessageBuilder::<LinkUnspec>::default()
+        .name(spec.container_ifname.clone())
+        .mtu(spec.mtu)
+        .setns_by_fd(netns_fd)
+        .build();
+    LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
+        .name(spec.host_ifname.clone())
+        .mtu(spec.mtu)
+        .address(HOST_MAC.to_vec())
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build()
+}
+
+/// Create everything; on error, remove what was created. Returns the pod side's MAC.
+pub async fn setup(spec: &PodSpec) -> Result<String, DataplaneError> {
+    let host = connect()?;
+    let ns_file = std::fs::File::open(&spec.netns).map_err(|e| DataplaneError::Netns {
+        path: spec.netns.clone(),
+        reason: e.to_string(),
+    })?;
+    host.link()
+        .add(veth_message(spec, ns_file.as_raw_fd()))
+        .execute()
+        .await
+        .map_err(nl(format!(
+            "create veth {} with peer {} in {}",
+            spec.host_ifname, spec.container_ifname, spec.netns
+        )))?;
+    let result = configure(&host, spec).await;
+    if result.is_err() {
+        // Deleting the host side deletes the pair.
+        if let Ok(Some(l)) = link_by_name(&host, &spec.host_ifname).await {
+            let _ = host.link().del(l.header.index).execute().await;
+        }
+    }
+    result
+}
+
+async fn configure(host: &Handle, spec: &PodSpec) -> Result<String, DataplaneError> {
+    let link = link_by_name(host, &spec.host_ifname)
+        .await?
+        .ok_or_else(|| DataplaneError::Netlink {
+            op: format!("find {}", spec.host_ifname),
+            errno: Some(ENODEV),
+            message: "just created, now missing".into(),
+        })?;
+    let index = link.header.index;
+    host_sysctls(
+        &spec.host_ifname,
+        spec.addrs.iter().any(|a| a.addr().is_ipv6()),
+    )?;
+    host.link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(nl(format!("set {} up", spec.host_ifname)))?;
+    let (ifname, addrs) = (spec.container_ifname.clone(), spec.addrs.clone());
+    let mac = in_netns(&spec.netns, move |h| async move {
+        configure_pod(&h, &ifname, &addrs).await
+    })
+    .await?;
+    for a in &spec.addrs {
+        host_route(host, index, &spec.host_ifname, *a).await?;
+    }
+    Ok(mac)
+}
+
+/// Inside the pod: addresses, link up, the gateway's link route and the default route.
+async fn configure_pod(
+    h: &Handle,
+    ifname: &str,
+    addrs: &[IpNet],
+) -> Result<String, DataplaneError> {
+    let link = link_by_name(h, ifname)
+        .await?
+        .ok_or_else(|| DataplaneError::Netlink {
+            op: format!("find {ifname} in the pod"),
+            errno: Some(ENODEV),
+            message: "missing".into(),
+        })?;
+    let index = link.header.index;
+    for a in addrs {
+        h.address()
+            .add(index, a.addr(), a.prefix_len())
+            .execute()
+            .await
+            .map_err(nl(format!("add {a} to {ifname}")))?;
+    }
+    h.link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(nl(format!("set {ifname} up")))?;
+    if addrs.iter().any(|a| a.addr().is_ipv4()) {
+        let gw = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(GATEWAY, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Boot)
+            .build();
+        h.route()
+            .add(gw)
+            .execute()
+            .await
+            .map_err(nl(format!("add route {GATEWAY} dev {ifname} scope link")))?;
+        let default = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(GATEWAY)
+            .output_interface(index)
+            .protocol(RouteProtocol::Boot)
+            .build();
+        h.route()
+            .add(default)
+            .execute()
+            .await
+            .map_err(nl(format!("add default via {GATEWAY} dev {ifname}")))?;
+    }
+    Ok(mac_of(&link).unwrap_or_default())
+}
+
+fn route_oif(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn route_dst(r: &RouteMessage) -> Option<IpAddr> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    })
+}
+
+/// `<ip>/32 dev <if> scope link proto boot`; an identical route is accepted, one via
+/// another interface is a conflict.
+async fn host_route(
+    h: &Handle,
+    index: u32,
+    ifname: &str,
+    addr: IpNet,
+) -> Result<(), DataplaneError> {
+    let msg = match addr.addr() {
+        IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(a, 32)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Boot)
+            .build(),
+        IpAddr::V6(a) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(a, 128)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Boot)
+            .build(),
+    };
+    match h
+        .route()
+        .add(msg)
+        .execute()
+        .await
+        .map_err(nl(format!("add route {addr} dev {ifname}")))
+    {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == Some(EEXIST) => {
+            let existing = list_routes(h, addr.addr().is_ipv6()).await?;
+            match existing.iter().find(|r| {
+                route_dst(r) == Some(addr.addr())
+                    && usize::from(r.header.destination_prefix_length)
+                        == usize::from(addr.prefix_len())
+            }) {
+                Some(r) if route_oif(r) == Some(index) => Ok(()),
+                Some(r) => Err(DataplaneError::RouteConflict {
+                    ip: addr,
+                    other: format!("ifindex {}", route_oif(r).unwrap_or(0)),
+                    ours: ifname.into(),
+                }),
+                None => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn list_routes(h: &Handle, v6: bool) -> Result<Vec<RouteMessage>, DataplaneError> {
+    let query = if v6 {
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+    } else {
+        RouteMessageBuilder::<Ipv4Addr>::new().build()
+    };
+    h.route()
+        .get(query)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list routes"))
+}
+
+/// Remove the pod's interface (and so the pair). A missing namespace or interface is fine.
+pub async fn teardown(
+    netns: &str,
+    container_ifname: &str,
+    host_ifname: &str,
+) -> Result<(), DataplaneError> {
+    if !netns.is_empty() && std::path::Path::new(netns).exists() {
+        let ifname = container_ifname.to_string();
+        in_netns(netns, move |h| async move {
+            if let Some(l) = link_by_name(&h, &ifname).await? {
+                h.link()
+                    .del(l.header.index)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("delete {ifname}")))?;
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    let host = connect()?;
+    if let Some(l) = link_by_name(&host, host_ifname).await? {
+        match host
+            .link()
+            .del(l.header.index)
+            .execute()
+            .await
+            .map_err(nl(format!("delete {host_ifname}")))
+        {
+            Err(e) if !matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// CHECK: the pod interface exists with exactly these addresses, and the host routes exist.
+pub async fn check(spec: &PodSpec) -> Result<(), String> {
+    let host = connect().map_err(|e| e.to_string())?;
+    let link = link_by_name(&host, &spec.host_ifname)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("host interface {} is missing", spec.host_ifname))?;
+    for a in &spec.addrs {
+        let routes = list_routes(&host, a.addr().is_ipv6())
+            .await
+            .map_err(|e| e.to_string())?;
+        if !routes
+            .iter()
+            .any(|r| route_dst(r) == Some(a.addr()) && route_oif(r) == Some(link.header.index))
+        {
+            return Err(format!(
+                "host route {a} dev {} is missing",
+                spec.host_ifname
+            ));
+        }
+    }
+    let (ifname, addrs) = (spec.container_ifname.clone(), spec.addrs.clone());
+    in_netns(&spec.netns, move |h| async move {
+        let link = link_by_name(&h, &ifname).await?.ok_or_else(|| DataplaneError::Netlink { op: format!("find {ifname}"), errno: Some(ENODEV), message: "missing in the pod".into() })?;
+        let have: Vec<netlink_packet_route::address::AddressMessage> =
+            h.address().get().set_link_index_filter(link.header.index).execute().try_collect().await.map_err(nl("list addresses"))?;
+        for a in &addrs {
+            let found = have.iter().any(|m| {
+                m.header.prefix_len == a.prefix_len()
+                    && m.attributes.iter().any(|x| matches!(x, netlink_packet_route::address::AddressAttribute::Address(ip) if *ip == a.addr()))
+            });
+            if !found {
+                return Err(DataplaneError::Netlink { op: format!("check {a} on {ifname}"), errno: None, message: "address missing in the pod".into() });
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())
+}

@@ -1,0 +1,262 @@
+//! The `calico` CNI plugin (with `calico-ipam` from CNI_PATH) on a real kernel: a node
+//! namespace (with etcd) and a pod namespace made by the test. The pod gets exactly
+//! Calico's interfaces, addresses and routes, reaches the host through proxy ARP, and DEL
+//! (also repeated, also with the namespace gone) removes everything; a failed ADD leaks
+//! neither an address nor an interface.
+
+mod common;
+
+use std::io::Write;
+use std::process::Stdio;
+
+use calico_node::datastore::Client;
+use calico_node::model::{ClusterInformation, ClusterInformationSpec, IPPool, IPPoolSpec};
+use common::{Etcd, NetNs, free_port};
+use serde_json::{Value, json};
+
+fn cni(host: &NetNs, env: &[(&str, &str)], conf: &Value) -> (i32, Value) {
+    let plugin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_calico"))
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut c = host
+        .command(env!("CARGO_BIN_EXE_calico"))
+        .env_clear()
+        .env("CNI_PATH", plugin_dir)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = c.wait_with_output().unwrap();
+    let s = String::from_utf8(out.stdout).unwrap();
+    let v = if s.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&s).unwrap_or_else(|_| panic!("not JSON: {s}"))
+    };
+    (out.status.code().unwrap(), v)
+}
+
+fn sh(ns: &NetNs, cmd: &str) -> String {
+    let out = ns.command("sh").args(["-c", cmd]).output().unwrap();
+    String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap()
+}
+
+/// Create the pool and mark the datastore ready, from inside the node namespace.
+fn prepare(host: &NetNs, endpoint: String) {
+    host.run_in(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let cfg = Etcd::config_for(&endpoint);
+                let client = Client::new(cfg.connect().await.unwrap());
+                let spec = IPPoolSpec {
+                    cidr: "10.65.0.0/16".into(),
+                    ..Default::default()
+                };
+                client.create(IPPool::new("pool", spec)).await.unwrap();
+                let ci = ClusterInformationSpec {
+                    datastore_ready: Some(true),
+                    ..Default::default()
+                };
+                client
+                    .create(ClusterInformation::new("default", ci))
+                    .await
+                    .unwrap();
+            })
+    });
+}
+
+#[test]
+fn pod_gets_calicos_network_and_del_removes_it() {
+    let Some(host) = NetNs::new("cn-node") else {
+        return;
+    };
+    let Some(pod) = NetNs::new("cn-pod") else {
+        return;
+    };
+    // The node's uplink and default route (proxy ARP answers for 169.254.1.1 because the
+    // node routes it elsewhere).
+    host.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "uplink",
+    ]);
+    host.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+    host.ip(&["link", "set", "eth0", "up"]);
+    host.ip(&["link", "set", "uplink", "up"]);
+    host.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.99.0.254",
+        "dev",
+        "eth0",
+    ]);
+    let port = free_port();
+    let Some(etcd) = Etcd::start_on(Some(&host.name), port) else {
+        return;
+    };
+    prepare(&host, etcd.endpoint());
+
+    let netns = format!("/run/netns/{}", pod.name);
+    let env = |cmd: &'static str| -> Vec<(&'static str, String)> {
+        vec![
+            ("CNI_COMMAND", cmd.to_string()),
+            ("CNI_CONTAINERID", "c0ffee0123456789".into()),
+            ("CNI_NETNS", netns.clone()),
+            ("CNI_IFNAME", "eth0".into()),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=web-0".into(),
+            ),
+        ]
+    };
+    let as_refs = |v: &Vec<(&'static str, String)>| {
+        v.iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>()
+    };
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "mtu": 1450, "ipam": {"type": "calico-ipam"}});
+    let call = |cmd: &'static str, conf: &Value| {
+        let e = as_refs(&env(cmd));
+        let refs: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        cni(&host, &refs, conf)
+    };
+
+    let (code, res) = call("ADD", &conf);
+    assert_eq!(code, 0, "{res}");
+    let cali = res["interfaces"][0]["name"].as_str().unwrap().to_string();
+    assert!(cali.starts_with("cali") && cali.len() == 15, "{cali}");
+    assert_eq!(res["interfaces"][1]["name"], "eth0");
+    assert_eq!(res["interfaces"][1]["sandbox"], netns.as_str());
+    assert_eq!(res["ips"][0]["interface"], 1);
+    let addr = res["ips"][0]["address"].as_str().unwrap().to_string();
+    let ip = addr.trim_end_matches("/32").to_string();
+
+    // Inside the pod: exactly Calico's routes, the /32, the MTU.
+    assert_eq!(
+        sh(&pod, "ip route"),
+        "default via 169.254.1.1 dev eth0 \n169.254.1.1 dev eth0 scope link \n"
+    );
+    let a = sh(&pod, "ip -o addr show dev eth0");
+    assert!(a.contains(&format!("inet {addr} ")), "{a}");
+    assert!(sh(&pod, "ip link show eth0").contains("mtu 1450"));
+    // On the node: host route, MAC, sysctls.
+    let routes = sh(&host, "ip route show proto boot");
+    assert!(
+        routes.contains(&format!("{ip} dev {cali} scope link")),
+        "{routes}"
+    );
+    assert!(sh(&host, &format!("ip link show {cali}")).contains("link/ether ee:ee:ee:ee:ee:ee"));
+    for (path, want) in [
+        (format!("/proc/sys/net/ipv4/conf/{cali}/proxy_arp"), "1"),
+        (format!("/proc/sys/net/ipv4/neigh/{cali}/proxy_delay"), "0"),
+        (format!("/proc/sys/net/ipv4/conf/{cali}/forwarding"), "1"),
+    ] {
+        assert_eq!(sh(&host, &format!("cat {path}")).trim(), want, "{path}");
+    }
+    // The pod reaches the node; 169.254.1.1 was answered by proxy ARP with the host MAC.
+    let ping = sh(&pod, "ping -c 1 -W 2 10.99.0.1");
+    assert!(ping.contains("1 received"), "{ping}");
+    assert!(sh(&pod, "ip neigh show 169.254.1.1").contains("lladdr ee:ee:ee:ee:ee:ee"));
+    // The WorkloadEndpoint, with Calico's name.
+    let wep: Value = serde_json::from_str(&etcd.etcdctl_value(
+        "/calico/resources/v3/projectcalico.org/workloadendpoints/ns1/node--1-k8s-web--0-eth0",
+    ))
+    .unwrap();
+    assert_eq!(wep["spec"]["ipNetworks"][0], addr.as_str());
+    assert_eq!(wep["spec"]["interfaceName"], cali.as_str());
+    assert_eq!(wep["spec"]["pod"], "web-0");
+    assert_eq!(
+        wep["metadata"]["labels"]["projectcalico.org/namespace"],
+        "ns1"
+    );
+
+    // CHECK against the result.
+    let mut check = conf.clone();
+    check["prevResult"] = res.clone();
+    assert_eq!(call("CHECK", &check), (0, Value::Null));
+
+    // DEL removes everything; again is fine; also once the namespace is gone.
+    assert_eq!(call("DEL", &conf), (0, Value::Null));
+    assert!(!sh(&pod, "ip link").contains("eth0"));
+    assert!(!sh(&host, "ip link").contains(&cali));
+    assert!(!sh(&host, "ip route").contains(&ip));
+    assert_eq!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.c0ffee0123456789"),
+        ""
+    );
+    assert_eq!(
+        etcd.etcdctl(&[
+            "get",
+            "--prefix",
+            "/calico/resources/v3/projectcalico.org/workloadendpoints/",
+            "--keys-only"
+        ])
+        .trim(),
+        ""
+    );
+    assert_eq!(call("DEL", &conf), (0, Value::Null));
+    common::run("ip", &["netns", "del", &pod.name]);
+    assert_eq!(
+        call("DEL", &conf),
+        (0, Value::Null),
+        "DEL with the namespace gone"
+    );
+    let (code, _) = call("CHECK", &check);
+    assert_eq!(code, 1, "CHECK fails once the pod network is gone");
+}
+
+#[test]
+fn failed_add_leaks_no_address_and_no_interface() {
+    let Some(host) = NetNs::new("cn-node") else {
+        return;
+    };
+    let port = free_port();
+    let Some(etcd) = Etcd::start_on(Some(&host.name), port) else {
+        return;
+    };
+    prepare(&host, etcd.endpoint());
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "calico-ipam"}});
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "deadbeef"),
+        ("CNI_NETNS", "/run/netns/cn-no-such-namespace"),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let (code, err) = cni(&host, &env, &conf);
+    assert_eq!(code, 1);
+    assert_eq!(err["code"], 100);
+    assert!(
+        err["details"]
+            .as_str()
+            .unwrap()
+            .contains("cn-no-such-namespace"),
+        "{err}"
+    );
+    assert_eq!(
+        etcd.etcdctl(&["get", "--prefix", "/calico/ipam/v2/handle/", "--keys-only"])
+            .trim(),
+        "",
+        "address released"
+    );
+    let blocks = etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "/calico/ipam/v2/assignment/",
+        "--print-value-only",
+    ]);
+    assert!(!blocks.contains("deadbeef"), "{blocks}");
+    assert!(!sh(&host, "ip link").contains("cali"), "no interface left");
+}
