@@ -2,9 +2,11 @@
 # Packages come from Debian; nothing else is downloaded except crates from crates.io.
 
 # Debian packages every command needs (etcd for the datastore, protoc for etcd-client's
-# build, iproute2 for namespaces, prometheus for promtool, nftables/iputils for later
-# dataplane tests).
-CALICO_APT_PACKAGES=(protobuf-compiler etcd-server etcd-client iproute2 iputils-ping nftables prometheus procps psmisc)
+# build, iproute2 for namespaces, prometheus for promtool, openssl for TLS test
+# certificates, podman/runc/busybox-static as a real CNI client, the reference CNI
+# plugins, nftables/iputils for dataplane tests).
+CALICO_APT_PACKAGES=(protobuf-compiler etcd-server etcd-client iproute2 iputils-ping nftables prometheus procps psmisc
+    openssl podman runc catatonit busybox-static containernetworking-plugins util-linux tar)
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then

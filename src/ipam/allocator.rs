@@ -48,6 +48,31 @@ impl IpUse {
     }
 }
 
+/// Which tunnel a node address is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelKind {
+    Ipip,
+    Vxlan,
+}
+
+impl TunnelKind {
+    /// Calico's handle: `ipip-tunnel-addr-<node>` / `vxlan-tunnel-addr-<node>`.
+    pub fn handle(self, host: &str) -> String {
+        match self {
+            TunnelKind::Ipip => super::ipip_tunnel_handle(host),
+            TunnelKind::Vxlan => super::vxlan_tunnel_handle(host),
+        }
+    }
+
+    /// The allocation's `type` attribute.
+    pub fn attribute(self) -> &'static str {
+        match self {
+            TunnelKind::Ipip => "ipipTunnelAddress",
+            TunnelKind::Vxlan => "vxlanTunnelAddress",
+        }
+    }
+}
+
 /// IPAM failures, each naming what a user can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
@@ -733,6 +758,48 @@ impl Ipam {
         Err(IpamError::TooManyConflicts { key })
     }
 
+    /// A node's tunnel address (IPIP or VXLAN): the one it already holds, else a new one
+    /// from a pool allowing `Tunnel` use, owned by Calico's handle for it. None when no
+    /// pool allows tunnel addresses on this node.
+    pub async fn ensure_tunnel_address(
+        &self,
+        host: &str,
+        kind: TunnelKind,
+    ) -> IpamResult<Option<IpAddr>> {
+        let handle = kind.handle(host);
+        if let Some(ip) = self
+            .ips_of_handle(&handle)
+            .await?
+            .into_iter()
+            .find(IpAddr::is_ipv4)
+        {
+            return Ok(Some(ip));
+        }
+        let attrs = BTreeMap::from([
+            ("node".to_string(), host.to_string()),
+            ("type".to_string(), kind.attribute().to_string()),
+        ]);
+        let args = AssignArgs {
+            attrs,
+            use_: IpUse::Tunnel,
+            ..AssignArgs::v4(&handle, host)
+        };
+        match self.auto_assign(&args).await {
+            Ok(ips) => Ok(ips.into_iter().next()),
+            Err(IpamError::NoPools { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Release a node's tunnel address (the pool's mode no longer needs it).
+    pub async fn release_tunnel_address(
+        &self,
+        host: &str,
+        kind: TunnelKind,
+    ) -> IpamResult<Vec<IpAddr>> {
+        self.release_by_handle(&kind.handle(host)).await
+    }
+
     /// The addresses a handle holds.
     pub async fn ips_of_handle(&self, handle: &str) -> IpamResult<Vec<IpAddr>> {
         let Some(kv) = self.ds.get(&keys::handle_key(handle)).await? else {
@@ -948,6 +1015,53 @@ mod tests {
                 .await,
             Err(IpamError::NotInPool(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn tunnel_addresses_are_stable_and_use_calicos_handles() {
+        let (ipam, mem) = setup(&[("p", "10.65.0.0/24", 26)]).await;
+        let ip = ipam
+            .ensure_tunnel_address("node-1", TunnelKind::Vxlan)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ipam.ensure_tunnel_address("node-1", TunnelKind::Vxlan)
+                .await
+                .unwrap(),
+            Some(ip),
+            "same address again"
+        );
+        let (block, _) = ipam
+            .blocks(false)
+            .await
+            .unwrap()
+            .into_iter()
+            .next()
+            .unwrap();
+        let raw = String::from_utf8(
+            mem.get(&keys::block_key(&block))
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+        )
+        .unwrap();
+        assert!(raw.contains(r#""handle_id":"vxlan-tunnel-addr-node-1","secondary":{"node":"node-1","type":"vxlanTunnelAddress"}"#), "{raw}");
+        assert_eq!(
+            ipam.release_tunnel_address("node-1", TunnelKind::Vxlan)
+                .await
+                .unwrap(),
+            vec![ip]
+        );
+        // No pool allows tunnels: no address, no error.
+        let (ipam, _) = setup(&[]).await;
+        assert_eq!(
+            ipam.ensure_tunnel_address("node-1", TunnelKind::Ipip)
+                .await
+                .unwrap(),
+            None
+        );
     }
 
     #[tokio::test]

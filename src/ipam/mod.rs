@@ -5,7 +5,7 @@
 pub mod allocator;
 pub mod block;
 
-pub use allocator::{AssignArgs, IpUse, Ipam, IpamError};
+pub use allocator::{AssignArgs, IpUse, Ipam, IpamError, TunnelKind};
 
 /// Handle of a node's IPIP tunnel address.
 pub fn ipip_tunnel_handle(node: &str) -> String {
