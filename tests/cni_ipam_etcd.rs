@@ -209,3 +209,36 @@ async fn errors_carry_the_spec_codes() {
         ""
     );
 }
+
+#[tokio::test]
+async fn concurrent_adds_on_one_host_share_one_block() {
+    let Some(etcd) = ready_etcd().await else {
+        return;
+    };
+    let c = conf(&etcd, "1.0.0");
+    let procs: Vec<_> = (0..10)
+        .map(|i| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let cid = format!("par{i}");
+                let (code, res) = run(&cni_env("ADD", &cid), &c);
+                assert_eq!(code, 0, "{res}");
+                res["ips"][0]["address"].as_str().unwrap().to_string()
+            })
+        })
+        .collect();
+    let addrs: std::collections::HashSet<String> =
+        procs.into_iter().map(|p| p.join().unwrap()).collect();
+    assert_eq!(addrs.len(), 10, "all distinct");
+    let affinities = etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "/calico/ipam/v2/host/node-1/",
+        "--keys-only",
+    ]);
+    assert_eq!(
+        affinities.lines().filter(|l| !l.is_empty()).count(),
+        1,
+        "one block for the host: {affinities}"
+    );
+}

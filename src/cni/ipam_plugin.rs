@@ -56,6 +56,31 @@ pub async fn check_datastore_ready(client: &Client) -> Result<(), CniError> {
     }
 }
 
+/// Where the host-wide IPAM lock lives (Calico's path).
+pub const IPAM_LOCK: &str = "/var/run/calico/ipam.lock";
+
+/// Take the host-wide IPAM lock; held until dropped. Without a writable lock file the
+/// plugin proceeds (the allocator stays correct, only extra blocks may be claimed).
+fn host_lock() -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let path = std::path::Path::new(IPAM_LOCK);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .ok()?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive) {
+        Ok(l) => Some(l),
+        Err((_, e)) => {
+            tracing::warn!(error = %e, "cannot take {IPAM_LOCK}; continuing without it");
+            None
+        }
+    }
+}
+
 fn prefix_of(ip: IpAddr) -> IpNet {
     IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix is valid")
 }
@@ -77,6 +102,9 @@ pub async fn execute(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniE
         Command::Add => {
             check_datastore_ready(&client).await?;
             let host = conf.node_name()?;
+            // One assignment at a time on this host, across CNI processes (Calico's
+            // ipam.lock): concurrent first pods would otherwise each claim a block.
+            let _lock = host_lock();
             // A repeated ADD for the same container gets the addresses it already has.
             let mut ips = ipam.ips_of_handle(&handle).await.map_err(ipam_error)?;
             if ips.is_empty() {
