@@ -235,3 +235,49 @@ fn errors_exit_1_on_stderr_and_config_file_is_honoured() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn ipam_show_configure_and_release_against_etcd() {
+    let Some(etcd) = Etcd::start() else { return };
+    ok(&calicoctl(&etcd, &["apply", "-f", "-"], RESOURCES));
+    let ipam = calico_node::ipam::Ipam::new(etcd.datastore().await);
+    let args = calico_node::ipam::AssignArgs {
+        num_v4: 2,
+        ..calico_node::ipam::AssignArgs::v4("k8s-pod-network.x", "node-1")
+    };
+    let ips = ipam.auto_assign(&args).await.unwrap();
+    let show = ok(&calicoctl(&etcd, &["ipam", "show"], ""));
+    assert!(
+        show.contains("| IP Pool  | 10.65.0.0/16 |     65536 | 2 (0%)     | 65534 (100%) |"),
+        "{show}"
+    );
+    assert_eq!(
+        ok(&calicoctl(
+            &etcd,
+            &["ipam", "configure", "--strictaffinity=true"],
+            ""
+        )),
+        "Successfully set IPAM configuration\n"
+    );
+    assert_eq!(
+        etcd.etcdctl_value("/calico/ipam/v2/config"),
+        r#"{"strict_affinity":true,"auto_allocate_blocks":true}"#
+    );
+    let ip = ips[0].to_string();
+    assert_eq!(
+        ok(&calicoctl(
+            &etcd,
+            &["ipam", "release", &format!("--ip={ip}")],
+            ""
+        )),
+        format!("Successfully released IP address {ip}\n")
+    );
+    assert_eq!(
+        ok(&calicoctl(
+            &etcd,
+            &["ipam", "show", &format!("--ip={ip}")],
+            ""
+        )),
+        format!("IP {ip} is not currently assigned\n")
+    );
+}

@@ -4,6 +4,7 @@
 //! decoded, defaulted and checked (fields, existence, immutable fields, pool overlap with
 //! the datastore and with the other documents) before the first one is written.
 
+pub mod ipam;
 pub mod output;
 
 use std::io::{Read, Write};
@@ -53,6 +54,8 @@ pub enum Command {
     Get(GetArgs),
     /// Patch a resource with a JSON merge patch.
     Patch(PatchArgs),
+    /// IP address management.
+    Ipam(ipam::IpamArgs),
     /// Print the version.
     Version,
 }
@@ -467,6 +470,7 @@ pub async fn execute(
         Command::Delete(a) => delete(client, a, stdin).await,
         Command::Get(a) => get(client, a).await,
         Command::Patch(a) => patch(client, a).await,
+        Command::Ipam(a) => ipam::execute(client, a).await,
         Command::Version => Ok(version()),
     }
 }

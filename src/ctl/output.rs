@@ -281,3 +281,82 @@ mod tests {
         assert_eq!(tabwriter(&[vec!["A".into()]]), "A    \n");
     }
 }
+
+/// Calico's boxed tables (olekukonko/tablewriter as calicoctl uses it): headers centred,
+/// numeric cells right-aligned, other cells left-aligned, one space of padding.
+pub fn boxed_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let cols = headers.len();
+    let width = |c: usize| {
+        rows.iter()
+            .filter_map(|r| r.get(c))
+            .map(|s| s.chars().count())
+            .chain([headers[c].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..cols).map(width).collect();
+    let line = format!(
+        "+{}+\n",
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("+")
+    );
+    let mut out = line.clone();
+    out.push('|');
+    for (h, w) in headers.iter().zip(&widths) {
+        let pad = w - h.len();
+        let left = pad / 2;
+        out.push_str(&format!(
+            " {}{}{} |",
+            " ".repeat(left),
+            h,
+            " ".repeat(pad - left)
+        ));
+    }
+    out.push('\n');
+    out.push_str(&line);
+    for r in rows {
+        out.push('|');
+        for (c, w) in widths.iter().enumerate() {
+            let cell = r.get(c).map(String::as_str).unwrap_or("");
+            let numeric = !cell.is_empty() && cell.parse::<f64>().is_ok();
+            if numeric {
+                out.push_str(&format!(" {cell:>w$} |"));
+            } else {
+                out.push_str(&format!(" {cell:<w$} |"));
+            }
+        }
+        out.push('\n');
+    }
+    out.push_str(&line);
+    out
+}
+
+#[cfg(test)]
+mod boxed_tests {
+    use super::*;
+
+    #[test]
+    fn boxed_table_matches_calicos_layout() {
+        let t = boxed_table(
+            &["GROUPING", "CIDR", "IPS TOTAL", "IPS IN USE", "IPS FREE"],
+            &[vec![
+                "IP Pool".into(),
+                "10.65.0.0/16".into(),
+                "65536".into(),
+                "3 (0%)".into(),
+                "65533 (100%)".into(),
+            ]],
+        );
+        assert_eq!(
+            t,
+            "+----------+--------------+-----------+------------+--------------+\n\
+             | GROUPING |     CIDR     | IPS TOTAL | IPS IN USE |   IPS FREE   |\n\
+             +----------+--------------+-----------+------------+--------------+\n\
+             | IP Pool  | 10.65.0.0/16 |     65536 | 3 (0%)     | 65533 (100%) |\n\
+             +----------+--------------+-----------+------------+--------------+\n"
+        );
+    }
+}
