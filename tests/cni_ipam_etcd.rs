@@ -6,8 +6,6 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use calico_node::datastore::Client;
-use calico_node::model::{ClusterInformation, ClusterInformationSpec, IPPool, IPPoolSpec};
 use common::Etcd;
 use serde_json::{Value, json};
 
@@ -51,20 +49,7 @@ fn cni_env<'a>(cmd: &'a str, cid: &'a str) -> Vec<(&'a str, &'a str)> {
 
 async fn ready_etcd() -> Option<Etcd> {
     let etcd = Etcd::start()?;
-    let client = Client::new(etcd.datastore().await);
-    let spec = IPPoolSpec {
-        cidr: "10.88.0.0/16".into(),
-        ..Default::default()
-    };
-    client.create(IPPool::new("pool", spec)).await.unwrap();
-    let ci = ClusterInformationSpec {
-        datastore_ready: Some(true),
-        ..Default::default()
-    };
-    client
-        .create(ClusterInformation::new("default", ci))
-        .await
-        .unwrap();
+    common::seed_pool_and_ready(&etcd.endpoint(), "10.88.0.0/16").await;
     Some(etcd)
 }
 

@@ -9,8 +9,6 @@ mod common;
 use std::io::Write;
 use std::process::Stdio;
 
-use calico_node::datastore::Client;
-use calico_node::model::{ClusterInformation, ClusterInformationSpec, IPPool, IPPoolSpec};
 use common::{Etcd, NetNs, free_port};
 use serde_json::{Value, json};
 
@@ -51,33 +49,6 @@ fn sh(ns: &NetNs, cmd: &str) -> String {
     String::from_utf8(out.stdout).unwrap() + &String::from_utf8(out.stderr).unwrap()
 }
 
-/// Create the pool and mark the datastore ready, from inside the node namespace.
-fn prepare(host: &NetNs, endpoint: String) {
-    host.run_in(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let cfg = Etcd::config_for(&endpoint);
-                let client = Client::new(cfg.connect().await.unwrap());
-                let spec = IPPoolSpec {
-                    cidr: "10.65.0.0/16".into(),
-                    ..Default::default()
-                };
-                client.create(IPPool::new("pool", spec)).await.unwrap();
-                let ci = ClusterInformationSpec {
-                    datastore_ready: Some(true),
-                    ..Default::default()
-                };
-                client
-                    .create(ClusterInformation::new("default", ci))
-                    .await
-                    .unwrap();
-            })
-    });
-}
-
 #[test]
 fn pod_gets_calicos_network_and_del_removes_it() {
     let Some(host) = NetNs::new("cn-node") else {
@@ -107,7 +78,7 @@ fn pod_gets_calicos_network_and_del_removes_it() {
     let Some(etcd) = Etcd::start_on(Some(&host.name), port) else {
         return;
     };
-    prepare(&host, etcd.endpoint());
+    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
 
     let netns = format!("/run/netns/{}", pod.name);
     let env = |cmd: &'static str| -> Vec<(&'static str, String)> {
@@ -226,7 +197,7 @@ fn failed_add_leaks_no_address_and_no_interface() {
     let Some(etcd) = Etcd::start_on(Some(&host.name), port) else {
         return;
     };
-    prepare(&host, etcd.endpoint());
+    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
     let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
         "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "calico-ipam"}});
     let env = [

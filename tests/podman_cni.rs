@@ -8,8 +8,6 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use calico_node::datastore::Client;
-use calico_node::model::{ClusterInformation, ClusterInformationSpec, IPPool, IPPoolSpec};
 use common::{Etcd, NetNs, free_port, have, skip};
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -64,29 +62,7 @@ fn podman_run_gets_a_calico_address_and_removal_releases_it() {
     let Some(etcd) = Etcd::start_on(Some(&node.name), free_port()) else {
         return;
     };
-    let endpoint = etcd.endpoint();
-    node.run_in(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let client = Client::new(Etcd::config_for(&endpoint).connect().await.unwrap());
-                let spec = IPPoolSpec {
-                    cidr: "10.66.0.0/16".into(),
-                    ..Default::default()
-                };
-                client.create(IPPool::new("pool", spec)).await.unwrap();
-                let ci = ClusterInformationSpec {
-                    datastore_ready: Some(true),
-                    ..Default::default()
-                };
-                client
-                    .create(ClusterInformation::new("default", ci))
-                    .await
-                    .unwrap();
-            })
-    });
+    common::seed_in_netns(&node, etcd.endpoint(), "10.66.0.0/16");
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

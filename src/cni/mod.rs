@@ -433,6 +433,44 @@ pub fn init_logging(conf: &NetConf) {
     };
 }
 
+/// Which of the two plugins a binary is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plugin {
+    Calico,
+    CalicoIpam,
+}
+
+/// The whole life of a plugin process: read env and stdin, run, print; the exit code.
+pub fn plugin_main(plugin: Plugin, env: &dyn Env, stdin: &[u8], out: &mut dyn Write) -> i32 {
+    let version = serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "1.1.0".into());
+    let outcome = (|| {
+        let cni_env = CniEnv::from_env(env)?;
+        if cni_env.command == Command::Version {
+            return Ok(Some(version_result()));
+        }
+        let conf = NetConf::parse(stdin)?;
+        init_logging(&conf);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CniError::new(code::IO_FAILURE, "cannot start", e.to_string()))?;
+        rt.block_on(async {
+            match plugin {
+                Plugin::Calico => plugin::execute(&cni_env, &conf, stdin).await,
+                Plugin::CalicoIpam => ipam_plugin::execute(&cni_env, &conf).await,
+            }
+        })
+    })();
+    finish(out, outcome, &version)
+}
+
 /// `VERSION`'s answer.
 pub fn version_result() -> Value {
     serde_json::json!({"cniVersion": "1.1.0", "supportedVersions": SUPPORTED_VERSIONS})

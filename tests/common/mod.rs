@@ -510,3 +510,34 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// Create an IPPool and mark the datastore ready (what calico-node does before pods run).
+pub async fn seed_pool_and_ready(endpoint: &str, cidr: &str) {
+    use calico_node::datastore::Client;
+    use calico_node::model::{ClusterInformation, ClusterInformationSpec, IPPool, IPPoolSpec};
+    let client = Client::new(Etcd::config_for(endpoint).connect().await.unwrap());
+    let spec = IPPoolSpec {
+        cidr: cidr.into(),
+        ..Default::default()
+    };
+    client.create(IPPool::new("pool", spec)).await.unwrap();
+    let ci = ClusterInformationSpec {
+        datastore_ready: Some(true),
+        ..Default::default()
+    };
+    client
+        .create(ClusterInformation::new("default", ci))
+        .await
+        .unwrap();
+}
+
+/// The same, from inside a namespace (for an etcd listening on that namespace's loopback).
+pub fn seed_in_netns(ns: &NetNs, endpoint: String, cidr: &'static str) {
+    ns.run_in(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(seed_pool_and_ready(&endpoint, cidr))
+    });
+}
