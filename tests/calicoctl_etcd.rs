@@ -281,3 +281,61 @@ async fn ipam_show_configure_and_release_against_etcd() {
         format!("IP {ip} is not currently assigned\n")
     );
 }
+
+#[tokio::test]
+async fn ipam_check_reports_and_gc_frees_only_leaks() {
+    let Some(etcd) = Etcd::start() else { return };
+    ok(&calicoctl(&etcd, &["apply", "-f", "-"], RESOURCES));
+    let ipam = calico_node::ipam::Ipam::new(etcd.datastore().await);
+    let assign = |handle: &'static str, host: &'static str| {
+        let ipam = ipam.clone();
+        async move {
+            ipam.auto_assign(&calico_node::ipam::AssignArgs::v4(handle, host))
+                .await
+                .unwrap()[0]
+        }
+    };
+    let live = assign("k8s-pod-network.live", "node-1").await;
+    let dead = assign("k8s-pod-network.dead", "node-1").await;
+    let gone = assign("k8s-pod-network.other", "node-gone").await;
+    ipam.release_ips(&[gone]).await.unwrap(); // node-gone keeps an empty affine block
+    let wep = format!(
+        "apiVersion: projectcalico.org/v3\nkind: WorkloadEndpoint\nmetadata:\n  name: node--1-k8s-web-eth0\n  namespace: default\nspec:\n  orchestrator: k8s\n  node: node-1\n  pod: web\n  endpoint: eth0\n  containerID: live\n  ipNetworks: [\"{live}/32\"]\n  interfaceName: cali1\n"
+    );
+    ok(&calicoctl(&etcd, &["apply", "-f", "-"], &wep));
+    let check = ok(&calicoctl(&etcd, &["ipam", "check"], ""));
+    assert!(
+        check.contains(&format!(
+            "leaked: {dead} (handle \"k8s-pod-network.dead\"): no WorkloadEndpoint has this address"
+        )),
+        "{check}"
+    );
+    assert!(
+        check.contains("affine to node node-gone, which does not exist"),
+        "{check}"
+    );
+    assert!(
+        check.ends_with("Check complete; found 2 problem(s).\n"),
+        "{check}"
+    );
+    assert!(!check.contains(&live.to_string()), "{check}");
+
+    let gc = ok(&calicoctl(&etcd, &["ipam", "gc", "--grace", "1"], ""));
+    assert!(gc.ends_with("Released 2 leak(s).\n"), "{gc}");
+    assert!(ok(&calicoctl(&etcd, &["ipam", "check"], "")).ends_with("found 0 problem(s).\n"));
+    assert!(
+        ipam.lookup(live).await.unwrap().is_some(),
+        "the live address stays"
+    );
+    assert!(ipam.lookup(dead).await.unwrap().is_none());
+    assert_eq!(
+        etcd.etcdctl(&[
+            "get",
+            "--prefix",
+            "/calico/ipam/v2/host/node-gone/",
+            "--keys-only"
+        ])
+        .trim(),
+        ""
+    );
+}

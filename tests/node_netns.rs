@@ -68,6 +68,7 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
         .env("FELIX_HEALTHPORT", health_port.to_string())
         .env("FELIX_PROMETHEUSMETRICSENABLED", "true")
         .env("FELIX_PROMETHEUSMETRICSPORT", metrics_port.to_string())
+        .env("CALICO_IPAM_GC_INTERVAL", "1")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -158,6 +159,65 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
         "promtool: {}{}",
         String::from_utf8_lossy(&check.stdout),
         String::from_utf8_lossy(&check.stderr)
+    );
+
+    // The node's IPAM collector frees an allocation nobody owns, and only that one.
+    let endpoint = etcd.endpoint();
+    let (leaked, kept) = ns.run_in(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let ds = Etcd::config_for(&endpoint).connect().await.unwrap();
+                let ipam = calico_node::ipam::Ipam::new(ds.clone());
+                let leaked = ipam
+                    .auto_assign(&calico_node::ipam::AssignArgs::v4(
+                        "k8s-pod-network.leak",
+                        "node-a",
+                    ))
+                    .await
+                    .unwrap()[0];
+                let kept = ipam
+                    .auto_assign(&calico_node::ipam::AssignArgs::v4(
+                        "k8s-pod-network.pod",
+                        "node-a",
+                    ))
+                    .await
+                    .unwrap()[0];
+                let mut wep = calico_node::model::WorkloadEndpoint::new(
+                    "node--a-k8s-pod-eth0",
+                    calico_node::model::WorkloadEndpointSpec {
+                        node: "node-a".into(),
+                        ip_networks: vec![format!("{kept}/32")],
+                        ..Default::default()
+                    },
+                );
+                wep.metadata.namespace = Some("default".into());
+                calico_node::datastore::Client::new(ds)
+                    .create(wep)
+                    .await
+                    .unwrap();
+                (leaked, kept)
+            })
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !etcd
+        .etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.leak")
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "leaked {leaked} never collected");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_ne!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.pod"),
+        "",
+        "{kept} belongs to a pod and stays"
+    );
+    let metrics = wait_http(&ns, metrics_port, "/metrics", 200, Duration::from_secs(5));
+    assert!(
+        metrics.contains("calico_ipam_gc_released_total 1"),
+        "{metrics}"
     );
 
     // SIGTERM: exit 0 within 2 s.

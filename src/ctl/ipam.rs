@@ -50,6 +50,14 @@ pub enum IpamCommand {
         #[arg(long)]
         ip: IpAddr,
     },
+    /// Report leaked allocations and affinities of nodes that no longer exist.
+    Check,
+    /// Free leaks seen in two observations `--grace` seconds apart.
+    Gc {
+        /// Seconds between the two observations.
+        #[arg(long, default_value_t = 5)]
+        grace: u64,
+    },
 }
 
 fn pct(n: u128, total: u128) -> String {
@@ -218,6 +226,53 @@ pub async fn execute(client: &Client, args: &IpamArgs) -> Result<String, CtlErro
             }
             ipam.set_config(&c).await.map_err(err)?;
             Ok("Successfully set IPAM configuration".into())
+        }
+        IpamCommand::Check => {
+            let snap = crate::ipam::gc::snapshot(&ipam, client)
+                .await
+                .map_err(err)?;
+            let leaks = crate::ipam::gc::find_leaks(&snap);
+            let mut out = format!(
+                "Checking IPAM for inconsistencies...\nFound {} IPAM blocks, {} affinities, {} nodes, {} workload addresses.\n",
+                snap.blocks.len(),
+                snap.affinities.len(),
+                snap.nodes.len(),
+                snap.endpoint_ips.len()
+            );
+            for l in &leaks {
+                out.push_str(&format!("  leaked: {l}\n"));
+            }
+            out.push_str(&format!(
+                "Check complete; found {} problem(s).",
+                leaks.len()
+            ));
+            Ok(out)
+        }
+        IpamCommand::Gc { grace } => {
+            let grace = std::time::Duration::from_secs(*grace);
+            let mut tracker = crate::ipam::gc::LeakTracker::default();
+            let first = crate::ipam::gc::find_leaks(
+                &crate::ipam::gc::snapshot(&ipam, client)
+                    .await
+                    .map_err(err)?,
+            );
+            tracker.observe(first, std::time::Instant::now(), grace);
+            tokio::time::sleep(grace).await;
+            let second = crate::ipam::gc::find_leaks(
+                &crate::ipam::gc::snapshot(&ipam, client)
+                    .await
+                    .map_err(err)?,
+            );
+            let confirmed = tracker.observe(second, std::time::Instant::now(), grace);
+            let freed = crate::ipam::gc::free(&ipam, &confirmed)
+                .await
+                .map_err(err)?;
+            let mut out = String::new();
+            for l in &freed {
+                out.push_str(&format!("  freed: {l}\n"));
+            }
+            out.push_str(&format!("Released {} leak(s).", freed.len()));
+            Ok(out)
         }
         IpamCommand::Release { ip } => {
             let released = ipam.release_ips(&[*ip]).await.map_err(err)?;

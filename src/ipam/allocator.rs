@@ -829,6 +829,75 @@ impl Ipam {
             .collect())
     }
 
+    /// Release addresses of one block only where each still carries the given sequence
+    /// number (None: any), so an address handed out again meanwhile is left alone.
+    pub async fn release_if_unchanged(
+        &self,
+        block: &IpNet,
+        ips: &[(IpAddr, Option<u64>)],
+    ) -> IpamResult<Vec<IpAddr>> {
+        let ips = ips.to_vec();
+        self.release_in_block(block, move |b| {
+            ips.iter()
+                .filter(|(ip, seq)| {
+                    b.handle_of(*ip).is_some() && (seq.is_none() || b.sequence_of(*ip) == *seq)
+                })
+                .map(|(ip, _)| *ip)
+                .collect()
+        })
+        .await
+    }
+
+    /// Release a host's affinity to a block (Calico's order): mark it `pendingDeletion`,
+    /// delete the block if it is empty, then delete the affinity. A block still in use
+    /// keeps its affinity (returns false) until its addresses are freed.
+    pub async fn release_affinity_if_empty(&self, host: &str, block: &IpNet) -> IpamResult<bool> {
+        let aff_key = keys::affinity_key(host, block);
+        let block_key = keys::block_key(block);
+        if let Some(kv) = self.ds.get(&block_key).await? {
+            let b: AllocationBlock =
+                serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+            if !b.is_empty() {
+                return Ok(false);
+            }
+        }
+        let Some(aff) = self.ds.get(&aff_key).await? else {
+            return Ok(false);
+        };
+        let pending = serde_json::to_vec(&BlockAffinity {
+            state: AffinityState::PendingDeletion,
+            deleted: false,
+        })
+        .expect("serializes");
+        let rev = match self.ds.update(&aff_key, pending, aff.mod_revision).await {
+            Ok(r) => r,
+            Err(DatastoreError::Conflict { .. } | DatastoreError::NotFound { .. }) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(kv) = self.ds.get(&block_key).await? {
+            let b: AllocationBlock =
+                serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+            if !b.is_empty() || b.host() != Some(host) {
+                // An address was assigned meanwhile: give the affinity back.
+                let confirmed = serde_json::to_vec(&BlockAffinity::default()).expect("serializes");
+                let _ = self.ds.update(&aff_key, confirmed, rev).await;
+                return Ok(false);
+            }
+            match self.ds.delete(&block_key, Some(kv.mod_revision)).await {
+                Ok(_) | Err(DatastoreError::NotFound { .. }) => {}
+                Err(DatastoreError::Conflict { .. }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match self.ds.delete(&aff_key, Some(rev)).await {
+            Ok(_) | Err(DatastoreError::NotFound { .. }) => Ok(true),
+            Err(DatastoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Which block and handle an address belongs to, if allocated.
     pub async fn lookup(&self, ip: IpAddr) -> IpamResult<Option<(IpNet, Option<String>)>> {
         for (cidr, b) in self.blocks(ip.is_ipv6()).await? {

@@ -4,6 +4,7 @@
 
 pub mod allocator;
 pub mod block;
+pub mod gc;
 
 pub use allocator::{AssignArgs, IpUse, Ipam, IpamError, TunnelKind};
 

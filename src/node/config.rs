@@ -63,6 +63,9 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// `CLUSTER_TYPE`, recorded in ClusterInformation.
     pub cluster_type: String,
+    /// `CALICO_IPAM_GC_INTERVAL` (seconds, default 300, 0 = off): how often the node looks
+    /// for leaked addresses; a leak is freed after two sightings this far apart.
+    pub ipam_gc_interval: Option<std::time::Duration>,
 }
 
 /// A variable with a value calico-node cannot use.
@@ -212,6 +215,20 @@ impl NodeConfig {
                 .non_empty("CALICO_STATE_DIR")
                 .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
             cluster_type: env.var("CLUSTER_TYPE").unwrap_or_default(),
+            ipam_gc_interval: match env.non_empty("CALICO_IPAM_GC_INTERVAL") {
+                None => Some(std::time::Duration::from_secs(300)),
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(0) => None,
+                    Ok(s) => Some(std::time::Duration::from_secs(s)),
+                    Err(_) => {
+                        return Err(bad(
+                            "CALICO_IPAM_GC_INTERVAL",
+                            &v,
+                            "expected a number of seconds (0 disables)",
+                        ));
+                    }
+                },
+            },
         })
     }
 

@@ -86,6 +86,48 @@ async fn cluster_view(mut rx: tokio::sync::mpsc::Receiver<SyncerEvent>) {
     }
 }
 
+/// The IPAM leak collector: look every `interval`, free what was seen twice.
+async fn ipam_gc(
+    client: Client,
+    interval: Duration,
+    shutdown: CancellationToken,
+    released: prometheus::IntCounter,
+    leaks_gauge: prometheus::IntGauge,
+) {
+    use crate::ipam::gc;
+    let ipam = crate::ipam::Ipam::new(client.datastore().clone());
+    let mut seen = gc::LeakTracker::default();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let snap = match gc::snapshot(&ipam, &client).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "IPAM leak check failed");
+                continue;
+            }
+        };
+        let leaks = gc::find_leaks(&snap);
+        leaks_gauge.set(leaks.len() as i64);
+        // Slightly under the interval, so the next round's sighting always counts.
+        let confirmed = seen.observe(leaks, std::time::Instant::now(), interval.mul_f64(0.9));
+        if confirmed.is_empty() {
+            continue;
+        }
+        match gc::free(&ipam, &confirmed).await {
+            Ok(freed) => {
+                for l in &freed {
+                    info!(leak = %l, "freed leaked IPAM state");
+                }
+                released.inc_by(freed.len() as u64);
+            }
+            Err(e) => tracing::warn!(error = %e, "freeing IPAM leaks failed"),
+        }
+    }
+}
+
 async fn bind(host: &str, port: u16, what: &str) -> anyhow::Result<TcpListener> {
     // "localhost" (Felix's default health host) means IPv4 loopback, where probes connect,
     // whatever order the resolver would give.
@@ -205,6 +247,20 @@ async fn run_started(
     });
     tracker.spawn(cluster_view(view_rx));
 
+    if let Some(interval) = cfg.ipam_gc_interval {
+        let released = prometheus::IntCounter::new(
+            "calico_ipam_gc_released_total",
+            "Leaked IPAM allocations and affinities freed by this node.",
+        )?;
+        let leaks = prometheus::IntGauge::new(
+            "calico_ipam_leaks",
+            "IPAM leaks seen in the last check (freed once seen twice).",
+        )?;
+        registry.register(Box::new(released.clone()))?;
+        registry.register(Box::new(leaks.clone()))?;
+        let (client, token) = (client.clone(), shutdown.child_token());
+        tracker.spawn(ipam_gc(client, interval, token, released, leaks));
+    }
     if felix.prometheus_enabled() {
         let listener = bind(felix.prometheus_host(), felix.prometheus_port(), "metrics").await?;
         let token = shutdown.child_token();
