@@ -22,7 +22,7 @@ fn cni(host: &NetNs, env: &[(&str, &str)], conf: &Value) -> (i32, Value) {
     let mut c = host
         .command(env!("CARGO_BIN_EXE_calico"))
         .env_clear()
-        .env("CNI_PATH", plugin_dir)
+        .env("CNI_PATH", format!("{plugin_dir}:/usr/lib/cni"))
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -157,6 +157,17 @@ fn pod_gets_calicos_network_and_del_removes_it() {
     let mut check = conf.clone();
     check["prevResult"] = res.clone();
     assert_eq!(call("CHECK", &check), (0, Value::Null));
+    // Someone deletes the host route by hand: CHECK says so.
+    sh(&host, &format!("ip route del {ip} dev {cali}"));
+    let (code, err) = call("CHECK", &check);
+    assert_eq!(code, 1);
+    assert!(
+        err["details"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("host route {ip}/32 dev {cali} is missing")),
+        "{err}"
+    );
 
     // DEL removes everything; again is fine; also once the namespace is gone.
     assert_eq!(call("DEL", &conf), (0, Value::Null));
@@ -230,4 +241,55 @@ fn failed_add_leaks_no_address_and_no_interface() {
     ]);
     assert!(!blocks.contains("deadbeef"), "{blocks}");
     assert!(!sh(&host, "ip link").contains("cali"), "no interface left");
+}
+
+#[test]
+fn host_local_works_as_the_ipam_plugin() {
+    if !std::path::Path::new("/usr/lib/cni/host-local").exists() {
+        common::skip(
+            "host-local is not installed (scripts/test installs containernetworking-plugins)",
+        );
+        return;
+    }
+    let Some(host) = NetNs::new("cn-node") else {
+        return;
+    };
+    let Some(pod) = NetNs::new("cn-pod") else {
+        return;
+    };
+    let Some(etcd) = Etcd::start_on(Some(&host.name), free_port()) else {
+        return;
+    };
+    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
+    let data = tempfile::tempdir().unwrap();
+    let conf = json!({"cniVersion": "1.0.0", "name": "hl-net", "type": "calico",
+        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1",
+        "ipam": {"type": "host-local", "dataDir": data.path(), "ranges": [[{"subnet": "10.77.0.0/24"}]]}});
+    let netns = format!("/run/netns/{}", pod.name);
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "hl1"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let (code, res) = cni(&host, &env, &conf);
+    assert_eq!(code, 0, "{res}");
+    let addr = res["ips"][0]["address"].as_str().unwrap().to_string();
+    assert!(
+        addr.starts_with("10.77.0.") && addr.ends_with("/32"),
+        "{addr}"
+    );
+    assert!(sh(&pod, "ip -o addr show dev eth0").contains(&format!("inet {addr} ")));
+    assert_eq!(
+        sh(&pod, "ip route"),
+        "default via 169.254.1.1 dev eth0 \n169.254.1.1 dev eth0 scope link \n"
+    );
+    let del = [
+        ("CNI_COMMAND", "DEL"),
+        ("CNI_CONTAINERID", "hl1"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    assert_eq!(cni(&host, &del, &conf), (0, Value::Null));
+    assert!(!sh(&pod, "ip link").contains("eth0"));
 }
