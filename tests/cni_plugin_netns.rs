@@ -293,3 +293,55 @@ fn host_local_works_as_the_ipam_plugin() {
     assert_eq!(cni(&host, &del, &conf), (0, Value::Null));
     assert!(!sh(&pod, "ip link").contains("eth0"));
 }
+
+#[test]
+fn fifty_parallel_adds_in_one_node() {
+    let Some(host) = NetNs::new("cn-node") else {
+        return;
+    };
+    let Some(etcd) = Etcd::start_on(Some(&host.name), free_port()) else {
+        return;
+    };
+    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
+    let pods: Vec<NetNs> = (0..50).map(|_| NetNs::new("cn-pod").unwrap()).collect();
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "calico-ipam"}});
+    let host = std::sync::Arc::new(host);
+    let results: Vec<(i32, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, pod)| {
+                let (host, conf) = (host.clone(), conf.clone());
+                s.spawn(move || {
+                    let netns = format!("/run/netns/{}", pod.name);
+                    let cid = format!("par{i:02}");
+                    let args = format!("K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=pod-{i}");
+                    let env = [
+                        ("CNI_COMMAND", "ADD"),
+                        ("CNI_CONTAINERID", cid.as_str()),
+                        ("CNI_NETNS", netns.as_str()),
+                        ("CNI_IFNAME", "eth0"),
+                        ("CNI_ARGS", args.as_str()),
+                    ];
+                    cni(&host, &env, &conf)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut addrs = std::collections::HashSet::new();
+    for (code, res) in &results {
+        assert_eq!(*code, 0, "{res}");
+        assert!(addrs.insert(res["ips"][0]["address"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(addrs.len(), 50);
+    assert_eq!(sh(&host, "ip -o link show").matches("cali").count(), 50);
+    let weps = etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "/calico/resources/v3/projectcalico.org/workloadendpoints/ns1/",
+        "--keys-only",
+    ]);
+    assert_eq!(weps.lines().filter(|l| !l.is_empty()).count(), 50);
+}
