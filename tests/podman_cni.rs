@@ -59,6 +59,23 @@ fn podman_run_gets_a_calico_address_and_removal_releases_it() {
             return;
         }
     }
+    // The node's uplink and default route: proxy ARP answers for 169.254.1.1 because the
+    // node routes it elsewhere.
+    node.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "uplink",
+    ]);
+    node.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+    node.ip(&["link", "set", "eth0", "up"]);
+    node.ip(&["link", "set", "uplink", "up"]);
+    node.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.99.0.254",
+        "dev",
+        "eth0",
+    ]);
     let Some(etcd) = Etcd::start_on(Some(&node.name), free_port()) else {
         return;
     };
@@ -106,17 +123,31 @@ fn podman_run_gets_a_calico_address_and_removal_releases_it() {
     };
     busybox_image(d, &podman);
 
-    let out = run_ok(podman().args([
+    run_ok(podman().args([
         "run",
-        "--rm",
+        "-d",
         "--name",
         "web",
         "--network",
         "calico-test",
         "localhost/busybox:test",
+        "sleep",
+        "120",
+    ]));
+    // Remove the container even if an assertion below fails.
+    struct Container<'a>(&'a dyn Fn() -> Command);
+    impl Drop for Container<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)().args(["rm", "-f", "-t", "0", "web"]).output();
+        }
+    }
+    let _container = Container(&podman);
+    let out = run_ok(podman().args([
+        "exec",
+        "web",
         "sh",
         "-c",
-        "ip -o addr show eth0; ip -o link show eth0; ip route",
+        "ip -o addr show eth0; ip -o link show eth0; ip route; ping -c 1 -W 2 10.99.0.1",
     ]));
     let addr_line = out
         .lines()
@@ -127,8 +158,25 @@ fn podman_run_gets_a_calico_address_and_removal_releases_it() {
     assert!(out.contains("default via 169.254.1.1 dev eth0"), "{out}");
     assert!(out.contains("169.254.1.1 dev eth0 scope link"), "{out}");
     assert!(out.contains("mtu 1400"), "the configured MTU: {out}");
+    assert!(
+        out.contains("1 packets received"),
+        "the container reaches the node: {out}"
+    );
+    // While it runs, its WorkloadEndpoint (cni orchestrator: podman passes only the name).
+    let weps = etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "/calico/resources/v3/projectcalico.org/workloadendpoints/default/",
+        "--print-value-only",
+    ]);
+    assert!(
+        weps.contains(&format!("\"ipNetworks\":[\"{addr}\"]")),
+        "{weps}"
+    );
+    assert!(weps.contains("\"orchestrator\":\"cni\""), "{weps}");
 
-    // --rm: podman called DEL; the address and the endpoint are gone.
+    run_ok(podman().args(["rm", "-f", "-t", "0", "web"]));
+    // Removal: podman called DEL; the address and the endpoint are gone.
     assert_eq!(
         etcd.etcdctl(&["get", "--prefix", "/calico/ipam/v2/handle/", "--keys-only"])
             .trim(),
