@@ -345,3 +345,87 @@ fn fifty_parallel_adds_in_one_node() {
     ]);
     assert_eq!(weps.lines().filter(|l| !l.is_empty()).count(), 50);
 }
+
+#[test]
+fn dual_stack_pod_gets_a_128_and_the_link_local_gateway() {
+    let Some(host) = NetNs::new("cn-node") else {
+        return;
+    };
+    let Some(pod) = NetNs::new("cn-pod") else {
+        return;
+    };
+    host.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "uplink",
+    ]);
+    host.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+    host.ip(&["-6", "addr", "add", "fd00:99::1/64", "dev", "eth0", "nodad"]);
+    host.ip(&["link", "set", "eth0", "up"]);
+    host.ip(&["link", "set", "uplink", "up"]);
+    host.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.99.0.254",
+        "dev",
+        "eth0",
+    ]);
+    let Some(etcd) = Etcd::start_on(Some(&host.name), free_port()) else {
+        return;
+    };
+    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
+    let endpoint = etcd.endpoint();
+    host.run_in(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let client = calico_node::datastore::Client::new(
+                    Etcd::config_for(&endpoint).connect().await.unwrap(),
+                );
+                let spec = calico_node::model::IPPoolSpec {
+                    cidr: "fd00:65::/64".into(),
+                    ..Default::default()
+                };
+                client
+                    .create(calico_node::model::IPPool::new("pool6", spec))
+                    .await
+                    .unwrap();
+            })
+    });
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1",
+        "ipam": {"type": "calico-ipam", "assign_ipv4": "true", "assign_ipv6": "true"}});
+    let netns = format!("/run/netns/{}", pod.name);
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "ds1"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let (code, res) = cni(&host, &env, &conf);
+    assert_eq!(code, 0, "{res}");
+    let v6 = res["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["address"].as_str().unwrap().to_string())
+        .find(|a| a.contains(':'))
+        .unwrap();
+    assert!(v6.starts_with("fd00:65::") && v6.ends_with("/128"), "{v6}");
+    assert!(sh(&pod, "ip -6 -o addr show dev eth0").contains(&format!("inet6 {v6} ")));
+    let r6 = sh(&pod, "ip -6 route");
+    assert!(
+        r6.contains("default via fe80::ecee:eeff:feee:eeee dev eth0"),
+        "{r6}"
+    );
+    let ip6 = v6.trim_end_matches("/128");
+    assert!(
+        sh(&host, "ip -6 route show proto boot").contains(&format!("{ip6} dev ")),
+        "host /128 route"
+    );
+    // The pod reaches the node over IPv6 through its link-local gateway.
+    let ping = sh(&pod, "ping -6 -c 1 -W 3 fd00:99::1");
+    assert!(ping.contains("1 received"), "{ping}");
+}

@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
@@ -17,6 +18,10 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 
 /// The host side's MAC (Calico uses one fixed MAC on every host veth).
 pub const HOST_MAC: [u8; 6] = [0xee; 6];
+/// The host veth's IPv6 link-local address (EUI-64 of ee:ee:ee:ee:ee:ee): the pod's IPv6
+/// gateway.
+pub const HOST_LINK_LOCAL: std::net::Ipv6Addr =
+    std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
 /// The pod's gateway, answered by the host through proxy ARP.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 const EEXIST: i32 = 17;
@@ -274,9 +279,15 @@ async fn configure_pod(
         })?;
     let index = link.header.index;
     for a in addrs {
-        h.address()
-            .add(index, a.addr(), a.prefix_len())
-            .execute()
+        let mut req = h.address().add(index, a.addr(), a.prefix_len());
+        if a.addr().is_ipv6() {
+            // No duplicate address detection: the address is ours by IPAM, and DAD would
+            // leave it tentative (unusable) for a second or more.
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req.execute()
             .await
             .map_err(nl(format!("add {a} to {ifname}")))?;
     }
@@ -307,6 +318,19 @@ async fn configure_pod(
             .execute()
             .await
             .map_err(nl(format!("add default via {GATEWAY} dev {ifname}")))?;
+    }
+    if addrs.iter().any(|a| a.addr().is_ipv6()) {
+        // IPv6: the gateway is the host veth's link-local address (Calico's rule); it is
+        // fixed because the host MAC is.
+        let default = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+            .destination_prefix(std::net::Ipv6Addr::UNSPECIFIED, 0)
+            .gateway(HOST_LINK_LOCAL)
+            .output_interface(index)
+            .protocol(RouteProtocol::Boot)
+            .build();
+        h.route().add(default).execute().await.map_err(nl(format!(
+            "add default via {HOST_LINK_LOCAL} dev {ifname}"
+        )))?;
     }
     Ok(mac_of(&link).unwrap_or_default())
 }
