@@ -1,0 +1,189 @@
+//! `scripts/bench cni`: ADD and DEL latency (median, p99) of our `calico` + `calico-ipam`
+//! with etcd IPAM, against Debian's `ptp` + `host-local` in the same run, over 200 pods
+//! each; and 20-way parallel ADD throughput of ours. Prints the ratios (goal: ADD and DEL
+//! median <= 0.7x ptp's; parallel >= 200 pods/s on 2 cores). Needs root (namespaces).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Etcd, NetNs, free_port};
+use serde_json::{Value, json};
+
+const PODS: usize = 200;
+const PARALLEL: usize = 20;
+
+fn cni(
+    node: &NetNs,
+    path: &str,
+    plugin: &Path,
+    cmd: &str,
+    cid: &str,
+    netns: &str,
+    conf: &Value,
+) -> Duration {
+    let start = Instant::now();
+    let mut c = node
+        .command(plugin.to_str().unwrap())
+        .env_clear()
+        .env("CNI_PATH", path)
+        .env("CNI_COMMAND", cmd)
+        .env("CNI_CONTAINERID", cid)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {cid}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    start.elapsed()
+}
+
+fn stats(mut v: Vec<Duration>) -> (f64, f64) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    (
+        ms(v[v.len() / 2]),
+        ms(v[(v.len() * 99 / 100).min(v.len() - 1)]),
+    )
+}
+
+fn main() {
+    let Some(node) = NetNs::new("cn-bench") else {
+        return;
+    };
+    if !Path::new("/usr/lib/cni/ptp").exists() {
+        common::skip("the reference plugins are not installed (containernetworking-plugins)");
+        return;
+    }
+    // `ip netns exec` remounts /sys per call and costs the same for both plugins; running
+    // the plugin through it is how both are measured.
+    node.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "uplink",
+    ]);
+    node.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+    node.ip(&["link", "set", "eth0", "up"]);
+    let Some(etcd) = Etcd::start_on(Some(&node.name), free_port()) else {
+        return;
+    };
+    common::seed_in_netns(&node, etcd.endpoint(), "10.64.0.0/14");
+    let pods: Vec<NetNs> = (0..PODS).map(|_| NetNs::new("cn-bpod").unwrap()).collect();
+    let ours_dir = Path::new(env!("CARGO_BIN_EXE_calico"))
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let calico = Path::new(env!("CARGO_BIN_EXE_calico")).to_path_buf();
+    let ptp = Path::new("/usr/lib/cni/ptp").to_path_buf();
+    let data = tempfile::tempdir().unwrap();
+    let ours_conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "calico-ipam"}});
+    let ptp_conf = json!({"cniVersion": "1.0.0", "name": "ptp-net", "type": "ptp",
+        "ipam": {"type": "host-local", "subnet": "10.200.0.0/16", "dataDir": data.path()}});
+    let netns = |i: usize| format!("/run/netns/{}", pods[i].name);
+
+    // Interleave the two plugins pod by pod so drift on this shared machine hits both.
+    let (mut our_add, mut our_del, mut ptp_add, mut ptp_del) = (vec![], vec![], vec![], vec![]);
+    for i in 0..PODS {
+        our_add.push(cni(
+            &node,
+            &ours_dir,
+            &calico,
+            "ADD",
+            &format!("o{i}"),
+            &netns(i),
+            &ours_conf,
+        ));
+        our_del.push(cni(
+            &node,
+            &ours_dir,
+            &calico,
+            "DEL",
+            &format!("o{i}"),
+            &netns(i),
+            &ours_conf,
+        ));
+        ptp_add.push(cni(
+            &node,
+            "/usr/lib/cni",
+            &ptp,
+            "ADD",
+            &format!("p{i}"),
+            &netns(i),
+            &ptp_conf,
+        ));
+        ptp_del.push(cni(
+            &node,
+            "/usr/lib/cni",
+            &ptp,
+            "DEL",
+            &format!("p{i}"),
+            &netns(i),
+            &ptp_conf,
+        ));
+    }
+    let (oa, oa99) = stats(our_add);
+    let (od, od99) = stats(our_del);
+    let (pa, pa99) = stats(ptp_add);
+    let (pd, pd99) = stats(ptp_del);
+    println!("CNI benchmark: {PODS} pods each, sequential, interleaved");
+    println!(
+        "ADD: calico {oa:6.1} ms (p99 {oa99:6.1})   ptp+host-local {pa:6.1} ms (p99 {pa99:6.1})   ratio {:.2}x (goal <= 0.7x)",
+        oa / pa
+    );
+    println!(
+        "DEL: calico {od:6.1} ms (p99 {od99:6.1})   ptp+host-local {pd:6.1} ms (p99 {pd99:6.1})   ratio {:.2}x (goal <= 0.7x)",
+        od / pd
+    );
+
+    // 20-way parallel ADD of all pods (ours).
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..PARALLEL {
+            let (node, calico, ours_dir, ours_conf, netns) =
+                (&node, &calico, &ours_dir, &ours_conf, &netns);
+            s.spawn(move || {
+                for i in (w..PODS).step_by(PARALLEL) {
+                    cni(
+                        node,
+                        ours_dir,
+                        calico,
+                        "ADD",
+                        &format!("par{i}"),
+                        &netns(i),
+                        ours_conf,
+                    );
+                }
+            });
+        }
+    });
+    let rate = PODS as f64 / start.elapsed().as_secs_f64();
+    println!("parallel ADD ({PARALLEL}-way): {rate:.0} pods/s (goal >= 200)");
+    for i in 0..PODS {
+        cni(
+            &node,
+            &ours_dir,
+            &calico,
+            "DEL",
+            &format!("par{i}"),
+            &netns(i),
+            &ours_conf,
+        );
+    }
+}
