@@ -7,6 +7,7 @@
 mod common;
 
 use std::io::Write;
+use std::path::Path;
 use std::process::Stdio;
 
 use common::{Etcd, NetNs, free_port};
@@ -428,4 +429,91 @@ fn dual_stack_pod_gets_a_128_and_the_link_local_gateway() {
     // The pod reaches the node over IPv6 through its link-local gateway.
     let ping = sh(&pod, "ping -6 -c 1 -W 3 fd00:99::1");
     assert!(ping.contains("1 received"), "{ping}");
+}
+
+#[test]
+fn etcd_lost_after_ipam_gives_code_11_and_no_interface() {
+    let Some(host) = NetNs::new("cn-node") else {
+        return;
+    };
+    let Some(pod) = NetNs::new("cn-pod") else {
+        return;
+    };
+    let Some(mut etcd) = Etcd::start_on(Some(&host.name), free_port()) else {
+        return;
+    };
+    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
+    // An IPAM plugin that runs calico-ipam, then kills etcd (by the PID this test started)
+    // before the main plugin writes the WorkloadEndpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = Path::new(env!("CARGO_BIN_EXE_calico-ipam"));
+    let wrapper = dir.path().join("ipam-then-etcd-dies");
+    std::fs::write(&wrapper, format!("#!/bin/sh\nout=$({})\nrc=$?\n[ \"$CNI_COMMAND\" = ADD ] && kill -9 {}\necho \"$out\"\nexit $rc\n", ipam.display(), etcd.pid().unwrap())).unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "ipam-then-etcd-dies"}});
+    let netns = format!("/run/netns/{}", pod.name);
+    let out = host
+        .command(env!("CARGO_BIN_EXE_calico"))
+        .env_clear()
+        .env("CNI_PATH", dir.path())
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "lost1")
+        .env("CNI_NETNS", &netns)
+        .env("CNI_IFNAME", "eth0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(conf.to_string().as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let err: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(
+        !sh(&host, "ip link").contains("cali"),
+        "no host interface left"
+    );
+    assert!(
+        !sh(&pod, "ip link").contains("eth0"),
+        "no pod interface left"
+    );
+    // The address could not be released while etcd was down; with no WorkloadEndpoint it
+    // is a leak the checker reports (and the GC frees).
+    etcd.restart();
+    let endpoint = etcd.endpoint();
+    let leaks = host.run_in(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let ds = Etcd::config_for(&endpoint).connect().await.unwrap();
+                let client = calico_node::datastore::Client::new(ds.clone());
+                let ipam = calico_node::ipam::Ipam::new(ds);
+                let snap = calico_node::ipam::gc::snapshot(&ipam, &client)
+                    .await
+                    .unwrap();
+                calico_node::ipam::gc::find_leaks(&snap)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            })
+    });
+    // (No Node resource exists in this test, so node-1's block affinity is reported too.)
+    let allocations: Vec<&String> = leaks.iter().filter(|l| l.contains("(handle")).collect();
+    assert_eq!(allocations.len(), 1, "{leaks:?}");
+    assert!(
+        allocations[0].contains("k8s-pod-network.lost1"),
+        "{leaks:?}"
+    );
 }

@@ -283,6 +283,11 @@ impl Etcd {
             .to_string()
     }
 
+    /// The PID of the running etcd.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL etcd (by the PID we started).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
