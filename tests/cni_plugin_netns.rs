@@ -517,3 +517,106 @@ fn etcd_lost_after_ipam_gives_code_11_and_no_interface() {
         "{leaks:?}"
     );
 }
+
+#[test]
+fn wep_deleted_behind_the_plugins_back_is_a_leak_freed_on_the_second_pass() {
+    let Some(host) = NetNs::new("cn-node") else {
+        return;
+    };
+    let Some(pod) = NetNs::new("cn-pod") else {
+        return;
+    };
+    let Some(etcd) = Etcd::start_on(Some(&host.name), free_port()) else {
+        return;
+    };
+    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "calico-ipam"}});
+    let netns = format!("/run/netns/{}", pod.name);
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "gc1"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    let (code, res) = cni(&host, &env, &conf);
+    assert_eq!(code, 0, "{res}");
+    let ip = res["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_string();
+    etcd.etcdctl(&[
+        "del",
+        "--prefix",
+        "/calico/resources/v3/projectcalico.org/workloadendpoints/",
+    ]);
+    let ctl = |args: &[&str]| {
+        let out = host
+            .command(env!("CARGO_BIN_EXE_calicoctl"))
+            .env("ETCD_ENDPOINTS", etcd.endpoint())
+            .args(["-c", "/nonexistent"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let check = ctl(&["ipam", "check"]);
+    assert!(
+        check.contains(&format!("leaked: {ip} (handle \"k8s-pod-network.gc1\")")),
+        "{check}"
+    );
+    // Pass by pass: the collector's first sighting frees nothing, the second frees it.
+    let ds_endpoint = etcd.endpoint();
+    let (first, second) = host.run_in(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                use calico_node::ipam::gc;
+                let ds = Etcd::config_for(&ds_endpoint).connect().await.unwrap();
+                let (client, ipam) = (
+                    calico_node::datastore::Client::new(ds.clone()),
+                    calico_node::ipam::Ipam::new(ds),
+                );
+                let mut t = gc::LeakTracker::default();
+                let grace = std::time::Duration::from_millis(100);
+                let pass = |t: &mut gc::LeakTracker, leaks| {
+                    t.observe(leaks, std::time::Instant::now(), grace)
+                };
+                let first = pass(
+                    &mut t,
+                    gc::find_leaks(&gc::snapshot(&ipam, &client).await.unwrap()),
+                );
+                let freed_first = gc::free(&ipam, &first).await.unwrap().len();
+                tokio::time::sleep(grace).await;
+                let second = pass(
+                    &mut t,
+                    gc::find_leaks(&gc::snapshot(&ipam, &client).await.unwrap()),
+                );
+                let freed_second = gc::free(&ipam, &second).await.unwrap();
+                (
+                    freed_first,
+                    freed_second
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>(),
+                )
+            })
+    });
+    assert_eq!(first, 0, "nothing freed on the first pass");
+    assert!(
+        second.iter().any(|l| l.contains("k8s-pod-network.gc1")),
+        "{second:?}"
+    );
+    assert_eq!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.gc1"),
+        ""
+    );
+}
