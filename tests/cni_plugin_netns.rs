@@ -58,23 +58,7 @@ fn pod_gets_calicos_network_and_del_removes_it() {
     let Some(pod) = NetNs::new("cn-pod") else {
         return;
     };
-    // The node's uplink and default route (proxy ARP answers for 169.254.1.1 because the
-    // node routes it elsewhere).
-    host.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "uplink",
-    ]);
-    host.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
-    host.ip(&["link", "set", "eth0", "up"]);
-    host.ip(&["link", "set", "uplink", "up"]);
-    host.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.99.0.254",
-        "dev",
-        "eth0",
-    ]);
+    host.add_uplink();
     let port = free_port();
     let Some(etcd) = Etcd::start_on(Some(&host.name), port) else {
         return;
@@ -355,22 +339,8 @@ fn dual_stack_pod_gets_a_128_and_the_link_local_gateway() {
     let Some(pod) = NetNs::new("cn-pod") else {
         return;
     };
-    host.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "uplink",
-    ]);
-    host.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+    host.add_uplink();
     host.ip(&["-6", "addr", "add", "fd00:99::1/64", "dev", "eth0", "nodad"]);
-    host.ip(&["link", "set", "eth0", "up"]);
-    host.ip(&["link", "set", "uplink", "up"]);
-    host.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.99.0.254",
-        "dev",
-        "eth0",
-    ]);
     let Some(etcd) = Etcd::start_on(Some(&host.name), free_port()) else {
         return;
     };

@@ -59,23 +59,7 @@ fn podman_run_gets_a_calico_address_and_removal_releases_it() {
             return;
         }
     }
-    // The node's uplink and default route: proxy ARP answers for 169.254.1.1 because the
-    // node routes it elsewhere.
-    node.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "uplink",
-    ]);
-    node.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
-    node.ip(&["link", "set", "eth0", "up"]);
-    node.ip(&["link", "set", "uplink", "up"]);
-    node.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        "10.99.0.254",
-        "dev",
-        "eth0",
-    ]);
+    node.add_uplink();
     let Some(etcd) = Etcd::start_on(Some(&node.name), free_port()) else {
         return;
     };

@@ -455,6 +455,27 @@ impl NetNs {
         run("ip", &all);
     }
 
+    /// Give a node namespace an uplink `eth0` (10.99.0.1/24, the other end idle) and a
+    /// default route through it: the node then routes 169.254.1.1 elsewhere, which is what
+    /// makes proxy ARP answer for it on the pods' veths.
+    pub fn add_uplink(&self) {
+        self.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "uplink",
+        ]);
+        self.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+        self.ip(&["link", "set", "eth0", "up"]);
+        self.ip(&["link", "set", "uplink", "up"]);
+        self.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.99.0.254",
+            "dev",
+            "eth0",
+        ]);
+    }
+
     /// A command that will run inside the namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
