@@ -328,7 +328,14 @@ async fn add(
         },
     );
     wep.metadata.namespace = Some(namespace.into());
-    client.apply(wep).await.map_err(|e| ipam_error(e.into()))?;
+    // A new pod's endpoint is one create; an existing one (a re-ADD) is updated.
+    match client.create(wep.clone()).await {
+        Ok(_) => {}
+        Err(ClientError::AlreadyExists(_)) => {
+            client.apply(wep).await.map_err(|e| ipam_error(e.into()))?;
+        }
+        Err(e) => return Err(ipam_error(e.into())),
+    }
     let mut result = CniResult::new(&conf.cni_version);
     result.interfaces = vec![
         Interface {

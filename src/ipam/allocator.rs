@@ -253,8 +253,12 @@ impl Ipam {
         requested: &[IpNet],
         use_: IpUse,
     ) -> IpamResult<Vec<IPPool>> {
-        let (pools, _) = self.client.list::<IPPoolSpec>(None).await?;
-        let labels = match self.client.get::<NodeSpec>(None, host).await? {
+        let (pools, node) = tokio::join!(
+            self.client.list::<IPPoolSpec>(None),
+            self.client.get::<NodeSpec>(None, host)
+        );
+        let (pools, _) = pools?;
+        let labels = match node? {
             Some(n) => n.metadata.labels,
             None => BTreeMap::new(),
         };
@@ -324,9 +328,13 @@ impl Ipam {
         };
         let _serialized = lock.lock().await;
         let family = if v6 { 6 } else { 4 };
-        let pools = self
-            .usable_pools(&args.host, v6, requested, args.use_)
-            .await?;
+        // The independent reads go out together: one round trip of latency, not three.
+        let (pools, cfg, affine) = tokio::join!(
+            self.usable_pools(&args.host, v6, requested, args.use_),
+            self.config(),
+            self.affine_blocks(&args.host, v6)
+        );
+        let (pools, cfg, affine) = (pools?, cfg?, affine?);
         if pools.is_empty() {
             return Err(IpamError::NoPools {
                 family,
@@ -344,11 +352,9 @@ impl Ipam {
                 .iter()
                 .any(|p| p.spec.net().is_some_and(|n| n.contains(&b.network())))
         };
-        let cfg = self.config().await?;
         let mut got: Vec<IpAddr> = Vec::new();
         let result = async {
             // 1. Blocks this host already has.
-            let affine = self.affine_blocks(&args.host, v6).await?;
             for cidr in affine.iter().filter(|c| in_pools(c)) {
                 if got.len() == n {
                     break;
@@ -619,6 +625,22 @@ impl Ipam {
     async fn handle_add(&self, handle: &str, cidr: &IpNet, delta: i64) -> IpamResult<()> {
         let key = keys::handle_key(handle);
         let block = cidr.to_string();
+        if delta > 0 {
+            // A new handle (the usual case for a new pod) is one create, no read.
+            let h = IPAMHandle {
+                block: BTreeMap::from([(block.clone(), delta as u64)]),
+                deleted: false,
+            };
+            match self
+                .ds
+                .create(&key, serde_json::to_vec(&h).expect("serializes"))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(DatastoreError::AlreadyExists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         for _ in 0..CAS_RETRIES {
             let current = self.ds.get(&key).await?;
             let (mut h, rev) = match &current {
