@@ -213,20 +213,42 @@ pub async fn execute(
             }
         }
         Command::Del => {
-            exec_ipam(env, conf, stdin, "DEL")?;
-            if let Ok(node) = conf.node_name() {
+            // The three parts are independent: release the addresses, delete the
+            // endpoint and remove the interface at the same time, then report the first
+            // failure (everything that can be cleaned is cleaned).
+            let ipam = {
+                let (env, conf, stdin) = (env.clone(), conf.clone(), stdin.to_vec());
+                tokio::task::spawn_blocking(move || exec_ipam(&env, &conf, &stdin, "DEL"))
+            };
+            let wep = async {
+                let Ok(node) = conf.node_name() else {
+                    return Ok(());
+                };
                 let name = workload_endpoint_name(&node, orchestrator, &workload, &env.ifname);
                 match client
                     .delete::<WorkloadEndpointSpec>(Some(&namespace), &name, None)
                     .await
                 {
-                    Ok(_) | Err(ClientError::NotFound(_)) => {}
-                    Err(e) => return Err(ipam_error(e.into())),
+                    Ok(_) | Err(ClientError::NotFound(_)) => Ok(()),
+                    Err(e) => Err(ipam_error(e.into())),
                 }
-            }
-            dataplane::teardown(&env.netns, &env.ifname, &host_if)
-                .await
-                .map_err(plugin_error("cannot remove the pod interface"))?;
+            };
+            let link = async {
+                dataplane::teardown(&env.netns, &env.ifname, &host_if)
+                    .await
+                    .map_err(plugin_error("cannot remove the pod interface"))
+            };
+            let (ipam, wep, link) = tokio::join!(ipam, wep, link);
+            let ipam = ipam.unwrap_or_else(|e| {
+                Err(CniError::new(
+                    code::IO_FAILURE,
+                    "the IPAM plugin call failed",
+                    e.to_string(),
+                ))
+            });
+            ipam?;
+            wep?;
+            link?;
             Ok(None)
         }
         Command::Check => {
