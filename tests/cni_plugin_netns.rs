@@ -13,15 +13,41 @@ use std::process::Stdio;
 use common::{Etcd, NetNs, free_port};
 use serde_json::{Value, json};
 
-fn cni(host: &NetNs, env: &[(&str, &str)], conf: &Value) -> (i32, Value) {
-    let plugin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_calico"))
+/// A plugin directory laid out as Calico installs it: `calico`, and `calico-ipam` as the
+/// same binary (here a link), so the IPAM step runs inside the `calico` process.
+fn calico_install() -> String {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cni-install");
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["calico", "calico-ipam"] {
+        let link = dir.join(name);
+        if std::fs::read_link(&link).ok().as_deref()
+            != Some(Path::new(env!("CARGO_BIN_EXE_calico")))
+        {
+            let _ = std::fs::remove_file(&link);
+            // Another test process may have made it in between.
+            let _ = std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_calico"), &link);
+        }
+    }
+    dir.to_str().unwrap().to_string()
+}
+
+/// Cargo's output directory: `calico-ipam` there is a separate binary, run as a process.
+fn cargo_bins() -> String {
+    Path::new(env!("CARGO_BIN_EXE_calico"))
         .parent()
         .unwrap()
         .to_str()
         .unwrap()
-        .to_string();
+        .to_string()
+}
+
+fn cni(host: &NetNs, env: &[(&str, &str)], conf: &Value) -> (i32, Value) {
+    cni_in(&calico_install(), host, env, conf)
+}
+
+fn cni_in(plugin_dir: &str, host: &NetNs, env: &[(&str, &str)], conf: &Value) -> (i32, Value) {
     let mut c = host
-        .command(env!("CARGO_BIN_EXE_calico"))
+        .command(&format!("{plugin_dir}/calico"))
         .env_clear()
         .env("CNI_PATH", format!("{plugin_dir}:/usr/lib/cni"))
         .envs(env.iter().copied())
@@ -52,6 +78,15 @@ fn sh(ns: &NetNs, cmd: &str) -> String {
 
 #[test]
 fn pod_gets_calicos_network_and_del_removes_it() {
+    pod_network_round_trip(&calico_install());
+}
+
+#[test]
+fn pod_network_with_calico_ipam_as_its_own_process() {
+    pod_network_round_trip(&cargo_bins());
+}
+
+fn pod_network_round_trip(plugin_dir: &str) {
     let Some(host) = NetNs::new("cn-node") else {
         return;
     };
@@ -86,7 +121,7 @@ fn pod_gets_calicos_network_and_del_removes_it() {
     let call = |cmd: &'static str, conf: &Value| {
         let e = as_refs(&env(cmd));
         let refs: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        cni(&host, &refs, conf)
+        cni_in(plugin_dir, &host, &refs, conf)
     };
 
     let (code, res) = call("ADD", &conf);
@@ -137,6 +172,22 @@ fn pod_gets_calicos_network_and_del_removes_it() {
         wep["metadata"]["labels"]["projectcalico.org/namespace"],
         "ns1"
     );
+    // The endpoint's and the result's MAC are the pod interface's.
+    let pod_link = sh(&pod, "ip link show eth0");
+    let mac = res["interfaces"][1]["mac"].as_str().unwrap();
+    assert!(
+        pod_link.contains(&format!("link/ether {mac} ")),
+        "{pod_link} vs {mac}"
+    );
+    assert_eq!(wep["spec"]["mac"], mac);
+
+    // A repeated ADD (the runtime retrying) gets the same address and a working pod.
+    let (code, again) = call("ADD", &conf);
+    assert_eq!(code, 0, "{again}");
+    assert_eq!(again["ips"][0]["address"], addr.as_str());
+    let ping = sh(&pod, "ping -c 1 -W 2 10.99.0.1");
+    assert!(ping.contains("1 received"), "{ping}");
+    let res = again;
 
     // CHECK against the result.
     let mut check = conf.clone();

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags};
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
 };
@@ -94,28 +94,45 @@ where
     F: FnOnce(Handle) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T, DataplaneError>>,
 {
-    let path = path.to_string();
+    on_thread(Some(path.to_string()), f).await
+}
+
+/// Run `f` with a netlink handle on a thread of its own, in the namespace at `netns` or in
+/// the caller's. The kernel handles a netlink request inside the sending syscall (deleting
+/// a veth blocks there for many milliseconds), so the caller's runtime keeps serving its
+/// datastore requests meanwhile.
+async fn on_thread<T, F, Fut>(netns: Option<String>, f: F) -> Result<T, DataplaneError>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, DataplaneError>>,
+{
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let run = || -> Result<T, DataplaneError> {
-            let ns_err = |reason: String| DataplaneError::Netns {
-                path: path.clone(),
-                reason,
-            };
-            let file = std::fs::File::open(&path).map_err(|e| ns_err(e.to_string()))?;
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| ns_err(e.to_string()))?;
+            if let Some(path) = &netns {
+                let ns_err = |reason: String| DataplaneError::Netns {
+                    path: path.clone(),
+                    reason,
+                };
+                let file = std::fs::File::open(path).map_err(|e| ns_err(e.to_string()))?;
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| ns_err(e.to_string()))?;
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
                 .build()
-                .map_err(|e| ns_err(e.to_string()))?;
+                .map_err(|e| DataplaneError::Netns {
+                    path: "(thread)".into(),
+                    reason: e.to_string(),
+                })?;
             rt.block_on(async move { f(connect()?).await })
         };
         let _ = tx.send(run());
     });
     rx.await.map_err(|_| DataplaneError::Netns {
         path: "(thread)".into(),
-        reason: "namespace worker stopped".into(),
+        reason: "netlink worker stopped".into(),
     })?
 }
 
@@ -138,18 +155,6 @@ async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, Dat
             }
         }
     }
-}
-
-fn mac_of(l: &LinkMessage) -> Option<String> {
-    l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Address(m) => Some(
-            m.iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":"),
-        ),
-        _ => None,
-    })
 }
 
 fn write_sysctl(path: &str, value: &str) -> Result<(), DataplaneError> {
@@ -195,11 +200,14 @@ pub struct PodSpec {
     pub addrs: Vec<IpNet>,
 }
 
-/// The veth pair, made in one request with the peer created inside the pod namespace.
-fn veth_message(spec: &PodSpec, netns_fd: i32) -> LinkMessage {
+/// The veth pair, made in one request with the peer created inside the pod namespace,
+/// with its MAC chosen by us (so the WorkloadEndpoint can be written while
+/// the pair is being made). The host side stays down until its sysctls are written.
+fn veth_message(spec: &PodSpec, netns_fd: i32, pod_mac: [u8; 6]) -> LinkMessage {
     let peer = LinkMessageBuilder::<LinkUnspec>::default()
         .name(spec.container_ifname.clone())
         .mtu(spec.mtu)
+        .address(pod_mac.to_vec())
         .setns_by_fd(netns_fd)
         .build();
     LinkMessageBuilder::<LinkUnspec>::new_with_info_kind(InfoKind::Veth)
@@ -210,66 +218,148 @@ fn veth_message(spec: &PodSpec, netns_fd: i32) -> LinkMessage {
         .build()
 }
 
-/// Create everything; on error, remove what was created. Returns the pod side's MAC.
-pub async fn setup(spec: &PodSpec) -> Result<String, DataplaneError> {
-    let host = connect()?;
-    let ns_file = std::fs::File::open(&spec.netns).map_err(|e| DataplaneError::Netns {
-        path: spec.netns.clone(),
-        reason: e.to_string(),
-    })?;
-    host.link()
-        .add(veth_message(spec, ns_file.as_raw_fd()))
-        .execute()
-        .await
-        .map_err(nl(format!(
-            "create veth {} with peer {} in {}",
-            spec.host_ifname, spec.container_ifname, spec.netns
-        )))?;
-    let result = configure(&host, spec).await;
-    if result.is_err() {
-        // Deleting the host side deletes the pair.
-        if let Ok(Some(l)) = link_by_name(&host, &spec.host_ifname).await {
-            let _ = host.link().del(l.header.index).execute().await;
-        }
+/// A random locally administered unicast MAC (what the kernel would pick for a veth).
+pub fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: getrandom writes at most `mac.len()` bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != mac.len() as isize {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+            ^ u128::from(std::process::id()) << 32;
+        mac.copy_from_slice(&t.to_le_bytes()[..6]);
     }
-    result
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
 }
 
-async fn configure(host: &Handle, spec: &PodSpec) -> Result<String, DataplaneError> {
-    let link = link_by_name(host, &spec.host_ifname)
+/// `aa:bb:..` form of a MAC.
+pub fn mac_string(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The pair made by [`create_veth`]: its host index, and whether the IPv6 sysctls were
+/// written before the host side came up.
+#[derive(Debug, Clone, Copy)]
+pub struct Veth {
+    pub host_index: u32,
+    pub v6_sysctls: bool,
+}
+
+/// Step 1 of ADD, which needs no address: the veth pair (an old host interface of the same
+/// name is deleted first, as Calico does on a repeated ADD), the host sysctls, host side
+/// up. `v6` says whether IPv6 addresses are expected (their sysctls must precede link up).
+pub async fn create_veth(
+    spec: &PodSpec,
+    pod_mac: [u8; 6],
+    v6: bool,
+) -> Result<Veth, DataplaneError> {
+    let spec = spec.clone();
+    on_thread(None, move |host| async move {
+        delete_host_side(&host, &spec.host_ifname).await?;
+        let ns_file = std::fs::File::open(&spec.netns).map_err(|e| DataplaneError::Netns {
+            path: spec.netns.clone(),
+            reason: e.to_string(),
+        })?;
+        host.link()
+            .add(veth_message(&spec, ns_file.as_raw_fd(), pod_mac))
+            .execute()
+            .await
+            .map_err(nl(format!(
+                "create veth {} with peer {} in {}",
+                spec.host_ifname, spec.container_ifname, spec.netns
+            )))?;
+        let result = async {
+            let index = host_index(&host, &spec.host_ifname).await?;
+            host_sysctls(&spec.host_ifname, v6)?;
+            set_up(&host, index, &spec.host_ifname).await?;
+            Ok(Veth {
+                host_index: index,
+                v6_sysctls: v6,
+            })
+        }
+        .await;
+        if result.is_err() {
+            let _ = delete_host_side(&host, &spec.host_ifname).await;
+        }
+        result
+    })
+    .await
+}
+
+async fn host_index(h: &Handle, name: &str) -> Result<u32, DataplaneError> {
+    link_by_name(h, name)
         .await?
+        .map(|l| l.header.index)
         .ok_or_else(|| DataplaneError::Netlink {
-            op: format!("find {}", spec.host_ifname),
+            op: format!("find {name}"),
             errno: Some(ENODEV),
             message: "just created, now missing".into(),
-        })?;
-    let index = link.header.index;
-    host_sysctls(
-        &spec.host_ifname,
-        spec.addrs.iter().any(|a| a.addr().is_ipv6()),
-    )?;
-    host.link()
+        })
+}
+
+async fn set_up(h: &Handle, index: u32, name: &str) -> Result<(), DataplaneError> {
+    h.link()
         .set(LinkUnspec::new_with_index(index).up().build())
         .execute()
         .await
-        .map_err(nl(format!("set {} up", spec.host_ifname)))?;
-    let (ifname, addrs) = (spec.container_ifname.clone(), spec.addrs.clone());
-    let mac = in_netns(&spec.netns, move |h| async move {
-        configure_pod(&h, &ifname, &addrs).await
-    })
-    .await?;
-    for a in &spec.addrs {
-        host_route(host, index, &spec.host_ifname, *a).await?;
-    }
-    Ok(mac)
+        .map_err(nl(format!("set {name} up")))
 }
 
-/// Inside the pod: addresses, link up, the gateway's link route and the default route.
-async fn configure_pod(
-    h: &Handle,
-    ifname: &str,
-    addrs: &[IpNet],
-) -> Result<String, DataplaneError> {
+/// Step 2 of ADD, once the addresses are known: the pod's addresses and routes, and the
+/// host routes (both namespaces at the same time).
+pub async fn configure(spec: &PodSpec, veth: Veth) -> Result<(), DataplaneError> {
+    let host = connect()?;
+    let index = veth.host_index;
+    if spec.addrs.iter().any(|a| a.addr().is_ipv6()) && !veth.v6_sysctls {
+        // IPv6 came as a surprise (an exec'd IPAM plugin): its sysctls (no DAD on the
+        // gateway's link-local address) must be written while the link is down.
+        host.link()
+            .set(LinkUnspec::new_with_index(index).down().build())
+            .execute()
+            .await
+            .map_err(nl(format!("set {} down", spec.host_ifname)))?;
+        host_sysctls(&spec.host_ifname, true)?;
+        set_up(&host, index, &spec.host_ifname).await?;
+    }
+    let (ifname, addrs) = (spec.container_ifname.clone(), spec.addrs.clone());
+    let pod = in_netns(&spec.netns, move |h| async move {
+        configure_pod(&h, &ifname, &addrs).await
+    });
+    let routes = async {
+        for a in &spec.addrs {
+            host_route(&host, index, &spec.host_ifname, *a).await?;
+        }
+        Ok(())
+    };
+    let (pod, routes) = tokio::join!(pod, routes);
+    pod?;
+    routes
+}
+
+async fn delete_host_side(h: &Handle, name: &str) -> Result<bool, DataplaneError> {
+    let Some(l) = link_by_name(h, name).await? else {
+        return Ok(false);
+    };
+    match h
+        .link()
+        .del(l.header.index)
+        .execute()
+        .await
+        .map_err(nl(format!("delete {name}")))
+    {
+        Err(e) if !matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Err(e),
+        _ => Ok(true),
+    }
+}
+
+/// Inside the pod: addresses, link up (a veth peer cannot be created up), the gateway's
+/// link route and the default route.
+async fn configure_pod(h: &Handle, ifname: &str, addrs: &[IpNet]) -> Result<(), DataplaneError> {
     let link = link_by_name(h, ifname)
         .await?
         .ok_or_else(|| DataplaneError::Netlink {
@@ -291,11 +381,7 @@ async fn configure_pod(
             .await
             .map_err(nl(format!("add {a} to {ifname}")))?;
     }
-    h.link()
-        .set(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await
-        .map_err(nl(format!("set {ifname} up")))?;
+    set_up(h, index, ifname).await?;
     if addrs.iter().any(|a| a.addr().is_ipv4()) {
         let gw = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(GATEWAY, 32)
@@ -332,7 +418,7 @@ async fn configure_pod(
             "add default via {HOST_LINK_LOCAL} dev {ifname}"
         )))?;
     }
-    Ok(mac_of(&link).unwrap_or_default())
+    Ok(())
 }
 
 fn route_oif(r: &RouteMessage) -> Option<u32> {
@@ -414,12 +500,18 @@ async fn list_routes(h: &Handle, v6: bool) -> Result<Vec<RouteMessage>, Dataplan
         .map_err(nl("list routes"))
 }
 
-/// Remove the pod's interface (and so the pair). A missing namespace or interface is fine.
+/// Remove the pod's interface (and so the pair): the host side when it exists (one request,
+/// no visit to the pod's namespace), else the pod side. A missing namespace or interface is
+/// fine.
 pub async fn teardown(
     netns: &str,
     container_ifname: &str,
     host_ifname: &str,
 ) -> Result<(), DataplaneError> {
+    let name = host_ifname.to_string();
+    if on_thread(None, move |host| async move { delete_host_side(&host, &name).await }).await? {
+        return Ok(());
+    }
     if !netns.is_empty() && std::path::Path::new(netns).exists() {
         let ifname = container_ifname.to_string();
         in_netns(netns, move |h| async move {
@@ -433,19 +525,6 @@ pub async fn teardown(
             Ok(())
         })
         .await?;
-    }
-    let host = connect()?;
-    if let Some(l) = link_by_name(&host, host_ifname).await? {
-        match host
-            .link()
-            .del(l.header.index)
-            .execute()
-            .await
-            .map_err(nl(format!("delete {host_ifname}")))
-        {
-            Err(e) if !matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => return Err(e),
-            _ => {}
-        }
     }
     Ok(())
 }

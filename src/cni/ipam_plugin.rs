@@ -3,12 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde_json::Value;
 
 use super::{CniEnv, CniError, CniResult, Command, NetConf, code, version_result};
-use crate::datastore::{Client, ClientError, DatastoreError};
+use crate::datastore::{Client, ClientError, Datastore, DatastoreError};
 use crate::ipam::{AssignArgs, IpUse, Ipam, IpamError, workload_handle};
 use crate::model::ClusterInformationSpec;
 
@@ -95,19 +96,32 @@ pub async fn execute(env: &CniEnv, conf: &NetConf) -> Result<Option<Value>, CniE
         .connect()
         .await
         .map_err(|e| ipam_error(e.into()))?;
+    execute_on(env, conf, ds).await
+}
+
+/// Run one IPAM command over an open datastore (the `calico` plugin calls this directly
+/// when `ipam.type` names this very binary, sharing its connection).
+pub async fn execute_on(
+    env: &CniEnv,
+    conf: &NetConf,
+    ds: Arc<dyn Datastore>,
+) -> Result<Option<Value>, CniError> {
     let client = Client::new(ds.clone());
     let ipam = Ipam::new(ds);
     let handle = workload_handle(&conf.name, &env.container_id);
     match env.command {
         Command::Add => {
-            check_datastore_ready(&client).await?;
             let host = conf.node_name()?;
-            // One assignment at a time on this host, across CNI processes (Calico's
-            // ipam.lock): concurrent first pods would otherwise each claim a block.
-            let _lock = host_lock();
+            // The readiness check and the lookup of a previous assignment go out together.
             // A repeated ADD for the same container gets the addresses it already has.
-            let mut ips = ipam.ips_of_handle(&handle).await.map_err(ipam_error)?;
+            let (ready, held) =
+                tokio::join!(check_datastore_ready(&client), ipam.ips_of_handle(&handle));
+            ready?;
+            let mut ips = held.map_err(ipam_error)?;
             if ips.is_empty() {
+                // One assignment at a time on this host, across CNI processes (Calico's
+                // ipam.lock): concurrent first pods would otherwise each claim a block.
+                let _lock = host_lock();
                 let mut attrs = BTreeMap::from([
                     ("node".to_string(), host.clone()),
                     (

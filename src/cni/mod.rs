@@ -67,6 +67,20 @@ pub enum Command {
     Status,
 }
 
+impl Command {
+    /// Its `CNI_COMMAND` spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Version => "VERSION",
+            Command::Gc => "GC",
+            Command::Status => "STATUS",
+        }
+    }
+}
+
 /// The CNI environment variables.
 #[derive(Debug, Clone)]
 pub struct CniEnv {

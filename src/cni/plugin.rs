@@ -4,17 +4,18 @@
 //! and removes what was created.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde_json::Value;
 use sha1::{Digest, Sha1};
 
 use super::dataplane::{self, PodSpec};
-use super::ipam_plugin::{check_datastore_ready, ipam_error};
+use super::ipam_plugin::{self, check_datastore_ready, ipam_error};
 use super::{CniEnv, CniError, CniResult, Command, Interface, NetConf, code, version_result};
-use crate::datastore::{Client, ClientError};
+use crate::datastore::{Client, ClientError, Datastore};
 use crate::model::workload::{WorkloadEndpoint, WorkloadEndpointSpec, workload_endpoint_name};
 
 /// The host-side interface name: `cali` + 11 hex chars of SHA1(`<namespace>.<pod>`) for
@@ -57,13 +58,26 @@ fn mtu(conf: &NetConf) -> u32 {
         .unwrap_or(1500)
 }
 
-/// Run the IPAM plugin named in `ipam.type` from CNI_PATH with our stdin and environment.
-pub fn exec_ipam(
-    env: &CniEnv,
-    conf: &NetConf,
-    stdin: &[u8],
-    command: &str,
-) -> Result<Option<Value>, CniError> {
+/// How the IPAM step runs: in this process when `ipam.type` is `calico-ipam` and the file
+/// CNI_PATH gives for it is this very executable (Calico ships one binary under both names;
+/// the result is the same, without a second process and a second etcd connection), else by
+/// running the named plugin from CNI_PATH as the spec says (`host-local`, or any other).
+#[derive(Debug, Clone)]
+pub enum IpamRunner {
+    InProcess,
+    Exec(PathBuf),
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Find the IPAM plugin named in `ipam.type` in CNI_PATH and decide how to run it.
+pub fn ipam_runner(env: &CniEnv, conf: &NetConf) -> Result<IpamRunner, CniError> {
     let kind = if conf.ipam.kind.is_empty() {
         "calico-ipam"
     } else {
@@ -81,7 +95,49 @@ pub fn exec_ipam(
                 format!("IPAM plugin '{kind}' not found in CNI_PATH"),
             )
         })?;
-    let mut child = Process::new(&plugin)
+    if kind == "calico-ipam" && same_file(&plugin, Path::new("/proc/self/exe")) {
+        return Ok(IpamRunner::InProcess);
+    }
+    Ok(IpamRunner::Exec(plugin))
+}
+
+/// Run one IPAM command (`command` replaces CNI_COMMAND) the way `runner` says.
+async fn run_ipam(
+    runner: &IpamRunner,
+    env: &CniEnv,
+    conf: &NetConf,
+    stdin: &[u8],
+    ds: &Arc<dyn Datastore>,
+    command: Command,
+) -> Result<Option<Value>, CniError> {
+    match runner {
+        IpamRunner::InProcess => {
+            let mut env = env.clone();
+            env.command = command;
+            ipam_plugin::execute_on(&env, conf, ds.clone()).await
+        }
+        IpamRunner::Exec(plugin) => {
+            let (plugin, stdin) = (plugin.clone(), stdin.to_vec());
+            tokio::task::spawn_blocking(move || exec_ipam(&plugin, &stdin, command.as_str()))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(CniError::new(
+                        code::IO_FAILURE,
+                        "the IPAM plugin call failed",
+                        e.to_string(),
+                    ))
+                })
+        }
+    }
+}
+
+/// Run an IPAM plugin with our stdin and environment (CNI_COMMAND replaced).
+fn exec_ipam(plugin: &Path, stdin: &[u8], command: &str) -> Result<Option<Value>, CniError> {
+    let kind = plugin
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut child = Process::new(plugin)
         .env("CNI_COMMAND", command)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -166,87 +222,51 @@ pub async fn execute(
     if env.command == Command::Version {
         return Ok(Some(version_result()));
     }
+    // A missing IPAM plugin fails ADD at once, but DEL still cleans everything else.
+    let runner = ipam_runner(env, conf);
+    if env.command == Command::Add {
+        runner.clone()?;
+    }
     let ds = conf
         .datastore()?
         .connect()
         .await
         .map_err(|e| ipam_error(e.into()))?;
-    let client = Client::new(ds);
+    let client = Client::new(ds.clone());
     let host_if = host_ifname(env);
     let (orchestrator, namespace, workload) = identity(env);
+    let (runner, ds) = (&runner, &ds);
+    let ipam = move |command| async move {
+        match runner {
+            Ok(r) => run_ipam(r, env, conf, stdin, ds, command).await,
+            Err(e) => Err(e.clone()),
+        }
+    };
+    let in_process = matches!(runner, Ok(IpamRunner::InProcess));
     match env.command {
         Command::Add => {
-            check_datastore_ready(&client).await?;
             let node = conf.node_name()?;
-            let ipam_result = exec_ipam(env, conf, stdin, "ADD")?.ok_or_else(|| {
-                CniError::new(
-                    code::PLUGIN_FAILURE,
-                    "the IPAM plugin returned no result",
-                    "",
-                )
-            })?;
-            let ipam_result: CniResult = serde_json::from_value(ipam_result).map_err(|e| {
-                CniError::new(
-                    code::DECODE_FAILURE,
-                    "cannot decode the IPAM result",
-                    e.to_string(),
-                )
-            })?;
-            match add(
-                env,
-                conf,
-                &client,
-                &node,
-                &host_if,
-                (orchestrator, &namespace, &workload),
-                &ipam_result,
-            )
-            .await
-            {
-                Ok(v) => Ok(Some(v)),
-                Err(e) => {
-                    // Undo: the interface, then the addresses.
-                    let _ = dataplane::teardown(&env.netns, &env.ifname, &host_if).await;
-                    let _ = exec_ipam(env, conf, stdin, "DEL");
-                    Err(e)
-                }
-            }
+            let id = (orchestrator, namespace.as_str(), workload.as_str());
+            add(env, conf, &client, in_process, &node, &host_if, id, &ipam).await
         }
         Command::Del => {
             // The three parts are independent: release the addresses, delete the
             // endpoint and remove the interface at the same time, then report the first
             // failure (everything that can be cleaned is cleaned).
-            let ipam = {
-                let (env, conf, stdin) = (env.clone(), conf.clone(), stdin.to_vec());
-                tokio::task::spawn_blocking(move || exec_ipam(&env, &conf, &stdin, "DEL"))
-            };
             let wep = async {
                 let Ok(node) = conf.node_name() else {
                     return Ok(());
                 };
                 let name = workload_endpoint_name(&node, orchestrator, &workload, &env.ifname);
-                match client
-                    .delete::<WorkloadEndpointSpec>(Some(&namespace), &name, None)
-                    .await
-                {
-                    Ok(_) | Err(ClientError::NotFound(_)) => Ok(()),
-                    Err(e) => Err(ipam_error(e.into())),
-                }
+                delete_endpoint(&client, &namespace, &name).await
             };
             let link = async {
                 dataplane::teardown(&env.netns, &env.ifname, &host_if)
                     .await
                     .map_err(plugin_error("cannot remove the pod interface"))
             };
-            let (ipam, wep, link) = tokio::join!(ipam, wep, link);
-            let ipam = ipam.unwrap_or_else(|e| {
-                Err(CniError::new(
-                    code::IO_FAILURE,
-                    "the IPAM plugin call failed",
-                    e.to_string(),
-                ))
-            });
-            ipam?;
+            let (released, wep, link) = tokio::join!(ipam(Command::Del), wep, link);
+            released?;
             wep?;
             link?;
             Ok(None)
@@ -263,7 +283,7 @@ pub async fn execute(
                         "CHECK needs a valid prevResult",
                     )
                 })?;
-            exec_ipam(env, conf, stdin, "CHECK")?;
+            ipam(Command::Check).await?;
             let spec = PodSpec {
                 host_ifname: host_if,
                 container_ifname: env.ifname.clone(),
@@ -277,87 +297,180 @@ pub async fn execute(
             Ok(None)
         }
         Command::Gc | Command::Status => {
-            exec_ipam(
-                env,
-                conf,
-                stdin,
-                if env.command == Command::Gc {
-                    "GC"
-                } else {
-                    "STATUS"
-                },
-            )?;
+            ipam(env.command).await?;
             Ok(None)
         }
         Command::Version => Ok(Some(version_result())),
     }
 }
 
-async fn add(
+async fn delete_endpoint(client: &Client, namespace: &str, name: &str) -> Result<(), CniError> {
+    match client
+        .delete::<WorkloadEndpointSpec>(Some(namespace), name, None)
+        .await
+    {
+        Ok(_) | Err(ClientError::NotFound(_)) => Ok(()),
+        Err(e) => Err(ipam_error(e.into())),
+    }
+}
+
+/// ADD: the addresses and the veth pair at the same time (the pair needs no address), then
+/// the pod's addresses and routes at the same time as the WorkloadEndpoint (its MAC was
+/// chosen up front). Any failure after IPAM releases the addresses and removes the
+/// interface and the endpoint this call created.
+#[allow(clippy::too_many_arguments)]
+async fn add<'a, F, Fut>(
     env: &CniEnv,
     conf: &NetConf,
     client: &Client,
+    in_process: bool,
     node: &str,
     host_if: &str,
     (orchestrator, namespace, workload): (&str, &str, &str),
-    ipam_result: &CniResult,
-) -> Result<Value, CniError> {
-    let addrs = host_prefixes(ipam_result)?;
-    if addrs.is_empty() {
-        return Err(CniError::new(
-            code::PLUGIN_FAILURE,
-            "the IPAM plugin assigned no address",
-            "",
-        ));
-    }
-    let spec = PodSpec {
+    ipam: &F,
+) -> Result<Option<Value>, CniError>
+where
+    F: Fn(Command) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Value>, CniError>>,
+{
+    let mut spec = PodSpec {
         host_ifname: host_if.into(),
         container_ifname: env.ifname.clone(),
         netns: env.netns.clone(),
         mtu: mtu(conf),
-        addrs: addrs.clone(),
+        addrs: Vec::new(),
     };
-    let mac = dataplane::setup(&spec)
-        .await
-        .map_err(plugin_error("cannot set up the pod network"))?;
-    let name = workload_endpoint_name(node, orchestrator, workload, &env.ifname);
+    let pod_mac = dataplane::random_mac();
+    // With our own IPAM the families are known before it answers.
+    let v6 = in_process && conf.ipam.assign_ipv6.as_deref() == Some("true");
+    let assigned = async {
+        if !in_process {
+            // calico-ipam checks readiness itself; another IPAM plugin does not.
+            check_datastore_ready(client).await?;
+        }
+        let result = ipam(Command::Add).await?.ok_or_else(|| {
+            CniError::new(
+                code::PLUGIN_FAILURE,
+                "the IPAM plugin returned no result",
+                "",
+            )
+        })?;
+        Ok::<_, CniError>(result)
+    };
+    let (assigned, veth) = tokio::join!(assigned, dataplane::create_veth(&spec, pod_mac, v6));
+    let assigned = match assigned {
+        Ok(v) => v,
+        Err(e) => {
+            // The IPAM plugin undoes its own partial work; only the pair is ours to remove.
+            if veth.is_ok() {
+                let _ = dataplane::teardown(&env.netns, &env.ifname, host_if).await;
+            }
+            return Err(e);
+        }
+    };
+    let mut wep_created = false;
+    let outcome = async {
+        let veth = veth.map_err(plugin_error("cannot create the pod interface"))?;
+        let result: CniResult = serde_json::from_value(assigned).map_err(|e| {
+            CniError::new(
+                code::DECODE_FAILURE,
+                "cannot decode the IPAM result",
+                e.to_string(),
+            )
+        })?;
+        spec.addrs = host_prefixes(&result)?;
+        if spec.addrs.is_empty() {
+            return Err(CniError::new(
+                code::PLUGIN_FAILURE,
+                "the IPAM plugin assigned no address",
+                "",
+            ));
+        }
+        let mac = dataplane::mac_string(&pod_mac);
+        let name = workload_endpoint_name(node, orchestrator, workload, &env.ifname);
+        let wep = endpoint(
+            conf,
+            env,
+            node,
+            host_if,
+            (orchestrator, namespace, workload),
+            &spec.addrs,
+            &name,
+            &mac,
+        );
+        let write = async {
+            // A new pod's endpoint is one create; an existing one (a re-ADD) is updated.
+            match client.create(wep.clone()).await {
+                Ok(_) => Ok(true),
+                Err(ClientError::AlreadyExists(_)) => client
+                    .apply(wep)
+                    .await
+                    .map(|_| false)
+                    .map_err(|e| ipam_error(e.into())),
+                Err(e) => Err(ipam_error(e.into())),
+            }
+        };
+        let configure = async {
+            dataplane::configure(&spec, veth)
+                .await
+                .map_err(plugin_error("cannot set up the pod network"))
+        };
+        let (written, configured) = tokio::join!(write, configure);
+        wep_created = matches!(written, Ok(true));
+        written?;
+        configured?;
+        Ok(cni_result(conf, env, host_if, &spec.addrs, mac))
+    }
+    .await;
+    if outcome.is_err() {
+        // Undo: the interface, the endpoint if this call made it, then the addresses.
+        let _ = dataplane::teardown(&env.netns, &env.ifname, host_if).await;
+        if wep_created {
+            let name = workload_endpoint_name(node, orchestrator, workload, &env.ifname);
+            let _ = delete_endpoint(client, namespace, &name).await;
+        }
+        let _ = ipam(Command::Del).await;
+    }
+    outcome.map(Some)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn endpoint(
+    conf: &NetConf,
+    env: &CniEnv,
+    node: &str,
+    host_if: &str,
+    (orchestrator, namespace, workload): (&str, &str, &str),
+    addrs: &[IpNet],
+    name: &str,
+    mac: &str,
+) -> WorkloadEndpoint {
+    let k8s = orchestrator == "k8s";
     let mut wep = WorkloadEndpoint::new(
-        name,
+        name.to_string(),
         WorkloadEndpointSpec {
             orchestrator: orchestrator.into(),
-            workload: if orchestrator == "k8s" {
-                String::new()
-            } else {
-                workload.into()
-            },
+            workload: if k8s { String::new() } else { workload.into() },
             node: node.into(),
             container_id: env.container_id.clone(),
-            pod: if orchestrator == "k8s" {
-                workload.into()
-            } else {
-                String::new()
-            },
+            pod: if k8s { workload.into() } else { String::new() },
             endpoint: env.ifname.clone(),
             ip_networks: addrs.iter().map(|a| a.to_string()).collect(),
-            profiles: if orchestrator == "k8s" {
+            profiles: if k8s {
                 vec![format!("kns.{namespace}")]
             } else {
                 vec![conf.name.clone()]
             },
             interface_name: host_if.into(),
-            mac: mac.clone(),
+            mac: mac.into(),
             ..Default::default()
         },
     );
     wep.metadata.namespace = Some(namespace.into());
-    // A new pod's endpoint is one create; an existing one (a re-ADD) is updated.
-    match client.create(wep.clone()).await {
-        Ok(_) => {}
-        Err(ClientError::AlreadyExists(_)) => {
-            client.apply(wep).await.map_err(|e| ipam_error(e.into()))?;
-        }
-        Err(e) => return Err(ipam_error(e.into())),
-    }
+    wep
+}
+
+fn cni_result(conf: &NetConf, env: &CniEnv, host_if: &str, addrs: &[IpNet], mac: String) -> Value {
     let mut result = CniResult::new(&conf.cni_version);
     result.interfaces = vec![
         Interface {
@@ -372,9 +485,9 @@ async fn add(
         },
     ];
     for a in addrs {
-        result.push_ip(a, Some(1));
+        result.push_ip(*a, Some(1));
     }
-    Ok(serde_json::to_value(result).expect("results serialize"))
+    serde_json::to_value(result).expect("results serialize")
 }
 
 #[cfg(test)]
@@ -404,6 +517,42 @@ mod tests {
         assert_eq!(host_ifname(&k8s), format!("cali{}", &digest[..11]));
         assert_eq!(host_ifname(&k8s).len(), 15);
         assert_eq!(host_ifname(&env(&[])), "cali0123456789a");
+    }
+
+    #[test]
+    fn calico_ipam_runs_in_process_only_when_it_is_this_binary() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::fs::read_link("/proc/self/exe").unwrap();
+        std::os::unix::fs::symlink(&me, dir.path().join("calico-ipam")).unwrap();
+        std::fs::write(dir.path().join("host-local"), "#!/bin/sh\n").unwrap();
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("calico-ipam"), "#!/bin/sh\n").unwrap();
+        let conf = |kind: &str| {
+            NetConf::parse(
+                format!(r#"{{"cniVersion":"1.0.0","name":"n","type":"calico","ipam":{{"type":"{kind}"}}}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        let mut e = env(&[]);
+        e.path = vec![dir.path().to_path_buf()];
+        assert!(matches!(
+            ipam_runner(&e, &conf("calico-ipam")),
+            Ok(IpamRunner::InProcess)
+        ));
+        assert!(matches!(
+            ipam_runner(&e, &conf("host-local")),
+            Ok(IpamRunner::Exec(p)) if p == dir.path().join("host-local")
+        ));
+        // A different file named calico-ipam is run as a process.
+        e.path = vec![other.path().to_path_buf(), dir.path().to_path_buf()];
+        assert!(matches!(
+            ipam_runner(&e, &conf("calico-ipam")),
+            Ok(IpamRunner::Exec(p)) if p == other.path().join("calico-ipam")
+        ));
+        let missing = ipam_runner(&e, &conf("nope")).unwrap_err();
+        assert_eq!(missing.code, code::INVALID_NETWORK_CONFIG);
+        assert!(missing.details.contains("'nope' not found in CNI_PATH"));
     }
 
     #[test]

@@ -61,6 +61,10 @@ fn map_err(e: etcd_client::Error) -> DatastoreError {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
                 DatastoreError::Unavailable(s.message().to_string())
             }
+            // tonic's word for a connection that broke under a request in flight.
+            Code::Unknown if s.message() == "transport error" => {
+                DatastoreError::Unavailable(s.message().to_string())
+            }
             _ => DatastoreError::Other(format!("{:?}: {}", s.code(), s.message())),
         },
         E::TransportError(t) => DatastoreError::Unavailable(t.to_string()),

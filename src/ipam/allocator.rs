@@ -534,45 +534,81 @@ impl Ipam {
         affine_host: Option<&str>,
     ) -> IpamResult<Vec<IpAddr>> {
         let key = keys::block_key(cidr);
-        for _ in 0..CAS_RETRIES {
-            let (mut block, rev) = match self.ds.get(&key).await? {
-                Some(kv) => (
-                    serde_json::from_slice::<AllocationBlock>(&kv.value)
-                        .map_err(|e| corrupt(&kv, e))?,
-                    Some(kv.mod_revision),
-                ),
-                None => match affine_host {
-                    Some(h) => (
-                        AllocationBlock::new_empty(*cidr, Some(h), (self.clock)()),
-                        None,
+        // The handle's count is written at the same time as the block (two writes in
+        // flight, not one after the other); `counted` is what the handle holds so far and
+        // is corrected to what the block finally gave.
+        let mut counted: i64 = 0;
+        let outcome = async {
+            for _ in 0..CAS_RETRIES {
+                let (mut block, rev) = match self.ds.get(&key).await? {
+                    Some(kv) => (
+                        serde_json::from_slice::<AllocationBlock>(&kv.value)
+                            .map_err(|e| corrupt(&kv, e))?,
+                        Some(kv.mod_revision),
                     ),
-                    None => return Ok(Vec::new()),
-                },
-            };
-            let ips = block.assign(n, Some(&args.handle), &args.attrs);
-            if ips.is_empty() {
-                return Ok(ips);
-            }
-            let value = serde_json::to_vec(&block).expect("blocks serialize");
-            let written = match rev {
-                Some(rev) => self.ds.update(&key, value, rev).await,
-                None => self.ds.create(&key, value).await,
-            };
-            match written {
-                Ok(_) => {
-                    self.handle_add(&args.handle, cidr, ips.len() as i64)
-                        .await?;
+                    None => match affine_host {
+                        Some(h) => (
+                            AllocationBlock::new_empty(*cidr, Some(h), (self.clock)()),
+                            None,
+                        ),
+                        None => return Ok(Vec::new()),
+                    },
+                };
+                let ips = block.assign(n, Some(&args.handle), &args.attrs);
+                if ips.is_empty() {
                     return Ok(ips);
                 }
-                Err(
-                    DatastoreError::Conflict { .. }
-                    | DatastoreError::AlreadyExists { .. }
-                    | DatastoreError::NotFound { .. },
-                ) => continue,
-                Err(e) => return Err(e.into()),
+                let value = serde_json::to_vec(&block).expect("blocks serialize");
+                let write = async {
+                    match rev {
+                        Some(rev) => self.ds.update(&key, value, rev).await,
+                        None => self.ds.create(&key, value).await,
+                    }
+                };
+                let delta = ips.len() as i64 - counted;
+                let count = async {
+                    if delta == 0 {
+                        return Ok(());
+                    }
+                    self.handle_add(&args.handle, cidr, delta).await
+                };
+                let (written, count) = tokio::join!(write, count);
+                if count.is_ok() {
+                    counted += delta;
+                }
+                match (written, count) {
+                    (Ok(_), Ok(())) => return Ok(ips),
+                    (Ok(_), Err(e)) => {
+                        // The block holds addresses the handle does not know: give them back.
+                        let _ = self.release_ips(&ips).await;
+                        return Err(e);
+                    }
+                    (
+                        Err(
+                            DatastoreError::Conflict { .. }
+                            | DatastoreError::AlreadyExists { .. }
+                            | DatastoreError::NotFound { .. },
+                        ),
+                        _,
+                    ) => continue,
+                    (Err(e), _) => return Err(e.into()),
+                }
+            }
+            Err(IpamError::TooManyConflicts { key: key.clone() })
+        }
+        .await;
+        let held = match &outcome {
+            Ok(ips) => ips.len() as i64,
+            Err(_) => 0,
+        };
+        if counted != held {
+            let fixed = self.handle_add(&args.handle, cidr, held - counted).await;
+            if let (Ok(ips), Err(e)) = (&outcome, fixed) {
+                let _ = self.release_ips(ips).await;
+                return Err(e);
             }
         }
-        Err(IpamError::TooManyConflicts { key })
+        outcome
     }
 
     /// Assign one specific address (e.g. a tunnel address being restored).
