@@ -319,7 +319,7 @@ async fn delete_endpoint(client: &Client, namespace: &str, name: &str) -> Result
 /// chosen up front). Any failure after IPAM releases the addresses and removes the
 /// interface and the endpoint this call created.
 #[allow(clippy::too_many_arguments)]
-async fn add<'a, F, Fut>(
+async fn add<F, Fut>(
     env: &CniEnv,
     conf: &NetConf,
     client: &Client,
