@@ -509,7 +509,11 @@ pub async fn teardown(
     host_ifname: &str,
 ) -> Result<(), DataplaneError> {
     let name = host_ifname.to_string();
-    if on_thread(None, move |host| async move { delete_host_side(&host, &name).await }).await? {
+    if on_thread(None, move |host| async move {
+        delete_host_side(&host, &name).await
+    })
+    .await?
+    {
         return Ok(());
     }
     if !netns.is_empty() && std::path::Path::new(netns).exists() {
