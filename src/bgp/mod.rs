@@ -1,6 +1,11 @@
-//! The native BGP speaker (replaces BIRD). The codec, session FSM, RIB and speaker actor
-//! arrive with the BGP issue; what exists now is the message type the speaker hands to
-//! Felix, so the channel between them is fixed from the start (DESIGN: bgp -> felix, one way).
+//! The native BGP speaker (replaces BIRD): the wire codec (`message`, `update`), and the
+//! message type the speaker hands to Felix, fixed from the start (DESIGN: bgp -> felix, one
+//! way).
+
+#[cfg(test)]
+mod codec_tests;
+pub mod message;
+pub mod update;
 
 use std::net::IpAddr;
 
