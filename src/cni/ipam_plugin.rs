@@ -107,7 +107,9 @@ pub async fn execute_on(
     ds: Arc<dyn Datastore>,
 ) -> Result<Option<Value>, CniError> {
     let client = Client::new(ds.clone());
-    let ipam = Ipam::new(ds);
+    // One host's block claims at a time across CNI processes (Calico's ipam.lock):
+    // concurrent first pods would otherwise each claim a block.
+    let ipam = Ipam::new(ds).with_cross_process_lock(Arc::new(|| Box::new(host_lock())));
     let handle = workload_handle(&conf.name, &env.container_id);
     match env.command {
         Command::Add => {
@@ -119,9 +121,6 @@ pub async fn execute_on(
             ready?;
             let mut ips = held.map_err(ipam_error)?;
             if ips.is_empty() {
-                // One assignment at a time on this host, across CNI processes (Calico's
-                // ipam.lock): concurrent first pods would otherwise each claim a block.
-                let _lock = host_lock();
                 let mut attrs = BTreeMap::from([
                     ("node".to_string(), host.clone()),
                     (

@@ -205,6 +205,11 @@ fn nth_block(pool: &IpNet, block_size: u8, i: u128) -> Option<IpNet> {
 /// that with a host-wide lock too (its CNI plugin adds a file lock across processes).
 type HostLocks = Arc<std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>>;
 
+/// A lock shared with other processes on this host (the CNI plugin's
+/// `/var/run/calico/ipam.lock`), taken around the part of an assignment that claims
+/// blocks; the guard it returns is held until dropped.
+pub type CrossProcessLock = Arc<dyn Fn() -> Box<dyn std::any::Any + Send> + Send + Sync>;
+
 /// Calico block IPAM.
 #[derive(Clone)]
 pub struct Ipam {
@@ -212,6 +217,7 @@ pub struct Ipam {
     client: Client,
     clock: fn() -> u64,
     host_locks: HostLocks,
+    cross_process: Option<CrossProcessLock>,
 }
 
 impl Ipam {
@@ -221,7 +227,14 @@ impl Ipam {
             ds,
             clock: now_ns,
             host_locks: HostLocks::default(),
+            cross_process: None,
         }
+    }
+
+    /// Also hold `lock` (a host-wide lock across processes) while claiming.
+    pub fn with_cross_process_lock(mut self, lock: CrossProcessLock) -> Self {
+        self.cross_process = Some(lock);
+        self
     }
 
     /// Use a fixed clock for new blocks' sequence numbers (golden tests).
@@ -322,19 +335,22 @@ impl Ipam {
         n: usize,
         requested: &[IpNet],
     ) -> IpamResult<Vec<IpAddr>> {
+        let family = if v6 { 6 } else { 4 };
+        // The reads go out together, before the host's lock: pools and configuration do
+        // not change with claims, and the affinities read here are a first guess, checked
+        // again under the lock before any block is claimed.
+        let (pools, cfg, guess) = tokio::join!(
+            self.usable_pools(&args.host, v6, requested, args.use_),
+            self.config(),
+            self.affine_blocks(&args.host, v6)
+        );
+        let (pools, cfg, guess) = (pools?, cfg?, guess?);
         let lock = {
             let mut locks = self.host_locks.lock().unwrap_or_else(|e| e.into_inner());
             locks.entry(args.host.clone()).or_default().clone()
         };
         let _serialized = lock.lock().await;
-        let family = if v6 { 6 } else { 4 };
-        // The independent reads go out together: one round trip of latency, not three.
-        let (pools, cfg, affine) = tokio::join!(
-            self.usable_pools(&args.host, v6, requested, args.use_),
-            self.config(),
-            self.affine_blocks(&args.host, v6)
-        );
-        let (pools, cfg, affine) = (pools?, cfg?, affine?);
+        let _cross_process = self.cross_process.as_ref().map(|take| take());
         if pools.is_empty() {
             return Err(IpamError::NoPools {
                 family,
@@ -354,8 +370,17 @@ impl Ipam {
         };
         let mut got: Vec<IpAddr> = Vec::new();
         let result = async {
-            // 1. Blocks this host already has.
-            for cidr in affine.iter().filter(|c| in_pools(c)) {
+            // 1. Blocks this host already has: those seen before the lock, then (only if
+            // they are full) any claimed since by another assignment on this host.
+            for cidr in guess.iter().filter(|c| in_pools(c)) {
+                if got.len() == n {
+                    break;
+                }
+                let more = self.assign_in_block(cidr, args, n - got.len(), Some(&args.host)).await?;
+                got.extend(more);
+            }
+            let affine = if got.len() < n { self.affine_blocks(&args.host, v6).await? } else { guess.clone() };
+            for cidr in affine.iter().filter(|c| in_pools(c) && !guess.contains(c)) {
                 if got.len() == n {
                     break;
                 }
