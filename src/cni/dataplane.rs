@@ -101,23 +101,22 @@ where
 /// the caller's. The kernel handles a netlink request inside the sending syscall (deleting
 /// a veth blocks there for many milliseconds), so the caller's runtime keeps serving its
 /// datastore requests meanwhile.
-async fn on_thread<T, F, Fut>(netns: Option<String>, f: F) -> Result<T, DataplaneError>
+fn on_thread<T, F, Fut>(
+    netns: Option<String>,
+    f: F,
+) -> impl std::future::Future<Output = Result<T, DataplaneError>>
 where
     T: Send + 'static,
     F: FnOnce(Handle) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T, DataplaneError>>,
 {
+    // The thread starts now, not at the first poll: callers start the kernel work first
+    // and then talk to the datastore.
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let run = || -> Result<T, DataplaneError> {
             if let Some(path) = &netns {
-                let ns_err = |reason: String| DataplaneError::Netns {
-                    path: path.clone(),
-                    reason,
-                };
-                let file = std::fs::File::open(path).map_err(|e| ns_err(e.to_string()))?;
-                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| ns_err(e.to_string()))?;
+                enter_netns(path)?;
             }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_io()
@@ -130,10 +129,22 @@ where
         };
         let _ = tx.send(run());
     });
-    rx.await.map_err(|_| DataplaneError::Netns {
-        path: "(thread)".into(),
-        reason: "netlink worker stopped".into(),
-    })?
+    async move {
+        rx.await.map_err(|_| DataplaneError::Netns {
+            path: "(thread)".into(),
+            reason: "netlink worker stopped".into(),
+        })?
+    }
+}
+
+/// Move the calling thread into the network namespace at `path`.
+fn enter_netns(path: &str) -> Result<(), DataplaneError> {
+    let ns_err = |reason: String| DataplaneError::Netns {
+        path: path.to_string(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| ns_err(e.to_string()))?;
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| ns_err(e.to_string()))
 }
 
 async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, DataplaneError> {
@@ -253,11 +264,12 @@ pub struct Veth {
 /// Step 1 of ADD, which needs no address: the veth pair (an old host interface of the same
 /// name is deleted first, as Calico does on a repeated ADD), the host sysctls, host side
 /// up. `v6` says whether IPv6 addresses are expected (their sysctls must precede link up).
-pub async fn create_veth(
+/// The work starts on its own thread when this is called.
+pub fn create_veth(
     spec: &PodSpec,
     pod_mac: [u8; 6],
     v6: bool,
-) -> Result<Veth, DataplaneError> {
+) -> impl std::future::Future<Output = Result<Veth, DataplaneError>> + use<> {
     let spec = spec.clone();
     on_thread(None, move |host| async move {
         delete_host_side(&host, &spec.host_ifname).await?;
@@ -288,7 +300,6 @@ pub async fn create_veth(
         }
         result
     })
-    .await
 }
 
 async fn host_index(h: &Handle, name: &str) -> Result<u32, DataplaneError> {
@@ -503,34 +514,35 @@ async fn list_routes(h: &Handle, v6: bool) -> Result<Vec<RouteMessage>, Dataplan
 /// Remove the pod's interface (and so the pair): the host side when it exists (one request,
 /// no visit to the pod's namespace), else the pod side. A missing namespace or interface is
 /// fine.
-pub async fn teardown(
+/// The work starts on its own thread when this is called.
+pub fn teardown(
     netns: &str,
     container_ifname: &str,
     host_ifname: &str,
-) -> Result<(), DataplaneError> {
-    let name = host_ifname.to_string();
-    if on_thread(None, move |host| async move {
-        delete_host_side(&host, &name).await
+) -> impl std::future::Future<Output = Result<(), DataplaneError>> + use<> {
+    let (netns, ifname, name) = (
+        netns.to_string(),
+        container_ifname.to_string(),
+        host_ifname.to_string(),
+    );
+    on_thread(None, move |host| async move {
+        if delete_host_side(&host, &name).await? {
+            return Ok(());
+        }
+        if netns.is_empty() || !std::path::Path::new(&netns).exists() {
+            return Ok(());
+        }
+        enter_netns(&netns)?;
+        let h = connect()?;
+        if let Some(l) = link_by_name(&h, &ifname).await? {
+            h.link()
+                .del(l.header.index)
+                .execute()
+                .await
+                .map_err(nl(format!("delete {ifname}")))?;
+        }
+        Ok(())
     })
-    .await?
-    {
-        return Ok(());
-    }
-    if !netns.is_empty() && std::path::Path::new(netns).exists() {
-        let ifname = container_ifname.to_string();
-        in_netns(netns, move |h| async move {
-            if let Some(l) = link_by_name(&h, &ifname).await? {
-                h.link()
-                    .del(l.header.index)
-                    .execute()
-                    .await
-                    .map_err(nl(format!("delete {ifname}")))?;
-            }
-            Ok(())
-        })
-        .await?;
-    }
-    Ok(())
 }
 
 /// CHECK: the pod interface exists with exactly these addresses, and the host routes exist.

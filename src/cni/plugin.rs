@@ -227,13 +227,47 @@ pub async fn execute(
     if env.command == Command::Add {
         runner.clone()?;
     }
-    let ds = conf
-        .datastore()?
-        .connect()
-        .await
-        .map_err(|e| ipam_error(e.into()))?;
-    let client = Client::new(ds.clone());
     let host_if = host_ifname(env);
+    let in_process = matches!(runner, Ok(IpamRunner::InProcess));
+    // The kernel work needs nothing from the datastore: it starts first, on its own
+    // thread, and runs while we talk to etcd.
+    let spec = PodSpec {
+        host_ifname: host_if.clone(),
+        container_ifname: env.ifname.clone(),
+        netns: env.netns.clone(),
+        mtu: mtu(conf),
+        addrs: Vec::new(),
+    };
+    let pod_mac = dataplane::random_mac();
+    let veth = if env.command == Command::Add {
+        conf.node_name()?;
+        // With our own IPAM the families are known before it answers.
+        let v6 = in_process && conf.ipam.assign_ipv6.as_deref() == Some("true");
+        Some(dataplane::create_veth(&spec, pod_mac, v6))
+    } else {
+        None
+    };
+    let teardown = (env.command == Command::Del)
+        .then(|| dataplane::teardown(&env.netns, &env.ifname, &host_if));
+    let ds = match conf.datastore() {
+        Ok(cfg) => cfg.connect().await.map_err(|e| ipam_error(e.into())),
+        Err(e) => Err(e),
+    };
+    let ds = match ds {
+        Ok(ds) => ds,
+        Err(e) => {
+            if let Some(veth) = veth
+                && veth.await.is_ok()
+            {
+                let _ = dataplane::teardown(&env.netns, &env.ifname, &host_if).await;
+            }
+            if let Some(t) = teardown {
+                let _ = t.await;
+            }
+            return Err(e);
+        }
+    };
+    let client = Client::new(ds.clone());
     let (orchestrator, namespace, workload) = identity(env);
     let (runner, ds) = (&runner, &ds);
     let ipam = move |command| async move {
@@ -242,17 +276,18 @@ pub async fn execute(
             Err(e) => Err(e.clone()),
         }
     };
-    let in_process = matches!(runner, Ok(IpamRunner::InProcess));
     match env.command {
         Command::Add => {
             let node = conf.node_name()?;
             let id = (orchestrator, namespace.as_str(), workload.as_str());
-            add(env, conf, &client, in_process, &node, &host_if, id, &ipam).await
+            let veth = veth.expect("made for ADD");
+            let pod = (spec, pod_mac, veth);
+            add(env, conf, &client, in_process, &node, id, pod, &ipam).await
         }
         Command::Del => {
             // The three parts are independent: release the addresses, delete the
-            // endpoint and remove the interface at the same time, then report the first
-            // failure (everything that can be cleaned is cleaned).
+            // endpoint and remove the interface (already under way) at the same time, then
+            // report the first failure (everything that can be cleaned is cleaned).
             let wep = async {
                 let Ok(node) = conf.node_name() else {
                     return Ok(());
@@ -261,7 +296,8 @@ pub async fn execute(
                 delete_endpoint(&client, &namespace, &name).await
             };
             let link = async {
-                dataplane::teardown(&env.netns, &env.ifname, &host_if)
+                teardown
+                    .expect("started for DEL")
                     .await
                     .map_err(plugin_error("cannot remove the pod interface"))
             };
@@ -319,30 +355,23 @@ async fn delete_endpoint(client: &Client, namespace: &str, name: &str) -> Result
 /// chosen up front). Any failure after IPAM releases the addresses and removes the
 /// interface and the endpoint this call created.
 #[allow(clippy::too_many_arguments)]
-async fn add<F, Fut>(
+async fn add<F, Fut, V>(
     env: &CniEnv,
     conf: &NetConf,
     client: &Client,
     in_process: bool,
     node: &str,
-    host_if: &str,
     (orchestrator, namespace, workload): (&str, &str, &str),
+    (mut spec, pod_mac, veth): (PodSpec, [u8; 6], V),
     ipam: &F,
 ) -> Result<Option<Value>, CniError>
 where
     F: Fn(Command) -> Fut,
     Fut: std::future::Future<Output = Result<Option<Value>, CniError>>,
+    V: std::future::Future<Output = Result<dataplane::Veth, dataplane::DataplaneError>>,
 {
-    let mut spec = PodSpec {
-        host_ifname: host_if.into(),
-        container_ifname: env.ifname.clone(),
-        netns: env.netns.clone(),
-        mtu: mtu(conf),
-        addrs: Vec::new(),
-    };
-    let pod_mac = dataplane::random_mac();
-    // With our own IPAM the families are known before it answers.
-    let v6 = in_process && conf.ipam.assign_ipv6.as_deref() == Some("true");
+    let host_if = spec.host_ifname.clone();
+    let host_if = host_if.as_str();
     let assigned = async {
         if !in_process {
             // calico-ipam checks readiness itself; another IPAM plugin does not.
@@ -357,7 +386,7 @@ where
         })?;
         Ok::<_, CniError>(result)
     };
-    let (assigned, veth) = tokio::join!(assigned, dataplane::create_veth(&spec, pod_mac, v6));
+    let (assigned, veth) = tokio::join!(assigned, veth);
     let assigned = match assigned {
         Ok(v) => v,
         Err(e) => {
