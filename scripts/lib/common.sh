@@ -4,9 +4,10 @@
 # Debian packages every command needs (etcd for the datastore, protoc for etcd-client's
 # build, iproute2 for namespaces, prometheus for promtool, openssl for TLS test
 # certificates, podman/runc/busybox-static as a real CNI client, the reference CNI
-# plugins, nftables/iputils for dataplane tests).
+# plugins, nftables/iputils for dataplane tests, BIRD/GoBGP/FRR/ExaBGP as real BGP peers).
 CALICO_APT_PACKAGES=(protobuf-compiler etcd-server etcd-client iproute2 iputils-ping nftables prometheus procps psmisc
-    openssl podman runc catatonit busybox-static containernetworking-plugins util-linux tar)
+    openssl podman runc catatonit busybox-static containernetworking-plugins util-linux tar
+    bird2 gobgpd frr exabgp)
 
 need_root() {
     if [ "$(id -u)" -ne 0 ]; then

@@ -4,6 +4,7 @@
 
 #[cfg(test)]
 mod codec_tests;
+pub mod fsm;
 pub mod message;
 pub mod update;
 
