@@ -158,7 +158,6 @@ impl std::fmt::Display for DownReason {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(clippy::large_enum_variant)] // carries a Message; see its note
 pub enum Input {
     Start,
     /// Stop, telling the peer why (a Cease subcode).
@@ -191,7 +190,6 @@ pub enum Input {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(clippy::large_enum_variant)] // carries a Message; see its note
 pub enum Output {
     Connect {
         conn: ConnId,

@@ -290,7 +290,6 @@ impl Default for Codec {
 /// A BGP message. (UPDATE is the large variant and the common one: boxing it would add an
 /// allocation per message for nothing, since messages are decoded and consumed, not stored.)
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(clippy::large_enum_variant)]
 pub enum Message {
     Open(Open),
     Update(Update),

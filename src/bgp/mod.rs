@@ -1,11 +1,21 @@
-//! The native BGP speaker (replaces BIRD): the wire codec (`message`, `update`), and the
-//! message type the speaker hands to Felix, fixed from the start (DESIGN: bgp -> felix, one
-//! way).
+//! The native BGP speaker (replaces BIRD): the wire codec (`message`, `update`), the
+//! session FSM (`fsm`, sans-IO) and its task (`session`), the RIB (`rib`), and the speaker
+//! actor (`speaker`) that applies a desired configuration (`config`) and hands best routes
+//! to Felix (DESIGN: bgp -> felix, one way).
+
+// Enums that carry an UPDATE (messages, FSM inputs and outputs, session events) are
+// decoded or produced once and consumed at once; boxing the large variant would only add an
+// allocation per message.
+#![allow(clippy::large_enum_variant)]
 
 #[cfg(test)]
 mod codec_tests;
+pub mod config;
 pub mod fsm;
 pub mod message;
+pub mod rib;
+pub mod session;
+pub mod sockopt;
 pub mod update;
 
 use std::net::IpAddr;

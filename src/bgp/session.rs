@@ -1,0 +1,461 @@
+//! The session task: performs what the FSM (`fsm.rs`) asks (TCP connects with MD5 and TTL
+//! options, writes, closes, timers) and feeds back what happens (connections, decoded
+//! messages, decode errors, timer expiries). One task per peer; a panic inside it ends
+//! that task only (the speaker sees the join error and reports the peer down).
+//!
+//! Channels:
+//! ```text
+//! speaker --SessionCmd--> session task --SessionEvent--> speaker
+//!                          ^      |
+//!     connect tasks, readers      +--> one writer task per connection (bytes)
+//!     --Internal-------------'
+//! ```
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::fsm::{
+    ConnId, Direction, DownReason, Input, Negotiated, Output, Session, SessionConfig, State, Timer,
+};
+use super::message::{Capability, Codec, Message, RouteRefresh, decode, frame_len};
+use super::sockopt;
+use super::update::Update;
+
+/// How to reach a peer, and the session's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub address: IpAddr,
+    pub port: u16,
+    pub local_address: Option<IpAddr>,
+    /// TCP MD5 key (RFC 2385).
+    pub password: Option<String>,
+    /// RFC 5082 with this many hops.
+    pub ttl_security: Option<u8>,
+    /// Outgoing TTL for a multihop peer.
+    pub multihop: Option<u8>,
+    pub session: SessionConfig,
+}
+
+/// From the speaker to a session.
+#[derive(Debug)]
+pub enum SessionCmd {
+    /// A connection the listener accepted from this peer.
+    Incoming(TcpStream),
+    /// UPDATEs to send (dropped unless Established; the speaker sends the whole table
+    /// when a session comes up).
+    Send(Vec<Update>),
+    /// Stop with this Cease subcode and end the task.
+    Stop(u8),
+}
+
+/// From a session to the speaker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    State {
+        peer: IpAddr,
+        state: State,
+        last_error: Option<DownReason>,
+    },
+    Established {
+        peer: IpAddr,
+        negotiated: Negotiated,
+    },
+    Down {
+        peer: IpAddr,
+        reason: DownReason,
+    },
+    Update {
+        peer: IpAddr,
+        update: Update,
+    },
+    RouteRefresh {
+        peer: IpAddr,
+        request: RouteRefresh,
+    },
+    /// Bytes went out / came in (for metrics): kind of message.
+    Sent {
+        peer: IpAddr,
+        kind: u8,
+    },
+}
+
+/// What connect tasks, readers and writers tell the session task.
+enum Internal {
+    Connected(ConnId, TcpStream),
+    Input(Input),
+}
+
+/// Connections the listener accepted get ids from here up (the FSM counts from 1).
+const INCOMING_IDS: ConnId = 1 << 62;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Start a session task.
+pub fn spawn(
+    peer: PeerConfig,
+    events: mpsc::Sender<SessionEvent>,
+) -> (mpsc::Sender<SessionCmd>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(64);
+    let task = tokio::spawn(run(peer, rx, events));
+    (tx, task)
+}
+
+/// Open a TCP connection to the peer with its socket options.
+pub async fn connect(peer: &PeerConfig) -> std::io::Result<TcpStream> {
+    let addr = SocketAddr::new(peer.address, peer.port);
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(pw) = &peer.password {
+        sockopt::set_md5(&sock, peer.address, pw.as_bytes())?;
+    }
+    if let Some(hops) = peer.ttl_security {
+        sockopt::set_ttl_security(&sock, addr, hops)?;
+    } else if let Some(ttl) = peer.multihop {
+        sockopt::set_ttl(&sock, addr, ttl)?;
+    }
+    if let Some(local) = peer.local_address {
+        sock.bind(SocketAddr::new(local, 0))?;
+    }
+    match tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no answer (is there a route to the peer?)",
+        )),
+    }
+}
+
+struct Conn {
+    writer: mpsc::Sender<Vec<u8>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+struct Task {
+    peer: PeerConfig,
+    fsm: Session,
+    events: mpsc::Sender<SessionEvent>,
+    internal: mpsc::Sender<Internal>,
+    timers: HashMap<Timer, Instant>,
+    conns: HashMap<ConnId, Conn>,
+    next_incoming: ConnId,
+    state: State,
+}
+
+async fn run(
+    peer: PeerConfig,
+    mut cmds: mpsc::Receiver<SessionCmd>,
+    events: mpsc::Sender<SessionEvent>,
+) {
+    let (internal, mut internal_rx) = mpsc::channel(256);
+    let mut t = Task {
+        fsm: Session::new(peer.session.clone()),
+        peer,
+        events,
+        internal,
+        timers: HashMap::new(),
+        conns: HashMap::new(),
+        next_incoming: INCOMING_IDS,
+        state: State::Idle,
+    };
+    t.input(Input::Start).await;
+    loop {
+        let deadline = t.timers.values().min().copied();
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                Some(SessionCmd::Incoming(stream)) => {
+                    let id = t.next_incoming;
+                    t.next_incoming += 1;
+                    t.attach(id, stream);
+                    t.input(Input::Connected { conn: id, dir: Direction::Incoming }).await;
+                }
+                Some(SessionCmd::Send(updates)) => t.send_updates(updates).await,
+                Some(SessionCmd::Stop(cease)) => {
+                    t.input(Input::Stop { cease }).await;
+                    t.flush_and_close().await;
+                    return;
+                }
+                None => {
+                    t.input(Input::Stop { cease: super::message::err::PEER_DECONFIGURED }).await;
+                    t.flush_and_close().await;
+                    return;
+                }
+            },
+            Some(msg) = internal_rx.recv() => match msg {
+                Internal::Connected(id, stream) => {
+                    t.attach(id, stream);
+                    t.input(Input::Connected { conn: id, dir: Direction::Outgoing }).await;
+                }
+                Internal::Input(i) => t.input(i).await,
+            },
+            _ = sleep_until(deadline) => {
+                let now = Instant::now();
+                let due: Vec<Timer> = t.timers.iter().filter(|(_, at)| **at <= now).map(|(k, _)| *k).collect();
+                for timer in due {
+                    t.timers.remove(&timer);
+                    t.input(Input::Timer(timer)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Task {
+    fn codec(&self) -> Codec {
+        let four = self.fsm.established().is_none_or(|(_, n)| n.four_octet_as);
+        Codec {
+            four_octet_as: four,
+            ibgp: self.peer.session.ibgp(),
+        }
+    }
+
+    /// Start the reader and writer of a new connection.
+    fn attach(&mut self, id: ConnId, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        let (wtx, wrx) = mpsc::channel(256);
+        tokio::spawn(write_loop(id, wr, wrx, self.internal.clone()));
+        let reader = tokio::spawn(read_loop(
+            id,
+            rd,
+            self.peer.session.ibgp(),
+            self.internal.clone(),
+        ));
+        self.conns.insert(
+            id,
+            Conn {
+                writer: wtx,
+                reader,
+            },
+        );
+    }
+
+    async fn input(&mut self, input: Input) {
+        let outputs = self.fsm.handle(input);
+        for o in outputs {
+            self.output(o).await;
+        }
+        let state = self.fsm.state();
+        if state != self.state {
+            self.state = state;
+            let _ = self
+                .events
+                .send(SessionEvent::State {
+                    peer: self.peer.address,
+                    state,
+                    last_error: self.fsm.last_error().cloned(),
+                })
+                .await;
+        }
+    }
+
+    async fn output(&mut self, o: Output) {
+        let peer = self.peer.address;
+        match o {
+            Output::Connect { conn } => {
+                let cfg = self.peer.clone();
+                let tx = self.internal.clone();
+                tokio::spawn(async move {
+                    let msg = match connect(&cfg).await {
+                        Ok(s) => Internal::Connected(conn, s),
+                        Err(e) => Internal::Input(Input::ConnectFailed {
+                            conn,
+                            reason: e.to_string(),
+                        }),
+                    };
+                    let _ = tx.send(msg).await;
+                });
+            }
+            Output::Send { conn, msg } => {
+                let kind = message_kind(&msg);
+                let bytes = msg.to_bytes(&self.codec());
+                if let Some(c) = self.conns.get(&conn) {
+                    let _ = c.writer.send(bytes).await;
+                    let _ = self.events.send(SessionEvent::Sent { peer, kind }).await;
+                }
+            }
+            Output::Close { conn } => {
+                // Dropping the writer's sender lets it flush what is queued, then close.
+                if let Some(c) = self.conns.remove(&conn) {
+                    c.reader.abort();
+                }
+            }
+            Output::SetTimer { timer, after } => match after {
+                Some(d) => {
+                    self.timers.insert(timer, Instant::now() + d);
+                }
+                None => {
+                    self.timers.remove(&timer);
+                }
+            },
+            Output::Established { negotiated, .. } => {
+                let _ = self
+                    .events
+                    .send(SessionEvent::Established { peer, negotiated })
+                    .await;
+            }
+            Output::Down { reason } => {
+                let _ = self.events.send(SessionEvent::Down { peer, reason }).await;
+            }
+            Output::Update(update) => {
+                let _ = self
+                    .events
+                    .send(SessionEvent::Update { peer, update })
+                    .await;
+            }
+            Output::RouteRefresh(request) => {
+                let _ = self
+                    .events
+                    .send(SessionEvent::RouteRefresh { peer, request })
+                    .await;
+            }
+        }
+    }
+
+    async fn send_updates(&mut self, updates: Vec<Update>) {
+        let Some((conn, _)) = self.fsm.established() else {
+            return;
+        };
+        let codec = self.codec();
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        for u in updates {
+            for part in u.split(&codec) {
+                let bytes = Message::Update(part).to_bytes(&codec);
+                if c.writer.send(bytes).await.is_err() {
+                    return;
+                }
+                let _ = self
+                    .events
+                    .send(SessionEvent::Sent {
+                        peer: self.peer.address,
+                        kind: super::message::kind::UPDATE,
+                    })
+                    .await;
+            }
+        }
+    }
+
+    /// Give writers a moment to send the last NOTIFICATION.
+    async fn flush_and_close(&mut self) {
+        for (_, c) in self.conns.drain() {
+            c.reader.abort();
+            drop(c.writer);
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+fn message_kind(m: &Message) -> u8 {
+    use super::message::kind;
+    match m {
+        Message::Open(_) => kind::OPEN,
+        Message::Update(_) => kind::UPDATE,
+        Message::Notification(_) => kind::NOTIFICATION,
+        Message::Keepalive => kind::KEEPALIVE,
+        Message::RouteRefresh(_) => kind::ROUTE_REFRESH,
+    }
+}
+
+async fn write_loop(
+    conn: ConnId,
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    tx: mpsc::Sender<Internal>,
+) {
+    let mut batch = Vec::with_capacity(64 * 1024);
+    while let Some(first) = rx.recv().await {
+        // Coalesce what is queued into one write.
+        batch.clear();
+        batch.extend_from_slice(&first);
+        while batch.len() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => batch.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = wr.write_all(&batch).await {
+            let _ = tx
+                .send(Internal::Input(Input::Closed {
+                    conn,
+                    reason: e.to_string(),
+                }))
+                .await;
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn read_loop(conn: ConnId, mut rd: OwnedReadHalf, ibgp: bool, tx: mpsc::Sender<Internal>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    // Until the peer's OPEN says it speaks 4-octet AS numbers (we always do).
+    let mut codec = Codec {
+        four_octet_as: false,
+        ibgp,
+    };
+    loop {
+        loop {
+            let len = match frame_len(&buf) {
+                Ok(Some(len)) => len,
+                Ok(None) => break,
+                Err(notification) => {
+                    let _ = tx
+                        .send(Internal::Input(Input::Malformed { conn, notification }))
+                        .await;
+                    return;
+                }
+            };
+            let frame = buf.split_to(len);
+            match decode(&frame, &codec) {
+                Ok(msg) => {
+                    if let Message::Open(o) = &msg {
+                        codec.four_octet_as = o
+                            .capabilities
+                            .iter()
+                            .any(|c| matches!(c, Capability::FourOctetAs(_)));
+                    }
+                    if tx
+                        .send(Internal::Input(Input::Received { conn, msg }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(notification) => {
+                    let _ = tx
+                        .send(Internal::Input(Input::Malformed { conn, notification }))
+                        .await;
+                    return;
+                }
+            }
+        }
+        let reason = match rd.read_buf(&mut buf).await {
+            Ok(0) => "closed by the peer".to_string(),
+            Ok(_) => continue,
+            Err(e) => e.to_string(),
+        };
+        let _ = tx
+            .send(Internal::Input(Input::Closed { conn, reason }))
+            .await;
+        return;
+    }
+}
