@@ -16,6 +16,7 @@ pub mod message;
 pub mod rib;
 pub mod session;
 pub mod sockopt;
+pub mod speaker;
 pub mod update;
 
 use std::net::IpAddr;

@@ -67,6 +67,8 @@ pub enum SessionEvent {
     Established {
         peer: IpAddr,
         negotiated: Negotiated,
+        /// Our address on the connection (next hop "self").
+        local: IpAddr,
     },
     Down {
         peer: IpAddr,
@@ -130,7 +132,11 @@ pub async fn connect(peer: &PeerConfig) -> std::io::Result<TcpStream> {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            "no answer (is there a route to the peer?)",
+            if peer.password.is_some() {
+                "no answer within 5 s (no route to the peer, or a TCP MD5 password mismatch: the peer's kernel drops unsigned or wrongly signed segments)"
+            } else {
+                "no answer within 5 s (no route to the peer?)"
+            },
         )),
     }
 }
@@ -138,6 +144,7 @@ pub async fn connect(peer: &PeerConfig) -> std::io::Result<TcpStream> {
 struct Conn {
     writer: mpsc::Sender<Vec<u8>>,
     reader: tokio::task::JoinHandle<()>,
+    local: Option<IpAddr>,
 }
 
 struct Task {
@@ -228,6 +235,7 @@ impl Task {
     /// Start the reader and writer of a new connection.
     fn attach(&mut self, id: ConnId, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().map(|a| a.ip());
         let (rd, wr) = stream.into_split();
         let (wtx, wrx) = mpsc::channel(256);
         tokio::spawn(write_loop(id, wr, wrx, self.internal.clone()));
@@ -242,6 +250,7 @@ impl Task {
             Conn {
                 writer: wtx,
                 reader,
+                local,
             },
         );
     }
@@ -304,10 +313,20 @@ impl Task {
                     self.timers.remove(&timer);
                 }
             },
-            Output::Established { negotiated, .. } => {
+            Output::Established { conn, negotiated } => {
+                let local = self
+                    .conns
+                    .get(&conn)
+                    .and_then(|c| c.local)
+                    .or(self.peer.local_address)
+                    .unwrap_or(IpAddr::V4(self.peer.session.router_id));
                 let _ = self
                     .events
-                    .send(SessionEvent::Established { peer, negotiated })
+                    .send(SessionEvent::Established {
+                        peer,
+                        negotiated,
+                        local,
+                    })
                     .await;
             }
             Output::Down { reason } => {

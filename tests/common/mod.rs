@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use calico_node::datastore::{DatastoreConfig, EtcdDatastore};
 
+pub mod bgp;
+
 /// Whether a program is installed.
 pub fn have(program: &str) -> bool {
     Command::new("sh")

@@ -1,0 +1,652 @@
+//! The speaker actor: applies the desired configuration (sessions added, removed or
+//! replaced without touching unchanged ones), listens for peers, runs the RIB, sends each
+//! peer what the export rules give it (diffed against what it already has), hands best
+//! learned routes to Felix, keeps a restarting peer's routes as stale (RFC 4724 helper),
+//! and publishes per-peer status.
+//!
+//! Channels:
+//! ```text
+//! confd --watch DesiredBgpConfig--> speaker --mpsc RouteUpdate--> felix
+//!                                   |   ^
+//!                  SessionCmd (mpsc)|   | SessionEvent (mpsc, shared by all sessions)
+//!                                   v   |
+//!                              one session task per peer
+//! speaker --watch Vec<PeerStatus>--> status endpoint, metrics
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{DesiredBgpConfig, DesiredPeer, PeerType};
+use super::fsm::{DownReason, Negotiated, SessionConfig, State};
+use super::message::{
+    Family, GracefulRestart, IPV4_UNICAST, IPV6_UNICAST, RouteRefresh, err, kind,
+};
+use super::rib::{Changed, PeerInfo, Rib, Source};
+use super::session::{PeerConfig, SessionCmd, SessionEvent, spawn};
+use super::sockopt;
+use super::update::{Attributes, MpReach, MpUnreach, Update};
+use super::{LearnedRoute, RouteUpdate};
+
+/// One peer's status, for `calicoctl node status`, readiness and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub address: IpAddr,
+    pub peer_type: PeerType,
+    pub state: State,
+    /// When the state last changed.
+    pub since: SystemTime,
+    /// Why it is not Established (empty when it is).
+    pub reason: String,
+    pub received: usize,
+    pub accepted: usize,
+    pub advertised: usize,
+    pub updates_in: u64,
+    pub updates_out: u64,
+    pub notifications_in: u64,
+    pub notifications_out: u64,
+}
+
+/// What we last sent a peer for a prefix.
+type Sent = (Attributes, IpAddr);
+
+struct Peer {
+    spec: DesiredPeer,
+    tx: mpsc::Sender<SessionCmd>,
+    task: tokio::task::JoinHandle<()>,
+    status: PeerStatus,
+    negotiated: Option<Negotiated>,
+    adj_out: HashMap<IpNet, Sent>,
+    /// Stale routes are dropped at this time (a restarting peer's window).
+    stale_until: Option<Instant>,
+    end_of_rib: bool,
+}
+
+/// The speaker. Build it with [`Speaker::new`], then `run` it.
+pub struct Speaker {
+    cfg: DesiredBgpConfig,
+    rib: Rib,
+    peers: HashMap<IpAddr, Peer>,
+    listener: Option<TcpListener>,
+    events_tx: mpsc::Sender<SessionEvent>,
+    events: mpsc::Receiver<SessionEvent>,
+    felix: mpsc::Sender<RouteUpdate>,
+    felix_has: HashMap<IpNet, IpAddr>,
+    status: watch::Sender<Vec<PeerStatus>>,
+    started: Instant,
+    in_sync_sent: bool,
+}
+
+/// How long Felix waits for the first full table before it is told "in sync" anyway.
+const IN_SYNC_AFTER: Duration = Duration::from_secs(10);
+
+fn session_config(cfg: &DesiredBgpConfig, p: &DesiredPeer) -> SessionConfig {
+    let mut s = SessionConfig::new(cfg.local_as.0, p.remote_as.0, cfg.router_id);
+    s.passive = p.passive;
+    s.hold_time = p.hold_time;
+    s.families = if cfg.ipv6_next_hop.is_some() || p.address.is_ipv6() {
+        vec![IPV4_UNICAST, IPV6_UNICAST]
+    } else {
+        vec![IPV4_UNICAST]
+    };
+    if p.graceful_restart_secs > 0 {
+        s.graceful_restart = Some(GracefulRestart {
+            restarting: false,
+            restart_time: p.graceful_restart_secs.min(4095) as u16,
+            // Felix keeps the dataplane's routes while we restart.
+            families: s.families.iter().map(|f| (*f, true)).collect(),
+        });
+    }
+    s
+}
+
+fn peer_config(cfg: &DesiredBgpConfig, p: &DesiredPeer) -> PeerConfig {
+    PeerConfig {
+        address: p.address,
+        port: p.port,
+        local_address: p.local_address,
+        password: p.password.clone(),
+        ttl_security: p.ttl_security,
+        multihop: p.multihop,
+        session: session_config(cfg, p),
+    }
+}
+
+impl Speaker {
+    pub fn new(
+        cfg: DesiredBgpConfig,
+        felix: mpsc::Sender<RouteUpdate>,
+        status: watch::Sender<Vec<PeerStatus>>,
+    ) -> Speaker {
+        let (events_tx, events) = mpsc::channel(1024);
+        Speaker {
+            rib: Rib::new(cfg.local_as.0, cfg.router_id, cfg.cluster_id),
+            cfg,
+            peers: HashMap::new(),
+            listener: None,
+            events_tx,
+            events,
+            felix,
+            felix_has: HashMap::new(),
+            status,
+            started: Instant::now(),
+            in_sync_sent: false,
+        }
+    }
+
+    /// Run until cancelled, following `config`.
+    pub async fn run(
+        mut self,
+        mut config: watch::Receiver<DesiredBgpConfig>,
+        cancel: CancellationToken,
+    ) -> std::io::Result<()> {
+        let initial = config.borrow_and_update().clone();
+        self.cfg = initial.clone();
+        self.rib = Rib::new(initial.local_as.0, initial.router_id, initial.cluster_id);
+        self.listen()?;
+        for p in initial.peers.clone() {
+            self.add_peer(p);
+        }
+        let changed = self.rib.set_local(initial.export.iter().copied());
+        self.propagate(&changed).await;
+        self.publish();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let stale_deadline = self.peers.values().filter_map(|p| p.stale_until).min();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = config.changed() => {
+                    if r.is_err() { break; }
+                    let new = config.borrow_and_update().clone();
+                    self.apply(new).await?;
+                }
+                Some(ev) = self.events.recv() => self.event(ev).await,
+                accepted = accept(&self.listener) => {
+                    if let Ok((stream, from)) = accepted {
+                        match self.peers.get(&from.ip()) {
+                            Some(p) => { let _ = p.tx.send(SessionCmd::Incoming(stream)).await; }
+                            None => tracing::debug!(%from, "connection from an unknown peer refused"),
+                        }
+                    }
+                }
+                _ = sleep_until(stale_deadline) => self.expire_stale().await,
+                _ = tick.tick() => self.housekeeping().await,
+            }
+        }
+        for (_, p) in self.peers.drain() {
+            let _ = p.tx.send(SessionCmd::Stop(err::ADMIN_SHUTDOWN)).await;
+        }
+        Ok(())
+    }
+
+    fn listen(&mut self) -> std::io::Result<()> {
+        self.listener = None;
+        if self.cfg.listen_port == 0 {
+            return Ok(());
+        }
+        let addr = SocketAddr::new(self.cfg.listen_address, self.cfg.listen_port);
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        for p in &self.cfg.peers {
+            if let Some(pw) = &p.password
+                && p.address.is_ipv4() == addr.is_ipv4()
+            {
+                sockopt::set_md5(&sock, p.address, pw.as_bytes())?;
+            }
+        }
+        sock.bind(addr)?;
+        self.listener = Some(sock.listen(128)?);
+        Ok(())
+    }
+
+    fn add_peer(&mut self, spec: DesiredPeer) {
+        let (tx, task) = spawn(peer_config(&self.cfg, &spec), self.events_tx.clone());
+        let status = PeerStatus {
+            address: spec.address,
+            peer_type: spec.peer_type,
+            state: State::Idle,
+            since: SystemTime::now(),
+            reason: String::new(),
+            received: 0,
+            accepted: 0,
+            advertised: 0,
+            updates_in: 0,
+            updates_out: 0,
+            notifications_in: 0,
+            notifications_out: 0,
+        };
+        self.peers.insert(
+            spec.address,
+            Peer {
+                spec,
+                tx,
+                task,
+                status,
+                negotiated: None,
+                adj_out: HashMap::new(),
+                stale_until: None,
+                end_of_rib: false,
+            },
+        );
+    }
+
+    async fn remove_peer(&mut self, address: &IpAddr, cease: u8) {
+        if let Some(p) = self.peers.remove(address) {
+            let _ = p.tx.send(SessionCmd::Stop(cease)).await;
+        }
+        let changed = self.rib.peer_down(address);
+        self.propagate(&changed).await;
+    }
+
+    /// Move to a new desired configuration, disturbing only what changed.
+    async fn apply(&mut self, new: DesiredBgpConfig) -> std::io::Result<()> {
+        let identity_changed = new.router_id != self.cfg.router_id
+            || new.local_as != self.cfg.local_as
+            || new.cluster_id != self.cfg.cluster_id;
+        if identity_changed {
+            let all: Vec<IpAddr> = self.peers.keys().copied().collect();
+            for a in all {
+                self.remove_peer(&a, err::OTHER_CONFIG_CHANGE).await;
+            }
+            self.rib = Rib::new(new.local_as.0, new.router_id, new.cluster_id);
+            self.felix_withdraw_all().await;
+        }
+        let old = std::mem::replace(&mut self.cfg, new.clone());
+        let passwords = |c: &DesiredBgpConfig| -> Vec<(IpAddr, Option<String>)> {
+            c.peers
+                .iter()
+                .map(|p| (p.address, p.password.clone()))
+                .collect()
+        };
+        if identity_changed
+            || old.listen_address != new.listen_address
+            || old.listen_port != new.listen_port
+            || passwords(&old) != passwords(&new)
+        {
+            self.listen()?;
+        }
+        let wanted: HashMap<IpAddr, DesiredPeer> =
+            new.peers.iter().map(|p| (p.address, p.clone())).collect();
+        let current: Vec<IpAddr> = self.peers.keys().copied().collect();
+        for a in current {
+            match wanted.get(&a) {
+                None => self.remove_peer(&a, err::PEER_DECONFIGURED).await,
+                Some(spec) if *spec != self.peers[&a].spec => {
+                    self.remove_peer(&a, err::OTHER_CONFIG_CHANGE).await;
+                    self.add_peer(spec.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        for (a, spec) in wanted {
+            if !self.peers.contains_key(&a) {
+                self.add_peer(spec);
+            }
+        }
+        let changed = self.rib.set_local(new.export.iter().copied());
+        if old.policy != new.policy || old.ipv6_next_hop != new.ipv6_next_hop {
+            let all: Changed = self.rib.best_prefixes().copied().collect();
+            let mut everything = changed;
+            everything.extend(all);
+            for p in self.peers.values() {
+                everything.extend(p.adj_out.keys().copied());
+            }
+            self.propagate(&everything).await;
+        } else {
+            self.propagate(&changed).await;
+        }
+        self.publish();
+        Ok(())
+    }
+
+    async fn event(&mut self, ev: SessionEvent) {
+        match ev {
+            SessionEvent::State {
+                peer,
+                state,
+                last_error,
+            } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.status.state = state;
+                    p.status.since = SystemTime::now();
+                    p.status.reason = match (state, last_error) {
+                        (State::Established, _) => String::new(),
+                        (_, Some(e)) => e.to_string(),
+                        (_, None) => String::new(),
+                    };
+                }
+                self.publish();
+            }
+            SessionEvent::Established {
+                peer,
+                negotiated,
+                local,
+            } => {
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                p.negotiated = Some(negotiated.clone());
+                p.adj_out.clear();
+                p.end_of_rib = false;
+                let info = PeerInfo {
+                    address: peer,
+                    router_id: negotiated.peer_id,
+                    asn: negotiated.peer_as,
+                    ibgp: negotiated.peer_as == self.cfg.local_as.0,
+                    rr_client: p.spec.rr_client,
+                    keep_next_hop: p.spec.keep_next_hop,
+                    local_address: local,
+                };
+                self.rib.peer_up(info);
+                self.send_table(&peer).await;
+            }
+            SessionEvent::Down { peer, reason } => {
+                let Some(p) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                let gr = p
+                    .negotiated
+                    .take()
+                    .and_then(|n| n.peer_graceful_restart)
+                    .filter(|_| {
+                        matches!(
+                            reason,
+                            DownReason::ConnectionClosed(_) | DownReason::HoldTimerExpired
+                        )
+                    });
+                p.adj_out.clear();
+                p.status.advertised = 0;
+                if matches!(reason, DownReason::NotificationReceived(_)) {
+                    p.status.notifications_in += 1;
+                }
+                let changed = match gr {
+                    Some(g) if g.restart_time > 0 => {
+                        // RFC 4724 helper: keep its routes (stale) for its restart time.
+                        p.stale_until =
+                            Some(Instant::now() + Duration::from_secs(u64::from(g.restart_time)));
+                        self.rib.mark_stale(&peer)
+                    }
+                    _ => self.rib.peer_down(&peer),
+                };
+                self.propagate(&changed).await;
+            }
+            SessionEvent::Update { peer, update } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.status.updates_in += 1;
+                }
+                let changed = if update.is_end_of_rib().is_some() {
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        p.end_of_rib = true;
+                        p.stale_until = None;
+                    }
+                    self.rib.sweep_stale(&peer)
+                } else {
+                    if !update.discarded.is_empty() || update.treat_as_withdraw.is_some() {
+                        tracing::warn!(%peer, treat_as_withdraw = ?update.treat_as_withdraw,
+                            discarded = ?update.discarded, "malformed UPDATE handled per RFC 7606");
+                    }
+                    self.rib.apply_update(&peer, &update)
+                };
+                self.propagate(&changed).await;
+            }
+            SessionEvent::RouteRefresh { peer, request } => {
+                let RouteRefresh { family, .. } = request;
+                tracing::debug!(%peer, ?family, "route refresh requested");
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.adj_out.clear();
+                }
+                self.send_table(&peer).await;
+            }
+            SessionEvent::Sent { peer, kind: k } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    match k {
+                        kind::UPDATE => p.status.updates_out += 1,
+                        kind::NOTIFICATION => p.status.notifications_out += 1,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Everything for a peer that just came up (or asked for a refresh), then End-of-RIB.
+    async fn send_table(&mut self, peer: &IpAddr) {
+        let all: Changed = self.rib.best_prefixes().copied().collect();
+        self.export_to(peer, &all).await;
+        let Some(p) = self.peers.get(peer) else {
+            return;
+        };
+        let families = p
+            .negotiated
+            .as_ref()
+            .map(|n| n.families.clone())
+            .unwrap_or_default();
+        let eor: Vec<Update> = families.into_iter().map(Update::end_of_rib).collect();
+        let _ = p.tx.send(SessionCmd::Send(eor)).await;
+        self.publish();
+    }
+
+    /// Hand changed best paths to Felix and to every established peer.
+    async fn propagate(&mut self, changed: &Changed) {
+        if changed.is_empty() {
+            return;
+        }
+        for prefix in changed {
+            let learned = self.rib.best(prefix).and_then(|b| match b.source {
+                Source::Peer(_) => b.next_hop,
+                Source::Local => None,
+            });
+            let update = match (learned, self.felix_has.get(prefix)) {
+                (Some(nh), Some(old)) if *old == nh => None,
+                (Some(nh), _) => {
+                    self.felix_has.insert(*prefix, nh);
+                    Some(RouteUpdate::Best(LearnedRoute {
+                        prefix: *prefix,
+                        next_hop: nh,
+                    }))
+                }
+                (None, Some(_)) => {
+                    self.felix_has.remove(prefix);
+                    Some(RouteUpdate::Withdrawn(*prefix))
+                }
+                (None, None) => None,
+            };
+            if let Some(u) = update {
+                let _ = self.felix.send(u).await;
+            }
+        }
+        let established: Vec<IpAddr> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.negotiated.is_some())
+            .map(|(a, _)| *a)
+            .collect();
+        for peer in established {
+            self.export_to(&peer, changed).await;
+        }
+        self.publish();
+    }
+
+    /// Send `peer` the difference between what the export rules give it for `prefixes`
+    /// and what it already has.
+    async fn export_to(&mut self, peer: &IpAddr, prefixes: &Changed) {
+        let Some(info) = self.rib.peer(peer).cloned() else {
+            return;
+        };
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let Some(neg) = &p.negotiated else {
+            return;
+        };
+        let families: HashSet<Family> = neg.families.iter().copied().collect();
+        let mut groups: HashMap<Sent, Vec<IpNet>> = HashMap::new();
+        let mut withdraw: Vec<IpNet> = Vec::new();
+        for prefix in prefixes {
+            let fam = if prefix.addr().is_ipv4() {
+                IPV4_UNICAST
+            } else {
+                IPV6_UNICAST
+            };
+            if !families.contains(&fam) {
+                continue;
+            }
+            let new = self
+                .rib
+                .export(&info, prefix, &self.cfg.policy, self.cfg.ipv6_next_hop);
+            if new.as_ref() == p.adj_out.get(prefix) {
+                continue;
+            }
+            match new {
+                Some(sent) => {
+                    p.adj_out.insert(*prefix, sent.clone());
+                    groups.entry(sent).or_default().push(*prefix);
+                }
+                None => {
+                    p.adj_out.remove(prefix);
+                    withdraw.push(*prefix);
+                }
+            }
+        }
+        p.status.advertised = p.adj_out.len();
+        let updates = build_updates(groups, withdraw);
+        if !updates.is_empty() {
+            let _ = p.tx.send(SessionCmd::Send(updates)).await;
+        }
+    }
+
+    async fn expire_stale(&mut self) {
+        let now = Instant::now();
+        let due: Vec<IpAddr> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.stale_until.is_some_and(|t| t <= now))
+            .map(|(a, _)| *a)
+            .collect();
+        for a in due {
+            if let Some(p) = self.peers.get_mut(&a) {
+                p.stale_until = None;
+            }
+            let changed = self.rib.sweep_stale(&a);
+            self.propagate(&changed).await;
+        }
+    }
+
+    async fn felix_withdraw_all(&mut self) {
+        for (prefix, _) in self.felix_has.drain() {
+            let _ = self.felix.send(RouteUpdate::Withdrawn(prefix)).await;
+        }
+    }
+
+    /// Restart session tasks that died (a panic ends only its own session), and tell
+    /// Felix the table is complete once every peer sent End-of-RIB or after a while.
+    async fn housekeeping(&mut self) {
+        let dead: Vec<IpAddr> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.task.is_finished())
+            .map(|(a, _)| *a)
+            .collect();
+        for a in dead {
+            tracing::error!(peer = %a, "BGP session task ended unexpectedly; restarting it");
+            let spec = self.peers[&a].spec.clone();
+            let changed = self.rib.peer_down(&a);
+            self.peers.remove(&a);
+            self.propagate(&changed).await;
+            self.add_peer(spec);
+            if let Some(p) = self.peers.get_mut(&a) {
+                p.status.reason = "session task ended unexpectedly; restarted".into();
+            }
+        }
+        if !self.in_sync_sent
+            && (self.started.elapsed() >= IN_SYNC_AFTER
+                || self.peers.values().all(|p| p.end_of_rib))
+        {
+            self.in_sync_sent = true;
+            let _ = self.felix.send(RouteUpdate::InSync).await;
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        let mut all: Vec<PeerStatus> = Vec::with_capacity(self.peers.len());
+        for (a, p) in &mut self.peers {
+            p.status.received = self.rib.received(a);
+            p.status.accepted = self.rib.accepted(a);
+            all.push(p.status.clone());
+        }
+        all.sort_by_key(|s| s.address);
+        self.status.send_replace(all);
+    }
+}
+
+fn build_updates(groups: HashMap<Sent, Vec<IpNet>>, withdraw: Vec<IpNet>) -> Vec<Update> {
+    let mut out = Vec::new();
+    let (w4, w6): (Vec<IpNet>, Vec<IpNet>) = withdraw.into_iter().partition(|p| p.addr().is_ipv4());
+    if !w4.is_empty() {
+        out.push(Update {
+            withdrawn: w4,
+            ..Default::default()
+        });
+    }
+    if !w6.is_empty() {
+        out.push(Update {
+            mp_unreach: Some(MpUnreach {
+                family: IPV6_UNICAST,
+                withdrawn: w6,
+            }),
+            ..Default::default()
+        });
+    }
+    for ((attrs, next_hop), prefixes) in groups {
+        match next_hop {
+            IpAddr::V4(nh) => {
+                let mut a = attrs;
+                a.next_hop = Some(nh);
+                out.push(Update {
+                    attrs: a,
+                    nlri: prefixes,
+                    ..Default::default()
+                });
+            }
+            IpAddr::V6(_) => out.push(Update {
+                attrs,
+                mp_reach: Some(MpReach {
+                    family: IPV6_UNICAST,
+                    next_hops: vec![next_hop],
+                    nlri: prefixes,
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+    out
+}
+
+async fn accept(l: &Option<TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match l {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Shared handle type for status readers.
+pub type StatusReceiver = watch::Receiver<Vec<PeerStatus>>;

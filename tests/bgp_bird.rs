@@ -1,0 +1,155 @@
+//! Our speaker against BIRD 2 in network namespaces: the session comes up with us active
+//! and with us passive, routes flow both ways with the right next hop and attributes,
+//! withdrawals propagate, and MD5 works with the right password and refuses a wrong one.
+
+mod common;
+
+use std::time::Duration;
+
+use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, ExportPolicy, PeerType};
+use calico_node::bgp::fsm::State;
+use common::NetNs;
+use common::bgp::{OurSpeaker, bird, birdc, link, wait_for};
+
+const US: &str = "10.99.0.1";
+const BIRD: &str = "10.99.0.2";
+
+fn bird_conf(extra: &str) -> String {
+    format!(
+        r#"router id {BIRD};
+protocol device {{ }}
+protocol static pools {{ ipv4; route 10.244.2.0/26 blackhole; }}
+protocol bgp calico {{
+  local {BIRD} as 64512; neighbor {US} as 64512;
+  direct; connect delay time 1; connect retry time 1; error wait time 1, 5;
+  {extra}
+  ipv4 {{ import all; export where proto = "pools"; next hop self; }};
+}}
+"#
+    )
+}
+
+fn our_conf(passive: bool, password: Option<&str>) -> DesiredBgpConfig {
+    let mut cfg = DesiredBgpConfig::new(US.parse().unwrap(), 64512);
+    let mut peer = DesiredPeer::new(BIRD.parse().unwrap(), 64512, PeerType::NodeToNodeMesh);
+    peer.passive = passive;
+    peer.password = password.map(str::to_string);
+    cfg.peers = vec![peer];
+    cfg.export = vec!["10.244.1.0/26".parse().unwrap()];
+    cfg.policy = ExportPolicy {
+        allowed: vec!["10.244.0.0/16".parse().unwrap()],
+        denied: vec![],
+    };
+    cfg
+}
+
+fn established(us: &OurSpeaker) -> bool {
+    us.peer_state(BIRD)
+        .is_some_and(|s| s.state == State::Established)
+}
+
+/// Sessions up both ways, routes both ways, withdrawals both ways.
+fn routes_flow(us_passive: bool) {
+    let Some(a) = NetNs::new("bgp-us") else {
+        return;
+    };
+    let Some(b) = NetNs::new("bgp-bird") else {
+        return;
+    };
+    link(&a, US, &b, BIRD);
+    let extra = if us_passive { "" } else { "passive on;" };
+    let Some(d) = bird(&b, &bird_conf(extra)) else {
+        return;
+    };
+    let mut us = OurSpeaker::start(&a, our_conf(us_passive, None));
+    wait_for(Duration::from_secs(20), "the session to BIRD", || {
+        established(&us).then_some(())
+    });
+    let proto = wait_for(Duration::from_secs(10), "BIRD to say Established", || {
+        let s = birdc(&d, "show protocols all calico");
+        s.contains("Established").then_some(s)
+    });
+    assert!(proto.contains("Neighbor AS:      64512"), "{proto}");
+
+    // Our block, at BIRD, via us, with our attributes.
+    let r = wait_for(Duration::from_secs(10), "our route at BIRD", || {
+        let s = birdc(&d, "show route all 10.244.1.0/26");
+        s.contains("10.244.1.0/26").then_some(s)
+    });
+    assert!(r.contains(&format!("via {US}")), "{r}");
+    assert!(r.contains("BGP.origin: IGP"), "{r}");
+    assert!(r.contains("BGP.local_pref: 100"), "{r}");
+    // BIRD's route, at Felix's channel, via BIRD.
+    wait_for(Duration::from_secs(10), "BIRD's route in our table", || {
+        us.routes()
+            .contains(&("10.244.2.0/26".to_string(), BIRD.to_string()))
+            .then_some(())
+    });
+    let st = us.peer_state(BIRD).unwrap();
+    assert_eq!((st.received, st.accepted, st.advertised), (1, 1, 1));
+
+    // Withdraw ours: BIRD drops it.
+    let mut cfg = our_conf(us_passive, None);
+    cfg.export.clear();
+    us.config.send_replace(cfg);
+    wait_for(Duration::from_secs(10), "our withdrawal at BIRD", || {
+        (!birdc(&d, "show route 10.244.1.0/26").contains("10.244.1.0/26")).then_some(())
+    });
+    // Withdraw BIRD's: Felix is told.
+    birdc(&d, "disable pools");
+    wait_for(
+        Duration::from_secs(10),
+        "BIRD's withdrawal in our table",
+        || us.routes().is_empty().then_some(()),
+    );
+    assert!(established(&us), "withdrawals do not disturb the session");
+}
+
+#[test]
+fn bird_session_with_us_active() {
+    routes_flow(false);
+}
+
+#[test]
+fn bird_session_with_us_passive() {
+    routes_flow(true);
+}
+
+#[test]
+fn bird_md5_right_password_comes_up_wrong_one_is_refused() {
+    let Some(a) = NetNs::new("bgp-us") else {
+        return;
+    };
+    let Some(b) = NetNs::new("bgp-bird") else {
+        return;
+    };
+    link(&a, US, &b, BIRD);
+    let Some(d) = bird(&b, &bird_conf(r#"password "s3cret";"#)) else {
+        return;
+    };
+    let mut us = OurSpeaker::start(&a, our_conf(false, Some("s3cret")));
+    wait_for(Duration::from_secs(20), "the MD5 session to BIRD", || {
+        established(&us).then_some(())
+    });
+    wait_for(
+        Duration::from_secs(10),
+        "BIRD's route over the MD5 session",
+        || {
+            us.routes()
+                .contains(&("10.244.2.0/26".to_string(), BIRD.to_string()))
+                .then_some(())
+        },
+    );
+    // The wrong password: the kernel drops the segments, the session never comes up and
+    // our status says why.
+    us.config.send_replace(our_conf(false, Some("wrong")));
+    wait_for(Duration::from_secs(10), "the old session to go", || {
+        (!established(&us)).then_some(())
+    });
+    let st = wait_for(Duration::from_secs(15), "a reason in our status", || {
+        us.peer_state(BIRD).filter(|s| !s.reason.is_empty())
+    });
+    assert_ne!(st.state, State::Established);
+    assert!(st.reason.contains("TCP MD5 password mismatch"), "{st:?}");
+    assert!(!birdc(&d, "show protocols calico").contains("Established"));
+}

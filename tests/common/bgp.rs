@@ -1,0 +1,211 @@
+//! BGP interop harness: namespaces joined by veths, our speaker on a thread inside a
+//! namespace, and real daemons (BIRD 2, GoBGP, FRR) started by the test and killed by PID
+//! on drop.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use calico_node::bgp::RouteUpdate;
+use calico_node::bgp::config::DesiredBgpConfig;
+use calico_node::bgp::speaker::{PeerStatus, Speaker};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{NetNs, have, skip};
+
+/// Join two namespaces with a veth: `a` gets `a_ip/24`, `b` gets `b_ip/24`.
+pub fn link(a: &NetNs, a_ip: &str, b: &NetNs, b_ip: &str) {
+    let (ia, ib) = ("bgp-a", "bgp-b");
+    a.ip(&[
+        "link", "add", ia, "type", "veth", "peer", "name", ib, "netns", &b.name,
+    ]);
+    a.ip(&["addr", "add", &format!("{a_ip}/24"), "dev", ia]);
+    b.ip(&["addr", "add", &format!("{b_ip}/24"), "dev", ib]);
+    a.ip(&["link", "set", ia, "up"]);
+    b.ip(&["link", "set", ib, "up"]);
+}
+
+/// Put several namespaces on one bridge (in the first one), each with its address.
+pub fn lan(members: &[(&NetNs, &str)]) {
+    let hub = members[0].0;
+    hub.ip(&["link", "add", "br0", "type", "bridge"]);
+    hub.ip(&["link", "set", "br0", "up"]);
+    for (i, (ns, addr)) in members.iter().enumerate() {
+        let (port, dev) = (format!("port{i}"), format!("lan{i}"));
+        hub.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", &dev, "netns", &ns.name,
+        ]);
+        hub.ip(&["link", "set", &port, "master", "br0", "up"]);
+        ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", &dev]);
+        ns.ip(&["link", "set", &dev, "up"]);
+    }
+}
+
+/// Our speaker running on its own thread inside a namespace.
+pub struct OurSpeaker {
+    pub config: watch::Sender<DesiredBgpConfig>,
+    pub felix: mpsc::Receiver<RouteUpdate>,
+    pub status: watch::Receiver<Vec<PeerStatus>>,
+    cancel: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Every update Felix got so far.
+    pub seen: Vec<RouteUpdate>,
+}
+
+impl OurSpeaker {
+    pub fn start(ns: &NetNs, cfg: DesiredBgpConfig) -> OurSpeaker {
+        let (config, config_rx) = watch::channel(cfg.clone());
+        let (felix_tx, felix) = mpsc::channel(100_000);
+        let (status_tx, status) = watch::channel(Vec::new());
+        let cancel = CancellationToken::new();
+        let path = format!("/run/netns/{}", ns.name);
+        let c = cancel.clone();
+        let thread = std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let speaker = Speaker::new(cfg, felix_tx, status_tx);
+                speaker.run(config_rx, c).await.unwrap();
+            });
+        });
+        OurSpeaker {
+            config,
+            felix,
+            status,
+            cancel,
+            thread: Some(thread),
+            seen: Vec::new(),
+        }
+    }
+
+    /// Stop it (sessions are closed with a Cease) and wait for the thread.
+    pub fn stop(&mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Drain Felix's channel; the best routes it holds now.
+    pub fn routes(&mut self) -> Vec<(String, String)> {
+        while let Ok(u) = self.felix.try_recv() {
+            self.seen.push(u);
+        }
+        let mut have = std::collections::BTreeMap::new();
+        for u in &self.seen {
+            match u {
+                RouteUpdate::Best(r) => {
+                    have.insert(r.prefix.to_string(), r.next_hop.to_string());
+                }
+                RouteUpdate::Withdrawn(p) => {
+                    have.remove(&p.to_string());
+                }
+                RouteUpdate::InSync => {}
+            }
+        }
+        have.into_iter().collect()
+    }
+
+    pub fn peer_state(&self, peer: &str) -> Option<PeerStatus> {
+        self.status
+            .borrow()
+            .iter()
+            .find(|s| s.address.to_string() == peer)
+            .cloned()
+    }
+}
+
+impl Drop for OurSpeaker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Poll `f` every 100 ms until it gives Some, or panic after `limit` with `what`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A daemon process started by the test in a namespace, killed by PID on drop.
+pub struct Daemon {
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// BIRD 2 in `ns` with this config; None (after a loud skip) without BIRD.
+pub fn bird(ns: &NetNs, config: &str) -> Option<Daemon> {
+    if !have("bird") {
+        skip("BIRD 2 is not installed (bird2)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("bird.conf");
+    std::fs::write(&conf, config).unwrap();
+    let out = Command::new("bird")
+        .args(["-p", "-c", conf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bird -p: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let child = ns
+        .command("bird")
+        .args([
+            "-f",
+            "-c",
+            conf.to_str().unwrap(),
+            "-s",
+            dir.path().join("bird.ctl").to_str().unwrap(),
+            "-P",
+            dir.path().join("bird.pid").to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let d = Daemon { child, dir };
+    wait_for(Duration::from_secs(10), "BIRD's control socket", || {
+        d.dir.path().join("bird.ctl").exists().then_some(())
+    });
+    Some(d)
+}
+
+/// `birdc` against a BIRD started by [`bird`].
+pub fn birdc(d: &Daemon, cmd: &str) -> String {
+    let sock: PathBuf = d.dir.path().join("bird.ctl");
+    let out = Command::new("birdc")
+        .args(["-s", sock.to_str().unwrap()])
+        .args(cmd.split_whitespace())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
