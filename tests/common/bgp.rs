@@ -209,3 +209,104 @@ pub fn birdc(d: &Daemon, cmd: &str) -> String {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// GoBGP in `ns` with this TOML config, its API on the namespace's loopback.
+pub fn gobgp(ns: &NetNs, config: &str) -> Option<Daemon> {
+    if !have("gobgpd") {
+        skip("GoBGP is not installed (gobgpd)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("gobgp.toml");
+    std::fs::write(&conf, config).unwrap();
+    let child = ns
+        .command("gobgpd")
+        .args([
+            "-f",
+            conf.to_str().unwrap(),
+            "-t",
+            "toml",
+            "--api-hosts",
+            "127.0.0.1:50051",
+            "--pprof-disable",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let d = Daemon { child, dir };
+    wait_for(Duration::from_secs(10), "GoBGP's API", || {
+        ns.command("gobgp")
+            .args(["global"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|_| ())
+    });
+    Some(d)
+}
+
+/// `gobgp <args>` inside the namespace.
+pub fn gobgp_cli(ns: &NetNs, args: &str) -> String {
+    let out = ns
+        .command("gobgp")
+        .args(args.split_whitespace())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// FRR's bgpd (no zebra) in `ns` with this config, listening on `listen`.
+pub fn frr(ns: &NetNs, config: &str, listen: &str) -> Option<Daemon> {
+    if !std::path::Path::new("/usr/lib/frr/bgpd").exists() {
+        skip("FRR is not installed (frr)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("bgpd.conf");
+    std::fs::write(&conf, config).unwrap();
+    // bgpd runs as the frr user: let it write its pid file and vty socket here.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let d = dir.path().to_str().unwrap().to_string();
+    let child = ns
+        .command("/usr/lib/frr/bgpd")
+        .args([
+            "-Z",
+            "-f",
+            conf.to_str().unwrap(),
+            "-i",
+            &format!("{d}/bgpd.pid"),
+            "--vty_socket",
+            &d,
+            "-l",
+            listen,
+            "-A",
+            "127.0.0.1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon { child, dir };
+    wait_for(Duration::from_secs(10), "FRR's vty socket", || {
+        std::path::Path::new(&format!("{d}/bgpd.vty"))
+            .exists()
+            .then_some(())
+    });
+    Some(daemon)
+}
+
+/// `vtysh -c ...` against an FRR started by [`frr`].
+pub fn vtysh(d: &Daemon, cmds: &[&str]) -> String {
+    let mut c = Command::new("vtysh");
+    c.args(["--vty_socket", d.dir.path().to_str().unwrap()]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
