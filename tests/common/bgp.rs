@@ -310,3 +310,30 @@ pub fn vtysh(d: &Daemon, cmds: &[&str]) -> String {
     let out = c.output().unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
+
+/// ExaBGP in `ns` with this config (it connects out to its neighbors).
+pub fn exabgp(ns: &NetNs, config: &str) -> Option<Daemon> {
+    if !have("exabgp") {
+        skip("ExaBGP is not installed (exabgp)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("exabgp.conf");
+    std::fs::write(&conf, config).unwrap();
+    let log = std::fs::File::create(dir.path().join("exabgp.log")).unwrap();
+    let child = ns
+        .command("env")
+        .args([
+            "exabgp_daemon_user=root",
+            "exabgp_daemon_daemonize=false",
+            "exabgp_log_destination=stdout",
+            "exabgp_api_cli=false",
+            "exabgp",
+            conf.to_str().unwrap(),
+        ])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Some(Daemon { child, dir })
+}
