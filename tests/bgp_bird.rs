@@ -87,6 +87,7 @@ fn routes_flow(us_passive: bool) {
     });
     let st = us.peer_state(BIRD).unwrap();
     assert_eq!((st.received, st.accepted, st.advertised), (1, 1, 1));
+    status_and_metrics(&us);
 
     // Withdraw ours: BIRD drops it.
     let mut cfg = our_conf(us_passive, None);
@@ -103,6 +104,87 @@ fn routes_flow(us_passive: bool) {
         || us.routes().is_empty().then_some(()),
     );
     assert!(established(&us), "withdrawals do not disturb the session");
+}
+
+/// `calicoctl node status` over the status socket, and the Prometheus metrics.
+fn status_and_metrics(us: &OurSpeaker) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bgp-status.sock");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let server = {
+        let (sock, status, cancel) = (sock.clone(), us.status.clone(), cancel.clone());
+        std::thread::spawn(move || {
+            rt.block_on(calico_node::bgp::status::serve(sock, status, cancel))
+                .unwrap()
+        })
+    };
+    wait_for(Duration::from_secs(5), "the status socket", || {
+        sock.exists().then_some(())
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_calicoctl"))
+        .args(["node", "status"])
+        .env("CALICO_BGP_STATUS_SOCKET", &sock)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.starts_with("Calico process is running.\n\nIPv4 BGP status\n"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(
+            |l| l.starts_with(&format!("| {BIRD}    | node-to-node mesh | up    | "))
+                && l.ends_with("| Established |")
+        ),
+        "{text}"
+    );
+    assert!(
+        text.ends_with("IPv6 BGP status\nNo IPv6 peers found.\n"),
+        "{text}"
+    );
+    cancel.cancel();
+    server.join().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_calicoctl"))
+        .args(["node", "status"])
+        .env("CALICO_BGP_STATUS_SOCKET", &sock)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Calico process is not running.\n"
+    );
+
+    let registry = prometheus::Registry::new();
+    registry
+        .register(Box::new(calico_node::bgp::status::BgpMetrics::new(
+            us.status.clone(),
+        )))
+        .unwrap();
+    let mut text = String::new();
+    prometheus::TextEncoder::new()
+        .encode_utf8(&registry.gather(), &mut text)
+        .unwrap();
+    let labels = format!("{{peer=\"{BIRD}\",peer_type=\"node-to-node mesh\"}}");
+    for line in [
+        format!("calico_bgp_peer_state{labels} 6"),
+        format!("calico_bgp_peer_prefixes_received{labels} 1"),
+        format!("calico_bgp_peer_prefixes_accepted{labels} 1"),
+        format!("calico_bgp_peer_prefixes_advertised{labels} 1"),
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+    }
+    assert!(
+        text.contains(&format!(
+            "calico_bgp_peer_updates_received_total{{peer=\"{BIRD}\"}}"
+        )),
+        "{text}"
+    );
 }
 
 #[test]

@@ -17,6 +17,7 @@ pub mod rib;
 pub mod session;
 pub mod sockopt;
 pub mod speaker;
+pub mod status;
 pub mod update;
 
 use std::net::IpAddr;

@@ -82,10 +82,17 @@ pub enum SessionEvent {
         peer: IpAddr,
         request: RouteRefresh,
     },
-    /// Bytes went out / came in (for metrics): kind of message.
+    /// A message went out (for metrics): its type, and a NOTIFICATION's code.
     Sent {
         peer: IpAddr,
         kind: u8,
+        notification: Option<u8>,
+    },
+    /// A NOTIFICATION came in (for metrics and status).
+    NotificationReceived {
+        peer: IpAddr,
+        code: u8,
+        subcode: u8,
     },
 }
 
@@ -256,6 +263,20 @@ impl Task {
     }
 
     async fn input(&mut self, input: Input) {
+        if let Input::Received {
+            msg: Message::Notification(n),
+            ..
+        } = &input
+        {
+            let _ = self
+                .events
+                .send(SessionEvent::NotificationReceived {
+                    peer: self.peer.address,
+                    code: n.code,
+                    subcode: n.subcode,
+                })
+                .await;
+        }
         let outputs = self.fsm.handle(input);
         for o in outputs {
             self.output(o).await;
@@ -293,10 +314,21 @@ impl Task {
             }
             Output::Send { conn, msg } => {
                 let kind = message_kind(&msg);
+                let notification = match &msg {
+                    Message::Notification(n) => Some(n.code),
+                    _ => None,
+                };
                 let bytes = msg.to_bytes(&self.codec());
                 if let Some(c) = self.conns.get(&conn) {
                     let _ = c.writer.send(bytes).await;
-                    let _ = self.events.send(SessionEvent::Sent { peer, kind }).await;
+                    let _ = self
+                        .events
+                        .send(SessionEvent::Sent {
+                            peer,
+                            kind,
+                            notification,
+                        })
+                        .await;
                 }
             }
             Output::Close { conn } => {
@@ -366,6 +398,7 @@ impl Task {
                     .send(SessionEvent::Sent {
                         peer: self.peer.address,
                         kind: super::message::kind::UPDATE,
+                        notification: None,
                     })
                     .await;
             }

@@ -14,7 +14,7 @@
 //! speaker --watch Vec<PeerStatus>--> status endpoint, metrics
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
@@ -50,8 +50,11 @@ pub struct PeerStatus {
     pub advertised: usize,
     pub updates_in: u64,
     pub updates_out: u64,
-    pub notifications_in: u64,
-    pub notifications_out: u64,
+    /// NOTIFICATIONs received and sent, by error code.
+    pub notifications_in: BTreeMap<u8, u64>,
+    pub notifications_out: BTreeMap<u8, u64>,
+    /// When the session last became Established.
+    pub established_at: Option<SystemTime>,
 }
 
 /// What we last sent a peer for a prefix.
@@ -223,8 +226,9 @@ impl Speaker {
             advertised: 0,
             updates_in: 0,
             updates_out: 0,
-            notifications_in: 0,
-            notifications_out: 0,
+            notifications_in: BTreeMap::new(),
+            notifications_out: BTreeMap::new(),
+            established_at: None,
         };
         self.peers.insert(
             spec.address,
@@ -320,6 +324,8 @@ impl Speaker {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     p.status.state = state;
                     p.status.since = SystemTime::now();
+                    p.status.established_at =
+                        (state == State::Established).then_some(p.status.since);
                     p.status.reason = match (state, last_error) {
                         (State::Established, _) => String::new(),
                         (_, Some(e)) => e.to_string(),
@@ -367,9 +373,6 @@ impl Speaker {
                     });
                 p.adj_out.clear();
                 p.status.advertised = 0;
-                if matches!(reason, DownReason::NotificationReceived(_)) {
-                    p.status.notifications_in += 1;
-                }
                 let changed = match gr {
                     Some(g) if g.restart_time > 0 => {
                         // RFC 4724 helper: keep its routes (stale) for its restart time.
@@ -408,13 +411,28 @@ impl Speaker {
                 }
                 self.send_table(&peer).await;
             }
-            SessionEvent::Sent { peer, kind: k } => {
+            SessionEvent::Sent {
+                peer,
+                kind: k,
+                notification,
+            } => {
                 if let Some(p) = self.peers.get_mut(&peer) {
-                    match k {
-                        kind::UPDATE => p.status.updates_out += 1,
-                        kind::NOTIFICATION => p.status.notifications_out += 1,
-                        _ => {}
+                    if k == kind::UPDATE {
+                        p.status.updates_out += 1;
                     }
+                    if let Some(code) = notification {
+                        *p.status.notifications_out.entry(code).or_default() += 1;
+                    }
+                }
+            }
+            SessionEvent::NotificationReceived {
+                peer,
+                code,
+                subcode,
+            } => {
+                tracing::info!(%peer, "{}", super::message::describe(code, subcode));
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    *p.status.notifications_in.entry(code).or_default() += 1;
                 }
             }
         }

@@ -56,8 +56,36 @@ pub enum Command {
     Patch(PatchArgs),
     /// IP address management.
     Ipam(ipam::IpamArgs),
+    /// This node's calico-node.
+    Node(NodeArgs),
     /// Print the version.
     Version,
+}
+
+/// `calicoctl node ...`.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    pub command: NodeCommand,
+}
+
+/// `calicoctl node` sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// BGP sessions of the calico-node on this host (read from its status socket,
+    /// CALICO_BGP_STATUS_SOCKET or /var/run/calico/bgp-status.sock).
+    Status,
+}
+
+/// `calicoctl node status`: the text and the exit code.
+pub fn node_status(env: &dyn Env) -> (String, i32) {
+    let path = env
+        .var("CALICO_BGP_STATUS_SOCKET")
+        .unwrap_or_else(|| crate::bgp::status::DEFAULT_SOCKET.to_string());
+    match crate::bgp::status::fetch(std::path::Path::new(&path)) {
+        Ok(peers) => (crate::bgp::status::render_node_status(&peers), 0),
+        Err(_) => ("Calico process is not running.\n".to_string(), 1),
+    }
 }
 
 /// `-f FILE|-`.
@@ -471,6 +499,9 @@ pub async fn execute(
         Command::Get(a) => get(client, a).await,
         Command::Patch(a) => patch(client, a).await,
         Command::Ipam(a) => ipam::execute(client, a).await,
+        Command::Node(_) => Err(CtlError::Usage(
+            "node commands do not use the datastore".into(),
+        )),
         Command::Version => Ok(version()),
     }
 }
@@ -503,6 +534,14 @@ pub async fn main(
     if let Command::Version = cli.command {
         let _ = write!(out, "{}", version());
         return 0;
+    }
+    if let Command::Node(NodeArgs {
+        command: NodeCommand::Status,
+    }) = cli.command
+    {
+        let (text, code) = node_status(env);
+        let _ = write!(out, "{text}");
+        return code;
     }
     let result = async {
         let cfg = DatastoreConfig::for_calicoctl(&cli.config, env)
