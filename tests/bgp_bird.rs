@@ -235,3 +235,40 @@ fn bird_md5_right_password_comes_up_wrong_one_is_refused() {
     assert!(st.reason.contains("TCP MD5 password mismatch"), "{st:?}");
     assert!(!birdc(&d, "show protocols calico").contains("Established"));
 }
+
+/// RFC 5082 against a BIRD with `ttl security on`: with it on our side the session comes
+/// up; without, BIRD drops our TTL-64 segments and it never does. (Each case gets a fresh
+/// BIRD: one stuck in OpenSent refuses new connections for its hold time.)
+fn ttl_security_case(ours: Option<u8>) -> bool {
+    let Some(a) = NetNs::new("bgp-us") else {
+        return ours.is_some();
+    };
+    let Some(b) = NetNs::new("bgp-bird") else {
+        return ours.is_some();
+    };
+    link(&a, US, &b, BIRD);
+    let Some(_d) = bird(&b, &bird_conf("passive on; ttl security on;")) else {
+        return ours.is_some();
+    };
+    let mut cfg = our_conf(false, None);
+    cfg.peers[0].ttl_security = ours;
+    let us = OurSpeaker::start(&a, cfg);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        if established(&us) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn bird_ttl_security_session_comes_up_with_ttl_255() {
+    assert!(ttl_security_case(Some(1)));
+}
+
+#[test]
+fn bird_ttl_security_refuses_ttl_64() {
+    assert!(!ttl_security_case(None));
+}

@@ -511,3 +511,87 @@ async fn read_loop(conn: ConnId, mut rd: OwnedReadHalf, ibgp: bool, tx: mpsc::Se
         return;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::bgp::message::{Notification, Open, err};
+
+    async fn read_msg(sock: &mut TcpStream, buf: &mut BytesMut) -> Option<Message> {
+        loop {
+            if let Ok(Some(len)) = frame_len(buf) {
+                let frame = buf.split_to(len);
+                return decode(&frame, &Codec::default()).ok();
+            }
+            if sock.read_buf(buf).await.ok()? == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// With paused time: Established, keepalives every hold/3, and a silent peer is
+    /// dropped with "hold timer expired" exactly when the hold time runs out.
+    #[tokio::test(start_paused = true)]
+    async fn silent_peer_hits_the_hold_timer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut cfg = SessionConfig::new(64512, 64512, Ipv4Addr::new(10, 0, 0, 1));
+        cfg.hold_time = 9;
+        let peer = PeerConfig {
+            address: "127.0.0.1".parse().unwrap(),
+            port: listener.local_addr().unwrap().port(),
+            local_address: None,
+            password: None,
+            ttl_security: None,
+            multihop: None,
+            session: cfg,
+        };
+        let (events_tx, mut events) = mpsc::channel(100);
+        let (_cmds, _task) = spawn(peer, events_tx);
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            read_msg(&mut sock, &mut buf).await,
+            Some(Message::Open(_))
+        ));
+        let open = Open::new(64512, 30, Ipv4Addr::new(10, 0, 0, 2), vec![]);
+        sock.write_all(&Message::Open(open).to_bytes(&Codec::default()))
+            .await
+            .unwrap();
+        sock.write_all(&Message::Keepalive.to_bytes(&Codec::default()))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_msg(&mut sock, &mut buf).await,
+            Some(Message::Keepalive)
+        );
+        loop {
+            if let Some(SessionEvent::Established { negotiated, .. }) = events.recv().await {
+                assert_eq!(negotiated.hold_time, 9);
+                break;
+            }
+        }
+        let t0 = Instant::now();
+        let mut keepalives = Vec::new();
+        let n = loop {
+            match read_msg(&mut sock, &mut buf).await {
+                Some(Message::Keepalive) => keepalives.push(t0.elapsed().as_secs()),
+                Some(Message::Notification(n)) => break n,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(n, Notification::new(err::HOLD_TIMER_EXPIRED, 0, []));
+        assert_eq!(t0.elapsed().as_secs(), 9);
+        assert_eq!(keepalives, vec![3, 6]);
+        loop {
+            if let Some(SessionEvent::Down { reason, .. }) = events.recv().await {
+                assert_eq!(reason, DownReason::HoldTimerExpired);
+                break;
+            }
+        }
+    }
+}
