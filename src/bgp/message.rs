@@ -604,3 +604,24 @@ impl Message {
         b.to_vec()
     }
 }
+
+/// What the fuzz target and its corpus replay run: frame and decode `data` with every
+/// codec setting, and use what comes out. Must never panic.
+pub fn fuzz_decode(data: &[u8]) {
+    for four_octet_as in [true, false] {
+        for ibgp in [true, false] {
+            let codec = Codec {
+                four_octet_as,
+                ibgp,
+            };
+            let mut rest = data;
+            while let Ok(Some(len)) = frame_len(rest) {
+                if let Ok(Message::Update(u)) = decode(&rest[..len], &codec) {
+                    let _ = u.effective();
+                    let _ = u.is_end_of_rib();
+                }
+                rest = &rest[len..];
+            }
+        }
+    }
+}
