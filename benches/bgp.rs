@@ -1,0 +1,326 @@
+//! `scripts/bench bgp`: one injector (BIRD with N static routes, its sessions enabled only
+//! after every route is loaded) feeds receivers in their own namespaces, one at a time:
+//! our speaker (a child process), BIRD 2 and GoBGP. For N = 100,000 and 1,000,000 it
+//! prints per receiver the wall time from Established until it holds all N, its CPU time
+//! over that window (/proc/PID/task/*/schedstat), and peak RSS per route (VmHWM minus RSS
+//! before, over N), then the ratios. `CALICO_BENCH_BGP_ROUTES=100000` runs one size only.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::NetNs;
+use common::bgp::{Daemon, bird, birdc, gobgp, gobgp_cli, lan};
+
+const INJ: &str = "10.99.0.1";
+const OURS: &str = "10.99.0.2";
+const BIRD: &str = "10.99.0.3";
+const GOBGP: &str = "10.99.0.4";
+
+/// CPU nanoseconds of all threads of a process.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A `VmXXX:` line of /proc/PID/status, in bytes.
+fn vm(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+struct Measure {
+    wall: Duration,
+    cpu: Duration,
+    bytes_per_route: f64,
+}
+
+/// The speaker process: eBGP receiver of the injector; counts routes handed to Felix and
+/// prints ESTABLISHED and DONE lines.
+fn speaker_process(netns: &str, routes: usize) {
+    use calico_node::bgp::RouteUpdate;
+    use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
+    use calico_node::bgp::fsm::State;
+    let f = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    let mut cfg = DesiredBgpConfig::new(OURS.parse().unwrap(), 64513);
+    let mut peer = DesiredPeer::new(INJ.parse().unwrap(), 64512, PeerType::Global);
+    peer.passive = true;
+    peer.graceful_restart_secs = 0;
+    cfg.peers = vec![peer];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let (felix, mut updates) = tokio::sync::mpsc::channel(4096);
+        let (status_tx, mut status) = tokio::sync::watch::channel(Vec::new());
+        let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(cfg.clone());
+        let speaker = calico_node::bgp::speaker::Speaker::new(cfg, felix, status_tx);
+        tokio::spawn(speaker.run(cfg_rx, tokio_util::sync::CancellationToken::new()));
+        tokio::spawn(async move {
+            loop {
+                if status.changed().await.is_err() {
+                    return;
+                }
+                let up = status
+                    .borrow()
+                    .iter()
+                    .any(|s| s.state == State::Established);
+                if up {
+                    println!("ESTABLISHED");
+                    let _ = std::io::stdout().flush();
+                    return;
+                }
+            }
+        });
+        let mut have = 0usize;
+        while let Some(u) = updates.recv().await {
+            if let RouteUpdate::Best(_) = u {
+                have += 1;
+                if have == routes {
+                    println!("DONE");
+                    let _ = std::io::stdout().flush();
+                }
+            }
+        }
+    });
+}
+
+fn injector_conf(n: usize) -> String {
+    let mut s = format!("router id {INJ};\nprotocol device {{ }}\nprotocol static s {{\n  ipv4;\n");
+    for i in 0..n as u32 {
+        let a = std::net::Ipv4Addr::from(0x1000_0000u32 + (i << 8));
+        s += &format!("  route {a}/24 blackhole;\n");
+    }
+    s += "}\n";
+    for (name, peer) in [("r_ours", OURS), ("r_bird", BIRD), ("r_gobgp", GOBGP)] {
+        s += &format!(
+            "protocol bgp {name} {{\n  disabled; local {INJ} as 64512; neighbor {peer} as 64513;\n  connect delay time 0; connect retry time 1;\n  ipv4 {{ import none; export where proto = \"s\"; }};\n}}\n"
+        );
+    }
+    s
+}
+
+/// Keep the injector's main loop awake (an idle BIRD defers its last UPDATE by ~3 s).
+struct Poker {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Poker {
+    fn start(sock: std::path::PathBuf) -> Poker {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = Command::new("birdc")
+                    .args(["-s", sock.to_str().unwrap(), "show", "status"])
+                    .output();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Poker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Poker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Enable the injector's session `proto`, wait for `established` and `done` (both polled),
+/// measuring process `pid`.
+fn run(
+    inj: &Daemon,
+    proto: &str,
+    pid: u32,
+    routes: usize,
+    mut established: impl FnMut() -> bool,
+    mut done: impl FnMut() -> bool,
+) -> Measure {
+    let rss_before = vm(pid, "VmRSS:");
+    let _poke = Poker::start(inj.dir.path().join("bird.ctl"));
+    birdc(inj, &format!("enable {proto}"));
+    let limit = Instant::now() + Duration::from_secs(600);
+    while !established() {
+        assert!(Instant::now() < limit, "{proto}: no session");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (t0, c0) = (Instant::now(), cpu_ns(pid));
+    while !done() {
+        assert!(Instant::now() < limit, "{proto}: not all {routes} routes");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (wall, cpu) = (t0.elapsed(), cpu_ns(pid) - c0);
+    let hwm = vm(pid, "VmHWM:");
+    birdc(inj, &format!("disable {proto}"));
+    Measure {
+        wall,
+        cpu: Duration::from_nanos(cpu),
+        bytes_per_route: hwm.saturating_sub(rss_before) as f64 / routes as f64,
+    }
+}
+
+fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
+    let inj_ns = NetNs::new("bgpb-inj")?;
+    let ours_ns = NetNs::new("bgpb-ours")?;
+    let bird_ns = NetNs::new("bgpb-bird")?;
+    let gobgp_ns = NetNs::new("bgpb-gobgp")?;
+    lan(&[
+        (&inj_ns, INJ),
+        (&ours_ns, OURS),
+        (&bird_ns, BIRD),
+        (&gobgp_ns, GOBGP),
+    ]);
+    let load = Instant::now();
+    let inj = bird(&inj_ns, &injector_conf(routes))?;
+    let loaded = format!("Routes:         {routes} imported");
+    while !birdc(&inj, "show protocols all s").contains(&loaded) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("injector loaded {routes} routes in {:?}", load.elapsed());
+    let mut out = Vec::new();
+
+    // Ours.
+    let mut child: Child = Command::new(std::env::current_exe().unwrap())
+        .env("CALICO_BENCH_SPEAKER_NETNS", &ours_ns.name)
+        .env("CALICO_BENCH_SPEAKER_ROUTES", routes.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let lines = std::cell::RefCell::new(Vec::<String>::new());
+    let seen = |what: &str| {
+        lines.borrow_mut().extend(rx.try_iter());
+        lines.borrow().iter().any(|l| l == what)
+    };
+    let m = run(
+        &inj,
+        "r_ours",
+        child.id(),
+        routes,
+        || seen("ESTABLISHED"),
+        || seen("DONE"),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    out.push(("calico-node", m));
+
+    // BIRD.
+    let rcv = bird(
+        &bird_ns,
+        &format!(
+            "router id {BIRD};\nprotocol device {{ }}\nprotocol bgp inj {{\n  local {BIRD} as 64513; neighbor {INJ} as 64512; passive on;\n  ipv4 {{ import all; export none; }};\n}}\n"
+        ),
+    )?;
+    let pid: u32 = std::fs::read_to_string(rcv.dir.path().join("bird.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let imported = format!("Routes:         {routes} imported");
+    let m = run(
+        &inj,
+        "r_bird",
+        pid,
+        routes,
+        || birdc(&rcv, "show protocols inj").contains("Established"),
+        || birdc(&rcv, "show protocols all inj").contains(&imported),
+    );
+    drop(rcv);
+    out.push(("BIRD 2", m));
+
+    // GoBGP.
+    let g = gobgp(
+        &gobgp_ns,
+        &format!(
+            "[global.config]\n  as = 64513\n  router-id = \"{GOBGP}\"\n  local-address-list = [\"{GOBGP}\"]\n[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{INJ}\"\n    peer-as = 64512\n  [neighbors.transport.config]\n    passive-mode = true\n"
+        ),
+    )?;
+    let pid = g.pid();
+    let want = format!("Accepted:         {routes}");
+    let mut last = Instant::now() - Duration::from_secs(1);
+    let m = run(
+        &inj,
+        "r_gobgp",
+        pid,
+        routes,
+        || gobgp_cli(&gobgp_ns, &format!("neighbor {INJ}")).contains("BGP state:        established"),
+        || {
+            // `gobgp neighbor` is cheap, but not free: ask every 100 ms.
+            if last.elapsed() < Duration::from_millis(100) {
+                return false;
+            }
+            last = Instant::now();
+            gobgp_cli(&gobgp_ns, &format!("neighbor {INJ}")).contains(&want)
+        },
+    );
+    out.push(("GoBGP", m));
+    Some(out)
+}
+
+fn main() {
+    if let (Ok(ns), Ok(n)) = (
+        std::env::var("CALICO_BENCH_SPEAKER_NETNS"),
+        std::env::var("CALICO_BENCH_SPEAKER_ROUTES"),
+    ) {
+        speaker_process(&ns, n.parse().unwrap());
+        return;
+    }
+    let sizes: Vec<usize> = match std::env::var("CALICO_BENCH_BGP_ROUTES") {
+        Ok(n) => vec![n.parse().expect("CALICO_BENCH_BGP_ROUTES is a number")],
+        Err(_) => vec![100_000, 1_000_000],
+    };
+    for routes in sizes {
+        let Some(results) = bench(routes) else {
+            return;
+        };
+        println!("BGP receive benchmark, {routes} routes from one BIRD injector:");
+        for (name, m) in &results {
+            println!(
+                "  {name:12} wall {:7.2} s   cpu {:7.2} s ({:.2} us/route)   {:6.0} bytes/route",
+                m.wall.as_secs_f64(),
+                m.cpu.as_secs_f64(),
+                m.cpu.as_secs_f64() * 1e6 / routes as f64,
+                m.bytes_per_route
+            );
+        }
+        let (ours, bird, gobgp) = (&results[0].1, &results[1].1, &results[2].1);
+        println!(
+            "  ratios: cpu/route {:.2}x BIRD (goal <= 1.0), bytes/route {:.2}x BIRD (goal <= 1.0), wall {:.2}x BIRD (goal <= 1.1), wall {:.2}x GoBGP (goal <= 0.1)",
+            ours.cpu.as_secs_f64() / bird.cpu.as_secs_f64(),
+            ours.bytes_per_route / bird.bytes_per_route,
+            ours.wall.as_secs_f64() / bird.wall.as_secs_f64(),
+            ours.wall.as_secs_f64() / gobgp.wall.as_secs_f64(),
+        );
+    }
+}
