@@ -540,7 +540,7 @@ mod tests {
     async fn silent_peer_hits_the_hold_timer() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut cfg = SessionConfig::new(64512, 64512, Ipv4Addr::new(10, 0, 0, 1));
-        cfg.hold_time = 9;
+        cfg.hold_time = 10;
         let peer = PeerConfig {
             address: "127.0.0.1".parse().unwrap(),
             port: listener.local_addr().unwrap().port(),
@@ -571,7 +571,7 @@ mod tests {
         );
         loop {
             if let Some(SessionEvent::Established { negotiated, .. }) = events.recv().await {
-                assert_eq!(negotiated.hold_time, 9);
+                assert_eq!(negotiated.hold_time, 10);
                 break;
             }
         }
@@ -585,8 +585,8 @@ mod tests {
             }
         };
         assert_eq!(n, Notification::new(err::HOLD_TIMER_EXPIRED, 0, []));
-        assert_eq!(t0.elapsed().as_secs(), 9);
-        assert_eq!(keepalives, vec![3, 6]);
+        assert_eq!(t0.elapsed().as_secs(), 10);
+        assert_eq!(keepalives, vec![3, 6, 9]);
         loop {
             if let Some(SessionEvent::Down { reason, .. }) = events.recv().await {
                 assert_eq!(reason, DownReason::HoldTimerExpired);
