@@ -101,7 +101,8 @@ fn speaker_process(netns: &str, routes: usize) {
 }
 
 fn injector_conf(n: usize) -> String {
-    let mut s = format!("router id {INJ};\nprotocol device {{ }}\nprotocol static s {{\n  ipv4;\n");
+    let mut s =
+        format!("router id {INJ};\nprotocol device {{ }}\nprotocol static injected {{\n  ipv4;\n");
     for i in 0..n as u32 {
         let a = std::net::Ipv4Addr::from(0x1000_0000u32 + (i << 8));
         s += &format!("  route {a}/24 blackhole;\n");
@@ -109,7 +110,7 @@ fn injector_conf(n: usize) -> String {
     s += "}\n";
     for (name, peer) in [("r_ours", OURS), ("r_bird", BIRD), ("r_gobgp", GOBGP)] {
         s += &format!(
-            "protocol bgp {name} {{\n  disabled; local {INJ} as 64512; neighbor {peer} as 64513;\n  connect delay time 0; connect retry time 1;\n  ipv4 {{ import none; export where proto = \"s\"; }};\n}}\n"
+            "protocol bgp {name} {{\n  disabled; local {INJ} as 64512; neighbor {peer} as 64513;\n  connect delay time 0; connect retry time 1;\n  ipv4 {{ import none; export where proto = \"injected\"; }};\n}}\n"
         );
     }
     s
@@ -196,7 +197,7 @@ fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
     let load = Instant::now();
     let inj = bird(&inj_ns, &injector_conf(routes))?;
     let loaded = format!("Routes:         {routes} imported");
-    while !birdc(&inj, "show protocols all s").contains(&loaded) {
+    while !birdc(&inj, "show protocols all injected").contains(&loaded) {
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("injector loaded {routes} routes in {:?}", load.elapsed());
@@ -274,7 +275,10 @@ fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
         "r_gobgp",
         pid,
         routes,
-        || gobgp_cli(&gobgp_ns, &format!("neighbor {INJ}")).contains("BGP state:        established"),
+        || {
+            gobgp_cli(&gobgp_ns, &format!("neighbor {INJ}"))
+                .contains("BGP state:        established")
+        },
         || {
             // `gobgp neighbor` is cheap, but not free: ask every 100 ms.
             if last.elapsed() < Duration::from_millis(100) {

@@ -61,6 +61,8 @@ pub struct Rib {
     local: BTreeSet<IpNet>,
     local_path: Path,
     best: HashMap<IpNet, Path>,
+    /// How many best paths each peer provides (kept as best paths change).
+    best_count: HashMap<IpAddr, usize>,
 }
 
 /// Prefixes whose best path changed.
@@ -87,6 +89,7 @@ impl Rib {
                 stale: false,
             },
             best: HashMap::new(),
+            best_count: HashMap::new(),
         }
     }
 
@@ -227,10 +230,7 @@ impl Rib {
 
     /// Number of a peer's paths that are the best.
     pub fn accepted(&self, address: &IpAddr) -> usize {
-        self.best
-            .values()
-            .filter(|p| p.source == Source::Peer(*address))
-            .count()
+        self.best_count.get(address).copied().unwrap_or(0)
     }
 
     fn recompute_all(&mut self, prefixes: &Changed) -> Changed {
@@ -256,6 +256,24 @@ impl Rib {
             Some(b) => self.best.insert(*prefix, b.clone()),
             None => self.best.remove(prefix),
         };
+        let source = |p: &Option<Path>| match p {
+            Some(Path {
+                source: Source::Peer(a),
+                ..
+            }) => Some(*a),
+            _ => None,
+        };
+        let (was, is) = (source(&old), source(&best));
+        if was != is {
+            if let Some(a) = was
+                && let Some(n) = self.best_count.get_mut(&a)
+            {
+                *n = n.saturating_sub(1);
+            }
+            if let Some(a) = is {
+                *self.best_count.entry(a).or_default() += 1;
+            }
+        }
         old != best
     }
 
