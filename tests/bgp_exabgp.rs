@@ -7,10 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, ExportPolicy, PeerType};
+use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
 use calico_node::bgp::fsm::State;
 use common::NetNs;
-use common::bgp::{OurSpeaker, exabgp, link, wait_for};
+use common::bgp::{OurSpeaker, exabgp, link, pool_policy, wait_for};
 
 const US: &str = "10.99.0.1";
 const EXA: &str = "10.99.0.2";
@@ -28,10 +28,7 @@ fn malformed_updates_from_exabgp_follow_rfc_7606() {
     let mut peer = DesiredPeer::new(EXA.parse().unwrap(), 64512, PeerType::Global);
     peer.passive = true;
     cfg.peers = vec![peer];
-    cfg.policy = ExportPolicy {
-        allowed: vec!["10.244.0.0/16".parse().unwrap()],
-        denied: vec![],
-    };
+    cfg.policy = pool_policy();
     let mut us = OurSpeaker::start(&a, cfg);
     let conf = format!(
         r#"neighbor {US} {{

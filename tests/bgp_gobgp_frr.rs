@@ -6,10 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, ExportPolicy, PeerType};
+use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
 use calico_node::bgp::fsm::State;
 use common::NetNs;
-use common::bgp::{OurSpeaker, frr, gobgp, gobgp_cli, link, vtysh, wait_for};
+use common::bgp::{OurSpeaker, frr, gobgp, gobgp_cli, link, pool_policy, vtysh, wait_for};
 
 const US: &str = "10.99.0.1";
 const PEER: &str = "10.99.0.2";
@@ -20,10 +20,7 @@ fn our_conf(passive: bool) -> DesiredBgpConfig {
     peer.passive = passive;
     cfg.peers = vec![peer];
     cfg.export = vec!["10.244.1.0/26".parse().unwrap()];
-    cfg.policy = ExportPolicy {
-        allowed: vec!["10.244.0.0/16".parse().unwrap()],
-        denied: vec![],
-    };
+    cfg.policy = pool_policy();
     cfg
 }
 

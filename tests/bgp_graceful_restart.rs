@@ -7,9 +7,9 @@ mod common;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, ExportPolicy, PeerType};
+use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
 use common::NetNs;
-use common::bgp::{bird, birdc, gobgp, gobgp_cli, lan, wait_for};
+use common::bgp::{bird, birdc, gobgp, gobgp_cli, lan, pool_policy, wait_for};
 
 const US: &str = "10.99.0.1";
 const BIRD: &str = "10.99.0.2";
@@ -30,10 +30,7 @@ fn speaker_process() {
         PeerType::Global,
     )];
     cfg.export = vec!["10.244.1.0/26".parse().unwrap()];
-    cfg.policy = ExportPolicy {
-        allowed: vec!["10.244.0.0/16".parse().unwrap()],
-        denied: vec![],
-    };
+    cfg.policy = pool_policy();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -6,21 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, ExportPolicy, PeerType};
+use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
 use calico_node::bgp::fsm::State;
 use common::NetNs;
-use common::bgp::{OurSpeaker, bird, birdc, gobgp, gobgp_cli, lan, wait_for};
+use common::bgp::{OurSpeaker, bird, birdc, gobgp, gobgp_cli, lan, pool_policy, wait_for};
 
 const US: &str = "10.99.0.1";
 const BIRD: &str = "10.99.0.2";
 const GOBGP: &str = "10.99.0.3";
-
-fn policy() -> ExportPolicy {
-    ExportPolicy {
-        allowed: vec!["10.244.0.0/16".parse().unwrap()],
-        denied: vec![],
-    }
-}
 
 fn gobgp_conf(neighbor: &str) -> String {
     format!(
@@ -84,7 +77,7 @@ fn we_reflect_between_a_bird_client_and_a_gobgp_client() {
         peer.rr_client = true;
         cfg.peers.push(peer);
     }
-    cfg.policy = policy();
+    cfg.policy = pool_policy();
     let mut us = OurSpeaker::start(&us_ns, cfg);
     wait_for(Duration::from_secs(30), "both sessions", || {
         [BIRD, GOBGP]
@@ -157,7 +150,7 @@ fn we_are_a_client_of_a_reflecting_bird() {
         PeerType::Global,
     )];
     cfg.export = vec!["10.244.1.0/26".parse().unwrap()];
-    cfg.policy = policy();
+    cfg.policy = pool_policy();
     let mut us = OurSpeaker::start(&us_ns, cfg);
     // GoBGP's route, reflected by BIRD, with GoBGP's next hop; BIRD's own route too.
     wait_for(

@@ -337,3 +337,11 @@ pub fn exabgp(ns: &NetNs, config: &str) -> Option<Daemon> {
         .unwrap();
     Some(Daemon { child, dir })
 }
+
+/// The export policy of the tests: the pool 10.244.0.0/16, nothing denied.
+pub fn pool_policy() -> calico_node::bgp::config::ExportPolicy {
+    calico_node::bgp::config::ExportPolicy {
+        allowed: vec!["10.244.0.0/16".parse().unwrap()],
+        denied: vec![],
+    }
+}
