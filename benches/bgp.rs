@@ -66,7 +66,7 @@ fn speaker_process(netns: &str, routes: usize) {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let (felix, mut updates) = tokio::sync::mpsc::channel(4096);
+        let (felix, mut updates) = tokio::sync::mpsc::channel(64);
         let (status_tx, mut status) = tokio::sync::watch::channel(Vec::new());
         let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(cfg.clone());
         let speaker = calico_node::bgp::speaker::Speaker::new(cfg, felix, status_tx);
@@ -88,12 +88,14 @@ fn speaker_process(netns: &str, routes: usize) {
             }
         });
         let mut have = 0usize;
-        while let Some(u) = updates.recv().await {
-            if let RouteUpdate::Best(_) = u {
-                have += 1;
-                if have == routes {
-                    println!("DONE");
-                    let _ = std::io::stdout().flush();
+        while let Some(batch) = updates.recv().await {
+            for u in batch {
+                if let RouteUpdate::Best(_) = u {
+                    have += 1;
+                    if have == routes {
+                        println!("DONE");
+                        let _ = std::io::stdout().flush();
+                    }
                 }
             }
         }

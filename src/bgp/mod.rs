@@ -31,7 +31,8 @@ pub struct LearnedRoute {
     pub next_hop: IpAddr,
 }
 
-/// What the speaker sends to Felix (bounded mpsc).
+/// What the speaker sends to Felix (bounded mpsc, in batches: one `Vec` per UPDATE or
+/// change of configuration).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteUpdate {
     /// Install or replace the route for `prefix`.

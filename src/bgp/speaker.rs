@@ -6,7 +6,7 @@
 //!
 //! Channels:
 //! ```text
-//! confd --watch DesiredBgpConfig--> speaker --mpsc RouteUpdate--> felix
+//! confd --watch DesiredBgpConfig--> speaker --mpsc Vec<RouteUpdate>--> felix
 //!                                   |   ^
 //!                  SessionCmd (mpsc)|   | SessionEvent (mpsc, shared by all sessions)
 //!                                   v   |
@@ -29,7 +29,7 @@ use super::fsm::{DownReason, Negotiated, SessionConfig, State};
 use super::message::{
     Family, GracefulRestart, IPV4_UNICAST, IPV6_UNICAST, RouteRefresh, err, kind,
 };
-use super::rib::{Changed, PeerInfo, Rib, Source};
+use super::rib::{Changed, PeerInfo, PrefixMap, Rib, Source};
 use super::session::{PeerConfig, SessionCmd, SessionEvent, spawn};
 use super::sockopt;
 use super::update::{Attributes, MpReach, MpUnreach, Update};
@@ -66,7 +66,7 @@ struct Peer {
     task: tokio::task::JoinHandle<()>,
     status: PeerStatus,
     negotiated: Option<Negotiated>,
-    adj_out: HashMap<IpNet, Sent>,
+    adj_out: PrefixMap<Sent>,
     /// Stale routes are dropped at this time (a restarting peer's window).
     stale_until: Option<Instant>,
     end_of_rib: bool,
@@ -80,8 +80,8 @@ pub struct Speaker {
     listener: Option<TcpListener>,
     events_tx: mpsc::Sender<SessionEvent>,
     events: mpsc::Receiver<SessionEvent>,
-    felix: mpsc::Sender<RouteUpdate>,
-    felix_has: HashMap<IpNet, IpAddr>,
+    felix: mpsc::Sender<Vec<RouteUpdate>>,
+    felix_has: PrefixMap<IpAddr>,
     status: watch::Sender<Vec<PeerStatus>>,
     started: Instant,
     in_sync_sent: bool,
@@ -125,7 +125,7 @@ fn peer_config(cfg: &DesiredBgpConfig, p: &DesiredPeer) -> PeerConfig {
 impl Speaker {
     pub fn new(
         cfg: DesiredBgpConfig,
-        felix: mpsc::Sender<RouteUpdate>,
+        felix: mpsc::Sender<Vec<RouteUpdate>>,
         status: watch::Sender<Vec<PeerStatus>>,
     ) -> Speaker {
         let (events_tx, events) = mpsc::channel(1024);
@@ -137,7 +137,7 @@ impl Speaker {
             events_tx,
             events,
             felix,
-            felix_has: HashMap::new(),
+            felix_has: PrefixMap::default(),
             status,
             started: Instant::now(),
             in_sync_sent: false,
@@ -238,7 +238,7 @@ impl Speaker {
                 task,
                 status,
                 negotiated: None,
-                adj_out: HashMap::new(),
+                adj_out: PrefixMap::default(),
                 stale_until: None,
                 end_of_rib: false,
             },
@@ -460,6 +460,7 @@ impl Speaker {
         if changed.is_empty() {
             return;
         }
+        let mut batch = Vec::new();
         for prefix in changed {
             let learned = self.rib.best(prefix).and_then(|b| match b.source {
                 Source::Peer(_) => b.next_hop,
@@ -480,9 +481,10 @@ impl Speaker {
                 }
                 (None, None) => None,
             };
-            if let Some(u) = update {
-                let _ = self.felix.send(u).await;
-            }
+            batch.extend(update);
+        }
+        if !batch.is_empty() {
+            let _ = self.felix.send(batch).await;
         }
         let established: Vec<IpAddr> = self
             .peers
@@ -562,8 +564,13 @@ impl Speaker {
     }
 
     async fn felix_withdraw_all(&mut self) {
-        for (prefix, _) in self.felix_has.drain() {
-            let _ = self.felix.send(RouteUpdate::Withdrawn(prefix)).await;
+        let batch: Vec<RouteUpdate> = self
+            .felix_has
+            .drain()
+            .map(|(prefix, _)| RouteUpdate::Withdrawn(prefix))
+            .collect();
+        if !batch.is_empty() {
+            let _ = self.felix.send(batch).await;
         }
     }
 
@@ -592,7 +599,7 @@ impl Speaker {
                 || self.peers.values().all(|p| p.end_of_rib))
         {
             self.in_sync_sent = true;
-            let _ = self.felix.send(RouteUpdate::InSync).await;
+            let _ = self.felix.send(vec![RouteUpdate::InSync]).await;
         }
         self.publish();
     }

@@ -45,7 +45,7 @@ pub fn lan(members: &[(&NetNs, &str)]) {
 /// Our speaker running on its own thread inside a namespace.
 pub struct OurSpeaker {
     pub config: watch::Sender<DesiredBgpConfig>,
-    pub felix: mpsc::Receiver<RouteUpdate>,
+    pub felix: mpsc::Receiver<Vec<RouteUpdate>>,
     pub status: watch::Receiver<Vec<PeerStatus>>,
     cancel: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -56,7 +56,7 @@ pub struct OurSpeaker {
 impl OurSpeaker {
     pub fn start(ns: &NetNs, cfg: DesiredBgpConfig) -> OurSpeaker {
         let (config, config_rx) = watch::channel(cfg.clone());
-        let (felix_tx, felix) = mpsc::channel(100_000);
+        let (felix_tx, felix) = mpsc::channel(10_000);
         let (status_tx, status) = watch::channel(Vec::new());
         let cancel = CancellationToken::new();
         let path = format!("/run/netns/{}", ns.name);
@@ -93,8 +93,8 @@ impl OurSpeaker {
 
     /// Drain Felix's channel; the best routes it holds now.
     pub fn routes(&mut self) -> Vec<(String, String)> {
-        while let Ok(u) = self.felix.try_recv() {
-            self.seen.push(u);
+        while let Ok(batch) = self.felix.try_recv() {
+            self.seen.extend(batch);
         }
         let mut have = std::collections::BTreeMap::new();
         for u in &self.seen {
