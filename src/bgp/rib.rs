@@ -80,21 +80,47 @@ pub enum Source {
     Peer(IpAddr),
 }
 
-/// One path to a prefix.
+/// What the routes of one UPDATE share: their attributes and next hop (one allocation
+/// for all the prefixes of the message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteAttrs {
+    pub attrs: Attributes,
+    pub next_hop: Option<IpAddr>,
+}
+
+/// One path to a prefix, as the decision process and the exports see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Path {
-    pub attrs: Arc<Attributes>,
-    pub next_hop: Option<IpAddr>,
+    pub route: Arc<RouteAttrs>,
     pub source: Source,
     /// Kept for a restarting peer (RFC 4724) until it re-sends it or its time is up.
     pub stale: bool,
 }
 
+impl Path {
+    pub fn next_hop(&self) -> Option<IpAddr> {
+        self.route.next_hop
+    }
+}
+
+/// A stored path: its source is the table it sits in (16 bytes).
+#[derive(Debug, Clone)]
+struct Stored {
+    route: Arc<RouteAttrs>,
+    stale: bool,
+}
+
 #[derive(Debug)]
 struct PeerRoutes {
     info: PeerInfo,
-    paths: PrefixMap<Path>,
+    /// This peer's number in `best` (0 is the local origin).
+    slot: u16,
+    paths: PrefixMap<Stored>,
 }
+
+/// A change of what the forwarding table should hold for a prefix: the learned next
+/// hop before and after (None: no learned route).
+pub type ForwardingChange = (IpNet, Option<IpAddr>, Option<IpAddr>);
 
 /// The routing table.
 #[derive(Debug)]
@@ -104,17 +130,22 @@ pub struct Rib {
     /// Set when we are a route reflector.
     pub cluster_id: Option<Ipv4Addr>,
     peers: HashMap<IpAddr, PeerRoutes>,
+    /// Peer address of each slot.
+    slots: Vec<Option<IpAddr>>,
     local: BTreeSet<IpNet>,
-    local_path: Path,
-    best: PrefixMap<Path>,
+    local_route: Arc<RouteAttrs>,
+    /// The winner of each prefix, by slot.
+    best: PrefixMap<u16>,
     /// How many best paths each peer provides (kept as best paths change).
     best_count: HashMap<IpAddr, usize>,
+    forwarding: Vec<ForwardingChange>,
 }
 
 /// Prefixes whose best path changed.
 pub type Changed = BTreeSet<IpNet>;
 
 const DEFAULT_LOCAL_PREF: u32 = 100;
+const LOCAL_SLOT: u16 = 0;
 
 impl Rib {
     pub fn new(local_as: u32, router_id: Ipv4Addr, cluster_id: Option<Ipv4Addr>) -> Rib {
@@ -123,19 +154,19 @@ impl Rib {
             router_id,
             cluster_id,
             peers: HashMap::new(),
+            slots: vec![None],
             local: BTreeSet::new(),
-            local_path: Path {
-                attrs: Arc::new(Attributes {
+            local_route: Arc::new(RouteAttrs {
+                attrs: Attributes {
                     origin: Some(Origin::Igp),
                     as_path: Some(AsPath::default()),
                     ..Default::default()
-                }),
+                },
                 next_hop: None,
-                source: Source::Local,
-                stale: false,
-            },
+            }),
             best: PrefixMap::default(),
             best_count: HashMap::new(),
+            forwarding: Vec::new(),
         }
     }
 
@@ -144,10 +175,19 @@ impl Rib {
         match self.peers.get_mut(&info.address) {
             Some(p) => p.info = info,
             None => {
+                let slot = match self.slots.iter().skip(1).position(Option::is_none) {
+                    Some(i) => i + 1,
+                    None => {
+                        self.slots.push(None);
+                        self.slots.len() - 1
+                    }
+                };
+                self.slots[slot] = Some(info.address);
                 self.peers.insert(
                     info.address,
                     PeerRoutes {
                         info,
+                        slot: slot as u16,
                         paths: PrefixMap::default(),
                     },
                 );
@@ -168,8 +208,10 @@ impl Rib {
         let Some(p) = self.peers.remove(address) else {
             return Changed::new();
         };
+        self.slots[usize::from(p.slot)] = None;
+        self.best_count.remove(address);
         let changed: Changed = p.paths.keys().copied().collect();
-        self.recompute_all(&changed)
+        self.recompute_all(&changed, Some((p.slot, &p.paths)))
     }
 
     /// Keep a restarting peer's routes, marked stale (RFC 4724 §4.2).
@@ -181,7 +223,7 @@ impl Rib {
             path.stale = true;
         }
         let all: Changed = p.paths.keys().copied().collect();
-        self.recompute_all(&all)
+        self.recompute_all(&all, None)
     }
 
     /// Drop a peer's routes that are still stale (its End-of-RIB came, or its time is up).
@@ -189,16 +231,16 @@ impl Rib {
         let Some(p) = self.peers.get_mut(address) else {
             return Changed::new();
         };
-        let gone: Changed = p
-            .paths
-            .iter()
-            .filter(|(_, path)| path.stale)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in &gone {
-            p.paths.remove(k);
-        }
-        self.recompute_all(&gone)
+        let mut gone = PrefixMap::default();
+        p.paths.retain(|k, path| {
+            if path.stale {
+                gone.insert(*k, path.clone());
+            }
+            !path.stale
+        });
+        let slot = p.slot;
+        let changed: Changed = gone.keys().copied().collect();
+        self.recompute_all(&changed, Some((slot, &gone)))
     }
 
     /// Replace the prefixes this node originates.
@@ -206,7 +248,7 @@ impl Rib {
         let new: BTreeSet<IpNet> = prefixes.into_iter().collect();
         let changed: Changed = new.symmetric_difference(&self.local).copied().collect();
         self.local = new;
-        self.recompute_all(&changed)
+        self.recompute_all(&changed, None)
     }
 
     /// Apply a peer's UPDATE (RFC 7606 treat-as-withdraw included). Routes failing the
@@ -230,39 +272,92 @@ impl Rib {
             withdrawn.append(&mut announced);
         }
         let mut changed = Changed::new();
+        let mut removed = PrefixMap::default();
         for w in withdrawn {
-            if p.paths.remove(&w).is_some() {
+            if let Some(old) = p.paths.remove(&w) {
+                removed.insert(w, old);
                 changed.insert(w);
             }
         }
         if !announced.is_empty() {
-            let attrs = Arc::new(u.attrs.clone());
             let v6_nh = u
                 .mp_reach
                 .as_ref()
                 .and_then(|m| m.next_hops.first().copied());
+            let v4 = Arc::new(RouteAttrs {
+                attrs: u.attrs.clone(),
+                next_hop: u.attrs.next_hop.map(IpAddr::V4),
+            });
+            let v6 = Arc::new(RouteAttrs {
+                attrs: u.attrs.clone(),
+                next_hop: v6_nh,
+            });
             for prefix in announced {
-                let next_hop = match prefix {
-                    IpNet::V4(_) => u.attrs.next_hop.map(IpAddr::V4),
-                    IpNet::V6(_) => v6_nh,
+                let route = match prefix {
+                    IpNet::V4(_) => v4.clone(),
+                    IpNet::V6(_) => v6.clone(),
                 };
-                p.paths.insert(
+                if let Some(old) = p.paths.insert(
                     prefix,
-                    Path {
-                        attrs: attrs.clone(),
-                        next_hop,
-                        source: Source::Peer(*from),
+                    Stored {
+                        route,
                         stale: false,
                     },
-                );
+                ) {
+                    // What it replaced is what the old best may have been.
+                    removed.insert(prefix, old);
+                }
                 changed.insert(prefix);
             }
         }
-        self.recompute_all(&changed)
+        let slot = p.slot;
+        self.recompute_all(&changed, Some((slot, &removed)))
     }
 
-    pub fn best(&self, prefix: &IpNet) -> Option<&Path> {
-        self.best.get(prefix)
+    /// The forwarding changes since the last call (learned best routes, for Felix).
+    pub fn take_forwarding_changes(&mut self) -> Vec<ForwardingChange> {
+        std::mem::take(&mut self.forwarding)
+    }
+
+    /// The best path of a prefix.
+    pub fn best(&self, prefix: &IpNet) -> Option<Path> {
+        let slot = *self.best.get(prefix)?;
+        self.path_of(slot, prefix)
+    }
+
+    fn path_of(&self, slot: u16, prefix: &IpNet) -> Option<Path> {
+        if slot == LOCAL_SLOT {
+            return Some(Path {
+                route: self.local_route.clone(),
+                source: Source::Local,
+                stale: false,
+            });
+        }
+        let addr = self.slots.get(usize::from(slot)).copied().flatten()?;
+        let stored = self.peers.get(&addr)?.paths.get(prefix)?;
+        Some(Path {
+            route: stored.route.clone(),
+            source: Source::Peer(addr),
+            stale: stored.stale,
+        })
+    }
+
+    /// The learned next hop the forwarding table should use for a prefix.
+    fn learned_next_hop(
+        &self,
+        slot: Option<u16>,
+        prefix: &IpNet,
+        gone: Option<(u16, &PrefixMap<Stored>)>,
+    ) -> Option<IpAddr> {
+        let slot = slot.filter(|s| *s != LOCAL_SLOT)?;
+        if let Some((gs, paths)) = gone
+            && gs == slot
+            && let Some(p) = paths.get(prefix)
+        {
+            return p.route.next_hop;
+        }
+        let addr = self.slots.get(usize::from(slot)).copied().flatten()?;
+        self.peers.get(&addr)?.paths.get(prefix)?.route.next_hop
     }
 
     pub fn best_prefixes(&self) -> impl Iterator<Item = &IpNet> {
@@ -279,38 +374,71 @@ impl Rib {
         self.best_count.get(address).copied().unwrap_or(0)
     }
 
-    fn recompute_all(&mut self, prefixes: &Changed) -> Changed {
-        prefixes
-            .iter()
-            .filter(|p| self.recompute(p))
-            .copied()
-            .collect()
+    /// Re-run the decision for `prefixes`. `gone` holds paths just removed from a slot
+    /// (what the forwarding table had may have been one of them).
+    fn recompute_all(
+        &mut self,
+        prefixes: &Changed,
+        gone: Option<(u16, &PrefixMap<Stored>)>,
+    ) -> Changed {
+        let mut changed = Changed::new();
+        for p in prefixes {
+            if self.recompute(p, gone) {
+                changed.insert(*p);
+            }
+        }
+        changed
     }
 
     /// Re-run the decision for one prefix; true when its best path changed.
-    fn recompute(&mut self, prefix: &IpNet) -> bool {
-        let mut best: Option<&Path> = self.local.contains(prefix).then_some(&self.local_path);
-        for p in self.peers.values() {
-            if let Some(path) = p.paths.get(prefix)
-                && best.is_none_or(|b| self.compare(path, b) == Ordering::Less)
+    fn recompute(&mut self, prefix: &IpNet, gone: Option<(u16, &PrefixMap<Stored>)>) -> bool {
+        let old_slot = self.best.get(prefix).copied();
+        let old_nh = self.learned_next_hop(old_slot, prefix, gone);
+        let old_path = old_slot.and_then(|s| {
+            if let Some((gs, paths)) = gone
+                && gs == s
             {
-                best = Some(path);
+                let st = paths.get(prefix)?;
+                return Some((st.route.clone(), st.stale));
+            }
+            self.path_of(s, prefix).map(|p| (p.route, p.stale))
+        });
+        let mut best: Option<Path> = self.local.contains(prefix).then(|| Path {
+            route: self.local_route.clone(),
+            source: Source::Local,
+            stale: false,
+        });
+        let mut best_slot = best.as_ref().map(|_| LOCAL_SLOT);
+        for p in self.peers.values() {
+            if let Some(st) = p.paths.get(prefix) {
+                let path = Path {
+                    route: st.route.clone(),
+                    source: Source::Peer(p.info.address),
+                    stale: st.stale,
+                };
+                if best
+                    .as_ref()
+                    .is_none_or(|b| self.compare(&path, b) == Ordering::Less)
+                {
+                    best = Some(path);
+                    best_slot = Some(p.slot);
+                }
             }
         }
-        let best = best.cloned();
-        let old = match &best {
-            Some(b) => self.best.insert(*prefix, b.clone()),
-            None => self.best.remove(prefix),
+        match best_slot {
+            Some(s) => {
+                self.best.insert(*prefix, s);
+            }
+            None => {
+                self.best.remove(prefix);
+            }
+        }
+        let addr_of = |s: Option<u16>| {
+            s.filter(|s| *s != LOCAL_SLOT)
+                .and_then(|s| self.slots.get(usize::from(s)).copied().flatten())
         };
-        let source = |p: &Option<Path>| match p {
-            Some(Path {
-                source: Source::Peer(a),
-                ..
-            }) => Some(*a),
-            _ => None,
-        };
-        let (was, is) = (source(&old), source(&best));
-        if was != is {
+        let (was, is) = (addr_of(old_slot), addr_of(best_slot));
+        if old_slot != best_slot {
             if let Some(a) = was
                 && let Some(n) = self.best_count.get_mut(&a)
             {
@@ -320,28 +448,33 @@ impl Rib {
                 *self.best_count.entry(a).or_default() += 1;
             }
         }
-        old != best
-    }
-
-    fn info_of(&self, s: &Source) -> Option<&PeerInfo> {
-        match s {
-            Source::Local => None,
-            Source::Peer(a) => self.peers.get(a).map(|p| &p.info),
+        let new_nh = best
+            .as_ref()
+            .filter(|b| b.source != Source::Local)
+            .and_then(Path::next_hop);
+        if old_nh != new_nh {
+            self.forwarding.push((*prefix, old_nh, new_nh));
         }
+        let new_path = best.map(|b| (b.route, b.stale));
+        old_slot != best_slot || old_path != new_path
     }
 
     /// Less = `a` is preferred (RFC 4271 §9.1.2.2, RFC 4456 §9).
     pub fn compare(&self, a: &Path, b: &Path) -> Ordering {
         let local = |p: &Path| p.source == Source::Local;
-        let (ia, ib) = (self.info_of(&a.source), self.info_of(&b.source));
-        let lp = |p: &Path| p.attrs.local_pref.unwrap_or(DEFAULT_LOCAL_PREF);
-        let plen = |p: &Path| p.attrs.as_path.as_ref().map_or(0, AsPath::path_len);
-        let origin = |p: &Path| p.attrs.origin.unwrap_or(Origin::Incomplete);
+        let info = |p: &Path| match &p.source {
+            Source::Local => None,
+            Source::Peer(addr) => self.peers.get(addr).map(|p| &p.info),
+        };
+        let (ia, ib) = (info(a), info(b));
+        let (aa, ba) = (&a.route.attrs, &b.route.attrs);
+        let lp = |x: &Attributes| x.local_pref.unwrap_or(DEFAULT_LOCAL_PREF);
+        let plen = |x: &Attributes| x.as_path.as_ref().map_or(0, AsPath::path_len);
+        let origin = |x: &Attributes| x.origin.unwrap_or(Origin::Incomplete);
         let ibgp = |i: Option<&PeerInfo>| i.is_some_and(|i| i.ibgp);
-        let id = |p: &Path, i: Option<&PeerInfo>| {
+        let id = |x: &Attributes, i: Option<&PeerInfo>| {
             u32::from(
-                p.attrs
-                    .originator_id
+                x.originator_id
                     .or(i.map(|i| i.router_id))
                     .unwrap_or(Ipv4Addr::UNSPECIFIED),
             )
@@ -349,24 +482,24 @@ impl Rib {
         local(b)
             .cmp(&local(a))
             .then(a.stale.cmp(&b.stale))
-            .then(lp(b).cmp(&lp(a)))
-            .then(plen(a).cmp(&plen(b)))
-            .then(origin(a).cmp(&origin(b)))
+            .then(lp(ba).cmp(&lp(aa)))
+            .then(plen(aa).cmp(&plen(ba)))
+            .then(origin(aa).cmp(&origin(ba)))
             .then_with(|| {
                 // MED only between routes from the same neighbouring AS.
                 let (fa, fb) = (
-                    a.attrs.as_path.as_ref().and_then(AsPath::first_as),
-                    b.attrs.as_path.as_ref().and_then(AsPath::first_as),
+                    aa.as_path.as_ref().and_then(AsPath::first_as),
+                    ba.as_path.as_ref().and_then(AsPath::first_as),
                 );
                 if fa == fb {
-                    a.attrs.med.unwrap_or(0).cmp(&b.attrs.med.unwrap_or(0))
+                    aa.med.unwrap_or(0).cmp(&ba.med.unwrap_or(0))
                 } else {
                     Ordering::Equal
                 }
             })
             .then(ibgp(ia).cmp(&ibgp(ib)))
-            .then(id(a, ia).cmp(&id(b, ib)))
-            .then(a.attrs.cluster_list.len().cmp(&b.attrs.cluster_list.len()))
+            .then(id(aa, ia).cmp(&id(ba, ib)))
+            .then(aa.cluster_list.len().cmp(&ba.cluster_list.len()))
             .then_with(|| match (&a.source, &b.source) {
                 (Source::Peer(x), Source::Peer(y)) => x.cmp(y),
                 _ => Ordering::Equal,
@@ -382,17 +515,17 @@ impl Rib {
         policy: &ExportPolicy,
         ipv6_next_hop: Option<Ipv6Addr>,
     ) -> Option<(Attributes, IpAddr)> {
-        let best = self.best.get(prefix)?;
         if !policy.permits(prefix) {
             return None;
         }
+        let best = self.best(prefix)?;
         let self_hop = match (prefix, to.local_address) {
             (IpNet::V4(_), IpAddr::V4(a)) => Some(IpAddr::V4(a)),
             (IpNet::V6(_), IpAddr::V6(a)) => Some(IpAddr::V6(a)),
             (IpNet::V6(_), _) => ipv6_next_hop.map(IpAddr::V6),
             _ => None,
         };
-        let mut attrs = (*best.attrs).clone();
+        let mut attrs = best.route.attrs.clone();
         let next_hop = match &best.source {
             Source::Local => self_hop?,
             Source::Peer(src) => {
@@ -407,9 +540,9 @@ impl Rib {
                     }
                     attrs.originator_id.get_or_insert(from.router_id);
                     attrs.cluster_list.insert(0, cluster);
-                    best.next_hop?
+                    best.next_hop()?
                 } else if to.ibgp && to.keep_next_hop {
-                    best.next_hop?
+                    best.next_hop()?
                 } else {
                     self_hop?
                 }

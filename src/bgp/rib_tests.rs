@@ -419,3 +419,55 @@ fn prefix_hasher_spreads_sequential_prefixes() {
     }
     assert!(used.len() > 40_000, "{} of 65536 slots", used.len());
 }
+
+/// What Felix is told: a learned best route, its next hop changing when the peer
+/// re-announces, nothing when a stale mark comes and goes, a withdrawal when our own
+/// block takes over and when the route goes.
+#[test]
+fn forwarding_changes_follow_the_learned_best_route() {
+    let mut rib = Rib::new(LOCAL_AS, US, None);
+    rib.peer_up(peer("10.99.0.2", LOCAL_AS, false));
+    let p = net("10.244.1.0/26");
+    rib.apply_update(
+        &ip("10.99.0.2"),
+        &announce("10.244.1.0/26", "10.99.0.2", |_| {}),
+    );
+    assert_eq!(
+        rib.take_forwarding_changes(),
+        vec![(p, None, Some(ip("10.99.0.2")))]
+    );
+    let changed = rib.apply_update(
+        &ip("10.99.0.2"),
+        &announce("10.244.1.0/26", "10.99.0.9", |_| {}),
+    );
+    assert_eq!(changed.len(), 1, "a new next hop is a change");
+    assert_eq!(
+        rib.take_forwarding_changes(),
+        vec![(p, Some(ip("10.99.0.2")), Some(ip("10.99.0.9")))]
+    );
+    rib.mark_stale(&ip("10.99.0.2"));
+    rib.apply_update(
+        &ip("10.99.0.2"),
+        &announce("10.244.1.0/26", "10.99.0.9", |_| {}),
+    );
+    assert_eq!(rib.sweep_stale(&ip("10.99.0.2")), Changed::new());
+    assert_eq!(rib.take_forwarding_changes(), vec![]);
+    rib.set_local([p]);
+    assert_eq!(
+        rib.take_forwarding_changes(),
+        vec![(p, Some(ip("10.99.0.9")), None)]
+    );
+    rib.set_local([]);
+    assert_eq!(
+        rib.take_forwarding_changes(),
+        vec![(p, None, Some(ip("10.99.0.9")))]
+    );
+    assert_eq!(rib.accepted(&ip("10.99.0.2")), 1);
+    rib.peer_down(&ip("10.99.0.2"));
+    assert_eq!(
+        rib.take_forwarding_changes(),
+        vec![(p, Some(ip("10.99.0.9")), None)]
+    );
+    assert!(rib.best(&p).is_none());
+    assert_eq!(rib.accepted(&ip("10.99.0.2")), 0);
+}

@@ -81,7 +81,6 @@ pub struct Speaker {
     events_tx: mpsc::Sender<SessionEvent>,
     events: mpsc::Receiver<SessionEvent>,
     felix: mpsc::Sender<Vec<RouteUpdate>>,
-    felix_has: PrefixMap<IpAddr>,
     status: watch::Sender<Vec<PeerStatus>>,
     started: Instant,
     in_sync_sent: bool,
@@ -137,7 +136,6 @@ impl Speaker {
             events_tx,
             events,
             felix,
-            felix_has: PrefixMap::default(),
             status,
             started: Instant::now(),
             in_sync_sent: false,
@@ -263,8 +261,11 @@ impl Speaker {
             for a in all {
                 self.remove_peer(&a, err::OTHER_CONFIG_CHANGE).await;
             }
-            self.rib = Rib::new(new.local_as.0, new.router_id, new.cluster_id);
-            self.felix_withdraw_all().await;
+            let old = std::mem::replace(
+                &mut self.rib,
+                Rib::new(new.local_as.0, new.router_id, new.cluster_id),
+            );
+            self.felix_withdraw_all(&old).await;
         }
         let old = std::mem::replace(&mut self.cfg, new.clone());
         let passwords = |c: &DesiredBgpConfig| -> Vec<(IpAddr, Option<String>)> {
@@ -460,29 +461,15 @@ impl Speaker {
         if changed.is_empty() {
             return;
         }
-        let mut batch = Vec::new();
-        for prefix in changed {
-            let learned = self.rib.best(prefix).and_then(|b| match b.source {
-                Source::Peer(_) => b.next_hop,
-                Source::Local => None,
-            });
-            let update = match (learned, self.felix_has.get(prefix)) {
-                (Some(nh), Some(old)) if *old == nh => None,
-                (Some(nh), _) => {
-                    self.felix_has.insert(*prefix, nh);
-                    Some(RouteUpdate::Best(LearnedRoute {
-                        prefix: *prefix,
-                        next_hop: nh,
-                    }))
-                }
-                (None, Some(_)) => {
-                    self.felix_has.remove(prefix);
-                    Some(RouteUpdate::Withdrawn(*prefix))
-                }
-                (None, None) => None,
-            };
-            batch.extend(update);
-        }
+        let batch: Vec<RouteUpdate> = self
+            .rib
+            .take_forwarding_changes()
+            .into_iter()
+            .map(|(prefix, _, now)| match now {
+                Some(next_hop) => RouteUpdate::Best(LearnedRoute { prefix, next_hop }),
+                None => RouteUpdate::Withdrawn(prefix),
+            })
+            .collect();
         if !batch.is_empty() {
             let _ = self.felix.send(batch).await;
         }
@@ -563,11 +550,12 @@ impl Speaker {
         }
     }
 
-    async fn felix_withdraw_all(&mut self) {
-        let batch: Vec<RouteUpdate> = self
-            .felix_has
-            .drain()
-            .map(|(prefix, _)| RouteUpdate::Withdrawn(prefix))
+    /// Tell Felix to forget every learned route (the RIB is being replaced).
+    async fn felix_withdraw_all(&mut self, old: &Rib) {
+        let batch: Vec<RouteUpdate> = old
+            .best_prefixes()
+            .filter(|p| old.best(p).is_some_and(|b| b.source != Source::Local))
+            .map(|p| RouteUpdate::Withdrawn(*p))
             .collect();
         if !batch.is_empty() {
             let _ = self.felix.send(batch).await;
