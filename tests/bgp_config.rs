@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
 use calico_node::bgp::fsm::State;
-use common::NetNs;
-use common::bgp::{OurSpeaker, bird, birdc, gobgp, lan, pool_policy, wait_for};
+use common::bgp::{OurSpeaker, bird, birdc, gobgp, pool_policy, wait_for};
 
 const US: &str = "10.99.0.1";
 const BIRD: &str = "10.99.0.2";
@@ -30,16 +29,9 @@ fn conf(peers: &[&str], bird_hold: u16) -> DesiredBgpConfig {
 
 #[test]
 fn peers_change_without_disturbing_the_others() {
-    let Some(us_ns) = NetNs::new("bgp-us") else {
+    let Some((us_ns, bird_ns, gobgp_ns)) = common::bgp::us_bird_gobgp_lan() else {
         return;
     };
-    let Some(bird_ns) = NetNs::new("bgp-bird") else {
-        return;
-    };
-    let Some(gobgp_ns) = NetNs::new("bgp-gobgp") else {
-        return;
-    };
-    lan(&[(&us_ns, US), (&bird_ns, BIRD), (&gobgp_ns, GOBGP)]);
     let Some(b) = bird(
         &bird_ns,
         &format!(

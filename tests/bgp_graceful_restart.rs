@@ -8,8 +8,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
-use common::NetNs;
-use common::bgp::{bird, birdc, gobgp, gobgp_cli, lan, pool_policy, wait_for};
+use common::bgp::{bird, birdc, gobgp, gobgp_cli, pool_policy, wait_for};
 
 const US: &str = "10.99.0.1";
 const BIRD: &str = "10.99.0.2";
@@ -48,7 +47,7 @@ fn speaker_process() {
     });
 }
 
-fn start_speaker(ns: &NetNs) -> Child {
+fn start_speaker(ns: &common::NetNs) -> Child {
     std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "speaker_process", "--nocapture"])
         .env("CALICO_TEST_SPEAKER_NETNS", &ns.name)
@@ -60,16 +59,9 @@ fn start_speaker(ns: &NetNs) -> Child {
 
 #[test]
 fn graceful_restart_keeps_our_routes_across_a_kill() {
-    let Some(us_ns) = NetNs::new("bgp-us") else {
+    let Some((us_ns, bird_ns, gobgp_ns)) = common::bgp::us_bird_gobgp_lan() else {
         return;
     };
-    let Some(bird_ns) = NetNs::new("bgp-bird") else {
-        return;
-    };
-    let Some(gobgp_ns) = NetNs::new("bgp-gobgp") else {
-        return;
-    };
-    lan(&[(&us_ns, US), (&bird_ns, BIRD), (&gobgp_ns, GOBGP)]);
     let conf = format!(
         r#"router id {BIRD};
 protocol device {{ }}

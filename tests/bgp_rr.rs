@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
 use calico_node::bgp::fsm::State;
-use common::NetNs;
-use common::bgp::{OurSpeaker, bird, birdc, gobgp, gobgp_cli, lan, pool_policy, wait_for};
+use common::bgp::{OurSpeaker, bird, birdc, gobgp, gobgp_cli, pool_policy, wait_for};
 
 const US: &str = "10.99.0.1";
 const BIRD: &str = "10.99.0.2";
@@ -53,16 +52,9 @@ fn bird_conf(neighbors: &[(&str, bool)]) -> String {
 
 #[test]
 fn we_reflect_between_a_bird_client_and_a_gobgp_client() {
-    let Some(us_ns) = NetNs::new("bgp-us") else {
+    let Some((us_ns, bird_ns, gobgp_ns)) = common::bgp::us_bird_gobgp_lan() else {
         return;
     };
-    let Some(bird_ns) = NetNs::new("bgp-bird") else {
-        return;
-    };
-    let Some(gobgp_ns) = NetNs::new("bgp-gobgp") else {
-        return;
-    };
-    lan(&[(&us_ns, US), (&bird_ns, BIRD), (&gobgp_ns, GOBGP)]);
     let Some(b) = bird(&bird_ns, &bird_conf(&[(US, false)])) else {
         return;
     };
@@ -126,16 +118,9 @@ fn we_reflect_between_a_bird_client_and_a_gobgp_client() {
 
 #[test]
 fn we_are_a_client_of_a_reflecting_bird() {
-    let Some(us_ns) = NetNs::new("bgp-us") else {
+    let Some((us_ns, bird_ns, gobgp_ns)) = common::bgp::us_bird_gobgp_lan() else {
         return;
     };
-    let Some(bird_ns) = NetNs::new("bgp-bird") else {
-        return;
-    };
-    let Some(gobgp_ns) = NetNs::new("bgp-gobgp") else {
-        return;
-    };
-    lan(&[(&us_ns, US), (&bird_ns, BIRD), (&gobgp_ns, GOBGP)]);
     let Some(b) = bird(&bird_ns, &bird_conf(&[(US, true), (GOBGP, true)])) else {
         return;
     };

@@ -44,6 +44,17 @@ fn closed(out: &[Output], conn: ConnId) -> bool {
     out.contains(&Output::Close { conn })
 }
 
+/// Started, with connection 1 (outgoing) up and our OPEN sent.
+fn connected(cfg: SessionConfig) -> Session {
+    let mut s = Session::new(cfg);
+    s.handle(Input::Start);
+    s.handle(Input::Connected {
+        conn: 1,
+        dir: Direction::Outgoing,
+    });
+    s
+}
+
 /// Start, connect out, exchange OPEN and KEEPALIVE: returns the session and connection id.
 fn established(cfg: SessionConfig) -> (Session, ConnId) {
     let mut s = Session::new(cfg);
@@ -257,12 +268,7 @@ fn idle_hold_doubles_per_consecutive_failure_and_resets_when_established() {
 
 #[test]
 fn wrong_peer_as_is_refused_with_bad_peer_as() {
-    let mut s = Session::new(cfg());
-    s.handle(Input::Start);
-    s.handle(Input::Connected {
-        conn: 1,
-        dir: Direction::Outgoing,
-    });
+    let mut s = connected(cfg());
     let out = s.handle(Input::Received {
         conn: 1,
         msg: peer_open(65000, 90, PEER),
@@ -275,12 +281,7 @@ fn wrong_peer_as_is_refused_with_bad_peer_as() {
 
 #[test]
 fn same_router_id_on_ibgp_is_refused() {
-    let mut s = Session::new(cfg());
-    s.handle(Input::Start);
-    s.handle(Input::Connected {
-        conn: 1,
-        dir: Direction::Outgoing,
-    });
+    let mut s = connected(cfg());
     let out = s.handle(Input::Received {
         conn: 1,
         msg: peer_open(64512, 90, US),
@@ -313,12 +314,7 @@ fn updates_and_route_refresh_are_delivered_when_established() {
 
 #[test]
 fn update_before_established_is_an_fsm_error() {
-    let mut s = Session::new(cfg());
-    s.handle(Input::Start);
-    s.handle(Input::Connected {
-        conn: 1,
-        dir: Direction::Outgoing,
-    });
+    let mut s = connected(cfg());
     let out = s.handle(Input::Received {
         conn: 1,
         msg: Message::Update(Update::default()),
@@ -444,12 +440,7 @@ fn connection_while_established_is_refused() {
 fn zero_hold_time_disables_keepalives() {
     let mut c = cfg();
     c.hold_time = 0;
-    let mut s = Session::new(c);
-    s.handle(Input::Start);
-    s.handle(Input::Connected {
-        conn: 1,
-        dir: Direction::Outgoing,
-    });
+    let mut s = connected(c);
     let out = s.handle(Input::Received {
         conn: 1,
         msg: peer_open(64512, 90, PEER),
@@ -468,12 +459,7 @@ fn graceful_restart_capability_is_announced_and_learned() {
     });
     let open = c.open();
     assert_eq!(open.graceful_restart().unwrap().restart_time, 120);
-    let mut s = Session::new(c);
-    s.handle(Input::Start);
-    s.handle(Input::Connected {
-        conn: 1,
-        dir: Direction::Outgoing,
-    });
+    let mut s = connected(c);
     let mut theirs = Open::new(64512, 90, PEER, vec![]);
     theirs
         .capabilities

@@ -345,3 +345,17 @@ pub fn pool_policy() -> calico_node::bgp::config::ExportPolicy {
         denied: vec![],
     }
 }
+
+/// Our speaker's namespace and a BIRD's and a GoBGP's, on one LAN as 10.99.0.1, .2 and .3;
+/// None (after a loud skip) without root.
+pub fn us_bird_gobgp_lan() -> Option<(NetNs, NetNs, NetNs)> {
+    let us = NetNs::new("bgp-us")?;
+    let bird = NetNs::new("bgp-bird")?;
+    let gobgp = NetNs::new("bgp-gobgp")?;
+    lan(&[
+        (&us, "10.99.0.1"),
+        (&bird, "10.99.0.2"),
+        (&gobgp, "10.99.0.3"),
+    ]);
+    Some((us, bird, gobgp))
+}
