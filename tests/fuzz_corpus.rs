@@ -7,9 +7,16 @@ fn bgp_decode_corpus_never_panics() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/bgp_decode");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
-        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
         calico_node::bgp::message::fuzz_decode(&bytes);
-        // Also every truncation of it, and with each byte flipped in turn.
+        n += 1;
+        // The captured messages (the seeds) also with every truncation and with each byte
+        // flipped in turn; what the fuzzer found is replayed as is.
+        let name = path.file_name().unwrap().to_string_lossy();
+        if !(name.starts_with("bird-") || name.starts_with("gobgp-")) {
+            continue;
+        }
         for cut in 0..bytes.len() {
             calico_node::bgp::message::fuzz_decode(&bytes[..cut]);
         }
@@ -18,7 +25,6 @@ fn bgp_decode_corpus_never_panics() {
             b[i] ^= 0xff;
             calico_node::bgp::message::fuzz_decode(&b);
         }
-        n += 1;
     }
-    assert!(n >= 10, "the corpus has {n} entries");
+    assert!(n >= 100, "the corpus has {n} entries");
 }
