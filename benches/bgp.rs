@@ -3,7 +3,9 @@
 //! our speaker (a child process), BIRD 2 and GoBGP. For N = 100,000 and 1,000,000 it
 //! prints per receiver the wall time from Established until it holds all N, its CPU time
 //! over that window (/proc/PID/task/*/schedstat), and peak RSS per route (VmHWM minus RSS
-//! before, over N), then the ratios. `CALICO_BENCH_BGP_ROUTES=100000` runs one size only.
+//! before, over N), then the ratios. `CALICO_BENCH_BGP_ROUTES=100000` runs one size only;
+//! `CALICO_BENCH_BGP_ONLY_OURS=1` measures our speaker only, and `CALICO_BENCH_PERF=FILE`
+//! records a `perf` profile of it.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -213,6 +215,15 @@ fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // `CALICO_BENCH_PERF=FILE`: a `perf record` profile of our speaker.
+    let perf = std::env::var("CALICO_BENCH_PERF").ok().map(|file| {
+        Command::new("perf")
+            .args(["record", "-g", "-o", &file, "-p", &child.id().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    });
     std::thread::sleep(Duration::from_millis(500));
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stdout = child.stdout.take().unwrap();
@@ -236,7 +247,13 @@ fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
     );
     let _ = child.kill();
     let _ = child.wait();
+    if let Some(mut p) = perf {
+        let _ = p.wait();
+    }
     out.push(("calico-node", m));
+    if std::env::var("CALICO_BENCH_BGP_ONLY_OURS").is_ok() {
+        return Some(out);
+    }
 
     // BIRD.
     let rcv = bird(
@@ -330,7 +347,9 @@ fn main() {
                 m.bytes_per_route
             );
         }
-        let (ours, bird, gobgp) = (&results[0].1, &results[1].1, &results[2].1);
+        let [(_, ours), (_, bird), (_, gobgp)] = &results[..] else {
+            continue;
+        };
         println!(
             "  ratios: cpu/route {:.2}x BIRD (goal <= 1.0), bytes/route {:.2}x BIRD (goal <= 1.0), wall {:.2}x BIRD (goal <= 1.1), wall {:.2}x GoBGP (goal <= 0.1)",
             ours.cpu.as_secs_f64() / bird.cpu.as_secs_f64(),

@@ -9,7 +9,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::config::ExportPolicy;
 use super::update::{AsPath, Attributes, Origin, Update};
@@ -103,19 +103,270 @@ impl Path {
     }
 }
 
-/// A stored path: its source is the table it sits in (16 bytes).
+/// A path as stored: the peer's slot, its route and its stale mark (16 bytes).
 #[derive(Debug, Clone)]
-struct Stored {
+struct Held {
     route: Arc<RouteAttrs>,
+    slot: u16,
     stale: bool,
 }
 
+/// The learned paths to one prefix, best first: mostly one (inline), else boxed.
 #[derive(Debug)]
-struct PeerRoutes {
-    info: PeerInfo,
-    /// This peer's number in `best` (0 is the local origin).
-    slot: u16,
-    paths: PrefixMap<Stored>,
+enum Entry {
+    Empty,
+    One(Held),
+    // Boxed: a Vec inline would make every entry 32 bytes instead of 16.
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<Held>>),
+}
+
+/// A table entry is 8 bytes of IPv4 key and this: 24 bytes per prefix.
+const _: () = assert!(std::mem::size_of::<Entry>() == 16);
+
+impl Entry {
+    fn paths(&self) -> &[Held] {
+        match self {
+            Entry::Empty => &[],
+            Entry::One(h) => std::slice::from_ref(h),
+            Entry::Many(v) => v,
+        }
+    }
+
+    fn best(&self) -> Option<&Held> {
+        self.paths().first()
+    }
+
+    fn get(&self, slot: u16) -> Option<&Held> {
+        self.paths().iter().find(|h| h.slot == slot)
+    }
+
+    /// Put a slot's path in; the one it replaced.
+    fn put(&mut self, h: Held) -> Option<Held> {
+        match self {
+            Entry::Empty => {
+                *self = Entry::One(h);
+                None
+            }
+            Entry::One(o) if o.slot == h.slot => Some(std::mem::replace(o, h)),
+            Entry::One(_) => {
+                let Entry::One(o) = std::mem::replace(self, Entry::Empty) else {
+                    unreachable!()
+                };
+                *self = Entry::Many(Box::new(vec![o, h]));
+                None
+            }
+            Entry::Many(v) => match v.iter_mut().find(|x| x.slot == h.slot) {
+                Some(x) => Some(std::mem::replace(x, h)),
+                None => {
+                    v.push(h);
+                    None
+                }
+            },
+        }
+    }
+
+    /// Take a slot's path out.
+    fn take(&mut self, slot: u16) -> Option<Held> {
+        match self {
+            Entry::One(o) if o.slot == slot => {
+                let Entry::One(o) = std::mem::replace(self, Entry::Empty) else {
+                    unreachable!()
+                };
+                Some(o)
+            }
+            Entry::Many(v) => {
+                let i = v.iter().position(|h| h.slot == slot)?;
+                let h = v.remove(i);
+                if v.len() == 1 {
+                    *self = Entry::One(v.pop().expect("one left"));
+                }
+                Some(h)
+            }
+            _ => None,
+        }
+    }
+
+    /// Move the preferred path to the front.
+    fn rebest(&mut self, cmp: impl Fn(&Held, &Held) -> Ordering) {
+        if let Entry::Many(v) = self {
+            let mut best = 0;
+            for i in 1..v.len() {
+                if cmp(&v[i], &v[best]) == Ordering::Less {
+                    best = i;
+                }
+            }
+            v.swap(0, best);
+        }
+    }
+}
+
+/// What is done to one prefix's paths.
+#[derive(Debug, Clone)]
+enum Op {
+    Put(Held),
+    Remove(u16),
+    MarkStale(u16),
+    /// Remove the slot's path if it is still stale.
+    Sweep(u16),
+}
+
+impl Op {
+    fn slot(&self) -> u16 {
+        match self {
+            Op::Put(h) => h.slot,
+            Op::Remove(s) | Op::MarkStale(s) | Op::Sweep(s) => *s,
+        }
+    }
+}
+
+/// Apply `op` to an entry and re-choose its best path; how many paths the slot gained.
+fn change(e: &mut Entry, op: Op, cmp: impl Fn(&Held, &Held) -> Ordering) -> isize {
+    let delta = match op {
+        Op::Put(h) => isize::from(e.put(h).is_none()),
+        Op::Remove(slot) => -isize::from(e.take(slot).is_some()),
+        Op::MarkStale(slot) => {
+            if let Entry::One(h) = e
+                && h.slot == slot
+            {
+                h.stale = true;
+            } else if let Entry::Many(v) = e
+                && let Some(h) = v.iter_mut().find(|h| h.slot == slot)
+            {
+                h.stale = true;
+            }
+            0
+        }
+        Op::Sweep(slot) => {
+            if e.get(slot).is_some_and(|h| h.stale) {
+                e.take(slot);
+                -1
+            } else {
+                0
+            }
+        }
+    };
+    e.rebest(cmp);
+    delta
+}
+
+/// The best path of an entry before and after a change, and the slot's path count change.
+struct Edited {
+    before: Option<Held>,
+    after: Option<Held>,
+    delta: isize,
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<PrefixHasher>>;
+
+/// Apply `op` to `key`'s entry (created by a put, removed when its last path goes).
+fn edit<K: std::hash::Hash + Eq>(
+    map: &mut FastMap<K, Entry>,
+    key: K,
+    op: Op,
+    cmp: impl Fn(&Held, &Held) -> Ordering,
+) -> Edited {
+    use std::collections::hash_map::Entry as E;
+    match map.entry(key) {
+        E::Vacant(v) => match op {
+            Op::Put(h) => Edited {
+                before: None,
+                after: Some(v.insert(Entry::One(h)).best().expect("one path").clone()),
+                delta: 1,
+            },
+            _ => Edited {
+                before: None,
+                after: None,
+                delta: 0,
+            },
+        },
+        E::Occupied(mut o) => {
+            let before = o.get().best().cloned();
+            let delta = change(o.get_mut(), op, cmp);
+            let after = o.get().best().cloned();
+            if after.is_none() {
+                o.remove();
+            }
+            Edited {
+                before,
+                after,
+                delta,
+            }
+        }
+    }
+}
+
+/// An IPv4 prefix as a table key: address and length in one word.
+fn key4(n: &Ipv4Net) -> u64 {
+    (u64::from(u32::from(n.addr())) << 8) | u64::from(n.prefix_len())
+}
+
+fn net4(k: u64) -> IpNet {
+    IpNet::V4(Ipv4Net::new(Ipv4Addr::from((k >> 8) as u32), (k & 0xff) as u8).expect("valid key"))
+}
+
+/// Prefixes to their learned paths; IPv4 keys packed in 8 bytes.
+#[derive(Debug, Default)]
+struct Table {
+    v4: FastMap<u64, Entry>,
+    v6: FastMap<Ipv6Net, Entry>,
+}
+
+impl Table {
+    fn get(&self, prefix: &IpNet) -> Option<&Entry> {
+        match prefix {
+            IpNet::V4(n) => self.v4.get(&key4(n)),
+            IpNet::V6(n) => self.v6.get(n),
+        }
+    }
+
+    fn keys(&self) -> impl Iterator<Item = IpNet> + '_ {
+        let v4 = self.v4.keys().map(|k| net4(*k));
+        v4.chain(self.v6.keys().map(|n| IpNet::V6(*n)))
+    }
+}
+
+/// Per-peer counters.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    received: usize,
+    accepted: usize,
+}
+
+/// Book-keeping for one prefix whose best learned path went from `before` to `after`:
+/// accepted counts, forwarding changes; true when the best path changed.
+fn record(
+    counts: &mut [Counts],
+    forwarding: &mut Vec<ForwardingChange>,
+    prefix: IpNet,
+    before: Option<&Held>,
+    after: Option<&Held>,
+) -> bool {
+    let (bs, is) = (before.map(|h| h.slot), after.map(|h| h.slot));
+    if bs != is {
+        if let Some(c) = bs.and_then(|s| counts.get_mut(usize::from(s))) {
+            c.accepted = c.accepted.saturating_sub(1);
+        }
+        if let Some(c) = is.and_then(|s| counts.get_mut(usize::from(s))) {
+            c.accepted += 1;
+        }
+    }
+    let (bn, an) = (
+        before.and_then(|h| h.route.next_hop),
+        after.and_then(|h| h.route.next_hop),
+    );
+    if bn != an {
+        forwarding.push((prefix, bn, an));
+    }
+    match (before, after) {
+        (Some(b), Some(a)) => {
+            b.slot != a.slot
+                || b.stale != a.stale
+                || !(Arc::ptr_eq(&b.route, &a.route) || b.route == a.route)
+        }
+        (None, None) => false,
+        _ => true,
+    }
 }
 
 /// A change of what the forwarding table should hold for a prefix: the learned next
@@ -129,23 +380,21 @@ pub struct Rib {
     pub router_id: Ipv4Addr,
     /// Set when we are a route reflector.
     pub cluster_id: Option<Ipv4Addr>,
-    peers: HashMap<IpAddr, PeerRoutes>,
-    /// Peer address of each slot.
-    slots: Vec<Option<IpAddr>>,
+    /// Each slot's peer (slot 0 is the local origin, never a peer).
+    peers: Vec<Option<PeerInfo>>,
+    counts: Vec<Counts>,
+    by_addr: HashMap<IpAddr, u16>,
+    /// Prefixes this node originates: their best path is always the local one.
     local: BTreeSet<IpNet>,
     local_route: Arc<RouteAttrs>,
-    /// The winner of each prefix, by slot.
-    best: PrefixMap<u16>,
-    /// How many best paths each peer provides (kept as best paths change).
-    best_count: HashMap<IpAddr, usize>,
+    table: Table,
     forwarding: Vec<ForwardingChange>,
 }
 
 /// Prefixes whose best path changed.
-pub type Changed = BTreeSet<IpNet>;
+pub type Changed = Vec<IpNet>;
 
 const DEFAULT_LOCAL_PREF: u32 = 100;
-const LOCAL_SLOT: u16 = 0;
 
 impl Rib {
     pub fn new(local_as: u32, router_id: Ipv4Addr, cluster_id: Option<Ipv4Addr>) -> Rib {
@@ -153,8 +402,9 @@ impl Rib {
             local_as,
             router_id,
             cluster_id,
-            peers: HashMap::new(),
-            slots: vec![None],
+            peers: vec![None],
+            counts: vec![Counts::default()],
+            by_addr: HashMap::new(),
             local: BTreeSet::new(),
             local_route: Arc::new(RouteAttrs {
                 attrs: Attributes {
@@ -164,102 +414,156 @@ impl Rib {
                 },
                 next_hop: None,
             }),
-            best: PrefixMap::default(),
-            best_count: HashMap::new(),
+            table: Table::default(),
             forwarding: Vec::new(),
         }
     }
 
     /// A session came up (its stale routes, if any, stay until swept).
     pub fn peer_up(&mut self, info: PeerInfo) {
-        match self.peers.get_mut(&info.address) {
-            Some(p) => p.info = info,
-            None => {
-                let slot = match self.slots.iter().skip(1).position(Option::is_none) {
-                    Some(i) => i + 1,
-                    None => {
-                        self.slots.push(None);
-                        self.slots.len() - 1
-                    }
-                };
-                self.slots[slot] = Some(info.address);
-                self.peers.insert(
-                    info.address,
-                    PeerRoutes {
-                        info,
-                        slot: slot as u16,
-                        paths: PrefixMap::default(),
-                    },
-                );
-            }
+        if let Some(&slot) = self.by_addr.get(&info.address) {
+            self.peers[usize::from(slot)] = Some(info);
+            return;
         }
+        let slot = match self.peers.iter().skip(1).position(Option::is_none) {
+            Some(i) => i + 1,
+            None => {
+                self.peers.push(None);
+                self.counts.push(Counts::default());
+                self.peers.len() - 1
+            }
+        };
+        self.by_addr.insert(info.address, slot as u16);
+        self.peers[slot] = Some(info);
+        self.counts[slot] = Counts::default();
     }
 
     pub fn peer(&self, address: &IpAddr) -> Option<&PeerInfo> {
-        self.peers.get(address).map(|p| &p.info)
+        let slot = *self.by_addr.get(address)?;
+        self.peers[usize::from(slot)].as_ref()
     }
 
     pub fn peers(&self) -> impl Iterator<Item = &PeerInfo> {
-        self.peers.values().map(|p| &p.info)
+        self.peers.iter().flatten()
     }
 
     /// Forget a peer and its routes.
     pub fn peer_down(&mut self, address: &IpAddr) -> Changed {
-        let Some(p) = self.peers.remove(address) else {
+        let Some(&slot) = self.by_addr.get(address) else {
             return Changed::new();
         };
-        self.slots[usize::from(p.slot)] = None;
-        self.best_count.remove(address);
-        let changed: Changed = p.paths.keys().copied().collect();
-        self.recompute_all(&changed, Some((p.slot, &p.paths)))
+        let changed = self.for_all(Op::Remove(slot));
+        self.by_addr.remove(address);
+        self.peers[usize::from(slot)] = None;
+        self.counts[usize::from(slot)] = Counts::default();
+        changed
     }
 
     /// Keep a restarting peer's routes, marked stale (RFC 4724 §4.2).
     pub fn mark_stale(&mut self, address: &IpAddr) -> Changed {
-        let Some(p) = self.peers.get_mut(address) else {
-            return Changed::new();
-        };
-        for path in p.paths.values_mut() {
-            path.stale = true;
+        match self.by_addr.get(address) {
+            Some(&slot) => self.for_all(Op::MarkStale(slot)),
+            None => Changed::new(),
         }
-        let all: Changed = p.paths.keys().copied().collect();
-        self.recompute_all(&all, None)
     }
 
     /// Drop a peer's routes that are still stale (its End-of-RIB came, or its time is up).
     pub fn sweep_stale(&mut self, address: &IpAddr) -> Changed {
-        let Some(p) = self.peers.get_mut(address) else {
+        match self.by_addr.get(address) {
+            Some(&slot) => self.for_all(Op::Sweep(slot)),
+            None => Changed::new(),
+        }
+    }
+
+    /// Apply a per-slot `op` to every prefix that has a path from that slot.
+    fn for_all(&mut self, op: Op) -> Changed {
+        let slot = op.slot();
+        if self.counts[usize::from(slot)].received == 0 {
             return Changed::new();
-        };
-        let mut gone = PrefixMap::default();
-        p.paths.retain(|k, path| {
-            if path.stale {
-                gone.insert(*k, path.clone());
+        }
+        let Rib {
+            peers,
+            counts,
+            local,
+            table,
+            forwarding,
+            ..
+        } = self;
+        let mut changed = Changed::new();
+        let mut each = |prefix: IpNet, e: &mut Entry| -> bool {
+            if e.get(slot).is_none() {
+                return true;
             }
-            !path.stale
-        });
-        let slot = p.slot;
-        let changed: Changed = gone.keys().copied().collect();
-        self.recompute_all(&changed, Some((slot, &gone)))
+            let before = e.best().cloned();
+            let delta = change(e, op.clone(), |a, b| compare(peers, a, b));
+            let after = e.best().cloned();
+            let c = &mut counts[usize::from(slot)];
+            c.received = c.received.saturating_add_signed(delta);
+            if !local.contains(&prefix)
+                && record(counts, forwarding, prefix, before.as_ref(), after.as_ref())
+            {
+                changed.push(prefix);
+            }
+            after.is_some()
+        };
+        table.v4.retain(|k, e| each(net4(*k), e));
+        table.v6.retain(|k, e| each(IpNet::V6(*k), e));
+        changed
+    }
+
+    /// Apply `op` to one prefix; true when its best path changed.
+    fn one(&mut self, prefix: IpNet, op: Op) -> bool {
+        let slot = usize::from(op.slot());
+        let peers = &self.peers;
+        let cmp = |a: &Held, b: &Held| compare(peers, a, b);
+        let e = match &prefix {
+            IpNet::V4(n) => edit(&mut self.table.v4, key4(n), op, cmp),
+            IpNet::V6(n) => edit(&mut self.table.v6, *n, op, cmp),
+        };
+        let c = &mut self.counts[slot];
+        c.received = c.received.saturating_add_signed(e.delta);
+        if !self.local.is_empty() && self.local.contains(&prefix) {
+            // The local path wins either way.
+            return false;
+        }
+        record(
+            &mut self.counts,
+            &mut self.forwarding,
+            prefix,
+            e.before.as_ref(),
+            e.after.as_ref(),
+        )
     }
 
     /// Replace the prefixes this node originates.
     pub fn set_local(&mut self, prefixes: impl IntoIterator<Item = IpNet>) -> Changed {
         let new: BTreeSet<IpNet> = prefixes.into_iter().collect();
         let changed: Changed = new.symmetric_difference(&self.local).copied().collect();
+        for p in &changed {
+            let learned = self.table.get(p).and_then(Entry::best);
+            let (before, after) = if new.contains(p) {
+                (learned, None)
+            } else {
+                (None, learned)
+            };
+            record(&mut self.counts, &mut self.forwarding, *p, before, after);
+        }
         self.local = new;
-        self.recompute_all(&changed, None)
+        changed
     }
 
     /// Apply a peer's UPDATE (RFC 7606 treat-as-withdraw included). Routes failing the
     /// loop checks (our AS in an eBGP path, our router ID as ORIGINATOR_ID, our cluster ID
     /// in CLUSTER_LIST) are taken as withdrawn.
     pub fn apply_update(&mut self, from: &IpAddr, u: &Update) -> Changed {
-        let Some(p) = self.peers.get_mut(from) else {
+        let Some(&slot) = self.by_addr.get(from) else {
+            return Changed::new();
+        };
+        let Some(info) = &self.peers[usize::from(slot)] else {
             return Changed::new();
         };
         let (mut announced, mut withdrawn) = u.effective();
-        let looped = (!p.info.ibgp
+        let looped = (!info.ibgp
             && u.attrs
                 .as_path
                 .as_ref()
@@ -272,11 +576,9 @@ impl Rib {
             withdrawn.append(&mut announced);
         }
         let mut changed = Changed::new();
-        let mut removed = PrefixMap::default();
         for w in withdrawn {
-            if let Some(old) = p.paths.remove(&w) {
-                removed.insert(w, old);
-                changed.insert(w);
+            if self.one(w, Op::Remove(slot)) {
+                changed.push(w);
             }
         }
         if !announced.is_empty() {
@@ -297,21 +599,17 @@ impl Rib {
                     IpNet::V4(_) => v4.clone(),
                     IpNet::V6(_) => v6.clone(),
                 };
-                if let Some(old) = p.paths.insert(
-                    prefix,
-                    Stored {
-                        route,
-                        stale: false,
-                    },
-                ) {
-                    // What it replaced is what the old best may have been.
-                    removed.insert(prefix, old);
+                let held = Held {
+                    route,
+                    slot,
+                    stale: false,
+                };
+                if self.one(prefix, Op::Put(held)) {
+                    changed.push(prefix);
                 }
-                changed.insert(prefix);
             }
         }
-        let slot = p.slot;
-        self.recompute_all(&changed, Some((slot, &removed)))
+        changed
     }
 
     /// The forwarding changes since the last call (learned best routes, for Felix).
@@ -321,191 +619,86 @@ impl Rib {
 
     /// The best path of a prefix.
     pub fn best(&self, prefix: &IpNet) -> Option<Path> {
-        let slot = *self.best.get(prefix)?;
-        self.path_of(slot, prefix)
-    }
-
-    fn path_of(&self, slot: u16, prefix: &IpNet) -> Option<Path> {
-        if slot == LOCAL_SLOT {
+        if self.local.contains(prefix) {
             return Some(Path {
                 route: self.local_route.clone(),
                 source: Source::Local,
                 stale: false,
             });
         }
-        let addr = self.slots.get(usize::from(slot)).copied().flatten()?;
-        let stored = self.peers.get(&addr)?.paths.get(prefix)?;
+        let h = self.table.get(prefix)?.best()?;
+        let info = self.peers.get(usize::from(h.slot))?.as_ref()?;
         Some(Path {
-            route: stored.route.clone(),
-            source: Source::Peer(addr),
-            stale: stored.stale,
+            route: h.route.clone(),
+            source: Source::Peer(info.address),
+            stale: h.stale,
         })
     }
 
-    /// The learned next hop the forwarding table should use for a prefix.
-    fn learned_next_hop(
-        &self,
-        slot: Option<u16>,
-        prefix: &IpNet,
-        gone: Option<(u16, &PrefixMap<Stored>)>,
-    ) -> Option<IpAddr> {
-        let slot = slot.filter(|s| *s != LOCAL_SLOT)?;
-        if let Some((gs, paths)) = gone
-            && gs == slot
-            && let Some(p) = paths.get(prefix)
-        {
-            return p.route.next_hop;
-        }
-        let addr = self.slots.get(usize::from(slot)).copied().flatten()?;
-        self.peers.get(&addr)?.paths.get(prefix)?.route.next_hop
+    /// Every prefix with a best path.
+    pub fn best_prefixes(&self) -> impl Iterator<Item = IpNet> + '_ {
+        let learned = self.table.keys().filter(|p| !self.local.contains(p));
+        self.local.iter().copied().chain(learned)
     }
 
-    pub fn best_prefixes(&self) -> impl Iterator<Item = &IpNet> {
-        self.best.keys()
+    fn counts(&self, address: &IpAddr) -> Counts {
+        self.by_addr
+            .get(address)
+            .map_or_else(Counts::default, |s| self.counts[usize::from(*s)])
     }
 
     /// Number of paths received from a peer.
     pub fn received(&self, address: &IpAddr) -> usize {
-        self.peers.get(address).map_or(0, |p| p.paths.len())
+        self.counts(address).received
     }
 
     /// Number of a peer's paths that are the best.
     pub fn accepted(&self, address: &IpAddr) -> usize {
-        self.best_count.get(address).copied().unwrap_or(0)
+        self.counts(address).accepted
     }
+}
 
-    /// Re-run the decision for `prefixes`. `gone` holds paths just removed from a slot
-    /// (what the forwarding table had may have been one of them).
-    fn recompute_all(
-        &mut self,
-        prefixes: &Changed,
-        gone: Option<(u16, &PrefixMap<Stored>)>,
-    ) -> Changed {
-        let mut changed = Changed::new();
-        for p in prefixes {
-            if self.recompute(p, gone) {
-                changed.insert(*p);
+/// Less = `a` is preferred (RFC 4271 §9.1.2.2, RFC 4456 §9). The local origin is not
+/// compared: it always wins.
+fn compare(peers: &[Option<PeerInfo>], a: &Held, b: &Held) -> Ordering {
+    let info = |h: &Held| peers.get(usize::from(h.slot)).and_then(Option::as_ref);
+    let (ia, ib) = (info(a), info(b));
+    let (aa, ba) = (&a.route.attrs, &b.route.attrs);
+    let lp = |x: &Attributes| x.local_pref.unwrap_or(DEFAULT_LOCAL_PREF);
+    let plen = |x: &Attributes| x.as_path.as_ref().map_or(0, AsPath::path_len);
+    let origin = |x: &Attributes| x.origin.unwrap_or(Origin::Incomplete);
+    let ibgp = |i: Option<&PeerInfo>| i.is_some_and(|i| i.ibgp);
+    let id = |x: &Attributes, i: Option<&PeerInfo>| {
+        u32::from(
+            x.originator_id
+                .or(i.map(|i| i.router_id))
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
+        )
+    };
+    a.stale
+        .cmp(&b.stale)
+        .then(lp(ba).cmp(&lp(aa)))
+        .then(plen(aa).cmp(&plen(ba)))
+        .then(origin(aa).cmp(&origin(ba)))
+        .then_with(|| {
+            // MED only between routes from the same neighbouring AS.
+            let (fa, fb) = (
+                aa.as_path.as_ref().and_then(AsPath::first_as),
+                ba.as_path.as_ref().and_then(AsPath::first_as),
+            );
+            if fa == fb {
+                aa.med.unwrap_or(0).cmp(&ba.med.unwrap_or(0))
+            } else {
+                Ordering::Equal
             }
-        }
-        changed
-    }
+        })
+        .then(ibgp(ia).cmp(&ibgp(ib)))
+        .then(id(aa, ia).cmp(&id(ba, ib)))
+        .then(aa.cluster_list.len().cmp(&ba.cluster_list.len()))
+        .then_with(|| ia.map(|i| i.address).cmp(&ib.map(|i| i.address)))
+}
 
-    /// Re-run the decision for one prefix; true when its best path changed.
-    fn recompute(&mut self, prefix: &IpNet, gone: Option<(u16, &PrefixMap<Stored>)>) -> bool {
-        let old_slot = self.best.get(prefix).copied();
-        let old_nh = self.learned_next_hop(old_slot, prefix, gone);
-        let old_path = old_slot.and_then(|s| {
-            if let Some((gs, paths)) = gone
-                && gs == s
-            {
-                let st = paths.get(prefix)?;
-                return Some((st.route.clone(), st.stale));
-            }
-            self.path_of(s, prefix).map(|p| (p.route, p.stale))
-        });
-        let mut best: Option<Path> = self.local.contains(prefix).then(|| Path {
-            route: self.local_route.clone(),
-            source: Source::Local,
-            stale: false,
-        });
-        let mut best_slot = best.as_ref().map(|_| LOCAL_SLOT);
-        for p in self.peers.values() {
-            if let Some(st) = p.paths.get(prefix) {
-                let path = Path {
-                    route: st.route.clone(),
-                    source: Source::Peer(p.info.address),
-                    stale: st.stale,
-                };
-                if best
-                    .as_ref()
-                    .is_none_or(|b| self.compare(&path, b) == Ordering::Less)
-                {
-                    best = Some(path);
-                    best_slot = Some(p.slot);
-                }
-            }
-        }
-        match best_slot {
-            Some(s) => {
-                self.best.insert(*prefix, s);
-            }
-            None => {
-                self.best.remove(prefix);
-            }
-        }
-        let addr_of = |s: Option<u16>| {
-            s.filter(|s| *s != LOCAL_SLOT)
-                .and_then(|s| self.slots.get(usize::from(s)).copied().flatten())
-        };
-        let (was, is) = (addr_of(old_slot), addr_of(best_slot));
-        if old_slot != best_slot {
-            if let Some(a) = was
-                && let Some(n) = self.best_count.get_mut(&a)
-            {
-                *n = n.saturating_sub(1);
-            }
-            if let Some(a) = is {
-                *self.best_count.entry(a).or_default() += 1;
-            }
-        }
-        let new_nh = best
-            .as_ref()
-            .filter(|b| b.source != Source::Local)
-            .and_then(Path::next_hop);
-        if old_nh != new_nh {
-            self.forwarding.push((*prefix, old_nh, new_nh));
-        }
-        let new_path = best.map(|b| (b.route, b.stale));
-        old_slot != best_slot || old_path != new_path
-    }
-
-    /// Less = `a` is preferred (RFC 4271 §9.1.2.2, RFC 4456 §9).
-    pub fn compare(&self, a: &Path, b: &Path) -> Ordering {
-        let local = |p: &Path| p.source == Source::Local;
-        let info = |p: &Path| match &p.source {
-            Source::Local => None,
-            Source::Peer(addr) => self.peers.get(addr).map(|p| &p.info),
-        };
-        let (ia, ib) = (info(a), info(b));
-        let (aa, ba) = (&a.route.attrs, &b.route.attrs);
-        let lp = |x: &Attributes| x.local_pref.unwrap_or(DEFAULT_LOCAL_PREF);
-        let plen = |x: &Attributes| x.as_path.as_ref().map_or(0, AsPath::path_len);
-        let origin = |x: &Attributes| x.origin.unwrap_or(Origin::Incomplete);
-        let ibgp = |i: Option<&PeerInfo>| i.is_some_and(|i| i.ibgp);
-        let id = |x: &Attributes, i: Option<&PeerInfo>| {
-            u32::from(
-                x.originator_id
-                    .or(i.map(|i| i.router_id))
-                    .unwrap_or(Ipv4Addr::UNSPECIFIED),
-            )
-        };
-        local(b)
-            .cmp(&local(a))
-            .then(a.stale.cmp(&b.stale))
-            .then(lp(ba).cmp(&lp(aa)))
-            .then(plen(aa).cmp(&plen(ba)))
-            .then(origin(aa).cmp(&origin(ba)))
-            .then_with(|| {
-                // MED only between routes from the same neighbouring AS.
-                let (fa, fb) = (
-                    aa.as_path.as_ref().and_then(AsPath::first_as),
-                    ba.as_path.as_ref().and_then(AsPath::first_as),
-                );
-                if fa == fb {
-                    aa.med.unwrap_or(0).cmp(&ba.med.unwrap_or(0))
-                } else {
-                    Ordering::Equal
-                }
-            })
-            .then(ibgp(ia).cmp(&ibgp(ib)))
-            .then(id(aa, ia).cmp(&id(ba, ib)))
-            .then(aa.cluster_list.len().cmp(&ba.cluster_list.len()))
-            .then_with(|| match (&a.source, &b.source) {
-                (Source::Peer(x), Source::Peer(y)) => x.cmp(y),
-                _ => Ordering::Equal,
-            })
-    }
-
+impl Rib {
     /// What we announce to `to` for `prefix` (attributes and next hop), or None when
     /// the route is not for that peer.
     pub fn export(
@@ -532,7 +725,7 @@ impl Rib {
                 if *src == to.address {
                     return None;
                 }
-                let from = self.peers.get(src).map(|p| &p.info)?;
+                let from = self.peer(src)?;
                 if from.ibgp && to.ibgp {
                     let cluster = self.cluster_id?;
                     if !(from.rr_client || to.rr_client) {

@@ -1,5 +1,6 @@
 //! Decision process and export policy, as tables.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
@@ -470,4 +471,184 @@ fn forwarding_changes_follow_the_learned_best_route() {
     );
     assert!(rib.best(&p).is_none());
     assert_eq!(rib.accepted(&ip("10.99.0.2")), 0);
+}
+
+/// One step of the random RIB history below.
+#[derive(Debug, Clone)]
+enum Step {
+    Announce {
+        peer: usize,
+        prefix: usize,
+        local_pref: u32,
+        next_hop: u8,
+    },
+    Withdraw {
+        peer: usize,
+        prefix: usize,
+    },
+    MarkStale(usize),
+    Sweep(usize),
+    Down(usize),
+    Local(Vec<usize>),
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        6 => (0..3usize, 0..5usize, prop_oneof![Just(100u32), Just(200)], 1..4u8).prop_map(
+            |(peer, prefix, local_pref, next_hop)| Step::Announce { peer, prefix, local_pref, next_hop }
+        ),
+        3 => (0..3usize, 0..5usize).prop_map(|(peer, prefix)| Step::Withdraw { peer, prefix }),
+        1 => (0..3usize).prop_map(Step::MarkStale),
+        1 => (0..3usize).prop_map(Step::Sweep),
+        1 => (0..3usize).prop_map(Step::Down),
+        1 => proptest::collection::vec(0..5usize, 0..3).prop_map(Step::Local),
+    ]
+}
+
+const PEERS: [&str; 3] = ["10.99.0.2", "10.99.0.3", "10.99.0.4"];
+const PREFIXES: [&str; 5] = [
+    "10.244.1.0/26",
+    "10.244.2.0/26",
+    "10.244.2.0/27",
+    "fd00:1::/122",
+    "fd00:2::/122",
+];
+
+fn update_for(prefix: IpNet, local_pref: u32, next_hop: u8) -> Update {
+    let mut attrs = Attributes {
+        origin: Some(Origin::Igp),
+        as_path: Some(AsPath::default()),
+        local_pref: Some(local_pref),
+        ..Default::default()
+    };
+    match prefix {
+        IpNet::V4(_) => {
+            attrs.next_hop = Some(Ipv4Addr::new(10, 99, 1, next_hop));
+            Update {
+                attrs,
+                nlri: vec![prefix],
+                ..Default::default()
+            }
+        }
+        IpNet::V6(_) => Update {
+            attrs,
+            mp_reach: Some(crate::bgp::update::MpReach {
+                family: crate::bgp::message::IPV6_UNICAST,
+                next_hops: vec![format!("fd00:99::{next_hop}").parse().unwrap()],
+                nlri: vec![prefix],
+            }),
+            ..Default::default()
+        },
+    }
+}
+
+proptest::proptest! {
+    /// Any history of announcements, withdrawals, stale marks, sweeps, peers going down
+    /// and local prefixes leaves the RIB as one built from scratch from what is left:
+    /// the same best paths and per-peer counts; `changed` names exactly the prefixes
+    /// whose best path changed; the forwarding changes, applied in order, give the
+    /// learned next hops.
+    #[test]
+    fn incremental_rib_matches_one_built_from_scratch(
+        steps in proptest::collection::vec(step(), 1..60)
+    ) {
+        let prefixes: Vec<IpNet> = PREFIXES.iter().map(|p| net(p)).collect();
+        let peers: Vec<IpAddr> = PEERS.iter().map(|p| ip(p)).collect();
+        let mut rib = Rib::new(LOCAL_AS, US, None);
+        for p in PEERS {
+            rib.peer_up(peer(p, LOCAL_AS, false));
+        }
+        // The model: each peer's paths (local pref, next hop, stale), and the local set.
+        let mut held: Vec<BTreeMap<usize, (u32, u8, bool)>> = vec![BTreeMap::new(); 3];
+        let mut up = [true; 3];
+        let mut local: Vec<usize> = Vec::new();
+        let mut felix: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
+        for s in steps {
+            let before: Vec<Option<Path>> = prefixes.iter().map(|p| rib.best(p)).collect();
+            let changed = match &s {
+                Step::Announce { peer: i, prefix, local_pref, next_hop } => {
+                    if !up[*i] {
+                        rib.peer_up(peer(PEERS[*i], LOCAL_AS, false));
+                        up[*i] = true;
+                    }
+                    held[*i].insert(*prefix, (*local_pref, *next_hop, false));
+                    let u = update_for(prefixes[*prefix], *local_pref, *next_hop);
+                    rib.apply_update(&peers[*i], &u)
+                }
+                Step::Withdraw { peer: i, prefix } => {
+                    held[*i].remove(prefix);
+                    let u = Update { withdrawn: vec![prefixes[*prefix]], ..Default::default() };
+                    let u = if prefixes[*prefix].addr().is_ipv6() {
+                        Update {
+                            mp_unreach: Some(crate::bgp::update::MpUnreach {
+                                family: crate::bgp::message::IPV6_UNICAST,
+                                withdrawn: u.withdrawn,
+                            }),
+                            ..Default::default()
+                        }
+                    } else { u };
+                    rib.apply_update(&peers[*i], &u)
+                }
+                Step::MarkStale(i) => {
+                    held[*i].values_mut().for_each(|v| v.2 = true);
+                    rib.mark_stale(&peers[*i])
+                }
+                Step::Sweep(i) => {
+                    held[*i].retain(|_, v| !v.2);
+                    rib.sweep_stale(&peers[*i])
+                }
+                Step::Down(i) => {
+                    held[*i].clear();
+                    up[*i] = false;
+                    rib.peer_down(&peers[*i])
+                }
+                Step::Local(l) => {
+                    local = l.clone();
+                    rib.set_local(l.iter().map(|i| prefixes[*i]))
+                }
+            };
+            for (p, old, new) in rib.take_forwarding_changes() {
+                proptest::prop_assert_eq!(felix.get(&p).copied(), old, "{}: {:?}", p, s);
+                match new {
+                    Some(nh) => felix.insert(p, nh),
+                    None => felix.remove(&p),
+                };
+            }
+
+            // The same state, from scratch: stale paths first, then marked, then the rest.
+            let mut fresh = Rib::new(LOCAL_AS, US, None);
+            for (i, p) in PEERS.iter().enumerate() {
+                if up[i] {
+                    fresh.peer_up(peer(p, LOCAL_AS, false));
+                }
+            }
+            for stale in [true, false] {
+                for (i, paths) in held.iter().enumerate() {
+                    for (prefix, (lp, nh, _)) in paths.iter().filter(|(_, v)| v.2 == stale) {
+                        fresh.apply_update(&peers[i], &update_for(prefixes[*prefix], *lp, *nh));
+                    }
+                    if stale && up[i] {
+                        fresh.mark_stale(&peers[i]);
+                    }
+                }
+            }
+            fresh.set_local(local.iter().map(|i| prefixes[*i]));
+            for (k, p) in prefixes.iter().enumerate() {
+                let best = rib.best(p);
+                proptest::prop_assert_eq!(&best, &fresh.best(p), "{}: {:?}", p, s);
+                proptest::prop_assert_eq!(
+                    changed.contains(p),
+                    best != before[k],
+                    "{} in changed {:?}: {:?}", p, changed, s
+                );
+                let learned = best.filter(|b| b.source != Source::Local).and_then(|b| b.next_hop());
+                proptest::prop_assert_eq!(felix.get(p).copied(), learned, "{}: {:?}", p, s);
+            }
+            for a in &peers {
+                proptest::prop_assert_eq!(rib.received(a), fresh.received(a), "{}: {:?}", a, s);
+                proptest::prop_assert_eq!(rib.accepted(a), fresh.accepted(a), "{}: {:?}", a, s);
+            }
+        }
+    }
 }

@@ -301,12 +301,13 @@ impl Speaker {
         }
         let changed = self.rib.set_local(new.export.iter().copied());
         if old.policy != new.policy || old.ipv6_next_hop != new.ipv6_next_hop {
-            let all: Changed = self.rib.best_prefixes().copied().collect();
             let mut everything = changed;
-            everything.extend(all);
+            everything.extend(self.rib.best_prefixes());
             for p in self.peers.values() {
                 everything.extend(p.adj_out.keys().copied());
             }
+            everything.sort_unstable();
+            everything.dedup();
             self.propagate(&everything).await;
         } else {
             self.propagate(&changed).await;
@@ -441,7 +442,7 @@ impl Speaker {
 
     /// Everything for a peer that just came up (or asked for a refresh), then End-of-RIB.
     async fn send_table(&mut self, peer: &IpAddr) {
-        let all: Changed = self.rib.best_prefixes().copied().collect();
+        let all: Changed = self.rib.best_prefixes().collect();
         self.export_to(peer, &all).await;
         let Some(p) = self.peers.get(peer) else {
             return;
@@ -555,7 +556,7 @@ impl Speaker {
         let batch: Vec<RouteUpdate> = old
             .best_prefixes()
             .filter(|p| old.best(p).is_some_and(|b| b.source != Source::Local))
-            .map(|p| RouteUpdate::Withdrawn(*p))
+            .map(RouteUpdate::Withdrawn)
             .collect();
         if !batch.is_empty() {
             let _ = self.felix.send(batch).await;
