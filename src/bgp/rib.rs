@@ -141,6 +141,14 @@ impl Entry {
         self.paths().iter().find(|h| h.slot == slot)
     }
 
+    fn get_mut(&mut self, slot: u16) -> Option<&mut Held> {
+        match self {
+            Entry::Empty => None,
+            Entry::One(h) => Some(h).filter(|h| h.slot == slot),
+            Entry::Many(v) => v.iter_mut().find(|h| h.slot == slot),
+        }
+    }
+
     /// Put a slot's path in; the one it replaced.
     fn put(&mut self, h: Held) -> Option<Held> {
         match self {
@@ -220,29 +228,47 @@ impl Op {
     }
 }
 
-/// Apply `op` to an entry and re-choose its best path; how many paths the slot gained.
-fn change(e: &mut Entry, op: Op, cmp: impl Fn(&Held, &Held) -> Ordering) -> isize {
-    let delta = match op {
-        Op::Put(h) => isize::from(e.put(h).is_none()),
-        Op::Remove(slot) => -isize::from(e.take(slot).is_some()),
-        Op::MarkStale(slot) => {
-            if let Entry::One(h) = e
-                && h.slot == slot
-            {
-                h.stale = true;
-            } else if let Entry::Many(v) = e
-                && let Some(h) = v.iter_mut().find(|h| h.slot == slot)
-            {
-                h.stale = true;
-            }
-            0
+/// How a slot's path counts moved.
+#[derive(Debug, Default, Clone, Copy)]
+struct Delta {
+    paths: isize,
+    stale: isize,
+}
+
+impl Delta {
+    fn gone(h: Option<&Held>) -> Delta {
+        Delta {
+            paths: -isize::from(h.is_some()),
+            stale: -isize::from(h.is_some_and(|h| h.stale)),
         }
+    }
+}
+
+/// Apply `op` to an entry and re-choose its best path.
+fn change(e: &mut Entry, op: Op, cmp: impl Fn(&Held, &Held) -> Ordering) -> Delta {
+    let delta = match op {
+        Op::Put(h) => {
+            let stale = isize::from(h.stale);
+            let old = e.put(h);
+            let gone = Delta::gone(old.as_ref());
+            Delta {
+                paths: 1 + gone.paths,
+                stale: stale + gone.stale,
+            }
+        }
+        Op::Remove(slot) => Delta::gone(e.take(slot).as_ref()),
+        Op::MarkStale(slot) => match e.get_mut(slot) {
+            Some(h) if !h.stale => {
+                h.stale = true;
+                Delta { paths: 0, stale: 1 }
+            }
+            _ => Delta::default(),
+        },
         Op::Sweep(slot) => {
             if e.get(slot).is_some_and(|h| h.stale) {
-                e.take(slot);
-                -1
+                Delta::gone(e.take(slot).as_ref())
             } else {
-                0
+                Delta::default()
             }
         }
     };
@@ -250,48 +276,41 @@ fn change(e: &mut Entry, op: Op, cmp: impl Fn(&Held, &Held) -> Ordering) -> isiz
     delta
 }
 
-/// The best path of an entry before and after a change, and the slot's path count change.
-struct Edited {
-    before: Option<Held>,
-    after: Option<Held>,
-    delta: isize,
-}
-
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<PrefixHasher>>;
 
-/// Apply `op` to `key`'s entry (created by a put, removed when its last path goes).
-fn edit<K: std::hash::Hash + Eq>(
+/// Apply `op` to `key`'s entry (created by a put, removed when its last path goes), then
+/// hand `then` its best path before and after, and how many paths the slot gained.
+fn edit<K: std::hash::Hash + Eq, R>(
     map: &mut FastMap<K, Entry>,
     key: K,
     op: Op,
     cmp: impl Fn(&Held, &Held) -> Ordering,
-) -> Edited {
+    then: impl FnOnce(Option<&Held>, Option<&Held>, Delta) -> R,
+) -> R {
     use std::collections::hash_map::Entry as E;
     match map.entry(key) {
         E::Vacant(v) => match op {
-            Op::Put(h) => Edited {
-                before: None,
-                after: Some(v.insert(Entry::One(h)).best().expect("one path").clone()),
-                delta: 1,
-            },
-            _ => Edited {
-                before: None,
-                after: None,
-                delta: 0,
-            },
+            Op::Put(h) => {
+                // Before the insert: reading the new bucket back would wait for its
+                // cache line.
+                let delta = Delta {
+                    paths: 1,
+                    stale: isize::from(h.stale),
+                };
+                let r = then(None, Some(&h), delta);
+                v.insert(Entry::One(h));
+                r
+            }
+            _ => then(None, None, Delta::default()),
         },
         E::Occupied(mut o) => {
             let before = o.get().best().cloned();
             let delta = change(o.get_mut(), op, cmp);
-            let after = o.get().best().cloned();
-            if after.is_none() {
+            let r = then(before.as_ref(), o.get().best(), delta);
+            if o.get().best().is_none() {
                 o.remove();
             }
-            Edited {
-                before,
-                after,
-                delta,
-            }
+            r
         }
     }
 }
@@ -331,6 +350,14 @@ impl Table {
 struct Counts {
     received: usize,
     accepted: usize,
+    stale: usize,
+}
+
+impl Counts {
+    fn add(&mut self, d: Delta) {
+        self.received = self.received.saturating_add_signed(d.paths);
+        self.stale = self.stale.saturating_add_signed(d.stale);
+    }
 }
 
 /// Book-keeping for one prefix whose best learned path went from `before` to `after`:
@@ -478,7 +505,8 @@ impl Rib {
     /// Apply a per-slot `op` to every prefix that has a path from that slot.
     fn for_all(&mut self, op: Op) -> Changed {
         let slot = op.slot();
-        if self.counts[usize::from(slot)].received == 0 {
+        let c = self.counts[usize::from(slot)];
+        if c.received == 0 || (matches!(op, Op::Sweep(_)) && c.stale == 0) {
             return Changed::new();
         }
         let Rib {
@@ -497,8 +525,7 @@ impl Rib {
             let before = e.best().cloned();
             let delta = change(e, op.clone(), |a, b| compare(peers, a, b));
             let after = e.best().cloned();
-            let c = &mut counts[usize::from(slot)];
-            c.received = c.received.saturating_add_signed(delta);
+            counts[usize::from(slot)].add(delta);
             if !local.contains(&prefix)
                 && record(counts, forwarding, prefix, before.as_ref(), after.as_ref())
             {
@@ -514,25 +541,25 @@ impl Rib {
     /// Apply `op` to one prefix; true when its best path changed.
     fn one(&mut self, prefix: IpNet, op: Op) -> bool {
         let slot = usize::from(op.slot());
-        let peers = &self.peers;
+        let Rib {
+            peers,
+            counts,
+            local,
+            table,
+            forwarding,
+            ..
+        } = self;
         let cmp = |a: &Held, b: &Held| compare(peers, a, b);
-        let e = match &prefix {
-            IpNet::V4(n) => edit(&mut self.table.v4, key4(n), op, cmp),
-            IpNet::V6(n) => edit(&mut self.table.v6, *n, op, cmp),
+        // The local path wins either way.
+        let is_local = !local.is_empty() && local.contains(&prefix);
+        let then = |before: Option<&Held>, after: Option<&Held>, delta: Delta| {
+            counts[slot].add(delta);
+            !is_local && record(counts, forwarding, prefix, before, after)
         };
-        let c = &mut self.counts[slot];
-        c.received = c.received.saturating_add_signed(e.delta);
-        if !self.local.is_empty() && self.local.contains(&prefix) {
-            // The local path wins either way.
-            return false;
+        match &prefix {
+            IpNet::V4(n) => edit(&mut table.v4, key4(n), op, cmp, then),
+            IpNet::V6(n) => edit(&mut table.v6, *n, op, cmp, then),
         }
-        record(
-            &mut self.counts,
-            &mut self.forwarding,
-            prefix,
-            e.before.as_ref(),
-            e.after.as_ref(),
-        )
     }
 
     /// Replace the prefixes this node originates.
@@ -562,7 +589,6 @@ impl Rib {
         let Some(info) = &self.peers[usize::from(slot)] else {
             return Changed::new();
         };
-        let (mut announced, mut withdrawn) = u.effective();
         let looped = (!info.ibgp
             && u.attrs
                 .as_path
@@ -572,41 +598,54 @@ impl Rib {
             || self
                 .cluster_id
                 .is_some_and(|c| u.attrs.cluster_list.contains(&c));
-        if looped {
-            withdrawn.append(&mut announced);
-        }
+        let withdrawn = u
+            .withdrawn
+            .iter()
+            .chain(u.mp_unreach.iter().flat_map(|m| m.withdrawn.iter()));
+        let announced = u
+            .nlri
+            .iter()
+            .chain(u.mp_reach.iter().flat_map(|m| m.nlri.iter()));
         let mut changed = Changed::new();
+        if looped || u.treat_as_withdraw.is_some() {
+            for w in withdrawn.chain(announced) {
+                if self.one(*w, Op::Remove(slot)) {
+                    changed.push(*w);
+                }
+            }
+            return changed;
+        }
         for w in withdrawn {
-            if self.one(w, Op::Remove(slot)) {
-                changed.push(w);
+            if self.one(*w, Op::Remove(slot)) {
+                changed.push(*w);
             }
         }
-        if !announced.is_empty() {
-            let v6_nh = u
-                .mp_reach
-                .as_ref()
-                .and_then(|m| m.next_hops.first().copied());
-            let v4 = Arc::new(RouteAttrs {
+        let v6_nh = u
+            .mp_reach
+            .as_ref()
+            .and_then(|m| m.next_hops.first().copied());
+        let route = |next_hop| {
+            Arc::new(RouteAttrs {
                 attrs: u.attrs.clone(),
-                next_hop: u.attrs.next_hop.map(IpAddr::V4),
-            });
-            let v6 = Arc::new(RouteAttrs {
-                attrs: u.attrs.clone(),
-                next_hop: v6_nh,
-            });
-            for prefix in announced {
-                let route = match prefix {
-                    IpNet::V4(_) => v4.clone(),
-                    IpNet::V6(_) => v6.clone(),
-                };
-                let held = Held {
-                    route,
-                    slot,
-                    stale: false,
-                };
-                if self.one(prefix, Op::Put(held)) {
-                    changed.push(prefix);
-                }
+                next_hop,
+            })
+        };
+        let v4 = (!u.nlri.is_empty()).then(|| route(u.attrs.next_hop.map(IpAddr::V4)));
+        let v6 = u.mp_reach.as_ref().map(|_| route(v6_nh));
+        for prefix in announced {
+            let Some(route) = (match prefix {
+                IpNet::V4(_) => v4.as_ref().or(v6.as_ref()),
+                IpNet::V6(_) => v6.as_ref(),
+            }) else {
+                continue;
+            };
+            let held = Held {
+                route: route.clone(),
+                slot,
+                stale: false,
+            };
+            if self.one(*prefix, Op::Put(held)) {
+                changed.push(*prefix);
             }
         }
         changed

@@ -14,7 +14,7 @@
 //! speaker --watch Vec<PeerStatus>--> status endpoint, metrics
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
@@ -26,9 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{DesiredBgpConfig, DesiredPeer, PeerType};
 use super::fsm::{DownReason, Negotiated, SessionConfig, State};
-use super::message::{
-    Family, GracefulRestart, IPV4_UNICAST, IPV6_UNICAST, RouteRefresh, err, kind,
-};
+use super::message::{GracefulRestart, IPV4_UNICAST, IPV6_UNICAST, RouteRefresh, err, kind};
 use super::rib::{Changed, PeerInfo, PrefixMap, Rib, Source};
 use super::session::{PeerConfig, SessionCmd, SessionEvent, spawn};
 use super::sockopt;
@@ -498,22 +496,20 @@ impl Speaker {
         let Some(neg) = &p.negotiated else {
             return;
         };
-        let families: HashSet<Family> = neg.families.iter().copied().collect();
+        let (v4, v6) = (
+            neg.families.contains(&IPV4_UNICAST),
+            neg.families.contains(&IPV6_UNICAST),
+        );
         let mut groups: HashMap<Sent, Vec<IpNet>> = HashMap::new();
         let mut withdraw: Vec<IpNet> = Vec::new();
         for prefix in prefixes {
-            let fam = if prefix.addr().is_ipv4() {
-                IPV4_UNICAST
-            } else {
-                IPV6_UNICAST
-            };
-            if !families.contains(&fam) {
+            if !(if prefix.addr().is_ipv4() { v4 } else { v6 }) {
                 continue;
             }
             let new = self
                 .rib
                 .export(&info, prefix, &self.cfg.policy, self.cfg.ipv6_next_hop);
-            if new.as_ref() == p.adj_out.get(prefix) {
+            if (new.is_none() && p.adj_out.is_empty()) || new.as_ref() == p.adj_out.get(prefix) {
                 continue;
             }
             match new {
