@@ -74,9 +74,10 @@ pub enum SessionEvent {
         peer: IpAddr,
         reason: DownReason,
     },
-    Update {
+    /// UPDATEs in the order they came (those of one read together).
+    Updates {
         peer: IpAddr,
-        update: Update,
+        updates: Vec<Update>,
     },
     RouteRefresh {
         peer: IpAddr,
@@ -100,6 +101,8 @@ pub enum SessionEvent {
 enum Internal {
     Connected(ConnId, TcpStream),
     Input(Input),
+    /// The messages of one read.
+    Received(ConnId, Vec<Message>),
 }
 
 /// Connections the listener accepted get ids from here up (the FSM counts from 1).
@@ -163,6 +166,8 @@ struct Task {
     conns: HashMap<ConnId, Conn>,
     next_incoming: ConnId,
     state: State,
+    /// UPDATEs received and not yet handed to the speaker.
+    pending: Vec<Update>,
 }
 
 async fn run(
@@ -180,6 +185,7 @@ async fn run(
         conns: HashMap::new(),
         next_incoming: INCOMING_IDS,
         state: State::Idle,
+        pending: Vec::new(),
     };
     t.input(Input::Start).await;
     loop {
@@ -210,6 +216,12 @@ async fn run(
                     t.input(Input::Connected { conn: id, dir: Direction::Outgoing }).await;
                 }
                 Internal::Input(i) => t.input(i).await,
+                Internal::Received(conn, msgs) => {
+                    for msg in msgs {
+                        t.input(Input::Received { conn, msg }).await;
+                    }
+                    t.flush_updates().await;
+                }
             },
             _ = sleep_until(deadline) => {
                 let now = Instant::now();
@@ -262,20 +274,35 @@ impl Task {
         );
     }
 
+    /// Send the speaker an event, after the UPDATEs that came before it.
+    async fn emit(&mut self, ev: SessionEvent) {
+        self.flush_updates().await;
+        let _ = self.events.send(ev).await;
+    }
+
+    async fn flush_updates(&mut self) {
+        if !self.pending.is_empty() {
+            let updates = std::mem::take(&mut self.pending);
+            let peer = self.peer.address;
+            let _ = self
+                .events
+                .send(SessionEvent::Updates { peer, updates })
+                .await;
+        }
+    }
+
     async fn input(&mut self, input: Input) {
         if let Input::Received {
             msg: Message::Notification(n),
             ..
         } = &input
         {
-            let _ = self
-                .events
-                .send(SessionEvent::NotificationReceived {
-                    peer: self.peer.address,
-                    code: n.code,
-                    subcode: n.subcode,
-                })
-                .await;
+            self.emit(SessionEvent::NotificationReceived {
+                peer: self.peer.address,
+                code: n.code,
+                subcode: n.subcode,
+            })
+            .await;
         }
         let outputs = self.fsm.handle(input);
         for o in outputs {
@@ -284,14 +311,12 @@ impl Task {
         let state = self.fsm.state();
         if state != self.state {
             self.state = state;
-            let _ = self
-                .events
-                .send(SessionEvent::State {
-                    peer: self.peer.address,
-                    state,
-                    last_error: self.fsm.last_error().cloned(),
-                })
-                .await;
+            self.emit(SessionEvent::State {
+                peer: self.peer.address,
+                state,
+                last_error: self.fsm.last_error().cloned(),
+            })
+            .await;
         }
     }
 
@@ -321,14 +346,12 @@ impl Task {
                 let bytes = msg.to_bytes(&self.codec());
                 if let Some(c) = self.conns.get(&conn) {
                     let _ = c.writer.send(bytes).await;
-                    let _ = self
-                        .events
-                        .send(SessionEvent::Sent {
-                            peer,
-                            kind,
-                            notification,
-                        })
-                        .await;
+                    self.emit(SessionEvent::Sent {
+                        peer,
+                        kind,
+                        notification,
+                    })
+                    .await;
                 }
             }
             Output::Close { conn } => {
@@ -352,28 +375,20 @@ impl Task {
                     .and_then(|c| c.local)
                     .or(self.peer.local_address)
                     .unwrap_or(IpAddr::V4(self.peer.session.router_id));
-                let _ = self
-                    .events
-                    .send(SessionEvent::Established {
-                        peer,
-                        negotiated,
-                        local,
-                    })
-                    .await;
+                self.emit(SessionEvent::Established {
+                    peer,
+                    negotiated,
+                    local,
+                })
+                .await;
             }
             Output::Down { reason } => {
-                let _ = self.events.send(SessionEvent::Down { peer, reason }).await;
+                self.emit(SessionEvent::Down { peer, reason }).await;
             }
-            Output::Update(update) => {
-                let _ = self
-                    .events
-                    .send(SessionEvent::Update { peer, update })
-                    .await;
-            }
+            // Sent on at the end of the read they came in (or before any other event).
+            Output::Update(update) => self.pending.push(update),
             Output::RouteRefresh(request) => {
-                let _ = self
-                    .events
-                    .send(SessionEvent::RouteRefresh { peer, request })
+                self.emit(SessionEvent::RouteRefresh { peer, request })
                     .await;
             }
         }
@@ -384,23 +399,21 @@ impl Task {
             return;
         };
         let codec = self.codec();
-        let Some(c) = self.conns.get(&conn) else {
+        let Some(writer) = self.conns.get(&conn).map(|c| c.writer.clone()) else {
             return;
         };
         for u in updates {
             for part in u.split(&codec) {
                 let bytes = Message::Update(part).to_bytes(&codec);
-                if c.writer.send(bytes).await.is_err() {
+                if writer.send(bytes).await.is_err() {
                     return;
                 }
-                let _ = self
-                    .events
-                    .send(SessionEvent::Sent {
-                        peer: self.peer.address,
-                        kind: super::message::kind::UPDATE,
-                        notification: None,
-                    })
-                    .await;
+                self.emit(SessionEvent::Sent {
+                    peer: self.peer.address,
+                    kind: super::message::kind::UPDATE,
+                    notification: None,
+                })
+                .await;
             }
         }
     }
@@ -464,15 +477,16 @@ async fn read_loop(conn: ConnId, mut rd: OwnedReadHalf, ibgp: bool, tx: mpsc::Se
         ibgp,
     };
     loop {
+        // Every whole message of this read, handed on together.
+        let mut msgs = Vec::new();
+        let mut malformed = None;
         loop {
             let len = match frame_len(&buf) {
                 Ok(Some(len)) => len,
                 Ok(None) => break,
                 Err(notification) => {
-                    let _ = tx
-                        .send(Internal::Input(Input::Malformed { conn, notification }))
-                        .await;
-                    return;
+                    malformed = Some(notification);
+                    break;
                 }
             };
             let frame = buf.split_to(len);
@@ -484,21 +498,22 @@ async fn read_loop(conn: ConnId, mut rd: OwnedReadHalf, ibgp: bool, tx: mpsc::Se
                             .iter()
                             .any(|c| matches!(c, Capability::FourOctetAs(_)));
                     }
-                    if tx
-                        .send(Internal::Input(Input::Received { conn, msg }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
+                    msgs.push(msg);
                 }
                 Err(notification) => {
-                    let _ = tx
-                        .send(Internal::Input(Input::Malformed { conn, notification }))
-                        .await;
-                    return;
+                    malformed = Some(notification);
+                    break;
                 }
             }
+        }
+        if !msgs.is_empty() && tx.send(Internal::Received(conn, msgs)).await.is_err() {
+            return;
+        }
+        if let Some(notification) = malformed {
+            let _ = tx
+                .send(Internal::Input(Input::Malformed { conn, notification }))
+                .await;
+            return;
         }
         let reason = match rd.read_buf(&mut buf).await {
             Ok(0) => "closed by the peer".to_string(),

@@ -384,23 +384,26 @@ impl Speaker {
                 };
                 self.propagate(&changed).await;
             }
-            SessionEvent::Update { peer, update } => {
+            SessionEvent::Updates { peer, updates } => {
                 if let Some(p) = self.peers.get_mut(&peer) {
-                    p.status.updates_in += 1;
+                    p.status.updates_in += updates.len() as u64;
                 }
-                let changed = if update.is_end_of_rib().is_some() {
-                    if let Some(p) = self.peers.get_mut(&peer) {
-                        p.end_of_rib = true;
-                        p.stale_until = None;
+                let mut changed = Changed::new();
+                for update in updates {
+                    if update.is_end_of_rib().is_some() {
+                        if let Some(p) = self.peers.get_mut(&peer) {
+                            p.end_of_rib = true;
+                            p.stale_until = None;
+                        }
+                        changed.append(&mut self.rib.sweep_stale(&peer));
+                        continue;
                     }
-                    self.rib.sweep_stale(&peer)
-                } else {
                     if !update.discarded.is_empty() || update.treat_as_withdraw.is_some() {
                         tracing::warn!(%peer, treat_as_withdraw = ?update.treat_as_withdraw,
                             discarded = ?update.discarded, "malformed UPDATE handled per RFC 7606");
                     }
-                    self.rib.apply_update(&peer, &update)
-                };
+                    changed.append(&mut self.rib.apply_update(&peer, &update));
+                }
                 self.propagate(&changed).await;
             }
             SessionEvent::RouteRefresh { peer, request } => {
