@@ -113,8 +113,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub fn spawn(
     peer: PeerConfig,
     events: mpsc::Sender<SessionEvent>,
-) -> (mpsc::Sender<SessionCmd>, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(64);
+) -> (
+    mpsc::UnboundedSender<SessionCmd>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(run(peer, rx, events));
     (tx, task)
 }
@@ -172,10 +175,11 @@ struct Task {
 
 async fn run(
     peer: PeerConfig,
-    mut cmds: mpsc::Receiver<SessionCmd>,
+    mut cmds: mpsc::UnboundedReceiver<SessionCmd>,
     events: mpsc::Sender<SessionEvent>,
 ) {
-    let (internal, mut internal_rx) = mpsc::channel(256);
+    // Small: one message can hold all of a 64 KiB read.
+    let (internal, mut internal_rx) = mpsc::channel(32);
     let mut t = Task {
         fsm: Session::new(peer.session.clone()),
         peer,

@@ -60,7 +60,8 @@ type Sent = (Attributes, IpAddr);
 
 struct Peer {
     spec: DesiredPeer,
-    tx: mpsc::Sender<SessionCmd>,
+    /// Unbounded: the speaker never waits for a session (which may be waiting for it).
+    tx: mpsc::UnboundedSender<SessionCmd>,
     task: tokio::task::JoinHandle<()>,
     status: PeerStatus,
     negotiated: Option<Negotiated>,
@@ -125,7 +126,8 @@ impl Speaker {
         felix: mpsc::Sender<Vec<RouteUpdate>>,
         status: watch::Sender<Vec<PeerStatus>>,
     ) -> Speaker {
-        let (events_tx, events) = mpsc::channel(1024);
+        // Small: one event can hold the UPDATEs of a whole read.
+        let (events_tx, events) = mpsc::channel(128);
         Speaker {
             rib: Rib::new(cfg.local_as.0, cfg.router_id, cfg.cluster_id),
             cfg,
@@ -170,7 +172,7 @@ impl Speaker {
                 accepted = accept(&self.listener) => {
                     if let Ok((stream, from)) = accepted {
                         match self.peers.get(&from.ip()) {
-                            Some(p) => { let _ = p.tx.send(SessionCmd::Incoming(stream)).await; }
+                            Some(p) => { let _ = p.tx.send(SessionCmd::Incoming(stream)); }
                             None => tracing::debug!(%from, "connection from an unknown peer refused"),
                         }
                     }
@@ -180,7 +182,7 @@ impl Speaker {
             }
         }
         for (_, p) in self.peers.drain() {
-            let _ = p.tx.send(SessionCmd::Stop(err::ADMIN_SHUTDOWN)).await;
+            let _ = p.tx.send(SessionCmd::Stop(err::ADMIN_SHUTDOWN));
         }
         Ok(())
     }
@@ -243,7 +245,7 @@ impl Speaker {
 
     async fn remove_peer(&mut self, address: &IpAddr, cease: u8) {
         if let Some(p) = self.peers.remove(address) {
-            let _ = p.tx.send(SessionCmd::Stop(cease)).await;
+            let _ = p.tx.send(SessionCmd::Stop(cease));
         }
         let changed = self.rib.peer_down(address);
         self.propagate(&changed).await;
@@ -454,7 +456,7 @@ impl Speaker {
             .map(|n| n.families.clone())
             .unwrap_or_default();
         let eor: Vec<Update> = families.into_iter().map(Update::end_of_rib).collect();
-        let _ = p.tx.send(SessionCmd::Send(eor)).await;
+        let _ = p.tx.send(SessionCmd::Send(eor));
         self.publish();
     }
 
@@ -529,7 +531,7 @@ impl Speaker {
         p.status.advertised = p.adj_out.len();
         let updates = build_updates(groups, withdraw);
         if !updates.is_empty() {
-            let _ = p.tx.send(SessionCmd::Send(updates)).await;
+            let _ = p.tx.send(SessionCmd::Send(updates));
         }
     }
 
