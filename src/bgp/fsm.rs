@@ -6,8 +6,9 @@
 //!
 //! Timers: ConnectRetry (reconnect after a failed attempt), Hold and Keepalive per
 //! connection (hold = min of both OPENs, keepalive = hold/3; a zero hold time disables
-//! both), IdleHold (after a failure the session stays down for an interval that doubles per
-//! consecutive failure, reset once a session is Established).
+//! both), IdleHold (after a failure we do not connect for an interval that doubles per
+//! consecutive failure, reset once a session is Established; a peer's connection is
+//! accepted meanwhile).
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -367,14 +368,21 @@ impl Session {
             // An accepted connection: fine unless a session is up or two exist already.
             Direction::Incoming => true,
         };
+        // The idle hold delays our own attempts only: a peer that connects is ready, and
+        // refusing it too would let two speakers with the same backoff miss each other
+        // forever (each refusing while the other tries).
         if !self.started
-            || self.idle_holding
+            || (self.idle_holding && dir == Direction::Outgoing)
             || !wanted
             || self.conns.len() >= 2
             || self.conns.iter().any(|c| c.state == ConnState::Established)
         {
             out.push(Output::Close { conn });
             return;
+        }
+        if self.idle_holding {
+            self.idle_holding = false;
+            out.push(timer(Timer::IdleHold, None));
         }
         if dir == Direction::Outgoing {
             self.connecting = None;

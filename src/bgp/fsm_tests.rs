@@ -209,14 +209,45 @@ fn hold_timer_expiry_sends_notification_and_goes_idle_with_backoff() {
     );
     assert_eq!(s.state(), State::Idle);
     assert_eq!(s.last_error().unwrap().to_string(), "hold timer expired");
-    // Connections are refused while idle-holding; then the session starts again.
+    // While idle-holding we do not connect; then the session starts again.
+    let out = s.handle(Input::Timer(Timer::ConnectRetry));
+    assert!(!out.iter().any(|o| matches!(o, Output::Connect { .. })));
+    let out = s.handle(Input::Timer(Timer::IdleHold));
+    assert!(matches!(out[0], Output::Connect { .. }));
+}
+
+/// A peer that connects during our idle hold is answered (the hold only delays our own
+/// attempts): two speakers backing off alike would otherwise never meet.
+#[test]
+fn an_incoming_connection_during_the_idle_hold_is_accepted() {
+    let (mut s, conn) = established(cfg());
+    s.handle(Input::Closed {
+        conn,
+        reason: "reset by peer".into(),
+    });
+    assert_eq!(s.state(), State::Idle);
     let out = s.handle(Input::Connected {
         conn: 77,
         dir: Direction::Incoming,
     });
-    assert_eq!(out, vec![Output::Close { conn: 77 }]);
+    assert!(!closed(&out, 77), "{out:?}");
+    assert!(matches!(sends(&out, 77)[..], [Message::Open(_)]), "{out:?}");
+    assert_eq!(armed(&out, Timer::IdleHold), Some(None), "hold cancelled");
+    // The hold timer firing late starts no second connection.
     let out = s.handle(Input::Timer(Timer::IdleHold));
-    assert!(matches!(out[0], Output::Connect { .. }));
+    assert!(
+        !out.iter().any(|o| matches!(o, Output::Connect { .. })),
+        "{out:?}"
+    );
+    s.handle(Input::Received {
+        conn: 77,
+        msg: peer_open(64512, 90, PEER),
+    });
+    s.handle(Input::Received {
+        conn: 77,
+        msg: Message::Keepalive,
+    });
+    assert_eq!(s.state(), State::Established);
 }
 
 #[test]

@@ -193,6 +193,8 @@ async fn run(
     };
     t.input(Input::Start).await;
     loop {
+        #[cfg(test)]
+        panic_if_asked(t.peer.address);
         let deadline = t.timers.values().min().copied();
         tokio::select! {
             cmd = cmds.recv() => match cmd {
@@ -237,6 +239,22 @@ async fn run(
             }
         }
     }
+}
+
+/// Tests: peers whose session task panics at its next turn (once).
+#[cfg(test)]
+pub(crate) static PANIC_AT_NEXT_TURN: std::sync::Mutex<Vec<IpAddr>> =
+    std::sync::Mutex::new(Vec::new());
+
+#[cfg(test)]
+fn panic_if_asked(peer: IpAddr) {
+    let asked = {
+        let mut list = PANIC_AT_NEXT_TURN.lock().unwrap();
+        let before = list.len();
+        list.retain(|p| *p != peer);
+        list.len() != before
+    };
+    assert!(!asked, "panic injected into the session with {peer}");
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -665,3 +665,114 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// Shared handle type for status readers.
 pub type StatusReceiver = watch::Receiver<Vec<PeerStatus>>;
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::bgp::session::PANIC_AT_NEXT_TURN;
+
+    struct Node {
+        status: watch::Receiver<Vec<PeerStatus>>,
+        felix: mpsc::Receiver<Vec<RouteUpdate>>,
+    }
+
+    /// A speaker on a loopback address (127.0.10.x, all on `port`) peering with `peers`.
+    fn node(me: u8, port: u16, peers: &[u8], export: &[&str], cancel: &CancellationToken) -> Node {
+        let addr = Ipv4Addr::new(127, 0, 10, me);
+        let mut cfg = DesiredBgpConfig::new(addr, 64512);
+        cfg.listen_address = IpAddr::V4(addr);
+        cfg.listen_port = port;
+        cfg.export = export.iter().map(|p| p.parse().unwrap()).collect();
+        cfg.policy.allowed = cfg.export.clone();
+        for p in peers {
+            let mut d = DesiredPeer::new(
+                IpAddr::V4(Ipv4Addr::new(127, 0, 10, *p)),
+                64512,
+                PeerType::NodeToNodeMesh,
+            );
+            d.port = port;
+            d.local_address = Some(IpAddr::V4(addr));
+            d.hold_time = 3;
+            d.graceful_restart_secs = 0;
+            cfg.peers.push(d);
+        }
+        let (felix_tx, felix) = mpsc::channel(1000);
+        let (status_tx, status) = watch::channel(Vec::new());
+        let (_keep, cfg_rx) = watch::channel(cfg.clone());
+        let speaker = Speaker::new(cfg, felix_tx, status_tx);
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            let _keep = _keep;
+            speaker.run(cfg_rx, c).await.unwrap();
+        });
+        Node { status, felix }
+    }
+
+    fn peer_status(n: &Node, last: u8) -> Option<PeerStatus> {
+        let a = IpAddr::V4(Ipv4Addr::new(127, 0, 10, last));
+        n.status.borrow().iter().find(|s| s.address == a).cloned()
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let limit = Instant::now() + Duration::from_secs(30);
+        while !f() {
+            assert!(Instant::now() < limit, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A panic in one session task ends that session only: the speaker restarts it, and
+    /// the other session stays up with its routes, never withdrawn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_session_is_restarted_alone() {
+        let port = 20_000 + (std::process::id() % 20_000) as u16;
+        let cancel = CancellationToken::new();
+        let mut a = node(1, port, &[2, 3], &[], &cancel);
+        let _b = node(2, port, &[1], &["10.244.2.0/26"], &cancel);
+        let _c = node(3, port, &[1], &["10.244.3.0/26"], &cancel);
+        let up = |n: &Node, p: u8| peer_status(n, p).is_some_and(|s| s.state == State::Established);
+        until("both sessions up", || up(&a, 2) && up(&a, 3)).await;
+        let c_since = peer_status(&a, 3).unwrap().established_at;
+        let b_since = peer_status(&a, 2).unwrap().established_at;
+        let mut seen = Vec::new();
+        until("C's route", || {
+            while let Ok(batch) = a.felix.try_recv() {
+                seen.extend(batch);
+            }
+            seen.iter().any(
+                |u| matches!(u, RouteUpdate::Best(r) if r.prefix.to_string() == "10.244.3.0/26"),
+            )
+        })
+        .await;
+        seen.clear();
+
+        PANIC_AT_NEXT_TURN
+            .lock()
+            .unwrap()
+            .push(IpAddr::V4(Ipv4Addr::new(127, 0, 10, 2)));
+        until("B's session restarted", || {
+            peer_status(&a, 2)
+                .is_some_and(|s| s.state == State::Established && s.established_at != b_since)
+        })
+        .await;
+        assert!(
+            PANIC_AT_NEXT_TURN.lock().unwrap().is_empty(),
+            "the panic happened"
+        );
+        let c = peer_status(&a, 3).unwrap();
+        assert_eq!(c.state, State::Established);
+        assert_eq!(c.established_at, c_since, "C's session was not disturbed");
+        while let Ok(batch) = a.felix.try_recv() {
+            seen.extend(batch);
+        }
+        assert!(
+            !seen.iter().any(
+                |u| matches!(u, RouteUpdate::Withdrawn(p) if p.to_string() == "10.244.3.0/26")
+            ),
+            "C's route was withdrawn: {seen:?}"
+        );
+        cancel.cancel();
+    }
+}
