@@ -253,25 +253,62 @@ pub fn mac_string(mac: &[u8]) -> String {
         .join(":")
 }
 
-/// The pair made by [`create_veth`]: its host index, and whether the IPv6 sysctls were
-/// written before the host side came up.
-#[derive(Debug, Clone, Copy)]
+/// The pair made by [`create_veth`]: its host index, whether the IPv6 sysctls were
+/// written before the host side came up, and the pod side's worker.
+#[derive(Debug)]
 pub struct Veth {
     pub host_index: u32,
     pub v6_sysctls: bool,
+    pod: PodSide,
+}
+
+/// A thread in the pod's namespace, started with the pair: once the pair exists it brings
+/// the pod's interface up with the gateway routes (they need no address), then waits for
+/// the addresses. Dropping it before sending them ends it.
+#[derive(Debug)]
+struct PodSide {
+    addrs: tokio::sync::oneshot::Sender<Vec<IpNet>>,
+    done: tokio::sync::oneshot::Receiver<Result<(), DataplaneError>>,
+}
+
+/// Which address families ADD expects before IPAM answers (with our own IPAM they are
+/// known from the config; with another plugin, neither is assumed).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Families {
+    pub v4: bool,
+    pub v6: bool,
 }
 
 /// Step 1 of ADD, which needs no address: the veth pair (an old host interface of the same
 /// name is deleted first, as Calico does on a repeated ADD), the host sysctls, host side
-/// up. `v6` says whether IPv6 addresses are expected (their sysctls must precede link up).
-/// The work starts on its own thread when this is called.
+/// up; in the pod, the interface up with its IPv4 gateway routes when IPv4 is expected.
+/// `expect.v6` says whether IPv6 addresses are expected (their sysctls must precede link
+/// up). The work starts on threads of its own when this is called.
 pub fn create_veth(
     spec: &PodSpec,
     pod_mac: [u8; 6],
-    v6: bool,
+    expect: Families,
 ) -> impl std::future::Future<Output = Result<Veth, DataplaneError>> + use<> {
     let spec = spec.clone();
-    on_thread(None, move |host| async move {
+    let (created_tx, created_rx) = tokio::sync::oneshot::channel::<()>();
+    let (addrs_tx, addrs_rx) = tokio::sync::oneshot::channel::<Vec<IpNet>>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let ifname = spec.container_ifname.clone();
+    let pod = on_thread(Some(spec.netns.clone()), move |h| async move {
+        if created_rx.await.is_err() {
+            // The pair was not made (that error is reported by the host side).
+            return Ok(());
+        }
+        let index = pod_link_up(&h, &ifname, expect.v4).await?;
+        let Ok(addrs) = addrs_rx.await else {
+            return Ok(());
+        };
+        pod_addresses(&h, index, &ifname, &addrs, expect.v4).await
+    });
+    tokio::spawn(async move {
+        let _ = done_tx.send(pod.await);
+    });
+    let host = on_thread(None, move |host| async move {
         delete_host_side(&host, &spec.host_ifname).await?;
         let ns_file = std::fs::File::open(&spec.netns).map_err(|e| DataplaneError::Netns {
             path: spec.netns.clone(),
@@ -285,21 +322,30 @@ pub fn create_veth(
                 "create veth {} with peer {} in {}",
                 spec.host_ifname, spec.container_ifname, spec.netns
             )))?;
+        let _ = created_tx.send(());
         let result = async {
             let index = host_index(&host, &spec.host_ifname).await?;
-            host_sysctls(&spec.host_ifname, v6)?;
+            host_sysctls(&spec.host_ifname, expect.v6)?;
             set_up(&host, index, &spec.host_ifname).await?;
-            Ok(Veth {
-                host_index: index,
-                v6_sysctls: v6,
-            })
+            Ok(index)
         }
         .await;
         if result.is_err() {
             let _ = delete_host_side(&host, &spec.host_ifname).await;
         }
         result
-    })
+    });
+    async move {
+        let host_index = host.await?;
+        Ok(Veth {
+            host_index,
+            v6_sysctls: expect.v6,
+            pod: PodSide {
+                addrs: addrs_tx,
+                done: done_rx,
+            },
+        })
+    }
 }
 
 async fn host_index(h: &Handle, name: &str) -> Result<u32, DataplaneError> {
@@ -337,10 +383,19 @@ pub async fn configure(spec: &PodSpec, veth: Veth) -> Result<(), DataplaneError>
         host_sysctls(&spec.host_ifname, true)?;
         set_up(&host, index, &spec.host_ifname).await?;
     }
-    let (ifname, addrs) = (spec.container_ifname.clone(), spec.addrs.clone());
-    let pod = in_netns(&spec.netns, move |h| async move {
-        configure_pod(&h, &ifname, &addrs).await
-    });
+    let pod = async {
+        let PodSide { addrs, done } = veth.pod;
+        if addrs.send(spec.addrs.clone()).is_err() {
+            return Err(DataplaneError::Netns {
+                path: spec.netns.clone(),
+                reason: "pod worker stopped".into(),
+            });
+        }
+        done.await.map_err(|_| DataplaneError::Netns {
+            path: spec.netns.clone(),
+            reason: "pod worker stopped".into(),
+        })?
+    };
     let routes = async {
         for a in &spec.addrs {
             host_route(&host, index, &spec.host_ifname, *a).await?;
@@ -368,9 +423,10 @@ async fn delete_host_side(h: &Handle, name: &str) -> Result<bool, DataplaneError
     }
 }
 
-/// Inside the pod: addresses, link up (a veth peer cannot be created up), the gateway's
-/// link route and the default route.
-async fn configure_pod(h: &Handle, ifname: &str, addrs: &[IpNet]) -> Result<(), DataplaneError> {
+/// Inside the pod, before the addresses are known: the interface up (a veth peer cannot
+/// be created up) and, when IPv4 is expected, the gateway's link route and the default
+/// route (neither needs the address). Returns the interface's index.
+async fn pod_link_up(h: &Handle, ifname: &str, v4_routes: bool) -> Result<u32, DataplaneError> {
     let link = link_by_name(h, ifname)
         .await?
         .ok_or_else(|| DataplaneError::Netlink {
@@ -379,6 +435,46 @@ async fn configure_pod(h: &Handle, ifname: &str, addrs: &[IpNet]) -> Result<(), 
             message: "missing".into(),
         })?;
     let index = link.header.index;
+    set_up(h, index, ifname).await?;
+    if v4_routes {
+        pod_v4_routes(h, index, ifname).await?;
+    }
+    Ok(index)
+}
+
+async fn pod_v4_routes(h: &Handle, index: u32, ifname: &str) -> Result<(), DataplaneError> {
+    let gw = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(GATEWAY, 32)
+        .output_interface(index)
+        .scope(RouteScope::Link)
+        .protocol(RouteProtocol::Boot)
+        .build();
+    h.route()
+        .add(gw)
+        .execute()
+        .await
+        .map_err(nl(format!("add route {GATEWAY} dev {ifname} scope link")))?;
+    let default = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(GATEWAY)
+        .output_interface(index)
+        .protocol(RouteProtocol::Boot)
+        .build();
+    h.route()
+        .add(default)
+        .execute()
+        .await
+        .map_err(nl(format!("add default via {GATEWAY} dev {ifname}")))
+}
+
+/// Inside the pod, once they are known: the addresses, and the routes not added yet (IPv4
+/// ones when IPv4 was not expected; IPv6's default route).
+async fn pod_addresses(
+    h: &Handle,
+    index: u32,
+    ifname: &str,
+    addrs: &[IpNet],
+    v4_routes_done: bool,
+) -> Result<(), DataplaneError> {
     for a in addrs {
         let mut req = h.address().add(index, a.addr(), a.prefix_len());
         if a.addr().is_ipv6() {
@@ -392,29 +488,8 @@ async fn configure_pod(h: &Handle, ifname: &str, addrs: &[IpNet]) -> Result<(), 
             .await
             .map_err(nl(format!("add {a} to {ifname}")))?;
     }
-    set_up(h, index, ifname).await?;
-    if addrs.iter().any(|a| a.addr().is_ipv4()) {
-        let gw = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(GATEWAY, 32)
-            .output_interface(index)
-            .scope(RouteScope::Link)
-            .protocol(RouteProtocol::Boot)
-            .build();
-        h.route()
-            .add(gw)
-            .execute()
-            .await
-            .map_err(nl(format!("add route {GATEWAY} dev {ifname} scope link")))?;
-        let default = RouteMessageBuilder::<Ipv4Addr>::new()
-            .gateway(GATEWAY)
-            .output_interface(index)
-            .protocol(RouteProtocol::Boot)
-            .build();
-        h.route()
-            .add(default)
-            .execute()
-            .await
-            .map_err(nl(format!("add default via {GATEWAY} dev {ifname}")))?;
+    if addrs.iter().any(|a| a.addr().is_ipv4()) && !v4_routes_done {
+        pod_v4_routes(h, index, ifname).await?;
     }
     if addrs.iter().any(|a| a.addr().is_ipv6()) {
         // IPv6: the gateway is the host veth's link-local address (Calico's rule); it is

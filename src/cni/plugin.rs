@@ -242,8 +242,11 @@ pub async fn execute(
     let veth = if env.command == Command::Add {
         conf.node_name()?;
         // With our own IPAM the families are known before it answers.
-        let v6 = in_process && conf.ipam.assign_ipv6.as_deref() == Some("true");
-        Some(dataplane::create_veth(&spec, pod_mac, v6))
+        let expect = dataplane::Families {
+            v4: in_process && conf.ipam.assign_ipv4.as_deref() != Some("false"),
+            v6: in_process && conf.ipam.assign_ipv6.as_deref() == Some("true"),
+        };
+        Some(dataplane::create_veth(&spec, pod_mac, expect))
     } else {
         None
     };
