@@ -389,20 +389,22 @@ where
         })?;
         Ok::<_, CniError>(result)
     };
-    let (assigned, veth) = tokio::join!(assigned, veth);
-    let assigned = match assigned {
+    // The pair is made on threads of its own meanwhile; it is awaited only where needed.
+    let assigned = match assigned.await {
         Ok(v) => v,
         Err(e) => {
             // The IPAM plugin undoes its own partial work; only the pair is ours to remove.
-            if veth.is_ok() {
+            if veth.await.is_ok() {
                 let _ = dataplane::teardown(&env.netns, &env.ifname, host_if).await;
             }
             return Err(e);
         }
     };
     let mut wep_created = false;
+    // Taken by the step that waits for it; on failure, whoever did not must still wait
+    // for the pair to exist before removing it.
+    let mut veth = Some(veth);
     let outcome = async {
-        let veth = veth.map_err(plugin_error("cannot create the pod interface"))?;
         let result: CniResult = serde_json::from_value(assigned).map_err(|e| {
             CniError::new(
                 code::DECODE_FAILURE,
@@ -442,7 +444,14 @@ where
                 Err(e) => Err(ipam_error(e.into())),
             }
         };
+        // The endpoint needs only the address and the MAC chosen up front: it is written
+        // while the pair is finished and configured.
         let configure = async {
+            let veth = veth
+                .take()
+                .expect("taken once")
+                .await
+                .map_err(plugin_error("cannot create the pod interface"))?;
             dataplane::configure(&spec, veth)
                 .await
                 .map_err(plugin_error("cannot set up the pod network"))
@@ -456,6 +465,9 @@ where
     .await;
     if outcome.is_err() {
         // Undo: the interface, the endpoint if this call made it, then the addresses.
+        if let Some(v) = veth.take() {
+            let _ = v.await;
+        }
         let _ = dataplane::teardown(&env.netns, &env.ifname, host_if).await;
         if wep_created {
             let name = workload_endpoint_name(node, orchestrator, workload, &env.ifname);
