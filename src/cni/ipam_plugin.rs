@@ -114,40 +114,48 @@ pub async fn execute_on(
     match env.command {
         Command::Add => {
             let host = conf.node_name()?;
-            // The readiness check and the lookup of a previous assignment go out together.
-            // A repeated ADD for the same container gets the addresses it already has.
-            let (ready, held) =
-                tokio::join!(check_datastore_ready(&client), ipam.ips_of_handle(&handle));
+            let mut attrs = BTreeMap::from([
+                ("node".to_string(), host.clone()),
+                (
+                    "timestamp".to_string(),
+                    crate::datastore::client::now_rfc3339(),
+                ),
+            ]);
+            if let Some((ns, pod)) = env.k8s_pod() {
+                attrs.insert("namespace".into(), ns.into());
+                attrs.insert("pod".into(), pod.into());
+            }
+            let parse = |v: &Vec<String>| {
+                v.iter()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<IpNet>>()
+            };
+            let args = AssignArgs {
+                handle: handle.clone(),
+                attrs,
+                host,
+                num_v4: usize::from(conf.ipam.assign_ipv4.as_deref() != Some("false")),
+                num_v6: usize::from(conf.ipam.assign_ipv6.as_deref() == Some("true")),
+                v4_pools: parse(&conf.ipam.ipv4_pools),
+                v6_pools: parse(&conf.ipam.ipv6_pools),
+                use_: IpUse::Workload,
+            };
+            // The readiness check, the lookup of a previous assignment (a repeated ADD for
+            // the same container gets the addresses it already has) and the first reads
+            // of a new assignment go out together.
+            let (ready, held, pre) = tokio::join!(
+                check_datastore_ready(&client),
+                ipam.ips_of_handle(&handle),
+                ipam.prefetch(&args)
+            );
             ready?;
             let mut ips = held.map_err(ipam_error)?;
             if ips.is_empty() {
-                let mut attrs = BTreeMap::from([
-                    ("node".to_string(), host.clone()),
-                    (
-                        "timestamp".to_string(),
-                        crate::datastore::client::now_rfc3339(),
-                    ),
-                ]);
-                if let Some((ns, pod)) = env.k8s_pod() {
-                    attrs.insert("namespace".into(), ns.into());
-                    attrs.insert("pod".into(), pod.into());
-                }
-                let parse = |v: &Vec<String>| {
-                    v.iter()
-                        .filter_map(|p| p.parse().ok())
-                        .collect::<Vec<IpNet>>()
-                };
-                let args = AssignArgs {
-                    handle: handle.clone(),
-                    attrs,
-                    host,
-                    num_v4: usize::from(conf.ipam.assign_ipv4.as_deref() != Some("false")),
-                    num_v6: usize::from(conf.ipam.assign_ipv6.as_deref() == Some("true")),
-                    v4_pools: parse(&conf.ipam.ipv4_pools),
-                    v6_pools: parse(&conf.ipam.ipv6_pools),
-                    use_: IpUse::Workload,
-                };
-                ips = ipam.auto_assign(&args).await.map_err(ipam_error)?;
+                let pre = pre.map_err(ipam_error)?;
+                ips = ipam
+                    .auto_assign_prefetched(&args, pre)
+                    .await
+                    .map_err(ipam_error)?;
             }
             let mut result = CniResult::new(&conf.cni_version);
             for ip in ips {

@@ -117,6 +117,20 @@ pub enum IpamError {
 /// Result of an IPAM call.
 pub type IpamResult<T> = Result<T, IpamError>;
 
+/// The first reads of an assignment (see [`Ipam::prefetch`]).
+#[derive(Debug)]
+pub struct Prefetched {
+    v4: Option<FamilyReads>,
+    v6: Option<FamilyReads>,
+}
+
+#[derive(Debug)]
+struct FamilyReads {
+    pools: Vec<IPPool>,
+    cfg: IPAMConfig,
+    guess: Vec<IpNet>,
+}
+
 /// A request for addresses.
 #[derive(Debug, Clone)]
 pub struct AssignArgs {
@@ -307,15 +321,59 @@ impl Ipam {
 
     /// Assign addresses per `args`. All or nothing: on failure nothing stays allocated.
     pub async fn auto_assign(&self, args: &AssignArgs) -> IpamResult<Vec<IpAddr>> {
+        let pre = self.prefetch(args).await?;
+        self.auto_assign_prefetched(args, pre).await
+    }
+
+    /// The reads an assignment starts with (pools, IPAM configuration, a first look at the
+    /// host's affinities), for callers that issue them together with reads of their own.
+    pub async fn prefetch(&self, args: &AssignArgs) -> IpamResult<Prefetched> {
+        let (v4, v6) = tokio::join!(
+            self.prefetch_family(args, false, args.num_v4, &args.v4_pools),
+            self.prefetch_family(args, true, args.num_v6, &args.v6_pools)
+        );
+        Ok(Prefetched { v4: v4?, v6: v6? })
+    }
+
+    async fn prefetch_family(
+        &self,
+        args: &AssignArgs,
+        v6: bool,
+        n: usize,
+        requested: &[IpNet],
+    ) -> IpamResult<Option<FamilyReads>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        // Pools and configuration do not change with claims, and the affinities read here
+        // are a first guess, checked again under the lock before any block is claimed.
+        let (pools, cfg, guess) = tokio::join!(
+            self.usable_pools(&args.host, v6, requested, args.use_),
+            self.config(),
+            self.affine_blocks(&args.host, v6)
+        );
+        Ok(Some(FamilyReads {
+            pools: pools?,
+            cfg: cfg?,
+            guess: guess?,
+        }))
+    }
+
+    /// [`Ipam::auto_assign`] with its first reads already made by [`Ipam::prefetch`].
+    pub async fn auto_assign_prefetched(
+        &self,
+        args: &AssignArgs,
+        pre: Prefetched,
+    ) -> IpamResult<Vec<IpAddr>> {
         let mut out = Vec::new();
-        for (v6, n, req) in [
-            (false, args.num_v4, &args.v4_pools),
-            (true, args.num_v6, &args.v6_pools),
+        for (v6, n, req, reads) in [
+            (false, args.num_v4, &args.v4_pools, pre.v4),
+            (true, args.num_v6, &args.v6_pools, pre.v6),
         ] {
-            if n == 0 {
+            let Some(reads) = reads.filter(|_| n > 0) else {
                 continue;
-            }
-            match self.assign_family(args, v6, n, req).await {
+            };
+            match self.assign_family(args, v6, n, req, reads).await {
                 Ok(ips) => out.extend(ips),
                 Err(e) => {
                     if !out.is_empty() {
@@ -334,17 +392,10 @@ impl Ipam {
         v6: bool,
         n: usize,
         requested: &[IpNet],
+        reads: FamilyReads,
     ) -> IpamResult<Vec<IpAddr>> {
         let family = if v6 { 6 } else { 4 };
-        // The reads go out together, before the host's lock: pools and configuration do
-        // not change with claims, and the affinities read here are a first guess, checked
-        // again under the lock before any block is claimed.
-        let (pools, cfg, guess) = tokio::join!(
-            self.usable_pools(&args.host, v6, requested, args.use_),
-            self.config(),
-            self.affine_blocks(&args.host, v6)
-        );
-        let (pools, cfg, guess) = (pools?, cfg?, guess?);
+        let FamilyReads { pools, cfg, guess } = reads;
         let lock = {
             let mut locks = self.host_locks.lock().unwrap_or_else(|e| e.into_inner());
             locks.entry(args.host.clone()).or_default().clone()
