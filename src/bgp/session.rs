@@ -179,7 +179,7 @@ async fn run(
     events: mpsc::Sender<SessionEvent>,
 ) {
     // Small: one message can hold all of a 64 KiB read.
-    let (internal, mut internal_rx) = mpsc::channel(32);
+    let (internal, mut internal_rx) = mpsc::channel(8);
     let mut t = Task {
         fsm: Session::new(peer.session.clone()),
         peer,

@@ -85,6 +85,9 @@ pub struct Speaker {
     in_sync_sent: bool,
 }
 
+/// Most route changes in one message to Felix.
+const FELIX_BATCH: usize = 1024;
+
 /// How long Felix waits for the first full table before it is told "in sync" anyway.
 const IN_SYNC_AFTER: Duration = Duration::from_secs(10);
 
@@ -127,7 +130,7 @@ impl Speaker {
         status: watch::Sender<Vec<PeerStatus>>,
     ) -> Speaker {
         // Small: one event can hold the UPDATEs of a whole read.
-        let (events_tx, events) = mpsc::channel(128);
+        let (events_tx, events) = mpsc::channel(16);
         Speaker {
             rib: Rib::new(cfg.local_as.0, cfg.router_id, cfg.cluster_id),
             cfg,
@@ -465,16 +468,21 @@ impl Speaker {
         if changed.is_empty() {
             return;
         }
-        let batch: Vec<RouteUpdate> = self
+        let mut updates = self
             .rib
             .take_forwarding_changes()
             .into_iter()
             .map(|(prefix, _, now)| match now {
                 Some(next_hop) => RouteUpdate::Best(LearnedRoute { prefix, next_hop }),
                 None => RouteUpdate::Withdrawn(prefix),
-            })
-            .collect();
-        if !batch.is_empty() {
+            });
+        // In bounded batches: Felix's channel is bounded in messages, and one event can
+        // carry a whole read's worth of routes.
+        loop {
+            let batch: Vec<RouteUpdate> = updates.by_ref().take(FELIX_BATCH).collect();
+            if batch.is_empty() {
+                break;
+            }
             let _ = self.felix.send(batch).await;
         }
         let established: Vec<IpAddr> = self
