@@ -1,6 +1,9 @@
-//! Felix: the dataplane (routes, tunnels, neighbours, sysctls, NAT). The calculation and
-//! reconcilers arrive with the Felix issue; what exists now is Felix's input type, fixing
-//! its two inbound channels: datastore updates from the syncer and best routes from BGP.
+//! Felix: the dataplane (routes, tunnels, neighbours, sysctls, NAT). `calc` computes the
+//! desired dataplane (pure); the reconcilers arrive with the rest of the Felix issue.
+//! `FelixInput` fixes its two inbound channels: datastore updates from the syncer and best
+//! routes from BGP.
+
+pub mod calc;
 
 use crate::bgp::RouteUpdate;
 use crate::datastore::syncer::SyncerEvent;

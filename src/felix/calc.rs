@@ -1,0 +1,439 @@
+//! The calculation (pure): from what the syncer knows (Nodes, IPPools, this node's
+//! WorkloadEndpoints, IPAM blocks, FelixConfiguration) and the BGP best routes, the
+//! dataplane this node should have (REFERENCE §5). The reconcilers make the kernel match.
+//!
+//! Route sources, strongest first: local workloads (`dev caliX scope link`), blackholes for
+//! this node's blocks, routes from the datastore for VXLAN pools (Calico's `vxlan` backend
+//! needs no BGP), then BGP best paths for every other prefix, encapsulated per the pool that
+//! contains it (NoEncap: via the node IP; IPIP: via the node IP dev tunl0; CrossSubnet:
+//! direct when the next hop shares this node's subnet, else the tunnel).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::{IpNet, Ipv4Net};
+use sha1::{Digest, Sha1};
+
+use crate::model::ipam::AllocationBlock;
+use crate::model::ippool::IPPoolSpec;
+use crate::model::node::NodeSpec;
+use crate::model::workload::WorkloadEndpointSpec;
+
+/// The protocol of routes Felix owns.
+pub const PROTO_FELIX: u8 = 80;
+pub const TUNL0: &str = "tunl0";
+pub const VXLAN_DEV: &str = "vxlan.calico";
+
+/// Where a route leaves by.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dev {
+    /// The interface that holds this node's IP (found by the route reconciler).
+    Uplink,
+    Named(String),
+}
+
+/// What a route does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    Blackhole,
+    /// `dev <if> scope link`: a local workload.
+    Link(String),
+    /// `via <gateway> dev <dev> onlink`.
+    Via {
+        gateway: IpAddr,
+        dev: Dev,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub target: Target,
+    pub protocol: u8,
+}
+
+/// A permanent neighbour entry.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Neighbour {
+    pub dev: String,
+    pub ip: IpAddr,
+    pub mac: [u8; 6],
+}
+
+/// A permanent FDB entry on vxlan.calico: a remote VTEP's MAC behind its node IP.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fdb {
+    pub mac: [u8; 6],
+    pub dst: IpAddr,
+}
+
+/// The IPIP device, wanted when a pool uses IPIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ipip {
+    /// `Node.spec.bgp.ipv4IPIPTunnelAddr` (None until it is allocated).
+    pub address: Option<Ipv4Addr>,
+}
+
+/// The VXLAN device, wanted when a pool uses VXLAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vxlan {
+    pub vni: u32,
+    pub port: u16,
+    /// This node's IP: the source of the tunnel, and the parent interface's address.
+    pub local: Option<Ipv4Addr>,
+    pub mac: [u8; 6],
+    /// `Node.spec.ipv4VXLANTunnelAddr` (None until it is allocated).
+    pub address: Option<Ipv4Addr>,
+}
+
+/// NAT outgoing: traffic from `masquerade` pools to destinations outside `all` pools.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Nat {
+    pub masquerade: BTreeSet<IpNet>,
+    pub all: BTreeSet<IpNet>,
+    /// SNAT to this address instead of masquerading.
+    pub snat_to: Option<IpAddr>,
+}
+
+/// The dataplane this node should have.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub routes: BTreeMap<IpNet, Route>,
+    pub neighbours: BTreeSet<Neighbour>,
+    pub fdb: BTreeSet<Fdb>,
+    pub ipip: Option<Ipip>,
+    pub vxlan: Option<Vxlan>,
+    pub nat: Nat,
+    /// What could not be programmed, and why (for logs and readiness).
+    pub problems: Vec<String>,
+}
+
+/// Felix settings the calculation uses (from FelixConfiguration).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub vxlan_vni: u32,
+    pub vxlan_port: u16,
+    /// `deviceRouteProtocol` of local workload routes.
+    pub device_route_protocol: u8,
+    pub nat_outgoing_address: Option<IpAddr>,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            vxlan_vni: 4096,
+            vxlan_port: 4789,
+            device_route_protocol: 3,
+            nat_outgoing_address: None,
+        }
+    }
+}
+
+/// Everything the calculation reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Input<'a> {
+    /// This node's name.
+    pub node: &'a str,
+    pub nodes: &'a BTreeMap<String, NodeSpec>,
+    pub pools: &'a [IPPoolSpec],
+    /// This node's workload endpoints.
+    pub workloads: &'a [WorkloadEndpointSpec],
+    /// Every IPAM block.
+    pub blocks: &'a [AllocationBlock],
+    /// BGP best paths: prefix to next hop.
+    pub bgp: &'a BTreeMap<IpNet, IpAddr>,
+    pub settings: &'a Settings,
+}
+
+/// How a pool's traffic crosses nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    None,
+    Ipip { cross_subnet: bool },
+    Vxlan { cross_subnet: bool },
+}
+
+/// A pool's encapsulation (VXLAN wins if both are set; validation forbids that).
+pub fn encap(pool: &IPPoolSpec) -> Encap {
+    match (pool.vxlan(), pool.ipip()) {
+        ("Always", _) => Encap::Vxlan {
+            cross_subnet: false,
+        },
+        ("CrossSubnet", _) => Encap::Vxlan { cross_subnet: true },
+        (_, "Always") => Encap::Ipip {
+            cross_subnet: false,
+        },
+        (_, "CrossSubnet") => Encap::Ipip { cross_subnet: true },
+        _ => Encap::None,
+    }
+}
+
+/// A node's VTEP MAC: `vxlanTunnelMACAddr`, or derived from its name when empty
+/// (0x66, then the first five bytes of SHA1 of the name).
+pub fn vtep_mac(name: &str, spec: &NodeSpec) -> [u8; 6] {
+    if let Some(m) = spec.vxlan_tunnel_mac_addr.as_deref().and_then(parse_mac) {
+        return m;
+    }
+    let d = Sha1::digest(name.as_bytes());
+    [0x66, d[0], d[1], d[2], d[3], d[4]]
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+/// A node's IPv4 address and its subnet (`spec.bgp.ipv4Address`, a CIDR).
+fn node_ip(spec: &NodeSpec) -> Option<Ipv4Net> {
+    let s = spec.bgp.as_ref()?.ipv4_address.as_deref()?;
+    s.parse::<Ipv4Net>()
+        .ok()
+        .or_else(|| s.parse::<Ipv4Addr>().ok().map(Ipv4Net::from))
+}
+
+fn ipv4(s: Option<&str>) -> Option<Ipv4Addr> {
+    let s = s?;
+    s.parse()
+        .ok()
+        .or_else(|| s.parse::<Ipv4Net>().ok().map(|n| n.addr()))
+}
+
+/// The most specific pool containing `net`.
+fn pool_of<'a>(pools: &'a [IPPoolSpec], net: &IpNet) -> Option<&'a IPPoolSpec> {
+    pools
+        .iter()
+        .filter(|p| p.net().is_some_and(|n| n.contains(net)))
+        .max_by_key(|p| p.net().map_or(0, |n| n.prefix_len()))
+}
+
+/// The node each allocated address of a block belongs to, when that is not the block's
+/// own node (a borrowed address).
+fn borrowed(block: &AllocationBlock) -> Vec<(IpNet, String)> {
+    let Ok(cidr) = block.cidr.parse::<IpNet>() else {
+        return Vec::new();
+    };
+    let owner = block.host();
+    let mut out = Vec::new();
+    for (ordinal, attr) in block.allocations.iter().enumerate() {
+        let Some(node) = attr
+            .and_then(|i| block.attributes.get(i))
+            .and_then(|a| a.secondary.as_ref())
+            .and_then(|s| s.get("node"))
+        else {
+            continue;
+        };
+        if Some(node.as_str()) == owner {
+            continue;
+        }
+        if let Some(ip) = nth(&cidr, ordinal) {
+            out.push((IpNet::from(ip), node.clone()));
+        }
+    }
+    out
+}
+
+fn nth(cidr: &IpNet, ordinal: usize) -> Option<IpAddr> {
+    match cidr {
+        IpNet::V4(n) => u32::from(n.network())
+            .checked_add(u32::try_from(ordinal).ok()?)
+            .map(|a| IpAddr::V4(a.into())),
+        IpNet::V6(n) => u128::from(n.network())
+            .checked_add(ordinal as u128)
+            .map(|a| IpAddr::V6(a.into())),
+    }
+}
+
+/// Compute the desired dataplane.
+pub fn calculate(input: &Input) -> Desired {
+    let mut d = Desired::default();
+    let me = input.nodes.get(input.node);
+    let my_ip = me.and_then(node_ip);
+    let same_subnet = |ip: &IpAddr| match (ip, my_ip) {
+        (IpAddr::V4(a), Some(net)) => net.contains(a),
+        _ => false,
+    };
+    let felix_route = |target| Route {
+        target,
+        protocol: PROTO_FELIX,
+    };
+
+    // 1. Local workloads.
+    for w in input.workloads {
+        let mac = parse_mac(&w.mac);
+        for n in &w.ip_networks {
+            let Ok(net) = n.parse::<IpNet>() else {
+                d.problems.push(format!(
+                    "workload {}: ipNetworks entry {n:?} is not a CIDR",
+                    w.interface_name
+                ));
+                continue;
+            };
+            d.routes.insert(
+                net,
+                Route {
+                    target: Target::Link(w.interface_name.clone()),
+                    protocol: input.settings.device_route_protocol,
+                },
+            );
+            if let Some(mac) = mac {
+                d.neighbours.insert(Neighbour {
+                    dev: w.interface_name.clone(),
+                    ip: net.addr(),
+                    mac,
+                });
+            }
+        }
+    }
+
+    // 2. This node's blocks.
+    for b in input.blocks.iter().filter(|b| !b.deleted) {
+        if b.host() == Some(input.node)
+            && let Ok(net) = b.cidr.parse::<IpNet>()
+        {
+            d.routes
+                .entry(net)
+                .or_insert_with(|| felix_route(Target::Blackhole));
+        }
+    }
+
+    // 3. VXLAN pools, from the datastore: other nodes' blocks, and addresses borrowed by
+    // other nodes (also from this node's blocks).
+    let vxlan_wanted = input
+        .pools
+        .iter()
+        .any(|p| matches!(encap(p), Encap::Vxlan { .. }));
+    let toward = |d: &mut Desired, dst: IpNet, node: &str, cross_subnet: bool| {
+        let Some(spec) = input.nodes.get(node) else {
+            d.problems
+                .push(format!("{dst}: node {node} is not in the datastore"));
+            return;
+        };
+        let Some(ip) = node_ip(spec) else {
+            d.problems
+                .push(format!("{dst}: node {node} has no spec.bgp.ipv4Address"));
+            return;
+        };
+        let node_addr = IpAddr::V4(ip.addr());
+        let target = if cross_subnet && same_subnet(&node_addr) {
+            Target::Via {
+                gateway: node_addr,
+                dev: Dev::Uplink,
+            }
+        } else {
+            let Some(tunnel) = ipv4(spec.ipv4_vxlan_tunnel_addr.as_deref()) else {
+                d.problems.push(format!(
+                    "{dst}: node {node} has no spec.ipv4VXLANTunnelAddr yet"
+                ));
+                return;
+            };
+            Target::Via {
+                gateway: IpAddr::V4(tunnel),
+                dev: Dev::Named(VXLAN_DEV.into()),
+            }
+        };
+        d.routes.entry(dst).or_insert_with(|| felix_route(target));
+    };
+    for b in input.blocks.iter().filter(|b| !b.deleted) {
+        let Ok(net) = b.cidr.parse::<IpNet>() else {
+            continue;
+        };
+        let Some(Encap::Vxlan { cross_subnet }) = pool_of(input.pools, &net).map(encap) else {
+            continue;
+        };
+        if !net.addr().is_ipv4() {
+            continue;
+        }
+        if let Some(host) = b.host()
+            && host != input.node
+        {
+            toward(&mut d, net, host, cross_subnet);
+        }
+        for (ip, node) in borrowed(b) {
+            if node != input.node {
+                toward(&mut d, ip, &node, cross_subnet);
+            }
+        }
+    }
+
+    // 4. BGP best paths for everything else.
+    for (prefix, next_hop) in input.bgp {
+        let e = pool_of(input.pools, prefix).map_or(Encap::None, encap);
+        let target = match e {
+            // Routes of VXLAN pools come from the datastore.
+            Encap::Vxlan { .. } => continue,
+            Encap::Ipip { cross_subnet } if !(cross_subnet && same_subnet(next_hop)) => {
+                Target::Via {
+                    gateway: *next_hop,
+                    dev: Dev::Named(TUNL0.into()),
+                }
+            }
+            _ => Target::Via {
+                gateway: *next_hop,
+                dev: Dev::Uplink,
+            },
+        };
+        d.routes
+            .entry(*prefix)
+            .or_insert_with(|| felix_route(target));
+    }
+
+    // 5. Tunnel devices, and what VXLAN needs per remote node.
+    if input
+        .pools
+        .iter()
+        .any(|p| matches!(encap(p), Encap::Ipip { .. }))
+    {
+        d.ipip = Some(Ipip {
+            address: me.and_then(|m| ipv4(m.bgp.as_ref()?.ipv4_ipip_tunnel_addr.as_deref())),
+        });
+    }
+    if vxlan_wanted {
+        d.vxlan = Some(Vxlan {
+            vni: input.settings.vxlan_vni,
+            port: input.settings.vxlan_port,
+            local: my_ip.map(|n| n.addr()),
+            mac: me.map_or([0; 6], |m| vtep_mac(input.node, m)),
+            address: me.and_then(|m| ipv4(m.ipv4_vxlan_tunnel_addr.as_deref())),
+        });
+        // Every other node with a VTEP gets its ARP and FDB entries (not only those a
+        // route uses now: a block can move to a node at any time).
+        for (name, spec) in input.nodes {
+            if name == input.node {
+                continue;
+            }
+            let (Some(ip), Some(tunnel)) =
+                (node_ip(spec), ipv4(spec.ipv4_vxlan_tunnel_addr.as_deref()))
+            else {
+                continue;
+            };
+            let mac = vtep_mac(name, spec);
+            d.neighbours.insert(Neighbour {
+                dev: VXLAN_DEV.into(),
+                ip: IpAddr::V4(tunnel),
+                mac,
+            });
+            d.fdb.insert(Fdb {
+                mac,
+                dst: IpAddr::V4(ip.addr()),
+            });
+        }
+    }
+
+    // 6. NAT outgoing.
+    for p in input.pools {
+        let Some(net) = p.net() else { continue };
+        d.nat.all.insert(net);
+        if p.nat_outgoing {
+            d.nat.masquerade.insert(net);
+        }
+    }
+    d.nat.snat_to = input.settings.nat_outgoing_address;
+    d
+}
+
+#[cfg(test)]
+#[path = "calc_tests.rs"]
+mod tests;
