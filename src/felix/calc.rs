@@ -133,12 +133,12 @@ impl Default for Settings {
 pub struct Input<'a> {
     /// This node's name.
     pub node: &'a str,
+    /// Nodes by name.
     pub nodes: &'a BTreeMap<String, NodeSpec>,
-    pub pools: &'a [IPPoolSpec],
-    /// This node's workload endpoints.
-    pub workloads: &'a [WorkloadEndpointSpec],
-    /// Every IPAM block.
-    pub blocks: &'a [AllocationBlock],
+    /// IP pools, workload endpoints (this node's) and IPAM blocks (all), each by key.
+    pub pools: &'a BTreeMap<String, IPPoolSpec>,
+    pub workloads: &'a BTreeMap<String, WorkloadEndpointSpec>,
+    pub blocks: &'a BTreeMap<String, AllocationBlock>,
     /// BGP best paths: prefix to next hop.
     pub bgp: &'a BTreeMap<IpNet, IpAddr>,
     pub settings: &'a Settings,
@@ -202,9 +202,9 @@ fn ipv4(s: Option<&str>) -> Option<Ipv4Addr> {
 }
 
 /// The most specific pool containing `net`.
-fn pool_of<'a>(pools: &'a [IPPoolSpec], net: &IpNet) -> Option<&'a IPPoolSpec> {
+fn pool_of<'a>(pools: &'a BTreeMap<String, IPPoolSpec>, net: &IpNet) -> Option<&'a IPPoolSpec> {
     pools
-        .iter()
+        .values()
         .filter(|p| p.net().is_some_and(|n| n.contains(net)))
         .max_by_key(|p| p.net().map_or(0, |n| n.prefix_len()))
 }
@@ -261,7 +261,7 @@ pub fn calculate(input: &Input) -> Desired {
     };
 
     // 1. Local workloads.
-    for w in input.workloads {
+    for w in input.workloads.values() {
         let mac = parse_mac(&w.mac);
         for n in &w.ip_networks {
             let Ok(net) = n.parse::<IpNet>() else {
@@ -289,7 +289,7 @@ pub fn calculate(input: &Input) -> Desired {
     }
 
     // 2. This node's blocks.
-    for b in input.blocks.iter().filter(|b| !b.deleted) {
+    for b in input.blocks.values().filter(|b| !b.deleted) {
         if b.host() == Some(input.node)
             && let Ok(net) = b.cidr.parse::<IpNet>()
         {
@@ -303,7 +303,7 @@ pub fn calculate(input: &Input) -> Desired {
     // other nodes (also from this node's blocks).
     let vxlan_wanted = input
         .pools
-        .iter()
+        .values()
         .any(|p| matches!(encap(p), Encap::Vxlan { .. }));
     let toward = |d: &mut Desired, dst: IpNet, node: &str, cross_subnet: bool| {
         let Some(spec) = input.nodes.get(node) else {
@@ -336,7 +336,7 @@ pub fn calculate(input: &Input) -> Desired {
         };
         d.routes.entry(dst).or_insert_with(|| felix_route(target));
     };
-    for b in input.blocks.iter().filter(|b| !b.deleted) {
+    for b in input.blocks.values().filter(|b| !b.deleted) {
         let Ok(net) = b.cidr.parse::<IpNet>() else {
             continue;
         };
@@ -383,7 +383,7 @@ pub fn calculate(input: &Input) -> Desired {
     // 5. Tunnel devices, and what VXLAN needs per remote node.
     if input
         .pools
-        .iter()
+        .values()
         .any(|p| matches!(encap(p), Encap::Ipip { .. }))
     {
         d.ipip = Some(Ipip {
@@ -423,7 +423,7 @@ pub fn calculate(input: &Input) -> Desired {
     }
 
     // 6. NAT outgoing.
-    for p in input.pools {
+    for p in input.pools.values() {
         let Some(net) = p.net() else { continue };
         d.nat.all.insert(net);
         if p.nat_outgoing {

@@ -63,12 +63,21 @@ fn block(cidr: &str, host: &str, borrowed: &[(usize, &str)]) -> AllocationBlock 
 }
 
 /// Our block lends 10.244.0.5 to node-c; node-b and node-c have a block each.
-fn blocks() -> Vec<AllocationBlock> {
-    vec![
+fn blocks() -> BTreeMap<String, AllocationBlock> {
+    keyed([
         block("10.244.0.0/26", "node-a", &[(5, "node-c")]),
         block("10.244.1.0/26", "node-b", &[]),
         block("10.244.2.0/26", "node-c", &[]),
-    ]
+    ])
+}
+
+/// Values under made-up keys, in order.
+fn keyed<T>(values: impl IntoIterator<Item = T>) -> BTreeMap<String, T> {
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| (format!("k{i}"), v))
+        .collect()
 }
 
 /// What BGP would hold: the other nodes' blocks, node-c's borrowed /32, our own block
@@ -104,11 +113,11 @@ fn workload() -> WorkloadEndpointSpec {
 
 fn run(pools: &[IPPoolSpec], nodes: &BTreeMap<String, NodeSpec>) -> Desired {
     let (blocks, bgp, settings) = (blocks(), bgp(), Settings::default());
-    let workloads = [workload()];
+    let (pools, workloads) = (keyed(pools.iter().cloned()), keyed([workload()]));
     calculate(&Input {
         node: ME,
         nodes,
-        pools,
+        pools: &pools,
         workloads: &workloads,
         blocks: &blocks,
         bgp: &bgp,
@@ -331,12 +340,12 @@ fn nat_outgoing_sets() {
         ..Default::default()
     };
     let (nodes, blocks, bgp) = (nodes(), blocks(), bgp());
-    let pools = [pool("Never", "Never"), other];
+    let pools = keyed([pool("Never", "Never"), other]);
     let d = calculate(&Input {
         node: ME,
         nodes: &nodes,
         pools: &pools,
-        workloads: &[],
+        workloads: &BTreeMap::new(),
         blocks: &blocks,
         bgp: &bgp,
         settings: &settings,

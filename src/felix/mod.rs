@@ -4,6 +4,7 @@
 //! routes from BGP.
 
 pub mod calc;
+pub mod state;
 
 use crate::bgp::RouteUpdate;
 use crate::datastore::syncer::SyncerEvent;

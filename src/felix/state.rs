@@ -1,0 +1,289 @@
+//! What Felix knows (pure): the syncer's updates and BGP's best routes folded into the
+//! tables the calculation reads. Deletes come by key, so every table is keyed by the
+//! datastore key; nodes are also indexed by name.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::FelixInput;
+use super::calc::{self, Desired, Input, Settings};
+use crate::bgp::RouteUpdate;
+use crate::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, UpdateType};
+use crate::model::AnyResource;
+use crate::model::felix::FelixConfigurationSpec;
+use crate::model::ipam::AllocationBlock;
+use crate::model::ippool::IPPoolSpec;
+use crate::model::node::NodeSpec;
+use crate::model::workload::WorkloadEndpointSpec;
+
+/// Felix's view of the cluster.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    node: String,
+    /// Node names by key, and specs by name.
+    node_keys: BTreeMap<String, String>,
+    nodes: BTreeMap<String, NodeSpec>,
+    pools: BTreeMap<String, IPPoolSpec>,
+    workloads: BTreeMap<String, WorkloadEndpointSpec>,
+    blocks: BTreeMap<String, AllocationBlock>,
+    /// FelixConfiguration `default` and `node.<this node>`.
+    global: Option<FelixConfigurationSpec>,
+    per_node: Option<FelixConfigurationSpec>,
+    bgp: BTreeMap<IpNet, IpAddr>,
+    pub datastore_in_sync: bool,
+    pub bgp_in_sync: bool,
+}
+
+impl State {
+    pub fn new(node: &str) -> State {
+        State {
+            node: node.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Fold one input in; true when it can change the desired dataplane.
+    pub fn apply(&mut self, input: &FelixInput) -> bool {
+        match input {
+            FelixInput::Bgp(RouteUpdate::Best(r)) => {
+                self.bgp.insert(r.prefix, r.next_hop) != Some(r.next_hop)
+            }
+            FelixInput::Bgp(RouteUpdate::Withdrawn(p)) => self.bgp.remove(p).is_some(),
+            FelixInput::Bgp(RouteUpdate::InSync) => {
+                self.bgp_in_sync = true;
+                false
+            }
+            FelixInput::Datastore(SyncerEvent::Status(s)) => {
+                self.datastore_in_sync = *s == SyncStatus::InSync;
+                false
+            }
+            FelixInput::Datastore(SyncerEvent::Update(u)) => {
+                let key = u.key.as_str();
+                match (&u.update_type, u.value.as_deref()) {
+                    (UpdateType::Deleted, _) | (_, None) => self.forget(key),
+                    (_, Some(v)) => self.store(key, v),
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, key: &str) -> bool {
+        let mut gone = self.pools.remove(key).is_some()
+            | self.workloads.remove(key).is_some()
+            | self.blocks.remove(key).is_some();
+        if let Some(name) = self.node_keys.remove(key) {
+            gone |= self.nodes.remove(&name).is_some();
+        }
+        if key.ends_with("/felixconfigurations/default") {
+            gone |= self.global.take().is_some();
+        }
+        if key.ends_with(&format!("/felixconfigurations/node.{}", self.node)) {
+            gone |= self.per_node.take().is_some();
+        }
+        gone
+    }
+
+    fn store(&mut self, key: &str, value: &SyncValue) -> bool {
+        match value {
+            SyncValue::Block(b) => {
+                self.blocks.insert(key.to_string(), b.clone());
+                true
+            }
+            SyncValue::Resource(AnyResource::IPPool(p)) => {
+                self.pools.insert(key.to_string(), p.spec.clone());
+                true
+            }
+            SyncValue::Resource(AnyResource::Node(n)) => {
+                self.node_keys
+                    .insert(key.to_string(), n.metadata.name.clone());
+                self.nodes.insert(n.metadata.name.clone(), n.spec.clone());
+                true
+            }
+            SyncValue::Resource(AnyResource::WorkloadEndpoint(w)) => {
+                if w.spec.node == self.node {
+                    self.workloads.insert(key.to_string(), w.spec.clone());
+                    true
+                } else {
+                    // Moved to another node: it is not ours any more.
+                    self.workloads.remove(key).is_some()
+                }
+            }
+            SyncValue::Resource(AnyResource::FelixConfiguration(f)) => {
+                if f.metadata.name == "default" {
+                    self.global = Some(f.spec.clone());
+                    true
+                } else if f.metadata.name == format!("node.{}", self.node) {
+                    self.per_node = Some(f.spec.clone());
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// The FelixConfiguration in force: `node.<name>` over `default`.
+    pub fn config(&self) -> FelixConfigurationSpec {
+        let empty = FelixConfigurationSpec::default();
+        FelixConfigurationSpec::merged(
+            self.global.as_ref().unwrap_or(&empty),
+            self.per_node.as_ref().unwrap_or(&empty),
+        )
+    }
+
+    /// The settings the calculation uses.
+    pub fn settings(&self) -> Settings {
+        let c = self.config();
+        Settings {
+            vxlan_vni: c.vxlan_vni(),
+            vxlan_port: c.vxlan_port(),
+            device_route_protocol: c.device_route_protocol(),
+            nat_outgoing_address: c
+                .nat_outgoing_address
+                .as_deref()
+                .and_then(|a| a.parse().ok()),
+        }
+    }
+
+    /// The desired dataplane for what is known now.
+    pub fn desired(&self) -> Desired {
+        let settings = self.settings();
+        calc::calculate(&Input {
+            node: &self.node,
+            nodes: &self.nodes,
+            pools: &self.pools,
+            workloads: &self.workloads,
+            blocks: &self.blocks,
+            bgp: &self.bgp,
+            settings: &settings,
+        })
+    }
+
+    /// Workload endpoints on this node, and nodes in the cluster (for metrics).
+    pub fn counts(&self) -> (usize, usize) {
+        (self.workloads.len(), self.nodes.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::bgp::LearnedRoute;
+    use crate::datastore::syncer::Update;
+    use crate::model::Resource;
+
+    fn update(key: &str, value: Option<SyncValue>) -> FelixInput {
+        FelixInput::Datastore(SyncerEvent::Update(Update {
+            key: key.into(),
+            update_type: if value.is_some() {
+                UpdateType::New
+            } else {
+                UpdateType::Deleted
+            },
+            value: value.map(Arc::new),
+            revision: 1,
+        }))
+    }
+
+    fn resource<S: crate::model::Kind>(name: &str, spec: S) -> Resource<S> {
+        Resource::new(name, spec)
+    }
+
+    fn wep(node: &str, ip: &str) -> SyncValue {
+        SyncValue::Resource(AnyResource::WorkloadEndpoint(resource(
+            "w",
+            WorkloadEndpointSpec {
+                node: node.into(),
+                interface_name: "cali1".into(),
+                ip_networks: vec![ip.into()],
+                ..Default::default()
+            },
+        )))
+    }
+
+    #[test]
+    fn updates_and_deletes_by_key_reach_the_desired_dataplane() {
+        let mut s = State::new("node-a");
+        let wk = "/calico/resources/v3/projectcalico.org/workloadendpoints/ns/node--a-k8s-p-eth0";
+        assert!(s.apply(&update(wk, Some(wep("node-a", "10.244.0.3/32")))));
+        let d = s.desired();
+        assert!(d.routes.contains_key(&"10.244.0.3/32".parse().unwrap()));
+        // Another node's endpoint is not ours; one that moves away goes.
+        assert!(!s.apply(&update("/other", Some(wep("node-b", "10.244.1.3/32")))));
+        assert!(s.apply(&update(wk, Some(wep("node-b", "10.244.0.3/32")))));
+        assert!(s.desired().routes.is_empty());
+
+        let nk = "/calico/resources/v3/projectcalico.org/nodes/node-b";
+        let node = SyncValue::Resource(AnyResource::Node(resource("node-b", NodeSpec::default())));
+        assert!(s.apply(&update(nk, Some(node))));
+        assert_eq!(s.counts(), (0, 1));
+        assert!(s.apply(&update(nk, None)));
+        assert_eq!(s.counts(), (0, 0));
+        assert!(
+            !s.apply(&update(nk, None)),
+            "deleting twice changes nothing"
+        );
+    }
+
+    #[test]
+    fn bgp_routes_and_sync_markers() {
+        let mut s = State::new("node-a");
+        let p: IpNet = "10.9.0.0/24".parse().unwrap();
+        let best = |nh: &str| {
+            FelixInput::Bgp(RouteUpdate::Best(LearnedRoute {
+                prefix: p,
+                next_hop: nh.parse().unwrap(),
+            }))
+        };
+        assert!(s.apply(&best("10.0.0.2")));
+        assert!(!s.apply(&best("10.0.0.2")), "the same route again");
+        assert!(s.apply(&best("10.0.0.3")));
+        assert!(s.desired().routes.contains_key(&p));
+        assert!(s.apply(&FelixInput::Bgp(RouteUpdate::Withdrawn(p))));
+        assert!(s.desired().routes.is_empty());
+        assert!(!s.bgp_in_sync);
+        s.apply(&FelixInput::Bgp(RouteUpdate::InSync));
+        assert!(s.bgp_in_sync);
+        s.apply(&FelixInput::Datastore(SyncerEvent::Status(
+            SyncStatus::InSync,
+        )));
+        assert!(s.datastore_in_sync);
+    }
+
+    #[test]
+    fn per_node_felix_configuration_overrides_the_default() {
+        let mut s = State::new("node-a");
+        let fc = |name: &str, vni: u32| {
+            SyncValue::Resource(AnyResource::FelixConfiguration(resource(
+                name,
+                FelixConfigurationSpec {
+                    vxlan_vni: Some(vni),
+                    ..Default::default()
+                },
+            )))
+        };
+        let prefix = "/calico/resources/v3/projectcalico.org/felixconfigurations/";
+        assert_eq!(s.settings().vxlan_vni, 4096);
+        s.apply(&update(
+            &format!("{prefix}default"),
+            Some(fc("default", 5000)),
+        ));
+        assert_eq!(s.settings().vxlan_vni, 5000);
+        s.apply(&update(
+            &format!("{prefix}node.node-a"),
+            Some(fc("node.node-a", 6000)),
+        ));
+        assert!(!s.apply(&update(
+            &format!("{prefix}node.node-b"),
+            Some(fc("node.node-b", 7000))
+        )));
+        assert_eq!(s.settings().vxlan_vni, 6000);
+        s.apply(&update(&format!("{prefix}node.node-a"), None));
+        assert_eq!(s.settings().vxlan_vni, 5000);
+    }
+}
