@@ -4,6 +4,7 @@
 //! routes from BGP.
 
 pub mod calc;
+pub mod routes;
 pub mod state;
 
 use crate::bgp::RouteUpdate;

@@ -1,0 +1,322 @@
+//! The route reconciler: makes the main routing table's routes of ours match the desired
+//! ones (REFERENCE §5). Ours are routes with protocol 80 and every route on a `cali*`,
+//! `vxlan.calico` or `tunl0` interface except the kernel's own (`proto kernel`: connected
+//! subnets, IPv6 link-local); no other route is ever touched. One pass dumps the
+//! table, diffs, and sends the fixes (replace semantics) with many requests in flight.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::{StreamExt, TryStreamExt};
+use ipnet::IpNet;
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
+};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+use super::calc::{Dev, PROTO_FELIX, Route, TUNL0, Target, VXLAN_DEV};
+
+/// `proto kernel`.
+const PROTO_KERNEL: u8 = 2;
+
+/// How many netlink requests are in flight at once.
+const IN_FLIGHT: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("{op}: {message}")]
+    Netlink { op: String, message: String },
+}
+
+enum Op {
+    Put(IpNet, Kernel),
+    Del(RouteMessage),
+}
+
+fn priority(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pass {
+    pub added_or_replaced: usize,
+    pub deleted: usize,
+    /// Our routes in the table after the pass.
+    pub ours: usize,
+    /// Desired routes that could not be programmed (missing interface, kernel refusal).
+    pub failures: Vec<String>,
+}
+
+/// A route as the kernel has it, reduced to what we compare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Kernel {
+    kind: RouteType,
+    oif: Option<u32>,
+    gateway: Option<IpAddr>,
+    protocol: u8,
+    scope: RouteScope,
+    onlink: bool,
+}
+
+fn is_ours_dev(name: &str, prefix: &str) -> bool {
+    name.starts_with(prefix) || name == VXLAN_DEV || name == TUNL0
+}
+
+fn dst(m: &RouteMessage) -> Option<IpNet> {
+    let len = m.header.destination_prefix_length;
+    let addr = m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
+        RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
+        _ => None,
+    });
+    let addr = addr.unwrap_or(
+        if m.header.address_family == netlink_packet_route::AddressFamily::Inet6 {
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        },
+    );
+    IpNet::new(addr, len).ok()
+}
+
+fn kernel(m: &RouteMessage) -> Kernel {
+    let mut k = Kernel {
+        kind: m.header.kind,
+        oif: None,
+        gateway: None,
+        protocol: m.header.protocol.into(),
+        scope: m.header.scope,
+        onlink: m.header.flags.contains(RouteFlags::Onlink),
+    };
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Oif(i) => k.oif = Some(*i),
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => k.gateway = Some(IpAddr::V4(*a)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => k.gateway = Some(IpAddr::V6(*a)),
+            _ => {}
+        }
+    }
+    k
+}
+
+/// The kernel form of a desired route, or why it cannot be made.
+fn wanted(
+    route: &Route,
+    links: &HashMap<String, u32>,
+    uplink: Option<u32>,
+) -> Result<Kernel, String> {
+    let index = |dev: &Dev| match dev {
+        Dev::Uplink => uplink.ok_or_else(|| "no interface holds this node's IP".to_string()),
+        Dev::Named(n) => links
+            .get(n)
+            .copied()
+            .ok_or_else(|| format!("no interface {n}")),
+    };
+    Ok(match &route.target {
+        Target::Blackhole => Kernel {
+            kind: RouteType::BlackHole,
+            oif: None,
+            gateway: None,
+            protocol: route.protocol,
+            scope: RouteScope::Universe,
+            onlink: false,
+        },
+        Target::Link(dev) => Kernel {
+            kind: RouteType::Unicast,
+            oif: Some(index(&Dev::Named(dev.clone()))?),
+            gateway: None,
+            protocol: route.protocol,
+            scope: RouteScope::Link,
+            onlink: false,
+        },
+        Target::Via { gateway, dev } => Kernel {
+            kind: RouteType::Unicast,
+            oif: Some(index(dev)?),
+            gateway: Some(*gateway),
+            protocol: route.protocol,
+            scope: RouteScope::Universe,
+            onlink: true,
+        },
+    })
+}
+
+fn message(prefix: &IpNet, k: &Kernel) -> RouteMessage {
+    let mut m = match prefix {
+        IpNet::V4(n) => {
+            let mut b =
+                RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(n.addr(), n.prefix_len());
+            if let Some(IpAddr::V4(g)) = k.gateway {
+                b = b.gateway(g);
+            }
+            b.build()
+        }
+        IpNet::V6(n) => {
+            let mut b =
+                RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(n.addr(), n.prefix_len());
+            if let Some(IpAddr::V6(g)) = k.gateway {
+                b = b.gateway(g);
+            }
+            b.build()
+        }
+    };
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.kind = k.kind;
+    m.header.protocol = RouteProtocol::from(k.protocol);
+    m.header.scope = k.scope;
+    if k.onlink {
+        m.header.flags |= RouteFlags::Onlink;
+    }
+    if let Some(oif) = k.oif {
+        m.attributes.push(RouteAttribute::Oif(oif));
+    }
+    m
+}
+
+fn nl(op: String) -> impl FnOnce(rtnetlink::Error) -> RouteError {
+    move |e| RouteError::Netlink {
+        op,
+        message: e.to_string(),
+    }
+}
+
+/// The index of the interface that holds `ip` (the uplink of NoEncap routes).
+pub async fn interface_with(h: &Handle, ip: IpAddr) -> Result<Option<u32>, RouteError> {
+    let addrs: Vec<_> = h
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("list addresses".into()))?;
+    Ok(addrs.iter().find_map(|a| {
+        a.attributes.iter().find_map(|at| match at {
+            netlink_packet_route::address::AddressAttribute::Address(x) if *x == ip => {
+                Some(a.header.index)
+            }
+            _ => None,
+        })
+    }))
+}
+
+/// One pass: make the main table's routes of ours be exactly `desired`. `prefix` is the
+/// workload interface prefix (`cali`); `uplink` the interface of `Dev::Uplink` routes.
+pub async fn reconcile(
+    h: &Handle,
+    desired: &BTreeMap<IpNet, Route>,
+    prefix: &str,
+    uplink: Option<u32>,
+) -> Result<Pass, RouteError> {
+    let links: HashMap<String, u32> = {
+        let mut out = HashMap::new();
+        let mut s = h.link().get().execute();
+        while let Some(l) = s.try_next().await.map_err(nl("list links".into()))? {
+            for a in &l.attributes {
+                if let netlink_packet_route::link::LinkAttribute::IfName(n) = a {
+                    out.insert(n.clone(), l.header.index);
+                }
+            }
+        }
+        out
+    };
+    let names: HashMap<u32, &str> = links.iter().map(|(n, i)| (*i, n.as_str())).collect();
+    let mut have: BTreeMap<IpNet, Vec<(Kernel, RouteMessage)>> = BTreeMap::new();
+    for v6 in [false, true] {
+        let query = if v6 {
+            RouteMessageBuilder::<Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<Ipv4Addr>::new().build()
+        };
+        let routes: Vec<RouteMessage> = h
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("list routes".into()))?;
+        for m in routes {
+            let in_main = m.header.table == RouteHeader::RT_TABLE_MAIN
+                || m.attributes.iter().any(|a| matches!(a, RouteAttribute::Table(t) if *t == u32::from(RouteHeader::RT_TABLE_MAIN)));
+            if !in_main {
+                continue;
+            }
+            let k = kernel(&m);
+            // The kernel's own routes (connected subnets, IPv6 link-local) are never ours,
+            // whatever interface they are on.
+            let ours = k.protocol == PROTO_FELIX
+                || (k.protocol != PROTO_KERNEL
+                    && k.oif
+                        .and_then(|i| names.get(&i))
+                        .is_some_and(|n| is_ours_dev(n, prefix)));
+            if let (true, Some(d)) = (ours, dst(&m)) {
+                have.entry(d).or_default().push((k, m));
+            }
+        }
+    }
+
+    let mut pass = Pass::default();
+    let mut ops = Vec::new();
+    for (p, route) in desired {
+        let k = match wanted(route, &links, uplink) {
+            Ok(k) => k,
+            Err(why) => {
+                pass.failures.push(format!("{p}: {why}"));
+                continue;
+            }
+        };
+        let existing = have.remove(p).unwrap_or_default();
+        if existing.len() == 1 && existing[0].0 == k {
+            continue;
+        }
+        // Replace the route of the default metric in place (no gap); routes of ours for
+        // the prefix with other metrics go.
+        let default_metric = if p.addr().is_ipv6() { 1024 } else { 0 };
+        for (_, m) in existing {
+            if priority(&m) != default_metric {
+                ops.push(Op::Del(m));
+            }
+        }
+        ops.push(Op::Put(*p, k));
+    }
+    // What is left of ours is not desired.
+    for (_, v) in have {
+        ops.extend(v.into_iter().map(|(_, m)| Op::Del(m)));
+    }
+    let results: Vec<(String, Result<(), rtnetlink::Error>, bool)> = futures::stream::iter(ops)
+        .map(|op| {
+            let h = h.clone();
+            async move {
+                match op {
+                    Op::Put(p, k) => {
+                        let r = h.route().add(message(&p, &k)).replace().execute().await;
+                        (p.to_string(), r, true)
+                    }
+                    Op::Del(m) => {
+                        let what = dst(&m).map_or_else(String::new, |d| d.to_string());
+                        (what, h.route().del(m).execute().await, false)
+                    }
+                }
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    for (what, r, put) in results {
+        match (r, put) {
+            (Ok(()), true) => pass.added_or_replaced += 1,
+            (Ok(()), false) => pass.deleted += 1,
+            (Err(e), true) => pass.failures.push(format!("{what}: {e}")),
+            // Already gone.
+            (Err(_), false) => {}
+        }
+    }
+    pass.ours = desired.len() - pass.failures.len();
+    Ok(pass)
+}
