@@ -4,8 +4,10 @@
 //! routes from BGP.
 
 pub mod calc;
+pub mod neigh;
 pub mod routes;
 pub mod state;
+pub mod tunnels;
 
 use crate::bgp::RouteUpdate;
 use crate::datastore::syncer::SyncerEvent;

@@ -66,7 +66,7 @@ struct Kernel {
     onlink: bool,
 }
 
-fn is_ours_dev(name: &str, prefix: &str) -> bool {
+pub(crate) fn is_ours_dev(name: &str, prefix: &str) -> bool {
     name.starts_with(prefix) || name == VXLAN_DEV || name == TUNL0
 }
 
@@ -180,11 +180,25 @@ fn message(prefix: &IpNet, k: &Kernel) -> RouteMessage {
     m
 }
 
-fn nl(op: String) -> impl FnOnce(rtnetlink::Error) -> RouteError {
+pub(crate) fn nl(op: String) -> impl FnOnce(rtnetlink::Error) -> RouteError {
     move |e| RouteError::Netlink {
         op,
         message: e.to_string(),
     }
+}
+
+/// Interface indexes by name.
+pub(crate) async fn links(h: &Handle) -> Result<HashMap<String, u32>, RouteError> {
+    let mut out = HashMap::new();
+    let mut s = h.link().get().execute();
+    while let Some(l) = s.try_next().await.map_err(nl("list links".into()))? {
+        for a in &l.attributes {
+            if let netlink_packet_route::link::LinkAttribute::IfName(n) = a {
+                out.insert(n.clone(), l.header.index);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The index of the interface that holds `ip` (the uplink of NoEncap routes).
@@ -214,18 +228,7 @@ pub async fn reconcile(
     prefix: &str,
     uplink: Option<u32>,
 ) -> Result<Pass, RouteError> {
-    let links: HashMap<String, u32> = {
-        let mut out = HashMap::new();
-        let mut s = h.link().get().execute();
-        while let Some(l) = s.try_next().await.map_err(nl("list links".into()))? {
-            for a in &l.attributes {
-                if let netlink_packet_route::link::LinkAttribute::IfName(n) = a {
-                    out.insert(n.clone(), l.header.index);
-                }
-            }
-        }
-        out
-    };
+    let links = links(h).await?;
     let names: HashMap<u32, &str> = links.iter().map(|(n, i)| (*i, n.as_str())).collect();
     let mut have: BTreeMap<IpNet, Vec<(Kernel, RouteMessage)>> = BTreeMap::new();
     for v6 in [false, true] {

@@ -1,0 +1,416 @@
+//! Felix reconcilers in fresh network namespaces. Routes: it programs exactly the
+//! desired routes of ours, leaves every other route alone, removes stale ones of ours, puts
+//! back a route deleted by hand, and a pass with nothing to do changes nothing. Tunnels:
+//! vxlan.calico made, kept, remade when its settings differ, removed; tunl0 made, or one
+//! clear error on a kernel without ipip. Neighbours and FDB entries of ours made exactly.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+
+use calico_node::felix::calc::{Dev, Fdb, Ipip, Neighbour, PROTO_FELIX, Route, Target, Vxlan};
+use calico_node::felix::neigh;
+use calico_node::felix::routes::{Pass, interface_with, reconcile};
+use calico_node::felix::tunnels::{Outcome, TunnelError, ensure_ipip, ensure_vxlan};
+use common::NetNs;
+use ipnet::IpNet;
+
+fn routes(ns: &NetNs, v6: bool) -> Vec<String> {
+    let fam = if v6 { "-6" } else { "-4" };
+    let out = Command::new("ip")
+        .args(["-n", &ns.name, fam, "route", "show", "table", "main"])
+        .output()
+        .unwrap();
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.starts_with("fe80::") && !l.starts_with("multicast"))
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Run `f` with a netlink handle inside the namespace.
+fn with_netlink<T, F, Fut>(ns: &NetNs, f: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    ns.run_in(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let (conn, h, _) = rtnetlink::new_connection().unwrap();
+                tokio::spawn(conn);
+                f(h).await
+            })
+    })
+}
+
+fn pass(ns: &NetNs, desired: &BTreeMap<IpNet, Route>) -> Pass {
+    let desired = desired.clone();
+    with_netlink(ns, move |h| async move {
+        let uplink = interface_with(&h, "10.0.0.1".parse().unwrap())
+            .await
+            .unwrap();
+        reconcile(&h, &desired, "cali", uplink).await.unwrap()
+    })
+}
+
+fn show(ns: &NetNs, program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(["-n", &ns.name])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A namespace with `eth0` (10.0.0.1/24) and a `cali` interface: veth pairs, both ends up
+/// (this kernel has no dummy interfaces).
+fn node_ns(prefix: &str, extra: &[&str]) -> Option<NetNs> {
+    let ns = NetNs::new(prefix)?;
+    for (i, name) in ["eth0", "cali0123456789a"].iter().chain(extra).enumerate() {
+        let peer = format!("peer{i}");
+        ns.ip(&["link", "add", name, "type", "veth", "peer", "name", &peer]);
+        ns.ip(&["link", "set", &peer, "up"]);
+        ns.ip(&["link", "set", name, "up"]);
+    }
+    ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "eth0"]);
+    Some(ns)
+}
+
+fn route(target: Target, protocol: u8) -> Route {
+    Route { target, protocol }
+}
+
+#[test]
+fn routes_of_ours_match_the_desired_ones_and_nothing_else_is_touched() {
+    let Some(ns) = node_ns("felix-rt", &["vxlan.calico"]) else {
+        return;
+    };
+    ns.ip(&["addr", "add", "fd00:99::1/64", "dev", "eth0", "nodad"]);
+    // Someone else's routes, and stale ones of ours (protocol 80; any route on a cali
+    // interface).
+    ns.ip(&[
+        "route",
+        "add",
+        "10.50.0.0/24",
+        "via",
+        "10.0.0.254",
+        "proto",
+        "static",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "192.168.7.0/24",
+        "dev",
+        "eth0",
+        "proto",
+        "kernel",
+        "scope",
+        "link",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.99.0.0/26",
+        "via",
+        "10.0.0.9",
+        "dev",
+        "eth0",
+        "onlink",
+        "proto",
+        "80",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.244.9.9/32",
+        "dev",
+        "cali0123456789a",
+        "scope",
+        "link",
+    ]);
+    // One of ours with the wrong next hop.
+    ns.ip(&[
+        "route",
+        "add",
+        "10.244.1.0/26",
+        "via",
+        "10.0.0.7",
+        "dev",
+        "eth0",
+        "onlink",
+        "proto",
+        "80",
+    ]);
+    let foreign_v4 = [
+        "10.0.0.0/24 dev eth0 proto kernel scope link src 10.0.0.1",
+        "10.50.0.0/24 via 10.0.0.254 dev eth0 proto static",
+        "192.168.7.0/24 dev eth0 proto kernel scope link",
+    ];
+
+    let net = |s: &str| s.parse::<IpNet>().unwrap();
+    let desired = BTreeMap::from([
+        (net("10.244.0.0/26"), route(Target::Blackhole, PROTO_FELIX)),
+        (
+            net("10.244.0.3/32"),
+            route(Target::Link("cali0123456789a".into()), 3),
+        ),
+        (
+            net("10.244.1.0/26"),
+            route(
+                Target::Via {
+                    gateway: "10.0.0.2".parse().unwrap(),
+                    dev: Dev::Uplink,
+                },
+                PROTO_FELIX,
+            ),
+        ),
+        (
+            net("10.244.2.0/26"),
+            route(
+                Target::Via {
+                    gateway: "10.244.2.1".parse().unwrap(),
+                    dev: Dev::Named("vxlan.calico".into()),
+                },
+                PROTO_FELIX,
+            ),
+        ),
+        (
+            net("fd00:244:1::/122"),
+            route(
+                Target::Via {
+                    gateway: "fd00:99::2".parse().unwrap(),
+                    dev: Dev::Uplink,
+                },
+                PROTO_FELIX,
+            ),
+        ),
+    ]);
+    let first = pass(&ns, &desired);
+    assert!(first.failures.is_empty(), "{first:?}");
+    assert_eq!(
+        (first.added_or_replaced, first.deleted),
+        (5, 2),
+        "{first:?}"
+    );
+    let mut expected_v4: Vec<String> = foreign_v4.iter().map(|s| s.to_string()).collect();
+    expected_v4.extend(
+        [
+            "blackhole 10.244.0.0/26 proto 80",
+            "10.244.0.3 dev cali0123456789a scope link",
+            "10.244.1.0/26 via 10.0.0.2 dev eth0 proto 80 onlink",
+            "10.244.2.0/26 via 10.244.2.1 dev vxlan.calico proto 80 onlink",
+        ]
+        .map(String::from),
+    );
+    expected_v4.sort();
+    assert_eq!(routes(&ns, false), expected_v4);
+    assert!(
+        routes(&ns, true).contains(
+            &"fd00:244:1::/122 via fd00:99::2 dev eth0 proto 80 metric 1024 onlink pref medium"
+                .to_string()
+        ),
+        "{:?}",
+        routes(&ns, true)
+    );
+
+    // Nothing to do: nothing done.
+    let again = pass(&ns, &desired);
+    assert_eq!(
+        (again.added_or_replaced, again.deleted),
+        (0, 0),
+        "{again:?}"
+    );
+
+    // A route of ours deleted by another tool comes back; foreign ones stay.
+    ns.ip(&["route", "del", "10.244.1.0/26"]);
+    let repair = pass(&ns, &desired);
+    assert_eq!((repair.added_or_replaced, repair.deleted), (1, 0));
+    assert_eq!(routes(&ns, false), expected_v4);
+
+    // A desired route through a missing interface is reported, the rest programmed.
+    let mut broken = desired.clone();
+    broken.insert(
+        net("10.244.3.0/26"),
+        route(
+            Target::Via {
+                gateway: "10.244.3.1".parse().unwrap(),
+                dev: Dev::Named("tunl0".into()),
+            },
+            PROTO_FELIX,
+        ),
+    );
+    let p = pass(&ns, &broken);
+    assert!(
+        p.failures
+            .iter()
+            .any(|f| f.contains("10.244.3.0/26") && f.contains("tunl0")),
+        "{p:?}"
+    );
+    assert_eq!(routes(&ns, false), expected_v4);
+
+    // Nothing desired: every route of ours goes (the cali route included), the others stay.
+    let gone = pass(&ns, &BTreeMap::new());
+    assert_eq!(gone.deleted, 5, "{gone:?}");
+    assert_eq!(routes(&ns, false), foreign_v4.map(String::from).to_vec());
+}
+
+fn vxlan(vni: u32) -> Vxlan {
+    Vxlan {
+        vni,
+        port: 4789,
+        local: Some("10.0.0.1".parse().unwrap()),
+        mac: [0x66, 0, 0, 0, 0, 0x0a],
+        address: Some("10.244.0.1".parse().unwrap()),
+    }
+}
+
+#[test]
+fn vxlan_device_neighbours_and_fdb() {
+    let Some(ns) = node_ns("felix-vx", &[]) else {
+        return;
+    };
+    // Someone else's permanent neighbour, and a stale one of ours.
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.0.0.99",
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.244.0.99",
+        "lladdr",
+        "02:00:00:00:00:98",
+        "dev",
+        "cali0123456789a",
+        "nud",
+        "permanent",
+    ]);
+    let ensure = |ns: &NetNs, want: Option<Vxlan>| {
+        with_netlink(ns, move |h| async move {
+            let parent = interface_with(&h, "10.0.0.1".parse().unwrap())
+                .await
+                .unwrap();
+            ensure_vxlan(&h, want.as_ref(), parent, 1450).await.unwrap()
+        })
+    };
+    assert_eq!(ensure(&ns, Some(vxlan(4096))), Outcome::Created);
+    let d = show(&ns, "ip", &["-d", "link", "show", "vxlan.calico"]);
+    for part in [
+        "mtu 1450",
+        "link/ether 66:00:00:00:00:0a",
+        "vxlan id 4096 local 10.0.0.1 dev eth0",
+        "dstport 4789",
+        "nolearning",
+        "state UNKNOWN",
+    ] {
+        assert!(d.contains(part), "{part:?} not in {d}");
+    }
+    let a = show(&ns, "ip", &["-4", "addr", "show", "dev", "vxlan.calico"]);
+    assert!(a.contains("inet 10.244.0.1/32"), "{a}");
+    assert_eq!(ensure(&ns, Some(vxlan(4096))), Outcome::Unchanged);
+    assert_eq!(ensure(&ns, Some(vxlan(5000))), Outcome::Recreated);
+    assert!(show(&ns, "ip", &["-d", "link", "show", "vxlan.calico"]).contains("vxlan id 5000"));
+
+    let neighbours = BTreeSet::from([
+        Neighbour {
+            dev: "cali0123456789a".into(),
+            ip: "10.244.0.3".parse().unwrap(),
+            mac: [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x01],
+        },
+        Neighbour {
+            dev: "vxlan.calico".into(),
+            ip: "10.244.1.1".parse().unwrap(),
+            mac: [0x66, 0, 0, 0, 0, 0x0b],
+        },
+    ]);
+    let fdb = BTreeSet::from([Fdb {
+        mac: [0x66, 0, 0, 0, 0, 0x0b],
+        dst: "10.0.0.2".parse().unwrap(),
+    }]);
+    let run = |ns: &NetNs| {
+        let (n, f) = (neighbours.clone(), fdb.clone());
+        with_netlink(ns, move |h| async move {
+            neigh::reconcile(&h, &n, &f, "cali").await.unwrap()
+        })
+    };
+    let first = run(&ns);
+    assert!(first.failures.is_empty(), "{first:?}");
+    assert_eq!((first.added, first.deleted), (3, 1), "{first:?}");
+    assert_eq!(
+        show(&ns, "ip", &["neigh", "show", "dev", "cali0123456789a"]).trim(),
+        "10.244.0.3 lladdr aa:bb:cc:dd:ee:01 PERMANENT"
+    );
+    assert_eq!(
+        show(&ns, "ip", &["neigh", "show", "dev", "vxlan.calico"]).trim(),
+        "10.244.1.1 lladdr 66:00:00:00:00:0b PERMANENT"
+    );
+    let f = show(&ns, "bridge", &["fdb", "show", "dev", "vxlan.calico"]);
+    assert!(
+        f.contains("66:00:00:00:00:0b dst 10.0.0.2 self permanent"),
+        "{f}"
+    );
+    assert!(
+        show(&ns, "ip", &["neigh", "show", "dev", "eth0"])
+            .contains("10.0.0.99 lladdr 02:00:00:00:00:99 PERMANENT")
+    );
+    let again = run(&ns);
+    assert_eq!((again.added, again.deleted), (0, 0), "{again:?}");
+
+    // No VXLAN pool any more: the device goes (and its entries with it).
+    assert_eq!(ensure(&ns, None), Outcome::Deleted);
+    assert!(
+        show(&ns, "ip", &["link", "show"])
+            .lines()
+            .all(|l| !l.contains("vxlan.calico"))
+    );
+}
+
+/// tunl0 where the kernel has ipip; elsewhere (as on these machines) one clear error.
+#[test]
+fn ipip_device_or_a_clear_error() {
+    let Some(ns) = node_ns("felix-ip", &[]) else {
+        return;
+    };
+    let kernel_has_ipip = Command::new("ip")
+        .args(["-n", &ns.name, "link", "add", "probe0", "type", "ipip"])
+        .output()
+        .unwrap()
+        .status
+        .success();
+    let want = Ipip {
+        address: Some("10.244.0.2".parse().unwrap()),
+    };
+    let r = with_netlink(&ns, move |h| async move {
+        ensure_ipip(&h, Some(&want), 1480).await
+    });
+    if kernel_has_ipip {
+        assert_eq!(r.unwrap(), Outcome::Created);
+        let a = show(&ns, "ip", &["-4", "addr", "show", "dev", "tunl0"]);
+        assert!(a.contains("inet 10.244.0.2/32"), "{a}");
+    } else {
+        let e = r.unwrap_err();
+        assert!(matches!(e, TunnelError::NoIpip(_)), "{e:?}");
+        assert!(e.to_string().contains("the ipip kernel module"), "{e}");
+        assert!(
+            show(&ns, "ip", &["link", "show"])
+                .lines()
+                .all(|l| !l.contains("tunl0"))
+        );
+    }
+}
