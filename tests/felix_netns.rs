@@ -3,16 +3,18 @@
 //! back a route deleted by hand, and a pass with nothing to do changes nothing. Tunnels:
 //! vxlan.calico made, kept, remade when its settings differ, removed; tunl0 made, or one
 //! clear error on a kernel without ipip. Neighbours and FDB entries of ours made exactly.
+//! NAT outgoing: our nftables tables exactly, replaced as pools change, others untouched.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
+use calico_node::felix::calc::Nat;
 use calico_node::felix::calc::{Dev, Fdb, Ipip, Neighbour, PROTO_FELIX, Route, Target, Vxlan};
-use calico_node::felix::neigh;
 use calico_node::felix::routes::{Pass, interface_with, reconcile};
 use calico_node::felix::tunnels::{Outcome, TunnelError, ensure_ipip, ensure_vxlan};
+use calico_node::felix::{nat, neigh};
 use common::NetNs;
 use ipnet::IpNet;
 
@@ -413,4 +415,70 @@ fn ipip_device_or_a_clear_error() {
                 .all(|l| !l.contains("tunl0"))
         );
     }
+}
+
+#[test]
+fn nat_outgoing_tables() {
+    let Some(ns) = NetNs::new("felix-nat") else {
+        return;
+    };
+    if !common::have("nft") {
+        common::skip("nft is not installed");
+        return;
+    }
+    let nft = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "nft"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Someone else's table.
+    nft(&["add", "table", "inet", "filter"]);
+    let net = |s: &str| s.parse::<IpNet>().unwrap();
+    let apply = |n: Nat| with_netlink(&ns, move |_| async move { nat::apply(&n) }).unwrap();
+    apply(Nat {
+        masquerade: BTreeSet::from([net("10.244.0.0/16")]),
+        all: BTreeSet::from([net("10.244.0.0/16"), net("10.96.0.0/16")]),
+        snat_to: None,
+    });
+    let expected = "table inet filter {\n}\n\
+table ip calico {\n\
+\tset cali40masq-ipam-pools {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.244.0.0/16 }\n\t}\n\n\
+\tset cali40all-ipam-pools {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.96.0.0/16, 10.244.0.0/16 }\n\t}\n\n\
+\tchain cali-nat-outgoing {\n\t\tip saddr @cali40masq-ipam-pools ip daddr != @cali40all-ipam-pools masquerade fully-random\n\t}\n\n\
+\tchain cali-POSTROUTING {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tjump cali-nat-outgoing\n\t}\n}\n";
+    assert_eq!(nft(&["list", "ruleset"]), expected);
+
+    // Pools change, and an SNAT address is set: replaced in one go; IPv6 pools get a
+    // table of their own.
+    apply(Nat {
+        masquerade: BTreeSet::from([net("10.245.0.0/16"), net("fd00:244::/48")]),
+        all: BTreeSet::from([net("10.245.0.0/16"), net("fd00:244::/48")]),
+        snat_to: Some("10.0.0.100".parse().unwrap()),
+    });
+    let rules = nft(&["list", "ruleset"]);
+    assert!(rules.starts_with("table inet filter {\n}\n"), "{rules}");
+    assert!(rules.contains("elements = { 10.245.0.0/16 }"), "{rules}");
+    assert!(!rules.contains("10.244.0.0/16"), "{rules}");
+    assert!(
+        rules.contains(
+            "ip saddr @cali40masq-ipam-pools ip daddr != @cali40all-ipam-pools snat to 10.0.0.100"
+        ),
+        "{rules}"
+    );
+    assert!(rules.contains("table ip6 calico"), "{rules}");
+    assert!(rules.contains("ip6 saddr @cali60masq-ipam-pools ip6 daddr != @cali60all-ipam-pools masquerade fully-random"), "{rules}");
+
+    // No pools: the IPv6 table goes, the IPv4 one matches nothing.
+    apply(Nat::default());
+    let rules = nft(&["list", "ruleset"]);
+    assert!(!rules.contains("ip6 calico"), "{rules}");
+    assert!(!rules.contains("elements"), "{rules}");
 }

@@ -4,6 +4,7 @@
 //! routes from BGP.
 
 pub mod calc;
+pub mod nat;
 pub mod neigh;
 pub mod routes;
 pub mod state;
