@@ -3,11 +3,13 @@
 //! `FelixInput` fixes its two inbound channels: datastore updates from the syncer and best
 //! routes from BGP.
 
+pub mod actor;
 pub mod calc;
 pub mod nat;
 pub mod neigh;
 pub mod routes;
 pub mod state;
+pub mod sysctls;
 pub mod tunnels;
 
 use crate::bgp::RouteUpdate;

@@ -201,6 +201,25 @@ pub(crate) async fn links(h: &Handle) -> Result<HashMap<String, u32>, RouteError
     Ok(out)
 }
 
+/// An interface's MTU.
+pub async fn mtu_of(h: &Handle, index: u32) -> Result<u32, RouteError> {
+    let l = h
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .map_err(nl(format!("get link {index}")))?;
+    Ok(l.and_then(|l| {
+        l.attributes.iter().find_map(|a| match a {
+            netlink_packet_route::link::LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+    })
+    .unwrap_or(1500))
+}
+
 /// The index of the interface that holds `ip` (the uplink of NoEncap routes).
 pub async fn interface_with(h: &Handle, ip: IpAddr) -> Result<Option<u32>, RouteError> {
     let addrs: Vec<_> = h

@@ -162,6 +162,21 @@ impl State {
         })
     }
 
+    /// This node's IPv4 address (`spec.bgp.ipv4Address`).
+    pub fn node_ipv4(&self) -> Option<std::net::Ipv4Addr> {
+        let a = self
+            .nodes
+            .get(&self.node)?
+            .bgp
+            .as_ref()?
+            .ipv4_address
+            .as_deref()?;
+        a.parse::<ipnet::Ipv4Net>()
+            .map(|n| n.addr())
+            .or_else(|_| a.parse())
+            .ok()
+    }
+
     /// Workload endpoints on this node, and nodes in the cluster (for metrics).
     pub fn counts(&self) -> (usize, usize) {
         (self.workloads.len(), self.nodes.len())

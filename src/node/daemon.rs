@@ -240,12 +240,26 @@ async fn run_started(
         .with_metrics(syncer_metrics)
         .with_health(health.register("datastore-syncer"));
     let view_rx = syncer.subscribe(1024);
+    let felix_rx = syncer.subscribe(1024);
     let token = shutdown.child_token();
     tracker.spawn(async move {
         let exit = syncer.run(token).await;
         info!(?exit, "syncer stopped");
     });
     tracker.spawn(cluster_view(view_rx));
+    // Felix. BGP's best routes join when the speaker is started here (confd issue); until
+    // then the datastore alone drives the dataplane (VXLAN routes need no BGP).
+    let felix_metrics =
+        crate::felix::actor::FelixMetrics::new(&registry).context("registering Felix metrics")?;
+    let (_no_speaker, bgp_rx) = tokio::sync::mpsc::channel(1);
+    tracker.spawn(crate::felix::actor::run(
+        cfg.nodename.clone(),
+        felix_rx,
+        bgp_rx,
+        felix_metrics,
+        health.register("felix"),
+        shutdown.child_token(),
+    ));
 
     if let Some(interval) = cfg.ipam_gc_interval {
         let released = prometheus::IntCounter::new(

@@ -1,0 +1,239 @@
+//! The Felix actor: folds the syncer's events and BGP's best routes into [`State`], and
+//! once the datastore is in sync makes the kernel match the desired dataplane (tunnels,
+//! routes, neighbours and FDB, NAT outgoing, workload sysctls). It applies again after
+//! every change, every `routeRefreshInterval` (default 90 s), and shortly after any link or
+//! route event (so a route of ours deleted by another tool comes back within a second).
+//!
+//! ```text
+//! syncer --SyncerEvent--> felix <--Vec<RouteUpdate>-- bgp speaker
+//!                           |
+//!                       netlink, nft (this node's network namespace)
+//! ```
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use prometheus::{Histogram, HistogramOpts, IntGauge, Registry};
+use rtnetlink::Handle;
+use rtnetlink::sys::AsyncSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::FelixInput;
+use super::calc::Desired;
+use super::state::State;
+use super::tunnels::TunnelError;
+use super::{nat, neigh, routes, sysctls, tunnels};
+use crate::bgp::RouteUpdate;
+use crate::datastore::syncer::SyncerEvent;
+use crate::node::http::HealthReporter;
+
+/// Felix's Prometheus metrics (REFERENCE §5 names).
+#[derive(Clone)]
+pub struct FelixMetrics {
+    apply_time: Histogram,
+    // Gauges that only grow: Calico's names, which lack the `_total` of counters.
+    failures: IntGauge,
+    resyncs: IntGauge,
+    routes: IntGauge,
+    local_endpoints: IntGauge,
+    hosts: IntGauge,
+    messages: IntGauge,
+}
+
+impl FelixMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<FelixMetrics> {
+        let m = FelixMetrics {
+            apply_time: Histogram::with_opts(HistogramOpts::new(
+                "felix_int_dataplane_apply_time_seconds",
+                "Time to apply a dataplane update.",
+            ))?,
+            failures: IntGauge::new(
+                "felix_int_dataplane_failures",
+                "Dataplane updates that failed (retried on the next pass).",
+            )?,
+            resyncs: IntGauge::new("felix_resyncs_started", "Full dataplane resyncs started.")?,
+            routes: IntGauge::new("felix_route_table_num_routes", "Routes Felix programs.")?,
+            local_endpoints: IntGauge::new(
+                "felix_active_local_endpoints",
+                "Workload endpoints on this node.",
+            )?,
+            hosts: IntGauge::new("felix_cluster_num_hosts", "Nodes in the cluster.")?,
+            messages: IntGauge::new(
+                "felix_int_dataplane_messages",
+                "Updates received from the datastore and BGP.",
+            )?,
+        };
+        registry.register(Box::new(m.apply_time.clone()))?;
+        registry.register(Box::new(m.failures.clone()))?;
+        registry.register(Box::new(m.resyncs.clone()))?;
+        registry.register(Box::new(m.routes.clone()))?;
+        registry.register(Box::new(m.local_endpoints.clone()))?;
+        registry.register(Box::new(m.hosts.clone()))?;
+        registry.register(Box::new(m.messages.clone()))?;
+        Ok(m)
+    }
+}
+
+/// How long to wait after a kernel event before applying (events come in bursts, our own
+/// changes among them).
+const EVENT_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Run Felix for `node` until cancelled.
+pub async fn run(
+    node: String,
+    mut datastore: mpsc::Receiver<SyncerEvent>,
+    mut bgp: mpsc::Receiver<Vec<RouteUpdate>>,
+    metrics: FelixMetrics,
+    health: HealthReporter,
+    cancel: CancellationToken,
+) {
+    health.set_ready(false, Some("waiting for the datastore".into()));
+    let (mut conn, handle, mut events) = match rtnetlink::new_connection() {
+        Ok(c) => c,
+        Err(e) => {
+            health.set_ready(false, Some(format!("cannot open netlink: {e}")));
+            return;
+        }
+    };
+    let groups = rtnetlink::constants::RTMGRP_LINK
+        | rtnetlink::constants::RTMGRP_IPV4_ROUTE
+        | rtnetlink::constants::RTMGRP_IPV6_ROUTE;
+    if let Err(e) = conn
+        .socket_mut()
+        .socket_mut()
+        .bind(&rtnetlink::sys::SocketAddr::new(0, groups))
+    {
+        tracing::warn!(error = %e, "no netlink events; repairs wait for the periodic resync");
+    }
+    tokio::spawn(conn);
+    let mut state = State::new(&node);
+    let mut dirty = false;
+    let mut due: Option<tokio::time::Instant> = None;
+    let mut last_nat = None;
+    let mut next_resync = tokio::time::Instant::now() + state.config().route_refresh_interval();
+    let mut warned_ipip = false;
+    let mut bgp_open = true;
+    loop {
+        let wake = due.map_or(next_resync, |d| d.min(next_resync));
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            ev = datastore.recv() => match ev {
+                Some(ev) => {
+                    metrics.messages.inc();
+                    dirty |= state.apply(&FelixInput::Datastore(ev));
+                    // In sync: apply even if nothing changed (the first pass).
+                    if state.datastore_in_sync && due.is_none() {
+                        due = Some(tokio::time::Instant::now());
+                    }
+                }
+                None => return,
+            },
+            batch = bgp.recv(), if bgp_open => match batch {
+                Some(batch) => for u in batch {
+                    metrics.messages.inc();
+                    dirty |= state.apply(&FelixInput::Bgp(u));
+                },
+                // No speaker (yet): only the datastore drives the dataplane.
+                None => bgp_open = false,
+            },
+            Some(_) = events.next() => {
+                due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                if tokio::time::Instant::now() >= next_resync {
+                    metrics.resyncs.inc();
+                    next_resync = tokio::time::Instant::now() + state.config().route_refresh_interval();
+                    dirty = true;
+                }
+                if due.is_some_and(|d| d <= tokio::time::Instant::now()) {
+                    due = None;
+                    dirty = true;
+                }
+            }
+        }
+        if dirty && state.datastore_in_sync {
+            // Drain what is already queued before computing.
+            while let Ok(ev) = datastore.try_recv() {
+                metrics.messages.inc();
+                state.apply(&FelixInput::Datastore(ev));
+            }
+            dirty = false;
+            let started = Instant::now();
+            let desired = state.desired();
+            let problems = apply(&handle, &state, &desired, &mut last_nat, &mut warned_ipip).await;
+            metrics.apply_time.observe(started.elapsed().as_secs_f64());
+            metrics.routes.set(desired.routes.len() as i64);
+            let (eps, hosts) = state.counts();
+            metrics.local_endpoints.set(eps as i64);
+            metrics.hosts.set(hosts as i64);
+            if problems.is_empty() {
+                health.set_ready(true, None);
+            } else {
+                metrics.failures.inc();
+                health.set_ready(false, Some(problems.join("; ")));
+            }
+        }
+    }
+}
+
+/// One pass over every part of the dataplane; the problems met (each part runs anyway).
+async fn apply(
+    h: &Handle,
+    state: &State,
+    desired: &Desired,
+    last_nat: &mut Option<super::calc::Nat>,
+    warned_ipip: &mut bool,
+) -> Vec<String> {
+    let mut problems: Vec<String> = desired.problems.clone();
+    let prefix = state.config().interface_prefix().to_string();
+    let node_ip = desired
+        .vxlan
+        .as_ref()
+        .and_then(|v| v.local)
+        .or_else(|| state.node_ipv4());
+    let uplink = match node_ip {
+        Some(ip) => routes::interface_with(h, ip.into()).await.ok().flatten(),
+        None => None,
+    };
+    let host_mtu = match uplink {
+        Some(i) => routes::mtu_of(h, i).await.unwrap_or(1500),
+        None => 1500,
+    };
+    let cfg = state.config();
+    let vxlan_mtu = cfg.vxlan_mtu.unwrap_or(host_mtu.saturating_sub(50));
+    let ipip_mtu = cfg.ipip_mtu.unwrap_or(host_mtu.saturating_sub(20));
+    if let Err(e) = tunnels::ensure_vxlan(h, desired.vxlan.as_ref(), uplink, vxlan_mtu).await {
+        problems.push(e.to_string());
+    }
+    match tunnels::ensure_ipip(h, desired.ipip.as_ref(), ipip_mtu).await {
+        Err(e @ TunnelError::NoIpip(_)) => {
+            if !*warned_ipip {
+                tracing::error!("{e}");
+                *warned_ipip = true;
+            }
+            problems.push(e.to_string());
+        }
+        Err(e) => problems.push(e.to_string()),
+        Ok(_) => {}
+    }
+    match routes::reconcile(h, &desired.routes, &prefix, uplink).await {
+        Ok(p) => problems.extend(p.failures),
+        Err(e) => problems.push(e.to_string()),
+    }
+    match neigh::reconcile(h, &desired.neighbours, &desired.fdb, &prefix).await {
+        Ok(p) => problems.extend(p.failures),
+        Err(e) => problems.push(e.to_string()),
+    }
+    if last_nat.as_ref() != Some(&desired.nat) {
+        match nat::apply(&desired.nat) {
+            Ok(()) => *last_nat = Some(desired.nat.clone()),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    problems.extend(sysctls::ensure(&prefix));
+    for p in &problems {
+        tracing::warn!(problem = %p, "dataplane");
+    }
+    problems
+}

@@ -1,0 +1,156 @@
+//! Felix inside a running calico-node (one node namespace, real etcd): a VXLAN pool and a
+//! remote node with a block give vxlan.calico, the remote block's route through it, the
+//! VTEP's ARP and FDB entries, and a blackhole for this node's block; a route deleted by
+//! hand comes back within a second; switching the pool to no encapsulation removes the
+//! VXLAN route and device (no stale state), and back.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Etcd, NetNs, free_port, http_get};
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn show(ns: &NetNs, args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(["-n", &ns.name])
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+const POOL_KEY: &str = "/calico/resources/v3/projectcalico.org/ippools/default-ipv4-ippool";
+const REMOTE_ROUTE: &str = "10.244.1.0/26 via 10.244.1.1 dev vxlan.calico proto 80 onlink";
+
+fn set_vxlan_mode(etcd: &Etcd, mode: &str) {
+    let mut pool: serde_json::Value = serde_json::from_str(&etcd.etcdctl_value(POOL_KEY)).unwrap();
+    pool["spec"]["vxlanMode"] = mode.into();
+    etcd.etcdctl(&["put", POOL_KEY, &pool.to_string()]);
+}
+
+#[test]
+fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes() {
+    let Some(ns) = NetNs::new("cn-felix") else {
+        return;
+    };
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
+    ns.ip(&["addr", "add", "10.99.8.1/24", "dev", "eth1"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.ip(&["link", "set", "eth1", "up"]);
+    let etcd_port = free_port();
+    let Some(etcd) = Etcd::start_on(Some(&ns.name), etcd_port) else {
+        return;
+    };
+    let health_port = free_port();
+    let state = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(state.path().join("calico-node.log")).unwrap();
+    let child = ns
+        .command(env!("CARGO_BIN_EXE_calico-node"))
+        .env_clear()
+        .env("NODENAME", "node-a")
+        .env("ETCD_ENDPOINTS", format!("http://127.0.0.1:{etcd_port}"))
+        .env("IP_AUTODETECTION_METHOD", "interface=eth1")
+        .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
+        .env("CALICO_IPV4POOL_VXLAN", "Always")
+        .env("CALICO_STATE_DIR", state.path())
+        .env("FELIX_HEALTHPORT", health_port.to_string())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _daemon = Daemon(child);
+    let ready = || {
+        ns.run_in(move || http_get(health_port, "/readiness"))
+            .is_ok_and(|(s, _)| s == 200)
+    };
+    wait_for("calico-node ready", Duration::from_secs(30), ready);
+
+    // A remote node with its VTEP, its block, and a block of ours.
+    etcd.etcdctl(&[
+        "put",
+        "/calico/resources/v3/projectcalico.org/nodes/node-b",
+        r#"{"kind":"Node","apiVersion":"projectcalico.org/v3","metadata":{"name":"node-b"},"spec":{"bgp":{"ipv4Address":"10.99.8.2/24"},"ipv4VXLANTunnelAddr":"10.244.1.1","vxlanTunnelMACAddr":"66:00:00:00:00:0b"}}"#,
+    ]);
+    for (cidr, host) in [("10.244.1.0/26", "node-b"), ("10.244.0.0/26", "node-a")] {
+        let block = calico_node::model::ipam::AllocationBlock {
+            cidr: cidr.into(),
+            affinity: Some(format!("host:{host}")),
+            allocations: vec![None; 64],
+            unallocated: (0..64).collect(),
+            ..Default::default()
+        };
+        let key = format!(
+            "/calico/ipam/v2/assignment/ipv4/block/{}",
+            cidr.replace('/', "-")
+        );
+        etcd.etcdctl(&["put", &key, &serde_json::to_string(&block).unwrap()]);
+    }
+    let routes = || show(&ns, &["ip", "-4", "route"]);
+    wait_for("the remote block's route", Duration::from_secs(10), || {
+        routes().contains(REMOTE_ROUTE)
+    });
+    let r = routes();
+    assert!(r.contains("blackhole 10.244.0.0/26 proto 80"), "{r}");
+    let link = show(&ns, &["ip", "-d", "link", "show", "vxlan.calico"]);
+    for part in [
+        "vxlan id 4096 local 10.99.8.1 dev eth1",
+        "dstport 4789",
+        "mtu 1450",
+    ] {
+        assert!(link.contains(part), "{part:?} not in {link}");
+    }
+    assert_eq!(
+        show(&ns, &["ip", "neigh", "show", "dev", "vxlan.calico"]).trim(),
+        "10.244.1.1 lladdr 66:00:00:00:00:0b PERMANENT"
+    );
+    let fdb = show(&ns, &["bridge", "fdb", "show", "dev", "vxlan.calico"]);
+    assert!(
+        fdb.contains("66:00:00:00:00:0b dst 10.99.8.2 self permanent"),
+        "{fdb}"
+    );
+
+    // Another tool deletes our route: it is back within a second.
+    ns.ip(&["route", "del", "10.244.1.0/26"]);
+    let took = wait_for("the route to come back", Duration::from_secs(1), || {
+        routes().contains(REMOTE_ROUTE)
+    });
+    eprintln!("route repaired in {took:?}");
+
+    // The pool stops using VXLAN: its routes would come from BGP now; nothing of VXLAN
+    // is left behind. Then back.
+    set_vxlan_mode(&etcd, "Never");
+    wait_for(
+        "the VXLAN route and device to go",
+        Duration::from_secs(10),
+        || {
+            !routes().contains("vxlan.calico")
+                && !show(&ns, &["ip", "link", "show"]).contains("vxlan.calico")
+        },
+    );
+    assert!(routes().contains("blackhole 10.244.0.0/26 proto 80"));
+    set_vxlan_mode(&etcd, "Always");
+    wait_for("the VXLAN route again", Duration::from_secs(10), || {
+        routes().contains(REMOTE_ROUTE)
+    });
+}
