@@ -1,8 +1,9 @@
 //! Felix inside a running calico-node (one node namespace, real etcd): a VXLAN pool and a
 //! remote node with a block give vxlan.calico, the remote block's route through it, the
 //! VTEP's ARP and FDB entries, and a blackhole for this node's block; a route deleted by
-//! hand comes back within a second; switching the pool to no encapsulation removes the
-//! VXLAN route and device (no stale state), and back.
+//! hand comes back within a second; this node gets a VXLAN tunnel address from the pool
+//! (Node field, IPAM handle, on the device); switching the pool to no encapsulation
+//! removes the VXLAN route and device and releases the address (no stale state), and back.
 
 mod common;
 
@@ -40,6 +41,17 @@ fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duratio
 
 const POOL_KEY: &str = "/calico/resources/v3/projectcalico.org/ippools/default-ipv4-ippool";
 const REMOTE_ROUTE: &str = "10.244.1.0/26 via 10.244.1.1 dev vxlan.calico proto 80 onlink";
+
+const NODE_KEY: &str = "/calico/resources/v3/projectcalico.org/nodes/node-a";
+const HANDLE_KEY: &str = "/calico/ipam/v2/handle/vxlan-tunnel-addr-node-a";
+
+/// node-a's `spec.ipv4VXLANTunnelAddr`.
+fn tunnel_addr(etcd: &Etcd) -> Option<String> {
+    let node: serde_json::Value = serde_json::from_str(&etcd.etcdctl_value(NODE_KEY)).ok()?;
+    node["spec"]["ipv4VXLANTunnelAddr"]
+        .as_str()
+        .map(String::from)
+}
 
 fn set_vxlan_mode(etcd: &Etcd, mode: &str) {
     let mut pool: serde_json::Value = serde_json::from_str(&etcd.etcdctl_value(POOL_KEY)).unwrap();
@@ -130,6 +142,22 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         "{fdb}"
     );
 
+    // This node's tunnel address: from the pool, held by Calico's handle, on the device.
+    wait_for("a VXLAN tunnel address", Duration::from_secs(10), || {
+        tunnel_addr(&etcd).is_some()
+    });
+    let addr = tunnel_addr(&etcd).unwrap();
+    assert!(addr.starts_with("10.244."), "{addr}");
+    assert!(!etcd.etcdctl_value(HANDLE_KEY).is_empty());
+    wait_for(
+        "the address on vxlan.calico",
+        Duration::from_secs(10),
+        || {
+            show(&ns, &["ip", "-4", "addr", "show", "dev", "vxlan.calico"])
+                .contains(&format!("inet {addr}/32"))
+        },
+    );
+
     // Another tool deletes our route: it is back within a second.
     ns.ip(&["route", "del", "10.244.1.0/26"]);
     let took = wait_for("the route to come back", Duration::from_secs(1), || {
@@ -149,8 +177,16 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         },
     );
     assert!(routes().contains("blackhole 10.244.0.0/26 proto 80"));
+    wait_for(
+        "the tunnel address released",
+        Duration::from_secs(10),
+        || tunnel_addr(&etcd).is_none() && etcd.etcdctl_value(HANDLE_KEY).is_empty(),
+    );
     set_vxlan_mode(&etcd, "Always");
     wait_for("the VXLAN route again", Duration::from_secs(10), || {
         routes().contains(REMOTE_ROUTE)
+    });
+    wait_for("a tunnel address again", Duration::from_secs(10), || {
+        tunnel_addr(&etcd).is_some()
     });
 }

@@ -10,6 +10,7 @@
 //!                       netlink, nft (this node's network namespace)
 //! ```
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -23,9 +24,12 @@ use super::FelixInput;
 use super::calc::Desired;
 use super::state::State;
 use super::tunnels::TunnelError;
-use super::{nat, neigh, routes, sysctls, tunnels};
+use super::{nat, neigh, routes, sysctls, tunnel_addr, tunnels};
 use crate::bgp::RouteUpdate;
+use crate::datastore::Datastore;
+use crate::datastore::client::Client;
 use crate::datastore::syncer::SyncerEvent;
+use crate::ipam::Ipam;
 use crate::node::http::HealthReporter;
 
 /// Felix's Prometheus metrics (REFERENCE §5 names).
@@ -82,6 +86,7 @@ const EVENT_DEBOUNCE: Duration = Duration::from_millis(100);
 /// Run Felix for `node` until cancelled.
 pub async fn run(
     node: String,
+    ds: Option<Arc<dyn Datastore>>,
     mut datastore: mpsc::Receiver<SyncerEvent>,
     mut bgp: mpsc::Receiver<Vec<RouteUpdate>>,
     metrics: FelixMetrics,
@@ -161,7 +166,20 @@ pub async fn run(
             dirty = false;
             let started = Instant::now();
             let desired = state.desired();
-            let problems = apply(&handle, &state, &desired, &mut last_nat, &mut warned_ipip).await;
+            let mut problems =
+                apply(&handle, &state, &desired, &mut last_nat, &mut warned_ipip).await;
+            if let Some(ds) = &ds {
+                // The Node update comes back through the syncer and into the next pass.
+                let (client, ipam) = (Client::new(ds.clone()), Ipam::new(ds.clone()));
+                match tunnel_addr::reconcile(&client, &ipam, state.node(), state.pools()).await {
+                    Ok(changes) => {
+                        for c in changes {
+                            tracing::info!("{c}");
+                        }
+                    }
+                    Err(e) => problems.push(format!("tunnel addresses: {e}")),
+                }
+            }
             metrics.apply_time.observe(started.elapsed().as_secs_f64());
             metrics.routes.set(desired.routes.len() as i64);
             let (eps, hosts) = state.counts();

@@ -10,6 +10,7 @@ pub mod neigh;
 pub mod routes;
 pub mod state;
 pub mod sysctls;
+pub mod tunnel_addr;
 pub mod tunnels;
 
 use crate::bgp::RouteUpdate;

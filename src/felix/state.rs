@@ -162,6 +162,16 @@ impl State {
         })
     }
 
+    /// The IP pools.
+    pub fn pools(&self) -> impl Iterator<Item = &IPPoolSpec> + Clone {
+        self.pools.values()
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// This node's IPv4 address (`spec.bgp.ipv4Address`).
     pub fn node_ipv4(&self) -> Option<std::net::Ipv4Addr> {
         let a = self

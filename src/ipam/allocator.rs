@@ -900,6 +900,16 @@ impl Ipam {
         host: &str,
         kind: TunnelKind,
     ) -> IpamResult<Option<IpAddr>> {
+        self.ensure_tunnel_address_in(host, kind, &[]).await
+    }
+
+    /// [`Ipam::ensure_tunnel_address`] from the given pools only (empty: any pool).
+    pub async fn ensure_tunnel_address_in(
+        &self,
+        host: &str,
+        kind: TunnelKind,
+        pools: &[IpNet],
+    ) -> IpamResult<Option<IpAddr>> {
         let handle = kind.handle(host);
         if let Some(ip) = self
             .ips_of_handle(&handle)
@@ -916,6 +926,7 @@ impl Ipam {
         let args = AssignArgs {
             attrs,
             use_: IpUse::Tunnel,
+            v4_pools: pools.to_vec(),
             ..AssignArgs::v4(&handle, host)
         };
         match self.auto_assign(&args).await {

@@ -236,7 +236,7 @@ async fn run_started(
     }
 
     let syncer_metrics = SyncerMetrics::new(&registry).context("registering syncer metrics")?;
-    let mut syncer = Syncer::new(ds, CALICO_PREFIX)
+    let mut syncer = Syncer::new(ds.clone(), CALICO_PREFIX)
         .with_metrics(syncer_metrics)
         .with_health(health.register("datastore-syncer"));
     let view_rx = syncer.subscribe(1024);
@@ -254,6 +254,7 @@ async fn run_started(
     let (_no_speaker, bgp_rx) = tokio::sync::mpsc::channel(1);
     tracker.spawn(crate::felix::actor::run(
         cfg.nodename.clone(),
+        Some(ds.clone()),
         felix_rx,
         bgp_rx,
         felix_metrics,
