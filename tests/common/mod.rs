@@ -47,6 +47,8 @@ pub struct Etcd {
     peer_port: u16,
     /// Client TLS (server cert, key, CA; clients must present a cert signed by the CA).
     pub tls: Option<TlsFiles>,
+    /// Another address clients may use (e.g. a node namespace's uplink address).
+    also: Option<String>,
 }
 
 /// Certificates made with openssl for a TLS etcd on 127.0.0.1.
@@ -124,6 +126,26 @@ impl Etcd {
             client_port,
             peer_port: free_port(),
             tls: None,
+            also: None,
+        };
+        e.spawn();
+        Some(e)
+    }
+
+    /// Like [`Etcd::start_on`], also listening on `ip` (for clients in other namespaces).
+    pub fn start_on_also(netns: &str, client_port: u16, ip: &str) -> Option<Etcd> {
+        if !have("etcd") {
+            skip("etcd is not installed (scripts/test installs etcd-server)");
+            return None;
+        }
+        let mut e = Etcd {
+            child: None,
+            netns: Some(netns.to_string()),
+            dir: tempfile::tempdir().unwrap(),
+            client_port,
+            peer_port: free_port(),
+            tls: None,
+            also: Some(ip.to_string()),
         };
         e.spawn();
         Some(e)
@@ -144,6 +166,7 @@ impl Etcd {
             client_port: free_port(),
             peer_port: free_port(),
             tls: Some(tls),
+            also: None,
         };
         e.spawn();
         Some(e)
@@ -182,7 +205,15 @@ impl Etcd {
             .cmd("etcd")
             .args(["--name", "s1", "--data-dir"])
             .arg(self.dir.path().join("data"))
-            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args([
+                "--listen-client-urls",
+                &match &self.also {
+                    Some(ip) => format!("{c},http://{ip}:{}", self.client_port),
+                    None => c.clone(),
+                },
+                "--advertise-client-urls",
+                &c,
+            ])
             .args([
                 "--listen-peer-urls",
                 &p,

@@ -1,0 +1,188 @@
+//! The packet's life across two nodes in VXLAN mode, no BGP: two node namespaces on one
+//! link, etcd on the first, one `calico-node` each, a pod on each made by the real `calico`
+//! CNI plugin; the pods ping each other through vxlan.calico.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Etcd, NetNs, free_port, http_get};
+use serde_json::{Value, json};
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn calico_node(ns: &NetNs, name: &str, etcd: &str, state: &Path, health: u16) -> Daemon {
+    let log = std::fs::File::create(state.join("calico-node.log")).unwrap();
+    let child = ns
+        .command(env!("CARGO_BIN_EXE_calico-node"))
+        .env_clear()
+        .env("NODENAME", name)
+        .env("ETCD_ENDPOINTS", etcd)
+        .env("IP_AUTODETECTION_METHOD", "interface=eth0")
+        .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
+        .env("CALICO_IPV4POOL_VXLAN", "Always")
+        .env("CALICO_STATE_DIR", state)
+        .env("FELIX_HEALTHPORT", health.to_string())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Daemon(child)
+}
+
+/// `calico` ADD for a pod namespace, run inside the node namespace; the pod's address.
+fn add_pod(node: &NetNs, name: &str, etcd: &str, pod: &NetNs) -> String {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cni-install-two-nodes");
+    std::fs::create_dir_all(&dir).unwrap();
+    for bin in ["calico", "calico-ipam"] {
+        let _ = std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_calico"), dir.join(bin));
+    }
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd, "nodename": name, "ipam": {"type": "calico-ipam"}});
+    let mut c = node
+        .command(dir.join("calico").to_str().unwrap())
+        .env_clear()
+        .env("CNI_PATH", &dir)
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", format!("pod-on-{name}"))
+        .env("CNI_NETNS", format!("/run/netns/{}", pod.name))
+        .env("CNI_IFNAME", "eth0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = c.wait_with_output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "ADD on {name}: {v}");
+    let addr = v["ips"][0]["address"].as_str().unwrap();
+    addr.split('/').next().unwrap().to_string()
+}
+
+fn ping(from: &NetNs, to: &str) -> bool {
+    from.command("ping")
+        .args(["-c", "1", "-W", "1", to])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn pods_on_two_nodes_ping_each_other_over_vxlan() {
+    let (Some(n1), Some(n2)) = (NetNs::new("cn-n1"), NetNs::new("cn-n2")) else {
+        return;
+    };
+    let (Some(p1), Some(p2)) = (NetNs::new("cn-p1"), NetNs::new("cn-p2")) else {
+        return;
+    };
+    if !common::have("ping") {
+        common::skip("ping is not installed");
+        return;
+    }
+    n1.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &n2.name,
+    ]);
+    n1.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+    n2.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+    n1.ip(&["link", "set", "eth0", "up"]);
+    n2.ip(&["link", "set", "eth0", "up"]);
+    // Like any real node, a default route: proxy ARP answers for 169.254.1.1 only when the
+    // node routes it somewhere other than the pod's interface.
+    for n in [&n1, &n2] {
+        n.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.99.0.254",
+            "dev",
+            "eth0",
+        ]);
+    }
+    let port = free_port();
+    let Some(_etcd) = Etcd::start_on_also(&n1.name, port, "10.99.0.1") else {
+        return;
+    };
+    let endpoint = format!("http://10.99.0.1:{port}");
+    let (s1, s2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (h1, h2) = (free_port(), free_port());
+    let _d1 = calico_node(&n1, "node-1", &endpoint, s1.path(), h1);
+    let _d2 = calico_node(&n2, "node-2", &endpoint, s2.path(), h2);
+    for (ns, port) in [(&n1, h1), (&n2, h2)] {
+        wait_for("calico-node ready", Duration::from_secs(30), || {
+            ns.run_in(move || http_get(port, "/readiness"))
+                .is_ok_and(|(s, _)| s == 200)
+        });
+    }
+
+    let a1 = add_pod(&n1, "node-1", &endpoint, &p1);
+    let a2 = add_pod(&n2, "node-2", &endpoint, &p2);
+    // Each node learns the other's block and VTEP from etcd.
+    let start = Instant::now();
+    while !ping(&p1, &a2) {
+        if start.elapsed() > Duration::from_secs(15) {
+            let mut dump = format!("pods {a1} {a2}\n");
+            for ns in [&n1, &n2, &p1, &p2] {
+                for args in [&["route"][..], &["neigh"], &["addr"], &["-d", "link"]] {
+                    let out = Command::new("ip")
+                        .args(["-n", &ns.name])
+                        .args(args)
+                        .output()
+                        .unwrap();
+                    dump += &format!(
+                        "== {} ip {args:?}\n{}",
+                        ns.name,
+                        String::from_utf8_lossy(&out.stdout)
+                    );
+                }
+                let out = Command::new("bridge")
+                    .args(["-n", &ns.name, "fdb", "show", "dev", "vxlan.calico"])
+                    .output()
+                    .unwrap();
+                dump += &format!("== fdb\n{}", String::from_utf8_lossy(&out.stdout));
+            }
+            for s in [&s1, &s2] {
+                dump +=
+                    &std::fs::read_to_string(s.path().join("calico-node.log")).unwrap_or_default();
+            }
+            panic!("pod 1 does not reach pod 2:\n{dump}");
+        }
+    }
+    assert!(ping(&p2, &a1), "pod 2 reaches pod 1");
+    let routes = String::from_utf8(
+        Command::new("ip")
+            .args(["-n", &n1.name, "route"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        routes.contains("dev vxlan.calico proto 80 onlink"),
+        "{routes}"
+    );
+}
