@@ -1,6 +1,7 @@
 //! The packet's life across two nodes in VXLAN mode, no BGP: two node namespaces on one
 //! link, etcd on the first, one `calico-node` each, a pod on each made by the real `calico`
-//! CNI plugin; the pods ping each other through vxlan.calico.
+//! CNI plugin; the pods ping each other through vxlan.calico, then (pool switched to
+//! CrossSubnet, the nodes sharing a subnet) over a direct route.
 
 mod common;
 
@@ -124,7 +125,7 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan() {
         ]);
     }
     let port = free_port();
-    let Some(_etcd) = Etcd::start_on_also(&n1.name, port, "10.99.0.1") else {
+    let Some(etcd) = Etcd::start_on_also(&n1.name, port, "10.99.0.1") else {
         return;
     };
     let endpoint = format!("http://10.99.0.1:{port}");
@@ -184,5 +185,26 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan() {
     assert!(
         routes.contains("dev vxlan.calico proto 80 onlink"),
         "{routes}"
+    );
+
+    // CrossSubnet: the nodes share a subnet, so the route goes direct (from the datastore,
+    // no BGP needed) and pods still reach each other.
+    let key = "/calico/resources/v3/projectcalico.org/ippools/default-ipv4-ippool";
+    let mut pool: Value = serde_json::from_str(&etcd.etcdctl_value(key)).unwrap();
+    pool["spec"]["vxlanMode"] = "CrossSubnet".into();
+    etcd.etcdctl(&["put", key, &pool.to_string()]);
+    let (net, last) = a2.rsplit_once('.').unwrap();
+    let block2 = format!("{net}.{}/26", last.parse::<u8>().unwrap() / 64 * 64);
+    let direct = format!("{block2} via 10.99.0.2 dev eth0 proto 80 onlink");
+    wait_for("the direct route", Duration::from_secs(10), || {
+        let out = Command::new("ip")
+            .args(["-n", &n1.name, "route"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(&direct)
+    });
+    assert!(
+        ping(&p1, &a2) && ping(&p2, &a1),
+        "pods reach each other directly"
     );
 }
