@@ -2,7 +2,8 @@
 //! remote node with a block give vxlan.calico, the remote block's route through it, the
 //! VTEP's ARP and FDB entries, and a blackhole for this node's block; a route deleted by
 //! hand comes back within a second; this node gets a VXLAN tunnel address from the pool
-//! (Node field, IPAM handle, on the device); switching the pool to no encapsulation
+//! (Node field, IPAM handle, on the device) and the pods' MTU is written for the CNI
+//! plugin; switching the pool to no encapsulation
 //! removes the VXLAN route and device and releases the address (no stale state), and back.
 
 mod common;
@@ -142,6 +143,12 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         "{fdb}"
     );
 
+    // The pods' MTU for the CNI plugin: the uplink's less VXLAN's 50 bytes.
+    let mtu_file = state.path().join("mtu");
+    wait_for("the MTU file", Duration::from_secs(5), || {
+        std::fs::read_to_string(&mtu_file).is_ok_and(|m| m == "1450\n")
+    });
+
     // This node's tunnel address: from the pool, held by Calico's handle, on the device.
     wait_for("a VXLAN tunnel address", Duration::from_secs(10), || {
         tunnel_addr(&etcd).is_some()
@@ -182,6 +189,7 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         Duration::from_secs(10),
         || tunnel_addr(&etcd).is_none() && etcd.etcdctl_value(HANDLE_KEY).is_empty(),
     );
+    assert_eq!(std::fs::read_to_string(&mtu_file).unwrap(), "1500\n");
     set_vxlan_mode(&etcd, "Always");
     wait_for("the VXLAN route again", Duration::from_secs(10), || {
         routes().contains(REMOTE_ROUTE)

@@ -87,6 +87,7 @@ const EVENT_DEBOUNCE: Duration = Duration::from_millis(100);
 pub async fn run(
     node: String,
     ds: Option<Arc<dyn Datastore>>,
+    mtu_file: Option<std::path::PathBuf>,
     mut datastore: mpsc::Receiver<SyncerEvent>,
     mut bgp: mpsc::Receiver<Vec<RouteUpdate>>,
     metrics: FelixMetrics,
@@ -166,8 +167,15 @@ pub async fn run(
             dirty = false;
             let started = Instant::now();
             let desired = state.desired();
-            let mut problems =
-                apply(&handle, &state, &desired, &mut last_nat, &mut warned_ipip).await;
+            let mut problems = apply(
+                &handle,
+                &state,
+                &desired,
+                &mut last_nat,
+                &mut warned_ipip,
+                mtu_file.as_deref(),
+            )
+            .await;
             if let Some(ds) = &ds {
                 // The Node update comes back through the syncer and into the next pass.
                 let (client, ipam) = (Client::new(ds.clone()), Ipam::new(ds.clone()));
@@ -202,6 +210,7 @@ async fn apply(
     desired: &Desired,
     last_nat: &mut Option<super::calc::Nat>,
     warned_ipip: &mut bool,
+    mtu_file: Option<&std::path::Path>,
 ) -> Vec<String> {
     let mut problems: Vec<String> = desired.problems.clone();
     let prefix = state.config().interface_prefix().to_string();
@@ -221,6 +230,19 @@ async fn apply(
     let cfg = state.config();
     let vxlan_mtu = cfg.vxlan_mtu.unwrap_or(host_mtu.saturating_sub(50));
     let ipip_mtu = cfg.ipip_mtu.unwrap_or(host_mtu.saturating_sub(20));
+    // The pods' MTU, for the CNI plugin: the tunnel's when there is one.
+    let pod_mtu = if desired.vxlan.is_some() {
+        vxlan_mtu
+    } else if desired.ipip.is_some() {
+        ipip_mtu
+    } else {
+        host_mtu
+    };
+    if let Some(f) = mtu_file
+        && let Err(e) = write_if_changed(f, &format!("{pod_mtu}\n"))
+    {
+        problems.push(format!("{}: {e}", f.display()));
+    }
     if let Err(e) = tunnels::ensure_vxlan(h, desired.vxlan.as_ref(), uplink, vxlan_mtu).await {
         problems.push(e.to_string());
     }
@@ -254,4 +276,17 @@ async fn apply(
         tracing::warn!(problem = %p, "dataplane");
     }
     problems
+}
+
+/// Replace a small file atomically, only when its content differs.
+fn write_if_changed(path: &std::path::Path, content: &str) -> std::io::Result<()> {
+    if std::fs::read_to_string(path).is_ok_and(|c| c == content) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)
 }

@@ -255,6 +255,7 @@ async fn run_started(
     tracker.spawn(crate::felix::actor::run(
         cfg.nodename.clone(),
         Some(ds.clone()),
+        Some(cfg.state_dir.join("mtu")),
         felix_rx,
         bgp_rx,
         felix_metrics,
