@@ -3,8 +3,8 @@
 //! VTEP's ARP and FDB entries, and a blackhole for this node's block; a route deleted by
 //! hand comes back within a second; this node gets a VXLAN tunnel address from the pool
 //! (Node field, IPAM handle, on the device) and the pods' MTU is written for the CNI
-//! plugin; switching the pool to no encapsulation
-//! removes the VXLAN route and device and releases the address (no stale state), and back.
+//! plugin; switching the pool to no encapsulation removes the VXLAN route and device and
+//! releases the address (no stale state), and back.
 
 mod common;
 

@@ -83,11 +83,18 @@ impl FelixMetrics {
 /// changes among them).
 const EVENT_DEBOUNCE: Duration = Duration::from_millis(100);
 
-/// Run Felix for `node` until cancelled.
+/// Who Felix runs for, and where it writes.
+pub struct Config {
+    pub node: String,
+    /// For this node's tunnel addresses (IPAM and the Node); None: not managed.
+    pub datastore: Option<Arc<dyn Datastore>>,
+    /// Where the pods' MTU is written for the CNI plugin.
+    pub mtu_file: Option<std::path::PathBuf>,
+}
+
+/// Run Felix until cancelled.
 pub async fn run(
-    node: String,
-    ds: Option<Arc<dyn Datastore>>,
-    mtu_file: Option<std::path::PathBuf>,
+    cfg: Config,
     mut datastore: mpsc::Receiver<SyncerEvent>,
     mut bgp: mpsc::Receiver<Vec<RouteUpdate>>,
     metrics: FelixMetrics,
@@ -113,6 +120,11 @@ pub async fn run(
         tracing::warn!(error = %e, "no netlink events; repairs wait for the periodic resync");
     }
     tokio::spawn(conn);
+    let Config {
+        node,
+        datastore: ds,
+        mtu_file,
+    } = cfg;
     let mut state = State::new(&node);
     let mut dirty = false;
     let mut due: Option<tokio::time::Instant> = None;

@@ -253,9 +253,11 @@ async fn run_started(
         crate::felix::actor::FelixMetrics::new(&registry).context("registering Felix metrics")?;
     let (_no_speaker, bgp_rx) = tokio::sync::mpsc::channel(1);
     tracker.spawn(crate::felix::actor::run(
-        cfg.nodename.clone(),
-        Some(ds.clone()),
-        Some(cfg.state_dir.join("mtu")),
+        crate::felix::actor::Config {
+            node: cfg.nodename.clone(),
+            datastore: Some(ds.clone()),
+            mtu_file: Some(cfg.state_dir.join("mtu")),
+        },
         felix_rx,
         bgp_rx,
         felix_metrics,
