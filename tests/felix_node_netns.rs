@@ -120,11 +120,15 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         etcd.etcdctl(&["put", &key, &serde_json::to_string(&block).unwrap()]);
     }
     let routes = || show(&ns, &["ip", "-4", "route"]);
-    wait_for("the remote block's route", Duration::from_secs(10), || {
-        routes().contains(REMOTE_ROUTE)
-    });
-    let r = routes();
-    assert!(r.contains("blackhole 10.244.0.0/26 proto 80"), "{r}");
+    // Both blocks were written one after the other: a pass may come between them.
+    wait_for(
+        "the remote block's route and our block's blackhole",
+        Duration::from_secs(10),
+        || {
+            let r = routes();
+            r.contains(REMOTE_ROUTE) && r.contains("blackhole 10.244.0.0/26 proto 80")
+        },
+    );
     let link = show(&ns, &["ip", "-d", "link", "show", "vxlan.calico"]);
     for part in [
         "vxlan id 4096 local 10.99.8.1 dev eth1",
