@@ -8,19 +8,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::{Etcd, NetNs, free_port, http_get};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn show(ns: &NetNs, args: &[&str]) -> String {
     let out = Command::new(args[0])
@@ -29,15 +20,6 @@ fn show(ns: &NetNs, args: &[&str]) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
 }
 
 const POOL_KEY: &str = "/calico/resources/v3/projectcalico.org/ippools/default-ipv4-ippool";
@@ -92,12 +74,12 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         .stderr(log)
         .spawn()
         .unwrap();
-    let _daemon = Daemon(child);
+    let _daemon = common::Process(child);
     let ready = || {
         ns.run_in(move || http_get(health_port, "/readiness"))
             .is_ok_and(|(s, _)| s == 200)
     };
-    wait_for("calico-node ready", Duration::from_secs(30), ready);
+    common::until("calico-node ready", Duration::from_secs(30), ready);
 
     // A remote node with its VTEP, its block, and a block of ours.
     etcd.etcdctl(&[
@@ -121,7 +103,7 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
     }
     let routes = || show(&ns, &["ip", "-4", "route"]);
     // Both blocks were written one after the other: a pass may come between them.
-    wait_for(
+    common::until(
         "the remote block's route and our block's blackhole",
         Duration::from_secs(10),
         || {
@@ -149,18 +131,18 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
 
     // The pods' MTU for the CNI plugin: the uplink's less VXLAN's 50 bytes.
     let mtu_file = state.path().join("mtu");
-    wait_for("the MTU file", Duration::from_secs(5), || {
+    common::until("the MTU file", Duration::from_secs(5), || {
         std::fs::read_to_string(&mtu_file).is_ok_and(|m| m == "1450\n")
     });
 
     // This node's tunnel address: from the pool, held by Calico's handle, on the device.
-    wait_for("a VXLAN tunnel address", Duration::from_secs(10), || {
+    common::until("a VXLAN tunnel address", Duration::from_secs(10), || {
         tunnel_addr(&etcd).is_some()
     });
     let addr = tunnel_addr(&etcd).unwrap();
     assert!(addr.starts_with("10.244."), "{addr}");
     assert!(!etcd.etcdctl_value(HANDLE_KEY).is_empty());
-    wait_for(
+    common::until(
         "the address on vxlan.calico",
         Duration::from_secs(10),
         || {
@@ -171,7 +153,7 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
 
     // Another tool deletes our route: it is back within a second.
     ns.ip(&["route", "del", "10.244.1.0/26"]);
-    let took = wait_for("the route to come back", Duration::from_secs(1), || {
+    let took = common::until("the route to come back", Duration::from_secs(1), || {
         routes().contains(REMOTE_ROUTE)
     });
     eprintln!("route repaired in {took:?}");
@@ -179,7 +161,7 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
     // The pool stops using VXLAN: its routes would come from BGP now; nothing of VXLAN
     // is left behind. Then back.
     set_vxlan_mode(&etcd, "Never");
-    wait_for(
+    common::until(
         "the VXLAN route and device to go",
         Duration::from_secs(10),
         || {
@@ -188,17 +170,17 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         },
     );
     assert!(routes().contains("blackhole 10.244.0.0/26 proto 80"));
-    wait_for(
+    common::until(
         "the tunnel address released",
         Duration::from_secs(10),
         || tunnel_addr(&etcd).is_none() && etcd.etcdctl_value(HANDLE_KEY).is_empty(),
     );
     assert_eq!(std::fs::read_to_string(&mtu_file).unwrap(), "1500\n");
     set_vxlan_mode(&etcd, "Always");
-    wait_for("the VXLAN route again", Duration::from_secs(10), || {
+    common::until("the VXLAN route again", Duration::from_secs(10), || {
         routes().contains(REMOTE_ROUTE)
     });
-    wait_for("a tunnel address again", Duration::from_secs(10), || {
+    common::until("a tunnel address again", Duration::from_secs(10), || {
         tunnel_addr(&etcd).is_some()
     });
 }

@@ -7,30 +7,13 @@ mod common;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Etcd, NetNs, free_port, http_get};
 use serde_json::{Value, json};
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn calico_node(ns: &NetNs, name: &str, etcd: &str, state: &Path, health: u16) -> Daemon {
+fn calico_node(ns: &NetNs, name: &str, etcd: &str, state: &Path, health: u16) -> common::Process {
     let log = std::fs::File::create(state.join("calico-node.log")).unwrap();
     let child = ns
         .command(env!("CARGO_BIN_EXE_calico-node"))
@@ -46,7 +29,7 @@ fn calico_node(ns: &NetNs, name: &str, etcd: &str, state: &Path, health: u16) ->
         .stderr(log)
         .spawn()
         .unwrap();
-    Daemon(child)
+    common::Process(child)
 }
 
 /// `calico` ADD for a pod namespace, run inside the node namespace; the pod's address.
@@ -134,7 +117,7 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan() {
     let _d1 = calico_node(&n1, "node-1", &endpoint, s1.path(), h1);
     let _d2 = calico_node(&n2, "node-2", &endpoint, s2.path(), h2);
     for (ns, port) in [(&n1, h1), (&n2, h2)] {
-        wait_for("calico-node ready", Duration::from_secs(30), || {
+        common::until("calico-node ready", Duration::from_secs(30), || {
             ns.run_in(move || http_get(port, "/readiness"))
                 .is_ok_and(|(s, _)| s == 200)
         });
@@ -196,7 +179,7 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan() {
     let (net, last) = a2.rsplit_once('.').unwrap();
     let block2 = format!("{net}.{}/26", last.parse::<u8>().unwrap() / 64 * 64);
     let direct = format!("{block2} via 10.99.0.2 dev eth0 proto 80 onlink");
-    wait_for("the direct route", Duration::from_secs(10), || {
+    common::until("the direct route", Duration::from_secs(10), || {
         let out = Command::new("ip")
             .args(["-n", &n1.name, "route"])
             .output()

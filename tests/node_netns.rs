@@ -5,19 +5,10 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Etcd, NetNs, free_port, have, http_get, skip};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn wait_http(ns: &NetNs, port: u16, path: &'static str, want: u16, limit: Duration) -> String {
     let deadline = Instant::now() + limit;
@@ -73,7 +64,7 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let mut daemon = Daemon(child);
+    let mut daemon = common::Process(child);
 
     // No etcd yet: not ready, and the body says why.
     let body = wait_http(&ns, health_port, "/readiness", 503, Duration::from_secs(10));

@@ -600,3 +600,23 @@ pub fn seed_in_netns(ns: &NetNs, endpoint: String, cidr: &'static str) {
             .block_on(seed_pool_and_ready(&endpoint, cidr))
     });
 }
+
+/// A process the test started; killed (by its PID, through the handle) when dropped.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Poll `f` every 20 ms until it holds; how long that took. Panics after `limit`.
+pub fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
