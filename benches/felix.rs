@@ -52,32 +52,24 @@ fn ours(n: usize) -> Option<(Duration, Duration)> {
             )
         })
         .collect();
-    Some(ns.run_in(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let (conn, h, _) = rtnetlink::new_connection().unwrap();
-                tokio::spawn(conn);
-                let uplink = interface_with(&h, "10.0.0.1".parse().unwrap())
-                    .await
-                    .unwrap();
-                let t = Instant::now();
-                let p = reconcile(&h, &desired, "cali", uplink).await.unwrap();
-                let cold = t.elapsed();
-                assert_eq!(
-                    p.added_or_replaced,
-                    desired.len(),
-                    "{:?}",
-                    p.failures.first()
-                );
-                let t = Instant::now();
-                let p = reconcile(&h, &desired, "cali", uplink).await.unwrap();
-                let resync = t.elapsed();
-                assert_eq!((p.added_or_replaced, p.deleted), (0, 0));
-                (cold, resync)
-            })
+    Some(ns.with_netlink(move |h| async move {
+        let uplink = interface_with(&h, "10.0.0.1".parse().unwrap())
+            .await
+            .unwrap();
+        let t = Instant::now();
+        let p = reconcile(&h, &desired, "cali", uplink).await.unwrap();
+        let cold = t.elapsed();
+        assert_eq!(
+            p.added_or_replaced,
+            desired.len(),
+            "{:?}",
+            p.failures.first()
+        );
+        let t = Instant::now();
+        let p = reconcile(&h, &desired, "cali", uplink).await.unwrap();
+        let resync = t.elapsed();
+        assert_eq!((p.added_or_replaced, p.deleted), (0, 0));
+        (cold, resync)
     }))
 }
 

@@ -33,29 +33,9 @@ fn routes(ns: &NetNs, v6: bool) -> Vec<String> {
     lines
 }
 
-/// Run `f` with a netlink handle inside the namespace.
-fn with_netlink<T, F, Fut>(ns: &NetNs, f: F) -> T
-where
-    T: Send + 'static,
-    F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = T>,
-{
-    ns.run_in(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let (conn, h, _) = rtnetlink::new_connection().unwrap();
-                tokio::spawn(conn);
-                f(h).await
-            })
-    })
-}
-
 fn pass(ns: &NetNs, desired: &BTreeMap<IpNet, Route>) -> Pass {
     let desired = desired.clone();
-    with_netlink(ns, move |h| async move {
+    ns.with_netlink(move |h| async move {
         let uplink = interface_with(&h, "10.0.0.1".parse().unwrap())
             .await
             .unwrap();
@@ -304,7 +284,7 @@ fn vxlan_device_neighbours_and_fdb() {
         "permanent",
     ]);
     let ensure = |ns: &NetNs, want: Option<Vxlan>| {
-        with_netlink(ns, move |h| async move {
+        ns.with_netlink(move |h| async move {
             let parent = interface_with(&h, "10.0.0.1".parse().unwrap())
                 .await
                 .unwrap();
@@ -347,9 +327,7 @@ fn vxlan_device_neighbours_and_fdb() {
     }]);
     let run = |ns: &NetNs| {
         let (n, f) = (neighbours.clone(), fdb.clone());
-        with_netlink(ns, move |h| async move {
-            neigh::reconcile(&h, &n, &f, "cali").await.unwrap()
-        })
+        ns.with_netlink(move |h| async move { neigh::reconcile(&h, &n, &f, "cali").await.unwrap() })
     };
     let first = run(&ns);
     assert!(first.failures.is_empty(), "{first:?}");
@@ -398,9 +376,7 @@ fn ipip_device_or_a_clear_error() {
     let want = Ipip {
         address: Some("10.244.0.2".parse().unwrap()),
     };
-    let r = with_netlink(&ns, move |h| async move {
-        ensure_ipip(&h, Some(&want), 1480).await
-    });
+    let r = ns.with_netlink(move |h| async move { ensure_ipip(&h, Some(&want), 1480).await });
     if kernel_has_ipip {
         assert_eq!(r.unwrap(), Outcome::Created);
         let a = show(&ns, "ip", &["-4", "addr", "show", "dev", "tunl0"]);
@@ -442,7 +418,10 @@ fn nat_outgoing_tables() {
     // Someone else's table.
     nft(&["add", "table", "inet", "filter"]);
     let net = |s: &str| s.parse::<IpNet>().unwrap();
-    let apply = |n: Nat| with_netlink(&ns, move |_| async move { nat::apply(&n) }).unwrap();
+    let apply = |n: Nat| {
+        ns.with_netlink(move |_| async move { nat::apply(&n) })
+            .unwrap()
+    };
     apply(Nat {
         masquerade: BTreeSet::from([net("10.244.0.0/16")]),
         all: BTreeSet::from([net("10.244.0.0/16"), net("10.96.0.0/16")]),

@@ -516,6 +516,26 @@ impl NetNs {
         c
     }
 
+    /// Run `f` with a netlink handle inside the namespace (on a runtime of its own).
+    pub fn with_netlink<T, F, Fut>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(rtnetlink::Handle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+    {
+        self.run_in(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    let (conn, h, _) = rtnetlink::new_connection().unwrap();
+                    tokio::spawn(conn);
+                    f(h).await
+                })
+        })
+    }
+
     /// Run `f` on a thread that has entered the namespace (sockets it opens live there).
     pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{}", self.name);
