@@ -1,7 +1,8 @@
 //! The route reconciler: makes the main routing table's routes of ours match the desired
 //! ones (REFERENCE §5). Ours are routes with protocol 80 and every route on a `cali*`,
 //! `vxlan.calico` or `tunl0` interface except the kernel's own (`proto kernel`: connected
-//! subnets, IPv6 link-local); no other route is ever touched. One pass dumps the
+//! subnets, IPv6 link-local); routes on a workload interface that no desired route names
+//! are the CNI plugin's until its endpoint arrives. No other route is ever touched. One pass dumps the
 //! table, diffs, and sends the fixes (replace semantics) with many requests in flight.
 
 use std::collections::{BTreeMap, HashMap};
@@ -249,6 +250,13 @@ pub async fn reconcile(
 ) -> Result<Pass, RouteError> {
     let links = links(h).await?;
     let names: HashMap<u32, &str> = links.iter().map(|(n, i)| (*i, n.as_str())).collect();
+    let workload_ifaces: std::collections::HashSet<&str> = desired
+        .values()
+        .filter_map(|r| match &r.target {
+            Target::Link(dev) => Some(dev.as_str()),
+            _ => None,
+        })
+        .collect();
     let mut have: BTreeMap<IpNet, Vec<(Kernel, RouteMessage)>> = BTreeMap::new();
     for v6 in [false, true] {
         let query = if v6 {
@@ -272,11 +280,14 @@ pub async fn reconcile(
             let k = kernel(&m);
             // The kernel's own routes (connected subnets, IPv6 link-local) are never ours,
             // whatever interface they are on.
+            // A workload interface no endpoint names yet belongs to the CNI plugin (its
+            // endpoint is on its way): its routes are left alone.
             let ours = k.protocol == PROTO_FELIX
                 || (k.protocol != PROTO_KERNEL
-                    && k.oif
-                        .and_then(|i| names.get(&i))
-                        .is_some_and(|n| is_ours_dev(n, prefix)));
+                    && k.oif.and_then(|i| names.get(&i)).is_some_and(|n| {
+                        is_ours_dev(n, prefix)
+                            && (!n.starts_with(prefix) || workload_ifaces.contains(n))
+                    }));
             if let (true, Some(d)) = (ours, dst(&m)) {
                 have.entry(d).or_default().push((k, m));
             }
