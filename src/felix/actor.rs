@@ -132,6 +132,7 @@ pub async fn run(
     let mut next_resync = tokio::time::Instant::now() + state.config().route_refresh_interval();
     let mut warned_ipip = false;
     let mut bgp_open = true;
+    let mut applied_once = false;
     loop {
         let wake = due.map_or(next_resync, |d| d.min(next_resync));
         tokio::select! {
@@ -140,9 +141,9 @@ pub async fn run(
                 Some(ev) => {
                     metrics.messages.inc();
                     dirty |= state.apply(&FelixInput::Datastore(ev));
-                    // In sync: apply even if nothing changed (the first pass).
-                    if state.datastore_in_sync && due.is_none() {
-                        due = Some(tokio::time::Instant::now());
+                    // The first time in sync: apply even if nothing changed.
+                    if state.datastore_in_sync && !applied_once {
+                        dirty = true;
                     }
                 }
                 None => return,
@@ -177,6 +178,7 @@ pub async fn run(
                 state.apply(&FelixInput::Datastore(ev));
             }
             dirty = false;
+            applied_once = true;
             let started = Instant::now();
             let desired = state.desired();
             let mut problems = apply(
