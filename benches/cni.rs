@@ -74,6 +74,28 @@ fn cni(
     start.elapsed()
 }
 
+/// The time of `ip link del eth0` run inside a pod's namespace (entered between fork and
+/// exec, as for the plugins): the kernel's veth removal plus a process start, which every
+/// plugin's DEL pays.
+fn ip_link_del(pod: &NetNs) -> Duration {
+    let ns = std::fs::File::open(format!("/run/netns/{}", pod.name)).unwrap();
+    let ns_fd = ns.as_raw_fd();
+    let start = Instant::now();
+    let mut c = std::process::Command::new("ip");
+    // SAFETY: setns is a plain syscall, safe between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let st = c.args(["link", "del", "eth0"]).status().unwrap();
+    assert!(st.success(), "ip link del eth0 in {}", pod.name);
+    start.elapsed()
+}
+
 fn stats(mut v: Vec<Duration>) -> (f64, f64) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -126,6 +148,7 @@ fn main() {
     // Interleave the two plugins pod by pod so drift on this shared machine hits both.
     let (mut our_add, mut our_del, mut ptp_add, mut ptp_del) = (vec![], vec![], vec![], vec![]);
     let (mut split_add, mut split_del) = (vec![], vec![]);
+    let mut floor_del = vec![];
     for i in 0..PODS {
         split_add.push(cni(
             &node,
@@ -181,6 +204,10 @@ fn main() {
             &netns(i),
             &ptp_conf,
         ));
+        pods[i].ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "floor0",
+        ]);
+        floor_del.push(ip_link_del(&pods[i]));
     }
     let (oa, oa99) = stats(our_add);
     let (od, od99) = stats(our_del);
@@ -198,6 +225,11 @@ fn main() {
         od / pd
     );
 
+    let (fd, fd99) = stats(floor_del);
+    println!(
+        "     kernel floor: `ip link del` of a pod's veth {fd:6.1} ms (p99 {fd99:6.1}) = {:.2}x ptp's DEL",
+        fd / pd
+    );
     println!(
         "with calico-ipam as a separate process: ADD {sa:6.1} ms (p99 {sa99:6.1}) {:.2}x, DEL {sd:6.1} ms (p99 {sd99:6.1}) {:.2}x",
         sa / pa,

@@ -209,43 +209,6 @@ fn pool_of<'a>(pools: &'a BTreeMap<String, IPPoolSpec>, net: &IpNet) -> Option<&
         .max_by_key(|p| p.net().map_or(0, |n| n.prefix_len()))
 }
 
-/// The node each allocated address of a block belongs to, when that is not the block's
-/// own node (a borrowed address).
-fn borrowed(block: &AllocationBlock) -> Vec<(IpNet, String)> {
-    let Ok(cidr) = block.cidr.parse::<IpNet>() else {
-        return Vec::new();
-    };
-    let owner = block.host();
-    let mut out = Vec::new();
-    for (ordinal, attr) in block.allocations.iter().enumerate() {
-        let Some(node) = attr
-            .and_then(|i| block.attributes.get(i))
-            .and_then(|a| a.secondary.as_ref())
-            .and_then(|s| s.get("node"))
-        else {
-            continue;
-        };
-        if Some(node.as_str()) == owner {
-            continue;
-        }
-        if let Some(ip) = nth(&cidr, ordinal) {
-            out.push((IpNet::from(ip), node.clone()));
-        }
-    }
-    out
-}
-
-fn nth(cidr: &IpNet, ordinal: usize) -> Option<IpAddr> {
-    match cidr {
-        IpNet::V4(n) => u32::from(n.network())
-            .checked_add(u32::try_from(ordinal).ok()?)
-            .map(|a| IpAddr::V4(a.into())),
-        IpNet::V6(n) => u128::from(n.network())
-            .checked_add(ordinal as u128)
-            .map(|a| IpAddr::V6(a.into())),
-    }
-}
-
 /// Compute the desired dataplane.
 pub fn calculate(input: &Input) -> Desired {
     let mut d = Desired::default();
@@ -351,7 +314,7 @@ pub fn calculate(input: &Input) -> Desired {
         {
             toward(&mut d, net, host, cross_subnet);
         }
-        for (ip, node) in borrowed(b) {
+        for (ip, node) in b.borrowed() {
             if node != input.node {
                 toward(&mut d, ip, &node, cross_subnet);
             }

@@ -45,6 +45,37 @@ impl AllocationBlock {
     pub fn host(&self) -> Option<&str> {
         self.affinity.as_deref()?.strip_prefix("host:")
     }
+
+    /// The addresses of this block held for another node than the block's own (borrowed
+    /// addresses), each with that node's name (the allocation's `node` attribute).
+    pub fn borrowed(&self) -> Vec<(ipnet::IpNet, String)> {
+        let Ok(cidr) = self.cidr.parse::<ipnet::IpNet>() else {
+            return Vec::new();
+        };
+        let owner = self.host();
+        let mut out = Vec::new();
+        for (ordinal, attr) in self.allocations.iter().enumerate() {
+            let Some(node) = attr
+                .and_then(|i| self.attributes.get(i))
+                .and_then(|a| a.secondary.as_ref())
+                .and_then(|s| s.get("node"))
+            else {
+                continue;
+            };
+            if Some(node.as_str()) == owner || ordinal as u128 >= hosts(&cidr) {
+                continue;
+            }
+            let ip = crate::ipam::block::nth_ip(&cidr, ordinal);
+            out.push((ipnet::IpNet::from(ip), node.clone()));
+        }
+        out
+    }
+}
+
+/// How many addresses a network holds (saturating for IPv6).
+fn hosts(net: &ipnet::IpNet) -> u128 {
+    let bits = u32::from(net.max_prefix_len() - net.prefix_len());
+    1u128.checked_shl(bits).unwrap_or(u128::MAX)
 }
 
 /// State of a block affinity.
