@@ -1,6 +1,11 @@
-//! confd: turns the datastore snapshot into the BGP speaker's desired configuration (and
-//! optionally BIRD config files). The computation and actor arrive with the confd issue;
-//! what exists now is the desired-config type the speaker will consume on a
-//! `tokio::sync::watch` channel (DESIGN: datastore -> confd -> bgp).
+//! confd: turns the datastore snapshot into the BGP speaker's desired configuration
+//! (DESIGN: datastore -> confd -> bgp). `calc` is the pure core (REFERENCE §6); `actor`
+//! follows the syncer and hands each new configuration to the speaker on a `watch`
+//! channel, which applies it without disturbing unchanged sessions.
+
+pub mod actor;
+pub mod calc;
+#[cfg(test)]
+mod calc_tests;
 
 pub use crate::bgp::config::{DesiredBgpConfig, DesiredPeer, ExportPolicy, PeerType};

@@ -66,6 +66,9 @@ pub struct NodeConfig {
     /// `CALICO_IPAM_GC_INTERVAL` (seconds, default 300, 0 = off): how often the node looks
     /// for leaked addresses; a leak is freed after two sightings this far apart.
     pub ipam_gc_interval: Option<std::time::Duration>,
+    /// `CALICO_BGP_STATUS_SOCKET`: where `calicoctl node status` reads the BGP sessions
+    /// (default /var/run/calico/bgp-status.sock).
+    pub bgp_status_socket: PathBuf,
 }
 
 /// A variable with a value calico-node cannot use.
@@ -215,6 +218,10 @@ impl NodeConfig {
                 .non_empty("CALICO_STATE_DIR")
                 .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
             cluster_type: env.var("CLUSTER_TYPE").unwrap_or_default(),
+            bgp_status_socket: env.non_empty("CALICO_BGP_STATUS_SOCKET").map_or_else(
+                || PathBuf::from(crate::bgp::status::DEFAULT_SOCKET),
+                PathBuf::from,
+            ),
             ipam_gc_interval: match env.non_empty("CALICO_IPAM_GC_INTERVAL") {
                 None => Some(std::time::Duration::from_secs(300)),
                 Some(v) => match v.trim().parse::<u64>() {
