@@ -69,6 +69,10 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
         .env("CALICO_IPV4POOL_VXLAN", "Always")
         .env("CALICO_STATE_DIR", state.path())
+        .env(
+            "CALICO_BGP_STATUS_SOCKET",
+            state.path().join("bgp-status.sock"),
+        )
         .env("FELIX_HEALTHPORT", health_port.to_string())
         .stdout(Stdio::null())
         .stderr(log)

@@ -1,7 +1,9 @@
-//! The packet's life across two nodes in VXLAN mode, no BGP: two node namespaces on one
-//! link, etcd on the first, one `calico-node` each, a pod on each made by the real `calico`
-//! CNI plugin; the pods ping each other through vxlan.calico, then (pool switched to
-//! CrossSubnet, the nodes sharing a subnet) over a direct route.
+//! The packet's life across two nodes: two node namespaces on one link, etcd on the first,
+//! one `calico-node` each (their BGP speakers mesh), a pod on each made by the real
+//! `calico` CNI plugin. The pods ping each other through vxlan.calico (routes from the
+//! datastore); then, the pool switched to NoEncap with `calicoctl apply`, over a direct
+//! route learned by BGP, with no VXLAN route or device left; then in CrossSubnet mode
+//! (the nodes share a subnet: direct again, from the datastore).
 
 mod common;
 
@@ -24,6 +26,7 @@ fn calico_node(ns: &NetNs, name: &str, etcd: &str, state: &Path, health: u16) ->
         .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
         .env("CALICO_IPV4POOL_VXLAN", "Always")
         .env("CALICO_STATE_DIR", state)
+        .env("CALICO_BGP_STATUS_SOCKET", state.join("bgp-status.sock"))
         .env("FELIX_HEALTHPORT", health.to_string())
         .stdout(Stdio::null())
         .stderr(log)
@@ -66,6 +69,38 @@ fn add_pod(node: &NetNs, name: &str, etcd: &str, pod: &NetNs) -> String {
     addr.split('/').next().unwrap().to_string()
 }
 
+/// Our calicoctl run inside `node` (where etcd and the status socket are reachable).
+fn calicoctl(node: &NetNs, etcd: &str, state: &Path, args: &[&str], stdin: &str) -> String {
+    let mut c = node
+        .command(env!("CARGO_BIN_EXE_calicoctl"))
+        .args(args)
+        .env_clear()
+        .env("ETCD_ENDPOINTS", etcd)
+        .env("CALICO_BGP_STATUS_SOCKET", state.join("bgp-status.sock"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "calicoctl {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+fn routes(node: &NetNs) -> String {
+    let out = Command::new("ip")
+        .args(["-n", &node.name, "route"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 fn ping(from: &NetNs, to: &str) -> bool {
     from.command("ping")
         .args(["-c", "1", "-W", "1", to])
@@ -76,7 +111,7 @@ fn ping(from: &NetNs, to: &str) -> bool {
 }
 
 #[test]
-fn pods_on_two_nodes_ping_each_other_over_vxlan() {
+fn pods_on_two_nodes_ping_each_other_over_vxlan_then_bgp_routes() {
     let (Some(n1), Some(n2)) = (NetNs::new("cn-n1"), NetNs::new("cn-n2")) else {
         return;
     };
@@ -157,34 +192,60 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan() {
         }
     }
     assert!(ping(&p2, &a1), "pod 2 reaches pod 1");
-    let routes = String::from_utf8(
-        Command::new("ip")
-            .args(["-n", &n1.name, "route"])
-            .output()
+    let r = routes(&n1);
+    assert!(r.contains("dev vxlan.calico proto 80 onlink"), "{r}");
+
+    // The two speakers mesh on their own (confd: one peer per other node).
+    let status = || calicoctl(&n1, &endpoint, s1.path(), &["node", "status"], "");
+    common::until("the mesh Established", Duration::from_secs(15), || {
+        let s = status();
+        s.contains("| 10.99.0.2    | node-to-node mesh | up    |") && s.contains("Established")
+    });
+
+    // NoEncap through `calicoctl apply`: the routes now come from BGP, direct over eth0,
+    // and nothing of VXLAN is left (routes, neighbours, the device).
+    let pool = calicoctl(
+        &n1,
+        &endpoint,
+        s1.path(),
+        &["get", "ippool", "default-ipv4-ippool", "-o", "yaml"],
+        "",
+    );
+    assert!(pool.contains("vxlanMode: Always"), "{pool}");
+    let never = pool.replace("vxlanMode: Always", "vxlanMode: Never");
+    calicoctl(&n1, &endpoint, s1.path(), &["apply", "-f", "-"], &never);
+    let (net, last) = a2.rsplit_once('.').unwrap();
+    let block2 = format!("{net}.{}/26", last.parse::<u8>().unwrap() / 64 * 64);
+    let direct = format!("{block2} via 10.99.0.2 dev eth0 proto 80 onlink");
+    common::until(
+        "the BGP route, and no VXLAN left",
+        Duration::from_secs(10),
+        || {
+            let r = routes(&n1);
+            r.contains(&direct) && !r.contains("vxlan.calico")
+        },
+    );
+    common::until("vxlan.calico removed", Duration::from_secs(10), || {
+        !Command::new("ip")
+            .args(["-n", &n1.name, "link", "show", "vxlan.calico"])
+            .stderr(Stdio::null())
+            .status()
             .unwrap()
-            .stdout,
-    )
-    .unwrap();
+            .success()
+    });
     assert!(
-        routes.contains("dev vxlan.calico proto 80 onlink"),
-        "{routes}"
+        ping(&p1, &a2) && ping(&p2, &a1),
+        "pods reach each other over the BGP-learned routes"
     );
 
-    // CrossSubnet: the nodes share a subnet, so the route goes direct (from the datastore,
-    // no BGP needed) and pods still reach each other.
+    // CrossSubnet: the nodes share a subnet, so the route goes direct (from the datastore)
+    // and pods still reach each other.
     let key = "/calico/resources/v3/projectcalico.org/ippools/default-ipv4-ippool";
     let mut pool: Value = serde_json::from_str(&etcd.etcdctl_value(key)).unwrap();
     pool["spec"]["vxlanMode"] = "CrossSubnet".into();
     etcd.etcdctl(&["put", key, &pool.to_string()]);
-    let (net, last) = a2.rsplit_once('.').unwrap();
-    let block2 = format!("{net}.{}/26", last.parse::<u8>().unwrap() / 64 * 64);
-    let direct = format!("{block2} via 10.99.0.2 dev eth0 proto 80 onlink");
     common::until("the direct route", Duration::from_secs(10), || {
-        let out = Command::new("ip")
-            .args(["-n", &n1.name, "route"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).contains(&direct)
+        routes(&n1).contains(&direct)
     });
     assert!(
         ping(&p1, &a2) && ping(&p2, &a1),

@@ -56,6 +56,10 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
         .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
         .env("CALICO_IPV4POOL_VXLAN", "Always")
         .env("CALICO_STATE_DIR", state.path())
+        .env(
+            "CALICO_BGP_STATUS_SOCKET",
+            state.path().join("bgp-status.sock"),
+        )
         .env("FELIX_HEALTHPORT", health_port.to_string())
         .env("FELIX_PROMETHEUSMETRICSENABLED", "true")
         .env("FELIX_PROMETHEUSMETRICSPORT", metrics_port.to_string())

@@ -1,9 +1,9 @@
 //! The calico-node daemon: start-up, then the actors on one tokio runtime.
 //!
 //! ```text
-//!   etcd --list/watch--> [syncer] --SyncerEvent (mpsc 1024)--> [cluster view] (counts; the
-//!                           |                                   confd and Felix actors of
-//!                           |                                   later issues subscribe here)
+//!   etcd --list/watch--> [syncer] --SyncerEvent (mpsc 1024)--> [cluster view] (counts)
+//!                           |--SyncerEvent--> [confd] --watch config--> [speaker] --routes--+
+//!                           |--SyncerEvent--> [Felix] <------------------------------------+
 //!                           +--> metrics registry --> [metrics HTTP :9091]
 //!                           +--> health aggregator --> [health HTTP :9099]
 //!   SIGTERM/SIGINT --> root CancellationToken --> every task (TaskTracker waits <= 2 s)
@@ -241,17 +241,37 @@ async fn run_started(
         .with_health(health.register("datastore-syncer"));
     let view_rx = syncer.subscribe(1024);
     let felix_rx = syncer.subscribe(1024);
-    let token = shutdown.child_token();
-    tracker.spawn(async move {
-        let exit = syncer.run(token).await;
-        info!(?exit, "syncer stopped");
-    });
     tracker.spawn(cluster_view(view_rx));
-    // Felix. BGP's best routes join when the speaker is started here (confd issue); until
-    // then the datastore alone drives the dataplane (VXLAN routes need no BGP).
+    // BGP (backend `bird`): confd follows the datastore and drives the native speaker,
+    // whose best routes go to Felix. With `vxlan` or `none` the datastore alone drives
+    // the dataplane (VXLAN routes need no BGP).
     let felix_metrics =
         crate::felix::actor::FelixMetrics::new(&registry).context("registering Felix metrics")?;
-    let (_no_speaker, bgp_rx) = tokio::sync::mpsc::channel(1);
+    let (bgp_tx, bgp_rx) = tokio::sync::mpsc::channel(64);
+    if cfg.backend == super::config::NetworkingBackend::Bird {
+        let (status_tx, status_rx) = tokio::sync::watch::channel(Vec::new());
+        registry
+            .register(Box::new(crate::bgp::status::BgpMetrics::new(
+                status_rx.clone(),
+            )))
+            .context("registering BGP metrics")?;
+        let (path, token) = (cfg.bgp_status_socket.clone(), shutdown.child_token());
+        tracker.spawn(async move {
+            if let Err(e) = crate::bgp::status::serve(path.clone(), status_rx, token).await {
+                error!(error = %e, socket = %path.display(), "BGP status socket failed");
+            }
+        });
+        tracker.spawn(crate::confd::actor::run(
+            cfg.nodename.clone(),
+            syncer.subscribe(1024),
+            bgp_tx,
+            status_tx,
+            health.register("bgp"),
+            shutdown.child_token(),
+        ));
+    } else {
+        drop(bgp_tx);
+    }
     tracker.spawn(crate::felix::actor::run(
         crate::felix::actor::Config {
             node: cfg.nodename.clone(),
@@ -264,6 +284,12 @@ async fn run_started(
         health.register("felix"),
         shutdown.child_token(),
     ));
+
+    let token = shutdown.child_token();
+    tracker.spawn(async move {
+        let exit = syncer.run(token).await;
+        info!(?exit, "syncer stopped");
+    });
 
     if let Some(interval) = cfg.ipam_gc_interval {
         let released = prometheus::IntCounter::new(
