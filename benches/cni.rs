@@ -149,7 +149,7 @@ fn main() {
     let (mut our_add, mut our_del, mut ptp_add, mut ptp_del) = (vec![], vec![], vec![], vec![]);
     let (mut split_add, mut split_del) = (vec![], vec![]);
     let mut floor_del = vec![];
-    for i in 0..PODS {
+    for (i, pod) in pods.iter().enumerate() {
         split_add.push(cni(
             &node,
             &split_dir,
@@ -204,10 +204,10 @@ fn main() {
             &netns(i),
             &ptp_conf,
         ));
-        pods[i].ip(&[
+        pod.ip(&[
             "link", "add", "eth0", "type", "veth", "peer", "name", "floor0",
         ]);
-        floor_del.push(ip_link_del(&pods[i]));
+        floor_del.push(ip_link_del(pod));
     }
     let (oa, oa99) = stats(our_add);
     let (od, od99) = stats(our_del);
