@@ -57,7 +57,7 @@ fn ours(n: usize) -> Option<(Duration, Duration)> {
             .await
             .unwrap();
         let t = Instant::now();
-        let p = reconcile(&h, &desired, "cali", uplink).await.unwrap();
+        let p = reconcile(&h, &desired, "cali", uplink, &[]).await.unwrap();
         let cold = t.elapsed();
         assert_eq!(
             p.added_or_replaced,
@@ -66,7 +66,7 @@ fn ours(n: usize) -> Option<(Duration, Duration)> {
             p.failures.first()
         );
         let t = Instant::now();
-        let p = reconcile(&h, &desired, "cali", uplink).await.unwrap();
+        let p = reconcile(&h, &desired, "cali", uplink, &[]).await.unwrap();
         let resync = t.elapsed();
         assert_eq!((p.added_or_replaced, p.deleted), (0, 0));
         (cold, resync)

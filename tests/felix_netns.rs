@@ -34,12 +34,18 @@ fn routes(ns: &NetNs, v6: bool) -> Vec<String> {
 }
 
 fn pass(ns: &NetNs, desired: &BTreeMap<IpNet, Route>) -> Pass {
-    let desired = desired.clone();
+    pass_keeping(ns, desired, &[])
+}
+
+fn pass_keeping(ns: &NetNs, desired: &BTreeMap<IpNet, Route>, keep: &[IpNet]) -> Pass {
+    let (desired, keep) = (desired.clone(), keep.to_vec());
     ns.with_netlink(move |h| async move {
         let uplink = interface_with(&h, "10.0.0.1".parse().unwrap())
             .await
             .unwrap();
-        reconcile(&h, &desired, "cali", uplink).await.unwrap()
+        reconcile(&h, &desired, "cali", uplink, &keep)
+            .await
+            .unwrap()
     })
 }
 
@@ -247,6 +253,62 @@ fn routes_of_ours_match_the_desired_ones_and_nothing_else_is_touched() {
     left.push("10.244.0.3 dev cali0123456789a scope link".into());
     left.sort();
     assert_eq!(routes(&ns, false), left);
+}
+
+#[test]
+fn routes_via_a_gateway_inside_kept_pools_survive_until_bgp_has_its_table() {
+    let Some(ns) = node_ns("felix-keep", &[]) else {
+        return;
+    };
+    let via = |nh: &str| {
+        route(
+            Target::Via {
+                gateway: nh.parse().unwrap(),
+                dev: Dev::Uplink,
+            },
+            PROTO_FELIX,
+        )
+    };
+    // Learned over BGP before a restart: a remote block, and one in a pool being removed.
+    let learned = BTreeMap::from([
+        ("10.244.1.0/26".parse().unwrap(), via("10.0.0.2")),
+        ("10.245.0.0/26".parse().unwrap(), via("10.0.0.3")),
+        (
+            "10.244.0.0/26".parse().unwrap(),
+            route(Target::Blackhole, PROTO_FELIX),
+        ),
+    ]);
+    pass(&ns, &learned);
+    // After the restart, before the speaker's table: only the local blackhole is known.
+    let local: BTreeMap<IpNet, Route> = learned
+        .iter()
+        .filter(|(_, r)| r.target == Target::Blackhole)
+        .map(|(p, r)| (*p, r.clone()))
+        .collect();
+    let pools: Vec<IpNet> = vec!["10.244.0.0/16".parse().unwrap()];
+    let kept = pass_keeping(&ns, &BTreeMap::new(), &pools);
+    assert_eq!(
+        kept.deleted, 2,
+        "the blackhole and the route outside the kept pools go: {kept:?}"
+    );
+    pass_keeping(&ns, &local, &pools);
+    let r = routes(&ns, false);
+    assert!(
+        r.contains(&"10.244.1.0/26 via 10.0.0.2 dev eth0 proto 80 onlink".to_string()),
+        "{r:?}"
+    );
+    assert!(!r.iter().any(|l| l.starts_with("10.245.0.0/26")), "{r:?}");
+    assert!(
+        r.contains(&"blackhole 10.244.0.0/26 proto 80".to_string()),
+        "{r:?}"
+    );
+    // The speaker is in sync: what it did not relearn goes.
+    pass(&ns, &local);
+    assert!(
+        !routes(&ns, false)
+            .iter()
+            .any(|l| l.starts_with("10.244.1.0/26"))
+    );
 }
 
 fn vxlan(vni: u32) -> Vxlan {

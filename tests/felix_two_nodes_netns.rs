@@ -16,7 +16,11 @@ use common::{Etcd, NetNs, free_port, http_get};
 use serde_json::{Value, json};
 
 fn calico_node(ns: &NetNs, name: &str, etcd: &str, state: &Path, health: u16) -> common::Process {
-    let log = std::fs::File::create(state.join("calico-node.log")).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.join("calico-node.log"))
+        .unwrap();
     let child = ns
         .command(env!("CARGO_BIN_EXE_calico-node"))
         .env_clear()
@@ -71,6 +75,19 @@ fn add_pod(node: &NetNs, name: &str, etcd: &str, pod: &NetNs) -> String {
 
 /// Our calicoctl run inside `node` (where etcd and the status socket are reachable).
 fn calicoctl(node: &NetNs, etcd: &str, state: &Path, args: &[&str], stdin: &str) -> String {
+    let (ok, text) = calicoctl_try(node, etcd, state, args, stdin);
+    assert!(ok, "calicoctl {args:?}: {text}");
+    text
+}
+
+/// calicoctl's success and its stdout and stderr.
+fn calicoctl_try(
+    node: &NetNs,
+    etcd: &str,
+    state: &Path,
+    args: &[&str],
+    stdin: &str,
+) -> (bool, String) {
     let mut c = node
         .command(env!("CARGO_BIN_EXE_calicoctl"))
         .args(args)
@@ -84,13 +101,11 @@ fn calicoctl(node: &NetNs, etcd: &str, state: &Path, args: &[&str], stdin: &str)
         .unwrap();
     c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     let out = c.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "calicoctl {args:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        text += &String::from_utf8_lossy(&out.stderr);
+    }
+    (out.status.success(), text)
 }
 
 fn routes(node: &NetNs) -> String {
@@ -149,7 +164,7 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan_then_bgp_routes() {
     let endpoint = format!("http://10.99.0.1:{port}");
     let (s1, s2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (h1, h2) = (free_port(), free_port());
-    let _d1 = calico_node(&n1, "node-1", &endpoint, s1.path(), h1);
+    let d1 = calico_node(&n1, "node-1", &endpoint, s1.path(), h1);
     let _d2 = calico_node(&n2, "node-2", &endpoint, s2.path(), h2);
     for (ns, port) in [(&n1, h1), (&n2, h2)] {
         common::until("calico-node ready", Duration::from_secs(30), || {
@@ -217,25 +232,67 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan_then_bgp_routes() {
     let (net, last) = a2.rsplit_once('.').unwrap();
     let block2 = format!("{net}.{}/26", last.parse::<u8>().unwrap() / 64 * 64);
     let direct = format!("{block2} via 10.99.0.2 dev eth0 proto 80 onlink");
+    let (net, last) = a1.rsplit_once('.').unwrap();
+    let block1 = format!("{net}.{}/26", last.parse::<u8>().unwrap() / 64 * 64);
+    let on_n2 = format!("{block1} via 10.99.0.1 dev eth0 proto 80 onlink");
     common::until(
-        "the BGP route, and no VXLAN left",
+        "the BGP routes, and no VXLAN left",
         Duration::from_secs(10),
         || {
-            let r = routes(&n1);
-            r.contains(&direct) && !r.contains("vxlan.calico")
+            let (r1, r2) = (routes(&n1), routes(&n2));
+            r1.contains(&direct)
+                && r2.contains(&on_n2)
+                && !r1.contains("vxlan.calico")
+                && !r2.contains("vxlan.calico")
         },
     );
-    common::until("vxlan.calico removed", Duration::from_secs(10), || {
-        !Command::new("ip")
-            .args(["-n", &n1.name, "link", "show", "vxlan.calico"])
-            .stderr(Stdio::null())
-            .status()
-            .unwrap()
-            .success()
-    });
+    for n in [&n1, &n2] {
+        common::until("vxlan.calico removed", Duration::from_secs(10), || {
+            !Command::new("ip")
+                .args(["-n", &n.name, "link", "show", "vxlan.calico"])
+                .stderr(Stdio::null())
+                .status()
+                .unwrap()
+                .success()
+        });
+    }
     assert!(
         ping(&p1, &a2) && ping(&p2, &a1),
         "pods reach each other over the BGP-learned routes"
+    );
+
+    // Graceful restart: calico-node on node-1 killed (-9) and started again. node-2's
+    // speaker keeps node-1's routes as stale until node-1 is back; node-1's Felix keeps
+    // the BGP routes until its speaker has the table again. Neither kernel loses a route.
+    let both = || {
+        let (r1, r2) = (routes(&n1), routes(&n2));
+        assert!(
+            r1.contains(&direct) && r2.contains(&on_n2),
+            "a route left during the restart:\nnode-1:\n{r1}node-2:\n{r2}"
+        );
+    };
+    both();
+    drop(d1);
+    let _d1 = calico_node(&n1, "node-1", &endpoint, s1.path(), h1);
+    common::until(
+        "the mesh Established again",
+        Duration::from_secs(20),
+        || {
+            both();
+            calicoctl_try(&n1, &endpoint, s1.path(), &["node", "status"], "")
+                .1
+                .contains("Established")
+        },
+    );
+    // The speaker's End-of-RIB exchange and Felix's pass after it.
+    let after = Instant::now();
+    while after.elapsed() < Duration::from_secs(2) {
+        both();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        ping(&p1, &a2) && ping(&p2, &a1),
+        "pods reach each other after the restart"
     );
 
     // CrossSubnet: the nodes share a subnet, so the route goes direct (from the datastore)

@@ -181,10 +181,17 @@ pub async fn run(
             applied_once = true;
             let started = Instant::now();
             let desired = state.desired();
+            // Until the speaker has delivered its table, BGP's routes in the kernel stay.
+            let keep = if bgp_open && !state.bgp_in_sync {
+                state.bgp_routed_pools()
+            } else {
+                Vec::new()
+            };
             let mut problems = apply(
                 &handle,
                 &state,
                 &desired,
+                &keep,
                 &mut last_nat,
                 &mut warned_ipip,
                 mtu_file.as_deref(),
@@ -222,6 +229,7 @@ async fn apply(
     h: &Handle,
     state: &State,
     desired: &Desired,
+    keep: &[ipnet::IpNet],
     last_nat: &mut Option<super::calc::Nat>,
     warned_ipip: &mut bool,
     mtu_file: Option<&std::path::Path>,
@@ -271,7 +279,7 @@ async fn apply(
         Err(e) => problems.push(e.to_string()),
         Ok(_) => {}
     }
-    match routes::reconcile(h, &desired.routes, &prefix, uplink).await {
+    match routes::reconcile(h, &desired.routes, &prefix, uplink, keep).await {
         Ok(p) => problems.extend(p.failures),
         Err(e) => problems.push(e.to_string()),
     }

@@ -242,11 +242,15 @@ pub async fn interface_with(h: &Handle, ip: IpAddr) -> Result<Option<u32>, Route
 
 /// One pass: make the main table's routes of ours be exactly `desired`. `prefix` is the
 /// workload interface prefix (`cali`); `uplink` the interface of `Dev::Uplink` routes.
+/// Routes of ours via a gateway inside `keep` stay even when not desired: BGP's routes
+/// while the speaker has not delivered its table yet (forwarding state kept across a
+/// restart).
 pub async fn reconcile(
     h: &Handle,
     desired: &BTreeMap<IpNet, Route>,
     prefix: &str,
     uplink: Option<u32>,
+    keep: &[IpNet],
 ) -> Result<Pass, RouteError> {
     let links = links(h).await?;
     let names: HashMap<u32, &str> = links.iter().map(|(n, i)| (*i, n.as_str())).collect();
@@ -319,8 +323,13 @@ pub async fn reconcile(
         ops.push(Op::Put(*p, k));
     }
     // What is left of ours is not desired.
-    for (_, v) in have {
-        ops.extend(v.into_iter().map(|(_, m)| Op::Del(m)));
+    for (d, v) in have {
+        let kept = keep.iter().any(|n| n.contains(&d));
+        ops.extend(
+            v.into_iter()
+                .filter(|(k, _)| !(kept && k.gateway.is_some()))
+                .map(|(_, m)| Op::Del(m)),
+        );
     }
     let results: Vec<(String, Result<(), rtnetlink::Error>, bool)> = futures::stream::iter(ops)
         .map(|op| {

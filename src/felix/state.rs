@@ -52,8 +52,8 @@ impl State {
             }
             FelixInput::Bgp(RouteUpdate::Withdrawn(p)) => self.bgp.remove(p).is_some(),
             FelixInput::Bgp(RouteUpdate::InSync) => {
-                self.bgp_in_sync = true;
-                false
+                // The first time, routes kept for BGP may now go.
+                !std::mem::replace(&mut self.bgp_in_sync, true)
             }
             FelixInput::Datastore(SyncerEvent::Status(s)) => {
                 self.datastore_in_sync = *s == SyncStatus::InSync;
@@ -165,6 +165,15 @@ impl State {
     /// The IP pools.
     pub fn pools(&self) -> impl Iterator<Item = &IPPoolSpec> + Clone {
         self.pools.values()
+    }
+
+    /// The pools whose routes come from BGP (all but VXLAN pools).
+    pub fn bgp_routed_pools(&self) -> Vec<IpNet> {
+        self.pools
+            .values()
+            .filter(|p| !matches!(calc::encap(p), calc::Encap::Vxlan { .. }))
+            .filter_map(|p| p.net())
+            .collect()
     }
 
     /// This node's name.
