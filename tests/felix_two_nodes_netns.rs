@@ -7,122 +7,30 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::cluster::{
+    add_pod, block_of, calicoctl, calicoctl_try, has_vxlan_device, ping, routes,
+};
 use common::{Etcd, NetNs, free_port, http_get};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-fn calico_node(ns: &NetNs, name: &str, etcd: &str, state: &Path, health: u16) -> common::Process {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state.join("calico-node.log"))
-        .unwrap();
-    let child = ns
-        .command(env!("CARGO_BIN_EXE_calico-node"))
-        .env_clear()
-        .env("NODENAME", name)
-        .env("ETCD_ENDPOINTS", etcd)
-        .env("IP_AUTODETECTION_METHOD", "interface=eth0")
-        .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
-        .env("CALICO_IPV4POOL_VXLAN", "Always")
-        .env("CALICO_STATE_DIR", state)
-        .env("CALICO_BGP_STATUS_SOCKET", state.join("bgp-status.sock"))
-        .env("FELIX_HEALTHPORT", health.to_string())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    common::Process(child)
-}
-
-/// `calico` ADD for a pod namespace, run inside the node namespace; the pod's address.
-fn add_pod(node: &NetNs, name: &str, etcd: &str, pod: &NetNs) -> String {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cni-install-two-nodes");
-    std::fs::create_dir_all(&dir).unwrap();
-    for bin in ["calico", "calico-ipam"] {
-        let _ = std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_calico"), dir.join(bin));
-    }
-    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
-        "etcd_endpoints": etcd, "nodename": name, "ipam": {"type": "calico-ipam"}});
-    let mut c = node
-        .command(dir.join("calico").to_str().unwrap())
-        .env_clear()
-        .env("CNI_PATH", &dir)
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("pod-on-{name}"))
-        .env("CNI_NETNS", format!("/run/netns/{}", pod.name))
-        .env("CNI_IFNAME", "eth0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = c.wait_with_output().unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(out.status.success(), "ADD on {name}: {v}");
-    let addr = v["ips"][0]["address"].as_str().unwrap();
-    addr.split('/').next().unwrap().to_string()
-}
-
-/// Our calicoctl run inside `node` (where etcd and the status socket are reachable).
-fn calicoctl(node: &NetNs, etcd: &str, state: &Path, args: &[&str], stdin: &str) -> String {
-    let (ok, text) = calicoctl_try(node, etcd, state, args, stdin);
-    assert!(ok, "calicoctl {args:?}: {text}");
-    text
-}
-
-/// calicoctl's success and its stdout and stderr.
-fn calicoctl_try(
-    node: &NetNs,
+fn calico_node(
+    ns: &NetNs,
+    name: &str,
     etcd: &str,
-    state: &Path,
-    args: &[&str],
-    stdin: &str,
-) -> (bool, String) {
-    let mut c = node
-        .command(env!("CARGO_BIN_EXE_calicoctl"))
-        .args(args)
-        .env_clear()
-        .env("ETCD_ENDPOINTS", etcd)
-        .env("CALICO_BGP_STATUS_SOCKET", state.join("bgp-status.sock"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let out = c.wait_with_output().unwrap();
-    let mut text = String::from_utf8_lossy(&out.stdout).to_string();
-    if !out.status.success() {
-        text += &String::from_utf8_lossy(&out.stderr);
-    }
-    (out.status.success(), text)
-}
-
-fn routes(node: &NetNs) -> String {
-    let out = Command::new("ip")
-        .args(["-n", &node.name, "route"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn ping(from: &NetNs, to: &str) -> bool {
-    from.command("ping")
-        .args(["-c", "1", "-W", "1", to])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    state: &std::path::Path,
+    health: u16,
+) -> common::Process {
+    common::cluster::calico_node(
+        ns,
+        name,
+        etcd,
+        state,
+        health,
+        &[("CALICO_IPV4POOL_VXLAN", "Always")],
+    )
 }
 
 #[test]
@@ -229,12 +137,8 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan_then_bgp_routes() {
     assert!(pool.contains("vxlanMode: Always"), "{pool}");
     let never = pool.replace("vxlanMode: Always", "vxlanMode: Never");
     calicoctl(&n1, &endpoint, s1.path(), &["apply", "-f", "-"], &never);
-    let (net, last) = a2.rsplit_once('.').unwrap();
-    let block2 = format!("{net}.{}/26", last.parse::<u8>().unwrap() / 64 * 64);
-    let direct = format!("{block2} via 10.99.0.2 dev eth0 proto 80 onlink");
-    let (net, last) = a1.rsplit_once('.').unwrap();
-    let block1 = format!("{net}.{}/26", last.parse::<u8>().unwrap() / 64 * 64);
-    let on_n2 = format!("{block1} via 10.99.0.1 dev eth0 proto 80 onlink");
+    let direct = format!("{} via 10.99.0.2 dev eth0 proto 80 onlink", block_of(&a2));
+    let on_n2 = format!("{} via 10.99.0.1 dev eth0 proto 80 onlink", block_of(&a1));
     common::until(
         "the BGP routes, and no VXLAN left",
         Duration::from_secs(10),
@@ -248,12 +152,7 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan_then_bgp_routes() {
     );
     for n in [&n1, &n2] {
         common::until("vxlan.calico removed", Duration::from_secs(10), || {
-            !Command::new("ip")
-                .args(["-n", &n.name, "link", "show", "vxlan.calico"])
-                .stderr(Stdio::null())
-                .status()
-                .unwrap()
-                .success()
+            !has_vxlan_device(n)
         });
     }
     assert!(

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use calico_node::datastore::{DatastoreConfig, EtcdDatastore};
 
 pub mod bgp;
+pub mod cluster;
 
 /// Whether a program is installed.
 pub fn have(program: &str) -> bool {

@@ -1,0 +1,166 @@
+//! Whole-node helpers for multi-node tests: `calico-node` in a node namespace, pods made by
+//! the real `calico` CNI plugin, our calicoctl run inside a node, and what the kernel shows.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+
+use super::{NetNs, Process};
+
+/// `calico-node` in `ns` as node `name`, its state (log, status socket, MTU file) in
+/// `state`, health on `health`; `extra` adds or overrides environment variables.
+pub fn calico_node(
+    ns: &NetNs,
+    name: &str,
+    etcd: &str,
+    state: &Path,
+    health: u16,
+    extra: &[(&str, &str)],
+) -> Process {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.join("calico-node.log"))
+        .unwrap();
+    let mut c = ns.command(env!("CARGO_BIN_EXE_calico-node"));
+    c.env_clear()
+        .env("NODENAME", name)
+        .env("ETCD_ENDPOINTS", etcd)
+        .env("IP_AUTODETECTION_METHOD", "interface=eth0")
+        .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
+        .env("CALICO_STATE_DIR", state)
+        .env("CALICO_BGP_STATUS_SOCKET", state.join("bgp-status.sock"))
+        .env("FELIX_HEALTHPORT", health.to_string());
+    for (k, v) in extra {
+        c.env(k, v);
+    }
+    let child = c.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    Process(child)
+}
+
+/// Run the `calico` plugin with `command` for container `id` and the pod namespace `pod`,
+/// inside the node namespace; its parsed stdout (null when empty) and success.
+pub fn cni(node: &NetNs, name: &str, etcd: &str, pod: &NetNs, command: &str, id: &str) -> (bool, Value) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cni-install-cluster");
+    std::fs::create_dir_all(&dir).unwrap();
+    for bin in ["calico", "calico-ipam"] {
+        let _ = std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_calico"), dir.join(bin));
+    }
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd, "nodename": name, "ipam": {"type": "calico-ipam"}});
+    let mut c = node
+        .command(dir.join("calico").to_str().unwrap())
+        .env_clear()
+        .env("CNI_PATH", &dir)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", format!("/run/netns/{}", pod.name))
+        .env("CNI_IFNAME", "eth0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = c.wait_with_output().unwrap();
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.success(), v)
+}
+
+/// CNI ADD of a pod on node `name`; the pod's IPv4 address.
+pub fn add_pod(node: &NetNs, name: &str, etcd: &str, pod: &NetNs) -> String {
+    let (ok, v) = cni(node, name, etcd, pod, "ADD", &format!("pod-{}", pod.name));
+    assert!(ok, "ADD on {name}: {v}");
+    let addr = v["ips"][0]["address"].as_str().unwrap();
+    addr.split('/').next().unwrap().to_string()
+}
+
+/// CNI DEL of the pod `add_pod` made.
+pub fn del_pod(node: &NetNs, name: &str, etcd: &str, pod: &NetNs) {
+    let (ok, v) = cni(node, name, etcd, pod, "DEL", &format!("pod-{}", pod.name));
+    assert!(ok, "DEL on {name}: {v}");
+}
+
+/// Our calicoctl run inside `node` (where etcd and the node's status socket are); its
+/// success and its stdout (and stderr on failure).
+pub fn calicoctl_try(
+    node: &NetNs,
+    etcd: &str,
+    state: &Path,
+    args: &[&str],
+    stdin: &str,
+) -> (bool, String) {
+    let mut c = node
+        .command(env!("CARGO_BIN_EXE_calicoctl"))
+        .args(args)
+        .env_clear()
+        .env("ETCD_ENDPOINTS", etcd)
+        .env("CALICO_BGP_STATUS_SOCKET", state.join("bgp-status.sock"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = c.wait_with_output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        text += &String::from_utf8_lossy(&out.stderr);
+    }
+    (out.status.success(), text)
+}
+
+/// calicoctl that must succeed; its stdout.
+pub fn calicoctl(node: &NetNs, etcd: &str, state: &Path, args: &[&str], stdin: &str) -> String {
+    let (ok, text) = calicoctl_try(node, etcd, state, args, stdin);
+    assert!(ok, "calicoctl {args:?}: {text}");
+    text
+}
+
+/// `ip <args>` inside `ns`, its stdout.
+pub fn ip_show(ns: &NetNs, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// `ip route` of the main table.
+pub fn routes(ns: &NetNs) -> String {
+    ip_show(ns, &["route"])
+}
+
+/// Whether `vxlan.calico` exists in `ns`.
+pub fn has_vxlan_device(ns: &NetNs) -> bool {
+    Command::new("ip")
+        .args(["-n", &ns.name, "link", "show", "vxlan.calico"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// One ping from `from` to `to`, waiting at most a second.
+pub fn ping(from: &NetNs, to: &str) -> bool {
+    from.command("ping")
+        .args(["-c", "1", "-W", "1", to])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The /26 block holding an address.
+pub fn block_of(addr: &str) -> String {
+    let (net, last) = addr.rsplit_once('.').unwrap();
+    format!("{net}.{}/26", last.parse::<u8>().unwrap() / 64 * 64)
+}
