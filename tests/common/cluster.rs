@@ -42,7 +42,14 @@ pub fn calico_node(
 
 /// Run the `calico` plugin with `command` for container `id` and the pod namespace `pod`,
 /// inside the node namespace; its parsed stdout (null when empty) and success.
-pub fn cni(node: &NetNs, name: &str, etcd: &str, pod: &NetNs, command: &str, id: &str) -> (bool, Value) {
+pub fn cni(
+    node: &NetNs,
+    name: &str,
+    etcd: &str,
+    pod: &NetNs,
+    command: &str,
+    id: &str,
+) -> (bool, Value) {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cni-install-cluster");
     std::fs::create_dir_all(&dir).unwrap();
     for bin in ["calico", "calico-ipam"] {
