@@ -150,7 +150,7 @@ fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
     );
 
     // VXLAN and back to NoEncap through calicoctl, a ping running all along.
-    let mut pinger = pa
+    let pinger = pa
         .command("ping")
         .args(["-i", "0.05", &b])
         .stdout(Stdio::piped())
