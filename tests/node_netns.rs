@@ -215,6 +215,63 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
         "{metrics}"
     );
 
+    // BGP peers that cannot be reached: readiness and `calicoctl node status` say why.
+    for (name, ip, asn) in [
+        ("refuses", "127.0.0.1:1790", 64512),
+        ("unreachable", "10.200.0.1", 65000),
+    ] {
+        etcd.etcdctl(&[
+            "put",
+            &format!("/calico/resources/v3/projectcalico.org/bgppeers/{name}"),
+            &format!(
+                r#"{{"kind":"BGPPeer","apiVersion":"projectcalico.org/v3","metadata":{{"name":"{name}"}},"spec":{{"peerIP":"{ip}","asNumber":{asn}}}}}"#
+            ),
+        ]);
+    }
+    let body = wait_http(&ns, health_port, "/readiness", 503, Duration::from_secs(10));
+    let mut why = body.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(why.contains("BGP not established with 127.0.0.1: connect failed: Connection refused")
+        && why.contains(
+            "BGP not established with 10.200.0.1: connect failed: Network is unreachable",
+        ))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "readiness does not say why: {why}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        why = ns
+            .run_in(move || http_get(health_port, "/readiness"))
+            .unwrap()
+            .1;
+    }
+    let socket = state.path().join("bgp-status.sock");
+    let status = ns.run_in(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_calicoctl"))
+            .args(["node", "status"])
+            .env_clear()
+            .env("CALICO_BGP_STATUS_SOCKET", socket)
+            .output()
+            .unwrap()
+    });
+    let text = String::from_utf8_lossy(&status.stdout);
+    let row = |peer: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("| {peer} ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(row("127.0.0.1").contains("| global    | start |"), "{text}");
+    assert!(
+        row("127.0.0.1").contains("connect failed: Connection refused"),
+        "{text}"
+    );
+    assert!(
+        row("10.200.0.1").contains("Network is unreachable"),
+        "{text}"
+    );
+
     // SIGTERM: exit 0 within 2 s.
     let pid = nix::unistd::Pid::from_raw(daemon.0.id() as i32);
     let sent = Instant::now();
