@@ -52,3 +52,21 @@ impl Env for MapEnv {
         self.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 }
+
+/// A system program from PATH, else from where distributions install it (a daemon's PATH
+/// may be empty or lack the sbin directories); the bare name when not found.
+pub fn program(name: &str) -> std::path::PathBuf {
+    let in_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    });
+    in_path
+        .or_else(|| {
+            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+                .iter()
+                .map(|d| std::path::Path::new(d).join(name))
+                .find(|f| f.is_file())
+        })
+        .unwrap_or_else(|| name.into())
+}

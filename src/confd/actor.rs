@@ -9,6 +9,7 @@
 //!                         readiness <-- peer reasons <-- watch PeerStatus --> status socket, metrics
 //! ```
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -34,15 +35,30 @@ struct Running {
     cancel: CancellationToken,
 }
 
-/// Run confd and the speaker it drives until `cancel`.
+/// Where the configuration goes.
+pub enum Output {
+    /// The native speaker: its best routes to Felix, its sessions to `status`.
+    Speaker {
+        felix: mpsc::Sender<Vec<RouteUpdate>>,
+        status: watch::Sender<Vec<PeerStatus>>,
+    },
+    /// BIRD 2 configuration files in `dir`; the BIRD listening on `socket` (if any) is
+    /// told to reload after each change.
+    Bird { dir: PathBuf, socket: PathBuf },
+}
+
+/// Run confd, and the speaker it drives, until `cancel`.
 pub async fn run(
     node: String,
     mut datastore: mpsc::Receiver<SyncerEvent>,
-    felix: mpsc::Sender<Vec<RouteUpdate>>,
-    status: watch::Sender<Vec<PeerStatus>>,
+    output: Output,
     health: HealthReporter,
     cancel: CancellationToken,
 ) {
+    let (felix, status, bird) = match output {
+        Output::Speaker { felix, status } => (Some(felix), status, None),
+        Output::Bird { dir, socket } => (None, watch::channel(Vec::new()).0, Some((dir, socket))),
+    };
     health.set_ready(false, Some("waiting for the datastore".into()));
     let mut state = ConfdState::new(&node);
     let mut running: Option<Running> = None;
@@ -89,8 +105,16 @@ pub async fn run(
                         for p in &d.problems {
                             warn!("BGP configuration: {p}");
                         }
-                        problems = d.problems;
+                        problems = d.problems.clone();
                     }
+                    if let Some((dir, socket)) = &bird {
+                        if let Err(e) = write_bird(dir, socket, &d).await {
+                            not_ready = Some(e);
+                        }
+                        report(&health, not_ready.as_deref(), &[]);
+                        continue;
+                    }
+                    let felix = felix.as_ref().expect("a speaker output");
                     match &running {
                         Some(r) => {
                             r.config.send_if_modified(|c| {
@@ -108,7 +132,7 @@ pub async fn run(
                         }
                         None => {
                             info!(router_id = %d.config.router_id, asn = d.config.local_as.0, peers = d.config.peers.len(), "starting the BGP speaker");
-                            running = Some(start(d.config, &felix, &status, &cancel));
+                            running = Some(start(d.config, felix, &status, &cancel));
                         }
                     }
                 }
@@ -121,6 +145,39 @@ pub async fn run(
         r.cancel.cancel();
         let _ = r.task.await;
     }
+}
+
+/// Render and write BIRD's files; when they changed, have BIRD reload them.
+async fn write_bird(
+    dir: &std::path::Path,
+    socket: &std::path::Path,
+    d: &super::calc::Desired,
+) -> Result<(), String> {
+    let files = super::bird::render(&d.config, &d.kernel_pools)?;
+    let changed = super::bird::write(dir, &files)
+        .map_err(|e| format!("cannot write BIRD configuration in {}: {e}", dir.display()))?;
+    if !changed {
+        return Ok(());
+    }
+    info!(dir = %dir.display(), peers = d.config.peers.len(), "BIRD configuration written");
+    if !socket.exists() {
+        return Ok(());
+    }
+    let out = tokio::process::Command::new(crate::env::program("birdc"))
+        .arg("-s")
+        .arg(socket)
+        .arg("configure")
+        .output()
+        .await
+        .map_err(|e| format!("cannot run birdc: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !text.contains("Reconfigur") {
+        return Err(format!(
+            "BIRD did not take the configuration: {}",
+            text.trim()
+        ));
+    }
+    Ok(())
 }
 
 fn start(

@@ -166,6 +166,9 @@ pub struct Desired {
     /// One line per thing ignored (a peer without a usable address, a password held in a
     /// Kubernetes secret, ...).
     pub problems: Vec<String>,
+    /// Pools whose routes come from BGP into the kernel (all but VXLAN pools, which Felix
+    /// programs from the datastore): what a BIRD backend programs.
+    pub kernel_pools: Vec<IpNet>,
 }
 
 fn node_ipv4(spec: &NodeSpec) -> Option<Ipv4Addr> {
@@ -409,8 +412,20 @@ pub fn desired(input: &Input) -> Result<Desired, NotReady> {
     if cfg.ipv6_next_hop.is_none() {
         cfg.export.retain(|n| n.addr().is_ipv4());
     }
+    let kernel_pools = input
+        .pools
+        .values()
+        .filter(|p| {
+            !matches!(
+                crate::felix::calc::encap(p),
+                crate::felix::calc::Encap::Vxlan { .. }
+            )
+        })
+        .filter_map(|p| p.net())
+        .collect();
     Ok(Desired {
         config: cfg,
         problems,
+        kernel_pools,
     })
 }

@@ -71,26 +71,9 @@ pub fn script(nat: &Nat) -> String {
     s
 }
 
-/// `nft` from PATH, else where distributions install it (a daemon's PATH may lack sbin).
-fn nft() -> std::path::PathBuf {
-    let in_path = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("nft"))
-            .find(|f| f.is_file())
-    });
-    in_path
-        .or_else(|| {
-            ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-                .iter()
-                .map(std::path::PathBuf::from)
-                .find(|f| f.is_file())
-        })
-        .unwrap_or_else(|| "nft".into())
-}
-
 /// Apply `nat` with `nft -f -` (in the caller's network namespace).
 pub fn apply(nat: &Nat) -> Result<(), NatError> {
-    let mut child = Command::new(nft())
+    let mut child = Command::new(crate::env::program("nft"))
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())

@@ -39,6 +39,9 @@ pub enum NetworkingBackend {
     Vxlan,
     /// `none`: policy only, no routing.
     None,
+    /// `bird-external`: confd writes BIRD 2 configuration for a BIRD the user runs; the
+    /// native speaker stays off.
+    BirdExternal,
 }
 
 /// Settings of the default pool.
@@ -69,6 +72,12 @@ pub struct NodeConfig {
     /// `CALICO_BGP_STATUS_SOCKET`: where `calicoctl node status` reads the BGP sessions
     /// (default /var/run/calico/bgp-status.sock).
     pub bgp_status_socket: PathBuf,
+    /// `CALICO_BIRD_CONFIG_DIR` (backend `bird-external`): where BIRD's configuration is
+    /// written (default /etc/calico/confd/config).
+    pub bird_config_dir: PathBuf,
+    /// `CALICO_BIRD_SOCKET`: BIRD's control socket, told to reload after each change
+    /// (default /var/run/calico/bird.ctl).
+    pub bird_socket: PathBuf,
 }
 
 /// A variable with a value calico-node cannot use.
@@ -188,11 +197,12 @@ impl NodeConfig {
             None | Some("bird") => NetworkingBackend::Bird,
             Some("vxlan") => NetworkingBackend::Vxlan,
             Some("none") => NetworkingBackend::None,
+            Some("bird-external") => NetworkingBackend::BirdExternal,
             Some(other) => {
                 return Err(bad(
                     "CALICO_NETWORKING_BACKEND",
                     other,
-                    "expected bird, vxlan or none",
+                    "expected bird, bird-external, vxlan or none",
                 ));
             }
         };
@@ -218,6 +228,12 @@ impl NodeConfig {
                 .non_empty("CALICO_STATE_DIR")
                 .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
             cluster_type: env.var("CLUSTER_TYPE").unwrap_or_default(),
+            bird_config_dir: env
+                .non_empty("CALICO_BIRD_CONFIG_DIR")
+                .map_or_else(|| PathBuf::from("/etc/calico/confd/config"), PathBuf::from),
+            bird_socket: env
+                .non_empty("CALICO_BIRD_SOCKET")
+                .map_or_else(|| PathBuf::from("/var/run/calico/bird.ctl"), PathBuf::from),
             bgp_status_socket: env.non_empty("CALICO_BGP_STATUS_SOCKET").map_or_else(
                 || PathBuf::from(crate::bgp::status::DEFAULT_SOCKET),
                 PathBuf::from,
@@ -387,7 +403,7 @@ mod tests {
         );
         assert_eq!(
             e(&[("NODENAME", "n1"), ("CALICO_NETWORKING_BACKEND", "gobgp")]),
-            "invalid CALICO_NETWORKING_BACKEND='gobgp': expected bird, vxlan or none"
+            "invalid CALICO_NETWORKING_BACKEND='gobgp': expected bird, bird-external, vxlan or none"
         );
         assert_eq!(
             e(&[("NODENAME", "n1"), ("CALICO_IPV4POOL_IPIP", "sometimes")]),

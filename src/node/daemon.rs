@@ -264,13 +264,28 @@ async fn run_started(
         tracker.spawn(crate::confd::actor::run(
             cfg.nodename.clone(),
             syncer.subscribe(1024),
-            bgp_tx,
-            status_tx,
+            crate::confd::actor::Output::Speaker {
+                felix: bgp_tx,
+                status: status_tx,
+            },
             health.register("bgp"),
             shutdown.child_token(),
         ));
     } else {
         drop(bgp_tx);
+    }
+    if cfg.backend == super::config::NetworkingBackend::BirdExternal {
+        // confd renders BIRD's configuration; BIRD programs BGP's routes itself.
+        tracker.spawn(crate::confd::actor::run(
+            cfg.nodename.clone(),
+            syncer.subscribe(1024),
+            crate::confd::actor::Output::Bird {
+                dir: cfg.bird_config_dir.clone(),
+                socket: cfg.bird_socket.clone(),
+            },
+            health.register("confd"),
+            shutdown.child_token(),
+        ));
     }
     tracker.spawn(crate::felix::actor::run(
         crate::felix::actor::Config {
