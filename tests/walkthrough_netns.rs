@@ -2,6 +2,7 @@
 //! one `calico-node` each. The BGP mesh comes up (`calicoctl node status`); pods made by the
 //! real CNI plugin on two nodes ping each other over BGP-learned routes; inside a pod the
 //! routes are exactly Calico's and 169.254.1.1 resolves to the host veth's MAC (proxy ARP);
+//! NAT outgoing shows on the wire (the outside sees the node's address, never the pod's);
 //! the pool goes to VXLAN and back to NoEncap with `calicoctl apply` while a ping runs, with
 //! at most a few packets lost and nothing of VXLAN left; with the mesh off and node-1 as
 //! route reflector the routes converge again (reflected with their next hop); a node's
@@ -147,6 +148,40 @@ fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
     assert!(
         neigh.starts_with("169.254.1.1 dev eth0 lladdr ee:ee:ee:ee:ee:ee"),
         "{neigh}"
+    );
+
+    // NAT outgoing (the default pool has natOutgoing): a pod reaching the hub, outside
+    // every pool, arrives from its node's address; the hub counts what it receives.
+    let mut nft = hub
+        .command("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut nft.stdin.take().unwrap(),
+        b"table ip wire {\n chain input {\n type filter hook input priority 0;\n \
+          icmp type echo-request ip saddr 10.99.0.2 counter\n \
+          icmp type echo-request ip saddr 10.244.0.0/16 counter\n }\n}\n",
+    )
+    .unwrap();
+    assert!(nft.wait().unwrap().success());
+    assert!(
+        ping(&pa, "10.99.0.254"),
+        "the pod reaches outside the pools"
+    );
+    let counted = String::from_utf8(
+        hub.command("nft")
+            .args(["list", "table", "ip", "wire"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        counted.contains("ip saddr 10.99.0.2 counter packets 1 ")
+            && counted.contains("ip saddr 10.244.0.0/16 counter packets 0 "),
+        "not masqueraded to the node's address:\n{counted}"
     );
 
     // VXLAN and back to NoEncap through calicoctl, a ping running all along.
