@@ -126,13 +126,17 @@ pub async fn run(
         mtu_file,
     } = cfg;
     let mut state = State::new(&node);
-    let mut dirty = false;
+    // A full pass (every part, the kernel's tables read back) is due; else only BGP's
+    // changes are applied, straight to the kernel.
+    let mut full = false;
     let mut due: Option<tokio::time::Instant> = None;
     let mut last_nat = None;
     let mut next_resync = tokio::time::Instant::now() + state.config().route_refresh_interval();
     let mut warned_ipip = false;
     let mut bgp_open = true;
-    let mut applied_once = false;
+    // What the last full pass programmed (its routes kept up to date by BGP's changes), and
+    // the uplink it used.
+    let mut last: Option<(Desired, Option<u32>)> = None;
     loop {
         let wake = due.map_or(next_resync, |d| d.min(next_resync));
         tokio::select! {
@@ -140,10 +144,10 @@ pub async fn run(
             ev = datastore.recv() => match ev {
                 Some(ev) => {
                     metrics.messages.inc();
-                    dirty |= state.apply(&FelixInput::Datastore(ev));
+                    full |= state.apply(&FelixInput::Datastore(ev));
                     // The first time in sync: apply even if nothing changed.
-                    if state.datastore_in_sync && !applied_once {
-                        dirty = true;
+                    if state.datastore_in_sync && last.is_none() {
+                        full = true;
                     }
                 }
                 None => return,
@@ -151,77 +155,122 @@ pub async fn run(
             batch = bgp.recv(), if bgp_open => match batch {
                 Some(batch) => for u in batch {
                     metrics.messages.inc();
-                    dirty |= state.apply(&FelixInput::Bgp(u));
+                    // BGP's "in sync" lets routes kept for it go: a full pass.
+                    full |= matches!(u, RouteUpdate::InSync) & state.apply(&FelixInput::Bgp(u));
                 },
                 // No speaker (yet): only the datastore drives the dataplane.
                 None => bgp_open = false,
             },
-            Some(_) = events.next() => {
-                due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
+            Some((msg, _)) = events.next() => {
+                if !ours_added(&msg) {
+                    due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
+                }
             }
             _ = tokio::time::sleep_until(wake) => {
                 if tokio::time::Instant::now() >= next_resync {
                     metrics.resyncs.inc();
                     next_resync = tokio::time::Instant::now() + state.config().route_refresh_interval();
-                    dirty = true;
+                    full = true;
                 }
                 if due.is_some_and(|d| d <= tokio::time::Instant::now()) {
                     due = None;
-                    dirty = true;
+                    full = true;
                 }
             }
         }
-        if dirty && state.datastore_in_sync {
-            // Drain what is already queued before computing.
-            while let Ok(ev) = datastore.try_recv() {
-                metrics.messages.inc();
-                state.apply(&FelixInput::Datastore(ev));
-            }
-            dirty = false;
-            applied_once = true;
-            let started = Instant::now();
-            let desired = state.desired();
-            // Until the speaker has delivered its table, BGP's routes in the kernel stay.
-            let keep = if bgp_open && !state.bgp_in_sync {
-                state.bgp_routed_pools()
-            } else {
-                Vec::new()
-            };
-            let mut problems = apply(
-                &handle,
-                &state,
-                &desired,
-                &keep,
-                &mut last_nat,
-                &mut warned_ipip,
-                mtu_file.as_deref(),
-            )
-            .await;
-            if let Some(ds) = &ds {
-                // The Node update comes back through the syncer and into the next pass.
-                let (client, ipam) = (Client::new(ds.clone()), Ipam::new(ds.clone()));
-                match tunnel_addr::reconcile(&client, &ipam, state.node(), state.pools()).await {
-                    Ok(changes) => {
-                        for c in changes {
-                            tracing::info!("{c}");
-                        }
+        if !state.datastore_in_sync {
+            continue;
+        }
+        // Drain what is already queued before computing.
+        while let Ok(ev) = datastore.try_recv() {
+            metrics.messages.inc();
+            full |= state.apply(&FelixInput::Datastore(ev));
+        }
+        if !full && state.bgp_pending() {
+            if let Some((desired, uplink)) = &mut last {
+                let started = Instant::now();
+                let changes = state.bgp_changes(&mut desired.routes);
+                if changes.is_empty() {
+                    continue;
+                }
+                let problems = match routes::apply_changes(&handle, &changes, *uplink).await {
+                    Ok(p) => p.failures,
+                    Err(e) => vec![e.to_string()],
+                };
+                metrics.apply_time.observe(started.elapsed().as_secs_f64());
+                metrics.routes.set(desired.routes.len() as i64);
+                if !problems.is_empty() {
+                    for p in &problems {
+                        tracing::warn!(problem = %p, "dataplane");
                     }
-                    Err(e) => problems.push(format!("tunnel addresses: {e}")),
+                    metrics.failures.inc();
+                    health.set_ready(false, Some(problems.join("; ")));
+                    // Read the kernel back and retry everything soon.
+                    due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
                 }
+                continue;
             }
-            metrics.apply_time.observe(started.elapsed().as_secs_f64());
-            metrics.routes.set(desired.routes.len() as i64);
-            let (eps, hosts) = state.counts();
-            metrics.local_endpoints.set(eps as i64);
-            metrics.hosts.set(hosts as i64);
-            if problems.is_empty() {
-                health.set_ready(true, None);
-            } else {
-                metrics.failures.inc();
-                health.set_ready(false, Some(problems.join("; ")));
+            full = true;
+        }
+        if !full {
+            continue;
+        }
+        full = false;
+        let started = Instant::now();
+        let desired = state.desired();
+        // Until the speaker has delivered its table, BGP's routes in the kernel stay.
+        let keep = if bgp_open && !state.bgp_in_sync {
+            state.bgp_routed_pools()
+        } else {
+            Vec::new()
+        };
+        let (mut problems, uplink) = apply(
+            &handle,
+            &state,
+            &desired,
+            &keep,
+            &mut last_nat,
+            &mut warned_ipip,
+            mtu_file.as_deref(),
+        )
+        .await;
+        if let Some(ds) = &ds {
+            // The Node update comes back through the syncer and into the next pass.
+            let (client, ipam) = (Client::new(ds.clone()), Ipam::new(ds.clone()));
+            match tunnel_addr::reconcile(&client, &ipam, state.node(), state.pools()).await {
+                Ok(changes) => {
+                    for c in changes {
+                        tracing::info!("{c}");
+                    }
+                }
+                Err(e) => problems.push(format!("tunnel addresses: {e}")),
             }
         }
+        metrics.apply_time.observe(started.elapsed().as_secs_f64());
+        metrics.routes.set(desired.routes.len() as i64);
+        let (eps, hosts) = state.counts();
+        metrics.local_endpoints.set(eps as i64);
+        metrics.hosts.set(hosts as i64);
+        if problems.is_empty() {
+            health.set_ready(true, None);
+        } else {
+            metrics.failures.inc();
+            health.set_ready(false, Some(problems.join("; ")));
+        }
+        last = Some((desired, uplink));
     }
+}
+
+/// A route of ours being added: the echo of our own programming, not worth a pass.
+fn ours_added(
+    msg: &rtnetlink::packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
+) -> bool {
+    matches!(
+        &msg.payload,
+        rtnetlink::packet_core::NetlinkPayload::InnerMessage(
+            netlink_packet_route::RouteNetlinkMessage::NewRoute(m)
+        ) if u8::from(m.header.protocol) == super::calc::PROTO_FELIX
+    )
 }
 
 /// One pass over every part of the dataplane; the problems met (each part runs anyway).
@@ -233,7 +282,7 @@ async fn apply(
     last_nat: &mut Option<super::calc::Nat>,
     warned_ipip: &mut bool,
     mtu_file: Option<&std::path::Path>,
-) -> Vec<String> {
+) -> (Vec<String>, Option<u32>) {
     let mut problems: Vec<String> = desired.problems.clone();
     let prefix = state.config().interface_prefix().to_string();
     let node_ip = desired
@@ -297,7 +346,7 @@ async fn apply(
     for p in &problems {
         tracing::warn!(problem = %p, "dataplane");
     }
-    problems
+    (problems, uplink)
 }
 
 /// Replace a small file atomically, only when its content differs.

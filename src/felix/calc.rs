@@ -209,6 +209,54 @@ fn pool_of<'a>(pools: &'a BTreeMap<String, IPPoolSpec>, net: &IpNet) -> Option<&
         .max_by_key(|p| p.net().map_or(0, |n| n.prefix_len()))
 }
 
+/// How BGP's best paths become routes (step 4 of [`calculate`]), also for one prefix at a
+/// time when only BGP changed.
+pub struct BgpRoutes<'a> {
+    pools: &'a BTreeMap<String, IPPoolSpec>,
+    my_ip: Option<Ipv4Net>,
+}
+
+impl<'a> BgpRoutes<'a> {
+    pub fn new(input: &Input<'a>) -> BgpRoutes<'a> {
+        BgpRoutes {
+            pools: input.pools,
+            my_ip: input.nodes.get(input.node).and_then(node_ip),
+        }
+    }
+
+    /// The route for a best path; None inside a VXLAN pool (those routes come from the
+    /// datastore).
+    pub fn route(&self, prefix: &IpNet, next_hop: &IpAddr) -> Option<Route> {
+        let same_subnet = match (next_hop, self.my_ip) {
+            (IpAddr::V4(a), Some(net)) => net.contains(a),
+            _ => false,
+        };
+        let target = match pool_of(self.pools, prefix).map_or(Encap::None, encap) {
+            Encap::Vxlan { .. } => return None,
+            Encap::Ipip { cross_subnet } if !(cross_subnet && same_subnet) => Target::Via {
+                gateway: *next_hop,
+                dev: Dev::Named(TUNL0.into()),
+            },
+            _ => Target::Via {
+                gateway: *next_hop,
+                dev: Dev::Uplink,
+            },
+        };
+        Some(Route {
+            target,
+            protocol: PROTO_FELIX,
+        })
+    }
+
+    /// Whether `prefix` lies in a VXLAN pool.
+    pub fn in_vxlan_pool(&self, prefix: &IpNet) -> bool {
+        matches!(
+            pool_of(self.pools, prefix).map(encap),
+            Some(Encap::Vxlan { .. })
+        )
+    }
+}
+
 /// Compute the desired dataplane.
 pub fn calculate(input: &Input) -> Desired {
     let mut d = Desired::default();
@@ -322,25 +370,11 @@ pub fn calculate(input: &Input) -> Desired {
     }
 
     // 4. BGP best paths for everything else.
+    let bgp = BgpRoutes::new(input);
     for (prefix, next_hop) in input.bgp {
-        let e = pool_of(input.pools, prefix).map_or(Encap::None, encap);
-        let target = match e {
-            // Routes of VXLAN pools come from the datastore.
-            Encap::Vxlan { .. } => continue,
-            Encap::Ipip { cross_subnet } if !(cross_subnet && same_subnet(next_hop)) => {
-                Target::Via {
-                    gateway: *next_hop,
-                    dev: Dev::Named(TUNL0.into()),
-                }
-            }
-            _ => Target::Via {
-                gateway: *next_hop,
-                dev: Dev::Uplink,
-            },
-        };
-        d.routes
-            .entry(*prefix)
-            .or_insert_with(|| felix_route(target));
+        if let Some(r) = bgp.route(prefix, next_hop) {
+            d.routes.entry(*prefix).or_insert(r);
+        }
     }
 
     // 5. Tunnel devices, and what VXLAN needs per remote node.

@@ -202,6 +202,87 @@ pub(crate) async fn links(h: &Handle) -> Result<HashMap<String, u32>, RouteError
     Ok(out)
 }
 
+/// One route change: the prefix, the route of ours the kernel has now (as we last
+/// programmed it), and the one wanted (None: remove).
+pub type Change = (IpNet, Option<Route>, Option<Route>);
+
+/// Apply route changes without reading the kernel's table (BGP's updates between full
+/// passes): puts replace, removals delete exactly the route we programmed; many requests
+/// in flight. A removal of a route already gone is not a failure.
+pub async fn apply_changes(
+    h: &Handle,
+    changes: &[Change],
+    uplink: Option<u32>,
+) -> Result<Pass, RouteError> {
+    let named = |r: &Option<Route>| {
+        matches!(
+            r,
+            Some(Route {
+                target: Target::Via {
+                    dev: crate::felix::calc::Dev::Named(_),
+                    ..
+                } | Target::Link(_),
+                ..
+            })
+        )
+    };
+    let links = if changes.iter().any(|(_, old, new)| named(old) || named(new)) {
+        links(h).await?
+    } else {
+        HashMap::new()
+    };
+    let mut pass = Pass::default();
+    let mut ops = Vec::with_capacity(changes.len());
+    for (p, old, new) in changes {
+        match (old, new) {
+            (_, Some(r)) => match wanted(r, &links, uplink) {
+                Ok(k) => ops.push(Op::Put(*p, k)),
+                Err(why) => pass.failures.push(format!("{p}: {why}")),
+            },
+            (Some(r), None) => {
+                if let Ok(k) = wanted(r, &links, uplink) {
+                    ops.push(Op::Del(message(p, &k)));
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    run_ops(h, ops, &mut pass).await;
+    Ok(pass)
+}
+
+/// Send the operations, `IN_FLIGHT` at a time, and count the outcomes into `pass`.
+async fn run_ops(h: &Handle, ops: Vec<Op>, pass: &mut Pass) {
+    let results: Vec<(String, Result<(), rtnetlink::Error>, bool)> = futures::stream::iter(ops)
+        .map(|op| {
+            let h = h.clone();
+            async move {
+                match op {
+                    Op::Put(p, k) => {
+                        let r = h.route().add(message(&p, &k)).replace().execute().await;
+                        (p.to_string(), r, true)
+                    }
+                    Op::Del(m) => {
+                        let what = dst(&m).map_or_else(String::new, |d| d.to_string());
+                        (what, h.route().del(m).execute().await, false)
+                    }
+                }
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    for (what, r, put) in results {
+        match (r, put) {
+            (Ok(()), true) => pass.added_or_replaced += 1,
+            (Ok(()), false) => pass.deleted += 1,
+            (Err(e), true) => pass.failures.push(format!("{what}: {e}")),
+            // Already gone.
+            (Err(_), false) => {}
+        }
+    }
+}
+
 /// An interface's MTU.
 pub async fn mtu_of(h: &Handle, index: u32) -> Result<u32, RouteError> {
     let l = h
@@ -331,34 +412,7 @@ pub async fn reconcile(
                 .map(|(_, m)| Op::Del(m)),
         );
     }
-    let results: Vec<(String, Result<(), rtnetlink::Error>, bool)> = futures::stream::iter(ops)
-        .map(|op| {
-            let h = h.clone();
-            async move {
-                match op {
-                    Op::Put(p, k) => {
-                        let r = h.route().add(message(&p, &k)).replace().execute().await;
-                        (p.to_string(), r, true)
-                    }
-                    Op::Del(m) => {
-                        let what = dst(&m).map_or_else(String::new, |d| d.to_string());
-                        (what, h.route().del(m).execute().await, false)
-                    }
-                }
-            }
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .collect()
-        .await;
-    for (what, r, put) in results {
-        match (r, put) {
-            (Ok(()), true) => pass.added_or_replaced += 1,
-            (Ok(()), false) => pass.deleted += 1,
-            (Err(e), true) => pass.failures.push(format!("{what}: {e}")),
-            // Already gone.
-            (Err(_), false) => {}
-        }
-    }
+    run_ops(h, ops, &mut pass).await;
     pass.ours = desired.len() - pass.failures.len();
     Ok(pass)
 }

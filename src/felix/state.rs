@@ -32,6 +32,10 @@ pub struct State {
     global: Option<FelixConfigurationSpec>,
     per_node: Option<FelixConfigurationSpec>,
     bgp: BTreeMap<IpNet, IpAddr>,
+    /// BGP prefixes changed since the last pass (see [`State::bgp_changes`]).
+    bgp_changed: Vec<IpNet>,
+    /// Whether a datastore update changed anything since the last full pass.
+    pub datastore_changed: bool,
     pub datastore_in_sync: bool,
     pub bgp_in_sync: bool,
 }
@@ -48,9 +52,19 @@ impl State {
     pub fn apply(&mut self, input: &FelixInput) -> bool {
         match input {
             FelixInput::Bgp(RouteUpdate::Best(r)) => {
-                self.bgp.insert(r.prefix, r.next_hop) != Some(r.next_hop)
+                let changed = self.bgp.insert(r.prefix, r.next_hop) != Some(r.next_hop);
+                if changed {
+                    self.bgp_changed.push(r.prefix);
+                }
+                changed
             }
-            FelixInput::Bgp(RouteUpdate::Withdrawn(p)) => self.bgp.remove(p).is_some(),
+            FelixInput::Bgp(RouteUpdate::Withdrawn(p)) => {
+                let changed = self.bgp.remove(p).is_some();
+                if changed {
+                    self.bgp_changed.push(*p);
+                }
+                changed
+            }
             FelixInput::Bgp(RouteUpdate::InSync) => {
                 // The first time, routes kept for BGP may now go.
                 !std::mem::replace(&mut self.bgp_in_sync, true)
@@ -61,10 +75,12 @@ impl State {
             }
             FelixInput::Datastore(SyncerEvent::Update(u)) => {
                 let key = u.key.as_str();
-                match (&u.update_type, u.value.as_deref()) {
+                let changed = match (&u.update_type, u.value.as_deref()) {
                     (UpdateType::Deleted, _) | (_, None) => self.forget(key),
                     (_, Some(v)) => self.store(key, v),
-                }
+                };
+                self.datastore_changed |= changed;
+                changed
             }
         }
     }
@@ -148,18 +164,71 @@ impl State {
         }
     }
 
-    /// The desired dataplane for what is known now.
-    pub fn desired(&self) -> Desired {
+    /// The desired dataplane for what is known now (a full pass: BGP's pending changes are
+    /// part of it).
+    pub fn desired(&mut self) -> Desired {
+        self.bgp_changed.clear();
+        self.datastore_changed = false;
         let settings = self.settings();
-        calc::calculate(&Input {
+        calc::calculate(&self.input(&settings))
+    }
+
+    fn input<'a>(&'a self, settings: &'a Settings) -> Input<'a> {
+        Input {
             node: &self.node,
             nodes: &self.nodes,
             pools: &self.pools,
             workloads: &self.workloads,
             blocks: &self.blocks,
             bgp: &self.bgp,
-            settings: &settings,
-        })
+            settings,
+        }
+    }
+
+    /// The route changes BGP's updates since the last pass make to `routes` (the desired
+    /// routes of that pass, updated here): prefixes inside VXLAN pools and those a local
+    /// workload or block owns are left alone, as the full calculation does.
+    pub fn bgp_changes(
+        &mut self,
+        routes: &mut BTreeMap<IpNet, calc::Route>,
+    ) -> Vec<super::routes::Change> {
+        let mut changed = std::mem::take(&mut self.bgp_changed);
+        changed.sort_unstable();
+        changed.dedup();
+        let settings = self.settings();
+        let input = self.input(&settings);
+        let bgp = calc::BgpRoutes::new(&input);
+        let mut out = Vec::new();
+        for p in changed {
+            if bgp.in_vxlan_pool(&p) {
+                continue;
+            }
+            let old = routes.get(&p).cloned();
+            if matches!(
+                old,
+                Some(calc::Route {
+                    target: calc::Target::Link(_) | calc::Target::Blackhole,
+                    ..
+                })
+            ) {
+                continue;
+            }
+            let new = self.bgp.get(&p).and_then(|nh| bgp.route(&p, nh));
+            if old == new {
+                continue;
+            }
+            match &new {
+                Some(r) => routes.insert(p, r.clone()),
+                None => routes.remove(&p),
+            };
+            out.push((p, old, new));
+        }
+        out
+    }
+
+    /// Whether BGP changed since the last pass.
+    pub fn bgp_pending(&self) -> bool {
+        !self.bgp_changed.is_empty()
     }
 
     /// The IP pools.
@@ -262,6 +331,65 @@ mod tests {
             !s.apply(&update(nk, None)),
             "deleting twice changes nothing"
         );
+    }
+
+    fn pool(cidr: &str, vxlan: &str) -> SyncValue {
+        SyncValue::Resource(AnyResource::IPPool(resource(
+            "p",
+            IPPoolSpec {
+                cidr: cidr.into(),
+                vxlan_mode: Some(vxlan.into()),
+                ..Default::default()
+            },
+        )))
+    }
+
+    proptest::proptest! {
+        /// BGP's changes applied one by one to the last full pass's routes give exactly the
+        /// routes a full calculation gives: VXLAN pools and prefixes a local workload or
+        /// block owns are left alone, next-hop changes replace, withdrawals remove.
+        #[test]
+        fn bgp_changes_keep_routes_equal_to_a_full_calculation(
+            ops in proptest::collection::vec((0usize..8, proptest::option::of(0u8..3)), 1..60),
+            every in 1usize..6,
+        ) {
+            let mut s = State::new("node-a");
+            s.apply(&update("/pools/a", Some(pool("10.244.0.0/16", "Never"))));
+            s.apply(&update("/pools/b", Some(pool("10.245.0.0/16", "Always"))));
+            s.apply(&update("/weps/w", Some(wep("node-a", "10.244.0.5/32"))));
+            let block = crate::model::ipam::AllocationBlock {
+                cidr: "10.244.0.0/26".into(),
+                affinity: Some("host:node-a".into()),
+                ..Default::default()
+            };
+            s.apply(&update("/blocks/b", Some(SyncValue::Block(block))));
+            let prefixes: Vec<IpNet> = [
+                "10.244.1.0/26", "10.244.2.0/26", "10.244.0.0/26", "10.244.0.5/32",
+                "10.245.1.0/26", "10.9.0.0/24", "10.244.0.9/32", "10.244.3.0/26",
+            ]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+            let mut routes = s.desired().routes;
+            for (i, (p, nh)) in ops.iter().enumerate() {
+                let prefix = prefixes[*p];
+                let u = match nh {
+                    Some(n) => RouteUpdate::Best(LearnedRoute {
+                        prefix,
+                        next_hop: format!("10.0.0.{}", n + 2).parse().unwrap(),
+                    }),
+                    None => RouteUpdate::Withdrawn(prefix),
+                };
+                s.apply(&FelixInput::Bgp(u));
+                if i % every == 0 {
+                    for (p, old, new) in s.bgp_changes(&mut routes) {
+                        proptest::prop_assert_ne!(old, new, "{} changed to itself", p);
+                    }
+                    let mut full = s.clone();
+                    proptest::prop_assert_eq!(&routes, &full.desired().routes);
+                }
+            }
+        }
     }
 
     #[test]
