@@ -235,7 +235,10 @@ fn bird_md5_right_password_comes_up_wrong_one_is_refused() {
 
 /// RFC 5082 against a BIRD with `ttl security on`: with it on our side the session comes
 /// up; without, BIRD drops our TTL-64 segments and it never does. (Each case gets a fresh
-/// BIRD: one stuck in OpenSent refuses new connections for its hold time.)
+/// BIRD: one stuck in OpenSent refuses new connections for its hold time.) Without it on
+/// our side BIRD connects to us: BIRD sets its minimum TTL on an accepted socket only after
+/// accept(), so an OPEN of ours that arrives first would slip through; a socket it connects
+/// from has the minimum before its SYN, and our TTL-64 SYN-ACK never reaches it.
 fn ttl_security_case(ours: Option<u8>) -> bool {
     let Some(a) = NetNs::new("bgp-us") else {
         return ours.is_some();
@@ -244,10 +247,15 @@ fn ttl_security_case(ours: Option<u8>) -> bool {
         return ours.is_some();
     };
     link(&a, US, &b, BIRD);
-    let Some(_d) = bird(&b, &bird_conf("passive on; ttl security on;")) else {
+    let bird_side = if ours.is_some() {
+        "passive on; ttl security on;"
+    } else {
+        "ttl security on;"
+    };
+    let Some(_d) = bird(&b, &bird_conf(bird_side)) else {
         return ours.is_some();
     };
-    let mut cfg = our_conf(false, None);
+    let mut cfg = our_conf(ours.is_none(), None);
     cfg.peers[0].ttl_security = ours;
     let us = OurSpeaker::start(&a, cfg);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
