@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::NetNs;
-use common::bgp::{Daemon, bird, birdc, gobgp, gobgp_cli, lan};
+use common::bgp::{Daemon, Poker, bird, birdc, gobgp, gobgp_cli, lan};
 
 const INJ: &str = "10.99.0.1";
 const OURS: &str = "10.99.0.2";
@@ -118,40 +118,6 @@ fn injector_conf(n: usize) -> String {
         );
     }
     s
-}
-
-/// Keep the injector's main loop awake (an idle BIRD defers its last UPDATE by ~3 s).
-struct Poker {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Poker {
-    fn start(sock: std::path::PathBuf) -> Poker {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = Command::new("birdc")
-                    .args(["-s", sock.to_str().unwrap(), "show", "status"])
-                    .output();
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Poker {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Poker {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// Enable the injector's session `proto`, wait for `established` and `done` (both polled),

@@ -29,8 +29,8 @@ use ipnet::{IpNet, Ipv4Net};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::RouteMessageBuilder;
-use rtnetlink::sys::AsyncSocket;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::sys::AsyncSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -166,7 +166,14 @@ fn single_changes(n: usize, changes: usize) -> Option<Vec<Duration>> {
                     datastore: None,
                     mtu_file: None,
                 };
-                tokio::spawn(actor::run(cfg, ds_rx, bgp_rx, metrics, health, cancel.clone()));
+                tokio::spawn(actor::run(
+                    cfg,
+                    ds_rx,
+                    bgp_rx,
+                    metrics,
+                    health,
+                    cancel.clone(),
+                ));
                 let mut node = Node::new("bench", NodeSpec::default());
                 node.spec.bgp = Some(NodeBGPSpec {
                     ipv4_address: Some("10.0.0.1/24".into()),
@@ -179,9 +186,18 @@ fn single_changes(n: usize, changes: usize) -> Option<Vec<Duration>> {
                         ..Default::default()
                     },
                 );
-                ds_tx.send(put("/nodes/bench", AnyResource::Node(node))).await.unwrap();
-                ds_tx.send(put("/ippools/bench", AnyResource::IPPool(pool))).await.unwrap();
-                ds_tx.send(SyncerEvent::Status(SyncStatus::InSync)).await.unwrap();
+                ds_tx
+                    .send(put("/nodes/bench", AnyResource::Node(node)))
+                    .await
+                    .unwrap();
+                ds_tx
+                    .send(put("/ippools/bench", AnyResource::IPPool(pool)))
+                    .await
+                    .unwrap();
+                ds_tx
+                    .send(SyncerEvent::Status(SyncStatus::InSync))
+                    .await
+                    .unwrap();
                 let all = prefixes(n);
                 for chunk in all.chunks(1024) {
                     let batch = chunk.iter().map(|p| best(*p, "10.0.0.2")).collect();
@@ -240,6 +256,292 @@ fn single_changes(n: usize, changes: usize) -> Option<Vec<Duration>> {
     }))
 }
 
+/// Counts the distinct routes of one protocol announced in a namespace's main table, from
+/// the kernel's route notifications (a thread with a raw netlink socket and a large buffer).
+/// If notifications were lost (ENOBUFS), `lost` is set and the caller counts by dumps.
+struct KernelCounter {
+    seen: Arc<std::sync::atomic::AtomicUsize>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KernelCounter {
+    /// Routes of `protocol` inside 16.0.0.0/4 as /24s (the injector's), by index.
+    fn start(ns: &NetNs, protocol: u8, n: usize) -> KernelCounter {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let seen = Arc::new(AtomicUsize::new(0));
+        let lost = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, l2, st2) = (seen.clone(), lost.clone(), stop.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let path = format!("/run/netns/{}", ns.name);
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            // SAFETY: plain socket calls on a descriptor this thread owns; the buffers
+            // outlive the calls.
+            let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) };
+            assert!(fd >= 0);
+            let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+            addr.nl_family = libc::AF_NETLINK as u16;
+            addr.nl_groups = rtnetlink::constants::RTMGRP_IPV4_ROUTE;
+            let size: libc::c_int = 512 << 20;
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 100_000,
+            };
+            unsafe {
+                libc::bind(
+                    fd,
+                    &addr as *const _ as *const libc::sockaddr,
+                    std::mem::size_of_val(&addr) as u32,
+                );
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    &size as *const _ as *const libc::c_void,
+                    4,
+                );
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    &timeout as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+            }
+            ready_tx.send(()).unwrap();
+            let mut have = vec![false; n];
+            let mut count = 0;
+            let mut buf = vec![0u8; 1 << 20];
+            while !st2.load(Ordering::Relaxed) {
+                let r =
+                    unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+                if r < 0 {
+                    if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+                        l2.store(true, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                let mut off = 0usize;
+                let end = r as usize;
+                while off + 16 <= end {
+                    let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+                    let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+                    if len < 16 || off + len > end {
+                        break;
+                    }
+                    // RTM_NEWROUTE: rtmsg (12 bytes), then attributes.
+                    if kind == libc::RTM_NEWROUTE && len >= 28 {
+                        let rt = &buf[off + 16..off + len];
+                        let (dst_len, proto) = (rt[1], rt[5]);
+                        let mut a = 12;
+                        while a + 4 <= rt.len() {
+                            let alen =
+                                u16::from_ne_bytes(rt[a..a + 2].try_into().unwrap()) as usize;
+                            let atype = u16::from_ne_bytes(rt[a + 2..a + 4].try_into().unwrap());
+                            if alen < 4 {
+                                break;
+                            }
+                            if atype == libc::RTA_DST
+                                && alen >= 8
+                                && proto == protocol
+                                && dst_len == 24
+                            {
+                                let ip = u32::from_be_bytes(rt[a + 4..a + 8].try_into().unwrap());
+                                let i = (ip.wrapping_sub(0x1000_0000) >> 8) as usize;
+                                if ip >> 28 == 1 && i < n && !have[i] {
+                                    have[i] = true;
+                                    count += 1;
+                                    s2.store(count, Ordering::Relaxed);
+                                }
+                            }
+                            a += (alen + 3) & !3;
+                        }
+                    }
+                    off += (len + 3) & !3;
+                }
+            }
+            unsafe { libc::close(fd) };
+        });
+        ready_rx.recv().unwrap();
+        KernelCounter { seen, lost, stop }
+    }
+}
+
+impl Drop for KernelCounter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Routes of `protocol` in a namespace's main table, by a dump.
+fn dump_count(ns: &NetNs, protocol: u8) -> usize {
+    ns.with_netlink(move |h| async move {
+        h.route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|m| u8::from(m.header.protocol) == protocol)
+            .count()
+    })
+}
+
+/// Wait until `n` routes of `protocol` are in the kernel; the time since `t0`.
+fn wait_installed(
+    ns: &NetNs,
+    counter: &KernelCounter,
+    protocol: u8,
+    n: usize,
+    t0: Instant,
+) -> Duration {
+    use std::sync::atomic::Ordering;
+    let limit = t0 + Duration::from_secs(600);
+    let mut first = None;
+    loop {
+        if first.is_none() && counter.seen.load(Ordering::Relaxed) > 0 {
+            first = Some(t0.elapsed());
+            if std::env::var_os("CALICO_BENCH_VERBOSE").is_some() {
+                eprintln!("  first route after {:?}", t0.elapsed());
+            }
+        }
+        if counter.seen.load(Ordering::Relaxed) >= n {
+            return t0.elapsed();
+        }
+        if counter.lost.load(Ordering::Relaxed) && dump_count(ns, protocol) >= n {
+            eprintln!("  (notifications were lost; completion seen by a dump)");
+            return t0.elapsed();
+        }
+        assert!(
+            Instant::now() < limit,
+            "only {} of {n} routes installed",
+            counter.seen.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn injector_conf(n: usize) -> String {
+    let mut s = "router id 10.99.0.2;\nprotocol device { }\nprotocol static injected {\n  ipv4;\n"
+        .to_string();
+    for i in 0..n as u32 {
+        let a = Ipv4Addr::from(0x1000_0000u32 + (i << 8));
+        s += &format!("  route {a}/24 blackhole;\n");
+    }
+    s += "}\n";
+    for (name, peer) in [("r_ours", "10.99.0.1"), ("r_bird", "10.99.0.3")] {
+        s += &format!(
+            "protocol bgp {name} {{\n  disabled; local 10.99.0.2 as 64512; neighbor {peer} as 64513;\n  connect delay time 0; connect retry time 1;\n  ipv4 {{ import none; export where proto = \"injected\"; }};\n}}\n"
+        );
+    }
+    s
+}
+
+/// Learn and install: `n` routes from a BIRD injector through our speaker and Felix (in
+/// one process, as in calico-node) into the kernel, and through BIRD with
+/// `protocol kernel { ipv4 { export all; }; }`; each timed from enabling the injector's
+/// session until the receiver's kernel has every route.
+fn learn_and_install(n: usize) -> Option<(Duration, Duration)> {
+    use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
+    use calico_node::bgp::speaker::Speaker;
+    use common::bgp::{Poker, bird, birdc, lan};
+    let inj_ns = NetNs::new("felixb-inj")?;
+    let ours_ns = NetNs::new("felixb-ours")?;
+    let bird_ns = NetNs::new("felixb-bird")?;
+    lan(&[
+        (&inj_ns, "10.99.0.2"),
+        (&ours_ns, "10.99.0.1"),
+        (&bird_ns, "10.99.0.3"),
+    ]);
+    let inj = bird(&inj_ns, &injector_conf(n))?;
+    let loaded = format!("{n} imported");
+    while !birdc(&inj, "show protocols all injected").contains(&loaded) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Ours: speaker and Felix on one runtime in the receiver's namespace.
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    let path = format!("/run/netns/{}", ours_ns.name);
+    let ours_thread = std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let (ds_tx, ds_rx) = mpsc::channel(1024);
+                let (bgp_tx, bgp_rx) = mpsc::channel(64);
+                let metrics = FelixMetrics::new(&prometheus::Registry::new()).unwrap();
+                let health = HealthAggregator::new().register("felix");
+                let cfg = actor::Config {
+                    node: "bench".into(),
+                    datastore: None,
+                    mtu_file: None,
+                };
+                let felix =
+                    tokio::spawn(actor::run(cfg, ds_rx, bgp_rx, metrics, health, c2.clone()));
+                let mut node = Node::new("bench", NodeSpec::default());
+                node.spec.bgp = Some(NodeBGPSpec {
+                    ipv4_address: Some("10.99.0.1/24".into()),
+                    ..Default::default()
+                });
+                ds_tx
+                    .send(put("/nodes/bench", AnyResource::Node(node)))
+                    .await
+                    .unwrap();
+                ds_tx
+                    .send(SyncerEvent::Status(SyncStatus::InSync))
+                    .await
+                    .unwrap();
+                let mut bgp = DesiredBgpConfig::new("10.99.0.1".parse().unwrap(), 64513);
+                let mut peer =
+                    DesiredPeer::new("10.99.0.2".parse().unwrap(), 64512, PeerType::Global);
+                peer.passive = true;
+                bgp.peers.push(peer);
+                let (status, _) = tokio::sync::watch::channel(Vec::new());
+                let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(bgp.clone());
+                let speaker = Speaker::new(bgp, bgp_tx, status);
+                let _ = speaker.run(cfg_rx, c2).await;
+                let _ = felix.await;
+            });
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let counter = KernelCounter::start(&ours_ns, PROTO_FELIX, n);
+    let poke = Poker::start(inj.dir.path().join("bird.ctl"));
+    let t0 = Instant::now();
+    birdc(&inj, "enable r_ours");
+    let ours = wait_installed(&ours_ns, &counter, PROTO_FELIX, n, t0);
+    drop(poke);
+    birdc(&inj, "disable r_ours");
+    drop(counter);
+    cancel.cancel();
+    let _ = ours_thread.join();
+
+    // BIRD with a kernel protocol exporting everything.
+    let rcv = bird(
+        &bird_ns,
+        "router id 10.99.0.3;\nprotocol device { }\nprotocol kernel { ipv4 { export all; }; }\nprotocol bgp inj {\n  local 10.99.0.3 as 64513; neighbor 10.99.0.2 as 64512; passive on;\n  ipv4 { import all; export none; };\n}\n",
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let counter = KernelCounter::start(&bird_ns, 12, n);
+    let poke = Poker::start(inj.dir.path().join("bird.ctl"));
+    let t0 = Instant::now();
+    birdc(&inj, "enable r_bird");
+    let theirs = wait_installed(&bird_ns, &counter, 12, n, t0);
+    drop(poke);
+    birdc(&inj, "disable r_bird");
+    drop(counter);
+    drop(rcv);
+    Some((ours, theirs))
+}
+
 fn main() {
     let n: usize = std::env::var("CALICO_BENCH_FELIX_ROUTES")
         .ok()
@@ -274,6 +576,18 @@ fn main() {
         "  resync with no change: {:.3} s (goal <= 0.2 s)",
         resync.as_secs_f64()
     );
+    let learn: usize = std::env::var("CALICO_BENCH_FELIX_LEARN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    if let Some((ours, bird)) = learn_and_install(learn) {
+        println!(
+            "  learn and install {learn} routes from a BGP injector: ours (speaker + Felix) {:.2} s, BIRD (kernel export all) {:.2} s, ratio {:.2}x (goal <= 0.5x)",
+            ours.as_secs_f64(),
+            bird.as_secs_f64(),
+            ours.as_secs_f64() / bird.as_secs_f64()
+        );
+    }
     let Some(mut took) = single_changes(n, 200) else {
         return;
     };

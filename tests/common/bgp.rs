@@ -359,3 +359,37 @@ pub fn us_bird_gobgp_lan() -> Option<(NetNs, NetNs, NetNs)> {
     ]);
     Some((us, bird, gobgp))
 }
+
+/// Keep the injector's main loop awake (an idle BIRD defers its last UPDATE by ~3 s).
+pub struct Poker {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Poker {
+    pub fn start(sock: std::path::PathBuf) -> Poker {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = Command::new("birdc")
+                    .args(["-s", sock.to_str().unwrap(), "show", "status"])
+                    .output();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Poker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Poker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
