@@ -311,6 +311,41 @@ fn routes_via_a_gateway_inside_kept_pools_survive_until_bgp_has_its_table() {
     );
 }
 
+#[test]
+fn batched_requests_report_each_outcome_in_order() {
+    use calico_node::felix::nlbatch::{Request, send};
+    use netlink_packet_route::route::{RouteProtocol, RouteType};
+    let Some(ns) = node_ns("felix-batch", &[]) else {
+        return;
+    };
+    let blackhole = |i: u32| {
+        let mut m = rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+            .destination_prefix(std::net::Ipv4Addr::from(0x0a40_0000 + i * 64), 26)
+            .build();
+        m.header.kind = RouteType::BlackHole;
+        m.header.protocol = RouteProtocol::from(PROTO_FELIX);
+        m
+    };
+    // 600 routes (three batches), a delete of one that does not exist in the middle, and
+    // the last request failing too: every outcome lands at its index.
+    let mut reqs: Vec<Request> = (0..600).map(|i| Request::Replace(blackhole(i))).collect();
+    reqs.insert(300, Request::Delete(blackhole(9999)));
+    reqs.push(Request::Delete(blackhole(8888)));
+    let outcomes = ns.run_in(move || send(reqs).unwrap());
+    assert_eq!(outcomes.len(), 602);
+    let failed: Vec<usize> = (0..602).filter(|i| outcomes[*i].is_err()).collect();
+    assert_eq!(failed, vec![300, 601], "{:?}", outcomes[300]);
+    assert_eq!(outcomes[300], Err(libc::ESRCH));
+    let table = routes(&ns, false);
+    assert_eq!(
+        table
+            .iter()
+            .filter(|l| l.starts_with("blackhole 10."))
+            .count(),
+        600
+    );
+}
+
 fn vxlan(vni: u32) -> Vxlan {
     Vxlan {
         vni,

@@ -118,6 +118,8 @@ pub async fn run(
         .bind(&rtnetlink::sys::SocketAddr::new(0, groups))
     {
         tracing::warn!(error = %e, "no netlink events; repairs wait for the periodic resync");
+    } else if let Err(e) = drop_our_route_echoes(conn.socket_mut().socket_mut()) {
+        tracing::debug!(error = %e, "no netlink event filter; our own route echoes are read and ignored");
     }
     tokio::spawn(conn);
     let Config {
@@ -258,6 +260,58 @@ pub async fn run(
             health.set_ready(false, Some(problems.join("; ")));
         }
         last = Some((desired, uplink));
+    }
+}
+
+/// Have the kernel drop, before they reach us, the notifications of routes of ours being
+/// added (the echo of our own programming: a million of them when BGP brings a million
+/// routes). A classic BPF filter on the event socket: RTM_NEWROUTE with protocol 80.
+fn drop_our_route_echoes(socket: &rtnetlink::sys::Socket) -> std::io::Result<()> {
+    let newroute = u32::from(u16::from_be_bytes(libc::RTM_NEWROUTE.to_ne_bytes()));
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let prog = [
+        // A = nlmsg_type (a half word at offset 4, loaded big-endian: compared as such).
+        op((libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16, 0, 0, 4),
+        op(
+            (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            0,
+            3,
+            newroute,
+        ),
+        // A = rtm_protocol (the rtmsg follows the 16-byte header; its sixth byte).
+        op(
+            (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16,
+            0,
+            0,
+            21,
+        ),
+        op(
+            (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            0,
+            1,
+            u32::from(super::calc::PROTO_FELIX),
+        ),
+        op((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0),
+        op((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, u32::MAX),
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: setsockopt copies the program; `prog` outlives the call.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            &fprog as *const libc::sock_fprog as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -7,6 +7,7 @@ pub mod actor;
 pub mod calc;
 pub mod nat;
 pub mod neigh;
+pub mod nlbatch;
 pub mod routes;
 pub mod state;
 pub mod sysctls;

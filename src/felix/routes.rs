@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
@@ -17,12 +17,10 @@ use netlink_packet_route::route::{
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::calc::{Dev, PROTO_FELIX, Route, TUNL0, Target, VXLAN_DEV};
+use super::nlbatch::Request;
 
 /// `proto kernel`.
 const PROTO_KERNEL: u8 = 2;
-
-/// How many netlink requests are in flight at once.
-const IN_FLIGHT: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -251,32 +249,45 @@ pub async fn apply_changes(
     Ok(pass)
 }
 
-/// Send the operations, `IN_FLIGHT` at a time, and count the outcomes into `pass`.
-async fn run_ops(h: &Handle, ops: Vec<Op>, pass: &mut Pass) {
-    let results: Vec<(String, Result<(), rtnetlink::Error>, bool)> = futures::stream::iter(ops)
-        .map(|op| {
-            let h = h.clone();
-            async move {
-                match op {
-                    Op::Put(p, k) => {
-                        let r = h.route().add(message(&p, &k)).replace().execute().await;
-                        (p.to_string(), r, true)
-                    }
-                    Op::Del(m) => {
-                        let what = dst(&m).map_or_else(String::new, |d| d.to_string());
-                        (what, h.route().del(m).execute().await, false)
-                    }
-                }
+/// Send the operations in batches (see [`super::nlbatch`]) and count the outcomes into
+/// `pass`.
+async fn run_ops(_h: &Handle, ops: Vec<Op>, pass: &mut Pass) {
+    if ops.is_empty() {
+        return;
+    }
+    let mut what = Vec::with_capacity(ops.len());
+    let requests: Vec<Request> = ops
+        .into_iter()
+        .map(|op| match op {
+            Op::Put(p, k) => {
+                what.push((p.to_string(), true));
+                Request::Replace(message(&p, &k))
+            }
+            Op::Del(m) => {
+                what.push((dst(&m).map_or_else(String::new, |d| d.to_string()), false));
+                Request::Delete(m)
             }
         })
-        .buffer_unordered(IN_FLIGHT)
-        .collect()
-        .await;
-    for (what, r, put) in results {
+        .collect();
+    let outcomes = match tokio::task::spawn_blocking(move || super::nlbatch::send(requests)).await {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            pass.failures.push(format!("netlink: {e}"));
+            return;
+        }
+        Err(e) => {
+            pass.failures.push(format!("netlink: {e}"));
+            return;
+        }
+    };
+    for ((what, put), r) in what.into_iter().zip(outcomes) {
         match (r, put) {
             (Ok(()), true) => pass.added_or_replaced += 1,
             (Ok(()), false) => pass.deleted += 1,
-            (Err(e), true) => pass.failures.push(format!("{what}: {e}")),
+            (Err(errno), true) => pass.failures.push(format!(
+                "{what}: {}",
+                std::io::Error::from_raw_os_error(errno)
+            )),
             // Already gone.
             (Err(_), false) => {}
         }

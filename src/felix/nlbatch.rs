@@ -1,0 +1,127 @@
+//! Route requests in batches: many netlink messages per `sendmsg` on a socket of its own,
+//! only the last of each batch acknowledged (the kernel reports every failure anyway, and
+//! handles a batch's messages in order, so the last one's ack means all were handled).
+//! One system call and one wake-up per batch instead of per route.
+
+use std::io;
+
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::route::RouteMessage;
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// Messages per `sendmsg`.
+const BATCH: usize = 256;
+
+/// One request: add-or-replace, or delete.
+pub enum Request {
+    Replace(RouteMessage),
+    Delete(RouteMessage),
+}
+
+/// Send `requests` in order; each one's outcome (`Err(errno)` when the kernel refused it),
+/// in the same order. Blocking: call it off the async executor.
+pub fn send(requests: Vec<Request>) -> io::Result<Vec<Result<(), i32>>> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    // Acks without a copy of the request.
+    let _ = socket.set_cap_ack(true);
+    // Never wait forever for the kernel's answer.
+    let timeout = libc::timeval {
+        tv_sec: 10,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt on a descriptor we own, with a valid timeval.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &timeout as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut outcomes = vec![Ok(()); requests.len()];
+    let mut buf = Vec::new();
+    let mut rbuf = vec![0u8; 1 << 16];
+    let mut it = requests.into_iter().enumerate().peekable();
+    while it.peek().is_some() {
+        buf.clear();
+        let mut last_seq = 0u32;
+        for _ in 0..BATCH {
+            let Some((i, req)) = it.next() else { break };
+            let (payload, flags) = match req {
+                Request::Replace(m) => (
+                    RouteNetlinkMessage::NewRoute(m),
+                    NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
+                ),
+                Request::Delete(m) => (RouteNetlinkMessage::DelRoute(m), NLM_F_REQUEST),
+            };
+            let mut header = NetlinkHeader::default();
+            header.flags = flags;
+            // Sequence numbers are the request's index (+1: 0 is never used).
+            header.sequence_number = i as u32 + 1;
+            let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
+            msg.finalize();
+            let at = buf.len();
+            buf.resize(at + msg.buffer_len(), 0);
+            msg.serialize(&mut buf[at..]);
+            last_seq = i as u32 + 1;
+        }
+        // The batch's last message asks for an ack: when it comes, all were handled.
+        let last_at = last_message_offset(&buf);
+        let flags_at = last_at + 6;
+        let flags = u16::from_ne_bytes([buf[flags_at], buf[flags_at + 1]]) | NLM_F_ACK;
+        buf[flags_at..flags_at + 2].copy_from_slice(&flags.to_ne_bytes());
+        socket.send(&buf, 0)?;
+        'acks: loop {
+            let n = socket.recv(&mut &mut rbuf[..], 0)?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len =
+                    u32::from_ne_bytes(rbuf[off..off + 4].try_into().expect("4 bytes")) as usize;
+                if len < 16 || off + len > n {
+                    break;
+                }
+                let kind = u16::from_ne_bytes([rbuf[off + 4], rbuf[off + 5]]);
+                let seq = u32::from_ne_bytes(rbuf[off + 8..off + 12].try_into().expect("4 bytes"));
+                // NLMSG_ERROR: an i32 error code (0: ack), negative errno.
+                if kind == 2 && len >= 20 {
+                    let code =
+                        i32::from_ne_bytes(rbuf[off + 16..off + 20].try_into().expect("4 bytes"));
+                    if code != 0
+                        && let Some(o) = outcomes.get_mut((seq as usize).wrapping_sub(1))
+                    {
+                        *o = Err(-code);
+                    }
+                    if seq == last_seq {
+                        break 'acks;
+                    }
+                }
+                off += (len + 3) & !3;
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Where the last netlink message of a buffer of whole messages starts.
+fn last_message_offset(buf: &[u8]) -> usize {
+    let (mut off, mut last) = (0, 0);
+    while off + 4 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+        if len == 0 {
+            break;
+        }
+        last = off;
+        off += (len + 3) & !3;
+    }
+    last
+}
