@@ -13,15 +13,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use prometheus::{Histogram, HistogramOpts, IntGauge, Registry};
 use rtnetlink::Handle;
-use rtnetlink::sys::AsyncSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::FelixInput;
 use super::calc::Desired;
+use super::events::Events;
 use super::state::State;
 use super::tunnels::TunnelError;
 use super::{nat, neigh, routes, sysctls, tunnel_addr, tunnels};
@@ -102,26 +101,22 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     health.set_ready(false, Some("waiting for the datastore".into()));
-    let (mut conn, handle, mut events) = match rtnetlink::new_connection() {
+    // Requests on one socket, notifications on another (see `events`).
+    let (conn, handle, _) = match rtnetlink::new_connection() {
         Ok(c) => c,
         Err(e) => {
             health.set_ready(false, Some(format!("cannot open netlink: {e}")));
             return;
         }
     };
-    let groups = rtnetlink::constants::RTMGRP_LINK
-        | rtnetlink::constants::RTMGRP_IPV4_ROUTE
-        | rtnetlink::constants::RTMGRP_IPV6_ROUTE;
-    if let Err(e) = conn
-        .socket_mut()
-        .socket_mut()
-        .bind(&rtnetlink::sys::SocketAddr::new(0, groups))
-    {
-        tracing::warn!(error = %e, "no netlink events; repairs wait for the periodic resync");
-    } else if let Err(e) = drop_our_route_echoes(conn.socket_mut().socket_mut()) {
-        tracing::debug!(error = %e, "no netlink event filter; our own route echoes are read and ignored");
-    }
     tokio::spawn(conn);
+    let mut events = match Events::open() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "no netlink events; repairs wait for the periodic resync");
+            None
+        }
+    };
     let Config {
         node,
         datastore: ds,
@@ -163,10 +158,12 @@ pub async fn run(
                 // No speaker (yet): only the datastore drives the dataplane.
                 None => bgp_open = false,
             },
-            Some((msg, _)) = events.next() => {
-                if !ours_added(&msg) {
-                    due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
+            r = next_event(&mut events) => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "netlink events failed; repairs wait for the periodic resync");
+                    events = None;
                 }
+                due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
             }
             _ = tokio::time::sleep_until(wake) => {
                 if tokio::time::Instant::now() >= next_resync {
@@ -263,68 +260,11 @@ pub async fn run(
     }
 }
 
-/// Have the kernel drop, before they reach us, the notifications of routes of ours being
-/// added (the echo of our own programming: a million of them when BGP brings a million
-/// routes). A classic BPF filter on the event socket: RTM_NEWROUTE with protocol 80.
-fn drop_our_route_echoes(socket: &rtnetlink::sys::Socket) -> std::io::Result<()> {
-    let newroute = u32::from(u16::from_be_bytes(libc::RTM_NEWROUTE.to_ne_bytes()));
-    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
-    let prog = [
-        // A = nlmsg_type (a half word at offset 4, loaded big-endian: compared as such).
-        op((libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16, 0, 0, 4),
-        op(
-            (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-            0,
-            3,
-            newroute,
-        ),
-        // A = rtm_protocol (the rtmsg follows the 16-byte header; its sixth byte).
-        op(
-            (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16,
-            0,
-            0,
-            21,
-        ),
-        op(
-            (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-            0,
-            1,
-            u32::from(super::calc::PROTO_FELIX),
-        ),
-        op((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0),
-        op((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, u32::MAX),
-    ];
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: setsockopt copies the program; `prog` outlives the call.
-    let r = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(socket),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            &fprog as *const libc::sock_fprog as *const libc::c_void,
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+async fn next_event(events: &mut Option<Events>) -> std::io::Result<()> {
+    match events {
+        Some(e) => e.next().await,
+        None => std::future::pending().await,
     }
-}
-
-/// A route of ours being added: the echo of our own programming, not worth a pass.
-fn ours_added(
-    msg: &rtnetlink::packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
-) -> bool {
-    matches!(
-        &msg.payload,
-        rtnetlink::packet_core::NetlinkPayload::InnerMessage(
-            netlink_packet_route::RouteNetlinkMessage::NewRoute(m)
-        ) if u8::from(m.header.protocol) == super::calc::PROTO_FELIX
-    )
 }
 
 /// One pass over every part of the dataplane; the problems met (each part runs anyway).

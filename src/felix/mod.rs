@@ -5,6 +5,7 @@
 
 pub mod actor;
 pub mod calc;
+pub mod events;
 pub mod nat;
 pub mod neigh;
 pub mod nlbatch;
