@@ -74,8 +74,11 @@ fn ours(n: usize) -> Option<(Duration, Duration)> {
         let uplink = interface_with(&h, "10.0.0.1".parse().unwrap())
             .await
             .unwrap();
+        let (w, _failures) = calico_node::felix::nlbatch::Writer::spawn().unwrap();
         let t = Instant::now();
-        let p = reconcile(&h, &desired, "cali", uplink, &[]).await.unwrap();
+        let p = reconcile(&h, &w, &desired, "cali", uplink, &[])
+            .await
+            .unwrap();
         let cold = t.elapsed();
         assert_eq!(
             p.added_or_replaced,
@@ -84,7 +87,9 @@ fn ours(n: usize) -> Option<(Duration, Duration)> {
             p.failures.first()
         );
         let t = Instant::now();
-        let p = reconcile(&h, &desired, "cali", uplink, &[]).await.unwrap();
+        let p = reconcile(&h, &w, &desired, "cali", uplink, &[])
+            .await
+            .unwrap();
         let resync = t.elapsed();
         assert_eq!((p.added_or_replaced, p.deleted), (0, 0));
         (cold, resync)

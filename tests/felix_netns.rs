@@ -43,7 +43,8 @@ fn pass_keeping(ns: &NetNs, desired: &BTreeMap<IpNet, Route>, keep: &[IpNet]) ->
         let uplink = interface_with(&h, "10.0.0.1".parse().unwrap())
             .await
             .unwrap();
-        reconcile(&h, &desired, "cali", uplink, &keep)
+        let (w, _failures) = calico_node::felix::nlbatch::Writer::spawn().unwrap();
+        reconcile(&h, &w, &desired, "cali", uplink, &keep)
             .await
             .unwrap()
     })

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::FelixInput;
 use super::calc::Desired;
 use super::events::Events;
+use super::nlbatch::Writer;
 use super::state::State;
 use super::tunnels::TunnelError;
 use super::{nat, neigh, routes, sysctls, tunnel_addr, tunnels};
@@ -110,6 +111,13 @@ pub async fn run(
         }
     };
     tokio::spawn(conn);
+    let (writer, mut writer_failures) = match Writer::spawn() {
+        Ok(w) => w,
+        Err(e) => {
+            health.set_ready(false, Some(format!("cannot open netlink: {e}")));
+            return;
+        }
+    };
     let mut events = match Events::open() {
         Ok(e) => Some(e),
         Err(e) => {
@@ -158,6 +166,13 @@ pub async fn run(
                 // No speaker (yet): only the datastore drives the dataplane.
                 None => bgp_open = false,
             },
+            Some(failure) = writer_failures.recv() => {
+                // A queued change the kernel refused: say so, read the kernel back soon.
+                tracing::warn!(problem = %failure, "dataplane");
+                metrics.failures.inc();
+                health.set_ready(false, Some(failure));
+                due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
+            }
             r = next_event(&mut events) => {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "netlink events failed; repairs wait for the periodic resync");
@@ -192,10 +207,11 @@ pub async fn run(
                 if changes.is_empty() {
                     continue;
                 }
-                let problems = match routes::apply_changes(&handle, &changes, *uplink).await {
-                    Ok(p) => p.failures,
-                    Err(e) => vec![e.to_string()],
-                };
+                let problems =
+                    match routes::apply_changes(&handle, &writer, &changes, *uplink).await {
+                        Ok(p) => p.failures,
+                        Err(e) => vec![e.to_string()],
+                    };
                 metrics.apply_time.observe(started.elapsed().as_secs_f64());
                 metrics.routes.set(desired.routes.len() as i64);
                 if !problems.is_empty() {
@@ -224,7 +240,7 @@ pub async fn run(
             Vec::new()
         };
         let (mut problems, uplink) = apply(
-            &handle,
+            (&handle, &writer),
             &state,
             &desired,
             &keep,
@@ -269,7 +285,7 @@ async fn next_event(events: &mut Option<Events>) -> std::io::Result<()> {
 
 /// One pass over every part of the dataplane; the problems met (each part runs anyway).
 async fn apply(
-    h: &Handle,
+    (h, writer): (&Handle, &Writer),
     state: &State,
     desired: &Desired,
     keep: &[ipnet::IpNet],
@@ -322,7 +338,7 @@ async fn apply(
         Err(e) => problems.push(e.to_string()),
         Ok(_) => {}
     }
-    match routes::reconcile(h, &desired.routes, &prefix, uplink, keep).await {
+    match routes::reconcile(h, writer, &desired.routes, &prefix, uplink, keep).await {
         Ok(p) => problems.extend(p.failures),
         Err(e) => problems.push(e.to_string()),
     }

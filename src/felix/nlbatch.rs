@@ -1,7 +1,9 @@
 //! Route requests in batches: many netlink messages per `sendmsg` on a socket of its own,
 //! only the last of each batch acknowledged (the kernel reports every failure anyway, and
 //! handles a batch's messages in order, so the last one's ack means all were handled).
-//! One system call and one wake-up per batch instead of per route.
+//! One system call and one wake-up per batch instead of per route. A [`Writer`] does this
+//! on a thread of its own, jobs in order, so Felix computes the next changes while the
+//! kernel installs the last ones.
 
 use std::io;
 
@@ -22,9 +24,95 @@ pub enum Request {
     Delete(RouteMessage),
 }
 
-/// Send `requests` in order; each one's outcome (`Err(errno)` when the kernel refused it),
-/// in the same order. Blocking: call it off the async executor.
-pub fn send(requests: Vec<Request>) -> io::Result<Vec<Result<(), i32>>> {
+/// Each request's outcome, in order (`Err(errno)` when the kernel refused it).
+pub type Outcomes = Vec<Result<(), i32>>;
+
+enum Reply {
+    /// The caller waits for the outcomes.
+    Wait(tokio::sync::oneshot::Sender<io::Result<Outcomes>>),
+    /// Failures go to the writer's failure channel, labelled (an empty label: not
+    /// reported).
+    Report(Vec<String>),
+}
+
+struct Job {
+    requests: Vec<Request>,
+    reply: Reply,
+}
+
+/// Sends route requests on a thread of its own, jobs strictly in the order given.
+#[derive(Clone)]
+pub struct Writer {
+    tx: std::sync::mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Start the thread, in the caller's network namespace. Failures of jobs nobody waits
+    /// for arrive on the returned channel as "<label>: <error>".
+    pub fn spawn() -> io::Result<(Writer, tokio::sync::mpsc::UnboundedReceiver<String>)> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (fail_tx, fail_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut socket = open()?;
+        std::thread::Builder::new()
+            .name("felix-routes".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    let r = send_on(&mut socket, job.requests);
+                    match job.reply {
+                        Reply::Wait(done) => {
+                            let _ = done.send(r);
+                        }
+                        Reply::Report(labels) => match r {
+                            Ok(outcomes) => {
+                                for (label, o) in labels.iter().zip(outcomes) {
+                                    if let (Err(errno), false) = (o, label.is_empty()) {
+                                        let e = io::Error::from_raw_os_error(errno);
+                                        let _ = fail_tx.send(format!("{label}: {e}"));
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                let _ = fail_tx.send(format!("netlink: {e}"));
+                            }
+                        },
+                    }
+                }
+            })?;
+        Ok((Writer { tx }, fail_rx))
+    }
+
+    /// Send `requests` after every job before them; their outcomes. An empty list waits
+    /// for everything sent before it.
+    pub async fn send(&self, requests: Vec<Request>) -> io::Result<Outcomes> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Job {
+                requests,
+                reply: Reply::Wait(done),
+            })
+            .map_err(|_| io::Error::other("the route writer stopped"))?;
+        wait.await
+            .map_err(|_| io::Error::other("the route writer stopped"))?
+    }
+
+    /// Queue `requests` without waiting; the failures (with `labels`, one per request)
+    /// arrive on the failure channel.
+    pub fn submit(&self, requests: Vec<Request>, labels: Vec<String>) -> io::Result<()> {
+        self.tx
+            .send(Job {
+                requests,
+                reply: Reply::Report(labels),
+            })
+            .map_err(|_| io::Error::other("the route writer stopped"))
+    }
+}
+
+/// Send `requests` in order on a socket of their own; their outcomes. Blocking.
+pub fn send(requests: Vec<Request>) -> io::Result<Outcomes> {
+    send_on(&mut open()?, requests)
+}
+
+fn open() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -48,6 +136,10 @@ pub fn send(requests: Vec<Request>) -> io::Result<Vec<Result<(), i32>>> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(socket)
+}
+
+fn send_on(socket: &mut Socket, requests: Vec<Request>) -> io::Result<Outcomes> {
     let mut outcomes = vec![Ok(()); requests.len()];
     let mut buf = Vec::new();
     let mut rbuf = vec![0u8; 1 << 16];

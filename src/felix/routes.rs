@@ -17,7 +17,7 @@ use netlink_packet_route::route::{
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::calc::{Dev, PROTO_FELIX, Route, TUNL0, Target, VXLAN_DEV};
-use super::nlbatch::Request;
+use super::nlbatch::{Request, Writer};
 
 /// `proto kernel`.
 const PROTO_KERNEL: u8 = 2;
@@ -204,11 +204,13 @@ pub(crate) async fn links(h: &Handle) -> Result<HashMap<String, u32>, RouteError
 /// programmed it), and the one wanted (None: remove).
 pub type Change = (IpNet, Option<Route>, Option<Route>);
 
-/// Apply route changes without reading the kernel's table (BGP's updates between full
-/// passes): puts replace, removals delete exactly the route we programmed; many requests
-/// in flight. A removal of a route already gone is not a failure.
+/// Queue route changes on the writer without reading the kernel's table (BGP's updates
+/// between full passes): puts replace, removals delete exactly the route we programmed.
+/// Returns at once; the kernel's refusals arrive on the writer's failure channel (a
+/// removal of a route already gone is not one). The pass counts what was queued.
 pub async fn apply_changes(
     h: &Handle,
+    w: &Writer,
     changes: &[Change],
     uplink: Option<u32>,
 ) -> Result<Pass, RouteError> {
@@ -230,28 +232,40 @@ pub async fn apply_changes(
         HashMap::new()
     };
     let mut pass = Pass::default();
-    let mut ops = Vec::with_capacity(changes.len());
+    let mut requests = Vec::with_capacity(changes.len());
+    let mut labels = Vec::with_capacity(changes.len());
     for (p, old, new) in changes {
         match (old, new) {
             (_, Some(r)) => match wanted(r, &links, uplink) {
-                Ok(k) => ops.push(Op::Put(*p, k)),
+                Ok(k) => {
+                    requests.push(Request::Replace(message(p, &k)));
+                    labels.push(p.to_string());
+                    pass.added_or_replaced += 1;
+                }
                 Err(why) => pass.failures.push(format!("{p}: {why}")),
             },
             (Some(r), None) => {
                 if let Ok(k) = wanted(r, &links, uplink) {
-                    ops.push(Op::Del(message(p, &k)));
+                    requests.push(Request::Delete(message(p, &k)));
+                    // Already gone is fine: no label, no report.
+                    labels.push(String::new());
+                    pass.deleted += 1;
                 }
             }
             (None, None) => {}
         }
     }
-    run_ops(h, ops, &mut pass).await;
+    w.submit(requests, labels)
+        .map_err(|e| RouteError::Netlink {
+            op: "queue route changes".into(),
+            message: e.to_string(),
+        })?;
     Ok(pass)
 }
 
 /// Send the operations in batches (see [`super::nlbatch`]) and count the outcomes into
 /// `pass`.
-async fn run_ops(_h: &Handle, ops: Vec<Op>, pass: &mut Pass) {
+async fn run_ops(w: &Writer, ops: Vec<Op>, pass: &mut Pass) {
     if ops.is_empty() {
         return;
     }
@@ -269,12 +283,8 @@ async fn run_ops(_h: &Handle, ops: Vec<Op>, pass: &mut Pass) {
             }
         })
         .collect();
-    let outcomes = match tokio::task::spawn_blocking(move || super::nlbatch::send(requests)).await {
-        Ok(Ok(o)) => o,
-        Ok(Err(e)) => {
-            pass.failures.push(format!("netlink: {e}"));
-            return;
-        }
+    let outcomes = match w.send(requests).await {
+        Ok(o) => o,
         Err(e) => {
             pass.failures.push(format!("netlink: {e}"));
             return;
@@ -339,11 +349,17 @@ pub async fn interface_with(h: &Handle, ip: IpAddr) -> Result<Option<u32>, Route
 /// restart).
 pub async fn reconcile(
     h: &Handle,
+    w: &Writer,
     desired: &BTreeMap<IpNet, Route>,
     prefix: &str,
     uplink: Option<u32>,
     keep: &[IpNet],
 ) -> Result<Pass, RouteError> {
+    // What was queued before must be in the kernel before its table is read.
+    w.send(Vec::new()).await.map_err(|e| RouteError::Netlink {
+        op: "flush the route writer".into(),
+        message: e.to_string(),
+    })?;
     let links = links(h).await?;
     let names: HashMap<u32, &str> = links.iter().map(|(n, i)| (*i, n.as_str())).collect();
     let workload_ifaces: std::collections::HashSet<&str> = desired
@@ -423,7 +439,7 @@ pub async fn reconcile(
                 .map(|(_, m)| Op::Del(m)),
         );
     }
-    run_ops(h, ops, &mut pass).await;
+    run_ops(w, ops, &mut pass).await;
     pass.ours = desired.len() - pass.failures.len();
     Ok(pass)
 }
