@@ -8,7 +8,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
@@ -55,7 +54,7 @@ fn prefixes(n: usize) -> Vec<Ipv4Net> {
 fn ours(n: usize) -> Option<(Duration, Duration)> {
     let ns = node()?;
     let gw: IpAddr = "10.0.0.2".parse().unwrap();
-    let desired: BTreeMap<IpNet, Route> = prefixes(n)
+    let desired: calico_node::felix::calc::RouteTable = prefixes(n)
         .into_iter()
         .map(|p| {
             (

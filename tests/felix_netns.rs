@@ -38,7 +38,9 @@ fn pass(ns: &NetNs, desired: &BTreeMap<IpNet, Route>) -> Pass {
 }
 
 fn pass_keeping(ns: &NetNs, desired: &BTreeMap<IpNet, Route>, keep: &[IpNet]) -> Pass {
-    let (desired, keep) = (desired.clone(), keep.to_vec());
+    let desired: calico_node::felix::calc::RouteTable =
+        desired.iter().map(|(p, r)| (*p, r.clone())).collect();
+    let keep = keep.to_vec();
     ns.with_netlink(move |h| async move {
         let uplink = interface_with(&h, "10.0.0.1".parse().unwrap())
             .await

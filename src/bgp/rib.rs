@@ -276,7 +276,8 @@ fn change(e: &mut Entry, op: Op, cmp: impl Fn(&Held, &Held) -> Ordering) -> Delt
     delta
 }
 
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<PrefixHasher>>;
+/// A hash map with a fast hash for prefixes (not DoS-resistant: keys come from our own peers).
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<PrefixHasher>>;
 
 /// Apply `op` to `key`'s entry (created by a put, removed when its last path goes), then
 /// hand `then` its best path before and after, and how many paths the slot gained.

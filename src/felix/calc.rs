@@ -97,7 +97,7 @@ pub struct Nat {
 /// The dataplane this node should have.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub routes: BTreeMap<IpNet, Route>,
+    pub routes: RouteTable,
     pub neighbours: BTreeSet<Neighbour>,
     pub fdb: BTreeSet<Fdb>,
     pub ipip: Option<Ipip>,
@@ -140,9 +140,16 @@ pub struct Input<'a> {
     pub workloads: &'a BTreeMap<String, WorkloadEndpointSpec>,
     pub blocks: &'a BTreeMap<String, AllocationBlock>,
     /// BGP best paths: prefix to next hop.
-    pub bgp: &'a BTreeMap<IpNet, IpAddr>,
+    pub bgp: &'a BgpTable,
     pub settings: &'a Settings,
 }
+
+/// BGP's best paths: prefix to next hop (a hash map: a million entries are updated one by
+/// one as BGP learns them).
+pub type BgpTable = crate::bgp::rib::FastMap<IpNet, IpAddr>;
+
+/// Desired routes by prefix.
+pub type RouteTable = crate::bgp::rib::FastMap<IpNet, Route>;
 
 /// How a pool's traffic crosses nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

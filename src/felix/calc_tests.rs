@@ -82,8 +82,8 @@ fn keyed<T>(values: impl IntoIterator<Item = T>) -> BTreeMap<String, T> {
 
 /// What BGP would hold: the other nodes' blocks, node-c's borrowed /32, our own block
 /// reflected back, and a prefix outside every pool.
-fn bgp() -> BTreeMap<IpNet, IpAddr> {
-    BTreeMap::from([
+fn bgp() -> BgpTable {
+    BgpTable::from_iter([
         (net("10.244.1.0/26"), ip("10.0.0.2")),
         (net("10.244.2.0/26"), ip("10.1.0.3")),
         (net("10.244.0.5/32"), ip("10.1.0.3")),

@@ -16,7 +16,7 @@ use netlink_packet_route::route::{
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-use super::calc::{Dev, PROTO_FELIX, Route, TUNL0, Target, VXLAN_DEV};
+use super::calc::{Dev, PROTO_FELIX, Route, RouteTable, TUNL0, Target, VXLAN_DEV};
 use super::nlbatch::{Request, Writer};
 
 /// `proto kernel`.
@@ -350,7 +350,7 @@ pub async fn interface_with(h: &Handle, ip: IpAddr) -> Result<Option<u32>, Route
 pub async fn reconcile(
     h: &Handle,
     w: &Writer,
-    desired: &BTreeMap<IpNet, Route>,
+    desired: &RouteTable,
     prefix: &str,
     uplink: Option<u32>,
     keep: &[IpNet],

@@ -3,7 +3,6 @@
 //! datastore key; nodes are also indexed by name.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use ipnet::IpNet;
 
@@ -31,7 +30,7 @@ pub struct State {
     /// FelixConfiguration `default` and `node.<this node>`.
     global: Option<FelixConfigurationSpec>,
     per_node: Option<FelixConfigurationSpec>,
-    bgp: BTreeMap<IpNet, IpAddr>,
+    bgp: calc::BgpTable,
     /// BGP prefixes changed since the last pass (see [`State::bgp_changes`]).
     bgp_changed: Vec<IpNet>,
     /// Whether a datastore update changed anything since the last full pass.
@@ -188,10 +187,7 @@ impl State {
     /// The route changes BGP's updates since the last pass make to `routes` (the desired
     /// routes of that pass, updated here): prefixes inside VXLAN pools and those a local
     /// workload or block owns are left alone, as the full calculation does.
-    pub fn bgp_changes(
-        &mut self,
-        routes: &mut BTreeMap<IpNet, calc::Route>,
-    ) -> Vec<super::routes::Change> {
+    pub fn bgp_changes(&mut self, routes: &mut calc::RouteTable) -> Vec<super::routes::Change> {
         let mut changed = std::mem::take(&mut self.bgp_changed);
         changed.sort_unstable();
         changed.dedup();
