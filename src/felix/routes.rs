@@ -5,7 +5,7 @@
 //! are the CNI plugin's until its endpoint arrives. No other route is ever touched. One pass dumps the
 //! table, diffs, and sends the fixes (replace semantics) with many requests in flight.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
@@ -369,7 +369,7 @@ pub async fn reconcile(
             _ => None,
         })
         .collect();
-    let mut have: BTreeMap<IpNet, Vec<(Kernel, RouteMessage)>> = BTreeMap::new();
+    let mut have: crate::bgp::rib::FastMap<IpNet, Vec<(Kernel, RouteMessage)>> = Default::default();
     for v6 in [false, true] {
         let query = if v6 {
             RouteMessageBuilder::<Ipv6Addr>::new().build()
