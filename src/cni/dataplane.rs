@@ -522,15 +522,9 @@ fn route_dst(r: &RouteMessage) -> Option<IpAddr> {
     })
 }
 
-/// `<ip>/32 dev <if> scope link proto boot`; an identical route is accepted, one via
-/// another interface is a conflict.
-async fn host_route(
-    h: &Handle,
-    index: u32,
-    ifname: &str,
-    addr: IpNet,
-) -> Result<(), DataplaneError> {
-    let msg = match addr.addr() {
+/// The pod's host route: `<addr>/32 (or /128) dev <index> scope link proto boot`.
+fn host_route_message(addr: IpNet, index: u32) -> RouteMessage {
+    match addr.addr() {
         IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(a, 32)
             .output_interface(index)
@@ -543,7 +537,18 @@ async fn host_route(
             .scope(RouteScope::Link)
             .protocol(RouteProtocol::Boot)
             .build(),
-    };
+    }
+}
+
+/// `<ip>/32 dev <if> scope link proto boot`; an identical route is accepted, Felix's
+/// blackhole for a /32 block replaced, one via another interface is a conflict.
+async fn host_route(
+    h: &Handle,
+    index: u32,
+    ifname: &str,
+    addr: IpNet,
+) -> Result<(), DataplaneError> {
+    let msg = host_route_message(addr, index);
     match h
         .route()
         .add(msg)
@@ -560,6 +565,19 @@ async fn host_route(
                         == usize::from(addr.prefix_len())
             }) {
                 Some(r) if route_oif(r) == Some(index) => Ok(()),
+                // Felix's blackhole for a block that is this one address (a /32 block):
+                // the pod's route takes its place, as in Felix's own calculation.
+                Some(r)
+                    if r.header.kind == netlink_packet_route::route::RouteType::BlackHole
+                        && u8::from(r.header.protocol) == crate::felix::calc::PROTO_FELIX =>
+                {
+                    h.route()
+                        .add(host_route_message(addr, index))
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(nl(format!("replace blackhole {addr} with dev {ifname}")))
+                }
                 Some(r) => Err(DataplaneError::RouteConflict {
                     ip: addr,
                     other: format!("ifindex {}", route_oif(r).unwrap_or(0)),

@@ -1,0 +1,410 @@
+//! `scripts/bench converge`: a three-node lab (node namespaces on a bridge, etcd beside it,
+//! one calico-node each; the pool's blocks are /32 so that every pod claims a new block).
+//! (1) a pod ADD on node-1 until node-2 has the new block's route in its kernel; (2) a
+//! pool mode change (NoEncap <-> VXLAN) until every other node has reprogrammed all of
+//! node-1's block routes. Median and p99 over 50 trials each, with the native speaker and
+//! with the BIRD backend (confd renders, a real BIRD per node), in the same run; and
+//! calico-node's idle RSS in the native lab. Route times come from each node's kernel
+//! notifications.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::cluster::{calico_node, calicoctl, cni};
+use common::{Etcd, NetNs, Process, free_port, http_get};
+
+const NODES: usize = 3;
+/// Trials of each kind (`CALICO_BENCH_CONVERGE_TRIALS`, default 50).
+fn trials() -> usize {
+    std::env::var("CALICO_BENCH_CONVERGE_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+}
+
+/// The latest notification per route (destination, prefix length): when, added or not,
+/// its output interface.
+type Seen = Arc<Mutex<HashMap<(u32, u8), (Instant, bool, u32)>>>;
+
+/// Record every IPv4 route notification in `ns` (a thread with a raw netlink socket).
+fn monitor(ns: &NetNs) -> Seen {
+    let seen: Seen = Arc::default();
+    let s2 = seen.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let path = format!("/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        // SAFETY: plain socket calls on a descriptor this thread owns.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) };
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = rtnetlink::constants::RTMGRP_IPV4_ROUTE;
+        let size: libc::c_int = 16 << 20;
+        unsafe {
+            libc::bind(
+                fd,
+                &addr as *const _ as *const libc::sockaddr,
+                std::mem::size_of_val(&addr) as u32,
+            );
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                &size as *const _ as *const libc::c_void,
+                4,
+            );
+        }
+        ready_tx.send(()).unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let r = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+            if r <= 0 {
+                continue;
+            }
+            let now = Instant::now();
+            let (mut off, end) = (0usize, r as usize);
+            while off + 28 <= end {
+                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+                if len < 16 || off + len > end {
+                    break;
+                }
+                if kind == libc::RTM_NEWROUTE || kind == libc::RTM_DELROUTE {
+                    let rt = &buf[off + 16..off + len];
+                    let dst_len = rt[1];
+                    let (mut dst, mut oif, mut a) = (None, 0u32, 12);
+                    while a + 4 <= rt.len() {
+                        let alen = u16::from_ne_bytes(rt[a..a + 2].try_into().unwrap()) as usize;
+                        let atype = u16::from_ne_bytes(rt[a + 2..a + 4].try_into().unwrap());
+                        if alen < 4 {
+                            break;
+                        }
+                        if atype == libc::RTA_DST && alen >= 8 {
+                            dst = Some(u32::from_be_bytes(rt[a + 4..a + 8].try_into().unwrap()));
+                        }
+                        if atype == libc::RTA_OIF && alen >= 8 {
+                            oif = u32::from_ne_bytes(rt[a + 4..a + 8].try_into().unwrap());
+                        }
+                        a += (alen + 3) & !3;
+                    }
+                    if let Some(d) = dst {
+                        s2.lock()
+                            .unwrap()
+                            .insert((d, dst_len), (now, kind == libc::RTM_NEWROUTE, oif));
+                    }
+                }
+                off += (len + 3) & !3;
+            }
+        }
+    });
+    ready_rx.recv().unwrap();
+    seen
+}
+
+fn ipv4(s: &str) -> u32 {
+    u32::from(s.parse::<std::net::Ipv4Addr>().unwrap())
+}
+
+fn ifindex(ns: &NetNs, dev: &str) -> u32 {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "-o", "link", "show", dev])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+fn stats(mut v: Vec<Duration>) -> (f64, f64) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    (
+        ms(v[v.len() / 2]),
+        ms(v[(v.len() * 99 / 100).min(v.len() - 1)]),
+    )
+}
+
+struct Lab {
+    _hub: NetNs,
+    nodes: Vec<NetNs>,
+    _etcd: Etcd,
+    ep: String,
+    states: Vec<tempfile::TempDir>,
+    daemons: Vec<Process>,
+    _birds: Vec<Process>,
+}
+
+/// The lab; `bird`: calico-node renders BIRD's configuration and a real BIRD runs per node.
+fn lab(bird: bool) -> Option<Lab> {
+    let hub = NetNs::new("cv-hub")?;
+    let nodes: Vec<NetNs> = (0..NODES).filter_map(|_| NetNs::new("cv-n")).collect();
+    hub.ip(&[
+        "link",
+        "add",
+        "br0",
+        "address",
+        "02:ca:11:c0:00:01",
+        "type",
+        "bridge",
+    ]);
+    hub.ip(&["addr", "add", "10.99.0.254/24", "dev", "br0"]);
+    hub.ip(&["link", "set", "br0", "up"]);
+    for (i, n) in nodes.iter().enumerate() {
+        let port = format!("vn{i}");
+        hub.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.name,
+        ]);
+        hub.ip(&["link", "set", &port, "master", "br0", "up"]);
+        n.ip(&[
+            "addr",
+            "add",
+            &format!("10.99.0.{}/24", i + 1),
+            "dev",
+            "eth0",
+        ]);
+        n.ip(&["link", "set", "eth0", "up"]);
+        n.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.99.0.254",
+            "dev",
+            "eth0",
+        ]);
+    }
+    let port = free_port();
+    let etcd = Etcd::start_on_also(&hub.name, port, "10.99.0.254")?;
+    let ep = format!("http://10.99.0.254:{port}");
+    let states: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
+    let health: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
+    let mut daemons = Vec::new();
+    let mut birds = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        let dir = states[i].path().join("bird");
+        let sock = states[i].path().join("bird.ctl");
+        let mut env = vec![("CALICO_IPV4POOL_BLOCK_SIZE", "32".to_string())];
+        if bird {
+            env.push(("CALICO_NETWORKING_BACKEND", "bird-external".into()));
+            env.push(("CALICO_BIRD_CONFIG_DIR", dir.display().to_string()));
+            env.push(("CALICO_BIRD_SOCKET", sock.display().to_string()));
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        daemons.push(calico_node(
+            n,
+            &format!("node-{}", i + 1),
+            &ep,
+            states[i].path(),
+            health[i],
+            &env,
+        ));
+    }
+    if bird {
+        for (i, n) in nodes.iter().enumerate() {
+            let dir = states[i].path().join("bird");
+            common::until("BIRD's configuration", Duration::from_secs(30), || {
+                std::fs::read_to_string(dir.join("bird.cfg"))
+                    .is_ok_and(|c| c.matches("protocol bgp").count() == NODES - 1)
+            });
+            let child = n
+                .command("bird")
+                .arg("-f")
+                .arg("-c")
+                .arg(dir.join("bird.cfg"))
+                .arg("-s")
+                .arg(states[i].path().join("bird.ctl"))
+                .arg("-P")
+                .arg(states[i].path().join("bird.pid"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            birds.push(Process(child));
+        }
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let p = health[i];
+        common::until("calico-node ready", Duration::from_secs(60), || {
+            n.run_in(move || http_get(p, "/readiness"))
+                .is_ok_and(|(s, _)| s == 200)
+        });
+    }
+    if bird {
+        // Every BIRD session up.
+        for (i, n) in nodes.iter().enumerate() {
+            let sock = states[i].path().join("bird.ctl");
+            common::until("BIRD sessions", Duration::from_secs(60), || {
+                let out = n
+                    .command("birdc")
+                    .arg("-s")
+                    .arg(&sock)
+                    .args(["show", "protocols"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout)
+                    .matches("Established")
+                    .count()
+                    == NODES - 1
+            });
+        }
+    }
+    Some(Lab {
+        _hub: hub,
+        nodes,
+        _etcd: etcd,
+        ep,
+        states,
+        daemons,
+        _birds: birds,
+    })
+}
+
+/// Pod ADDs on node-1, each claiming a block, until node-2's kernel has its route; then
+/// pool mode changes until node-2 and node-3 have switched every node-1 block route.
+fn measure(lab: &Lab, label: &str) -> (Vec<Duration>, Vec<Duration>) {
+    let seen: Vec<Seen> = lab.nodes.iter().map(monitor).collect();
+    let pods: Vec<NetNs> = (0..trials()).filter_map(|_| NetNs::new("cv-p")).collect();
+    let mut claim = Vec::new();
+    let mut blocks = Vec::new();
+    for pod in &pods {
+        let t0 = Instant::now();
+        let (ok, v) = cni(
+            &lab.nodes[0],
+            "node-1",
+            &lab.ep,
+            pod,
+            "ADD",
+            &format!("pod-{}", pod.name),
+        );
+        assert!(ok, "{label}: ADD: {v}");
+        let addr = v["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let key = (ipv4(&addr), 32u8);
+        let limit = t0 + Duration::from_secs(30);
+        loop {
+            if let Some((t, true, _)) = seen[1].lock().unwrap().get(&key).copied()
+                && t >= t0
+            {
+                claim.push(t - t0);
+                break;
+            }
+            assert!(
+                Instant::now() < limit,
+                "{label}: node-2 never got {addr}/32"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        blocks.push(key);
+    }
+    let eth0: Vec<u32> = lab.nodes.iter().map(|n| ifindex(n, "eth0")).collect();
+    let mut switch = Vec::new();
+    for trial in 0..trials() {
+        let (from, to) = if trial % 2 == 0 {
+            ("Never", "Always")
+        } else {
+            ("Always", "Never")
+        };
+        let pool = calicoctl(
+            &lab.nodes[0],
+            &lab.ep,
+            lab.states[0].path(),
+            &["get", "ippool", "default-ipv4-ippool", "-o", "yaml"],
+            "",
+        );
+        let yaml = pool.replace(&format!("vxlanMode: {from}"), &format!("vxlanMode: {to}"));
+        let t0 = Instant::now();
+        calicoctl(
+            &lab.nodes[0],
+            &lab.ep,
+            lab.states[0].path(),
+            &["apply", "-f", "-"],
+            &yaml,
+        );
+        let limit = t0 + Duration::from_secs(60);
+        let done = loop {
+            let mut last = t0;
+            let all = (1..NODES).all(|n| {
+                let s = seen[n].lock().unwrap();
+                blocks.iter().all(|b| match s.get(b) {
+                    Some((t, true, oif)) if *t >= t0 && ((to == "Never") == (*oif == eth0[n])) => {
+                        last = last.max(*t);
+                        true
+                    }
+                    _ => false,
+                })
+            });
+            if all {
+                break last;
+            }
+            assert!(Instant::now() < limit, "{label}: mode {to} not everywhere");
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        switch.push(done - t0);
+    }
+    for pod in &pods {
+        let _ = cni(
+            &lab.nodes[0],
+            "node-1",
+            &lab.ep,
+            pod,
+            "DEL",
+            &format!("pod-{}", pod.name),
+        );
+    }
+    (claim, switch)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    if !common::have("bird") || !common::have("birdc") {
+        common::skip("BIRD 2 is not installed (bird2)");
+        return;
+    }
+    let Some(native) = lab(false) else { return };
+    // Idle: settled, nothing changing.
+    std::thread::sleep(Duration::from_secs(5));
+    let rss: Vec<u64> = native.daemons.iter().map(|d| rss_kib(d.0.id())).collect();
+    let (n_claim, n_switch) = measure(&native, "native");
+    drop(native);
+    let Some(bird) = lab(true) else { return };
+    let (b_claim, b_switch) = measure(&bird, "bird");
+    drop(bird);
+    let (nc, nc99) = stats(n_claim);
+    let (bc, bc99) = stats(b_claim);
+    let (ns, ns99) = stats(n_switch);
+    let (bs, bs99) = stats(b_switch);
+    println!(
+        "Convergence in a {NODES}-node lab, {} trials each (median / p99):",
+        trials()
+    );
+    println!(
+        "  pod ADD claiming a block -> route in node-2's kernel: native {nc:.1} / {nc99:.1} ms, BIRD backend {bc:.1} / {bc99:.1} ms, p99 ratio {:.2}x (goals: p99 <= 100 ms, <= 0.2x)",
+        nc99 / bc99
+    );
+    println!(
+        "  pool mode change -> every node reprogrammed: native {ns:.1} / {ns99:.1} ms, BIRD backend {bs:.1} / {bs99:.1} ms, p99 ratio {:.2}x (goals: p99 <= 100 ms, <= 0.2x)",
+        ns99 / bs99
+    );
+    println!(
+        "  calico-node idle RSS: {} MiB (max of {NODES} nodes; goal <= 20 MiB)",
+        rss.iter().max().copied().unwrap_or(0) as f64 / 1024.0
+    );
+}
