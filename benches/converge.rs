@@ -253,6 +253,14 @@ fn lab(bird: bool) -> Option<Lab> {
             });
         }
     }
+    // Every pod claims a block: let node-1 hold them all (the default is 20 per node).
+    calicoctl(
+        &nodes[0],
+        &ep,
+        states[0].path(),
+        &["ipam", "configure", "--max-blocks-per-host=10000"],
+        "",
+    );
     Some(Lab {
         _hub: hub,
         nodes,
