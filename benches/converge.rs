@@ -278,6 +278,7 @@ fn measure(lab: &Lab, label: &str) -> (Vec<Duration>, Vec<Duration>) {
     let seen: Vec<Seen> = lab.nodes.iter().map(monitor).collect();
     let pods: Vec<NetNs> = (0..trials()).filter_map(|_| NetNs::new("cv-p")).collect();
     let mut claim = Vec::new();
+    let mut add_time = Vec::new();
     let mut blocks = Vec::new();
     for pod in &pods {
         let t0 = Instant::now();
@@ -290,6 +291,7 @@ fn measure(lab: &Lab, label: &str) -> (Vec<Duration>, Vec<Duration>) {
             &format!("pod-{}", pod.name),
         );
         assert!(ok, "{label}: ADD: {v}");
+        add_time.push(t0.elapsed());
         let addr = v["ips"][0]["address"]
             .as_str()
             .unwrap()
@@ -359,6 +361,8 @@ fn measure(lab: &Lab, label: &str) -> (Vec<Duration>, Vec<Duration>) {
         };
         switch.push(done - t0);
     }
+    let (add, add99) = stats(add_time);
+    println!("  ({label}: the CNI ADD itself took {add:.1} / {add99:.1} ms)");
     for pod in &pods {
         let _ = cni(
             &lab.nodes[0],
