@@ -40,66 +40,22 @@ fn monitor(ns: &NetNs) -> Seen {
     std::thread::spawn(move || {
         let f = std::fs::File::open(&path).unwrap();
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        // SAFETY: plain socket calls on a descriptor this thread owns.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) };
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = rtnetlink::constants::RTMGRP_IPV4_ROUTE;
-        let size: libc::c_int = 16 << 20;
-        unsafe {
-            libc::bind(
-                fd,
-                &addr as *const _ as *const libc::sockaddr,
-                std::mem::size_of_val(&addr) as u32,
-            );
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                &size as *const _ as *const libc::c_void,
-                4,
-            );
-        }
+        let fd = common::route_notification_socket();
         ready_tx.send(()).unwrap();
         let mut buf = vec![0u8; 1 << 16];
         loop {
+            // SAFETY: recv into our own buffer, on our own descriptor.
             let r = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
             if r <= 0 {
                 continue;
             }
             let now = Instant::now();
-            let (mut off, end) = (0usize, r as usize);
-            while off + 28 <= end {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-                if len < 16 || off + len > end {
-                    break;
-                }
-                if kind == libc::RTM_NEWROUTE || kind == libc::RTM_DELROUTE {
-                    let rt = &buf[off + 16..off + len];
-                    let dst_len = rt[1];
-                    let (mut dst, mut oif, mut a) = (None, 0u32, 12);
-                    while a + 4 <= rt.len() {
-                        let alen = u16::from_ne_bytes(rt[a..a + 2].try_into().unwrap()) as usize;
-                        let atype = u16::from_ne_bytes(rt[a + 2..a + 4].try_into().unwrap());
-                        if alen < 4 {
-                            break;
-                        }
-                        if atype == libc::RTA_DST && alen >= 8 {
-                            dst = Some(u32::from_be_bytes(rt[a + 4..a + 8].try_into().unwrap()));
-                        }
-                        if atype == libc::RTA_OIF && alen >= 8 {
-                            oif = u32::from_ne_bytes(rt[a + 4..a + 8].try_into().unwrap());
-                        }
-                        a += (alen + 3) & !3;
-                    }
-                    if let Some(d) = dst {
-                        s2.lock()
-                            .unwrap()
-                            .insert((d, dst_len), (now, kind == libc::RTM_NEWROUTE, oif));
-                    }
-                }
-                off += (len + 3) & !3;
+            let mut seen = s2.lock().unwrap();
+            for n in common::route_notes(&buf[..r as usize]) {
+                seen.insert(
+                    (n.dst, n.dst_len),
+                    (now, n.kind == libc::RTM_NEWROUTE, n.oif),
+                );
             }
         }
     });
@@ -143,41 +99,7 @@ struct Lab {
 fn lab(bird: bool) -> Option<Lab> {
     let hub = NetNs::new("cv-hub")?;
     let nodes: Vec<NetNs> = (0..NODES).filter_map(|_| NetNs::new("cv-n")).collect();
-    hub.ip(&[
-        "link",
-        "add",
-        "br0",
-        "address",
-        "02:ca:11:c0:00:01",
-        "type",
-        "bridge",
-    ]);
-    hub.ip(&["addr", "add", "10.99.0.254/24", "dev", "br0"]);
-    hub.ip(&["link", "set", "br0", "up"]);
-    for (i, n) in nodes.iter().enumerate() {
-        let port = format!("vn{i}");
-        hub.ip(&[
-            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.name,
-        ]);
-        hub.ip(&["link", "set", &port, "master", "br0", "up"]);
-        n.ip(&[
-            "addr",
-            "add",
-            &format!("10.99.0.{}/24", i + 1),
-            "dev",
-            "eth0",
-        ]);
-        n.ip(&["link", "set", "eth0", "up"]);
-        n.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.99.0.254",
-            "dev",
-            "eth0",
-        ]);
-    }
+    common::cluster::bridged(&hub, &nodes);
     let port = free_port();
     let etcd = Etcd::start_on_also(&hub.name, port, "10.99.0.254")?;
     let ep = format!("http://10.99.0.254:{port}");

@@ -150,6 +150,63 @@ fn announced(msg: &NetlinkMessage<RouteNetlinkMessage>) -> Option<(IpNet, IpAddr
     Some((IpNet::V4(net), gw?))
 }
 
+/// Felix's actor as calico-node runs it, fed a datastore snapshot (this node with
+/// `node_ip`, and a NoEncap pool when given) and "in sync"; its BGP input and its task.
+async fn felix(
+    node_ip: &str,
+    pool: Option<&str>,
+    cancel: &CancellationToken,
+) -> (mpsc::Sender<Vec<RouteUpdate>>, tokio::task::JoinHandle<()>) {
+    let (ds_tx, ds_rx) = mpsc::channel(1024);
+    let (bgp_tx, bgp_rx) = mpsc::channel(64);
+    let metrics = FelixMetrics::new(&prometheus::Registry::new()).unwrap();
+    let health = HealthAggregator::new().register("felix");
+    let cfg = actor::Config {
+        node: "bench".into(),
+        datastore: None,
+        mtu_file: None,
+    };
+    let task = tokio::spawn(actor::run(
+        cfg,
+        ds_rx,
+        bgp_rx,
+        metrics,
+        health,
+        cancel.clone(),
+    ));
+    let mut node = Node::new("bench", NodeSpec::default());
+    node.spec.bgp = Some(NodeBGPSpec {
+        ipv4_address: Some(node_ip.into()),
+        ..Default::default()
+    });
+    ds_tx
+        .send(put("/nodes/bench", AnyResource::Node(node)))
+        .await
+        .unwrap();
+    if let Some(cidr) = pool {
+        let pool = IPPool::new(
+            "bench",
+            IPPoolSpec {
+                cidr: cidr.into(),
+                ..Default::default()
+            },
+        );
+        ds_tx
+            .send(put("/ippools/bench", AnyResource::IPPool(pool)))
+            .await
+            .unwrap();
+    }
+    ds_tx
+        .send(SyncerEvent::Status(SyncStatus::InSync))
+        .await
+        .unwrap();
+    // The actor ends with the datastore channel: keep it open as long as the actor runs.
+    tokio::spawn(async move {
+        ds_tx.closed().await;
+    });
+    (bgp_tx, task)
+}
+
 /// Felix's actor with N BGP routes installed; then `changes` single next-hop changes, each
 /// timed from its send until the kernel announces it.
 fn single_changes(n: usize, changes: usize) -> Option<Vec<Duration>> {
@@ -161,48 +218,8 @@ fn single_changes(n: usize, changes: usize) -> Option<Vec<Duration>> {
             .build()
             .unwrap()
             .block_on(async move {
-                let (ds_tx, ds_rx) = mpsc::channel(1024);
-                let (bgp_tx, bgp_rx) = mpsc::channel(64);
-                let metrics = FelixMetrics::new(&prometheus::Registry::new()).unwrap();
-                let health = HealthAggregator::new().register("felix");
                 let cancel = CancellationToken::new();
-                let cfg = actor::Config {
-                    node: "bench".into(),
-                    datastore: None,
-                    mtu_file: None,
-                };
-                tokio::spawn(actor::run(
-                    cfg,
-                    ds_rx,
-                    bgp_rx,
-                    metrics,
-                    health,
-                    cancel.clone(),
-                ));
-                let mut node = Node::new("bench", NodeSpec::default());
-                node.spec.bgp = Some(NodeBGPSpec {
-                    ipv4_address: Some("10.0.0.1/24".into()),
-                    ..Default::default()
-                });
-                let pool = IPPool::new(
-                    "bench",
-                    IPPoolSpec {
-                        cidr: "10.64.0.0/10".into(),
-                        ..Default::default()
-                    },
-                );
-                ds_tx
-                    .send(put("/nodes/bench", AnyResource::Node(node)))
-                    .await
-                    .unwrap();
-                ds_tx
-                    .send(put("/ippools/bench", AnyResource::IPPool(pool)))
-                    .await
-                    .unwrap();
-                ds_tx
-                    .send(SyncerEvent::Status(SyncStatus::InSync))
-                    .await
-                    .unwrap();
+                let (bgp_tx, _felix) = felix("10.0.0.1/24", Some("10.64.0.0/10"), &cancel).await;
                 let all = prefixes(n);
                 for chunk in all.chunks(1024) {
                     let batch = chunk.iter().map(|p| best(*p, "10.0.0.2")).collect();
@@ -284,31 +301,13 @@ impl KernelCounter {
         std::thread::spawn(move || {
             let f = std::fs::File::open(&path).unwrap();
             nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            // SAFETY: plain socket calls on a descriptor this thread owns; the buffers
-            // outlive the calls.
-            let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) };
-            assert!(fd >= 0);
-            let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-            addr.nl_family = libc::AF_NETLINK as u16;
-            addr.nl_groups = rtnetlink::constants::RTMGRP_IPV4_ROUTE;
-            let size: libc::c_int = 512 << 20;
+            let fd = common::route_notification_socket();
             let timeout = libc::timeval {
                 tv_sec: 0,
                 tv_usec: 100_000,
             };
+            // SAFETY: setsockopt and recv on our own descriptor, with our own buffers.
             unsafe {
-                libc::bind(
-                    fd,
-                    &addr as *const _ as *const libc::sockaddr,
-                    std::mem::size_of_val(&addr) as u32,
-                );
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    &size as *const _ as *const libc::c_void,
-                    4,
-                );
                 libc::setsockopt(
                     fd,
                     libc::SOL_SOCKET,
@@ -330,43 +329,17 @@ impl KernelCounter {
                     }
                     continue;
                 }
-                let mut off = 0usize;
-                let end = r as usize;
-                while off + 16 <= end {
-                    let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-                    let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-                    if len < 16 || off + len > end {
-                        break;
+                for note in common::route_notes(&buf[..r as usize]) {
+                    let i = (note.dst.wrapping_sub(0x1000_0000) >> 8) as usize;
+                    let ours = note.kind == libc::RTM_NEWROUTE
+                        && note.protocol == protocol
+                        && note.dst_len == 24
+                        && note.dst >> 28 == 1;
+                    if ours && i < n && !have[i] {
+                        have[i] = true;
+                        count += 1;
+                        s2.store(count, Ordering::Relaxed);
                     }
-                    // RTM_NEWROUTE: rtmsg (12 bytes), then attributes.
-                    if kind == libc::RTM_NEWROUTE && len >= 28 {
-                        let rt = &buf[off + 16..off + len];
-                        let (dst_len, proto) = (rt[1], rt[5]);
-                        let mut a = 12;
-                        while a + 4 <= rt.len() {
-                            let alen =
-                                u16::from_ne_bytes(rt[a..a + 2].try_into().unwrap()) as usize;
-                            let atype = u16::from_ne_bytes(rt[a + 2..a + 4].try_into().unwrap());
-                            if alen < 4 {
-                                break;
-                            }
-                            if atype == libc::RTA_DST
-                                && alen >= 8
-                                && proto == protocol
-                                && dst_len == 24
-                            {
-                                let ip = u32::from_be_bytes(rt[a + 4..a + 8].try_into().unwrap());
-                                let i = (ip.wrapping_sub(0x1000_0000) >> 8) as usize;
-                                if ip >> 28 == 1 && i < n && !have[i] {
-                                    have[i] = true;
-                                    count += 1;
-                                    s2.store(count, Ordering::Relaxed);
-                                }
-                            }
-                            a += (alen + 3) & !3;
-                        }
-                    }
-                    off += (len + 3) & !3;
                 }
             }
             unsafe { libc::close(fd) };
@@ -482,30 +455,7 @@ fn learn_and_install(n: usize) -> Option<(Duration, Duration)> {
             .build()
             .unwrap()
             .block_on(async move {
-                let (ds_tx, ds_rx) = mpsc::channel(1024);
-                let (bgp_tx, bgp_rx) = mpsc::channel(64);
-                let metrics = FelixMetrics::new(&prometheus::Registry::new()).unwrap();
-                let health = HealthAggregator::new().register("felix");
-                let cfg = actor::Config {
-                    node: "bench".into(),
-                    datastore: None,
-                    mtu_file: None,
-                };
-                let felix =
-                    tokio::spawn(actor::run(cfg, ds_rx, bgp_rx, metrics, health, c2.clone()));
-                let mut node = Node::new("bench", NodeSpec::default());
-                node.spec.bgp = Some(NodeBGPSpec {
-                    ipv4_address: Some("10.99.0.1/24".into()),
-                    ..Default::default()
-                });
-                ds_tx
-                    .send(put("/nodes/bench", AnyResource::Node(node)))
-                    .await
-                    .unwrap();
-                ds_tx
-                    .send(SyncerEvent::Status(SyncStatus::InSync))
-                    .await
-                    .unwrap();
+                let (bgp_tx, felix) = felix("10.99.0.1/24", None, &c2).await;
                 let mut bgp = DesiredBgpConfig::new("10.99.0.1".parse().unwrap(), 64513);
                 let mut peer =
                     DesiredPeer::new("10.99.0.2".parse().unwrap(), 64512, PeerType::Global);

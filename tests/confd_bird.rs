@@ -127,22 +127,7 @@ fn real_bird_on_one_node_and_our_speaker_on_the_other_converge() {
     let (Some(p1), Some(p2)) = (NetNs::new("cn-bxp1"), NetNs::new("cn-bxp2")) else {
         return;
     };
-    n1.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &n2.name,
-    ]);
-    for (n, ip) in [(&n1, "10.99.0.1/24"), (&n2, "10.99.0.2/24")] {
-        n.ip(&["addr", "add", ip, "dev", "eth0"]);
-        n.ip(&["link", "set", "eth0", "up"]);
-        n.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.99.0.254",
-            "dev",
-            "eth0",
-        ]);
-    }
+    common::cluster::paired(&n1, &n2);
     let port = free_port();
     let Some(_etcd) = Etcd::start_on_also(&n1.name, port, "10.99.0.1") else {
         return;

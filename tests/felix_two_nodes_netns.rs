@@ -45,26 +45,7 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan_then_bgp_routes() {
         common::skip("ping is not installed");
         return;
     }
-    n1.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &n2.name,
-    ]);
-    n1.ip(&["addr", "add", "10.99.0.1/24", "dev", "eth0"]);
-    n2.ip(&["addr", "add", "10.99.0.2/24", "dev", "eth0"]);
-    n1.ip(&["link", "set", "eth0", "up"]);
-    n2.ip(&["link", "set", "eth0", "up"]);
-    // Like any real node, a default route: proxy ARP answers for 169.254.1.1 only when the
-    // node routes it somewhere other than the pod's interface.
-    for n in [&n1, &n2] {
-        n.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.99.0.254",
-            "dev",
-            "eth0",
-        ]);
-    }
+    common::cluster::paired(&n1, &n2);
     let port = free_port();
     let Some(etcd) = Etcd::start_on_also(&n1.name, port, "10.99.0.1") else {
         return;

@@ -22,10 +22,6 @@ use common::{Etcd, NetNs, free_port, http_get};
 
 const NODES: usize = 3;
 
-fn node_ip(i: usize) -> String {
-    format!("10.99.0.{}", i + 1)
-}
-
 #[test]
 fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
     if !common::have("ping") {
@@ -40,35 +36,7 @@ fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
         return;
     };
     assert_eq!(nodes.len(), NODES);
-    hub.ip(&[
-        "link",
-        "add",
-        "br0",
-        "address",
-        "02:ca:11:c0:00:01",
-        "type",
-        "bridge",
-    ]);
-    hub.ip(&["addr", "add", "10.99.0.254/24", "dev", "br0"]);
-    hub.ip(&["link", "set", "br0", "up"]);
-    for (i, n) in nodes.iter().enumerate() {
-        let port = format!("vn{i}");
-        hub.ip(&[
-            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.name,
-        ]);
-        hub.ip(&["link", "set", &port, "master", "br0", "up"]);
-        n.ip(&["addr", "add", &format!("{}/24", node_ip(i)), "dev", "eth0"]);
-        n.ip(&["link", "set", "eth0", "up"]);
-        n.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.99.0.254",
-            "dev",
-            "eth0",
-        ]);
-    }
+    common::cluster::bridged(&hub, &nodes);
     let port = free_port();
     let Some(etcd) = Etcd::start_on_also(&hub.name, port, "10.99.0.254") else {
         return;

@@ -171,3 +171,62 @@ pub fn block_of(addr: &str) -> String {
     let (net, last) = addr.rsplit_once('.').unwrap();
     format!("{net}.{}/26", last.parse::<u8>().unwrap() / 64 * 64)
 }
+
+/// Nodes on one link, as hosts are: `hub` holds a bridge (fixed MAC, 10.99.0.254/24); node
+/// `i` gets eth0 10.99.0.(i+1)/24 on it and a default route via the hub (proxy ARP answers
+/// pods only for addresses the node routes elsewhere than their own interface).
+pub fn bridged(hub: &NetNs, nodes: &[NetNs]) {
+    // A fixed MAC: else the bridge takes its ports' lowest and changes it as nodes join.
+    hub.ip(&[
+        "link",
+        "add",
+        "br0",
+        "address",
+        "02:ca:11:c0:00:01",
+        "type",
+        "bridge",
+    ]);
+    hub.ip(&["addr", "add", "10.99.0.254/24", "dev", "br0"]);
+    hub.ip(&["link", "set", "br0", "up"]);
+    for (i, n) in nodes.iter().enumerate() {
+        let port = format!("vn{i}");
+        hub.ip(&[
+            "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.name,
+        ]);
+        hub.ip(&["link", "set", &port, "master", "br0", "up"]);
+        n.ip(&[
+            "addr",
+            "add",
+            &format!("10.99.0.{}/24", i + 1),
+            "dev",
+            "eth0",
+        ]);
+        n.ip(&["link", "set", "eth0", "up"]);
+        default_route(n);
+    }
+}
+
+/// Two nodes on one veth pair: eth0 10.99.0.1/24 and 10.99.0.2/24, each with a default
+/// route (via an address nobody has: only its existence matters, see [`bridged`]).
+pub fn paired(n1: &NetNs, n2: &NetNs) {
+    n1.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &n2.name,
+    ]);
+    for (n, ip) in [(n1, "10.99.0.1/24"), (n2, "10.99.0.2/24")] {
+        n.ip(&["addr", "add", ip, "dev", "eth0"]);
+        n.ip(&["link", "set", "eth0", "up"]);
+        default_route(n);
+    }
+}
+
+fn default_route(n: &NetNs) {
+    n.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.99.0.254",
+        "dev",
+        "eth0",
+    ]);
+}

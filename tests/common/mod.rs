@@ -641,3 +641,82 @@ pub fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Durati
     }
     start.elapsed()
 }
+
+/// A raw netlink socket subscribed to IPv4 route notifications in the calling thread's
+/// network namespace, with a large receive buffer (privileged: beyond rmem_max).
+pub fn route_notification_socket() -> i32 {
+    // SAFETY: plain socket calls on a descriptor the caller then owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
+        assert!(fd >= 0, "netlink socket");
+        let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = rtnetlink::constants::RTMGRP_IPV4_ROUTE;
+        let size: libc::c_int = 512 << 20;
+        libc::bind(
+            fd,
+            &addr as *const _ as *const libc::sockaddr,
+            std::mem::size_of_val(&addr) as u32,
+        );
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &size as *const _ as *const libc::c_void,
+            4,
+        );
+        fd
+    }
+}
+
+/// One IPv4 route notification: its type (RTM_NEWROUTE or RTM_DELROUTE), destination and
+/// prefix length, protocol and output interface (0 when none).
+pub struct RouteNote {
+    pub kind: u16,
+    pub dst: u32,
+    pub dst_len: u8,
+    pub protocol: u8,
+    pub oif: u32,
+}
+
+/// The route notifications in one datagram read from [`route_notification_socket`].
+pub fn route_notes(buf: &[u8]) -> Vec<RouteNote> {
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    while off + 28 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+        let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+        if len < 16 || off + len > buf.len() {
+            break;
+        }
+        if kind == libc::RTM_NEWROUTE || kind == libc::RTM_DELROUTE {
+            let rt = &buf[off + 16..off + len];
+            let (mut dst, mut oif, mut a) = (None, 0u32, 12);
+            while a + 4 <= rt.len() {
+                let alen = u16::from_ne_bytes(rt[a..a + 2].try_into().unwrap()) as usize;
+                let atype = u16::from_ne_bytes(rt[a + 2..a + 4].try_into().unwrap());
+                if alen < 4 {
+                    break;
+                }
+                if atype == libc::RTA_DST && alen >= 8 {
+                    dst = Some(u32::from_be_bytes(rt[a + 4..a + 8].try_into().unwrap()));
+                }
+                if atype == libc::RTA_OIF && alen >= 8 {
+                    oif = u32::from_ne_bytes(rt[a + 4..a + 8].try_into().unwrap());
+                }
+                a += (alen + 3) & !3;
+            }
+            if let Some(dst) = dst {
+                out.push(RouteNote {
+                    kind,
+                    dst,
+                    dst_len: rt[1],
+                    protocol: rt[5],
+                    oif,
+                });
+            }
+        }
+        off += (len + 3) & !3;
+    }
+    out
+}
