@@ -235,6 +235,69 @@ fn pod_network_round_trip(plugin_dir: &str) {
     assert_eq!(code, 1, "CHECK fails once the pod network is gone");
 }
 
+/// With /32 blocks the pod's address is a whole block, for which Felix programs a
+/// blackhole: the pod's route takes its place instead of failing the ADD.
+#[test]
+fn felixs_blackhole_for_a_32_block_gives_way_to_the_pods_route() {
+    let Some(host) = NetNs::new("cn-node") else {
+        return;
+    };
+    let Some(pod) = NetNs::new("cn-pod") else {
+        return;
+    };
+    host.add_uplink();
+    let port = free_port();
+    let Some(etcd) = Etcd::start_on(Some(&host.name), port) else {
+        return;
+    };
+    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
+    let key = "/calico/resources/v3/projectcalico.org/ippools/pool";
+    let mut pool: Value = serde_json::from_str(&etcd.etcdctl_value(key)).unwrap();
+    pool["spec"]["blockSize"] = 32.into();
+    etcd.etcdctl(&["put", key, &pool.to_string()]);
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "calico-ipam"}});
+    let netns = format!("/run/netns/{}", pod.name);
+    let env = |cmd| {
+        [
+            ("CNI_COMMAND", cmd),
+            ("CNI_CONTAINERID", "b1ac0e"),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+        ]
+    };
+    let (code, res) = cni(&host, &env("ADD"), &conf);
+    assert_eq!(code, 0, "{res}");
+    let ip = res["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_string();
+    let (code, res) = cni(&host, &env("DEL"), &conf);
+    assert_eq!(code, 0, "{res}");
+    // Felix's blackhole for the (now empty, still affine) /32 block.
+    host.ip(&[
+        "route",
+        "add",
+        "blackhole",
+        &format!("{ip}/32"),
+        "proto",
+        "80",
+    ]);
+    let (code, res) = cni(&host, &env("ADD"), &conf);
+    assert_eq!(code, 0, "{res}");
+    assert_eq!(
+        res["ips"][0]["address"],
+        format!("{ip}/32"),
+        "the same block again"
+    );
+    let cali = res["interfaces"][0]["name"].as_str().unwrap();
+    assert_eq!(
+        sh(&host, &format!("ip route show {ip}")).trim(),
+        format!("{ip} dev {cali} scope link")
+    );
+}
+
 #[test]
 fn failed_add_leaks_no_address_and_no_interface() {
     let Some(host) = NetNs::new("cn-node") else {
