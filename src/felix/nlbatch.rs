@@ -27,6 +27,20 @@ pub enum Request {
 /// Each request's outcome, in order (`Err(errno)` when the kernel refused it).
 pub type Outcomes = Vec<Result<(), i32>>;
 
+/// A route as a dump reports it, decoded only as far as Felix compares routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRoute {
+    pub dst: ipnet::IpNet,
+    pub table: u32,
+    pub kind: u8,
+    pub protocol: u8,
+    pub scope: u8,
+    pub flags: u32,
+    pub oif: Option<u32>,
+    pub gateway: Option<std::net::IpAddr>,
+    pub priority: u32,
+}
+
 enum Reply {
     /// The caller waits for the outcomes.
     Wait(tokio::sync::oneshot::Sender<io::Result<Outcomes>>),
@@ -35,9 +49,16 @@ enum Reply {
     Report(Vec<String>),
 }
 
-struct Job {
-    requests: Vec<Request>,
-    reply: Reply,
+enum Job {
+    Send {
+        requests: Vec<Request>,
+        reply: Reply,
+    },
+    /// Dump the main table's routes of a family (after every job before it).
+    Dump {
+        v6: bool,
+        reply: tokio::sync::oneshot::Sender<io::Result<Vec<RawRoute>>>,
+    },
 }
 
 /// Sends route requests on a thread of its own, jobs strictly in the order given.
@@ -57,8 +78,15 @@ impl Writer {
             .name("felix-routes".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    let r = send_on(&mut socket, job.requests);
-                    match job.reply {
+                    let (requests, reply) = match job {
+                        Job::Send { requests, reply } => (requests, reply),
+                        Job::Dump { v6, reply } => {
+                            let _ = reply.send(dump_on(&mut socket, v6));
+                            continue;
+                        }
+                    };
+                    let r = send_on(&mut socket, requests);
+                    match reply {
                         Reply::Wait(done) => {
                             let _ = done.send(r);
                         }
@@ -86,10 +114,20 @@ impl Writer {
     pub async fn send(&self, requests: Vec<Request>) -> io::Result<Outcomes> {
         let (done, wait) = tokio::sync::oneshot::channel();
         self.tx
-            .send(Job {
+            .send(Job::Send {
                 requests,
                 reply: Reply::Wait(done),
             })
+            .map_err(|_| io::Error::other("the route writer stopped"))?;
+        wait.await
+            .map_err(|_| io::Error::other("the route writer stopped"))?
+    }
+
+    /// The routes of one family, read after everything sent before.
+    pub async fn dump(&self, v6: bool) -> io::Result<Vec<RawRoute>> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Job::Dump { v6, reply: done })
             .map_err(|_| io::Error::other("the route writer stopped"))?;
         wait.await
             .map_err(|_| io::Error::other("the route writer stopped"))?
@@ -99,7 +137,7 @@ impl Writer {
     /// arrive on the failure channel.
     pub fn submit(&self, requests: Vec<Request>, labels: Vec<String>) -> io::Result<()> {
         self.tx
-            .send(Job {
+            .send(Job::Send {
                 requests,
                 reply: Reply::Report(labels),
             })
@@ -202,6 +240,118 @@ fn send_on(socket: &mut Socket, requests: Vec<Request>) -> io::Result<Outcomes> 
         }
     }
     Ok(outcomes)
+}
+
+/// Dump the routes of a family (every table; the caller filters).
+fn dump_on(socket: &mut Socket, v6: bool) -> io::Result<Vec<RawRoute>> {
+    const RTM_GETROUTE: u16 = 26;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    let mut req = [0u8; 28];
+    req[0..4].copy_from_slice(&28u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETROUTE.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req[8..12].copy_from_slice(&0x0d0d_0d0du32.to_ne_bytes());
+    req[16] = if v6 { libc::AF_INET6 } else { libc::AF_INET } as u8;
+    socket.send(&req, 0)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 17];
+    loop {
+        let n = socket.recv(&mut &mut buf[..], 0)?;
+        let mut off = 0;
+        while off + 16 <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+            if len < 16 || off + len > n {
+                break;
+            }
+            let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+            let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4 bytes"));
+            if seq == 0x0d0d_0d0d {
+                match kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR if len >= 20 => {
+                        let code = i32::from_ne_bytes(
+                            buf[off + 16..off + 20].try_into().expect("4 bytes"),
+                        );
+                        if code != 0 {
+                            return Err(io::Error::from_raw_os_error(-code));
+                        }
+                    }
+                    libc::RTM_NEWROUTE => {
+                        if let Some(r) = raw_route(&buf[off + 16..off + len]) {
+                            out.push(r);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// Decode an rtmsg and the attributes Felix compares.
+fn raw_route(rt: &[u8]) -> Option<RawRoute> {
+    if rt.len() < 12 {
+        return None;
+    }
+    let (family, dst_len) = (rt[0], rt[1]);
+    let v6 = family == libc::AF_INET6 as u8;
+    let mut r = RawRoute {
+        dst: ipnet::IpNet::V4(ipnet::Ipv4Net::default()),
+        table: u32::from(rt[4]),
+        kind: rt[7],
+        protocol: rt[5],
+        scope: rt[6],
+        flags: u32::from_ne_bytes(rt[8..12].try_into().expect("4 bytes")),
+        oif: None,
+        gateway: None,
+        priority: 0,
+    };
+    let addr = |b: &[u8]| -> Option<std::net::IpAddr> {
+        if v6 {
+            <[u8; 16]>::try_from(b.get(..16)?)
+                .ok()
+                .map(std::net::IpAddr::from)
+        } else {
+            <[u8; 4]>::try_from(b.get(..4)?)
+                .ok()
+                .map(std::net::IpAddr::from)
+        }
+    };
+    let mut dst = None;
+    let mut a = 12;
+    while a + 4 <= rt.len() {
+        let alen = u16::from_ne_bytes([rt[a], rt[a + 1]]) as usize;
+        let atype = u16::from_ne_bytes([rt[a + 2], rt[a + 3]]);
+        if alen < 4 || a + alen > rt.len() {
+            break;
+        }
+        let v = &rt[a + 4..a + alen];
+        match atype {
+            libc::RTA_DST => dst = addr(v),
+            libc::RTA_GATEWAY => r.gateway = addr(v),
+            libc::RTA_OIF if v.len() >= 4 => {
+                r.oif = Some(u32::from_ne_bytes(v[..4].try_into().expect("4 bytes")))
+            }
+            libc::RTA_PRIORITY if v.len() >= 4 => {
+                r.priority = u32::from_ne_bytes(v[..4].try_into().expect("4 bytes"))
+            }
+            libc::RTA_TABLE if v.len() >= 4 => {
+                r.table = u32::from_ne_bytes(v[..4].try_into().expect("4 bytes"))
+            }
+            _ => {}
+        }
+        a += (alen + 3) & !3;
+    }
+    let dst = dst.unwrap_or(if v6 {
+        std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    });
+    r.dst = ipnet::IpNet::new(dst, dst_len).ok()?;
+    Some(r)
 }
 
 /// Where the last netlink message of a buffer of whole messages starts.

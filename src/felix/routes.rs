@@ -17,7 +17,7 @@ use netlink_packet_route::route::{
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::calc::{Dev, PROTO_FELIX, Route, RouteTable, TUNL0, Target, VXLAN_DEV};
-use super::nlbatch::{Request, Writer};
+use super::nlbatch::{RawRoute, Request, Writer};
 
 /// `proto kernel`.
 const PROTO_KERNEL: u8 = 2;
@@ -31,16 +31,6 @@ pub enum RouteError {
 enum Op {
     Put(IpNet, Kernel),
     Del(RouteMessage),
-}
-
-fn priority(m: &RouteMessage) -> u32 {
-    m.attributes
-        .iter()
-        .find_map(|a| match a {
-            RouteAttribute::Priority(p) => Some(*p),
-            _ => None,
-        })
-        .unwrap_or(0)
 }
 
 /// What one pass did.
@@ -84,26 +74,6 @@ fn dst(m: &RouteMessage) -> Option<IpNet> {
         },
     );
     IpNet::new(addr, len).ok()
-}
-
-fn kernel(m: &RouteMessage) -> Kernel {
-    let mut k = Kernel {
-        kind: m.header.kind,
-        oif: None,
-        gateway: None,
-        protocol: m.header.protocol.into(),
-        scope: m.header.scope,
-        onlink: m.header.flags.contains(RouteFlags::Onlink),
-    };
-    for a in &m.attributes {
-        match a {
-            RouteAttribute::Oif(i) => k.oif = Some(*i),
-            RouteAttribute::Gateway(RouteAddress::Inet(a)) => k.gateway = Some(IpAddr::V4(*a)),
-            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => k.gateway = Some(IpAddr::V6(*a)),
-            _ => {}
-        }
-    }
-    k
 }
 
 /// The kernel form of a desired route, or why it cannot be made.
@@ -175,6 +145,39 @@ fn message(prefix: &IpNet, k: &Kernel) -> RouteMessage {
     }
     if let Some(oif) = k.oif {
         m.attributes.push(RouteAttribute::Oif(oif));
+    }
+    m
+}
+
+/// The message that deletes exactly this route.
+fn raw_message(r: &RawRoute) -> RouteMessage {
+    let mut m = match (r.dst, r.gateway) {
+        (IpNet::V4(n), gw) => {
+            let mut b =
+                RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(n.addr(), n.prefix_len());
+            if let Some(IpAddr::V4(g)) = gw {
+                b = b.gateway(g);
+            }
+            b.build()
+        }
+        (IpNet::V6(n), gw) => {
+            let mut b =
+                RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(n.addr(), n.prefix_len());
+            if let Some(IpAddr::V6(g)) = gw {
+                b = b.gateway(g);
+            }
+            b.build()
+        }
+    };
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.kind = RouteType::from(r.kind);
+    m.header.protocol = RouteProtocol::from(r.protocol);
+    m.header.scope = RouteScope::from(r.scope);
+    if let Some(oif) = r.oif {
+        m.attributes.push(RouteAttribute::Oif(oif));
+    }
+    if r.priority != 0 {
+        m.attributes.push(RouteAttribute::Priority(r.priority));
     }
     m
 }
@@ -355,11 +358,6 @@ pub async fn reconcile(
     uplink: Option<u32>,
     keep: &[IpNet],
 ) -> Result<Pass, RouteError> {
-    // What was queued before must be in the kernel before its table is read.
-    w.send(Vec::new()).await.map_err(|e| RouteError::Netlink {
-        op: "flush the route writer".into(),
-        message: e.to_string(),
-    })?;
     let links = links(h).await?;
     let names: HashMap<u32, &str> = links.iter().map(|(n, i)| (*i, n.as_str())).collect();
     let workload_ifaces: std::collections::HashSet<&str> = desired
@@ -369,27 +367,26 @@ pub async fn reconcile(
             _ => None,
         })
         .collect();
-    let mut have: crate::bgp::rib::FastMap<IpNet, Vec<(Kernel, RouteMessage)>> = Default::default();
+    let mut have: crate::bgp::rib::FastMap<IpNet, Vec<(Kernel, RawRoute)>> = Default::default();
     for v6 in [false, true] {
-        let query = if v6 {
-            RouteMessageBuilder::<Ipv6Addr>::new().build()
-        } else {
-            RouteMessageBuilder::<Ipv4Addr>::new().build()
-        };
-        let routes: Vec<RouteMessage> = h
-            .route()
-            .get(query)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("list routes".into()))?;
-        for m in routes {
-            let in_main = m.header.table == RouteHeader::RT_TABLE_MAIN
-                || m.attributes.iter().any(|a| matches!(a, RouteAttribute::Table(t) if *t == u32::from(RouteHeader::RT_TABLE_MAIN)));
-            if !in_main {
+        // On the writer: after everything queued before is in the kernel.
+        let routes = w.dump(v6).await.map_err(|e| RouteError::Netlink {
+            op: "list routes".into(),
+            message: e.to_string(),
+        })?;
+        for r in routes {
+            if r.table != u32::from(RouteHeader::RT_TABLE_MAIN) {
                 continue;
             }
-            let k = kernel(&m);
+            let k = Kernel {
+                kind: RouteType::from(r.kind),
+                oif: r.oif,
+                gateway: r.gateway,
+                protocol: r.protocol,
+                scope: RouteScope::from(r.scope),
+                // RTNH_F_ONLINK.
+                onlink: r.flags & 4 != 0,
+            };
             // The kernel's own routes (connected subnets, IPv6 link-local) are never ours,
             // whatever interface they are on.
             // A workload interface no endpoint names yet belongs to the CNI plugin (its
@@ -400,8 +397,8 @@ pub async fn reconcile(
                         is_ours_dev(n, prefix)
                             && (!n.starts_with(prefix) || workload_ifaces.contains(n))
                     }));
-            if let (true, Some(d)) = (ours, dst(&m)) {
-                have.entry(d).or_default().push((k, m));
+            if ours {
+                have.entry(r.dst).or_default().push((k, r));
             }
         }
     }
@@ -423,9 +420,9 @@ pub async fn reconcile(
         // Replace the route of the default metric in place (no gap); routes of ours for
         // the prefix with other metrics go.
         let default_metric = if p.addr().is_ipv6() { 1024 } else { 0 };
-        for (_, m) in existing {
-            if priority(&m) != default_metric {
-                ops.push(Op::Del(m));
+        for (_, r) in existing {
+            if r.priority != default_metric {
+                ops.push(Op::Del(raw_message(&r)));
             }
         }
         ops.push(Op::Put(*p, k));
@@ -436,7 +433,7 @@ pub async fn reconcile(
         ops.extend(
             v.into_iter()
                 .filter(|(k, _)| !(kept && k.gateway.is_some()))
-                .map(|(_, m)| Op::Del(m)),
+                .map(|(_, r)| Op::Del(raw_message(&r))),
         );
     }
     run_ops(w, ops, &mut pass).await;
