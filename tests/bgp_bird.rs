@@ -234,11 +234,12 @@ fn bird_md5_right_password_comes_up_wrong_one_is_refused() {
 }
 
 /// RFC 5082 against a BIRD with `ttl security on`: with it on our side the session comes
-/// up; without, BIRD drops our TTL-64 segments and it never does. (Each case gets a fresh
-/// BIRD: one stuck in OpenSent refuses new connections for its hold time.) Without it on
-/// our side BIRD connects to us: BIRD sets its minimum TTL on an accepted socket only after
-/// accept(), so an OPEN of ours that arrives first would slip through; a socket it connects
-/// from has the minimum before its SYN, and our TTL-64 SYN-ACK never reaches it.
+/// up (both sides send TTL 255 and accept nothing less); without, our segments carry TTL 64
+/// and a peer enforcing the rule never sees them, so it never does. (Each case gets a fresh
+/// BIRD: one stuck in OpenSent refuses new connections for its hold time.) BIRD sets its
+/// minimum TTL on a socket only once the connection exists, so a segment of ours that beats
+/// it would slip through: in the refusal case the rule is also enforced in front of BIRD,
+/// by nftables in its namespace, from the first SYN.
 fn ttl_security_case(ours: Option<u8>) -> bool {
     let Some(a) = NetNs::new("bgp-us") else {
         return ours.is_some();
@@ -247,15 +248,25 @@ fn ttl_security_case(ours: Option<u8>) -> bool {
         return ours.is_some();
     };
     link(&a, US, &b, BIRD);
-    let bird_side = if ours.is_some() {
-        "passive on; ttl security on;"
-    } else {
-        "ttl security on;"
-    };
-    let Some(_d) = bird(&b, &bird_conf(bird_side)) else {
+    if ours.is_none() {
+        let mut nft = b
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(
+            &mut nft.stdin.take().unwrap(),
+            b"table ip gtsm {\n chain input {\n type filter hook input priority -300;\n \
+              tcp dport 179 ip ttl < 255 drop\n tcp sport 179 ip ttl < 255 drop\n }\n}\n",
+        )
+        .unwrap();
+        assert!(nft.wait().unwrap().success(), "nft");
+    }
+    let Some(_d) = bird(&b, &bird_conf("passive on; ttl security on;")) else {
         return ours.is_some();
     };
-    let mut cfg = our_conf(ours.is_none(), None);
+    let mut cfg = our_conf(false, None);
     cfg.peers[0].ttl_security = ours;
     let us = OurSpeaker::start(&a, cfg);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
