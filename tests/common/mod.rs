@@ -30,12 +30,22 @@ pub fn skip(reason: &str) {
 }
 
 /// A free loopback port (bound then released).
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up by default): a port
+/// the OS hands out for `bind(0)` or an outgoing connection could otherwise be taken by
+/// another test in the window where a server the test killed is restarted on it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // A start that differs between test processes running at once.
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7_919)) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A real etcd server for one test.
