@@ -608,6 +608,8 @@ proptest::proptest! {
                     rib.set_local(l.iter().map(|i| prefixes[*i]))
                 }
             };
+            let sets = rib.check_shared();
+            proptest::prop_assert!(sets.is_ok(), "{:?}: {:?}", sets, s);
             for (p, old, new) in rib.take_forwarding_changes() {
                 proptest::prop_assert_eq!(felix.get(&p).copied(), old, "{}: {:?}", p, s);
                 match new {
