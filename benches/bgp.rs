@@ -3,7 +3,9 @@
 //! our speaker (a child process), BIRD 2 and GoBGP. For N = 100,000 and 1,000,000 it
 //! prints per receiver the wall time from Established until it holds all N, its CPU time
 //! over that window (/proc/PID/task/*/schedstat), and peak RSS per route (VmHWM minus RSS
-//! before, over N), then the ratios. `CALICO_BENCH_BGP_ROUTES=100000` runs one size only;
+//! before, over N), then the ratios. Our speaker and BIRD run `CALICO_BENCH_BGP_TRIALS`
+//! (default 5) times each, alternating, and the medians of each figure are compared; GoBGP
+//! runs once. `CALICO_BENCH_BGP_ROUTES=100000` runs one size only;
 //! `CALICO_BENCH_BGP_ONLY_OURS=1` measures our speaker only, and `CALICO_BENCH_PERF=FILE`
 //! records a `perf` profile of it.
 
@@ -153,27 +155,8 @@ fn run(
     }
 }
 
-fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
-    let inj_ns = NetNs::new("bgpb-inj")?;
-    let ours_ns = NetNs::new("bgpb-ours")?;
-    let bird_ns = NetNs::new("bgpb-bird")?;
-    let gobgp_ns = NetNs::new("bgpb-gobgp")?;
-    lan(&[
-        (&inj_ns, INJ),
-        (&ours_ns, OURS),
-        (&bird_ns, BIRD),
-        (&gobgp_ns, GOBGP),
-    ]);
-    let load = Instant::now();
-    let inj = bird(&inj_ns, &injector_conf(routes))?;
-    let loaded = format!("Routes:         {routes} imported");
-    while !birdc(&inj, "show protocols all injected").contains(&loaded) {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    eprintln!("injector loaded {routes} routes in {:?}", load.elapsed());
-    let mut out = Vec::new();
-
-    // Ours.
+/// One run of our speaker (a fresh child process) against the injector.
+fn ours(inj: &Daemon, ours_ns: &NetNs, routes: usize) -> Measure {
     let mut child: Child = Command::new(std::env::current_exe().unwrap())
         .env("CALICO_BENCH_SPEAKER_NETNS", &ours_ns.name)
         .env("CALICO_BENCH_SPEAKER_ROUTES", routes.to_string())
@@ -184,16 +167,7 @@ fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
     // `CALICO_BENCH_PERF=FILE`: a `perf record` profile of our speaker.
     let perf = std::env::var("CALICO_BENCH_PERF").ok().map(|file| {
         Command::new("perf")
-            .args([
-                "record",
-                "-F",
-                "20000",
-                "-g",
-                "-o",
-                &file,
-                "-p",
-                &child.id().to_string(),
-            ])
+            .args(["record", "-F", "20000", "-g", "-o", &file, "-p", &child.id().to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -213,7 +187,7 @@ fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
         lines.borrow().iter().any(|l| l == what)
     };
     let m = run(
-        &inj,
+        inj,
         "r_ours",
         child.id(),
         routes,
@@ -225,14 +199,13 @@ fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
     if let Some(mut p) = perf {
         let _ = p.wait();
     }
-    out.push(("calico-node", m));
-    if std::env::var("CALICO_BENCH_BGP_ONLY_OURS").is_ok() {
-        return Some(out);
-    }
+    m
+}
 
-    // BIRD.
+/// One run of a fresh BIRD 2 receiver.
+fn bird_receiver(inj: &Daemon, bird_ns: &NetNs, routes: usize) -> Option<Measure> {
     let rcv = bird(
-        &bird_ns,
+        bird_ns,
         &format!(
             "router id {BIRD};\nprotocol device {{ }}\nprotocol bgp inj {{\n  local {BIRD} as 64513; neighbor {INJ} as 64512; passive on;\n  ipv4 {{ import all; export none; }};\n}}\n"
         ),
@@ -243,20 +216,20 @@ fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
         .parse()
         .ok()?;
     let imported = format!("Routes:         {routes} imported");
-    let m = run(
-        &inj,
+    Some(run(
+        inj,
         "r_bird",
         pid,
         routes,
         || birdc(&rcv, "show protocols inj").contains("Established"),
         || birdc(&rcv, "show protocols all inj").contains(&imported),
-    );
-    drop(rcv);
-    out.push(("BIRD 2", m));
+    ))
+}
 
-    // GoBGP.
+/// One run of a GoBGP receiver.
+fn gobgp_receiver(inj: &Daemon, gobgp_ns: &NetNs, routes: usize) -> Option<Measure> {
     let g = gobgp(
-        &gobgp_ns,
+        gobgp_ns,
         &format!(
             "[global.config]\n  as = 64513\n  router-id = \"{GOBGP}\"\n  local-address-list = [\"{GOBGP}\"]\n[[neighbors]]\n  [neighbors.config]\n    neighbor-address = \"{INJ}\"\n    peer-as = 64512\n  [neighbors.transport.config]\n    passive-mode = true\n"
         ),
@@ -264,7 +237,7 @@ fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
     let pid = g.pid();
     // The summary table: `10.99.0.1 64512 00:00:28 Establ | 10000 10000`.
     let summary = || {
-        gobgp_cli(&gobgp_ns, "neighbor")
+        gobgp_cli(gobgp_ns, "neighbor")
             .lines()
             .find(|l| l.starts_with(INJ))
             .map(|l| {
@@ -277,8 +250,8 @@ fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
             .unwrap_or((false, None))
     };
     let mut last = Instant::now() - Duration::from_secs(1);
-    let m = run(
-        &inj,
+    Some(run(
+        inj,
         "r_gobgp",
         pid,
         routes,
@@ -291,8 +264,67 @@ fn bench(routes: usize) -> Option<Vec<(&'static str, Measure)>> {
             last = Instant::now();
             summary().1 == Some(routes)
         },
-    );
-    out.push(("GoBGP", m));
+    ))
+}
+
+/// Each figure's median over the runs, and the CPU seconds of every run.
+fn median(runs: &[Measure]) -> (Measure, String) {
+    fn mid<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+        v.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
+        v[v.len() / 2]
+    }
+    let all = runs
+        .iter()
+        .map(|m| format!("{:.2}", m.cpu.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let m = Measure {
+        wall: mid(runs.iter().map(|m| m.wall).collect()),
+        cpu: mid(runs.iter().map(|m| m.cpu).collect()),
+        bytes_per_route: mid(runs.iter().map(|m| m.bytes_per_route).collect()),
+    };
+    (m, all)
+}
+
+/// Our speaker and BIRD `trials` times each, alternating (this machine's speed drifts by
+/// tens of percent from minute to minute; alternating spreads the drift over both), then
+/// GoBGP once (30 s at 1M, and far from the goal's edge). Each receiver's median run.
+fn bench(routes: usize, trials: usize) -> Option<Vec<(&'static str, Measure, String)>> {
+    let inj_ns = NetNs::new("bgpb-inj")?;
+    let ours_ns = NetNs::new("bgpb-ours")?;
+    let bird_ns = NetNs::new("bgpb-bird")?;
+    let gobgp_ns = NetNs::new("bgpb-gobgp")?;
+    lan(&[
+        (&inj_ns, INJ),
+        (&ours_ns, OURS),
+        (&bird_ns, BIRD),
+        (&gobgp_ns, GOBGP),
+    ]);
+    let load = Instant::now();
+    let inj = bird(&inj_ns, &injector_conf(routes))?;
+    let loaded = format!("Routes:         {routes} imported");
+    while !birdc(&inj, "show protocols all injected").contains(&loaded) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("injector loaded {routes} routes in {:?}", load.elapsed());
+    let only_ours = std::env::var("CALICO_BENCH_BGP_ONLY_OURS").is_ok();
+    let (mut o, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..trials {
+        o.push(ours(&inj, &ours_ns, routes));
+        if !only_ours {
+            b.push(bird_receiver(&inj, &bird_ns, routes)?);
+        }
+    }
+    let (m, all) = median(&o);
+    let mut out = vec![("calico-node", m, all)];
+    if only_ours {
+        return Some(out);
+    }
+    let (m, all) = median(&b);
+    out.push(("BIRD 2", m, all));
+    let m = gobgp_receiver(&inj, &gobgp_ns, routes)?;
+    let all = format!("{:.2}", m.cpu.as_secs_f64());
+    out.push(("GoBGP", m, all));
     Some(out)
 }
 
@@ -308,21 +340,26 @@ fn main() {
         Ok(n) => vec![n.parse().expect("CALICO_BENCH_BGP_ROUTES is a number")],
         Err(_) => vec![100_000, 1_000_000],
     };
+    let trials: usize = std::env::var("CALICO_BENCH_BGP_TRIALS")
+        .map(|t| t.parse().expect("CALICO_BENCH_BGP_TRIALS is a number"))
+        .unwrap_or(5);
     for routes in sizes {
-        let Some(results) = bench(routes) else {
+        let Some(results) = bench(routes, trials) else {
             return;
         };
-        println!("BGP receive benchmark, {routes} routes from one BIRD injector:");
-        for (name, m) in &results {
+        println!(
+            "BGP receive benchmark, {routes} routes from one BIRD injector (median of {trials} alternating runs; GoBGP once):"
+        );
+        for (name, m, all) in &results {
             println!(
-                "  {name:12} wall {:7.2} s   cpu {:7.2} s ({:.2} us/route)   {:6.0} bytes/route",
+                "  {name:12} wall {:7.2} s   cpu {:7.2} s ({:.2} us/route)   {:6.0} bytes/route   [cpu s of each run: {all}]",
                 m.wall.as_secs_f64(),
                 m.cpu.as_secs_f64(),
                 m.cpu.as_secs_f64() * 1e6 / routes as f64,
                 m.bytes_per_route
             );
         }
-        let [(_, ours), (_, bird), (_, gobgp)] = &results[..] else {
+        let [(_, ours, _), (_, bird, _), (_, gobgp, _)] = &results[..] else {
             continue;
         };
         println!(
