@@ -12,6 +12,7 @@ use std::sync::Arc;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::config::ExportPolicy;
+use super::openmap::{OpenMap, Slot};
 use super::update::{AsPath, Attributes, Origin, Update};
 
 /// The hasher of prefix-keyed tables: a multiply-rotate over the key's words and a
@@ -174,8 +175,9 @@ enum Entry {
     Many(Box<Vec<Held>>),
 }
 
-/// A table entry is 8 bytes of IPv4 key and this: 24 bytes per prefix.
-const _: () = assert!(std::mem::size_of::<Entry>() == 16);
+/// An IPv4 table slot is 8 bytes of key and an entry, the entry's tag telling empty slots:
+/// 24 bytes.
+const _: () = assert!(std::mem::size_of::<Option<(u64, Entry)>>() == 24);
 
 impl Entry {
     fn paths(&self) -> &[Held] {
@@ -340,39 +342,40 @@ pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<PrefixHasher>>;
 /// Apply `op` to `key`'s entry (created by a put, removed when its last path goes), then
 /// hand `then` its best path before and after, and how many paths the slot gained. Also
 /// returns the path that left, for its attribute set to be released.
-fn edit<K: std::hash::Hash + Eq, R>(
-    map: &mut FastMap<K, Entry>,
+fn edit<K: Copy + std::hash::Hash + Eq, R>(
+    map: &mut OpenMap<K, Entry>,
     key: K,
     op: Op,
     cmp: impl Fn(&Held, &Held) -> Ordering,
     then: impl FnOnce(Option<&Held>, Option<&Held>, Delta) -> R,
 ) -> (R, Option<Held>) {
-    use std::collections::hash_map::Entry as E;
-    match map.entry(key) {
-        E::Vacant(v) => match op {
-            Op::Put(h) => {
-                // Before the insert: reading the new bucket back would wait for its
-                // cache line.
+    let at = match op {
+        Op::Put(h) => match map.slot(&key) {
+            Slot::Vacant(i) => {
+                // Before the put: reading the new slot back would wait for its cache line.
                 let delta = Delta {
                     paths: 1,
                     stale: isize::from(h.stale),
                 };
                 let r = then(None, Some(&h), delta);
-                v.insert(Entry::One(h));
-                (r, None)
+                map.put(i, key, Entry::One(h));
+                return (r, None);
             }
-            _ => (then(None, None, Delta::default()), None),
+            Slot::Found(i) => i,
         },
-        E::Occupied(mut o) => {
-            let before = o.get().best().copied();
-            let (delta, gone) = change(o.get_mut(), op, cmp);
-            let r = then(before.as_ref(), o.get().best(), delta);
-            if o.get().best().is_none() {
-                o.remove();
-            }
-            (r, gone)
-        }
+        _ => match map.find(&key) {
+            Some(i) => i,
+            None => return (then(None, None, Delta::default()), None),
+        },
+    };
+    let e = map.at_mut(at);
+    let before = e.best().copied();
+    let (delta, gone) = change(e, op, cmp);
+    let r = then(before.as_ref(), e.best(), delta);
+    if e.best().is_none() {
+        map.remove_at(at);
     }
+    (r, gone)
 }
 
 /// An IPv4 prefix as a table key: address and length in one word.
@@ -387,8 +390,8 @@ fn net4(k: u64) -> IpNet {
 /// Prefixes to their learned paths; IPv4 keys packed in 8 bytes.
 #[derive(Debug, Default)]
 struct Table {
-    v4: FastMap<u64, Entry>,
-    v6: FastMap<Ipv6Net, Entry>,
+    v4: OpenMap<u64, Entry>,
+    v6: OpenMap<Ipv6Net, Entry>,
 }
 
 impl Table {
@@ -399,9 +402,16 @@ impl Table {
         }
     }
 
+    fn prefetch(&self, prefix: &IpNet) {
+        match prefix {
+            IpNet::V4(n) => self.v4.prefetch(&key4(n)),
+            IpNet::V6(n) => self.v6.prefetch(n),
+        }
+    }
+
     fn keys(&self) -> impl Iterator<Item = IpNet> + '_ {
-        let v4 = self.v4.keys().map(|k| net4(*k));
-        v4.chain(self.v6.keys().map(|n| IpNet::V6(*n)))
+        let v4 = self.v4.iter().map(|(k, _)| net4(*k));
+        v4.chain(self.v6.iter().map(|(n, _)| IpNet::V6(*n)))
     }
 }
 
@@ -482,6 +492,10 @@ pub struct Rib {
 pub type Changed = Vec<IpNet>;
 
 const DEFAULT_LOCAL_PREF: u32 = 100;
+
+/// How many prefixes of an UPDATE ahead of the one being applied its table slot is
+/// prefetched.
+const PREFETCH_AHEAD: usize = 8;
 
 impl Rib {
     pub fn new(local_as: u32, router_id: Ipv4Addr, cluster_id: Option<Ipv4Addr>) -> Rib {
@@ -722,7 +736,13 @@ impl Rib {
         };
         let v4 = (!u.nlri.is_empty()).then(|| route(u.attrs.next_hop.map(IpAddr::V4)));
         let v6 = u.mp_reach.as_ref().map(|_| route(v6_nh));
+        // The table is far larger than the cache: start each prefix's load a few prefixes
+        // ahead, so the misses overlap instead of coming one after another.
+        let mut ahead = announced.clone().skip(PREFETCH_AHEAD);
         for prefix in announced {
+            if let Some(p) = ahead.next() {
+                self.table.prefetch(p);
+            }
             let Some(route) = (match prefix {
                 IpNet::V4(_) => v4.or(v6),
                 IpNet::V6(_) => v6,
@@ -789,7 +809,8 @@ impl Rib {
     #[cfg(test)]
     fn check_shared(&self) -> Result<usize, String> {
         let mut held = vec![0u32; self.shared.sets.len()];
-        let entries = self.table.v4.values().chain(self.table.v6.values());
+        let v4 = self.table.v4.iter().map(|(_, e)| e);
+        let entries = v4.chain(self.table.v6.iter().map(|(_, e)| e));
         for h in entries.flat_map(Entry::paths) {
             held[h.route as usize] += 1;
         }
