@@ -167,7 +167,16 @@ fn ours(inj: &Daemon, ours_ns: &NetNs, routes: usize) -> Measure {
     // `CALICO_BENCH_PERF=FILE`: a `perf record` profile of our speaker.
     let perf = std::env::var("CALICO_BENCH_PERF").ok().map(|file| {
         Command::new("perf")
-            .args(["record", "-F", "20000", "-g", "-o", &file, "-p", &child.id().to_string()])
+            .args([
+                "record",
+                "-F",
+                "20000",
+                "-g",
+                "-o",
+                &file,
+                "-p",
+                &child.id().to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
