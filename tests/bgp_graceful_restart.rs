@@ -1,6 +1,8 @@
 //! Graceful restart (RFC 4724) with BIRD as the helper: our speaker (a child process) is
 //! killed with SIGKILL; BIRD keeps our route as stale, so a third peer (GoBGP, peering
 //! only with BIRD) never sees it withdrawn; we come back, re-announce, and the route stays.
+//! Our OPENs carry the Restart State and Forwarding State bits while we recover, and not
+//! afterwards.
 
 mod common;
 
@@ -125,11 +127,44 @@ protocol bgp observer {{
             .contains("Established")
             .then_some(())
     });
+    // Restarting, our OPEN said so (R bit) and that forwarding was kept (F bit).
+    let caps = neighbor_caps(&birdc(&b, "show protocols all calico"));
+    assert!(
+        caps.contains("Restart recovery") && caps.contains("AF preserved: ipv4"),
+        "{caps}"
+    );
     // After our End-of-RIB BIRD drops what is still stale: ours was refreshed, so it stays.
     check_until(Instant::now() + Duration::from_secs(3));
     let r = birdc(&b, "show route all 10.244.1.0/26");
     assert!(r.contains(&format!("via {US}")), "{r}");
     assert!(back.elapsed() < Duration::from_secs(60));
+
+    // Our restart is over (BIRD's End-of-RIB came long ago): a new session's OPEN carries
+    // neither bit, as BIRD's own do outside recovery.
+    birdc(&b, "restart calico");
+    wait_for(Duration::from_secs(30), "a new session", || {
+        let all = birdc(&b, "show protocols all calico");
+        (all.contains("Established") && !neighbor_caps(&all).is_empty()).then_some(all)
+    });
+    let caps = neighbor_caps(&birdc(&b, "show protocols all calico"));
+    assert!(caps.contains("Graceful restart"), "{caps}");
+    assert!(
+        !caps.contains("Restart recovery") && !caps.contains("AF preserved: ipv4"),
+        "{caps}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// The "Neighbor capabilities" section of `show protocols all` (empty when absent).
+fn neighbor_caps(all: &str) -> String {
+    let Some(start) = all.find("Neighbor capabilities") else {
+        return String::new();
+    };
+    all[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("      "))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

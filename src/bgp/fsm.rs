@@ -251,6 +251,17 @@ pub struct Session {
 const OPEN_HOLD: Duration = Duration::from_secs(240);
 
 impl Session {
+    /// Our restart is over (RFC 4724 §3): OPENs from now on clear the Restart State bit
+    /// and the Forwarding State bits.
+    pub fn restart_done(&mut self) {
+        if let Some(gr) = &mut self.cfg.graceful_restart {
+            gr.restarting = false;
+            for (_, forwarding) in &mut gr.families {
+                *forwarding = false;
+            }
+        }
+    }
+
     pub fn new(cfg: SessionConfig) -> Session {
         Session {
             cfg,

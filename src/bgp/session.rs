@@ -54,6 +54,8 @@ pub enum SessionCmd {
     Send(Vec<Update>),
     /// Stop with this Cease subcode and end the task.
     Stop(u8),
+    /// Our restart is over: later OPENs carry neither the R bit nor F bits.
+    Restarted,
 }
 
 /// From a session to the speaker.
@@ -205,6 +207,7 @@ async fn run(
                     t.input(Input::Connected { conn: id, dir: Direction::Incoming }).await;
                 }
                 Some(SessionCmd::Send(updates)) => t.send_updates(updates).await,
+                Some(SessionCmd::Restarted) => t.fsm.restart_done(),
                 Some(SessionCmd::Stop(cease)) => {
                     t.input(Input::Stop { cease }).await;
                     t.flush_and_close().await;

@@ -91,7 +91,12 @@ const FELIX_BATCH: usize = 1024;
 /// How long Felix waits for the first full table before it is told "in sync" anyway.
 const IN_SYNC_AFTER: Duration = Duration::from_secs(10);
 
-fn session_config(cfg: &DesiredBgpConfig, p: &DesiredPeer) -> SessionConfig {
+/// A session's configuration. `recovering`: we are still restarting (from our start until
+/// the first full table is in, as for Calico's `bird -R`): the OPEN then says so (R bit)
+/// and that forwarding state was kept (F bits: Felix keeps the kernel's routes meanwhile).
+/// Afterwards both are clear, as BIRD sends them, so a helper flushes our stale routes
+/// at once when a later session comes back.
+fn session_config(cfg: &DesiredBgpConfig, p: &DesiredPeer, recovering: bool) -> SessionConfig {
     let mut s = SessionConfig::new(cfg.local_as.0, p.remote_as.0, cfg.router_id);
     s.passive = p.passive;
     s.hold_time = p.hold_time;
@@ -102,16 +107,15 @@ fn session_config(cfg: &DesiredBgpConfig, p: &DesiredPeer) -> SessionConfig {
     };
     if p.graceful_restart_secs > 0 {
         s.graceful_restart = Some(GracefulRestart {
-            restarting: false,
+            restarting: recovering,
             restart_time: p.graceful_restart_secs.min(4095) as u16,
-            // Felix keeps the dataplane's routes while we restart.
-            families: s.families.iter().map(|f| (*f, true)).collect(),
+            families: s.families.iter().map(|f| (*f, recovering)).collect(),
         });
     }
     s
 }
 
-fn peer_config(cfg: &DesiredBgpConfig, p: &DesiredPeer) -> PeerConfig {
+fn peer_config(cfg: &DesiredBgpConfig, p: &DesiredPeer, recovering: bool) -> PeerConfig {
     PeerConfig {
         address: p.address,
         port: p.port,
@@ -119,7 +123,7 @@ fn peer_config(cfg: &DesiredBgpConfig, p: &DesiredPeer) -> PeerConfig {
         password: p.password.clone(),
         ttl_security: p.ttl_security,
         multihop: p.multihop,
-        session: session_config(cfg, p),
+        session: session_config(cfg, p, recovering),
     }
 }
 
@@ -215,7 +219,8 @@ impl Speaker {
     }
 
     fn add_peer(&mut self, spec: DesiredPeer) {
-        let (tx, task) = spawn(peer_config(&self.cfg, &spec), self.events_tx.clone());
+        let cfg = peer_config(&self.cfg, &spec, !self.in_sync_sent);
+        let (tx, task) = spawn(cfg, self.events_tx.clone());
         let status = PeerStatus {
             address: spec.address,
             peer_type: spec.peer_type,
@@ -598,6 +603,9 @@ impl Speaker {
         {
             self.in_sync_sent = true;
             let _ = self.felix.send(vec![RouteUpdate::InSync]).await;
+            for p in self.peers.values() {
+                let _ = p.tx.send(SessionCmd::Restarted);
+            }
         }
         self.publish();
     }
