@@ -165,84 +165,110 @@ impl Shared {
     }
 }
 
-/// The learned paths to one prefix, best first: mostly one (inline), else boxed.
-#[derive(Debug)]
+/// The learned paths to one prefix, best first: mostly one (inline), else a list in
+/// `Lists`. 8 bytes, so an IPv4 table slot is 16.
+#[derive(Debug, Clone, Copy)]
 enum Entry {
     Empty,
     One(Held),
-    // Boxed: a Vec inline would make every entry 32 bytes instead of 16.
-    #[allow(clippy::box_collection)]
-    Many(Box<Vec<Held>>),
+    Many(u32),
 }
 
-/// An IPv4 table slot is 8 bytes of key and an entry, the entry's tag telling empty slots:
-/// 24 bytes.
-const _: () = assert!(std::mem::size_of::<Option<(u64, Entry)>>() == 24);
+const _: () = assert!(std::mem::size_of::<Entry>() == 8);
+const _: () = assert!(std::mem::size_of::<Option<(u64, Entry)>>() == 16);
 
-impl Entry {
-    fn paths(&self) -> &[Held] {
-        match self {
-            Entry::Empty => &[],
-            Entry::One(h) => std::slice::from_ref(h),
-            Entry::Many(v) => v,
+/// The path lists of prefixes with more than one path (each used by one entry), and the
+/// free ones.
+#[derive(Debug, Default)]
+struct Lists {
+    lists: Vec<Vec<Held>>,
+    free: Vec<u32>,
+}
+
+impl Lists {
+    fn add(&mut self, paths: Vec<Held>) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.lists[i as usize] = paths;
+                i
+            }
+            None => {
+                self.lists.push(paths);
+                u32::try_from(self.lists.len() - 1).expect("fewer than 2^32 path lists")
+            }
         }
     }
 
-    fn best(&self) -> Option<&Held> {
-        self.paths().first()
+    fn release(&mut self, i: u32) {
+        self.lists[i as usize] = Vec::new();
+        self.free.push(i);
+    }
+}
+
+impl Entry {
+    fn paths<'a>(&'a self, lists: &'a Lists) -> &'a [Held] {
+        match self {
+            Entry::Empty => &[],
+            Entry::One(h) => std::slice::from_ref(h),
+            Entry::Many(i) => &lists.lists[*i as usize],
+        }
     }
 
-    fn get(&self, slot: u16) -> Option<&Held> {
-        self.paths().iter().find(|h| h.slot == slot)
+    fn best(&self, lists: &Lists) -> Option<Held> {
+        self.paths(lists).first().copied()
     }
 
-    fn get_mut(&mut self, slot: u16) -> Option<&mut Held> {
+    fn get(&self, lists: &Lists, slot: u16) -> Option<Held> {
+        self.paths(lists).iter().find(|h| h.slot == slot).copied()
+    }
+
+    fn get_mut<'a>(&'a mut self, lists: &'a mut Lists, slot: u16) -> Option<&'a mut Held> {
         match self {
             Entry::Empty => None,
             Entry::One(h) => Some(h).filter(|h| h.slot == slot),
-            Entry::Many(v) => v.iter_mut().find(|h| h.slot == slot),
+            Entry::Many(i) => lists.lists[*i as usize].iter_mut().find(|h| h.slot == slot),
         }
     }
 
     /// Put a slot's path in; the one it replaced.
-    fn put(&mut self, h: Held) -> Option<Held> {
+    fn put(&mut self, lists: &mut Lists, h: Held) -> Option<Held> {
         match self {
             Entry::Empty => {
                 *self = Entry::One(h);
                 None
             }
             Entry::One(o) if o.slot == h.slot => Some(std::mem::replace(o, h)),
-            Entry::One(_) => {
-                let Entry::One(o) = std::mem::replace(self, Entry::Empty) else {
-                    unreachable!()
-                };
-                *self = Entry::Many(Box::new(vec![o, h]));
+            Entry::One(o) => {
+                *self = Entry::Many(lists.add(vec![*o, h]));
                 None
             }
-            Entry::Many(v) => match v.iter_mut().find(|x| x.slot == h.slot) {
-                Some(x) => Some(std::mem::replace(x, h)),
-                None => {
-                    v.push(h);
-                    None
+            Entry::Many(i) => {
+                let v = &mut lists.lists[*i as usize];
+                match v.iter_mut().find(|x| x.slot == h.slot) {
+                    Some(x) => Some(std::mem::replace(x, h)),
+                    None => {
+                        v.push(h);
+                        None
+                    }
                 }
-            },
+            }
         }
     }
 
     /// Take a slot's path out.
-    fn take(&mut self, slot: u16) -> Option<Held> {
-        match self {
+    fn take(&mut self, lists: &mut Lists, slot: u16) -> Option<Held> {
+        match *self {
             Entry::One(o) if o.slot == slot => {
-                let Entry::One(o) = std::mem::replace(self, Entry::Empty) else {
-                    unreachable!()
-                };
+                *self = Entry::Empty;
                 Some(o)
             }
-            Entry::Many(v) => {
-                let i = v.iter().position(|h| h.slot == slot)?;
-                let h = v.remove(i);
+            Entry::Many(i) => {
+                let v = &mut lists.lists[i as usize];
+                let at = v.iter().position(|h| h.slot == slot)?;
+                let h = v.remove(at);
                 if v.len() == 1 {
-                    *self = Entry::One(v.pop().expect("one left"));
+                    *self = Entry::One(v[0]);
+                    lists.release(i);
                 }
                 Some(h)
             }
@@ -251,8 +277,9 @@ impl Entry {
     }
 
     /// Move the preferred path to the front.
-    fn rebest(&mut self, cmp: impl Fn(&Held, &Held) -> Ordering) {
-        if let Entry::Many(v) = self {
+    fn rebest(&self, lists: &mut Lists, cmp: impl Fn(&Held, &Held) -> Ordering) {
+        if let Entry::Many(i) = self {
+            let v = &mut lists.lists[*i as usize];
             let mut best = 0;
             for i in 1..v.len() {
                 if cmp(&v[i], &v[best]) == Ordering::Less {
@@ -300,11 +327,16 @@ impl Delta {
 }
 
 /// Apply `op` to an entry and re-choose its best path; the path that left, if one did.
-fn change(e: &mut Entry, op: Op, cmp: impl Fn(&Held, &Held) -> Ordering) -> (Delta, Option<Held>) {
+fn change(
+    e: &mut Entry,
+    lists: &mut Lists,
+    op: Op,
+    cmp: impl Fn(&Held, &Held) -> Ordering,
+) -> (Delta, Option<Held>) {
     let (delta, gone) = match op {
         Op::Put(h) => {
             let stale = isize::from(h.stale);
-            let old = e.put(h);
+            let old = e.put(lists, h);
             let gone = Delta::gone(old.as_ref());
             let delta = Delta {
                 paths: 1 + gone.paths,
@@ -313,10 +345,10 @@ fn change(e: &mut Entry, op: Op, cmp: impl Fn(&Held, &Held) -> Ordering) -> (Del
             (delta, old)
         }
         Op::Remove(slot) => {
-            let old = e.take(slot);
+            let old = e.take(lists, slot);
             (Delta::gone(old.as_ref()), old)
         }
-        Op::MarkStale(slot) => match e.get_mut(slot) {
+        Op::MarkStale(slot) => match e.get_mut(lists, slot) {
             Some(h) if !h.stale => {
                 h.stale = true;
                 (Delta { paths: 0, stale: 1 }, None)
@@ -324,15 +356,15 @@ fn change(e: &mut Entry, op: Op, cmp: impl Fn(&Held, &Held) -> Ordering) -> (Del
             _ => (Delta::default(), None),
         },
         Op::Sweep(slot) => {
-            if e.get(slot).is_some_and(|h| h.stale) {
-                let old = e.take(slot);
+            if e.get(lists, slot).is_some_and(|h| h.stale) {
+                let old = e.take(lists, slot);
                 (Delta::gone(old.as_ref()), old)
             } else {
                 (Delta::default(), None)
             }
         }
     };
-    e.rebest(cmp);
+    e.rebest(lists, cmp);
     (delta, gone)
 }
 
@@ -344,6 +376,7 @@ pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<PrefixHasher>>;
 /// returns the path that left, for its attribute set to be released.
 fn edit<K: Copy + std::hash::Hash + Eq, R>(
     map: &mut OpenMap<K, Entry>,
+    lists: &mut Lists,
     key: K,
     op: Op,
     cmp: impl Fn(&Held, &Held) -> Ordering,
@@ -369,10 +402,11 @@ fn edit<K: Copy + std::hash::Hash + Eq, R>(
         },
     };
     let e = map.at_mut(at);
-    let before = e.best().copied();
-    let (delta, gone) = change(e, op, cmp);
-    let r = then(before.as_ref(), e.best(), delta);
-    if e.best().is_none() {
+    let before = e.best(lists);
+    let (delta, gone) = change(e, lists, op, cmp);
+    let after = e.best(lists);
+    let r = then(before.as_ref(), after.as_ref(), delta);
+    if after.is_none() {
         map.remove_at(at);
     }
     (r, gone)
@@ -485,6 +519,7 @@ pub struct Rib {
     local_route: Arc<RouteAttrs>,
     table: Table,
     shared: Shared,
+    lists: Lists,
     forwarding: Vec<ForwardingChange>,
 }
 
@@ -517,6 +552,7 @@ impl Rib {
             }),
             table: Table::default(),
             shared: Shared::default(),
+            lists: Lists::default(),
             forwarding: Vec::new(),
         }
     }
@@ -591,18 +627,20 @@ impl Rib {
             table,
             forwarding,
             shared,
+            lists,
             ..
         } = self;
         let mut changed = Changed::new();
         let mut gone = Vec::new();
         let mut each = |prefix: IpNet, e: &mut Entry| -> bool {
-            if e.get(slot).is_none() {
+            if e.get(lists, slot).is_none() {
                 return true;
             }
-            let before = e.best().copied();
-            let (delta, left) = change(e, op.clone(), |a, b| compare(peers, shared, a, b));
+            let before = e.best(lists);
+            let cmp = |a: &Held, b: &Held| compare(peers, shared, a, b);
+            let (delta, left) = change(e, lists, op.clone(), cmp);
             gone.extend(left.map(|h| h.route));
-            let after = e.best().copied();
+            let after = e.best(lists);
             counts[usize::from(slot)].add(delta);
             if !local.contains(&prefix)
                 && record(
@@ -636,6 +674,7 @@ impl Rib {
             table,
             forwarding,
             shared,
+            lists,
             ..
         } = self;
         if let Op::Put(h) = &op {
@@ -650,8 +689,8 @@ impl Rib {
             !is_local && record(counts, forwarding, held, prefix, before, after)
         };
         let (changed, gone) = match &prefix {
-            IpNet::V4(n) => edit(&mut table.v4, key4(n), op, cmp, then),
-            IpNet::V6(n) => edit(&mut table.v6, *n, op, cmp, then),
+            IpNet::V4(n) => edit(&mut table.v4, lists, key4(n), op, cmp, then),
+            IpNet::V6(n) => edit(&mut table.v6, lists, *n, op, cmp, then),
         };
         if let Some(h) = gone {
             shared.release(h.route);
@@ -664,7 +703,7 @@ impl Rib {
         let new: BTreeSet<IpNet> = prefixes.into_iter().collect();
         let changed: Changed = new.symmetric_difference(&self.local).copied().collect();
         for p in &changed {
-            let learned = self.table.get(p).and_then(Entry::best);
+            let learned = self.table.get(p).and_then(|e| e.best(&self.lists));
             let (before, after) = if new.contains(p) {
                 (learned, None)
             } else {
@@ -675,8 +714,8 @@ impl Rib {
                 &mut self.forwarding,
                 &self.shared,
                 *p,
-                before,
-                after,
+                before.as_ref(),
+                after.as_ref(),
             );
         }
         self.local = new;
@@ -778,7 +817,7 @@ impl Rib {
                 stale: false,
             });
         }
-        let h = self.table.get(prefix)?.best()?;
+        let h = self.table.get(prefix)?.best(&self.lists)?;
         let info = self.peers.get(usize::from(h.slot))?.as_ref()?;
         Some(Path {
             route: self.shared.get(h.route).clone(),
@@ -805,14 +844,30 @@ impl Rib {
     }
 
     /// Check that every attribute set is counted by exactly the paths that hold it and that
-    /// no unheld set is kept; the number of sets in use.
+    /// no unheld set is kept, and that each path list is used by exactly one entry (with
+    /// two paths or more) or free; the number of sets in use.
     #[cfg(test)]
     fn check_shared(&self) -> Result<usize, String> {
         let mut held = vec![0u32; self.shared.sets.len()];
         let v4 = self.table.v4.iter().map(|(_, e)| e);
-        let entries = v4.chain(self.table.v6.iter().map(|(_, e)| e));
-        for h in entries.flat_map(Entry::paths) {
+        let entries: Vec<&Entry> = v4.chain(self.table.v6.iter().map(|(_, e)| e)).collect();
+        for h in entries.iter().flat_map(|e| e.paths(&self.lists)) {
             held[h.route as usize] += 1;
+        }
+        let mut used = vec![0u32; self.lists.lists.len()];
+        for e in &entries {
+            if let Entry::Many(i) = e {
+                used[*i as usize] += 1;
+            }
+        }
+        for (i, (list, n)) in self.lists.lists.iter().zip(&used).enumerate() {
+            let free = self.lists.free.contains(&(i as u32));
+            if (*n, free) != (0, true) && (*n != 1 || free || list.len() < 2) {
+                return Err(format!(
+                    "list {i}: used {n} times, free {free}, {} paths",
+                    list.len()
+                ));
+            }
         }
         for (i, ((set, count), n)) in self.shared.sets.iter().zip(&held).enumerate() {
             if *count != *n || set.is_some() != (*n > 0) {
