@@ -3,7 +3,8 @@
 //! handles a batch's messages in order, so the last one's ack means all were handled).
 //! One system call and one wake-up per batch instead of per route. A [`Writer`] does this
 //! on a thread of its own, jobs in order, so Felix computes the next changes while the
-//! kernel installs the last ones.
+//! kernel installs the last ones. Requests are serialized on the caller's thread: the
+//! writer thread, the bottleneck of a large install, only makes system calls.
 
 use std::io;
 
@@ -49,9 +50,41 @@ enum Reply {
     Report(Vec<String>),
 }
 
+/// Requests serialized back to back, sequence numbers 1, 2, …: request i is
+/// `buf[starts[i]..starts[i + 1]]` (the last one runs to the end).
+struct Encoded {
+    buf: Vec<u8>,
+    starts: Vec<usize>,
+}
+
+fn encode(requests: Vec<Request>) -> Encoded {
+    let mut buf = Vec::new();
+    let mut starts = Vec::with_capacity(requests.len());
+    for (i, req) in requests.into_iter().enumerate() {
+        let (payload, flags) = match req {
+            Request::Replace(m) => (
+                RouteNetlinkMessage::NewRoute(m),
+                NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
+            ),
+            Request::Delete(m) => (RouteNetlinkMessage::DelRoute(m), NLM_F_REQUEST),
+        };
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        // Sequence numbers are the request's index (+1: 0 is never used).
+        header.sequence_number = i as u32 + 1;
+        let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
+        msg.finalize();
+        let at = buf.len();
+        starts.push(at);
+        buf.resize(at + msg.buffer_len(), 0);
+        msg.serialize(&mut buf[at..]);
+    }
+    Encoded { buf, starts }
+}
+
 enum Job {
     Send {
-        requests: Vec<Request>,
+        requests: Encoded,
         reply: Reply,
     },
     /// Dump the main table's routes of a family (after every job before it).
@@ -115,7 +148,7 @@ impl Writer {
         let (done, wait) = tokio::sync::oneshot::channel();
         self.tx
             .send(Job::Send {
-                requests,
+                requests: encode(requests),
                 reply: Reply::Wait(done),
             })
             .map_err(|_| io::Error::other("the route writer stopped"))?;
@@ -138,7 +171,7 @@ impl Writer {
     pub fn submit(&self, requests: Vec<Request>, labels: Vec<String>) -> io::Result<()> {
         self.tx
             .send(Job::Send {
-                requests,
+                requests: encode(requests),
                 reply: Reply::Report(labels),
             })
             .map_err(|_| io::Error::other("the route writer stopped"))
@@ -147,7 +180,7 @@ impl Writer {
 
 /// Send `requests` in order on a socket of their own; their outcomes. Blocking.
 pub fn send(requests: Vec<Request>) -> io::Result<Outcomes> {
-    send_on(&mut open()?, requests)
+    send_on(&mut open()?, encode(requests))
 }
 
 fn open() -> io::Result<Socket> {
@@ -177,40 +210,19 @@ fn open() -> io::Result<Socket> {
     Ok(socket)
 }
 
-fn send_on(socket: &mut Socket, requests: Vec<Request>) -> io::Result<Outcomes> {
-    let mut outcomes = vec![Ok(()); requests.len()];
-    let mut buf = Vec::new();
+fn send_on(socket: &mut Socket, requests: Encoded) -> io::Result<Outcomes> {
+    let Encoded { mut buf, starts } = requests;
+    let mut outcomes = vec![Ok(()); starts.len()];
     let mut rbuf = vec![0u8; 1 << 16];
-    let mut it = requests.into_iter().enumerate().peekable();
-    while it.peek().is_some() {
-        buf.clear();
-        let mut last_seq = 0u32;
-        for _ in 0..BATCH {
-            let Some((i, req)) = it.next() else { break };
-            let (payload, flags) = match req {
-                Request::Replace(m) => (
-                    RouteNetlinkMessage::NewRoute(m),
-                    NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
-                ),
-                Request::Delete(m) => (RouteNetlinkMessage::DelRoute(m), NLM_F_REQUEST),
-            };
-            let mut header = NetlinkHeader::default();
-            header.flags = flags;
-            // Sequence numbers are the request's index (+1: 0 is never used).
-            header.sequence_number = i as u32 + 1;
-            let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(payload));
-            msg.finalize();
-            let at = buf.len();
-            buf.resize(at + msg.buffer_len(), 0);
-            msg.serialize(&mut buf[at..]);
-            last_seq = i as u32 + 1;
-        }
+    for first in (0..starts.len()).step_by(BATCH) {
+        let last = (first + BATCH).min(starts.len()) - 1;
+        let end = starts.get(last + 1).copied().unwrap_or(buf.len());
         // The batch's last message asks for an ack: when it comes, all were handled.
-        let last_at = last_message_offset(&buf);
-        let flags_at = last_at + 6;
+        let flags_at = starts[last] + 6;
         let flags = u16::from_ne_bytes([buf[flags_at], buf[flags_at + 1]]) | NLM_F_ACK;
         buf[flags_at..flags_at + 2].copy_from_slice(&flags.to_ne_bytes());
-        socket.send(&buf, 0)?;
+        socket.send(&buf[starts[first]..end], 0)?;
+        let last_seq = last as u32 + 1;
         'acks: loop {
             let n = socket.recv(&mut &mut rbuf[..], 0)?;
             let mut off = 0;
@@ -352,18 +364,4 @@ fn raw_route(rt: &[u8]) -> Option<RawRoute> {
     });
     r.dst = ipnet::IpNet::new(dst, dst_len).ok()?;
     Some(r)
-}
-
-/// Where the last netlink message of a buffer of whole messages starts.
-fn last_message_offset(buf: &[u8]) -> usize {
-    let (mut off, mut last) = (0, 0);
-    while off + 4 <= buf.len() {
-        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-        if len == 0 {
-            break;
-        }
-        last = off;
-        off += (len + 3) & !3;
-    }
-    last
 }
