@@ -56,6 +56,20 @@ fn reflector_case() -> (DesiredBgpConfig, Vec<IpNet>) {
     (c, vec![net("10.244.0.0/16")])
 }
 
+/// A dual-stack node: IPv6 routes over the IPv4 mesh with our IPv6 address as next hop,
+/// and an IPv6 peer.
+fn dual_stack_case() -> (DesiredBgpConfig, Vec<IpNet>) {
+    let (mut c, _) = mesh_case();
+    c.ipv6_next_hop = Some("fd00:99::2".parse().unwrap());
+    let mut tor = DesiredPeer::new("fd00:99::fe".parse().unwrap(), 65100, PeerType::Global);
+    tor.local_address = Some("fd00:99::2".parse().unwrap());
+    c.peers.push(tor);
+    c.export.push(net("fd00:244:0:1::/122"));
+    c.policy.allowed.push(net("fd00:244::/48"));
+    c.policy.denied.push(net("fd00:244:ff::/64"));
+    (c, vec![net("10.244.0.0/16"), net("fd00:244::/48")])
+}
+
 fn lonely_case() -> (DesiredBgpConfig, Vec<IpNet>) {
     (
         DesiredBgpConfig::new("10.99.0.1".parse().unwrap(), 64512),
@@ -70,6 +84,7 @@ fn rendered_configurations_match_their_golden_files_and_bird_accepts_them() {
         ("mesh", mesh_case()),
         ("reflector", reflector_case()),
         ("lonely", lonely_case()),
+        ("dual-stack", dual_stack_case()),
     ] {
         let files = bird::render(&cfg, &pools).unwrap();
         let dir = golden.join(name);
@@ -220,4 +235,131 @@ fn real_bird_on_one_node_and_our_speaker_on_the_other_converge() {
         ping(&p1, &a2) && ping(&p2, &a1),
         "pods reach each other over BIRD's and our speaker's routes"
     );
+}
+
+/// Dual stack, live: real BIRD with the configuration rendered for a dual-stack node-1,
+/// our speaker on node-2; IPv6 routes cross the IPv4 session both ways with each node's
+/// IPv6 address as next hop, and BIRD's IPv6 kernel protocol programs ours.
+#[test]
+fn rendered_dual_stack_bird_exchanges_ipv6_routes_with_our_speaker() {
+    use common::bgp::{OurSpeaker, link, wait_for};
+    if !have("bird") || !have("birdc") {
+        skip("BIRD 2 (bird, birdc) is not installed");
+        return;
+    }
+    let (Some(n1), Some(n2)) = (NetNs::new("cn-b6a"), NetNs::new("cn-b6b")) else {
+        return;
+    };
+    link(&n1, "10.99.0.1", &n2, "10.99.0.2");
+    n1.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:99::1/64",
+        "dev",
+        "bgp-a",
+        "nodad",
+    ]);
+    n2.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:99::2/64",
+        "dev",
+        "bgp-b",
+        "nodad",
+    ]);
+    let policy = ExportPolicy {
+        allowed: vec![net("10.244.0.0/16"), net("fd00:244::/48")],
+        denied: vec![],
+    };
+    let node = |me: &str, me6: &str, peer: &str, passive: bool, blocks: [&str; 2]| {
+        let mut c = DesiredBgpConfig::new(me.parse().unwrap(), 64512);
+        c.ipv6_next_hop = Some(me6.parse().unwrap());
+        let mut p = DesiredPeer::new(peer.parse().unwrap(), 64512, PeerType::NodeToNodeMesh);
+        p.passive = passive;
+        p.local_address = Some(me.parse().unwrap());
+        c.peers.push(p);
+        c.export = blocks.iter().map(|b| net(b)).collect();
+        c.policy = policy.clone();
+        c
+    };
+    let c1 = node(
+        "10.99.0.1",
+        "fd00:99::1",
+        "10.99.0.2",
+        false,
+        ["10.244.1.0/26", "fd00:244:0:1::/122"],
+    );
+    let c2 = node(
+        "10.99.0.2",
+        "fd00:99::2",
+        "10.99.0.1",
+        true,
+        ["10.244.2.0/26", "fd00:244:0:2::/122"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let files = bird::render(&c1, &[net("10.244.0.0/16"), net("fd00:244::/48")]).unwrap();
+    bird::write(dir.path(), &files).unwrap();
+    let socket = dir.path().join("bird.ctl");
+    let child = n1
+        .command("bird")
+        .arg("-f")
+        .arg("-c")
+        .arg(dir.path().join("bird.cfg"))
+        .arg("-s")
+        .arg(&socket)
+        .arg("-P")
+        .arg(dir.path().join("bird.pid"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _bird = common::Process(child);
+    let mut ours = OurSpeaker::start(&n2, c2);
+    let birdc = |cmd: &str| {
+        let out = n1
+            .command("birdc")
+            .arg("-s")
+            .arg(&socket)
+            .args(cmd.split(' '))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let want = [
+        ("10.244.1.0/26".to_string(), "10.99.0.1".to_string()),
+        ("fd00:244:0:1::/122".to_string(), "fd00:99::1".to_string()),
+    ];
+    wait_for(
+        Duration::from_secs(30),
+        "BIRD's blocks at our speaker",
+        || {
+            let have = ours.routes();
+            want.iter().all(|w| have.contains(w)).then_some(())
+        },
+    );
+    let kernel6 = |ns: &NetNs| {
+        let out = ns.command("ip").args(["-6", "route"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let start = std::time::Instant::now();
+    while !kernel6(&n1).contains("fd00:244:0:2::/122 via fd00:99::2 dev bgp-a proto bird") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "our IPv6 block not in node-1's kernel:\n{}\n{}\n{}",
+            kernel6(&n1),
+            birdc("show protocols"),
+            birdc("show route all"),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        routes(&n1).contains("10.244.2.0/26 via 10.99.0.2 dev bgp-a proto bird"),
+        "{}",
+        routes(&n1)
+    );
+    // Our speaker sent its IPv6 block with its own IPv6 address as next hop.
+    let r = birdc("show route all fd00:244:0:2::/122");
+    assert!(r.contains("fd00:99::2"), "{r}");
 }
