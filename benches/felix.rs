@@ -441,6 +441,9 @@ fn learn_and_install(n: usize) -> Option<(Duration, Duration)> {
     while !birdc(&inj, "show protocols all injected").contains(&loaded) {
         std::thread::sleep(Duration::from_millis(100));
     }
+    if std::env::var_os("CALICO_BENCH_VERBOSE").is_some() {
+        eprintln!("  injector loaded; ours starts");
+    }
 
     // Ours: speaker and Felix on one runtime in the receiver's namespace.
     let cancel = CancellationToken::new();

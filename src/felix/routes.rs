@@ -242,7 +242,7 @@ pub async fn apply_changes(
             (_, Some(r)) => match wanted(r, &links, uplink) {
                 Ok(k) => {
                     requests.push(Request::Replace(message(p, &k)));
-                    labels.push(p.to_string());
+                    labels.push(Some(*p));
                     pass.added_or_replaced += 1;
                 }
                 Err(why) => pass.failures.push(format!("{p}: {why}")),
@@ -251,7 +251,7 @@ pub async fn apply_changes(
                 if let Ok(k) = wanted(r, &links, uplink) {
                     requests.push(Request::Delete(message(p, &k)));
                     // Already gone is fine: no label, no report.
-                    labels.push(String::new());
+                    labels.push(None);
                     pass.deleted += 1;
                 }
             }
