@@ -130,6 +130,25 @@ fn a_password_bird_cannot_express_is_refused_by_name() {
     );
 }
 
+/// BIRD in `ns` on `conf` (its includes beside it), its control socket at `socket`, its
+/// PID file in `run`; killed when dropped.
+fn run_bird(ns: &NetNs, conf: &Path, socket: &Path, run: &Path) -> common::Process {
+    let child = ns
+        .command("bird")
+        .arg("-f")
+        .arg("-c")
+        .arg(conf)
+        .arg("-s")
+        .arg(socket)
+        .arg("-P")
+        .arg(run.join("bird.pid"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::Process(child)
+}
+
 #[test]
 fn real_bird_on_one_node_and_our_speaker_on_the_other_converge() {
     if !have("bird") || !have("birdc") || !have("ping") {
@@ -168,20 +187,7 @@ fn real_bird_on_one_node_and_our_speaker_on_the_other_converge() {
     common::until("BIRD's configuration", Duration::from_secs(20), || {
         std::fs::read_to_string(conf_dir.join("bird.cfg")).is_ok_and(|c| c.contains("10.99.0.2"))
     });
-    let bird = n1
-        .command("bird")
-        .arg("-f")
-        .arg("-c")
-        .arg(conf_dir.join("bird.cfg"))
-        .arg("-s")
-        .arg(&socket)
-        .arg("-P")
-        .arg(s1.path().join("bird.pid"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _bird = common::Process(bird);
+    let _bird = run_bird(&n1, &conf_dir.join("bird.cfg"), &socket, s1.path());
     for (ns, port) in [(&n1, h1), (&n2, h2)] {
         common::until("calico-node ready", Duration::from_secs(30), || {
             ns.run_in(move || http_get(port, "/readiness"))
@@ -302,20 +308,7 @@ fn rendered_dual_stack_bird_exchanges_ipv6_routes_with_our_speaker() {
     let files = bird::render(&c1, &[net("10.244.0.0/16"), net("fd00:244::/48")]).unwrap();
     bird::write(dir.path(), &files).unwrap();
     let socket = dir.path().join("bird.ctl");
-    let child = n1
-        .command("bird")
-        .arg("-f")
-        .arg("-c")
-        .arg(dir.path().join("bird.cfg"))
-        .arg("-s")
-        .arg(&socket)
-        .arg("-P")
-        .arg(dir.path().join("bird.pid"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _bird = common::Process(child);
+    let _bird = run_bird(&n1, &dir.path().join("bird.cfg"), &socket, dir.path());
     let mut ours = OurSpeaker::start(&n2, c2);
     let birdc = |cmd: &str| {
         let out = n1
