@@ -288,3 +288,72 @@ fn bird_ttl_security_session_comes_up_with_ttl_255() {
 fn bird_ttl_security_refuses_ttl_64() {
     assert!(!ttl_security_case(None));
 }
+
+/// ADD-PATH (RFC 7911) with BIRD's `add paths on`, as Calico configures it: BIRD sends us
+/// both its paths to one prefix and we hold both; when one source goes, its path is
+/// withdrawn by identifier and the other becomes best; BIRD reads our routes, sent with
+/// identifiers.
+#[test]
+fn bird_add_path_both_ways() {
+    let Some(a) = NetNs::new("bgp-us") else {
+        return;
+    };
+    let Some(b) = NetNs::new("bgp-bird") else {
+        return;
+    };
+    link(&a, US, &b, BIRD);
+    let conf = format!(
+        r#"router id {BIRD};
+protocol device {{ }}
+protocol static s1 {{ ipv4; route 10.250.0.0/24 via 10.99.0.21; }}
+protocol static s2 {{ ipv4; route 10.250.0.0/24 via 10.99.0.22; }}
+protocol bgp calico {{
+  local {BIRD} as 64512; neighbor {US} as 64512;
+  direct; connect delay time 1; connect retry time 1; error wait time 1, 5;
+  ipv4 {{
+    import all; add paths on;
+    export filter {{ if proto = "s1" then bgp_local_pref = 200; accept; }};
+  }};
+}}
+"#
+    );
+    let Some(d) = bird(&b, &conf) else {
+        return;
+    };
+    let mut us = OurSpeaker::start(&a, our_conf(false, None));
+    wait_for(Duration::from_secs(20), "the session to BIRD", || {
+        established(&us).then_some(())
+    });
+    let both = wait_for(Duration::from_secs(10), "both of BIRD's paths", || {
+        us.peer_state(BIRD).filter(|s| s.received == 2)
+    });
+    assert_eq!(both.accepted, 1, "{both:?}");
+    wait_for(
+        Duration::from_secs(10),
+        "the preferred path as best",
+        || {
+            us.routes()
+                .contains(&("10.250.0.0/24".to_string(), "10.99.0.21".to_string()))
+                .then_some(())
+        },
+    );
+    let caps = birdc(&d, "show protocols all calico");
+    assert!(caps.contains("ADD-PATH"), "{caps}");
+
+    // The preferred source goes: BIRD withdraws that path only; the other is best.
+    birdc(&d, "disable s1");
+    wait_for(Duration::from_secs(10), "the other path as best", || {
+        us.routes()
+            .contains(&("10.250.0.0/24".to_string(), "10.99.0.22".to_string()))
+            .then_some(())
+    });
+    assert_eq!(us.peer_state(BIRD).unwrap().received, 1);
+
+    // Ours reached BIRD through the identifiers we put before each prefix.
+    let r = wait_for(Duration::from_secs(10), "our route at BIRD", || {
+        let s = birdc(&d, "show route all 10.244.1.0/26");
+        s.contains("10.244.1.0/26").then_some(s)
+    });
+    assert!(r.contains(&format!("via {US}")), "{r}");
+    assert!(established(&us), "{:?}", us.peer_state(BIRD));
+}

@@ -182,6 +182,7 @@ fn two_octet_peers_get_as_trans_and_as4_path_and_we_rebuild_the_path() {
     let old = Codec {
         four_octet_as: false,
         ibgp: true,
+        ..Codec::default()
     };
     let path = AsPath::sequence(&[65001, 4_200_000_000, 65002]);
     let u = Update {
@@ -224,6 +225,7 @@ fn as4_path_longer_than_as_path_is_ignored() {
     let old = Codec {
         four_octet_as: false,
         ibgp: true,
+        ..Codec::default()
     };
     let mut attrs = good_attrs();
     attrs.truncate(ORIGIN_IGP.len());
@@ -404,6 +406,7 @@ fn local_pref_from_an_external_peer_is_discarded() {
     let ebgp = Codec {
         four_octet_as: true,
         ibgp: false,
+        ..Codec::default()
     };
     let mut attrs = good_attrs();
     attrs.extend([0x40, 5, 4, 0, 0, 0, 200]);
@@ -683,7 +686,7 @@ proptest! {
         m.extend(((19 + body.len()) as u16).to_be_bytes());
         m.push(t);
         m.extend(body);
-        let codec = Codec { four_octet_as: four, ibgp: true };
+        let codec = Codec { four_octet_as: four, ibgp: true, ..Codec::default() };
         let _ = decode(&m, &codec);
     }
 }
@@ -818,4 +821,129 @@ fn gobgps_messages_mean_what_gobgp_sent() {
         decode_ok(&fixture("gobgp-05-update")).withdrawn,
         vec![net("10.244.3.0/26")]
     );
+}
+
+fn add_path_codec(on: bool) -> Codec {
+    let both = AddPathFamilies { ipv4: on, ipv6: on };
+    Codec {
+        add_path_rx: both,
+        add_path_tx: both,
+        ..Codec::default()
+    }
+}
+
+#[test]
+fn add_path_identifiers_round_trip_in_every_prefix_list() {
+    let attrs = Attributes {
+        origin: Some(Origin::Igp),
+        as_path: Some(AsPath::default()),
+        next_hop: Some(Ipv4Addr::new(10, 99, 0, 2)),
+        ..Default::default()
+    };
+    let u = Update {
+        withdrawn: vec![net("10.244.9.0/26")],
+        attrs,
+        // The same prefix twice: two paths.
+        nlri: vec![net("10.244.1.0/26"), net("10.244.1.0/26")],
+        mp_reach: Some(MpReach {
+            family: IPV6_UNICAST,
+            next_hops: vec!["fd00::2".parse().unwrap()],
+            nlri: vec![net("fd00:244::/122")],
+        }),
+        mp_unreach: Some(MpUnreach {
+            family: IPV6_UNICAST,
+            withdrawn: vec![net("fd00:244:1::/122")],
+        }),
+        path_ids: PathIds {
+            withdrawn: vec![7],
+            nlri: vec![1, 2],
+            mp_reach: vec![9],
+            mp_unreach: vec![4_000_000_000],
+        },
+        ..Default::default()
+    };
+    let m = Message::Update(u);
+    let codec = add_path_codec(true);
+    assert_eq!(round_trip(&m, &codec), m);
+    // On the wire: each IPv4 prefix after its 4-byte identifier.
+    let bytes = m.to_bytes(&codec);
+    let nlri = [0, 0, 0, 1, 26, 10, 244, 1, 0, 0, 0, 0, 2, 26, 10, 244, 1, 0];
+    assert!(bytes.ends_with(&nlri), "{bytes:?}");
+    // Read without identifiers, the same bytes are not those prefixes.
+    assert_ne!(decode(&bytes, &add_path_codec(false)).ok(), Some(m));
+}
+
+#[test]
+fn prefixes_without_identifiers_are_sent_as_path_1_when_the_peer_takes_them() {
+    let u = Update {
+        withdrawn: vec![net("10.244.9.0/26")],
+        ..Default::default()
+    };
+    let bytes = Message::Update(u).to_bytes(&add_path_codec(true));
+    let Message::Update(back) = decode(&bytes, &add_path_codec(true)).unwrap() else {
+        panic!("not an UPDATE")
+    };
+    assert_eq!(back.withdrawn, vec![net("10.244.9.0/26")]);
+    assert_eq!(back.path_ids.withdrawn, vec![1]);
+}
+
+#[test]
+fn add_path_is_negotiated_per_family_and_direction() {
+    let ours = [(IPV4_UNICAST, 3), (IPV6_UNICAST, 3)];
+    // The peer sends IPv4 paths only, and takes IPv6 ones.
+    let theirs = [(IPV4_UNICAST, 2), (IPV6_UNICAST, 1)];
+    let rx = AddPathFamilies::negotiate(&ours, &theirs, 1);
+    let tx = AddPathFamilies::negotiate(&ours, &theirs, 2);
+    assert_eq!((rx.ipv4, rx.ipv6), (true, false));
+    assert_eq!((tx.ipv4, tx.ipv6), (false, true));
+    // Nothing when either side does not announce it.
+    assert_eq!(
+        AddPathFamilies::negotiate(&ours, &[], 1),
+        AddPathFamilies::default()
+    );
+    assert_eq!(
+        AddPathFamilies::negotiate(&[], &theirs, 2),
+        AddPathFamilies::default()
+    );
+}
+
+#[test]
+fn split_keeps_each_prefix_with_its_path_identifier() {
+    let nets: Vec<IpNet> = (0..3000u32)
+        .map(|i| {
+            IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap())
+        })
+        .collect();
+    let ids: Vec<u32> = (0..3000u32).map(|i| i * 7 + 1).collect();
+    let u = Update {
+        attrs: Attributes {
+            origin: Some(Origin::Igp),
+            as_path: Some(AsPath::default()),
+            next_hop: Some(Ipv4Addr::new(10, 99, 0, 2)),
+            ..Default::default()
+        },
+        nlri: nets.clone(),
+        withdrawn: nets.clone(),
+        path_ids: PathIds {
+            nlri: ids.clone(),
+            withdrawn: ids.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let codec = add_path_codec(true);
+    let parts = u.split(&codec);
+    assert!(parts.len() > 2);
+    let (mut got_nlri, mut got_withdrawn) = (Vec::new(), Vec::new());
+    for p in parts {
+        let m = Message::Update(p);
+        let Message::Update(back) = round_trip(&m, &codec) else {
+            panic!("not an UPDATE")
+        };
+        got_nlri.extend(back.nlri.into_iter().zip(back.path_ids.nlri));
+        got_withdrawn.extend(back.withdrawn.into_iter().zip(back.path_ids.withdrawn));
+    }
+    let want: Vec<(IpNet, u32)> = nets.into_iter().zip(ids).collect();
+    assert_eq!(got_nlri, want);
+    assert_eq!(got_withdrawn, want);
 }

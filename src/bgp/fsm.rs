@@ -14,8 +14,8 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use super::message::{
-    AS_TRANS, Capability, Family, GracefulRestart, IPV4_UNICAST, Message, Notification, Open,
-    RouteRefresh, err,
+    AS_TRANS, AddPathFamilies, Capability, Family, GracefulRestart, IPV4_UNICAST, Message,
+    Notification, Open, RouteRefresh, err,
 };
 use super::update::Update;
 
@@ -79,6 +79,9 @@ pub struct SessionConfig {
     /// Graceful restart capability: our restart time, and whether we are restarting now
     /// (R bit, and F bits for the families whose routes the dataplane kept).
     pub graceful_restart: Option<GracefulRestart>,
+    /// Announce ADD-PATH (RFC 7911) for our families, both directions (Calico's BIRD:
+    /// `add paths on`).
+    pub add_path: bool,
 }
 
 impl SessionConfig {
@@ -94,7 +97,16 @@ impl SessionConfig {
             passive: false,
             families: vec![IPV4_UNICAST],
             graceful_restart: None,
+            add_path: false,
         }
+    }
+
+    /// Our ADD-PATH capability: (family, 3 = receive and send) per family, or none.
+    pub fn add_path_capability(&self) -> Vec<(Family, u8)> {
+        if !self.add_path {
+            return Vec::new();
+        }
+        self.families.iter().map(|f| (*f, 3)).collect()
     }
 
     pub fn ibgp(&self) -> bool {
@@ -114,6 +126,9 @@ impl SessionConfig {
         if let Some(gr) = &self.graceful_restart {
             caps.push(Capability::GracefulRestart(gr.clone()));
         }
+        if self.add_path {
+            caps.push(Capability::AddPath(self.add_path_capability()));
+        }
         Open::new(self.local_as, self.hold_time, self.router_id, caps)
     }
 }
@@ -132,6 +147,21 @@ pub struct Negotiated {
     pub enhanced_route_refresh: bool,
     /// The peer's graceful-restart capability, if it has one.
     pub peer_graceful_restart: Option<GracefulRestart>,
+    /// Families whose prefixes carry path identifiers (RFC 7911), from the peer and to it.
+    pub add_path_rx: AddPathFamilies,
+    pub add_path_tx: AddPathFamilies,
+}
+
+/// The peer's ADD-PATH capability (empty when it has none).
+pub fn peer_add_path(open: &Open) -> Vec<(Family, u8)> {
+    open.capabilities
+        .iter()
+        .filter_map(|c| match c {
+            Capability::AddPath(f) => Some(f.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }
 
 /// Why a session is not (or no longer) up, in words for status and logs.
@@ -534,6 +564,16 @@ impl Session {
             route_refresh: open.has(&Capability::RouteRefresh),
             enhanced_route_refresh: open.has(&Capability::EnhancedRouteRefresh),
             peer_graceful_restart: open.graceful_restart().cloned(),
+            add_path_rx: AddPathFamilies::negotiate(
+                &self.cfg.add_path_capability(),
+                &peer_add_path(open),
+                1,
+            ),
+            add_path_tx: AddPathFamilies::negotiate(
+                &self.cfg.add_path_capability(),
+                &peer_add_path(open),
+                2,
+            ),
         })
     }
 

@@ -270,12 +270,15 @@ pub struct RouteRefresh {
     pub subtype: u8,
 }
 
-/// What decoding needs from the session: negotiated 4-octet AS, and whether the peer is
-/// internal (LOCAL_PREF from an external peer is discarded, RFC 7606 §7.5).
+/// What decoding needs from the session: negotiated 4-octet AS, whether the peer is
+/// internal (LOCAL_PREF from an external peer is discarded, RFC 7606 §7.5), and the
+/// families whose prefixes carry path identifiers (RFC 7911), received and sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Codec {
     pub four_octet_as: bool,
     pub ibgp: bool,
+    pub add_path_rx: AddPathFamilies,
+    pub add_path_tx: AddPathFamilies,
 }
 
 impl Default for Codec {
@@ -283,6 +286,36 @@ impl Default for Codec {
         Codec {
             four_octet_as: true,
             ibgp: true,
+            add_path_rx: AddPathFamilies::default(),
+            add_path_tx: AddPathFamilies::default(),
+        }
+    }
+}
+
+/// Which of our families carry path identifiers in one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AddPathFamilies {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl AddPathFamilies {
+    pub fn has(&self, family: Family) -> bool {
+        (family == IPV4_UNICAST && self.ipv4) || (family == IPV6_UNICAST && self.ipv6)
+    }
+
+    /// RFC 7911 §3: the families where we said `ours` (1 receive, 2 send) and the peer's
+    /// capability says the other direction.
+    pub fn negotiate(ours: &[(Family, u8)], theirs: &[(Family, u8)], ours_bit: u8) -> Self {
+        let both = |f: Family| {
+            ours.iter().any(|(g, m)| *g == f && m & ours_bit != 0)
+                && theirs
+                    .iter()
+                    .any(|(g, m)| *g == f && m & (3 ^ ours_bit) != 0)
+        };
+        AddPathFamilies {
+            ipv4: both(IPV4_UNICAST),
+            ipv6: both(IPV6_UNICAST),
         }
     }
 }
@@ -610,17 +643,24 @@ impl Message {
 pub fn fuzz_decode(data: &[u8]) {
     for four_octet_as in [true, false] {
         for ibgp in [true, false] {
-            let codec = Codec {
-                four_octet_as,
-                ibgp,
-            };
-            let mut rest = data;
-            while let Ok(Some(len)) = frame_len(rest) {
-                if let Ok(Message::Update(u)) = decode(&rest[..len], &codec) {
-                    let _ = u.effective();
-                    let _ = u.is_end_of_rib();
+            for add_path in [false, true] {
+                let codec = Codec {
+                    four_octet_as,
+                    ibgp,
+                    add_path_rx: AddPathFamilies {
+                        ipv4: add_path,
+                        ipv6: add_path,
+                    },
+                    ..Codec::default()
+                };
+                let mut rest = data;
+                while let Ok(Some(len)) = frame_len(rest) {
+                    if let Ok(Message::Update(u)) = decode(&rest[..len], &codec) {
+                        let _ = u.effective();
+                        let _ = u.is_end_of_rib();
+                    }
+                    rest = &rest[len..];
                 }
-                rest = &rest[len..];
             }
         }
     }

@@ -513,7 +513,11 @@ pub struct Rib {
     /// Each slot's peer (slot 0 is the local origin, never a peer).
     peers: Vec<Option<PeerInfo>>,
     counts: Vec<Counts>,
+    /// Each peer's slot (for its prefixes without path identifiers).
     by_addr: HashMap<IpAddr, u16>,
+    /// More slots of a peer, one per path identifier it sent (RFC 7911): each of its paths
+    /// to a prefix is a candidate of its own.
+    by_path: HashMap<(IpAddr, u32), u16>,
     /// Prefixes this node originates: their best path is always the local one.
     local: BTreeSet<IpNet>,
     local_route: Arc<RouteAttrs>,
@@ -528,6 +532,10 @@ pub type Changed = Vec<IpNet>;
 
 const DEFAULT_LOCAL_PREF: u32 = 100;
 
+/// Most path identifiers (RFC 7911) kept from one peer; paths with further ones are
+/// ignored. Calico's reflectors send one per source of a prefix.
+pub const MAX_PATH_IDS: usize = 64;
+
 /// How many prefixes of an UPDATE ahead of the one being applied its table slot is
 /// prefetched.
 const PREFETCH_AHEAD: usize = 8;
@@ -541,6 +549,7 @@ impl Rib {
             peers: vec![None],
             counts: vec![Counts::default()],
             by_addr: HashMap::new(),
+            by_path: HashMap::new(),
             local: BTreeSet::new(),
             local_route: Arc::new(RouteAttrs {
                 attrs: Attributes {
@@ -560,9 +569,18 @@ impl Rib {
     /// A session came up (its stale routes, if any, stay until swept).
     pub fn peer_up(&mut self, info: PeerInfo) {
         if let Some(&slot) = self.by_addr.get(&info.address) {
+            for s in self.slots_of(&info.address) {
+                self.peers[usize::from(s)] = Some(info.clone());
+            }
             self.peers[usize::from(slot)] = Some(info);
             return;
         }
+        let slot = self.new_slot(info.clone());
+        self.by_addr.insert(info.address, slot);
+    }
+
+    /// A free slot for `info`'s paths, counts zeroed.
+    fn new_slot(&mut self, info: PeerInfo) -> u16 {
         let slot = match self.peers.iter().skip(1).position(Option::is_none) {
             Some(i) => i + 1,
             None => {
@@ -571,9 +589,35 @@ impl Rib {
                 self.peers.len() - 1
             }
         };
-        self.by_addr.insert(info.address, slot as u16);
         self.peers[slot] = Some(info);
         self.counts[slot] = Counts::default();
+        u16::try_from(slot).expect("fewer than 65536 paths per prefix source")
+    }
+
+    /// Every slot of a peer: its own and one per path identifier.
+    fn slots_of(&self, address: &IpAddr) -> Vec<u16> {
+        let extra = self.by_path.iter().filter(|((a, _), _)| a == address);
+        let mut slots: Vec<u16> = self.by_addr.get(address).into_iter().copied().collect();
+        slots.extend(extra.map(|(_, s)| *s));
+        slots
+    }
+
+    /// The slot of a peer's path with identifier `id` (its own slot without one), made on
+    /// first use; None past `MAX_PATH_IDS` identifiers from one peer.
+    fn path_slot(&mut self, slot: u16, address: &IpAddr, id: Option<u32>) -> Option<u16> {
+        let Some(id) = id else {
+            return Some(slot);
+        };
+        if let Some(s) = self.by_path.get(&(*address, id)) {
+            return Some(*s);
+        }
+        if self.by_path.keys().filter(|(a, _)| a == address).count() >= MAX_PATH_IDS {
+            return None;
+        }
+        let info = self.peers[usize::from(slot)].clone()?;
+        let s = self.new_slot(info);
+        self.by_path.insert((*address, id), s);
+        Some(s)
     }
 
     pub fn peer(&self, address: &IpAddr) -> Option<&PeerInfo> {
@@ -587,30 +631,38 @@ impl Rib {
 
     /// Forget a peer and its routes.
     pub fn peer_down(&mut self, address: &IpAddr) -> Changed {
-        let Some(&slot) = self.by_addr.get(address) else {
-            return Changed::new();
-        };
-        let changed = self.for_all(Op::Remove(slot));
+        let slots = self.slots_of(address);
+        let changed = self.for_each_slot(&slots, Op::Remove);
+        for s in slots {
+            self.peers[usize::from(s)] = None;
+            self.counts[usize::from(s)] = Counts::default();
+        }
         self.by_addr.remove(address);
-        self.peers[usize::from(slot)] = None;
-        self.counts[usize::from(slot)] = Counts::default();
+        self.by_path.retain(|(a, _), _| a != address);
         changed
     }
 
     /// Keep a restarting peer's routes, marked stale (RFC 4724 §4.2).
     pub fn mark_stale(&mut self, address: &IpAddr) -> Changed {
-        match self.by_addr.get(address) {
-            Some(&slot) => self.for_all(Op::MarkStale(slot)),
-            None => Changed::new(),
-        }
+        self.for_each_slot(&self.slots_of(address), Op::MarkStale)
     }
 
     /// Drop a peer's routes that are still stale (its End-of-RIB came, or its time is up).
     pub fn sweep_stale(&mut self, address: &IpAddr) -> Changed {
-        match self.by_addr.get(address) {
-            Some(&slot) => self.for_all(Op::Sweep(slot)),
-            None => Changed::new(),
+        self.for_each_slot(&self.slots_of(address), Op::Sweep)
+    }
+
+    /// `for_all` for each of `slots`; each changed prefix once.
+    fn for_each_slot(&mut self, slots: &[u16], op: fn(u16) -> Op) -> Changed {
+        let mut changed = Changed::new();
+        for s in slots {
+            changed.extend(self.for_all(op(*s)));
         }
+        if slots.len() > 1 {
+            changed.sort();
+            changed.dedup();
+        }
+        changed
     }
 
     /// Apply a per-slot `op` to every prefix that has a path from that slot.
@@ -741,25 +793,43 @@ impl Rib {
             || self
                 .cluster_id
                 .is_some_and(|c| u.attrs.cluster_list.contains(&c));
-        let withdrawn = u
-            .withdrawn
-            .iter()
-            .chain(u.mp_unreach.iter().flat_map(|m| m.withdrawn.iter()));
-        let announced = u
-            .nlri
-            .iter()
-            .chain(u.mp_reach.iter().flat_map(|m| m.nlri.iter()));
+        // Each prefix with its path identifier, if the session carries them.
+        fn with_ids<'a>(
+            nets: &'a [IpNet],
+            ids: &'a [u32],
+        ) -> impl Iterator<Item = (&'a IpNet, Option<u32>)> + Clone + 'a {
+            nets.iter()
+                .enumerate()
+                .map(|(i, n)| (n, ids.get(i).copied()))
+        }
+        let ids = &u.path_ids;
+        let withdrawn = with_ids(&u.withdrawn, &ids.withdrawn).chain(
+            u.mp_unreach
+                .iter()
+                .flat_map(|m| with_ids(&m.withdrawn, &ids.mp_unreach)),
+        );
+        let announced = with_ids(&u.nlri, &ids.nlri).chain(
+            u.mp_reach
+                .iter()
+                .flat_map(|m| with_ids(&m.nlri, &ids.mp_reach)),
+        );
         let mut changed = Changed::new();
         if looped || u.treat_as_withdraw.is_some() {
-            for w in withdrawn.chain(announced) {
-                if self.one(*w, Op::Remove(slot)) {
+            for (w, id) in withdrawn.chain(announced) {
+                let Some(s) = self.path_slot(slot, from, id) else {
+                    continue;
+                };
+                if self.one(*w, Op::Remove(s)) {
                     changed.push(*w);
                 }
             }
             return changed;
         }
-        for w in withdrawn {
-            if self.one(*w, Op::Remove(slot)) {
+        for (w, id) in withdrawn {
+            let Some(s) = self.path_slot(slot, from, id) else {
+                continue;
+            };
+            if self.one(*w, Op::Remove(s)) {
                 changed.push(*w);
             }
         }
@@ -778,14 +848,17 @@ impl Rib {
         // The table is far larger than the cache: start each prefix's load a few prefixes
         // ahead, so the misses overlap instead of coming one after another.
         let mut ahead = announced.clone().skip(PREFETCH_AHEAD);
-        for prefix in announced {
-            if let Some(p) = ahead.next() {
+        for (prefix, id) in announced {
+            if let Some((p, _)) = ahead.next() {
                 self.table.prefetch(p);
             }
             let Some(route) = (match prefix {
                 IpNet::V4(_) => v4.or(v6),
                 IpNet::V6(_) => v6,
             }) else {
+                continue;
+            };
+            let Some(slot) = self.path_slot(slot, from, id) else {
                 continue;
             };
             let held = Held {
@@ -832,10 +905,16 @@ impl Rib {
         self.local.iter().copied().chain(learned)
     }
 
+    /// A peer's counts, over all its slots.
     fn counts(&self, address: &IpAddr) -> Counts {
-        self.by_addr
-            .get(address)
-            .map_or_else(Counts::default, |s| self.counts[usize::from(*s)])
+        let mut sum = Counts::default();
+        for s in self.slots_of(address) {
+            let c = self.counts[usize::from(s)];
+            sum.received += c.received;
+            sum.accepted += c.accepted;
+            sum.stale += c.stale;
+        }
+        sum
     }
 
     /// Number of paths received from a peer.
@@ -924,6 +1003,8 @@ fn compare(peers: &[Option<PeerInfo>], shared: &Shared, a: &Held, b: &Held) -> O
         .then(id(aa, ia).cmp(&id(ba, ib)))
         .then(aa.cluster_list.len().cmp(&ba.cluster_list.len()))
         .then_with(|| ia.map(|i| i.address).cmp(&ib.map(|i| i.address)))
+        // Two paths of one peer (RFC 7911): the one heard of first.
+        .then(a.slot.cmp(&b.slot))
 }
 
 impl Rib {

@@ -654,3 +654,53 @@ proptest::proptest! {
         }
     }
 }
+
+/// RFC 7911: one peer's paths with different identifiers are candidates of their own.
+#[test]
+fn add_path_keeps_each_path_of_a_peer_apart() {
+    let mut rib = Rib::new(LOCAL_AS, US, None);
+    let rr = ip("10.99.0.9");
+    rib.peer_up(peer("10.99.0.9", LOCAL_AS, false));
+    let with_id = |nh: &str, lp: u32, id: u32| {
+        let mut u = announce("10.244.1.0/26", nh, |a| a.local_pref = Some(lp));
+        u.path_ids.nlri = vec![id];
+        u
+    };
+    rib.apply_update(&rr, &with_id("10.99.0.1", 100, 1));
+    rib.apply_update(&rr, &with_id("10.99.0.2", 200, 2));
+    let p = net("10.244.1.0/26");
+    assert_eq!(rib.received(&rr), 2);
+    assert_eq!(rib.best(&p).unwrap().next_hop(), Some(ip("10.99.0.2")));
+    // Path 2 withdrawn: path 1 is left.
+    let mut w = Update {
+        withdrawn: vec![p],
+        ..Default::default()
+    };
+    w.path_ids.withdrawn = vec![2];
+    assert_eq!(rib.apply_update(&rr, &w), vec![p]);
+    assert_eq!(rib.best(&p).unwrap().next_hop(), Some(ip("10.99.0.1")));
+    assert_eq!(rib.received(&rr), 1);
+    // A new path 1 replaces the old one.
+    rib.apply_update(&rr, &with_id("10.99.0.3", 100, 1));
+    assert_eq!(rib.best(&p).unwrap().next_hop(), Some(ip("10.99.0.3")));
+    assert_eq!(rib.received(&rr), 1);
+    // The peer goes: all its paths with it.
+    rib.apply_update(&rr, &with_id("10.99.0.2", 200, 2));
+    assert_eq!(rib.peer_down(&rr), vec![p]);
+    assert!(rib.best(&p).is_none());
+    assert_eq!(rib.received(&rr), 0);
+    assert_eq!(rib.check_shared(), Ok(0));
+}
+
+#[test]
+fn add_path_identifiers_past_the_limit_are_ignored() {
+    let mut rib = Rib::new(LOCAL_AS, US, None);
+    let rr = ip("10.99.0.9");
+    rib.peer_up(peer("10.99.0.9", LOCAL_AS, false));
+    for id in 0..(MAX_PATH_IDS as u32 + 10) {
+        let mut u = announce("10.244.1.0/26", "10.99.0.1", |_| {});
+        u.path_ids.nlri = vec![id];
+        rib.apply_update(&rr, &u);
+    }
+    assert_eq!(rib.received(&rr), MAX_PATH_IDS);
+}

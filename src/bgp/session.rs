@@ -22,10 +22,13 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::fsm::peer_add_path;
 use super::fsm::{
     ConnId, Direction, DownReason, Input, Negotiated, Output, Session, SessionConfig, State, Timer,
 };
-use super::message::{Capability, Codec, Message, RouteRefresh, decode, frame_len};
+use super::message::{
+    AddPathFamilies, Capability, Codec, Family, Message, RouteRefresh, decode, frame_len,
+};
 use super::sockopt;
 use super::update::Update;
 
@@ -270,9 +273,12 @@ async fn sleep_until(deadline: Option<Instant>) {
 impl Task {
     fn codec(&self) -> Codec {
         let four = self.fsm.established().is_none_or(|(_, n)| n.four_octet_as);
+        let tx = self.fsm.established().map(|(_, n)| n.add_path_tx);
         Codec {
             four_octet_as: four,
             ibgp: self.peer.session.ibgp(),
+            add_path_tx: tx.unwrap_or_default(),
+            ..Codec::default()
         }
     }
 
@@ -286,7 +292,10 @@ impl Task {
         let reader = tokio::spawn(read_loop(
             id,
             rd,
-            self.peer.session.ibgp(),
+            (
+                self.peer.session.ibgp(),
+                self.peer.session.add_path_capability(),
+            ),
             self.internal.clone(),
         ));
         self.conns.insert(
@@ -494,12 +503,21 @@ async fn write_loop(
     let _ = wr.shutdown().await;
 }
 
-async fn read_loop(conn: ConnId, mut rd: OwnedReadHalf, ibgp: bool, tx: mpsc::Sender<Internal>) {
+/// Read and decode a connection's messages. `ibgp`: the peer is internal; `add_path`: the
+/// ADD-PATH capability we announce (with the peer's, it says which families' prefixes
+/// come with path identifiers).
+async fn read_loop(
+    conn: ConnId,
+    mut rd: OwnedReadHalf,
+    (ibgp, add_path): (bool, Vec<(Family, u8)>),
+    tx: mpsc::Sender<Internal>,
+) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     // Until the peer's OPEN says it speaks 4-octet AS numbers (we always do).
     let mut codec = Codec {
         four_octet_as: false,
         ibgp,
+        ..Codec::default()
     };
     loop {
         // Every whole message of this read, handed on together.
@@ -522,6 +540,8 @@ async fn read_loop(conn: ConnId, mut rd: OwnedReadHalf, ibgp: bool, tx: mpsc::Se
                             .capabilities
                             .iter()
                             .any(|c| matches!(c, Capability::FourOctetAs(_)));
+                        codec.add_path_rx =
+                            AddPathFamilies::negotiate(&add_path, &peer_add_path(o), 1);
                     }
                     msgs.push(msg);
                 }

@@ -100,6 +100,8 @@ fn session_config(cfg: &DesiredBgpConfig, p: &DesiredPeer, recovering: bool) -> 
     let mut s = SessionConfig::new(cfg.local_as.0, p.remote_as.0, cfg.router_id);
     s.passive = p.passive;
     s.hold_time = p.hold_time;
+    // Calico's BIRD: `add paths on`.
+    s.add_path = true;
     s.families = if cfg.ipv6_next_hop.is_some() || p.address.is_ipv6() {
         vec![IPV4_UNICAST, IPV6_UNICAST]
     } else {

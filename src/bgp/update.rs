@@ -178,6 +178,19 @@ pub struct Update {
     pub treat_as_withdraw: Option<String>,
     /// Attributes dropped (RFC 7606 "attribute discard"), with the reason.
     pub discarded: Vec<String>,
+    /// The path identifiers (RFC 7911) of the prefixes, list by list, where the session
+    /// carries them; an empty list: none. On encoding, a prefix without one gets path 1
+    /// (we send one path per prefix).
+    pub path_ids: PathIds,
+}
+
+/// Path identifiers, one per prefix of the list of the same name (or none).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PathIds {
+    pub withdrawn: Vec<u32>,
+    pub nlri: Vec<u32>,
+    pub mp_reach: Vec<u32>,
+    pub mp_unreach: Vec<u32>,
 }
 
 impl Update {
@@ -231,46 +244,80 @@ impl Update {
             return vec![self];
         }
         let mut out = Vec::new();
+        // Chunks of a prefix list and of its path identifiers, if it has them. Sizes allow
+        // for the 4 bytes of an identifier.
+        fn chunks<'a>(
+            nets: &'a [IpNet],
+            ids: &'a [u32],
+            n: usize,
+        ) -> impl Iterator<Item = (Vec<IpNet>, Vec<u32>)> + 'a {
+            let n = n.max(1);
+            nets.chunks(n).enumerate().map(move |(i, c)| {
+                let ids = ids.get(i * n..(i * n + c.len()).min(ids.len()));
+                (c.to_vec(), ids.unwrap_or_default().to_vec())
+            })
+        }
+        let ids = &self.path_ids;
+        // Most bytes of one prefix, identifier included when sent.
+        let id_len = |f: Family| if codec.add_path_tx.has(f) { 4 } else { 0 };
+        let (v4, v6) = (5 + id_len(IPV4_UNICAST), 17 + id_len(IPV6_UNICAST));
         // Withdrawals travel alone.
-        let shell = |withdrawn: Vec<IpNet>| Update {
-            withdrawn,
-            ..Default::default()
-        };
-        for chunk in self.withdrawn.chunks(800) {
-            out.push(shell(chunk.to_vec()));
+        for (withdrawn, w) in chunks(&self.withdrawn, &ids.withdrawn, 4000 / v4) {
+            out.push(Update {
+                withdrawn,
+                path_ids: PathIds {
+                    withdrawn: w,
+                    ..Default::default()
+                },
+                ..Default::default()
+            });
         }
         if let Some(u) = &self.mp_unreach {
-            for chunk in u.withdrawn.chunks(200) {
+            for (withdrawn, w) in chunks(&u.withdrawn, &ids.mp_unreach, 3400 / v6) {
                 out.push(Update {
                     mp_unreach: Some(MpUnreach {
                         family: u.family,
-                        withdrawn: chunk.to_vec(),
+                        withdrawn,
                     }),
+                    path_ids: PathIds {
+                        mp_unreach: w,
+                        ..Default::default()
+                    },
                     ..Default::default()
                 });
             }
         }
-        let with_attrs = |nlri: Vec<IpNet>, mp: Option<MpReach>| Update {
+        let with_attrs = |nlri: Vec<IpNet>, mp: Option<MpReach>, path_ids: PathIds| Update {
             attrs: self.attrs.clone(),
             nlri,
             mp_reach: mp,
+            path_ids,
             ..Default::default()
         };
-        let base = HEADER_LEN + with_attrs(vec![], None).encode_body(codec).len();
+        let base = HEADER_LEN
+            + with_attrs(vec![], None, PathIds::default())
+                .encode_body(codec)
+                .len();
         let room = MAX_MESSAGE_LEN.saturating_sub(base + 64).max(64);
-        for chunk in self.nlri.chunks(room / 5) {
-            out.push(with_attrs(chunk.to_vec(), None));
+        for (nlri, n) in chunks(&self.nlri, &ids.nlri, room / v4) {
+            let path_ids = PathIds {
+                nlri: n,
+                ..Default::default()
+            };
+            out.push(with_attrs(nlri, None, path_ids));
         }
         if let Some(m) = &self.mp_reach {
-            for chunk in m.nlri.chunks(room / 17) {
-                out.push(with_attrs(
-                    vec![],
-                    Some(MpReach {
-                        family: m.family,
-                        next_hops: m.next_hops.clone(),
-                        nlri: chunk.to_vec(),
-                    }),
-                ));
+            for (nlri, n) in chunks(&m.nlri, &ids.mp_reach, room / v6) {
+                let mp = MpReach {
+                    family: m.family,
+                    next_hops: m.next_hops.clone(),
+                    nlri,
+                };
+                let path_ids = PathIds {
+                    mp_reach: n,
+                    ..Default::default()
+                };
+                out.push(with_attrs(vec![], Some(mp), path_ids));
             }
         }
         out
@@ -279,9 +326,13 @@ impl Update {
     /// The body (after the header).
     pub fn encode_body(&self, codec: &Codec) -> Vec<u8> {
         let mut withdrawn = Vec::new();
-        for p in &self.withdrawn {
-            encode_prefix(p, &mut withdrawn);
-        }
+        let v4_ids = codec.add_path_tx.ipv4;
+        encode_prefixes(
+            &self.withdrawn,
+            v4_ids,
+            &self.path_ids.withdrawn,
+            &mut withdrawn,
+        );
         let mut attrs = Vec::new();
         encode_attributes(self, codec, &mut attrs);
         let mut out = Vec::with_capacity(4 + withdrawn.len() + attrs.len() + 5 * self.nlri.len());
@@ -289,10 +340,18 @@ impl Update {
         out.extend(withdrawn);
         out.extend((attrs.len() as u16).to_be_bytes());
         out.extend(attrs);
-        for p in &self.nlri {
-            encode_prefix(p, &mut out);
-        }
+        encode_prefixes(&self.nlri, v4_ids, &self.path_ids.nlri, &mut out);
         out
+    }
+}
+
+/// A list of prefixes, each after its path identifier when `with_ids` (from `ids`, else 1).
+fn encode_prefixes(nets: &[IpNet], with_ids: bool, ids: &[u32], out: &mut Vec<u8>) {
+    for (i, p) in nets.iter().enumerate() {
+        if with_ids {
+            out.extend(ids.get(i).copied().unwrap_or(1).to_be_bytes());
+        }
+        encode_prefix(p, out);
     }
 }
 
@@ -306,10 +365,15 @@ fn encode_prefix(p: &IpNet, out: &mut Vec<u8>) {
     }
 }
 
-/// Decode a list of prefixes of one family; None when malformed.
-fn decode_prefixes(mut r: Reader<'_>, v6: bool) -> Option<Vec<IpNet>> {
+/// Decode a list of prefixes of one family, each after a path identifier when `with_ids`
+/// (the identifiers are returned beside them); None when malformed.
+fn decode_prefixes(mut r: Reader<'_>, v6: bool, with_ids: bool) -> Option<(Vec<IpNet>, Vec<u32>)> {
     let mut out = Vec::new();
+    let mut ids = Vec::new();
     while !r.is_empty() {
+        if with_ids {
+            ids.push(r.u32()?);
+        }
         let len = r.u8()?;
         let max = if v6 { 128 } else { 32 };
         if len > max {
@@ -327,7 +391,7 @@ fn decode_prefixes(mut r: Reader<'_>, v6: bool) -> Option<Vec<IpNet>> {
         };
         out.push(net);
     }
-    Some(out)
+    Some((out, ids))
 }
 
 fn put_attr(out: &mut Vec<u8>, flags: u8, code: u8, value: &[u8]) {
@@ -419,17 +483,15 @@ fn encode_attributes(u: &Update, codec: &Codec, out: &mut Vec<u8>) {
         v.push(nh.len() as u8);
         v.extend(nh);
         v.push(0);
-        for p in &m.nlri {
-            encode_prefix(p, &mut v);
-        }
+        let with_ids = codec.add_path_tx.has(m.family);
+        encode_prefixes(&m.nlri, with_ids, &u.path_ids.mp_reach, &mut v);
         put_attr(out, OPT, code::MP_REACH, &v);
     }
     if let Some(m) = &u.mp_unreach {
         let mut v = m.family.0.0.to_be_bytes().to_vec();
         v.push(m.family.1.0);
-        for p in &m.withdrawn {
-            encode_prefix(p, &mut v);
-        }
+        let with_ids = codec.add_path_tx.has(m.family);
+        encode_prefixes(&m.withdrawn, with_ids, &u.path_ids.mp_unreach, &mut v);
         put_attr(out, OPT, code::MP_UNREACH, &v);
     }
     if !codec.four_octet_as {
@@ -521,7 +583,8 @@ enum Fault {
     Reset(Notification),
 }
 
-fn decode_mp_reach(v: &[u8]) -> Option<MpReach> {
+/// MP_REACH_NLRI and its prefixes' path identifiers (if the codec receives them).
+fn decode_mp_reach(v: &[u8], codec: &Codec) -> Option<(MpReach, Vec<u32>)> {
     let mut r = Reader::new(v);
     let family = (Afi(r.u16()?), Safi(r.u8()?));
     let nh_len = usize::from(r.u8()?);
@@ -537,32 +600,38 @@ fn decode_mp_reach(v: &[u8]) -> Option<MpReach> {
         (f, _) if f == IPV4_UNICAST || f == IPV6_UNICAST => return None,
         // A family we do not speak: its NLRI are not ours to read.
         _ => {
-            return Some(MpReach {
+            let mp = MpReach {
                 family,
                 next_hops: vec![],
                 nlri: vec![],
-            });
+            };
+            return Some((mp, vec![]));
         }
     };
-    let nlri = decode_prefixes(r, family == IPV6_UNICAST)?;
-    Some(MpReach {
+    let with_ids = codec.add_path_rx.has(family);
+    let (nlri, ids) = decode_prefixes(r, family == IPV6_UNICAST, with_ids)?;
+    let mp = MpReach {
         family,
         next_hops,
         nlri,
-    })
+    };
+    Some((mp, ids))
 }
 
-fn decode_mp_unreach(v: &[u8]) -> Option<MpUnreach> {
+/// MP_UNREACH_NLRI and its prefixes' path identifiers (if the codec receives them).
+fn decode_mp_unreach(v: &[u8], codec: &Codec) -> Option<(MpUnreach, Vec<u32>)> {
     let mut r = Reader::new(v);
     let family = (Afi(r.u16()?), Safi(r.u8()?));
     if family != IPV4_UNICAST && family != IPV6_UNICAST {
-        return Some(MpUnreach {
+        let mp = MpUnreach {
             family,
             withdrawn: vec![],
-        });
+        };
+        return Some((mp, vec![]));
     }
-    let withdrawn = decode_prefixes(r, family == IPV6_UNICAST)?;
-    Some(MpUnreach { family, withdrawn })
+    let with_ids = codec.add_path_rx.has(family);
+    let (withdrawn, ids) = decode_prefixes(r, family == IPV6_UNICAST, with_ids)?;
+    Some((MpUnreach { family, withdrawn }, ids))
 }
 
 fn ipv4(v: &[u8]) -> Option<Ipv4Addr> {
@@ -581,12 +650,19 @@ pub(crate) fn decode_update(body: &[u8], codec: &Codec) -> Result<Update, Notifi
     let alen = usize::from(r.u16().ok_or_else(list_error)?);
     let abytes = r.take(alen).ok_or_else(list_error)?;
     let network_error = || Notification::new(err::UPDATE, err::INVALID_NETWORK, []);
-    let withdrawn = decode_prefixes(Reader::new(wbytes), false).ok_or_else(network_error)?;
-    let nlri = decode_prefixes(r, false).ok_or_else(network_error)?;
+    let ids = codec.add_path_rx.ipv4;
+    let (withdrawn, withdrawn_ids) =
+        decode_prefixes(Reader::new(wbytes), false, ids).ok_or_else(network_error)?;
+    let (nlri, nlri_ids) = decode_prefixes(r, false, ids).ok_or_else(network_error)?;
 
     let mut u = Update {
         withdrawn,
         nlri,
+        path_ids: PathIds {
+            withdrawn: withdrawn_ids,
+            nlri: nlri_ids,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut seen = [false; 256];
@@ -771,22 +847,26 @@ fn decode_attribute(
             a.cluster_list = v.chunks(4).filter_map(ipv4).collect();
         }
         code::MP_REACH => {
-            u.mp_reach = Some(decode_mp_reach(v).ok_or_else(|| {
+            let (mp, ids) = decode_mp_reach(v, codec).ok_or_else(|| {
                 Fault::Reset(Notification::new(
                     err::UPDATE,
                     err::OPTIONAL_ATTR,
                     [flags, code],
                 ))
-            })?)
+            })?;
+            u.mp_reach = Some(mp);
+            u.path_ids.mp_reach = ids;
         }
         code::MP_UNREACH => {
-            u.mp_unreach = Some(decode_mp_unreach(v).ok_or_else(|| {
+            let (mp, ids) = decode_mp_unreach(v, codec).ok_or_else(|| {
                 Fault::Reset(Notification::new(
                     err::UPDATE,
                     err::OPTIONAL_ATTR,
                     [flags, code],
                 ))
-            })?)
+            })?;
+            u.mp_unreach = Some(mp);
+            u.path_ids.mp_unreach = ids;
         }
         code::AS4_PATH => {
             if codec.four_octet_as {
