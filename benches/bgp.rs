@@ -276,7 +276,7 @@ fn gobgp_receiver(inj: &Daemon, gobgp_ns: &NetNs, routes: usize) -> Option<Measu
     ))
 }
 
-/// Each figure's median over the runs, and the CPU seconds of every run.
+/// Each figure's median over the runs, and the CPU and wall seconds of every run.
 fn median(runs: &[Measure]) -> (Measure, String) {
     fn mid<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
         v.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
@@ -284,7 +284,7 @@ fn median(runs: &[Measure]) -> (Measure, String) {
     }
     let all = runs
         .iter()
-        .map(|m| format!("{:.2}", m.cpu.as_secs_f64()))
+        .map(|m| format!("{:.2}/{:.2}", m.cpu.as_secs_f64(), m.wall.as_secs_f64()))
         .collect::<Vec<_>>()
         .join(" ");
     let m = Measure {
@@ -332,7 +332,7 @@ fn bench(routes: usize, trials: usize) -> Option<Vec<(&'static str, Measure, Str
     let (m, all) = median(&b);
     out.push(("BIRD 2", m, all));
     let m = gobgp_receiver(&inj, &gobgp_ns, routes)?;
-    let all = format!("{:.2}", m.cpu.as_secs_f64());
+    let all = format!("{:.2}/{:.2}", m.cpu.as_secs_f64(), m.wall.as_secs_f64());
     out.push(("GoBGP", m, all));
     Some(out)
 }
@@ -361,7 +361,7 @@ fn main() {
         );
         for (name, m, all) in &results {
             println!(
-                "  {name:12} wall {:7.2} s   cpu {:7.2} s ({:.2} us/route)   {:6.0} bytes/route   [cpu s of each run: {all}]",
+                "  {name:12} wall {:7.2} s   cpu {:7.2} s ({:.2} us/route)   {:6.0} bytes/route   [cpu/wall s of each run: {all}]",
                 m.wall.as_secs_f64(),
                 m.cpu.as_secs_f64(),
                 m.cpu.as_secs_f64() * 1e6 / routes as f64,
