@@ -367,7 +367,11 @@ pub async fn reconcile(
             _ => None,
         })
         .collect();
-    let mut have: crate::bgp::rib::FastMap<IpNet, Vec<(Kernel, RawRoute)>> = Default::default();
+    // Ours in the kernel: the first route of each prefix, and any further ones (rare: other
+    // metrics) apart, so the common case costs no allocation per route.
+    let mut have: crate::bgp::rib::FastMap<IpNet, (Kernel, RawRoute)> =
+        crate::bgp::rib::FastMap::with_capacity_and_hasher(desired.len(), Default::default());
+    let mut more: crate::bgp::rib::FastMap<IpNet, Vec<(Kernel, RawRoute)>> = Default::default();
     for v6 in [false, true] {
         // On the writer: after everything queued before is in the kernel.
         let routes = w.dump(v6).await.map_err(|e| RouteError::Netlink {
@@ -398,7 +402,14 @@ pub async fn reconcile(
                             && (!n.starts_with(prefix) || workload_ifaces.contains(n))
                     }));
             if ours {
-                have.entry(r.dst).or_default().push((k, r));
+                match have.entry(r.dst) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert((k, r));
+                    }
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        more.entry(r.dst).or_default().push((k, r));
+                    }
+                }
             }
         }
     }
@@ -413,10 +424,16 @@ pub async fn reconcile(
                 continue;
             }
         };
-        let existing = have.remove(p).unwrap_or_default();
-        if existing.len() == 1 && existing[0].0 == k {
+        let first = have.remove(p);
+        let extra = if more.is_empty() {
+            Vec::new()
+        } else {
+            more.remove(p).unwrap_or_default()
+        };
+        if extra.is_empty() && first.as_ref().is_some_and(|(have, _)| *have == k) {
             continue;
         }
+        let existing = first.into_iter().chain(extra);
         // Replace the route of the default metric in place (no gap); routes of ours for
         // the prefix with other metrics go.
         let default_metric = if p.addr().is_ipv6() { 1024 } else { 0 };
@@ -428,7 +445,8 @@ pub async fn reconcile(
         ops.push(Op::Put(*p, k));
     }
     // What is left of ours is not desired.
-    for (d, v) in have {
+    let left = have.into_iter().map(|(d, kr)| (d, vec![kr]));
+    for (d, v) in left.chain(more) {
         let kept = keep.iter().any(|n| n.contains(&d));
         ops.extend(
             v.into_iter()
