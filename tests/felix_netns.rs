@@ -141,6 +141,13 @@ fn routes_of_ours_match_the_desired_ones_and_nothing_else_is_touched() {
         "proto",
         "80",
     ]);
+    // Second routes of ours for a desired prefix and for a stale one, with other metrics.
+    for (dst, metric) in [("10.244.1.0/26", "50"), ("10.99.0.0/26", "7")] {
+        ns.ip(&[
+            "route", "add", dst, "via", "10.0.0.8", "dev", "eth0", "onlink", "proto", "80",
+            "metric", metric,
+        ]);
+    }
     let foreign_v4 = [
         "10.0.0.0/24 dev eth0 proto kernel scope link src 10.0.0.1",
         "10.50.0.0/24 via 10.0.0.254 dev eth0 proto static",
@@ -189,7 +196,7 @@ fn routes_of_ours_match_the_desired_ones_and_nothing_else_is_touched() {
     assert!(first.failures.is_empty(), "{first:?}");
     assert_eq!(
         (first.added_or_replaced, first.deleted),
-        (5, 2),
+        (5, 4),
         "{first:?}"
     );
     let mut expected_v4: Vec<String> = foreign_v4.iter().map(|s| s.to_string()).collect();
