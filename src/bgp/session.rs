@@ -512,7 +512,13 @@ async fn read_loop(
     (ibgp, add_path): (bool, Vec<(Family, u8)>),
     tx: mpsc::Sender<Internal>,
 ) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    // Reads of 64 KiB, up to 256 KiB while the peer streams (each read that fills its room
+    // doubles it): fewer wake-ups through the session and the speaker during a table
+    // transfer, and an idle session keeps a small buffer.
+    const READ_MIN: usize = 64 * 1024;
+    const READ_MAX: usize = 256 * 1024;
+    let mut room = READ_MIN;
+    let mut buf = BytesMut::with_capacity(READ_MIN);
     // Until the peer's OPEN says it speaks 4-octet AS numbers (we always do).
     let mut codec = Codec {
         four_octet_as: false,
@@ -560,9 +566,15 @@ async fn read_loop(
                 .await;
             return;
         }
+        buf.reserve(room);
         let reason = match rd.read_buf(&mut buf).await {
             Ok(0) => "closed by the peer".to_string(),
-            Ok(_) => continue,
+            Ok(n) => {
+                if n >= room {
+                    room = (room * 2).min(READ_MAX);
+                }
+                continue;
+            }
             Err(e) => e.to_string(),
         };
         let _ = tx
