@@ -1,10 +1,12 @@
 //! `scripts/bench bgp`: one injector (BIRD with N static routes, its sessions enabled only
 //! after every route is loaded) feeds receivers in their own namespaces, one at a time:
 //! our speaker (a child process), BIRD 2 and GoBGP. For N = 100,000 and 1,000,000 it
-//! prints per receiver the wall time from Established until it holds all N, its CPU time
+//! prints per receiver the wall time from Established (as the injector sees it, polled
+//! over one control connection for every receiver) until it holds all N, its CPU time
 //! over that window (/proc/PID/task/*/schedstat), and peak RSS per route (VmHWM minus RSS
 //! before, over N), then the ratios. Our speaker and BIRD run `CALICO_BENCH_BGP_TRIALS`
-//! (default 5) times each, alternating, and the medians of each figure are compared; GoBGP
+//! times each (default 11 at 100k, where a run lasts about 0.1 s and moves by tens of ms;
+//! 5 at 1M), alternating, and the medians of each figure are compared; GoBGP
 //! runs once. `CALICO_BENCH_BGP_ROUTES=100000` runs one size only;
 //! `CALICO_BENCH_BGP_ONLY_OURS=1` measures our speaker only, and `CALICO_BENCH_PERF=FILE`
 //! records a `perf` profile of it.
@@ -17,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::NetNs;
-use common::bgp::{Daemon, Poker, bird, birdc, gobgp, gobgp_cli, lan};
+use common::bgp::{BirdCtl, Daemon, Poker, bird, birdc, gobgp, gobgp_cli, lan};
 
 const INJ: &str = "10.99.0.1";
 const OURS: &str = "10.99.0.2";
@@ -52,11 +54,10 @@ struct Measure {
 }
 
 /// The speaker process: eBGP receiver of the injector; counts routes handed to Felix and
-/// prints ESTABLISHED and DONE lines.
+/// prints DONE when it has them all.
 fn speaker_process(netns: &str, routes: usize) {
     use calico_node::bgp::RouteUpdate;
     use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
-    use calico_node::bgp::fsm::State;
     let f = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
     nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
     let mut cfg = DesiredBgpConfig::new(OURS.parse().unwrap(), 64513);
@@ -71,26 +72,10 @@ fn speaker_process(netns: &str, routes: usize) {
         .unwrap();
     rt.block_on(async move {
         let (felix, mut updates) = tokio::sync::mpsc::channel(64);
-        let (status_tx, mut status) = tokio::sync::watch::channel(Vec::new());
+        let (status_tx, _status) = tokio::sync::watch::channel(Vec::new());
         let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(cfg.clone());
         let speaker = calico_node::bgp::speaker::Speaker::new(cfg, felix, status_tx);
         tokio::spawn(speaker.run(cfg_rx, tokio_util::sync::CancellationToken::new()));
-        tokio::spawn(async move {
-            loop {
-                if status.changed().await.is_err() {
-                    return;
-                }
-                let up = status
-                    .borrow()
-                    .iter()
-                    .any(|s| s.state == State::Established);
-                if up {
-                    println!("ESTABLISHED");
-                    let _ = std::io::stdout().flush();
-                    return;
-                }
-            }
-        });
         let mut have = 0usize;
         while let Some(batch) = updates.recv().await {
             for u in batch {
@@ -122,23 +107,28 @@ fn injector_conf(n: usize) -> String {
     s
 }
 
-/// Enable the injector's session `proto`, wait for `established` and `done` (both polled),
-/// measuring process `pid`.
+/// Enable the injector's session `proto`, wait until the injector has it Established,
+/// then until `done` (polled), measuring process `pid`. The start is seen from the
+/// injector's side for every receiver, over one open control connection: the moment the
+/// injector starts sending, polled the same way whichever receiver is measured.
 fn run(
     inj: &Daemon,
     proto: &str,
     pid: u32,
     routes: usize,
-    mut established: impl FnMut() -> bool,
     mut done: impl FnMut() -> bool,
 ) -> Measure {
     let rss_before = vm(pid, "VmRSS:");
     let _poke = Poker::start(inj.dir.path().join("bird.ctl"));
-    birdc(inj, &format!("enable {proto}"));
+    let mut ctl = BirdCtl::connect(inj);
+    ctl.cmd(&format!("enable {proto}"));
     let limit = Instant::now() + Duration::from_secs(600);
-    while !established() {
+    while !ctl
+        .cmd(&format!("show protocols {proto}"))
+        .contains("Established")
+    {
         assert!(Instant::now() < limit, "{proto}: no session");
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(1));
     }
     let (t0, c0) = (Instant::now(), cpu_ns(pid));
     while !done() {
@@ -195,14 +185,7 @@ fn ours(inj: &Daemon, ours_ns: &NetNs, routes: usize) -> Measure {
         lines.borrow_mut().extend(rx.try_iter());
         lines.borrow().iter().any(|l| l == what)
     };
-    let m = run(
-        inj,
-        "r_ours",
-        child.id(),
-        routes,
-        || seen("ESTABLISHED"),
-        || seen("DONE"),
-    );
+    let m = run(inj, "r_ours", child.id(), routes, || seen("DONE"));
     let _ = child.kill();
     let _ = child.wait();
     if let Some(mut p) = perf {
@@ -225,14 +208,10 @@ fn bird_receiver(inj: &Daemon, bird_ns: &NetNs, routes: usize) -> Option<Measure
         .parse()
         .ok()?;
     let imported = format!("Routes:         {routes} imported");
-    Some(run(
-        inj,
-        "r_bird",
-        pid,
-        routes,
-        || birdc(&rcv, "show protocols inj").contains("Established"),
-        || birdc(&rcv, "show protocols all inj").contains(&imported),
-    ))
+    let mut ctl = BirdCtl::connect(&rcv);
+    Some(run(inj, "r_bird", pid, routes, || {
+        ctl.cmd("show protocols all inj").contains(&imported)
+    }))
 }
 
 /// One run of a GoBGP receiver.
@@ -249,31 +228,17 @@ fn gobgp_receiver(inj: &Daemon, gobgp_ns: &NetNs, routes: usize) -> Option<Measu
         gobgp_cli(gobgp_ns, "neighbor")
             .lines()
             .find(|l| l.starts_with(INJ))
-            .map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (
-                    f.contains(&"Establ"),
-                    f.last().and_then(|a| a.parse::<usize>().ok()),
-                )
-            })
-            .unwrap_or((false, None))
+            .and_then(|l| l.split_whitespace().last()?.parse::<usize>().ok())
     };
     let mut last = Instant::now() - Duration::from_secs(1);
-    Some(run(
-        inj,
-        "r_gobgp",
-        pid,
-        routes,
-        || summary().0,
-        || {
-            // `gobgp neighbor` is cheap, but not free: ask every 100 ms.
-            if last.elapsed() < Duration::from_millis(100) {
-                return false;
-            }
-            last = Instant::now();
-            summary().1 == Some(routes)
-        },
-    ))
+    Some(run(inj, "r_gobgp", pid, routes, || {
+        // `gobgp neighbor` is cheap, but not free: ask every 100 ms.
+        if last.elapsed() < Duration::from_millis(100) {
+            return false;
+        }
+        last = Instant::now();
+        summary() == Some(routes)
+    }))
 }
 
 /// Each figure's median over the runs, and the CPU and wall seconds of every run.
@@ -349,10 +314,11 @@ fn main() {
         Ok(n) => vec![n.parse().expect("CALICO_BENCH_BGP_ROUTES is a number")],
         Err(_) => vec![100_000, 1_000_000],
     };
-    let trials: usize = std::env::var("CALICO_BENCH_BGP_TRIALS")
-        .map(|t| t.parse().expect("CALICO_BENCH_BGP_TRIALS is a number"))
-        .unwrap_or(5);
+    let trials: Option<usize> = std::env::var("CALICO_BENCH_BGP_TRIALS")
+        .ok()
+        .map(|t| t.parse().expect("CALICO_BENCH_BGP_TRIALS is a number"));
     for routes in sizes {
+        let trials = trials.unwrap_or(if routes <= 100_000 { 11 } else { 5 });
         let Some(results) = bench(routes, trials) else {
             return;
         };

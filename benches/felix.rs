@@ -319,28 +319,58 @@ impl KernelCounter {
             ready_tx.send(()).unwrap();
             let mut have = vec![false; n];
             let mut count = 0;
-            let mut buf = vec![0u8; 1 << 20];
+            // recvmmsg: up to 512 notifications (one datagram each) per system call. One
+            // recv per notification cost this counter ~2.6 s of CPU at 1M routes, on the
+            // two cores the receivers under test share.
+            const SLOTS: usize = 512;
+            const SLOT: usize = 1024;
+            let mut bufs = vec![0u8; SLOTS * SLOT];
+            let mut iov: Vec<libc::iovec> = (0..SLOTS)
+                .map(|i| libc::iovec {
+                    // SAFETY: each slot lies inside `bufs`, which outlives the loop.
+                    iov_base: unsafe { bufs.as_mut_ptr().add(i * SLOT) } as *mut libc::c_void,
+                    iov_len: SLOT,
+                })
+                .collect();
+            // SAFETY: an all-zero mmsghdr is valid; the iovec pointers are set below.
+            let mut msgs: Vec<libc::mmsghdr> =
+                (0..SLOTS).map(|_| unsafe { std::mem::zeroed() }).collect();
+            for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+                m.msg_hdr.msg_iov = v;
+                m.msg_hdr.msg_iovlen = 1;
+            }
             while !st2.load(Ordering::Relaxed) {
-                let r =
-                    unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+                // SAFETY: `msgs` describes SLOTS buffers of ours, each SLOT bytes long.
+                let r = unsafe {
+                    libc::recvmmsg(
+                        fd,
+                        msgs.as_mut_ptr(),
+                        SLOTS as u32,
+                        libc::MSG_WAITFORONE,
+                        std::ptr::null_mut(),
+                    )
+                };
                 if r < 0 {
                     if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
                         l2.store(true, Ordering::Relaxed);
                     }
                     continue;
                 }
-                for note in common::route_notes(&buf[..r as usize]) {
-                    let i = (note.dst.wrapping_sub(0x1000_0000) >> 8) as usize;
-                    let ours = note.kind == libc::RTM_NEWROUTE
-                        && note.protocol == protocol
-                        && note.dst_len == 24
-                        && note.dst >> 28 == 1;
-                    if ours && i < n && !have[i] {
-                        have[i] = true;
-                        count += 1;
-                        s2.store(count, Ordering::Relaxed);
+                for (k, m) in msgs.iter().take(r as usize).enumerate() {
+                    let got = &bufs[k * SLOT..k * SLOT + (m.msg_len as usize).min(SLOT)];
+                    for note in common::route_notes(got) {
+                        let i = (note.dst.wrapping_sub(0x1000_0000) >> 8) as usize;
+                        let ours = note.kind == libc::RTM_NEWROUTE
+                            && note.protocol == protocol
+                            && note.dst_len == 24
+                            && note.dst >> 28 == 1;
+                        if ours && i < n && !have[i] {
+                            have[i] = true;
+                            count += 1;
+                        }
                     }
                 }
+                s2.store(count, Ordering::Relaxed);
             }
             unsafe { libc::close(fd) };
         });
