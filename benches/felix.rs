@@ -76,7 +76,7 @@ fn ours(n: usize) -> Option<(Duration, Duration)> {
             .unwrap();
         let (w, _failures) = calico_node::felix::nlbatch::Writer::spawn().unwrap();
         let t = Instant::now();
-        let p = reconcile(&h, &w, &desired, "cali", uplink, &[])
+        let p = reconcile(&h, &w, &desired, ("cali", uplink), &[], None)
             .await
             .unwrap();
         let cold = t.elapsed();
@@ -87,7 +87,7 @@ fn ours(n: usize) -> Option<(Duration, Duration)> {
             p.failures.first()
         );
         let t = Instant::now();
-        let p = reconcile(&h, &w, &desired, "cali", uplink, &[])
+        let p = reconcile(&h, &w, &desired, ("cali", uplink), &[], None)
             .await
             .unwrap();
         let resync = t.elapsed();

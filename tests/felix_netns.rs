@@ -34,19 +34,30 @@ fn routes(ns: &NetNs, v6: bool) -> Vec<String> {
 }
 
 fn pass(ns: &NetNs, desired: &BTreeMap<IpNet, Route>) -> Pass {
-    pass_keeping(ns, desired, &[])
+    pass_keeping(ns, desired, &[], None)
 }
 
-fn pass_keeping(ns: &NetNs, desired: &BTreeMap<IpNet, Route>, keep: &[IpNet]) -> Pass {
+/// A pass over the routes through interface `only`.
+fn pass_of(ns: &NetNs, desired: &BTreeMap<IpNet, Route>, only: &str) -> Pass {
+    pass_keeping(ns, desired, &[], Some(only))
+}
+
+fn pass_keeping(
+    ns: &NetNs,
+    desired: &BTreeMap<IpNet, Route>,
+    keep: &[IpNet],
+    only: Option<&str>,
+) -> Pass {
     let desired: calico_node::felix::calc::RouteTable =
         desired.iter().map(|(p, r)| (*p, r.clone())).collect();
     let keep = keep.to_vec();
+    let only = only.map(|n| ns.ifindex(n));
     ns.with_netlink(move |h| async move {
         let uplink = interface_with(&h, "10.0.0.1".parse().unwrap())
             .await
             .unwrap();
         let (w, _failures) = calico_node::felix::nlbatch::Writer::spawn().unwrap();
-        reconcile(&h, &w, &desired, "cali", uplink, &keep)
+        reconcile(&h, &w, &desired, ("cali", uplink), &keep, only)
             .await
             .unwrap()
     })
@@ -234,6 +245,58 @@ fn routes_of_ours_match_the_desired_ones_and_nothing_else_is_touched() {
     assert_eq!((repair.added_or_replaced, repair.deleted), (1, 0));
     assert_eq!(routes(&ns, false), expected_v4);
 
+    // A pass over one interface (what an interface event triggers) repairs the routes
+    // through it and no other.
+    ns.ip(&["route", "del", "10.244.1.0/26"]);
+    ns.ip(&["route", "del", "10.244.0.3/32"]);
+    let p = pass_of(&ns, &desired, "cali0123456789a");
+    assert_eq!((p.added_or_replaced, p.deleted, p.ours), (1, 0, 1), "{p:?}");
+    let now = routes(&ns, false);
+    assert!(now.contains(&"10.244.0.3 dev cali0123456789a scope link".to_string()));
+    assert!(
+        !now.iter().any(|r| r.starts_with("10.244.1.0/26")),
+        "{now:?}"
+    );
+    // eth0 carries an IPv4 and an IPv6 route of ours.
+    let p = pass_of(&ns, &desired, "eth0");
+    assert_eq!((p.added_or_replaced, p.deleted, p.ours), (1, 0, 2), "{p:?}");
+    assert_eq!(routes(&ns, false), expected_v4);
+    // Routes of ours that are not desired go with their interface's pass only.
+    ns.ip(&[
+        "route",
+        "add",
+        "10.244.9.0/26",
+        "via",
+        "10.0.0.9",
+        "dev",
+        "eth0",
+        "proto",
+        "80",
+        "onlink",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.244.8.0/26",
+        "via",
+        "10.244.2.9",
+        "dev",
+        "vxlan.calico",
+        "proto",
+        "80",
+        "onlink",
+    ]);
+    let p = pass_of(&ns, &desired, "eth0");
+    assert_eq!((p.added_or_replaced, p.deleted), (0, 1), "{p:?}");
+    assert!(
+        routes(&ns, false)
+            .iter()
+            .any(|r| r.starts_with("10.244.8.0/26 via 10.244.2.9 dev vxlan.calico"))
+    );
+    let p = pass_of(&ns, &desired, "vxlan.calico");
+    assert_eq!((p.added_or_replaced, p.deleted), (0, 1), "{p:?}");
+    assert_eq!(routes(&ns, false), expected_v4);
+
     // A desired route through a missing interface is reported, the rest programmed.
     let mut broken = desired.clone();
     broken.insert(
@@ -296,12 +359,12 @@ fn routes_via_a_gateway_inside_kept_pools_survive_until_bgp_has_its_table() {
         .map(|(p, r)| (*p, r.clone()))
         .collect();
     let pools: Vec<IpNet> = vec!["10.244.0.0/16".parse().unwrap()];
-    let kept = pass_keeping(&ns, &BTreeMap::new(), &pools);
+    let kept = pass_keeping(&ns, &BTreeMap::new(), &pools, None);
     assert_eq!(
         kept.deleted, 2,
         "the blackhole and the route outside the kept pools go: {kept:?}"
     );
-    pass_keeping(&ns, &local, &pools);
+    pass_keeping(&ns, &local, &pools, None);
     let r = routes(&ns, false);
     assert!(
         r.contains(&"10.244.1.0/26 via 10.0.0.2 dev eth0 proto 80 onlink".to_string()),

@@ -3,7 +3,7 @@
 //! VTEP's ARP and FDB entries, and a blackhole for this node's block; a route deleted by
 //! hand comes back within a second; this node gets a VXLAN tunnel address from the pool
 //! (Node field, IPAM handle, on the device) and the pods' MTU is written for the CNI
-//! plugin; switching the pool to no encapsulation removes the VXLAN route and device and
+//! plugin; the repair after a route event covers that route's interface only; switching the pool to no encapsulation removes the VXLAN route and device and
 //! releases the address (no stale state), and back.
 
 mod common;
@@ -155,12 +155,29 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         },
     );
 
-    // Another tool deletes our route: it is back within a second.
+    // Another tool deletes our route: it is back within a second. The repair covers the
+    // interface the event named, not the whole dataplane: a setting no event reports (IPv4
+    // forwarding, turned off by hand) stays as it is until the next full pass.
+    let forwarding = || {
+        ns.run_in(|| std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(forwarding(), "1");
+    ns.run_in(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "0"))
+        .unwrap();
     ns.ip(&["route", "del", "10.244.1.0/26"]);
     let took = common::until("the route to come back", Duration::from_secs(1), || {
         routes().contains(REMOTE_ROUTE)
     });
     eprintln!("route repaired in {took:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        forwarding(),
+        "0",
+        "a full pass ran for one interface's route"
+    );
 
     // The pool stops using VXLAN: its routes would come from BGP now; nothing of VXLAN
     // is left behind. Then back.
@@ -174,6 +191,10 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         },
     );
     assert!(routes().contains("blackhole 10.244.0.0/26 proto 80"));
+    // The datastore change made a full pass.
+    common::until("forwarding on again", Duration::from_secs(5), || {
+        forwarding() == "1"
+    });
     common::until(
         "the tunnel address released",
         Duration::from_secs(10),

@@ -1,8 +1,11 @@
 //! The Felix actor: folds the syncer's events and BGP's best routes into [`State`], and
 //! once the datastore is in sync makes the kernel match the desired dataplane (tunnels,
 //! routes, neighbours and FDB, NAT outgoing, workload sysctls). It applies again after
-//! every change, every `routeRefreshInterval` (default 90 s), and shortly after any link or
-//! route event (so a route of ours deleted by another tool comes back within a second).
+//! every change and every `routeRefreshInterval` (default 90 s). Shortly after link or
+//! route events (so a route of ours deleted by another tool comes back within a second)
+//! it repairs what they touched: a workload interface's routes, sysctls and neighbours, or
+//! the routes through another interface; a full pass only when they touched something
+//! else (another link, or notifications were lost).
 //!
 //! ```text
 //! syncer --SyncerEvent--> felix <--Vec<RouteUpdate>-- bgp speaker
@@ -20,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::FelixInput;
 use super::calc::Desired;
-use super::events::Events;
+use super::events::{Events, Touched};
 use super::nlbatch::Writer;
 use super::state::State;
 use super::tunnels::TunnelError;
@@ -142,6 +145,9 @@ pub async fn run(
     // What the last full pass programmed (its routes kept up to date by BGP's changes), and
     // the uplink it used.
     let mut last: Option<(Desired, Option<u32>)> = None;
+    // What kernel events touched since the last pass, repaired when `due`.
+    let mut touched = Touched::default();
+    let mut repair = false;
     loop {
         let wake = due.map_or(next_resync, |d| d.min(next_resync));
         tokio::select! {
@@ -171,12 +177,17 @@ pub async fn run(
                 tracing::warn!(problem = %failure, "dataplane");
                 metrics.failures.inc();
                 health.set_ready(false, Some(failure));
+                touched.unknown = true;
                 due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
             }
             r = next_event(&mut events) => {
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "netlink events failed; repairs wait for the periodic resync");
-                    events = None;
+                match r {
+                    Ok(t) => touched.merge(t),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "netlink events failed; repairs wait for the periodic resync");
+                        events = None;
+                        touched.unknown = true;
+                    }
                 }
                 due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
             }
@@ -188,7 +199,19 @@ pub async fn run(
                 }
                 if due.is_some_and(|d| d <= tokio::time::Instant::now()) {
                     due = None;
-                    full = true;
+                    // Links other than workload interfaces (the uplink, the tunnels) are
+                    // settings of the whole pass.
+                    let cfg = state.config();
+                    let prefix = cfg.interface_prefix();
+                    let other_link = touched
+                        .links
+                        .values()
+                        .any(|n| !n.as_deref().is_some_and(|n| n.starts_with(prefix)));
+                    if touched.unknown || other_link {
+                        full = true;
+                    } else {
+                        repair = true;
+                    }
                 }
             }
         }
@@ -221,7 +244,25 @@ pub async fn run(
                     metrics.failures.inc();
                     health.set_ready(false, Some(problems.join("; ")));
                     // Read the kernel back and retry everything soon.
+                    touched.unknown = true;
                     due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
+                }
+                continue;
+            }
+            full = true;
+        }
+        if repair && !full {
+            repair = false;
+            if let Some((desired, uplink)) = &last {
+                let started = Instant::now();
+                let t = std::mem::take(&mut touched);
+                let problems =
+                    repair_touched((&handle, &writer), &state, desired, *uplink, bgp_open, &t)
+                        .await;
+                metrics.apply_time.observe(started.elapsed().as_secs_f64());
+                if !problems.is_empty() {
+                    metrics.failures.inc();
+                    health.set_ready(false, Some(problems.join("; ")));
                 }
                 continue;
             }
@@ -231,14 +272,11 @@ pub async fn run(
             continue;
         }
         full = false;
+        repair = false;
+        touched = Touched::default();
         let started = Instant::now();
         let desired = state.desired();
-        // Until the speaker has delivered its table, BGP's routes in the kernel stay.
-        let keep = if bgp_open && !state.bgp_in_sync {
-            state.bgp_routed_pools()
-        } else {
-            Vec::new()
-        };
+        let keep = kept(&state, bgp_open);
         let (mut problems, uplink) = apply(
             (&handle, &writer),
             &state,
@@ -276,7 +314,65 @@ pub async fn run(
     }
 }
 
-async fn next_event(events: &mut Option<Events>) -> std::io::Result<()> {
+/// Until the speaker has delivered its table, BGP's routes in the kernel stay.
+fn kept(state: &State, bgp_open: bool) -> Vec<ipnet::IpNet> {
+    if bgp_open && !state.bgp_in_sync {
+        state.bgp_routed_pools()
+    } else {
+        Vec::new()
+    }
+}
+
+/// Repair what kernel events touched, against the last full pass's desired state: the
+/// routes through each touched interface (the whole table's when interface-less routes
+/// changed) and, for workload interfaces, their sysctls and the neighbour entries. The
+/// problems met.
+async fn repair_touched(
+    (h, writer): (&Handle, &Writer),
+    state: &State,
+    desired: &Desired,
+    uplink: Option<u32>,
+    bgp_open: bool,
+    t: &Touched,
+) -> Vec<String> {
+    let prefix = state.config().interface_prefix().to_string();
+    let keep = kept(state, bgp_open);
+    let mut problems = Vec::new();
+    let scopes: Vec<Option<u32>> = if t.routes {
+        vec![None]
+    } else {
+        t.route_ifaces
+            .iter()
+            .chain(t.links.keys())
+            .copied()
+            .collect::<std::collections::BTreeSet<u32>>()
+            .into_iter()
+            .map(Some)
+            .collect()
+    };
+    for only in scopes {
+        match routes::reconcile(h, writer, &desired.routes, (&prefix, uplink), &keep, only).await {
+            Ok(p) => problems.extend(p.failures),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    let workloads: Vec<&str> = t.links.values().flatten().map(String::as_str).collect();
+    for name in &workloads {
+        problems.extend(sysctls::ensure_interface(name));
+    }
+    if !workloads.is_empty() {
+        match neigh::reconcile(h, &desired.neighbours, &desired.fdb, &prefix).await {
+            Ok(p) => problems.extend(p.failures),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    for p in &problems {
+        tracing::warn!(problem = %p, "dataplane repair");
+    }
+    problems
+}
+
+async fn next_event(events: &mut Option<Events>) -> std::io::Result<Touched> {
     match events {
         Some(e) => e.next().await,
         None => std::future::pending().await,
@@ -338,7 +434,7 @@ async fn apply(
         Err(e) => problems.push(e.to_string()),
         Ok(_) => {}
     }
-    match routes::reconcile(h, writer, &desired.routes, &prefix, uplink, keep).await {
+    match routes::reconcile(h, writer, &desired.routes, (&prefix, uplink), keep, None).await {
         Ok(p) => problems.extend(p.failures),
         Err(e) => problems.push(e.to_string()),
     }

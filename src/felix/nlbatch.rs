@@ -88,9 +88,11 @@ enum Job {
         requests: Encoded,
         reply: Reply,
     },
-    /// Dump the main table's routes of a family (after every job before it).
+    /// Dump the main table's routes of a family (after every job before it), of one
+    /// output interface only when `oif` is given.
     Dump {
         v6: bool,
+        oif: Option<u32>,
         reply: tokio::sync::oneshot::Sender<io::Result<Vec<RawRoute>>>,
     },
 }
@@ -114,8 +116,8 @@ impl Writer {
                 while let Ok(job) = rx.recv() {
                     let (requests, reply) = match job {
                         Job::Send { requests, reply } => (requests, reply),
-                        Job::Dump { v6, reply } => {
-                            let _ = reply.send(dump_on(&mut socket, v6));
+                        Job::Dump { v6, oif, reply } => {
+                            let _ = reply.send(dump_on(&mut socket, v6, oif));
                             continue;
                         }
                     };
@@ -157,11 +159,16 @@ impl Writer {
             .map_err(|_| io::Error::other("the route writer stopped"))?
     }
 
-    /// The routes of one family, read after everything sent before.
-    pub async fn dump(&self, v6: bool) -> io::Result<Vec<RawRoute>> {
+    /// The routes of one family (through interface `oif` only, when given), read after
+    /// everything sent before.
+    pub async fn dump(&self, v6: bool, oif: Option<u32>) -> io::Result<Vec<RawRoute>> {
         let (done, wait) = tokio::sync::oneshot::channel();
         self.tx
-            .send(Job::Dump { v6, reply: done })
+            .send(Job::Dump {
+                v6,
+                oif,
+                reply: done,
+            })
             .map_err(|_| io::Error::other("the route writer stopped"))?;
         wait.await
             .map_err(|_| io::Error::other("the route writer stopped"))?
@@ -195,6 +202,9 @@ fn open() -> io::Result<Socket> {
     socket.connect(&SocketAddr::new(0, 0))?;
     // Acks without a copy of the request.
     let _ = socket.set_cap_ack(true);
+    // Dumps filtered by the kernel (an interface's routes only): strict checking of dump
+    // requests (Linux 4.20+). Without it the kernel sends everything and the dump filters.
+    let _ = socket.set_netlink_get_strict_chk(true);
     // Never wait forever for the kernel's answer.
     let timeout = libc::timeval {
         tv_sec: 10,
@@ -260,19 +270,28 @@ fn send_on(socket: &mut Socket, requests: Encoded) -> io::Result<Outcomes> {
     Ok(outcomes)
 }
 
-/// Dump the routes of a family (every table; the caller filters).
-fn dump_on(socket: &mut Socket, v6: bool) -> io::Result<Vec<RawRoute>> {
+/// Dump the routes of a family (every table; the caller filters), of one output interface
+/// only when `oif` is given.
+fn dump_on(socket: &mut Socket, v6: bool, oif: Option<u32>) -> io::Result<Vec<RawRoute>> {
     const RTM_GETROUTE: u16 = 26;
     const NLM_F_DUMP: u16 = 0x300;
     const NLMSG_ERROR: u16 = 2;
     const NLMSG_DONE: u16 = 3;
-    let mut req = [0u8; 28];
-    req[0..4].copy_from_slice(&28u32.to_ne_bytes());
+    // nlmsghdr, rtmsg, and RTA_OIF when filtering.
+    let len = if oif.is_some() { 36 } else { 28 };
+    let mut req = [0u8; 36];
+    req[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
     req[4..6].copy_from_slice(&RTM_GETROUTE.to_ne_bytes());
     req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     req[8..12].copy_from_slice(&0x0d0d_0d0du32.to_ne_bytes());
     req[16] = if v6 { libc::AF_INET6 } else { libc::AF_INET } as u8;
-    socket.send(&req, 0)?;
+    if let Some(i) = oif {
+        req[28..30].copy_from_slice(&8u16.to_ne_bytes());
+        req[30..32].copy_from_slice(&libc::RTA_OIF.to_ne_bytes());
+        req[32..36].copy_from_slice(&i.to_ne_bytes());
+    }
+    let req = &req[..len];
+    socket.send(req, 0)?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 1 << 17];
     loop {
@@ -297,7 +316,9 @@ fn dump_on(socket: &mut Socket, v6: bool) -> io::Result<Vec<RawRoute>> {
                         }
                     }
                     libc::RTM_NEWROUTE => {
-                        if let Some(r) = raw_route(&buf[off + 16..off + len]) {
+                        if let Some(r) = raw_route(&buf[off + 16..off + len])
+                            && (oif.is_none() || r.oif == oif)
+                        {
                             out.push(r);
                         }
                     }

@@ -38,7 +38,7 @@ enum Op {
 pub struct Pass {
     pub added_or_replaced: usize,
     pub deleted: usize,
-    /// Our routes in the table after the pass.
+    /// Our routes in the table after the pass (through the interface, for a pass of one).
     pub ours: usize,
     /// Desired routes that could not be programmed (missing interface, kernel refusal).
     pub failures: Vec<String>,
@@ -349,14 +349,16 @@ pub async fn interface_with(h: &Handle, ip: IpAddr) -> Result<Option<u32>, Route
 /// workload interface prefix (`cali`); `uplink` the interface of `Dev::Uplink` routes.
 /// Routes of ours via a gateway inside `keep` stay even when not desired: BGP's routes
 /// while the speaker has not delivered its table yet (forwarding state kept across a
-/// restart).
+/// restart). With `only`, the pass covers the routes through that interface (index) and
+/// no other: the kernel dumps that interface's routes, and desired routes through other
+/// interfaces, or that cannot be made, are not looked at.
 pub async fn reconcile(
     h: &Handle,
     w: &Writer,
     desired: &RouteTable,
-    prefix: &str,
-    uplink: Option<u32>,
+    (prefix, uplink): (&str, Option<u32>),
     keep: &[IpNet],
+    only: Option<u32>,
 ) -> Result<Pass, RouteError> {
     let links = links(h).await?;
     let names: HashMap<u32, &str> = links.iter().map(|(n, i)| (*i, n.as_str())).collect();
@@ -369,12 +371,13 @@ pub async fn reconcile(
         .collect();
     // Ours in the kernel: the first route of each prefix, and any further ones (rare: other
     // metrics) apart, so the common case costs no allocation per route.
+    let capacity = if only.is_some() { 0 } else { desired.len() };
     let mut have: crate::bgp::rib::FastMap<IpNet, (Kernel, RawRoute)> =
-        crate::bgp::rib::FastMap::with_capacity_and_hasher(desired.len(), Default::default());
+        crate::bgp::rib::FastMap::with_capacity_and_hasher(capacity, Default::default());
     let mut more: crate::bgp::rib::FastMap<IpNet, Vec<(Kernel, RawRoute)>> = Default::default();
     for v6 in [false, true] {
         // On the writer: after everything queued before is in the kernel.
-        let routes = w.dump(v6).await.map_err(|e| RouteError::Netlink {
+        let routes = w.dump(v6, only).await.map_err(|e| RouteError::Netlink {
             op: "list routes".into(),
             message: e.to_string(),
         })?;
@@ -416,7 +419,26 @@ pub async fn reconcile(
 
     let mut pass = Pass::default();
     let mut ops = Vec::new();
+    let mut looked_at = 0;
     for (p, route) in desired {
+        if let Some(i) = only {
+            // Cheap tests first: most routes of a big table are not this interface's.
+            let through = match &route.target {
+                Target::Blackhole => false,
+                Target::Link(dev)
+                | Target::Via {
+                    dev: Dev::Named(dev),
+                    ..
+                } => links.get(dev) == Some(&i),
+                Target::Via {
+                    dev: Dev::Uplink, ..
+                } => uplink == Some(i),
+            };
+            if !through {
+                continue;
+            }
+        }
+        looked_at += 1;
         let k = match wanted(route, &links, uplink) {
             Ok(k) => k,
             Err(why) => {
@@ -455,6 +477,6 @@ pub async fn reconcile(
         );
     }
     run_ops(w, ops, &mut pass).await;
-    pass.ours = desired.len() - pass.failures.len();
+    pass.ours = looked_at - pass.failures.len();
     Ok(pass)
 }

@@ -5,26 +5,51 @@
 /// Make the sysctls right; the problems met.
 pub fn ensure(prefix: &str) -> Vec<String> {
     let mut problems = Vec::new();
-    let mut set = |path: String, value: &str| match std::fs::read_to_string(&path) {
+    set(&mut problems, "/proc/sys/net/ipv4/ip_forward".into(), "1");
+    let Ok(dir) = std::fs::read_dir("/proc/sys/net/ipv4/conf") else {
+        return problems;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) {
+            problems.extend(ensure_interface(&name));
+        }
+    }
+    problems
+}
+
+/// Make one workload interface's sysctls right (an interface gone meanwhile is no
+/// problem); the problems met.
+pub fn ensure_interface(name: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !std::path::Path::new(&format!("/proc/sys/net/ipv4/conf/{name}")).exists() {
+        return problems;
+    }
+    set(
+        &mut problems,
+        format!("/proc/sys/net/ipv4/conf/{name}/proxy_arp"),
+        "1",
+    );
+    set(
+        &mut problems,
+        format!("/proc/sys/net/ipv4/neigh/{name}/proxy_delay"),
+        "0",
+    );
+    set(
+        &mut problems,
+        format!("/proc/sys/net/ipv4/conf/{name}/forwarding"),
+        "1",
+    );
+    problems
+}
+
+fn set(problems: &mut Vec<String>, path: String, value: &str) {
+    match std::fs::read_to_string(&path) {
         Ok(v) if v.trim() == value => {}
         _ => {
             if let Err(e) = std::fs::write(&path, value) {
                 problems.push(format!("{path}: {e}"));
             }
         }
-    };
-    set("/proc/sys/net/ipv4/ip_forward".into(), "1");
-    let Ok(dir) = std::fs::read_dir("/proc/sys/net/ipv4/conf") else {
-        return problems;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(prefix) {
-            continue;
-        }
-        set(format!("/proc/sys/net/ipv4/conf/{name}/proxy_arp"), "1");
-        set(format!("/proc/sys/net/ipv4/neigh/{name}/proxy_delay"), "0");
-        set(format!("/proc/sys/net/ipv4/conf/{name}/forwarding"), "1");
     }
-    problems
 }

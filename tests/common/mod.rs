@@ -520,6 +520,19 @@ impl NetNs {
         ]);
     }
 
+    /// The index of interface `name` in the namespace (`5: eth0@peer0: <...`).
+    pub fn ifindex(&self, name: &str) -> u32 {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-o", "link", "show", "dev", name])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        out.split(':')
+            .next()
+            .and_then(|i| i.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no interface {name}: {out:?}"))
+    }
+
     /// A command that will run inside the namespace.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
