@@ -357,3 +357,48 @@ protocol bgp calico {{
     assert!(r.contains(&format!("via {US}")), "{r}");
     assert!(established(&us), "{:?}", us.peer_state(BIRD));
 }
+
+/// A service range is originated like a block; `prefixAdvertisements` communities,
+/// standard and large, reach BIRD on the routes inside their CIDR and on no other.
+#[test]
+fn service_ranges_and_communities_reach_bird() {
+    use calico_node::bgp::config::CommunityValue::{Large, Standard};
+    let Some(a) = NetNs::new("bgp-us") else {
+        return;
+    };
+    let Some(b) = NetNs::new("bgp-bird") else {
+        return;
+    };
+    link(&a, US, &b, BIRD);
+    let Some(d) = bird(&b, &bird_conf("")) else {
+        return;
+    };
+    let mut cfg = our_conf(false, None);
+    let services = "10.96.0.0/12".parse().unwrap();
+    cfg.export.push(services);
+    cfg.policy.allowed.push(services);
+    cfg.service_ranges = vec![services];
+    cfg.policy.communities = vec![(
+        "10.244.0.0/16".parse().unwrap(),
+        vec![Standard((100 << 16) | 6532), Large([100, 555, 107])],
+    )];
+    let us = OurSpeaker::start(&a, cfg);
+    wait_for(Duration::from_secs(20), "the session to BIRD", || {
+        established(&us).then_some(())
+    });
+    let block = wait_for(Duration::from_secs(10), "our block at BIRD", || {
+        let s = birdc(&d, "show route all 10.244.1.0/26");
+        s.contains("10.244.1.0/26").then_some(s)
+    });
+    assert!(block.contains("BGP.community: (100,6532)"), "{block}");
+    assert!(
+        block.contains("BGP.large_community: (100, 555, 107)"),
+        "{block}"
+    );
+    let range = wait_for(Duration::from_secs(10), "the service range at BIRD", || {
+        let s = birdc(&d, "show route all 10.96.0.0/12");
+        s.contains("10.96.0.0/12").then_some(s)
+    });
+    assert!(range.contains(&format!("via {US}")), "{range}");
+    assert!(!range.contains("community"), "{range}");
+}

@@ -30,7 +30,7 @@ fn mesh_case() -> (DesiredBgpConfig, Vec<IpNet>) {
     c.export = vec![net("10.244.0.5/32"), net("10.244.1.0/26")];
     c.policy = ExportPolicy {
         allowed: vec![net("10.244.0.0/16")],
-        denied: vec![],
+        ..Default::default()
     };
     (c, vec![net("10.244.0.0/16")])
 }
@@ -52,6 +52,7 @@ fn reflector_case() -> (DesiredBgpConfig, Vec<IpNet>) {
     c.policy = ExportPolicy {
         allowed: vec![net("10.244.0.0/16"), net("10.251.0.0/16")],
         denied: vec![net("10.251.0.0/16")],
+        ..Default::default()
     };
     (c, vec![net("10.244.0.0/16")])
 }
@@ -70,6 +71,27 @@ fn dual_stack_case() -> (DesiredBgpConfig, Vec<IpNet>) {
     (c, vec![net("10.244.0.0/16"), net("fd00:244::/48")])
 }
 
+/// Service ranges (one IPv6, with an IPv6 next hop) advertised and kept out of the
+/// kernel; communities, standard and large, on the routes inside two CIDRs.
+fn services_case() -> (DesiredBgpConfig, Vec<IpNet>) {
+    use calico_node::bgp::config::CommunityValue::{Large, Standard};
+    let (mut c, pools) = mesh_case();
+    c.ipv6_next_hop = Some("fd00:99::2".parse().unwrap());
+    c.service_ranges = vec![net("10.96.0.0/12"), net("fd00:96::/112")];
+    for r in c.service_ranges.clone() {
+        c.export.push(r);
+        c.policy.allowed.push(r);
+    }
+    c.policy.communities = vec![
+        (
+            net("10.244.0.0/16"),
+            vec![Standard((100 << 16) | 6532), Large([100, 555, 107])],
+        ),
+        (net("fd00:96::/112"), vec![Large([100, 555, 107])]),
+    ];
+    (c, pools)
+}
+
 fn lonely_case() -> (DesiredBgpConfig, Vec<IpNet>) {
     (
         DesiredBgpConfig::new("10.99.0.1".parse().unwrap(), 64512),
@@ -85,6 +107,7 @@ fn rendered_configurations_match_their_golden_files_and_bird_accepts_them() {
         ("reflector", reflector_case()),
         ("lonely", lonely_case()),
         ("dual-stack", dual_stack_case()),
+        ("services", services_case()),
     ] {
         let files = bird::render(&cfg, &pools).unwrap();
         let dir = golden.join(name);
@@ -277,7 +300,7 @@ fn rendered_dual_stack_bird_exchanges_ipv6_routes_with_our_speaker() {
     ]);
     let policy = ExportPolicy {
         allowed: vec![net("10.244.0.0/16"), net("fd00:244::/48")],
-        denied: vec![],
+        ..Default::default()
     };
     let node = |me: &str, me6: &str, peer: &str, passive: bool, blocks: [&str; 2]| {
         let mut c = DesiredBgpConfig::new(me.parse().unwrap(), 64512);

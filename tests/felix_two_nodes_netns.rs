@@ -3,7 +3,9 @@
 //! `calico` CNI plugin. The pods ping each other through vxlan.calico (routes from the
 //! datastore); then, the pool switched to NoEncap with `calicoctl apply`, over a direct
 //! route learned by BGP, with no VXLAN route or device left; then in CrossSubnet mode
-//! (the nodes share a subnet: direct again, from the datastore).
+//! (the nodes share a subnet: direct again, from the datastore). A service range set in
+//! BGPConfiguration is advertised by node-1, not by node-2 (labelled out of load
+//! balancing), and programmed by neither.
 
 mod common;
 
@@ -29,7 +31,10 @@ fn calico_node(
         etcd,
         state,
         health,
-        &[("CALICO_IPV4POOL_VXLAN", "Always")],
+        &[
+            ("CALICO_IPV4POOL_VXLAN", "Always"),
+            ("FELIX_PROMETHEUSMETRICSENABLED", "true"),
+        ],
     )
 }
 
@@ -140,6 +145,49 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan_then_bgp_routes() {
         ping(&p1, &a2) && ping(&p2, &a1),
         "pods reach each other over the BGP-learned routes"
     );
+
+    // Service ranges (BGPConfiguration serviceClusterIPs, by `calicoctl apply`): node-1
+    // advertises the range; node-2, labelled out of load balancing, does not, and takes
+    // node-1's without programming it (kube-proxy answers for service addresses).
+    let received = |ns: &NetNs, peer: &str| -> Option<u64> {
+        let (_, body) = ns.run_in(|| http_get(9091, "/metrics")).ok()?;
+        let start = format!("calico_bgp_peer_prefixes_received{{peer=\"{peer}\"");
+        body.lines()
+            .find(|l| l.starts_with(&start))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+    assert_eq!(received(&n2, "10.99.0.1"), Some(1), "node-1's block");
+    let node2 = "/calico/resources/v3/projectcalico.org/nodes/node-2";
+    let mut node: Value = serde_json::from_str(&etcd.etcdctl_value(node2)).unwrap();
+    node["metadata"]["labels"]["node.kubernetes.io/exclude-from-external-load-balancers"] =
+        "true".into();
+    etcd.etcdctl(&["put", node2, &node.to_string()]);
+    calicoctl(
+        &n1,
+        &endpoint,
+        s1.path(),
+        &["apply", "-f", "-"],
+        "apiVersion: projectcalico.org/v3\nkind: BGPConfiguration\nmetadata:\n  name: default\nspec:\n  serviceClusterIPs:\n  - cidr: 10.96.0.0/12\n",
+    );
+    common::until(
+        "the service range at node-2",
+        Duration::from_secs(10),
+        || received(&n2, "10.99.0.1") == Some(2),
+    );
+    // Felix would have programmed it within milliseconds.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        received(&n1, "10.99.0.2"),
+        Some(1),
+        "node-2 advertises no range"
+    );
+    for n in [&n1, &n2] {
+        let r = routes(n);
+        assert!(!r.contains("10.96.0.0/12"), "{r}");
+    }
 
     // Graceful restart: calico-node on node-1 killed (-9) and started again. node-2's
     // speaker keeps node-1's routes as stale until node-1 is back; node-1's Felix keeps

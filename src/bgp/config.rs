@@ -5,7 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+use super::update::{Attributes, RawAttr, code, flag};
 use crate::model::AsNumber;
+pub use crate::model::bgp::CommunityValue;
 
 /// Why we peer with someone (Calico's peer types in `calicoctl node status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,18 +76,63 @@ impl DesiredPeer {
     }
 }
 
-/// Which routes may be exported (REFERENCE §6): those inside `allowed` (enabled pools)
-/// and not inside `denied` (pools with `disableBGPExport`).
+/// Which routes may be exported (REFERENCE §6): those inside `allowed` (enabled pools and
+/// advertised service ranges) and not inside `denied` (pools with `disableBGPExport`); and
+/// the communities added to exported routes inside a CIDR (BGPConfiguration
+/// `prefixAdvertisements`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ExportPolicy {
     pub allowed: Vec<IpNet>,
     pub denied: Vec<IpNet>,
+    pub communities: Vec<(IpNet, Vec<CommunityValue>)>,
 }
 
 impl ExportPolicy {
     pub fn permits(&self, prefix: &IpNet) -> bool {
         self.allowed.iter().any(|p| p.contains(prefix))
             && !self.denied.iter().any(|p| p.contains(prefix))
+    }
+
+    /// Add the communities configured for `prefix` to `attrs` (each once; those the route
+    /// already carries stay).
+    pub fn add_communities(&self, prefix: &IpNet, attrs: &mut Attributes) {
+        for (net, values) in &self.communities {
+            if !net.contains(prefix) {
+                continue;
+            }
+            for v in values {
+                match v {
+                    CommunityValue::Standard(c) => {
+                        if !attrs.communities.contains(c) {
+                            attrs.communities.push(*c);
+                        }
+                    }
+                    CommunityValue::Large(l) => add_large_community(attrs, l),
+                }
+            }
+        }
+    }
+}
+
+/// Add a large community (RFC 8092: 12 bytes, in an optional transitive attribute we keep
+/// as bytes) unless the route has it.
+fn add_large_community(attrs: &mut Attributes, l: &[u32; 3]) {
+    let bytes: Vec<u8> = l.iter().flat_map(|p| p.to_be_bytes()).collect();
+    match attrs
+        .other
+        .iter_mut()
+        .find(|a| a.code == code::LARGE_COMMUNITIES)
+    {
+        Some(a) => {
+            if !a.value.chunks(12).any(|c| c == bytes.as_slice()) {
+                a.value.extend(bytes);
+            }
+        }
+        None => attrs.other.push(RawAttr {
+            flags: flag::OPTIONAL | flag::TRANSITIVE,
+            code: code::LARGE_COMMUNITIES,
+            value: bytes,
+        }),
     }
 }
 
@@ -105,6 +152,9 @@ pub struct DesiredBgpConfig {
     pub policy: ExportPolicy,
     /// Our IPv6 next hop for IPv6 routes (none: IPv6 routes are not exported).
     pub ipv6_next_hop: Option<Ipv6Addr>,
+    /// The service ranges (BGPConfiguration): routes inside them are never programmed
+    /// into the kernel. In `export` too unless this node is excluded from advertising.
+    pub service_ranges: Vec<IpNet>,
 }
 
 impl DesiredBgpConfig {
@@ -119,6 +169,7 @@ impl DesiredBgpConfig {
             export: Vec::new(),
             policy: ExportPolicy::default(),
             ipv6_next_hop: None,
+            service_ranges: Vec::new(),
         }
     }
 }

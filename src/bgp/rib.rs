@@ -1063,6 +1063,7 @@ impl Rib {
             }
         }
         attrs.next_hop = None;
+        policy.add_communities(prefix, &mut attrs);
         Some((attrs, next_hop))
     }
 }

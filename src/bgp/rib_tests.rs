@@ -49,6 +49,7 @@ fn policy() -> ExportPolicy {
     ExportPolicy {
         allowed: vec![net("10.244.0.0/16")],
         denied: vec![net("10.244.128.0/17")],
+        communities: Vec::new(),
     }
 }
 
@@ -405,6 +406,71 @@ fn export_policy_table() {
             (e, g) => panic!("{name}: expected {e:?}, got {g:?}"),
         }
     }
+}
+
+/// `prefixAdvertisements`: routes inside a CIDR carry its communities, standard and large,
+/// each once, added to those the route already has; routes outside carry none.
+#[test]
+fn exported_routes_carry_the_communities_of_their_prefix() {
+    use crate::bgp::config::CommunityValue::{Large, Standard};
+    let mut rib = Rib::new(LOCAL_AS, US, None);
+    let (from, to) = (
+        peer("10.99.0.2", 65001, false),
+        peer("10.99.0.3", LOCAL_AS, false),
+    );
+    rib.peer_up(from.clone());
+    rib.peer_up(to.clone());
+    rib.set_local([net("10.244.1.0/26"), net("10.245.0.0/26")]);
+    rib.apply_update(
+        &from.address,
+        &announce("10.244.7.0/26", "10.99.0.2", |a| {
+            a.as_path = Some(AsPath::sequence(&[65001]));
+            a.communities = vec![(100 << 16) | 1];
+        }),
+    );
+    let mut p = policy();
+    p.allowed.push(net("10.245.0.0/16"));
+    p.communities = vec![
+        (
+            net("10.244.0.0/16"),
+            vec![
+                Standard((100 << 16) | 1),
+                Standard((5663 << 16) | 12),
+                Large([100, 555, 107]),
+            ],
+        ),
+        (
+            net("10.244.1.0/24"),
+            vec![Large([100, 555, 107]), Large([1, 2, 3])],
+        ),
+    ];
+    let large = |a: &Attributes| -> Vec<u8> {
+        a.other
+            .iter()
+            .filter(|o| o.code == crate::bgp::update::code::LARGE_COMMUNITIES)
+            .flat_map(|o| o.value.clone())
+            .collect()
+    };
+    let bytes = |parts: &[u32]| -> Vec<u8> { parts.iter().flat_map(|p| p.to_be_bytes()).collect() };
+
+    let (own, _) = rib.export(&to, &net("10.244.1.0/26"), &p, None).unwrap();
+    assert_eq!(own.communities, vec![(100 << 16) | 1, (5663 << 16) | 12]);
+    assert_eq!(large(&own), bytes(&[100, 555, 107, 1, 2, 3]));
+    let flags = own.other[0].flags;
+    assert_eq!(flags, 0xc0, "optional transitive");
+
+    let (learned, _) = rib.export(&to, &net("10.244.7.0/26"), &p, None).unwrap();
+    assert_eq!(
+        learned.communities,
+        vec![(100 << 16) | 1, (5663 << 16) | 12]
+    );
+    assert_eq!(large(&learned), bytes(&[100, 555, 107]));
+
+    let (outside, _) = rib.export(&to, &net("10.245.0.0/26"), &p, None).unwrap();
+    assert!(
+        outside.communities.is_empty() && outside.other.is_empty(),
+        "{outside:?}"
+    );
 }
 
 /// Sequential /24s (what a big table looks like) spread over the low bits the hash table

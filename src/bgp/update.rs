@@ -33,6 +33,8 @@ pub mod code {
     pub const MP_UNREACH: u8 = 15;
     pub const AS4_PATH: u8 = 17;
     pub const AS4_AGGREGATOR: u8 = 18;
+    /// RFC 8092; carried as an optional transitive attribute of bytes (`RawAttr`).
+    pub const LARGE_COMMUNITIES: u8 = 32;
 }
 
 /// Attribute flag bits.

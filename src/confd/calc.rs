@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use crate::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
 use crate::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, UpdateType};
-use crate::model::bgp::{BGPConfigurationSpec, BGPPeerSpec};
+use crate::model::bgp::{BGPConfigurationSpec, BGPPeerSpec, EXCLUDE_FROM_SERVICES_LABEL};
 use crate::model::ipam::AllocationBlock;
 use crate::model::ippool::IPPoolSpec;
 use crate::model::node::NodeSpec;
@@ -409,6 +409,29 @@ pub fn desired(input: &Input) -> Result<Desired, NotReady> {
         .into_iter()
         .filter(|n| cfg.policy.permits(n))
         .collect();
+    // Service ranges: every node originates them (and passes on routes inside them),
+    // except a node labelled out of load balancing. Their routes are not programmed into
+    // the kernel (Felix, or the rendered BIRD's kernel filter, leaves them out).
+    let excluded = me
+        .labels
+        .get(EXCLUDE_FROM_SERVICES_LABEL)
+        .is_some_and(|v| v == "true");
+    let services = input.global.map(|g| g.service_ranges()).unwrap_or_default();
+    if !excluded {
+        for net in &services {
+            cfg.policy.allowed.push(*net);
+            cfg.export.push(*net);
+        }
+    }
+    cfg.service_ranges = services;
+    // Communities on exported routes: the node's BGPConfiguration's prefixAdvertisements
+    // when it has some, else the global ones.
+    cfg.policy.communities = input
+        .per_node
+        .filter(|c| !c.prefix_advertisements.is_empty())
+        .or(input.global)
+        .map(|c| c.prefix_communities())
+        .unwrap_or_default();
     if cfg.ipv6_next_hop.is_none() {
         cfg.export.retain(|n| n.addr().is_ipv4());
     }

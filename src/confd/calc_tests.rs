@@ -481,6 +481,94 @@ fn export_own_blocks_and_borrowed_addresses_inside_exportable_pools() {
     );
 }
 
+/// BGPConfiguration's service ranges: every node originates the cluster ranges and the
+/// external and load-balancer ranges (single addresses are per service), unless labelled
+/// out of load balancing; prefixAdvertisements become communities by name or value, the
+/// node's own list over the global one.
+#[test]
+fn service_ranges_and_prefix_communities() {
+    use crate::bgp::config::CommunityValue::{Large, Standard};
+    use crate::model::bgp::{CidrBlock, Community, PrefixAdvertisement};
+    let cidrs = |l: &[&str]| -> Vec<CidrBlock> {
+        l.iter()
+            .map(|c| CidrBlock {
+                cidr: c.to_string(),
+            })
+            .collect()
+    };
+    let mut w = World::new();
+    w.blocks
+        .insert("b1".into(), block("10.244.1.0/26", ME, &[]));
+    w.global = Some(BGPConfigurationSpec {
+        service_cluster_ips: cidrs(&["10.96.0.0/12", "fd00:96::/112"]),
+        service_external_ips: cidrs(&["203.0.113.0/24", "198.51.100.7/32"]),
+        service_load_balancer_ips: cidrs(&["192.0.2.0/25", "10.96.0.0/12"]),
+        communities: vec![Community {
+            name: "tagged".into(),
+            value: "100:555:107".into(),
+        }],
+        prefix_advertisements: vec![PrefixAdvertisement {
+            cidr: "10.244.0.0/16".into(),
+            communities: vec!["tagged".into(), "65000:1".into(), "tagged".into()],
+        }],
+        ..Default::default()
+    });
+    let c = w.desired().unwrap().config;
+    let ranges = vec![
+        net("10.96.0.0/12"),
+        net("192.0.2.0/25"),
+        net("203.0.113.0/24"),
+        net("fd00:96::/112"),
+    ];
+    assert_eq!(c.service_ranges, ranges);
+    // No IPv6 address on this node: IPv6 ranges are not originated.
+    assert_eq!(
+        c.export,
+        vec![
+            net("10.244.1.0/26"),
+            net("10.96.0.0/12"),
+            net("192.0.2.0/25"),
+            net("203.0.113.0/24"),
+        ]
+    );
+    assert!(c.policy.permits(&net("10.96.4.0/24")), "routes inside too");
+    assert!(
+        !c.policy.permits(&net("198.51.100.7/32")),
+        "a single address"
+    );
+    assert_eq!(
+        c.policy.communities,
+        vec![(
+            net("10.244.0.0/16"),
+            vec![Standard((65000 << 16) | 1), Large([100, 555, 107])]
+        )]
+    );
+
+    // The node's own prefixAdvertisements win.
+    w.per_node = Some(BGPConfigurationSpec {
+        prefix_advertisements: vec![PrefixAdvertisement {
+            cidr: "10.96.0.0/12".into(),
+            communities: vec!["1:2".into()],
+        }],
+        ..Default::default()
+    });
+    let c = w.desired().unwrap().config;
+    assert_eq!(
+        c.policy.communities,
+        vec![(net("10.96.0.0/12"), vec![Standard((1 << 16) | 2)])]
+    );
+
+    // Excluded: nothing originated, but the ranges are still known (never programmed).
+    w.nodes.get_mut(ME).unwrap().labels.insert(
+        "node.kubernetes.io/exclude-from-external-load-balancers".into(),
+        "true".into(),
+    );
+    let c = w.desired().unwrap().config;
+    assert_eq!(c.export, vec![net("10.244.1.0/26")]);
+    assert!(!c.policy.permits(&net("10.96.4.0/24")));
+    assert_eq!(c.service_ranges, ranges);
+}
+
 fn update(key: &str, value: Option<AnyResource>) -> SyncerEvent {
     SyncerEvent::Update(Update {
         key: key.into(),

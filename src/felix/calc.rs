@@ -115,6 +115,9 @@ pub struct Settings {
     /// `deviceRouteProtocol` of local workload routes.
     pub device_route_protocol: u8,
     pub nat_outgoing_address: Option<IpAddr>,
+    /// Service ranges (BGPConfiguration `default`): BGP routes inside them are not
+    /// programmed (Calico's kernel filter rejects them; kube-proxy owns those addresses).
+    pub service_ranges: Vec<IpNet>,
 }
 
 impl Default for Settings {
@@ -124,6 +127,7 @@ impl Default for Settings {
             vxlan_port: 4789,
             device_route_protocol: 3,
             nat_outgoing_address: None,
+            service_ranges: Vec::new(),
         }
     }
 }
@@ -221,6 +225,7 @@ fn pool_of<'a>(pools: &'a BTreeMap<String, IPPoolSpec>, net: &IpNet) -> Option<&
 pub struct BgpRoutes<'a> {
     pools: &'a BTreeMap<String, IPPoolSpec>,
     my_ip: Option<Ipv4Net>,
+    services: &'a [IpNet],
 }
 
 impl<'a> BgpRoutes<'a> {
@@ -228,12 +233,16 @@ impl<'a> BgpRoutes<'a> {
         BgpRoutes {
             pools: input.pools,
             my_ip: input.nodes.get(input.node).and_then(node_ip),
+            services: &input.settings.service_ranges,
         }
     }
 
     /// The route for a best path; None inside a VXLAN pool (those routes come from the
-    /// datastore).
+    /// datastore) or a service range.
     pub fn route(&self, prefix: &IpNet, next_hop: &IpAddr) -> Option<Route> {
+        if self.services.iter().any(|s| s.contains(prefix)) {
+            return None;
+        }
         let same_subnet = match (next_hop, self.my_ip) {
             (IpAddr::V4(a), Some(net)) => net.contains(a),
             _ => false,

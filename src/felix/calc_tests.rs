@@ -382,3 +382,32 @@ fn macs_parse_strictly() {
     assert_eq!(parse_mac("66:0a:0b:00:ff:01:02"), None);
     assert_eq!(parse_mac("zz:0a:0b:00:ff:01"), None);
 }
+
+/// BGP routes inside a service range are not programmed (kube-proxy owns those
+/// addresses); the others are.
+#[test]
+fn bgp_routes_inside_service_ranges_are_not_programmed() {
+    let (nodes, blocks, bgp) = (nodes(), blocks(), bgp());
+    let pools = keyed([pool("Never", "Never")]);
+    let input = |settings| {
+        calculate(&Input {
+            node: ME,
+            nodes: &nodes,
+            pools: &pools,
+            workloads: &BTreeMap::new(),
+            blocks: &blocks,
+            bgp: &bgp,
+            settings,
+        })
+    };
+    let default = Settings::default();
+    let plain = input(&default);
+    assert_eq!(plain.routes[&net("192.168.50.0/24")], via("10.0.0.2", ""));
+    let services = Settings {
+        service_ranges: vec![net("192.168.0.0/16")],
+        ..Default::default()
+    };
+    let d = input(&services);
+    assert!(!d.routes.contains_key(&net("192.168.50.0/24")));
+    assert_eq!(d.routes[&net("10.244.1.0/26")], via("10.0.0.2", ""));
+}

@@ -30,6 +30,8 @@ pub struct State {
     /// FelixConfiguration `default` and `node.<this node>`.
     global: Option<FelixConfigurationSpec>,
     per_node: Option<FelixConfigurationSpec>,
+    /// BGPConfiguration `default`'s service ranges.
+    service_ranges: Vec<IpNet>,
     bgp: calc::BgpTable,
     /// BGP prefixes changed since the last pass (see [`State::bgp_changes`]).
     bgp_changed: Vec<IpNet>,
@@ -97,6 +99,9 @@ impl State {
         if key.ends_with(&format!("/felixconfigurations/node.{}", self.node)) {
             gone |= self.per_node.take().is_some();
         }
+        if key.ends_with("/bgpconfigurations/default") {
+            gone |= !std::mem::take(&mut self.service_ranges).is_empty();
+        }
         gone
     }
 
@@ -124,6 +129,12 @@ impl State {
                     // Moved to another node: it is not ours any more.
                     self.workloads.remove(key).is_some()
                 }
+            }
+            SyncValue::Resource(AnyResource::BGPConfiguration(b))
+                if b.metadata.name == "default" =>
+            {
+                let ranges = b.spec.service_ranges();
+                ranges != std::mem::replace(&mut self.service_ranges, ranges.clone())
             }
             SyncValue::Resource(AnyResource::FelixConfiguration(f)) => {
                 if f.metadata.name == "default" {
@@ -160,6 +171,7 @@ impl State {
                 .nat_outgoing_address
                 .as_deref()
                 .and_then(|a| a.parse().ok()),
+            service_ranges: self.service_ranges.clone(),
         }
     }
 

@@ -116,7 +116,62 @@ pub struct BGPConfigurationSpec {
     pub local_workload_peering_ipv6: Option<String>,
 }
 
+/// The node label that keeps a node from advertising the service ranges (Kubernetes'
+/// own label for nodes out of load balancing; Calico honours it the same way).
+pub const EXCLUDE_FROM_SERVICES_LABEL: &str =
+    "node.kubernetes.io/exclude-from-external-load-balancers";
+
 impl BGPConfigurationSpec {
+    /// The service ranges every node advertises, as Calico does: all `serviceClusterIPs`,
+    /// and the `serviceExternalIPs` and `serviceLoadBalancerIPs` that are ranges (a single
+    /// address, /32 or /128, belongs to one service and is advertised per service, which
+    /// needs the Kubernetes API). Sorted, without duplicates; empty or invalid entries
+    /// (validation rejects those) skipped. Routes inside them are not programmed into the
+    /// kernel: kube-proxy answers for service addresses.
+    pub fn service_ranges(&self) -> Vec<ipnet::IpNet> {
+        let parse = |b: &CidrBlock| b.cidr.parse::<ipnet::IpNet>().ok();
+        let range = |n: &ipnet::IpNet| n.prefix_len() < n.max_prefix_len();
+        let mut out: Vec<ipnet::IpNet> = self
+            .service_cluster_ips
+            .iter()
+            .filter_map(parse)
+            .chain(
+                self.service_external_ips
+                    .iter()
+                    .chain(&self.service_load_balancer_ips)
+                    .filter_map(parse)
+                    .filter(range),
+            )
+            .map(|n| n.trunc())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// `prefixAdvertisements` with community names resolved through `communities`: the
+    /// communities to add to exported routes inside each CIDR. Entries that do not parse
+    /// (validation rejects those) are skipped.
+    pub fn prefix_communities(&self) -> Vec<(ipnet::IpNet, Vec<CommunityValue>)> {
+        self.prefix_advertisements
+            .iter()
+            .filter_map(|p| {
+                let net = p.cidr.parse::<ipnet::IpNet>().ok()?.trunc();
+                let mut values: Vec<CommunityValue> = p
+                    .communities
+                    .iter()
+                    .filter_map(|c| {
+                        let named = self.communities.iter().find(|n| &n.name == c);
+                        named.map_or(c.as_str(), |n| n.value.as_str()).parse().ok()
+                    })
+                    .collect();
+                values.sort();
+                values.dedup();
+                Some((net, values))
+            })
+            .collect()
+    }
+
     /// `nodeToNodeMeshEnabled`, default true.
     pub fn mesh_enabled(&self) -> bool {
         self.node_to_node_mesh_enabled.unwrap_or(true)
@@ -129,22 +184,55 @@ impl BGPConfigurationSpec {
     }
 }
 
+/// A BGP community value: standard (RFC 1997, `aa:nn`, two 16-bit halves) or large
+/// (RFC 8092, `aa:nn:mm`, three 32-bit parts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CommunityValue {
+    Standard(u32),
+    Large([u32; 3]),
+}
+
+impl std::str::FromStr for CommunityValue {
+    type Err = ();
+
+    fn from_str(v: &str) -> Result<CommunityValue, ()> {
+        let parts: Vec<&str> = v.split(':').collect();
+        match parts[..] {
+            [a, b] => {
+                let (a, b) = (
+                    a.parse::<u16>().map_err(|_| ())?,
+                    b.parse::<u16>().map_err(|_| ())?,
+                );
+                Ok(CommunityValue::Standard(
+                    (u32::from(a) << 16) | u32::from(b),
+                ))
+            }
+            [a, b, c] => {
+                let p = |x: &str| x.parse::<u32>().map_err(|_| ());
+                Ok(CommunityValue::Large([p(a)?, p(b)?, p(c)?]))
+            }
+            _ => Err(()),
+        }
+    }
+}
+
+impl std::fmt::Display for CommunityValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommunityValue::Standard(c) => write!(f, "{}:{}", c >> 16, c & 0xffff),
+            CommunityValue::Large([a, b, c]) => write!(f, "{a}:{b}:{c}"),
+        }
+    }
+}
+
 fn community_value(field: &str, v: &str) -> Validated {
-    let parts: Vec<&str> = v.split(':').collect();
-    // Standard communities are two 16-bit halves; large communities three 32-bit parts.
-    let ok = match parts.len() {
-        2 => parts.iter().all(|p| p.parse::<u16>().is_ok()),
-        3 => parts.iter().all(|p| p.parse::<u32>().is_ok()),
-        _ => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(ValidationError::new(
+    match v.parse::<CommunityValue>() {
+        Ok(_) => Ok(()),
+        Err(()) => Err(ValidationError::new(
             field,
             v,
             "community must be aa:nn (each 0-65535) or a large community aa:nn:mm",
-        ))
+        )),
     }
 }
 

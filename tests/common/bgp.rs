@@ -386,7 +386,7 @@ pub fn exabgp(ns: &NetNs, config: &str) -> Option<Daemon> {
 pub fn pool_policy() -> calico_node::bgp::config::ExportPolicy {
     calico_node::bgp::config::ExportPolicy {
         allowed: vec!["10.244.0.0/16".parse().unwrap()],
-        denied: vec![],
+        ..Default::default()
     }
 }
 
