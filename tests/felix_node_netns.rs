@@ -57,7 +57,7 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
     let Some(etcd) = Etcd::start_on(Some(&ns.name), etcd_port) else {
         return;
     };
-    let health_port = free_port();
+    let (health_port, metrics_port) = (free_port(), free_port());
     let state = tempfile::tempdir().unwrap();
     let log = std::fs::File::create(state.path().join("calico-node.log")).unwrap();
     let child = ns
@@ -74,6 +74,8 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
             state.path().join("bgp-status.sock"),
         )
         .env("FELIX_HEALTHPORT", health_port.to_string())
+        .env("FELIX_PROMETHEUSMETRICSENABLED", "true")
+        .env("FELIX_PROMETHEUSMETRICSPORT", metrics_port.to_string())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -155,6 +157,56 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         },
     );
 
+    // Felix's metrics (REFERENCE §5) say what it holds. node-b has a workload.
+    etcd.etcdctl(&[
+        "put",
+        "/calico/resources/v3/projectcalico.org/workloadendpoints/ns1/node--b-k8s-pod--a-eth0",
+        r#"{"kind":"WorkloadEndpoint","apiVersion":"projectcalico.org/v3","metadata":{"name":"node--b-k8s-pod--a-eth0","namespace":"ns1"},"spec":{"orchestrator":"k8s","node":"node-b","pod":"pod-a","endpoint":"eth0","ipNetworks":["10.244.1.5/32"],"interfaceName":"cali1234567890a"}}"#,
+    ]);
+    let metric = |line: &str| -> Option<f64> {
+        let line = line.to_string();
+        let (_, body) = ns.run_in(move || http_get(metrics_port, "/metrics")).ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(&line)?.strip_prefix(' ')?.parse().ok())
+    };
+    common::until(
+        "the cluster's workload endpoint counted",
+        Duration::from_secs(5),
+        || metric("felix_cluster_num_workload_endpoints") == Some(1.0),
+    );
+    for (name, want) in [
+        ("felix_resync_state", 3.0),
+        ("felix_resyncs_started", 1.0),
+        ("felix_cluster_num_hosts", 2.0),
+        ("felix_active_local_endpoints", 0.0),
+        ("felix_route_table_num_ifaces{table=\"IPv4:254\"}", 1.0),
+        ("felix_route_table_num_routes{table=\"IPv6:254\"}", 0.0),
+        // NAT outgoing: the two pool sets and two rules of `ip calico`.
+        ("felix_ipsets_calico{ip_version=\"inet\"}", 2.0),
+        ("felix_iptables_rules{ip_version=\"4\",table=\"nat\"}", 2.0),
+    ] {
+        assert_eq!(metric(name), Some(want), "{name}");
+    }
+    // The remote block through vxlan.calico, and the blackholes of our blocks (the one
+    // written above and the tunnel address's): every route of ours in the kernel.
+    let ours = routes().lines().filter(|l| l.contains(" proto 80")).count();
+    assert!(ours >= 2, "{}", routes());
+    assert_eq!(
+        metric("felix_route_table_num_routes{table=\"IPv4:254\"}"),
+        Some(ours as f64)
+    );
+    for name in [
+        "felix_calc_graph_update_time_seconds_count",
+        "felix_route_table_resync_seconds_count",
+        "felix_int_dataplane_apply_time_seconds_count",
+    ] {
+        assert!(metric(name).is_some_and(|n| n > 0.0), "{name}");
+    }
+    assert_eq!(
+        metric("felix_route_table_partial_resync_seconds_count"),
+        Some(0.0)
+    );
+
     // Another tool deletes our route: it is back within a second. The repair covers the
     // interface the event named, not the whole dataplane: a setting no event reports (IPv4
     // forwarding, turned off by hand) stays as it is until the next full pass.
@@ -177,6 +229,10 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         forwarding(),
         "0",
         "a full pass ran for one interface's route"
+    );
+    assert!(
+        metric("felix_route_table_partial_resync_seconds_count").is_some_and(|n| n >= 1.0),
+        "the repair was a partial resync"
     );
 
     // The pool stops using VXLAN: its routes would come from BGP now; nothing of VXLAN

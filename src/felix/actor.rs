@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, IntGauge, Registry};
+use prometheus::{Histogram, HistogramOpts, IntGauge, IntGaugeVec, Registry};
 use rtnetlink::Handle;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -35,50 +35,189 @@ use crate::datastore::syncer::SyncerEvent;
 use crate::ipam::Ipam;
 use crate::node::http::HealthReporter;
 
-/// Felix's Prometheus metrics (REFERENCE §5 names).
+/// Felix's Prometheus metrics (REFERENCE §5 names, Calico's help texts and labels).
 #[derive(Clone)]
 pub struct FelixMetrics {
     apply_time: Histogram,
     // Gauges that only grow: Calico's names, which lack the `_total` of counters.
     failures: IntGauge,
     resyncs: IntGauge,
-    routes: IntGauge,
-    local_endpoints: IntGauge,
-    hosts: IntGauge,
     messages: IntGauge,
+    /// 1 waiting for the datastore, 2 resync in progress, 3 in sync (Calico's values).
+    resync_state: IntGauge,
+    calc_time: Histogram,
+    route_resync_time: Histogram,
+    partial_resync_time: Histogram,
+    routes: IntGaugeVec,
+    ifaces: IntGaugeVec,
+    local_endpoints: IntGauge,
+    cluster_endpoints: IntGauge,
+    hosts: IntGauge,
+    ipsets: IntGaugeVec,
+    rules: IntGaugeVec,
 }
 
 impl FelixMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<FelixMetrics> {
+        let histogram =
+            |name: &str, help: &str| Histogram::with_opts(HistogramOpts::new(name, help));
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntGaugeVec::new(prometheus::Opts::new(name, help), labels)
+        };
         let m = FelixMetrics {
-            apply_time: Histogram::with_opts(HistogramOpts::new(
+            apply_time: histogram(
                 "felix_int_dataplane_apply_time_seconds",
-                "Time to apply a dataplane update.",
-            ))?,
+                "Time in seconds that it took to apply a dataplane update.",
+            )?,
             failures: IntGauge::new(
                 "felix_int_dataplane_failures",
-                "Dataplane updates that failed (retried on the next pass).",
+                "Number of times dataplane updates failed and will be retried.",
             )?,
-            resyncs: IntGauge::new("felix_resyncs_started", "Full dataplane resyncs started.")?,
-            routes: IntGauge::new("felix_route_table_num_routes", "Routes Felix programs.")?,
-            local_endpoints: IntGauge::new(
-                "felix_active_local_endpoints",
-                "Workload endpoints on this node.",
+            resyncs: IntGauge::new(
+                "felix_resyncs_started",
+                "Number of times Felix has started resyncing with the datastore.",
             )?,
-            hosts: IntGauge::new("felix_cluster_num_hosts", "Nodes in the cluster.")?,
             messages: IntGauge::new(
                 "felix_int_dataplane_messages",
-                "Updates received from the datastore and BGP.",
+                "Number dataplane messages by type.",
+            )?,
+            resync_state: IntGauge::new("felix_resync_state", "Current datastore state.")?,
+            calc_time: histogram(
+                "felix_calc_graph_update_time_seconds",
+                "Seconds to update calculation graph for each datastore OnUpdate call.",
+            )?,
+            route_resync_time: histogram(
+                "felix_route_table_resync_seconds",
+                "Time taken to list all the routes during a resync.",
+            )?,
+            partial_resync_time: histogram(
+                "felix_route_table_partial_resync_seconds",
+                "Time taken to resync the routes of a single interface.",
+            )?,
+            routes: gauge_vec(
+                "felix_route_table_num_routes",
+                "Number of routes that Felix is managing in the particular routing table.",
+                &["table"],
+            )?,
+            ifaces: gauge_vec(
+                "felix_route_table_num_ifaces",
+                "Number of interfaces that Felix is monitoring for the particular routing table.",
+                &["table"],
+            )?,
+            local_endpoints: IntGauge::new(
+                "felix_active_local_endpoints",
+                "Number of active endpoints on this host.",
+            )?,
+            cluster_endpoints: IntGauge::new(
+                "felix_cluster_num_workload_endpoints",
+                "Total number of workload endpoints cluster-wide.",
+            )?,
+            hosts: IntGauge::new(
+                "felix_cluster_num_hosts",
+                "Total number of hosts in the cluster.",
+            )?,
+            ipsets: gauge_vec(
+                "felix_ipsets_calico",
+                "Number of active Calico IP sets.",
+                &["ip_version"],
+            )?,
+            rules: gauge_vec(
+                "felix_iptables_rules",
+                "Number of active iptables rules.",
+                &["ip_version", "table"],
             )?,
         };
+        m.resync_state.set(1);
         registry.register(Box::new(m.apply_time.clone()))?;
         registry.register(Box::new(m.failures.clone()))?;
         registry.register(Box::new(m.resyncs.clone()))?;
-        registry.register(Box::new(m.routes.clone()))?;
-        registry.register(Box::new(m.local_endpoints.clone()))?;
-        registry.register(Box::new(m.hosts.clone()))?;
         registry.register(Box::new(m.messages.clone()))?;
+        registry.register(Box::new(m.resync_state.clone()))?;
+        registry.register(Box::new(m.calc_time.clone()))?;
+        registry.register(Box::new(m.route_resync_time.clone()))?;
+        registry.register(Box::new(m.partial_resync_time.clone()))?;
+        registry.register(Box::new(m.routes.clone()))?;
+        registry.register(Box::new(m.ifaces.clone()))?;
+        registry.register(Box::new(m.local_endpoints.clone()))?;
+        registry.register(Box::new(m.cluster_endpoints.clone()))?;
+        registry.register(Box::new(m.hosts.clone()))?;
+        registry.register(Box::new(m.ipsets.clone()))?;
+        registry.register(Box::new(m.rules.clone()))?;
         Ok(m)
+    }
+
+    fn set_route_table(&self, t: &RouteTableStats) {
+        for (i, table) in ["IPv4:254", "IPv6:254"].into_iter().enumerate() {
+            self.routes.with_label_values(&[table]).set(t.routes[i]);
+            self.ifaces
+                .with_label_values(&[table])
+                .set(t.ifaces[i].len() as i64);
+        }
+    }
+
+    /// The NAT gauges for what was applied: per family, two sets and two rules when the
+    /// family's table is programmed (see `nat::script`).
+    fn set_nat(&self, nat: &super::calc::Nat) {
+        for (v6, family, version) in [(false, "inet", "4"), (true, "inet6", "6")] {
+            let present = !v6 || nat.all.iter().any(|n| n.addr().is_ipv6());
+            let n = if present { 2 } else { 0 };
+            self.ipsets.with_label_values(&[family]).set(n);
+            self.rules.with_label_values(&[version, "nat"]).set(n);
+        }
+    }
+}
+
+/// What the route table gauges show: routes per family (IPv4, IPv6), and the interfaces
+/// they go through (None: the uplink). Counted in full at each full pass, and kept up to
+/// date by BGP's changes in between (an interface no longer used is dropped at the next
+/// full pass).
+#[derive(Default)]
+struct RouteTableStats {
+    routes: [i64; 2],
+    ifaces: [Vec<Option<String>>; 2],
+}
+
+impl RouteTableStats {
+    fn of(routes: &super::calc::RouteTable) -> RouteTableStats {
+        let mut t = RouteTableStats::default();
+        for (p, r) in routes {
+            t.add(p, r);
+        }
+        t
+    }
+
+    fn family(p: &ipnet::IpNet) -> usize {
+        usize::from(p.addr().is_ipv6())
+    }
+
+    fn add(&mut self, p: &ipnet::IpNet, r: &super::calc::Route) {
+        use super::calc::{Dev, Target};
+        let f = Self::family(p);
+        self.routes[f] += 1;
+        let dev = match &r.target {
+            Target::Link(dev)
+            | Target::Via {
+                dev: Dev::Named(dev),
+                ..
+            } => Some(dev.as_str()),
+            Target::Via {
+                dev: Dev::Uplink, ..
+            } => None,
+            Target::Blackhole => return,
+        };
+        // A handful of interfaces: a scan, and no allocation per route.
+        if !self.ifaces[f].iter().any(|d| d.as_deref() == dev) {
+            self.ifaces[f].push(dev.map(str::to_string));
+        }
+    }
+
+    fn change(&mut self, (p, old, new): &routes::Change) {
+        if old.is_some() {
+            self.routes[Self::family(p)] -= 1;
+        }
+        if let Some(r) = new {
+            self.add(p, r);
+        }
     }
 }
 
@@ -148,14 +287,14 @@ pub async fn run(
     // What kernel events touched since the last pass, repaired when `due`.
     let mut touched = Touched::default();
     let mut repair = false;
+    let mut table_stats = RouteTableStats::default();
     loop {
         let wake = due.map_or(next_resync, |d| d.min(next_resync));
         tokio::select! {
             _ = cancel.cancelled() => return,
             ev = datastore.recv() => match ev {
                 Some(ev) => {
-                    metrics.messages.inc();
-                    full |= state.apply(&FelixInput::Datastore(ev));
+                    full |= fold(&mut state, &metrics, ev);
                     // The first time in sync: apply even if nothing changed.
                     if state.datastore_in_sync && last.is_none() {
                         full = true;
@@ -193,7 +332,6 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(wake) => {
                 if tokio::time::Instant::now() >= next_resync {
-                    metrics.resyncs.inc();
                     next_resync = tokio::time::Instant::now() + state.config().route_refresh_interval();
                     full = true;
                 }
@@ -220,8 +358,7 @@ pub async fn run(
         }
         // Drain what is already queued before computing.
         while let Ok(ev) = datastore.try_recv() {
-            metrics.messages.inc();
-            full |= state.apply(&FelixInput::Datastore(ev));
+            full |= fold(&mut state, &metrics, ev);
         }
         if !full && state.bgp_pending() {
             if let Some((desired, uplink)) = &mut last {
@@ -230,13 +367,16 @@ pub async fn run(
                 if changes.is_empty() {
                     continue;
                 }
+                for c in &changes {
+                    table_stats.change(c);
+                }
                 let problems =
                     match routes::apply_changes(&handle, &writer, &changes, *uplink).await {
                         Ok(p) => p.failures,
                         Err(e) => vec![e.to_string()],
                     };
                 metrics.apply_time.observe(started.elapsed().as_secs_f64());
-                metrics.routes.set(desired.routes.len() as i64);
+                metrics.set_route_table(&table_stats);
                 if !problems.is_empty() {
                     for p in &problems {
                         tracing::warn!(problem = %p, "dataplane");
@@ -256,9 +396,16 @@ pub async fn run(
             if let Some((desired, uplink)) = &last {
                 let started = Instant::now();
                 let t = std::mem::take(&mut touched);
-                let problems =
-                    repair_touched((&handle, &writer), &state, desired, *uplink, bgp_open, &t)
-                        .await;
+                let problems = repair_touched(
+                    (&handle, &writer),
+                    &state,
+                    desired,
+                    *uplink,
+                    bgp_open,
+                    &t,
+                    &metrics,
+                )
+                .await;
                 metrics.apply_time.observe(started.elapsed().as_secs_f64());
                 if !problems.is_empty() {
                     metrics.failures.inc();
@@ -279,6 +426,7 @@ pub async fn run(
         let keep = kept(&state, bgp_open);
         let (mut problems, uplink) = apply(
             (&handle, &writer),
+            &metrics,
             &state,
             &desired,
             &keep,
@@ -300,10 +448,8 @@ pub async fn run(
             }
         }
         metrics.apply_time.observe(started.elapsed().as_secs_f64());
-        metrics.routes.set(desired.routes.len() as i64);
-        let (eps, hosts) = state.counts();
-        metrics.local_endpoints.set(eps as i64);
-        metrics.hosts.set(hosts as i64);
+        table_stats = RouteTableStats::of(&desired.routes);
+        metrics.set_route_table(&table_stats);
         if problems.is_empty() {
             health.set_ready(true, None);
         } else {
@@ -312,6 +458,29 @@ pub async fn run(
         }
         last = Some((desired, uplink));
     }
+}
+
+/// Fold a datastore event into `state` (timed; status changes shown): whether it can
+/// change the desired dataplane.
+fn fold(state: &mut State, metrics: &FelixMetrics, ev: SyncerEvent) -> bool {
+    use crate::datastore::syncer::SyncStatus;
+    metrics.messages.inc();
+    match &ev {
+        SyncerEvent::Status(SyncStatus::ResyncInProgress) => {
+            metrics.resyncs.inc();
+            metrics.resync_state.set(2);
+        }
+        SyncerEvent::Status(SyncStatus::InSync) => metrics.resync_state.set(3),
+        SyncerEvent::Update(_) => {}
+    }
+    let started = Instant::now();
+    let changed = state.apply(&FelixInput::Datastore(ev));
+    metrics.calc_time.observe(started.elapsed().as_secs_f64());
+    let (eps, all_eps, hosts) = state.counts();
+    metrics.local_endpoints.set(eps as i64);
+    metrics.cluster_endpoints.set(all_eps as i64);
+    metrics.hosts.set(hosts as i64);
+    changed
 }
 
 /// Until the speaker has delivered its table, BGP's routes in the kernel stay.
@@ -334,6 +503,7 @@ async fn repair_touched(
     uplink: Option<u32>,
     bgp_open: bool,
     t: &Touched,
+    metrics: &FelixMetrics,
 ) -> Vec<String> {
     let prefix = state.config().interface_prefix().to_string();
     let keep = kept(state, bgp_open);
@@ -351,9 +521,15 @@ async fn repair_touched(
             .collect()
     };
     for only in scopes {
+        let started = Instant::now();
         match routes::reconcile(h, writer, &desired.routes, (&prefix, uplink), &keep, only).await {
             Ok(p) => problems.extend(p.failures),
             Err(e) => problems.push(e.to_string()),
+        }
+        let took = started.elapsed().as_secs_f64();
+        match only {
+            Some(_) => metrics.partial_resync_time.observe(took),
+            None => metrics.route_resync_time.observe(took),
         }
     }
     let workloads: Vec<&str> = t.links.values().flatten().map(String::as_str).collect();
@@ -380,8 +556,10 @@ async fn next_event(events: &mut Option<Events>) -> std::io::Result<Touched> {
 }
 
 /// One pass over every part of the dataplane; the problems met (each part runs anyway).
+#[allow(clippy::too_many_arguments)]
 async fn apply(
     (h, writer): (&Handle, &Writer),
+    metrics: &FelixMetrics,
     state: &State,
     desired: &Desired,
     keep: &[ipnet::IpNet],
@@ -434,17 +612,24 @@ async fn apply(
         Err(e) => problems.push(e.to_string()),
         Ok(_) => {}
     }
+    let started = Instant::now();
     match routes::reconcile(h, writer, &desired.routes, (&prefix, uplink), keep, None).await {
         Ok(p) => problems.extend(p.failures),
         Err(e) => problems.push(e.to_string()),
     }
+    metrics
+        .route_resync_time
+        .observe(started.elapsed().as_secs_f64());
     match neigh::reconcile(h, &desired.neighbours, &desired.fdb, &prefix).await {
         Ok(p) => problems.extend(p.failures),
         Err(e) => problems.push(e.to_string()),
     }
     if last_nat.as_ref() != Some(&desired.nat) {
         match nat::apply(&desired.nat) {
-            Ok(()) => *last_nat = Some(desired.nat.clone()),
+            Ok(()) => {
+                metrics.set_nat(&desired.nat);
+                *last_nat = Some(desired.nat.clone());
+            }
             Err(e) => problems.push(e.to_string()),
         }
     }

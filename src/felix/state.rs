@@ -26,6 +26,8 @@ pub struct State {
     nodes: BTreeMap<String, NodeSpec>,
     pools: BTreeMap<String, IPPoolSpec>,
     workloads: BTreeMap<String, WorkloadEndpointSpec>,
+    /// The keys of every workload endpoint in the cluster (for the count).
+    all_workloads: std::collections::HashSet<String>,
     blocks: BTreeMap<String, AllocationBlock>,
     /// FelixConfiguration `default` and `node.<this node>`.
     global: Option<FelixConfigurationSpec>,
@@ -87,6 +89,7 @@ impl State {
     }
 
     fn forget(&mut self, key: &str) -> bool {
+        self.all_workloads.remove(key);
         let mut gone = self.pools.remove(key).is_some()
             | self.workloads.remove(key).is_some()
             | self.blocks.remove(key).is_some();
@@ -122,6 +125,9 @@ impl State {
                 true
             }
             SyncValue::Resource(AnyResource::WorkloadEndpoint(w)) => {
+                if !self.all_workloads.contains(key) {
+                    self.all_workloads.insert(key.to_string());
+                }
                 if w.spec.node == self.node {
                     self.workloads.insert(key.to_string(), w.spec.clone());
                     true
@@ -274,8 +280,13 @@ impl State {
     }
 
     /// Workload endpoints on this node, and nodes in the cluster (for metrics).
-    pub fn counts(&self) -> (usize, usize) {
-        (self.workloads.len(), self.nodes.len())
+    /// This node's workload endpoints, the cluster's, and the nodes.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.workloads.len(),
+            self.all_workloads.len(),
+            self.nodes.len(),
+        )
     }
 }
 
@@ -332,9 +343,12 @@ mod tests {
         let nk = "/calico/resources/v3/projectcalico.org/nodes/node-b";
         let node = SyncValue::Resource(AnyResource::Node(resource("node-b", NodeSpec::default())));
         assert!(s.apply(&update(nk, Some(node))));
-        assert_eq!(s.counts(), (0, 1));
+        // None here, two in the cluster, one node.
+        assert_eq!(s.counts(), (0, 2, 1));
         assert!(s.apply(&update(nk, None)));
-        assert_eq!(s.counts(), (0, 0));
+        assert_eq!(s.counts(), (0, 2, 0));
+        s.apply(&update("/other", None));
+        assert_eq!(s.counts(), (0, 1, 0));
         assert!(
             !s.apply(&update(nk, None)),
             "deleting twice changes nothing"
