@@ -120,16 +120,8 @@ fn run(
 ) -> Measure {
     let rss_before = vm(pid, "VmRSS:");
     let _poke = Poker::start(inj.dir.path().join("bird.ctl"));
-    let mut ctl = BirdCtl::connect(inj);
-    ctl.cmd(&format!("enable {proto}"));
+    BirdCtl::connect(inj).enable_until_established(proto);
     let limit = Instant::now() + Duration::from_secs(600);
-    while !ctl
-        .cmd(&format!("show protocols {proto}"))
-        .contains("Established")
-    {
-        assert!(Instant::now() < limit, "{proto}: no session");
-        std::thread::sleep(Duration::from_millis(1));
-    }
     let (t0, c0) = (Instant::now(), cpu_ns(pid));
     while !done() {
         assert!(Instant::now() < limit, "{proto}: not all {routes} routes");

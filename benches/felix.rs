@@ -446,17 +446,7 @@ fn injector_conf(n: usize) -> String {
 /// (polled over one control connection): the moment it starts sending. The injector takes
 /// 0.8-1 s from `enable` to Established whichever receiver it feeds.
 fn established(inj: &common::bgp::Daemon, proto: &str) -> Instant {
-    let mut ctl = common::bgp::BirdCtl::connect(inj);
-    ctl.cmd(&format!("enable {proto}"));
-    let limit = Instant::now() + Duration::from_secs(60);
-    while !ctl
-        .cmd(&format!("show protocols {proto}"))
-        .contains("Established")
-    {
-        assert!(Instant::now() < limit, "{proto}: no session");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    Instant::now()
+    common::bgp::BirdCtl::connect(inj).enable_until_established(proto)
 }
 
 /// Learn and install: `n` routes from a BIRD injector through our speaker and Felix (in

@@ -125,6 +125,21 @@ fn run(pools: &[IPPoolSpec], nodes: &BTreeMap<String, NodeSpec>) -> Desired {
     })
 }
 
+/// The standard nodes, blocks and BGP table, these pools and settings, no workloads.
+fn without_workloads(pools: &[IPPoolSpec], settings: &Settings) -> Desired {
+    let (nodes, blocks, bgp) = (nodes(), blocks(), bgp());
+    let pools = keyed(pools.iter().cloned());
+    calculate(&Input {
+        node: ME,
+        nodes: &nodes,
+        pools: &pools,
+        workloads: &BTreeMap::new(),
+        blocks: &blocks,
+        bgp: &bgp,
+        settings,
+    })
+}
+
 fn via(gw: &str, dev: &str) -> Route {
     Route {
         target: Target::Via {
@@ -339,17 +354,7 @@ fn nat_outgoing_sets() {
         nat_outgoing_address: Some(ip("10.0.0.100")),
         ..Default::default()
     };
-    let (nodes, blocks, bgp) = (nodes(), blocks(), bgp());
-    let pools = keyed([pool("Never", "Never"), other]);
-    let d = calculate(&Input {
-        node: ME,
-        nodes: &nodes,
-        pools: &pools,
-        workloads: &BTreeMap::new(),
-        blocks: &blocks,
-        bgp: &bgp,
-        settings: &settings,
-    });
+    let d = without_workloads(&[pool("Never", "Never"), other], &settings);
     assert_eq!(d.nat.masquerade, BTreeSet::from([net("10.244.0.0/16")]));
     assert_eq!(
         d.nat.all,
@@ -387,19 +392,7 @@ fn macs_parse_strictly() {
 /// addresses); the others are.
 #[test]
 fn bgp_routes_inside_service_ranges_are_not_programmed() {
-    let (nodes, blocks, bgp) = (nodes(), blocks(), bgp());
-    let pools = keyed([pool("Never", "Never")]);
-    let input = |settings| {
-        calculate(&Input {
-            node: ME,
-            nodes: &nodes,
-            pools: &pools,
-            workloads: &BTreeMap::new(),
-            blocks: &blocks,
-            bgp: &bgp,
-            settings,
-        })
-    };
+    let input = |settings| without_workloads(&[pool("Never", "Never")], settings);
     let default = Settings::default();
     let plain = input(&default);
     assert_eq!(plain.routes[&net("192.168.50.0/24")], via("10.0.0.2", ""));

@@ -244,6 +244,21 @@ impl BirdCtl {
         }
     }
 
+    /// Enable protocol `proto` and wait (polling every millisecond) until it is
+    /// Established; the moment it was seen so.
+    pub fn enable_until_established(&mut self, proto: &str) -> Instant {
+        self.cmd(&format!("enable {proto}"));
+        let limit = Instant::now() + Duration::from_secs(60);
+        while !self
+            .cmd(&format!("show protocols {proto}"))
+            .contains("Established")
+        {
+            assert!(Instant::now() < limit, "{proto}: no session");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Instant::now()
+    }
+
     pub fn cmd(&mut self, cmd: &str) -> String {
         use std::io::Write;
         self.conn
