@@ -16,10 +16,12 @@ pub type BGPPeer = Resource<BGPPeerSpec>;
 /// Default AS number when neither the Node nor BGPConfiguration sets one.
 pub const DEFAULT_AS: AsNumber = AsNumber(64512);
 
-/// `{cidr}` entries of the service IP lists.
+/// `{cidr}` entries of the service IP lists. Calico accepts an empty entry (`{}`), which
+/// means nothing.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CidrBlock {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cidr: String,
 }
 
@@ -76,6 +78,10 @@ pub struct BGPConfigurationSpec {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub service_load_balancer_ips: Vec<CidrBlock>,
+    /// `Enabled` (default): the `serviceLoadBalancerIPs` ranges are advertised whole;
+    /// `Disabled`: only per service (which needs the Kubernetes API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_load_balancer_aggregation: Option<String>,
     #[serde(
         default,
         rename = "serviceExternalIPs",
@@ -131,6 +137,12 @@ impl BGPConfigurationSpec {
     pub fn service_ranges(&self) -> Vec<ipnet::IpNet> {
         let parse = |b: &CidrBlock| b.cidr.parse::<ipnet::IpNet>().ok();
         let range = |n: &ipnet::IpNet| n.prefix_len() < n.max_prefix_len();
+        let load_balancers: &[CidrBlock] =
+            if self.service_load_balancer_aggregation.as_deref() == Some("Disabled") {
+                &[]
+            } else {
+                &self.service_load_balancer_ips
+            };
         let mut out: Vec<ipnet::IpNet> = self
             .service_cluster_ips
             .iter()
@@ -138,7 +150,7 @@ impl BGPConfigurationSpec {
             .chain(
                 self.service_external_ips
                     .iter()
-                    .chain(&self.service_load_balancer_ips)
+                    .chain(load_balancers)
                     .filter_map(parse)
                     .filter(range),
             )
@@ -265,9 +277,16 @@ impl Kind for BGPConfigurationSpec {
             ("serviceExternalIPs", &self.service_external_ips),
             ("serviceClusterIPs", &self.service_cluster_ips),
         ] {
-            for (i, b) in list.iter().enumerate() {
+            for (i, b) in list.iter().enumerate().filter(|(_, b)| !b.cidr.is_empty()) {
                 validate::cidr(&format!("spec.{name}[{i}].cidr"), &b.cidr, false)?;
             }
+        }
+        if let Some(a) = &self.service_load_balancer_aggregation {
+            validate::one_of(
+                "spec.serviceLoadBalancerAggregation",
+                a,
+                &["Enabled", "Disabled"],
+            )?;
         }
         for (i, c) in self.communities.iter().enumerate() {
             community_value(&format!("spec.communities[{i}].value"), &c.value)?;
@@ -613,6 +632,29 @@ mod tests {
         assert!(
             e.contains("AS number must be between 1 and 4294967295"),
             "{e}"
+        );
+    }
+
+    /// Calico's `{}` entries parse and mean nothing; load-balancer ranges are advertised
+    /// only with aggregation on (the default); a bad aggregation value is refused by name.
+    #[test]
+    fn service_ranges_from_calico_yaml() {
+        let c: BGPConfigurationSpec = serde_yaml::from_str(
+            "serviceClusterIPs:\n- cidr: 10.101.0.0/16\n- {}\n- cidr: fd00:96::/112\nserviceLoadBalancerIPs:\n- cidr: 80.15.0.0/24\n- {}\nserviceExternalIPs:\n- cidr: 203.0.113.7/32\n",
+        )
+        .unwrap();
+        assert!(c.validate(&meta("default")).is_ok());
+        let nets = |c: &BGPConfigurationSpec| -> Vec<String> {
+            c.service_ranges().iter().map(|n| n.to_string()).collect()
+        };
+        assert_eq!(nets(&c), ["10.101.0.0/16", "80.15.0.0/24", "fd00:96::/112"]);
+        let mut off = c.clone();
+        off.service_load_balancer_aggregation = Some("Disabled".into());
+        assert_eq!(nets(&off), ["10.101.0.0/16", "fd00:96::/112"]);
+        off.service_load_balancer_aggregation = Some("Off".into());
+        assert_eq!(
+            off.validate(&meta("default")).unwrap_err().to_string(),
+            "error with field spec.serviceLoadBalancerAggregation = 'Off' (must be one of: Enabled, Disabled)"
         );
     }
 
