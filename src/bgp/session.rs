@@ -573,6 +573,7 @@ async fn read_loop(
                 if n >= room {
                     room = (room * 2).min(READ_MAX);
                 }
+                super::sockopt::quick_ack(rd.as_ref());
                 continue;
             }
             Err(e) => e.to_string(),

@@ -86,6 +86,12 @@ pub fn set_md5(sock: &impl AsRawFd, peer: IpAddr, key: &[u8]) -> std::io::Result
     }
 }
 
+/// Acknowledge what was read at once, not after the delayed-ACK timer (the kernel leaves
+/// quick-ACK mode on its own, so this is set again after each read).
+pub fn quick_ack(sock: &impl AsRawFd) {
+    let _ = setsockopt_int(sock, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
+}
+
 fn setsockopt_int(sock: &impl AsRawFd, level: i32, opt: i32, value: i32) -> std::io::Result<()> {
     // SAFETY: the pointer and length describe an i32.
     let rc = unsafe {
