@@ -410,6 +410,9 @@ pub async fn run(
                 if !problems.is_empty() {
                     metrics.failures.inc();
                     health.set_ready(false, Some(problems.join("; ")));
+                    // A full pass soon: it retries, and says when all is well again.
+                    touched.unknown = true;
+                    due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
                 }
                 continue;
             }
