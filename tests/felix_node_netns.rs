@@ -202,10 +202,8 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
     ] {
         assert!(metric(name).is_some_and(|n| n > 0.0), "{name}");
     }
-    assert_eq!(
-        metric("felix_route_table_partial_resync_seconds_count"),
-        Some(0.0)
-    );
+    let partial = || metric("felix_route_table_partial_resync_seconds_count").unwrap();
+    let partial_before = partial();
 
     // Another tool deletes our route: it is back within a second. The repair covers the
     // interface the event named, not the whole dataplane: a setting no event reports (IPv4
@@ -231,7 +229,7 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
         "a full pass ran for one interface's route"
     );
     assert!(
-        metric("felix_route_table_partial_resync_seconds_count").is_some_and(|n| n >= 1.0),
+        partial() > partial_before,
         "the repair was a partial resync"
     );
 
