@@ -425,9 +425,28 @@ pub async fn run(
         repair = false;
         touched = Touched::default();
         let started = Instant::now();
+        // Tunnel addresses alongside the dataplane pass: the other nodes route to this
+        // node's VTEP only once its Node carries the address, so the allocation waits for
+        // neither this node's programming nor the other way round. The Node update comes
+        // back through the syncer and into the next pass.
         let desired = state.desired();
         let keep = kept(&state, bgp_open);
-        let (mut problems, uplink) = apply(
+        let tunnels = async {
+            let Some(ds) = &ds else {
+                return None;
+            };
+            let (client, ipam) = (Client::new(ds.clone()), Ipam::new(ds.clone()));
+            match tunnel_addr::reconcile(&client, &ipam, state.node(), state.pools()).await {
+                Ok(changes) => {
+                    for c in changes {
+                        tracing::info!("{c}");
+                    }
+                    None
+                }
+                Err(e) => Some(format!("tunnel addresses: {e}")),
+            }
+        };
+        let pass = apply(
             (&handle, &writer),
             &metrics,
             &state,
@@ -436,20 +455,9 @@ pub async fn run(
             &mut last_nat,
             &mut warned_ipip,
             mtu_file.as_deref(),
-        )
-        .await;
-        if let Some(ds) = &ds {
-            // The Node update comes back through the syncer and into the next pass.
-            let (client, ipam) = (Client::new(ds.clone()), Ipam::new(ds.clone()));
-            match tunnel_addr::reconcile(&client, &ipam, state.node(), state.pools()).await {
-                Ok(changes) => {
-                    for c in changes {
-                        tracing::info!("{c}");
-                    }
-                }
-                Err(e) => problems.push(format!("tunnel addresses: {e}")),
-            }
-        }
+        );
+        let (tunnel_problem, (mut problems, uplink)) = tokio::join!(tunnels, pass);
+        problems.extend(tunnel_problem);
         metrics.apply_time.observe(started.elapsed().as_secs_f64());
         table_stats = RouteTableStats::of(&desired.routes);
         metrics.set_route_table(&table_stats);
