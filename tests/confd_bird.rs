@@ -72,12 +72,14 @@ fn dual_stack_case() -> (DesiredBgpConfig, Vec<IpNet>) {
 }
 
 /// Service ranges (one IPv6, with an IPv6 next hop) advertised and kept out of the
-/// kernel; communities, standard and large, on the routes inside two CIDRs.
+/// kernel; communities, standard and large, on the routes inside two CIDRs; interfaces
+/// the direct protocol ignores.
 fn services_case() -> (DesiredBgpConfig, Vec<IpNet>) {
     use calico_node::bgp::config::CommunityValue::{Large, Standard};
     let (mut c, pools) = mesh_case();
     c.ipv6_next_hop = Some("fd00:99::2".parse().unwrap());
     c.service_ranges = vec![net("10.96.0.0/12"), net("fd00:96::/112")];
+    c.ignored_interfaces = vec!["docker*".into(), "eth9".into()];
     for r in c.service_ranges.clone() {
         c.export.push(r);
         c.policy.allowed.push(r);

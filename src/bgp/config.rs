@@ -155,6 +155,10 @@ pub struct DesiredBgpConfig {
     /// The service ranges (BGPConfiguration): routes inside them are never programmed
     /// into the kernel. In `export` too unless this node is excluded from advertising.
     pub service_ranges: Vec<IpNet>,
+    /// BGPConfiguration `ignoredInterfaces`: interfaces (or patterns) whose connected
+    /// routes BIRD's `direct` protocol leaves out. Only the BIRD backend has such a
+    /// protocol; the native speaker takes no connected routes at all.
+    pub ignored_interfaces: Vec<String>,
 }
 
 impl DesiredBgpConfig {
@@ -170,6 +174,7 @@ impl DesiredBgpConfig {
             policy: ExportPolicy::default(),
             ipv6_next_hop: None,
             service_ranges: Vec::new(),
+            ignored_interfaces: Vec::new(),
         }
     }
 }

@@ -134,8 +134,13 @@ fn main(cfg: &DesiredBgpConfig) -> Result<String, String> {
     // Connected routes resolve recursive next hops; workload routes come from the kernel.
     let v6 = has_v6(cfg);
     let six = if v6 { "  ipv6;\n" } else { "" };
+    // BGPConfiguration's ignoredInterfaces first.
+    let mut ignored = String::new();
+    for i in &cfg.ignored_interfaces {
+        ignored += &format!("-{}, ", quoted("an ignored interface", i)?);
+    }
     s += &format!(
-        "protocol direct {{\n  ipv4;\n{six}  interface -\"cali*\", -\"vxlan.calico\", -\"tunl0\", \"*\";\n}}\n\n"
+        "protocol direct {{\n  ipv4;\n{six}  interface {ignored}-\"cali*\", -\"vxlan.calico\", -\"tunl0\", \"*\";\n}}\n\n"
     );
     s += &kernel_protocol("", "ipv4");
     if v6 {

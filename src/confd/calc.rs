@@ -424,6 +424,10 @@ pub fn desired(input: &Input) -> Result<Desired, NotReady> {
         }
     }
     cfg.service_ranges = services;
+    cfg.ignored_interfaces = input
+        .global
+        .map(|g| g.ignored_interfaces.clone())
+        .unwrap_or_default();
     // Communities on exported routes: the node's BGPConfiguration's prefixAdvertisements
     // when it has some, else the global ones.
     cfg.policy.communities = input

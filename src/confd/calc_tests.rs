@@ -511,9 +511,11 @@ fn service_ranges_and_prefix_communities() {
             cidr: "10.244.0.0/16".into(),
             communities: vec!["tagged".into(), "65000:1".into(), "tagged".into()],
         }],
+        ignored_interfaces: vec!["docker*".into()],
         ..Default::default()
     });
     let c = w.desired().unwrap().config;
+    assert_eq!(c.ignored_interfaces, vec!["docker*".to_string()]);
     let ranges = vec![
         net("10.96.0.0/12"),
         net("192.0.2.0/25"),

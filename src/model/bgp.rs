@@ -317,6 +317,20 @@ impl Kind for BGPConfigurationSpec {
         if let Some(pw) = &self.node_mesh_password {
             secret_ref("spec.nodeMeshPassword", pw)?;
         }
+        for (i, name) in self.ignored_interfaces.iter().enumerate() {
+            let ok = (1..=15).contains(&name.len())
+                && name != "*"
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.*-".contains(&b));
+            if !ok {
+                return Err(ValidationError::new(
+                    &format!("spec.ignoredInterfaces[{i}]"),
+                    name,
+                    "must be an interface name or pattern: 1 to 15 letters, digits, '_', '.', '-' or '*', and not '*' alone",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -656,6 +670,29 @@ mod tests {
             off.validate(&meta("default")).unwrap_err().to_string(),
             "error with field spec.serviceLoadBalancerAggregation = 'Off' (must be one of: Enabled, Disabled)"
         );
+    }
+
+    #[test]
+    fn ignored_interfaces_are_names_or_patterns() {
+        let c = |names: &[&str]| BGPConfigurationSpec {
+            ignored_interfaces: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(
+            c(&["eth0", "docker*", "br-1.x_y"])
+                .validate(&meta("default"))
+                .is_ok()
+        );
+        for bad in ["*", "", "a\"b", "sixteen-chars-xx", "eth 0"] {
+            let e = c(&["eth0", bad])
+                .validate(&meta("default"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("error with field spec.ignoredInterfaces[1] = "),
+                "{e}"
+            );
+        }
     }
 
     #[test]
