@@ -163,6 +163,15 @@ impl AssignArgs {
     }
 }
 
+/// A block claimed for a host, its affinity still pending.
+struct Claim {
+    cidr: IpNet,
+    aff_key: String,
+    aff_rev: i64,
+    /// The block as created.
+    block: KeyValue,
+}
+
 fn corrupt(kv: &KeyValue, e: serde_json::Error) -> IpamError {
     IpamError::Corrupt {
         key: kv.key.clone(),
@@ -423,38 +432,50 @@ impl Ipam {
         let result = async {
             // 1. Blocks this host already has: those seen before the lock, then (only if
             // they are full) any claimed since by another assignment on this host.
-            for cidr in guess.iter().filter(|c| in_pools(c)) {
-                if got.len() == n {
-                    break;
-                }
-                let more = self.assign_in_block(cidr, args, n - got.len(), Some(&args.host)).await?;
-                got.extend(more);
-            }
-            let affine = if got.len() < n { self.affine_blocks(&args.host, v6).await? } else { guess.clone() };
-            for cidr in affine.iter().filter(|c| in_pools(c) && !guess.contains(c)) {
-                if got.len() == n {
-                    break;
-                }
-                let more = self.assign_in_block(cidr, args, n - got.len(), Some(&args.host)).await?;
-                got.extend(more);
-            }
-            // 2. New blocks, within the per-host limit.
+            let first: Vec<IpNet> = guess.iter().filter(|c| in_pools(c)).copied().collect();
+            self.assign_in_blocks(&first, args, n, Some(&args.host), &mut got).await?;
             let max = if cfg.max_blocks_per_host == 0 { DEFAULT_MAX_BLOCKS_PER_HOST } else { cfg.max_blocks_per_host };
+            let claiming = cfg.auto_allocate_blocks;
+            // Short: the host's affinities again and, for a claim, every block (which
+            // ones are taken), read together.
+            let (affine, mut taken) = if got.len() < n {
+                let taken = async {
+                    if !claiming {
+                        return Ok(HashSet::new());
+                    }
+                    self.block_cidrs(v6).await
+                };
+                let (affine, taken) = tokio::join!(self.affine_blocks(&args.host, v6), taken);
+                (affine?, taken?)
+            } else {
+                (guess.clone(), HashSet::new())
+            };
+            let more: Vec<IpNet> = affine.iter().filter(|c| in_pools(c) && !guess.contains(c)).copied().collect();
+            self.assign_in_blocks(&more, args, n, Some(&args.host), &mut got).await?;
+            // 2. New blocks, within the per-host limit.
             let mut owned = affine.len();
-            while got.len() < n && cfg.auto_allocate_blocks && owned < max as usize {
-                let Some(cidr) = self.claim_block(&args.host, &pools, v6).await? else { break };
+            while got.len() < n && claiming && owned < max as usize {
+                let Some(claim) = self.claim_block(&args.host, &pools, &taken).await? else { break };
                 owned += 1;
-                let more = self.assign_in_block(&cidr, args, n - got.len(), Some(&args.host)).await?;
-                got.extend(more);
+                taken.insert(claim.cidr);
+                // The claim is confirmed while its first addresses are assigned: the block
+                // is ours from its creation, and the assignment starts from what was created.
+                let (confirmed, more) = tokio::join!(
+                    self.confirm_claim(&claim),
+                    self.assign_in_block(&claim.cidr, args, n - got.len(), Some(&args.host), Some(Some(claim.block.clone())))
+                );
+                got.extend(more?);
+                confirmed?;
             }
             // 3. Borrow from other hosts' blocks.
             if got.len() < n && !cfg.strict_affinity {
-                for (cidr, _) in self.blocks(v6).await? {
+                for kv in self.block_kvs(v6).await? {
                     if got.len() == n {
                         break;
                     }
+                    let Some(IpamKey::Block(cidr)) = keys::parse_ipam_key(&kv.key) else { continue };
                     if in_pools(&cidr) {
-                        let more = self.assign_in_block(&cidr, args, n - got.len(), None).await?;
+                        let more = self.assign_in_block(&cidr, args, n - got.len(), None, Some(Some(kv))).await?;
                         got.extend(more);
                     }
                 }
@@ -501,33 +522,90 @@ impl Ipam {
 
     /// Every block of one family, decoded.
     pub async fn blocks(&self, v6: bool) -> IpamResult<Vec<(IpNet, AllocationBlock)>> {
-        let fam = if v6 { "ipv6" } else { "ipv4" };
-        let (kvs, _) = self
-            .ds
-            .list(&format!("{}assignment/{fam}/block/", keys::IPAM_PREFIX))
-            .await?;
         let mut out = Vec::new();
-        for kv in &kvs {
+        for kv in self.block_kvs(v6).await? {
             let Some(IpamKey::Block(cidr)) = keys::parse_ipam_key(&kv.key) else {
                 continue;
             };
             out.push((
                 cidr,
-                serde_json::from_slice(&kv.value).map_err(|e| corrupt(kv, e))?,
+                serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?,
             ));
         }
         Ok(out)
     }
 
-    /// Claim a free block of one of `pools` for `host`: affinity pending, block create-only,
-    /// affinity confirmed. Candidates come in an order seeded by the host name.
+    /// Every block of one family, as stored.
+    async fn block_kvs(&self, v6: bool) -> IpamResult<Vec<KeyValue>> {
+        let fam = if v6 { "ipv6" } else { "ipv4" };
+        let prefix = format!("{}assignment/{fam}/block/", keys::IPAM_PREFIX);
+        Ok(self.ds.list(&prefix).await?.0)
+    }
+
+    /// The CIDRs of every block of one family (the blocks are not decoded).
+    async fn block_cidrs(&self, v6: bool) -> IpamResult<HashSet<IpNet>> {
+        Ok(self
+            .block_kvs(v6)
+            .await?
+            .iter()
+            .filter_map(|kv| match keys::parse_ipam_key(&kv.key) {
+                Some(IpamKey::Block(cidr)) => Some(cidr),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Assign from `cidrs` in order until `got` holds `n` addresses. The blocks are read
+    /// in waves (1, then 4, 16, … at once): one read when the first block has room, a few
+    /// round trips rather than one per block when many are full.
+    async fn assign_in_blocks(
+        &self,
+        cidrs: &[IpNet],
+        args: &AssignArgs,
+        n: usize,
+        affine_host: Option<&str>,
+        got: &mut Vec<IpAddr>,
+    ) -> IpamResult<()> {
+        let mut rest = cidrs;
+        let mut wave = 1;
+        while got.len() < n && !rest.is_empty() {
+            let (now, later) = rest.split_at(wave.min(rest.len()));
+            rest = later;
+            wave *= 4;
+            let keys: Vec<String> = now.iter().map(keys::block_key).collect();
+            let reads = futures::future::join_all(keys.iter().map(|k| self.ds.get(k))).await;
+            for (cidr, read) in now.iter().zip(reads) {
+                if got.len() == n {
+                    break;
+                }
+                let read = read?;
+                if let Some(kv) = &read {
+                    let block: AllocationBlock =
+                        serde_json::from_slice(&kv.value).map_err(|e| corrupt(kv, e))?;
+                    if block.free() == 0 {
+                        continue;
+                    }
+                }
+                let more = self
+                    .assign_in_block(cidr, args, n - got.len(), affine_host, Some(read))
+                    .await?;
+                got.extend(more);
+            }
+        }
+        Ok(())
+    }
+
+    /// Claim a free block of one of `pools` for `host`: affinity pending, then the block
+    /// created (create-only); [`Ipam::confirm_claim`] confirms the affinity. Candidates
+    /// come in an order seeded by the host name; those in `taken` (blocks that exist) are
+    /// passed over, and a block created meanwhile by another host loses us nothing but the
+    /// try.
     async fn claim_block(
         &self,
         host: &str,
         pools: &[IPPool],
-        v6: bool,
-    ) -> IpamResult<Option<IpNet>> {
-        let taken: HashSet<IpNet> = self.blocks(v6).await?.into_iter().map(|(c, _)| c).collect();
+        taken: &HashSet<IpNet>,
+    ) -> IpamResult<Option<Claim>> {
         let mut rng = Rng::seeded(host);
         for pool in pools {
             let (Some(net), Ok(bs)) = (
@@ -565,7 +643,7 @@ impl Ipam {
         Ok(None)
     }
 
-    async fn try_claim(&self, host: &str, cidr: IpNet) -> IpamResult<Option<IpNet>> {
+    async fn try_claim(&self, host: &str, cidr: IpNet) -> IpamResult<Option<Claim>> {
         let aff_key = keys::affinity_key(host, &cidr);
         let pending = serde_json::to_vec(&BlockAffinity {
             state: AffinityState::Pending,
@@ -579,35 +657,55 @@ impl Ipam {
         };
         let block = AllocationBlock::new_empty(cidr, Some(host), (self.clock)());
         let value = serde_json::to_vec(&block).expect("blocks serialize");
-        match self.ds.create(&keys::block_key(&cidr), value).await {
-            Ok(_) => {}
+        let key = keys::block_key(&cidr);
+        match self.ds.create(&key, value.clone()).await {
+            Ok(rev) => Ok(Some(Claim {
+                cidr,
+                aff_key,
+                aff_rev,
+                block: KeyValue {
+                    key,
+                    value,
+                    mod_revision: rev,
+                    create_revision: rev,
+                },
+            })),
             Err(DatastoreError::AlreadyExists { .. }) => {
                 // Another host won this block: back out our claim.
                 let _ = self.ds.delete(&aff_key, Some(aff_rev)).await;
-                return Ok(None);
+                Ok(None)
             }
             Err(e) => {
                 let _ = self.ds.delete(&aff_key, Some(aff_rev)).await;
-                return Err(e.into());
+                Err(e.into())
             }
         }
+    }
+
+    /// The last step of a claim: its affinity confirmed.
+    async fn confirm_claim(&self, claim: &Claim) -> IpamResult<()> {
         let confirmed = serde_json::to_vec(&BlockAffinity {
             state: AffinityState::Confirmed,
             deleted: false,
         })
         .expect("serializes");
-        self.ds.update(&aff_key, confirmed, aff_rev).await?;
-        Ok(Some(cidr))
+        self.ds
+            .update(&claim.aff_key, confirmed, claim.aff_rev)
+            .await?;
+        Ok(())
     }
 
     /// Assign up to `n` addresses in one block (CAS, retried). For an affine block whose
-    /// affinity exists but block does not, the block is rebuilt.
+    /// affinity exists but block does not, the block is rebuilt. `known`: the block as
+    /// just read or written (None inside: it does not exist), used for the first try
+    /// instead of a read.
     async fn assign_in_block(
         &self,
         cidr: &IpNet,
         args: &AssignArgs,
         n: usize,
         affine_host: Option<&str>,
+        mut known: Option<Option<KeyValue>>,
     ) -> IpamResult<Vec<IpAddr>> {
         let key = keys::block_key(cidr);
         // The handle's count is written at the same time as the block (two writes in
@@ -616,7 +714,11 @@ impl Ipam {
         let mut counted: i64 = 0;
         let outcome = async {
             for _ in 0..CAS_RETRIES {
-                let (mut block, rev) = match self.ds.get(&key).await? {
+                let read = match known.take() {
+                    Some(kv) => kv,
+                    None => self.ds.get(&key).await?,
+                };
+                let (mut block, rev) = match read {
                     Some(kv) => (
                         serde_json::from_slice::<AllocationBlock>(&kv.value)
                             .map_err(|e| corrupt(&kv, e))?,
@@ -1178,6 +1280,31 @@ mod tests {
         ipam.auto_assign(&args("a", "node-a", 32)).await.unwrap();
         assert_eq!(ipam.affine_blocks("node-a", false).await.unwrap().len(), 2);
         assert!(ipam.auto_assign(&args("a2", "node-a", 1)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_free_address_in_any_affine_block_is_used_before_a_claim() {
+        // Six full /30 blocks (read in waves of 1, 4 and then 16); one address freed in
+        // each position in turn must be found again, and no seventh block claimed.
+        let (ipam, _) = setup(&[("p", "10.65.0.0/24", 30)]).await;
+        ipam.auto_assign(&args("fill", "node-a", 24)).await.unwrap();
+        let affine = ipam.affine_blocks("node-a", false).await.unwrap();
+        assert_eq!(affine.len(), 6);
+        for (i, block) in affine.iter().enumerate() {
+            let freed = super::super::block::nth_ip(block, 2);
+            assert_eq!(ipam.release_ips(&[freed]).await.unwrap(), vec![freed]);
+            let again = ipam
+                .auto_assign(&args(&format!("again-{i}"), "node-a", 1))
+                .await
+                .unwrap();
+            assert_eq!(again, vec![freed], "block {i} of 6");
+            assert_eq!(ipam.affine_blocks("node-a", false).await.unwrap().len(), 6);
+        }
+        // All full again: the next address claims a seventh block.
+        let new = ipam.auto_assign(&args("new", "node-a", 1)).await.unwrap();
+        let affine = ipam.affine_blocks("node-a", false).await.unwrap();
+        assert_eq!(affine.len(), 7);
+        assert!(affine.iter().filter(|b| b.contains(&new[0])).count() == 1);
     }
 
     #[tokio::test]
