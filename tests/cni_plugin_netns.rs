@@ -16,19 +16,10 @@ use serde_json::{Value, json};
 /// A plugin directory laid out as Calico installs it: `calico`, and `calico-ipam` as the
 /// same binary (here a link), so the IPAM step runs inside the `calico` process.
 fn calico_install() -> String {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cni-install");
-    std::fs::create_dir_all(&dir).unwrap();
-    for name in ["calico", "calico-ipam"] {
-        let link = dir.join(name);
-        if std::fs::read_link(&link).ok().as_deref()
-            != Some(Path::new(env!("CARGO_BIN_EXE_calico")))
-        {
-            let _ = std::fs::remove_file(&link);
-            // Another test process may have made it in between.
-            let _ = std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_calico"), &link);
-        }
-    }
-    dir.to_str().unwrap().to_string()
+    common::cni_install_dir("cni-install")
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 /// Cargo's output directory: `calico-ipam` there is a separate binary, run as a process.

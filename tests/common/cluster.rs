@@ -50,11 +50,7 @@ pub fn cni(
     command: &str,
     id: &str,
 ) -> (bool, Value) {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cni-install-cluster");
-    std::fs::create_dir_all(&dir).unwrap();
-    for bin in ["calico", "calico-ipam"] {
-        let _ = std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_calico"), dir.join(bin));
-    }
+    let dir = super::cni_install_dir("cni-install-cluster");
     let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
         "etcd_endpoints": etcd, "nodename": name, "ipam": {"type": "calico-ipam"}});
     let mut c = node

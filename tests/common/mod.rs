@@ -48,6 +48,31 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A CNI plugin directory laid out as Calico installs it: `calico`, and `calico-ipam` as the
+/// same binary (links to this build's `calico`, so the IPAM step runs inside the `calico`
+/// process). One directory per build profile, and a link to another binary is replaced: a
+/// link left by a debug test run must never send a release benchmark to the debug binary.
+#[allow(dead_code)]
+pub fn cni_install_dir(name: &str) -> PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_calico"));
+    let profile = exe
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("build");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{profile}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for bin in ["calico", "calico-ipam"] {
+        let link = dir.join(bin);
+        if std::fs::read_link(&link).ok().as_deref() != Some(exe) {
+            let _ = std::fs::remove_file(&link);
+            // Another test process may have made it in between.
+            let _ = std::os::unix::fs::symlink(exe, &link);
+        }
+    }
+    dir
+}
+
 /// A real etcd server for one test.
 pub struct Etcd {
     child: Option<Child>,
