@@ -1,11 +1,12 @@
 # Shared by scripts/test, scripts/lab and scripts/bench: install what the project needs.
 # Packages come from Debian; nothing else is downloaded except crates from crates.io.
 
-# Debian packages every command needs (etcd for the datastore, protoc for etcd-client's
+# Debian packages every command needs (etcd for the datastore, protoc and the well-known
+# .proto files (libprotobuf-dev, only a Recommends of protoc) for etcd-client's
 # build, iproute2 for namespaces, prometheus for promtool, openssl for TLS test
 # certificates, podman/runc/busybox-static as a real CNI client, the reference CNI
 # plugins, nftables/iputils for dataplane tests, BIRD/GoBGP/FRR/ExaBGP as real BGP peers).
-CALICO_APT_PACKAGES=(protobuf-compiler etcd-server etcd-client iproute2 iputils-ping nftables prometheus procps psmisc
+CALICO_APT_PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 iputils-ping nftables prometheus procps psmisc
     openssl podman runc catatonit busybox-static containernetworking-plugins util-linux tar
     bird2 gobgpd frr exabgp)
 
