@@ -609,7 +609,12 @@ async fn apply(
     {
         problems.push(format!("{}: {e}", f.display()));
     }
-    if let Err(e) = tunnels::ensure_vxlan(h, desired.vxlan.as_ref(), uplink, vxlan_mtu).await {
+    // A VXLAN device no longer wanted goes only after the routes: deleting a device takes
+    // the kernel tens of milliseconds (RCU grace periods), and the routes that replace the
+    // ones through it need not wait for that.
+    if desired.vxlan.is_some()
+        && let Err(e) = tunnels::ensure_vxlan(h, desired.vxlan.as_ref(), uplink, vxlan_mtu).await
+    {
         problems.push(e.to_string());
     }
     match tunnels::ensure_ipip(h, desired.ipip.as_ref(), ipip_mtu).await {
@@ -634,6 +639,11 @@ async fn apply(
     match neigh::reconcile(h, &desired.neighbours, &desired.fdb, &prefix).await {
         Ok(p) => problems.extend(p.failures),
         Err(e) => problems.push(e.to_string()),
+    }
+    if desired.vxlan.is_none()
+        && let Err(e) = tunnels::ensure_vxlan(h, None, uplink, vxlan_mtu).await
+    {
+        problems.push(e.to_string());
     }
     if last_nat.as_ref() != Some(&desired.nat) {
         match nat::apply(&desired.nat) {

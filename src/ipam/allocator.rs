@@ -1021,6 +1021,18 @@ impl Ipam {
         {
             return Ok(Some(ip));
         }
+        self.assign_tunnel_address_in(host, kind, pools).await
+    }
+
+    /// A new tunnel address for `host` from the given pools (empty: any pool), for a caller
+    /// that knows the handle holds none; None when no pool allows tunnel addresses.
+    pub async fn assign_tunnel_address_in(
+        &self,
+        host: &str,
+        kind: TunnelKind,
+        pools: &[IpNet],
+    ) -> IpamResult<Option<IpAddr>> {
+        let handle = kind.handle(host);
         let attrs = BTreeMap::from([
             ("node".to_string(), host.to_string()),
             ("type".to_string(), kind.attribute().to_string()),
