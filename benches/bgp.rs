@@ -19,24 +19,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::NetNs;
 use common::bgp::{BirdCtl, Daemon, Poker, bird, birdc, gobgp, gobgp_cli, lan};
+use common::{NetNs, cpu_ns};
 
 const INJ: &str = "10.99.0.1";
 const OURS: &str = "10.99.0.2";
 const BIRD: &str = "10.99.0.3";
 const GOBGP: &str = "10.99.0.4";
-
-/// CPU nanoseconds of all threads of a process.
-fn cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
 
 /// A `VmXXX:` line of /proc/PID/status, in bytes.
 fn vm(pid: u32, field: &str) -> u64 {

@@ -255,6 +255,7 @@ fn measure(lab: &Lab, label: &str) -> (Vec<Duration>, Vec<Duration>) {
         );
         let yaml = pool.replace(&format!("vxlanMode: {from}"), &format!("vxlanMode: {to}"));
         let t0 = Instant::now();
+        let wall0 = std::time::SystemTime::now();
         calicoctl(
             &lab.nodes[0],
             &lab.ep,
@@ -262,6 +263,7 @@ fn measure(lab: &Lab, label: &str) -> (Vec<Duration>, Vec<Duration>) {
             &["apply", "-f", "-"],
             &yaml,
         );
+        let applied = t0.elapsed();
         let limit = t0 + Duration::from_secs(60);
         let done = loop {
             let mut last = t0;
@@ -281,6 +283,24 @@ fn measure(lab: &Lab, label: &str) -> (Vec<Duration>, Vec<Duration>) {
             assert!(Instant::now() < limit, "{label}: mode {to} not everywhere");
             std::thread::sleep(Duration::from_millis(2));
         };
+        if std::env::var_os("CALICO_BENCH_VERBOSE").is_some() {
+            let first = (1..NODES)
+                .filter_map(|n| {
+                    let s = seen[n].lock().unwrap();
+                    blocks
+                        .iter()
+                        .filter_map(|b| s.get(b).map(|v| v.0))
+                        .filter(|t| *t >= t0)
+                        .min()
+                })
+                .min()
+                .map(|t| t - t0);
+            eprintln!(
+                "  {label}: {from} -> {to} in {:?} (calicoctl returned after {applied:?}, first route after {first:?}) t0 {:?}",
+                done - t0,
+                wall0.duration_since(std::time::UNIX_EPOCH).unwrap()
+            );
+        }
         switch.push(done - t0);
     }
     let (add, add99) = stats(add_time);

@@ -298,74 +298,77 @@ impl KernelCounter {
         let (s2, l2, st2) = (seen.clone(), lost.clone(), stop.clone());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let path = format!("/run/netns/{}", ns.name);
-        std::thread::spawn(move || {
-            let f = std::fs::File::open(&path).unwrap();
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let fd = common::route_notification_socket();
-            ready_tx.send(()).unwrap();
-            let mut have = vec![false; n];
-            let mut count = 0;
-            // recvmmsg: up to 512 notifications (one datagram each) per system call. One
-            // recv per notification cost this counter ~2.6 s of CPU at 1M routes, on the
-            // two cores the receivers under test share. The 512 MiB buffer holds far more
-            // than a millisecond of notifications.
-            const SLOTS: usize = 512;
-            const SLOT: usize = 1024;
-            let mut bufs = vec![0u8; SLOTS * SLOT];
-            let mut iov: Vec<libc::iovec> = (0..SLOTS)
-                .map(|i| libc::iovec {
-                    // SAFETY: each slot lies inside `bufs`, which outlives the loop.
-                    iov_base: unsafe { bufs.as_mut_ptr().add(i * SLOT) } as *mut libc::c_void,
-                    iov_len: SLOT,
-                })
-                .collect();
-            // SAFETY: an all-zero mmsghdr is valid; the iovec pointers are set below.
-            let mut msgs: Vec<libc::mmsghdr> =
-                (0..SLOTS).map(|_| unsafe { std::mem::zeroed() }).collect();
-            for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
-                m.msg_hdr.msg_iov = v;
-                m.msg_hdr.msg_iovlen = 1;
-            }
-            while !st2.load(Ordering::Relaxed) {
-                // SAFETY: `msgs` describes SLOTS buffers of ours, each SLOT bytes long.
-                let r = unsafe {
-                    libc::recvmmsg(
-                        fd,
-                        msgs.as_mut_ptr(),
-                        SLOTS as u32,
-                        libc::MSG_DONTWAIT,
-                        std::ptr::null_mut(),
-                    )
-                };
-                if r <= 0 {
-                    match std::io::Error::last_os_error().raw_os_error() {
-                        Some(libc::ENOBUFS) => l2.store(true, Ordering::Relaxed),
-                        // Nothing queued: sleep rather than block. A reader blocked in
-                        // recv is woken by the kernel for every notification, on the
-                        // writer's thread (a fifth of its time at 1M routes); a socket
-                        // without a waiter costs the writer only the queueing.
-                        _ => std::thread::sleep(Duration::from_millis(1)),
-                    }
-                    continue;
+        let spawned = std::thread::Builder::new()
+            .name("bench-counter".into())
+            .spawn(move || {
+                let f = std::fs::File::open(&path).unwrap();
+                nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let fd = common::route_notification_socket();
+                ready_tx.send(()).unwrap();
+                let mut have = vec![false; n];
+                let mut count = 0;
+                // recvmmsg: up to 512 notifications (one datagram each) per system call. One
+                // recv per notification cost this counter ~2.6 s of CPU at 1M routes, on the
+                // two cores the receivers under test share. The 512 MiB buffer holds far more
+                // than a millisecond of notifications.
+                const SLOTS: usize = 512;
+                const SLOT: usize = 1024;
+                let mut bufs = vec![0u8; SLOTS * SLOT];
+                let mut iov: Vec<libc::iovec> = (0..SLOTS)
+                    .map(|i| libc::iovec {
+                        // SAFETY: each slot lies inside `bufs`, which outlives the loop.
+                        iov_base: unsafe { bufs.as_mut_ptr().add(i * SLOT) } as *mut libc::c_void,
+                        iov_len: SLOT,
+                    })
+                    .collect();
+                // SAFETY: an all-zero mmsghdr is valid; the iovec pointers are set below.
+                let mut msgs: Vec<libc::mmsghdr> =
+                    (0..SLOTS).map(|_| unsafe { std::mem::zeroed() }).collect();
+                for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+                    m.msg_hdr.msg_iov = v;
+                    m.msg_hdr.msg_iovlen = 1;
                 }
-                for (k, m) in msgs.iter().take(r as usize).enumerate() {
-                    let got = &bufs[k * SLOT..k * SLOT + (m.msg_len as usize).min(SLOT)];
-                    for note in common::route_notes(got) {
-                        let i = (note.dst.wrapping_sub(0x1000_0000) >> 8) as usize;
-                        let ours = note.kind == libc::RTM_NEWROUTE
-                            && note.protocol == protocol
-                            && note.dst_len == 24
-                            && note.dst >> 28 == 1;
-                        if ours && i < n && !have[i] {
-                            have[i] = true;
-                            count += 1;
+                while !st2.load(Ordering::Relaxed) {
+                    // SAFETY: `msgs` describes SLOTS buffers of ours, each SLOT bytes long.
+                    let r = unsafe {
+                        libc::recvmmsg(
+                            fd,
+                            msgs.as_mut_ptr(),
+                            SLOTS as u32,
+                            libc::MSG_DONTWAIT,
+                            std::ptr::null_mut(),
+                        )
+                    };
+                    if r <= 0 {
+                        match std::io::Error::last_os_error().raw_os_error() {
+                            Some(libc::ENOBUFS) => l2.store(true, Ordering::Relaxed),
+                            // Nothing queued: sleep rather than block. A reader blocked in
+                            // recv is woken by the kernel for every notification, on the
+                            // writer's thread (a fifth of its time at 1M routes); a socket
+                            // without a waiter costs the writer only the queueing.
+                            _ => std::thread::sleep(Duration::from_millis(1)),
+                        }
+                        continue;
+                    }
+                    for (k, m) in msgs.iter().take(r as usize).enumerate() {
+                        let got = &bufs[k * SLOT..k * SLOT + (m.msg_len as usize).min(SLOT)];
+                        for note in common::route_notes(got) {
+                            let i = (note.dst.wrapping_sub(0x1000_0000) >> 8) as usize;
+                            let ours = note.kind == libc::RTM_NEWROUTE
+                                && note.protocol == protocol
+                                && note.dst_len == 24
+                                && note.dst >> 28 == 1;
+                            if ours && i < n && !have[i] {
+                                have[i] = true;
+                                count += 1;
+                            }
                         }
                     }
+                    s2.store(count, Ordering::Relaxed);
                 }
-                s2.store(count, Ordering::Relaxed);
-            }
-            unsafe { libc::close(fd) };
-        });
+                unsafe { libc::close(fd) };
+            });
+        spawned.expect("a thread for the counter");
         ready_rx.recv().unwrap();
         KernelCounter { seen, lost, stop }
     }
@@ -453,7 +456,7 @@ fn established(inj: &common::bgp::Daemon, proto: &str) -> Instant {
 /// one process, as in calico-node) into the kernel, and through BIRD with
 /// `protocol kernel { ipv4 { export all; }; }`; each timed from the injector's session
 /// becoming Established until the receiver's kernel has every route.
-fn learn_and_install(n: usize) -> Option<(Duration, Duration)> {
+fn learn_and_install(n: usize) -> Option<((Duration, Cpu), (Duration, Cpu))> {
     use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, PeerType};
     use calico_node::bgp::speaker::Speaker;
     use common::bgp::{Poker, bird, birdc, lan};
@@ -478,33 +481,54 @@ fn learn_and_install(n: usize) -> Option<(Duration, Duration)> {
     let cancel = CancellationToken::new();
     let c2 = cancel.clone();
     let path = format!("/run/netns/{}", ours_ns.name);
-    let ours_thread = std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).unwrap();
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let (bgp_tx, felix) = felix("10.99.0.1/24", None, &c2).await;
-                let mut bgp = DesiredBgpConfig::new("10.99.0.1".parse().unwrap(), 64513);
-                let mut peer =
-                    DesiredPeer::new("10.99.0.2".parse().unwrap(), 64512, PeerType::Global);
-                peer.passive = true;
-                bgp.peers.push(peer);
-                let (status, _) = tokio::sync::watch::channel(Vec::new());
-                let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(bgp.clone());
-                let speaker = Speaker::new(bgp, bgp_tx, status);
-                let _ = speaker.run(cfg_rx, c2).await;
-                let _ = felix.await;
-            });
-    });
+    let ours_thread = std::thread::Builder::new()
+        .name("bench-ours".into())
+        .spawn(move || {
+            let f = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async move {
+                    let (bgp_tx, felix) = felix("10.99.0.1/24", None, &c2).await;
+                    let mut bgp = DesiredBgpConfig::new("10.99.0.1".parse().unwrap(), 64513);
+                    let mut peer =
+                        DesiredPeer::new("10.99.0.2".parse().unwrap(), 64512, PeerType::Global);
+                    peer.passive = true;
+                    bgp.peers.push(peer);
+                    let (status, _) = tokio::sync::watch::channel(Vec::new());
+                    let (_cfg_tx, cfg_rx) = tokio::sync::watch::channel(bgp.clone());
+                    let speaker = Speaker::new(bgp, bgp_tx, status);
+                    let _ = speaker.run(cfg_rx, c2).await;
+                    let _ = felix.await;
+                });
+        });
+    let ours_thread = ours_thread.expect("a thread for ours");
     std::thread::sleep(Duration::from_millis(500));
     let counter = KernelCounter::start(&ours_ns, PROTO_FELIX, n);
     let poke = Poker::start(inj.dir.path().join("bird.ctl"));
+    let me = std::process::id();
+    let (threads0, inj0) = (common::thread_cpu_ns(me), common::cpu_ns(inj.pid()));
     let t0 = established(&inj, "r_ours");
     let ours = wait_installed(&ours_ns, &counter, PROTO_FELIX, n, t0);
+    let mut cpu = Cpu {
+        injector: common::cpu_ns(inj.pid()) - inj0,
+        ..Cpu::default()
+    };
+    for (tid, name, ns) in common::thread_cpu_ns(me) {
+        let before = threads0.iter().find(|t| t.0 == tid).map_or(0, |t| t.2);
+        let spent = ns - before.min(ns);
+        match name.as_str() {
+            "felix-routes" => cpu.writer += spent,
+            "bench-counter" => cpu.counter += spent,
+            // The bench's own threads: its main thread (which only waits) and the poker.
+            "bench-poker" => {}
+            _ if tid == me => {}
+            _ => cpu.receiver += spent,
+        }
+    }
     drop(poke);
     birdc(&inj, "disable r_ours");
     drop(counter);
@@ -519,13 +543,66 @@ fn learn_and_install(n: usize) -> Option<(Duration, Duration)> {
     std::thread::sleep(Duration::from_millis(500));
     let counter = KernelCounter::start(&bird_ns, 12, n);
     let poke = Poker::start(inj.dir.path().join("bird.ctl"));
+    let counter_tid = |threads: &[(u32, String, u64)]| {
+        threads
+            .iter()
+            .filter(|t| t.1 == "bench-counter")
+            .map(|t| t.2)
+            .sum::<u64>()
+    };
+    let (inj0, rcv0, cnt0) = (
+        common::cpu_ns(inj.pid()),
+        common::cpu_ns(rcv.pid()),
+        counter_tid(&common::thread_cpu_ns(me)),
+    );
     let t0 = established(&inj, "r_bird");
     let theirs = wait_installed(&bird_ns, &counter, 12, n, t0);
+    let their_cpu = Cpu {
+        injector: common::cpu_ns(inj.pid()) - inj0,
+        // BIRD writes to the kernel on its only thread.
+        receiver: common::cpu_ns(rcv.pid()) - rcv0,
+        writer: 0,
+        counter: counter_tid(&common::thread_cpu_ns(me)) - cnt0,
+    };
     drop(poke);
     birdc(&inj, "disable r_bird");
     drop(counter);
     drop(rcv);
-    Some((ours, theirs))
+    Some(((ours, cpu), (theirs, their_cpu)))
+}
+
+/// CPU nanoseconds spent during one learn-and-install run.
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    /// The BIRD that injects the routes.
+    injector: u64,
+    /// The receiver: our speaker and Felix (but the route writer), or BIRD.
+    receiver: u64,
+    /// Felix's route writer thread (nearly all of it in the kernel, installing).
+    writer: u64,
+    /// The bench's notification counter.
+    counter: u64,
+}
+
+impl std::fmt::Display for Cpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = |ns: u64| ns as f64 / 1e9;
+        write!(
+            f,
+            "CPU {:.2} s (receiver {:.2}",
+            s(self.injector + self.receiver + self.writer + self.counter),
+            s(self.receiver)
+        )?;
+        if self.writer > 0 {
+            write!(f, ", route writer {:.2}", s(self.writer))?;
+        }
+        write!(
+            f,
+            ", injector {:.2}, bench counter {:.2})",
+            s(self.injector),
+            s(self.counter)
+        )
+    }
 }
 
 fn main() {
@@ -568,13 +645,24 @@ fn main() {
         .unwrap_or(1_000_000);
     if learn == 0 {
         // CALICO_BENCH_FELIX_LEARN=0: skipped.
-    } else if let Some((ours, bird)) = learn_and_install(learn) {
+    } else if let Some(((mine, cpu), (bird, bird_cpu))) = learn_and_install(learn) {
         println!(
             "  learn and install {learn} routes from a BGP injector: ours (speaker + Felix) {:.2} s, BIRD (kernel export all) {:.2} s, ratio {:.2}x (goal <= 0.5x)",
-            ours.as_secs_f64(),
+            mine.as_secs_f64(),
             bird.as_secs_f64(),
-            ours.as_secs_f64() / bird.as_secs_f64()
+            mine.as_secs_f64() / bird.as_secs_f64()
         );
+        println!("    ours:  {cpu}\n    BIRD:  {bird_cpu}");
+        // The kernel's own share: the same number of routes programmed by the reconciler
+        // alone (no BGP, no injector, no listener) into a fresh namespace. No receiver
+        // can install faster than the kernel takes the routes.
+        if let Some((floor, _)) = ours(learn) {
+            println!(
+                "    the kernel alone: {learn} routes of this shape programmed cold by the reconciler (no BGP) {:.2} s, {:.2}x BIRD's learn-and-install",
+                floor.as_secs_f64(),
+                floor.as_secs_f64() / bird.as_secs_f64()
+            );
+        }
     }
     let Some(mut took) = single_changes(n, 200) else {
         return;

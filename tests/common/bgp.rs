@@ -433,21 +433,24 @@ impl Poker {
         use std::io::{Read, Write};
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let Ok(mut c) = std::os::unix::net::UnixStream::connect(&sock) else {
-                return;
-            };
-            let _ = c.set_read_timeout(Some(Duration::from_millis(1)));
-            let mut sink = [0u8; 4096];
-            while !s.load(std::sync::atomic::Ordering::Relaxed) {
-                if c.write_all(b"show status\n").is_err() {
+        let thread = std::thread::Builder::new()
+            .name("bench-poker".into())
+            .spawn(move || {
+                let Ok(mut c) = std::os::unix::net::UnixStream::connect(&sock) else {
                     return;
+                };
+                let _ = c.set_read_timeout(Some(Duration::from_millis(1)));
+                let mut sink = [0u8; 4096];
+                while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                    if c.write_all(b"show status\n").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                    // Drain the answers (a read times out once there is nothing left).
+                    while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
                 }
-                std::thread::sleep(Duration::from_millis(5));
-                // Drain the answers (a read times out once there is nothing left).
-                while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
-            }
-        });
+            });
+        let thread = thread.expect("a thread for the poker");
         Poker {
             stop,
             thread: Some(thread),

@@ -768,3 +768,28 @@ pub fn route_notes(buf: &[u8]) -> Vec<RouteNote> {
     }
     out
 }
+
+/// Run time in nanoseconds (user and kernel, from schedstat) of each thread of a process:
+/// thread id, name, nanoseconds.
+#[allow(dead_code)]
+pub fn thread_cpu_ns(pid: u32) -> Vec<(u32, String, u64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let path = t.ok()?.path();
+            let tid = path.file_name()?.to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            let ns = std::fs::read_to_string(path.join("schedstat")).ok()?;
+            let ns = ns.split_whitespace().next()?.parse().ok()?;
+            Some((tid, name.trim_end().to_string(), ns))
+        })
+        .collect()
+}
+
+/// Run time in nanoseconds of all threads of a process.
+#[allow(dead_code)]
+pub fn cpu_ns(pid: u32) -> u64 {
+    thread_cpu_ns(pid).iter().map(|t| t.2).sum()
+}
