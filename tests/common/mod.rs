@@ -725,6 +725,8 @@ pub struct RouteNote {
     pub dst_len: u8,
     pub protocol: u8,
     pub oif: u32,
+    /// The route's metric (RTA_PRIORITY; 0 when absent).
+    pub priority: u32,
 }
 
 /// The route notifications in one datagram read from [`route_notification_socket`].
@@ -739,7 +741,7 @@ pub fn route_notes(buf: &[u8]) -> Vec<RouteNote> {
         }
         if kind == libc::RTM_NEWROUTE || kind == libc::RTM_DELROUTE {
             let rt = &buf[off + 16..off + len];
-            let (mut dst, mut oif, mut a) = (None, 0u32, 12);
+            let (mut dst, mut oif, mut priority, mut a) = (None, 0u32, 0u32, 12);
             while a + 4 <= rt.len() {
                 let alen = u16::from_ne_bytes(rt[a..a + 2].try_into().unwrap()) as usize;
                 let atype = u16::from_ne_bytes(rt[a + 2..a + 4].try_into().unwrap());
@@ -752,6 +754,9 @@ pub fn route_notes(buf: &[u8]) -> Vec<RouteNote> {
                 if atype == libc::RTA_OIF && alen >= 8 {
                     oif = u32::from_ne_bytes(rt[a + 4..a + 8].try_into().unwrap());
                 }
+                if atype == libc::RTA_PRIORITY && alen >= 8 {
+                    priority = u32::from_ne_bytes(rt[a + 4..a + 8].try_into().unwrap());
+                }
                 a += (alen + 3) & !3;
             }
             if let Some(dst) = dst {
@@ -761,6 +766,7 @@ pub fn route_notes(buf: &[u8]) -> Vec<RouteNote> {
                     dst_len: rt[1],
                     protocol: rt[5],
                     oif,
+                    priority,
                 });
             }
         }
