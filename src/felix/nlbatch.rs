@@ -19,6 +19,9 @@ use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 /// Messages per `sendmsg`.
 const BATCH: usize = 256;
 
+/// Requests per job of a long [`Writer::send`].
+const PART: usize = 16 * 1024;
+
 /// One request: add-or-replace, or delete.
 pub enum Request {
     Replace(RouteMessage),
@@ -146,8 +149,35 @@ impl Writer {
     }
 
     /// Send `requests` after every job before them; their outcomes. An empty list waits
-    /// for everything sent before it.
+    /// for everything sent before it. A long list goes in parts: the kernel installs one
+    /// part while the next is serialized.
     pub async fn send(&self, requests: Vec<Request>) -> io::Result<Outcomes> {
+        let mut parts = Vec::with_capacity(requests.len() / PART + 1);
+        let mut left = requests.len();
+        let mut requests = requests.into_iter();
+        loop {
+            let part: Vec<Request> = requests.by_ref().take(PART).collect();
+            left -= part.len();
+            parts.push(self.queue(part)?);
+            if left == 0 {
+                break;
+            }
+        }
+        let mut outcomes = Vec::new();
+        for part in parts {
+            outcomes.extend(
+                part.await
+                    .map_err(|_| io::Error::other("the route writer stopped"))??,
+            );
+        }
+        Ok(outcomes)
+    }
+
+    /// Queue one job of `requests`; its outcomes arrive on the returned channel.
+    fn queue(
+        &self,
+        requests: Vec<Request>,
+    ) -> io::Result<tokio::sync::oneshot::Receiver<io::Result<Outcomes>>> {
         let (done, wait) = tokio::sync::oneshot::channel();
         self.tx
             .send(Job::Send {
@@ -155,8 +185,7 @@ impl Writer {
                 reply: Reply::Wait(done),
             })
             .map_err(|_| io::Error::other("the route writer stopped"))?;
-        wait.await
-            .map_err(|_| io::Error::other("the route writer stopped"))?
+        Ok(wait)
     }
 
     /// The routes of one family (through interface `oif` only, when given), read after
