@@ -262,4 +262,25 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
     common::until("a tunnel address again", Duration::from_secs(10), || {
         tunnel_addr(&etcd).is_some()
     });
+
+    // Quick flips, each before the last one's device removal can have finished (the
+    // kernel takes tens of milliseconds): the device and route of the last setting stay.
+    for _ in 0..3 {
+        set_vxlan_mode(&etcd, "Never");
+        std::thread::sleep(Duration::from_millis(15));
+        set_vxlan_mode(&etcd, "Always");
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    common::until(
+        "the VXLAN route after the flips",
+        Duration::from_secs(10),
+        || routes().contains(REMOTE_ROUTE),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(routes().contains(REMOTE_ROUTE), "{}", routes());
+    assert!(
+        show(&ns, &["ip", "link", "show", "vxlan.calico"]).contains("UP"),
+        "{}",
+        show(&ns, &["ip", "link", "show"])
+    );
 }

@@ -280,6 +280,8 @@ pub async fn run(
     let mut last_nat = None;
     let mut next_resync = tokio::time::Instant::now() + state.config().route_refresh_interval();
     let mut warned_ipip = false;
+    // A removal of vxlan.calico under way.
+    let mut vxlan_removal = None;
     let mut bgp_open = true;
     // What the last full pass programmed (its routes kept up to date by BGP's changes), and
     // the uplink it used.
@@ -425,28 +427,22 @@ pub async fn run(
         repair = false;
         touched = Touched::default();
         let started = Instant::now();
-        // Tunnel addresses alongside the dataplane pass: the other nodes route to this
-        // node's VTEP only once its Node carries the address, so the allocation waits for
-        // neither this node's programming nor the other way round. The Node update comes
-        // back through the syncer and into the next pass.
+        // Tunnel addresses alongside the dataplane pass, in a task of their own: the other
+        // nodes route to this node's VXLAN endpoint only once its Node carries the
+        // address, so the allocation's etcd round trips wait neither for this node's
+        // programming (nor its blocking parts: sysctls, nft) nor the other way round. The
+        // Node update comes back through the syncer and into the next pass.
         let desired = state.desired();
         let keep = kept(&state, bgp_open);
-        let tunnels = async {
-            let Some(ds) = &ds else {
-                return None;
-            };
-            let (client, ipam) = (Client::new(ds.clone()), Ipam::new(ds.clone()));
-            match tunnel_addr::reconcile(&client, &ipam, state.node(), state.pools()).await {
-                Ok(changes) => {
-                    for c in changes {
-                        tracing::info!("{c}");
-                    }
-                    None
-                }
-                Err(e) => Some(format!("tunnel addresses: {e}")),
-            }
-        };
-        let pass = apply(
+        let tunnels = ds.clone().map(|ds| {
+            let node = state.node().to_string();
+            let pools: Vec<_> = state.pools().cloned().collect();
+            tokio::spawn(async move {
+                let (client, ipam) = (Client::new(ds.clone()), Ipam::new(ds));
+                tunnel_addr::reconcile(&client, &ipam, &node, pools.iter()).await
+            })
+        });
+        let (mut problems, uplink) = apply(
             (&handle, &writer),
             &metrics,
             &state,
@@ -454,9 +450,23 @@ pub async fn run(
             &keep,
             &mut last_nat,
             &mut warned_ipip,
+            &mut vxlan_removal,
             mtu_file.as_deref(),
-        );
-        let (tunnel_problem, (mut problems, uplink)) = tokio::join!(tunnels, pass);
+        )
+        .await;
+        let tunnel_problem = match tunnels {
+            None => None,
+            Some(t) => match t.await {
+                Ok(Ok(changes)) => {
+                    for c in changes {
+                        tracing::info!("{c}");
+                    }
+                    None
+                }
+                Ok(Err(e)) => Some(format!("tunnel addresses: {e}")),
+                Err(e) => Some(format!("tunnel addresses: {e}")),
+            },
+        };
         problems.extend(tunnel_problem);
         metrics.apply_time.observe(started.elapsed().as_secs_f64());
         table_stats = RouteTableStats::of(&desired.routes);
@@ -576,6 +586,7 @@ async fn apply(
     keep: &[ipnet::IpNet],
     last_nat: &mut Option<super::calc::Nat>,
     warned_ipip: &mut bool,
+    vxlan_removal: &mut Option<tunnels::PendingRemoval>,
     mtu_file: Option<&std::path::Path>,
 ) -> (Vec<String>, Option<u32>) {
     let mut problems: Vec<String> = desired.problems.clone();
@@ -609,13 +620,15 @@ async fn apply(
     {
         problems.push(format!("{}: {e}", f.display()));
     }
-    // A VXLAN device no longer wanted goes only after the routes: deleting a device takes
-    // the kernel tens of milliseconds (RCU grace periods), and the routes that replace the
-    // ones through it need not wait for that.
-    if desired.vxlan.is_some()
-        && let Err(e) = tunnels::ensure_vxlan(h, desired.vxlan.as_ref(), uplink, vxlan_mtu).await
-    {
-        problems.push(e.to_string());
+    // A VXLAN device no longer wanted goes after the routes, without waiting for the
+    // kernel to finish (see `tunnels::remove_vxlan`); one wanted again waits for that.
+    if desired.vxlan.is_some() {
+        if let Err(e) = tunnels::removal_done(vxlan_removal).await {
+            problems.push(e.to_string());
+        }
+        if let Err(e) = tunnels::ensure_vxlan(h, desired.vxlan.as_ref(), uplink, vxlan_mtu).await {
+            problems.push(e.to_string());
+        }
     }
     match tunnels::ensure_ipip(h, desired.ipip.as_ref(), ipip_mtu).await {
         Err(e @ TunnelError::NoIpip(_)) => {
@@ -641,7 +654,7 @@ async fn apply(
         Err(e) => problems.push(e.to_string()),
     }
     if desired.vxlan.is_none()
-        && let Err(e) = tunnels::ensure_vxlan(h, None, uplink, vxlan_mtu).await
+        && let Err(e) = tunnels::remove_vxlan(h, vxlan_removal).await
     {
         problems.push(e.to_string());
     }

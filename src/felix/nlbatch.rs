@@ -225,7 +225,7 @@ pub fn send(requests: Vec<Request>) -> io::Result<Outcomes> {
     send_on(&mut open()?, encode(requests))
 }
 
-fn open() -> io::Result<Socket> {
+pub(crate) fn open() -> io::Result<Socket> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -253,6 +253,43 @@ fn open() -> io::Result<Socket> {
         return Err(io::Error::last_os_error());
     }
     Ok(socket)
+}
+
+/// Delete the link with this index (RTM_DELLINK), waiting for the kernel's answer.
+/// Blocking: the kernel answers only once the device is gone for good.
+pub(crate) fn delete_link(socket: &mut Socket, index: u32) -> io::Result<()> {
+    const RTM_DELLINK: u16 = 17;
+    // nlmsghdr, then ifinfomsg (family, type, index, flags, change).
+    let mut req = [0u8; 32];
+    req[0..4].copy_from_slice(&32u32.to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_DELLINK.to_ne_bytes());
+    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[20..24].copy_from_slice(&index.to_ne_bytes());
+    socket.send(&req, 0)?;
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = socket.recv(&mut &mut buf[..], 0)?;
+        let mut off = 0;
+        while off + 20 <= n {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+            if len < 16 || off + len > n {
+                break;
+            }
+            let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+            let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4 bytes"));
+            // NLMSG_ERROR: 0 is the ack, else a negative errno.
+            if kind == 2 && seq == 1 {
+                let code = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
+                return if code == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::from_raw_os_error(-code))
+                };
+            }
+            off += (len + 3) & !3;
+        }
+    }
 }
 
 fn send_on(socket: &mut Socket, requests: Encoded) -> io::Result<Outcomes> {

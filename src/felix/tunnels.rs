@@ -87,6 +87,80 @@ fn vxlan_matches(l: &LinkMessage, want: &Vxlan, parent: u32, local: Ipv4Addr, mt
         }) == Some(mtu)
 }
 
+/// A removal of vxlan.calico under way on a thread of its own (see [`remove_vxlan`]).
+pub struct PendingRemoval {
+    done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+}
+
+/// What a finished removal's outcome means: gone already is as good as removed.
+fn removed(
+    r: Result<std::io::Result<()>, tokio::sync::oneshot::error::RecvError>,
+) -> Result<(), TunnelError> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
+        Ok(Err(e)) => Err(delete_failed(e)),
+        Err(_) => Err(delete_failed("the removal's thread stopped")),
+    }
+}
+
+fn delete_failed(e: impl std::fmt::Display) -> TunnelError {
+    RouteError::Netlink {
+        op: format!("delete {VXLAN_DEV}"),
+        message: e.to_string(),
+    }
+    .into()
+}
+
+/// Remove vxlan.calico (no VXLAN pool) without waiting for the kernel to finish. The
+/// device leaves the namespace at once, but the kernel answers the request only once it
+/// is gone for good, tens of milliseconds later (RCU): long enough to hold up the next
+/// pass, which may be a pool switching back to VXLAN. So the request goes on a socket and
+/// a thread of its own. `pending` holds a removal under way: no second one starts while
+/// it runs, and a finished one's failure is returned (the device is then looked for
+/// again).
+pub async fn remove_vxlan(
+    h: &Handle,
+    pending: &mut Option<PendingRemoval>,
+) -> Result<Outcome, TunnelError> {
+    if let Some(p) = pending {
+        match p.done.try_recv() {
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return Ok(Outcome::Unchanged),
+            Ok(r) => {
+                *pending = None;
+                removed(Ok(r))?;
+            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                *pending = None;
+            }
+        }
+    }
+    let Some(l) = link(h, VXLAN_DEV).await? else {
+        return Ok(Outcome::Unchanged);
+    };
+    let index = l.header.index;
+    // Opened here, in the caller's network namespace; used on the thread.
+    let mut socket = crate::felix::nlbatch::open().map_err(delete_failed)?;
+    let (tx, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("felix-vxlan-del".into())
+        .spawn(move || {
+            let _ = tx.send(crate::felix::nlbatch::delete_link(&mut socket, index));
+        })
+        .map_err(delete_failed)?;
+    *pending = Some(PendingRemoval { done });
+    Ok(Outcome::Deleted)
+}
+
+/// Wait for a removal under way (before vxlan.calico is made again: until the kernel
+/// has taken the old device away, its name is taken).
+pub async fn removal_done(pending: &mut Option<PendingRemoval>) -> Result<(), TunnelError> {
+    match pending.take() {
+        Some(p) => removed(p.done.await),
+        None => Ok(()),
+    }
+}
+
 /// Make vxlan.calico as wanted (`None`: no VXLAN pool, the device goes). `parent` is the
 /// interface holding the node IP; `mtu` the device MTU (host MTU - 50, or configured).
 pub async fn ensure_vxlan(
