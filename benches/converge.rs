@@ -377,6 +377,23 @@ fn measure(lab: &Lab, label: &str) -> Measured {
                 wall0.duration_since(std::time::UNIX_EPOCH).unwrap()
             );
         }
+        if std::env::var_os("CALICO_BENCH_VERBOSE").is_some() && trial < 4 {
+            // The datastore writes of this change, in order: where its time went.
+            let mut after: Vec<(Duration, String)> = writes
+                .lock()
+                .unwrap()
+                .iter()
+                .flat_map(|(k, ts)| {
+                    ts.iter()
+                        .filter(|t| **t >= t0)
+                        .map(|t| (*t - t0, k.clone()))
+                })
+                .collect();
+            after.sort();
+            for (at, key) in after {
+                eprintln!("    +{:.1} ms {key}", at.as_secs_f64() * 1e3);
+            }
+        }
         switch.push(done - t0);
         let key = "/calico/resources/v3/projectcalico.org/ippools/default-ipv4-ippool";
         let put =
