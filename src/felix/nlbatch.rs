@@ -19,6 +19,9 @@ use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 /// Messages per `sendmsg`.
 const BATCH: usize = 256;
 
+/// The kernel's answer to a request: an error code, 0 for an acknowledgement.
+const NLMSG_ERROR: u16 = 2;
+
 /// Requests per job of a long [`Writer::send`].
 const PART: usize = 16 * 1024;
 
@@ -255,6 +258,31 @@ pub(crate) fn open() -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// The netlink messages in one datagram from the kernel: type, sequence number, and the
+/// message (header included). A truncated message ends the walk.
+fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        let rest = buf.get(off..)?;
+        if rest.len() < 16 {
+            return None;
+        }
+        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        if len < 16 || len > rest.len() {
+            return None;
+        }
+        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        let seq = u32::from_ne_bytes(rest[8..12].try_into().expect("4 bytes"));
+        off += (len + 3) & !3;
+        Some((kind, seq, &rest[..len]))
+    })
+}
+
+/// The code of an NLMSG_ERROR message (0: an ack; else a negative errno).
+fn error_code(msg: &[u8]) -> Option<i32> {
+    Some(i32::from_ne_bytes(msg.get(16..20)?.try_into().ok()?))
+}
+
 /// Delete the link with this index (RTM_DELLINK), waiting for the kernel's answer.
 /// Blocking: the kernel answers only once the device is gone for good.
 pub(crate) fn delete_link(socket: &mut Socket, index: u32) -> io::Result<()> {
@@ -270,24 +298,17 @@ pub(crate) fn delete_link(socket: &mut Socket, index: u32) -> io::Result<()> {
     let mut buf = vec![0u8; 4096];
     loop {
         let n = socket.recv(&mut &mut buf[..], 0)?;
-        let mut off = 0;
-        while off + 20 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-            if len < 16 || off + len > n {
-                break;
-            }
-            let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-            let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4 bytes"));
-            // NLMSG_ERROR: 0 is the ack, else a negative errno.
-            if kind == 2 && seq == 1 {
-                let code = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
+        for (kind, seq, msg) in messages(&buf[..n]) {
+            if kind == NLMSG_ERROR
+                && seq == 1
+                && let Some(code) = error_code(msg)
+            {
                 return if code == 0 {
                     Ok(())
                 } else {
                     Err(io::Error::from_raw_os_error(-code))
                 };
             }
-            off += (len + 3) & !3;
         }
     }
 }
@@ -307,19 +328,11 @@ fn send_on(socket: &mut Socket, requests: Encoded) -> io::Result<Outcomes> {
         let last_seq = last as u32 + 1;
         'acks: loop {
             let n = socket.recv(&mut &mut rbuf[..], 0)?;
-            let mut off = 0;
-            while off + 16 <= n {
-                let len =
-                    u32::from_ne_bytes(rbuf[off..off + 4].try_into().expect("4 bytes")) as usize;
-                if len < 16 || off + len > n {
-                    break;
-                }
-                let kind = u16::from_ne_bytes([rbuf[off + 4], rbuf[off + 5]]);
-                let seq = u32::from_ne_bytes(rbuf[off + 8..off + 12].try_into().expect("4 bytes"));
-                // NLMSG_ERROR: an i32 error code (0: ack), negative errno.
-                if kind == 2 && len >= 20 {
-                    let code =
-                        i32::from_ne_bytes(rbuf[off + 16..off + 20].try_into().expect("4 bytes"));
+            for (kind, seq, msg) in messages(&rbuf[..n]) {
+                // An error code per refused request (0: the batch's ack).
+                if kind == NLMSG_ERROR
+                    && let Some(code) = error_code(msg)
+                {
                     if code != 0
                         && let Some(o) = outcomes.get_mut((seq as usize).wrapping_sub(1))
                     {
@@ -329,7 +342,6 @@ fn send_on(socket: &mut Socket, requests: Encoded) -> io::Result<Outcomes> {
                         break 'acks;
                     }
                 }
-                off += (len + 3) & !3;
             }
         }
     }
@@ -341,7 +353,6 @@ fn send_on(socket: &mut Socket, requests: Encoded) -> io::Result<Outcomes> {
 fn dump_on(socket: &mut Socket, v6: bool, oif: Option<u32>) -> io::Result<Vec<RawRoute>> {
     const RTM_GETROUTE: u16 = 26;
     const NLM_F_DUMP: u16 = 0x300;
-    const NLMSG_ERROR: u16 = 2;
     const NLMSG_DONE: u16 = 3;
     // nlmsghdr, rtmsg, and RTA_OIF when filtering.
     let len = if oif.is_some() { 36 } else { 28 };
@@ -362,36 +373,28 @@ fn dump_on(socket: &mut Socket, v6: bool, oif: Option<u32>) -> io::Result<Vec<Ra
     let mut buf = vec![0u8; 1 << 17];
     loop {
         let n = socket.recv(&mut &mut buf[..], 0)?;
-        let mut off = 0;
-        while off + 16 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-            if len < 16 || off + len > n {
-                break;
+        for (kind, seq, msg) in messages(&buf[..n]) {
+            if seq != 0x0d0d_0d0d {
+                continue;
             }
-            let kind = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-            let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4 bytes"));
-            if seq == 0x0d0d_0d0d {
-                match kind {
-                    NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR if len >= 20 => {
-                        let code = i32::from_ne_bytes(
-                            buf[off + 16..off + 20].try_into().expect("4 bytes"),
-                        );
-                        if code != 0 {
-                            return Err(io::Error::from_raw_os_error(-code));
-                        }
+            match kind {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    if let Some(code) = error_code(msg)
+                        && code != 0
+                    {
+                        return Err(io::Error::from_raw_os_error(-code));
                     }
-                    libc::RTM_NEWROUTE => {
-                        if let Some(r) = raw_route(&buf[off + 16..off + len])
-                            && (oif.is_none() || r.oif == oif)
-                        {
-                            out.push(r);
-                        }
-                    }
-                    _ => {}
                 }
+                libc::RTM_NEWROUTE => {
+                    if let Some(r) = raw_route(&msg[16..])
+                        && (oif.is_none() || r.oif == oif)
+                    {
+                        out.push(r);
+                    }
+                }
+                _ => {}
             }
-            off += (len + 3) & !3;
         }
     }
 }
