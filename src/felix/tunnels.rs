@@ -152,8 +152,9 @@ pub async fn remove_vxlan(
     Ok(Outcome::Deleted)
 }
 
-/// Wait for a removal under way (before vxlan.calico is made again: until the kernel
-/// has taken the old device away, its name is taken).
+/// Wait for a removal under way to finish, before vxlan.calico is made again: a device
+/// found by name before the kernel has handled the removal would be the old one, about
+/// to go.
 pub async fn removal_done(pending: &mut Option<PendingRemoval>) -> Result<(), TunnelError> {
     match pending.take() {
         Some(p) => removed(p.done.await),
