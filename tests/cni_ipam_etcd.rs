@@ -227,3 +227,68 @@ async fn concurrent_adds_on_one_host_share_one_block() {
         "one block for the host: {affinities}"
     );
 }
+
+/// GC on one node releases only that node's leaked containers of this very network: the
+/// runtime's valid attachments name only its own node's containers, so every pod of
+/// another node, and a handle of network `<network>.b`, must keep its address.
+#[tokio::test]
+async fn gc_releases_only_this_nodes_leaks_of_this_network() {
+    let Some(etcd) = ready_etcd().await else {
+        return;
+    };
+    let on = |node: &str, network: &str| {
+        let mut c = conf(&etcd, "1.1.0");
+        c["nodename"] = json!(node);
+        c["name"] = json!(network);
+        c
+    };
+    let net = "k8s-pod-network";
+    for (node, network, cid) in [
+        ("node-a", net, "a1"),
+        ("node-a", net, "a2"),
+        ("node-b", net, "b1"),
+        ("node-b", net, "b2"),
+        ("node-a", "k8s-pod-network.b", "x1"),
+    ] {
+        let (code, res) = run(&cni_env("ADD", cid), &on(node, network));
+        assert_eq!(code, 0, "{res}");
+    }
+    let mut gc = on("node-a", net);
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "a1", "ifname": "eth0"}]);
+    assert_eq!(run(&[("CNI_COMMAND", "GC")], &gc), (0, Value::Null));
+    let held = |h: &str| {
+        !etcd
+            .etcdctl_value(&format!("/calico/ipam/v2/handle/{h}"))
+            .is_empty()
+    };
+    assert!(
+        held("k8s-pod-network.a1"),
+        "a valid attachment keeps its address"
+    );
+    assert!(!held("k8s-pod-network.a2"), "node A's leak is released");
+    assert!(
+        held("k8s-pod-network.b1"),
+        "node B's pods are not node A's to collect"
+    );
+    assert!(
+        held("k8s-pod-network.b2"),
+        "node B's pods are not node A's to collect"
+    );
+    assert!(
+        held("k8s-pod-network.b.x1"),
+        "a handle of network k8s-pod-network.b is not one of k8s-pod-network"
+    );
+    let blocks = etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "/calico/ipam/v2/assignment/",
+        "--print-value-only",
+    ]);
+    for h in ["a1", "b1", "b2", "b.x1"] {
+        assert!(
+            blocks.contains(&format!("\"k8s-pod-network.{h}\"")),
+            "{h}: {blocks}"
+        );
+    }
+    assert!(!blocks.contains("\"k8s-pod-network.a2\""), "{blocks}");
+}

@@ -82,6 +82,43 @@ fn host_lock() -> Option<nix::fcntl::Flock<std::fs::File>> {
     }
 }
 
+/// The container ID of a handle of this network: `<network>.<containerID>`, where the
+/// container ID has no `.` (runtimes use hex IDs), so a handle of network `<network>.b`
+/// (`<network>.b.<id>`) is not taken for one of `<network>`.
+fn container_of_handle<'a>(network: &str, handle: &'a str) -> Option<&'a str> {
+    let id = handle.strip_prefix(network)?.strip_prefix('.')?;
+    (!id.is_empty() && !id.contains('.')).then_some(id)
+}
+
+/// GC (CNI 1.1.0): release this network's addresses on this node whose container the
+/// runtime no longer lists in `cni.dev/valid-attachments`. The runtime only knows its own
+/// node's containers, so only allocations whose `node` attribute is this node are
+/// considered; other nodes' pods, other networks' handles and other IPAM users are never
+/// touched.
+async fn gc(conf: &NetConf, ipam: &Ipam) -> Result<(), CniError> {
+    let node = conf.node_name()?;
+    let keep: std::collections::HashSet<&str> = conf
+        .valid_attachments
+        .iter()
+        .flatten()
+        .map(|a| a.container_id.as_str())
+        .collect();
+    let handles = ipam
+        .handles_on_node(&format!("{}.", conf.name), &node)
+        .await
+        .map_err(ipam_error)?;
+    for h in handles {
+        match container_of_handle(&conf.name, &h) {
+            Some(id) if !keep.contains(id) => {
+                tracing::info!(handle = %h, node = %node, "GC: releasing the addresses of a container the runtime no longer has");
+                ipam.release_by_handle(&h).await.map_err(ipam_error)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn prefix_of(ip: IpAddr) -> IpNet {
     IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix is valid")
 }
@@ -209,21 +246,7 @@ pub async fn execute_on(
             Ok(None)
         }
         Command::Gc => {
-            let keep: std::collections::HashSet<String> = conf
-                .valid_attachments
-                .iter()
-                .flatten()
-                .map(|a| workload_handle(&conf.name, &a.container_id))
-                .collect();
-            for h in ipam
-                .handles(&format!("{}.", conf.name))
-                .await
-                .map_err(ipam_error)?
-            {
-                if !keep.contains(&h) {
-                    ipam.release_by_handle(&h).await.map_err(ipam_error)?;
-                }
-            }
+            gc(conf, &ipam).await?;
             Ok(None)
         }
         Command::Status => {
@@ -237,5 +260,19 @@ pub async fn execute_on(
             Ok(None)
         }
         Command::Version => Ok(Some(version_result())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handle_belongs_to_a_network_only_with_a_dotless_container_id() {
+        assert_eq!(container_of_handle("net", "net.c1"), Some("c1"));
+        assert_eq!(container_of_handle("net", "net.b.c1"), None);
+        assert_eq!(container_of_handle("net", "netb.c1"), None);
+        assert_eq!(container_of_handle("net", "net."), None);
+        assert_eq!(container_of_handle("net.b", "net.b.c1"), Some("c1"));
     }
 }

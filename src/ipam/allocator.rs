@@ -13,7 +13,7 @@
 //! leaves an allocation whose handle count is short; the allocation still names its handle
 //! in the block, which is what the leak checker reads.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -1086,6 +1086,24 @@ impl Ipam {
                 _ => None,
             })
             .collect())
+    }
+
+    /// Every handle starting with `prefix` that holds an address allocated for `node` (the
+    /// allocation's `node` attribute), read from the blocks of both families. A handle
+    /// record says nothing about the node, so a node-scoped clean-up (CNI GC) must start
+    /// here rather than from [`Ipam::handles`]: pods of other nodes share the prefix.
+    pub async fn handles_on_node(&self, prefix: &str, node: &str) -> IpamResult<BTreeSet<String>> {
+        let (v4, v6) = tokio::join!(self.blocks(false), self.blocks(true));
+        let mut out = BTreeSet::new();
+        for (_, block) in v4?.iter().chain(v6?.iter()) {
+            out.extend(
+                block
+                    .handles_on_node(node)
+                    .filter(|h| h.starts_with(prefix))
+                    .map(str::to_string),
+            );
+        }
+        Ok(out)
     }
 
     /// Release addresses of one block only where each still carries the given sequence

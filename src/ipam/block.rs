@@ -143,6 +143,21 @@ impl AllocationBlock {
         Some(self.attributes.get(a).and_then(|a| a.handle_id.as_deref()))
     }
 
+    /// The handles of the addresses allocated for `node` (the allocation's `node`
+    /// attribute, which Calico's CNI plugin and tunnel allocator write), each once. An
+    /// allocation without that attribute belongs to no node as far as a node-scoped
+    /// clean-up can tell, so it is not listed.
+    pub fn handles_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        let mut live: Vec<usize> = self.allocations.iter().flatten().copied().collect();
+        live.sort_unstable();
+        live.dedup();
+        live.into_iter().filter_map(move |i| {
+            let a = self.attributes.get(i)?;
+            let on_node = a.secondary.as_ref()?.get("node")? == node;
+            on_node.then_some(a.handle_id.as_deref()?)
+        })
+    }
+
     /// The sequence number recorded when `ip` was allocated.
     pub fn sequence_of(&self, ip: IpAddr) -> Option<u64> {
         let o = ordinal_in(&self.net()?, ip)?;
