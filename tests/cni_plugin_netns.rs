@@ -695,3 +695,189 @@ fn wep_deleted_behind_the_plugins_back_is_a_leak_freed_on_the_second_pass() {
         ""
     );
 }
+
+/// A node namespace with an uplink and etcd, seeded with a pool: the common start of the
+/// sandbox tests below.
+fn node_with_etcd() -> Option<(NetNs, Etcd, Value)> {
+    let host = NetNs::new("cn-node")?;
+    host.add_uplink();
+    let etcd = Etcd::start_on(Some(&host.name), free_port())?;
+    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "calico-ipam"}});
+    Some((host, etcd, conf))
+}
+
+/// One CNI call for container `cid` in namespace `pod` (`args`: CNI_ARGS).
+fn call_for(
+    host: &NetNs,
+    cmd: &str,
+    cid: &str,
+    pod: &NetNs,
+    args: &str,
+    conf: &Value,
+) -> (i32, Value) {
+    let netns = format!("/run/netns/{}", pod.name);
+    let env = [
+        ("CNI_COMMAND", cmd),
+        ("CNI_CONTAINERID", cid),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", args),
+    ];
+    cni(host, &env, conf)
+}
+
+const POD_P: &str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=p";
+const WEP_P: &str =
+    "/calico/resources/v3/projectcalico.org/workloadendpoints/ns1/node--1-k8s-p-eth0";
+
+/// Calico's CmdDelK8s: the kubelet replaces a pod's sandbox (same pod, new container and
+/// namespace) and only then sends DEL for the old one. That DEL must leave the new
+/// sandbox's veth (same `cali…` name: it is derived from the pod), host route,
+/// WorkloadEndpoint and address alone.
+#[test]
+fn del_of_an_old_sandbox_leaves_the_pods_new_sandbox_alone() {
+    let Some((host, etcd, conf)) = node_with_etcd() else {
+        return;
+    };
+    let (Some(pod1), Some(pod2)) = (NetNs::new("cn-sb1"), NetNs::new("cn-sb2")) else {
+        return;
+    };
+    let (code, res1) = call_for(&host, "ADD", "sandbox1", &pod1, POD_P, &conf);
+    assert_eq!(code, 0, "{res1}");
+    let (code, res2) = call_for(&host, "ADD", "sandbox2", &pod2, POD_P, &conf);
+    assert_eq!(code, 0, "{res2}");
+    let cali = res2["interfaces"][0]["name"].as_str().unwrap().to_string();
+    assert_eq!(
+        res1["interfaces"][0]["name"],
+        cali.as_str(),
+        "one name per pod"
+    );
+    let addr2 = res2["ips"][0]["address"].as_str().unwrap().to_string();
+    let ip2 = addr2.trim_end_matches("/32").to_string();
+    assert_ne!(res1["ips"][0]["address"], addr2.as_str());
+
+    let (code, res) = call_for(&host, "DEL", "sandbox1", &pod1, POD_P, &conf);
+    assert_eq!(code, 0, "{res}");
+
+    assert!(
+        sh(&host, "ip link").contains(&cali),
+        "sandbox 2's veth stays"
+    );
+    assert!(sh(&pod2, "ip -o addr show dev eth0").contains(&format!("inet {addr2} ")));
+    let routes = sh(&host, "ip route");
+    assert!(
+        routes.contains(&format!("{ip2} dev {cali} scope link")),
+        "{routes}"
+    );
+    let wep: Value = serde_json::from_str(&etcd.etcdctl_value(WEP_P)).expect("WEP stays");
+    assert_eq!(wep["spec"]["containerID"], "sandbox2");
+    assert_eq!(wep["spec"]["ipNetworks"][0], addr2.as_str());
+    assert_ne!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.sandbox2"),
+        ""
+    );
+    assert_eq!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.sandbox1"),
+        "",
+        "the old sandbox's address is released"
+    );
+    let ping = sh(&host, &format!("ping -c 1 -W 2 {ip2}"));
+    assert!(ping.contains("1 received"), "{ping}");
+
+    // Sandbox 2's own DEL then removes it all.
+    let (code, res) = call_for(&host, "DEL", "sandbox2", &pod2, POD_P, &conf);
+    assert_eq!(code, 0, "{res}");
+    assert!(!sh(&host, "ip link").contains(&cali));
+    assert_eq!(etcd.etcdctl_value(WEP_P), "");
+    assert_eq!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.sandbox2"),
+        ""
+    );
+}
+
+/// Without the datastore DEL cannot tell whose endpoint it is: it deletes nothing (not the
+/// interface either) and answers 11, so the runtime retries (Calico: "to protect the
+/// endpoint from false DEL").
+#[test]
+fn del_with_etcd_down_deletes_nothing_and_says_try_again() {
+    let Some((host, mut etcd, conf)) = node_with_etcd() else {
+        return;
+    };
+    let Some(pod) = NetNs::new("cn-pod") else {
+        return;
+    };
+    let (code, res) = call_for(&host, "ADD", "down1", &pod, POD_P, &conf);
+    assert_eq!(code, 0, "{res}");
+    let cali = res["interfaces"][0]["name"].as_str().unwrap().to_string();
+    etcd.kill();
+    let (code, err) = call_for(&host, "DEL", "down1", &pod, POD_P, &conf);
+    assert_eq!((code, err["code"].as_u64()), (1, Some(11)), "{err}");
+    assert!(
+        sh(&pod, "ip link").contains("eth0"),
+        "the pod keeps its interface"
+    );
+    assert!(
+        sh(&host, "ip link").contains(&cali),
+        "the host keeps its veth"
+    );
+    etcd.restart();
+    assert_ne!(etcd.etcdctl_value(WEP_P), "", "the endpoint stays");
+    assert_ne!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.down1"),
+        ""
+    );
+    // Once etcd is back the retried DEL cleans up.
+    let (code, res) = call_for(&host, "DEL", "down1", &pod, POD_P, &conf);
+    assert_eq!(code, 0, "{res}");
+    assert!(!sh(&host, "ip link").contains(&cali));
+    assert_eq!(etcd.etcdctl_value(WEP_P), "");
+}
+
+/// Outside Kubernetes the host name is `cali` + the first 11 characters of the container
+/// ID: a second container sharing them must not take (delete) the first one's veth.
+#[test]
+fn add_never_deletes_another_containers_veth_of_the_same_name() {
+    let Some((host, etcd, conf)) = node_with_etcd() else {
+        return;
+    };
+    let (Some(pod1), Some(pod2)) = (NetNs::new("cn-c1"), NetNs::new("cn-c2")) else {
+        return;
+    };
+    let (code, res) = call_for(&host, "ADD", "abcdef0123456789aa", &pod1, "", &conf);
+    assert_eq!(code, 0, "{res}");
+    assert_eq!(res["interfaces"][0]["name"], "caliabcdef01234");
+    let ip1 = res["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_string();
+    // A repeated ADD of the same container still replaces its own veth.
+    let (code, res) = call_for(&host, "ADD", "abcdef0123456789aa", &pod1, "", &conf);
+    assert_eq!(code, 0, "{res}");
+    let (code, err) = call_for(&host, "ADD", "abcdef0123456789bb", &pod2, "", &conf);
+    assert_eq!((code, err["code"].as_u64()), (1, Some(100)), "{err}");
+    assert!(
+        err["details"]
+            .as_str()
+            .unwrap()
+            .contains("caliabcdef01234 already exists and belongs to another container"),
+        "{err}"
+    );
+    let ping = sh(&pod1, "ping -c 1 -W 2 10.99.0.1");
+    assert!(
+        ping.contains("1 received"),
+        "the first container keeps its network: {ping}"
+    );
+    assert!(sh(&host, "ip route").contains(&format!("{ip1} dev caliabcdef01234")));
+    assert_eq!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.abcdef0123456789bb"),
+        "",
+        "the refused container's address is released"
+    );
+    assert_ne!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.abcdef0123456789aa"),
+        ""
+    );
+}

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags};
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkMessage};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
 };
@@ -44,6 +44,16 @@ pub enum DataplaneError {
     /// A sysctl could not be written.
     #[error("sysctl {path}: {reason}")]
     Sysctl { path: String, reason: String },
+    /// The host-side name is taken by another container's interface (two container IDs
+    /// with the same first 11 characters outside Kubernetes).
+    #[error(
+        "host interface {name} already exists and belongs to another container (its peer is not {ifname} in {netns}); container IDs sharing their first 11 characters cannot both be attached"
+    )]
+    HostNameTaken {
+        name: String,
+        ifname: String,
+        netns: String,
+    },
     /// The host already routes the pod's address to another interface.
     #[error("route to {ip} already exists via {other} (not {ours})")]
     RouteConflict {
@@ -209,6 +219,12 @@ pub struct PodSpec {
     pub mtu: u32,
     /// Host prefixes (/32, /128).
     pub addrs: Vec<IpNet>,
+    /// Whether the host-side name is derived from the pod (Kubernetes: SHA1 of
+    /// namespace and pod), so that an existing link of that name is an earlier sandbox of
+    /// the same pod, replaced as Calico does. Otherwise the name is a container-ID prefix
+    /// that two containers may share, and an existing link is replaced only when it is
+    /// this container's own (its peer is `container_ifname` in `netns`).
+    pub name_from_pod: bool,
 }
 
 /// The veth pair, made in one request with the peer created inside the pod namespace,
@@ -309,7 +325,7 @@ pub fn create_veth(
         let _ = done_tx.send(pod.await);
     });
     let host = on_thread(None, move |host| async move {
-        delete_host_side(&host, &spec.host_ifname).await?;
+        replace_host_side(&host, &spec).await?;
         let ns_file = std::fs::File::open(&spec.netns).map_err(|e| DataplaneError::Netns {
             path: spec.netns.clone(),
             reason: e.to_string(),
@@ -405,6 +421,39 @@ pub async fn configure(spec: &PodSpec, veth: Veth) -> Result<(), DataplaneError>
     let (pod, routes) = tokio::join!(pod, routes);
     pod?;
     routes
+}
+
+/// Before ADD makes the pair: an existing host link of the pod's host-side name is removed
+/// when it is the same pod's (see [`PodSpec::name_from_pod`]) or this container's own
+/// (a repeated ADD); another container's link is an error and stays.
+async fn replace_host_side(h: &Handle, spec: &PodSpec) -> Result<(), DataplaneError> {
+    let Some(existing) = link_by_name(h, &spec.host_ifname).await? else {
+        return Ok(());
+    };
+    if !spec.name_from_pod
+        && !is_peer_in(&spec.netns, &spec.container_ifname, existing.header.index).await?
+    {
+        return Err(DataplaneError::HostNameTaken {
+            name: spec.host_ifname.clone(),
+            ifname: spec.container_ifname.clone(),
+            netns: spec.netns.clone(),
+        });
+    }
+    delete_host_side(h, &spec.host_ifname).await.map(|_| ())
+}
+
+/// Whether `ifname` in the namespace at `netns` is the veth peer of the host link with
+/// index `host_index` (its IFLA_LINK names that index).
+async fn is_peer_in(netns: &str, ifname: &str, host_index: u32) -> Result<bool, DataplaneError> {
+    let ifname = ifname.to_string();
+    on_thread(Some(netns.to_string()), move |h| async move {
+        Ok(link_by_name(&h, &ifname).await?.is_some_and(|l| {
+            l.attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::Link(i) if *i == host_index))
+        }))
+    })
+    .await
 }
 
 async fn delete_host_side(h: &Handle, name: &str) -> Result<bool, DataplaneError> {
@@ -604,38 +653,48 @@ async fn list_routes(h: &Handle, v6: bool) -> Result<Vec<RouteMessage>, Dataplan
         .map_err(nl("list routes"))
 }
 
-/// Remove the pod's interface (and so the pair): the host side when it exists (one request,
-/// no visit to the pod's namespace), else the pod side. A missing namespace or interface is
-/// fine.
+/// Remove the pod's interface (and so the pair) from inside the pod's namespace, by its
+/// name there (Calico's `CleanUpNamespace`). Never by the host-side name: a pod's
+/// `cali…` name is derived from the pod, so after a sandbox is replaced the name belongs
+/// to the new sandbox, and a DEL for the old one must not touch it. No namespace given,
+/// a namespace already gone, or no such interface in it: nothing to do.
 /// The work starts on its own thread when this is called.
 pub fn teardown(
     netns: &str,
     container_ifname: &str,
-    host_ifname: &str,
 ) -> impl std::future::Future<Output = Result<(), DataplaneError>> + use<> {
-    let (netns, ifname, name) = (
-        netns.to_string(),
-        container_ifname.to_string(),
-        host_ifname.to_string(),
-    );
-    on_thread(None, move |host| async move {
-        if delete_host_side(&host, &name).await? {
-            return Ok(());
+    let (netns, ifname) = (netns.to_string(), container_ifname.to_string());
+    let gone = netns.is_empty() || !std::path::Path::new(&netns).exists();
+    let path = netns.clone();
+    let work = (!gone).then(|| {
+        on_thread(Some(netns.clone()), move |h| async move {
+            if let Some(l) = link_by_name(&h, &ifname).await? {
+                match h
+                    .link()
+                    .del(l.header.index)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("delete {ifname} in {netns}")))
+                {
+                    Err(e) if !matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
+    });
+    async move {
+        match work {
+            // The namespace went away between the check and the entry: nothing left.
+            Some(w) => match w.await {
+                Err(DataplaneError::Netns { .. }) if !std::path::Path::new(&path).exists() => {
+                    Ok(())
+                }
+                other => other,
+            },
+            None => Ok(()),
         }
-        if netns.is_empty() || !std::path::Path::new(&netns).exists() {
-            return Ok(());
-        }
-        enter_netns(&netns)?;
-        let h = connect()?;
-        if let Some(l) = link_by_name(&h, &ifname).await? {
-            h.link()
-                .del(l.header.index)
-                .execute()
-                .await
-                .map_err(nl(format!("delete {ifname}")))?;
-        }
-        Ok(())
-    })
+    }
 }
 
 /// CHECK: the pod interface exists with exactly these addresses, and the host routes exist.

@@ -237,6 +237,7 @@ pub async fn execute(
         netns: env.netns.clone(),
         mtu: mtu(conf),
         addrs: Vec::new(),
+        name_from_pod: env.k8s_pod().is_some(),
     };
     let pod_mac = dataplane::random_mac();
     let veth = if env.command == Command::Add {
@@ -250,8 +251,6 @@ pub async fn execute(
     } else {
         None
     };
-    let teardown = (env.command == Command::Del)
-        .then(|| dataplane::teardown(&env.netns, &env.ifname, &host_if));
     let ds = match conf.datastore() {
         Ok(cfg) => cfg.connect().await.map_err(|e| ipam_error(e.into())),
         Err(e) => Err(e),
@@ -262,11 +261,10 @@ pub async fn execute(
             if let Some(veth) = veth
                 && veth.await.is_ok()
             {
-                let _ = dataplane::teardown(&env.netns, &env.ifname, &host_if).await;
+                let _ = dataplane::teardown(&env.netns, &env.ifname).await;
             }
-            if let Some(t) = teardown {
-                let _ = t.await;
-            }
+            // DEL deletes nothing without the datastore (Calico: "to protect the
+            // endpoint from false DEL"): the runtime retries.
             return Err(e);
         }
     };
@@ -288,26 +286,16 @@ pub async fn execute(
             add(env, conf, &client, in_process, &node, id, pod, &ipam).await
         }
         Command::Del => {
-            // The three parts are independent: release the addresses, delete the
-            // endpoint and remove the interface (already under way) at the same time, then
-            // report the first failure (everything that can be cleaned is cleaned).
-            let wep = async {
-                let Ok(node) = conf.node_name() else {
-                    return Ok(());
-                };
-                let name = workload_endpoint_name(&node, orchestrator, &workload, &env.ifname);
-                delete_endpoint(&client, &namespace, &name).await
-            };
-            let link = async {
-                teardown
-                    .expect("started for DEL")
-                    .await
-                    .map_err(plugin_error("cannot remove the pod interface"))
-            };
-            let (released, wep, link) = tokio::join!(ipam(Command::Del), wep, link);
-            released?;
-            wep?;
-            link?;
+            del(
+                env,
+                conf,
+                &client,
+                orchestrator,
+                &namespace,
+                &workload,
+                &ipam,
+            )
+            .await?;
             Ok(None)
         }
         Command::Check => {
@@ -329,6 +317,7 @@ pub async fn execute(
                 netns: env.netns.clone(),
                 mtu: mtu(conf),
                 addrs: host_prefixes(&prev)?,
+                name_from_pod: env.k8s_pod().is_some(),
             };
             dataplane::check(&spec)
                 .await
@@ -341,6 +330,92 @@ pub async fn execute(
         }
         Command::Version => Ok(Some(version_result())),
     }
+}
+
+/// How often DEL re-reads the WorkloadEndpoint when it changed between the read and the
+/// delete (Calico's CmdDelK8s: 5 retries, then the error, and the runtime retries DEL).
+const DEL_WEP_ATTEMPTS: usize = 6;
+
+/// DEL, as Calico's `CmdDelK8s`: the WorkloadEndpoint is read first. When it cannot be
+/// read the datastore state is unknown and nothing is deleted (an error, code 11 when
+/// etcd is unreachable). It is deleted at the revision read, and only when it is this
+/// container's: a pod's endpoint is named by pod, so a DEL for an old sandbox must leave
+/// the new sandbox's endpoint alone. Then, independently, the interface is removed inside
+/// CNI_NETNS by CNI_IFNAME (never a host-side `cali…` link by name: a newer sandbox of
+/// the same pod owns that name now) and the addresses of this container's handle are
+/// released.
+async fn del<F, Fut>(
+    env: &CniEnv,
+    conf: &NetConf,
+    client: &Client,
+    orchestrator: &str,
+    namespace: &str,
+    workload: &str,
+    ipam: &F,
+) -> Result<(), CniError>
+where
+    F: Fn(Command) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Value>, CniError>>,
+{
+    if let Ok(node) = conf.node_name() {
+        let name = workload_endpoint_name(&node, orchestrator, workload, &env.ifname);
+        delete_own_endpoint(client, namespace, &name, &env.container_id).await?;
+    }
+    let link = async {
+        dataplane::teardown(&env.netns, &env.ifname)
+            .await
+            .map_err(plugin_error("cannot remove the pod interface"))
+    };
+    let (released, link) = tokio::join!(ipam(Command::Del), link);
+    released?;
+    link
+}
+
+/// Delete the endpoint `name` if it belongs to `container_id` (or names no container),
+/// at the revision read, re-reading on a conflict.
+async fn delete_own_endpoint(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    container_id: &str,
+) -> Result<(), CniError> {
+    for _ in 0..DEL_WEP_ATTEMPTS {
+        let wep = client
+            .get::<WorkloadEndpointSpec>(Some(namespace), name)
+            .await
+            .map_err(|e| ipam_error(e.into()))?;
+        let Some(wep) = wep else {
+            tracing::info!(endpoint = name, "no WorkloadEndpoint; cleaning up the rest");
+            return Ok(());
+        };
+        if !wep.spec.container_id.is_empty() && wep.spec.container_id != container_id {
+            tracing::warn!(
+                endpoint = name,
+                stored = %wep.spec.container_id,
+                container = container_id,
+                "CNI_CONTAINERID does not match the WorkloadEndpoint's containerID: the endpoint belongs to a newer sandbox and is left alone"
+            );
+            return Ok(());
+        }
+        let revision = wep
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|r| r.parse::<i64>().ok());
+        match client
+            .delete::<WorkloadEndpointSpec>(Some(namespace), name, revision)
+            .await
+        {
+            Ok(_) | Err(ClientError::NotFound(_)) => return Ok(()),
+            Err(ClientError::Conflict(..)) => continue,
+            Err(e) => return Err(ipam_error(e.into())),
+        }
+    }
+    Err(CniError::new(
+        code::TRY_AGAIN_LATER,
+        format!("WorkloadEndpoint {namespace}/{name} was modified before it could be deleted"),
+        format!("it changed {DEL_WEP_ATTEMPTS} times between read and delete; try again later"),
+    ))
 }
 
 async fn delete_endpoint(client: &Client, namespace: &str, name: &str) -> Result<(), CniError> {
@@ -395,7 +470,7 @@ where
         Err(e) => {
             // The IPAM plugin undoes its own partial work; only the pair is ours to remove.
             if veth.await.is_ok() {
-                let _ = dataplane::teardown(&env.netns, &env.ifname, host_if).await;
+                let _ = dataplane::teardown(&env.netns, &env.ifname).await;
             }
             return Err(e);
         }
@@ -468,7 +543,7 @@ where
         if let Some(v) = veth.take() {
             let _ = v.await;
         }
-        let _ = dataplane::teardown(&env.netns, &env.ifname, host_if).await;
+        let _ = dataplane::teardown(&env.netns, &env.ifname).await;
         if wep_created {
             let name = workload_endpoint_name(node, orchestrator, workload, &env.ifname);
             let _ = delete_endpoint(client, namespace, &name).await;
