@@ -292,3 +292,158 @@ async fn gc_releases_only_this_nodes_leaks_of_this_network() {
     }
     assert!(!blocks.contains("\"k8s-pod-network.a2\""), "{blocks}");
 }
+
+/// Put an IPPool as calicoctl would store it.
+async fn add_pool(etcd: &Etcd, name: &str, cidr: &str, disabled: bool) {
+    use calico_node::model::{IPPool, IPPoolSpec};
+    let client = calico_node::datastore::Client::new(etcd.datastore().await);
+    let spec = IPPoolSpec {
+        cidr: cidr.into(),
+        disabled,
+        ..Default::default()
+    };
+    client.create(IPPool::new(name, spec)).await.unwrap();
+}
+
+/// Calico's `ResolvePools`: `ipam.ipv4_pools` / `ipv6_pools` entries are CIDRs or pool
+/// names; an entry that names no pool is an error naming it (never silently dropped,
+/// which gave the pod an address from any pool).
+#[tokio::test]
+async fn pools_are_chosen_by_name_or_cidr_and_unknown_ones_are_named() {
+    let Some(etcd) = ready_etcd().await else {
+        return;
+    };
+    add_pool(&etcd, "blue", "10.77.0.0/16", false).await;
+    add_pool(&etcd, "v6", "fd00:77::/64", false).await;
+    let with_pools = |v4: Value| {
+        let mut c = conf(&etcd, "1.0.0");
+        c["ipam"] = json!({"type": "calico-ipam", "ipv4_pools": v4});
+        c
+    };
+    for (cid, pools) in [
+        ("byname", json!(["blue"])),
+        ("bycidr", json!(["10.77.0.0/16"])),
+    ] {
+        let (code, res) = run(&cni_env("ADD", cid), &with_pools(pools));
+        assert_eq!(code, 0, "{res}");
+        let addr = res["ips"][0]["address"].as_str().unwrap();
+        assert!(addr.starts_with("10.77."), "{cid}: {addr}");
+    }
+    let (code, e) = run(&cni_env("ADD", "c1"), &with_pools(json!(["blue", "green"])));
+    assert_eq!((code, e["code"].as_u64()), (1, Some(4)), "{e}");
+    assert_eq!(
+        e["msg"],
+        "invalid network configuration field ipam.ipv4_pools"
+    );
+    assert_eq!(
+        e["details"],
+        "'green' is neither a CIDR nor the name of an IP pool"
+    );
+    let (_, e) = run(&cni_env("ADD", "c1"), &with_pools(json!(["v6"])));
+    assert_eq!(
+        e["details"], "'v6' (fd00:77::/64) is an IPv6 pool, not IPv4",
+        "{e}"
+    );
+    let mut v6 = conf(&etcd, "1.0.0");
+    v6["ipam"] = json!({"type": "calico-ipam", "assign_ipv4": "false", "assign_ipv6": "true",
+                        "ipv6_pools": ["fd00:99::/64"]});
+    let (_, e) = run(&cni_env("ADD", "c1"), &v6);
+    assert_eq!(
+        e["msg"], "invalid network configuration field ipam.ipv6_pools",
+        "{e}"
+    );
+    assert!(
+        e["details"].as_str().unwrap().contains("fd00:99::/64"),
+        "{e}"
+    );
+    v6["ipam"]["ipv6_pools"] = json!(["v6"]);
+    let (code, res) = run(&cni_env("ADD", "six"), &v6);
+    assert_eq!(code, 0, "{res}");
+    assert!(
+        res["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .starts_with("fd00:77::"),
+        "{res}"
+    );
+    // Nothing was allocated by the refused calls.
+    assert_eq!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.c1"),
+        ""
+    );
+}
+
+/// CNI_ARGS `IP=<addr>` (Calico's `ipAddrs` annotation, honoured by calico-ipam): that
+/// address if it is free in an enabled pool, else an error naming it.
+#[tokio::test]
+async fn a_requested_address_is_assigned_or_refused_with_the_reason() {
+    let Some(etcd) = ready_etcd().await else {
+        return;
+    };
+    add_pool(&etcd, "off", "10.66.0.0/16", true).await;
+    let c = conf(&etcd, "1.0.0");
+    let env = |cid: &'static str, ip: &str| {
+        let mut e = cni_env("ADD", cid);
+        let args: &'static str = Box::leak(
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME={cid};IP={ip}")
+                .into_boxed_str(),
+        );
+        e.retain(|(k, _)| *k != "CNI_ARGS");
+        e.push(("CNI_ARGS", args));
+        e
+    };
+    let (code, res) = run(&env("fixed", "10.88.7.7"), &c);
+    assert_eq!(code, 0, "{res}");
+    assert_eq!(res["ips"][0]["address"], "10.88.7.7/32");
+    let blocks = etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "/calico/ipam/v2/assignment/",
+        "--print-value-only",
+    ]);
+    assert!(
+        blocks.contains(r#""handle_id":"k8s-pod-network.fixed""#),
+        "{blocks}"
+    );
+    // A repeated ADD gets it again.
+    let (code, res) = run(&env("fixed", "10.88.7.7"), &c);
+    assert_eq!(
+        (code, &res["ips"][0]["address"]),
+        (0, &json!("10.88.7.7/32")),
+        "{res}"
+    );
+    // Taken by another container.
+    let (code, e) = run(&env("other", "10.88.7.7"), &c);
+    assert_eq!((code, e["code"].as_u64()), (1, Some(100)), "{e}");
+    assert_eq!(
+        e["msg"],
+        "cannot assign the requested address 10.88.7.7 (CNI_ARGS IP)"
+    );
+    assert_eq!(e["details"], "10.88.7.7 is already in use");
+    // Outside every (enabled) pool.
+    for ip in ["10.200.0.1", "10.66.0.1"] {
+        let (_, e) = run(&env("other", ip), &c);
+        assert_eq!(
+            e["details"],
+            format!("{ip} is not inside any IP pool"),
+            "{e}"
+        );
+    }
+    let (_, e) = run(&env("other", "banana"), &c);
+    assert_eq!(
+        (e["code"].as_u64(), e["details"].as_str()),
+        (Some(7), Some("IP='banana' is not an IP address"))
+    );
+    assert_eq!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.other"),
+        ""
+    );
+    // DEL frees it for the next taker.
+    assert_eq!(run(&cni_env("DEL", "fixed"), &c), (0, Value::Null));
+    let (code, res) = run(&env("other", "10.88.7.7"), &c);
+    assert_eq!(
+        (code, &res["ips"][0]["address"]),
+        (0, &json!("10.88.7.7/32")),
+        "{res}"
+    );
+}

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::{CniEnv, CniError, CniResult, Command, NetConf, code, version_result};
 use crate::datastore::{Client, ClientError, Datastore, DatastoreError};
 use crate::ipam::{AssignArgs, IpUse, Ipam, IpamError, workload_handle};
-use crate::model::ClusterInformationSpec;
+use crate::model::{ClusterInformationSpec, IPPool, IPPoolSpec};
 
 /// Map IPAM failures to CNI codes: an unreachable datastore is "try again later".
 pub fn ipam_error(e: IpamError) -> CniError {
@@ -26,7 +26,10 @@ pub fn ipam_error(e: IpamError) -> CniError {
         }
         IpamError::PoolNotUsable(p) => CniError::new(
             code::INVALID_NETWORK_CONFIG,
-            "invalid network configuration field ipam.ipv4_pools",
+            format!(
+                "invalid network configuration field ipam.{}",
+                pools_field(matches!(p, IpNet::V6(_)))
+            ),
             format!("IP pool {p} does not exist, is disabled, or does not select this node"),
         ),
         other => CniError::new(
@@ -34,6 +37,129 @@ pub fn ipam_error(e: IpamError) -> CniError {
             "Calico IPAM failed",
             other.to_string(),
         ),
+    }
+}
+
+/// The configuration field listing one family's pools.
+fn pools_field(v6: bool) -> &'static str {
+    if v6 { "ipv6_pools" } else { "ipv4_pools" }
+}
+
+/// One family's `ipam.ipv4_pools` / `ipv6_pools` as Calico's `ResolvePools` reads them:
+/// a CIDR stands for itself (its network address: `10.1.2.3/16` is `10.1.0.0/16`),
+/// anything else is the name of an IPPool and stands for that pool's CIDR. An unknown
+/// name, or a pool of the other family, is an error naming the value; whether a CIDR is
+/// a usable pool is checked where the pools are chosen.
+fn resolve_pools(values: &[String], v6: bool, pools: &[IPPool]) -> Result<Vec<IpNet>, CniError> {
+    let field = format!(
+        "invalid network configuration field ipam.{}",
+        pools_field(v6)
+    );
+    let family = |v6: bool| if v6 { "IPv6" } else { "IPv4" };
+    let mut out = Vec::with_capacity(values.len());
+    for v in values {
+        let net = match v.parse::<IpNet>() {
+            Ok(net) => net.trunc(),
+            Err(_) => pools
+                .iter()
+                .find(|p| p.metadata.name == *v)
+                .ok_or_else(|| {
+                    CniError::new(
+                        code::INVALID_NETWORK_CONFIG,
+                        field.clone(),
+                        format!("'{v}' is neither a CIDR nor the name of an IP pool"),
+                    )
+                })?
+                .spec
+                .net()
+                .ok_or_else(|| {
+                    CniError::new(
+                        code::INVALID_NETWORK_CONFIG,
+                        field.clone(),
+                        format!("IP pool '{v}' has no valid CIDR"),
+                    )
+                })?,
+        };
+        if matches!(net, IpNet::V6(_)) != v6 {
+            return Err(CniError::new(
+                code::INVALID_NETWORK_CONFIG,
+                field.clone(),
+                format!(
+                    "'{v}' ({net}) is an {} pool, not {}",
+                    family(!v6),
+                    family(v6)
+                ),
+            ));
+        }
+        out.push(net);
+    }
+    Ok(out)
+}
+
+/// Both families' configured pools as CIDRs (the pools are read only when names or
+/// CIDRs are configured).
+async fn configured_pools(
+    client: &Client,
+    conf: &NetConf,
+) -> Result<(Vec<IpNet>, Vec<IpNet>), CniError> {
+    let (v4, v6) = (&conf.ipam.ipv4_pools, &conf.ipam.ipv6_pools);
+    if v4.is_empty() && v6.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let (pools, _) = client
+        .list::<IPPoolSpec>(None)
+        .await
+        .map_err(client_error)?;
+    Ok((
+        resolve_pools(v4, false, &pools)?,
+        resolve_pools(v6, true, &pools)?,
+    ))
+}
+
+/// The address a workload asked for in CNI_ARGS (`IP=<addr>`, what Calico's CNI plugin
+/// passes for the `cni.projectcalico.org/ipAddrs` annotation and calico-ipam honours).
+fn requested_ip(env: &CniEnv) -> Result<Option<IpAddr>, CniError> {
+    let Some(v) = env.args.get("IP").filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    v.parse().map(Some).map_err(|_| {
+        CniError::new(
+            code::INVALID_ENV,
+            "invalid environment variable CNI_ARGS",
+            format!("IP='{v}' is not an IP address"),
+        )
+    })
+}
+
+/// ADD of a requested address: the one the handle already holds (a repeated ADD), else
+/// that address if it is free in an enabled pool allowing workloads.
+async fn assign_requested(
+    ipam: &Ipam,
+    handle: &str,
+    attrs: &BTreeMap<String, String>,
+    ip: IpAddr,
+) -> Result<Vec<IpAddr>, CniError> {
+    if ipam
+        .ips_of_handle(handle)
+        .await
+        .map_err(ipam_error)?
+        .contains(&ip)
+    {
+        return Ok(vec![ip]);
+    }
+    match ipam
+        .assign_requested_ip(ip, handle, attrs, IpUse::Workload)
+        .await
+    {
+        Ok(()) => Ok(vec![ip]),
+        Err(
+            e @ (IpamError::NotInPool(_) | IpamError::InUse(_) | IpamError::UseNotAllowed { .. }),
+        ) => Err(CniError::new(
+            code::PLUGIN_FAILURE,
+            format!("cannot assign the requested address {ip} (CNI_ARGS IP)"),
+            e.to_string(),
+        )),
+        Err(e) => Err(ipam_error(e)),
     }
 }
 
@@ -119,6 +245,15 @@ async fn gc(conf: &NetConf, ipam: &Ipam) -> Result<(), CniError> {
     Ok(())
 }
 
+/// ADD's result: each address as a host prefix.
+fn add_result(conf: &NetConf, ips: Vec<IpAddr>) -> Value {
+    let mut result = CniResult::new(&conf.cni_version);
+    for ip in ips {
+        result.push_ip(prefix_of(ip), None);
+    }
+    serde_json::to_value(result).expect("results serialize")
+}
+
 fn prefix_of(ip: IpAddr) -> IpNet {
     IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix is valid")
 }
@@ -162,19 +297,20 @@ pub async fn execute_on(
                 attrs.insert("namespace".into(), ns.into());
                 attrs.insert("pod".into(), pod.into());
             }
-            let parse = |v: &Vec<String>| {
-                v.iter()
-                    .filter_map(|p| p.parse().ok())
-                    .collect::<Vec<IpNet>>()
-            };
+            if let Some(ip) = requested_ip(env)? {
+                check_datastore_ready(&client).await?;
+                let ips = assign_requested(&ipam, &handle, &attrs, ip).await?;
+                return Ok(Some(add_result(conf, ips)));
+            }
+            let (v4_pools, v6_pools) = configured_pools(&client, conf).await?;
             let args = AssignArgs {
                 handle: handle.clone(),
                 attrs,
                 host,
                 num_v4: usize::from(conf.ipam.assign_ipv4.as_deref() != Some("false")),
                 num_v6: usize::from(conf.ipam.assign_ipv6.as_deref() == Some("true")),
-                v4_pools: parse(&conf.ipam.ipv4_pools),
-                v6_pools: parse(&conf.ipam.ipv6_pools),
+                v4_pools,
+                v6_pools,
                 use_: IpUse::Workload,
             };
             // The readiness check, the lookup of a previous assignment (a repeated ADD for
@@ -194,13 +330,7 @@ pub async fn execute_on(
                     .await
                     .map_err(ipam_error)?;
             }
-            let mut result = CniResult::new(&conf.cni_version);
-            for ip in ips {
-                result.push_ip(prefix_of(ip), None);
-            }
-            Ok(Some(
-                serde_json::to_value(result).expect("results serialize"),
-            ))
+            Ok(Some(add_result(conf, ips)))
         }
         Command::Del => {
             ipam.release_by_handle(&handle).await.map_err(ipam_error)?;
@@ -274,5 +404,43 @@ mod tests {
         assert_eq!(container_of_handle("net", "netb.c1"), None);
         assert_eq!(container_of_handle("net", "net."), None);
         assert_eq!(container_of_handle("net.b", "net.b.c1"), Some("c1"));
+    }
+
+    #[test]
+    fn pools_resolve_from_names_and_cidrs_as_calico_does() {
+        let pool = |name: &str, cidr: &str| {
+            IPPool::new(
+                name,
+                IPPoolSpec {
+                    cidr: cidr.into(),
+                    ..Default::default()
+                },
+            )
+        };
+        let pools = [pool("blue", "10.77.0.0/16"), pool("six", "fd00::/64")];
+        let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            resolve_pools(&v(&["blue", "10.1.2.3/16"]), false, &pools).unwrap(),
+            vec![
+                "10.77.0.0/16".parse::<IpNet>().unwrap(),
+                "10.1.0.0/16".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            resolve_pools(&v(&["six"]), true, &pools).unwrap(),
+            vec!["fd00::/64".parse::<IpNet>().unwrap()]
+        );
+        let e = resolve_pools(&v(&["red"]), false, &pools).unwrap_err();
+        assert_eq!(
+            (e.code, e.msg.as_str(), e.details.as_str()),
+            (
+                code::INVALID_NETWORK_CONFIG,
+                "invalid network configuration field ipam.ipv4_pools",
+                "'red' is neither a CIDR nor the name of an IP pool"
+            )
+        );
+        let e = resolve_pools(&v(&["blue"]), true, &pools).unwrap_err();
+        assert_eq!(e.msg, "invalid network configuration field ipam.ipv6_pools");
+        assert_eq!(e.details, "'blue' (10.77.0.0/16) is an IPv4 pool, not IPv6");
     }
 }

@@ -284,8 +284,13 @@ impl NetConf {
             ("ipam.ipv4_pools", &conf.ipam.ipv4_pools),
             ("ipam.ipv6_pools", &conf.ipam.ipv6_pools),
         ] {
+            // Each is a CIDR or an IPPool's name (resolved at ADD, as Calico does); a
+            // name never holds a '/', so a value with one must be a CIDR.
             for p in pools {
-                if p.parse::<ipnet::IpNet>().is_err() {
+                if p.is_empty() {
+                    return Err(conf_error(field, "an empty pool name"));
+                }
+                if p.contains('/') && p.parse::<ipnet::IpNet>().is_err() {
                     return Err(conf_error(field, format!("'{p}' is not a CIDR")));
                 }
             }

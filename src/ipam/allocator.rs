@@ -94,9 +94,16 @@ pub enum IpamError {
         host: String,
         reason: String,
     },
-    /// The address is not inside any block/pool.
+    /// The address is not inside any (for a requested address: any enabled) pool.
     #[error("{0} is not inside any IP pool")]
     NotInPool(IpAddr),
+    /// The address's pool does not allow this use (`allowedUses`).
+    #[error("{ip} is in IP pool {pool}, which does not allow {use_name} addresses")]
+    UseNotAllowed {
+        ip: IpAddr,
+        pool: String,
+        use_name: &'static str,
+    },
     /// The address is already allocated.
     #[error("{0} is already in use")]
     InUse(IpAddr),
@@ -801,6 +808,46 @@ impl Ipam {
             .iter()
             .find(|p| p.spec.net().is_some_and(|n| n.contains(&ip)))
             .ok_or(IpamError::NotInPool(ip))?;
+        self.assign_ip_in_pool(ip, pool, handle, attrs).await
+    }
+
+    /// Assign an address a workload asked for (CNI_ARGS `IP=`), as Calico's `AssignIP`:
+    /// it must lie in an enabled pool whose `allowedUses` include `use_`, and be free.
+    pub async fn assign_requested_ip(
+        &self,
+        ip: IpAddr,
+        handle: &str,
+        attrs: &BTreeMap<String, String>,
+        use_: IpUse,
+    ) -> IpamResult<()> {
+        let pools = self.client.list::<IPPoolSpec>(None).await?.0;
+        let pool = pools
+            .iter()
+            .find(|p| !p.spec.disabled && p.spec.net().is_some_and(|n| n.contains(&ip)))
+            .ok_or(IpamError::NotInPool(ip))?;
+        let allowed = pool
+            .spec
+            .allowed_uses
+            .as_ref()
+            .is_none_or(|u| u.iter().any(|u| u == use_.name()));
+        if !allowed {
+            return Err(IpamError::UseNotAllowed {
+                ip,
+                pool: pool.metadata.name.clone(),
+                use_name: use_.name(),
+            });
+        }
+        self.assign_ip_in_pool(ip, pool, handle, attrs).await
+    }
+
+    /// Assign `ip` of `pool` to `handle`, creating its block when needed.
+    async fn assign_ip_in_pool(
+        &self,
+        ip: IpAddr,
+        pool: &IPPool,
+        handle: &str,
+        attrs: &BTreeMap<String, String>,
+    ) -> IpamResult<()> {
         let cidr =
             block_of(ip, pool.spec.block_size_or_default()).ok_or(IpamError::NotInPool(ip))?;
         let key = keys::block_key(&cidr);
