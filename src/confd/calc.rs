@@ -208,6 +208,259 @@ fn restart_secs(field: &str, v: Option<&str>, problems: &mut Vec<String>) -> u32
     }
 }
 
+/// This node as the peer calculation sees it.
+struct Local<'a> {
+    input: &'a Input<'a>,
+    me: &'a NodeView,
+    my_ip: Ipv4Addr,
+    my_ip6: Option<Ipv6Addr>,
+    local_as: u32,
+    global_as: u32,
+    my_cluster: Option<Ipv4Addr>,
+    /// The port we listen on (this node's BGPConfiguration, else the global one, else 179).
+    listen_port: u16,
+}
+
+impl Local<'_> {
+    /// A node's AS: its own, else BGPConfiguration's, else 64512.
+    fn as_of(&self, spec: &NodeSpec) -> u32 {
+        spec.bgp
+            .as_ref()
+            .and_then(|b| b.as_number)
+            .map_or(self.global_as, |a| a.0)
+    }
+
+    /// Our address in `peer`'s family: the source of sessions with `sourceAddress:
+    /// UseNodeIP` (Calico uses the node's IPv4 address for IPv4 peers, its IPv6 address
+    /// for IPv6 peers).
+    fn source_for(&self, peer: IpAddr) -> Option<IpAddr> {
+        match peer {
+            IpAddr::V4(_) => Some(IpAddr::V4(self.my_ip)),
+            IpAddr::V6(_) => self.my_ip6.map(IpAddr::V6),
+        }
+    }
+
+    /// Whether `ip` is one of this node's BGP addresses.
+    fn is_mine(&self, ip: IpAddr) -> bool {
+        ip == IpAddr::V4(self.my_ip) || Some(ip) == self.my_ip6.map(IpAddr::V6)
+    }
+}
+
+/// A BGPPeer with its selectors parsed once, for both directions.
+struct PeerRule<'a> {
+    name: &'a str,
+    spec: &'a BGPPeerSpec,
+    node_selector: Option<Selector>,
+    peer_selector: Option<Selector>,
+}
+
+impl PeerRule<'_> {
+    /// Global BGPPeers (neither `node` nor `nodeSelector`) apply to every node.
+    fn kind(&self) -> PeerType {
+        if self.spec.node.is_empty() && self.spec.node_selector.is_empty() {
+            PeerType::Global
+        } else {
+            PeerType::NodeSpecific
+        }
+    }
+
+    /// Whether the local side (`node`, `nodeSelector`, else every node) selects `node`.
+    fn local_side_selects(&self, node: &str, labels: &BTreeMap<String, String>) -> bool {
+        match &self.node_selector {
+            Some(sel) => sel.matches(labels),
+            None => self.spec.node.is_empty() || self.spec.node == node,
+        }
+    }
+}
+
+/// The BGPPeers whose selectors parse, by name; one problem for each that does not.
+fn peer_rules<'a>(
+    peers: &'a BTreeMap<String, BGPPeerSpec>,
+    problems: &mut Vec<String>,
+) -> Vec<PeerRule<'a>> {
+    let mut rules = Vec::new();
+    for (name, spec) in peers {
+        let parse = |field: &str, text: &str, problems: &mut Vec<String>| {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            Selector::parse(text).map(Some).map_err(|e| {
+                problems.push(format!(
+                    "BGPPeer {name}: {field} does not parse ({e}); skipped"
+                ));
+            })
+        };
+        let Ok(node_selector) = parse("nodeSelector", &spec.node_selector, problems) else {
+            continue;
+        };
+        let Ok(peer_selector) = parse("peerSelector", &spec.peer_selector, problems) else {
+            continue;
+        };
+        rules.push(PeerRule {
+            name,
+            spec,
+            node_selector,
+            peer_selector,
+        });
+    }
+    rules
+}
+
+/// One session a BGPPeer yields: the peer's address, port (none: 179), AS, and its
+/// route-reflector cluster ID when it is one of our nodes.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    ip: IpAddr,
+    port: Option<u16>,
+    asn: u32,
+    cluster: Option<Ipv4Addr>,
+}
+
+/// The sessions a BGPPeer whose local side selects this node asks for: its `peerIP`, or
+/// every other node its `peerSelector` matches (over IPv4: that session carries IPv6
+/// routes too when the nodes have IPv6 addresses).
+fn forward_targets(local: &Local, rule: &PeerRule, problems: &mut Vec<String>) -> Vec<Target> {
+    let (name, p) = (rule.name, rule.spec);
+    if let Some(sel) = &rule.peer_selector {
+        return local
+            .input
+            .nodes
+            .iter()
+            .filter(|(other, n)| *other != local.input.node && sel.matches(&n.labels))
+            .filter_map(|(_, n)| {
+                Some(Target {
+                    ip: IpAddr::V4(node_ipv4(&n.spec)?),
+                    port: None,
+                    asn: local.as_of(&n.spec),
+                    cluster: cluster_id(&n.spec),
+                })
+            })
+            .collect();
+    }
+    if p.peer_ip.is_empty() {
+        return Vec::new();
+    }
+    let Some((ip, port)) = p.peer_addr() else {
+        problems.push(format!(
+            "BGPPeer {name}: peerIP {:?} is not an address; skipped",
+            p.peer_ip
+        ));
+        return Vec::new();
+    };
+    let Some(asn) = p.as_number else {
+        problems.push(format!("BGPPeer {name}: asNumber is missing; skipped"));
+        return Vec::new();
+    };
+    let node = local.input.nodes.values().find(|n| {
+        node_ipv4(&n.spec).map(IpAddr::V4) == Some(ip)
+            || node_ipv6(&n.spec).map(IpAddr::V6) == Some(ip)
+    });
+    vec![Target {
+        ip,
+        port,
+        asn: asn.0,
+        cluster: node.and_then(|n| cluster_id(&n.spec)),
+    }]
+}
+
+/// Calico's automatic reverse peering (confd `updatePeersV1`, its second pass over
+/// BGPPeers): when a BGPPeer's remote side selects this node (its `peerSelector`
+/// matches our labels, or its `peerIP` is our address with its `asNumber` our AS and its
+/// port, if any, the one we listen on), we peer back with every other node its local side
+/// selects (`node`, `nodeSelector`, else all nodes), so that the documented route
+/// reflector set-up, one BGPPeer `{nodeSelector: all(), peerSelector: route-reflector ==
+/// 'true'}`, gives the reflectors their clients. `reversePeering: Manual` turns it off;
+/// peerings toward workloads (`localWorkloadSelector`) are reversed by the workload.
+///
+/// Families: a `peerIP` peering is reversed over its own family only (an IPv6 peerIP,
+/// toward the other nodes' IPv6 addresses). A `peerSelector` peering is reversed as it is
+/// made, over IPv4: Calico also adds an IPv6 session because BIRD and BIRD6 each need
+/// their own, while here the IPv4 session carries IPv6 routes as well (REFERENCE §6), and
+/// an IPv6 reverse session would have no forward session to meet.
+fn reverse_targets(local: &Local, rule: &PeerRule) -> Vec<Target> {
+    let p = rule.spec;
+    if !p.automatic_reverse_peering() || !p.local_workload_selector.is_empty() {
+        return Vec::new();
+    }
+    let (v4, v6) = if let Some(sel) = &rule.peer_selector {
+        if !sel.matches(&local.me.labels) {
+            return Vec::new();
+        }
+        (true, false)
+    } else {
+        let Some(((ip, port), asn)) = p.peer_addr().zip(p.as_number) else {
+            return Vec::new();
+        };
+        let our_port = port.is_none_or(|port| port == local.listen_port);
+        if !local.is_mine(ip) || asn.0 != local.local_as || !our_port {
+            return Vec::new();
+        }
+        (ip.is_ipv4(), ip.is_ipv6())
+    };
+    let mut targets = Vec::new();
+    for (other, n) in local.input.nodes {
+        if other == local.input.node || !rule.local_side_selects(other, &n.labels) {
+            continue;
+        }
+        let v4 = node_ipv4(&n.spec).filter(|_| v4).map(IpAddr::V4);
+        let v6 = node_ipv6(&n.spec).filter(|_| v6).map(IpAddr::V6);
+        for ip in v4.into_iter().chain(v6) {
+            targets.push(Target {
+                ip,
+                port: None,
+                asn: local.as_of(&n.spec),
+                cluster: cluster_id(&n.spec),
+            });
+        }
+    }
+    targets
+}
+
+/// The sessions for `targets` with the BGPPeer's settings, each unless a session to its
+/// address is configured already. A reflector treats an iBGP peer outside its cluster as
+/// its client (Calico's BIRD template: `rr client` when the peer's cluster ID differs).
+fn add_sessions(
+    local: &Local,
+    rule: &PeerRule,
+    kind: PeerType,
+    targets: Vec<Target>,
+    seen: &mut BTreeSet<IpAddr>,
+    peers: &mut Vec<DesiredPeer>,
+    problems: &mut Vec<String>,
+) {
+    let (name, p) = (rule.name, rule.spec);
+    if targets.is_empty() {
+        return;
+    }
+    if p.password.is_some() {
+        problems.push(format!(
+            "BGPPeer {name}: password refers to a Kubernetes secret, which an etcd datastore cannot resolve; the session runs without MD5"
+        ));
+    }
+    let restart = restart_secs(
+        &format!("BGPPeer {name} spec.maxRestartTime"),
+        p.max_restart_time.as_deref(),
+        problems,
+    );
+    let use_node_ip = p.source_address.as_deref() != Some("None");
+    for t in targets {
+        if !seen.insert(t.ip) {
+            continue;
+        }
+        let mut d = DesiredPeer::new(t.ip, t.asn, kind);
+        if let Some(port) = t.port {
+            d.port = port;
+        }
+        d.rr_client =
+            local.my_cluster.is_some() && t.asn == local.local_as && t.cluster != local.my_cluster;
+        d.keep_next_hop = p.keep_original_next_hop;
+        d.ttl_security = p.ttl_security.filter(|t| *t > 0);
+        d.graceful_restart_secs = restart;
+        d.local_address = local.source_for(t.ip).filter(|_| use_node_ip);
+        peers.push(d);
+    }
+}
+
 /// Compute the speaker's configuration for `input.node`.
 pub fn desired(input: &Input) -> Result<Desired, NotReady> {
     let me = input.nodes.get(input.node).ok_or_else(|| {
@@ -253,94 +506,59 @@ pub fn desired(input: &Input) -> Result<Desired, NotReady> {
         cfg.listen_address = IpAddr::V4(my_ip);
     }
 
-    // Explicit peers first (node-specific, then global), then the mesh: the first
-    // session configured for an address wins.
-    let mut peers: Vec<DesiredPeer> = Vec::new();
+    // Explicit peers first (node-specific, then global), then the reverse peerings other
+    // nodes' BGPPeers imply, then the mesh: the first session configured for an address
+    // wins, so an explicit peering is never replaced by an implicit reverse one (Calico's
+    // `emit`: "an explicit forwards peering is not overwritten by an implicit reverse
+    // peering").
+    let local = Local {
+        input,
+        me,
+        my_ip,
+        my_ip6: node_ipv6(&me.spec),
+        local_as,
+        global_as,
+        my_cluster,
+        listen_port: cfg.listen_port,
+    };
     let mut seen: BTreeSet<IpAddr> = BTreeSet::from([IpAddr::V4(my_ip)]);
-    let mut explicit: Vec<(PeerType, &String, &BGPPeerSpec)> = input
-        .peers
+    seen.extend(local.my_ip6.map(IpAddr::V6));
+    let rules = peer_rules(input.peers, &mut problems);
+    let mut peers: Vec<DesiredPeer> = Vec::new();
+    let mut forward: Vec<(PeerType, &PeerRule)> = rules
         .iter()
-        .filter_map(|(name, p)| {
-            let global = p.node.is_empty() && p.node_selector.is_empty();
-            let applies = global
-                || p.node == input.node
-                || (!p.node_selector.is_empty()
-                    && Selector::parse(&p.node_selector).is_ok_and(|s| s.matches(&me.labels)));
-            let kind = if global {
-                PeerType::Global
-            } else {
-                PeerType::NodeSpecific
-            };
-            applies.then_some((kind, name, p))
-        })
+        .filter(|r| r.local_side_selects(input.node, &me.labels))
+        .map(|r| (r.kind(), r))
         .collect();
-    explicit.sort_by_key(|(kind, name, _)| (*kind != PeerType::NodeSpecific, *name));
-    for (kind, name, p) in explicit {
-        // (address, port, AS, cluster ID of the peer when it is one of our nodes)
-        let mut targets: Vec<(IpAddr, Option<u16>, u32, Option<Ipv4Addr>)> = Vec::new();
-        if !p.peer_ip.is_empty() {
-            let Some((ip, port)) = p.peer_addr() else {
-                problems.push(format!(
-                    "BGPPeer {name}: peerIP {:?} is not an address; skipped",
-                    p.peer_ip
-                ));
-                continue;
-            };
-            let Some(asn) = p.as_number else {
-                problems.push(format!("BGPPeer {name}: asNumber is missing; skipped"));
-                continue;
-            };
-            let node = input
-                .nodes
-                .values()
-                .find(|n| node_ipv4(&n.spec).map(IpAddr::V4) == Some(ip));
-            targets.push((ip, port, asn.0, node.and_then(|n| cluster_id(&n.spec))));
-        } else if !p.peer_selector.is_empty() {
-            let Ok(sel) = Selector::parse(&p.peer_selector) else {
-                problems.push(format!(
-                    "BGPPeer {name}: peerSelector does not parse; skipped"
-                ));
-                continue;
-            };
-            for (other, n) in input.nodes {
-                if other == input.node || !sel.matches(&n.labels) {
-                    continue;
-                }
-                if let Some(ip) = node_ipv4(&n.spec) {
-                    targets.push((IpAddr::V4(ip), None, as_of(&n.spec), cluster_id(&n.spec)));
-                }
-            }
-        }
-        if p.password.is_some() {
-            problems.push(format!(
-                "BGPPeer {name}: password refers to a Kubernetes secret, which an etcd datastore cannot resolve; the session runs without MD5"
-            ));
-        }
-        let source = match p.source_address.as_deref() {
-            Some("None") => None,
-            _ => Some(IpAddr::V4(my_ip)),
-        };
-        let restart = restart_secs(
-            &format!("BGPPeer {name} spec.maxRestartTime"),
-            p.max_restart_time.as_deref(),
+    forward.sort_by_key(|(kind, r)| (*kind != PeerType::NodeSpecific, r.name));
+    for (kind, rule) in forward {
+        let targets = forward_targets(&local, rule, &mut problems);
+        add_sessions(
+            &local,
+            rule,
+            kind,
+            targets,
+            &mut seen,
+            &mut peers,
             &mut problems,
         );
-        for (ip, port, asn, their_cluster) in targets {
-            if !seen.insert(ip) {
-                continue;
-            }
-            let mut d = DesiredPeer::new(ip, asn, kind);
-            if let Some(port) = port {
-                d.port = port;
-            }
-            d.rr_client = my_cluster.is_some() && asn == local_as && their_cluster != my_cluster;
-            d.keep_next_hop = p.keep_original_next_hop;
-            d.ttl_security = p.ttl_security.filter(|t| *t > 0);
-            d.graceful_restart_secs = restart;
-            d.local_address = source.filter(|s| s.is_ipv4() == ip.is_ipv4());
-            peers.push(d);
-        }
     }
+    for rule in &rules {
+        let targets = reverse_targets(&local, rule);
+        let kind = PeerType::NodeSpecific;
+        add_sessions(
+            &local,
+            rule,
+            kind,
+            targets,
+            &mut seen,
+            &mut peers,
+            &mut problems,
+        );
+    }
+    // A BGPPeer used in both directions reports its problems once.
+    let mut reported = BTreeSet::new();
+    problems.retain(|p| reported.insert(p.clone()));
 
     let mesh = input.global.is_none_or(|g| g.mesh_enabled()) && my_cluster.is_none();
     if mesh {

@@ -110,8 +110,12 @@ impl World {
     }
 
     fn desired(&self) -> Result<Desired, NotReady> {
+        self.desired_for(ME)
+    }
+
+    fn desired_for(&self, node: &str) -> Result<Desired, NotReady> {
         desired(&Input {
-            node: ME,
+            node,
             nodes: &self.nodes,
             global: self.global.as_ref(),
             per_node: self.per_node.as_ref(),
@@ -123,7 +127,12 @@ impl World {
 
     /// (address, type, AS, passive, rr client) of each peer, in order.
     fn peers(&self) -> Vec<(IpAddr, PeerType, u32, bool, bool)> {
-        self.desired()
+        self.peers_of(ME)
+    }
+
+    /// The same, for another node.
+    fn peers_of(&self, node: &str) -> Vec<(IpAddr, PeerType, u32, bool, bool)> {
+        self.desired_for(node)
             .unwrap()
             .config
             .peers
@@ -642,4 +651,323 @@ fn state_follows_the_syncer_and_says_what_matters() {
     assert_eq!(s.desired().unwrap().config.peers.len(), 2);
     assert!(s.apply(&update(&pkey, None)));
     assert_eq!(s.desired().unwrap().config.peers.len(), 1);
+}
+
+const NODE: PeerType = PeerType::NodeSpecific;
+
+/// Calico's documented route-reflector set-up: node-rr labelled and given a cluster ID,
+/// the mesh off, and one BGPPeer from every node to the reflectors.
+fn documented_reflector_world() -> World {
+    let mut w = World::new();
+    w.nodes.insert(
+        "node-rr".into(),
+        node(
+            "10.0.0.9/24",
+            None,
+            Some("244.0.0.1"),
+            &[("route-reflector", "true")],
+        ),
+    );
+    w.global = Some(BGPConfigurationSpec {
+        node_to_node_mesh_enabled: Some(false),
+        ..Default::default()
+    });
+    w.peers.insert(
+        "peer-with-route-reflectors".into(),
+        BGPPeerSpec {
+            node_selector: "all()".into(),
+            peer_selector: "route-reflector == 'true'".into(),
+            ..Default::default()
+        },
+    );
+    w
+}
+
+/// The client peers with the reflector (forward); the reflector peers back with every
+/// other node the BGPPeer's nodeSelector selects (Calico's automatic reverse peering),
+/// its iBGP ones as route-reflector clients, from its own address.
+#[test]
+fn the_documented_single_bgppeer_is_reversed_on_the_reflector() {
+    let w = documented_reflector_world();
+    assert_eq!(
+        w.peers(),
+        vec![(ip("10.0.0.9"), NODE, DEFAULT_AS, false, false)]
+    );
+    assert_eq!(
+        w.peers_of("node-rr"),
+        vec![
+            (ip("10.0.0.1"), NODE, DEFAULT_AS, false, true),
+            (ip("10.0.0.2"), NODE, DEFAULT_AS, false, true),
+            (ip("10.0.0.3"), NODE, 65003, false, false),
+        ],
+        "node-c is eBGP (not a client); node-d has no address"
+    );
+    let d = w.desired_for("node-rr").unwrap();
+    assert!(d.problems.is_empty(), "{:?}", d.problems);
+    assert!(
+        d.config
+            .peers
+            .iter()
+            .all(|p| p.local_address == Some(ip("10.0.0.9")) && p.port == 179)
+    );
+    // A second reflector: the two peer forward (same cluster: not each other's
+    // clients), and each has every other node as reverse peering.
+    let mut w = w;
+    w.nodes.insert(
+        "node-rr2".into(),
+        node(
+            "10.0.0.8/24",
+            None,
+            Some("244.0.0.1"),
+            &[("route-reflector", "true")],
+        ),
+    );
+    assert_eq!(
+        w.peers_of("node-rr"),
+        vec![
+            (ip("10.0.0.8"), NODE, DEFAULT_AS, false, false),
+            (ip("10.0.0.1"), NODE, DEFAULT_AS, false, true),
+            (ip("10.0.0.2"), NODE, DEFAULT_AS, false, true),
+            (ip("10.0.0.3"), NODE, 65003, false, false),
+        ]
+    );
+    assert_eq!(
+        w.peers(),
+        vec![
+            (ip("10.0.0.9"), NODE, DEFAULT_AS, false, false),
+            (ip("10.0.0.8"), NODE, DEFAULT_AS, false, false),
+        ]
+    );
+}
+
+/// `reversePeering: Manual`: the client side only; the reflector peers with nobody
+/// until a BGPPeer of its own says so.
+#[test]
+fn reverse_peering_manual_leaves_the_reflector_without_the_reverse_peering() {
+    let mut w = documented_reflector_world();
+    w.peers
+        .get_mut("peer-with-route-reflectors")
+        .unwrap()
+        .reverse_peering = Some("Manual".into());
+    assert_eq!(
+        w.peers(),
+        vec![(ip("10.0.0.9"), NODE, DEFAULT_AS, false, false)]
+    );
+    assert!(w.peers_of("node-rr").is_empty());
+    // Auto is the default spelled out.
+    w.peers
+        .get_mut("peer-with-route-reflectors")
+        .unwrap()
+        .reverse_peering = Some("Auto".into());
+    assert_eq!(w.peers_of("node-rr").len(), 3);
+    // The manual reverse, restricted to rack 1, itself reversed on those nodes (toward the
+    // reflector, which they peer with already).
+    w.peers
+        .get_mut("peer-with-route-reflectors")
+        .unwrap()
+        .reverse_peering = Some("Manual".into());
+    w.peers.insert(
+        "reflectors-to-rack-1".into(),
+        BGPPeerSpec {
+            node_selector: "route-reflector == 'true'".into(),
+            peer_selector: "rack == '1'".into(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        w.peers_of("node-rr"),
+        vec![
+            (ip("10.0.0.1"), NODE, DEFAULT_AS, false, true),
+            (ip("10.0.0.2"), NODE, DEFAULT_AS, false, true),
+        ]
+    );
+    assert_eq!(
+        w.peers(),
+        vec![(ip("10.0.0.9"), NODE, DEFAULT_AS, false, false)]
+    );
+}
+
+/// Calico's `emit`: a peering configured explicitly keeps its own settings although a
+/// reverse peering to the same address is implied; the reverse carries the settings of
+/// the BGPPeer it reverses.
+#[test]
+fn an_explicit_peering_wins_over_an_implicit_reverse_one() {
+    let mut w = documented_reflector_world();
+    let documented = w.peers.get_mut("peer-with-route-reflectors").unwrap();
+    documented.max_restart_time = Some("1m".into());
+    documented.keep_original_next_hop = true;
+    documented.ttl_security = Some(2);
+    documented.source_address = Some("None".into());
+    // Named to sort after the reversed BGPPeer: order by name must not matter.
+    w.peers.insert(
+        "zz-explicit".into(),
+        BGPPeerSpec {
+            node: "node-rr".into(),
+            peer_ip: "10.0.0.1:1790".into(),
+            as_number: Some(AsNumber(DEFAULT_AS)),
+            max_restart_time: Some("5m".into()),
+            ..Default::default()
+        },
+    );
+    let d = w.desired_for("node-rr").unwrap();
+    let get = |a: &str| {
+        d.config
+            .peers
+            .iter()
+            .find(|p| p.address == ip(a))
+            .unwrap()
+            .clone()
+    };
+    let explicit = get("10.0.0.1");
+    assert_eq!(
+        (
+            explicit.port,
+            explicit.graceful_restart_secs,
+            explicit.keep_next_hop,
+            explicit.ttl_security,
+            explicit.local_address,
+            explicit.rr_client,
+        ),
+        (1790, 300, false, None, Some(ip("10.0.0.9")), true)
+    );
+    let reverse = get("10.0.0.2");
+    assert_eq!(
+        (
+            reverse.port,
+            reverse.graceful_restart_secs,
+            reverse.keep_next_hop,
+            reverse.ttl_security,
+            reverse.local_address,
+            reverse.rr_client,
+        ),
+        (179, 60, true, Some(2), None, true)
+    );
+    assert_eq!(d.config.peers.len(), 3, "{:?}", d.config.peers);
+}
+
+fn dual(v4: &str, v6: &str, asn: Option<u32>, labels: &[(&str, &str)]) -> NodeView {
+    let mut n = node(v4, asn, None, labels);
+    n.spec.bgp.as_mut().unwrap().ipv6_address = Some(v6.into());
+    n
+}
+
+/// Calico reverses a `peerIP` peering over that address's family only, toward the
+/// other nodes' addresses of that family, and only on the node that holds the address,
+/// with the BGPPeer's asNumber as its AS and its port, if any, as its listen port. A
+/// `peerSelector` peering is reversed as it is made here, over IPv4 (whose session
+/// carries the IPv6 routes too).
+#[test]
+fn ip_peerings_reverse_over_their_own_family_and_selector_peerings_over_ipv4() {
+    let mut w = World::new();
+    w.global = Some(BGPConfigurationSpec {
+        node_to_node_mesh_enabled: Some(false),
+        ..Default::default()
+    });
+    w.nodes = BTreeMap::from([
+        (
+            "node-a".into(),
+            dual("10.0.0.1/24", "fd00::1/64", None, &[("rack", "1")]),
+        ),
+        (
+            ME.into(),
+            dual("10.0.0.2/24", "fd00::2/64", None, &[("rack", "1")]),
+        ),
+        (
+            "node-c".into(),
+            dual("10.0.0.3/24", "fd00::3/64", Some(65003), &[("rack", "2")]),
+        ),
+    ]);
+    let by_ip = |node: &str, peer_ip: &str, asn: u32| BGPPeerSpec {
+        node: node.into(),
+        peer_ip: peer_ip.into(),
+        as_number: Some(AsNumber(asn)),
+        ..Default::default()
+    };
+    // node-a peers with our IPv6 address: we peer back over IPv6 only, from ours.
+    w.peers
+        .insert("a-to-b6".into(), by_ip("node-a", "fd00::2", DEFAULT_AS));
+    assert_eq!(
+        w.peers(),
+        vec![(ip("fd00::1"), NODE, DEFAULT_AS, false, false)]
+    );
+    let d = w.desired().unwrap();
+    assert_eq!(d.config.peers[0].local_address, Some(ip("fd00::2")));
+    // node-a's forward side: the same session seen from there, from its IPv6 address.
+    let a = w.desired_for("node-a").unwrap();
+    assert_eq!(
+        (a.config.peers[0].address, a.config.peers[0].local_address),
+        (ip("fd00::2"), Some(ip("fd00::1")))
+    );
+    // node-c (AS 65003) peers with our IPv4 address: we peer back over IPv4, eBGP.
+    w.peers
+        .insert("c-to-b4".into(), by_ip("node-c", "10.0.0.2", DEFAULT_AS));
+    assert_eq!(
+        w.peers(),
+        vec![
+            (ip("fd00::1"), NODE, DEFAULT_AS, false, false),
+            (ip("10.0.0.3"), NODE, 65003, false, false),
+        ]
+    );
+    // Not reversed: another AS than ours, another port than ours, another node's address.
+    w.peers = BTreeMap::from([
+        ("wrong-as".into(), by_ip("node-a", "10.0.0.2", 65000)),
+        (
+            "wrong-port".into(),
+            by_ip("node-a", "10.0.0.2:1790", DEFAULT_AS),
+        ),
+        ("not-us".into(), by_ip("node-a", "10.0.0.3", 65003)),
+    ]);
+    assert!(w.peers().is_empty(), "{:?}", w.peers());
+    // Our listen port named explicitly: reversed.
+    w.per_node = Some(BGPConfigurationSpec {
+        listen_port: Some(1790),
+        ..Default::default()
+    });
+    assert_eq!(
+        w.peers(),
+        vec![(ip("10.0.0.1"), NODE, DEFAULT_AS, false, false)]
+    );
+    // A selector peering (rack 2 toward rack 1) reverses over IPv4, to node-c only.
+    w.per_node = None;
+    w.peers = BTreeMap::from([(
+        "rack2-to-rack1".into(),
+        BGPPeerSpec {
+            node_selector: "rack == '2'".into(),
+            peer_selector: "rack == '1'".into(),
+            ..Default::default()
+        },
+    )]);
+    assert_eq!(w.peers(), vec![(ip("10.0.0.3"), NODE, 65003, false, false)]);
+    assert_eq!(
+        w.desired().unwrap().config.ipv6_next_hop,
+        Some("fd00::2".parse().unwrap()),
+        "IPv6 routes ride the IPv4 session"
+    );
+    assert_eq!(
+        w.peers_of("node-c"),
+        vec![
+            (ip("10.0.0.1"), NODE, DEFAULT_AS, false, false),
+            (ip("10.0.0.2"), NODE, DEFAULT_AS, false, false),
+        ]
+    );
+}
+
+/// A selector that does not parse (written by another tool) skips its BGPPeer in both
+/// directions, said once.
+#[test]
+fn a_bgppeer_whose_selector_does_not_parse_is_skipped_and_said_once() {
+    let mut w = documented_reflector_world();
+    w.peers
+        .get_mut("peer-with-route-reflectors")
+        .unwrap()
+        .node_selector = "all(".into();
+    let d = w.desired_for("node-rr").unwrap();
+    assert!(d.config.peers.is_empty());
+    assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
+    assert!(
+        d.problems[0]
+            .starts_with("BGPPeer peer-with-route-reflectors: nodeSelector does not parse"),
+        "{:?}",
+        d.problems
+    );
 }

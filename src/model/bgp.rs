@@ -409,7 +409,16 @@ pub struct BGPPeerSpec {
     pub local_as_number: Option<AsNumber>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub external_network: String,
+    /// For peerings between Calico nodes: whether the nodes the remote side selects
+    /// (`peerSelector`, or the node at `peerIP`) peer back automatically (`Auto`, the
+    /// default) or only through a BGPPeer of their own (`Manual`). Calico v3 BGPPeer
+    /// `reversePeering`; confd's second pass over BGPPeers emits the reverse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse_peering: Option<String>,
 }
+
+/// `reversePeering: Manual`: no automatic reverse peering.
+pub const REVERSE_PEERING_MANUAL: &str = "Manual";
 
 /// Parse a BGPPeer `peerIP`: `ip`, `ip:port` (IPv4) or `[v6]:port`; a bare IPv6 address
 /// is also accepted. Returns the address and the port when one is given.
@@ -436,6 +445,13 @@ impl BGPPeerSpec {
     /// The peer address and optional port (after validation this cannot fail).
     pub fn peer_addr(&self) -> Option<(IpAddr, Option<u16>)> {
         parse_peer_ip(&self.peer_ip).ok()
+    }
+
+    /// Whether the nodes this peering selects on its remote side peer back on their own.
+    /// As Calico's confd (`automaticReversePeering`): only `Manual` turns it off, so a
+    /// value another writer stored that is neither keeps Calico's default.
+    pub fn automatic_reverse_peering(&self) -> bool {
+        self.reverse_peering.as_deref() != Some(REVERSE_PEERING_MANUAL)
     }
 }
 
@@ -503,6 +519,9 @@ impl Kind for BGPPeerSpec {
         }
         if let Some(s) = &self.source_address {
             validate::one_of("spec.sourceAddress", s, &["UseNodeIP", "None"])?;
+        }
+        if let Some(s) = &self.reverse_peering {
+            validate::one_of("spec.reversePeering", s, &["Auto", REVERSE_PEERING_MANUAL])?;
         }
         if let Some(s) = &self.failure_detection_mode {
             validate::one_of(
@@ -634,6 +653,30 @@ mod tests {
         assert_eq!(
             err(&p),
             "error with field spec.maxRestartTime = '2 minutes' (not a valid duration (e.g. 90s, 1m30s, 500ms))"
+        );
+    }
+
+    /// Calico's enum: `Auto` (the default) and `Manual`; anything else is refused by name.
+    #[test]
+    fn reverse_peering_is_auto_or_manual() {
+        let p: BGPPeerSpec = serde_json::from_str(
+            r#"{"nodeSelector":"all()","peerSelector":"rr == 'true'","reversePeering":"Manual"}"#,
+        )
+        .unwrap();
+        assert!(p.validate(&meta("p")).is_ok());
+        assert!(!p.automatic_reverse_peering());
+        assert_eq!(
+            serde_json::to_value(&p).unwrap()["reversePeering"],
+            "Manual"
+        );
+        let mut p = peer("10.0.0.1", Some(1));
+        assert!(p.automatic_reverse_peering(), "Auto by default");
+        p.reverse_peering = Some("Auto".into());
+        assert!(p.validate(&meta("p")).is_ok() && p.automatic_reverse_peering());
+        p.reverse_peering = Some("manual".into());
+        assert_eq!(
+            err(&p),
+            "error with field spec.reversePeering = 'manual' (must be one of: Auto, Manual)"
         );
     }
 

@@ -1,0 +1,213 @@
+//! Calico's documented route-reflector set-up, live: three node namespaces on a bridge,
+//! etcd in the hub, one `calico-node` each, the mesh up first. Then, as the documentation
+//! has it: node-1 labelled `route-reflector: "true"` with `routeReflectorClusterID`
+//! 244.0.0.1, ONE BGPPeer `{nodeSelector: all(), peerSelector: route-reflector == 'true'}`
+//! and the mesh off. The reflector peers back with every client on its own (Calico's
+//! automatic reverse peering), the clients learn each other's blocks through it with
+//! their next hops kept, and pods on the two clients ping each other. With
+//! `reversePeering: Manual` the reflector drops its sessions to the clients and they stay
+//! down; back to the documented BGPPeer, they come up again.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{add_pod, block_of, calico_node, calicoctl, ping, routes};
+use common::{Etcd, NetNs, free_port, http_get};
+
+const NODES: usize = 3;
+
+/// The documentation's BGPPeer, with `extra` lines added to its spec.
+fn documented_peer(extra: &str) -> String {
+    format!(
+        r#"apiVersion: projectcalico.org/v3
+kind: BGPPeer
+metadata:
+  name: peer-with-route-reflectors
+spec:
+  nodeSelector: all()
+  peerSelector: route-reflector == 'true'
+{extra}"#
+    )
+}
+
+/// Whether `calicoctl node status` shows a node-specific session to `peer` Established.
+fn established(status: &str, peer: &str) -> bool {
+    status.lines().any(|l| {
+        l.contains(&format!("| {peer} "))
+            && l.contains("| node specific | up    |")
+            && l.contains("Established")
+    })
+}
+
+#[test]
+fn documented_single_bgppeer_route_reflection_converges_and_manual_reverse_peering_does_not() {
+    if !common::have("ping") {
+        common::skip("ping is not installed");
+        return;
+    }
+    let Some(hub) = NetNs::new("cn-rphub") else {
+        return;
+    };
+    let nodes: Vec<NetNs> = (0..NODES).filter_map(|_| NetNs::new("cn-rpn")).collect();
+    let (Some(pa), Some(pb)) = (NetNs::new("cn-rppa"), NetNs::new("cn-rppb")) else {
+        return;
+    };
+    assert_eq!(nodes.len(), NODES);
+    common::cluster::bridged(&hub, &nodes);
+    let port = free_port();
+    let Some(_etcd) = Etcd::start_on_also(&hub.name, port, "10.99.0.254") else {
+        return;
+    };
+    let ep = format!("http://10.99.0.254:{port}");
+    let states: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
+    let health: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
+    let _daemons: Vec<common::Process> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            calico_node(
+                n,
+                &format!("node-{}", i + 1),
+                &ep,
+                states[i].path(),
+                health[i],
+                &[],
+            )
+        })
+        .collect();
+    let logs = || {
+        states
+            .iter()
+            .map(|s| std::fs::read_to_string(s.path().join("calico-node.log")).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    let status = |i: usize| calicoctl(&nodes[i], &ep, states[i].path(), &["node", "status"], "");
+    let ctl = |args: &[&str], stdin: &str| calicoctl(&nodes[0], &ep, states[0].path(), args, stdin);
+    // Waits for `cond`, showing every node's status and log when it does not come.
+    let wait = |what: &str, limit: Duration, cond: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !cond() {
+            assert!(
+                start.elapsed() < limit,
+                "{what} within {limit:?}:\nnode-1:\n{}\nnode-2:\n{}\nnode-3:\n{}\nlogs:\n{}",
+                status(0),
+                status(1),
+                status(2),
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    // The mesh first, as a cluster starts (readiness includes every session Established).
+    for (i, n) in nodes.iter().enumerate() {
+        let p = health[i];
+        wait("node ready on the mesh", Duration::from_secs(60), &|| {
+            n.run_in(move || http_get(p, "/readiness"))
+                .is_ok_and(|(s, _)| s == 200)
+        });
+    }
+
+    // The documentation's steps: the reflector node, the BGPPeer, the mesh off.
+    ctl(
+        &[
+            "patch",
+            "node",
+            "node-1",
+            "-p",
+            r#"{"metadata":{"labels":{"route-reflector":"true"}},"spec":{"bgp":{"routeReflectorClusterID":"244.0.0.1"}}}"#,
+        ],
+        "",
+    );
+    ctl(&["apply", "-f", "-"], &documented_peer(""));
+    ctl(
+        &["apply", "-f", "-"],
+        r#"apiVersion: projectcalico.org/v3
+kind: BGPConfiguration
+metadata:
+  name: default
+spec:
+  nodeToNodeMeshEnabled: false
+"#,
+    );
+    let through_the_reflector_only = || {
+        let (s1, s2, s3) = (status(0), status(1), status(2));
+        established(&s1, "10.99.0.2")
+            && established(&s1, "10.99.0.3")
+            && established(&s2, "10.99.0.1")
+            && established(&s3, "10.99.0.1")
+            && !s2.contains("10.99.0.3")
+            && !s3.contains("10.99.0.2")
+    };
+    wait(
+        "the reflector's reverse peerings and the clients' sessions Established, no mesh",
+        Duration::from_secs(60),
+        &through_the_reflector_only,
+    );
+
+    // Pods on the two clients: their blocks cross the reflector with the next hop kept.
+    let (n2, n3) = (&nodes[1], &nodes[2]);
+    let a = add_pod(n2, "node-2", &ep, &pa);
+    let b = add_pod(n3, "node-3", &ep, &pb);
+    let on_n2 = format!("{} via 10.99.0.3 dev eth0 proto 80 onlink", block_of(&b));
+    let on_n3 = format!("{} via 10.99.0.2 dev eth0 proto 80 onlink", block_of(&a));
+    wait(
+        "each client's block at the other, reflected",
+        Duration::from_secs(30),
+        &|| routes(n2).contains(&on_n2) && routes(n3).contains(&on_n3),
+    );
+    common::until("pod a reaches pod b", Duration::from_secs(10), || {
+        ping(&pa, &b)
+    });
+    assert!(ping(&pb, &a), "pod b reaches pod a");
+
+    // reversePeering: Manual: the reflector no longer peers with its clients; they keep
+    // trying, and nobody answers.
+    ctl(
+        &["apply", "-f", "-"],
+        &documented_peer("  reversePeering: Manual\n"),
+    );
+    let reflector_alone = || {
+        let (s1, s2, s3) = (status(0), status(1), status(2));
+        !s1.contains("10.99.0.2")
+            && !s1.contains("10.99.0.3")
+            && s2.contains("| 10.99.0.1 ")
+            && !established(&s2, "10.99.0.1")
+            && s3.contains("| 10.99.0.1 ")
+            && !established(&s3, "10.99.0.1")
+    };
+    wait(
+        "the reflector without sessions to its clients",
+        Duration::from_secs(30),
+        &reflector_alone,
+    );
+    // Longer than the clients' connect retry: still nothing.
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        reflector_alone(),
+        "a session came up without the reverse peering:\nnode-1:\n{}\nnode-2:\n{}\nnode-3:\n{}",
+        status(0),
+        status(1),
+        status(2)
+    );
+
+    // The documented BGPPeer again (Auto): the reflector takes its clients back.
+    ctl(&["apply", "-f", "-"], &documented_peer(""));
+    wait(
+        "the sessions through the reflector again",
+        Duration::from_secs(60),
+        &through_the_reflector_only,
+    );
+    wait(
+        "the reflected routes again",
+        Duration::from_secs(30),
+        &|| routes(n2).contains(&on_n2) && routes(n3).contains(&on_n3),
+    );
+    common::until(
+        "pods reach each other again",
+        Duration::from_secs(10),
+        || ping(&pa, &b) && ping(&pb, &a),
+    );
+}
