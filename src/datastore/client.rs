@@ -60,22 +60,39 @@ fn ns_for<S: Kind>(namespace: Option<&str>) -> Option<&str> {
     }
 }
 
-/// Decode a stored resource and set its `resourceVersion`.
+/// Decode a stored resource and set its `resourceVersion`. Decoding is lenient: fields
+/// this version does not know (a newer Calico's) are kept in `unknown` and written back by
+/// [`encode`]; anything else that does not decode is an error naming the key.
 pub fn decode_kv<S: Kind>(kv: &KeyValue) -> ClientResult<Resource<S>> {
-    let mut r: Resource<S> =
-        serde_json::from_slice(&kv.value).map_err(|e| ClientError::Decode {
-            key: kv.key.clone(),
-            reason: e.to_string(),
-        })?;
+    let mut r = model::decode_stored::<S>(&kv.value).map_err(|e| ClientError::Decode {
+        key: kv.key.clone(),
+        reason: e.to_string(),
+    })?;
     r.metadata.resource_version = Some(kv.mod_revision.to_string());
     Ok(r)
 }
 
-/// The stored JSON: the resource without `resourceVersion`.
+/// The stored JSON: the resource without `resourceVersion`, with the unknown fields it was
+/// read with put back.
 pub fn encode<S: Kind>(r: &Resource<S>) -> Vec<u8> {
     let mut stored = r.clone();
     stored.metadata.resource_version = None;
-    serde_json::to_vec(&stored).expect("resources always serialize")
+    model::stored::encode_with(&stored, &r.unknown)
+}
+
+/// Decode every value of a list, skipping (with an error naming the key) those that do not
+/// decode: one value written by another writer must not hide every other one (Calico's
+/// syncers skip such values the same way).
+fn decode_listed<T>(kvs: &[KeyValue], decode: impl Fn(&KeyValue) -> ClientResult<T>) -> Vec<T> {
+    kvs.iter()
+        .filter_map(|kv| match decode(kv) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(key = %kv.key, error = %e, "skipping a stored value that cannot be decoded");
+                None
+            }
+        })
+        .collect()
 }
 
 /// RFC 3339 UTC timestamp, as Kubernetes metadata uses (`2024-05-01T12:00:00Z`).
@@ -181,11 +198,7 @@ impl Client {
             .list(&prefix)
             .await
             .map_err(ClientError::Datastore)?;
-        let items = kvs
-            .iter()
-            .map(decode_kv)
-            .collect::<ClientResult<Vec<_>>>()?;
-        Ok((items, rev))
+        Ok((decode_listed(&kvs, decode_kv), rev))
     }
 
     /// Checks that need the datastore: IPPool overlap and immutable fields.
@@ -454,11 +467,7 @@ impl Client {
             .list(&prefix)
             .await
             .map_err(ClientError::Datastore)?;
-        let items = kvs
-            .iter()
-            .map(|kv| decode_any(info, kv))
-            .collect::<ClientResult<Vec<_>>>()?;
-        Ok((items, rev))
+        Ok((decode_listed(&kvs, |kv| decode_any(info, kv)), rev))
     }
 }
 

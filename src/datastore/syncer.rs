@@ -125,7 +125,11 @@ pub fn decode(kv: &KeyValue) -> Option<Result<SyncValue, String>> {
         );
     }
     Some(match parse_ipam_key(&kv.key)? {
-        IpamKey::Block(_) => json(serde_json::from_slice(&kv.value)).map(SyncValue::Block),
+        // Checked as well as decoded: a corrupt block is reported by key and never reaches
+        // Felix or confd (it would give them routes for addresses it does not hold).
+        IpamKey::Block(cidr) => {
+            AllocationBlock::decode(Some(&cidr), &kv.value).map(SyncValue::Block)
+        }
         IpamKey::Affinity { host, cidr } => {
             json(BlockAffinity::from_bytes(&kv.value)).map(|affinity| SyncValue::Affinity {
                 host,
@@ -134,7 +138,7 @@ pub fn decode(kv: &KeyValue) -> Option<Result<SyncValue, String>> {
             })
         }
         IpamKey::Handle(id) => {
-            json(serde_json::from_slice(&kv.value)).map(|handle| SyncValue::Handle { id, handle })
+            IPAMHandle::decode(&kv.value).map(|handle| SyncValue::Handle { id, handle })
         }
         IpamKey::Config => json(serde_json::from_slice(&kv.value)).map(SyncValue::IpamConfig),
     })

@@ -179,11 +179,53 @@ struct Claim {
     block: KeyValue,
 }
 
-fn corrupt(kv: &KeyValue, e: serde_json::Error) -> IpamError {
+fn corrupt(kv: &KeyValue, e: impl std::fmt::Display) -> IpamError {
     IpamError::Corrupt {
         key: kv.key.clone(),
         reason: e.to_string(),
     }
+}
+
+/// Decode and check a stored block (its key names its CIDR): a corrupt block is an error
+/// naming the key and the reason, never used.
+fn decode_block(kv: &KeyValue) -> IpamResult<AllocationBlock> {
+    let cidr = match keys::parse_ipam_key(&kv.key) {
+        Some(IpamKey::Block(c)) => Some(c),
+        _ => None,
+    };
+    AllocationBlock::decode(cidr.as_ref(), &kv.value).map_err(|e| corrupt(kv, e))
+}
+
+/// Decode a stored handle.
+fn decode_handle(kv: &KeyValue) -> IpamResult<IPAMHandle> {
+    IPAMHandle::decode(&kv.value).map_err(|e| corrupt(kv, e))
+}
+
+/// The pools that pass Calico's validation; the others (written by hand with etcdctl, or
+/// corrupt) are reported by key and never used: a pool's CIDR and block size decide the
+/// blocks carved from it, and out-of-range values would carve nonsense (or overflow).
+fn checked_pools(pools: Vec<IPPool>) -> Vec<IPPool> {
+    pools
+        .into_iter()
+        .filter(
+            |p| match crate::model::Kind::validate(&p.spec, &p.metadata) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(key = %p.key(), error = %e, "IPPool is invalid; not using it");
+                    false
+                }
+            },
+        )
+        .collect()
+}
+
+/// Log a corrupt block that an assignment passes over (the other blocks still serve).
+fn skip_corrupt(e: &IpamError) -> bool {
+    if let IpamError::Corrupt { key, reason } = e {
+        tracing::error!(%key, %reason, "IPAM block is corrupt; not using it");
+        return true;
+    }
+    false
 }
 
 fn now_ns() -> u64 {
@@ -300,7 +342,7 @@ impl Ipam {
             self.client.list::<IPPoolSpec>(None),
             self.client.get::<NodeSpec>(None, host)
         );
-        let (pools, _) = pools?;
+        let pools = checked_pools(pools?.0);
         let labels = match node? {
             Some(n) => n.metadata.labels,
             None => BTreeMap::new(),
@@ -482,8 +524,11 @@ impl Ipam {
                     }
                     let Some(IpamKey::Block(cidr)) = keys::parse_ipam_key(&kv.key) else { continue };
                     if in_pools(&cidr) {
-                        let more = self.assign_in_block(&cidr, args, n - got.len(), None, Some(Some(kv))).await?;
-                        got.extend(more);
+                        match self.assign_in_block(&cidr, args, n - got.len(), None, Some(Some(kv))).await {
+                            Ok(more) => got.extend(more),
+                            Err(e) if skip_corrupt(&e) => continue,
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
             }
@@ -534,10 +579,13 @@ impl Ipam {
             let Some(IpamKey::Block(cidr)) = keys::parse_ipam_key(&kv.key) else {
                 continue;
             };
-            out.push((
-                cidr,
-                serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?,
-            ));
+            match decode_block(&kv) {
+                Ok(b) => out.push((cidr, b)),
+                // Reported and left out: one corrupt block must not stop every release.
+                Err(e) => {
+                    skip_corrupt(&e);
+                }
+            }
         }
         Ok(out)
     }
@@ -587,16 +635,21 @@ impl Ipam {
                 }
                 let read = read?;
                 if let Some(kv) = &read {
-                    let block: AllocationBlock =
-                        serde_json::from_slice(&kv.value).map_err(|e| corrupt(kv, e))?;
-                    if block.free() == 0 {
-                        continue;
+                    match decode_block(kv) {
+                        Ok(block) if block.free() == 0 => continue,
+                        Ok(_) => {}
+                        Err(e) if skip_corrupt(&e) => continue,
+                        Err(e) => return Err(e),
                     }
                 }
-                let more = self
+                match self
                     .assign_in_block(cidr, args, n - got.len(), affine_host, Some(read))
-                    .await?;
-                got.extend(more);
+                    .await
+                {
+                    Ok(more) => got.extend(more),
+                    Err(e) if skip_corrupt(&e) => continue,
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(())
@@ -663,7 +716,7 @@ impl Ipam {
             Err(e) => return Err(e.into()),
         };
         let block = AllocationBlock::new_empty(cidr, Some(host), (self.clock)());
-        let value = serde_json::to_vec(&block).expect("blocks serialize");
+        let value = block.to_bytes();
         let key = keys::block_key(&cidr);
         match self.ds.create(&key, value.clone()).await {
             Ok(rev) => Ok(Some(Claim {
@@ -726,11 +779,7 @@ impl Ipam {
                     None => self.ds.get(&key).await?,
                 };
                 let (mut block, rev) = match read {
-                    Some(kv) => (
-                        serde_json::from_slice::<AllocationBlock>(&kv.value)
-                            .map_err(|e| corrupt(&kv, e))?,
-                        Some(kv.mod_revision),
-                    ),
+                    Some(kv) => (decode_block(&kv)?, Some(kv.mod_revision)),
                     None => match affine_host {
                         Some(h) => (
                             AllocationBlock::new_empty(*cidr, Some(h), (self.clock)()),
@@ -743,7 +792,7 @@ impl Ipam {
                 if ips.is_empty() {
                     return Ok(ips);
                 }
-                let value = serde_json::to_vec(&block).expect("blocks serialize");
+                let value = block.to_bytes();
                 let write = async {
                     match rev {
                         Some(rev) => self.ds.update(&key, value, rev).await,
@@ -803,7 +852,7 @@ impl Ipam {
         handle: &str,
         attrs: &BTreeMap<String, String>,
     ) -> IpamResult<()> {
-        let pools = self.client.list::<IPPoolSpec>(None).await?.0;
+        let pools = checked_pools(self.client.list::<IPPoolSpec>(None).await?.0);
         let pool = pools
             .iter()
             .find(|p| p.spec.net().is_some_and(|n| n.contains(&ip)))
@@ -853,17 +902,13 @@ impl Ipam {
         let key = keys::block_key(&cidr);
         for _ in 0..CAS_RETRIES {
             let (mut block, rev) = match self.ds.get(&key).await? {
-                Some(kv) => (
-                    serde_json::from_slice::<AllocationBlock>(&kv.value)
-                        .map_err(|e| corrupt(&kv, e))?,
-                    Some(kv.mod_revision),
-                ),
+                Some(kv) => (decode_block(&kv)?, Some(kv.mod_revision)),
                 None => (AllocationBlock::new_empty(cidr, None, (self.clock)()), None),
             };
             if !block.assign_ip(ip, Some(handle), attrs) {
                 return Err(IpamError::InUse(ip));
             }
-            let value = serde_json::to_vec(&block).expect("blocks serialize");
+            let value = block.to_bytes();
             let written = match rev {
                 Some(rev) => self.ds.update(&key, value, rev).await,
                 None => self.ds.create(&key, value).await,
@@ -890,13 +935,9 @@ impl Ipam {
             // A new handle (the usual case for a new pod) is one create, no read.
             let h = IPAMHandle {
                 block: BTreeMap::from([(block.clone(), delta as u64)]),
-                deleted: false,
+                ..Default::default()
             };
-            match self
-                .ds
-                .create(&key, serde_json::to_vec(&h).expect("serializes"))
-                .await
-            {
+            match self.ds.create(&key, h.to_bytes()).await {
                 Ok(_) => return Ok(()),
                 Err(DatastoreError::AlreadyExists { .. }) => {}
                 Err(e) => return Err(e.into()),
@@ -905,10 +946,7 @@ impl Ipam {
         for _ in 0..CAS_RETRIES {
             let current = self.ds.get(&key).await?;
             let (mut h, rev) = match &current {
-                Some(kv) => (
-                    serde_json::from_slice::<IPAMHandle>(&kv.value).map_err(|e| corrupt(kv, e))?,
-                    Some(kv.mod_revision),
-                ),
+                Some(kv) => (decode_handle(kv)?, Some(kv.mod_revision)),
                 None if delta < 0 => return Ok(()),
                 None => (IPAMHandle::default(), None),
             };
@@ -920,17 +958,9 @@ impl Ipam {
             }
             let result = match (rev, h.block.is_empty()) {
                 (Some(rev), true) => self.ds.delete(&key, Some(rev)).await.map(|_| 0),
-                (Some(rev), false) => {
-                    self.ds
-                        .update(&key, serde_json::to_vec(&h).expect("serializes"), rev)
-                        .await
-                }
+                (Some(rev), false) => self.ds.update(&key, h.to_bytes(), rev).await,
                 (None, true) => return Ok(()),
-                (None, false) => {
-                    self.ds
-                        .create(&key, serde_json::to_vec(&h).expect("serializes"))
-                        .await
-                }
+                (None, false) => self.ds.create(&key, h.to_bytes()).await,
             };
             match result {
                 Ok(_) => return Ok(()),
@@ -979,7 +1009,7 @@ impl Ipam {
         let Some(kv) = self.ds.get(&key).await? else {
             return Ok(Vec::new());
         };
-        let h: IPAMHandle = serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+        let h = decode_handle(&kv)?;
         let mut released = Vec::new();
         for cidr in h.block.keys().filter_map(|c| c.parse::<IpNet>().ok()) {
             released.extend(
@@ -1009,8 +1039,7 @@ impl Ipam {
             let Some(kv) = self.ds.get(&key).await? else {
                 return Ok(Vec::new());
             };
-            let mut block: AllocationBlock =
-                serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+            let mut block = decode_block(&kv)?;
             let ips = pick(&block);
             if ips.is_empty() {
                 return Ok(ips);
@@ -1020,11 +1049,7 @@ impl Ipam {
                 self.ds.delete(&key, Some(kv.mod_revision)).await.map(|_| 0)
             } else {
                 self.ds
-                    .update(
-                        &key,
-                        serde_json::to_vec(&block).expect("blocks serialize"),
-                        kv.mod_revision,
-                    )
+                    .update(&key, block.to_bytes(), kv.mod_revision)
                     .await
             };
             match written {
@@ -1111,12 +1136,11 @@ impl Ipam {
         let Some(kv) = self.ds.get(&keys::handle_key(handle)).await? else {
             return Ok(Vec::new());
         };
-        let h: IPAMHandle = serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+        let h = decode_handle(&kv)?;
         let mut out = Vec::new();
         for cidr in h.block.keys().filter_map(|c| c.parse::<IpNet>().ok()) {
             if let Some(kv) = self.ds.get(&keys::block_key(&cidr)).await? {
-                let b: AllocationBlock =
-                    serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+                let b = decode_block(&kv)?;
                 out.extend(b.ips_of_handle(handle));
             }
         }
@@ -1179,8 +1203,7 @@ impl Ipam {
         let aff_key = keys::affinity_key(host, block);
         let block_key = keys::block_key(block);
         if let Some(kv) = self.ds.get(&block_key).await? {
-            let b: AllocationBlock =
-                serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+            let b = decode_block(&kv)?;
             if !b.is_empty() {
                 return Ok(false);
             }
@@ -1201,8 +1224,7 @@ impl Ipam {
             Err(e) => return Err(e.into()),
         };
         if let Some(kv) = self.ds.get(&block_key).await? {
-            let b: AllocationBlock =
-                serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e))?;
+            let b = decode_block(&kv)?;
             if !b.is_empty() || b.host() != Some(host) {
                 // An address was assigned meanwhile: give the affinity back.
                 let confirmed = serde_json::to_vec(&BlockAffinity::default()).expect("serializes");
@@ -1265,6 +1287,59 @@ mod tests {
             num_v4: n,
             ..AssignArgs::v4(handle, host)
         }
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_block_is_reported_and_passed_over_never_used() {
+        let (ipam, mem) = setup(&[("p", "10.65.0.0/24", 26)]).await;
+        let first = ipam.auto_assign(&args("h1", "node-1", 1)).await.unwrap();
+        let cidr = ipam.affine_blocks("node-1", false).await.unwrap()[0];
+        // Ordinal 5 both free and allocated: using it could hand one address out twice.
+        let kv = mem.get(&keys::block_key(&cidr)).await.unwrap().unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
+        v["allocations"][5] = serde_json::json!(0);
+        mem.apply(&kv.key, serde_json::to_vec(&v).unwrap())
+            .await
+            .unwrap();
+        let e = decode_block(&mem.get(&kv.key).await.unwrap().unwrap()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot decode {}: ordinal 5 is both unallocated and allocated",
+                kv.key
+            )
+        );
+        // The next assignment claims another block instead of touching the corrupt one.
+        let next = ipam.auto_assign(&args("h2", "node-1", 1)).await.unwrap();
+        assert!(!cidr.contains(&next[0]), "{next:?} from corrupt {cidr}");
+        assert_eq!(
+            mem.get(&kv.key).await.unwrap().unwrap().value,
+            serde_json::to_vec(&v).unwrap()
+        );
+        // Releases elsewhere still work; the corrupt block's own address stays as it is.
+        assert_eq!(ipam.release_ips(&next).await.unwrap(), next);
+        assert!(ipam.release_ips(&first).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_invalid_pool_is_not_used() {
+        let (ipam, mem) = setup(&[("good", "10.65.0.0/24", 26)]).await;
+        // blockSize 8 (below Calico's /20) written by hand: carving /8 blocks would be nonsense.
+        let bad = r#"{"kind":"IPPool","apiVersion":"projectcalico.org/v3","metadata":{"name":"bad"},"spec":{"cidr":"10.0.0.0/8","blockSize":8}}"#;
+        mem.apply(
+            "/calico/resources/v3/projectcalico.org/ippools/bad",
+            bad.into(),
+        )
+        .await
+        .unwrap();
+        let pools = ipam
+            .usable_pools("node-1", false, &[], IpUse::Workload)
+            .await
+            .unwrap();
+        let names: Vec<&str> = pools.iter().map(|p| p.metadata.name.as_str()).collect();
+        assert_eq!(names, ["good"]);
+        let ip = ipam.auto_assign(&args("h", "node-1", 1)).await.unwrap();
+        assert!("10.65.0.0/24".parse::<IpNet>().unwrap().contains(&ip[0]));
     }
 
     #[tokio::test]

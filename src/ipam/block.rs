@@ -47,6 +47,7 @@ impl AllocationBlock {
             sequence_number_for_allocation: Some(BTreeMap::new()),
             deleted: false,
             host_affinity: None,
+            unknown: Default::default(),
         }
     }
 

@@ -106,10 +106,10 @@ impl FelixConfigurationSpec {
                 let secs: f64 = value
                     .parse()
                     .map_err(|_| bad("expected a number of seconds"))?;
-                if !(secs.is_finite() && secs >= 0.0) {
-                    return Err(bad("expected a number of seconds"));
-                }
-                Value::from(validate::format_duration(Duration::from_secs_f64(secs)))
+                // try_from: a huge value (1e300) is refused, never a panic.
+                let d = Duration::try_from_secs_f64(secs)
+                    .map_err(|_| bad("expected a number of seconds (0 to about 292 years)"))?;
+                Value::from(validate::format_duration(d))
             }
             FieldKind::String => Value::from(value),
         };
@@ -343,6 +343,12 @@ mod tests {
         assert!(s.apply_env("FELIX_HEALTHPORT", "9199").unwrap());
         assert_eq!(s.health_port(), 9199);
         assert!(!s.apply_env("FELIX_SOMETHINGELSE", "x").unwrap());
+        assert_eq!(
+            s.apply_env("FELIX_ROUTEREFRESHINTERVAL", "1e300")
+                .unwrap_err()
+                .to_string(),
+            "error with field FELIX_ROUTEREFRESHINTERVAL = '1e300' (expected a number of seconds (0 to about 292 years))"
+        );
         assert_eq!(
             s.apply_env("FELIX_HEALTHPORT", "abc")
                 .unwrap_err()

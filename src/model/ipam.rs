@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::stored::{UnknownFields, decode_lenient, encode_with};
+
 /// Attributes of one allocation: its handle and free-form secondary attributes
 /// (`node`, `pod`, `namespace`, `timestamp`, `type`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -16,9 +18,10 @@ pub struct AllocationAttribute {
 }
 
 /// An allocation block (`/calico/ipam/v2/assignment/ipv4/block/<cidr>`), fields in
-/// Calico's order.
+/// Calico's order. Fields of a newer Calico are kept in `unknown` and written back
+/// ([`AllocationBlock::decode`], [`AllocationBlock::to_bytes`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AllocationBlock {
     pub cidr: String,
     /// `host:<node>` or null.
@@ -38,6 +41,92 @@ pub struct AllocationBlock {
     pub deleted: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_affinity: Option<String>,
+    /// Fields of the stored value this version does not model.
+    #[serde(skip)]
+    pub unknown: UnknownFields,
+}
+
+/// Smallest block prefix (largest block) Calico's pools allow: /20 for IPv4, /116 for
+/// IPv6 (pool `blockSize`, REFERENCE §2), i.e. at most 4096 addresses per block.
+const MIN_BLOCK_PREFIX_V4: u8 = 20;
+const MIN_BLOCK_PREFIX_V6: u8 = 116;
+
+impl AllocationBlock {
+    /// Decode a stored block (keeping a newer Calico's fields) and check it is consistent
+    /// ([`AllocationBlock::check`]): a corrupt block is reported by key and never used.
+    pub fn decode(key_cidr: Option<&ipnet::IpNet>, bytes: &[u8]) -> Result<Self, String> {
+        let (mut b, unknown) =
+            decode_lenient::<AllocationBlock>(bytes).map_err(|e| e.to_string())?;
+        b.unknown = unknown;
+        b.check(key_cidr)?;
+        Ok(b)
+    }
+
+    /// The stored JSON, with the unknown fields the block was read with.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_with(self, &self.unknown)
+    }
+
+    /// Whether the block is consistent enough to use: its CIDR parses, is the one its key
+    /// names and has a size Calico allows; one allocation entry per address; every
+    /// allocation points at an existing attribute; every free ordinal is inside the block,
+    /// listed once and not allocated. Calico's allocator would index out of range (or
+    /// hand out an address twice) on such a block; here it is refused with the reason.
+    pub fn check(&self, key_cidr: Option<&ipnet::IpNet>) -> Result<(), String> {
+        let cidr: ipnet::IpNet = self
+            .cidr
+            .parse()
+            .map_err(|_| format!("cidr '{}' is not a CIDR", self.cidr))?;
+        if let Some(k) = key_cidr
+            && *k != cidr
+        {
+            return Err(format!("cidr {cidr} is not the block its key names ({k})"));
+        }
+        let min = match cidr {
+            ipnet::IpNet::V4(_) => MIN_BLOCK_PREFIX_V4,
+            ipnet::IpNet::V6(_) => MIN_BLOCK_PREFIX_V6,
+        };
+        if cidr.prefix_len() < min {
+            return Err(format!(
+                "block size /{} is out of range (/{min} to /{})",
+                cidr.prefix_len(),
+                cidr.max_prefix_len()
+            ));
+        }
+        let size = 1usize << (cidr.max_prefix_len() - cidr.prefix_len());
+        if self.allocations.len() != size {
+            return Err(format!(
+                "allocations has {} entries, the block has {size} addresses",
+                self.allocations.len()
+            ));
+        }
+        for (ordinal, a) in self.allocations.iter().enumerate() {
+            if let Some(i) = a
+                && *i >= self.attributes.len()
+            {
+                return Err(format!(
+                    "allocations[{ordinal}] points at attribute {i}, there are {}",
+                    self.attributes.len()
+                ));
+            }
+        }
+        let mut listed = vec![false; size];
+        for &o in &self.unallocated {
+            let Some(seen) = listed.get_mut(o) else {
+                return Err(format!(
+                    "unallocated ordinal {o} is outside the block (0..{size})"
+                ));
+            };
+            if *seen {
+                return Err(format!("unallocated lists ordinal {o} twice"));
+            }
+            *seen = true;
+            if self.allocations[o].is_some() {
+                return Err(format!("ordinal {o} is both unallocated and allocated"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl AllocationBlock {
@@ -110,11 +199,30 @@ impl BlockAffinity {
 }
 
 /// An IPAM handle (`/calico/ipam/v2/handle/<id>`): how many addresses it holds per block.
+/// Fields of a newer Calico are kept in `unknown` and written back.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IPAMHandle {
     pub block: BTreeMap<String, u64>,
     #[serde(default)]
     pub deleted: bool,
+    /// Fields of the stored value this version does not model.
+    #[serde(skip)]
+    pub unknown: UnknownFields,
+}
+
+impl IPAMHandle {
+    /// Decode a stored handle, keeping a newer Calico's fields.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let (mut h, unknown) = decode_lenient::<IPAMHandle>(bytes).map_err(|e| e.to_string())?;
+        h.unknown = unknown;
+        Ok(h)
+    }
+
+    /// The stored JSON, with the unknown fields the handle was read with.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_with(self, &self.unknown)
+    }
 }
 
 /// The IPAM configuration (`/calico/ipam/v2/config`).
@@ -179,6 +287,92 @@ mod tests {
             r#"{"cidr":"10.65.0.0/30","affinity":"host:node-1","allocations":[0,null,null,null],"unallocated":[1,2,3],"attributes":[{"handle_id":"k8s-pod-network.abc","secondary":{"node":"node-1"}}],"sequenceNumber":7,"sequenceNumberForAllocation":{"0":6},"deleted":false}"#
         );
         assert_eq!(b.host(), Some("node-1"));
+    }
+
+    fn stored_block() -> serde_json::Value {
+        serde_json::json!({"cidr":"10.65.0.0/30","affinity":"host:node-1",
+            "allocations":[0,null,null,null],"unallocated":[1,2,3],
+            "attributes":[{"handle_id":"k8s-pod-network.abc","secondary":{"node":"node-1"}}],
+            "sequenceNumber":7,"sequenceNumberForAllocation":{"0":6},"deleted":false})
+    }
+
+    fn check(edit: impl Fn(&mut serde_json::Value)) -> Result<AllocationBlock, String> {
+        let mut v = stored_block();
+        edit(&mut v);
+        let key: ipnet::IpNet = "10.65.0.0/30".parse().unwrap();
+        AllocationBlock::decode(Some(&key), &serde_json::to_vec(&v).unwrap())
+    }
+
+    #[test]
+    fn corrupt_blocks_are_refused_with_the_reason() {
+        use serde_json::json;
+        assert!(check(|_| {}).is_ok());
+        type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|v| v["allocations"] = json!([0, null])),
+                "allocations has 2 entries, the block has 4 addresses",
+            ),
+            (
+                Box::new(|v| v["allocations"][2] = json!(3)),
+                "allocations[2] points at attribute 3, there are 1",
+            ),
+            (
+                Box::new(|v| v["unallocated"] = json!([1, 2, 3, 0])),
+                "ordinal 0 is both unallocated and allocated",
+            ),
+            (
+                Box::new(|v| v["unallocated"] = json!([1, 2, 9])),
+                "unallocated ordinal 9 is outside the block (0..4)",
+            ),
+            (
+                Box::new(|v| v["unallocated"] = json!([1, 1, 2])),
+                "unallocated lists ordinal 1 twice",
+            ),
+            (
+                Box::new(|v| v["cidr"] = json!("10.65.0.4/30")),
+                "cidr 10.65.0.4/30 is not the block its key names (10.65.0.0/30)",
+            ),
+            (
+                Box::new(|v| v["cidr"] = json!("banana")),
+                "cidr 'banana' is not a CIDR",
+            ),
+            (
+                Box::new(|v| v["allocations"][1] = json!(-1)),
+                "error with field allocations[1]: invalid value: integer `-1`, expected usize",
+            ),
+        ];
+        for (edit, want) in cases {
+            let got = check(edit).unwrap_err();
+            assert!(got.starts_with(want), "{got}");
+        }
+        let huge = AllocationBlock::decode(
+            None,
+            br#"{"cidr":"10.0.0.0/8","allocations":[],"unallocated":[],"attributes":[]}"#,
+        );
+        assert_eq!(
+            huge.unwrap_err(),
+            "block size /8 is out of range (/20 to /32)"
+        );
+    }
+
+    #[test]
+    fn a_newer_calicos_block_fields_survive_a_write() {
+        let mut v = stored_block();
+        v["futureField"] = serde_json::json!({"x": 1});
+        let mut b = check(|x| *x = v.clone()).unwrap();
+        b.unallocated.pop();
+        let back: serde_json::Value = serde_json::from_slice(&b.to_bytes()).unwrap();
+        v["unallocated"] = serde_json::json!([1, 2]);
+        assert_eq!(back, v);
+        let h =
+            IPAMHandle::decode(br#"{"block":{"10.65.0.0/26":1},"deleted":false,"futureField":2}"#)
+                .unwrap();
+        assert!(
+            String::from_utf8(h.to_bytes())
+                .unwrap()
+                .contains(r#""futureField":2"#)
+        );
     }
 
     #[test]

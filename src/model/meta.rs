@@ -61,6 +61,10 @@ pub struct Resource<S> {
     /// Status sub-resource (Node has one); passed through untouched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Value>,
+    /// Fields of the stored value this version does not model (a newer Calico's), put
+    /// back when the resource is written (see [`super::stored`]). Never part of user input.
+    #[serde(skip)]
+    pub unknown: super::stored::UnknownFields,
 }
 
 impl<S: super::Kind> Resource<S> {
@@ -75,6 +79,7 @@ impl<S: super::Kind> Resource<S> {
             },
             spec,
             status: None,
+            unknown: Default::default(),
         }
     }
 

@@ -11,6 +11,7 @@ pub mod keys;
 pub mod meta;
 pub mod node;
 pub mod selector;
+pub mod stored;
 pub mod validate;
 pub mod workload;
 
@@ -204,6 +205,13 @@ fn decode_typed<S: Kind>(v: Value) -> Result<Resource<S>, DecodeError> {
     })
 }
 
+/// Decode a stored resource leniently, keeping its unknown fields in `unknown`.
+pub fn decode_stored<S: Kind>(bytes: &[u8]) -> Result<Resource<S>, DecodeError> {
+    let (mut r, unknown) = stored::decode_lenient::<Resource<S>>(bytes)?;
+    r.unknown = unknown;
+    Ok(r)
+}
+
 macro_rules! any_resource {
     ($($variant:ident => $spec:ty),* $(,)?) => {
         /// A resource of any kind, for code that handles several (calicoctl, the syncer).
@@ -233,10 +241,13 @@ macro_rules! any_resource {
             pub fn key(&self) -> String {
                 match self { $(AnyResource::$variant(r) => r.key()),* }
             }
-            /// The resource as a JSON value (fields in Calico's order).
+            /// The resource as a JSON value (fields in Calico's order), with the fields of
+            /// a newer Calico it was read with.
             pub fn to_value(&self) -> Value {
-                let v = match self { $(AnyResource::$variant(r) => serde_json::to_value(r)),* };
-                v.expect("resources always serialize")
+                let (v, unknown) = match self { $(AnyResource::$variant(r) => (serde_json::to_value(r), &r.unknown)),* };
+                let mut v = v.expect("resources always serialize");
+                unknown.merge_into(&mut v);
+                v
             }
             /// Fill defaults and validate.
             pub fn prepare(&mut self) -> Validated {
@@ -259,12 +270,12 @@ macro_rules! any_resource {
                     }),
                 }
             }
-            /// Decode stored JSON of the named kind straight into its type (the fast path
-            /// for datastore reads; user input goes through [`AnyResource::from_document`]).
+            /// Decode stored JSON of the named kind, leniently: fields this version does not
+            /// know are kept for a later write (see [`stored`]); user input goes through
+            /// the strict [`AnyResource::from_document`].
             pub fn decode_slice(kind: &str, bytes: &[u8]) -> Result<AnyResource, DecodeError> {
-                let field = |e: serde_json::Error| DecodeError::Field { path: "(stored value)".into(), message: e.to_string() };
                 match kind {
-                    $(k if k == <$spec as Kind>::KIND => Ok(AnyResource::$variant(serde_json::from_slice(bytes).map_err(field)?)),)*
+                    $(k if k == <$spec as Kind>::KIND => Ok(AnyResource::$variant(decode_stored::<$spec>(bytes)?)),)*
                     other => Err(DecodeError::Envelope { field: "kind".into(), reason: format!("'{other}' is not a supported kind") }),
                 }
             }

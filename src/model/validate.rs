@@ -96,52 +96,60 @@ pub fn selector(field: &str, value: &str) -> Validated {
 
 /// Check a Go-style duration (`90s`, `1m30s`, `500ms`).
 pub fn duration(field: &str, value: &str) -> Result<Duration, ValidationError> {
-    parse_go_duration(value).ok_or_else(|| {
-        ValidationError::new(
-            field,
-            value,
-            "not a valid duration (e.g. 90s, 1m30s, 500ms)",
-        )
-    })
+    parse_go_duration_checked(value).map_err(|reason| ValidationError::new(field, value, reason))
 }
 
 /// Parse a Go `time.Duration` string: a sequence of decimal numbers with units
 /// `ns`, `us`, `ms`, `s`, `m`, `h`; `0` alone is allowed.
 pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    parse_go_duration_checked(s).ok()
+}
+
+/// Longest duration Go accepts: `time.Duration` is an int64 of nanoseconds (~292 years);
+/// Go's `ParseDuration` refuses anything longer ("invalid duration"), and so do we, rather
+/// than overflow (a value such as `10000000000000000h` comes from outside: etcd, a user).
+const MAX_GO_DURATION_NS: f64 = i64::MAX as f64;
+
+/// [`parse_go_duration`] with the reason a value is refused.
+pub fn parse_go_duration_checked(s: &str) -> Result<Duration, &'static str> {
+    const INVALID: &str = "not a valid duration (e.g. 90s, 1m30s, 500ms)";
     let s = s.trim();
     if s == "0" {
-        return Some(Duration::ZERO);
+        return Ok(Duration::ZERO);
     }
     if s.is_empty() {
-        return None;
+        return Err(INVALID);
     }
-    let mut total = 0f64;
+    let mut total_ns = 0f64;
     let mut rest = s;
     while !rest.is_empty() {
         let num_len = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(rest.len());
         if num_len == 0 {
-            return None;
+            return Err(INVALID);
         }
-        let n: f64 = rest[..num_len].parse().ok()?;
+        let n: f64 = rest[..num_len].parse().map_err(|_| INVALID)?;
         rest = &rest[num_len..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(rest.len());
         let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return Err(INVALID),
         };
         rest = &rest[unit_len..];
-        total += n * scale;
+        total_ns += n * scale;
+        if !total_ns.is_finite() || total_ns > MAX_GO_DURATION_NS {
+            return Err("duration out of range (longer than Go's limit of about 292 years)");
+        }
     }
-    Some(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total_ns / 1e9).map_err(|_| INVALID)
 }
 
 /// Format a duration the way Go prints simple durations (`90s`, `1m0s` is printed `60s`).
@@ -236,6 +244,22 @@ mod tests {
         assert_eq!(parse_go_duration("s"), None);
         assert_eq!(parse_go_duration("5x"), None);
         assert_eq!(parse_go_duration(""), None);
+    }
+
+    #[test]
+    fn overflowing_durations_are_refused_not_a_panic() {
+        assert_eq!(
+            duration("spec.maxRestartTime", "10000000000000000h")
+                .unwrap_err()
+                .to_string(),
+            "error with field spec.maxRestartTime = '10000000000000000h' (duration out of range (longer than Go's limit of about 292 years))"
+        );
+        assert_eq!(parse_go_duration(&format!("{}s", "9".repeat(400))), None);
+        assert_eq!(
+            parse_go_duration("2562047h"),
+            Some(Duration::from_secs(2_562_047 * 3600))
+        );
+        assert_eq!(parse_go_duration("2562048h"), None);
     }
 
     #[test]
