@@ -109,9 +109,9 @@ fn missing_mandatory_attribute_and_unparsable_nlri() {
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     let open = Open::new(64512, 90, EXA.parse().unwrap(), vec![]);
-    conn.write_all(&Message::Open(open).to_bytes(&codec))
+    conn.write_all(&Message::Open(open).to_bytes(&codec).unwrap())
         .unwrap();
-    conn.write_all(&Message::Keepalive.to_bytes(&codec))
+    conn.write_all(&Message::Keepalive.to_bytes(&codec).unwrap())
         .unwrap();
     let mut buf = Vec::new();
     let mut read_msg = |conn: &mut std::net::TcpStream| -> Option<Message> {

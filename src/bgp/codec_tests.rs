@@ -13,7 +13,7 @@ fn net(s: &str) -> IpNet {
 }
 
 fn round_trip(m: &Message, codec: &Codec) -> Message {
-    let bytes = m.to_bytes(codec);
+    let bytes = m.to_bytes(codec).unwrap();
     assert_eq!(frame_len(&bytes).unwrap(), Some(bytes.len()));
     decode(&bytes, codec).unwrap()
 }
@@ -49,7 +49,7 @@ fn decode_ok(bytes: &[u8]) -> Update {
 
 #[test]
 fn keepalive_is_a_bare_header() {
-    let b = Message::Keepalive.to_bytes(&Codec::default());
+    let b = Message::Keepalive.to_bytes(&Codec::default()).unwrap();
     assert_eq!(b.len(), 19);
     assert_eq!(&b[..16], &[0xff; 16]);
     assert_eq!(&b[16..], &[0, 19, 4]);
@@ -89,7 +89,7 @@ fn open_carries_capabilities_and_as_trans_for_four_octet_as() {
 #[test]
 fn open_errors_carry_rfc_4271_codes() {
     let open = Open::new(64512, 90, Ipv4Addr::new(10, 0, 0, 1), vec![]);
-    let mut b = Message::Open(open).to_bytes(&Codec::default());
+    let mut b = Message::Open(open).to_bytes(&Codec::default()).unwrap();
     b[19] = 3; // version
     let e = decode(&b, &Codec::default()).unwrap_err();
     assert_eq!((e.code, e.subcode), (err::OPEN, err::UNSUPPORTED_VERSION));
@@ -108,20 +108,20 @@ fn open_errors_carry_rfc_4271_codes() {
 
 #[test]
 fn header_errors_are_detected_before_the_body() {
-    let mut b = Message::Keepalive.to_bytes(&Codec::default());
+    let mut b = Message::Keepalive.to_bytes(&Codec::default()).unwrap();
     b[3] = 0;
     assert_eq!(
         frame_len(&b).unwrap_err().subcode,
         err::CONN_NOT_SYNCHRONIZED
     );
-    let mut b = Message::Keepalive.to_bytes(&Codec::default());
+    let mut b = Message::Keepalive.to_bytes(&Codec::default()).unwrap();
     b[18] = 9;
     assert_eq!(frame_len(&b).unwrap_err().subcode, err::BAD_MESSAGE_TYPE);
-    let mut b = Message::Keepalive.to_bytes(&Codec::default());
+    let mut b = Message::Keepalive.to_bytes(&Codec::default()).unwrap();
     b[17] = 20; // a KEEPALIVE with a body
     b.push(0);
     assert_eq!(frame_len(&b).unwrap_err().subcode, err::BAD_MESSAGE_LENGTH);
-    let mut b = Message::Keepalive.to_bytes(&Codec::default());
+    let mut b = Message::Keepalive.to_bytes(&Codec::default()).unwrap();
     b[16] = 0x20; // 8192 > 4096
     assert_eq!(frame_len(&b).unwrap_err().subcode, err::BAD_MESSAGE_LENGTH);
     // Incomplete: wait for more.
@@ -196,7 +196,7 @@ fn two_octet_peers_get_as_trans_and_as4_path_and_we_rebuild_the_path() {
         nlri: vec![net("10.244.0.0/26")],
         ..Default::default()
     };
-    let bytes = Message::Update(u.clone()).to_bytes(&old);
+    let bytes = Message::Update(u.clone()).to_bytes(&old).unwrap();
     // The 2-octet AS_PATH carries AS_TRANS (0x5ba0) in place of the big AS.
     assert!(
         bytes
@@ -245,7 +245,9 @@ fn end_of_rib_markers() {
         };
         assert_eq!(back.is_end_of_rib(), Some(fam));
     }
-    let ipv4_eor = Message::Update(Update::end_of_rib(IPV4_UNICAST)).to_bytes(&Codec::default());
+    let ipv4_eor = Message::Update(Update::end_of_rib(IPV4_UNICAST))
+        .to_bytes(&Codec::default())
+        .unwrap();
     assert_eq!(ipv4_eor.len(), 23, "IPv4 End-of-RIB is an empty UPDATE");
     let u = decode_ok(&raw_update(&good_attrs(), &NLRI_10_244_1_0_26));
     assert_eq!(u.is_end_of_rib(), None);
@@ -459,11 +461,11 @@ fn large_updates_split_into_messages_that_fit() {
         }),
         ..Default::default()
     };
-    let parts = u.split(&Codec::default());
+    let parts = u.split(&Codec::default()).parts;
     assert!(parts.len() > 3);
     let (mut got4, mut got6) = (vec![], vec![]);
     for p in parts {
-        let bytes = Message::Update(p).to_bytes(&Codec::default());
+        let bytes = Message::Update(p).to_bytes(&Codec::default()).unwrap();
         assert!(bytes.len() <= MAX_MESSAGE_LEN);
         let back = decode_ok(&bytes);
         got4.extend(back.nlri);
@@ -471,6 +473,48 @@ fn large_updates_split_into_messages_that_fit() {
     }
     assert_eq!(got4, nlri);
     assert_eq!(got6, v6);
+}
+
+/// A route whose attributes alone (here ~4,000 bytes of communities) leave no room in a
+/// 4096-byte message: splitting hands its prefixes back instead of a message that cannot
+/// be sent, and encoding such an UPDATE is an error, not a panic.
+#[test]
+fn attributes_too_large_for_one_message_are_refused_not_a_panic() {
+    let attrs = Attributes {
+        origin: Some(Origin::Igp),
+        as_path: Some(AsPath::default()),
+        local_pref: Some(100),
+        communities: (0..1010u32).map(|i| (64512 << 16) | i).collect(),
+        originator_id: Some(Ipv4Addr::new(10, 99, 0, 2)),
+        cluster_list: vec![Ipv4Addr::new(10, 99, 0, 1)],
+        ..Default::default()
+    };
+    let nh = IpAddr::V4(Ipv4Addr::new(10, 99, 0, 2));
+    let codec = Codec::default();
+    assert!(!Update::announcement_fits(&attrs, nh, &codec));
+    let u = Update::announce(
+        attrs.clone(),
+        nh,
+        vec![net("10.244.9.0/26"), net("10.244.8.0/26")],
+    );
+    let err = Message::Update(u.clone()).to_bytes(&codec).unwrap_err();
+    assert_eq!(err.kind, "UPDATE");
+    assert!(err.len > MAX_MESSAGE_LEN, "{err}");
+    let split = u.split(&codec);
+    assert!(split.parts.is_empty(), "{:?}", split.parts.len());
+    assert_eq!(
+        split.too_large,
+        vec![net("10.244.9.0/26"), net("10.244.8.0/26")]
+    );
+    // 14 bytes fewer (no ORIGINATOR_ID and CLUSTER_LIST): it fits again.
+    let smaller = Attributes {
+        originator_id: None,
+        cluster_list: vec![],
+        ..attrs
+    };
+    assert!(Update::announcement_fits(&smaller, nh, &codec));
+    let split = Update::announce(smaller, nh, vec![net("10.244.9.0/26")]).split(&codec);
+    assert_eq!((split.parts.len(), split.too_large.len()), (1, 0));
 }
 
 #[test]
@@ -657,7 +701,7 @@ proptest! {
     fn updates_round_trip(u in arb_update()) {
         let m = Message::Update(u);
         let codec = Codec::default();
-        for part in match &m { Message::Update(u) => u.clone().split(&codec), _ => unreachable!() } {
+        for part in match &m { Message::Update(u) => u.clone().split(&codec).parts, _ => unreachable!() } {
             let p = Message::Update(part);
             prop_assert_eq!(round_trip(&p, &codec), p);
         }
@@ -731,7 +775,7 @@ fn captured_messages_decode_and_round_trip() {
             assert_eq!(u.treat_as_withdraw, None, "{name}");
             assert!(u.discarded.is_empty(), "{name}: {:?}", u.discarded);
         }
-        let again = m.to_bytes(&codec);
+        let again = m.to_bytes(&codec).unwrap();
         assert_eq!(decode(&again, &codec).unwrap(), m, "{name}");
         if again == bytes {
             identical.push(name.as_str());
@@ -866,7 +910,7 @@ fn add_path_identifiers_round_trip_in_every_prefix_list() {
     let codec = add_path_codec(true);
     assert_eq!(round_trip(&m, &codec), m);
     // On the wire: each IPv4 prefix after its 4-byte identifier.
-    let bytes = m.to_bytes(&codec);
+    let bytes = m.to_bytes(&codec).unwrap();
     let nlri = [0, 0, 0, 1, 26, 10, 244, 1, 0, 0, 0, 0, 2, 26, 10, 244, 1, 0];
     assert!(bytes.ends_with(&nlri), "{bytes:?}");
     // Read without identifiers, the same bytes are not those prefixes.
@@ -879,7 +923,7 @@ fn prefixes_without_identifiers_are_sent_as_path_1_when_the_peer_takes_them() {
         withdrawn: vec![net("10.244.9.0/26")],
         ..Default::default()
     };
-    let bytes = Message::Update(u).to_bytes(&add_path_codec(true));
+    let bytes = Message::Update(u).to_bytes(&add_path_codec(true)).unwrap();
     let Message::Update(back) = decode(&bytes, &add_path_codec(true)).unwrap() else {
         panic!("not an UPDATE")
     };
@@ -932,7 +976,7 @@ fn split_keeps_each_prefix_with_its_path_identifier() {
         ..Default::default()
     };
     let codec = add_path_codec(true);
-    let parts = u.split(&codec);
+    let parts = u.split(&codec).parts;
     assert!(parts.len() > 2);
     let (mut got_nlri, mut got_withdrawn) = (Vec::new(), Vec::new());
     for p in parts {

@@ -95,7 +95,10 @@ impl ExportPolicy {
 
     /// Add the communities configured for `prefix` to `attrs` (each once; those the route
     /// already carries stay).
+    /// (A set of those present, made once: routes may carry a thousand communities, and
+    /// this runs for every route exported to every peer.)
     pub fn add_communities(&self, prefix: &IpNet, attrs: &mut Attributes) {
+        let mut seen: Option<std::collections::HashSet<u32>> = None;
         for (net, values) in &self.communities {
             if !net.contains(prefix) {
                 continue;
@@ -103,7 +106,9 @@ impl ExportPolicy {
             for v in values {
                 match v {
                     CommunityValue::Standard(c) => {
-                        if !attrs.communities.contains(c) {
+                        let seen =
+                            seen.get_or_insert_with(|| attrs.communities.iter().copied().collect());
+                        if seen.insert(*c) {
                             attrs.communities.push(*c);
                         }
                     }

@@ -504,7 +504,15 @@ impl Session {
                 out.push(Output::Update(u));
             }
             (ConnState::Established, Message::RouteRefresh(r)) => {
-                out.push(Output::RouteRefresh(r));
+                let neg = self.conns[idx].negotiated.as_ref();
+                if neg.is_some_and(|n| refresh_honoured(n, &r)) {
+                    out.push(Output::RouteRefresh(r));
+                } else {
+                    tracing::debug!(
+                        ?r,
+                        "ROUTE-REFRESH ignored: not negotiated, not a request, or a family not negotiated"
+                    );
+                }
             }
             _ => {
                 let n = Notification::new(err::FSM, 0, []);
@@ -705,6 +713,17 @@ impl Session {
             }
         }
     }
+}
+
+/// Whether a ROUTE-REFRESH asks us to send our routes again: only from a peer that
+/// announced the capability (RFC 2918 §3: a speaker may send it only then; RFC 7313 §3.2
+/// for the enhanced one), for a family both sides negotiated (RFC 2918 §4: otherwise
+/// ignored), and only a normal request: the peer's own Beginning/End of Route Refresh
+/// markers (RFC 7313 subtypes 1 and 2) ask nothing of us, and other subtypes are ignored.
+fn refresh_honoured(n: &Negotiated, r: &RouteRefresh) -> bool {
+    (n.route_refresh || n.enhanced_route_refresh)
+        && r.subtype == 0
+        && n.families.contains(&r.family)
 }
 
 fn timer(timer: Timer, after: Option<Duration>) -> Output {

@@ -343,6 +343,50 @@ fn updates_and_route_refresh_are_delivered_when_established() {
     assert_eq!(out, vec![Output::RouteRefresh(rr)]);
 }
 
+/// RFC 2918 / RFC 7313: a ROUTE-REFRESH from a peer that did not announce the
+/// capability, for a family not negotiated, or a peer's BoRR/EoRR marker, makes us resend
+/// nothing; the session stays up.
+#[test]
+fn route_refresh_is_honoured_only_when_negotiated_and_a_request() {
+    let refresh = |family, subtype| Message::RouteRefresh(RouteRefresh { family, subtype });
+    // The peer's OPEN without the route-refresh capability.
+    let mut s = connected(cfg());
+    s.handle(Input::Received {
+        conn: 1,
+        msg: Message::Open(Open::new(
+            64512,
+            90,
+            PEER,
+            vec![Capability::Multiprotocol(IPV4_UNICAST)],
+        )),
+    });
+    s.handle(Input::Received {
+        conn: 1,
+        msg: Message::Keepalive,
+    });
+    assert_eq!(s.state(), State::Established);
+    let out = s.handle(Input::Received {
+        conn: 1,
+        msg: refresh(IPV4_UNICAST, 0),
+    });
+    assert!(out.is_empty(), "{out:?}");
+    // With the capability: IPv6 was not negotiated, and BoRR/EoRR are markers.
+    let (mut s, conn) = established(cfg());
+    for (family, subtype) in [
+        (crate::bgp::message::IPV6_UNICAST, 0),
+        (IPV4_UNICAST, 1),
+        (IPV4_UNICAST, 2),
+        (IPV4_UNICAST, 7),
+    ] {
+        let out = s.handle(Input::Received {
+            conn,
+            msg: refresh(family, subtype),
+        });
+        assert!(out.is_empty(), "{family:?} subtype {subtype}: {out:?}");
+    }
+    assert_eq!(s.state(), State::Established);
+}
+
 #[test]
 fn update_before_established_is_an_fsm_error() {
     let mut s = connected(cfg());

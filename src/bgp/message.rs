@@ -579,10 +579,23 @@ fn header(out: &mut BytesMut, kind: u8, body_len: usize) {
     out.put_u8(kind);
 }
 
+/// A message that does not fit in [`MAX_MESSAGE_LEN`] bytes, which RFC 4271 §4.1 forbids
+/// sending. An UPDATE's size depends on what peers sent us (communities, AS paths), so this
+/// is an error to handle, never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{kind} message of {len} bytes exceeds the BGP maximum of {MAX_MESSAGE_LEN} bytes (RFC 4271 §4.1)"
+)]
+pub struct TooLarge {
+    pub kind: &'static str,
+    pub len: usize,
+}
+
 impl Message {
     /// Append the wire form to `out`. An UPDATE too large for one message is the caller's
-    /// to split (see `Update::split`); encoding it anyway is a bug, hence the panic.
-    pub fn encode(&self, codec: &Codec, out: &mut BytesMut) {
+    /// to split (see `Update::split`); one that still does not fit (its attributes alone
+    /// are too large) is refused, and nothing is appended.
+    pub fn encode(&self, codec: &Codec, out: &mut BytesMut) -> Result<(), TooLarge> {
         match self {
             Message::Open(o) => {
                 let mut caps = Vec::new();
@@ -595,6 +608,12 @@ impl Message {
                     params.extend([2, chunk.len() as u8]);
                     params.extend(chunk);
                 }
+                if params.len() > 255 {
+                    return Err(TooLarge {
+                        kind: "OPEN",
+                        len: HEADER_LEN + 10 + params.len(),
+                    });
+                }
                 header(out, kind::OPEN, 10 + params.len());
                 out.put_u8(4);
                 out.put_u16(o.my_as);
@@ -605,11 +624,12 @@ impl Message {
             }
             Message::Update(u) => {
                 let body = u.encode_body(codec);
-                assert!(
-                    HEADER_LEN + body.len() <= MAX_MESSAGE_LEN,
-                    "UPDATE of {} bytes must be split before encoding",
-                    body.len()
-                );
+                if HEADER_LEN + body.len() > MAX_MESSAGE_LEN {
+                    return Err(TooLarge {
+                        kind: "UPDATE",
+                        len: HEADER_LEN + body.len(),
+                    });
+                }
                 header(out, kind::UPDATE, body.len());
                 out.put_slice(&body);
             }
@@ -628,13 +648,14 @@ impl Message {
                 out.put_u8(r.family.1.0);
             }
         }
+        Ok(())
     }
 
     /// The wire form in a fresh buffer.
-    pub fn to_bytes(&self, codec: &Codec) -> Vec<u8> {
+    pub fn to_bytes(&self, codec: &Codec) -> Result<Vec<u8>, TooLarge> {
         let mut b = BytesMut::new();
-        self.encode(codec, &mut b);
-        b.to_vec()
+        self.encode(codec, &mut b)?;
+        Ok(b.to_vec())
     }
 }
 

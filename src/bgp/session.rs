@@ -5,13 +5,21 @@
 //!
 //! Channels:
 //! ```text
-//! speaker --SessionCmd--> session task --SessionEvent--> speaker
-//!                          ^      |
-//!     connect tasks, readers      +--> one writer task per connection (bytes)
-//!     --Internal-------------'
+//! speaker --SessionCmd (bounded)--> session task --SessionEvent--> speaker
+//!                                    ^      |
+//!               connect tasks, readers      +--> one writer task per connection
+//!               --Internal-------------'         (bytes, bounded; fed only as it has room)
 //! ```
+//!
+//! The task never waits for a writer: a peer that stops reading (a zero TCP window) fills
+//! its writer's queue, and UPDATEs then wait here, in order, while reads, keepalives and
+//! the hold timer go on (RFC 4271 §4.4: the hold timer runs on what we receive, so a peer
+//! that neither reads nor sends is dropped when it expires). Memory stays bounded: the
+//! speaker hands over at most [`SEND_WINDOW`] batches of UPDATEs that are not yet
+//! written (each acknowledged with [`SessionEvent::Drained`]) and keeps the rest as a set
+//! of prefixes to export, where repeated changes and full-table resends coalesce.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -52,9 +60,11 @@ pub struct PeerConfig {
 pub enum SessionCmd {
     /// A connection the listener accepted from this peer.
     Incoming(TcpStream),
-    /// UPDATEs to send (dropped unless Established; the speaker sends the whole table
-    /// when a session comes up).
-    Send(Vec<Update>),
+    /// UPDATEs to send on the session that came up with this `epoch` (see
+    /// [`SessionEvent::Established`]); dropped unless that session is still up (the
+    /// speaker sends the whole table when a session comes up). Always answered with
+    /// [`SessionEvent::Drained`].
+    Send { epoch: u64, updates: Vec<Update> },
     /// Stop with this Cease subcode and end the task.
     Stop(u8),
     /// Our restart is over: later OPENs carry neither the R bit nor F bits.
@@ -74,6 +84,16 @@ pub enum SessionEvent {
         negotiated: Negotiated,
         /// Our address on the connection (next hop "self").
         local: IpAddr,
+        /// Counts the times this task's session came up; `Send`s carry it.
+        epoch: u64,
+    },
+    /// The UPDATEs of one `Send` were handed to the connection's writer (`updates`
+    /// messages), or dropped because the session went down: the speaker may hand over
+    /// another batch.
+    Drained {
+        peer: IpAddr,
+        epoch: u64,
+        updates: u64,
     },
     Down {
         peer: IpAddr,
@@ -114,17 +134,59 @@ enum Internal {
 const INCOMING_IDS: ConnId = 1 << 62;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Batches of UPDATEs (`SessionCmd::Send`) the speaker may have handed a session and not
+/// yet seen drained.
+pub const SEND_WINDOW: usize = 2;
+
+/// Room in a session's command queue: the speaker uses `try_send` (it never waits for a
+/// session), `Send`s are limited by [`SEND_WINDOW`], and the task reads its commands at
+/// every turn, so this only has to absorb bursts of connections and stops.
+const COMMAND_QUEUE: usize = 64;
+
+/// Messages a connection's writer may hold beyond what the socket took (at most 4096
+/// bytes each).
+const WRITER_QUEUE: usize = 64;
+
+/// Most prefixes of one queued announcement: splitting it into messages makes at most
+/// this many at a time (each a copy of the attributes, which may be ~4 KB).
+const CHUNK_PREFIXES: usize = 128;
+
+/// How long a closed connection's writer may take to flush what it holds (the last
+/// NOTIFICATION) before it is stopped: a peer with a zero window never takes it.
+const WRITER_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
 /// Start a session task.
 pub fn spawn(
     peer: PeerConfig,
     events: mpsc::Sender<SessionEvent>,
-) -> (
-    mpsc::UnboundedSender<SessionCmd>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (tx, rx) = mpsc::unbounded_channel();
+) -> (mpsc::Sender<SessionCmd>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let task = tokio::spawn(run(peer, rx, events));
     (tx, task)
+}
+
+/// How messages to an established peer are encoded (what the speaker checks sizes with).
+pub fn send_codec(n: &Negotiated, ibgp: bool) -> Codec {
+    Codec {
+        four_octet_as: n.four_octet_as,
+        ibgp,
+        add_path_tx: n.add_path_tx,
+        ..Codec::default()
+    }
+}
+
+/// Socket options for a connection the peer opened, set before its first read: RFC 5082
+/// (send with TTL 255, drop segments that arrive with less than 256 - hops) as on our
+/// own connections, or a multihop peer's TTL.
+pub fn secure_accepted(peer: &PeerConfig, stream: &TcpStream) -> std::io::Result<()> {
+    let addr = SocketAddr::new(peer.address, peer.port);
+    if let Some(hops) = peer.ttl_security {
+        sockopt::set_ttl_security(stream, addr, hops)
+    } else if let Some(ttl) = peer.multihop {
+        sockopt::set_ttl(stream, addr, ttl)
+    } else {
+        Ok(())
+    }
 }
 
 /// Open a TCP connection to the peer with its socket options.
@@ -161,8 +223,33 @@ pub async fn connect(peer: &PeerConfig) -> std::io::Result<TcpStream> {
 
 struct Conn {
     writer: mpsc::Sender<Vec<u8>>,
+    writer_task: tokio::task::JoinHandle<()>,
     reader: tokio::task::JoinHandle<()>,
     local: Option<IpAddr>,
+}
+
+impl Conn {
+    /// Stop reading; let the writer flush what it holds for a while, then stop it too.
+    fn close(self) {
+        self.reader.abort();
+        drop(self.writer);
+        let mut w = self.writer_task;
+        tokio::spawn(async move {
+            if tokio::time::timeout(WRITER_FLUSH_LIMIT, &mut w)
+                .await
+                .is_err()
+            {
+                w.abort();
+            }
+        });
+    }
+}
+
+/// What waits for the writer of the established connection.
+enum Outgoing {
+    Update(Update),
+    /// The end of one `Send`: answer it with `Drained`.
+    Done(u64),
 }
 
 struct Task {
@@ -176,11 +263,17 @@ struct Task {
     state: State,
     /// UPDATEs received and not yet handed to the speaker.
     pending: Vec<Update>,
+    /// Bumped each time the session comes up.
+    epoch: u64,
+    /// UPDATEs to send, in order, as the writer has room.
+    outq: VecDeque<Outgoing>,
+    /// UPDATE messages written since the last `Drained`.
+    written: u64,
 }
 
 async fn run(
     peer: PeerConfig,
-    mut cmds: mpsc::UnboundedReceiver<SessionCmd>,
+    mut cmds: mpsc::Receiver<SessionCmd>,
     events: mpsc::Sender<SessionEvent>,
 ) {
     // Small: one message can hold all of a 64 KiB read.
@@ -195,21 +288,30 @@ async fn run(
         next_incoming: INCOMING_IDS,
         state: State::Idle,
         pending: Vec::new(),
+        epoch: 0,
+        outq: VecDeque::new(),
+        written: 0,
     };
     t.input(Input::Start).await;
     loop {
         #[cfg(test)]
         panic_if_asked(t.peer.address);
         let deadline = t.timers.values().min().copied();
+        let writer = t.writer_for_output();
         tokio::select! {
             cmd = cmds.recv() => match cmd {
                 Some(SessionCmd::Incoming(stream)) => {
+                    if let Err(e) = secure_accepted(&t.peer, &stream) {
+                        tracing::warn!(peer = %t.peer.address, error = %e,
+                            "connection from the peer refused: cannot set its TTL options");
+                        continue;
+                    }
                     let id = t.next_incoming;
                     t.next_incoming += 1;
                     t.attach(id, stream);
                     t.input(Input::Connected { conn: id, dir: Direction::Incoming }).await;
                 }
-                Some(SessionCmd::Send(updates)) => t.send_updates(updates).await,
+                Some(SessionCmd::Send { epoch, updates }) => t.queue_updates(epoch, updates).await,
                 Some(SessionCmd::Restarted) => t.fsm.restart_done(),
                 Some(SessionCmd::Stop(cease)) => {
                     t.input(Input::Stop { cease }).await;
@@ -235,6 +337,7 @@ async fn run(
                     t.flush_updates().await;
                 }
             },
+            Some(permit) = reserve(writer.as_ref()) => t.write_next(permit).await,
             _ = sleep_until(deadline) => {
                 let now = Instant::now();
                 let due: Vec<Timer> = t.timers.iter().filter(|(_, at)| **at <= now).map(|(k, _)| *k).collect();
@@ -270,15 +373,22 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Room for one more chunk in a writer's queue (never, without a writer).
+async fn reserve(w: Option<&mpsc::Sender<Vec<u8>>>) -> Option<mpsc::Permit<'_, Vec<u8>>> {
+    match w {
+        Some(w) => w.reserve().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
 impl Task {
     fn codec(&self) -> Codec {
-        let four = self.fsm.established().is_none_or(|(_, n)| n.four_octet_as);
-        let tx = self.fsm.established().map(|(_, n)| n.add_path_tx);
-        Codec {
-            four_octet_as: four,
-            ibgp: self.peer.session.ibgp(),
-            add_path_tx: tx.unwrap_or_default(),
-            ..Codec::default()
+        match self.fsm.established() {
+            Some((_, n)) => send_codec(n, self.peer.session.ibgp()),
+            None => Codec {
+                ibgp: self.peer.session.ibgp(),
+                ..Codec::default()
+            },
         }
     }
 
@@ -287,8 +397,8 @@ impl Task {
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().map(|a| a.ip());
         let (rd, wr) = stream.into_split();
-        let (wtx, wrx) = mpsc::channel(256);
-        tokio::spawn(write_loop(id, wr, wrx, self.internal.clone()));
+        let (wtx, wrx) = mpsc::channel(WRITER_QUEUE);
+        let writer_task = tokio::spawn(write_loop(id, wr, wrx, self.internal.clone()));
         let reader = tokio::spawn(read_loop(
             id,
             rd,
@@ -302,6 +412,7 @@ impl Task {
             id,
             Conn {
                 writer: wtx,
+                writer_task,
                 reader,
                 local,
             },
@@ -342,6 +453,9 @@ impl Task {
         for o in outputs {
             self.output(o).await;
         }
+        if self.fsm.established().is_none() && !self.outq.is_empty() {
+            self.abandon_output().await;
+        }
         let state = self.fsm.state();
         if state != self.state {
             self.state = state;
@@ -377,21 +491,34 @@ impl Task {
                     Message::Notification(n) => Some(n.code),
                     _ => None,
                 };
-                let bytes = msg.to_bytes(&self.codec());
-                if let Some(c) = self.conns.get(&conn) {
-                    let _ = c.writer.send(bytes).await;
-                    self.emit(SessionEvent::Sent {
-                        peer,
-                        kind,
-                        notification,
-                    })
-                    .await;
+                let bytes = match msg.to_bytes(&self.codec()) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(%peer, error = %e, "message not sent");
+                        return;
+                    }
+                };
+                // Never wait for the writer: when its queue is full the peer is not
+                // reading, and a KEEPALIVE behind the queued UPDATEs would change nothing
+                // (the UPDATEs restart the peer's hold timer as they arrive).
+                let Some(c) = self.conns.get(&conn) else {
+                    return;
+                };
+                match c.writer.try_send(bytes) {
+                    Ok(()) => {
+                        self.emit(SessionEvent::Sent {
+                            peer,
+                            kind,
+                            notification,
+                        })
+                        .await;
+                    }
+                    Err(_) => tracing::debug!(%peer, kind, "writer queue full: message dropped"),
                 }
             }
             Output::Close { conn } => {
-                // Dropping the writer's sender lets it flush what is queued, then close.
                 if let Some(c) = self.conns.remove(&conn) {
-                    c.reader.abort();
+                    c.close();
                 }
             }
             Output::SetTimer { timer, after } => match after {
@@ -403,6 +530,7 @@ impl Task {
                 }
             },
             Output::Established { conn, negotiated } => {
+                self.epoch += 1;
                 let local = self
                     .conns
                     .get(&conn)
@@ -413,6 +541,7 @@ impl Task {
                     peer,
                     negotiated,
                     local,
+                    epoch: self.epoch,
                 })
                 .await;
             }
@@ -428,26 +557,99 @@ impl Task {
         }
     }
 
-    async fn send_updates(&mut self, updates: Vec<Update>) {
-        let Some((conn, _)) = self.fsm.established() else {
+    /// Queue a `Send`'s UPDATEs for the writer, or answer at once when its session is
+    /// gone.
+    async fn queue_updates(&mut self, epoch: u64, updates: Vec<Update>) {
+        if epoch != self.epoch || self.fsm.established().is_none() {
+            let peer = self.peer.address;
+            let _ = self
+                .events
+                .send(SessionEvent::Drained {
+                    peer,
+                    epoch,
+                    updates: 0,
+                })
+                .await;
+            return;
+        }
+        self.outq.extend(
+            updates
+                .into_iter()
+                .flat_map(|u| u.chunk_announcements(CHUNK_PREFIXES))
+                .map(Outgoing::Update),
+        );
+        self.outq.push_back(Outgoing::Done(epoch));
+        self.report_drained().await;
+    }
+
+    /// The established connection's writer, when an UPDATE waits for it.
+    fn writer_for_output(&self) -> Option<mpsc::Sender<Vec<u8>>> {
+        if !matches!(self.outq.front(), Some(Outgoing::Update(_))) {
+            return None;
+        }
+        let (conn, _) = self.fsm.established()?;
+        self.conns.get(&conn).map(|c| c.writer.clone())
+    }
+
+    /// Put the next message of the next UPDATE (split to fit; the other parts wait at
+    /// the head of the queue) into the writer's free slot.
+    async fn write_next(&mut self, permit: mpsc::Permit<'_, Vec<u8>>) {
+        let Some(Outgoing::Update(u)) = self.outq.pop_front() else {
             return;
         };
         let codec = self.codec();
-        let Some(writer) = self.conns.get(&conn).map(|c| c.writer.clone()) else {
-            return;
-        };
-        for u in updates {
-            for part in u.split(&codec) {
-                let bytes = Message::Update(part).to_bytes(&codec);
-                if writer.send(bytes).await.is_err() {
-                    return;
+        let split = u.split(&codec);
+        if !split.too_large.is_empty() {
+            // The speaker checks sizes before it exports; this is the last guard.
+            tracing::error!(peer = %self.peer.address, prefixes = ?split.too_large,
+                "routes not sent: their attributes do not fit in a BGP message");
+        }
+        let mut parts = split.parts.into_iter();
+        if let Some(first) = parts.next() {
+            for rest in parts.rev() {
+                self.outq.push_front(Outgoing::Update(rest));
+            }
+            match Message::Update(first).to_bytes(&codec) {
+                Ok(bytes) => {
+                    permit.send(bytes);
+                    self.written += 1;
                 }
-                self.emit(SessionEvent::Sent {
-                    peer: self.peer.address,
-                    kind: super::message::kind::UPDATE,
-                    notification: None,
-                })
-                .await;
+                Err(e) => tracing::error!(peer = %self.peer.address, error = %e, "UPDATE not sent"),
+            }
+        }
+        self.report_drained().await;
+    }
+
+    /// Answer the `Send`s whose UPDATEs have all gone to the writer.
+    async fn report_drained(&mut self) {
+        while let Some(Outgoing::Done(epoch)) = self.outq.front() {
+            let epoch = *epoch;
+            self.outq.pop_front();
+            let updates = std::mem::take(&mut self.written);
+            self.emit(SessionEvent::Drained {
+                peer: self.peer.address,
+                epoch,
+                updates,
+            })
+            .await;
+        }
+    }
+
+    /// The session went down: what waited for its writer is dropped (the next session
+    /// starts with the whole table), and every `Send` is answered.
+    async fn abandon_output(&mut self) {
+        let dropped = std::mem::take(&mut self.outq);
+        for o in dropped {
+            if let Outgoing::Done(epoch) = o {
+                let updates = std::mem::take(&mut self.written);
+                let _ = self
+                    .events
+                    .send(SessionEvent::Drained {
+                        peer: self.peer.address,
+                        epoch,
+                        updates,
+                    })
+                    .await;
             }
         }
     }
@@ -455,8 +657,7 @@ impl Task {
     /// Give writers a moment to send the last NOTIFICATION.
     async fn flush_and_close(&mut self) {
         for (_, c) in self.conns.drain() {
-            c.reader.abort();
-            drop(c.writer);
+            c.close();
         }
         tokio::task::yield_now().await;
     }
@@ -632,10 +833,10 @@ mod tests {
             Some(Message::Open(_))
         ));
         let open = Open::new(64512, 30, Ipv4Addr::new(10, 0, 0, 2), vec![]);
-        sock.write_all(&Message::Open(open).to_bytes(&Codec::default()))
+        sock.write_all(&Message::Open(open).to_bytes(&Codec::default()).unwrap())
             .await
             .unwrap();
-        sock.write_all(&Message::Keepalive.to_bytes(&Codec::default()))
+        sock.write_all(&Message::Keepalive.to_bytes(&Codec::default()).unwrap())
             .await
             .unwrap();
         assert_eq!(
@@ -666,5 +867,90 @@ mod tests {
                 break;
             }
         }
+    }
+
+    /// RFC 4271 §4.4 with a peer that stops reading: ~8 MB of UPDATEs queued for a peer
+    /// with a tiny receive window and no reads (more than the socket buffers and the
+    /// writer's queue hold) do not stop our timers: the silent peer is dropped when the
+    /// hold time runs out, and the queued batch is answered. (Before: the task waited in
+    /// the blocked write, so the hold timer never fired and the session hung.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_stops_reading_does_not_stop_the_hold_timer() {
+        use ipnet::{IpNet, Ipv4Net};
+
+        use crate::bgp::update::{AsPath, Attributes, Origin};
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = sock.local_addr().unwrap().port();
+        let listener = sock.listen(1).unwrap();
+        let mut cfg = SessionConfig::new(64512, 64512, Ipv4Addr::new(10, 0, 0, 1));
+        cfg.hold_time = 3;
+        let peer = PeerConfig {
+            address: "127.0.0.1".parse().unwrap(),
+            port,
+            local_address: None,
+            password: None,
+            ttl_security: None,
+            multihop: None,
+            session: cfg,
+        };
+        let (events_tx, mut events) = mpsc::channel(100);
+        let (cmds, _task) = spawn(peer, events_tx);
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            read_msg(&mut sock, &mut buf).await,
+            Some(Message::Open(_))
+        ));
+        let open = Open::new(64512, 3, Ipv4Addr::new(10, 0, 0, 2), vec![]);
+        sock.write_all(&Message::Open(open).to_bytes(&Codec::default()).unwrap())
+            .await
+            .unwrap();
+        sock.write_all(&Message::Keepalive.to_bytes(&Codec::default()).unwrap())
+            .await
+            .unwrap();
+        let epoch = loop {
+            if let Some(SessionEvent::Established { epoch, .. }) = events.recv().await {
+                break epoch;
+            }
+        };
+        // 1.6 million host routes, ~8 MB on the wire; the peer reads none of it.
+        let attrs = Attributes {
+            origin: Some(Origin::Igp),
+            as_path: Some(AsPath::default()),
+            next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            local_pref: Some(100),
+            ..Default::default()
+        };
+        let updates: Vec<Update> = (0..16u32)
+            .map(|chunk| Update {
+                attrs: attrs.clone(),
+                nlri: (0..100_000u32)
+                    .map(|i| {
+                        let a = Ipv4Addr::from(0x0a00_0000 + chunk * 100_000 + i);
+                        IpNet::V4(Ipv4Net::new(a, 32).unwrap())
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+        let sent = Instant::now();
+        cmds.send(SessionCmd::Send { epoch, updates })
+            .await
+            .unwrap();
+        let (mut down, mut drained) = (None, false);
+        while down.is_none() || !drained {
+            match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+                Ok(Some(SessionEvent::Down { reason, .. })) => down = Some(reason),
+                Ok(Some(SessionEvent::Drained { .. })) => drained = true,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("session task ended"),
+                Err(_) => panic!("no hold timer expiry (down: {down:?}, drained: {drained})"),
+            }
+        }
+        assert_eq!(down, Some(DownReason::HoldTimerExpired));
+        let took = sent.elapsed();
+        assert!(took < Duration::from_secs(5), "dropped after {took:?}");
     }
 }

@@ -14,7 +14,7 @@
 //! speaker --watch Vec<PeerStatus>--> status endpoint, metrics
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
@@ -28,9 +28,9 @@ use super::config::{DesiredBgpConfig, DesiredPeer, PeerType};
 use super::fsm::{DownReason, Negotiated, SessionConfig, State};
 use super::message::{GracefulRestart, IPV4_UNICAST, IPV6_UNICAST, RouteRefresh, err, kind};
 use super::rib::{Changed, PeerInfo, PrefixMap, Rib, Source};
-use super::session::{PeerConfig, SessionCmd, SessionEvent, spawn};
+use super::session::{PeerConfig, SEND_WINDOW, SessionCmd, SessionEvent, send_codec, spawn};
 use super::sockopt;
-use super::update::{Attributes, MpReach, MpUnreach, Update};
+use super::update::{Attributes, MpUnreach, Update};
 use super::{LearnedRoute, RouteUpdate};
 
 /// One peer's status, for `calicoctl node status`, readiness and metrics.
@@ -53,6 +53,9 @@ pub struct PeerStatus {
     pub notifications_out: BTreeMap<u8, u64>,
     /// When the session last became Established.
     pub established_at: Option<SystemTime>,
+    /// Routes not exported to this peer because with our attributes they no longer fit
+    /// in a BGP message (counted per refusal).
+    pub routes_too_large: u64,
 }
 
 /// What we last sent a peer for a prefix.
@@ -60,12 +63,26 @@ type Sent = (Attributes, IpAddr);
 
 struct Peer {
     spec: DesiredPeer,
-    /// Unbounded: the speaker never waits for a session (which may be waiting for it).
-    tx: mpsc::UnboundedSender<SessionCmd>,
+    /// Bounded, and only ever `try_send`: the speaker never waits for a session (which
+    /// may be waiting for it). UPDATEs go out in at most `SEND_WINDOW` batches at a time.
+    tx: mpsc::Sender<SessionCmd>,
     task: tokio::task::JoinHandle<()>,
     status: PeerStatus,
     negotiated: Option<Negotiated>,
+    /// The session's epoch (from `SessionEvent::Established`).
+    epoch: u64,
+    /// What the peer has, or will have once the batches handed over are written.
     adj_out: PrefixMap<Sent>,
+    /// Prefixes whose export to this peer is still to be worked out, in order; `true`:
+    /// send even if the peer has it already (a route refresh). A set, so that repeated
+    /// changes and full-table resends coalesce while a slow peer is catching up.
+    backlog: BTreeMap<IpNet, bool>,
+    /// Batches handed to the session and not yet drained.
+    in_flight: usize,
+    /// End-of-RIB goes out once the backlog of a full table is empty.
+    eor_pending: bool,
+    /// Prefixes already logged as too large for this peer (logged once per session).
+    too_large_logged: HashSet<IpNet>,
     /// Stale routes are dropped at this time (a restarting peer's window).
     stale_until: Option<Instant>,
     end_of_rib: bool,
@@ -87,6 +104,9 @@ pub struct Speaker {
 
 /// Most route changes in one message to Felix.
 const FELIX_BATCH: usize = 1024;
+
+/// Most prefixes worked out in one batch of UPDATEs for a peer.
+const EXPORT_BATCH: usize = 2048;
 
 /// How long Felix waits for the first full table before it is told "in sync" anyway.
 const IN_SYNC_AFTER: Duration = Duration::from_secs(10);
@@ -181,7 +201,11 @@ impl Speaker {
                 accepted = accept(&self.listener) => {
                     if let Ok((stream, from)) = accepted {
                         match self.peers.get(&from.ip()) {
-                            Some(p) => { let _ = p.tx.send(SessionCmd::Incoming(stream)); }
+                            Some(p) => {
+                                if p.tx.try_send(SessionCmd::Incoming(stream)).is_err() {
+                                    tracing::warn!(%from, "connection refused: its session is not taking commands");
+                                }
+                            }
                             None => tracing::debug!(%from, "connection from an unknown peer refused"),
                         }
                     }
@@ -191,7 +215,7 @@ impl Speaker {
             }
         }
         for (_, p) in self.peers.drain() {
-            let _ = p.tx.send(SessionCmd::Stop(err::ADMIN_SHUTDOWN));
+            let _ = p.tx.try_send(SessionCmd::Stop(err::ADMIN_SHUTDOWN));
         }
         Ok(())
     }
@@ -237,6 +261,7 @@ impl Speaker {
             notifications_in: BTreeMap::new(),
             notifications_out: BTreeMap::new(),
             established_at: None,
+            routes_too_large: 0,
         };
         self.peers.insert(
             spec.address,
@@ -246,7 +271,12 @@ impl Speaker {
                 task,
                 status,
                 negotiated: None,
+                epoch: 0,
                 adj_out: PrefixMap::default(),
+                backlog: BTreeMap::new(),
+                in_flight: 0,
+                eor_pending: false,
+                too_large_logged: HashSet::new(),
                 stale_until: None,
                 end_of_rib: false,
             },
@@ -255,7 +285,8 @@ impl Speaker {
 
     async fn remove_peer(&mut self, address: &IpAddr, cease: u8) {
         if let Some(p) = self.peers.remove(address) {
-            let _ = p.tx.send(SessionCmd::Stop(cease));
+            // If the queue is full, dropping the sender stops the session all the same.
+            let _ = p.tx.try_send(SessionCmd::Stop(cease));
         }
         let changed = self.rib.peer_down(address);
         self.propagate(&changed).await;
@@ -350,12 +381,16 @@ impl Speaker {
                 peer,
                 negotiated,
                 local,
+                epoch,
             } => {
                 let Some(p) = self.peers.get_mut(&peer) else {
                     return;
                 };
                 p.negotiated = Some(negotiated.clone());
+                p.epoch = epoch;
+                p.in_flight = 0;
                 p.adj_out.clear();
+                p.backlog.clear();
                 p.end_of_rib = false;
                 let info = PeerInfo {
                     address: peer,
@@ -367,7 +402,7 @@ impl Speaker {
                     local_address: local,
                 };
                 self.rib.peer_up(info);
-                self.send_table(&peer).await;
+                self.send_table(&peer);
             }
             SessionEvent::Down { peer, reason } => {
                 let Some(p) = self.peers.get_mut(&peer) else {
@@ -384,6 +419,10 @@ impl Speaker {
                         )
                     });
                 p.adj_out.clear();
+                p.backlog.clear();
+                p.in_flight = 0;
+                p.eor_pending = false;
+                p.too_large_logged.clear();
                 p.status.advertised = 0;
                 let changed = match gr {
                     Some(g) if g.restart_time > 0 => {
@@ -421,10 +460,20 @@ impl Speaker {
             SessionEvent::RouteRefresh { peer, request } => {
                 let RouteRefresh { family, .. } = request;
                 tracing::debug!(%peer, ?family, "route refresh requested");
+                self.refresh(&peer);
+            }
+            SessionEvent::Drained {
+                peer,
+                epoch,
+                updates,
+            } => {
                 if let Some(p) = self.peers.get_mut(&peer) {
-                    p.adj_out.clear();
+                    p.status.updates_out += updates;
+                    if epoch == p.epoch {
+                        p.in_flight = p.in_flight.saturating_sub(1);
+                    }
                 }
-                self.send_table(&peer).await;
+                self.pump(&peer);
             }
             SessionEvent::Sent {
                 peer,
@@ -453,21 +502,34 @@ impl Speaker {
         }
     }
 
-    /// Everything for a peer that just came up (or asked for a refresh), then End-of-RIB.
-    async fn send_table(&mut self, peer: &IpAddr) {
-        let all: Changed = self.rib.best_prefixes().collect();
-        self.export_to(peer, &all).await;
-        let Some(p) = self.peers.get(peer) else {
+    /// Everything for a peer that just came up, then End-of-RIB.
+    fn send_table(&mut self, peer: &IpAddr) {
+        let all: Vec<IpNet> = self.rib.best_prefixes().collect();
+        let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
-        let families = p
-            .negotiated
-            .as_ref()
-            .map(|n| n.families.clone())
-            .unwrap_or_default();
-        let eor: Vec<Update> = families.into_iter().map(Update::end_of_rib).collect();
-        let _ = p.tx.send(SessionCmd::Send(eor));
+        p.backlog.extend(all.into_iter().map(|x| (x, false)));
+        p.eor_pending = true;
+        self.pump(peer);
         self.publish();
+    }
+
+    /// A ROUTE-REFRESH (RFC 2918 §4): send the peer everything again, then End-of-RIB.
+    /// Requests that come while an earlier resend is still under way coalesce with it.
+    fn refresh(&mut self, peer: &IpAddr) {
+        let all: Vec<IpNet> = self.rib.best_prefixes().collect();
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if p.negotiated.is_none() {
+            return;
+        }
+        let held: Vec<IpNet> = p.adj_out.keys().copied().collect();
+        for x in all.into_iter().chain(held) {
+            p.backlog.insert(x, true);
+        }
+        p.eor_pending = true;
+        self.pump(peer);
     }
 
     /// Hand changed best paths to Felix and to every established peer.
@@ -499,54 +561,72 @@ impl Speaker {
             .map(|(a, _)| *a)
             .collect();
         for peer in established {
-            self.export_to(&peer, changed).await;
+            self.export_to(&peer, changed);
         }
         self.publish();
     }
 
-    /// Send `peer` the difference between what the export rules give it for `prefixes`
-    /// and what it already has.
-    async fn export_to(&mut self, peer: &IpAddr, prefixes: &Changed) {
-        let Some(info) = self.rib.peer(peer).cloned() else {
-            return;
-        };
+    /// Queue `prefixes` for export to `peer` and hand its session what its window allows.
+    fn export_to(&mut self, peer: &IpAddr, prefixes: &Changed) {
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
-        let Some(neg) = &p.negotiated else {
+        if p.negotiated.is_none() {
+            return;
+        }
+        for x in prefixes {
+            p.backlog.entry(*x).or_insert(false);
+        }
+        self.pump(peer);
+    }
+
+    /// Hand the session batches of UPDATEs from the backlog while it has fewer than
+    /// `SEND_WINDOW` not yet written; End-of-RIB once a full table's backlog is empty.
+    fn pump(&mut self, peer: &IpAddr) {
+        let Some(info) = self.rib.peer(peer).cloned() else {
             return;
         };
-        let (v4, v6) = (
-            neg.families.contains(&IPV4_UNICAST),
-            neg.families.contains(&IPV6_UNICAST),
-        );
-        let mut groups: HashMap<Sent, Vec<IpNet>> = HashMap::new();
-        let mut withdraw: Vec<IpNet> = Vec::new();
-        for prefix in prefixes {
-            if !(if prefix.addr().is_ipv4() { v4 } else { v6 }) {
-                continue;
+        loop {
+            let Some(p) = self.peers.get_mut(peer) else {
+                return;
+            };
+            if p.negotiated.is_none() || p.in_flight >= SEND_WINDOW {
+                return;
             }
-            let new = self
-                .rib
-                .export(&info, prefix, &self.cfg.policy, self.cfg.ipv6_next_hop);
-            if (new.is_none() && p.adj_out.is_empty()) || new.as_ref() == p.adj_out.get(prefix) {
-                continue;
-            }
-            match new {
-                Some(sent) => {
-                    p.adj_out.insert(*prefix, sent.clone());
-                    groups.entry(sent).or_default().push(*prefix);
+            let tx = p.tx.clone();
+            let Ok(permit) = tx.try_reserve() else {
+                // Full or gone: housekeeping tries again.
+                return;
+            };
+            let updates = if p.backlog.is_empty() {
+                if !p.eor_pending {
+                    return;
                 }
-                None => {
-                    p.adj_out.remove(prefix);
-                    withdraw.push(*prefix);
+                p.eor_pending = false;
+                let families = p.negotiated.as_ref().map(|n| n.families.clone());
+                families
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(Update::end_of_rib)
+                    .collect()
+            } else {
+                let mut batch = Vec::with_capacity(EXPORT_BATCH.min(p.backlog.len()));
+                while batch.len() < EXPORT_BATCH {
+                    match p.backlog.pop_first() {
+                        Some(x) => batch.push(x),
+                        None => break,
+                    }
                 }
+                export_batch(&self.rib, &self.cfg, &info, p, batch)
+            };
+            p.status.advertised = p.adj_out.len();
+            if !updates.is_empty() {
+                permit.send(SessionCmd::Send {
+                    epoch: p.epoch,
+                    updates,
+                });
+                p.in_flight += 1;
             }
-        }
-        p.status.advertised = p.adj_out.len();
-        let updates = build_updates(groups, withdraw);
-        if !updates.is_empty() {
-            let _ = p.tx.send(SessionCmd::Send(updates));
         }
     }
 
@@ -599,6 +679,11 @@ impl Speaker {
                 p.status.reason = "session task ended unexpectedly; restarted".into();
             }
         }
+        // A batch that found the session's queue full is handed over now.
+        let all: Vec<IpAddr> = self.peers.keys().copied().collect();
+        for a in all {
+            self.pump(&a);
+        }
         if !self.in_sync_sent
             && (self.started.elapsed() >= IN_SYNC_AFTER
                 || self.peers.values().all(|p| p.end_of_rib))
@@ -606,7 +691,7 @@ impl Speaker {
             self.in_sync_sent = true;
             let _ = self.felix.send(vec![RouteUpdate::InSync]).await;
             for p in self.peers.values() {
-                let _ = p.tx.send(SessionCmd::Restarted);
+                let _ = p.tx.try_send(SessionCmd::Restarted);
             }
         }
         self.publish();
@@ -622,6 +707,69 @@ impl Speaker {
         all.sort_by_key(|s| s.address);
         self.status.send_replace(all);
     }
+}
+
+/// The UPDATEs that bring `p` from what it has to what the export rules give it for
+/// `batch` (prefix, and whether to send it even if unchanged). A route whose attributes,
+/// with ours added, no longer fit in a message for this peer is not exported to it
+/// (withdrawn if it had an earlier version), logged once and counted.
+fn export_batch(
+    rib: &Rib,
+    cfg: &DesiredBgpConfig,
+    info: &PeerInfo,
+    p: &mut Peer,
+    batch: Vec<(IpNet, bool)>,
+) -> Vec<Update> {
+    let Some(neg) = &p.negotiated else {
+        return Vec::new();
+    };
+    let (v4, v6) = (
+        neg.families.contains(&IPV4_UNICAST),
+        neg.families.contains(&IPV6_UNICAST),
+    );
+    let codec = send_codec(neg, info.ibgp);
+    let mut fits: HashMap<Sent, bool> = HashMap::new();
+    let mut groups: HashMap<Sent, Vec<IpNet>> = HashMap::new();
+    let mut withdraw: Vec<IpNet> = Vec::new();
+    for (prefix, force) in batch {
+        if !(if prefix.addr().is_ipv4() { v4 } else { v6 }) {
+            continue;
+        }
+        let mut new = rib.export(info, &prefix, &cfg.policy, cfg.ipv6_next_hop);
+        if let Some(sent) = &new {
+            let ok = match fits.get(sent) {
+                Some(ok) => *ok,
+                None => {
+                    let ok = Update::announcement_fits(&sent.0, sent.1, &codec);
+                    fits.insert(sent.clone(), ok);
+                    ok
+                }
+            };
+            if !ok {
+                p.status.routes_too_large += 1;
+                if p.too_large_logged.insert(prefix) {
+                    tracing::warn!(peer = %info.address, %prefix,
+                        "route not exported: with our attributes it no longer fits in a 4096-byte BGP message (RFC 4271 §4.1)");
+                }
+                new = None;
+            }
+        }
+        let old = p.adj_out.get(&prefix);
+        if new.as_ref() == old && !(force && new.is_some()) {
+            continue;
+        }
+        match new {
+            Some(sent) => {
+                p.adj_out.insert(prefix, sent.clone());
+                groups.entry(sent).or_default().push(prefix);
+            }
+            None => {
+                p.adj_out.remove(&prefix);
+                withdraw.push(prefix);
+            }
+        }
+    }
+    build_updates(groups, withdraw)
 }
 
 fn build_updates(groups: HashMap<Sent, Vec<IpNet>>, withdraw: Vec<IpNet>) -> Vec<Update> {
@@ -643,26 +791,7 @@ fn build_updates(groups: HashMap<Sent, Vec<IpNet>>, withdraw: Vec<IpNet>) -> Vec
         });
     }
     for ((attrs, next_hop), prefixes) in groups {
-        match next_hop {
-            IpAddr::V4(nh) => {
-                let mut a = attrs;
-                a.next_hop = Some(nh);
-                out.push(Update {
-                    attrs: a,
-                    nlri: prefixes,
-                    ..Default::default()
-                });
-            }
-            IpAddr::V6(_) => out.push(Update {
-                attrs,
-                mp_reach: Some(MpReach {
-                    family: IPV6_UNICAST,
-                    next_hops: vec![next_hop],
-                    nlri: prefixes,
-                }),
-                ..Default::default()
-            }),
-        }
+        out.push(Update::announce(attrs, next_hop, prefixes));
     }
     out
 }
@@ -689,6 +818,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+    use crate::bgp::config::CommunityValue;
     use crate::bgp::session::PANIC_AT_NEXT_TURN;
 
     struct Node {
@@ -739,6 +869,216 @@ mod tests {
             assert!(Instant::now() < limit, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    const SLOW_US: Ipv4Addr = Ipv4Addr::new(127, 0, 12, 1);
+    const SLOW_PEER: Ipv4Addr = Ipv4Addr::new(127, 0, 12, 2);
+
+    /// A speaker on `SLOW_US:port`, passive toward `SLOW_PEER` (hold time `hold`), with
+    /// `routes` /32s of its own to export, each with ~4 KB of communities (so one route per
+    /// message).
+    fn exporting_speaker(
+        port: u16,
+        hold: u16,
+        routes: u32,
+        cancel: &CancellationToken,
+    ) -> (Node, watch::Sender<DesiredBgpConfig>) {
+        let mut cfg = DesiredBgpConfig::new(SLOW_US, 64512);
+        cfg.listen_address = IpAddr::V4(SLOW_US);
+        cfg.listen_port = port;
+        cfg.export = routes_from(0, routes);
+        cfg.policy.allowed = vec!["10.0.0.0/8".parse().unwrap()];
+        // ~4 KB of communities on every route: one route per message.
+        let communities = (0..1000).map(CommunityValue::Standard).collect();
+        cfg.policy.communities = vec![("10.0.0.0/8".parse().unwrap(), communities)];
+        let mut d = DesiredPeer::new(IpAddr::V4(SLOW_PEER), 64512, PeerType::Global);
+        d.passive = true;
+        d.hold_time = hold;
+        d.graceful_restart_secs = 0;
+        cfg.peers.push(d);
+        let (felix_tx, felix) = mpsc::channel(1000);
+        let (status_tx, status) = watch::channel(Vec::new());
+        let (config, cfg_rx) = watch::channel(cfg.clone());
+        let speaker = Speaker::new(cfg, felix_tx, status_tx);
+        let c = cancel.clone();
+        tokio::spawn(async move { speaker.run(cfg_rx, c).await.unwrap() });
+        (Node { status, felix }, config)
+    }
+
+    /// `n` host routes in 10.0.0.0/8 from the `first`th on.
+    fn routes_from(first: u32, n: u32) -> Vec<IpNet> {
+        (first..first + n)
+            .map(|i| IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 32).unwrap())
+            .collect()
+    }
+
+    /// A hand-written peer: connects from `SLOW_PEER` (with a receive buffer of
+    /// `rcvbuf` bytes if given), sends OPEN (hold `hold`, route refresh) and KEEPALIVE,
+    /// and reads until our OPEN.
+    async fn raw_peer(
+        port: u16,
+        hold: u16,
+        rcvbuf: Option<u32>,
+    ) -> (tokio::net::TcpStream, bytes::BytesMut) {
+        use crate::bgp::message::{Capability, Codec, Message, Open};
+        use tokio::io::AsyncWriteExt;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut sock = loop {
+            let s = TcpSocket::new_v4().unwrap();
+            if let Some(b) = rcvbuf {
+                s.set_recv_buffer_size(b).unwrap();
+            }
+            s.bind(SocketAddr::new(IpAddr::V4(SLOW_PEER), 0)).unwrap();
+            match s.connect(SocketAddr::new(IpAddr::V4(SLOW_US), port)).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "connect: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let caps = vec![
+            Capability::Multiprotocol(IPV4_UNICAST),
+            Capability::RouteRefresh,
+        ];
+        let open = Message::Open(Open::new(64512, hold, SLOW_PEER, caps));
+        let codec = Codec::default();
+        sock.write_all(&open.to_bytes(&codec).unwrap())
+            .await
+            .unwrap();
+        sock.write_all(&Message::Keepalive.to_bytes(&codec).unwrap())
+            .await
+            .unwrap();
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            match read_msg(&mut sock, &mut buf).await {
+                Some(Message::Open(_)) => break,
+                Some(_) => {}
+                None => panic!("closed before our OPEN"),
+            }
+        }
+        (sock, buf)
+    }
+
+    async fn read_msg(
+        sock: &mut tokio::net::TcpStream,
+        buf: &mut bytes::BytesMut,
+    ) -> Option<crate::bgp::message::Message> {
+        use crate::bgp::message::{Codec, decode, frame_len};
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Ok(Some(len)) = frame_len(buf) {
+                let frame = buf.split_to(len);
+                return decode(&frame, &Codec::default()).ok();
+            }
+            if sock.read_buf(buf).await.ok()? == 0 {
+                return None;
+            }
+        }
+    }
+
+    fn rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// RFC 4271 §4.4 with a peer that stops reading (zero window) while we have ~8 MB of
+    /// UPDATEs for it (more than the socket buffers and the writer's queue hold): while it
+    /// still sends KEEPALIVEs the session stays up and, though the table changes
+    /// meanwhile, what waits for the peer stays bounded (a set of prefixes, not a queue of
+    /// UPDATEs per change); once it is silent too, our hold timer expires on time
+    /// although our writes are blocked. (Before: the session task sat in a blocked write,
+    /// so its timers and reads stopped, and the peer was never dropped.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_that_stops_reading_is_dropped_at_hold_expiry_with_bounded_memory() {
+        use crate::bgp::message::{Codec, Message};
+        use tokio::io::AsyncWriteExt;
+        const ROUTES: u32 = 2000;
+        const HOLD: u16 = 8;
+        let port = 20_000 + (std::process::id() % 20_000) as u16;
+        let cancel = CancellationToken::new();
+        let (us, config) = exporting_speaker(port, HOLD, ROUTES, &cancel);
+        let before = rss_kib();
+        let (mut sock, _buf) = raw_peer(port, HOLD, Some(4096)).await;
+        let state = || us.status.borrow().first().map(|s| s.state);
+        until("Established", || state() == Some(State::Established)).await;
+        // The peer never reads again; it sends KEEPALIVEs for a while, and the table
+        // changes twice (every route withdrawn, as many new ones announced).
+        let keepalive = Message::Keepalive.to_bytes(&Codec::default()).unwrap();
+        for round in 1..=2u32 {
+            let mut cfg = config.borrow().clone();
+            cfg.export = routes_from(round * ROUTES, ROUTES);
+            config.send_replace(cfg);
+            for _ in 0..3 {
+                sock.write_all(&keepalive).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        let st = us.status.borrow()[0].clone();
+        assert_eq!(st.state, State::Established, "{st:?}");
+        let grown_mib = rss_kib().saturating_sub(before) / 1024;
+        assert!(
+            grown_mib < 64,
+            "memory grew by {grown_mib} MiB while the peer did not read"
+        );
+        // Now silent as well: dropped when the hold time runs out.
+        let silent = Instant::now();
+        until("the hold timer to expire", || {
+            state() != Some(State::Established)
+        })
+        .await;
+        let took = silent.elapsed();
+        assert!(
+            took < Duration::from_secs(u64::from(HOLD) + 3),
+            "dropped only after {took:?}"
+        );
+        let st = us.status.borrow()[0].clone();
+        assert!(st.reason.contains("hold timer expired"), "{st:?}");
+        drop(sock);
+        cancel.cancel();
+    }
+
+    /// Many ROUTE-REFRESH requests at once coalesce into one resend (not one full table
+    /// per request, as before); the table ends with End-of-RIB.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn route_refresh_requests_coalesce() {
+        use crate::bgp::message::{Codec, Message, RouteRefresh};
+        use tokio::io::AsyncWriteExt;
+        const ROUTES: u32 = 300;
+        let port = 20_000 + ((std::process::id() + 7) % 20_000) as u16;
+        let cancel = CancellationToken::new();
+        let (_us, _config) = exporting_speaker(port, 30, ROUTES, &cancel);
+        let (mut sock, mut buf) = raw_peer(port, 30, None).await;
+        let rr = Message::RouteRefresh(RouteRefresh {
+            family: IPV4_UNICAST,
+            subtype: 0,
+        })
+        .to_bytes(&Codec::default())
+        .unwrap();
+        sock.write_all(&rr.repeat(50)).await.unwrap();
+        let mut announced = 0usize;
+        let mut eors = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), read_msg(&mut sock, &mut buf)).await
+            {
+                Ok(Some(Message::Update(u))) => {
+                    if u.is_end_of_rib().is_some() {
+                        eors += 1;
+                    }
+                    announced += u.nlri.len();
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("closed"),
+                Err(_) => break,
+            }
+        }
+        assert!(eors >= 1, "no End-of-RIB");
+        assert!(
+            announced >= ROUTES as usize && announced <= 4 * ROUTES as usize,
+            "{announced} announcements for a table of {ROUTES} and 50 refreshes"
+        );
+        cancel.cancel();
     }
 
     /// A panic in one session task ends that session only: the speaker restarts it, and

@@ -154,6 +154,7 @@ pub struct BgpMetrics {
     updates_out: IntCounterVec,
     notes_in: IntCounterVec,
     notes_out: IntCounterVec,
+    too_large: IntCounterVec,
 }
 
 impl BgpMetrics {
@@ -206,10 +207,15 @@ impl BgpMetrics {
                 "NOTIFICATION messages sent, by error code",
                 &["peer", "code"],
             ),
+            too_large: c(
+                "calico_bgp_peer_routes_too_large_total",
+                "Routes not exported to the peer because with our attributes they no longer fit in a 4096-byte BGP message",
+                &["peer"],
+            ),
         }
     }
 
-    fn all(&self) -> [&dyn Collector; 9] {
+    fn all(&self) -> [&dyn Collector; 10] {
         [
             &self.state,
             &self.uptime,
@@ -220,6 +226,7 @@ impl BgpMetrics {
             &self.updates_out,
             &self.notes_in,
             &self.notes_out,
+            &self.too_large,
         ]
     }
 }
@@ -244,6 +251,7 @@ impl Collector for BgpMetrics {
             &self.updates_out,
             &self.notes_in,
             &self.notes_out,
+            &self.too_large,
         ] {
             c.reset();
         }
@@ -274,6 +282,9 @@ impl Collector for BgpMetrics {
             self.updates_out
                 .with_label_values(&[&peer])
                 .inc_by(s.updates_out);
+            self.too_large
+                .with_label_values(&[&peer])
+                .inc_by(s.routes_too_large);
             for (code, n) in &s.notifications_in {
                 self.notes_in
                     .with_label_values(&[&peer, &code.to_string()])

@@ -186,6 +186,14 @@ pub struct Update {
     pub path_ids: PathIds,
 }
 
+/// An UPDATE cut into messages that fit (see [`Update::split`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Split {
+    pub parts: Vec<Update>,
+    /// Prefixes that fit in no message with their attributes: not sent.
+    pub too_large: Vec<IpNet>,
+}
+
 /// Path identifiers, one per prefix of the list of the same name (or none).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PathIds {
@@ -239,11 +247,89 @@ impl Update {
         (announced, withdrawn)
     }
 
-    /// Split into UPDATEs that each fit in one message, attributes repeated.
-    pub fn split(self, codec: &Codec) -> Vec<Update> {
+    /// An announcement of `nlri` with these attributes and next hop: IPv4 in the classic
+    /// NLRI field with NEXT_HOP, IPv6 in MP_REACH_NLRI (RFC 4760).
+    pub fn announce(mut attrs: Attributes, next_hop: IpAddr, nlri: Vec<IpNet>) -> Update {
+        match next_hop {
+            IpAddr::V4(nh) => {
+                attrs.next_hop = Some(nh);
+                Update {
+                    attrs,
+                    nlri,
+                    ..Default::default()
+                }
+            }
+            IpAddr::V6(_) => Update {
+                attrs,
+                mp_reach: Some(MpReach {
+                    family: IPV6_UNICAST,
+                    next_hops: vec![next_hop],
+                    nlri,
+                }),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Whether a route with these attributes and next hop fits in one message to a peer
+    /// with this codec (RFC 4271 §4.1: 4096 bytes), checked with the longest prefix of
+    /// its family. A route received near the limit may no longer fit once we add
+    /// LOCAL_PREF, ORIGINATOR_ID and CLUSTER_LIST (RFC 4456), an AS or AS4_PATH.
+    pub fn announcement_fits(attrs: &Attributes, next_hop: IpAddr, codec: &Codec) -> bool {
+        let longest = match next_hop {
+            IpAddr::V4(_) => IpNet::V4(Ipv4Net::new(Ipv4Addr::BROADCAST, 32).expect("/32")),
+            IpAddr::V6(_) => IpNet::V6(Ipv6Net::new(Ipv6Addr::LOCALHOST, 128).expect("/128")),
+        };
+        let u = Update::announce(attrs.clone(), next_hop, vec![longest]);
+        HEADER_LEN + u.encode_body(codec).len() <= MAX_MESSAGE_LEN
+    }
+
+    /// Cut an announcement of many prefixes into announcements of at most `n` prefixes
+    /// each (attributes repeated), so that splitting any of them into messages makes
+    /// few at a time. UPDATEs that withdraw or carry path identifiers are left whole.
+    pub fn chunk_announcements(self, n: usize) -> Vec<Update> {
+        let n = n.max(1);
+        let plain = self.withdrawn.is_empty()
+            && self.mp_unreach.is_none()
+            && self.path_ids == PathIds::default();
+        let many = self.nlri.len() + self.mp_reach.as_ref().map_or(0, |m| m.nlri.len()) > n;
+        if !plain || !many {
+            return vec![self];
+        }
+        let mut out = Vec::new();
+        for c in self.nlri.chunks(n) {
+            out.push(Update {
+                attrs: self.attrs.clone(),
+                nlri: c.to_vec(),
+                ..Default::default()
+            });
+        }
+        if let Some(m) = &self.mp_reach {
+            for c in m.nlri.chunks(n) {
+                out.push(Update {
+                    attrs: self.attrs.clone(),
+                    mp_reach: Some(MpReach {
+                        family: m.family,
+                        next_hops: m.next_hops.clone(),
+                        nlri: c.to_vec(),
+                    }),
+                    ..Default::default()
+                });
+            }
+        }
+        out
+    }
+
+    /// Split into UPDATEs that each fit in one message, attributes repeated. Prefixes
+    /// whose attributes alone leave no room for them come back in `too_large` (they are
+    /// not to be sent: RFC 4271 §4.1 allows no larger message).
+    pub fn split(self, codec: &Codec) -> Split {
         let fits = |u: &Update| HEADER_LEN + u.encode_body(codec).len() <= MAX_MESSAGE_LEN;
         if fits(&self) {
-            return vec![self];
+            return Split {
+                parts: vec![self],
+                too_large: vec![],
+            };
         }
         let mut out = Vec::new();
         // Chunks of a prefix list and of its path identifiers, if it has them. Sizes allow
@@ -300,7 +386,7 @@ impl Update {
             + with_attrs(vec![], None, PathIds::default())
                 .encode_body(codec)
                 .len();
-        let room = MAX_MESSAGE_LEN.saturating_sub(base + 64).max(64);
+        let room = MAX_MESSAGE_LEN.saturating_sub(base + 64);
         for (nlri, n) in chunks(&self.nlri, &ids.nlri, room / v4) {
             let path_ids = PathIds {
                 nlri: n,
@@ -322,7 +408,16 @@ impl Update {
                 out.push(with_attrs(vec![], Some(mp), path_ids));
             }
         }
-        out
+        let (parts, over): (Vec<Update>, Vec<Update>) = out.into_iter().partition(fits);
+        let too_large = over
+            .into_iter()
+            .flat_map(|u| {
+                u.nlri
+                    .into_iter()
+                    .chain(u.mp_reach.into_iter().flat_map(|m| m.nlri))
+            })
+            .collect();
+        Split { parts, too_large }
     }
 
     /// The body (after the header).
