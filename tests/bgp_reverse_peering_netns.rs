@@ -6,14 +6,18 @@
 //! automatic reverse peering), the clients learn each other's blocks through it with
 //! their next hops kept, and pods on the two clients ping each other. With
 //! `reversePeering: Manual` the reflector drops its sessions to the clients and they stay
-//! down; back to the documented BGPPeer, they come up again.
+//! down; back to the documented BGPPeer, they come up again. The same with the reflector
+//! on the `bird-external` backend (real BIRD 2 running the configuration confd rendered,
+//! the reverse peerings as `rr client` protocols) and native clients.
 
 mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::cluster::{add_pod, block_of, calico_node, calicoctl, ping, routes};
-use common::{Etcd, NetNs, free_port, http_get};
+use common::{Etcd, NetNs, free_port, have, http_get, skip};
 
 const NODES: usize = 3;
 
@@ -40,8 +44,48 @@ fn established(status: &str, peer: &str) -> bool {
     })
 }
 
+/// How node-1, the reflector, runs BGP.
+#[derive(Clone, Copy, PartialEq)]
+enum Reflector {
+    /// The native speaker.
+    Native,
+    /// Backend `bird-external`: BIRD 2 on the files confd renders.
+    Bird,
+}
+
+/// Real BIRD in `ns` on `dir/bird.cfg`, its control socket `socket`; killed when dropped.
+fn run_bird(ns: &NetNs, dir: &Path, socket: &Path) -> common::Process {
+    let child = ns
+        .command("bird")
+        .arg("-f")
+        .arg("-c")
+        .arg(dir.join("bird.cfg"))
+        .arg("-s")
+        .arg(socket)
+        .arg("-P")
+        .arg(dir.join("bird.pid"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::Process(child)
+}
+
 #[test]
 fn documented_single_bgppeer_route_reflection_converges_and_manual_reverse_peering_does_not() {
+    scenario(Reflector::Native);
+}
+
+#[test]
+fn a_bird_reflector_gets_the_reverse_peerings_as_rr_clients() {
+    if !have("bird") || !have("birdc") {
+        skip("BIRD 2 (bird, birdc) is not installed");
+        return;
+    }
+    scenario(Reflector::Bird);
+}
+
+fn scenario(reflector: Reflector) {
     if !common::have("ping") {
         common::skip("ping is not installed");
         return;
@@ -62,20 +106,39 @@ fn documented_single_bgppeer_route_reflection_converges_and_manual_reverse_peeri
     let ep = format!("http://10.99.0.254:{port}");
     let states: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
     let health: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
+    let bird_dir: PathBuf = states[0].path().join("bird");
+    let bird_socket = states[0].path().join("bird.ctl");
+    let bird_env = [
+        ("CALICO_NETWORKING_BACKEND", "bird-external"),
+        ("CALICO_BIRD_CONFIG_DIR", bird_dir.to_str().unwrap()),
+        ("CALICO_BIRD_SOCKET", bird_socket.to_str().unwrap()),
+    ];
     let _daemons: Vec<common::Process> = nodes
         .iter()
         .enumerate()
         .map(|(i, n)| {
+            let extra: &[(&str, &str)] = if i == 0 && reflector == Reflector::Bird {
+                &bird_env
+            } else {
+                &[]
+            };
             calico_node(
                 n,
                 &format!("node-{}", i + 1),
                 &ep,
                 states[i].path(),
                 health[i],
-                &[],
+                extra,
             )
         })
         .collect();
+    let _bird = (reflector == Reflector::Bird).then(|| {
+        common::until("BIRD's configuration", Duration::from_secs(30), || {
+            std::fs::read_to_string(bird_dir.join("bird.cfg"))
+                .is_ok_and(|c| c.contains("10.99.0.2"))
+        });
+        run_bird(&nodes[0], &bird_dir, &bird_socket)
+    });
     let logs = || {
         states
             .iter()
@@ -83,7 +146,32 @@ fn documented_single_bgppeer_route_reflection_converges_and_manual_reverse_peeri
             .collect::<Vec<_>>()
             .join("\n----\n")
     };
-    let status = |i: usize| calicoctl(&nodes[i], &ep, states[i].path(), &["node", "status"], "");
+    // The sessions as each node shows them: `calicoctl node status`, or BIRD's protocols
+    // (named `Mesh_10_99_0_2`, `Node_10_99_0_2`, ...) for a BIRD reflector.
+    let status = |i: usize| {
+        if i == 0 && reflector == Reflector::Bird {
+            let out = nodes[0]
+                .command("birdc")
+                .arg("-s")
+                .arg(&bird_socket)
+                .args(["show", "protocols"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).to_string()
+        } else {
+            calicoctl(&nodes[i], &ep, states[i].path(), &["node", "status"], "")
+        }
+    };
+    // The reflector's node-specific session to `peer` Established; whether it has one at
+    // all.
+    let reflector_established = |s1: &str, peer: &str| match reflector {
+        Reflector::Native => established(s1, peer),
+        Reflector::Bird => s1.lines().any(|l| {
+            l.starts_with(&format!("Node_{} ", peer.replace('.', "_"))) && l.contains("Established")
+        }),
+    };
+    let reflector_mentions =
+        |s1: &str, peer: &str| s1.contains(peer) || s1.contains(&peer.replace('.', "_"));
     let ctl = |args: &[&str], stdin: &str| calicoctl(&nodes[0], &ep, states[0].path(), args, stdin);
     // Waits for `cond`, showing every node's status and log when it does not come.
     let wait = |what: &str, limit: Duration, cond: &dyn Fn() -> bool| {
@@ -99,6 +187,7 @@ fn documented_single_bgppeer_route_reflection_converges_and_manual_reverse_peeri
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+        eprintln!("{what}: after {:?}", start.elapsed());
     };
 
     // The mesh first, as a cluster starts (readiness includes every session Established).
@@ -134,8 +223,8 @@ spec:
     );
     let through_the_reflector_only = || {
         let (s1, s2, s3) = (status(0), status(1), status(2));
-        established(&s1, "10.99.0.2")
-            && established(&s1, "10.99.0.3")
+        reflector_established(&s1, "10.99.0.2")
+            && reflector_established(&s1, "10.99.0.3")
             && established(&s2, "10.99.0.1")
             && established(&s3, "10.99.0.1")
             && !s2.contains("10.99.0.3")
@@ -146,6 +235,18 @@ spec:
         Duration::from_secs(60),
         &through_the_reflector_only,
     );
+
+    if reflector == Reflector::Bird {
+        // BIRD reflects for the reverse peerings: route-reflector clients of cluster
+        // 244.0.0.1.
+        let cfg = std::fs::read_to_string(bird_dir.join("bird.cfg")).unwrap();
+        assert!(cfg.contains("rr cluster id 244.0.0.1;"), "{cfg}");
+        for peer in ["Node_10_99_0_2", "Node_10_99_0_3"] {
+            let at = cfg.find(&format!("protocol bgp {peer} ")).unwrap();
+            let block = &cfg[at..at + cfg[at..].find("\n}").unwrap()];
+            assert!(block.contains("rr client;"), "{block}");
+        }
+    }
 
     // Pods on the two clients: their blocks cross the reflector with the next hop kept.
     let (n2, n3) = (&nodes[1], &nodes[2]);
@@ -171,8 +272,8 @@ spec:
     );
     let reflector_alone = || {
         let (s1, s2, s3) = (status(0), status(1), status(2));
-        !s1.contains("10.99.0.2")
-            && !s1.contains("10.99.0.3")
+        !reflector_mentions(&s1, "10.99.0.2")
+            && !reflector_mentions(&s1, "10.99.0.3")
             && s2.contains("| 10.99.0.1 ")
             && !established(&s2, "10.99.0.1")
             && s3.contains("| 10.99.0.1 ")

@@ -221,13 +221,17 @@ struct Local<'a> {
     listen_port: u16,
 }
 
+/// A node's AS: its own, else BGPConfiguration's (`global_as`, itself 64512 by default).
+fn node_as(spec: &NodeSpec, global_as: u32) -> u32 {
+    spec.bgp
+        .as_ref()
+        .and_then(|b| b.as_number)
+        .map_or(global_as, |a| a.0)
+}
+
 impl Local<'_> {
-    /// A node's AS: its own, else BGPConfiguration's, else 64512.
     fn as_of(&self, spec: &NodeSpec) -> u32 {
-        spec.bgp
-            .as_ref()
-            .and_then(|b| b.as_number)
-            .map_or(self.global_as, |a| a.0)
+        node_as(spec, self.global_as)
     }
 
     /// Our address in `peer`'s family: the source of sessions with `sourceAddress:
@@ -416,49 +420,90 @@ fn reverse_targets(local: &Local, rule: &PeerRule) -> Vec<Target> {
     targets
 }
 
-/// The sessions for `targets` with the BGPPeer's settings, each unless a session to its
-/// address is configured already. A reflector treats an iBGP peer outside its cluster as
-/// its client (Calico's BIRD template: `rr client` when the peer's cluster ID differs).
-fn add_sessions(
-    local: &Local,
-    rule: &PeerRule,
-    kind: PeerType,
-    targets: Vec<Target>,
-    seen: &mut BTreeSet<IpAddr>,
-    peers: &mut Vec<DesiredPeer>,
-    problems: &mut Vec<String>,
-) {
-    let (name, p) = (rule.name, rule.spec);
-    if targets.is_empty() {
-        return;
-    }
-    if p.password.is_some() {
-        problems.push(format!(
-            "BGPPeer {name}: password refers to a Kubernetes secret, which an etcd datastore cannot resolve; the session runs without MD5"
-        ));
-    }
-    let restart = restart_secs(
-        &format!("BGPPeer {name} spec.maxRestartTime"),
-        p.max_restart_time.as_deref(),
-        problems,
-    );
-    let use_node_ip = p.source_address.as_deref() != Some("None");
-    for t in targets {
-        if !seen.insert(t.ip) {
-            continue;
+/// The sessions configured so far, and their addresses (ours included: never a peer).
+struct Sessions {
+    peers: Vec<DesiredPeer>,
+    seen: BTreeSet<IpAddr>,
+}
+
+impl Sessions {
+    /// Sessions to `targets` with the BGPPeer's settings, each unless a session to its
+    /// address is configured already. A reflector treats an iBGP peer outside its cluster
+    /// as its client (Calico's BIRD template: `rr client` when the peer's cluster ID
+    /// differs).
+    fn add(
+        &mut self,
+        local: &Local,
+        rule: &PeerRule,
+        kind: PeerType,
+        targets: Vec<Target>,
+        problems: &mut Vec<String>,
+    ) {
+        let (name, p) = (rule.name, rule.spec);
+        if targets.is_empty() {
+            return;
         }
-        let mut d = DesiredPeer::new(t.ip, t.asn, kind);
-        if let Some(port) = t.port {
-            d.port = port;
+        if p.password.is_some() {
+            problems.push(format!(
+                "BGPPeer {name}: password refers to a Kubernetes secret, which an etcd datastore cannot resolve; the session runs without MD5"
+            ));
         }
-        d.rr_client =
-            local.my_cluster.is_some() && t.asn == local.local_as && t.cluster != local.my_cluster;
-        d.keep_next_hop = p.keep_original_next_hop;
-        d.ttl_security = p.ttl_security.filter(|t| *t > 0);
-        d.graceful_restart_secs = restart;
-        d.local_address = local.source_for(t.ip).filter(|_| use_node_ip);
-        peers.push(d);
+        let restart = restart_secs(
+            &format!("BGPPeer {name} spec.maxRestartTime"),
+            p.max_restart_time.as_deref(),
+            problems,
+        );
+        let use_node_ip = p.source_address.as_deref() != Some("None");
+        for t in targets {
+            if !self.seen.insert(t.ip) {
+                continue;
+            }
+            let mut d = DesiredPeer::new(t.ip, t.asn, kind);
+            if let Some(port) = t.port {
+                d.port = port;
+            }
+            d.rr_client = local.my_cluster.is_some()
+                && t.asn == local.local_as
+                && t.cluster != local.my_cluster;
+            d.keep_next_hop = p.keep_original_next_hop;
+            d.ttl_security = p.ttl_security.filter(|t| *t > 0);
+            d.graceful_restart_secs = restart;
+            d.local_address = local.source_for(t.ip).filter(|_| use_node_ip);
+            self.peers.push(d);
+        }
     }
+}
+
+/// The sessions BGPPeers give this node: explicit peerings first (node-specific, then
+/// global, each by name), then the reverse peerings other nodes' BGPPeers imply. The
+/// first session configured for an address wins, so an explicit peering is never
+/// replaced by an implicit reverse one (Calico's `emit`: "an explicit forwards peering is
+/// not overwritten by an implicit reverse peering").
+fn bgp_peer_sessions(local: &Local, problems: &mut Vec<String>) -> Sessions {
+    let mut sessions = Sessions {
+        peers: Vec::new(),
+        seen: BTreeSet::from([IpAddr::V4(local.my_ip)]),
+    };
+    sessions.seen.extend(local.my_ip6.map(IpAddr::V6));
+    let rules = peer_rules(local.input.peers, problems);
+    let mut forward: Vec<(PeerType, &PeerRule)> = rules
+        .iter()
+        .filter(|r| r.local_side_selects(local.input.node, &local.me.labels))
+        .map(|r| (r.kind(), r))
+        .collect();
+    forward.sort_by_key(|(kind, r)| (*kind != PeerType::NodeSpecific, r.name));
+    for (kind, rule) in forward {
+        let targets = forward_targets(local, rule, problems);
+        sessions.add(local, rule, kind, targets, problems);
+    }
+    for rule in &rules {
+        let targets = reverse_targets(local, rule);
+        sessions.add(local, rule, PeerType::NodeSpecific, targets, problems);
+    }
+    // A BGPPeer used in both directions reports its problems once.
+    let mut reported = BTreeSet::new();
+    problems.retain(|p| reported.insert(p.clone()));
+    sessions
 }
 
 /// Compute the speaker's configuration for `input.node`.
@@ -480,13 +525,7 @@ pub fn desired(input: &Input) -> Result<Desired, NotReady> {
         .global
         .and_then(|g| g.as_number)
         .map_or(DEFAULT_AS, |a| a.0);
-    let as_of = |spec: &NodeSpec| {
-        spec.bgp
-            .as_ref()
-            .and_then(|b| b.as_number)
-            .map_or(global_as, |a| a.0)
-    };
-    let local_as = as_of(&me.spec);
+    let local_as = node_as(&me.spec, global_as);
     let my_cluster = cluster_id(&me.spec);
     let mut cfg = DesiredBgpConfig::new(my_ip, local_as);
     cfg.cluster_id = my_cluster;
@@ -506,11 +545,7 @@ pub fn desired(input: &Input) -> Result<Desired, NotReady> {
         cfg.listen_address = IpAddr::V4(my_ip);
     }
 
-    // Explicit peers first (node-specific, then global), then the reverse peerings other
-    // nodes' BGPPeers imply, then the mesh: the first session configured for an address
-    // wins, so an explicit peering is never replaced by an implicit reverse one (Calico's
-    // `emit`: "an explicit forwards peering is not overwritten by an implicit reverse
-    // peering").
+    // BGPPeers, then the mesh toward the nodes they leave out.
     let local = Local {
         input,
         me,
@@ -521,45 +556,10 @@ pub fn desired(input: &Input) -> Result<Desired, NotReady> {
         my_cluster,
         listen_port: cfg.listen_port,
     };
-    let mut seen: BTreeSet<IpAddr> = BTreeSet::from([IpAddr::V4(my_ip)]);
-    seen.extend(local.my_ip6.map(IpAddr::V6));
-    let rules = peer_rules(input.peers, &mut problems);
-    let mut peers: Vec<DesiredPeer> = Vec::new();
-    let mut forward: Vec<(PeerType, &PeerRule)> = rules
-        .iter()
-        .filter(|r| r.local_side_selects(input.node, &me.labels))
-        .map(|r| (r.kind(), r))
-        .collect();
-    forward.sort_by_key(|(kind, r)| (*kind != PeerType::NodeSpecific, r.name));
-    for (kind, rule) in forward {
-        let targets = forward_targets(&local, rule, &mut problems);
-        add_sessions(
-            &local,
-            rule,
-            kind,
-            targets,
-            &mut seen,
-            &mut peers,
-            &mut problems,
-        );
-    }
-    for rule in &rules {
-        let targets = reverse_targets(&local, rule);
-        let kind = PeerType::NodeSpecific;
-        add_sessions(
-            &local,
-            rule,
-            kind,
-            targets,
-            &mut seen,
-            &mut peers,
-            &mut problems,
-        );
-    }
-    // A BGPPeer used in both directions reports its problems once.
-    let mut reported = BTreeSet::new();
-    problems.retain(|p| reported.insert(p.clone()));
-
+    let Sessions {
+        mut peers,
+        mut seen,
+    } = bgp_peer_sessions(&local, &mut problems);
     let mesh = input.global.is_none_or(|g| g.mesh_enabled()) && my_cluster.is_none();
     if mesh {
         let restart = restart_secs(
@@ -584,7 +584,11 @@ pub fn desired(input: &Input) -> Result<Desired, NotReady> {
             if !seen.insert(IpAddr::V4(ip)) {
                 continue;
             }
-            let mut d = DesiredPeer::new(IpAddr::V4(ip), as_of(&n.spec), PeerType::NodeToNodeMesh);
+            let mut d = DesiredPeer::new(
+                IpAddr::V4(ip),
+                local.as_of(&n.spec),
+                PeerType::NodeToNodeMesh,
+            );
             // One side connects: the node with the lower address.
             d.passive = ip > my_ip;
             d.graceful_restart_secs = restart;

@@ -1,5 +1,6 @@
 //! confd's calculation as tables: identity and AS, the mesh and its passive rule, route
-//! reflection, explicit peers by node, selector and IP, and what is exported.
+//! reflection, explicit peers by node, selector and IP, the reverse peerings they imply
+//! (Calico's automatic reverse peering), and what is exported.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
