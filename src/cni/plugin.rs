@@ -357,16 +357,20 @@ where
     F: Fn(Command) -> Fut,
     Fut: std::future::Future<Output = Result<Option<Value>, CniError>>,
 {
-    if let Ok(node) = conf.node_name() {
-        let name = workload_endpoint_name(&node, orchestrator, workload, &env.ifname);
-        delete_own_endpoint(client, namespace, &name, &env.container_id).await?;
-    }
-    let link = async {
+    let link = || async {
         dataplane::teardown(&env.netns, &env.ifname)
             .await
             .map_err(plugin_error("cannot remove the pod interface"))
     };
-    let (released, link) = tokio::join!(ipam(Command::Del), link);
+    let Ok(node) = conf.node_name() else {
+        // No endpoint name to read: the release is what reaches the datastore, and the
+        // interface goes only once it succeeded.
+        ipam(Command::Del).await?;
+        return link().await;
+    };
+    let name = workload_endpoint_name(&node, orchestrator, workload, &env.ifname);
+    delete_own_endpoint(client, namespace, &name, &env.container_id).await?;
+    let (released, link) = tokio::join!(ipam(Command::Del), link());
     released?;
     link
 }
