@@ -11,3 +11,4 @@ pub mod felix;
 pub mod ipam;
 pub mod model;
 pub mod node;
+pub mod state_file;

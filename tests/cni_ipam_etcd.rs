@@ -447,3 +447,51 @@ async fn a_requested_address_is_assigned_or_refused_with_the_reason() {
         "{res}"
     );
 }
+
+/// The host-wide IPAM lock (`ipam_lock_file`, Calico's key) is created 0600, and a lock
+/// another process keeps holding gives "try again later" (11) after a bounded wait, not
+/// a hang; once it is free ADD works.
+#[tokio::test]
+async fn a_held_ipam_lock_gives_code_11_after_a_bounded_wait() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(etcd) = ready_etcd().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("run/ipam.lock");
+    let mut c = conf(&etcd, "1.0.0");
+    c["ipam_lock_file"] = json!(lock.to_str().unwrap());
+    c["ipam_lock_timeout"] = json!(1);
+    let (code, res) = run(&cni_env("ADD", "first"), &c);
+    assert_eq!(code, 0, "{res}");
+    let mode = std::fs::metadata(&lock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+    let held = nix::fcntl::Flock::lock(
+        std::fs::File::open(&lock).unwrap(),
+        nix::fcntl::FlockArg::LockExclusive,
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let (code, e) = run(&cni_env("ADD", "second"), &c);
+    let waited = start.elapsed();
+    assert_eq!((code, e["code"].as_u64()), (1, Some(11)), "{e}");
+    assert_eq!(e["msg"], "the host-wide IPAM lock is busy; try again later");
+    assert!(
+        e["details"]
+            .as_str()
+            .unwrap()
+            .contains(lock.to_str().unwrap()),
+        "{e}"
+    );
+    assert!(
+        waited >= std::time::Duration::from_secs(1) && waited < std::time::Duration::from_secs(10),
+        "{waited:?}"
+    );
+    assert_eq!(
+        etcd.etcdctl_value("/calico/ipam/v2/handle/k8s-pod-network.second"),
+        ""
+    );
+    drop(held);
+    let (code, res) = run(&cni_env("ADD", "second"), &c);
+    assert_eq!(code, 0, "{res}");
+}

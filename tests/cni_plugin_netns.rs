@@ -822,6 +822,16 @@ fn del_with_etcd_down_deletes_nothing_and_says_try_again() {
         sh(&host, "ip link").contains(&cali),
         "the host keeps its veth"
     );
+    // Also without a node name (no endpoint to read): the release fails first.
+    let mut nameless = conf.clone();
+    nameless.as_object_mut().unwrap().remove("nodename");
+    nameless["nodename_file"] = json!("/nonexistent/calico/nodename");
+    let (code, err) = call_for(&host, "DEL", "down1", &pod, POD_P, &nameless);
+    assert_eq!((code, err["code"].as_u64()), (1, Some(11)), "{err}");
+    assert!(
+        sh(&pod, "ip link").contains("eth0"),
+        "the pod keeps its interface"
+    );
     etcd.restart();
     assert_ne!(etcd.etcdctl_value(WEP_P), "", "the endpoint stays");
     assert_ne!(

@@ -24,6 +24,11 @@ pub fn ipam_error(e: IpamError) -> CniError {
                 d,
             )
         }
+        e @ IpamError::HostLockBusy { .. } => CniError::new(
+            code::TRY_AGAIN_LATER,
+            "the host-wide IPAM lock is busy; try again later",
+            e.to_string(),
+        ),
         IpamError::PoolNotUsable(p) => CniError::new(
             code::INVALID_NETWORK_CONFIG,
             format!(
@@ -183,27 +188,69 @@ pub async fn check_datastore_ready(client: &Client) -> Result<(), CniError> {
     }
 }
 
-/// Where the host-wide IPAM lock lives (Calico's path).
+/// Where the host-wide IPAM lock lives unless `ipam_lock_file` says otherwise (Calico's
+/// path and key).
 pub const IPAM_LOCK: &str = "/var/run/calico/ipam.lock";
 
-/// Take the host-wide IPAM lock; held until dropped. Without a writable lock file the
-/// plugin proceeds (the allocator stays correct, only extra blocks may be claimed).
-fn host_lock() -> Option<nix::fcntl::Flock<std::fs::File>> {
-    let path = std::path::Path::new(IPAM_LOCK);
+/// How long ADD waits for the host-wide IPAM lock unless `ipam_lock_timeout` (seconds)
+/// says otherwise. Calico waits without bound; a lock held that long means a stuck
+/// process, and the runtime is better told to try again (code 11) than left hanging.
+pub const IPAM_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Take the host-wide IPAM lock at `path` (created mode 0600: only root's CNI processes
+/// take it), polling a non-blocking `flock` for at most `timeout`; held until dropped.
+/// Held elsewhere the whole time: [`IpamError::HostLockBusy`]. Without a usable lock
+/// file the plugin proceeds, as Calico's best-effort lock does (the allocator stays
+/// correct, only extra blocks may be claimed).
+fn host_lock(
+    path: &std::path::Path,
+    timeout: std::time::Duration,
+) -> Result<Box<dyn std::any::Any + Send>, IpamError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let file = std::fs::OpenOptions::new()
+    let file = match std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(path)
-        .ok()?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive) {
-        Ok(l) => Some(l),
-        Err((_, e)) => {
-            tracing::warn!(error = %e, "cannot take {IPAM_LOCK}; continuing without it");
-            None
+    {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "cannot open the IPAM lock file; continuing without it");
+            return Ok(Box::new(()));
+        }
+    };
+    // A file left by an older plugin with wider permissions is narrowed.
+    if file
+        .metadata()
+        .is_ok_and(|m| m.permissions().mode() & 0o777 != 0o600)
+    {
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
+    }
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(5);
+    let mut file = file;
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(Box::new(l)),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                if start.elapsed() >= timeout {
+                    return Err(IpamError::HostLockBusy {
+                        path: path.display().to_string(),
+                        waited_ms: start.elapsed().as_millis() as u64,
+                    });
+                }
+                std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
+                pause = (pause * 2).min(std::time::Duration::from_millis(100));
+                file = f;
+            }
+            Err((_, e)) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot take the IPAM lock; continuing without it");
+                return Ok(Box::new(()));
+            }
         }
     }
 }
@@ -281,7 +328,12 @@ pub async fn execute_on(
     let client = Client::new(ds.clone());
     // One host's block claims at a time across CNI processes (Calico's ipam.lock):
     // concurrent first pods would otherwise each claim a block.
-    let ipam = Ipam::new(ds).with_cross_process_lock(Arc::new(|| Box::new(host_lock())));
+    let lock_path = std::path::PathBuf::from(conf.ipam_lock_file.as_deref().unwrap_or(IPAM_LOCK));
+    let lock_timeout = conf
+        .ipam_lock_timeout
+        .map_or(IPAM_LOCK_TIMEOUT, std::time::Duration::from_secs);
+    let ipam = Ipam::new(ds)
+        .with_cross_process_lock(Arc::new(move || host_lock(&lock_path, lock_timeout)));
     let handle = workload_handle(&conf.name, &env.container_id);
     match env.command {
         Command::Add => {

@@ -213,6 +213,13 @@ pub struct NetConf {
     pub nodename_file: Option<String>,
     #[serde(default)]
     pub nodename_file_optional: bool,
+    /// The host-wide IPAM lock's path (Calico's key; default `/var/run/calico/ipam.lock`).
+    #[serde(default)]
+    pub ipam_lock_file: Option<String>,
+    /// How long, in seconds, ADD waits for that lock before answering "try again later"
+    /// (ours; Calico waits without bound). Default 30.
+    #[serde(default)]
+    pub ipam_lock_timeout: Option<u64>,
     #[serde(default)]
     pub mtu: Option<u32>,
     #[serde(default)]
@@ -294,6 +301,17 @@ impl NetConf {
                     return Err(conf_error(field, format!("'{p}' is not a CIDR")));
                 }
             }
+        }
+        // libcni runs `ipam.type` from CNI_PATH and refuses a name with a path separator
+        // ("invalid plugin name"): a name must not reach outside CNI_PATH.
+        if conf.ipam.kind.contains('/') {
+            return Err(conf_error(
+                "ipam.type",
+                format!(
+                    "'{}' is not a plugin name: it contains '/' (plugins are found by name in CNI_PATH)",
+                    conf.ipam.kind
+                ),
+            ));
         }
         if let Some(t) = &conf.datastore_type
             && t != "etcdv3"
@@ -589,6 +607,24 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.msg, "invalid network configuration field ipam.ipv4_pools");
+        for kind in ["../../bin/sh", "/usr/bin/x", "sub/calico-ipam"] {
+            let e = NetConf::parse(
+                format!(r#"{{"cniVersion":"1.0.0","name":"n","ipam":{{"type":"{kind}"}}}}"#)
+                    .as_bytes(),
+            )
+            .unwrap_err();
+            assert_eq!(
+                (e.code, e.msg.as_str()),
+                (4, "invalid network configuration field ipam.type"),
+                "{kind}"
+            );
+            assert!(e.details.contains(kind), "{}", e.details);
+        }
+        // Pool names pass (they are resolved at ADD).
+        assert!(
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","ipam":{"ipv4_pools":["blue"]}}"#)
+                .is_ok()
+        );
         let e = NetConf::parse(
             br#"{"cniVersion":"1.0.0","name":"n","etcd_endpoints":"127.0.0.1:2379"}"#,
         )

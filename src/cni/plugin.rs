@@ -357,16 +357,20 @@ where
     F: Fn(Command) -> Fut,
     Fut: std::future::Future<Output = Result<Option<Value>, CniError>>,
 {
-    if let Ok(node) = conf.node_name() {
-        let name = workload_endpoint_name(&node, orchestrator, workload, &env.ifname);
-        delete_own_endpoint(client, namespace, &name, &env.container_id).await?;
-    }
-    let link = async {
+    let link = || async {
         dataplane::teardown(&env.netns, &env.ifname)
             .await
             .map_err(plugin_error("cannot remove the pod interface"))
     };
-    let (released, link) = tokio::join!(ipam(Command::Del), link);
+    let Ok(node) = conf.node_name() else {
+        // No endpoint name to read: the release is what reaches the datastore, and the
+        // interface goes only once it succeeded.
+        ipam(Command::Del).await?;
+        return link().await;
+    };
+    let name = workload_endpoint_name(&node, orchestrator, workload, &env.ifname);
+    delete_own_endpoint(client, namespace, &name, &env.container_id).await?;
+    let (released, link) = tokio::join!(ipam(Command::Del), link());
     released?;
     link
 }
@@ -672,6 +676,123 @@ mod tests {
         let missing = ipam_runner(&e, &conf("nope")).unwrap_err();
         assert_eq!(missing.code, code::INVALID_NETWORK_CONFIG);
         assert!(missing.details.contains("'nope' not found in CNI_PATH"));
+    }
+
+    /// A datastore where a new sandbox of the pod rewrites the endpoint between DEL's read
+    /// and its delete (the first delete of the key only).
+    struct NewSandboxDuringDel {
+        inner: crate::datastore::MemoryDatastore,
+        replaced: std::sync::atomic::AtomicBool,
+        replacement: Vec<u8>,
+    }
+
+    #[async_trait::async_trait]
+    impl Datastore for NewSandboxDuringDel {
+        async fn get(
+            &self,
+            key: &str,
+        ) -> crate::datastore::DsResult<Option<crate::datastore::KeyValue>> {
+            self.inner.get(key).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+        ) -> crate::datastore::DsResult<(Vec<crate::datastore::KeyValue>, i64)> {
+            self.inner.list(prefix).await
+        }
+        async fn create(&self, key: &str, value: Vec<u8>) -> crate::datastore::DsResult<i64> {
+            self.inner.create(key, value).await
+        }
+        async fn update(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            revision: i64,
+        ) -> crate::datastore::DsResult<i64> {
+            self.inner.update(key, value, revision).await
+        }
+        async fn apply(&self, key: &str, value: Vec<u8>) -> crate::datastore::DsResult<i64> {
+            self.inner.apply(key, value).await
+        }
+        async fn delete(
+            &self,
+            key: &str,
+            revision: Option<i64>,
+        ) -> crate::datastore::DsResult<crate::datastore::KeyValue> {
+            if !self
+                .replaced
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                self.inner.apply(key, self.replacement.clone()).await?;
+            }
+            self.inner.delete(key, revision).await
+        }
+        async fn watch(
+            &self,
+            prefix: &str,
+            from_revision: i64,
+        ) -> crate::datastore::DsResult<crate::datastore::WatchReceiver> {
+            self.inner.watch(prefix, from_revision).await
+        }
+    }
+
+    fn wep_of(container: &str) -> WorkloadEndpoint {
+        let mut w = WorkloadEndpoint::new(
+            "node--1-k8s-p-eth0",
+            WorkloadEndpointSpec {
+                orchestrator: "k8s".into(),
+                node: "node-1".into(),
+                pod: "p".into(),
+                endpoint: "eth0".into(),
+                container_id: container.into(),
+                interface_name: "cali0123456789a".into(),
+                ..Default::default()
+            },
+        );
+        w.metadata.namespace = Some("ns1".into());
+        w
+    }
+
+    #[tokio::test]
+    async fn del_deletes_only_its_own_endpoint_at_the_revision_read() {
+        let name = "node--1-k8s-p-eth0";
+        let get = |c: Client| async move {
+            c.get::<WorkloadEndpointSpec>(Some("ns1"), name)
+                .await
+                .unwrap()
+                .map(|w| w.spec.container_id)
+        };
+        // Its own endpoint goes; another sandbox's stays; none is fine.
+        let client = Client::new(Arc::new(crate::datastore::MemoryDatastore::new()));
+        client.create(wep_of("sb1")).await.unwrap();
+        delete_own_endpoint(&client, "ns1", name, "sb0")
+            .await
+            .unwrap();
+        assert_eq!(get(client.clone()).await.as_deref(), Some("sb1"));
+        delete_own_endpoint(&client, "ns1", name, "sb1")
+            .await
+            .unwrap();
+        assert_eq!(get(client.clone()).await, None);
+        delete_own_endpoint(&client, "ns1", name, "sb1")
+            .await
+            .unwrap();
+        // Sandbox 2 rewrites the endpoint between the read and the delete: the delete at
+        // the old revision conflicts, the re-read shows sandbox 2's, which stays.
+        let inner = crate::datastore::MemoryDatastore::new();
+        let seed = Client::new(Arc::new(inner.clone()));
+        seed.create(wep_of("sb1")).await.unwrap();
+        let mut replacement = wep_of("sb2");
+        replacement.metadata.resource_version = None;
+        let ds = NewSandboxDuringDel {
+            inner,
+            replaced: false.into(),
+            replacement: crate::datastore::client::encode(&replacement),
+        };
+        let client = Client::new(Arc::new(ds));
+        delete_own_endpoint(&client, "ns1", name, "sb1")
+            .await
+            .unwrap();
+        assert_eq!(get(client).await.as_deref(), Some("sb2"));
     }
 
     #[test]

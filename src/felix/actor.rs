@@ -679,10 +679,5 @@ fn write_if_changed(path: &std::path::Path, content: &str) -> std::io::Result<()
     if std::fs::read_to_string(path).is_ok_and(|c| c == content) {
         return Ok(());
     }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content)?;
-    std::fs::rename(&tmp, path)
+    crate::state_file::write_atomic(path, content.as_bytes())
 }

@@ -107,6 +107,11 @@ pub enum IpamError {
     /// The address is already allocated.
     #[error("{0} is already in use")]
     InUse(IpAddr),
+    /// The host-wide IPAM lock stayed held by another process for the whole wait.
+    #[error(
+        "the host-wide IPAM lock {path} is held by another process; gave up after {waited_ms} ms"
+    )]
+    HostLockBusy { path: String, waited_ms: u64 },
     /// Writes kept conflicting (extreme contention).
     #[error("gave up on {key} after {CAS_RETRIES} conflicting writes")]
     TooManyConflicts { key: String },
@@ -280,7 +285,10 @@ type HostLocks = Arc<std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()
 /// A lock shared with other processes on this host (the CNI plugin's
 /// `/var/run/calico/ipam.lock`), taken around the part of an assignment that claims
 /// blocks; the guard it returns is held until dropped.
-pub type CrossProcessLock = Arc<dyn Fn() -> Box<dyn std::any::Any + Send> + Send + Sync>;
+/// Taking it may fail (held elsewhere for too long): the assignment then fails with that
+/// error rather than waiting without bound.
+pub type CrossProcessLock =
+    Arc<dyn Fn() -> IpamResult<Box<dyn std::any::Any + Send>> + Send + Sync>;
 
 /// Calico block IPAM.
 #[derive(Clone)]
@@ -459,7 +467,7 @@ impl Ipam {
             locks.entry(args.host.clone()).or_default().clone()
         };
         let _serialized = lock.lock().await;
-        let _cross_process = self.cross_process.as_ref().map(|take| take());
+        let _cross_process = self.cross_process.as_ref().map(|take| take()).transpose()?;
         if pools.is_empty() {
             return Err(IpamError::NoPools {
                 family,

@@ -253,17 +253,16 @@ pub async fn ensure_cluster_information(
     )))
 }
 
-/// Write `<dir>/nodename` atomically (the CNI plugin reads it).
+/// Write `<dir>/nodename` atomically and durably (the CNI plugin reads it; see
+/// [`crate::state_file::write_atomic`]).
 pub fn write_nodename_file(dir: &Path, nodename: &str) -> Result<(), StartupError> {
     let path = dir.join("nodename");
-    let err = |source| StartupError::NodenameFile {
-        path: path.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let tmp = dir.join(".nodename.tmp");
-    std::fs::write(&tmp, nodename).map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)
+    crate::state_file::write_atomic(&path, nodename.as_bytes()).map_err(|source| {
+        StartupError::NodenameFile {
+            path: path.display().to_string(),
+            source,
+        }
+    })
 }
 
 /// What start-up established.
@@ -304,6 +303,30 @@ mod tests {
     use super::*;
     use crate::datastore::MemoryDatastore;
     use crate::env::MapEnv;
+
+    /// Two calico-node processes (a restart overlapping the old one) write the nodename
+    /// file at once: every write succeeds and the file always holds one whole name.
+    #[test]
+    fn concurrent_nodename_writes_never_fail_or_mix() {
+        let dir = tempfile::tempdir().unwrap();
+        let writers: Vec<_> = (0..6)
+            .map(|w| {
+                let dir = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    for i in 0..200 {
+                        let name = format!("node-{w}-{i}-{}", "n".repeat(w * 300));
+                        write_nodename_file(&dir, &name).unwrap();
+                        let read = std::fs::read_to_string(dir.join("nodename")).unwrap();
+                        let w: usize = read.split('-').nth(1).unwrap().parse().unwrap();
+                        assert!(read.ends_with(&"n".repeat(w * 300)), "{read}");
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+    }
 
     fn cfg(dir: &Path, pairs: &[(&str, &str)]) -> NodeConfig {
         let mut all = vec![("CALICO_STATE_DIR", dir.to_str().unwrap())];
