@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use calico_node::datastore::{Client, Datastore, EtcdDatastore};
@@ -22,6 +22,7 @@ use calico_node::model::{
     IPPool, IPPoolSpec, Node, NodeSpec, WorkloadEndpoint, WorkloadEndpointSpec,
 };
 use common::{Etcd, free_port, have, skip};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// A 3-member etcd cluster on loopback, each member killed by its PID on drop.
 struct Cluster {
@@ -358,4 +359,131 @@ async fn leader_killed_during_concurrent_assigns_leaves_ipam_consistent() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("found 0 problem(s)"), "{text}");
+}
+
+/// What a [`LossyProxy`] lets through.
+const PASS: u8 = 0;
+/// Requests reach etcd, its answers are dropped: the write commits, the client cannot know.
+const DROP_ANSWERS: u8 = 1;
+/// Requests are dropped: nothing reaches etcd.
+const DROP_REQUESTS: u8 = 2;
+
+/// A TCP proxy to etcd that can silently drop either direction (a member that dies after
+/// committing a write, or before receiving it).
+struct LossyProxy {
+    port: u16,
+    mode: Arc<AtomicU8>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Copy `from` to `to`, dropping the bytes while the proxy's mode is `dropped_when`.
+async fn pump(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mode: Arc<AtomicU8>,
+    dropped_when: u8,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if mode.load(Ordering::SeqCst) != dropped_when && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl LossyProxy {
+    async fn start(target: std::net::SocketAddr) -> LossyProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(AtomicU8::new(PASS));
+        let m = mode.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(upstream) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (ci, co) = inbound.into_split();
+                let (ui, uo) = upstream.into_split();
+                tokio::spawn(pump(ci, uo, m.clone(), DROP_REQUESTS));
+                tokio::spawn(pump(ui, co, m.clone(), DROP_ANSWERS));
+            }
+        });
+        LossyProxy { port, mode, task }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A datastore whose first member is the proxy and second the same etcd directly: what a
+/// client sees of a member that fails after (or before) a write reached the cluster.
+async fn behind_lossy_proxy() -> Option<(Etcd, LossyProxy, Arc<EtcdDatastore>)> {
+    let etcd = Etcd::start()?;
+    let proxy = LossyProxy::start(([127, 0, 0, 1], etcd.client_port).into()).await;
+    let ds = connect(&[proxy.endpoint(), etcd.endpoint()]).await;
+    // Connections through the proxy are up before it starts losing bytes.
+    ds.get("/warm-up").await.unwrap();
+    Some((etcd, proxy, ds))
+}
+
+#[tokio::test]
+async fn a_write_whose_answer_is_lost_is_read_back_not_resent() {
+    let Some((etcd, proxy, ds)) = behind_lossy_proxy().await else {
+        return;
+    };
+    let key = "/calico/ipam/v2/handle/k8s-pod-network.c1";
+    let rev = ds.create(key, b"v1".to_vec()).await.unwrap();
+
+    // The update commits but its answer is lost: reading back finds our value, and the
+    // caller gets the revision it was written at (resending would have failed with a
+    // conflict against our own write, and IPAM would have assigned again).
+    proxy.set(DROP_ANSWERS);
+    let written = ds.update(key, b"v2".to_vec(), rev).await;
+    let now = ds.get(key).await.unwrap().unwrap();
+    assert_eq!(written, Ok(now.mod_revision), "{written:?}");
+    assert_eq!(now.value, b"v2");
+
+    // The same for a create and a delete.
+    let key2 = "/calico/ipam/v2/handle/k8s-pod-network.c2";
+    let created = ds.create(key2, b"c".to_vec()).await;
+    let now2 = ds.get(key2).await.unwrap().unwrap();
+    assert_eq!(created, Ok(now2.mod_revision));
+    let deleted = ds.delete(key2, Some(now2.mod_revision)).await.unwrap();
+    assert_eq!(deleted.value, b"c");
+    assert_eq!(ds.get(key2).await.unwrap(), None);
+
+    // A request that never reached etcd is resent once it is known not to have committed.
+    proxy.set(DROP_REQUESTS);
+    let written = ds.update(key, b"v3".to_vec(), now.mod_revision).await;
+    let after = ds.get(key).await.unwrap().unwrap();
+    assert_eq!(written, Ok(after.mod_revision));
+    assert_eq!(after.value, b"v3");
+
+    // Another writer got there first: the conflict it causes is reported, not hidden.
+    proxy.set(DROP_ANSWERS);
+    etcd.etcdctl(&["put", key, "someone-else"]);
+    let stale = ds.update(key, b"v4".to_vec(), after.mod_revision).await;
+    assert!(
+        matches!(
+            stale,
+            Err(calico_node::datastore::DatastoreError::Conflict { .. })
+        ),
+        "{stale:?}"
+    );
+    assert_eq!(etcd.etcdctl_value(key), "someone-else");
 }
