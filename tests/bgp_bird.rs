@@ -289,6 +289,63 @@ fn bird_ttl_security_refuses_ttl_64() {
     assert!(!ttl_security_case(None));
 }
 
+/// RFC 5082 on connections BIRD opens to us (point 9 of issue 15): we are passive, BIRD
+/// connects. `bird_gtsm`: BIRD has `ttl security on`, and the rule is also enforced in
+/// front of it by nftables from our first segment (the SYN-ACK) on; we must answer with
+/// TTL 255 on the listener and on the accepted socket. Without: BIRD sends with a low
+/// TTL, and our accepted socket, with its minimum TTL set before the first read, drops
+/// BIRD's KEEPALIVE (sent after our OPEN, so after the option is set): no session.
+/// Whether the session came up within 8 s.
+fn ttl_security_incoming_case(bird_gtsm: bool) -> bool {
+    let Some(a) = NetNs::new("bgp-us") else {
+        return bird_gtsm;
+    };
+    let Some(b) = NetNs::new("bgp-bird") else {
+        return bird_gtsm;
+    };
+    link(&a, US, &b, BIRD);
+    if bird_gtsm {
+        let mut nft = b
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(
+            &mut nft.stdin.take().unwrap(),
+            b"table ip gtsm {\n chain input {\n type filter hook input priority -300;\n \
+              tcp sport 179 ip ttl < 255 drop\n }\n}\n",
+        )
+        .unwrap();
+        assert!(nft.wait().unwrap().success(), "nft");
+    }
+    let extra = if bird_gtsm { "ttl security on;" } else { "" };
+    let Some(_d) = bird(&b, &bird_conf(extra)) else {
+        return bird_gtsm;
+    };
+    let mut cfg = our_conf(true, None);
+    cfg.peers[0].ttl_security = Some(1);
+    let us = OurSpeaker::start(&a, cfg);
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < deadline {
+        if established(&us) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn bird_connecting_in_with_ttl_security_comes_up() {
+    assert!(ttl_security_incoming_case(true));
+}
+
+#[test]
+fn ttl_security_refuses_a_peer_connecting_in_with_a_low_ttl() {
+    assert!(!ttl_security_incoming_case(false));
+}
+
 /// ADD-PATH (RFC 7911) with BIRD's `add paths on`, as Calico configures it: BIRD sends us
 /// both its paths to one prefix and we hold both; when one source goes, its path is
 /// withdrawn by identifier and the other becomes best; BIRD reads our routes, sent with

@@ -185,3 +185,120 @@ fn missing_mandatory_attribute_and_unparsable_nlri() {
     assert!(st.reason.contains("invalid network field"), "{st:?}");
     assert_eq!(st.notifications_out.get(&err::UPDATE), Some(&1), "{st:?}");
 }
+
+/// Point 9 of issue 15: ExaBGP, a client of ours (we reflect, RFC 4456), announces a route
+/// with ~4,000 bytes of communities, which fits in its 4096-byte UPDATE but no longer once
+/// we add ORIGINATOR_ID and CLUSTER_LIST for BIRD, our other client. That route is not
+/// exported to BIRD (logged, counted in `calico_bgp_peer_routes_too_large_total`); the
+/// sessions stay up, without a flap, and ExaBGP's other route reaches BIRD. (Before: the
+/// session with BIRD panicked in `Message::encode` at every restart.)
+#[test]
+fn a_route_too_large_to_reflect_is_not_exported_and_nothing_flaps() {
+    use common::bgp::{bird, birdc, lan};
+    const BIRD: &str = "10.99.0.3";
+    let Some(a) = NetNs::new("bgp-us") else {
+        return;
+    };
+    let Some(b) = NetNs::new("bgp-exa") else {
+        return;
+    };
+    let Some(c) = NetNs::new("bgp-bird") else {
+        return;
+    };
+    lan(&[(&a, US), (&b, EXA), (&c, BIRD)]);
+    let bird_conf = format!(
+        "router id {BIRD};\nprotocol device {{ }}\nprotocol bgp reflector {{\n  local {BIRD} as 64512; neighbor {US} as 64512; direct;\n  connect delay time 1; connect retry time 1; error wait time 1, 5;\n  ipv4 {{ import all; export none; }};\n}}\n"
+    );
+    let Some(bird_d) = bird(&c, &bird_conf) else {
+        return;
+    };
+    let mut cfg = DesiredBgpConfig::new(US.parse().unwrap(), 64512);
+    cfg.cluster_id = Some(US.parse().unwrap());
+    let mut exa = DesiredPeer::new(EXA.parse().unwrap(), 64512, PeerType::Global);
+    exa.passive = true;
+    exa.rr_client = true;
+    let mut birdp = DesiredPeer::new(BIRD.parse().unwrap(), 64512, PeerType::Global);
+    birdp.rr_client = true;
+    cfg.peers = vec![exa, birdp];
+    cfg.policy = pool_policy();
+    let mut us = OurSpeaker::start(&a, cfg);
+    // 1008 communities: ExaBGP's UPDATE is ~4,085 bytes; ours to BIRD would be 14 more.
+    let communities: Vec<String> = (1..=1008).map(|i| format!("64512:{i}")).collect();
+    let conf = format!(
+        r#"neighbor {US} {{
+    router-id {EXA};
+    local-address {EXA};
+    local-as 64512;
+    peer-as 64512;
+    family {{ ipv4 unicast; }}
+    static {{
+        route 10.244.30.0/26 next-hop {EXA} community [ {} ];
+        route 10.244.31.0/26 next-hop {EXA};
+    }}
+}}
+"#,
+        communities.join(" ")
+    );
+    let Some(d) = exabgp(&b, &conf) else { return };
+    let log = || std::fs::read_to_string(d.dir.path().join("exabgp.log")).unwrap_or_default();
+    let up = |us: &OurSpeaker, p: &str| {
+        us.peer_state(p)
+            .filter(|s| s.state == State::Established)
+            .and_then(|s| s.established_at)
+    };
+    let (exa_since, bird_since) = wait_for(Duration::from_secs(30), "both sessions", || {
+        Some((up(&us, EXA)?, up(&us, BIRD)?))
+    });
+    let want = vec![
+        ("10.244.30.0/26".to_string(), EXA.to_string()),
+        ("10.244.31.0/26".to_string(), EXA.to_string()),
+    ];
+    wait_for(Duration::from_secs(15), "both of ExaBGP's routes", || {
+        (us.routes() == want).then_some(())
+    });
+    wait_for(Duration::from_secs(15), "the normal route at BIRD", || {
+        birdc(&bird_d, "show route 10.244.31.0/26")
+            .contains("10.244.31.0/26")
+            .then_some(())
+    });
+    wait_for(Duration::from_secs(10), "the refusal to be counted", || {
+        us.peer_state(BIRD)
+            .filter(|s| s.routes_too_large >= 1)
+            .map(|_| ())
+    });
+    // Give a flap time to show.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !birdc(&bird_d, "show route 10.244.30.0/26").contains("10.244.30.0/26"),
+        "the oversize route reached BIRD"
+    );
+    for (p, since) in [(EXA, exa_since), (BIRD, bird_since)] {
+        let st = us.peer_state(p).unwrap();
+        assert_eq!(st.state, State::Established, "{p}: {st:?}\n{}", log());
+        assert_eq!(st.established_at, Some(since), "{p} flapped: {st:?}");
+        assert!(st.notifications_out.is_empty(), "{p}: {st:?}");
+        assert!(st.notifications_in.is_empty(), "{p}: {st:?}");
+        assert!(!st.reason.contains("restarted"), "{p}: {st:?}");
+    }
+    assert_eq!(us.routes(), want);
+    // The metric, as /metrics renders it.
+    let metrics = calico_node::bgp::status::BgpMetrics::new(us.status.clone());
+    // As a registry gathers them: families without a sample are left out.
+    let families: Vec<_> = prometheus::core::Collector::collect(&metrics)
+        .into_iter()
+        .filter(|f| !f.get_metric().is_empty())
+        .collect();
+    let mut bytes = Vec::new();
+    prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &families, &mut bytes).unwrap();
+    let text = String::from_utf8(bytes).unwrap();
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "calico_bgp_peer_routes_too_large_total{{peer=\"{BIRD}\"}}"
+            ))
+        })
+        .unwrap_or_else(|| panic!("no metric for BIRD:\n{text}"));
+    let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 1, "{line}");
+}

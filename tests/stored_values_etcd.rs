@@ -114,6 +114,29 @@ async fn newer_calico_values_do_not_break_cni_add_and_survive_read_modify_write(
     want["spec"]["bgp"]["ipv4Address"] = json!("1.2.3.9/24");
     assert_eq!(stored, want);
 
+    // calicoctl lists the good pool (with the newer field), and names the broken one.
+    let calicoctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_calicoctl"))
+            .env_clear()
+            .env("ETCD_ENDPOINTS", etcd.endpoint())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = calicoctl(&["get", "ippools", "-o", "yaml"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("name: ippool-name1"), "{stdout}");
+    assert!(stdout.contains("namespaceSelector: has(team)"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("{RES}/ippools/broken")),
+        "stderr names the skipped key: {stderr}"
+    );
+
     // The broken value is an error naming its key when read alone.
     let e = client
         .get::<IPPoolSpec>(None, "broken")

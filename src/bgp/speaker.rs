@@ -232,6 +232,17 @@ impl Speaker {
             TcpSocket::new_v6()?
         };
         sock.set_reuseaddr(true)?;
+        // RFC 5082: the kernel answers a SYN with the listener's TTL, before any accept;
+        // a peer enforcing TTL security from its first segment drops anything less than
+        // 255. (Accepted sockets then get the full setting, see `secure_accepted`.)
+        if self
+            .cfg
+            .peers
+            .iter()
+            .any(|p| p.ttl_security.is_some() && p.address.is_ipv4() == addr.is_ipv4())
+        {
+            sockopt::set_ttl(&sock, addr, 255)?;
+        }
         for p in &self.cfg.peers {
             if let Some(pw) = &p.password
                 && p.address.is_ipv4() == addr.is_ipv4()
@@ -309,10 +320,11 @@ impl Speaker {
             self.felix_withdraw_all(&old).await;
         }
         let old = std::mem::replace(&mut self.cfg, new.clone());
-        let passwords = |c: &DesiredBgpConfig| -> Vec<(IpAddr, Option<String>)> {
+        // What the listening socket is set up with.
+        let passwords = |c: &DesiredBgpConfig| -> Vec<(IpAddr, Option<String>, bool)> {
             c.peers
                 .iter()
-                .map(|p| (p.address, p.password.clone()))
+                .map(|p| (p.address, p.password.clone(), p.ttl_security.is_some()))
                 .collect()
         };
         if identity_changed

@@ -2,6 +2,14 @@
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    // Warnings of the library (e.g. a stored value that cannot be decoded and is skipped,
+    // named by key) go to stderr; stdout stays the command's output.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .without_time()
+        .with_target(false)
+        .init();
     let args: Vec<String> = std::env::args().collect();
     let code = calico_node::ctl::main(
         args,

@@ -1,12 +1,23 @@
 //! The etcd v3 backend: Calico's transactions (REFERENCE §1, "Write semantics"), paged
-//! lists at one revision, and watches with PrevKV that report compaction. With several
-//! endpoints, a request that cannot reach one member is sent to the next (the request never
-//! reached etcd, so even a write is safe to resend), and the member that answered is used
-//! from then on.
+//! lists at one revision, and watches with PrevKV that report compaction.
+//!
+//! Failover. With several endpoints, a read that fails for want of a working member (a
+//! connection error, "no leader", a timeout) is sent to the next member, with a short
+//! backoff once every member has failed, for up to [`FAILOVER_WINDOW`] (a leader election
+//! takes a second or two); the member that answered is used from then on.
+//! A compare-and-swap write is different: etcd answers "request timed out" or "leader
+//! changed" (gRPC Unavailable) for a write that may still commit, and a connection can
+//! break after the request left. Resending blindly could apply it twice (an address
+//! assigned twice to one handle, a block created twice) or report a conflict for our own
+//! write. So after such a failure the key is read back (and, when it changed, its history
+//! from the expected revision on) to tell "ours committed" from "not committed" from
+//! "someone else wrote first", and only "not committed" is resent. Any later conflict of a
+//! write whose earlier try was uncertain is checked the same way.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use etcd_client::{
@@ -25,6 +36,14 @@ use super::{
 const MAX_MESSAGE: usize = 64 << 20;
 /// Keys per page of a list: bounded memory per response, few round trips.
 const LIST_PAGE: i64 = 5000;
+/// How long a request keeps failing over between members of a cluster (several election
+/// timeouts: etcd's default is 1 s).
+const FAILOVER_WINDOW: Duration = Duration::from_secs(10);
+/// Pause after every member has failed once, doubled up to [`FAILOVER_BACKOFF_MAX`].
+const FAILOVER_BACKOFF: Duration = Duration::from_millis(50);
+const FAILOVER_BACKOFF_MAX: Duration = Duration::from_millis(800);
+/// How long reading a key's history to resolve an uncertain write may take.
+const HISTORY_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A connection to one etcd member.
 #[derive(Clone)]
@@ -44,14 +63,54 @@ pub struct EtcdDatastore {
     list_page: i64,
 }
 
-/// Whether the request failed before reaching a working member, so another may be tried.
-fn unreachable(e: &etcd_client::Error) -> bool {
+/// Whether a failure says nothing definite: no working member answered (connection errors,
+/// "no leader", a timeout, a leader change, a connection broken mid-request). A read may
+/// then be sent elsewhere; a write's outcome is unknown until the key is read back.
+fn uncertain(e: &etcd_client::Error) -> bool {
     use etcd_client::Error as E;
     match e {
         E::TransportError(_) | E::IoError(_) => true,
-        E::GRpcStatus(s) => s.code() == Code::Unavailable,
+        E::GRpcStatus(s) => matches!(
+            s.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+        ),
         _ => false,
     }
+}
+
+/// What a compare-and-swap write means to do, to recognise it in the key's history.
+#[derive(Clone, Copy)]
+enum Intent<'a> {
+    /// Create-only put of this value.
+    Create(&'a [u8]),
+    /// Put of this value over the key at this ModRevision.
+    Update(&'a [u8], i64),
+    /// Delete of the key (at this ModRevision, if given).
+    Delete(Option<i64>),
+}
+
+/// What a write did, once known.
+enum Written {
+    /// Put at this revision.
+    Put(i64),
+    /// Deleted; the value it had.
+    Deleted(KeyValue),
+}
+
+/// What reading back says about a write whose outcome was unknown.
+enum Resolution {
+    /// It took effect.
+    Committed(Written),
+    /// It did not (the key is as it expected): safe to send again.
+    NotCommitted,
+    /// Someone else changed the key first: the write can no longer succeed.
+    Superseded(DatastoreError),
+}
+
+/// The first change of a key at or after some revision.
+enum Change {
+    Put { value: Vec<u8>, mod_revision: i64 },
+    Delete { prev: Option<KeyValue> },
 }
 
 fn map_err(e: etcd_client::Error) -> DatastoreError {
@@ -79,6 +138,14 @@ fn kv(k: &etcd_client::KeyValue) -> KeyValue {
         value: k.value().to_vec(),
         mod_revision: k.mod_revision(),
         create_revision: k.create_revision(),
+    }
+}
+
+/// The revision of a put that reading back found committed.
+fn put_of(w: Written) -> i64 {
+    match w {
+        Written::Put(rev) => rev,
+        Written::Deleted(kv) => kv.mod_revision,
     }
 }
 
@@ -128,6 +195,61 @@ fn connect_options(cfg: &DatastoreConfig) -> DsResult<ConnectOptions> {
     Ok(opts)
 }
 
+/// A transaction's result: its response when it ran, or what reading back found out.
+enum CasOutcome {
+    Ran(etcd_client::TxnResponse),
+    Resolved(Written),
+}
+
+/// Which member to try next, and when to give up: every member once, then again after a
+/// growing pause, for [`FAILOVER_WINDOW`]. With one endpoint, one try.
+struct Failover<'a> {
+    ds: &'a EtcdDatastore,
+    first: usize,
+    tried: usize,
+    backoff: Duration,
+    deadline: Instant,
+}
+
+impl<'a> Failover<'a> {
+    fn new(ds: &'a EtcdDatastore) -> Self {
+        Failover {
+            ds,
+            first: ds.current.load(Ordering::Relaxed) % ds.members.len(),
+            tried: 0,
+            backoff: FAILOVER_BACKOFF,
+            deadline: Instant::now() + FAILOVER_WINDOW,
+        }
+    }
+
+    /// The member to send to now.
+    fn member(&self) -> (usize, Member) {
+        let idx = (self.first + self.tried) % self.ds.members.len();
+        (idx, self.ds.members[idx].clone())
+    }
+
+    /// This member answered: use it first from now on.
+    fn answered(&self, idx: usize) {
+        if idx != self.first {
+            self.ds.current.store(idx, Ordering::Relaxed);
+        }
+    }
+
+    /// Move to the next member (pausing after a full round); false when time is up.
+    async fn next(&mut self) -> bool {
+        let n = self.ds.members.len();
+        if n == 1 || Instant::now() >= self.deadline {
+            return false;
+        }
+        self.tried += 1;
+        if self.tried.is_multiple_of(n) {
+            tokio::time::sleep(self.backoff).await;
+            self.backoff = (self.backoff * 2).min(FAILOVER_BACKOFF_MAX);
+        }
+        true
+    }
+}
+
 impl EtcdDatastore {
     /// Connect to the configured endpoints (lazily: an unreachable member shows up on the
     /// first request sent to it).
@@ -155,33 +277,186 @@ impl EtcdDatastore {
         })
     }
 
-    /// Send a request to the current member, then to each other member while the failure
-    /// is "could not reach it".
+    /// Send a request to the current member; while the failure is [`uncertain`], to the
+    /// next (a cluster only: one endpoint answers once, as before). Only for requests that
+    /// are safe to repeat (reads, watches, unconditional puts); compare-and-swap writes go
+    /// through [`EtcdDatastore::cas`].
     async fn call<T, F, Fut>(&self, f: F) -> DsResult<T>
     where
         F: Fn(Member) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let n = self.members.len();
-        let first = self.current.load(Ordering::Relaxed) % n;
-        let mut tried = 0;
+        let mut failover = Failover::new(self);
         loop {
-            let idx = (first + tried) % n;
-            let member = self.members[idx].clone();
+            let (idx, member) = failover.member();
             let endpoint = member.endpoint.clone();
             match f(member).await {
                 Ok(v) => {
-                    if idx != first {
-                        self.current.store(idx, Ordering::Relaxed);
-                    }
+                    failover.answered(idx);
                     return Ok(v);
                 }
-                Err(e) if tried + 1 < n && unreachable(&e) => {
-                    tracing::debug!(%endpoint, error = %e, "etcd member unreachable; trying the next");
-                    tried += 1;
+                Err(e) if uncertain(&e) && failover.next().await => {
+                    tracing::debug!(%endpoint, error = %e, "etcd member did not answer; trying the next");
                 }
                 Err(e) => return Err(map_err(e)),
             }
+        }
+    }
+
+    /// Send a compare-and-swap transaction so that it takes effect at most once (see the
+    /// module documentation): after an uncertain failure the key is read back and the
+    /// transaction is resent only if it did not commit; a compare that fails after an
+    /// uncertain try is checked against the key's history (the earlier try may have been
+    /// the one that committed). The response of a transaction that ran is returned as is.
+    async fn cas(&self, key: &str, txn: Txn, intent: Intent<'_>) -> DsResult<CasOutcome> {
+        let mut failover = Failover::new(self);
+        let mut was_uncertain = false;
+        loop {
+            let (idx, member) = failover.member();
+            let endpoint = member.endpoint.clone();
+            let e = match member.kv.clone().txn(txn.clone()).await {
+                Ok(resp) => {
+                    failover.answered(idx);
+                    if !resp.succeeded()
+                        && was_uncertain
+                        && let Ok(Resolution::Committed(w)) = self.resolve(key, intent).await
+                    {
+                        return Ok(CasOutcome::Resolved(w));
+                    }
+                    return Ok(CasOutcome::Ran(resp));
+                }
+                Err(e) if uncertain(&e) => e,
+                Err(e) => return Err(map_err(e)),
+            };
+            was_uncertain = true;
+            tracing::warn!(%endpoint, %key, error = %e, "etcd write outcome unknown; reading the key back before resending");
+            match self.resolve(key, intent).await {
+                Ok(Resolution::Committed(w)) => return Ok(CasOutcome::Resolved(w)),
+                Ok(Resolution::Superseded(err)) => return Err(err),
+                Ok(Resolution::NotCommitted) => {}
+                Err(read) => {
+                    tracing::debug!(%key, error = %read, "cannot read the key back yet");
+                }
+            }
+            if !failover.next().await {
+                return Err(DatastoreError::Unavailable(format!(
+                    "write to {key}: outcome unknown and etcd did not answer ({})",
+                    map_err(e)
+                )));
+            }
+        }
+    }
+
+    /// Tell whether a write whose outcome was unknown took effect, from the key now and,
+    /// when it changed, its first change after the state the write expected.
+    async fn resolve(&self, key: &str, intent: Intent<'_>) -> DsResult<Resolution> {
+        let now = self.get_full(key).await?;
+        Ok(match intent {
+            Intent::Create(value) => match now {
+                None => Resolution::NotCommitted,
+                Some((kv, version)) => {
+                    let created = if version == 1 {
+                        Some(kv.value.clone())
+                    } else {
+                        match self.first_change(key, kv.create_revision).await? {
+                            Change::Put { value, .. } => Some(value),
+                            Change::Delete { .. } => None,
+                        }
+                    };
+                    if created.as_deref() == Some(value) {
+                        Resolution::Committed(Written::Put(kv.create_revision))
+                    } else {
+                        Resolution::Superseded(DatastoreError::AlreadyExists { key: key.into() })
+                    }
+                }
+            },
+            Intent::Update(value, expected) => match now {
+                Some((kv, _)) if kv.mod_revision == expected => Resolution::NotCommitted,
+                now => match self.first_change(key, expected + 1).await? {
+                    Change::Put {
+                        value: v,
+                        mod_revision,
+                    } if v == value => Resolution::Committed(Written::Put(mod_revision)),
+                    _ => Resolution::Superseded(match now {
+                        Some((kv, _)) => DatastoreError::Conflict {
+                            key: key.into(),
+                            expected,
+                            found: kv.mod_revision,
+                        },
+                        None => DatastoreError::NotFound { key: key.into() },
+                    }),
+                },
+            },
+            Intent::Delete(Some(expected)) => match now {
+                Some((kv, _)) if kv.mod_revision == expected => Resolution::NotCommitted,
+                now => match self.first_change(key, expected + 1).await? {
+                    Change::Delete { prev: Some(prev) } => {
+                        Resolution::Committed(Written::Deleted(prev))
+                    }
+                    _ => Resolution::Superseded(match now {
+                        Some((kv, _)) => DatastoreError::Conflict {
+                            key: key.into(),
+                            expected,
+                            found: kv.mod_revision,
+                        },
+                        None => DatastoreError::NotFound { key: key.into() },
+                    }),
+                },
+            },
+            Intent::Delete(None) => match now {
+                Some(_) => Resolution::NotCommitted,
+                None => Resolution::Superseded(DatastoreError::NotFound { key: key.into() }),
+            },
+        })
+    }
+
+    /// A key with its version (how many writes since its creation).
+    async fn get_full(&self, key: &str) -> DsResult<Option<(KeyValue, i64)>> {
+        let resp = self
+            .call(|m| async move { m.kv.clone().get(key, None).await })
+            .await?;
+        Ok(resp.kvs().first().map(|k| (kv(k), k.version())))
+    }
+
+    /// The first change of `key` at or after `from_revision`, from a watch of its history
+    /// (the caller knows there is one). History etcd has compacted leaves it unknown.
+    async fn first_change(&self, key: &str, from_revision: i64) -> DsResult<Change> {
+        let opts = WatchOptions::new()
+            .with_start_revision(from_revision)
+            .with_prev_key();
+        let read = self.call(|m| {
+            let opts = opts.clone();
+            async move {
+                let mut stream = m.watch.clone().watch(key, Some(opts)).await?;
+                while let Some(resp) = stream.message().await? {
+                    if resp.compact_revision() > 0 || resp.canceled() {
+                        return Ok(None);
+                    }
+                    let Some(e) = resp.events().first() else {
+                        continue;
+                    };
+                    return Ok(Some(match e.event_type() {
+                        EventType::Put => Change::Put {
+                            value: e.kv().map(|k| k.value().to_vec()).unwrap_or_default(),
+                            mod_revision: e.kv().map_or(0, |k| k.mod_revision()),
+                        },
+                        EventType::Delete => Change::Delete {
+                            prev: e.prev_kv().map(kv),
+                        },
+                    }));
+                }
+                Ok(None)
+            }
+        });
+        match tokio::time::timeout(HISTORY_TIMEOUT, read).await {
+            Ok(Ok(Some(change))) => Ok(change),
+            Ok(Ok(None)) => Err(DatastoreError::Unavailable(format!(
+                "the history of {key} from revision {from_revision} is compacted"
+            ))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(DatastoreError::Unavailable(format!(
+                "reading the history of {key} timed out"
+            ))),
         }
     }
 
@@ -196,14 +471,6 @@ impl EtcdDatastore {
         self.call(|m| async move { m.client.clone().compact(revision, None).await })
             .await
             .map(|_| ())
-    }
-
-    async fn txn(&self, txn: Txn) -> DsResult<etcd_client::TxnResponse> {
-        self.call(|m| {
-            let txn = txn.clone();
-            async move { m.kv.clone().txn(txn).await }
-        })
-        .await
     }
 
     /// The ModRevision found by the `or_else` Get of a failed transaction.
@@ -294,9 +561,12 @@ impl Datastore for EtcdDatastore {
     async fn create(&self, key: &str, value: Vec<u8>) -> DsResult<i64> {
         let txn = Txn::new()
             .when(vec![Compare::version(key, CompareOp::Equal, 0)])
-            .and_then(vec![TxnOp::put(key, value, None)])
+            .and_then(vec![TxnOp::put(key, value.clone(), None)])
             .or_else(vec![TxnOp::get(key, None)]);
-        let resp = self.txn(txn).await?;
+        let resp = match self.cas(key, txn, Intent::Create(&value)).await? {
+            CasOutcome::Ran(resp) => resp,
+            CasOutcome::Resolved(w) => return Ok(put_of(w)),
+        };
         if resp.succeeded() {
             Ok(Self::put_revision(&resp))
         } else {
@@ -307,9 +577,12 @@ impl Datastore for EtcdDatastore {
     async fn update(&self, key: &str, value: Vec<u8>, revision: i64) -> DsResult<i64> {
         let txn = Txn::new()
             .when(vec![Compare::mod_revision(key, CompareOp::Equal, revision)])
-            .and_then(vec![TxnOp::put(key, value, None)])
+            .and_then(vec![TxnOp::put(key, value.clone(), None)])
             .or_else(vec![TxnOp::get(key, None)]);
-        let resp = self.txn(txn).await?;
+        let resp = match self.cas(key, txn, Intent::Update(&value, revision)).await? {
+            CasOutcome::Ran(resp) => resp,
+            CasOutcome::Resolved(w) => return Ok(put_of(w)),
+        };
         if resp.succeeded() {
             return Ok(Self::put_revision(&resp));
         }
@@ -342,7 +615,15 @@ impl Datastore for EtcdDatastore {
                 .or_else(vec![TxnOp::get(key, None)]),
             None => Txn::new().and_then(vec![del]),
         };
-        let resp = self.txn(txn).await?;
+        let resp = match self.cas(key, txn, Intent::Delete(revision)).await? {
+            CasOutcome::Ran(resp) => resp,
+            CasOutcome::Resolved(Written::Deleted(prev)) => return Ok(prev),
+            CasOutcome::Resolved(Written::Put(_)) => {
+                return Err(DatastoreError::Other(format!(
+                    "delete of {key} resolved as a put"
+                )));
+            }
+        };
         if !resp.succeeded() {
             return match Self::found_revision(&resp) {
                 Some(found) => Err(DatastoreError::Conflict {

@@ -744,9 +744,34 @@ impl Ipam {
                 Ok(None)
             }
             Err(e) => {
-                let _ = self.ds.delete(&aff_key, Some(aff_rev)).await;
+                self.back_out_claim(&aff_key, aff_rev, &key, &value).await;
                 Err(e.into())
             }
+        }
+    }
+
+    /// Undo a claim whose block create failed without saying whether it happened (the
+    /// datastore could not tell): the block, if it is there as we created it, goes first,
+    /// then the pending affinity. When the block cannot be read the affinity stays: an
+    /// affinity left pending is harmless, a block left without its affinity would be
+    /// orphaned.
+    async fn back_out_claim(&self, aff_key: &str, aff_rev: i64, key: &str, value: &[u8]) {
+        let block_gone = match self.ds.get(key).await {
+            Ok(None) => true,
+            Ok(Some(kv)) if kv.value == value => matches!(
+                self.ds.delete(key, Some(kv.mod_revision)).await,
+                Ok(_) | Err(DatastoreError::NotFound { .. })
+            ),
+            // Someone else's block (or ours already in use): not ours to remove, and our
+            // affinity never pointed at a block we made.
+            Ok(Some(_)) => true,
+            Err(e) => {
+                tracing::warn!(block = %key, error = %e, "cannot tell whether a claimed block was created; its pending affinity stays");
+                false
+            }
+        };
+        if block_gone {
+            let _ = self.ds.delete(aff_key, Some(aff_rev)).await;
         }
     }
 
@@ -1295,6 +1320,70 @@ mod tests {
             num_v4: n,
             ..AssignArgs::v4(handle, host)
         }
+    }
+
+    /// A datastore whose block creates commit and then report an unknown outcome (a member
+    /// that died after the write, the cluster unreachable to read it back).
+    struct LostBlockCreates(MemoryDatastore);
+
+    #[async_trait::async_trait]
+    impl Datastore for LostBlockCreates {
+        async fn get(&self, key: &str) -> crate::datastore::DsResult<Option<KeyValue>> {
+            self.0.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> crate::datastore::DsResult<(Vec<KeyValue>, i64)> {
+            self.0.list(prefix).await
+        }
+        async fn create(&self, key: &str, value: Vec<u8>) -> crate::datastore::DsResult<i64> {
+            let rev = self.0.create(key, value).await?;
+            if key.contains("/assignment/") {
+                return Err(DatastoreError::Unavailable("outcome unknown".into()));
+            }
+            Ok(rev)
+        }
+        async fn update(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            revision: i64,
+        ) -> crate::datastore::DsResult<i64> {
+            self.0.update(key, value, revision).await
+        }
+        async fn apply(&self, key: &str, value: Vec<u8>) -> crate::datastore::DsResult<i64> {
+            self.0.apply(key, value).await
+        }
+        async fn delete(
+            &self,
+            key: &str,
+            revision: Option<i64>,
+        ) -> crate::datastore::DsResult<KeyValue> {
+            self.0.delete(key, revision).await
+        }
+        async fn watch(
+            &self,
+            prefix: &str,
+            from_revision: i64,
+        ) -> crate::datastore::DsResult<crate::datastore::WatchReceiver> {
+            self.0.watch(prefix, from_revision).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_block_create_of_unknown_outcome_leaves_no_orphaned_block() {
+        let (_, mem) = setup(&[("p", "10.65.0.0/24", 26)]).await;
+        let ipam = Ipam::new(Arc::new(LostBlockCreates(mem.clone())));
+        let r = ipam.auto_assign(&args("h1", "node-1", 1)).await;
+        assert!(matches!(r, Err(IpamError::Datastore(_))), "{r:?}");
+        let (blocks, _) = mem.list("/calico/ipam/v2/assignment/").await.unwrap();
+        let (affinities, _) = mem.list("/calico/ipam/v2/host/").await.unwrap();
+        let names = |kvs: &[KeyValue]| kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>();
+        assert!(
+            blocks.is_empty(),
+            "a block without its affinity was left: {:?} (affinities {:?})",
+            names(&blocks),
+            names(&affinities)
+        );
+        assert!(affinities.is_empty(), "{:?}", names(&affinities));
     }
 
     #[tokio::test]
