@@ -140,7 +140,7 @@ pub fn decode(kv: &KeyValue) -> Option<Result<SyncValue, String>> {
         IpamKey::Handle(id) => {
             IPAMHandle::decode(&kv.value).map(|handle| SyncValue::Handle { id, handle })
         }
-        IpamKey::Config => json(serde_json::from_slice(&kv.value)).map(SyncValue::IpamConfig),
+        IpamKey::Config => IPAMConfig::decode(&kv.value).map(SyncValue::IpamConfig),
     })
 }
 

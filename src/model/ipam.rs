@@ -246,8 +246,11 @@ impl IPAMHandle {
     }
 }
 
-/// The IPAM configuration (`/calico/ipam/v2/config`).
+/// The IPAM configuration (`/calico/ipam/v2/config`). Fields of a newer Calico
+/// (`ipCooldownSeconds`, `kubeVirtVMAddressPersistence`) are kept in `unknown`, so
+/// `calicoctl ipam configure` (a read-modify-write) does not strip them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IPAMConfig {
     #[serde(
         default,
@@ -264,6 +267,23 @@ pub struct IPAMConfig {
     /// 0 means the default (20 here, as REFERENCE §1 says).
     #[serde(default, rename = "maxBlocksPerHost", skip_serializing_if = "is_zero")]
     pub max_blocks_per_host: u32,
+    /// Fields of the stored value this version does not model.
+    #[serde(skip)]
+    pub unknown: UnknownFields,
+}
+
+impl IPAMConfig {
+    /// Decode the stored configuration, keeping a newer Calico's fields.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let (mut c, unknown) = decode_lenient::<IPAMConfig>(bytes).map_err(|e| e.to_string())?;
+        c.unknown = unknown;
+        Ok(c)
+    }
+
+    /// The stored JSON, with the unknown fields the configuration was read with.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_with(self, &self.unknown)
+    }
 }
 
 fn yes() -> bool {
@@ -280,6 +300,7 @@ impl Default for IPAMConfig {
             strict_affinity: false,
             auto_allocate_blocks: true,
             max_blocks_per_host: 0,
+            unknown: UnknownFields::default(),
         }
     }
 }
@@ -425,6 +446,7 @@ mod tests {
             strict_affinity: true,
             auto_allocate_blocks: true,
             max_blocks_per_host: 4,
+            ..Default::default()
         };
         assert_eq!(
             serde_json::to_string(&c).unwrap(),
@@ -433,6 +455,17 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<IPAMConfig>("{}").unwrap(),
             IPAMConfig::default()
+        );
+        // A newer Calico's settings survive a read-modify-write.
+        let mut c = IPAMConfig::decode(
+            br#"{"strict_affinity":true,"auto_allocate_blocks":true,"ipCooldownSeconds":30,"kubeVirtVMAddressPersistence":"Disabled"}"#,
+        )
+        .unwrap();
+        c.max_blocks_per_host = 7;
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&c.to_bytes()).unwrap(),
+            serde_json::json!({"strict_affinity":true,"auto_allocate_blocks":true,"maxBlocksPerHost":7,
+                "ipCooldownSeconds":30,"kubeVirtVMAddressPersistence":"Disabled"})
         );
     }
 }
