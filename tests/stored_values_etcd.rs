@@ -137,6 +137,31 @@ async fn newer_calico_values_do_not_break_cni_add_and_survive_read_modify_write(
         "stderr names the skipped key: {stderr}"
     );
 
+    // calicoctl patch keeps the newer field and still refuses a misspelt one.
+    let (ok, stdout, stderr) = calicoctl(&[
+        "patch",
+        "ippool",
+        "ippool-name1",
+        "-p",
+        r#"{"spec":{"natOutgoing":false}}"#,
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let stored: Value =
+        serde_json::from_str(&etcd.etcdctl_value(&format!("{RES}/ippools/ippool-name1"))).unwrap();
+    assert_eq!(stored, pool);
+    let (ok, _, stderr) = calicoctl(&[
+        "patch",
+        "ippool",
+        "ippool-name1",
+        "-p",
+        r#"{"spec":{"natoutgoing":true}}"#,
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("error with field spec.natoutgoing: unknown field `natoutgoing`"),
+        "{stderr}"
+    );
+
     // The broken value is an error naming its key when read alone.
     let e = client
         .get::<IPPoolSpec>(None, "broken")
