@@ -137,6 +137,31 @@ async fn newer_calico_values_do_not_break_cni_add_and_survive_read_modify_write(
         "stderr names the skipped key: {stderr}"
     );
 
+    // calicoctl patch keeps the newer field and still refuses a misspelt one.
+    let (ok, stdout, stderr) = calicoctl(&[
+        "patch",
+        "ippool",
+        "ippool-name1",
+        "-p",
+        r#"{"spec":{"natOutgoing":false}}"#,
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let stored: Value =
+        serde_json::from_str(&etcd.etcdctl_value(&format!("{RES}/ippools/ippool-name1"))).unwrap();
+    assert_eq!(stored, pool);
+    let (ok, _, stderr) = calicoctl(&[
+        "patch",
+        "ippool",
+        "ippool-name1",
+        "-p",
+        r#"{"spec":{"natoutgoing":true}}"#,
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("error with field spec.natoutgoing: unknown field `natoutgoing`"),
+        "{stderr}"
+    );
+
     // The broken value is an error naming its key when read alone.
     let e = client
         .get::<IPPoolSpec>(None, "broken")
@@ -195,6 +220,11 @@ fn node_stays_up_and_names_a_corrupt_block_and_an_overflowing_duration() {
         &format!("{RES}/bgppeers/far-future"),
         r#"{"kind":"BGPPeer","apiVersion":"projectcalico.org/v3","metadata":{"name":"far-future"},"spec":{"peerIP":"10.99.7.2","asNumber":64512,"maxRestartTime":"10000000000000000h"}}"#,
     );
+    put(
+        &etcd,
+        &format!("{RES}/felixconfigurations/default"),
+        r#"{"kind":"FelixConfiguration","apiVersion":"projectcalico.org/v3","metadata":{"name":"default"},"spec":{"routeRefreshInterval":"10000000000000000h","bpfEnabled":false}}"#,
+    );
     let mut allocations = vec![Value::Null; 64];
     allocations[1] = json!(0);
     let block = json!({"cidr": "10.244.5.0/26", "affinity": "host:node-a",
@@ -240,6 +270,7 @@ fn node_stays_up_and_names_a_corrupt_block_and_an_overflowing_duration() {
     let wants = [
         "BGPPeer far-future spec.maxRestartTime = '10000000000000000h' (duration out of range",
         "ordinal 1 is both unallocated and allocated",
+        "error with field spec.routeRefreshInterval = '10000000000000000h' (duration out of range",
     ];
     while Instant::now() < deadline && !wants.iter().all(|w| log().contains(w)) {
         std::thread::sleep(Duration::from_millis(200));

@@ -84,6 +84,7 @@ fn block(cidr: &str, host: &str, held_for: &[(usize, &str)]) -> AllocationBlock 
         b.attributes.push(AllocationAttribute {
             handle_id: Some(format!("h{ordinal}")),
             secondary: Some(BTreeMap::from([("node".to_string(), node.to_string())])),
+            ..Default::default()
         });
     }
     b

@@ -406,8 +406,12 @@ async fn patch(client: &Client, args: &PatchArgs) -> Result<String, CtlError> {
         // The patch may not rename or move the resource.
         v["metadata"]["name"] = Value::from(args.name.clone());
         v["metadata"]["resourceVersion"] = Value::from(current.meta().resource_version.clone());
-        let res = AnyResource::decode(info.kind, v)
+        // Fields of a newer Calico the stored value has are carried along; the rest is
+        // decoded strictly, so a field the patch misspells is still refused by name.
+        let kept = current.unknown().take_from(&mut v);
+        let mut res = AnyResource::decode(info.kind, v)
             .map_err(|e| CtlError::Usage(format!("patched {}: {e}", info.kind)))?;
+        *res.unknown_mut() = kept;
         let mut checked = res.clone();
         client
             .check_any(&mut checked, WriteOp::Replace, &[])

@@ -78,6 +78,21 @@ fn uncertain(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// Whether a failure happened before the request left: no connection to the member
+/// could be made (tonic reports "tcp connect error"). Such a write is known not to have
+/// committed; nothing needs reading back.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    use etcd_client::Error as E;
+    match e {
+        E::GRpcStatus(s) => {
+            s.code() == Code::Unavailable
+                && (s.message().contains("connect error")
+                    || s.message().contains("error trying to connect"))
+        }
+        _ => false,
+    }
+}
+
 /// What a compare-and-swap write means to do, to recognise it in the key's history.
 #[derive(Clone, Copy)]
 enum Intent<'a> {
@@ -324,6 +339,13 @@ impl EtcdDatastore {
                         return Ok(CasOutcome::Resolved(w));
                     }
                     return Ok(CasOutcome::Ran(resp));
+                }
+                Err(e) if never_sent(&e) => {
+                    if failover.next().await {
+                        tracing::debug!(%endpoint, error = %e, "etcd member unreachable; trying the next");
+                        continue;
+                    }
+                    return Err(map_err(e));
                 }
                 Err(e) if uncertain(&e) => e,
                 Err(e) => return Err(map_err(e)),
@@ -716,6 +738,27 @@ impl Datastore for EtcdDatastore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_failed_connect_is_known_not_to_have_written() {
+        use etcd_client::Error::GRpcStatus;
+        use tonic::Status;
+        let refused = GRpcStatus(Status::unavailable("tcp connect error"));
+        assert!(never_sent(&refused) && uncertain(&refused));
+        // etcd's answers for writes that may still commit, and a connection broken under
+        // a request: uncertain, to be read back.
+        for e in [
+            GRpcStatus(Status::unavailable("etcdserver: request timed out")),
+            GRpcStatus(Status::unavailable("etcdserver: leader changed")),
+            GRpcStatus(Status::unknown("transport error")),
+            GRpcStatus(Status::deadline_exceeded("Timeout expired")),
+        ] {
+            assert!(uncertain(&e) && !never_sent(&e), "{e}");
+        }
+        // A definite refusal is passed on as it is.
+        let refused = GRpcStatus(Status::invalid_argument("etcdserver: key is not provided"));
+        assert!(!uncertain(&refused));
+    }
 
     #[test]
     fn prefix_end_increments_the_last_byte() {

@@ -140,7 +140,7 @@ pub fn decode(kv: &KeyValue) -> Option<Result<SyncValue, String>> {
         IpamKey::Handle(id) => {
             IPAMHandle::decode(&kv.value).map(|handle| SyncValue::Handle { id, handle })
         }
-        IpamKey::Config => json(serde_json::from_slice(&kv.value)).map(SyncValue::IpamConfig),
+        IpamKey::Config => IPAMConfig::decode(&kv.value).map(SyncValue::IpamConfig),
     })
 }
 
@@ -378,11 +378,37 @@ fn decode_all(kvs: &[KeyValue]) -> Vec<Option<SyncValue>> {
 
 fn decode_logged(kv: &KeyValue) -> Option<SyncValue> {
     match decode(kv)? {
-        Ok(v) => Some(v),
+        Ok(v) => {
+            warn_if_invalid(kv, &v);
+            Some(v)
+        }
         Err(e) => {
             warn!(key = %kv.key, error = %e, "ignoring undecodable datastore value");
             None
         }
+    }
+}
+
+/// Say what is wrong with a configuration resource another writer stored (e.g. a
+/// `routeRefreshInterval` of `10000000000000000h`, past Go's limit): it is still passed
+/// on, and its consumers use the default for what they cannot use, as Felix and confd do;
+/// the log names the key and the field. Only the few configuration kinds are checked:
+/// workload endpoints are many and written by our CNI plugin, which validates them.
+fn warn_if_invalid(kv: &KeyValue, v: &SyncValue) {
+    let SyncValue::Resource(r) = v else {
+        return;
+    };
+    if !matches!(
+        r,
+        AnyResource::FelixConfiguration(_)
+            | AnyResource::BGPConfiguration(_)
+            | AnyResource::BGPPeer(_)
+            | AnyResource::IPPool(_)
+    ) {
+        return;
+    }
+    if let Err(e) = r.validate() {
+        warn!(key = %kv.key, error = %e, "stored resource is invalid; defaults are used for what cannot be");
     }
 }
 

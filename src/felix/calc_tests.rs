@@ -57,6 +57,7 @@ fn block(cidr: &str, host: &str, borrowed: &[(usize, &str)]) -> AllocationBlock 
         b.attributes.push(AllocationAttribute {
             handle_id: Some(format!("k8s-pod-network.{ordinal}")),
             secondary: Some(BTreeMap::from([("node".to_string(), node.to_string())])),
+            ..Default::default()
         });
     }
     b

@@ -326,14 +326,14 @@ impl Ipam {
     /// The IPAM configuration (defaults when absent).
     pub async fn config(&self) -> IpamResult<IPAMConfig> {
         match self.ds.get(IPAM_CONFIG_KEY).await? {
-            Some(kv) => serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv, e)),
+            Some(kv) => IPAMConfig::decode(&kv.value).map_err(|e| corrupt(&kv, e)),
             None => Ok(IPAMConfig::default()),
         }
     }
 
     /// Replace the IPAM configuration.
     pub async fn set_config(&self, cfg: &IPAMConfig) -> IpamResult<()> {
-        let v = serde_json::to_vec(cfg).expect("IPAMConfig serializes");
+        let v = cfg.to_bytes();
         self.ds.apply(IPAM_CONFIG_KEY, v).await?;
         Ok(())
     }

@@ -79,6 +79,7 @@ impl AllocationBlock {
             } else {
                 Some(attrs.clone())
             },
+            ..Default::default()
         };
         if let Some(i) = self.attributes.iter().position(|a| *a == want) {
             return i;

@@ -113,11 +113,17 @@ impl FelixConfigurationSpec {
             }
             FieldKind::String => Value::from(value),
         };
+        // Only the variable's own field is validated: another field that someone else
+        // stored badly in the datastore (e.g. an overflowing duration) is reported by the
+        // syncer and replaced by its default where used, and must not make every
+        // `FELIX_*` variable fail (which stopped the node).
+        let alone: Self = serde_json::from_value(Value::Object(
+            [(field.to_string(), parsed.clone())].into_iter().collect(),
+        ))
+        .map_err(|e| bad(&e.to_string()))?;
+        alone.validate(&ObjectMeta::default())?;
         obj.insert(field.to_string(), parsed);
-        let updated: Self =
-            serde_json::from_value(Value::Object(obj)).map_err(|e| bad(&e.to_string()))?;
-        updated.validate(&ObjectMeta::default())?;
-        *self = updated;
+        *self = serde_json::from_value(Value::Object(obj)).map_err(|e| bad(&e.to_string()))?;
         Ok(true)
     }
 
@@ -343,6 +349,12 @@ mod tests {
         assert!(s.apply_env("FELIX_HEALTHPORT", "9199").unwrap());
         assert_eq!(s.health_port(), 9199);
         assert!(!s.apply_env("FELIX_SOMETHINGELSE", "x").unwrap());
+        // A bad value stored in the datastore for another field does not fail the variable.
+        let mut stored: FelixConfigurationSpec =
+            serde_json::from_str(r#"{"routeRefreshInterval":"10000000000000000h"}"#).unwrap();
+        assert!(stored.apply_env("FELIX_HEALTHPORT", "9199").unwrap());
+        assert_eq!(stored.health_port(), 9199);
+        assert_eq!(stored.route_refresh_interval(), Duration::from_secs(90));
         assert_eq!(
             s.apply_env("FELIX_ROUTEREFRESHINTERVAL", "1e300")
                 .unwrap_err()

@@ -8,13 +8,29 @@ use serde::{Deserialize, Serialize};
 use super::stored::{UnknownFields, decode_lenient, encode_with};
 
 /// Attributes of one allocation: its handle and free-form secondary attributes
-/// (`node`, `pod`, `namespace`, `timestamp`, `type`).
+/// (`node`, `pod`, `namespace`, `timestamp`, `type`). Newer Calico's `alternateOwnerAttrs`
+/// (live migration) and `releasedAt` (release cooldown) are carried as they are, so our
+/// block writes keep them. (Other unknown fields are not kept here: the attribute list is
+/// compacted and renumbered on release, so a field remembered by its index could land on
+/// another allocation's attribute.)
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AllocationAttribute {
     #[serde(rename = "handle_id")]
     pub handle_id: Option<String>,
     #[serde(default)]
     pub secondary: Option<BTreeMap<String, String>>,
+    #[serde(
+        default,
+        rename = "alternateOwnerAttrs",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub alternate_owner_attrs: Option<BTreeMap<String, String>>,
+    #[serde(
+        default,
+        rename = "releasedAt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub released_at: Option<String>,
 }
 
 /// An allocation block (`/calico/ipam/v2/assignment/ipv4/block/<cidr>`), fields in
@@ -26,7 +42,12 @@ pub struct AllocationBlock {
     pub cidr: String,
     /// `host:<node>` or null.
     pub affinity: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Calico's JSON name is snake case here (`affinity_claim_time`), unlike its neighbours.
+    #[serde(
+        default,
+        rename = "affinity_claim_time",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub affinity_claim_time: Option<String>,
     /// One entry per address: index into `attributes`, or null when free.
     pub allocations: Vec<Option<usize>>,
@@ -225,8 +246,11 @@ impl IPAMHandle {
     }
 }
 
-/// The IPAM configuration (`/calico/ipam/v2/config`).
+/// The IPAM configuration (`/calico/ipam/v2/config`). Fields of a newer Calico
+/// (`ipCooldownSeconds`, `kubeVirtVMAddressPersistence`) are kept in `unknown`, so
+/// `calicoctl ipam configure` (a read-modify-write) does not strip them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IPAMConfig {
     #[serde(
         default,
@@ -243,6 +267,23 @@ pub struct IPAMConfig {
     /// 0 means the default (20 here, as REFERENCE §1 says).
     #[serde(default, rename = "maxBlocksPerHost", skip_serializing_if = "is_zero")]
     pub max_blocks_per_host: u32,
+    /// Fields of the stored value this version does not model.
+    #[serde(skip)]
+    pub unknown: UnknownFields,
+}
+
+impl IPAMConfig {
+    /// Decode the stored configuration, keeping a newer Calico's fields.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let (mut c, unknown) = decode_lenient::<IPAMConfig>(bytes).map_err(|e| e.to_string())?;
+        c.unknown = unknown;
+        Ok(c)
+    }
+
+    /// The stored JSON, with the unknown fields the configuration was read with.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode_with(self, &self.unknown)
+    }
 }
 
 fn yes() -> bool {
@@ -259,6 +300,7 @@ impl Default for IPAMConfig {
             strict_affinity: false,
             auto_allocate_blocks: true,
             max_blocks_per_host: 0,
+            unknown: UnknownFields::default(),
         }
     }
 }
@@ -277,6 +319,7 @@ mod tests {
             attributes: vec![AllocationAttribute {
                 handle_id: Some("k8s-pod-network.abc".into()),
                 secondary: Some(BTreeMap::from([("node".into(), "node-1".into())])),
+                ..Default::default()
             }],
             sequence_number: 7,
             sequence_number_for_allocation: Some(BTreeMap::from([("0".into(), 6)])),
@@ -360,6 +403,9 @@ mod tests {
     fn a_newer_calicos_block_fields_survive_a_write() {
         let mut v = stored_block();
         v["futureField"] = serde_json::json!({"x": 1});
+        v["affinity_claim_time"] = serde_json::json!("2026-08-22T06:33:20Z");
+        v["attributes"][0]["releasedAt"] = serde_json::json!("2026-08-22T06:34:00Z");
+        v["attributes"][0]["alternateOwnerAttrs"] = serde_json::json!({"pod": "old-0"});
         let mut b = check(|x| *x = v.clone()).unwrap();
         b.unallocated.pop();
         let back: serde_json::Value = serde_json::from_slice(&b.to_bytes()).unwrap();
@@ -400,6 +446,7 @@ mod tests {
             strict_affinity: true,
             auto_allocate_blocks: true,
             max_blocks_per_host: 4,
+            ..Default::default()
         };
         assert_eq!(
             serde_json::to_string(&c).unwrap(),
@@ -408,6 +455,17 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<IPAMConfig>("{}").unwrap(),
             IPAMConfig::default()
+        );
+        // A newer Calico's settings survive a read-modify-write.
+        let mut c = IPAMConfig::decode(
+            br#"{"strict_affinity":true,"auto_allocate_blocks":true,"ipCooldownSeconds":30,"kubeVirtVMAddressPersistence":"Disabled"}"#,
+        )
+        .unwrap();
+        c.max_blocks_per_host = 7;
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&c.to_bytes()).unwrap(),
+            serde_json::json!({"strict_affinity":true,"auto_allocate_blocks":true,"maxBlocksPerHost":7,
+                "ipCooldownSeconds":30,"kubeVirtVMAddressPersistence":"Disabled"})
         );
     }
 }

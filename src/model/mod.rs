@@ -249,6 +249,14 @@ macro_rules! any_resource {
                 unknown.merge_into(&mut v);
                 v
             }
+            /// The fields of a newer Calico the resource was read with.
+            pub fn unknown(&self) -> &stored::UnknownFields {
+                match self { $(AnyResource::$variant(r) => &r.unknown),* }
+            }
+            /// Mutable access to those fields.
+            pub fn unknown_mut(&mut self) -> &mut stored::UnknownFields {
+                match self { $(AnyResource::$variant(r) => &mut r.unknown),* }
+            }
             /// Fill defaults and validate.
             pub fn prepare(&mut self) -> Validated {
                 match self { $(AnyResource::$variant(r) => prepare_resource(r)),* }

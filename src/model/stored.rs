@@ -44,6 +44,25 @@ impl UnknownFields {
         self.0.iter().map(|(p, _)| dotted(p)).collect()
     }
 
+    /// Take the fields at these paths out of `doc`, with the values they have there now
+    /// (e.g. after a user's patch changed one), so that the rest of `doc` can be decoded
+    /// strictly: a field the user added is still refused by name, one the stored value
+    /// already had is carried along.
+    pub fn take_from(&self, doc: &mut Value) -> UnknownFields {
+        let mut taken = UnknownFields::default();
+        for (path, _) in &self.0 {
+            let Some((Step::Key(last), parents)) = path.split_last() else {
+                continue;
+            };
+            if let Some(Value::Object(parent)) = walk_mut(doc, parents)
+                && let Some(v) = parent.remove(last)
+            {
+                taken.0.push((path.clone(), v));
+            }
+        }
+        taken
+    }
+
     /// Put the unknown fields back into `doc` (the serialized resource about to be written).
     /// A field goes back only where its parent object still exists and the field is not
     /// set: an object this node removed on purpose is not brought back to life for it.
