@@ -147,9 +147,9 @@ const COMMAND_QUEUE: usize = 64;
 /// bytes each).
 const WRITER_QUEUE: usize = 64;
 
-/// Most prefixes of one queued announcement: splitting it into messages makes at most
-/// this many at a time (each a copy of the attributes, which may be ~4 KB).
-const CHUNK_PREFIXES: usize = 128;
+/// About how many messages one queued announcement fills: splitting it makes at most
+/// about this many copies of its attributes (which may be ~4 KB) at a time.
+const CHUNK_MESSAGES: usize = 8;
 
 /// How long a closed connection's writer may take to flush what it holds (the last
 /// NOTIFICATION) before it is stopped: a peer with a zero window never takes it.
@@ -572,10 +572,11 @@ impl Task {
                 .await;
             return;
         }
+        let codec = self.codec();
         self.outq.extend(
             updates
                 .into_iter()
-                .flat_map(|u| u.chunk_announcements(CHUNK_PREFIXES))
+                .flat_map(|u| u.chunk_announcements(&codec, CHUNK_MESSAGES))
                 .map(Outgoing::Update),
         );
         self.outq.push_back(Outgoing::Done(epoch));
@@ -598,6 +599,18 @@ impl Task {
             return;
         };
         let codec = self.codec();
+        // Most UPDATEs fit as they are: encoded once.
+        let msg = Message::Update(u);
+        let mut bytes = BytesMut::new();
+        if msg.encode(&codec, &mut bytes).is_ok() {
+            permit.send(bytes.to_vec());
+            self.written += 1;
+            self.report_drained().await;
+            return;
+        }
+        let Message::Update(u) = msg else {
+            unreachable!("built as an UPDATE above")
+        };
         let split = u.split(&codec);
         if !split.too_large.is_empty() {
             // The speaker checks sizes before it exports; this is the last guard.
