@@ -427,7 +427,9 @@ impl Speaker {
                     .filter(|_| {
                         matches!(
                             reason,
-                            DownReason::ConnectionClosed(_) | DownReason::HoldTimerExpired
+                            DownReason::ConnectionClosed(_)
+                                | DownReason::HoldTimerExpired
+                                | DownReason::SendHoldTimerExpired
                         )
                     });
                 p.adj_out.clear();
