@@ -14,7 +14,8 @@
 //! The task never waits for a writer: a peer that stops reading (a zero TCP window) fills
 //! its writer's queue, and UPDATEs then wait here, in order, while reads, keepalives and
 //! the hold timer go on (RFC 4271 §4.4: the hold timer runs on what we receive, so a peer
-//! that neither reads nor sends is dropped when it expires). Memory stays bounded: the
+//! that neither reads nor sends is dropped when it expires; one that still sends KEEPALIVEs
+//! is dropped by the send hold timer, RFC 9687). Memory stays bounded: the
 //! speaker hands over at most [`SEND_WINDOW`] batches of UPDATEs that are not yet
 //! written (each acknowledged with [`SessionEvent::Drained`]) and keeps the rest as a set
 //! of prefixes to export, where repeated changes and full-table resends coalesce.
