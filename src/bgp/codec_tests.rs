@@ -517,6 +517,33 @@ fn attributes_too_large_for_one_message_are_refused_not_a_panic() {
     assert_eq!((split.parts.len(), split.too_large.len()), (1, 0));
 }
 
+/// Queued announcements are cut to fill about N messages each, whatever the size of
+/// their attributes, and no prefix is lost or repeated.
+#[test]
+fn announcements_are_chunked_by_the_messages_they_fill() {
+    let nets: Vec<IpNet> = (0..5000u32)
+        .map(|i| IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), 32).unwrap())
+        .collect();
+    let nh = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    let codec = Codec::default();
+    for communities in [0u32, 1000] {
+        let attrs = Attributes {
+            origin: Some(Origin::Igp),
+            as_path: Some(AsPath::default()),
+            communities: (0..communities).collect(),
+            ..Default::default()
+        };
+        let chunks = Update::announce(attrs, nh, nets.clone()).chunk_announcements(&codec, 8);
+        let mut got = Vec::new();
+        for c in chunks {
+            let parts = c.clone().split(&codec).parts.len();
+            assert!(parts <= 9, "{communities} communities: {parts} messages");
+            got.extend(c.nlri);
+        }
+        assert_eq!(got, nets, "{communities} communities");
+    }
+}
+
 #[test]
 fn notification_and_route_refresh_round_trip() {
     for m in [

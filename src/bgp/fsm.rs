@@ -170,6 +170,8 @@ pub enum DownReason {
     ConnectFailed(String),
     ConnectionClosed(String),
     HoldTimerExpired,
+    /// RFC 9687: the peer took nothing we sent for the send hold time.
+    SendHoldTimerExpired,
     NotificationReceived(Notification),
     NotificationSent(Notification),
     Stopped,
@@ -181,6 +183,7 @@ impl std::fmt::Display for DownReason {
             DownReason::ConnectFailed(r) => write!(f, "connect failed: {r}"),
             DownReason::ConnectionClosed(r) => write!(f, "connection closed: {r}"),
             DownReason::HoldTimerExpired => write!(f, "hold timer expired"),
+            DownReason::SendHoldTimerExpired => write!(f, "send hold timer expired"),
             DownReason::NotificationReceived(n) => write!(f, "notification received: {n}"),
             DownReason::NotificationSent(n) => write!(f, "notification sent: {n}"),
             DownReason::Stopped => write!(f, "stopped"),
@@ -218,6 +221,11 @@ pub enum Input {
         notification: Notification,
     },
     Timer(Timer),
+    /// RFC 9687: nothing written on this connection for the send hold time although
+    /// messages wait (the session task watches its writer).
+    SendHoldExpired {
+        conn: ConnId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -384,6 +392,13 @@ impl Session {
                 }
             }
             Input::Timer(t) => self.timer(t, &mut out),
+            Input::SendHoldExpired { conn } => {
+                if self.conns.iter().any(|c| c.id == conn) {
+                    // The peer reads nothing: the NOTIFICATION goes out if it can.
+                    let n = Notification::new(err::SEND_HOLD_TIMER_EXPIRED, 0, []);
+                    self.fail(conn, DownReason::SendHoldTimerExpired, Some(n), &mut out);
+                }
+            }
         }
         out
     }

@@ -387,6 +387,19 @@ fn route_refresh_is_honoured_only_when_negotiated_and_a_request() {
     assert_eq!(s.state(), State::Established);
 }
 
+/// RFC 9687: the send hold timer ends the session with its NOTIFICATION (code 8).
+#[test]
+fn send_hold_timer_expiry_takes_the_session_down() {
+    let (mut s, conn) = established(cfg());
+    let out = s.handle(Input::SendHoldExpired { conn });
+    assert!(matches!(&sends(&out, conn)[..], [Message::Notification(n)] if n.code == 8));
+    assert!(closed(&out, conn));
+    assert!(out.contains(&Output::Down {
+        reason: DownReason::SendHoldTimerExpired
+    }));
+    assert_ne!(s.state(), State::Established);
+}
+
 #[test]
 fn update_before_established_is_an_fsm_error() {
     let mut s = connected(cfg());

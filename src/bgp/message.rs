@@ -184,6 +184,9 @@ pub mod err {
 
     pub const ROUTE_REFRESH: u8 = 7;
     pub const INVALID_RR_LENGTH: u8 = 1;
+
+    /// RFC 9687.
+    pub const SEND_HOLD_TIMER_EXPIRED: u8 = 8;
 }
 
 /// Words for a code/subcode, as `calicoctl node status` and the logs show them.
@@ -243,6 +246,7 @@ pub fn describe(code: u8, subcode: u8) -> String {
             },
         ),
         err::ROUTE_REFRESH => ("ROUTE-REFRESH message error", ""),
+        err::SEND_HOLD_TIMER_EXPIRED => ("Send hold timer expired", ""),
         _ => ("Unknown error", ""),
     };
     if s.is_empty() {

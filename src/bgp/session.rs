@@ -14,13 +14,16 @@
 //! The task never waits for a writer: a peer that stops reading (a zero TCP window) fills
 //! its writer's queue, and UPDATEs then wait here, in order, while reads, keepalives and
 //! the hold timer go on (RFC 4271 §4.4: the hold timer runs on what we receive, so a peer
-//! that neither reads nor sends is dropped when it expires). Memory stays bounded: the
+//! that neither reads nor sends is dropped when it expires; one that still sends KEEPALIVEs
+//! is dropped by the send hold timer, RFC 9687). Memory stays bounded: the
 //! speaker hands over at most [`SEND_WINDOW`] batches of UPDATEs that are not yet
 //! written (each acknowledged with [`SessionEvent::Drained`]) and keeps the rest as a set
 //! of prefixes to export, where repeated changes and full-table resends coalesce.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -147,9 +150,14 @@ const COMMAND_QUEUE: usize = 64;
 /// bytes each).
 const WRITER_QUEUE: usize = 64;
 
-/// Most prefixes of one queued announcement: splitting it into messages makes at most
-/// this many at a time (each a copy of the attributes, which may be ~4 KB).
-const CHUNK_PREFIXES: usize = 128;
+/// About how many messages one queued announcement fills: splitting it makes at most
+/// about this many copies of its attributes (which may be ~4 KB) at a time.
+const CHUNK_MESSAGES: usize = 8;
+
+/// RFC 9687's suggested send hold time: a peer that has taken none of our messages for
+/// this long (and at least twice the hold time) while more wait is dropped, even if it
+/// still sends KEEPALIVEs (which keep the RFC 4271 hold timer from expiring).
+const SEND_HOLD_MIN: Duration = Duration::from_secs(8 * 60);
 
 /// How long a closed connection's writer may take to flush what it holds (the last
 /// NOTIFICATION) before it is stopped: a peer with a zero window never takes it.
@@ -224,6 +232,8 @@ pub async fn connect(peer: &PeerConfig) -> std::io::Result<TcpStream> {
 struct Conn {
     writer: mpsc::Sender<Vec<u8>>,
     writer_task: tokio::task::JoinHandle<()>,
+    /// Bytes the writer has handed to the socket so far.
+    written: Arc<AtomicU64>,
     reader: tokio::task::JoinHandle<()>,
     local: Option<IpAddr>,
 }
@@ -269,6 +279,9 @@ struct Task {
     outq: VecDeque<Outgoing>,
     /// UPDATE messages written since the last `Drained`.
     written: u64,
+    /// Since when the established connection's writer queue has been full, and the
+    /// bytes it had written then (RFC 9687's SendHoldTimer).
+    send_stall: Option<(Instant, u64)>,
 }
 
 async fn run(
@@ -291,12 +304,14 @@ async fn run(
         epoch: 0,
         outq: VecDeque::new(),
         written: 0,
+        send_stall: None,
     };
     t.input(Input::Start).await;
     loop {
         #[cfg(test)]
         panic_if_asked(t.peer.address);
-        let deadline = t.timers.values().min().copied();
+        let send_hold = t.watch_send_stall();
+        let deadline = t.timers.values().copied().chain(send_hold).min();
         let writer = t.writer_for_output();
         tokio::select! {
             cmd = cmds.recv() => match cmd {
@@ -340,6 +355,9 @@ async fn run(
             Some(permit) = reserve(writer.as_ref()) => t.write_next(permit).await,
             _ = sleep_until(deadline) => {
                 let now = Instant::now();
+                if send_hold.is_some_and(|d| d <= now) {
+                    t.send_hold_due().await;
+                }
                 let due: Vec<Timer> = t.timers.iter().filter(|(_, at)| **at <= now).map(|(k, _)| *k).collect();
                 for timer in due {
                     t.timers.remove(&timer);
@@ -398,7 +416,14 @@ impl Task {
         let local = stream.local_addr().ok().map(|a| a.ip());
         let (rd, wr) = stream.into_split();
         let (wtx, wrx) = mpsc::channel(WRITER_QUEUE);
-        let writer_task = tokio::spawn(write_loop(id, wr, wrx, self.internal.clone()));
+        let written = Arc::new(AtomicU64::new(0));
+        let writer_task = tokio::spawn(write_loop(
+            id,
+            wr,
+            wrx,
+            self.internal.clone(),
+            written.clone(),
+        ));
         let reader = tokio::spawn(read_loop(
             id,
             rd,
@@ -413,6 +438,7 @@ impl Task {
             Conn {
                 writer: wtx,
                 writer_task,
+                written,
                 reader,
                 local,
             },
@@ -572,14 +598,54 @@ impl Task {
                 .await;
             return;
         }
+        let codec = self.codec();
         self.outq.extend(
             updates
                 .into_iter()
-                .flat_map(|u| u.chunk_announcements(CHUNK_PREFIXES))
+                .flat_map(|u| u.chunk_announcements(&codec, CHUNK_MESSAGES))
                 .map(Outgoing::Update),
         );
         self.outq.push_back(Outgoing::Done(epoch));
         self.report_drained().await;
+    }
+
+    /// RFC 9687: start or stop watching the established connection's writer (stalled
+    /// while its queue is full); when the send hold timer would expire.
+    fn watch_send_stall(&mut self) -> Option<Instant> {
+        let conn = self
+            .fsm
+            .established()
+            .and_then(|(id, n)| self.conns.get(&id).map(|c| (c, n.hold_time)));
+        let Some((c, hold)) = conn.filter(|(c, _)| c.writer.capacity() == 0) else {
+            self.send_stall = None;
+            return None;
+        };
+        let written = c.written.load(Ordering::Relaxed);
+        let (since, _) = *self
+            .send_stall
+            .get_or_insert_with(|| (Instant::now(), written));
+        let limit = SEND_HOLD_MIN.max(Duration::from_secs(2 * u64::from(hold)));
+        Some(since + limit)
+    }
+
+    /// The send hold time ran out while the writer's queue was full: drop the session if
+    /// the writer made no progress meanwhile, else watch again from now.
+    async fn send_hold_due(&mut self) {
+        let Some((conn, _)) = self.fsm.established() else {
+            return;
+        };
+        let progress = self
+            .conns
+            .get(&conn)
+            .map(|c| c.written.load(Ordering::Relaxed));
+        match (self.send_stall.take(), progress) {
+            (Some((_, then)), Some(now)) if now == then => {
+                tracing::warn!(peer = %self.peer.address,
+                    "the peer has read nothing we sent for the send hold time (RFC 9687)");
+                self.input(Input::SendHoldExpired { conn }).await;
+            }
+            _ => {}
+        }
     }
 
     /// The established connection's writer, when an UPDATE waits for it.
@@ -598,6 +664,18 @@ impl Task {
             return;
         };
         let codec = self.codec();
+        // Most UPDATEs fit as they are: encoded once.
+        let msg = Message::Update(u);
+        let mut bytes = BytesMut::new();
+        if msg.encode(&codec, &mut bytes).is_ok() {
+            permit.send(bytes.to_vec());
+            self.written += 1;
+            self.report_drained().await;
+            return;
+        }
+        let Message::Update(u) = msg else {
+            unreachable!("built as an UPDATE above")
+        };
         let split = u.split(&codec);
         if !split.too_large.is_empty() {
             // The speaker checks sizes before it exports; this is the last guard.
@@ -679,6 +757,7 @@ async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Vec<u8>>,
     tx: mpsc::Sender<Internal>,
+    written: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
@@ -691,7 +770,9 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        if let Err(e) = wr.write_all(&batch).await {
+        let result = wr.write_all(&batch).await;
+        written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        if let Err(e) = result {
             let _ = tx
                 .send(Internal::Input(Input::Closed {
                     conn,
@@ -952,5 +1033,96 @@ mod tests {
         assert_eq!(down, Some(DownReason::HoldTimerExpired));
         let took = sent.elapsed();
         assert!(took < Duration::from_secs(5), "dropped after {took:?}");
+    }
+
+    /// RFC 9687: a peer that keeps sending KEEPALIVEs (so the hold timer never expires)
+    /// but reads nothing while ~8 MB of UPDATEs wait is dropped when the send hold time
+    /// (8 minutes here) runs out, with "send hold timer expired". Paused time.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_sends_keepalives_but_reads_nothing_hits_the_send_hold_timer() {
+        use ipnet::{IpNet, Ipv4Net};
+
+        use crate::bgp::update::{AsPath, Attributes, Origin};
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = sock.local_addr().unwrap().port();
+        let listener = sock.listen(1).unwrap();
+        let mut cfg = SessionConfig::new(64512, 64512, Ipv4Addr::new(10, 0, 0, 1));
+        cfg.hold_time = 3;
+        let peer = PeerConfig {
+            address: "127.0.0.1".parse().unwrap(),
+            port,
+            local_address: None,
+            password: None,
+            ttl_security: None,
+            multihop: None,
+            session: cfg,
+        };
+        let (events_tx, mut events) = mpsc::channel(100);
+        let (cmds, _task) = spawn(peer, events_tx);
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = BytesMut::new();
+        assert!(matches!(
+            read_msg(&mut sock, &mut buf).await,
+            Some(Message::Open(_))
+        ));
+        let codec = Codec::default();
+        let open = Open::new(64512, 3, Ipv4Addr::new(10, 0, 0, 2), vec![]);
+        sock.write_all(&Message::Open(open).to_bytes(&codec).unwrap())
+            .await
+            .unwrap();
+        let keepalive = Message::Keepalive.to_bytes(&codec).unwrap();
+        sock.write_all(&keepalive).await.unwrap();
+        let epoch = loop {
+            if let Some(SessionEvent::Established { epoch, .. }) = events.recv().await {
+                break epoch;
+            }
+        };
+        let attrs = Attributes {
+            origin: Some(Origin::Igp),
+            as_path: Some(AsPath::default()),
+            next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            ..Default::default()
+        };
+        let updates: Vec<Update> = (0..16u32)
+            .map(|chunk| Update {
+                attrs: attrs.clone(),
+                nlri: (0..100_000u32)
+                    .map(|i| {
+                        let a = Ipv4Addr::from(0x0a00_0000 + chunk * 100_000 + i);
+                        IpNet::V4(Ipv4Net::new(a, 32).unwrap())
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect();
+        let start = Instant::now();
+        cmds.send(SessionCmd::Send { epoch, updates })
+            .await
+            .unwrap();
+        let reason = loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "still up after 10 minutes"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            sock.write_all(&keepalive).await.unwrap();
+            let mut down = None;
+            while let Ok(ev) = events.try_recv() {
+                if let SessionEvent::Down { reason, .. } = ev {
+                    down = Some(reason);
+                }
+            }
+            if let Some(r) = down {
+                break r;
+            }
+        };
+        assert_eq!(reason, DownReason::SendHoldTimerExpired);
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(480) && took < Duration::from_secs(500),
+            "after {took:?}"
+        );
     }
 }

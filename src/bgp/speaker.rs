@@ -427,7 +427,9 @@ impl Speaker {
                     .filter(|_| {
                         matches!(
                             reason,
-                            DownReason::ConnectionClosed(_) | DownReason::HoldTimerExpired
+                            DownReason::ConnectionClosed(_)
+                                | DownReason::HoldTimerExpired
+                                | DownReason::SendHoldTimerExpired
                         )
                     });
                 p.adj_out.clear();
@@ -1029,11 +1031,17 @@ mod tests {
         }
         let st = us.status.borrow()[0].clone();
         assert_eq!(st.state, State::Established, "{st:?}");
+        // The process's memory says something only when this test has it to itself
+        // (nextest: a process per test; `cargo test` runs tests side by side).
         let grown_mib = rss_kib().saturating_sub(before) / 1024;
-        assert!(
-            grown_mib < 64,
-            "memory grew by {grown_mib} MiB while the peer did not read"
-        );
+        if std::env::var("NEXTEST_EXECUTION_MODE").as_deref() == Ok("process-per-test") {
+            assert!(
+                grown_mib < 64,
+                "memory grew by {grown_mib} MiB while the peer did not read"
+            );
+        } else {
+            eprintln!("memory grew by {grown_mib} MiB (not checked: tests share this process)");
+        }
         // Now silent as well: dropped when the hold time runs out.
         let silent = Instant::now();
         until("the hold timer to expire", || {

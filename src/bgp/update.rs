@@ -284,16 +284,42 @@ impl Update {
         HEADER_LEN + u.encode_body(codec).len() <= MAX_MESSAGE_LEN
     }
 
-    /// Cut an announcement of many prefixes into announcements of at most `n` prefixes
-    /// each (attributes repeated), so that splitting any of them into messages makes
-    /// few at a time. UPDATEs that withdraw or carry path identifiers are left whole.
-    pub fn chunk_announcements(self, n: usize) -> Vec<Update> {
-        let n = n.max(1);
+    /// Cut an announcement of many prefixes into announcements that each fill about
+    /// `messages` messages with these attributes for this codec (attributes repeated), so
+    /// that splitting one of them makes few copies of the attributes at a time (a route
+    /// may carry ~4 KB of them). UPDATEs that withdraw or carry path identifiers are left
+    /// whole.
+    pub fn chunk_announcements(self, codec: &Codec, messages: usize) -> Vec<Update> {
         let plain = self.withdrawn.is_empty()
             && self.mp_unreach.is_none()
             && self.path_ids == PathIds::default();
-        let many = self.nlri.len() + self.mp_reach.as_ref().map_or(0, |m| m.nlri.len()) > n;
-        if !plain || !many {
+        if !plain {
+            return vec![self];
+        }
+        let bare = Update {
+            attrs: self.attrs.clone(),
+            mp_reach: self.mp_reach.as_ref().map(|m| MpReach {
+                family: m.family,
+                next_hops: m.next_hops.clone(),
+                nlri: vec![],
+            }),
+            ..Default::default()
+        };
+        let base = HEADER_LEN + bare.encode_body(codec).len();
+        let (v4, v6) = (
+            self.nlri.len(),
+            self.mp_reach.as_ref().map_or(0, |m| m.nlri.len()),
+        );
+        let id = |f: Family| if codec.add_path_tx.has(f) { 4 } else { 0 };
+        let per_prefix = if v6 > 0 {
+            17 + id(IPV6_UNICAST)
+        } else {
+            5 + id(IPV4_UNICAST)
+        };
+        // As `split` counts: 64 bytes of margin.
+        let per_message = (MAX_MESSAGE_LEN.saturating_sub(base + 64) / per_prefix).max(1);
+        let n = per_message.saturating_mul(messages.max(1));
+        if v4 + v6 <= n {
             return vec![self];
         }
         let mut out = Vec::new();

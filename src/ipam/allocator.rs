@@ -160,11 +160,11 @@ pub struct AssignArgs {
 }
 
 impl AssignArgs {
-    /// One IPv4 workload address.
+    /// One IPv4 workload address, with the `node` attribute the CNI plugin records.
     pub fn v4(handle: &str, host: &str) -> Self {
         AssignArgs {
             handle: handle.into(),
-            attrs: BTreeMap::new(),
+            attrs: BTreeMap::from([("node".to_string(), host.to_string())]),
             host: host.into(),
             num_v4: 1,
             num_v6: 0,

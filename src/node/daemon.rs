@@ -86,9 +86,12 @@ async fn cluster_view(mut rx: tokio::sync::mpsc::Receiver<SyncerEvent>) {
     }
 }
 
-/// The IPAM leak collector: look every `interval`, free what was seen twice.
+/// The IPAM leak collector: look every `interval`, free what was seen twice; this node's
+/// blocks, and those of nodes that no longer exist while it holds the lease (see
+/// `ipam::gc`).
 async fn ipam_gc(
     client: Client,
+    node: String,
     interval: Duration,
     shutdown: CancellationToken,
     released: prometheus::IntCounter,
@@ -102,28 +105,25 @@ async fn ipam_gc(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let snap = match gc::snapshot(&ipam, &client).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "IPAM leak check failed");
-                continue;
-            }
-        };
-        let leaks = gc::find_leaks(&snap);
-        leaks_gauge.set(leaks.len() as i64);
-        // Slightly under the interval, so the next round's sighting always counts.
-        let confirmed = seen.observe(leaks, std::time::Instant::now(), interval.mul_f64(0.9));
-        if confirmed.is_empty() {
-            continue;
-        }
-        match gc::free(&ipam, &confirmed).await {
-            Ok(freed) => {
-                for l in &freed {
+        // Grace slightly under the interval, so the next round's sighting always counts;
+        // the lease outlives two missed rounds.
+        let pass = gc::collect(
+            &ipam,
+            &client,
+            &node,
+            &mut seen,
+            interval.mul_f64(0.9),
+            interval * 3,
+        );
+        match pass.await {
+            Ok(pass) => {
+                leaks_gauge.set(pass.seen as i64);
+                for l in &pass.freed {
                     info!(leak = %l, "freed leaked IPAM state");
                 }
-                released.inc_by(freed.len() as u64);
+                released.inc_by(pass.freed.len() as u64);
             }
-            Err(e) => tracing::warn!(error = %e, "freeing IPAM leaks failed"),
+            Err(e) => tracing::warn!(error = %e, "IPAM leak collection failed"),
         }
     }
 }
@@ -318,7 +318,8 @@ async fn run_started(
         registry.register(Box::new(released.clone()))?;
         registry.register(Box::new(leaks.clone()))?;
         let (client, token) = (client.clone(), shutdown.child_token());
-        tracker.spawn(ipam_gc(client, interval, token, released, leaks));
+        let node = cfg.nodename.clone();
+        tracker.spawn(ipam_gc(client, node, interval, token, released, leaks));
     }
     if felix.prometheus_enabled() {
         let listener = bind(felix.prometheus_host(), felix.prometheus_port(), "metrics").await?;
