@@ -177,3 +177,58 @@ async fn two_nodes_collectors_do_not_both_act_on_a_dead_nodes_block() {
     assert!(gc::acquire_lease(ds, other_name, ttl, later).await.unwrap());
     assert!(!gc::acquire_lease(ds, holders[0], ttl, later).await.unwrap());
 }
+
+/// Values the node cannot decode (a newer writer's, or a person's) never make a live
+/// pod's or node's addresses look leaked: a WorkloadEndpoint with a field of the wrong
+/// type still protects the addresses of its `ipNetworks`, a Node whose value does not
+/// decode still exists (its tunnel address stays), and a WorkloadEndpoint whose addresses
+/// cannot be read at all stops the pass with its key named instead of freeing anything.
+/// (Before: the lists skipped such values, and both addresses were freed after two passes.)
+#[tokio::test]
+async fn undecodable_endpoints_and_nodes_never_free_live_addresses() {
+    let Some(etcd) = Etcd::start() else { return };
+    let (ipam, client) = setup(&etcd, &["node-a"]).await;
+    let ds = client.datastore().clone();
+    let mut pod = AssignArgs::v4("k8s-pod-network.live", "node-a");
+    pod.attrs.extend([
+        ("namespace".into(), "ns".into()),
+        ("pod".into(), "p".into()),
+    ]);
+    let pod_ip = assign(&ipam, pod).await;
+    let tunnel = assign(&ipam, AssignArgs::v4("vxlan-tunnel-addr-node-x", "node-a")).await;
+    let wep_key = keys::resource_key("workloadendpoints", Some("ns"), "node--a-k8s-p-eth0");
+    let wep = serde_json::json!({
+        "kind": "WorkloadEndpoint", "apiVersion": "projectcalico.org/v3",
+        "metadata": {"name": "node--a-k8s-p-eth0", "namespace": "ns"},
+        "spec": {"node": "node-a", "pod": "p", "profiles": 7,
+                 "ipNetworks": [format!("{pod_ip}/32")]}
+    });
+    ds.create(&wep_key, serde_json::to_vec(&wep).unwrap())
+        .await
+        .unwrap();
+    ds.create(
+        &keys::resource_key("nodes", None, "node-x"),
+        br#"{"kind":"Node","spec":{"bgp":"not an object"}}"#.to_vec(),
+    )
+    .await
+    .unwrap();
+
+    let mut tracker = LeakTracker::default();
+    let ttl = Duration::from_secs(60);
+    for _ in 0..2 {
+        let pass = gc::collect(&ipam, &client, "node-a", &mut tracker, Duration::ZERO, ttl)
+            .await
+            .unwrap();
+        assert!(pass.freed.is_empty(), "freed {:?}", pass.freed);
+    }
+    for ip in [pod_ip, tunnel] {
+        assert!(ipam.lookup(ip).await.unwrap().is_some(), "{ip} was freed");
+    }
+
+    let broken = keys::resource_key("workloadendpoints", Some("ns"), "broken");
+    ds.create(&broken, b"{not json".to_vec()).await.unwrap();
+    let err = gc::collect(&ipam, &client, "node-a", &mut tracker, Duration::ZERO, ttl)
+        .await
+        .expect_err("a WorkloadEndpoint whose addresses cannot be read stops the pass");
+    assert!(err.to_string().contains(&broken), "{err}");
+}

@@ -25,12 +25,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 
-use super::allocator::{Ipam, IpamResult};
+use super::allocator::{Ipam, IpamError, IpamResult};
 use super::block::nth_ip;
-use crate::datastore::{Client, Datastore, DatastoreError};
+use crate::datastore::client::decode_kv;
+use crate::datastore::{Client, Datastore, DatastoreError, KeyValue};
 use crate::model::ipam::AllocationBlock;
 use crate::model::keys;
-use crate::model::{NodeSpec, WorkloadEndpointSpec};
+use crate::model::{Kind, NodeSpec, WorkloadEndpointSpec};
 
 /// What the checker looks at.
 #[derive(Debug, Clone, Default)]
@@ -348,6 +349,38 @@ impl LeakTracker {
     }
 }
 
+/// The addresses a stored WorkloadEndpoint lists. A value that does not decode as a
+/// WorkloadEndpoint (another writer's) still protects the addresses of its
+/// `spec.ipNetworks`; a value whose addresses cannot be read at all stops the pass, with
+/// its key named: an address the collector cannot see as used would be handed out twice.
+fn endpoint_addresses(kv: &KeyValue) -> IpamResult<Vec<IpAddr>> {
+    let nets: Vec<String> = match decode_kv::<WorkloadEndpointSpec>(kv) {
+        Ok(w) => w.spec.ip_networks,
+        Err(e) => {
+            let raw: Option<Vec<String>> = serde_json::from_slice::<serde_json::Value>(&kv.value)
+                .ok()
+                .and_then(|v| v.pointer("/spec/ipNetworks").cloned())
+                .and_then(|v| serde_json::from_value(v).ok());
+            match raw {
+                Some(nets) => {
+                    tracing::warn!(key = %kv.key, error = %e, "WorkloadEndpoint does not decode; its ipNetworks still count as in use");
+                    nets
+                }
+                None => return Err(IpamError::Client(e)),
+            }
+        }
+    };
+    Ok(nets
+        .iter()
+        .filter_map(|n| {
+            n.parse::<IpNet>()
+                .map(|n| n.addr())
+                .or_else(|_| n.parse::<IpAddr>())
+                .ok()
+        })
+        .collect())
+}
+
 /// Read everything the checker needs.
 pub async fn snapshot(ipam: &Ipam, client: &Client) -> IpamResult<IpamSnapshot> {
     let mut blocks = ipam.blocks(false).await?;
@@ -363,26 +396,25 @@ pub async fn snapshot(ipam: &Ipam, client: &Client) -> IpamResult<IpamSnapshot> 
             _ => None,
         })
         .collect();
-    let nodes = client
-        .list::<NodeSpec>(None)
-        .await?
-        .0
-        .into_iter()
-        .map(|n| n.metadata.name)
-        .collect();
-    let endpoint_ips = client
-        .list::<WorkloadEndpointSpec>(None)
-        .await?
-        .0
+    // Existence is read from the keys: a Node whose value does not decode (another
+    // writer's) still exists, and its tunnel addresses and blocks are not a dead node's.
+    let (node_kvs, _) = client
+        .datastore()
+        .list(&keys::resource_prefix(NodeSpec::PLURAL, None))
+        .await?;
+    let nodes = node_kvs
         .iter()
-        .flat_map(|w| {
-            w.spec
-                .ip_networks
-                .iter()
-                .filter_map(|n| n.parse::<IpNet>().ok())
-                .map(|n| n.addr())
-        })
+        .filter_map(|kv| keys::parse_resource_key(&kv.key))
+        .map(|k| k.name)
         .collect();
+    let (wep_kvs, _) = client
+        .datastore()
+        .list(&keys::resource_prefix(WorkloadEndpointSpec::PLURAL, None))
+        .await?;
+    let mut endpoint_ips = HashSet::new();
+    for kv in &wep_kvs {
+        endpoint_ips.extend(endpoint_addresses(kv)?);
+    }
     Ok(IpamSnapshot {
         blocks,
         affinities,
