@@ -405,6 +405,11 @@ async fn a_requested_address_is_assigned_or_refused_with_the_reason() {
         blocks.contains(r#""handle_id":"k8s-pod-network.fixed""#),
         "{blocks}"
     );
+    // Its block did not exist: it is claimed for this node (Calico's AssignIP), not
+    // left without an owner for other nodes to borrow from.
+    assert!(blocks.contains(r#""affinity":"host:node-1""#), "{blocks}");
+    let affinity = etcd.etcdctl_value("/calico/ipam/v2/host/node-1/ipv4/block/10.88.7.0-26");
+    assert!(affinity.contains(r#""state":"confirmed""#), "{affinity}");
     // A repeated ADD gets it again.
     let (code, res) = run(&env("fixed", "10.88.7.7"), &c);
     assert_eq!(

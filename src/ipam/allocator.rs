@@ -744,7 +744,8 @@ impl Ipam {
                 Ok(None)
             }
             Err(e) => {
-                self.back_out_claim(&aff_key, aff_rev, &key, &value).await;
+                self.back_out_claim(host, &aff_key, aff_rev, &key, &value)
+                    .await;
                 Err(e.into())
             }
         }
@@ -754,17 +755,33 @@ impl Ipam {
     /// datastore could not tell): the block, if it is there as we created it, goes first,
     /// then the pending affinity. When the block cannot be read the affinity stays: an
     /// affinity left pending is harmless, a block left without its affinity would be
-    /// orphaned.
-    async fn back_out_claim(&self, aff_key: &str, aff_rev: i64, key: &str, value: &[u8]) {
+    /// orphaned. A block that is there, affine to this host but already changed (our create
+    /// did happen and another allocator has used it since) keeps its affinity, confirmed.
+    async fn back_out_claim(
+        &self,
+        host: &str,
+        aff_key: &str,
+        aff_rev: i64,
+        key: &str,
+        value: &[u8],
+    ) {
         let block_gone = match self.ds.get(key).await {
             Ok(None) => true,
             Ok(Some(kv)) if kv.value == value => matches!(
                 self.ds.delete(key, Some(kv.mod_revision)).await,
                 Ok(_) | Err(DatastoreError::NotFound { .. })
             ),
-            // Someone else's block (or ours already in use): not ours to remove, and our
-            // affinity never pointed at a block we made.
-            Ok(Some(_)) => true,
+            Ok(Some(kv)) => {
+                let ours = decode_block(&kv).is_ok_and(|b| b.host() == Some(host));
+                if ours {
+                    if let Err(e) = self.confirm_affinity(aff_key, aff_rev).await {
+                        tracing::warn!(block = %key, error = %e, "a claimed block in use keeps its pending affinity");
+                    }
+                }
+                // Otherwise someone else's block: not ours to remove, and our affinity
+                // never pointed at a block we made.
+                !ours
+            }
             Err(e) => {
                 tracing::warn!(block = %key, error = %e, "cannot tell whether a claimed block was created; its pending affinity stays");
                 false
@@ -777,14 +794,17 @@ impl Ipam {
 
     /// The last step of a claim: its affinity confirmed.
     async fn confirm_claim(&self, claim: &Claim) -> IpamResult<()> {
+        self.confirm_affinity(&claim.aff_key, claim.aff_rev).await
+    }
+
+    /// A pending affinity (at the revision it was created) made confirmed.
+    async fn confirm_affinity(&self, aff_key: &str, aff_rev: i64) -> IpamResult<()> {
         let confirmed = serde_json::to_vec(&BlockAffinity {
             state: AffinityState::Confirmed,
             deleted: false,
         })
         .expect("serializes");
-        self.ds
-            .update(&claim.aff_key, confirmed, claim.aff_rev)
-            .await?;
+        self.ds.update(aff_key, confirmed, aff_rev).await?;
         Ok(())
     }
 
@@ -933,10 +953,19 @@ impl Ipam {
         let cidr =
             block_of(ip, pool.spec.block_size_or_default()).ok_or(IpamError::NotInPool(ip))?;
         let key = keys::block_key(&cidr);
+        // Calico's AssignIP: a block that does not exist yet is claimed for the requesting
+        // host (pending affinity, block, confirmed affinity), never left without an owner.
+        let host = attrs.get("node").filter(|h| !h.is_empty());
         for _ in 0..CAS_RETRIES {
-            let (mut block, rev) = match self.ds.get(&key).await? {
-                Some(kv) => (decode_block(&kv)?, Some(kv.mod_revision)),
-                None => (AllocationBlock::new_empty(cidr, None, (self.clock)()), None),
+            let (mut block, rev) = match (self.ds.get(&key).await?, host) {
+                (Some(kv), _) => (decode_block(&kv)?, Some(kv.mod_revision)),
+                (None, Some(host)) => {
+                    if let Some(claim) = self.try_claim(host, cidr).await? {
+                        self.confirm_claim(&claim).await?;
+                    }
+                    continue;
+                }
+                (None, None) => (AllocationBlock::new_empty(cidr, None, (self.clock)()), None),
             };
             if !block.assign_ip(ip, Some(handle), attrs) {
                 return Err(IpamError::InUse(ip));
@@ -1323,8 +1352,9 @@ mod tests {
     }
 
     /// A datastore whose block creates commit and then report an unknown outcome (a member
-    /// that died after the write, the cluster unreachable to read it back).
-    struct LostBlockCreates(MemoryDatastore);
+    /// that died after the write, the cluster unreachable to read it back). With `true`,
+    /// another allocator uses the new block before the outcome reaches us.
+    struct LostBlockCreates(MemoryDatastore, bool);
 
     #[async_trait::async_trait]
     impl Datastore for LostBlockCreates {
@@ -1335,8 +1365,13 @@ mod tests {
             self.0.list(prefix).await
         }
         async fn create(&self, key: &str, value: Vec<u8>) -> crate::datastore::DsResult<i64> {
-            let rev = self.0.create(key, value).await?;
+            let rev = self.0.create(key, value.clone()).await?;
             if key.contains("/assignment/") {
+                if self.1 {
+                    let mut b: AllocationBlock = serde_json::from_slice(&value).unwrap();
+                    b.assign(1, Some("borrower"), &BTreeMap::new());
+                    self.0.update(key, b.to_bytes(), rev).await?;
+                }
                 return Err(DatastoreError::Unavailable("outcome unknown".into()));
             }
             Ok(rev)
@@ -1371,7 +1406,7 @@ mod tests {
     #[tokio::test]
     async fn a_block_create_of_unknown_outcome_leaves_no_orphaned_block() {
         let (_, mem) = setup(&[("p", "10.65.0.0/24", 26)]).await;
-        let ipam = Ipam::new(Arc::new(LostBlockCreates(mem.clone())));
+        let ipam = Ipam::new(Arc::new(LostBlockCreates(mem.clone(), false)));
         let r = ipam.auto_assign(&args("h1", "node-1", 1)).await;
         assert!(matches!(r, Err(IpamError::Datastore(_))), "{r:?}");
         let (blocks, _) = mem.list("/calico/ipam/v2/assignment/").await.unwrap();
@@ -1384,6 +1419,23 @@ mod tests {
             names(&affinities)
         );
         assert!(affinities.is_empty(), "{:?}", names(&affinities));
+    }
+
+    /// Our block create committed with an unknown outcome and another allocator used the
+    /// block before we could read it back: the block is ours and in use, so it keeps its
+    /// affinity, confirmed (before: the affinity was deleted, the block left orphaned).
+    #[tokio::test]
+    async fn a_claimed_block_used_before_the_back_out_keeps_its_affinity() {
+        let (_, mem) = setup(&[("p", "10.65.0.0/24", 26)]).await;
+        let ipam = Ipam::new(Arc::new(LostBlockCreates(mem.clone(), true)));
+        let r = ipam.auto_assign(&args("h1", "node-1", 1)).await;
+        assert!(matches!(r, Err(IpamError::Datastore(_))), "{r:?}");
+        let (blocks, _) = mem.list("/calico/ipam/v2/assignment/").await.unwrap();
+        let (affinities, _) = mem.list("/calico/ipam/v2/host/").await.unwrap();
+        assert_eq!((blocks.len(), affinities.len()), (1, 1), "{affinities:?}");
+        let aff: BlockAffinity = serde_json::from_slice(&affinities[0].value).unwrap();
+        assert_eq!(aff.state, AffinityState::Confirmed);
+        assert_eq!(ipam.affine_blocks("node-1", false).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
