@@ -773,10 +773,8 @@ impl Ipam {
             ),
             Ok(Some(kv)) => {
                 let ours = decode_block(&kv).is_ok_and(|b| b.host() == Some(host));
-                if ours {
-                    if let Err(e) = self.confirm_affinity(aff_key, aff_rev).await {
-                        tracing::warn!(block = %key, error = %e, "a claimed block in use keeps its pending affinity");
-                    }
+                if ours && let Err(e) = self.confirm_affinity(aff_key, aff_rev).await {
+                    tracing::warn!(block = %key, error = %e, "a claimed block in use keeps its pending affinity");
                 }
                 // Otherwise someone else's block: not ours to remove, and our affinity
                 // never pointed at a block we made.
