@@ -1071,14 +1071,28 @@ impl Ipam {
         };
         let h = decode_handle(&kv)?;
         let mut released = Vec::new();
+        // A corrupt block is passed over (named in the log, never written): the handle's
+        // other addresses are still released, so a pod's DEL is not stuck on it, and the
+        // handle record stays for what the corrupt block may still hold.
+        let mut skipped_corrupt = false;
         for cidr in h.block.keys().filter_map(|c| c.parse::<IpNet>().ok()) {
-            released.extend(
-                self.release_in_block(&cidr, |b| b.ips_of_handle(handle))
-                    .await?,
-            );
+            match self
+                .release_in_block(&cidr, |b| b.ips_of_handle(handle))
+                .await
+            {
+                Ok(ips) => released.extend(ips),
+                Err(IpamError::Corrupt { key, reason }) => {
+                    tracing::error!(block = %key, %reason, handle, "corrupt block: its addresses of this handle are not released");
+                    skipped_corrupt = true;
+                }
+                Err(e) => return Err(e),
+            }
         }
         // A handle still present had counts out of step (a crash between block and handle
         // writes): it owns nothing any more, so it goes. A concurrent change wins.
+        if skipped_corrupt {
+            return Ok(released);
+        }
         if let Some(kv) = self.ds.get(&key).await? {
             match self.ds.delete(&key, Some(kv.mod_revision)).await {
                 Ok(_) | Err(DatastoreError::NotFound { .. } | DatastoreError::Conflict { .. }) => {}
@@ -1466,6 +1480,12 @@ mod tests {
         // Releases elsewhere still work; the corrupt block's own address stays as it is.
         assert_eq!(ipam.release_ips(&next).await.unwrap(), next);
         assert!(ipam.release_ips(&first).await.unwrap().is_empty());
+        // A handle with addresses in the corrupt block and in a sound one: release by
+        // handle (a pod's DEL) frees the sound one instead of failing on the corrupt one.
+        let second = ipam.auto_assign(&args("h1", "node-1", 1)).await.unwrap();
+        assert!(!cidr.contains(&second[0]), "{second:?} from corrupt {cidr}");
+        assert_eq!(ipam.release_by_handle("h1").await.unwrap(), second);
+        assert!(mem.get(&keys::handle_key("h1")).await.unwrap().is_some());
     }
 
     #[tokio::test]
