@@ -168,6 +168,8 @@ impl Speaker {
         self.propagate(&changed).await;
         self.publish();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // Out of descriptors, accept fails with the connection still queued: pause, don't spin.
+        let mut accept_backoff = crate::accept::AcceptBackoff::default();
         loop {
             let stale_deadline = self.peers.values().filter_map(|p| p.stale_until).min();
             tokio::select! {
@@ -178,12 +180,10 @@ impl Speaker {
                     self.apply(new).await?;
                 }
                 Some(ev) = self.events.recv() => self.event(ev).await,
-                accepted = accept(&self.listener) => {
-                    if let Ok((stream, from)) = accepted {
-                        match self.peers.get(&from.ip()) {
-                            Some(p) => { let _ = p.tx.send(SessionCmd::Incoming(stream)); }
-                            None => tracing::debug!(%from, "connection from an unknown peer refused"),
-                        }
+                (stream, from) = accept(&self.listener, &mut accept_backoff) => {
+                    match self.peers.get(&from.ip()) {
+                        Some(p) => { let _ = p.tx.send(SessionCmd::Incoming(stream)); }
+                        None => tracing::debug!(%from, "connection from an unknown peer refused"),
                     }
                 }
                 _ = sleep_until(stale_deadline) => self.expire_stale().await,
@@ -667,9 +667,14 @@ fn build_updates(groups: HashMap<Sent, Vec<IpNet>>, withdraw: Vec<IpNet>) -> Vec
     out
 }
 
-async fn accept(l: &Option<TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+/// The next connection on port 179 (never, without a listener); failed accepts pause with
+/// `backoff` (see [`crate::accept`]).
+async fn accept(
+    l: &Option<TcpListener>,
+    backoff: &mut crate::accept::AcceptBackoff,
+) -> (tokio::net::TcpStream, SocketAddr) {
     match l {
-        Some(l) => l.accept().await,
+        Some(l) => crate::accept::accept(l, backoff, "bgp").await,
         None => std::future::pending().await,
     }
 }

@@ -165,7 +165,9 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result
         let listener = bind(early.health_host(), early.health_port(), "health").await?;
         let (h, token) = (health.clone(), shutdown.child_token());
         tracker.spawn(async move {
-            if let Err(e) = http::serve_health(listener, h, token).await {
+            if let Err(e) =
+                http::serve_health(listener, h, http::ServeLimits::default(), token).await
+            {
                 error!(error = %e, "health endpoint failed");
             }
         });
@@ -324,7 +326,9 @@ async fn run_started(
         let listener = bind(felix.prometheus_host(), felix.prometheus_port(), "metrics").await?;
         let token = shutdown.child_token();
         tracker.spawn(async move {
-            if let Err(e) = http::serve_metrics(listener, registry, token).await {
+            if let Err(e) =
+                http::serve_metrics(listener, registry, http::ServeLimits::default(), token).await
+            {
                 error!(error = %e, "metrics endpoint failed");
             }
         });
