@@ -174,3 +174,120 @@ fn health_and_bgp_listeners_survive_a_connection_flood() {
         200
     );
 }
+
+/// Run calico-node with `args` in `ns` as a probe would (the node's environment); its exit
+/// code and stdout.
+fn calico_node_cmd(ns: &NetNs, state: &Path, health_port: u16, args: &[&str]) -> (i32, String) {
+    let out = ns
+        .command(env!("CARGO_BIN_EXE_calico-node"))
+        .args(args)
+        .env_clear()
+        .env("NODENAME", "node-a")
+        .env("CALICO_STATE_DIR", state)
+        .env("CALICO_BGP_STATUS_SOCKET", state.join("bgp-status.sock"))
+        .env("FELIX_HEALTHPORT", health_port.to_string())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The exact probe and preStop commands of Calico's calico-etcd.yaml (v3.31:
+/// `/bin/calico-node -felix-live -bird-live`, `-felix-ready -bird-ready`, `-shutdown`)
+/// against a node that is down, up, and up with a BGP peer that does not answer. Before,
+/// calico-node exited 2 on `-bird-live`, `-bird-ready` and `-shutdown`.
+#[test]
+fn calicos_manifest_probe_commands_answer_for_the_running_node() {
+    let Some((ns, etcd)) = node_ns("cn-probe") else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let health = free_port();
+    let run = |args: &[&str]| calico_node_cmd(&ns, state.path(), health, args);
+    const LIVE: &[&str] = &["-felix-live", "-bird-live"];
+    const READY: &[&str] = &["-felix-ready", "-bird-ready"];
+
+    // No node running: both probes fail and say why, in Calico's words.
+    let (code, out) = run(LIVE);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "calico/node is not ready: Felix is not live: Get \"http://localhost:{health}/liveness\": dial tcp 127.0.0.1:{health}: connect: Connection refused"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("calico/node is not ready: bird is not live:"),
+        "{out}"
+    );
+    let (code, out) = run(READY);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("calico/node is not ready: felix is not ready: Get "),
+        "{out}"
+    );
+    assert!(
+        out.contains("calico/node is not ready: BIRD is not ready: failed to stat() nodename file"),
+        "{out}"
+    );
+
+    // The preStop hook of the previous run left its timestamp; start-up removes it.
+    assert_eq!(run(&["-shutdown"]), (0, String::new()));
+    let ts = std::fs::read_to_string(state.path().join("shutdownTS")).unwrap();
+    assert!(ts.ends_with('Z') && ts.contains('T'), "{ts}");
+
+    let _node = start_node(&ns, &etcd, state.path(), health, None);
+    wait_status(&ns, health, "/readiness", 200, Duration::from_secs(30));
+    assert_eq!(run(LIVE), (0, String::new()));
+    assert_eq!(run(READY), (0, String::new()));
+    assert_eq!(
+        run(&["-bird6-ready", "-bird6-live", "-threshold-time=5s"]),
+        (0, String::new())
+    );
+    assert!(
+        !state.path().join("shutdownTS").exists(),
+        "start-up removes the shutdown timestamp"
+    );
+
+    // A peer that never answers: not ready, naming the peer; still live.
+    etcd.etcdctl(&[
+        "put",
+        "/calico/resources/v3/projectcalico.org/bgppeers/silent",
+        r#"{"kind":"BGPPeer","apiVersion":"projectcalico.org/v3","metadata":{"name":"silent"},"spec":{"peerIP":"10.99.8.2","asNumber":64512}}"#,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let out = loop {
+        let (code, out) = run(READY);
+        if code == 1 {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "never not ready: {out}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        out.lines().any(|l| l
+            == "calico/node is not ready: BIRD is not ready: BGP not established with 10.99.8.2"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "calico/node is not ready: felix is not ready: readiness probe reporting 503 (bgp: BGP not established with 10.99.8.2"
+        ),
+        "{out}"
+    );
+    // Long after start-up one Established peer would do; with none it is still not ready.
+    let (code, out) = run(&["-bird-ready", "-threshold-time=0s"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("BGP not established with 10.99.8.2"), "{out}");
+    assert_eq!(run(LIVE), (0, String::new()));
+
+    // A flag Calico does not know either.
+    let (code, out) = run(&["-felix-lve"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("flag provided but not defined: -felix-lve"),
+        "{out}"
+    );
+}

@@ -221,6 +221,14 @@ async fn run_started(
     };
     startup_health.set_ready(true, None);
     info!(node = %cfg.nodename, ipv4 = ?started.ipv4, "start-up complete");
+    // Calico: the shutdown timestamp goes once the node is up again.
+    match super::shutdown::remove_timestamp(&cfg.shutdown_timestamp_file) {
+        Ok(Some(ts)) => info!(timestamp = %ts, "removed the shutdown timestamp"),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(file = %cfg.shutdown_timestamp_file.display(), error = %e, "cannot remove the shutdown timestamp")
+        }
+    }
     let felix = felix_config(&client, cfg).await?;
     let early = env_felix_config(cfg)?;
     if (
