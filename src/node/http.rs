@@ -80,6 +80,24 @@ impl HealthAggregator {
         }
     }
 
+    /// Register an actor that reports liveness only (ready from the start): a supervised
+    /// task with no readiness of its own, such as an endpoint or the IPAM collector.
+    pub fn register_liveness(&self, name: &str) -> HealthReporter {
+        lock(&self.states).insert(
+            name.to_string(),
+            ReporterState {
+                name: name.to_string(),
+                live: true,
+                ready: true,
+                reason: None,
+            },
+        );
+        HealthReporter {
+            name: name.to_string(),
+            states: self.states.clone(),
+        }
+    }
+
     /// The current report.
     pub fn snapshot(&self) -> HealthReport {
         let reporters: Vec<ReporterState> = lock(&self.states).values().cloned().collect();

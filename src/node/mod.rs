@@ -9,3 +9,4 @@ pub mod http;
 pub mod probe;
 pub mod shutdown;
 pub mod startup;
+pub mod supervisor;
