@@ -404,4 +404,17 @@ mod tests {
         assert!(parse_go_duration("").is_err());
         assert!(parse_go_duration("99999999999999999999999999999999999999h").is_err());
     }
+
+    proptest::proptest! {
+        /// Whatever a person or a manifest passes, parsing answers without panicking.
+        #[test]
+        fn any_arguments_parse_or_are_refused(args in proptest::collection::vec("-{0,2}[a-z6=.0-9µ-]{0,24}", 0..5)) {
+            let _ = parse(&args);
+        }
+
+        #[test]
+        fn any_duration_parses_or_is_refused(s in "\\PC{0,30}") {
+            let _ = parse_go_duration(&s);
+        }
+    }
 }
