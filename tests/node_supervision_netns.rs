@@ -169,6 +169,27 @@ fn each_actors_failure_restarts_it_or_names_it_on_liveness() {
                 })
                 .await;
                 assert_eq!(status, 503, "{body}");
+                if name == "bgp" {
+                    // Calico's liveness probe names it too.
+                    let d = dir.clone();
+                    let out = tokio::task::spawn_blocking(move || {
+                        std::process::Command::new(env!("CARGO_BIN_EXE_calico-node"))
+                            .args(["-bird-live"])
+                            .env_clear()
+                            .env("CALICO_BGP_STATUS_SOCKET", d.join("bgp-status.sock"))
+                            .env("FELIX_HEALTHPORT", health.to_string())
+                            .output()
+                            .unwrap()
+                    })
+                    .await
+                    .unwrap();
+                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    assert_eq!(out.status.code(), Some(1), "{text}");
+                    assert_eq!(
+                        text.trim_end(),
+                        "calico/node is not ready: bird/confd is not live: bgp failed: injected into bgp"
+                    );
+                }
             }
             shutdown.cancel();
             tokio::time::timeout(Duration::from_secs(5), node)

@@ -11,7 +11,8 @@
 //!   protocols` as Calico does. Calico's rule: no peers is ready; for `-threshold-time`
 //!   after start-up (the nodename file's age) every peer must be Established, afterwards
 //!   one Established peer is enough; else "BGP not established with <peers>".
-//! - `-bird-live` / `-bird6-live`: the speaker (or BIRD) answers on its socket.
+//! - `-bird-live` / `-bird6-live`: the speaker (or BIRD) answers on its socket, and the
+//!   supervisor has not reported the BGP actor dead on `/liveness`.
 //! - Backends `vxlan` and `none` run no BGP: the bird checks pass, as Calico's do for a
 //!   node without peers.
 
@@ -291,12 +292,22 @@ fn bird_live(cfg: &ProbeConfig, v6: bool) -> Result<(), String> {
     let which = if v6 { "bird6" } else { "bird" };
     match &cfg.bgp {
         BgpSource::None => Ok(()),
-        BgpSource::Native(path) => crate::bgp::status::fetch(path).map(|_| ()).map_err(|e| {
-            format!(
-                "calico/node is not ready: {which} is not live: {}: {e}",
-                path.display()
-            )
-        }),
+        BgpSource::Native(path) => {
+            crate::bgp::status::fetch(path).map_err(|e| {
+                format!(
+                    "calico/node is not ready: {which} is not live: {}: {e}",
+                    path.display()
+                )
+            })?;
+            // Calico also checks that the confd and bird services run: here, that the
+            // supervisor has not found the BGP actor (confd with the speaker) dead.
+            match bgp_actor_death(cfg) {
+                Some(why) => Err(format!(
+                    "calico/node is not ready: {which}/confd is not live: {why}"
+                )),
+                None => Ok(()),
+            }
+        }
         BgpSource::Bird(path) => {
             let c = BirdControl::connect(path).map_err(|e| {
                 format!(
@@ -314,6 +325,23 @@ fn bird_live(cfg: &ProbeConfig, v6: bool) -> Result<(), String> {
             }
         }
     }
+}
+
+/// Why the BGP actor is dead, from `/liveness` (None when live, or when the endpoint does
+/// not answer: `-felix-live` reports that).
+fn bgp_actor_death(cfg: &ProbeConfig) -> Option<String> {
+    let host = if cfg.health_host == "localhost" {
+        "127.0.0.1"
+    } else {
+        cfg.health_host.trim_matches(['[', ']'])
+    };
+    let (_, body) = http_get(host, cfg.health_port, "/liveness").ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let bgp = v["reporters"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == "bgp" && r["live"] == false)?;
+    Some(bgp["reason"].as_str().unwrap_or("not live").to_string())
 }
 
 /// A connection to BIRD's control socket (the `birdc` protocol: numbered reply lines,
