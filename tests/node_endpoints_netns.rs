@@ -291,3 +291,87 @@ fn calicos_manifest_probe_commands_answer_for_the_running_node() {
         "{out}"
     );
 }
+
+fn bird_conf(me: &str, peers: &[(&str, &str)]) -> String {
+    let mut c = format!("router id {me};\nprotocol device {{ }}\n");
+    for (name, ip) in peers {
+        c.push_str(&format!(
+            "protocol bgp {name} {{\n  local {me} as 64512; neighbor {ip} as 64512;\n  connect delay time 1; connect retry time 1; error wait time 1, 5;\n  ipv4 {{ import all; export none; }};\n}}\n"
+        ));
+    }
+    c
+}
+
+/// `CALICO_NETWORKING_BACKEND=bird-external`: the bird checks read the user's BIRD as
+/// Calico's do (`show protocols` on its control socket, confd's protocol names): one peer
+/// up, one never: not ready while young, ready after `-threshold-time`; `-bird-live`
+/// passes while BIRD answers and fails once it is gone.
+#[test]
+fn bird_checks_read_an_external_birds_protocols() {
+    let (Some(a), Some(b)) = (NetNs::new("cn-pa"), NetNs::new("cn-pb")) else {
+        return;
+    };
+    common::bgp::link(&a, "10.99.9.1", &b, "10.99.9.2");
+    let Some(bird_b) = common::bgp::bird(
+        &b,
+        &bird_conf("10.99.9.2", &[("Mesh_10_99_9_1", "10.99.9.1")]),
+    ) else {
+        return;
+    };
+    let Some(bird_a) = common::bgp::bird(
+        &a,
+        &bird_conf(
+            "10.99.9.1",
+            &[
+                ("Mesh_10_99_9_2", "10.99.9.2"),
+                ("Node_10_99_9_3", "10.99.9.3"),
+            ],
+        ),
+    ) else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(state.path().join("nodename"), "node-a").unwrap();
+    let socket = bird_a.dir.path().join("bird.ctl");
+    let run = |args: &[&str]| {
+        let out = a
+            .command(env!("CARGO_BIN_EXE_calico-node"))
+            .args(args)
+            .env_clear()
+            .env("CALICO_NETWORKING_BACKEND", "bird-external")
+            .env("CALICO_BIRD_SOCKET", &socket)
+            .env("CALICO_STATE_DIR", state.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    common::bgp::wait_for(Duration::from_secs(30), "BIRD's mesh session", || {
+        common::bgp::birdc(&bird_a, "show protocols Mesh_10_99_9_2")
+            .contains("Established")
+            .then_some(())
+    });
+    assert_eq!(
+        run(&["-bird-ready"]),
+        (
+            1,
+            "calico/node is not ready: BIRD is not ready: BGP not established with 10.99.9.3\n"
+                .to_string()
+        )
+    );
+    assert_eq!(
+        run(&["-bird-ready", "-threshold-time=0s"]),
+        (0, String::new())
+    );
+    assert_eq!(run(&["-bird-live"]), (0, String::new()));
+    drop(bird_a);
+    drop(bird_b);
+    let (code, out) = run(&["-bird-live"]);
+    assert_eq!(code, 1);
+    assert!(
+        out.starts_with("calico/node is not ready: bird is not live: "),
+        "{out}"
+    );
+}
