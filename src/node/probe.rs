@@ -119,11 +119,13 @@ pub fn run(checks: &HealthChecks, cfg: &ProbeConfig) -> Vec<String> {
 
 /// GET `/<probe>` on the health endpoint (Calico's `checkFelixHealth`).
 fn felix(cfg: &ProbeConfig, probe: &str) -> Result<(), String> {
-    let url = format!(
-        "http://{}:{}/{probe}",
-        cfg.health_host.trim_matches(['[', ']']),
-        cfg.health_port
-    );
+    // Go's net.JoinHostPort: an IPv6 host in brackets.
+    let bare = cfg.health_host.trim_matches(['[', ']']);
+    let url = if bare.contains(':') {
+        format!("http://[{bare}]:{}/{probe}", cfg.health_port)
+    } else {
+        format!("http://{bare}:{}/{probe}", cfg.health_port)
+    };
     let host = if cfg.health_host == "localhost" {
         "127.0.0.1"
     } else {
