@@ -1,6 +1,7 @@
 //! calico-node in Rust: a Calico-compatible node agent (datastore, BGP, Felix, confd, IPAM,
 //! CNI and calicoctl) in one crate. See `README.md` and the module docs.
 
+pub mod accept;
 pub mod bgp;
 pub mod cni;
 pub mod confd;

@@ -188,6 +188,8 @@ impl Speaker {
         self.propagate(&changed).await;
         self.publish();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // Out of descriptors, accept fails with the connection still queued: pause, don't spin.
+        let mut accept_backoff = crate::accept::AcceptBackoff::default();
         loop {
             let stale_deadline = self.peers.values().filter_map(|p| p.stale_until).min();
             tokio::select! {
@@ -198,16 +200,14 @@ impl Speaker {
                     self.apply(new).await?;
                 }
                 Some(ev) = self.events.recv() => self.event(ev).await,
-                accepted = accept(&self.listener) => {
-                    if let Ok((stream, from)) = accepted {
-                        match self.peers.get(&from.ip()) {
-                            Some(p) => {
-                                if p.tx.try_send(SessionCmd::Incoming(stream)).is_err() {
-                                    tracing::warn!(%from, "connection refused: its session is not taking commands");
-                                }
+                (stream, from) = accept(&self.listener, &mut accept_backoff) => {
+                    match self.peers.get(&from.ip()) {
+                        Some(p) => {
+                            if p.tx.try_send(SessionCmd::Incoming(stream)).is_err() {
+                                tracing::warn!(%from, "connection refused: its session is not taking commands");
                             }
-                            None => tracing::debug!(%from, "connection from an unknown peer refused"),
                         }
+                        None => tracing::debug!(%from, "connection from an unknown peer refused"),
                     }
                 }
                 _ = sleep_until(stale_deadline) => self.expire_stale().await,
@@ -810,9 +810,14 @@ fn build_updates(groups: HashMap<Sent, Vec<IpNet>>, withdraw: Vec<IpNet>) -> Vec
     out
 }
 
-async fn accept(l: &Option<TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+/// The next connection on port 179 (never, without a listener); failed accepts pause with
+/// `backoff` (see [`crate::accept`]).
+async fn accept(
+    l: &Option<TcpListener>,
+    backoff: &mut crate::accept::AcceptBackoff,
+) -> (tokio::net::TcpStream, SocketAddr) {
     match l {
-        Some(l) => l.accept().await,
+        Some(l) => crate::accept::accept(l, backoff, "bgp").await,
         None => std::future::pending().await,
     }
 }

@@ -1,16 +1,18 @@
 //! calico-node: the node daemon (see `calico_node::node`).
 //!
-//! `calico-node` runs everything; `calico-node -startup` only performs start-up (register
-//! the node, default pool, ClusterInformation, nodename file) and exits, like Calico's;
-//! `calico-node -felix-ready` / `-felix-live` query the health endpoint for probes.
+//! `calico-node` runs everything. Calico's flags (`calico_node::node::cli`) select the
+//! other modes: `-startup` only performs start-up (register the node, default pool,
+//! ClusterInformation, nodename file) and exits; `-felix-ready -bird-ready` and the other
+//! probe flags ask the running node (`calico_node::node::probe`); `-shutdown` is the
+//! preStop hook; `-allocate-tunnel-addrs` settles the tunnel addresses once;
+//! `-monitor-addresses` keeps the Node's address current.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::Context;
 use calico_node::env::{Env, ProcessEnv};
-use calico_node::node::{config::NodeConfig, daemon, startup};
+use calico_node::node::cli::{self, Command};
+use calico_node::node::{config::NodeConfig, daemon, probe, shutdown, startup};
 use tokio_util::sync::CancellationToken;
 
 fn init_logging(env: &dyn Env) {
@@ -32,48 +34,18 @@ fn init_logging(env: &dyn Env) {
         .init();
 }
 
-/// `-felix-ready` / `-felix-live`: GET the local health endpoint; exit 0 when it says 200.
-fn probe(path: &str, env: &dyn Env) -> i32 {
-    let port = env
-        .non_empty("FELIX_HEALTHPORT")
-        .and_then(|p| p.parse::<u16>().ok())
-        .unwrap_or(9099);
-    let result = (|| -> std::io::Result<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
-        Ok(body)
-    })();
-    match result {
-        Ok(resp) if resp.starts_with("HTTP/1.1 200") => 0,
-        Ok(resp) => {
-            eprintln!("{}", resp.split("\r\n\r\n").nth(1).unwrap_or(&resp));
-            1
-        }
-        Err(e) => {
-            eprintln!("calico-node health endpoint on port {port} not reachable: {e}");
-            1
-        }
-    }
+/// Connect to the datastore named by the environment.
+async fn client(cfg: &NodeConfig) -> anyhow::Result<calico_node::datastore::Client> {
+    let ds = cfg
+        .datastore
+        .connect()
+        .await
+        .context("connecting to etcd")?;
+    Ok(calico_node::datastore::Client::new(ds))
 }
 
-async fn run(startup_only: bool) -> anyhow::Result<()> {
-    let cfg = NodeConfig::from_env(&ProcessEnv).context("calico-node configuration")?;
-    if startup_only {
-        let ds = cfg
-            .datastore
-            .connect()
-            .await
-            .context("connecting to etcd")?;
-        let client = calico_node::datastore::Client::new(ds);
-        startup::startup(&client, &cfg, daemon::DATASTORE_WAIT, &|_| {}).await?;
-        return Ok(());
-    }
+/// Cancelled on SIGTERM or SIGINT.
+fn on_signal() -> CancellationToken {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -91,39 +63,122 @@ async fn run(startup_only: bool) -> anyhow::Result<()> {
         }
         signals.cancel();
     });
-    daemon::run(cfg, shutdown).await
+    shutdown
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    let cfg = NodeConfig::from_env(&ProcessEnv).context("calico-node configuration")?;
+    match command {
+        Command::Startup => {
+            let client = client(&cfg).await?;
+            startup::startup(&client, &cfg, daemon::DATASTORE_WAIT, &|_| {}).await?;
+            let ts = &cfg.shutdown_timestamp_file;
+            shutdown::remove_timestamp(ts).with_context(|| format!("removing {}", ts.display()))?;
+            Ok(())
+        }
+        Command::AllocateTunnelAddrs => {
+            let client = client(&cfg).await?;
+            let (pools, _) = client
+                .list::<calico_node::model::IPPoolSpec>(None)
+                .await
+                .context("listing IP pools")?;
+            let ipam = calico_node::ipam::Ipam::new(client.datastore().clone());
+            let changes = calico_node::felix::tunnel_addr::reconcile(
+                &client,
+                &ipam,
+                &cfg.nodename,
+                pools.iter().map(|p| &p.spec),
+            )
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("tunnel addresses")?;
+            for c in changes {
+                tracing::info!("{c}");
+            }
+            Ok(())
+        }
+        Command::MonitorAddresses => {
+            let client = client(&cfg).await?;
+            let interval = match ProcessEnv.non_empty("AUTODETECT_POLL_INTERVAL") {
+                None => startup::MONITOR_POLL_INTERVAL,
+                Some(v) => cli::parse_go_duration(v.trim())
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("AUTODETECT_POLL_INTERVAL='{v}'"))?,
+            };
+            startup::monitor_addresses(&client, &cfg, interval, &on_signal()).await?;
+            Ok(())
+        }
+        _ => daemon::run(cfg, on_signal()).await,
+    }
+}
+
+/// The probe flags: every failure on stdout (Calico prints there), exit 1 if any.
+fn health(checks: &cli::HealthChecks) -> i32 {
+    let cfg = match probe::ProbeConfig::from_env(&ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("calico/node check error: {e}");
+            return 1;
+        }
+    };
+    let failures = probe::run(checks, &cfg);
+    for f in &failures {
+        println!("{f}");
+    }
+    i32::from(!failures.is_empty())
+}
+
+/// `-shutdown`: save the timestamp; errors are logged and the hook still succeeds, as
+/// Calico's does (the kubelet goes on with SIGTERM either way).
+fn prestop() {
+    let state = ProcessEnv.non_empty("CALICO_STATE_DIR").map_or_else(
+        || std::path::PathBuf::from(calico_node::node::config::DEFAULT_STATE_DIR),
+        std::path::PathBuf::from,
+    );
+    let path = shutdown::timestamp_file(&ProcessEnv, &state);
+    let node = calico_node::node::config::determine_nodename(&ProcessEnv);
+    match shutdown::save_timestamp(&path) {
+        Ok(ts) => {
+            tracing::info!(%node, file = %path.display(), timestamp = %ts, "shutting down node")
+        }
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "unable to save the shutdown timestamp")
+        }
+    }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |names: &[&str]| args.iter().any(|a| names.contains(&a.as_str()));
-    if flag(&["-v", "--version", "-version"]) {
-        println!("v{}", env!("CARGO_PKG_VERSION"));
-        return;
-    }
-    if let Some(unknown) = args.iter().find(|a| {
-        ![
-            "-startup",
-            "--startup",
-            "-felix-ready",
-            "--felix-ready",
-            "-felix-live",
-            "--felix-live",
-        ]
-        .contains(&a.as_str())
-    }) {
-        eprintln!(
-            "calico-node: unsupported argument '{unknown}' (supported: -startup, -felix-ready, -felix-live, -v)"
-        );
-        std::process::exit(2);
-    }
-    if flag(&["-felix-ready", "--felix-ready"]) {
-        std::process::exit(probe("/readiness", &ProcessEnv));
-    }
-    if flag(&["-felix-live", "--felix-live"]) {
-        std::process::exit(probe("/liveness", &ProcessEnv));
+    let command = match cli::parse(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            // Calico prints the parse error and exits 1.
+            println!("{e}");
+            eprint!("{}", cli::USAGE);
+            std::process::exit(1);
+        }
+    };
+    match &command {
+        Command::Version => {
+            println!("v{}", env!("CARGO_PKG_VERSION"));
+            return;
+        }
+        Command::Help => {
+            print!("{}", cli::USAGE);
+            return;
+        }
+        Command::Health(checks) => std::process::exit(health(checks)),
+        Command::NothingToDo(why) => {
+            println!("{why}; nothing to do");
+            return;
+        }
+        _ => {}
     }
     init_logging(&ProcessEnv);
+    if command == Command::Shutdown {
+        prestop();
+        return;
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -135,7 +190,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let result = rt.block_on(run(flag(&["-startup", "--startup"])));
+    let result = rt.block_on(run(command));
     rt.shutdown_timeout(Duration::from_millis(200));
     if let Err(e) = result {
         tracing::error!("{e:#}");

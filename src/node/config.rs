@@ -78,6 +78,9 @@ pub struct NodeConfig {
     /// `CALICO_BIRD_SOCKET`: BIRD's control socket, told to reload after each change
     /// (default /var/run/calico/bird.ctl).
     pub bird_socket: PathBuf,
+    /// `CALICO_SHUTDOWN_TIMESTAMP_FILE` (default `<state dir>/shutdownTS`): written by
+    /// `calico-node -shutdown`, removed once start-up is done (Calico's).
+    pub shutdown_timestamp_file: PathBuf,
 }
 
 /// A variable with a value calico-node cannot use.
@@ -216,7 +219,12 @@ impl NodeConfig {
         for (k, v) in &felix_env {
             probe.apply_env(k, v).map_err(|e| bad(k, v, e.reason))?;
         }
+        let state_dir = env
+            .non_empty("CALICO_STATE_DIR")
+            .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from);
         Ok(NodeConfig {
+            shutdown_timestamp_file: super::shutdown::timestamp_file(env, &state_dir),
+            state_dir,
             nodename,
             datastore,
             ip,
@@ -224,9 +232,6 @@ impl NodeConfig {
             default_pool,
             backend,
             felix_env,
-            state_dir: env
-                .non_empty("CALICO_STATE_DIR")
-                .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from),
             cluster_type: env.var("CLUSTER_TYPE").unwrap_or_default(),
             bird_config_dir: env
                 .non_empty("CALICO_BIRD_CONFIG_DIR")

@@ -8,6 +8,11 @@
 //!                           +--> health aggregator --> [health HTTP :9099]
 //!   SIGTERM/SIGINT --> root CancellationToken --> every task (TaskTracker waits <= 2 s)
 //! ```
+//!
+//! Every actor runs under the [`Supervisor`]: the endpoints, the BGP status socket and the
+//! IPAM collector are restarted with backoff; the syncer and its consumers (cluster view,
+//! confd with the speaker, Felix) turn `/liveness` false with their name and the cause
+//! when they end. confd restarts the speaker itself.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +27,7 @@ use tracing::{error, info};
 use super::config::NodeConfig;
 use super::http::{self, HealthAggregator};
 use super::startup;
+use super::supervisor::{ActorResult, Faults, Supervisor};
 use crate::datastore::syncer::{
     CALICO_PREFIX, SyncStatus, Syncer, SyncerEvent, SyncerMetrics, UpdateType,
 };
@@ -155,30 +161,38 @@ fn env_felix_config(cfg: &NodeConfig) -> anyhow::Result<FelixConfigurationSpec> 
 /// The health endpoint starts first (from defaults and `FELIX_*`), so that while the
 /// datastore is unreachable a probe already gets "not ready" with the reason.
 pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with(cfg, shutdown, Faults::none()).await
+}
+
+/// [`run`], with test fault ports into the actors (see [`super::supervisor`]).
+pub async fn run_with(
+    cfg: NodeConfig,
+    shutdown: CancellationToken,
+    faults: Faults,
+) -> anyhow::Result<()> {
     let registry = http::new_registry();
     let health = HealthAggregator::new();
     let tracker = TaskTracker::new();
+    let sup = Supervisor::new(tracker.clone(), shutdown.clone(), health.clone(), faults);
+    registry
+        .register(sup.metrics())
+        .context("registering supervision metrics")?;
     let early = env_felix_config(&cfg)?;
     let startup_health = health.register("startup");
     startup_health.set_ready(false, Some("registering the node".into()));
     if early.health_enabled() {
-        let listener = bind(early.health_host(), early.health_port(), "health").await?;
+        let listener = Arc::new(bind(early.health_host(), early.health_port(), "health").await?);
         let (h, token) = (health.clone(), shutdown.child_token());
-        tracker.spawn(async move {
-            if let Err(e) = http::serve_health(listener, h, token).await {
-                error!(error = %e, "health endpoint failed");
+        sup.spawn_restarting("health-endpoint", None, move || {
+            let (l, h, token) = (listener.clone(), h.clone(), token.clone());
+            async move {
+                http::serve_health(l, h, http::ServeLimits::default(), token)
+                    .await
+                    .map_err(|e| e.to_string())
             }
         });
     }
-    let result = run_started(
-        &cfg,
-        &shutdown,
-        &tracker,
-        registry,
-        &health,
-        &startup_health,
-    )
-    .await;
+    let result = run_started(&cfg, &shutdown, &sup, registry, &health, &startup_health).await;
     if let Err(e) = &result {
         error!("{e:#}");
     }
@@ -201,7 +215,7 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result
 async fn run_started(
     cfg: &NodeConfig,
     shutdown: &CancellationToken,
-    tracker: &TaskTracker,
+    sup: &Supervisor,
     registry: prometheus::Registry,
     health: &HealthAggregator,
     startup_health: &http::HealthReporter,
@@ -219,6 +233,14 @@ async fn run_started(
     };
     startup_health.set_ready(true, None);
     info!(node = %cfg.nodename, ipv4 = ?started.ipv4, "start-up complete");
+    // Calico: the shutdown timestamp goes once the node is up again.
+    match super::shutdown::remove_timestamp(&cfg.shutdown_timestamp_file) {
+        Ok(Some(ts)) => info!(timestamp = %ts, "removed the shutdown timestamp"),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(file = %cfg.shutdown_timestamp_file.display(), error = %e, "cannot remove the shutdown timestamp")
+        }
+    }
     let felix = felix_config(&client, cfg).await?;
     let early = env_felix_config(cfg)?;
     if (
@@ -236,12 +258,18 @@ async fn run_started(
     }
 
     let syncer_metrics = SyncerMetrics::new(&registry).context("registering syncer metrics")?;
+    let syncer_health = health.register("datastore-syncer");
     let mut syncer = Syncer::new(ds.clone(), CALICO_PREFIX)
         .with_metrics(syncer_metrics)
-        .with_health(health.register("datastore-syncer"));
+        .with_health(syncer_health.clone());
     let view_rx = syncer.subscribe(1024);
     let felix_rx = syncer.subscribe(1024);
-    tracker.spawn(cluster_view(view_rx));
+    // The actors below are fed by the syncer's subscriptions, made once: one that ends
+    // cannot be restarted alone, so its end makes the node not live (supervisor module).
+    sup.spawn_once("cluster-view", None, async move {
+        cluster_view(view_rx).await;
+        Err("its datastore feed closed".into())
+    });
     // BGP (backend `bird`): confd follows the datastore and drives the native speaker,
     // whose best routes go to Felix. With `vxlan` or `none` the datastore alone drives
     // the dataplane (VXLAN routes need no BGP).
@@ -256,54 +284,79 @@ async fn run_started(
             )))
             .context("registering BGP metrics")?;
         let (path, token) = (cfg.bgp_status_socket.clone(), shutdown.child_token());
-        tracker.spawn(async move {
-            if let Err(e) = crate::bgp::status::serve(path.clone(), status_rx, token).await {
-                error!(error = %e, socket = %path.display(), "BGP status socket failed");
+        sup.spawn_restarting("bgp-status-socket", None, move || {
+            let (path, rx, token) = (path.clone(), status_rx.clone(), token.clone());
+            async move {
+                crate::bgp::status::serve(path.clone(), rx, token)
+                    .await
+                    .map_err(|e| format!("{}: {e}", path.display()))
             }
         });
-        tracker.spawn(crate::confd::actor::run(
-            cfg.nodename.clone(),
-            syncer.subscribe(1024),
-            crate::confd::actor::Output::Speaker {
-                felix: bgp_tx,
-                status: status_tx,
-            },
-            health.register("bgp"),
-            shutdown.child_token(),
-        ));
+        // confd restarts the speaker itself when it fails (confd::actor).
+        let bgp_health = health.register("bgp");
+        sup.spawn_once(
+            "bgp",
+            Some(bgp_health.clone()),
+            ended(crate::confd::actor::run(
+                cfg.nodename.clone(),
+                syncer.subscribe(1024),
+                crate::confd::actor::Output::Speaker {
+                    felix: bgp_tx,
+                    status: status_tx,
+                },
+                bgp_health,
+                shutdown.child_token(),
+            )),
+        );
     } else {
         drop(bgp_tx);
     }
     if cfg.backend == super::config::NetworkingBackend::BirdExternal {
         // confd renders BIRD's configuration; BIRD programs BGP's routes itself.
-        tracker.spawn(crate::confd::actor::run(
-            cfg.nodename.clone(),
-            syncer.subscribe(1024),
-            crate::confd::actor::Output::Bird {
-                dir: cfg.bird_config_dir.clone(),
-                socket: cfg.bird_socket.clone(),
-            },
-            health.register("confd"),
-            shutdown.child_token(),
-        ));
+        let confd_health = health.register("confd");
+        sup.spawn_once(
+            "confd",
+            Some(confd_health.clone()),
+            ended(crate::confd::actor::run(
+                cfg.nodename.clone(),
+                syncer.subscribe(1024),
+                crate::confd::actor::Output::Bird {
+                    dir: cfg.bird_config_dir.clone(),
+                    socket: cfg.bird_socket.clone(),
+                },
+                confd_health,
+                shutdown.child_token(),
+            )),
+        );
     }
-    tracker.spawn(crate::felix::actor::run(
-        crate::felix::actor::Config {
-            node: cfg.nodename.clone(),
-            datastore: Some(ds.clone()),
-            mtu_file: Some(cfg.state_dir.join("mtu")),
-        },
-        felix_rx,
-        bgp_rx,
-        felix_metrics,
-        health.register("felix"),
-        shutdown.child_token(),
-    ));
+    // Felix's tunnel-address task runs inside each pass and is awaited there: a failure
+    // or panic of it is a readiness problem of Felix, tried again on the next pass.
+    let felix_health = health.register("felix");
+    sup.spawn_once(
+        "felix",
+        Some(felix_health.clone()),
+        ended(crate::felix::actor::run(
+            crate::felix::actor::Config {
+                node: cfg.nodename.clone(),
+                datastore: Some(ds.clone()),
+                mtu_file: Some(cfg.state_dir.join("mtu")),
+            },
+            felix_rx,
+            bgp_rx,
+            felix_metrics,
+            felix_health,
+            shutdown.child_token(),
+        )),
+    );
 
     let token = shutdown.child_token();
-    tracker.spawn(async move {
-        let exit = syncer.run(token).await;
-        info!(?exit, "syncer stopped");
+    sup.spawn_once("datastore-syncer", Some(syncer_health), async move {
+        match syncer.run(token).await {
+            crate::datastore::syncer::SyncerExit::NoSubscribers => {
+                Err("every consumer of the datastore went away".into())
+            }
+            exit => Err(format!("{exit:?}")),
+        }
     });
 
     if let Some(interval) = cfg.ipam_gc_interval {
@@ -319,16 +372,35 @@ async fn run_started(
         registry.register(Box::new(leaks.clone()))?;
         let (client, token) = (client.clone(), shutdown.child_token());
         let node = cfg.nodename.clone();
-        tracker.spawn(ipam_gc(client, node, interval, token, released, leaks));
+        sup.spawn_restarting("ipam-gc", None, move || {
+            ended(ipam_gc(
+                client.clone(),
+                node.clone(),
+                interval,
+                token.clone(),
+                released.clone(),
+                leaks.clone(),
+            ))
+        });
     }
     if felix.prometheus_enabled() {
-        let listener = bind(felix.prometheus_host(), felix.prometheus_port(), "metrics").await?;
+        let listener =
+            Arc::new(bind(felix.prometheus_host(), felix.prometheus_port(), "metrics").await?);
         let token = shutdown.child_token();
-        tracker.spawn(async move {
-            if let Err(e) = http::serve_metrics(listener, registry, token).await {
-                error!(error = %e, "metrics endpoint failed");
+        sup.spawn_restarting("metrics-endpoint", None, move || {
+            let (l, r, token) = (listener.clone(), registry.clone(), token.clone());
+            async move {
+                http::serve_metrics(l, r, http::ServeLimits::default(), token)
+                    .await
+                    .map_err(|e| e.to_string())
             }
         });
     }
+    Ok(())
+}
+
+/// An actor that runs until shutdown: returning is itself the failure.
+async fn ended(actor: impl std::future::Future<Output = ()>) -> ActorResult {
+    actor.await;
     Ok(())
 }

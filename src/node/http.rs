@@ -80,6 +80,24 @@ impl HealthAggregator {
         }
     }
 
+    /// Register an actor that reports liveness only (ready from the start): a supervised
+    /// task with no readiness of its own, such as an endpoint or the IPAM collector.
+    pub fn register_liveness(&self, name: &str) -> HealthReporter {
+        lock(&self.states).insert(
+            name.to_string(),
+            ReporterState {
+                name: name.to_string(),
+                live: true,
+                ready: true,
+                reason: None,
+            },
+        );
+        HealthReporter {
+            name: name.to_string(),
+            states: self.states.clone(),
+        }
+    }
+
     /// The current report.
     pub fn snapshot(&self) -> HealthReport {
         let reporters: Vec<ReporterState> = lock(&self.states).values().cloned().collect();
@@ -154,28 +172,81 @@ fn metrics_response(req: &Request<Incoming>, registry: &Registry) -> Resp {
     }
 }
 
-/// Accept connections until cancelled; each is served on its own task.
+/// What one endpoint tolerates from its clients, so that idle or slow connections (a
+/// scanner, a stuck scraper, a flood) never keep a probe from being answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// A client must send a request's headers within this; also closes idle keep-alive
+    /// connections (Go's `http.Server.ReadHeaderTimeout`, which Calico leaves unset).
+    pub header_read_timeout: std::time::Duration,
+    /// Most connections served at once. A new connection beyond it closes the oldest one,
+    /// rather than waiting in the backlog: a probe always gets in, a flood evicts itself.
+    pub max_connections: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            header_read_timeout: std::time::Duration::from_secs(5),
+            max_connections: 64,
+        }
+    }
+}
+
+/// The connections being served, oldest first, each with the token that closes it.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
+impl Connections {
+    /// Admit a new connection, closing the oldest ones beyond `max`.
+    fn admit(&mut self, max: usize, parent: &CancellationToken) -> (u64, CancellationToken) {
+        while self.open.len() >= max.max(1) {
+            if let Some((_, oldest)) = self.open.pop_front() {
+                oldest.cancel();
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let token = parent.child_token();
+        self.open.push_back((id, token.clone()));
+        (id, token)
+    }
+
+    fn done(&mut self, id: u64) {
+        self.open.retain(|(i, _)| *i != id);
+    }
+}
+
+/// Accept connections until cancelled; each is served on its own task, within `limits`.
+/// A failed accept (no descriptor left) pauses instead of spinning ([`crate::accept`]).
 async fn serve<F>(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
+    limits: ServeLimits,
     shutdown: CancellationToken,
     handler: F,
 ) -> std::io::Result<()>
 where
     F: Fn(&Request<Incoming>) -> Resp + Clone + Send + Sync + 'static,
 {
+    let connections: Arc<Mutex<Connections>> = Arc::default();
+    let mut backoff = crate::accept::AcceptBackoff::default();
+    let what = listener
+        .local_addr()
+        .map_or_else(|_| "http".to_string(), |a| format!("http {a}"));
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(error = %e, "accept failed");
-                    continue;
-                }
-            },
+            a = crate::accept::accept(&listener, &mut backoff, &what) => a,
         };
         let handler = handler.clone();
-        let token = shutdown.clone();
+        let (id, token) = connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(limits.max_connections, &shutdown);
+        let connections = connections.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 // Every endpoint here is read-only.
@@ -190,33 +261,45 @@ where
                 };
                 async move { Ok::<_, Infallible>(r) }
             });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let conn = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 _ = token.cancelled() => {}
                 r = conn => if let Err(e) = r {
                     debug!(%peer, error = %e, "HTTP connection error");
                 },
             }
+            connections
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .done(id);
         });
     }
 }
 
 /// Serve `/liveness` and `/readiness` until `shutdown` fires.
 pub async fn serve_health(
-    listener: TcpListener,
+    listener: impl Into<Arc<TcpListener>>,
     health: HealthAggregator,
+    limits: ServeLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve(listener, shutdown, move |req| health_response(req, &health)).await
+    serve(listener.into(), limits, shutdown, move |req| {
+        health_response(req, &health)
+    })
+    .await
 }
 
 /// Serve `/metrics` from `registry` until `shutdown` fires.
 pub async fn serve_metrics(
-    listener: TcpListener,
+    listener: impl Into<Arc<TcpListener>>,
     registry: Registry,
+    limits: ServeLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    serve(listener, shutdown, move |req| {
+    serve(listener.into(), limits, shutdown, move |req| {
         metrics_response(req, &registry)
     })
     .await
@@ -269,7 +352,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let t = CancellationToken::new();
-        let j = tokio::spawn(serve_health(l, h, t.clone()));
+        let j = tokio::spawn(serve_health(l, h, ServeLimits::default(), t.clone()));
         (port, t, j)
     }
 
@@ -315,6 +398,77 @@ mod tests {
         t.cancel();
     }
 
+    async fn start_limited(limits: ServeLimits) -> (u16, CancellationToken) {
+        let h = HealthAggregator::new();
+        h.register("felix").set_ready(true, None);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = CancellationToken::new();
+        tokio::spawn(serve_health(l, h, limits, t.clone()));
+        (port, t)
+    }
+
+    /// Whether the server closed `s` (EOF) within `within`.
+    async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, s.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_no_headers_is_closed_after_the_timeout() {
+        let limits = ServeLimits {
+            header_read_timeout: Duration::from_millis(300),
+            ..ServeLimits::default()
+        };
+        let (port, t) = start_limited(limits).await;
+        let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut partial = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        partial
+            .write_all(b"GET /readiness HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        assert!(closed_within(&mut silent, Duration::from_secs(3)).await);
+        assert!(closed_within(&mut partial, Duration::from_secs(3)).await);
+        assert_eq!(request(port, "GET", "/readiness").await.0, 200);
+        t.cancel();
+    }
+
+    #[tokio::test]
+    async fn beyond_the_connection_cap_the_oldest_is_closed_and_probes_answer() {
+        let limits = ServeLimits {
+            header_read_timeout: Duration::from_secs(60),
+            max_connections: 4,
+        };
+        let (port, t) = start_limited(limits).await;
+        let mut idle = Vec::new();
+        for _ in 0..10 {
+            idle.push(
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let (status, _) =
+            tokio::time::timeout(Duration::from_secs(3), request(port, "GET", "/readiness"))
+                .await
+                .expect("a probe is answered despite ten idle connections");
+        assert_eq!(status, 200);
+        for s in idle.iter_mut().take(6) {
+            assert!(
+                closed_within(s, Duration::from_secs(3)).await,
+                "the oldest connections are closed"
+            );
+        }
+        t.cancel();
+    }
+
     #[tokio::test]
     async fn no_reporters_means_not_ready() {
         assert!(!HealthAggregator::new().snapshot().ready);
@@ -329,7 +483,7 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         let t = CancellationToken::new();
-        let j = tokio::spawn(serve_metrics(l, r, t.clone()));
+        let j = tokio::spawn(serve_metrics(l, r, ServeLimits::default(), t.clone()));
         let (status, body) = request(port, "GET", "/metrics").await;
         assert_eq!(status, 200);
         assert!(body.contains("calico_test_total 3"), "{body}");

@@ -296,6 +296,37 @@ pub async fn startup(
     })
 }
 
+/// Calico's default for `AUTODETECT_POLL_INTERVAL`.
+pub const MONITOR_POLL_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `calico-node -monitor-addresses` (Calico's `MonitorIPAddressSubnets`): every `interval`
+/// choose the node's IPv4 address again and update the Node when it changed, until
+/// `cancel`. A detection failure is logged and tried again; an address another node holds
+/// ends it with the error, as Calico terminates then.
+pub async fn monitor_addresses(
+    client: &Client,
+    cfg: &NodeConfig,
+    interval: Duration,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), StartupError> {
+    let mut last: Option<Option<Ipv4Net>> = None;
+    loop {
+        match choose_ipv4(&cfg.ip) {
+            Ok(ip) if last != Some(ip) => {
+                register_node(client, cfg, ip).await?;
+                info!(ipv4 = ?ip, "node address checked");
+                last = Some(ip);
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot detect the node's address"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

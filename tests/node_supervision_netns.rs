@@ -1,0 +1,272 @@
+//! Supervision of calico-node's actors (real etcd, the node in a fresh network namespace):
+//! an actor that fails is restarted with backoff or named, with the cause, on /liveness.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use calico_node::env::MapEnv;
+use calico_node::node::config::NodeConfig;
+use calico_node::node::daemon;
+use calico_node::node::supervisor::{Fault, Faults};
+use common::{Etcd, NetNs, free_port, http_get};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+fn node_ns(prefix: &str) -> Option<(NetNs, Etcd)> {
+    let ns = NetNs::new(prefix)?;
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
+    ns.ip(&["addr", "add", "10.99.8.1/24", "dev", "eth1"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.ip(&["link", "set", "eth1", "up"]);
+    let etcd = Etcd::start_on(Some(&ns.name), free_port())?;
+    Some((ns, etcd))
+}
+
+async fn get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, String::new());
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut resp = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut resp)).await;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn until<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The liveness entry of actor `name`: (live, reason).
+fn entry(body: &str, name: &str) -> Option<(bool, String)> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    let r = v["reporters"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == name)?
+        .clone();
+    Some((
+        r["live"].as_bool()?,
+        r["reason"].as_str().unwrap_or_default().to_string(),
+    ))
+}
+
+/// The daemon in-process with a fault port into each actor. Restartable actors (the
+/// endpoints, the BGP status socket, the IPAM collector) panic and are restarted: counted,
+/// serving again, the node still live. The others (cluster view, confd with the speaker,
+/// Felix, the syncer) fail and /liveness names each with the cause.
+#[test]
+fn each_actors_failure_restarts_it_or_names_it_on_liveness() {
+    let Some((ns, etcd)) = node_ns("cn-sup") else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let (health, metrics) = (free_port(), free_port());
+    let endpoint = etcd.endpoint();
+    let dir: PathBuf = state.path().to_path_buf();
+    ns.run_in(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let socket = dir.join("bgp-status.sock");
+            let env = MapEnv::from_pairs(&[
+                ("NODENAME", "node-a"),
+                ("ETCD_ENDPOINTS", &endpoint),
+                ("IP_AUTODETECTION_METHOD", "interface=eth1"),
+                ("CALICO_IPV4POOL_CIDR", "10.244.0.0/16"),
+                ("CALICO_STATE_DIR", dir.to_str().unwrap()),
+                ("CALICO_BGP_STATUS_SOCKET", socket.to_str().unwrap()),
+                ("FELIX_HEALTHPORT", &health.to_string()),
+                ("FELIX_PROMETHEUSMETRICSENABLED", "true"),
+                ("FELIX_PROMETHEUSMETRICSPORT", &metrics.to_string()),
+                ("CALICO_IPAM_GC_INTERVAL", "1"),
+            ]);
+            let cfg = NodeConfig::from_env(&env).unwrap();
+            let restartable = [
+                "health-endpoint",
+                "metrics-endpoint",
+                "bgp-status-socket",
+                "ipam-gc",
+            ];
+            let fatal = ["cluster-view", "bgp", "felix", "datastore-syncer"];
+            let mut faults = Faults::none();
+            let ports: HashMap<&str, _> = restartable
+                .iter()
+                .chain(fatal.iter())
+                .map(|n| (*n, faults.port(n)))
+                .collect();
+            let shutdown = CancellationToken::new();
+            let node = tokio::spawn(daemon::run_with(cfg, shutdown.clone(), faults));
+            until("ready", Duration::from_secs(30), async || {
+                (get(health, "/readiness").await.0 == 200).then_some(())
+            })
+            .await;
+
+            for name in restartable {
+                ports[name]
+                    .send(Fault::Panic(format!("injected into {name}")))
+                    .await
+                    .unwrap();
+                let want = format!("calico_node_actor_restarts_total{{actor=\"{name}\"}} 1");
+                until(&want, Duration::from_secs(10), async || {
+                    let (status, body) = get(metrics, "/metrics").await;
+                    (status == 200 && body.contains(&want)).then_some(())
+                })
+                .await;
+                let (status, body) = get(health, "/liveness").await;
+                assert_eq!(status, 200, "{name} restarted, the node is live: {body}");
+            }
+            let s = socket.clone();
+            let peers = tokio::task::spawn_blocking(move || calico_node::bgp::status::fetch(&s))
+                .await
+                .unwrap();
+            assert!(peers.is_ok(), "the status socket serves again: {peers:?}");
+
+            for name in fatal {
+                let fault = if name == "felix" {
+                    Fault::Panic(format!("injected into {name}"))
+                } else {
+                    Fault::Fail(format!("injected into {name}"))
+                };
+                let want = if name == "felix" {
+                    format!("{name} panicked: injected into {name}")
+                } else {
+                    format!("{name} failed: injected into {name}")
+                };
+                ports[name].send(fault).await.unwrap();
+                let (status, body) = until(&want, Duration::from_secs(10), async || {
+                    let (status, body) = get(health, "/liveness").await;
+                    entry(&body, name)
+                        .is_some_and(|(live, why)| !live && why == want)
+                        .then_some((status, body))
+                })
+                .await;
+                assert_eq!(status, 503, "{body}");
+                if name == "bgp" {
+                    // Calico's liveness probe names it too.
+                    let d = dir.clone();
+                    let out = tokio::task::spawn_blocking(move || {
+                        std::process::Command::new(env!("CARGO_BIN_EXE_calico-node"))
+                            .args(["-bird-live"])
+                            .env_clear()
+                            .env("CALICO_BGP_STATUS_SOCKET", d.join("bgp-status.sock"))
+                            .env("FELIX_HEALTHPORT", health.to_string())
+                            .output()
+                            .unwrap()
+                    })
+                    .await
+                    .unwrap();
+                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    assert_eq!(out.status.code(), Some(1), "{text}");
+                    assert_eq!(
+                        text.trim_end(),
+                        "calico/node is not ready: bird/confd is not live: bgp failed: injected into bgp"
+                    );
+                }
+            }
+            shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(5), node)
+                .await
+                .expect("stops within 5 s")
+                .unwrap()
+                .unwrap();
+        });
+    });
+}
+
+/// The real binary with a BGP status socket it cannot create (its directory is a file):
+/// the socket's actor fails, is restarted with backoff (1 + 2 + 4 + 8 s), then /liveness
+/// names it with the cause and `calico-node -bird-live` fails. Before, the failure was
+/// logged once and the node stayed live and ready with no status socket.
+#[test]
+fn a_failing_actor_of_the_real_binary_is_named_on_liveness() {
+    let Some((ns, etcd)) = node_ns("cn-sup2") else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(state.path().join("not-a-dir"), "").unwrap();
+    let socket = state.path().join("not-a-dir").join("bgp-status.sock");
+    let health = free_port();
+    let log = std::fs::File::create(state.path().join("calico-node.log")).unwrap();
+    let child = ns
+        .command(env!("CARGO_BIN_EXE_calico-node"))
+        .env_clear()
+        .env("NODENAME", "node-a")
+        .env("ETCD_ENDPOINTS", etcd.endpoint())
+        .env("IP_AUTODETECTION_METHOD", "interface=eth1")
+        .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
+        .env("CALICO_STATE_DIR", state.path())
+        .env("CALICO_BGP_STATUS_SOCKET", &socket)
+        .env("FELIX_HEALTHPORT", health.to_string())
+        .env("CALICO_IPAM_GC_INTERVAL", "0")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _node = common::Process(child);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let body = loop {
+        if let Ok((503, body)) = ns.run_in(move || http_get(health, "/liveness"))
+            && entry(&body, "bgp-status-socket").is_some_and(|(live, _)| !live)
+        {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "liveness never named the status socket; log: {}",
+            std::fs::read_to_string(state.path().join("calico-node.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (_, why) = entry(&body, "bgp-status-socket").unwrap();
+    assert!(
+        why.starts_with(&format!("bgp-status-socket failed: {}: ", socket.display()))
+            && why.ends_with("(5 failures in a row; not restarted)"),
+        "{why}"
+    );
+    let out = ns
+        .command(env!("CARGO_BIN_EXE_calico-node"))
+        .args(["-felix-live", "-bird-live"])
+        .env_clear()
+        .env("CALICO_BGP_STATUS_SOCKET", &socket)
+        .env("FELIX_HEALTHPORT", health.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("calico/node is not ready: Felix is not live: liveness probe reporting 503 (bgp-status-socket: bgp-status-socket failed:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("calico/node is not ready: bird is not live:"),
+        "{text}"
+    );
+}
