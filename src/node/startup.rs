@@ -366,6 +366,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn monitor_addresses_registers_the_node_and_stops_on_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::new(Arc::new(MemoryDatastore::new()));
+        let c = cfg(dir.path(), &[("NODENAME", "n1"), ("IP", "10.99.0.7/24")]);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (cl, cc, ct) = (client.clone(), c.clone(), cancel.clone());
+        let task = tokio::spawn(async move {
+            monitor_addresses(&cl, &cc, Duration::from_millis(10), &ct).await
+        });
+        let mut addr = None;
+        for _ in 0..200 {
+            addr = client
+                .get::<NodeSpec>(None, "n1")
+                .await
+                .unwrap()
+                .and_then(|n| n.spec.bgp)
+                .and_then(|b| b.ipv4_address);
+            if addr.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(addr.as_deref(), Some("10.99.0.7/24"));
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn startup_registers_node_pool_and_cluster_information() {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::new(Arc::new(MemoryDatastore::new()));
