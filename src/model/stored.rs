@@ -31,7 +31,36 @@ enum Step {
 /// Fields of a stored value that this version does not model, each with its path, kept so
 /// that writing the value back loses nothing.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct UnknownFields(Vec<(Vec<Step>, Value)>);
+pub struct UnknownFields(Vec<Unknown>);
+
+/// One unknown field: where it was, its value, and for a field inside a list element the
+/// element as this version wrote it when it was read (its known fields). A list can be
+/// rewritten or reordered before the value is written back: the field goes back only into
+/// an element that is still that element, never onto whatever now sits at its index.
+#[derive(Debug, Clone, PartialEq)]
+struct Unknown {
+    path: Vec<Step>,
+    value: Value,
+    element: Option<Value>,
+}
+
+/// The path of the innermost list element that holds `path` (None outside lists).
+fn element_path(path: &[Step]) -> Option<&[Step]> {
+    let last = path.iter().rposition(|s| matches!(s, Step::Index(_)))?;
+    Some(&path[..=last])
+}
+
+fn walk<'a>(doc: &'a Value, path: &[Step]) -> Option<&'a Value> {
+    let mut at = doc;
+    for step in path {
+        at = match (step, at) {
+            (Step::Key(k), Value::Object(m)) => m.get(k)?,
+            (Step::Index(i), Value::Array(a)) => a.get(*i)?,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
 
 impl UnknownFields {
     /// No unknown field was found.
@@ -41,7 +70,7 @@ impl UnknownFields {
 
     /// Dotted paths of the unknown fields (`spec.namespaceSelector`), for logs and tests.
     pub fn paths(&self) -> Vec<String> {
-        self.0.iter().map(|(p, _)| dotted(p)).collect()
+        self.0.iter().map(|u| dotted(&u.path)).collect()
     }
 
     /// Take the fields at these paths out of `doc`, with the values they have there now
@@ -50,31 +79,69 @@ impl UnknownFields {
     /// already had is carried along.
     pub fn take_from(&self, doc: &mut Value) -> UnknownFields {
         let mut taken = UnknownFields::default();
-        for (path, _) in &self.0 {
+        for Unknown { path, .. } in &self.0 {
             let Some((Step::Key(last), parents)) = path.split_last() else {
                 continue;
             };
             if let Some(Value::Object(parent)) = walk_mut(doc, parents)
-                && let Some(v) = parent.remove(last)
+                && let Some(value) = parent.remove(last)
             {
-                taken.0.push((path.clone(), v));
+                // The user's document places its list elements itself: no check.
+                taken.0.push(Unknown {
+                    path: path.clone(),
+                    value,
+                    element: None,
+                });
             }
         }
         taken
     }
 
+    /// Remember, for each field inside a list element, that element as `decoded` writes it.
+    fn note_elements<T: serde::Serialize>(&mut self, decoded: &T) {
+        if !self.0.iter().any(|u| element_path(&u.path).is_some()) {
+            return;
+        }
+        let Ok(written) = serde_json::to_value(decoded) else {
+            return;
+        };
+        for u in &mut self.0 {
+            // An element this version does not write at all (never the case for a value
+            // it decoded) gets a marker no element equals: its field is not put back.
+            u.element =
+                element_path(&u.path).map(|at| walk(&written, at).cloned().unwrap_or(Value::Null));
+        }
+    }
+
     /// Put the unknown fields back into `doc` (the serialized resource about to be written).
     /// A field goes back only where its parent object still exists and the field is not
-    /// set: an object this node removed on purpose is not brought back to life for it.
+    /// set: an object this node removed on purpose is not brought back to life for it. A
+    /// field of a list element goes back only when the element at its index is the one it
+    /// was read from (its known fields unchanged): the list may have been rewritten.
     pub fn merge_into(&self, doc: &mut Value) {
-        for (path, value) in &self.0 {
-            let Some((Step::Key(last), parents)) = path.split_last() else {
+        // Decided on the document as this version wrote it, before any field goes back.
+        let keep: Vec<bool> = self
+            .0
+            .iter()
+            .map(|u| match (&u.element, element_path(&u.path)) {
+                (Some(was), Some(at)) => walk(doc, at) == Some(was),
+                _ => true,
+            })
+            .collect();
+        for (u, keep) in self.0.iter().zip(keep) {
+            let Some((Step::Key(last), parents)) = u.path.split_last() else {
                 continue;
             };
+            if !keep {
+                tracing::debug!(field = %dotted(&u.path), "a list element changed; its unknown field is not written back");
+                continue;
+            }
             let Some(Value::Object(parent)) = walk_mut(doc, parents) else {
                 continue;
             };
-            parent.entry(last.clone()).or_insert_with(|| value.clone());
+            parent
+                .entry(last.clone())
+                .or_insert_with(|| u.value.clone());
         }
     }
 }
@@ -134,7 +201,7 @@ fn field_error(path: &serde_path_to_error::Path, e: &serde_json::Error) -> Decod
 /// Decode a stored value of type `T`, keeping the fields `T` does not know.
 /// Any other problem (bad JSON, a known field of the wrong type) is an error naming the
 /// field's path.
-pub fn decode_lenient<T: DeserializeOwned>(
+pub fn decode_lenient<T: DeserializeOwned + serde::Serialize>(
     bytes: &[u8],
 ) -> Result<(T, UnknownFields), DecodeError> {
     if let Ok(v) = serde_json::from_slice::<T>(bytes) {
@@ -147,7 +214,10 @@ pub fn decode_lenient<T: DeserializeOwned>(
     let mut unknown = UnknownFields::default();
     loop {
         let err = match serde_path_to_error::deserialize::<_, T>(&doc) {
-            Ok(v) => return Ok((v, unknown)),
+            Ok(v) => {
+                unknown.note_elements(&v);
+                return Ok((v, unknown));
+            }
             Err(err) => err,
         };
         let (path, inner) = (err.path().clone(), err.into_inner());
@@ -172,7 +242,11 @@ pub fn decode_lenient<T: DeserializeOwned>(
             // The reported field is not where the path says: refuse rather than loop.
             return Err(field_error(&path, &inner));
         };
-        unknown.0.push((path_steps, value));
+        unknown.0.push(Unknown {
+            path: path_steps,
+            value,
+            element: None,
+        });
     }
 }
 
@@ -279,6 +353,28 @@ mod tests {
             serde_json::from_slice(&encode_with(&cleared, &cleared.unknown)).unwrap();
         assert!(written["spec"].get("bgp").is_none(), "{written}");
         assert_eq!(written["metadata"]["futureMeta"], json!({"a": 1}));
+        // A list this node rewrote: the element's unknown field is not put onto whatever
+        // now sits at its index (before: `zone` landed on the new first address).
+        let mut reordered = decode_stored::<NodeSpec>(
+            stored
+                .replace(
+                    r#"[{"address":"10.0.0.1","type":"InternalIP","zone":"z1"}]"#,
+                    r#"[{"address":"10.0.0.1","type":"InternalIP","zone":"z1"},
+                        {"address":"10.0.0.2","type":"ExternalIP"}]"#,
+                )
+                .as_bytes(),
+        )
+        .unwrap();
+        reordered.spec.addresses.reverse();
+        let written: Value =
+            serde_json::from_slice(&encode_with(&reordered, &reordered.unknown)).unwrap();
+        assert_eq!(
+            written["spec"]["addresses"],
+            json!([
+                {"address": "10.0.0.2", "type": "ExternalIP"},
+                {"address": "10.0.0.1", "type": "InternalIP"}
+            ])
+        );
     }
 
     #[test]
