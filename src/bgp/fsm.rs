@@ -120,8 +120,10 @@ impl SessionConfig {
             .iter()
             .map(|f| Capability::Multiprotocol(*f))
             .collect();
+        // Route refresh only: Enhanced Route Refresh (RFC 7313, capability 70) obliges its
+        // speaker to frame every answer with BoRR/EoRR markers, which we do not send (an
+        // answer ends with End-of-RIB), so it is not offered.
         caps.push(Capability::RouteRefresh);
-        caps.push(Capability::EnhancedRouteRefresh);
         caps.push(Capability::FourOctetAs(self.local_as));
         if let Some(gr) = &self.graceful_restart {
             caps.push(Capability::GracefulRestart(gr.clone()));

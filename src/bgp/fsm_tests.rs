@@ -343,6 +343,17 @@ fn updates_and_route_refresh_are_delivered_when_established() {
     assert_eq!(out, vec![Output::RouteRefresh(rr)]);
 }
 
+/// Our OPEN offers route refresh (RFC 2918) but not Enhanced Route Refresh (RFC 7313):
+/// that capability would oblige us to frame each answer with BoRR/EoRR markers, and a peer
+/// that relies on them (to drop routes not re-advertised) would wait for an EoRR we never
+/// send.
+#[test]
+fn our_open_offers_route_refresh_but_not_enhanced_route_refresh() {
+    let open = cfg().open();
+    assert!(open.has(&Capability::RouteRefresh));
+    assert!(!open.has(&Capability::EnhancedRouteRefresh), "{open:?}");
+}
+
 /// RFC 2918 / RFC 7313: a ROUTE-REFRESH from a peer that did not announce the
 /// capability, for a family not negotiated, or a peer's BoRR/EoRR marker, makes us resend
 /// nothing; the session stays up.
