@@ -43,8 +43,18 @@ pub async fn accept(
     backoff: &mut AcceptBackoff,
     what: &str,
 ) -> (TcpStream, SocketAddr) {
+    accept_with(|| listener.accept(), backoff, what).await
+}
+
+/// [`accept`] for any listener: `try_accept` makes one attempt (a cancel-safe future such
+/// as tokio's `UnixListener::accept`).
+pub async fn accept_with<T, F, Fut>(mut try_accept: F, backoff: &mut AcceptBackoff, what: &str) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
     loop {
-        match listener.accept().await {
+        match try_accept().await {
             Ok(a) => {
                 backoff.reset();
                 return a;

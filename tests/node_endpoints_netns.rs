@@ -375,3 +375,18 @@ fn bird_checks_read_an_external_birds_protocols() {
         "{out}"
     );
 }
+
+/// An argument that is not UTF-8 (argv comes from outside) is refused with exit 1 and a
+/// line naming it, as a bad flag is; before, `std::env::args` panicked (exit 101).
+#[test]
+fn a_non_utf8_argument_is_refused_not_a_panic() {
+    use std::os::unix::ffi::OsStrExt;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_calico-node"))
+        .arg(std::ffi::OsStr::from_bytes(b"-felix-\xffready"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("not UTF-8"), "{stdout}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}

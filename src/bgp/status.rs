@@ -115,11 +115,12 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    // Out of descriptors, a failed accept pauses instead of spinning (see crate::accept).
+    let mut backoff = crate::accept::AcceptBackoff::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
-            accepted = listener.accept() => {
-                let Ok((mut conn, _)) = accepted else { continue };
+            (mut conn, _) = crate::accept::accept_with(|| listener.accept(), &mut backoff, "bgp-status") => {
                 let reports: Vec<PeerReport> = status.borrow().iter().map(PeerReport::from).collect();
                 let body = serde_json::to_vec(&reports).expect("reports serialize");
                 tokio::spawn(async move {
@@ -133,10 +134,15 @@ pub async fn serve(
     Ok(())
 }
 
+/// How long a reader waits for the status (Calico's bird check gives BIRD's socket 2 s;
+/// a probe must end well inside kubelet's 10 s even when the daemon is wedged).
+const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Read the status from a running calico-node.
 pub fn fetch(path: &Path) -> std::io::Result<Vec<PeerReport>> {
     use std::io::Read;
     let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(FETCH_TIMEOUT))?;
     let mut body = Vec::new();
     s.read_to_end(&mut body)?;
     serde_json::from_slice(&body).map_err(std::io::Error::other)
@@ -303,6 +309,22 @@ impl Collector for BgpMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A daemon that accepts but never answers (wedged) makes `fetch` (the bird probes,
+    /// `calicoctl node status`) fail within its timeout instead of hanging the probe past
+    /// kubelet's 10 s.
+    #[test]
+    fn fetch_gives_up_on_a_socket_that_never_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let held = std::thread::spawn(move || listener.accept().map(|(c, _)| c));
+        let start = std::time::Instant::now();
+        assert!(fetch(&path).is_err());
+        let took = start.elapsed();
+        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+        drop(held.join());
+    }
 
     fn report(addr: &str, ty: &str, state: &str, reason: &str) -> PeerReport {
         PeerReport {

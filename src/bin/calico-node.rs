@@ -148,7 +148,19 @@ fn prestop() {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // Arguments that are not UTF-8 are refused by name, never a panic (`env::args`).
+    let args: Vec<String> = match std::env::args_os()
+        .skip(1)
+        .map(|a| a.into_string())
+        .collect::<Result<_, _>>()
+    {
+        Ok(args) => args,
+        Err(bad) => {
+            println!("invalid argument {bad:?}: not UTF-8");
+            eprint!("{}", cli::USAGE);
+            std::process::exit(1);
+        }
+    };
     let command = match cli::parse(&args) {
         Ok(c) => c,
         Err(e) => {

@@ -171,7 +171,9 @@ pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
         let mut scale = nanos_per;
         for d in frac.chars().take(18) {
             scale /= 10;
-            part += u128::from(d.to_digit(10).ok_or_else(bad)?) * scale;
+            part = part
+                .checked_add(u128::from(d.to_digit(10).ok_or_else(bad)?) * scale)
+                .ok_or_else(bad)?;
         }
         total = total.checked_add(part).ok_or_else(bad)?;
         rest = next;
@@ -403,6 +405,8 @@ mod tests {
         assert!(parse_go_duration("-1s").is_err());
         assert!(parse_go_duration("").is_err());
         assert!(parse_go_duration("99999999999999999999999999999999999999h").is_err());
+        // The fraction cannot overflow either (u128::MAX / 1000 microseconds and a bit).
+        assert!(parse_go_duration("340282366920938463463374607431768211.999us").is_err());
     }
 
     proptest::proptest! {

@@ -88,33 +88,98 @@ impl ProbeConfig {
     }
 }
 
-/// Run the checks; every failure as Calico words it (empty: all passed).
+/// How long all the checks of one probe may take together: they run side by side (as
+/// Calico's do), and one that has not answered by then fails, so the probe ends well
+/// inside kubelet's 10 s `timeoutSeconds` (Calico's manifests) even with a wedged daemon.
+const PROBE_DEADLINE: Duration = Duration::from_secs(8);
+
+/// One check of a probe: its failure as Calico words it.
+type Check = Box<dyn FnOnce(&ProbeConfig) -> Result<(), String> + Send>;
+
+/// Run the checks; every failure as Calico words it (empty: all passed), in the order
+/// Calico reports them.
 pub fn run(checks: &HealthChecks, cfg: &ProbeConfig) -> Vec<String> {
-    let mut failures = Vec::new();
-    let mut check = |on: bool, f: &dyn Fn() -> Result<(), String>| {
-        if on && let Err(e) = f() {
-            failures.push(e);
+    let threshold = checks.threshold;
+    let all: [(bool, &str, Check); 6] = [
+        (
+            checks.felix_live,
+            "Felix liveness",
+            Box::new(|cfg| {
+                felix(cfg, "liveness")
+                    .map_err(|e| format!("calico/node is not ready: Felix is not live: {e}"))
+            }),
+        ),
+        (
+            checks.bird_live,
+            "bird liveness",
+            Box::new(|cfg| bird_live(cfg, false)),
+        ),
+        (
+            checks.bird6_live,
+            "bird6 liveness",
+            Box::new(|cfg| bird_live(cfg, true)),
+        ),
+        (
+            checks.felix_ready,
+            "felix readiness",
+            Box::new(|cfg| {
+                felix(cfg, "readiness")
+                    .map_err(|e| format!("calico/node is not ready: felix is not ready: {e}"))
+            }),
+        ),
+        (
+            checks.bird_ready,
+            "BIRD readiness",
+            Box::new(move |cfg| {
+                bird_ready(cfg, false, threshold)
+                    .map_err(|e| format!("calico/node is not ready: BIRD is not ready: {e}"))
+            }),
+        ),
+        (
+            checks.bird6_ready,
+            "BIRD6 readiness",
+            Box::new(move |cfg| {
+                bird_ready(cfg, true, threshold)
+                    .map_err(|e| format!("calico/node is not ready: BIRD6 is not ready: {e}"))
+            }),
+        ),
+    ];
+    let deadline = std::time::Instant::now() + PROBE_DEADLINE;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut pending = Vec::new();
+    for (i, (on, name, check)) in all.into_iter().enumerate() {
+        if !on {
+            continue;
         }
-    };
-    check(checks.felix_live, &|| {
-        felix(cfg, "liveness")
-            .map_err(|e| format!("calico/node is not ready: Felix is not live: {e}"))
-    });
-    check(checks.bird_live, &|| bird_live(cfg, false));
-    check(checks.bird6_live, &|| bird_live(cfg, true));
-    check(checks.felix_ready, &|| {
-        felix(cfg, "readiness")
-            .map_err(|e| format!("calico/node is not ready: felix is not ready: {e}"))
-    });
-    check(checks.bird_ready, &|| {
-        bird_ready(cfg, false, checks.threshold)
-            .map_err(|e| format!("calico/node is not ready: BIRD is not ready: {e}"))
-    });
-    check(checks.bird6_ready, &|| {
-        bird_ready(cfg, true, checks.threshold)
-            .map_err(|e| format!("calico/node is not ready: BIRD6 is not ready: {e}"))
-    });
-    failures
+        let (tx, cfg) = (tx.clone(), cfg.clone());
+        // Detached: a check stuck past the deadline must not hold the probe's exit.
+        std::thread::spawn(move || {
+            let _ = tx.send((i, check(&cfg)));
+        });
+        pending.push((i, name));
+    }
+    drop(tx);
+    let mut results: Vec<(usize, Result<(), String>)> = Vec::new();
+    while results.len() < pending.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(r) => results.push(r),
+            Err(_) => break,
+        }
+    }
+    for (i, name) in &pending {
+        if !results.iter().any(|(j, _)| j == i) {
+            results.push((
+                *i,
+                Err(format!(
+                    "calico/node is not ready: {name} check did not answer within {}s",
+                    PROBE_DEADLINE.as_secs()
+                )),
+            ));
+        }
+    }
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().filter_map(|(_, r)| r.err()).collect()
 }
 
 /// GET `/<probe>` on the health endpoint (Calico's `checkFelixHealth`).
@@ -544,5 +609,53 @@ mod tests {
         );
         assert_eq!(reasons(body, true), "");
         assert_eq!(reasons("not json", false), "");
+    }
+
+    /// A wedged daemon (its health port and status socket accept and never answer): the
+    /// manifest's probes still end inside kubelet's 10 s, every check failing, because the
+    /// checks run side by side under one deadline (before: one after another, ~19 s for
+    /// `-felix-live -bird-live -felix-ready -bird-ready`).
+    #[test]
+    fn a_wedged_daemon_fails_the_probes_within_kubelets_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("status.sock");
+        let unix = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        // Accept everything and hold it open, never writing a byte.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in unix.incoming().flatten() {
+                held.push(c);
+            }
+        });
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in tcp.incoming().flatten() {
+                held.push(c);
+            }
+        });
+        std::fs::write(dir.path().join("nodename"), "n1").unwrap();
+        let cfg = ProbeConfig {
+            health_host: "localhost".into(),
+            health_port: port,
+            bgp: BgpSource::Native(socket),
+            nodename_file: dir.path().join("nodename"),
+        };
+        let checks = HealthChecks {
+            felix_ready: true,
+            felix_live: true,
+            bird_ready: true,
+            bird6_ready: false,
+            bird_live: true,
+            bird6_live: false,
+            threshold: Duration::from_secs(30),
+        };
+        let start = std::time::Instant::now();
+        let failures = run(&checks, &cfg);
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(9), "{took:?}: {failures:?}");
+        assert_eq!(failures.len(), 4, "{failures:?}");
+        assert!(failures[0].starts_with("calico/node is not ready: Felix is not live"));
     }
 }
