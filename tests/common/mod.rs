@@ -616,6 +616,42 @@ pub fn run(program: &str, args: &[&str]) {
     );
 }
 
+/// Runs `c` with `input` on its stdin and its stdout and stderr captured, as a CNI runtime
+/// calls a plugin (the network config on stdin) or a person pipes YAML to calicoctl.
+pub fn output_with_stdin(c: &mut Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Polls `path` on `port` inside `ns` every 100 ms until it answers `want`; its body.
+/// Panics after `limit` with the last answer.
+pub fn wait_http(ns: &NetNs, port: u16, path: &'static str, want: u16, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok((status, body)) = ns.run_in(move || http_get(port, path)) {
+            if status == want {
+                return body;
+            }
+            last = format!("{status} {body}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{path} never answered {want}; last: {last}");
+}
+
 /// A plain HTTP/1.1 GET on 127.0.0.1 (of the calling thread's namespace): (status, body).
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
