@@ -12,12 +12,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::bgp::bird_external;
 use common::cluster::{Lab, add_pod, block_of, calicoctl, ping, routes};
-use common::{NetNs, have, skip};
+use common::{have, skip};
 
 const NODES: usize = 3;
 
@@ -51,24 +51,6 @@ enum Reflector {
     Native,
     /// Backend `bird-external`: BIRD 2 on the files confd renders.
     Bird,
-}
-
-/// Real BIRD in `ns` on `dir/bird.cfg`, its control socket `socket`; killed when dropped.
-fn run_bird(ns: &NetNs, dir: &Path, socket: &Path) -> common::Process {
-    let child = ns
-        .command("bird")
-        .arg("-f")
-        .arg("-c")
-        .arg(dir.join("bird.cfg"))
-        .arg("-s")
-        .arg(socket)
-        .arg("-P")
-        .arg(dir.join("bird.pid"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::Process(child)
 }
 
 #[test]
@@ -123,7 +105,12 @@ fn scenario(reflector: Reflector) {
             std::fs::read_to_string(bird_dir.join("bird.cfg"))
                 .is_ok_and(|c| c.contains("10.99.0.2"))
         });
-        run_bird(&nodes[0], &bird_dir, &bird_socket)
+        bird_external(
+            &nodes[0],
+            &bird_dir.join("bird.cfg"),
+            &bird_socket,
+            &bird_dir.join("bird.pid"),
+        )
     });
     let logs = || lab.logs();
     // The sessions as each node shows them: `calicoctl node status`, or BIRD's protocols

@@ -20,13 +20,7 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
         return;
     }
     // Two interfaces: the autodetection method must pick eth1's address.
-    ns.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-    ]);
-    ns.ip(&["addr", "add", "10.99.7.1/24", "dev", "eth0"]);
-    ns.ip(&["addr", "add", "10.99.8.1/24", "dev", "eth1"]);
-    ns.ip(&["link", "set", "eth0", "up"]);
-    ns.ip(&["link", "set", "eth1", "up"]);
+    ns.add_host_veth(&["10.99.7.1/24"], &["10.99.8.1/24"]);
 
     let etcd_port = free_port();
     let (health_port, metrics_port) = (free_port(), free_port());

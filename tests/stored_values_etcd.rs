@@ -170,12 +170,7 @@ fn node_stays_up_and_names_a_corrupt_block_and_an_overflowing_duration() {
     let Some(ns) = NetNs::new("cn-stored") else {
         return;
     };
-    ns.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-    ]);
-    ns.ip(&["addr", "add", "10.99.7.1/24", "dev", "eth0"]);
-    ns.ip(&["link", "set", "eth0", "up"]);
-    ns.ip(&["link", "set", "eth1", "up"]);
+    ns.add_host_veth(&["10.99.7.1/24"], &[]);
     let Some(etcd) = Etcd::start_in(Some(&ns.name)) else {
         return;
     };

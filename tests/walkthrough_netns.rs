@@ -81,20 +81,11 @@ fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
 
     // NAT outgoing (the default pool has natOutgoing): a pod reaching the hub, outside
     // every pool, arrives from its node's address; the hub counts what it receives.
-    let mut nft = hub
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(
-        &mut nft.stdin.take().unwrap(),
-        b"table ip wire {\n chain input {\n type filter hook input priority 0;\n \
+    hub.nft(
+        "table ip wire {\n chain input {\n type filter hook input priority 0;\n \
           icmp type echo-request ip saddr 10.99.0.2 counter\n \
           icmp type echo-request ip saddr 10.244.0.0/16 counter\n }\n}\n",
-    )
-    .unwrap();
-    assert!(nft.wait().unwrap().success());
+    );
     assert!(ping(pa, "10.99.0.254"), "the pod reaches outside the pools");
     let counted = String::from_utf8(
         hub.command("nft")
