@@ -868,7 +868,7 @@ async fn read_loop(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::Ipv4Addr;
 
     use tokio::io::AsyncReadExt;
@@ -877,7 +877,9 @@ mod tests {
     use super::*;
     use crate::bgp::message::{Notification, Open, err};
 
-    async fn read_msg(sock: &mut TcpStream, buf: &mut BytesMut) -> Option<Message> {
+    /// The next whole message the peer under test sent on `sock` (None at EOF or on one
+    /// that does not decode); `buf` keeps what was read past it.
+    pub(crate) async fn read_msg(sock: &mut TcpStream, buf: &mut BytesMut) -> Option<Message> {
         loop {
             if let Ok(Some(len)) = frame_len(buf) {
                 let frame = buf.split_to(len);
