@@ -68,10 +68,6 @@ fn a_bird_reflector_gets_the_reverse_peerings_as_rr_clients() {
 }
 
 fn scenario(reflector: Reflector) {
-    if !common::have("ping") {
-        common::skip("ping is not installed");
-        return;
-    }
     let Some(lab) = Lab::new("cn-rp", NODES) else {
         return;
     };

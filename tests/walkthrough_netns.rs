@@ -23,10 +23,6 @@ const NODES: usize = 3;
 
 #[test]
 fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
-    if !common::have("ping") {
-        common::skip("ping is not installed");
-        return;
-    }
     let Some(lab) = Lab::new("cn-w", NODES) else {
         return;
     };

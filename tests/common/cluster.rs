@@ -27,8 +27,13 @@ pub struct Lab {
 
 impl Lab {
     /// `count` bridged nodes and etcd, in namespaces named from `prefix`; None (after a
-    /// loud skip) without root, iproute2 or etcd.
+    /// loud skip) without root, iproute2, etcd or ping (the pods are there to reach each
+    /// other).
     pub fn new(prefix: &str, count: usize) -> Option<Lab> {
+        if !super::have("ping") {
+            super::skip("ping is not installed");
+            return None;
+        }
         let hub = NetNs::new(&format!("{prefix}hub"))?;
         let nodes: Vec<NetNs> = (0..count)
             .filter_map(|_| NetNs::new(&format!("{prefix}n")))
