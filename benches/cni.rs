@@ -10,11 +10,9 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Etcd, NetNs, free_port};
@@ -48,24 +46,15 @@ fn cni(
             Ok(())
         });
     }
-    let mut c = c
-        .env_clear()
-        .env("CNI_PATH", path)
-        .env("CNI_COMMAND", cmd)
-        .env("CNI_CONTAINERID", cid)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = c.wait_with_output().unwrap();
+    let out = common::output_with_stdin(
+        c.env_clear()
+            .env("CNI_PATH", path)
+            .env("CNI_COMMAND", cmd)
+            .env("CNI_CONTAINERID", cid)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0"),
+        &conf.to_string(),
+    );
     assert!(
         out.status.success(),
         "{cmd} {cid}: {}",

@@ -11,7 +11,6 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -201,20 +200,12 @@ fn lab(bird: bool) -> Option<Lab> {
                 std::fs::read_to_string(dir.join("bird.cfg"))
                     .is_ok_and(|c| c.matches("protocol bgp").count() == NODES - 1)
             });
-            let child = n
-                .command("bird")
-                .arg("-f")
-                .arg("-c")
-                .arg(dir.join("bird.cfg"))
-                .arg("-s")
-                .arg(states[i].path().join("bird.ctl"))
-                .arg("-P")
-                .arg(states[i].path().join("bird.pid"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            birds.push(Process(child));
+            birds.push(common::bgp::bird_external(
+                n,
+                &dir.join("bird.cfg"),
+                &states[i].path().join("bird.ctl"),
+                &states[i].path().join("bird.pid"),
+            ));
         }
     }
     for (i, n) in nodes.iter().enumerate() {

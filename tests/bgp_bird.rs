@@ -45,6 +45,18 @@ fn established(us: &OurSpeaker) -> bool {
         .is_some_and(|s| s.state == State::Established)
 }
 
+/// Whether the session to BIRD is Established within `limit` (polled every 100 ms).
+fn established_within(us: &OurSpeaker, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if established(us) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
 /// Sessions up both ways, routes both ways, withdrawals both ways.
 fn routes_flow(us_passive: bool) {
     let Some(a) = NetNs::new("bgp-us") else {
@@ -249,19 +261,10 @@ fn ttl_security_case(ours: Option<u8>) -> bool {
     };
     link(&a, US, &b, BIRD);
     if ours.is_none() {
-        let mut nft = b
-            .command("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(
-            &mut nft.stdin.take().unwrap(),
-            b"table ip gtsm {\n chain input {\n type filter hook input priority -300;\n \
+        b.nft(
+            "table ip gtsm {\n chain input {\n type filter hook input priority -300;\n \
               tcp dport 179 ip ttl < 255 drop\n tcp sport 179 ip ttl < 255 drop\n }\n}\n",
-        )
-        .unwrap();
-        assert!(nft.wait().unwrap().success(), "nft");
+        );
     }
     let Some(_d) = bird(&b, &bird_conf("passive on; ttl security on;")) else {
         return ours.is_some();
@@ -269,14 +272,7 @@ fn ttl_security_case(ours: Option<u8>) -> bool {
     let mut cfg = our_conf(false, None);
     cfg.peers[0].ttl_security = ours;
     let us = OurSpeaker::start(&a, cfg);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while std::time::Instant::now() < deadline {
-        if established(&us) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+    established_within(&us, Duration::from_secs(5))
 }
 
 #[test]
@@ -305,19 +301,10 @@ fn ttl_security_incoming_case(bird_gtsm: bool) -> bool {
     };
     link(&a, US, &b, BIRD);
     if bird_gtsm {
-        let mut nft = b
-            .command("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(
-            &mut nft.stdin.take().unwrap(),
-            b"table ip gtsm {\n chain input {\n type filter hook input priority -300;\n \
+        b.nft(
+            "table ip gtsm {\n chain input {\n type filter hook input priority -300;\n \
               tcp sport 179 ip ttl < 255 drop\n }\n}\n",
-        )
-        .unwrap();
-        assert!(nft.wait().unwrap().success(), "nft");
+        );
     }
     let extra = if bird_gtsm { "ttl security on;" } else { "" };
     let Some(_d) = bird(&b, &bird_conf(extra)) else {
@@ -326,14 +313,7 @@ fn ttl_security_incoming_case(bird_gtsm: bool) -> bool {
     let mut cfg = our_conf(true, None);
     cfg.peers[0].ttl_security = Some(1);
     let us = OurSpeaker::start(&a, cfg);
-    let deadline = std::time::Instant::now() + Duration::from_secs(8);
-    while std::time::Instant::now() < deadline {
-        if established(&us) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+    established_within(&us, Duration::from_secs(8))
 }
 
 #[test]

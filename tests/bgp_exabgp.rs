@@ -15,6 +15,22 @@ use common::bgp::{OurSpeaker, exabgp, link, pool_policy, wait_for};
 const US: &str = "10.99.0.1";
 const EXA: &str = "10.99.0.2";
 
+/// ExaBGP's session to us (iBGP, AS 64512, IPv4 unicast) announcing the `static` routes
+/// given (lines of `route ...;`).
+fn exa_neighbor(statics: &str) -> String {
+    format!(
+        r#"neighbor {US} {{
+    router-id {EXA};
+    local-address {EXA};
+    local-as 64512;
+    peer-as 64512;
+    family {{ ipv4 unicast; }}
+    static {{{statics}    }}
+}}
+"#
+    )
+}
+
 #[test]
 fn malformed_updates_from_exabgp_follow_rfc_7606() {
     let Some(a) = NetNs::new("bgp-us") else {
@@ -30,14 +46,8 @@ fn malformed_updates_from_exabgp_follow_rfc_7606() {
     cfg.peers = vec![peer];
     cfg.policy = pool_policy();
     let mut us = OurSpeaker::start(&a, cfg);
-    let conf = format!(
-        r#"neighbor {US} {{
-    router-id {EXA};
-    local-address {EXA};
-    local-as 64512;
-    peer-as 64512;
-    family {{ ipv4 unicast; }}
-    static {{
+    let conf = exa_neighbor(&format!(
+        r#"
         # RFC 7606 §7.1: undefined ORIGIN value -> treat-as-withdraw
         route 10.244.10.0/26 next-hop {EXA} attribute [ 0x01 0x40 0x07 ];
         # §7.2: AS_PATH segment claiming 5 ASNs but holding 1 -> treat-as-withdraw
@@ -48,10 +58,8 @@ fn malformed_updates_from_exabgp_follow_rfc_7606() {
         route 10.244.13.0/26 next-hop {EXA} attribute [ 0x07 0xc0 0x0102030405 ];
         # well formed
         route 10.244.14.0/26 next-hop {EXA};
-    }}
-}}
 "#
-    );
+    ));
     let Some(d) = exabgp(&b, &conf) else { return };
     wait_for(Duration::from_secs(30), "the session with ExaBGP", || {
         us.peer_state(EXA).filter(|s| s.state == State::Established)
@@ -224,21 +232,13 @@ fn a_route_too_large_to_reflect_is_not_exported_and_nothing_flaps() {
     let mut us = OurSpeaker::start(&a, cfg);
     // 1008 communities: ExaBGP's UPDATE is ~4,085 bytes; ours to BIRD would be 14 more.
     let communities: Vec<String> = (1..=1008).map(|i| format!("64512:{i}")).collect();
-    let conf = format!(
-        r#"neighbor {US} {{
-    router-id {EXA};
-    local-address {EXA};
-    local-as 64512;
-    peer-as 64512;
-    family {{ ipv4 unicast; }}
-    static {{
+    let conf = exa_neighbor(&format!(
+        r#"
         route 10.244.30.0/26 next-hop {EXA} community [ {} ];
         route 10.244.31.0/26 next-hop {EXA};
-    }}
-}}
 "#,
         communities.join(" ")
-    );
+    ));
     let Some(d) = exabgp(&b, &conf) else { return };
     let log = || std::fs::read_to_string(d.dir.path().join("exabgp.log")).unwrap_or_default();
     let up = |us: &OurSpeaker, p: &str| {

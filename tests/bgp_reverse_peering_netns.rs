@@ -12,12 +12,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::cluster::{add_pod, block_of, calico_node, calicoctl, ping, routes};
-use common::{Etcd, NetNs, free_port, have, http_get, skip};
+use common::bgp::bird_external;
+use common::cluster::{Lab, add_pod, block_of, calicoctl, ping, routes};
+use common::{have, skip};
 
 const NODES: usize = 3;
 
@@ -53,24 +53,6 @@ enum Reflector {
     Bird,
 }
 
-/// Real BIRD in `ns` on `dir/bird.cfg`, its control socket `socket`; killed when dropped.
-fn run_bird(ns: &NetNs, dir: &Path, socket: &Path) -> common::Process {
-    let child = ns
-        .command("bird")
-        .arg("-f")
-        .arg("-c")
-        .arg(dir.join("bird.cfg"))
-        .arg("-s")
-        .arg(socket)
-        .arg("-P")
-        .arg(dir.join("bird.pid"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::Process(child)
-}
-
 #[test]
 fn documented_single_bgppeer_route_reflection_converges_and_manual_reverse_peering_does_not() {
     scenario(Reflector::Native);
@@ -86,26 +68,17 @@ fn a_bird_reflector_gets_the_reverse_peerings_as_rr_clients() {
 }
 
 fn scenario(reflector: Reflector) {
-    if !common::have("ping") {
-        common::skip("ping is not installed");
-        return;
-    }
-    let Some(hub) = NetNs::new("cn-rphub") else {
+    let Some(lab) = Lab::new("cn-rp", NODES) else {
         return;
     };
-    let nodes: Vec<NetNs> = (0..NODES).filter_map(|_| NetNs::new("cn-rpn")).collect();
-    let (Some(pa), Some(pb)) = (NetNs::new("cn-rppa"), NetNs::new("cn-rppb")) else {
-        return;
-    };
-    assert_eq!(nodes.len(), NODES);
-    common::cluster::bridged(&hub, &nodes);
-    let port = free_port();
-    let Some(_etcd) = Etcd::start_on_also(&hub.name, port, "10.99.0.254") else {
-        return;
-    };
-    let ep = format!("http://10.99.0.254:{port}");
-    let states: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
-    let health: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
+    let Lab {
+        nodes,
+        pa,
+        pb,
+        ep,
+        states,
+        ..
+    } = &lab;
     let bird_dir: PathBuf = states[0].path().join("bird");
     let bird_socket = states[0].path().join("bird.ctl");
     let bird_env = [
@@ -113,23 +86,14 @@ fn scenario(reflector: Reflector) {
         ("CALICO_BIRD_CONFIG_DIR", bird_dir.to_str().unwrap()),
         ("CALICO_BIRD_SOCKET", bird_socket.to_str().unwrap()),
     ];
-    let _daemons: Vec<common::Process> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
+    let _daemons: Vec<common::Process> = (0..NODES)
+        .map(|i| {
             let extra: &[(&str, &str)] = if i == 0 && reflector == Reflector::Bird {
                 &bird_env
             } else {
                 &[]
             };
-            calico_node(
-                n,
-                &format!("node-{}", i + 1),
-                &ep,
-                states[i].path(),
-                health[i],
-                extra,
-            )
+            lab.start_node(i, extra)
         })
         .collect();
     let _bird = (reflector == Reflector::Bird).then(|| {
@@ -137,15 +101,14 @@ fn scenario(reflector: Reflector) {
             std::fs::read_to_string(bird_dir.join("bird.cfg"))
                 .is_ok_and(|c| c.contains("10.99.0.2"))
         });
-        run_bird(&nodes[0], &bird_dir, &bird_socket)
+        bird_external(
+            &nodes[0],
+            &bird_dir.join("bird.cfg"),
+            &bird_socket,
+            &bird_dir.join("bird.pid"),
+        )
     });
-    let logs = || {
-        states
-            .iter()
-            .map(|s| std::fs::read_to_string(s.path().join("calico-node.log")).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
+    let logs = || lab.logs();
     // The sessions as each node shows them: `calicoctl node status`, or BIRD's protocols
     // (named `Mesh_10_99_0_2`, `Node_10_99_0_2`, ...) for a BIRD reflector.
     let status = |i: usize| {
@@ -159,7 +122,7 @@ fn scenario(reflector: Reflector) {
                 .unwrap();
             String::from_utf8_lossy(&out.stdout).to_string()
         } else {
-            calicoctl(&nodes[i], &ep, states[i].path(), &["node", "status"], "")
+            lab.node_status(i)
         }
     };
     // The reflector's node-specific session to `peer` Established; whether it has one at
@@ -172,7 +135,7 @@ fn scenario(reflector: Reflector) {
     };
     let reflector_mentions =
         |s1: &str, peer: &str| s1.contains(peer) || s1.contains(&peer.replace('.', "_"));
-    let ctl = |args: &[&str], stdin: &str| calicoctl(&nodes[0], &ep, states[0].path(), args, stdin);
+    let ctl = |args: &[&str], stdin: &str| calicoctl(&nodes[0], ep, states[0].path(), args, stdin);
     // Waits for `cond`, showing every node's status and log when it does not come.
     let wait = |what: &str, limit: Duration, cond: &dyn Fn() -> bool| {
         let start = Instant::now();
@@ -191,11 +154,9 @@ fn scenario(reflector: Reflector) {
     };
 
     // The mesh first, as a cluster starts (readiness includes every session Established).
-    for (i, n) in nodes.iter().enumerate() {
-        let p = health[i];
+    for i in 0..NODES {
         wait("node ready on the mesh", Duration::from_secs(60), &|| {
-            n.run_in(move || http_get(p, "/readiness"))
-                .is_ok_and(|(s, _)| s == 200)
+            lab.readiness(i).is_ok_and(|(s, _)| s == 200)
         });
     }
 
@@ -250,8 +211,8 @@ spec:
 
     // Pods on the two clients: their blocks cross the reflector with the next hop kept.
     let (n2, n3) = (&nodes[1], &nodes[2]);
-    let a = add_pod(n2, "node-2", &ep, &pa);
-    let b = add_pod(n3, "node-3", &ep, &pb);
+    let a = add_pod(n2, "node-2", ep, pa);
+    let b = add_pod(n3, "node-3", ep, pb);
     let on_n2 = format!("{} via 10.99.0.3 dev eth0 proto 80 onlink", block_of(&b));
     let on_n3 = format!("{} via 10.99.0.2 dev eth0 proto 80 onlink", block_of(&a));
     wait(
@@ -260,9 +221,9 @@ spec:
         &|| routes(n2).contains(&on_n2) && routes(n3).contains(&on_n3),
     );
     common::until("pod a reaches pod b", Duration::from_secs(10), || {
-        ping(&pa, &b)
+        ping(pa, &b)
     });
-    assert!(ping(&pb, &a), "pod b reaches pod a");
+    assert!(ping(pb, &a), "pod b reaches pod a");
 
     // reversePeering: Manual: the reflector no longer peers with its clients; they keep
     // trying, and nobody answers.
@@ -309,6 +270,6 @@ spec:
     common::until(
         "pods reach each other again",
         Duration::from_secs(10),
-        || ping(&pa, &b) && ping(&pb, &a),
+        || ping(pa, &b) && ping(pb, &a),
     );
 }

@@ -7,25 +7,16 @@ mod common;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
-use common::{Etcd, assert_golden};
+use common::{Etcd, assert_golden, output_with_stdin};
 
 fn calicoctl(etcd: &Etcd, args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_calicoctl"))
-        .args(["-c", "/nonexistent/calicoctl.cfg"])
-        .args(args)
-        .env("ETCD_ENDPOINTS", etcd.endpoint())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_calicoctl"))
+            .args(["-c", "/nonexistent/calicoctl.cfg"])
+            .args(args)
+            .env("ETCD_ENDPOINTS", etcd.endpoint()),
+        stdin,
+    )
 }
 
 fn ok(out: &Output) -> String {

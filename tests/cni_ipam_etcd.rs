@@ -3,27 +3,18 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use common::Etcd;
+use common::{Etcd, output_with_stdin};
 use serde_json::{Value, json};
 
 fn run(env: &[(&str, &str)], conf: &Value) -> (i32, Value) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_calico-ipam"))
-        .env_clear()
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = c.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_calico-ipam"))
+            .env_clear()
+            .envs(env.iter().copied()),
+        &conf.to_string(),
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let v = if stdout.trim().is_empty() {
         Value::Null

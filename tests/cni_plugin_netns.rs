@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
 
-use common::{Etcd, NetNs, free_port};
+use common::{Etcd, NetNs, free_port, output_with_stdin};
 use serde_json::{Value, json};
 
 /// A plugin directory laid out as Calico installs it: `calico`, and `calico-ipam` as the
@@ -37,22 +37,13 @@ fn cni(host: &NetNs, env: &[(&str, &str)], conf: &Value) -> (i32, Value) {
 }
 
 fn cni_in(plugin_dir: &str, host: &NetNs, env: &[(&str, &str)], conf: &Value) -> (i32, Value) {
-    let mut c = host
-        .command(&format!("{plugin_dir}/calico"))
-        .env_clear()
-        .env("CNI_PATH", format!("{plugin_dir}:/usr/lib/cni"))
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = c.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        host.command(&format!("{plugin_dir}/calico"))
+            .env_clear()
+            .env("CNI_PATH", format!("{plugin_dir}:/usr/lib/cni"))
+            .envs(env.iter().copied()),
+        &conf.to_string(),
+    );
     let s = String::from_utf8(out.stdout).unwrap();
     let v = if s.trim().is_empty() {
         Value::Null

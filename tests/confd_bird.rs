@@ -6,11 +6,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, ExportPolicy, PeerType};
 use calico_node::confd::bird;
+use common::bgp::bird_external;
 use common::cluster::{add_pod, block_of, calico_node, ping, routes};
 use common::{Etcd, NetNs, free_port, have, http_get, skip};
 use ipnet::IpNet;
@@ -155,25 +156,6 @@ fn a_password_bird_cannot_express_is_refused_by_name() {
     );
 }
 
-/// BIRD in `ns` on `conf` (its includes beside it), its control socket at `socket`, its
-/// PID file in `run`; killed when dropped.
-fn run_bird(ns: &NetNs, conf: &Path, socket: &Path, run: &Path) -> common::Process {
-    let child = ns
-        .command("bird")
-        .arg("-f")
-        .arg("-c")
-        .arg(conf)
-        .arg("-s")
-        .arg(socket)
-        .arg("-P")
-        .arg(run.join("bird.pid"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::Process(child)
-}
-
 #[test]
 fn real_bird_on_one_node_and_our_speaker_on_the_other_converge() {
     if !have("bird") || !have("birdc") || !have("ping") {
@@ -212,7 +194,12 @@ fn real_bird_on_one_node_and_our_speaker_on_the_other_converge() {
     common::until("BIRD's configuration", Duration::from_secs(20), || {
         std::fs::read_to_string(conf_dir.join("bird.cfg")).is_ok_and(|c| c.contains("10.99.0.2"))
     });
-    let _bird = run_bird(&n1, &conf_dir.join("bird.cfg"), &socket, s1.path());
+    let _bird = bird_external(
+        &n1,
+        &conf_dir.join("bird.cfg"),
+        &socket,
+        &s1.path().join("bird.pid"),
+    );
     for (ns, port) in [(&n1, h1), (&n2, h2)] {
         common::until("calico-node ready", Duration::from_secs(30), || {
             ns.run_in(move || http_get(port, "/readiness"))
@@ -333,7 +320,12 @@ fn rendered_dual_stack_bird_exchanges_ipv6_routes_with_our_speaker() {
     let files = bird::render(&c1, &[net("10.244.0.0/16"), net("fd00:244::/48")]).unwrap();
     bird::write(dir.path(), &files).unwrap();
     let socket = dir.path().join("bird.ctl");
-    let _bird = run_bird(&n1, &dir.path().join("bird.cfg"), &socket, dir.path());
+    let _bird = bird_external(
+        &n1,
+        &dir.path().join("bird.cfg"),
+        &socket,
+        &dir.path().join("bird.pid"),
+    );
     let mut ours = OurSpeaker::start(&n2, c2);
     let birdc = |cmd: &str| {
         let out = n1

@@ -47,12 +47,7 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
     let Some(ns) = NetNs::new("cn-felix") else {
         return;
     };
-    ns.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-    ]);
-    ns.ip(&["addr", "add", "10.99.8.1/24", "dev", "eth1"]);
-    ns.ip(&["link", "set", "eth0", "up"]);
-    ns.ip(&["link", "set", "eth1", "up"]);
+    ns.add_host_veth(&[], &["10.99.8.1/24"]);
     let etcd_port = free_port();
     let Some(etcd) = Etcd::start_on(Some(&ns.name), etcd_port) else {
         return;

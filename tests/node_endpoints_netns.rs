@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Etcd, NetNs, Process, free_port, http_get};
+use common::{Etcd, NetNs, Process, free_port, http_get, node_ns_with_etcd};
 
 /// Raise this process's descriptor limit (the flood needs a thousand sockets).
 fn raise_nofile(to: u64) {
@@ -25,19 +25,6 @@ fn raise_nofile(to: u64) {
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         }
     }
-}
-
-/// A node namespace with an address for BGP (10.99.8.1 on eth1) and etcd inside.
-fn node_ns(prefix: &str) -> Option<(NetNs, Etcd)> {
-    let ns = NetNs::new(prefix)?;
-    ns.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-    ]);
-    ns.ip(&["addr", "add", "10.99.8.1/24", "dev", "eth1"]);
-    ns.ip(&["link", "set", "eth0", "up"]);
-    ns.ip(&["link", "set", "eth1", "up"]);
-    let etcd = Etcd::start_on(Some(&ns.name), free_port())?;
-    Some((ns, etcd))
 }
 
 /// calico-node in `ns` with its state in `state`; `nofile` caps its descriptors.
@@ -104,7 +91,7 @@ fn log_of(state: &Path) -> String {
 /// accept loops spun on EMFILE, and neither the probe nor port 179 got an answer.
 #[test]
 fn health_and_bgp_listeners_survive_a_connection_flood() {
-    let Some((ns, etcd)) = node_ns("cn-flood") else {
+    let Some((ns, etcd)) = node_ns_with_etcd("cn-flood") else {
         return;
     };
     raise_nofile(4096);
@@ -200,7 +187,7 @@ fn calico_node_cmd(ns: &NetNs, state: &Path, health_port: u16, args: &[&str]) ->
 /// calico-node exited 2 on `-bird-live`, `-bird-ready` and `-shutdown`.
 #[test]
 fn calicos_manifest_probe_commands_answer_for_the_running_node() {
-    let Some((ns, etcd)) = node_ns("cn-probe") else {
+    let Some((ns, etcd)) = node_ns_with_etcd("cn-probe") else {
         return;
     };
     let state = tempfile::tempdir().unwrap();

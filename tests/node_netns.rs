@@ -8,22 +8,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Etcd, NetNs, free_port, have, http_get, skip};
-
-fn wait_http(ns: &NetNs, port: u16, path: &'static str, want: u16, limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        if let Ok((status, body)) = ns.run_in(move || http_get(port, path)) {
-            if status == want {
-                return body;
-            }
-            last = format!("{status} {body}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{path} never answered {want}; last: {last}");
-}
+use common::{Etcd, NetNs, free_port, have, http_get, skip, wait_http};
 
 #[test]
 fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
@@ -35,13 +20,7 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
         return;
     }
     // Two interfaces: the autodetection method must pick eth1's address.
-    ns.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-    ]);
-    ns.ip(&["addr", "add", "10.99.7.1/24", "dev", "eth0"]);
-    ns.ip(&["addr", "add", "10.99.8.1/24", "dev", "eth1"]);
-    ns.ip(&["link", "set", "eth0", "up"]);
-    ns.ip(&["link", "set", "eth1", "up"]);
+    ns.add_host_veth(&["10.99.7.1/24"], &["10.99.8.1/24"]);
 
     let etcd_port = free_port();
     let (health_port, metrics_port) = (free_port(), free_port());

@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use calico_node::datastore::Client;
 use calico_node::model::{IPPoolSpec, NodeSpec};
-use common::{Etcd, NetNs, free_port, http_get};
+use common::{Etcd, NetNs, free_port, http_get, output_with_stdin, wait_http};
 use serde_json::{Value, json};
 
 const RES: &str = "/calico/resources/v3/projectcalico.org";
@@ -34,28 +33,20 @@ fn put(etcd: &Etcd, key: &str, value: &str) {
 fn ipam_add(etcd: &Etcd, cid: &str) -> (i32, Value) {
     let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico-ipam",
         "etcd_endpoints": etcd.endpoint(), "nodename": "node-1"});
-    let mut c = Command::new(env!("CARGO_BIN_EXE_calico-ipam"))
-        .env_clear()
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", cid)
-        .env("CNI_NETNS", "/run/netns/test")
-        .env("CNI_IFNAME", "eth0")
-        .env(
-            "CNI_ARGS",
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=web-0",
-        )
-        .env("CNI_PATH", "/usr/lib/cni")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = c.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_calico-ipam"))
+            .env_clear()
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", cid)
+            .env("CNI_NETNS", "/run/netns/test")
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=web-0",
+            )
+            .env("CNI_PATH", "/usr/lib/cni"),
+        &conf.to_string(),
+    );
     let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out.status.code().unwrap_or(-1), v)
 }
@@ -174,32 +165,12 @@ async fn newer_calico_values_do_not_break_cni_add_and_survive_read_modify_write(
     );
 }
 
-fn wait_http(ns: &NetNs, port: u16, path: &'static str, want: u16, limit: Duration) -> String {
-    let deadline = Instant::now() + limit;
-    let mut last = String::new();
-    while Instant::now() < deadline {
-        if let Ok((status, body)) = ns.run_in(move || http_get(port, path)) {
-            if status == want {
-                return body;
-            }
-            last = format!("{status} {body}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("{path} never answered {want}; last: {last}");
-}
-
 #[test]
 fn node_stays_up_and_names_a_corrupt_block_and_an_overflowing_duration() {
     let Some(ns) = NetNs::new("cn-stored") else {
         return;
     };
-    ns.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-    ]);
-    ns.ip(&["addr", "add", "10.99.7.1/24", "dev", "eth0"]);
-    ns.ip(&["link", "set", "eth0", "up"]);
-    ns.ip(&["link", "set", "eth1", "up"]);
+    ns.add_host_veth(&["10.99.7.1/24"], &[]);
     let Some(etcd) = Etcd::start_in(Some(&ns.name)) else {
         return;
     };

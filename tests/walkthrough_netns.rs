@@ -12,78 +12,35 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::{
-    add_pod, block_of, calico_node, calicoctl, calicoctl_try, del_pod, has_vxlan_device, ip_show,
-    ping, routes,
+    Lab, add_pod, block_of, calicoctl, calicoctl_try, del_pod, has_vxlan_device, ip_show, ping,
+    routes,
 };
-use common::{Etcd, NetNs, free_port, http_get};
 
 const NODES: usize = 3;
 
 #[test]
 fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
-    if !common::have("ping") {
-        common::skip("ping is not installed");
-        return;
-    }
-    let Some(hub) = NetNs::new("cn-whub") else {
+    let Some(lab) = Lab::new("cn-w", NODES) else {
         return;
     };
-    let nodes: Vec<NetNs> = (0..NODES).filter_map(|_| NetNs::new("cn-wn")).collect();
-    let (Some(pa), Some(pb)) = (NetNs::new("cn-wpa"), NetNs::new("cn-wpb")) else {
-        return;
-    };
-    assert_eq!(nodes.len(), NODES);
-    common::cluster::bridged(&hub, &nodes);
-    let port = free_port();
-    let Some(etcd) = Etcd::start_on_also(&hub.name, port, "10.99.0.254") else {
-        return;
-    };
-    let ep = format!("http://10.99.0.254:{port}");
-    let states: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
-    let health: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
-    let mut daemons: Vec<Option<common::Process>> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            Some(calico_node(
-                n,
-                &format!("node-{}", i + 1),
-                &ep,
-                states[i].path(),
-                health[i],
-                &[],
-            ))
-        })
-        .collect();
-    let logs = || {
-        states
-            .iter()
-            .map(|s| std::fs::read_to_string(s.path().join("calico-node.log")).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
+    let Lab {
+        hub,
+        nodes,
+        pa,
+        pb,
+        ep,
+        etcd,
+        states,
+        ..
+    } = &lab;
+    let mut daemons: Vec<Option<common::Process>> =
+        (0..NODES).map(|i| Some(lab.start_node(i, &[]))).collect();
     // Readiness includes every BGP session being Established.
-    for (i, n) in nodes.iter().enumerate() {
-        let p = health[i];
-        let start = Instant::now();
-        while !n
-            .run_in(move || http_get(p, "/readiness"))
-            .is_ok_and(|(s, _)| s == 200)
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(40),
-                "node-{} not ready: {:?}\n{}",
-                i + 1,
-                n.run_in(move || http_get(p, "/readiness")),
-                logs()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    let status = |i: usize| calicoctl(&nodes[i], &ep, states[i].path(), &["node", "status"], "");
+    lab.wait_ready(Duration::from_secs(40));
+    let status = |i: usize| lab.node_status(i);
     let s1 = status(0);
     for peer in ["10.99.0.2 ", "10.99.0.3 "] {
         let row = s1.lines().find(|l| l.contains(peer)).unwrap_or_default();
@@ -95,24 +52,24 @@ fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
 
     // Pods on node-2 and node-3 reach each other over BGP-learned routes.
     let (n2, n3) = (&nodes[1], &nodes[2]);
-    let a = add_pod(n2, "node-2", &ep, &pa);
-    let b = add_pod(n3, "node-3", &ep, &pb);
+    let a = add_pod(n2, "node-2", ep, pa);
+    let b = add_pod(n3, "node-3", ep, pb);
     let direct_b = format!("{} via 10.99.0.3 dev eth0 proto 80 onlink", block_of(&b));
     let direct_a = format!("{} via 10.99.0.2 dev eth0 proto 80 onlink", block_of(&a));
     common::until("the BGP routes", Duration::from_secs(15), || {
         routes(n2).contains(&direct_b) && routes(n3).contains(&direct_a)
     });
     common::until("pod a reaches pod b", Duration::from_secs(10), || {
-        ping(&pa, &b)
+        ping(pa, &b)
     });
-    assert!(ping(&pb, &a), "pod b reaches pod a");
+    assert!(ping(pb, &a), "pod b reaches pod a");
     // Inside the pod: exactly Calico's two routes, and proxy ARP answered with the host
     // veth's MAC.
     assert_eq!(
-        ip_show(&pa, &["-4", "route"]),
+        ip_show(pa, &["-4", "route"]),
         "default via 169.254.1.1 dev eth0 \n169.254.1.1 dev eth0 scope link \n"
     );
-    let neigh = ip_show(&pa, &["neigh", "show", "169.254.1.1"]);
+    let neigh = ip_show(pa, &["neigh", "show", "169.254.1.1"]);
     assert!(
         neigh.starts_with("169.254.1.1 dev eth0 lladdr ee:ee:ee:ee:ee:ee"),
         "{neigh}"
@@ -120,24 +77,12 @@ fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
 
     // NAT outgoing (the default pool has natOutgoing): a pod reaching the hub, outside
     // every pool, arrives from its node's address; the hub counts what it receives.
-    let mut nft = hub
-        .command("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(
-        &mut nft.stdin.take().unwrap(),
-        b"table ip wire {\n chain input {\n type filter hook input priority 0;\n \
+    hub.nft(
+        "table ip wire {\n chain input {\n type filter hook input priority 0;\n \
           icmp type echo-request ip saddr 10.99.0.2 counter\n \
           icmp type echo-request ip saddr 10.244.0.0/16 counter\n }\n}\n",
-    )
-    .unwrap();
-    assert!(nft.wait().unwrap().success());
-    assert!(
-        ping(&pa, "10.99.0.254"),
-        "the pod reaches outside the pools"
     );
+    assert!(ping(pa, "10.99.0.254"), "the pod reaches outside the pools");
     let counted = String::from_utf8(
         hub.command("nft")
             .args(["list", "table", "ip", "wire"])
@@ -166,7 +111,7 @@ fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
     let set_mode = |from: &str, to: &str| {
         let pool = calicoctl(
             &nodes[0],
-            &ep,
+            ep,
             states[0].path(),
             &["get", "ippool", "default-ipv4-ippool", "-o", "yaml"],
             "",
@@ -175,7 +120,7 @@ fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
         let yaml = pool.replace(&format!("vxlanMode: {from}"), &format!("vxlanMode: {to}"));
         calicoctl(
             &nodes[0],
-            &ep,
+            ep,
             states[0].path(),
             &["apply", "-f", "-"],
             &yaml,
@@ -236,7 +181,7 @@ fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
     // Route reflection: node-1 reflects, the mesh is off, everyone peers with it.
     calicoctl(
         &nodes[0],
-        &ep,
+        ep,
         states[0].path(),
         &[
             "patch",
@@ -249,7 +194,7 @@ fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
     );
     calicoctl(
         &nodes[0],
-        &ep,
+        ep,
         states[0].path(),
         &["apply", "-f", "-"],
         r#"apiVersion: projectcalico.org/v3
@@ -300,11 +245,11 @@ spec:
     common::until("the reflected routes", Duration::from_secs(15), || {
         routes(n2).contains(&direct_b) && routes(n3).contains(&direct_a)
     });
-    assert!(ping(&pa, &b) && ping(&pb, &a), "pods reach each other");
+    assert!(ping(pa, &b) && ping(pb, &a), "pods reach each other");
 
     // node-3's pod deleted, the node removed: GC releases its block, and its route leaves
     // every other node.
-    del_pod(n3, "node-3", &ep, &pb);
+    del_pod(n3, "node-3", ep, pb);
     if let Some(mut d) = daemons[2].take() {
         // SAFETY: signalling a child we started, by its PID.
         unsafe {
@@ -314,14 +259,14 @@ spec:
     }
     calicoctl(
         &nodes[0],
-        &ep,
+        ep,
         states[0].path(),
         &["delete", "node", "node-3"],
         "",
     );
     let gc = calicoctl(
         &nodes[0],
-        &ep,
+        ep,
         states[0].path(),
         &["ipam", "gc", "--grace", "1"],
         "",
@@ -338,7 +283,7 @@ spec:
         });
     }
     assert!(
-        calicoctl_try(&nodes[1], &ep, states[1].path(), &["node", "status"], "")
+        calicoctl_try(&nodes[1], ep, states[1].path(), &["node", "status"], "")
             .1
             .contains("10.99.0.1"),
     );

@@ -868,7 +868,7 @@ async fn read_loop(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::Ipv4Addr;
 
     use tokio::io::AsyncReadExt;
@@ -877,7 +877,9 @@ mod tests {
     use super::*;
     use crate::bgp::message::{Notification, Open, err};
 
-    async fn read_msg(sock: &mut TcpStream, buf: &mut BytesMut) -> Option<Message> {
+    /// The next whole message the peer under test sent on `sock` (None at EOF or on one
+    /// that does not decode); `buf` keeps what was read past it.
+    pub(crate) async fn read_msg(sock: &mut TcpStream, buf: &mut BytesMut) -> Option<Message> {
         loop {
             if let Ok(Some(len)) = frame_len(buf) {
                 let frame = buf.split_to(len);
@@ -889,47 +891,115 @@ mod tests {
         }
     }
 
-    /// With paused time: Established, keepalives every hold/3, and a silent peer is
-    /// dropped with "hold timer expired" exactly when the hold time runs out.
-    #[tokio::test(start_paused = true)]
-    async fn silent_peer_hits_the_hold_timer() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// A session toward `127.0.0.1:port` with local AS and peer AS 64512, router id
+    /// 10.0.0.1 and the given hold time, spawned with its event channel.
+    fn spawn_toward(
+        port: u16,
+        hold_time: u16,
+    ) -> (mpsc::Sender<SessionCmd>, mpsc::Receiver<SessionEvent>) {
         let mut cfg = SessionConfig::new(64512, 64512, Ipv4Addr::new(10, 0, 0, 1));
-        cfg.hold_time = 10;
+        cfg.hold_time = hold_time;
         let peer = PeerConfig {
             address: "127.0.0.1".parse().unwrap(),
-            port: listener.local_addr().unwrap().port(),
+            port,
             local_address: None,
             password: None,
             ttl_security: None,
             multihop: None,
             session: cfg,
         };
-        let (events_tx, mut events) = mpsc::channel(100);
-        let (_cmds, _task) = spawn(peer, events_tx);
+        let (events_tx, events) = mpsc::channel(100);
+        let (cmds, _task) = spawn(peer, events_tx);
+        (cmds, events)
+    }
+
+    /// A listener whose accepted sockets have a tiny receive window, so that a peer
+    /// that reads nothing fills the sender's buffers quickly.
+    fn tiny_window_listener() -> (TcpListener, u16) {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = sock.local_addr().unwrap().port();
+        (sock.listen(1).unwrap(), port)
+    }
+
+    /// Plays the remote side up to OpenConfirm: accepts the session's connection,
+    /// expects its OPEN, answers with an OPEN carrying `hold_time` and a KEEPALIVE.
+    async fn accept_and_answer_open(
+        listener: &TcpListener,
+        hold_time: u16,
+    ) -> (TcpStream, BytesMut) {
         let (mut sock, _) = listener.accept().await.unwrap();
         let mut buf = BytesMut::new();
         assert!(matches!(
             read_msg(&mut sock, &mut buf).await,
             Some(Message::Open(_))
         ));
-        let open = Open::new(64512, 30, Ipv4Addr::new(10, 0, 0, 2), vec![]);
-        sock.write_all(&Message::Open(open).to_bytes(&Codec::default()).unwrap())
+        let codec = Codec::default();
+        let open = Open::new(64512, hold_time, Ipv4Addr::new(10, 0, 0, 2), vec![]);
+        sock.write_all(&Message::Open(open).to_bytes(&codec).unwrap())
             .await
             .unwrap();
-        sock.write_all(&Message::Keepalive.to_bytes(&Codec::default()).unwrap())
+        sock.write_all(&Message::Keepalive.to_bytes(&codec).unwrap())
             .await
             .unwrap();
+        (sock, buf)
+    }
+
+    /// Waits for the session's Established event, skipping any other: its epoch and
+    /// what was negotiated.
+    async fn established(events: &mut mpsc::Receiver<SessionEvent>) -> (u64, Negotiated) {
+        loop {
+            match events.recv().await {
+                Some(SessionEvent::Established {
+                    epoch, negotiated, ..
+                }) => return (epoch, negotiated),
+                Some(_) => {}
+                None => panic!("session task ended before Established"),
+            }
+        }
+    }
+
+    /// 1.6 million host routes in 16 UPDATEs, ~8 MB on the wire: more than the socket
+    /// buffers and the writer's queue hold.
+    fn bulk_host_routes(local_pref: Option<u32>) -> Vec<Update> {
+        use ipnet::{IpNet, Ipv4Net};
+
+        use crate::bgp::update::{AsPath, Attributes, Origin};
+        let attrs = Attributes {
+            origin: Some(Origin::Igp),
+            as_path: Some(AsPath::default()),
+            next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            local_pref,
+            ..Default::default()
+        };
+        (0..16u32)
+            .map(|chunk| Update {
+                attrs: attrs.clone(),
+                nlri: (0..100_000u32)
+                    .map(|i| {
+                        let a = Ipv4Addr::from(0x0a00_0000 + chunk * 100_000 + i);
+                        IpNet::V4(Ipv4Net::new(a, 32).unwrap())
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
+    /// With paused time: Established, keepalives every hold/3, and a silent peer is
+    /// dropped with "hold timer expired" exactly when the hold time runs out.
+    #[tokio::test(start_paused = true)]
+    async fn silent_peer_hits_the_hold_timer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_cmds, mut events) = spawn_toward(listener.local_addr().unwrap().port(), 10);
+        let (mut sock, mut buf) = accept_and_answer_open(&listener, 30).await;
         assert_eq!(
             read_msg(&mut sock, &mut buf).await,
             Some(Message::Keepalive)
         );
-        loop {
-            if let Some(SessionEvent::Established { negotiated, .. }) = events.recv().await {
-                assert_eq!(negotiated.hold_time, 10);
-                break;
-            }
-        }
+        let (_, negotiated) = established(&mut events).await;
+        assert_eq!(negotiated.hold_time, 10);
         let t0 = Instant::now();
         let mut keepalives = Vec::new();
         let n = loop {
@@ -957,65 +1027,12 @@ mod tests {
     /// the blocked write, so the hold timer never fired and the session hung.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_that_stops_reading_does_not_stop_the_hold_timer() {
-        use ipnet::{IpNet, Ipv4Net};
-
-        use crate::bgp::update::{AsPath, Attributes, Origin};
-        let sock = TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let port = sock.local_addr().unwrap().port();
-        let listener = sock.listen(1).unwrap();
-        let mut cfg = SessionConfig::new(64512, 64512, Ipv4Addr::new(10, 0, 0, 1));
-        cfg.hold_time = 3;
-        let peer = PeerConfig {
-            address: "127.0.0.1".parse().unwrap(),
-            port,
-            local_address: None,
-            password: None,
-            ttl_security: None,
-            multihop: None,
-            session: cfg,
-        };
-        let (events_tx, mut events) = mpsc::channel(100);
-        let (cmds, _task) = spawn(peer, events_tx);
-        let (mut sock, _) = listener.accept().await.unwrap();
-        let mut buf = BytesMut::new();
-        assert!(matches!(
-            read_msg(&mut sock, &mut buf).await,
-            Some(Message::Open(_))
-        ));
-        let open = Open::new(64512, 3, Ipv4Addr::new(10, 0, 0, 2), vec![]);
-        sock.write_all(&Message::Open(open).to_bytes(&Codec::default()).unwrap())
-            .await
-            .unwrap();
-        sock.write_all(&Message::Keepalive.to_bytes(&Codec::default()).unwrap())
-            .await
-            .unwrap();
-        let epoch = loop {
-            if let Some(SessionEvent::Established { epoch, .. }) = events.recv().await {
-                break epoch;
-            }
-        };
-        // 1.6 million host routes, ~8 MB on the wire; the peer reads none of it.
-        let attrs = Attributes {
-            origin: Some(Origin::Igp),
-            as_path: Some(AsPath::default()),
-            next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
-            local_pref: Some(100),
-            ..Default::default()
-        };
-        let updates: Vec<Update> = (0..16u32)
-            .map(|chunk| Update {
-                attrs: attrs.clone(),
-                nlri: (0..100_000u32)
-                    .map(|i| {
-                        let a = Ipv4Addr::from(0x0a00_0000 + chunk * 100_000 + i);
-                        IpNet::V4(Ipv4Net::new(a, 32).unwrap())
-                    })
-                    .collect(),
-                ..Default::default()
-            })
-            .collect();
+        let (listener, port) = tiny_window_listener();
+        let (cmds, mut events) = spawn_toward(port, 3);
+        let (_sock, _buf) = accept_and_answer_open(&listener, 3).await;
+        let (epoch, _) = established(&mut events).await;
+        // The peer reads none of it.
+        let updates = bulk_host_routes(Some(100));
         let sent = Instant::now();
         cmds.send(SessionCmd::Send { epoch, updates })
             .await
@@ -1040,63 +1057,12 @@ mod tests {
     /// (8 minutes here) runs out, with "send hold timer expired". Paused time.
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_sends_keepalives_but_reads_nothing_hits_the_send_hold_timer() {
-        use ipnet::{IpNet, Ipv4Net};
-
-        use crate::bgp::update::{AsPath, Attributes, Origin};
-        let sock = TcpSocket::new_v4().unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
-        sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let port = sock.local_addr().unwrap().port();
-        let listener = sock.listen(1).unwrap();
-        let mut cfg = SessionConfig::new(64512, 64512, Ipv4Addr::new(10, 0, 0, 1));
-        cfg.hold_time = 3;
-        let peer = PeerConfig {
-            address: "127.0.0.1".parse().unwrap(),
-            port,
-            local_address: None,
-            password: None,
-            ttl_security: None,
-            multihop: None,
-            session: cfg,
-        };
-        let (events_tx, mut events) = mpsc::channel(100);
-        let (cmds, _task) = spawn(peer, events_tx);
-        let (mut sock, _) = listener.accept().await.unwrap();
-        let mut buf = BytesMut::new();
-        assert!(matches!(
-            read_msg(&mut sock, &mut buf).await,
-            Some(Message::Open(_))
-        ));
-        let codec = Codec::default();
-        let open = Open::new(64512, 3, Ipv4Addr::new(10, 0, 0, 2), vec![]);
-        sock.write_all(&Message::Open(open).to_bytes(&codec).unwrap())
-            .await
-            .unwrap();
-        let keepalive = Message::Keepalive.to_bytes(&codec).unwrap();
-        sock.write_all(&keepalive).await.unwrap();
-        let epoch = loop {
-            if let Some(SessionEvent::Established { epoch, .. }) = events.recv().await {
-                break epoch;
-            }
-        };
-        let attrs = Attributes {
-            origin: Some(Origin::Igp),
-            as_path: Some(AsPath::default()),
-            next_hop: Some(Ipv4Addr::new(10, 0, 0, 1)),
-            ..Default::default()
-        };
-        let updates: Vec<Update> = (0..16u32)
-            .map(|chunk| Update {
-                attrs: attrs.clone(),
-                nlri: (0..100_000u32)
-                    .map(|i| {
-                        let a = Ipv4Addr::from(0x0a00_0000 + chunk * 100_000 + i);
-                        IpNet::V4(Ipv4Net::new(a, 32).unwrap())
-                    })
-                    .collect(),
-                ..Default::default()
-            })
-            .collect();
+        let (listener, port) = tiny_window_listener();
+        let (cmds, mut events) = spawn_toward(port, 3);
+        let (mut sock, _buf) = accept_and_answer_open(&listener, 3).await;
+        let keepalive = Message::Keepalive.to_bytes(&Codec::default()).unwrap();
+        let (epoch, _) = established(&mut events).await;
+        let updates = bulk_host_routes(None);
         let start = Instant::now();
         cmds.send(SessionCmd::Send { epoch, updates })
             .await

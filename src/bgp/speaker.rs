@@ -58,6 +58,29 @@ pub struct PeerStatus {
     pub routes_too_large: u64,
 }
 
+impl PeerStatus {
+    /// A peer just configured: Idle since now (RFC 4271 §8.2.2's start state), nothing
+    /// counted yet.
+    pub fn new(address: IpAddr, peer_type: PeerType) -> PeerStatus {
+        PeerStatus {
+            address,
+            peer_type,
+            state: State::Idle,
+            since: SystemTime::now(),
+            reason: String::new(),
+            received: 0,
+            accepted: 0,
+            advertised: 0,
+            updates_in: 0,
+            updates_out: 0,
+            notifications_in: BTreeMap::new(),
+            notifications_out: BTreeMap::new(),
+            established_at: None,
+            routes_too_large: 0,
+        }
+    }
+}
+
 /// What we last sent a peer for a prefix.
 type Sent = (Attributes, IpAddr);
 
@@ -258,22 +281,7 @@ impl Speaker {
     fn add_peer(&mut self, spec: DesiredPeer) {
         let cfg = peer_config(&self.cfg, &spec, !self.in_sync_sent);
         let (tx, task) = spawn(cfg, self.events_tx.clone());
-        let status = PeerStatus {
-            address: spec.address,
-            peer_type: spec.peer_type,
-            state: State::Idle,
-            since: SystemTime::now(),
-            reason: String::new(),
-            received: 0,
-            accepted: 0,
-            advertised: 0,
-            updates_in: 0,
-            updates_out: 0,
-            notifications_in: BTreeMap::new(),
-            notifications_out: BTreeMap::new(),
-            established_at: None,
-            routes_too_large: 0,
-        };
+        let status = PeerStatus::new(spec.address, spec.peer_type);
         self.peers.insert(
             spec.address,
             Peer {
@@ -839,6 +847,7 @@ mod tests {
     use super::*;
     use crate::bgp::config::CommunityValue;
     use crate::bgp::session::PANIC_AT_NEXT_TURN;
+    use crate::bgp::session::tests::read_msg;
 
     struct Node {
         status: watch::Receiver<Vec<PeerStatus>>,
@@ -977,23 +986,6 @@ mod tests {
             }
         }
         (sock, buf)
-    }
-
-    async fn read_msg(
-        sock: &mut tokio::net::TcpStream,
-        buf: &mut bytes::BytesMut,
-    ) -> Option<crate::bgp::message::Message> {
-        use crate::bgp::message::{Codec, decode, frame_len};
-        use tokio::io::AsyncReadExt;
-        loop {
-            if let Ok(Some(len)) = frame_len(buf) {
-                let frame = buf.split_to(len);
-                return decode(&frame, &Codec::default()).ok();
-            }
-            if sock.read_buf(buf).await.ok()? == 0 {
-                return None;
-            }
-        }
     }
 
     fn rss_kib() -> u64 {

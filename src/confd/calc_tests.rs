@@ -685,6 +685,13 @@ fn documented_reflector_world() -> World {
     w
 }
 
+/// The documentation's BGPPeer in [`documented_reflector_world`], to change.
+fn documented_peer(w: &mut World) -> &mut BGPPeerSpec {
+    w.peers
+        .get_mut("peer-with-route-reflectors")
+        .expect("documented_reflector_world has the documented BGPPeer")
+}
+
 /// The client peers with the reflector (forward); the reflector peers back with every
 /// other node the BGPPeer's nodeSelector selects (Calico's automatic reverse peering),
 /// its iBGP ones as route-reflector clients, from its own address.
@@ -747,27 +754,18 @@ fn the_documented_single_bgppeer_is_reversed_on_the_reflector() {
 #[test]
 fn reverse_peering_manual_leaves_the_reflector_without_the_reverse_peering() {
     let mut w = documented_reflector_world();
-    w.peers
-        .get_mut("peer-with-route-reflectors")
-        .unwrap()
-        .reverse_peering = Some("Manual".into());
+    documented_peer(&mut w).reverse_peering = Some("Manual".into());
     assert_eq!(
         w.peers(),
         vec![(ip("10.0.0.9"), NODE, DEFAULT_AS, false, false)]
     );
     assert!(w.peers_of("node-rr").is_empty());
     // Auto is the default spelled out.
-    w.peers
-        .get_mut("peer-with-route-reflectors")
-        .unwrap()
-        .reverse_peering = Some("Auto".into());
+    documented_peer(&mut w).reverse_peering = Some("Auto".into());
     assert_eq!(w.peers_of("node-rr").len(), 3);
     // The manual reverse, restricted to rack 1, itself reversed on those nodes (toward the
     // reflector, which they peer with already).
-    w.peers
-        .get_mut("peer-with-route-reflectors")
-        .unwrap()
-        .reverse_peering = Some("Manual".into());
+    documented_peer(&mut w).reverse_peering = Some("Manual".into());
     w.peers.insert(
         "reflectors-to-rack-1".into(),
         BGPPeerSpec {
@@ -795,7 +793,7 @@ fn reverse_peering_manual_leaves_the_reflector_without_the_reverse_peering() {
 #[test]
 fn an_explicit_peering_wins_over_an_implicit_reverse_one() {
     let mut w = documented_reflector_world();
-    let documented = w.peers.get_mut("peer-with-route-reflectors").unwrap();
+    let documented = documented_peer(&mut w);
     documented.max_restart_time = Some("1m".into());
     documented.keep_original_next_hop = true;
     documented.ttl_security = Some(2);
@@ -959,10 +957,7 @@ fn ip_peerings_reverse_over_their_own_family_and_selector_peerings_over_ipv4() {
 #[test]
 fn a_bgppeer_whose_selector_does_not_parse_is_skipped_and_said_once() {
     let mut w = documented_reflector_world();
-    w.peers
-        .get_mut("peer-with-route-reflectors")
-        .unwrap()
-        .node_selector = "all(".into();
+    documented_peer(&mut w).node_selector = "all(".into();
     let d = w.desired_for("node-rr").unwrap();
     assert!(d.config.peers.is_empty());
     assert_eq!(d.problems.len(), 1, "{:?}", d.problems);

@@ -164,6 +164,21 @@ fn put_of(w: Written) -> i64 {
     }
 }
 
+/// The error a write conditional on revision `expected` would have had, found superseded
+/// after its outcome was unknown: a conflict naming the key's revision now (`found`), or
+/// not found when the key is gone: what the write itself would have returned had its
+/// compare failed.
+fn conditional_write_error(key: &str, expected: i64, found: Option<i64>) -> DatastoreError {
+    match found {
+        Some(found) => DatastoreError::Conflict {
+            key: key.into(),
+            expected,
+            found,
+        },
+        None => DatastoreError::NotFound { key: key.into() },
+    }
+}
+
 /// The first key after every key with this prefix (etcd's range end for a prefix).
 fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
@@ -399,14 +414,11 @@ impl EtcdDatastore {
                         value: v,
                         mod_revision,
                     } if v == value => Resolution::Committed(Written::Put(mod_revision)),
-                    _ => Resolution::Superseded(match now {
-                        Some((kv, _)) => DatastoreError::Conflict {
-                            key: key.into(),
-                            expected,
-                            found: kv.mod_revision,
-                        },
-                        None => DatastoreError::NotFound { key: key.into() },
-                    }),
+                    _ => Resolution::Superseded(conditional_write_error(
+                        key,
+                        expected,
+                        now.map(|(kv, _)| kv.mod_revision),
+                    )),
                 },
             },
             Intent::Delete(Some(expected)) => match now {
@@ -415,14 +427,11 @@ impl EtcdDatastore {
                     Change::Delete { prev: Some(prev) } => {
                         Resolution::Committed(Written::Deleted(prev))
                     }
-                    _ => Resolution::Superseded(match now {
-                        Some((kv, _)) => DatastoreError::Conflict {
-                            key: key.into(),
-                            expected,
-                            found: kv.mod_revision,
-                        },
-                        None => DatastoreError::NotFound { key: key.into() },
-                    }),
+                    _ => Resolution::Superseded(conditional_write_error(
+                        key,
+                        expected,
+                        now.map(|(kv, _)| kv.mod_revision),
+                    )),
                 },
             },
             Intent::Delete(None) => match now {

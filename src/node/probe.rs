@@ -528,20 +528,11 @@ mod tests {
 
     fn status(addr: &str, state: crate::bgp::fsm::State) -> crate::bgp::speaker::PeerStatus {
         crate::bgp::speaker::PeerStatus {
-            address: addr.parse().unwrap(),
-            peer_type: crate::bgp::config::PeerType::NodeToNodeMesh,
             state,
-            since: SystemTime::now(),
-            reason: String::new(),
-            received: 0,
-            accepted: 0,
-            advertised: 0,
-            updates_in: 0,
-            updates_out: 0,
-            notifications_in: Default::default(),
-            notifications_out: Default::default(),
-            established_at: None,
-            routes_too_large: 0,
+            ..crate::bgp::speaker::PeerStatus::new(
+                addr.parse().unwrap(),
+                crate::bgp::config::PeerType::NodeToNodeMesh,
+            )
         }
     }
 

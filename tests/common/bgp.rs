@@ -2,7 +2,7 @@
 //! namespace, and real daemons (BIRD 2, GoBGP, FRR) started by the test and killed by PID
 //! on drop.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -197,6 +197,26 @@ pub fn bird(ns: &NetNs, config: &str) -> Option<Daemon> {
         d.dir.path().join("bird.ctl").exists().then_some(())
     });
     Some(d)
+}
+
+/// BIRD 2 in `ns` on a configuration file confd rendered (backend `bird-external`, its
+/// includes beside it), its control socket at `socket` and PID file at `pid_file` where
+/// `calico-node` was told to find them; killed when dropped.
+pub fn bird_external(ns: &NetNs, conf: &Path, socket: &Path, pid_file: &Path) -> super::Process {
+    let child = ns
+        .command("bird")
+        .arg("-f")
+        .arg("-c")
+        .arg(conf)
+        .arg("-s")
+        .arg(socket)
+        .arg("-P")
+        .arg(pid_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    super::Process(child)
 }
 
 /// `birdc` against a BIRD started by [`bird`].

@@ -1,13 +1,117 @@
 //! Whole-node helpers for multi-node tests: `calico-node` in a node namespace, pods made by
 //! the real `calico` CNI plugin, our calicoctl run inside a node, and what the kernel shows.
 
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-use super::{NetNs, Process};
+use super::{Etcd, NetNs, Process, free_port, http_get, output_with_stdin};
+
+/// A cluster laid out as hosts are: node namespaces on one bridge in a hub (see
+/// [`bridged`]), etcd in the hub on 10.99.0.254, two pod namespaces, and each node's state
+/// directory and health port. Nodes are named `node-1`, `node-2`, ... as in Calico's
+/// walkthrough. Fields drop in order: the state first, then etcd, the pods, the nodes and
+/// the hub last; `calico-node`s a test starts are its own locals, dropped before.
+pub struct Lab {
+    pub states: Vec<tempfile::TempDir>,
+    pub health: Vec<u16>,
+    /// etcd's endpoint, reachable from every node.
+    pub ep: String,
+    pub etcd: Etcd,
+    pub pa: NetNs,
+    pub pb: NetNs,
+    pub nodes: Vec<NetNs>,
+    pub hub: NetNs,
+}
+
+impl Lab {
+    /// `count` bridged nodes and etcd, in namespaces named from `prefix`; None (after a
+    /// loud skip) without root, iproute2, etcd or ping (the pods are there to reach each
+    /// other).
+    pub fn new(prefix: &str, count: usize) -> Option<Lab> {
+        if !super::have("ping") {
+            super::skip("ping is not installed");
+            return None;
+        }
+        let hub = NetNs::new(&format!("{prefix}hub"))?;
+        let nodes: Vec<NetNs> = (0..count)
+            .filter_map(|_| NetNs::new(&format!("{prefix}n")))
+            .collect();
+        let pa = NetNs::new(&format!("{prefix}pa"))?;
+        let pb = NetNs::new(&format!("{prefix}pb"))?;
+        assert_eq!(nodes.len(), count);
+        bridged(&hub, &nodes);
+        let port = free_port();
+        let etcd = Etcd::start_on_also(&hub.name, port, "10.99.0.254")?;
+        Some(Lab {
+            states: (0..count).map(|_| tempfile::tempdir().unwrap()).collect(),
+            health: (0..count).map(|_| free_port()).collect(),
+            ep: format!("http://10.99.0.254:{port}"),
+            etcd,
+            pa,
+            pb,
+            nodes,
+            hub,
+        })
+    }
+
+    /// `calico-node` on node `i` (0-based) as `node-{i+1}`; `extra` as in [`calico_node`].
+    pub fn start_node(&self, i: usize, extra: &[(&str, &str)]) -> Process {
+        calico_node(
+            &self.nodes[i],
+            &format!("node-{}", i + 1),
+            &self.ep,
+            self.states[i].path(),
+            self.health[i],
+            extra,
+        )
+    }
+
+    /// Every node's `calico-node` log, separated, for failure messages.
+    pub fn logs(&self) -> String {
+        self.states
+            .iter()
+            .map(|s| std::fs::read_to_string(s.path().join("calico-node.log")).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    }
+
+    /// Node `i`'s `/readiness` answer.
+    pub fn readiness(&self, i: usize) -> std::io::Result<(u16, String)> {
+        let port = self.health[i];
+        self.nodes[i].run_in(move || http_get(port, "/readiness"))
+    }
+
+    /// Waits until every node is ready (readiness includes every BGP session being
+    /// Established); panics after `limit` with the answer and every log.
+    pub fn wait_ready(&self, limit: std::time::Duration) {
+        for i in 0..self.nodes.len() {
+            let start = std::time::Instant::now();
+            while !self.readiness(i).is_ok_and(|(s, _)| s == 200) {
+                assert!(
+                    start.elapsed() < limit,
+                    "node-{} not ready: {:?}\n{}",
+                    i + 1,
+                    self.readiness(i),
+                    self.logs()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// `calicoctl node status` on node `i`.
+    pub fn node_status(&self, i: usize) -> String {
+        calicoctl(
+            &self.nodes[i],
+            &self.ep,
+            self.states[i].path(),
+            &["node", "status"],
+            "",
+        )
+    }
+}
 
 /// `calico-node` in `ns` as node `name`, its state (log, status socket, MTU file) in
 /// `state`, health on `health`; `extra` adds or overrides environment variables.
@@ -53,25 +157,16 @@ pub fn cni(
     let dir = super::cni_install_dir("cni-install-cluster");
     let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
         "etcd_endpoints": etcd, "nodename": name, "ipam": {"type": "calico-ipam"}});
-    let mut c = node
-        .command(dir.join("calico").to_str().unwrap())
-        .env_clear()
-        .env("CNI_PATH", &dir)
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", id)
-        .env("CNI_NETNS", format!("/run/netns/{}", pod.name))
-        .env("CNI_IFNAME", "eth0")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
-    let out = c.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        node.command(dir.join("calico").to_str().unwrap())
+            .env_clear()
+            .env("CNI_PATH", &dir)
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", format!("/run/netns/{}", pod.name))
+            .env("CNI_IFNAME", "eth0"),
+        &conf.to_string(),
+    );
     let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     (out.status.success(), v)
 }
@@ -99,19 +194,14 @@ pub fn calicoctl_try(
     args: &[&str],
     stdin: &str,
 ) -> (bool, String) {
-    let mut c = node
-        .command(env!("CARGO_BIN_EXE_calicoctl"))
-        .args(args)
-        .env_clear()
-        .env("ETCD_ENDPOINTS", etcd)
-        .env("CALICO_BGP_STATUS_SOCKET", state.join("bgp-status.sock"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let out = c.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        node.command(env!("CARGO_BIN_EXE_calicoctl"))
+            .args(args)
+            .env_clear()
+            .env("ETCD_ENDPOINTS", etcd)
+            .env("CALICO_BGP_STATUS_SOCKET", state.join("bgp-status.sock")),
+        stdin,
+    );
     let mut text = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() {
         text += &String::from_utf8_lossy(&out.stderr);

@@ -524,6 +524,22 @@ impl NetNs {
         run("ip", &all);
     }
 
+    /// Host interfaces with no peer outside: a veth pair `eth0`/`eth1` inside the
+    /// namespace, both up, with the addresses given for each (what calico-node's address
+    /// autodetection, e.g. `interface=eth1`, picks from).
+    pub fn add_host_veth(&self, eth0: &[&str], eth1: &[&str]) {
+        self.ip(&[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+        ]);
+        for (dev, addrs) in [("eth0", eth0), ("eth1", eth1)] {
+            for a in addrs {
+                self.ip(&["addr", "add", a, "dev", dev]);
+            }
+        }
+        self.ip(&["link", "set", "eth0", "up"]);
+        self.ip(&["link", "set", "eth1", "up"]);
+    }
+
     /// Give a node namespace an uplink `eth0` (10.99.0.1/24, the other end idle) and a
     /// default route through it: the node then routes 169.254.1.1 elsewhere, which is what
     /// makes proxy ARP answer for it on the pods' veths.
@@ -585,6 +601,17 @@ impl NetNs {
         })
     }
 
+    /// Loads an nftables ruleset (`nft -f -`) into the namespace; it must load.
+    pub fn nft(&self, ruleset: &str) {
+        let out = output_with_stdin(self.command("nft").args(["-f", "-"]), ruleset);
+        assert!(
+            out.status.success(),
+            "nft in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Run `f` on a thread that has entered the namespace (sockets it opens live there).
     pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{}", self.name);
@@ -606,6 +633,16 @@ impl Drop for NetNs {
     }
 }
 
+/// A node namespace with an address for BGP (10.99.8.1/24 on eth1, see
+/// [`NetNs::add_host_veth`]) and etcd inside it; None (after a loud skip) without root,
+/// iproute2 or etcd.
+pub fn node_ns_with_etcd(prefix: &str) -> Option<(NetNs, Etcd)> {
+    let ns = NetNs::new(prefix)?;
+    ns.add_host_veth(&[], &["10.99.8.1/24"]);
+    let etcd = Etcd::start_on(Some(&ns.name), free_port())?;
+    Some((ns, etcd))
+}
+
 /// Run a command that must succeed.
 pub fn run(program: &str, args: &[&str]) {
     let out = Command::new(program).args(args).output().unwrap();
@@ -614,6 +651,42 @@ pub fn run(program: &str, args: &[&str]) {
         "{program} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs `c` with `input` on its stdin and its stdout and stderr captured, as a CNI runtime
+/// calls a plugin (the network config on stdin) or a person pipes YAML to calicoctl.
+pub fn output_with_stdin(c: &mut Command, input: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Polls `path` on `port` inside `ns` every 100 ms until it answers `want`; its body.
+/// Panics after `limit` with the last answer.
+pub fn wait_http(ns: &NetNs, port: u16, path: &'static str, want: u16, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok((status, body)) = ns.run_in(move || http_get(port, path)) {
+            if status == want {
+                return body;
+            }
+            last = format!("{status} {body}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{path} never answered {want}; last: {last}");
 }
 
 /// A plain HTTP/1.1 GET on 127.0.0.1 (of the calling thread's namespace): (status, body).
