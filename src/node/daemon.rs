@@ -292,7 +292,8 @@ async fn run_started(
                     .map_err(|e| format!("{}: {e}", path.display()))
             }
         });
-        // confd restarts the speaker itself when it fails (confd::actor).
+        // confd restarts the speaker itself when it fails, under the supervisor's rule
+        // and restart counter, and reports it dead on this entry (confd::actor).
         let bgp_health = health.register("bgp");
         sup.spawn_once(
             "bgp",
@@ -303,6 +304,7 @@ async fn run_started(
                 crate::confd::actor::Output::Speaker {
                     felix: bgp_tx,
                     status: status_tx,
+                    restarts: sup.restart_counter("bgp"),
                 },
                 bgp_health,
                 shutdown.child_token(),

@@ -110,11 +110,15 @@ impl HealthAggregator {
 }
 
 impl HealthReporter {
-    /// Report readiness; `reason` says why not (kept for readiness only).
+    /// Report readiness; `reason` says why not. Once the actor is reported dead its
+    /// reason stays the cause of death: an actor that keeps reporting readiness (confd
+    /// after giving up on the speaker) must not hide why the node is not live.
     pub fn set_ready(&self, ready: bool, reason: Option<String>) {
         if let Some(s) = lock(&self.states).get_mut(&self.name) {
             s.ready = ready;
-            s.reason = if ready { None } else { reason };
+            if s.live {
+                s.reason = if ready { None } else { reason };
+            }
         }
     }
 
