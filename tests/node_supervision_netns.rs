@@ -78,7 +78,9 @@ fn entry(body: &str, name: &str) -> Option<(bool, String)> {
 /// The daemon in-process with a fault port into each actor. Restartable actors (the
 /// endpoints, the BGP status socket, the IPAM collector) panic and are restarted: counted,
 /// serving again, the node still live. The others (cluster view, confd with the speaker,
-/// Felix, the syncer) fail and /liveness names each with the cause.
+/// Felix, the syncer) fail and /liveness names each with the cause. Felix and confd take
+/// their port in their own loop (Felix panics there, confd returns the error); the others'
+/// faults are acted out by the supervisor in the actor's task.
 #[test]
 fn each_actors_failure_restarts_it_or_names_it_on_liveness() {
     let Some((ns, etcd)) = node_ns("cn-sup") else {

@@ -30,12 +30,15 @@ use crate::bgp::fsm::State;
 use crate::bgp::speaker::{PeerStatus, Speaker};
 use crate::datastore::syncer::SyncerEvent;
 use crate::node::http::HealthReporter;
-use crate::node::supervisor::{Restart, RestartPolicy, given_up};
+use crate::node::supervisor::{
+    ActorResult, FaultInput, Restart, RestartPolicy, given_up, next_fault,
+};
 
 struct Running {
     config: watch::Sender<DesiredBgpConfig>,
     task: JoinHandle<std::io::Result<()>>,
-    /// Cancels the speaker, also when confd itself ends or panics (dropped with it).
+    /// Cancels the speaker when dropped, however confd ends (closing `config` also stops
+    /// it; the guard makes the stop explicit rather than a side effect).
     cancel: tokio_util::sync::DropGuard,
     started: Instant,
 }
@@ -54,14 +57,17 @@ pub enum Output {
     Bird { dir: PathBuf, socket: PathBuf },
 }
 
-/// Run confd, and the speaker it drives, until `cancel`.
+/// Run confd, and the speaker it drives, until `cancel` (then `Ok`); an `Err` says why it
+/// ended before. `faults`: a test's failures, acted out in this loop. The speaker stops
+/// with confd, however confd ends.
 pub async fn run(
     node: String,
     mut datastore: mpsc::Receiver<SyncerEvent>,
     output: Output,
     health: HealthReporter,
     cancel: CancellationToken,
-) {
+    mut faults: FaultInput,
+) -> ActorResult {
     let (felix, status, bird, restarts) = match output {
         Output::Speaker {
             felix,
@@ -85,12 +91,13 @@ pub async fn run(
     let mut problems: Vec<String> = Vec::new();
     let mut not_ready: Option<String> = Some("waiting for the datastore".into());
     let mut peers = status.subscribe();
-    loop {
+    let end = loop {
         let mut changed = false;
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => break Ok(()),
+            fault = next_fault(&mut faults) => break Err(fault.strike()),
             ev = datastore.recv() => {
-                let Some(ev) = ev else { break };
+                let Some(ev) = ev else { break Err("its datastore feed closed".into()) };
                 changed = state.apply(&ev);
                 // A burst (the initial snapshot, a pool edit) is folded in before computing.
                 while let Ok(ev) = datastore.try_recv() {
@@ -122,7 +129,7 @@ pub async fn run(
                 }
             }
             r = peers.changed() => {
-                if r.is_err() { break; }
+                if r.is_err() { break Err("the speaker's status feed closed".into()); }
             }
         }
         if let Some(why) = &dead {
@@ -170,11 +177,12 @@ pub async fn run(
             }
         }
         report(&health, not_ready.as_deref(), &peers.borrow_and_update());
-    }
+    };
     if let Some(r) = running {
         drop(r.cancel);
         let _ = r.task.await;
     }
+    end
 }
 
 /// Why the speaker's task ended, in words.
@@ -290,6 +298,7 @@ mod tests {
     use crate::model::node::{NodeBGPSpec, NodeSpec};
     use crate::model::{AnyResource, Resource};
     use crate::node::http::HealthAggregator;
+    use crate::node::supervisor::Fault;
 
     const P: &str = "/calico/resources/v3/projectcalico.org";
 
@@ -364,6 +373,7 @@ mod tests {
             },
             health.register("bgp"),
             cancel.clone(),
+            None,
         ));
         // When each restart was counted, in whole seconds from the start.
         let mut seen = Vec::new();
@@ -406,7 +416,71 @@ mod tests {
         assert_eq!(restarts.get(), 4);
         assert_eq!(entry(&health), dead);
         cancel.cancel();
-        confd.await.unwrap();
+        assert_eq!(confd.await.unwrap(), Ok(()), "cancelled: no failure");
         drop(held);
+    }
+
+    /// Whether a speaker listens on 127.0.0.1:`port`.
+    fn taken(port: u16) -> bool {
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// A fault through confd's own input ends confd inside its loop: an error through its
+    /// own exit path, or a panic there. Either way the speaker it runs stops with it (its
+    /// port is free again), as when a real failure ends confd.
+    #[tokio::test]
+    async fn a_fault_in_confds_own_loop_ends_it_and_stops_its_speaker() {
+        for (fault, want) in [
+            (Fault::Fail("injected".into()), "failed"),
+            (Fault::Panic("injected".into()), "panicked"),
+        ] {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let (tx, rx) = mpsc::channel(16);
+            for ev in snapshot(port) {
+                tx.send(ev).await.unwrap();
+            }
+            let health = HealthAggregator::new();
+            let (felix, _felix_rx) = mpsc::channel(16);
+            let (faults, fault_rx) = mpsc::channel(1);
+            let confd = tokio::spawn(run(
+                "node-a".into(),
+                rx,
+                Output::Speaker {
+                    felix,
+                    status: watch::channel(Vec::new()).0,
+                    restarts: prometheus::IntCounter::new("r", "r").unwrap(),
+                },
+                health.register("bgp"),
+                CancellationToken::new(),
+                Some(fault_rx),
+            ));
+            until("the speaker listening", || taken(port)).await;
+            faults.send(fault).await.unwrap();
+            let ended = match confd.await {
+                Ok(Err(why)) => format!("failed: {why}"),
+                Ok(Ok(())) => "returned".into(),
+                Err(e) => {
+                    let p = e.into_panic();
+                    let msg = p.downcast_ref::<String>().cloned().unwrap_or_default();
+                    format!("panicked: {msg}")
+                }
+            };
+            assert_eq!(ended, format!("{want}: injected"));
+            until("the speaker stopped", || !taken(port)).await;
+        }
     }
 }

@@ -10,8 +10,11 @@
 //! `/liveness` false with its name and the cause, so the orchestrator restarts the node,
 //! as Calico's liveness probe makes the kubelet do when Felix or BIRD dies.
 //!
-//! Tests inject a failure through a [`Faults`] port given to the daemon: the fault ends or
-//! panics the actor inside its own task, where a real failure would happen.
+//! Tests inject a failure through a [`Faults`] port given to the daemon. Felix and confd
+//! take their port as a [`FaultInput`] of their own and act the fault out inside their
+//! own loop (returning the error through their own exit path, or panicking there); for
+//! the others the supervisor ends or panics the actor's task, where a real failure would
+//! happen.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -71,6 +74,30 @@ impl Faults {
     }
 }
 
+impl Fault {
+    /// Act the fault out where it is received: the error to end with, or a panic here.
+    pub fn strike(self) -> String {
+        match self {
+            Fault::Fail(why) => why,
+            Fault::Panic(msg) => panic!("{msg}"),
+        }
+    }
+}
+
+/// A test's fault input into an actor's own loop; `None` in production.
+pub type FaultInput = Option<mpsc::Receiver<Fault>>;
+
+/// The next fault on `input`; never, without one (or once its sender is gone).
+pub async fn next_fault(input: &mut FaultInput) -> Fault {
+    match input {
+        Some(rx) => match rx.recv().await {
+            Some(f) => f,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 type FaultPort = Option<Arc<Mutex<mpsc::Receiver<Fault>>>>;
 
 /// Watches the daemon's actors; see the module documentation.
@@ -118,6 +145,15 @@ impl Supervisor {
             .unwrap_or_else(|e| e.into_inner())
             .take(name)
             .map(|rx| Arc::new(Mutex::new(rx)))
+    }
+
+    /// The fault port of actor `name`, for the actor's own loop (the supervisor then
+    /// injects nothing into it itself).
+    pub fn fault_input(&self, name: &str) -> FaultInput {
+        self.faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(name)
     }
 
     /// The actor's own health reporter, or a liveness-only one under its name.
