@@ -397,6 +397,12 @@ mod tests {
         let (status, body) = request(port, "GET", "/liveness").await;
         assert_eq!(status, 503);
         assert!(body.contains("stuck"));
+        // An actor still reporting readiness after its death does not hide the cause.
+        a.set_ready(false, Some("waiting".into()));
+        a.set_ready(true, None);
+        let (status, body) = request(port, "GET", "/liveness").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("stuck"), "{body}");
         assert_eq!(request(port, "GET", "/nope").await.0, 404);
         assert_eq!(request(port, "POST", "/readiness").await.0, 405);
         t.cancel();
