@@ -156,7 +156,10 @@ async fn felix(
     node_ip: &str,
     pool: Option<&str>,
     cancel: &CancellationToken,
-) -> (mpsc::Sender<Vec<RouteUpdate>>, tokio::task::JoinHandle<()>) {
+) -> (
+    mpsc::Sender<Vec<RouteUpdate>>,
+    tokio::task::JoinHandle<Result<(), String>>,
+) {
     let (ds_tx, ds_rx) = mpsc::channel(1024);
     let (bgp_tx, bgp_rx) = mpsc::channel(64);
     let metrics = FelixMetrics::new(&prometheus::Registry::new()).unwrap();
@@ -165,6 +168,7 @@ async fn felix(
         node: "bench".into(),
         datastore: None,
         mtu_file: None,
+        faults: None,
     };
     let task = tokio::spawn(actor::run(
         cfg,

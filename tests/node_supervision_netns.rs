@@ -78,7 +78,9 @@ fn entry(body: &str, name: &str) -> Option<(bool, String)> {
 /// The daemon in-process with a fault port into each actor. Restartable actors (the
 /// endpoints, the BGP status socket, the IPAM collector) panic and are restarted: counted,
 /// serving again, the node still live. The others (cluster view, confd with the speaker,
-/// Felix, the syncer) fail and /liveness names each with the cause.
+/// Felix, the syncer) fail and /liveness names each with the cause. Felix and confd take
+/// their port in their own loop (Felix panics there, confd returns the error); the others'
+/// faults are acted out by the supervisor in the actor's task.
 #[test]
 fn each_actors_failure_restarts_it_or_names_it_on_liveness() {
     let Some((ns, etcd)) = node_ns("cn-sup") else {
@@ -268,5 +270,103 @@ fn a_failing_actor_of_the_real_binary_is_named_on_liveness() {
     assert!(
         text.contains("calico/node is not ready: bird is not live:"),
         "{text}"
+    );
+}
+
+/// The real binary whose BGP port another socket holds: confd restarts the speaker after
+/// 1, 2, 4 and 8 s (`calico_node_actor_restarts_total{actor="bgp"} 4`), then gives up:
+/// /liveness names it with the cause and `calico-node -bird-live` fails with it. Before,
+/// the speaker was restarted every 5 s forever and the node stayed live.
+#[test]
+fn a_speaker_that_keeps_failing_is_restarted_with_backoff_then_named_on_liveness() {
+    let Some((ns, etcd)) = node_ns("cn-sup3") else {
+        return;
+    };
+    // Another program holding port 179 in the node's namespace.
+    let _held = ns.run_in(|| std::net::TcpListener::bind("0.0.0.0:179").unwrap());
+    let state = tempfile::tempdir().unwrap();
+    let socket = state.path().join("bgp-status.sock");
+    let (health, metrics) = (free_port(), free_port());
+    let log = std::fs::File::create(state.path().join("calico-node.log")).unwrap();
+    let child = ns
+        .command(env!("CARGO_BIN_EXE_calico-node"))
+        .env_clear()
+        .env("NODENAME", "node-a")
+        .env("ETCD_ENDPOINTS", etcd.endpoint())
+        .env("IP_AUTODETECTION_METHOD", "interface=eth1")
+        .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
+        .env("CALICO_STATE_DIR", state.path())
+        .env("CALICO_BGP_STATUS_SOCKET", &socket)
+        .env("FELIX_HEALTHPORT", health.to_string())
+        .env("FELIX_PROMETHEUSMETRICSENABLED", "true")
+        .env("FELIX_PROMETHEUSMETRICSPORT", metrics.to_string())
+        .env("CALICO_IPAM_GC_INTERVAL", "0")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _node = common::Process(child);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    let mut restarts_seen = Vec::new();
+    let body = loop {
+        if let Ok((503, body)) = ns.run_in(move || http_get(health, "/liveness"))
+            && entry(&body, "bgp").is_some_and(|(live, _)| !live)
+        {
+            break body;
+        }
+        if let Ok((200, text)) = ns.run_in(move || http_get(metrics, "/metrics")) {
+            let n = text
+                .lines()
+                .find_map(|l| l.strip_prefix("calico_node_actor_restarts_total{actor=\"bgp\"} "))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+            if n > restarts_seen.len() as u64 {
+                restarts_seen.push(started.elapsed());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "liveness never named the speaker; log: {}",
+            std::fs::read_to_string(state.path().join("calico-node.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (_, why) = entry(&body, "bgp").unwrap();
+    let want = format!(
+        "the BGP speaker failed: {} (5 failures in a row; not restarted)",
+        std::io::Error::from_raw_os_error(libc::EADDRINUSE)
+    );
+    assert_eq!(why, want);
+    // The pauses grow (2 s before the second restart, 4 s before the third), where a
+    // fixed pause would keep them equal.
+    assert!(restarts_seen.len() >= 3, "{restarts_seen:?}");
+    let (second, third) = (
+        restarts_seen[1] - restarts_seen[0],
+        restarts_seen[2] - restarts_seen[1],
+    );
+    assert!(
+        third >= second + Duration::from_secs(1),
+        "pauses double: {restarts_seen:?}"
+    );
+    let (status, text) = ns.run_in(move || http_get(metrics, "/metrics")).unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("calico_node_actor_restarts_total{actor=\"bgp\"} 4"),
+        "{text}"
+    );
+    let out = ns
+        .command(env!("CARGO_BIN_EXE_calico-node"))
+        .args(["-bird-live"])
+        .env_clear()
+        .env("CALICO_BGP_STATUS_SOCKET", &socket)
+        .env("FELIX_HEALTHPORT", health.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(
+        text.trim_end(),
+        format!("calico/node is not ready: bird/confd is not live: {want}")
     );
 }

@@ -3,6 +3,12 @@
 //! BGP, and hands it every later configuration on a `watch` channel. Readiness says why BGP
 //! is not up, in words.
 //!
+//! A speaker that fails (its port taken, a panic) is restarted under the supervisor's
+//! rule ([`RestartPolicy`]: 1 s doubling to 30 s, counted in
+//! `calico_node_actor_restarts_total{actor="bgp"}`); after repeated failures confd gives
+//! up and turns liveness false with the cause, as Calico's `-bird-live` fails when BIRD
+//! keeps dying, so the orchestrator restarts the node.
+//!
 //! ```text
 //!   [syncer] --SyncerEvent--> [confd] --watch DesiredBgpConfig--> [speaker] --routes--> [Felix]
 //!                                                                     |
@@ -10,7 +16,6 @@
 //! ```
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -25,53 +30,74 @@ use crate::bgp::fsm::State;
 use crate::bgp::speaker::{PeerStatus, Speaker};
 use crate::datastore::syncer::SyncerEvent;
 use crate::node::http::HealthReporter;
-
-/// How long after a speaker failure (e.g. its port is taken) it is started again.
-const RESTART_AFTER: Duration = Duration::from_secs(5);
+use crate::node::supervisor::{
+    ActorResult, FaultInput, Restart, RestartPolicy, given_up, next_fault,
+};
 
 struct Running {
     config: watch::Sender<DesiredBgpConfig>,
     task: JoinHandle<std::io::Result<()>>,
-    cancel: CancellationToken,
+    /// Cancels the speaker when dropped, however confd ends (closing `config` also stops
+    /// it; the guard makes the stop explicit rather than a side effect).
+    cancel: tokio_util::sync::DropGuard,
+    started: Instant,
 }
 
 /// Where the configuration goes.
 pub enum Output {
-    /// The native speaker: its best routes to Felix, its sessions to `status`.
+    /// The native speaker: its best routes to Felix, its sessions to `status`; each
+    /// restart after a failure counted in `restarts`.
     Speaker {
         felix: mpsc::Sender<Vec<RouteUpdate>>,
         status: watch::Sender<Vec<PeerStatus>>,
+        restarts: prometheus::IntCounter,
     },
     /// BIRD 2 configuration files in `dir`; the BIRD listening on `socket` (if any) is
     /// told to reload after each change.
     Bird { dir: PathBuf, socket: PathBuf },
 }
 
-/// Run confd, and the speaker it drives, until `cancel`.
+/// Run confd, and the speaker it drives, until `cancel` (then `Ok`); an `Err` says why it
+/// ended before. `faults`: a test's failures, acted out in this loop. The speaker stops
+/// with confd, however confd ends.
 pub async fn run(
     node: String,
     mut datastore: mpsc::Receiver<SyncerEvent>,
     output: Output,
     health: HealthReporter,
     cancel: CancellationToken,
-) {
-    let (felix, status, bird) = match output {
-        Output::Speaker { felix, status } => (Some(felix), status, None),
-        Output::Bird { dir, socket } => (None, watch::channel(Vec::new()).0, Some((dir, socket))),
+    mut faults: FaultInput,
+) -> ActorResult {
+    let (felix, status, bird, restarts) = match output {
+        Output::Speaker {
+            felix,
+            status,
+            restarts,
+        } => (Some(felix), status, None, Some(restarts)),
+        Output::Bird { dir, socket } => (
+            None,
+            watch::channel(Vec::new()).0,
+            Some((dir, socket)),
+            None,
+        ),
     };
     health.set_ready(false, Some("waiting for the datastore".into()));
     let mut state = ConfdState::new(&node);
     let mut running: Option<Running> = None;
     let mut restart_at: Option<Instant> = None;
+    let mut policy = RestartPolicy::default();
+    // Why the speaker was given up on: confd runs on, reporting it dead.
+    let mut dead: Option<String> = None;
     let mut problems: Vec<String> = Vec::new();
     let mut not_ready: Option<String> = Some("waiting for the datastore".into());
     let mut peers = status.subscribe();
-    loop {
+    let end = loop {
         let mut changed = false;
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => break Ok(()),
+            fault = next_fault(&mut faults) => break Err(fault.strike()),
             ev = datastore.recv() => {
-                let Some(ev) = ev else { break };
+                let Some(ev) = ev else { break Err("its datastore feed closed".into()) };
                 changed = state.apply(&ev);
                 // A burst (the initial snapshot, a pool edit) is folded in before computing.
                 while let Ok(ev) = datastore.try_recv() {
@@ -79,25 +105,36 @@ pub async fn run(
                 }
             }
             ended = async { (&mut running.as_mut().expect("guarded").task).await }, if running.is_some() => {
-                running = None;
-                let why = match ended {
-                    Ok(Ok(())) => "the BGP speaker stopped".to_string(),
-                    Ok(Err(e)) => format!("the BGP speaker failed: {e}"),
-                    Err(e) => format!("the BGP speaker crashed: {e}"),
-                };
-                error!("{why}; restarting it in {RESTART_AFTER:?}");
-                not_ready = Some(why);
-                restart_at = Some(Instant::now() + RESTART_AFTER);
+                let ran_for = running.take().expect("guarded").started.elapsed();
+                let why = speaker_ended(ended);
+                match policy.failed(ran_for) {
+                    Restart::After(pause) => {
+                        error!("{why}; restarting it in {pause:?}");
+                        restart_at = Some(Instant::now() + pause);
+                        not_ready = Some(why);
+                    }
+                    Restart::GiveUp { failures } => {
+                        let why = given_up(&why, failures);
+                        error!("{why}; the node reports itself not live");
+                        health.set_live(false, Some(why.clone()));
+                        dead = Some(why);
+                    }
+                }
             }
             _ = sleep_until(restart_at) => {
                 restart_at = None;
                 changed = true;
+                if let Some(r) = &restarts {
+                    r.inc();
+                }
             }
             r = peers.changed() => {
-                if r.is_err() { break; }
+                if r.is_err() { break Err("the speaker's status feed closed".into()); }
             }
         }
-        if changed && state.in_sync && restart_at.is_none() {
+        if let Some(why) = &dead {
+            not_ready = Some(why.clone());
+        } else if changed && state.in_sync && restart_at.is_none() {
             match state.desired() {
                 Ok(d) => {
                     not_ready = None;
@@ -140,10 +177,30 @@ pub async fn run(
             }
         }
         report(&health, not_ready.as_deref(), &peers.borrow_and_update());
-    }
+    };
     if let Some(r) = running {
-        r.cancel.cancel();
+        drop(r.cancel);
         let _ = r.task.await;
+    }
+    end
+}
+
+/// Why the speaker's task ended, in words.
+fn speaker_ended(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> String {
+    match ended {
+        Ok(Ok(())) => "the BGP speaker stopped".to_string(),
+        Ok(Err(e)) => format!("the BGP speaker failed: {e}"),
+        Err(e) => match e.try_into_panic() {
+            Ok(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a panic without a message".into());
+                format!("the BGP speaker panicked: {msg}")
+            }
+            Err(e) => format!("the BGP speaker crashed: {e}"),
+        },
     }
 }
 
@@ -193,7 +250,8 @@ fn start(
     Running {
         config,
         task,
-        cancel,
+        cancel: cancel.drop_guard(),
+        started: Instant::now(),
     }
 }
 
@@ -226,5 +284,203 @@ fn report(health: &HealthReporter, not_ready: Option<&str>, peers: &[PeerStatus]
         health.set_ready(true, None);
     } else {
         health.set_ready(false, Some(down.join("; ")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::datastore::syncer::{SyncStatus, SyncValue, Update, UpdateType};
+    use crate::model::bgp::BGPConfigurationSpec;
+    use crate::model::node::{NodeBGPSpec, NodeSpec};
+    use crate::model::{AnyResource, Resource};
+    use crate::node::http::HealthAggregator;
+    use crate::node::supervisor::Fault;
+
+    const P: &str = "/calico/resources/v3/projectcalico.org";
+
+    fn update(key: &str, value: AnyResource) -> SyncerEvent {
+        SyncerEvent::Update(Update {
+            key: format!("{P}/{key}"),
+            update_type: UpdateType::New,
+            value: Some(Arc::new(SyncValue::Resource(value))),
+            revision: 1,
+        })
+    }
+
+    /// node-a at 127.0.0.1 whose speaker must listen on 127.0.0.1:`port`.
+    fn snapshot(port: u16) -> Vec<SyncerEvent> {
+        let node = NodeSpec {
+            bgp: Some(NodeBGPSpec {
+                ipv4_address: Some("127.0.0.1/8".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let bgp = BGPConfigurationSpec {
+            listen_port: Some(port.into()),
+            bind_mode: Some("NodeIP".into()),
+            ..Default::default()
+        };
+        vec![
+            update(
+                "nodes/node-a",
+                AnyResource::Node(Resource::new("node-a", node)),
+            ),
+            update(
+                "bgpconfigurations/default",
+                AnyResource::BGPConfiguration(Resource::new("default", bgp)),
+            ),
+            SyncerEvent::Status(SyncStatus::InSync),
+        ]
+    }
+
+    fn entry(h: &HealthAggregator) -> crate::node::http::ReporterState {
+        h.snapshot()
+            .reporters
+            .into_iter()
+            .find(|r| r.name == "bgp")
+            .unwrap()
+    }
+
+    /// A speaker whose port another socket holds fails at every start: confd restarts it
+    /// after 1, 2, 4 and 8 s (counted), then gives up and reports the cause on liveness,
+    /// which later readiness reports do not hide. Before, it was restarted every 5 s
+    /// forever and the node stayed live.
+    #[tokio::test(start_paused = true)]
+    async fn a_speaker_that_keeps_failing_is_restarted_with_backoff_then_reported_dead() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel(16);
+        for ev in snapshot(port) {
+            tx.send(ev).await.unwrap();
+        }
+        let health = HealthAggregator::new();
+        let restarts = prometheus::IntCounter::new("restarts", "restarts").unwrap();
+        let (felix, _felix_rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let t0 = Instant::now();
+        let confd = tokio::spawn(run(
+            "node-a".into(),
+            rx,
+            Output::Speaker {
+                felix,
+                status: watch::channel(Vec::new()).0,
+                restarts: restarts.clone(),
+            },
+            health.register("bgp"),
+            cancel.clone(),
+            None,
+        ));
+        // When each restart was counted, in whole seconds from the start.
+        let mut seen = Vec::new();
+        while entry(&health).live {
+            assert!(t0.elapsed() < Duration::from_secs(60), "never given up");
+            if seen.len() < restarts.get() as usize {
+                seen.push(t0.elapsed().as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_secs(15) && took < Duration::from_secs(16),
+            "pauses of 1 + 2 + 4 + 8 s: {took:?}"
+        );
+        assert_eq!(
+            seen,
+            [1, 3, 7],
+            "restarted after 1, 2 and 4 s (the 4th dies at once)"
+        );
+        assert_eq!(restarts.get(), 4);
+        let dead = entry(&health);
+        assert!(!dead.ready);
+        assert_eq!(
+            dead.reason,
+            Some(format!(
+                "the BGP speaker failed: {} (5 failures in a row; not restarted)",
+                std::io::Error::from_raw_os_error(libc::EADDRINUSE)
+            ))
+        );
+        // confd follows the datastore on without starting the speaker again, and the
+        // cause stays on the report.
+        tx.send(SyncerEvent::Status(SyncStatus::ResyncInProgress))
+            .await
+            .unwrap();
+        for ev in snapshot(port) {
+            tx.send(ev).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(restarts.get(), 4);
+        assert_eq!(entry(&health), dead);
+        cancel.cancel();
+        assert_eq!(confd.await.unwrap(), Ok(()), "cancelled: no failure");
+        drop(held);
+    }
+
+    /// Whether a speaker listens on 127.0.0.1:`port`.
+    fn taken(port: u16) -> bool {
+        std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// A fault through confd's own input ends confd inside its loop: an error through its
+    /// own exit path, or a panic there. Either way the speaker it runs stops with it (its
+    /// port is free again), as when a real failure ends confd.
+    #[tokio::test]
+    async fn a_fault_in_confds_own_loop_ends_it_and_stops_its_speaker() {
+        for (fault, want) in [
+            (Fault::Fail("injected".into()), "failed"),
+            (Fault::Panic("injected".into()), "panicked"),
+        ] {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let (tx, rx) = mpsc::channel(16);
+            for ev in snapshot(port) {
+                tx.send(ev).await.unwrap();
+            }
+            let health = HealthAggregator::new();
+            let (felix, _felix_rx) = mpsc::channel(16);
+            let (faults, fault_rx) = mpsc::channel(1);
+            let confd = tokio::spawn(run(
+                "node-a".into(),
+                rx,
+                Output::Speaker {
+                    felix,
+                    status: watch::channel(Vec::new()).0,
+                    restarts: prometheus::IntCounter::new("r", "r").unwrap(),
+                },
+                health.register("bgp"),
+                CancellationToken::new(),
+                Some(fault_rx),
+            ));
+            until("the speaker listening", || taken(port)).await;
+            faults.send(fault).await.unwrap();
+            let ended = match confd.await {
+                Ok(Err(why)) => format!("failed: {why}"),
+                Ok(Ok(())) => "returned".into(),
+                Err(e) => {
+                    let p = e.into_panic();
+                    let msg = p.downcast_ref::<String>().cloned().unwrap_or_default();
+                    format!("panicked: {msg}")
+                }
+            };
+            assert_eq!(ended, format!("{want}: injected"));
+            until("the speaker stopped", || !taken(port)).await;
+        }
     }
 }

@@ -34,6 +34,7 @@ use crate::datastore::client::Client;
 use crate::datastore::syncer::SyncerEvent;
 use crate::ipam::Ipam;
 use crate::node::http::HealthReporter;
+use crate::node::supervisor::{ActorResult, FaultInput, next_fault};
 
 /// Felix's Prometheus metrics (REFERENCE §5 names, Calico's help texts and labels).
 #[derive(Clone)]
@@ -232,9 +233,11 @@ pub struct Config {
     pub datastore: Option<Arc<dyn Datastore>>,
     /// Where the pods' MTU is written for the CNI plugin.
     pub mtu_file: Option<std::path::PathBuf>,
+    /// A test's failures, acted out in Felix's loop; `None` in production.
+    pub faults: FaultInput,
 }
 
-/// Run Felix until cancelled.
+/// Run Felix until cancelled (then `Ok`); an `Err` says why it ended before.
 pub async fn run(
     cfg: Config,
     mut datastore: mpsc::Receiver<SyncerEvent>,
@@ -242,22 +245,24 @@ pub async fn run(
     metrics: FelixMetrics,
     health: HealthReporter,
     cancel: CancellationToken,
-) {
+) -> ActorResult {
     health.set_ready(false, Some("waiting for the datastore".into()));
     // Requests on one socket, notifications on another (see `events`).
     let (conn, handle, _) = match rtnetlink::new_connection() {
         Ok(c) => c,
         Err(e) => {
-            health.set_ready(false, Some(format!("cannot open netlink: {e}")));
-            return;
+            let why = format!("cannot open netlink: {e}");
+            health.set_ready(false, Some(why.clone()));
+            return Err(why);
         }
     };
     tokio::spawn(conn);
     let (writer, mut writer_failures) = match Writer::spawn() {
         Ok(w) => w,
         Err(e) => {
-            health.set_ready(false, Some(format!("cannot open netlink: {e}")));
-            return;
+            let why = format!("cannot open netlink: {e}");
+            health.set_ready(false, Some(why.clone()));
+            return Err(why);
         }
     };
     let mut events = match Events::open() {
@@ -271,6 +276,7 @@ pub async fn run(
         node,
         datastore: ds,
         mtu_file,
+        mut faults,
     } = cfg;
     let mut state = State::new(&node);
     // A full pass (every part, the kernel's tables read back) is due; else only BGP's
@@ -293,7 +299,8 @@ pub async fn run(
     loop {
         let wake = due.map_or(next_resync, |d| d.min(next_resync));
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return Ok(()),
+            fault = next_fault(&mut faults) => return Err(fault.strike()),
             ev = datastore.recv() => match ev {
                 Some(ev) => {
                     full |= fold(&mut state, &metrics, ev);
@@ -302,7 +309,7 @@ pub async fn run(
                         full = true;
                     }
                 }
-                None => return,
+                None => return Err("its datastore feed closed".into()),
             },
             batch = bgp.recv(), if bgp_open => match batch {
                 Some(batch) => for u in batch {

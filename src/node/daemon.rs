@@ -292,21 +292,24 @@ async fn run_started(
                     .map_err(|e| format!("{}: {e}", path.display()))
             }
         });
-        // confd restarts the speaker itself when it fails (confd::actor).
+        // confd restarts the speaker itself when it fails, under the supervisor's rule
+        // and restart counter, and reports it dead on this entry (confd::actor).
         let bgp_health = health.register("bgp");
         sup.spawn_once(
             "bgp",
             Some(bgp_health.clone()),
-            ended(crate::confd::actor::run(
+            crate::confd::actor::run(
                 cfg.nodename.clone(),
                 syncer.subscribe(1024),
                 crate::confd::actor::Output::Speaker {
                     felix: bgp_tx,
                     status: status_tx,
+                    restarts: sup.restart_counter("bgp"),
                 },
                 bgp_health,
                 shutdown.child_token(),
-            )),
+                sup.fault_input("bgp"),
+            ),
         );
     } else {
         drop(bgp_tx);
@@ -317,7 +320,7 @@ async fn run_started(
         sup.spawn_once(
             "confd",
             Some(confd_health.clone()),
-            ended(crate::confd::actor::run(
+            crate::confd::actor::run(
                 cfg.nodename.clone(),
                 syncer.subscribe(1024),
                 crate::confd::actor::Output::Bird {
@@ -326,7 +329,8 @@ async fn run_started(
                 },
                 confd_health,
                 shutdown.child_token(),
-            )),
+                sup.fault_input("confd"),
+            ),
         );
     }
     // Felix's tunnel-address task runs inside each pass and is awaited there: a failure
@@ -335,18 +339,19 @@ async fn run_started(
     sup.spawn_once(
         "felix",
         Some(felix_health.clone()),
-        ended(crate::felix::actor::run(
+        crate::felix::actor::run(
             crate::felix::actor::Config {
                 node: cfg.nodename.clone(),
                 datastore: Some(ds.clone()),
                 mtu_file: Some(cfg.state_dir.join("mtu")),
+                faults: sup.fault_input("felix"),
             },
             felix_rx,
             bgp_rx,
             felix_metrics,
             felix_health,
             shutdown.child_token(),
-        )),
+        ),
     );
 
     let token = shutdown.child_token();

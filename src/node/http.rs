@@ -110,11 +110,15 @@ impl HealthAggregator {
 }
 
 impl HealthReporter {
-    /// Report readiness; `reason` says why not (kept for readiness only).
+    /// Report readiness; `reason` says why not. Once the actor is reported dead its
+    /// reason stays the cause of death: an actor that keeps reporting readiness (confd
+    /// after giving up on the speaker) must not hide why the node is not live.
     pub fn set_ready(&self, ready: bool, reason: Option<String>) {
         if let Some(s) = lock(&self.states).get_mut(&self.name) {
             s.ready = ready;
-            s.reason = if ready { None } else { reason };
+            if s.live {
+                s.reason = if ready { None } else { reason };
+            }
         }
     }
 
@@ -393,6 +397,12 @@ mod tests {
         let (status, body) = request(port, "GET", "/liveness").await;
         assert_eq!(status, 503);
         assert!(body.contains("stuck"));
+        // An actor still reporting readiness after its death does not hide the cause.
+        a.set_ready(false, Some("waiting".into()));
+        a.set_ready(true, None);
+        let (status, body) = request(port, "GET", "/liveness").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("stuck"), "{body}");
         assert_eq!(request(port, "GET", "/nope").await.0, 404);
         assert_eq!(request(port, "POST", "/readiness").await.0, 405);
         t.cancel();

@@ -3,13 +3,18 @@
 //! An actor whose inputs can be made again (an endpoint's listener, the IPAM collector's
 //! datastore client) is restarted with backoff (1 s doubling to 30 s, back to 1 s after it
 //! ran a minute); after [`GIVE_UP_AFTER`] failures in a row it is reported dead instead.
+//! confd applies the same rule ([`RestartPolicy`]) to the BGP speaker it runs, counted in
+//! the same metric under `bgp`.
 //! An actor fed by a channel that dies with it (Felix, the syncer, confd, the cluster
 //! view: the syncer's subscriptions are made once) is not restarted: its end turns
 //! `/liveness` false with its name and the cause, so the orchestrator restarts the node,
 //! as Calico's liveness probe makes the kubelet do when Felix or BIRD dies.
 //!
-//! Tests inject a failure through a [`Faults`] port given to the daemon: the fault ends or
-//! panics the actor inside its own task, where a real failure would happen.
+//! Tests inject a failure through a [`Faults`] port given to the daemon. Felix and confd
+//! take their port as a [`FaultInput`] of their own and act the fault out inside their
+//! own loop (returning the error through their own exit path, or panicking there); for
+//! the others the supervisor ends or panics the actor's task, where a real failure would
+//! happen.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -69,6 +74,30 @@ impl Faults {
     }
 }
 
+impl Fault {
+    /// Act the fault out where it is received: the error to end with, or a panic here.
+    pub fn strike(self) -> String {
+        match self {
+            Fault::Fail(why) => why,
+            Fault::Panic(msg) => panic!("{msg}"),
+        }
+    }
+}
+
+/// A test's fault input into an actor's own loop; `None` in production.
+pub type FaultInput = Option<mpsc::Receiver<Fault>>;
+
+/// The next fault on `input`; never, without one (or once its sender is gone).
+pub async fn next_fault(input: &mut FaultInput) -> Fault {
+    match input {
+        Some(rx) => match rx.recv().await {
+            Some(f) => f,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 type FaultPort = Option<Arc<Mutex<mpsc::Receiver<Fault>>>>;
 
 /// Watches the daemon's actors; see the module documentation.
@@ -118,6 +147,15 @@ impl Supervisor {
             .map(|rx| Arc::new(Mutex::new(rx)))
     }
 
+    /// The fault port of actor `name`, for the actor's own loop (the supervisor then
+    /// injects nothing into it itself).
+    pub fn fault_input(&self, name: &str) -> FaultInput {
+        self.faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(name)
+    }
+
     /// The actor's own health reporter, or a liveness-only one under its name.
     fn reporter(&self, name: &str, own: Option<HealthReporter>) -> HealthReporter {
         own.unwrap_or_else(|| self.health.register_liveness(name))
@@ -157,36 +195,90 @@ impl Supervisor {
         let faults = self.fault_port(&name);
         let restarts = self.restarts.with_label_values(&[name.as_str()]);
         self.tracker.spawn(async move {
-            let mut backoff = FIRST_BACKOFF;
-            let mut failures = 0u32;
+            let mut policy = RestartPolicy::default();
             loop {
                 let started = Instant::now();
                 let ended = run_once(make(), faults.clone()).await;
                 if shutdown.is_cancelled() {
                     return;
                 }
-                if started.elapsed() >= HEALTHY_RUN {
-                    backoff = FIRST_BACKOFF;
-                    failures = 0;
-                }
-                failures += 1;
                 let why = describe(&name, ended);
-                if failures >= GIVE_UP_AFTER {
-                    let why = format!("{why} ({failures} failures in a row; not restarted)");
-                    error!("{why}; the node reports itself not live");
-                    reporter.set_live(false, Some(why));
-                    return;
-                }
+                let backoff = match policy.failed(started.elapsed()) {
+                    Restart::After(backoff) => backoff,
+                    Restart::GiveUp { failures } => {
+                        let why = given_up(&why, failures);
+                        error!("{why}; the node reports itself not live");
+                        reporter.set_live(false, Some(why));
+                        return;
+                    }
+                };
                 warn!("{why}; restarting in {backoff:?}");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
                 restarts.inc();
             }
         });
     }
+
+    /// The restart counter of actor `name`, for an actor that restarts a part of itself
+    /// (confd restarts the BGP speaker) under the same metric.
+    pub fn restart_counter(&self, name: &str) -> prometheus::IntCounter {
+        self.restarts.with_label_values(&[name])
+    }
+}
+
+/// What to do after a failure: restart after a pause, or give up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// Start again after this pause.
+    After(Duration),
+    /// Too many failures in a row: report the actor dead.
+    GiveUp { failures: u32 },
+}
+
+/// The supervisor's restart rule, also used by confd for the speaker it runs: pauses of
+/// 1 s doubling to 30 s; a run of a minute or more counts as healthy and starts the
+/// count again; [`GIVE_UP_AFTER`] failures in a row give up, so a part that can never
+/// run (its port taken, its directory missing) ends on `/liveness`, where the
+/// orchestrator sees it, as Calico's liveness probe reports a BIRD that keeps dying.
+#[derive(Debug, Clone)]
+pub struct RestartPolicy {
+    backoff: Duration,
+    failures: u32,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            backoff: FIRST_BACKOFF,
+            failures: 0,
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// A run that lasted `ran_for` has ended: restart after how long, or give up.
+    pub fn failed(&mut self, ran_for: Duration) -> Restart {
+        if ran_for >= HEALTHY_RUN {
+            *self = RestartPolicy::default();
+        }
+        self.failures += 1;
+        if self.failures >= GIVE_UP_AFTER {
+            return Restart::GiveUp {
+                failures: self.failures,
+            };
+        }
+        let pause = self.backoff;
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        Restart::After(pause)
+    }
+}
+
+/// The liveness reason of an actor given up on: the last cause and the count.
+pub fn given_up(why: &str, failures: u32) -> String {
+    format!("{why} ({failures} failures in a row; not restarted)")
 }
 
 /// One run of an actor in a task of its own (so a panic is caught), ended early by a
@@ -302,6 +394,31 @@ mod tests {
         s.tracker.close();
         s.tracker.wait().await;
         assert!(h.snapshot().live);
+    }
+
+    #[test]
+    fn restart_pauses_double_to_a_cap_reset_after_a_healthy_run_and_give_up() {
+        let quick = Duration::from_millis(10);
+        let mut p = RestartPolicy::default();
+        assert_eq!(p.failed(quick), Restart::After(Duration::from_secs(1)));
+        assert_eq!(p.failed(quick), Restart::After(Duration::from_secs(2)));
+        assert_eq!(p.failed(quick), Restart::After(Duration::from_secs(4)));
+        // A minute of healthy running starts again from the first pause.
+        assert_eq!(p.failed(HEALTHY_RUN), Restart::After(FIRST_BACKOFF));
+        for want in [2, 4, 8] {
+            assert_eq!(p.failed(quick), Restart::After(Duration::from_secs(want)));
+        }
+        assert_eq!(p.failed(quick), Restart::GiveUp { failures: 5 });
+        let mut p = RestartPolicy {
+            backoff: Duration::from_secs(16),
+            failures: 0,
+        };
+        p.failed(quick);
+        assert_eq!(
+            p.failed(quick),
+            Restart::After(MAX_BACKOFF),
+            "capped at 30 s"
+        );
     }
 
     #[tokio::test(start_paused = true)]
