@@ -110,23 +110,26 @@ impl HealthAggregator {
 }
 
 impl HealthReporter {
-    /// Report readiness; `reason` says why not. Once the actor is reported dead its
-    /// reason stays the cause of death: an actor that keeps reporting readiness (confd
-    /// after giving up on the speaker) must not hide why the node is not live.
+    /// Report readiness; `reason` says why not. Once the actor is reported dead it stays
+    /// not ready and its reason stays the cause of death: an actor that keeps reporting
+    /// readiness (confd after giving up on the speaker) must not hide why the node is not
+    /// live, nor have it counted as available meanwhile (a rolling update would move on).
     pub fn set_ready(&self, ready: bool, reason: Option<String>) {
         if let Some(s) = lock(&self.states).get_mut(&self.name) {
-            s.ready = ready;
+            s.ready = ready && s.live;
             if s.live {
                 s.reason = if ready { None } else { reason };
             }
         }
     }
 
-    /// Report liveness (a dead actor makes `/liveness` fail, so the node is restarted).
+    /// Report liveness (a dead actor makes `/liveness` fail, so the node is restarted; it
+    /// is not ready either until it reports readiness again alive).
     pub fn set_live(&self, live: bool, reason: Option<String>) {
         if let Some(s) = lock(&self.states).get_mut(&self.name) {
             s.live = live;
             if !live {
+                s.ready = false;
                 s.reason = reason;
             }
         }
@@ -391,18 +394,26 @@ mod tests {
     async fn liveness_fails_when_an_actor_is_dead_and_other_paths_are_refused() {
         let h = HealthAggregator::new();
         let a = h.register("syncer");
+        a.set_ready(true, None);
         let (port, t, _j) = start_health(h).await;
         assert_eq!(request(port, "GET", "/liveness").await.0, 200);
+        assert_eq!(request(port, "GET", "/readiness").await.0, 200);
         a.set_live(false, Some("stuck".into()));
         let (status, body) = request(port, "GET", "/liveness").await;
         assert_eq!(status, 503);
         assert!(body.contains("stuck"));
-        // An actor still reporting readiness after its death does not hide the cause.
+        // A dead actor is not ready either (the probe must not count the node available
+        // while liveness waits for its failure threshold).
+        let (status, body) = request(port, "GET", "/readiness").await;
+        assert_eq!(status, 503, "{body}");
+        // An actor still reporting readiness after its death neither hides the cause nor
+        // turns ready.
         a.set_ready(false, Some("waiting".into()));
         a.set_ready(true, None);
         let (status, body) = request(port, "GET", "/liveness").await;
         assert_eq!(status, 503);
         assert!(body.contains("stuck"), "{body}");
+        assert_eq!(request(port, "GET", "/readiness").await.0, 503);
         assert_eq!(request(port, "GET", "/nope").await.0, 404);
         assert_eq!(request(port, "POST", "/readiness").await.0, 405);
         t.cancel();
