@@ -176,6 +176,15 @@ impl AssignArgs {
 }
 
 /// A block claimed for a host, its affinity still pending.
+/// What a claim of a block for a host came to.
+enum Claimed {
+    /// The block was created by this claim; its affinity waits to be confirmed.
+    New(Claim),
+    /// The block is this host's through another allocator of the same host (its claim is
+    /// under way or done): assign in it.
+    Ours(IpNet),
+}
+
 struct Claim {
     cidr: IpNet,
     aff_key: String,
@@ -512,8 +521,16 @@ impl Ipam {
             // 2. New blocks, within the per-host limit.
             let mut owned = affine.len();
             while got.len() < n && claiming && owned < max as usize {
-                let Some(claim) = self.claim_block(&args.host, &pools, &taken).await? else { break };
+                let Some(claimed) = self.claim_block(&args.host, &pools, &taken).await? else { break };
                 owned += 1;
+                let claim = match claimed {
+                    Claimed::New(claim) => claim,
+                    Claimed::Ours(cidr) => {
+                        taken.insert(cidr);
+                        got.extend(self.assign_in_block(&cidr, args, n - got.len(), Some(&args.host), None).await?);
+                        continue;
+                    }
+                };
                 taken.insert(claim.cidr);
                 // The claim is confirmed while its first addresses are assigned: the block
                 // is ours from its creation, and the assignment starts from what was created.
@@ -673,7 +690,7 @@ impl Ipam {
         host: &str,
         pools: &[IPPool],
         taken: &HashSet<IpNet>,
-    ) -> IpamResult<Option<Claim>> {
+    ) -> IpamResult<Option<Claimed>> {
         let mut rng = Rng::seeded(host);
         for pool in pools {
             let (Some(net), Ok(bs)) = (
@@ -711,7 +728,12 @@ impl Ipam {
         Ok(None)
     }
 
-    async fn try_claim(&self, host: &str, cidr: IpNet) -> IpamResult<Option<Claim>> {
+    /// Claim `cidr` for `host`. Another allocator of the same host (calico-node's tunnel
+    /// address beside a pod's ADD) may be claiming the same block at the same moment (the
+    /// candidates come in the same seeded order): its pending affinity, or the block it
+    /// made, is then this host's too and is used, as Calico's claim does, instead of
+    /// claiming a second block for the host.
+    async fn try_claim(&self, host: &str, cidr: IpNet) -> IpamResult<Option<Claimed>> {
         let aff_key = keys::affinity_key(host, &cidr);
         let pending = serde_json::to_vec(&BlockAffinity {
             state: AffinityState::Pending,
@@ -720,14 +742,20 @@ impl Ipam {
         .expect("serializes");
         let aff_rev = match self.ds.create(&aff_key, pending).await {
             Ok(r) => r,
-            Err(DatastoreError::AlreadyExists { .. }) => return Ok(None),
+            Err(DatastoreError::AlreadyExists { .. }) => {
+                let live = match self.ds.get(&aff_key).await? {
+                    Some(kv) => BlockAffinity::from_bytes(&kv.value).is_ok_and(|a| !a.deleted),
+                    None => false,
+                };
+                return Ok(live.then_some(Claimed::Ours(cidr)));
+            }
             Err(e) => return Err(e.into()),
         };
         let block = AllocationBlock::new_empty(cidr, Some(host), (self.clock)());
         let value = block.to_bytes();
         let key = keys::block_key(&cidr);
         match self.ds.create(&key, value.clone()).await {
-            Ok(rev) => Ok(Some(Claim {
+            Ok(rev) => Ok(Some(Claimed::New(Claim {
                 cidr,
                 aff_key,
                 aff_rev,
@@ -737,8 +765,18 @@ impl Ipam {
                     mod_revision: rev,
                     create_revision: rev,
                 },
-            })),
+            }))),
             Err(DatastoreError::AlreadyExists { .. }) => {
+                let ours = match self.ds.get(&key).await? {
+                    Some(kv) => decode_block(&kv).is_ok_and(|b| b.host() == Some(host)),
+                    None => false,
+                };
+                if ours {
+                    // Made meanwhile by another allocator of this host (on our pending
+                    // affinity): ours, so the affinity is confirmed and the block used.
+                    self.confirm_affinity(&aff_key, aff_rev).await?;
+                    return Ok(Some(Claimed::Ours(cidr)));
+                }
                 // Another host won this block: back out our claim.
                 let _ = self.ds.delete(&aff_key, Some(aff_rev)).await;
                 Ok(None)
@@ -957,12 +995,18 @@ impl Ipam {
         for _ in 0..CAS_RETRIES {
             let (mut block, rev) = match (self.ds.get(&key).await?, host) {
                 (Some(kv), _) => (decode_block(&kv)?, Some(kv.mod_revision)),
-                (None, Some(host)) => {
-                    if let Some(claim) = self.try_claim(host, cidr).await? {
+                (None, Some(host)) => match self.try_claim(host, cidr).await? {
+                    Some(Claimed::New(claim)) => {
                         self.confirm_claim(&claim).await?;
+                        continue;
                     }
-                    continue;
-                }
+                    // Being claimed by another allocator of this host: made here if need be.
+                    Some(Claimed::Ours(_)) => (
+                        AllocationBlock::new_empty(cidr, Some(host), (self.clock)()),
+                        None,
+                    ),
+                    None => continue,
+                },
                 (None, None) => (AllocationBlock::new_empty(cidr, None, (self.clock)()), None),
             };
             if !block.assign_ip(ip, Some(handle), attrs) {
@@ -1361,6 +1405,42 @@ mod tests {
             num_v4: n,
             ..AssignArgs::v4(handle, host)
         }
+    }
+
+    /// Two allocators of one host (calico-node's tunnel address and a pod's ADD) claim at
+    /// the same moment and meet on the same first candidate: the one that finds the
+    /// other's pending affinity uses that block, and the one whose block create finds the
+    /// block already made for its host confirms its affinity and uses it. One block for the
+    /// host, not two (before: the second moved on and claimed another block; here, with a
+    /// pool of one block, it failed as exhausted).
+    #[tokio::test]
+    async fn allocators_of_one_host_claiming_together_share_one_block() {
+        let (ipam, mem) = setup(&[("p", "10.65.0.0/26", 26)]).await;
+        let cidr: IpNet = "10.65.0.0/26".parse().unwrap();
+        let aff_key = keys::affinity_key("node-1", &cidr);
+        let pending = br#"{"state":"pending","deleted":false}"#.to_vec();
+        let aff_rev = mem.create(&aff_key, pending).await.unwrap();
+        // The sibling's claim is under way (its affinity pending, its block not made yet).
+        let ips = ipam.auto_assign(&args("pod", "node-1", 1)).await.unwrap();
+        assert!(cidr.contains(&ips[0]), "{ips:?}");
+        let (blocks, _) = mem.list("/calico/ipam/v2/assignment/").await.unwrap();
+        assert_eq!(blocks.len(), 1);
+        // The sibling's block create now finds the block made for its host: it confirms
+        // its affinity and uses the block.
+        mem.delete(&aff_key, Some(aff_rev)).await.unwrap();
+        match ipam.try_claim("node-1", cidr).await.unwrap() {
+            Some(Claimed::Ours(c)) => assert_eq!(c, cidr),
+            _ => panic!("the block made for this host is not used"),
+        }
+        assert_eq!(ipam.affine_blocks("node-1", false).await.unwrap(), [cidr]);
+        // Another host's block is still another host's.
+        assert!(ipam.try_claim("node-2", cidr).await.unwrap().is_none());
+        assert!(
+            mem.get(&keys::affinity_key("node-2", &cidr))
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     /// A datastore whose block creates commit and then report an unknown outcome (a member
