@@ -13,41 +13,16 @@ use calico_node::node::config::NodeConfig;
 use calico_node::node::daemon;
 use calico_node::node::supervisor::{Fault, Faults};
 use common::{Etcd, NetNs, free_port, http_get};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-fn node_ns(prefix: &str) -> Option<(NetNs, Etcd)> {
-    let ns = NetNs::new(prefix)?;
-    ns.ip(&[
-        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
-    ]);
-    ns.ip(&["addr", "add", "10.99.8.1/24", "dev", "eth1"]);
-    ns.ip(&["link", "set", "eth0", "up"]);
-    ns.ip(&["link", "set", "eth1", "up"]);
-    let etcd = Etcd::start_on(Some(&ns.name), free_port())?;
-    Some((ns, etcd))
-}
-
-async fn get(port: u16, path: &str) -> (u16, String) {
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return (0, String::new());
-    };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return (0, String::new());
-    }
-    let mut resp = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut resp)).await;
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+/// GET on the node's health or metrics port (this test's daemon runs in-process, in the
+/// test's own namespace): (0, "") when nothing answers.
+async fn get(port: u16, path: &'static str) -> (u16, String) {
+    tokio::task::spawn_blocking(move || http_get(port, path))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
 }
 
 async fn until<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
@@ -83,7 +58,7 @@ fn entry(body: &str, name: &str) -> Option<(bool, String)> {
 /// faults are acted out by the supervisor in the actor's task.
 #[test]
 fn each_actors_failure_restarts_it_or_names_it_on_liveness() {
-    let Some((ns, etcd)) = node_ns("cn-sup") else {
+    let Some((ns, etcd)) = common::node_ns_with_etcd("cn-sup") else {
         return;
     };
     let state = tempfile::tempdir().unwrap();
@@ -207,32 +182,43 @@ fn each_actors_failure_restarts_it_or_names_it_on_liveness() {
 /// the socket's actor fails, is restarted with backoff (1 + 2 + 4 + 8 s), then /liveness
 /// names it with the cause and `calico-node -bird-live` fails. Before, the failure was
 /// logged once and the node stayed live and ready with no status socket.
+/// The real calico-node as node-a in `ns`, its log in `state`/calico-node.log, with
+/// `extra` variables beside the common ones.
+fn spawn_node(
+    ns: &NetNs,
+    etcd: &Etcd,
+    state: &std::path::Path,
+    socket: &std::path::Path,
+    health: u16,
+    extra: &[(&str, String)],
+) -> common::Process {
+    let log = std::fs::File::create(state.join("calico-node.log")).unwrap();
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_calico-node"));
+    cmd.env_clear()
+        .env("NODENAME", "node-a")
+        .env("ETCD_ENDPOINTS", etcd.endpoint())
+        .env("IP_AUTODETECTION_METHOD", "interface=eth1")
+        .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
+        .env("CALICO_STATE_DIR", state)
+        .env("CALICO_BGP_STATUS_SOCKET", socket)
+        .env("FELIX_HEALTHPORT", health.to_string())
+        .env("CALICO_IPAM_GC_INTERVAL", "0");
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    common::Process(cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap())
+}
+
 #[test]
 fn a_failing_actor_of_the_real_binary_is_named_on_liveness() {
-    let Some((ns, etcd)) = node_ns("cn-sup2") else {
+    let Some((ns, etcd)) = common::node_ns_with_etcd("cn-sup2") else {
         return;
     };
     let state = tempfile::tempdir().unwrap();
     std::fs::write(state.path().join("not-a-dir"), "").unwrap();
     let socket = state.path().join("not-a-dir").join("bgp-status.sock");
     let health = free_port();
-    let log = std::fs::File::create(state.path().join("calico-node.log")).unwrap();
-    let child = ns
-        .command(env!("CARGO_BIN_EXE_calico-node"))
-        .env_clear()
-        .env("NODENAME", "node-a")
-        .env("ETCD_ENDPOINTS", etcd.endpoint())
-        .env("IP_AUTODETECTION_METHOD", "interface=eth1")
-        .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
-        .env("CALICO_STATE_DIR", state.path())
-        .env("CALICO_BGP_STATUS_SOCKET", &socket)
-        .env("FELIX_HEALTHPORT", health.to_string())
-        .env("CALICO_IPAM_GC_INTERVAL", "0")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let _node = common::Process(child);
+    let _node = spawn_node(&ns, &etcd, state.path(), &socket, health, &[]);
     let deadline = Instant::now() + Duration::from_secs(40);
     let body = loop {
         if let Ok((503, body)) = ns.run_in(move || http_get(health, "/liveness"))
@@ -279,7 +265,7 @@ fn a_failing_actor_of_the_real_binary_is_named_on_liveness() {
 /// the speaker was restarted every 5 s forever and the node stayed live.
 #[test]
 fn a_speaker_that_keeps_failing_is_restarted_with_backoff_then_named_on_liveness() {
-    let Some((ns, etcd)) = node_ns("cn-sup3") else {
+    let Some((ns, etcd)) = common::node_ns_with_etcd("cn-sup3") else {
         return;
     };
     // Another program holding port 179 in the node's namespace.
@@ -287,25 +273,11 @@ fn a_speaker_that_keeps_failing_is_restarted_with_backoff_then_named_on_liveness
     let state = tempfile::tempdir().unwrap();
     let socket = state.path().join("bgp-status.sock");
     let (health, metrics) = (free_port(), free_port());
-    let log = std::fs::File::create(state.path().join("calico-node.log")).unwrap();
-    let child = ns
-        .command(env!("CARGO_BIN_EXE_calico-node"))
-        .env_clear()
-        .env("NODENAME", "node-a")
-        .env("ETCD_ENDPOINTS", etcd.endpoint())
-        .env("IP_AUTODETECTION_METHOD", "interface=eth1")
-        .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
-        .env("CALICO_STATE_DIR", state.path())
-        .env("CALICO_BGP_STATUS_SOCKET", &socket)
-        .env("FELIX_HEALTHPORT", health.to_string())
-        .env("FELIX_PROMETHEUSMETRICSENABLED", "true")
-        .env("FELIX_PROMETHEUSMETRICSPORT", metrics.to_string())
-        .env("CALICO_IPAM_GC_INTERVAL", "0")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let _node = common::Process(child);
+    let metrics_env = [
+        ("FELIX_PROMETHEUSMETRICSENABLED", "true".to_string()),
+        ("FELIX_PROMETHEUSMETRICSPORT", metrics.to_string()),
+    ];
+    let _node = spawn_node(&ns, &etcd, state.path(), &socket, health, &metrics_env);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(60);
     let mut restarts_seen = Vec::new();
