@@ -230,28 +230,28 @@ fn host_lock(
     {
         let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
     }
+    // The lock is waited for on a thread of its own, handed over the moment the kernel
+    // grants it (polling would leave it idle between tries: parallel ADDs queue on it),
+    // and given up after `timeout`. A grant that comes after that finds nobody waiting
+    // and is dropped at once, which releases it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(nix::fcntl::Flock::lock(
+            file,
+            nix::fcntl::FlockArg::LockExclusive,
+        ));
+    });
     let start = std::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(5);
-    let mut file = file;
-    loop {
-        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(l) => return Ok(Box::new(l)),
-            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
-                if start.elapsed() >= timeout {
-                    return Err(IpamError::HostLockBusy {
-                        path: path.display().to_string(),
-                        waited_ms: start.elapsed().as_millis() as u64,
-                    });
-                }
-                std::thread::sleep(pause.min(timeout.saturating_sub(start.elapsed())));
-                pause = (pause * 2).min(std::time::Duration::from_millis(100));
-                file = f;
-            }
-            Err((_, e)) => {
-                tracing::warn!(error = %e, path = %path.display(), "cannot take the IPAM lock; continuing without it");
-                return Ok(Box::new(()));
-            }
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(l)) => Ok(Box::new(l)),
+        Ok(Err((_, e))) => {
+            tracing::warn!(error = %e, path = %path.display(), "cannot take the IPAM lock; continuing without it");
+            Ok(Box::new(()))
         }
+        Err(_) => Err(IpamError::HostLockBusy {
+            path: path.display().to_string(),
+            waited_ms: start.elapsed().as_millis() as u64,
+        }),
     }
 }
 
