@@ -9,6 +9,7 @@ pub mod events;
 pub mod nat;
 pub mod neigh;
 pub mod nlbatch;
+pub mod problem;
 pub mod routes;
 pub mod state;
 pub mod sysctls;
