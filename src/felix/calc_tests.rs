@@ -321,9 +321,9 @@ fn nodes_removed_and_added() {
     assert!(!d.routes.contains_key(&net("10.244.0.5/32")));
     assert!(!d.fdb.iter().any(|f| f.dst == ip("10.1.0.3")));
     assert!(
-        d.problems
-            .iter()
-            .any(|p| p.contains("node node-c is not in the datastore")),
+        d.problems.iter().any(|p| p
+            .to_string()
+            .contains("node node-c is not in the datastore")),
         "{:?}",
         d.problems
     );
@@ -338,7 +338,11 @@ fn nodes_removed_and_added() {
     early.get_mut("node-c").unwrap().ipv4_vxlan_tunnel_addr = None;
     let d = run(&[pool("Never", "Always")], &early);
     assert!(!d.routes.contains_key(&net("10.244.2.0/26")));
-    assert!(d.problems.iter().any(|p| p.contains("ipv4VXLANTunnelAddr")));
+    assert!(
+        d.problems
+            .iter()
+            .any(|p| p.to_string().contains("ipv4VXLANTunnelAddr"))
+    );
     // Same subnet under CrossSubnet needs no tunnel address.
     let mut early = nodes();
     early.get_mut("node-b").unwrap().ipv4_vxlan_tunnel_addr = None;
