@@ -978,3 +978,53 @@ fn a_bgppeer_whose_selector_does_not_parse_is_skipped_and_said_once() {
         d.problems
     );
 }
+
+/// Each problem is typed, naming the BGPPeer (or BGPConfiguration) and the field, so a
+/// caller tells them apart without reading the text.
+#[test]
+fn problems_name_the_resource_and_the_field() {
+    let mut w = World::new();
+    w.peers.insert(
+        "bad-ip".into(),
+        BGPPeerSpec {
+            peer_ip: "192.168.0.x".into(),
+            as_number: Some(AsNumber(65000)),
+            ..Default::default()
+        },
+    );
+    w.peers.insert(
+        "bad-time".into(),
+        BGPPeerSpec {
+            peer_ip: "192.168.0.2".into(),
+            as_number: Some(AsNumber(65000)),
+            max_restart_time: Some("soon".into()),
+            ..Default::default()
+        },
+    );
+    let d = w.desired().unwrap();
+    assert_eq!(d.problems.len(), 2, "{:?}", d.problems);
+    let ConfigProblem::RestartTime { error } = &d.problems[1] else {
+        panic!("{:?}", d.problems);
+    };
+    assert_eq!(
+        (error.field.as_str(), error.value.as_str()),
+        ("BGPPeer bad-time spec.maxRestartTime", "soon")
+    );
+    assert_eq!(
+        d.problems[0],
+        ConfigProblem::PeerIp {
+            peer: "bad-ip".into(),
+            peer_ip: "192.168.0.x".into()
+        }
+    );
+    assert_eq!(
+        d.problems[0].to_string(),
+        "BGPPeer bad-ip: peerIP \"192.168.0.x\" is not an address; skipped"
+    );
+
+    w.nodes.remove(ME);
+    assert_eq!(
+        w.desired().unwrap_err(),
+        NotReady::NotRegistered { node: ME.into() }
+    );
+}

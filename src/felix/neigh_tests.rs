@@ -243,3 +243,31 @@ fn a_missing_interface_is_a_problem_naming_the_entry() {
         ]
     );
 }
+
+/// A dumped message reads as the rules need it; in an FDB entry the destination's family
+/// is not the message's.
+#[test]
+fn dumped_messages_read_as_seen_entries() {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Bridge;
+    m.header.ifindex = VX;
+    m.header.state = NeighbourState::Permanent;
+    m.header.flags = NeighbourFlags::Own;
+    m.attributes = vec![
+        NeighbourAttribute::LinkLayerAddress(MAC_B.to_vec()),
+        NeighbourAttribute::Destination(NeighbourAddress::Other(vec![10, 0, 0, 2])),
+    ];
+    assert_eq!(seen(&m), Some(fdb_entry(MAC_B, "10.0.0.2")));
+
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.ifindex = CALI;
+    m.header.state = NeighbourState::Reachable;
+    m.attributes = vec![
+        NeighbourAttribute::LinkLayerAddress(MAC_A.to_vec()),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet("10.244.0.3".parse().unwrap())),
+    ];
+    let mut want = neighbour(CALI, "10.244.0.3", MAC_A);
+    want.permanent = false;
+    assert_eq!(seen(&m), Some(want));
+}
