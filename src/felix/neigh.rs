@@ -116,7 +116,7 @@ fn key_of(s: &Seen, names: &HashMap<u32, &str>, prefix: &str, vxlan: Option<u32>
     }
 }
 
-/// Keep the entries that are ours (see [`key_of`]); each one's `M` (the kernel's message,
+/// Keep the entries that are ours (see `key_of`); each one's `M` (the kernel's message,
 /// which a deletion sends back) by its key.
 pub fn observe<M>(
     links: &Links,

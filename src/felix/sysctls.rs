@@ -3,7 +3,7 @@
 //! `neigh/<if>/proxy_delay=0`, `forwarding=1`); globally IPv4 forwarding. Written only
 //! when they differ, in the namespace of the calling thread.
 //!
-//! Plan and execute: [`plan`] decides from what was read (pure), [`write`] does it.
+//! Plan and execute: [`plan`] decides from what was read (pure), [`write()`] does it.
 
 use super::problem::Problem;
 use crate::model::sysctl::kept_by_felix;
