@@ -519,4 +519,43 @@ mod tests {
             until("the speaker stopped", || !taken(port)).await;
         }
     }
+
+    /// BIRD's configuration that cannot be put in place is a typed error naming the value
+    /// or the directory, in the words readiness shows; nothing is written.
+    #[tokio::test]
+    async fn bird_configuration_failures_name_the_value_or_the_directory() {
+        use crate::bgp::config::{DesiredPeer, PeerType};
+        let mut config = DesiredBgpConfig::new("10.0.0.2".parse().unwrap(), 64512);
+        let d = |config: DesiredBgpConfig| super::super::calc::Desired {
+            config,
+            problems: Vec::new(),
+            kernel_pools: Vec::new(),
+        };
+        let no_socket = std::path::Path::new("/nonexistent/bird.ctl");
+        // A file where the directory should be.
+        let dir = std::path::Path::new("/dev/null/bird");
+        let e = write_bird(dir, no_socket, &d(config.clone()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, BirdError::Write { dir: d, .. } if d == dir),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("cannot write BIRD configuration in /dev/null/bird: "),
+            "{e}"
+        );
+        let mut peer = DesiredPeer::new("10.0.0.1".parse().unwrap(), 64512, PeerType::Global);
+        peer.password = Some("a\nb".into());
+        config.peers.push(peer);
+        let e = write_bird(dir, no_socket, &d(config)).await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                BirdError::Render(RenderError::Password { peer }) if peer.to_string() == "10.0.0.1"
+            ),
+            "{e:?}"
+        );
+    }
 }
