@@ -151,7 +151,7 @@ fn a_password_bird_cannot_express_is_refused_by_name() {
     cfg.peers[1].password = Some("a\"b".into());
     let e = bird::render(&cfg, &pools).unwrap_err();
     assert_eq!(
-        e,
+        e.to_string(),
         "the password of peer 192.168.0.1 contains a double quote or a line break, which BIRD's configuration cannot express"
     );
 }

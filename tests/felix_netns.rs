@@ -4,6 +4,7 @@
 //! vxlan.calico made, kept, remade when its settings differ, removed; tunl0 made, or one
 //! clear error on a kernel without ipip. Neighbours and FDB entries of ours made exactly.
 //! NAT outgoing: our nftables tables exactly, replaced as pools change, others untouched.
+//! Host veth sysctls: the CNI plugin writes the shared list, Felix keeps only its own.
 
 mod common;
 
@@ -634,4 +635,50 @@ table ip calico {\n\
     let rules = nft(&["list", "ruleset"]);
     assert!(!rules.contains("ip6 calico"), "{rules}");
     assert!(!rules.contains("elements"), "{rules}");
+}
+
+/// The host veth's sysctls, one list for two writers: the CNI plugin writes all of them at
+/// ADD; afterwards Felix puts back the ones it owns when they drift and leaves the CNI
+/// plugin's alone; an interface gone meanwhile is no problem.
+#[test]
+fn host_veth_sysctls_written_at_add_and_kept_by_their_owner() {
+    use calico_node::felix::sysctls;
+    use calico_node::model::sysctl::{HOST_VETH_SYSCTLS, Owner};
+    let Some(ns) = node_ns("felix-sc", &[]) else {
+        return;
+    };
+    const CALI: &str = "cali0123456789a";
+    let read = |ns: &NetNs, path: String| {
+        ns.run_in(move || std::fs::read_to_string(path).unwrap().trim().to_string())
+    };
+    ns.run_in(|| calico_node::cni::dataplane::host_sysctls(CALI, false))
+        .unwrap();
+    for s in HOST_VETH_SYSCTLS
+        .iter()
+        .filter(|s| s.dir.starts_with("ipv4"))
+    {
+        assert_eq!(read(&ns, s.path(CALI)), s.value, "{s:?}");
+    }
+    // Every one drifts.
+    for s in HOST_VETH_SYSCTLS
+        .iter()
+        .filter(|s| s.dir.starts_with("ipv4"))
+    {
+        let (path, other) = (s.path(CALI), if s.value == "1" { "0" } else { "1" });
+        ns.run_in(move || std::fs::write(path, other)).unwrap();
+    }
+    let problems = ns.run_in(|| sysctls::ensure_interface(CALI));
+    assert!(problems.is_empty(), "{problems:?}");
+    for s in HOST_VETH_SYSCTLS
+        .iter()
+        .filter(|s| s.dir.starts_with("ipv4"))
+    {
+        let now = read(&ns, s.path(CALI));
+        match s.owner {
+            Owner::Felix => assert_eq!(now, s.value, "{s:?}"),
+            Owner::Cni => assert_ne!(now, s.value, "Felix wrote the CNI plugin's {s:?}"),
+        }
+    }
+    let problems = ns.run_in(|| sysctls::ensure_interface("caligone"));
+    assert!(problems.is_empty(), "{problems:?}");
 }

@@ -185,27 +185,12 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), DataplaneError> {
     })
 }
 
-/// Calico's host-side sysctls for a workload interface.
+/// Calico's host-side sysctls for a workload interface: every one of the shared list
+/// ([`crate::model::sysctl::HOST_VETH_SYSCTLS`]) that applies, IPv6's when `v6`. Felix
+/// keeps some of them afterwards (their [`crate::model::sysctl::Owner`]).
 pub fn host_sysctls(ifname: &str, v6: bool) -> Result<(), DataplaneError> {
-    write_sysctl(&format!("/proc/sys/net/ipv4/conf/{ifname}/proxy_arp"), "1")?;
-    write_sysctl(
-        &format!("/proc/sys/net/ipv4/neigh/{ifname}/proxy_delay"),
-        "0",
-    )?;
-    write_sysctl(&format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"), "1")?;
-    write_sysctl(
-        &format!("/proc/sys/net/ipv4/conf/{ifname}/route_localnet"),
-        "1",
-    )?;
-    if v6 {
-        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{ifname}/accept_dad"), "0")?;
-        write_sysctl(
-            &format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
-            "0",
-        )?;
-        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{ifname}/proxy_ndp"), "1")?;
-        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{ifname}/forwarding"), "1")?;
-        write_sysctl(&format!("/proc/sys/net/ipv6/conf/{ifname}/accept_ra"), "0")?;
+    for s in crate::model::sysctl::written_at_add(v6) {
+        write_sysctl(&s.path(ifname), s.value)?;
     }
     Ok(())
 }

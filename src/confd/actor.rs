@@ -23,7 +23,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::calc::ConfdState;
+use super::bird::RenderError;
+use super::calc::{ConfdState, ConfigProblem};
 use crate::bgp::RouteUpdate;
 use crate::bgp::config::DesiredBgpConfig;
 use crate::bgp::fsm::State;
@@ -88,7 +89,7 @@ pub async fn run(
     let mut policy = RestartPolicy::default();
     // Why the speaker was given up on: confd runs on, reporting it dead.
     let mut dead: Option<String> = None;
-    let mut problems: Vec<String> = Vec::new();
+    let mut problems: Vec<ConfigProblem> = Vec::new();
     let mut not_ready: Option<String> = Some("waiting for the datastore".into());
     let mut peers = status.subscribe();
     let end = loop {
@@ -106,7 +107,7 @@ pub async fn run(
             }
             ended = async { (&mut running.as_mut().expect("guarded").task).await }, if running.is_some() => {
                 let ran_for = running.take().expect("guarded").started.elapsed();
-                let why = speaker_ended(ended);
+                let why = speaker_ended(ended).to_string();
                 match policy.failed(ran_for) {
                     Restart::After(pause) => {
                         error!("{why}; restarting it in {pause:?}");
@@ -146,7 +147,7 @@ pub async fn run(
                     }
                     if let Some((dir, socket)) = &bird {
                         if let Err(e) = write_bird(dir, socket, &d).await {
-                            not_ready = Some(e);
+                            not_ready = Some(e.to_string());
                         }
                         report(&health, not_ready.as_deref(), &[]);
                         continue;
@@ -173,7 +174,7 @@ pub async fn run(
                         }
                     }
                 }
-                Err(why) => not_ready = Some(why.0),
+                Err(why) => not_ready = Some(why.to_string()),
             }
         }
         report(&health, not_ready.as_deref(), &peers.borrow_and_update());
@@ -185,23 +186,57 @@ pub async fn run(
     end
 }
 
-/// Why the speaker's task ended, in words.
-fn speaker_ended(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> String {
+/// Why the speaker's task ended (the reason for readiness, and for liveness once confd
+/// gives up on it).
+#[derive(Debug, thiserror::Error)]
+enum SpeakerEnded {
+    /// It returned without an error (it should run until cancelled).
+    #[error("the BGP speaker stopped")]
+    Stopped,
+    /// It returned an error (its port taken, ...).
+    #[error("the BGP speaker failed: {0}")]
+    Failed(std::io::Error),
+    /// It panicked, with this message.
+    #[error("the BGP speaker panicked: {0}")]
+    Panicked(String),
+    /// Its task was cancelled from outside.
+    #[error("the BGP speaker crashed: {0}")]
+    Crashed(tokio::task::JoinError),
+}
+
+/// Why the speaker's task ended.
+fn speaker_ended(ended: Result<std::io::Result<()>, tokio::task::JoinError>) -> SpeakerEnded {
     match ended {
-        Ok(Ok(())) => "the BGP speaker stopped".to_string(),
-        Ok(Err(e)) => format!("the BGP speaker failed: {e}"),
+        Ok(Ok(())) => SpeakerEnded::Stopped,
+        Ok(Err(e)) => SpeakerEnded::Failed(e),
         Err(e) => match e.try_into_panic() {
-            Ok(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
+            Ok(p) => SpeakerEnded::Panicked(
+                p.downcast_ref::<String>()
                     .cloned()
                     .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "a panic without a message".into());
-                format!("the BGP speaker panicked: {msg}")
-            }
-            Err(e) => format!("the BGP speaker crashed: {e}"),
+                    .unwrap_or_else(|| "a panic without a message".into()),
+            ),
+            Err(e) => SpeakerEnded::Crashed(e),
         },
     }
+}
+
+/// Why BIRD's configuration could not be put in place (readiness says it; the running
+/// BIRD keeps its last configuration).
+#[derive(Debug, thiserror::Error)]
+pub enum BirdError {
+    /// A value BIRD cannot express.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    /// The files could not be written.
+    #[error("cannot write BIRD configuration in {}: {error}", dir.display())]
+    Write { dir: PathBuf, error: std::io::Error },
+    /// `birdc` could not be run.
+    #[error("cannot run birdc: {0}")]
+    NoBirdc(std::io::Error),
+    /// BIRD refused the new files (`birdc configure` did not say it reconfigured).
+    #[error("BIRD did not take the configuration: {output}")]
+    Refused { output: String },
 }
 
 /// Render and write BIRD's files; when they changed, have BIRD reload them.
@@ -209,10 +244,12 @@ async fn write_bird(
     dir: &std::path::Path,
     socket: &std::path::Path,
     d: &super::calc::Desired,
-) -> Result<(), String> {
+) -> Result<(), BirdError> {
     let files = super::bird::render(&d.config, &d.kernel_pools)?;
-    let changed = super::bird::write(dir, &files)
-        .map_err(|e| format!("cannot write BIRD configuration in {}: {e}", dir.display()))?;
+    let changed = super::bird::write(dir, &files).map_err(|error| BirdError::Write {
+        dir: dir.to_path_buf(),
+        error,
+    })?;
     if !changed {
         return Ok(());
     }
@@ -226,13 +263,12 @@ async fn write_bird(
         .arg("configure")
         .output()
         .await
-        .map_err(|e| format!("cannot run birdc: {e}"))?;
+        .map_err(BirdError::NoBirdc)?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !text.contains("Reconfigur") {
-        return Err(format!(
-            "BIRD did not take the configuration: {}",
-            text.trim()
-        ));
+        return Err(BirdError::Refused {
+            output: text.trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -482,5 +518,44 @@ mod tests {
             assert_eq!(ended, format!("{want}: injected"));
             until("the speaker stopped", || !taken(port)).await;
         }
+    }
+
+    /// BIRD's configuration that cannot be put in place is a typed error naming the value
+    /// or the directory, in the words readiness shows; nothing is written.
+    #[tokio::test]
+    async fn bird_configuration_failures_name_the_value_or_the_directory() {
+        use crate::bgp::config::{DesiredPeer, PeerType};
+        let mut config = DesiredBgpConfig::new("10.0.0.2".parse().unwrap(), 64512);
+        let d = |config: DesiredBgpConfig| super::super::calc::Desired {
+            config,
+            problems: Vec::new(),
+            kernel_pools: Vec::new(),
+        };
+        let no_socket = std::path::Path::new("/nonexistent/bird.ctl");
+        // A file where the directory should be.
+        let dir = std::path::Path::new("/dev/null/bird");
+        let e = write_bird(dir, no_socket, &d(config.clone()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, BirdError::Write { dir: d, .. } if d == dir),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("cannot write BIRD configuration in /dev/null/bird: "),
+            "{e}"
+        );
+        let mut peer = DesiredPeer::new("10.0.0.1".parse().unwrap(), 64512, PeerType::Global);
+        peer.password = Some("a\nb".into());
+        config.peers.push(peer);
+        let e = write_bird(dir, no_socket, &d(config)).await.unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                BirdError::Render(RenderError::Password { peer }) if peer.to_string() == "10.0.0.1"
+            ),
+            "{e:?}"
+        );
     }
 }

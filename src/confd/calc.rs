@@ -44,14 +44,50 @@ pub struct ConfdState {
     pub in_sync: bool,
 }
 
-/// Why this node cannot run BGP yet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NotReady(pub String);
+/// Why this node cannot run BGP yet (the readiness reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// This node's Node resource is not in the datastore (yet).
+    #[error("node {node} is not registered in the datastore")]
+    NotRegistered { node: String },
+    /// BGP needs the node's IPv4 address as its router ID.
+    #[error("node {node} has no IPv4 address (spec.bgp.ipv4Address), which BGP needs as router ID")]
+    NoIpv4Address { node: String },
+}
 
-impl std::fmt::Display for NotReady {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Something of the datastore the BGP configuration leaves out, or runs without (a
+/// warning each, and BGP runs with the rest). Each names the resource and its field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigProblem {
+    /// A graceful-restart time (`maxRestartTime`, `nodeMeshMaxRestartTime`) that is not a
+    /// duration: Calico's default is used.
+    #[error("{error}; using {DEFAULT_RESTART_SECS}s")]
+    RestartTime { error: validate::ValidationError },
+    /// A BGPPeer selector (`nodeSelector`, `peerSelector`) written by another tool that
+    /// does not parse: the BGPPeer is skipped in both directions.
+    #[error("BGPPeer {peer}: {field} does not parse ({error}); skipped")]
+    Selector {
+        peer: String,
+        field: &'static str,
+        error: crate::model::selector::SelectorError,
+    },
+    /// A BGPPeer whose `peerIP` is not an address (with an optional port).
+    #[error("BGPPeer {peer}: peerIP {peer_ip:?} is not an address; skipped")]
+    PeerIp { peer: String, peer_ip: String },
+    /// A BGPPeer with a `peerIP` and no `asNumber`.
+    #[error("BGPPeer {peer}: asNumber is missing; skipped")]
+    NoAsNumber { peer: String },
+    /// A BGPPeer `password` (a Kubernetes secret reference) an etcd datastore cannot
+    /// resolve.
+    #[error(
+        "BGPPeer {peer}: password refers to a Kubernetes secret, which an etcd datastore cannot resolve; the session runs without MD5"
+    )]
+    PeerPassword { peer: String },
+    /// The mesh's `nodeMeshPassword`, likewise.
+    #[error(
+        "BGPConfiguration default: nodeMeshPassword refers to a Kubernetes secret, which an etcd datastore cannot resolve; the mesh runs without MD5"
+    )]
+    MeshPassword,
 }
 
 impl ConfdState {
@@ -165,7 +201,7 @@ pub struct Desired {
     pub config: DesiredBgpConfig,
     /// One line per thing ignored (a peer without a usable address, a password held in a
     /// Kubernetes secret, ...).
-    pub problems: Vec<String>,
+    pub problems: Vec<ConfigProblem>,
     /// Pools whose routes come from BGP into the kernel (all but VXLAN pools, which Felix
     /// programs from the datastore): what a BIRD backend programs.
     pub kernel_pools: Vec<IpNet>,
@@ -195,13 +231,13 @@ fn cluster_id(spec: &NodeSpec) -> Option<Ipv4Addr> {
         .ok()
 }
 
-fn restart_secs(field: &str, v: Option<&str>, problems: &mut Vec<String>) -> u32 {
+fn restart_secs(field: &str, v: Option<&str>, problems: &mut Vec<ConfigProblem>) -> u32 {
     match v.filter(|s| !s.is_empty()) {
         None => DEFAULT_RESTART_SECS,
         Some(s) => match validate::duration(field, s) {
             Ok(d) => u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX),
             Err(e) => {
-                problems.push(format!("{e}; using {DEFAULT_RESTART_SECS}s"));
+                problems.push(ConfigProblem::RestartTime { error: e });
                 DEFAULT_RESTART_SECS
             }
         },
@@ -280,18 +316,20 @@ impl PeerRule<'_> {
 /// The BGPPeers whose selectors parse, by name; one problem for each that does not.
 fn peer_rules<'a>(
     peers: &'a BTreeMap<String, BGPPeerSpec>,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<ConfigProblem>,
 ) -> Vec<PeerRule<'a>> {
     let mut rules = Vec::new();
     for (name, spec) in peers {
-        let parse = |field: &str, text: &str, problems: &mut Vec<String>| {
+        let parse = |field: &'static str, text: &str, problems: &mut Vec<ConfigProblem>| {
             if text.is_empty() {
                 return Ok(None);
             }
-            Selector::parse(text).map(Some).map_err(|e| {
-                problems.push(format!(
-                    "BGPPeer {name}: {field} does not parse ({e}); skipped"
-                ));
+            Selector::parse(text).map(Some).map_err(|error| {
+                problems.push(ConfigProblem::Selector {
+                    peer: name.to_string(),
+                    field,
+                    error,
+                });
             })
         };
         let Ok(node_selector) = parse("nodeSelector", &spec.node_selector, problems) else {
@@ -323,7 +361,11 @@ struct Target {
 /// The sessions a BGPPeer whose local side selects this node asks for: its `peerIP`, or
 /// every other node its `peerSelector` matches (over IPv4: that session carries IPv6
 /// routes too when the nodes have IPv6 addresses).
-fn forward_targets(local: &Local, rule: &PeerRule, problems: &mut Vec<String>) -> Vec<Target> {
+fn forward_targets(
+    local: &Local,
+    rule: &PeerRule,
+    problems: &mut Vec<ConfigProblem>,
+) -> Vec<Target> {
     let (name, p) = (rule.name, rule.spec);
     if let Some(sel) = &rule.peer_selector {
         return local
@@ -345,14 +387,16 @@ fn forward_targets(local: &Local, rule: &PeerRule, problems: &mut Vec<String>) -
         return Vec::new();
     }
     let Some((ip, port)) = p.peer_addr() else {
-        problems.push(format!(
-            "BGPPeer {name}: peerIP {:?} is not an address; skipped",
-            p.peer_ip
-        ));
+        problems.push(ConfigProblem::PeerIp {
+            peer: name.to_string(),
+            peer_ip: p.peer_ip.clone(),
+        });
         return Vec::new();
     };
     let Some(asn) = p.as_number else {
-        problems.push(format!("BGPPeer {name}: asNumber is missing; skipped"));
+        problems.push(ConfigProblem::NoAsNumber {
+            peer: name.to_string(),
+        });
         return Vec::new();
     };
     let node = local.input.nodes.values().find(|n| {
@@ -437,16 +481,16 @@ impl Sessions {
         rule: &PeerRule,
         kind: PeerType,
         targets: Vec<Target>,
-        problems: &mut Vec<String>,
+        problems: &mut Vec<ConfigProblem>,
     ) {
         let (name, p) = (rule.name, rule.spec);
         if targets.is_empty() {
             return;
         }
         if p.password.is_some() {
-            problems.push(format!(
-                "BGPPeer {name}: password refers to a Kubernetes secret, which an etcd datastore cannot resolve; the session runs without MD5"
-            ));
+            problems.push(ConfigProblem::PeerPassword {
+                peer: name.to_string(),
+            });
         }
         let restart = restart_secs(
             &format!("BGPPeer {name} spec.maxRestartTime"),
@@ -479,7 +523,7 @@ impl Sessions {
 /// first session configured for an address wins, so an explicit peering is never
 /// replaced by an implicit reverse one (Calico's `emit`: "an explicit forwards peering is
 /// not overwritten by an implicit reverse peering").
-fn bgp_peer_sessions(local: &Local, problems: &mut Vec<String>) -> Sessions {
+fn bgp_peer_sessions(local: &Local, problems: &mut Vec<ConfigProblem>) -> Sessions {
     let mut sessions = Sessions {
         peers: Vec::new(),
         seen: BTreeSet::from([IpAddr::V4(local.my_ip)]),
@@ -501,24 +545,27 @@ fn bgp_peer_sessions(local: &Local, problems: &mut Vec<String>) -> Sessions {
         sessions.add(local, rule, PeerType::NodeSpecific, targets, problems);
     }
     // A BGPPeer used in both directions reports its problems once.
-    let mut reported = BTreeSet::new();
-    problems.retain(|p| reported.insert(p.clone()));
+    let mut reported = Vec::new();
+    problems.retain(|p| {
+        let first = !reported.contains(p);
+        if first {
+            reported.push(p.clone());
+        }
+        first
+    });
     sessions
 }
 
 /// Compute the speaker's configuration for `input.node`.
 pub fn desired(input: &Input) -> Result<Desired, NotReady> {
-    let me = input.nodes.get(input.node).ok_or_else(|| {
-        NotReady(format!(
-            "node {} is not registered in the datastore",
-            input.node
-        ))
-    })?;
-    let my_ip = node_ipv4(&me.spec).ok_or_else(|| {
-        NotReady(format!(
-            "node {} has no IPv4 address (spec.bgp.ipv4Address), which BGP needs as router ID",
-            input.node
-        ))
+    let me = input
+        .nodes
+        .get(input.node)
+        .ok_or_else(|| NotReady::NotRegistered {
+            node: input.node.to_string(),
+        })?;
+    let my_ip = node_ipv4(&me.spec).ok_or_else(|| NotReady::NoIpv4Address {
+        node: input.node.to_string(),
     })?;
     let mut problems = Vec::new();
     let global_as = input
@@ -570,9 +617,7 @@ pub fn desired(input: &Input) -> Result<Desired, NotReady> {
             &mut problems,
         );
         if input.global.is_some_and(|g| g.node_mesh_password.is_some()) {
-            problems.push(
-                "BGPConfiguration default: nodeMeshPassword refers to a Kubernetes secret, which an etcd datastore cannot resolve; the mesh runs without MD5".into(),
-            );
+            problems.push(ConfigProblem::MeshPassword);
         }
         for (name, n) in input.nodes {
             if name == input.node || cluster_id(&n.spec).is_some() {

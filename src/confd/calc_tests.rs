@@ -159,11 +159,15 @@ fn a_node_without_registration_or_ipv4_cannot_run_bgp_and_says_why() {
     let mut w = World::new();
     w.nodes.remove(ME);
     let e = w.desired().unwrap_err();
-    assert_eq!(e.0, "node node-b is not registered in the datastore");
+    assert_eq!(
+        e.to_string(),
+        "node node-b is not registered in the datastore"
+    );
     w.nodes.insert(ME.into(), NodeView::default());
     let e = w.desired().unwrap_err();
     assert!(
-        e.0.contains("no IPv4 address (spec.bgp.ipv4Address)"),
+        e.to_string()
+            .contains("no IPv4 address (spec.bgp.ipv4Address)"),
         "{e}"
     );
 }
@@ -432,7 +436,12 @@ fn unusable_peers_and_secret_passwords_are_reported_not_guessed() {
         (secret.password.as_deref(), secret.graceful_restart_secs),
         (None, 120)
     );
-    let all = d.problems.join("\n");
+    let all = d
+        .problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
     for part in [
         "BGPPeer no-as: asNumber is missing; skipped",
         "BGPPeer secret: password refers to a Kubernetes secret",
@@ -963,8 +972,59 @@ fn a_bgppeer_whose_selector_does_not_parse_is_skipped_and_said_once() {
     assert_eq!(d.problems.len(), 1, "{:?}", d.problems);
     assert!(
         d.problems[0]
+            .to_string()
             .starts_with("BGPPeer peer-with-route-reflectors: nodeSelector does not parse"),
         "{:?}",
         d.problems
+    );
+}
+
+/// Each problem is typed, naming the BGPPeer (or BGPConfiguration) and the field, so a
+/// caller tells them apart without reading the text.
+#[test]
+fn problems_name_the_resource_and_the_field() {
+    let mut w = World::new();
+    w.peers.insert(
+        "bad-ip".into(),
+        BGPPeerSpec {
+            peer_ip: "192.168.0.x".into(),
+            as_number: Some(AsNumber(65000)),
+            ..Default::default()
+        },
+    );
+    w.peers.insert(
+        "bad-time".into(),
+        BGPPeerSpec {
+            peer_ip: "192.168.0.2".into(),
+            as_number: Some(AsNumber(65000)),
+            max_restart_time: Some("soon".into()),
+            ..Default::default()
+        },
+    );
+    let d = w.desired().unwrap();
+    assert_eq!(d.problems.len(), 2, "{:?}", d.problems);
+    let ConfigProblem::RestartTime { error } = &d.problems[1] else {
+        panic!("{:?}", d.problems);
+    };
+    assert_eq!(
+        (error.field.as_str(), error.value.as_str()),
+        ("BGPPeer bad-time spec.maxRestartTime", "soon")
+    );
+    assert_eq!(
+        d.problems[0],
+        ConfigProblem::PeerIp {
+            peer: "bad-ip".into(),
+            peer_ip: "192.168.0.x".into()
+        }
+    );
+    assert_eq!(
+        d.problems[0].to_string(),
+        "BGPPeer bad-ip: peerIP \"192.168.0.x\" is not an address; skipped"
+    );
+
+    w.nodes.remove(ME);
+    assert_eq!(
+        w.desired().unwrap_err(),
+        NotReady::NotRegistered { node: ME.into() }
     );
 }

@@ -562,11 +562,15 @@ async fn repair_touched(
     }
     let workloads: Vec<&str> = t.links.values().flatten().map(String::as_str).collect();
     for name in &workloads {
-        problems.extend(sysctls::ensure_interface(name));
+        problems.extend(
+            sysctls::ensure_interface(name)
+                .iter()
+                .map(|p| p.to_string()),
+        );
     }
     if !workloads.is_empty() {
         match neigh::reconcile(h, &desired.neighbours, &desired.fdb, &prefix).await {
-            Ok(p) => problems.extend(p.failures),
+            Ok(p) => problems.extend(p.failures.iter().map(|p| p.to_string())),
             Err(e) => problems.push(e.to_string()),
         }
     }
@@ -596,7 +600,7 @@ async fn apply(
     vxlan_removal: &mut Option<tunnels::PendingRemoval>,
     mtu_file: Option<&std::path::Path>,
 ) -> (Vec<String>, Option<u32>) {
-    let mut problems: Vec<String> = desired.problems.clone();
+    let mut problems: Vec<String> = desired.problems.iter().map(|p| p.to_string()).collect();
     let prefix = state.config().interface_prefix().to_string();
     let node_ip = desired
         .vxlan
@@ -657,7 +661,7 @@ async fn apply(
         .route_resync_time
         .observe(started.elapsed().as_secs_f64());
     match neigh::reconcile(h, &desired.neighbours, &desired.fdb, &prefix).await {
-        Ok(p) => problems.extend(p.failures),
+        Ok(p) => problems.extend(p.failures.iter().map(|p| p.to_string())),
         Err(e) => problems.push(e.to_string()),
     }
     if desired.vxlan.is_none()
@@ -674,7 +678,7 @@ async fn apply(
             Err(e) => problems.push(e.to_string()),
         }
     }
-    problems.extend(sysctls::ensure(&prefix));
+    problems.extend(sysctls::ensure(&prefix).iter().map(|p| p.to_string()));
     for p in &problems {
         tracing::warn!(problem = %p, "dataplane");
     }

@@ -104,7 +104,28 @@ pub struct Desired {
     pub vxlan: Option<Vxlan>,
     pub nat: Nat,
     /// What could not be programmed, and why (for logs and readiness).
-    pub problems: Vec<String>,
+    pub problems: Vec<CalcProblem>,
+}
+
+/// Why part of the datastore's state cannot be programmed as it is; the rest of the
+/// dataplane is. Each names the workload, or the destination and the node it is for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CalcProblem {
+    /// A WorkloadEndpoint's `ipNetworks` entry that is not a CIDR (written by another
+    /// tool): no route or neighbour for it.
+    #[error("workload {interface}: ipNetworks entry {entry:?} is not a CIDR")]
+    NotACidr { interface: String, entry: String },
+    /// A block or borrowed address in a VXLAN pool belongs to a node the datastore does
+    /// not hold (deleted, or not synced yet).
+    #[error("{dst}: node {node} is not in the datastore")]
+    UnknownNode { dst: IpNet, node: String },
+    /// The node has no IPv4 address to route toward.
+    #[error("{dst}: node {node} has no spec.bgp.ipv4Address")]
+    NoNodeAddress { dst: IpNet, node: String },
+    /// The node's VXLAN tunnel address is not allocated yet: no route through a tunnel
+    /// that is not there.
+    #[error("{dst}: node {node} has no spec.ipv4VXLANTunnelAddr yet")]
+    NoVxlanTunnelAddress { dst: IpNet, node: String },
 }
 
 /// Felix settings the calculation uses (from FelixConfiguration).
@@ -292,10 +313,10 @@ pub fn calculate(input: &Input) -> Desired {
         let mac = parse_mac(&w.mac);
         for n in &w.ip_networks {
             let Ok(net) = n.parse::<IpNet>() else {
-                d.problems.push(format!(
-                    "workload {}: ipNetworks entry {n:?} is not a CIDR",
-                    w.interface_name
-                ));
+                d.problems.push(CalcProblem::NotACidr {
+                    interface: w.interface_name.clone(),
+                    entry: n.clone(),
+                });
                 continue;
             };
             d.routes.insert(
@@ -334,13 +355,17 @@ pub fn calculate(input: &Input) -> Desired {
         .any(|p| matches!(encap(p), Encap::Vxlan { .. }));
     let toward = |d: &mut Desired, dst: IpNet, node: &str, cross_subnet: bool| {
         let Some(spec) = input.nodes.get(node) else {
-            d.problems
-                .push(format!("{dst}: node {node} is not in the datastore"));
+            d.problems.push(CalcProblem::UnknownNode {
+                dst,
+                node: node.to_string(),
+            });
             return;
         };
         let Some(ip) = node_ip(spec) else {
-            d.problems
-                .push(format!("{dst}: node {node} has no spec.bgp.ipv4Address"));
+            d.problems.push(CalcProblem::NoNodeAddress {
+                dst,
+                node: node.to_string(),
+            });
             return;
         };
         let node_addr = IpAddr::V4(ip.addr());
@@ -351,9 +376,10 @@ pub fn calculate(input: &Input) -> Desired {
             }
         } else {
             let Some(tunnel) = ipv4(spec.ipv4_vxlan_tunnel_addr.as_deref()) else {
-                d.problems.push(format!(
-                    "{dst}: node {node} has no spec.ipv4VXLANTunnelAddr yet"
-                ));
+                d.problems.push(CalcProblem::NoVxlanTunnelAddress {
+                    dst,
+                    node: node.to_string(),
+                });
                 return;
             };
             Target::Via {

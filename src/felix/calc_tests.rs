@@ -321,9 +321,9 @@ fn nodes_removed_and_added() {
     assert!(!d.routes.contains_key(&net("10.244.0.5/32")));
     assert!(!d.fdb.iter().any(|f| f.dst == ip("10.1.0.3")));
     assert!(
-        d.problems
-            .iter()
-            .any(|p| p.contains("node node-c is not in the datastore")),
+        d.problems.iter().any(|p| p
+            .to_string()
+            .contains("node node-c is not in the datastore")),
         "{:?}",
         d.problems
     );
@@ -338,7 +338,11 @@ fn nodes_removed_and_added() {
     early.get_mut("node-c").unwrap().ipv4_vxlan_tunnel_addr = None;
     let d = run(&[pool("Never", "Always")], &early);
     assert!(!d.routes.contains_key(&net("10.244.2.0/26")));
-    assert!(d.problems.iter().any(|p| p.contains("ipv4VXLANTunnelAddr")));
+    assert!(
+        d.problems
+            .iter()
+            .any(|p| p.to_string().contains("ipv4VXLANTunnelAddr"))
+    );
     // Same subnet under CrossSubnet needs no tunnel address.
     let mut early = nodes();
     early.get_mut("node-b").unwrap().ipv4_vxlan_tunnel_addr = None;
@@ -404,4 +408,47 @@ fn bgp_routes_inside_service_ranges_are_not_programmed() {
     let d = input(&services);
     assert!(!d.routes.contains_key(&net("192.168.50.0/24")));
     assert_eq!(d.routes[&net("10.244.1.0/26")], via("10.0.0.2", ""));
+}
+
+/// What cannot be programmed is a typed problem naming the workload, or the destination
+/// and its node, in the words the log and readiness show; the rest is programmed.
+#[test]
+fn problems_name_the_workload_or_the_node_they_are_about() {
+    let mut bad = workload();
+    bad.ip_networks = vec!["10.244.0.3/32".into(), "10.244.0.x".into()];
+    let mut no_address = nodes();
+    no_address.get_mut("node-b").unwrap().bgp = None;
+    let (blocks, bgp, settings) = (blocks(), bgp(), Settings::default());
+    let (pools, workloads) = (keyed([pool("Never", "Always")]), keyed([bad]));
+    let d = calculate(&Input {
+        node: ME,
+        nodes: &no_address,
+        pools: &pools,
+        workloads: &workloads,
+        blocks: &blocks,
+        bgp: &bgp,
+        settings: &settings,
+    });
+    assert!(d.routes.contains_key(&net("10.244.0.3/32")));
+    assert_eq!(
+        d.problems,
+        [
+            CalcProblem::NotACidr {
+                interface: "cali0123456789a".into(),
+                entry: "10.244.0.x".into(),
+            },
+            CalcProblem::NoNodeAddress {
+                dst: net("10.244.1.0/26"),
+                node: "node-b".into(),
+            },
+        ]
+    );
+    let text: Vec<String> = d.problems.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        text,
+        [
+            "workload cali0123456789a: ipNetworks entry \"10.244.0.x\" is not a CIDR",
+            "10.244.1.0/26: node node-b has no spec.bgp.ipv4Address",
+        ]
+    );
 }

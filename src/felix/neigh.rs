@@ -2,8 +2,11 @@
 //! (workload IP -> its MAC) and on vxlan.calico (remote tunnel IP -> remote VTEP MAC), and
 //! permanent FDB entries on vxlan.calico (remote VTEP MAC -> remote node IP). Ours are the
 //! permanent entries on those interfaces; every other entry is left alone.
+//!
+//! Plan and execute: [`observe`] keeps the kernel's entries that are ours, [`plan`]
+//! decides (pure, tested without root) and [`reconcile`] does the netlink I/O.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use futures::{StreamExt, TryStreamExt};
@@ -14,14 +17,218 @@ use netlink_packet_route::neighbour::{
 use rtnetlink::Handle;
 
 use super::calc::{Fdb, Neighbour, VXLAN_DEV};
+use super::problem::Problem;
 use super::routes::{RouteError, is_ours_dev, links, nl};
 
 /// What one pass did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Pass {
     pub added: usize,
     pub deleted: usize,
-    pub failures: Vec<String>,
+    /// Desired entries that could not be programmed (each a [`Problem::Neighbour`]).
+    pub failures: Vec<Problem>,
+}
+
+/// A desired neighbour or FDB entry that could not be programmed, naming it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NeighbourProblem {
+    /// The workload's (or vxlan.calico's) interface is not there (yet): the entry is tried
+    /// again at the next pass, or when the interface appears.
+    #[error("neighbour {ip} on {dev}: no such interface")]
+    NoInterface { ip: IpAddr, dev: String },
+    /// A remote VTEP's FDB entry needs vxlan.calico, which is missing.
+    #[error("FDB entry {mac:02x?}: no {VXLAN_DEV}")]
+    NoVxlanDevice { mac: [u8; 6] },
+    /// The kernel refused a neighbour entry.
+    #[error("neighbour {ip}: {reason}")]
+    NeighbourRefused { ip: IpAddr, reason: String },
+    /// The kernel refused an FDB entry.
+    #[error("FDB {mac:02x?} -> {dst}: {reason}")]
+    FdbRefused {
+        mac: [u8; 6],
+        dst: IpAddr,
+        reason: String,
+    },
+}
+
+/// One entry of a neighbour or FDB dump, reduced to what the ownership rule reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub ifindex: u32,
+    /// A bridge (FDB) entry rather than an IP neighbour.
+    pub bridge: bool,
+    /// `nud permanent`.
+    pub permanent: bool,
+    /// The FDB entry is the device's own (`self`), not the bridge layer's.
+    pub own: bool,
+    pub ip: Option<IpAddr>,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Where an entry of ours sits: how the plan names one to delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    Neighbour { ifindex: u32, ip: IpAddr },
+    Fdb { ifindex: u32, mac: [u8; 6] },
+}
+
+/// The kernel's entries that are ours: neighbours (to their MAC) and FDB entries (to their
+/// destination, when they have one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub neighbours: BTreeMap<(u32, IpAddr), [u8; 6]>,
+    pub fdb: BTreeMap<(u32, [u8; 6]), Option<IpAddr>>,
+}
+
+/// The interfaces by name, and vxlan.calico's index.
+#[derive(Debug, Clone, Default)]
+pub struct Links {
+    pub by_name: HashMap<String, u32>,
+}
+
+impl Links {
+    fn vxlan(&self) -> Option<u32> {
+        self.by_name.get(VXLAN_DEV).copied()
+    }
+}
+
+/// Whether a dumped entry is ours: a permanent IP neighbour on one of our interfaces
+/// (`cali*`, vxlan.calico, tunl0), or a permanent FDB entry of vxlan.calico itself
+/// (`self`) for a real MAC (not the all-zero default destination another tool may add).
+fn key_of(s: &Seen, names: &HashMap<u32, &str>, prefix: &str, vxlan: Option<u32>) -> Option<Key> {
+    if !s.permanent {
+        return None;
+    }
+    let name = names.get(&s.ifindex)?;
+    if s.bridge {
+        let mac = s.mac.filter(|m| *m != [0; 6])?;
+        (Some(s.ifindex) == vxlan && s.own).then_some(Key::Fdb {
+            ifindex: s.ifindex,
+            mac,
+        })
+    } else {
+        s.mac?;
+        let ip = s.ip?;
+        is_ours_dev(name, prefix).then_some(Key::Neighbour {
+            ifindex: s.ifindex,
+            ip,
+        })
+    }
+}
+
+/// Keep the entries that are ours (see `key_of`); each one's `M` (the kernel's message,
+/// which a deletion sends back) by its key.
+pub fn observe<M>(
+    links: &Links,
+    seen: impl IntoIterator<Item = (Seen, M)>,
+    prefix: &str,
+) -> (Observed, HashMap<Key, M>) {
+    let names: HashMap<u32, &str> = links
+        .by_name
+        .iter()
+        .map(|(n, i)| (*i, n.as_str()))
+        .collect();
+    let vxlan = links.vxlan();
+    let mut observed = Observed::default();
+    let mut by_key = HashMap::new();
+    for (s, m) in seen {
+        let Some(key) = key_of(&s, &names, prefix, vxlan) else {
+            continue;
+        };
+        match key {
+            Key::Neighbour { ifindex, ip } => {
+                if let Some(mac) = s.mac {
+                    observed.neighbours.insert((ifindex, ip), mac);
+                }
+            }
+            Key::Fdb { ifindex, mac } => {
+                observed.fdb.insert((ifindex, mac), s.ip);
+            }
+        }
+        by_key.insert(key, m);
+    }
+    (observed, by_key)
+}
+
+/// One change to the kernel's neighbour tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
+    SetNeighbour {
+        ifindex: u32,
+        ip: IpAddr,
+        mac: [u8; 6],
+    },
+    /// `bridge fdb replace <mac> dev vxlan.calico dst <dst> self permanent`.
+    SetFdb {
+        ifindex: u32,
+        mac: [u8; 6],
+        dst: IpAddr,
+    },
+    /// Delete an entry of ours no longer desired.
+    Delete(Key),
+}
+
+/// What a pass must do, and the desired entries it cannot program.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub problems: Vec<NeighbourProblem>,
+}
+
+/// Our entries become exactly the desired ones: each desired entry missing or different
+/// is set (replace semantics), each of ours not desired is deleted; entries already right
+/// are left alone. A desired entry whose interface is missing is a problem, not an op.
+pub fn plan(
+    neighbours: &BTreeSet<Neighbour>,
+    fdb: &BTreeSet<Fdb>,
+    links: &Links,
+    observed: &Observed,
+) -> Plan {
+    let mut have_neigh = observed.neighbours.clone();
+    let mut have_fdb = observed.fdb.clone();
+    let mut p = Plan::default();
+    for n in neighbours {
+        let Some(&ifindex) = links.by_name.get(&n.dev) else {
+            p.problems.push(NeighbourProblem::NoInterface {
+                ip: n.ip,
+                dev: n.dev.clone(),
+            });
+            continue;
+        };
+        if have_neigh.remove(&(ifindex, n.ip)) != Some(n.mac) {
+            p.ops.push(Op::SetNeighbour {
+                ifindex,
+                ip: n.ip,
+                mac: n.mac,
+            });
+        }
+    }
+    for f in fdb {
+        let Some(ifindex) = links.vxlan() else {
+            p.problems
+                .push(NeighbourProblem::NoVxlanDevice { mac: f.mac });
+            continue;
+        };
+        if have_fdb.remove(&(ifindex, f.mac)) != Some(Some(f.dst)) {
+            p.ops.push(Op::SetFdb {
+                ifindex,
+                mac: f.mac,
+                dst: f.dst,
+            });
+        }
+    }
+    p.ops.extend(
+        have_neigh
+            .into_keys()
+            .map(|(ifindex, ip)| Op::Delete(Key::Neighbour { ifindex, ip })),
+    );
+    p.ops.extend(
+        have_fdb
+            .into_keys()
+            .map(|(ifindex, mac)| Op::Delete(Key::Fdb { ifindex, mac })),
+    );
+    p
 }
 
 fn mac_of(m: &NeighbourMessage) -> Option<[u8; 6]> {
@@ -45,10 +252,20 @@ fn ip_of(m: &NeighbourMessage) -> Option<IpAddr> {
     })
 }
 
-enum Op {
-    Neigh(u32, IpAddr, [u8; 6]),
-    Fdb(u32, [u8; 6], IpAddr),
-    Del(NeighbourMessage),
+fn seen(m: &NeighbourMessage) -> Option<Seen> {
+    let bridge = match m.header.family {
+        AddressFamily::Inet | AddressFamily::Inet6 => false,
+        AddressFamily::Bridge => true,
+        _ => return None,
+    };
+    Some(Seen {
+        ifindex: m.header.ifindex,
+        bridge,
+        permanent: m.header.state == NeighbourState::Permanent,
+        own: m.header.flags.contains(NeighbourFlags::Own),
+        ip: ip_of(m),
+        mac: mac_of(m),
+    })
 }
 
 /// One pass: our permanent neighbours and FDB entries become exactly the desired ones.
@@ -58,9 +275,9 @@ pub async fn reconcile(
     fdb: &BTreeSet<Fdb>,
     prefix: &str,
 ) -> Result<Pass, RouteError> {
-    let links = links(h).await?;
-    let names: HashMap<u32, &str> = links.iter().map(|(n, i)| (*i, n.as_str())).collect();
-    let vxlan = links.get(VXLAN_DEV).copied();
+    let links = Links {
+        by_name: links(h).await?,
+    };
     // A dump of the IP neighbour tables does not include the bridge FDB: two dumps.
     let mut all: Vec<NeighbourMessage> = h
         .neighbours()
@@ -78,105 +295,96 @@ pub async fn reconcile(
         .await
         .map_err(nl("list FDB entries".into()))?;
     all.extend(fdb_dump);
-    let mut have_neigh: HashMap<(u32, IpAddr), ([u8; 6], NeighbourMessage)> = HashMap::new();
-    let mut have_fdb: HashMap<(u32, [u8; 6]), (Option<IpAddr>, NeighbourMessage)> = HashMap::new();
-    for m in all {
-        let idx = m.header.ifindex;
-        let permanent = m.header.state == NeighbourState::Permanent;
-        let Some(name) = names.get(&idx) else {
-            continue;
-        };
-        match m.header.family {
-            AddressFamily::Inet | AddressFamily::Inet6
-                if permanent && is_ours_dev(name, prefix) =>
-            {
-                if let (Some(ip), Some(mac)) = (ip_of(&m), mac_of(&m)) {
-                    have_neigh.insert((idx, ip), (mac, m));
-                }
-            }
-            AddressFamily::Bridge
-                if permanent
-                    && Some(idx) == vxlan
-                    && m.header.flags.contains(NeighbourFlags::Own) =>
-            {
-                if let Some(mac) = mac_of(&m).filter(|mac| *mac != [0; 6]) {
-                    have_fdb.insert((idx, mac), (ip_of(&m), m));
-                }
-            }
-            _ => {}
-        }
-    }
+    let (observed, by_key) = observe(
+        &links,
+        all.into_iter().filter_map(|m| Some((seen(&m)?, m))),
+        prefix,
+    );
+    let plan = plan(neighbours, fdb, &links, &observed);
+    let mut pass = Pass {
+        failures: plan.problems.into_iter().map(Problem::from).collect(),
+        ..Pass::default()
+    };
+    execute(h, plan.ops, by_key, &mut pass).await;
+    Ok(pass)
+}
 
-    let mut pass = Pass::default();
-    let mut ops = Vec::new();
-    for n in neighbours {
-        let Some(&idx) = links.get(&n.dev) else {
-            pass.failures.push(format!(
-                "neighbour {} on {}: no such interface",
-                n.ip, n.dev
-            ));
-            continue;
-        };
-        match have_neigh.remove(&(idx, n.ip)) {
-            Some((mac, _)) if mac == n.mac => {}
-            _ => ops.push(Op::Neigh(idx, n.ip, n.mac)),
-        }
-    }
-    for f in fdb {
-        let Some(idx) = vxlan else {
-            pass.failures
-                .push(format!("FDB entry {:02x?}: no {VXLAN_DEV}", f.mac));
-            continue;
-        };
-        match have_fdb.remove(&(idx, f.mac)) {
-            Some((Some(dst), _)) if dst == f.dst => {}
-            _ => ops.push(Op::Fdb(idx, f.mac, f.dst)),
-        }
-    }
-    ops.extend(have_neigh.into_values().map(|(_, m)| Op::Del(m)));
-    ops.extend(have_fdb.into_values().map(|(_, m)| Op::Del(m)));
-    let results: Vec<(bool, Result<(), rtnetlink::Error>, String)> = futures::stream::iter(ops)
+/// Carry out the ops, many in flight: sets counted as added (a refusal is a problem),
+/// deletions counted as deleted (a refusal is not: the entry is looked at again at the
+/// next pass).
+async fn execute(
+    h: &Handle,
+    ops: Vec<Op>,
+    mut by_key: HashMap<Key, NeighbourMessage>,
+    pass: &mut Pass,
+) {
+    let ops: Vec<(Op, Option<NeighbourMessage>)> = ops
+        .into_iter()
         .map(|op| {
+            let m = match &op {
+                Op::Delete(k) => by_key.remove(k),
+                _ => None,
+            };
+            (op, m)
+        })
+        .collect();
+    let results: Vec<(Op, Result<(), rtnetlink::Error>)> = futures::stream::iter(ops)
+        .map(|(op, m)| {
             let h = h.clone();
             async move {
-                match op {
-                    Op::Neigh(idx, ip, mac) => {
-                        let r = h
-                            .neighbours()
-                            .add(idx, ip)
+                let r = match (&op, m) {
+                    (&Op::SetNeighbour { ifindex, ip, mac }, _) => {
+                        h.neighbours()
+                            .add(ifindex, ip)
                             .link_layer_address(&mac)
                             .state(NeighbourState::Permanent)
                             .replace()
                             .execute()
-                            .await;
-                        (true, r, format!("neighbour {ip}"))
+                            .await
                     }
-                    Op::Fdb(idx, mac, dst) => {
-                        let r = h
-                            .neighbours()
-                            .add_bridge(idx, &mac)
+                    (&Op::SetFdb { ifindex, mac, dst }, _) => {
+                        h.neighbours()
+                            .add_bridge(ifindex, &mac)
                             .destination(dst)
                             .flags(NeighbourFlags::Own)
                             .state(NeighbourState::Permanent)
                             .replace()
                             .execute()
-                            .await;
-                        (true, r, format!("FDB {mac:02x?} -> {dst}"))
+                            .await
                     }
-                    Op::Del(m) => (false, h.neighbours().del(m).execute().await, String::new()),
-                }
+                    (Op::Delete(_), Some(m)) => h.neighbours().del(m).execute().await,
+                    (Op::Delete(_), None) => Ok(()),
+                };
+                (op, r)
             }
         })
         .buffer_unordered(64)
         .collect()
         .await;
-    for (add, r, what) in results {
-        match (add, r) {
-            (true, Ok(())) => pass.added += 1,
-            (false, Ok(())) => pass.deleted += 1,
-            (true, Err(e)) => pass.failures.push(format!("{what}: {e}")),
-            (false, Err(_)) => {}
+    for (op, r) in results {
+        match (op, r) {
+            (Op::Delete(_), Ok(())) => pass.deleted += 1,
+            (Op::Delete(_), Err(_)) => {}
+            (_, Ok(())) => pass.added += 1,
+            (Op::SetNeighbour { ip, .. }, Err(e)) => {
+                pass.failures
+                    .push(Problem::from(NeighbourProblem::NeighbourRefused {
+                        ip,
+                        reason: e.to_string(),
+                    }))
+            }
+            (Op::SetFdb { mac, dst, .. }, Err(e)) => {
+                pass.failures
+                    .push(Problem::from(NeighbourProblem::FdbRefused {
+                        mac,
+                        dst,
+                        reason: e.to_string(),
+                    }))
+            }
         }
     }
-    Ok(pass)
 }
+
+#[cfg(test)]
+#[path = "neigh_tests.rs"]
+mod tests;

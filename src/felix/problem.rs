@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
+use super::calc::CalcProblem;
 use super::nat::NatError;
+use super::neigh::NeighbourProblem;
 use super::routes::RouteError;
 use super::tunnels::TunnelError;
 
@@ -13,26 +15,33 @@ use super::tunnels::TunnelError;
 pub enum Problem {
     /// The datastore's state cannot be programmed as it is (e.g. a workload address that
     /// is not a CIDR); the rest of the dataplane is.
-    #[error("{0}")]
-    Calc(String),
+    #[error(transparent)]
+    Calc(#[from] CalcProblem),
     /// A netlink request of the route reconciler failed as a whole (a dump, a link list).
     #[error(transparent)]
     Routes(#[from] RouteError),
     /// One desired route could not be programmed.
     #[error("{prefix}: {reason}")]
-    Route { prefix: ipnet::IpNet, reason: String },
+    Route {
+        prefix: ipnet::IpNet,
+        reason: String,
+    },
     /// A neighbour or FDB entry could not be programmed.
-    #[error("{what}: {reason}")]
-    Neighbour { what: String, reason: String },
+    #[error(transparent)]
+    Neighbour(#[from] NeighbourProblem),
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
     #[error(transparent)]
     Nat(#[from] NatError),
+    /// A sysctl could not be written (an interface gone meanwhile is no problem).
     #[error("{path}: {error}")]
     Sysctl { path: String, error: std::io::Error },
     /// The pods' MTU could not be written for the CNI plugin.
     #[error("{}: {error}", path.display())]
-    MtuFile { path: PathBuf, error: std::io::Error },
+    MtuFile {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     /// A change queued on the route writer was refused by the kernel.
     #[error("{0}")]
     Refused(String),

@@ -2,6 +2,10 @@
 //! source address of the node IP, the node's VTEP MAC, the tunnel address /32, MTU) and
 //! `tunl0` (ipip). A device whose settings differ from the wanted ones is deleted and
 //! made again. A kernel without ipip gives one clear error, nothing else.
+//!
+//! Plan and execute: what the kernel has is read into [`SeenVxlan`] and addresses; the
+//! decisions ([`plan_vxlan`], [`plan_ipip`], [`plan_addresses`], [`removal_step`]) are pure
+//! and tested without root; the `ensure_*`/`remove_vxlan` functions do the I/O.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -66,30 +70,190 @@ fn attr<T>(l: &LinkMessage, f: impl Fn(&LinkAttribute) -> Option<T>) -> Option<T
     l.attributes.iter().find_map(f)
 }
 
-/// Whether an existing vxlan.calico has the wanted settings.
-fn vxlan_matches(l: &LinkMessage, want: &Vxlan, parent: u32, local: Ipv4Addr, mtu: u32) -> bool {
-    let Some(info) = vxlan_info(l) else {
-        return false;
+/// vxlan.calico as the kernel has it: what Felix compares (each `None` when absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeenVxlan {
+    pub index: u32,
+    pub vni: Option<u32>,
+    pub port: Option<u16>,
+    pub local: Option<Ipv4Addr>,
+    pub parent: Option<u32>,
+    pub learning: Option<bool>,
+    pub mac: Option<Vec<u8>>,
+    pub mtu: Option<u32>,
+}
+
+impl SeenVxlan {
+    fn of(l: &LinkMessage) -> SeenVxlan {
+        let mut seen = SeenVxlan {
+            index: l.header.index,
+            mac: attr(l, |a| match a {
+                LinkAttribute::Address(m) => Some(m.clone()),
+                _ => None,
+            }),
+            mtu: attr(l, |a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            }),
+            ..SeenVxlan::default()
+        };
+        for i in vxlan_info(l).unwrap_or_default() {
+            match i {
+                InfoVxlan::Id(v) => seen.vni = seen.vni.or(Some(*v)),
+                InfoVxlan::Port(v) => seen.port = seen.port.or(Some(*v)),
+                InfoVxlan::Local(v) => seen.local = seen.local.or(Some(*v)),
+                InfoVxlan::Link(v) => seen.parent = seen.parent.or(Some(*v)),
+                InfoVxlan::Learning(v) => seen.learning = seen.learning.or(Some(*v)),
+                _ => {}
+            }
+        }
+        seen
+    }
+}
+
+/// vxlan.calico as wanted (REFERENCE §5): VNI, port, bound to the node-IP interface with
+/// the node IP as source, no learning (the FDB is ours), the node's VTEP MAC, its MTU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanDevice {
+    pub vni: u32,
+    pub port: u16,
+    pub parent: u32,
+    pub local: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+impl VxlanDevice {
+    /// Whether an existing device has exactly these settings.
+    pub fn matches(&self, seen: &SeenVxlan) -> bool {
+        seen.vni == Some(self.vni)
+            && seen.port == Some(self.port)
+            && seen.local == Some(self.local)
+            && seen.parent == Some(self.parent)
+            && seen.learning == Some(false)
+            && seen.mac.as_deref() == Some(&self.mac[..])
+            && seen.mtu == Some(self.mtu)
+    }
+}
+
+/// A change to a tunnel device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceOp {
+    /// Delete the device with this index.
+    Delete(u32),
+    CreateVxlan(VxlanDevice),
+    CreateIpip {
+        mtu: u32,
+    },
+}
+
+/// What to do to vxlan.calico: the outcome, and the ops that get there (the device's
+/// address and state are made right afterwards, whatever the outcome, when it is wanted).
+/// `None` wanted: the device goes. A device whose settings differ is deleted and made
+/// again. Wanted without the node IP or its interface: [`TunnelError::NoUplink`].
+pub fn plan_vxlan(
+    want: Option<&Vxlan>,
+    parent: Option<u32>,
+    mtu: u32,
+    seen: Option<&SeenVxlan>,
+) -> Result<(Outcome, Vec<DeviceOp>), TunnelError> {
+    let Some(want) = want else {
+        return Ok(match seen {
+            Some(s) => (Outcome::Deleted, vec![DeviceOp::Delete(s.index)]),
+            None => (Outcome::Unchanged, Vec::new()),
+        });
     };
-    let has = |x: InfoVxlan| info.contains(&x);
-    has(InfoVxlan::Id(want.vni))
-        && has(InfoVxlan::Port(want.port))
-        && has(InfoVxlan::Local(local))
-        && has(InfoVxlan::Link(parent))
-        && has(InfoVxlan::Learning(false))
-        && attr(l, |a| match a {
-            LinkAttribute::Address(m) => Some(m.as_slice() == want.mac),
-            _ => None,
-        }) == Some(true)
-        && attr(l, |a| match a {
-            LinkAttribute::Mtu(m) => Some(*m),
-            _ => None,
-        }) == Some(mtu)
+    let (Some(parent), Some(local)) = (parent, want.local) else {
+        return Err(TunnelError::NoUplink);
+    };
+    let device = VxlanDevice {
+        vni: want.vni,
+        port: want.port,
+        parent,
+        local,
+        mac: want.mac,
+        mtu,
+    };
+    Ok(match seen {
+        Some(s) if device.matches(s) => (Outcome::Unchanged, Vec::new()),
+        Some(s) => (
+            Outcome::Recreated,
+            vec![DeviceOp::Delete(s.index), DeviceOp::CreateVxlan(device)],
+        ),
+        None => (Outcome::Created, vec![DeviceOp::CreateVxlan(device)]),
+    })
+}
+
+/// What to do to tunl0: made when an IPIP pool wants it and it is missing; never deleted
+/// (the ipip module owns it once loaded), nor remade (its settings are set in place).
+pub fn plan_ipip(want: Option<&Ipip>, exists: bool, mtu: u32) -> (Outcome, Vec<DeviceOp>) {
+    match (want, exists) {
+        (Some(_), false) => (Outcome::Created, vec![DeviceOp::CreateIpip { mtu }]),
+        _ => (Outcome::Unchanged, Vec::new()),
+    }
+}
+
+/// A change to a tunnel device's IPv4 addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddrOp {
+    Remove(Ipv4Addr, u8),
+    Add(Ipv4Addr),
+}
+
+/// The device's IPv4 addresses become exactly `want`/32 (or none): every other address
+/// (another one, or the wanted one with another prefix length) is removed.
+pub fn plan_addresses(have: &[(Ipv4Addr, u8)], want: Option<Ipv4Addr>) -> Vec<AddrOp> {
+    let mut present = false;
+    let mut ops = Vec::new();
+    for &(ip, len) in have {
+        if Some(ip) == want && len == 32 {
+            present = true;
+        } else {
+            ops.push(AddrOp::Remove(ip, len));
+        }
+    }
+    if let (Some(ip), false) = (want, present) {
+        ops.push(AddrOp::Add(ip));
+    }
+    ops
 }
 
 /// A removal of vxlan.calico under way on a thread of its own (see [`remove_vxlan`]).
 pub struct PendingRemoval {
     done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+}
+
+/// Where an earlier removal stands when a pass comes to remove vxlan.calico.
+#[derive(Debug)]
+pub enum Removal {
+    /// None was started (or its end was handled).
+    Idle,
+    /// The kernel has not answered yet.
+    Running,
+    /// The kernel answered.
+    Finished(std::io::Result<()>),
+    /// Its thread ended without a word.
+    Lost,
+}
+
+/// What [`remove_vxlan`] does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemovalStep {
+    /// A removal is under way: no second one starts.
+    Wait,
+    /// Look for the device again (and remove it if it is there).
+    LookAgain,
+}
+
+/// The decision of [`remove_vxlan`] on an earlier removal: wait for one under way; after
+/// one that failed, report it (the device is looked for again at the next pass); after
+/// one that succeeded (gone already counts) or whose thread was lost, look again.
+pub fn removal_step(state: Removal) -> Result<RemovalStep, TunnelError> {
+    match state {
+        Removal::Running => Ok(RemovalStep::Wait),
+        Removal::Finished(r) => removed(Ok(r)).map(|()| RemovalStep::LookAgain),
+        Removal::Idle | Removal::Lost => Ok(RemovalStep::LookAgain),
+    }
 }
 
 /// What a finished removal's outcome means: gone already is as good as removed.
@@ -112,6 +276,21 @@ fn delete_failed(e: impl std::fmt::Display) -> TunnelError {
     .into()
 }
 
+/// Take the state of the removal in `pending` (it is left there while it runs).
+fn removal_state(pending: &mut Option<PendingRemoval>) -> Removal {
+    use tokio::sync::oneshot::error::TryRecvError;
+    let Some(p) = pending else {
+        return Removal::Idle;
+    };
+    let state = match p.done.try_recv() {
+        Err(TryRecvError::Empty) => return Removal::Running,
+        Ok(r) => Removal::Finished(r),
+        Err(TryRecvError::Closed) => Removal::Lost,
+    };
+    *pending = None;
+    state
+}
+
 /// Remove vxlan.calico (no VXLAN pool) without waiting for the kernel to finish. The
 /// device leaves the namespace at once, but the kernel answers the request only once it
 /// is gone for good, tens of milliseconds later (RCU): long enough to hold up the next
@@ -123,17 +302,8 @@ pub async fn remove_vxlan(
     h: &Handle,
     pending: &mut Option<PendingRemoval>,
 ) -> Result<Outcome, TunnelError> {
-    if let Some(p) = pending {
-        match p.done.try_recv() {
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return Ok(Outcome::Unchanged),
-            Ok(r) => {
-                *pending = None;
-                removed(Ok(r))?;
-            }
-            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                *pending = None;
-            }
-        }
+    if removal_step(removal_state(pending))? == RemovalStep::Wait {
+        return Ok(Outcome::Unchanged);
     }
     let Some(l) = link(h, VXLAN_DEV).await? else {
         return Ok(Outcome::Unchanged);
@@ -170,57 +340,15 @@ pub async fn ensure_vxlan(
     parent: Option<u32>,
     mtu: u32,
 ) -> Result<Outcome, TunnelError> {
-    let existing = link(h, VXLAN_DEV).await?;
+    let seen = link(h, VXLAN_DEV).await?.map(|l| SeenVxlan::of(&l));
+    let (outcome, ops) = plan_vxlan(want, parent, mtu, seen.as_ref())?;
+    execute(h, ops).await?;
     let Some(want) = want else {
-        if let Some(l) = existing {
-            h.link()
-                .del(l.header.index)
-                .execute()
-                .await
-                .map_err(nl(format!("delete {VXLAN_DEV}")))?;
-            return Ok(Outcome::Deleted);
-        }
-        return Ok(Outcome::Unchanged);
+        return Ok(outcome);
     };
-    let (Some(parent), Some(local)) = (parent, want.local) else {
-        return Err(TunnelError::NoUplink);
-    };
-    let mut outcome = Outcome::Created;
-    let index = match existing {
-        Some(l) if vxlan_matches(&l, want, parent, local, mtu) => {
-            outcome = Outcome::Unchanged;
-            l.header.index
-        }
-        other => {
-            if let Some(l) = other {
-                h.link()
-                    .del(l.header.index)
-                    .execute()
-                    .await
-                    .map_err(nl(format!("delete {VXLAN_DEV}")))?;
-                outcome = Outcome::Recreated;
-            }
-            let msg = LinkVxlan::new(VXLAN_DEV, want.vni)
-                .dev(parent)
-                .port(want.port)
-                .local(local)
-                .learning(false)
-                .mtu(mtu)
-                .address(want.mac.to_vec())
-                .build();
-            h.link()
-                .add(msg)
-                .execute()
-                .await
-                .map_err(nl(format!("create {VXLAN_DEV}")))?;
-            link(h, VXLAN_DEV)
-                .await?
-                .map(|l| l.header.index)
-                .ok_or_else(|| RouteError::Netlink {
-                    op: format!("find {VXLAN_DEV}"),
-                    message: "just created, now missing".into(),
-                })?
-        }
+    let index = match (outcome, seen) {
+        (Outcome::Unchanged, Some(s)) => s.index,
+        _ => index_of_new(h, VXLAN_DEV).await?,
     };
     set_address(h, index, VXLAN_DEV, want.address).await?;
     h.link()
@@ -229,6 +357,54 @@ pub async fn ensure_vxlan(
         .await
         .map_err(nl(format!("set {VXLAN_DEV} up")))?;
     Ok(outcome)
+}
+
+/// The index of a device just made.
+async fn index_of_new(h: &Handle, name: &str) -> Result<u32, RouteError> {
+    link(h, name)
+        .await?
+        .map(|l| l.header.index)
+        .ok_or_else(|| RouteError::Netlink {
+            op: format!("find {name}"),
+            message: "just created, now missing".into(),
+        })
+}
+
+/// Carry out device ops in order; the first failure ends it. A kernel refusing to make
+/// tunl0 has no ipip module ([`TunnelError::NoIpip`]).
+async fn execute(h: &Handle, ops: Vec<DeviceOp>) -> Result<(), TunnelError> {
+    for op in ops {
+        match op {
+            DeviceOp::Delete(index) => h
+                .link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(nl(format!("delete {VXLAN_DEV}")))?,
+            DeviceOp::CreateVxlan(d) => {
+                let msg = LinkVxlan::new(VXLAN_DEV, d.vni)
+                    .dev(d.parent)
+                    .port(d.port)
+                    .local(d.local)
+                    .learning(false)
+                    .mtu(d.mtu)
+                    .address(d.mac.to_vec())
+                    .build();
+                h.link()
+                    .add(msg)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("create {VXLAN_DEV}")))?
+            }
+            DeviceOp::CreateIpip { mtu } => {
+                let msg = LinkIpIp::new(TUNL0).mtu(mtu).build();
+                if let Err(e) = h.link().add(msg).execute().await {
+                    return Err(TunnelError::NoIpip(e.to_string()));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Make tunl0 as wanted (`None`: no IPIP pool; tunl0 is left alone, as the ipip module
@@ -241,20 +417,15 @@ pub async fn ensure_ipip(
     let Some(want) = want else {
         return Ok(Outcome::Unchanged);
     };
-    let mut outcome = Outcome::Unchanged;
-    let index = match link(h, TUNL0).await? {
-        Some(l) => l.header.index,
-        None => {
-            let msg = LinkIpIp::new(TUNL0).mtu(mtu).build();
-            if let Err(e) = h.link().add(msg).execute().await {
-                return Err(TunnelError::NoIpip(e.to_string()));
-            }
-            outcome = Outcome::Created;
-            link(h, TUNL0)
-                .await?
-                .map(|l| l.header.index)
-                .ok_or_else(|| TunnelError::NoIpip("the device did not appear".into()))?
-        }
+    let existing = link(h, TUNL0).await?.map(|l| l.header.index);
+    let (outcome, ops) = plan_ipip(Some(want), existing.is_some(), mtu);
+    execute(h, ops).await?;
+    let index = match existing {
+        Some(i) => i,
+        None => link(h, TUNL0)
+            .await?
+            .map(|l| l.header.index)
+            .ok_or_else(|| TunnelError::NoIpip("the device did not appear".into()))?,
     };
     set_address(h, index, TUNL0, want.address).await?;
     h.link()
@@ -265,14 +436,15 @@ pub async fn ensure_ipip(
     Ok(outcome)
 }
 
-/// The device's IPv4 addresses become exactly `addr`/32 (or none).
+/// The device's IPv4 addresses become exactly `addr`/32 (or none); see
+/// [`plan_addresses`].
 async fn set_address(
     h: &Handle,
     index: u32,
     name: &str,
     addr: Option<Ipv4Addr>,
 ) -> Result<(), RouteError> {
-    let have: Vec<_> = h
+    let dump: Vec<_> = h
         .address()
         .get()
         .set_link_index_filter(index)
@@ -280,29 +452,39 @@ async fn set_address(
         .try_collect()
         .await
         .map_err(nl(format!("list addresses of {name}")))?;
-    let mut present = false;
-    for a in have {
+    let mut have = Vec::new();
+    let mut messages = std::collections::HashMap::new();
+    for a in dump {
         let ip = a.attributes.iter().find_map(|x| match x {
             AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
             _ => None,
         });
         let Some(ip) = ip else { continue };
-        if Some(ip) == addr && a.header.prefix_len == 32 {
-            present = true;
-        } else {
-            h.address()
-                .del(a)
+        have.push((ip, a.header.prefix_len));
+        messages.insert((ip, a.header.prefix_len), a);
+    }
+    for op in plan_addresses(&have, addr) {
+        match op {
+            AddrOp::Remove(ip, len) => {
+                if let Some(a) = messages.remove(&(ip, len)) {
+                    h.address()
+                        .del(a)
+                        .execute()
+                        .await
+                        .map_err(nl(format!("remove {ip} from {name}")))?;
+                }
+            }
+            AddrOp::Add(ip) => h
+                .address()
+                .add(index, IpAddr::V4(ip), 32)
                 .execute()
                 .await
-                .map_err(nl(format!("remove {ip} from {name}")))?;
+                .map_err(nl(format!("add {ip}/32 to {name}")))?,
         }
-    }
-    if let (Some(ip), false) = (addr, present) {
-        h.address()
-            .add(index, IpAddr::V4(ip), 32)
-            .execute()
-            .await
-            .map_err(nl(format!("add {ip}/32 to {name}")))?;
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "tunnels_tests.rs"]
+mod tests;

@@ -12,6 +12,7 @@ pub mod meta;
 pub mod node;
 pub mod selector;
 pub mod stored;
+pub mod sysctl;
 pub mod validate;
 pub mod workload;
 
