@@ -136,7 +136,7 @@ fn prestop() {
         std::path::PathBuf::from,
     );
     let path = shutdown::timestamp_file(&ProcessEnv, &state);
-    let node = calico_node::node::config::determine_nodename(&ProcessEnv);
+    let node = calico_node::env::determine_nodename(&ProcessEnv);
     match shutdown::save_timestamp(&path) {
         Ok(ts) => {
             tracing::info!(%node, file = %path.display(), timestamp = %ts, "shutting down node")

@@ -354,7 +354,7 @@ impl NetConf {
             .unwrap_or_else(|| "/var/lib/calico/nodename".into());
         match std::fs::read_to_string(&file) {
             Ok(n) if !n.trim().is_empty() => Ok(n.trim().to_string()),
-            _ if self.nodename_file_optional => Ok(crate::node::config::determine_nodename(
+            _ if self.nodename_file_optional => Ok(crate::env::determine_nodename(
                 &crate::env::MapEnv::default(),
             )),
             Ok(_) | Err(_) => Err(conf_error(

@@ -29,9 +29,8 @@ use crate::bgp::config::DesiredBgpConfig;
 use crate::bgp::fsm::State;
 use crate::bgp::speaker::{PeerStatus, Speaker};
 use crate::datastore::syncer::SyncerEvent;
-use crate::node::http::HealthReporter;
-use crate::node::supervisor::{
-    ActorResult, FaultInput, Restart, RestartPolicy, given_up, next_fault,
+use crate::health::{
+    ActorResult, FaultInput, HealthReporter, Restart, RestartPolicy, given_up, next_fault,
 };
 
 struct Running {
@@ -294,11 +293,10 @@ mod tests {
 
     use super::*;
     use crate::datastore::syncer::{SyncStatus, SyncValue, Update, UpdateType};
+    use crate::health::{Fault, HealthAggregator};
     use crate::model::bgp::BGPConfigurationSpec;
     use crate::model::node::{NodeBGPSpec, NodeSpec};
     use crate::model::{AnyResource, Resource};
-    use crate::node::http::HealthAggregator;
-    use crate::node::supervisor::Fault;
 
     const P: &str = "/calico/resources/v3/projectcalico.org";
 
@@ -338,7 +336,7 @@ mod tests {
         ]
     }
 
-    fn entry(h: &HealthAggregator) -> crate::node::http::ReporterState {
+    fn entry(h: &HealthAggregator) -> crate::health::ReporterState {
         h.snapshot()
             .reporters
             .into_iter()

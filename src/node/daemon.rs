@@ -25,13 +25,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use super::config::NodeConfig;
-use super::http::{self, HealthAggregator};
+use super::http;
 use super::startup;
-use super::supervisor::{ActorResult, Faults, Supervisor};
+use super::supervisor::{Faults, Supervisor};
 use crate::datastore::syncer::{
     CALICO_PREFIX, SyncStatus, Syncer, SyncerEvent, SyncerMetrics, UpdateType,
 };
 use crate::datastore::{Client, Datastore};
+use crate::health::{ActorResult, HealthAggregator, HealthReporter};
 use crate::model::FelixConfigurationSpec;
 
 /// How long start-up waits for the datastore before giving up (the orchestrator restarts us).
@@ -218,7 +219,7 @@ async fn run_started(
     sup: &Supervisor,
     registry: prometheus::Registry,
     health: &HealthAggregator,
-    startup_health: &http::HealthReporter,
+    startup_health: &HealthReporter,
 ) -> anyhow::Result<()> {
     let ds: Arc<dyn Datastore> = cfg
         .datastore
