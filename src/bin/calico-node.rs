@@ -7,6 +7,7 @@
 //! preStop hook; `-allocate-tunnel-addrs` settles the tunnel addresses once;
 //! `-monitor-addresses` keeps the Node's address current.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,8 +29,11 @@ fn init_logging(env: &dyn Env) {
         .unwrap_or("info");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colours only for a person at a terminal: under `kubectl logs` or in a log file the
+    // escape codes would be printed as they are.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

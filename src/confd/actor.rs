@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use super::calc::ConfdState;
 use crate::bgp::RouteUpdate;
@@ -245,7 +245,9 @@ fn start(
     let (config, rx) = watch::channel(cfg.clone());
     let speaker = Speaker::new(cfg, felix.clone(), status.clone());
     let cancel = cancel.child_token();
-    let task = tokio::spawn(speaker.run(rx, cancel.clone()));
+    // Awaited by confd however it ends (so within the daemon's tracked task), and in
+    // confd's span (the node's).
+    let task = tokio::spawn(speaker.run(rx, cancel.clone()).in_current_span());
     Running {
         config,
         task,

@@ -22,7 +22,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{Instrument, error, info};
 
 use super::config::NodeConfig;
 use super::http;
@@ -166,7 +166,20 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result
 }
 
 /// [`run`], with test fault ports into the actors (see [`super::supervisor`]).
+///
+/// Everything runs inside a `node{name=...}` span (STYLE: spans per node): the supervisor
+/// spawns each actor in the span it is called from, so every actor's lines name the node,
+/// which tells the nodes of a lab apart when their logs are read together.
 pub async fn run_with(
+    cfg: NodeConfig,
+    shutdown: CancellationToken,
+    faults: Faults,
+) -> anyhow::Result<()> {
+    let span = tracing::info_span!("node", name = %cfg.nodename);
+    run_in_span(cfg, shutdown, faults).instrument(span).await
+}
+
+async fn run_in_span(
     cfg: NodeConfig,
     shutdown: CancellationToken,
     faults: Faults,
@@ -221,9 +234,10 @@ async fn run_started(
     health: &HealthAggregator,
     startup_health: &HealthReporter,
 ) -> anyhow::Result<()> {
+    // The datastore's watch tasks run on the daemon's tracker, so shutdown waits for them.
     let ds: Arc<dyn Datastore> = cfg
         .datastore
-        .connect()
+        .connect_on(sup.tracker())
         .await
         .context("connecting to etcd")?;
     let client = Client::new(ds.clone());

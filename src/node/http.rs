@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
 use crate::health::HealthAggregator;
 
@@ -113,6 +113,9 @@ impl Connections {
 
 /// Accept connections until cancelled; each is served on its own task, within `limits`.
 /// A failed accept (no descriptor left) pauses instead of spinning ([`crate::accept`]).
+/// The connection tasks are on a tracker of the server's own, awaited before it returns
+/// (each is closed by the shutdown token), so the daemon's tracker, which awaits this
+/// server, covers them too.
 async fn serve<F>(
     listener: Arc<TcpListener>,
     limits: ServeLimits,
@@ -127,9 +130,14 @@ where
     let what = listener
         .local_addr()
         .map_or_else(|_| "http".to_string(), |a| format!("http {a}"));
+    let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => {
+                tasks.close();
+                tasks.wait().await;
+                return Ok(());
+            }
             a = crate::accept::accept(&listener, &mut backoff, &what) => a,
         };
         let handler = handler.clone();
@@ -138,35 +146,38 @@ where
             .unwrap_or_else(|e| e.into_inner())
             .admit(limits.max_connections, &shutdown);
         let connections = connections.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                // Every endpoint here is read-only.
-                let r = if req.method() == Method::GET {
-                    handler(&req)
-                } else {
-                    respond(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        "text/plain",
-                        "method not allowed\n",
-                    )
-                };
-                async move { Ok::<_, Infallible>(r) }
-            });
-            let conn = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = token.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    debug!(%peer, error = %e, "HTTP connection error");
-                },
+        tasks.spawn(
+            async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    // Every endpoint here is read-only.
+                    let r = if req.method() == Method::GET {
+                        handler(&req)
+                    } else {
+                        respond(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            "text/plain",
+                            "method not allowed\n",
+                        )
+                    };
+                    async move { Ok::<_, Infallible>(r) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    r = conn => if let Err(e) = r {
+                        debug!(%peer, error = %e, "HTTP connection error");
+                    },
+                }
+                connections
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .done(id);
             }
-            connections
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .done(id);
-        });
+            .in_current_span(),
+        );
     }
 }
 

@@ -24,7 +24,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, warn};
+use tracing::{Instrument, error, warn};
 
 use crate::health::{
     ActorResult, Fault, FaultInput, HealthAggregator, HealthReporter, Restart, RestartPolicy,
@@ -130,15 +130,18 @@ impl Supervisor {
             self.shutdown.clone(),
             self.fault_port(name),
         );
-        self.tracker.spawn(async move {
-            let ended = run_once(actor, faults).await;
+        let tracker = self.tracker.clone();
+        // In the caller's span (the daemon's `node{name=...}`), as are the actor's lines.
+        let task = async move {
+            let ended = run_once(&tracker, actor, faults).await;
             if shutdown.is_cancelled() {
                 return;
             }
             let why = describe(&name, ended);
             error!("{why}; the node reports itself not live");
             reporter.set_live(false, Some(why));
-        });
+        };
+        self.tracker.spawn(task.in_current_span());
     }
 
     /// Run an actor made by `make`, restarted with backoff whenever it ends before shutdown.
@@ -151,11 +154,12 @@ impl Supervisor {
         let (name, shutdown) = (name.to_string(), self.shutdown.clone());
         let faults = self.fault_port(&name);
         let restarts = self.restarts.with_label_values(&[name.as_str()]);
-        self.tracker.spawn(async move {
+        let tracker = self.tracker.clone();
+        let task = async move {
             let mut policy = RestartPolicy::default();
             loop {
                 let started = Instant::now();
-                let ended = run_once(make(), faults.clone()).await;
+                let ended = run_once(&tracker, make(), faults.clone()).await;
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -176,7 +180,14 @@ impl Supervisor {
                 }
                 restarts.inc();
             }
-        });
+        };
+        self.tracker.spawn(task.in_current_span());
+    }
+
+    /// The daemon's tracker, for tasks spawned below the actors (the datastore's watches),
+    /// so that shutdown waits for them too.
+    pub fn tracker(&self) -> TaskTracker {
+        self.tracker.clone()
     }
 
     /// The restart counter of actor `name`, for an actor that restarts a part of itself
@@ -186,13 +197,17 @@ impl Supervisor {
     }
 }
 
-/// One run of an actor in a task of its own (so a panic is caught), ended early by a
-/// fault from its port.
-async fn run_once<F>(actor: F, faults: FaultPort) -> Result<ActorResult, String>
+/// One run of an actor in a task of its own on the daemon's tracker (so a panic is caught,
+/// and shutdown waits for it), ended early by a fault from its port.
+async fn run_once<F>(
+    tracker: &TaskTracker,
+    actor: F,
+    faults: FaultPort,
+) -> Result<ActorResult, String>
 where
     F: Future<Output = ActorResult> + Send + 'static,
 {
-    let task = tokio::spawn(async move {
+    let run = async move {
         let fault = async {
             match &faults {
                 Some(port) => port.lock().await.recv().await,
@@ -206,7 +221,8 @@ where
                 Fault::Panic(msg) => panic!("{msg}"),
             },
         }
-    });
+    };
+    let task = tracker.spawn(run.in_current_span());
     task.await.map_err(|e| match e.try_into_panic() {
         Ok(p) => p
             .downcast_ref::<String>()
