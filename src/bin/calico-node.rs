@@ -48,7 +48,8 @@ async fn client(cfg: &NodeConfig) -> anyhow::Result<calico_node::datastore::Clie
     Ok(calico_node::datastore::Client::new(ds))
 }
 
-/// Cancelled on SIGTERM or SIGINT.
+/// Cancelled on SIGTERM or SIGINT. The listening task is the root of shutdown, so it is on
+/// no tracker: it ends when the signal comes, or with the runtime.
 fn on_signal() -> CancellationToken {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
