@@ -20,9 +20,9 @@ use calico_node::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, Update,
 use calico_node::felix::actor::{self, FelixMetrics};
 use calico_node::felix::calc::{Dev, PROTO_FELIX, Route, Target};
 use calico_node::felix::routes::{interface_with, reconcile};
+use calico_node::health::HealthAggregator;
 use calico_node::model::node::NodeBGPSpec;
 use calico_node::model::{AnyResource, IPPool, IPPoolSpec, Node, NodeSpec};
-use calico_node::node::http::HealthAggregator;
 use common::NetNs;
 use futures::{StreamExt, TryStreamExt};
 use ipnet::{IpNet, Ipv4Net};

@@ -53,6 +53,22 @@ impl Env for MapEnv {
     }
 }
 
+/// The node name: `NODENAME`, else `HOSTNAME`, else the kernel's hostname; lower-cased
+/// (Calico's `DetermineNodeName`). calico-node names itself so, and the CNI plugin falls
+/// back to it when the nodename file is optional and missing.
+pub fn determine_nodename(env: &dyn Env) -> String {
+    env.non_empty("NODENAME")
+        .or_else(|| env.non_empty("HOSTNAME"))
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "localhost".into())
+        .trim()
+        .to_ascii_lowercase()
+}
+
 /// A system program from PATH, else from where distributions install it (a daemon's PATH
 /// may be empty or lack the sbin directories); the bare name when not found.
 pub fn program(name: &str) -> std::path::PathBuf {

@@ -9,6 +9,7 @@ pub mod ctl;
 pub mod datastore;
 pub mod env;
 pub mod felix;
+pub mod health;
 pub mod ipam;
 pub mod model;
 pub mod node;

@@ -232,3 +232,33 @@ async fn unreachable_etcd_is_reported_as_unavailable() {
     let e = ds.get("/calico/x").await.unwrap_err();
     assert!(matches!(e, DatastoreError::Unavailable(_)), "{e}");
 }
+
+/// A watch's task runs on the tracker the datastore was given (the daemon's), and ends
+/// once its receiver is dropped, so the daemon's shutdown waits for it and is not held up
+/// by it. (Before, the task was detached: shutdown neither knew of nor waited for it.)
+#[tokio::test]
+async fn watch_tasks_run_on_the_given_tracker_and_end_with_their_receiver() {
+    let Some(etcd) = Etcd::start() else { return };
+    let tasks = tokio_util::task::TaskTracker::new();
+    let ds = Etcd::config_for(&etcd.endpoint())
+        .connect_on(tasks.clone())
+        .await
+        .unwrap();
+    let rx = ds.watch("/calico/tracked/", 0).await.unwrap();
+    assert_eq!(
+        tasks.len(),
+        1,
+        "the watch's task is on the daemon's tracker"
+    );
+    tasks.close();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), tasks.wait())
+            .await
+            .is_err(),
+        "a live watch keeps running"
+    );
+    drop(rx);
+    tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+        .await
+        .expect("the watch's task ends when its receiver is dropped");
+}

@@ -9,9 +9,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use calico_node::env::MapEnv;
+use calico_node::health::Fault;
 use calico_node::node::config::NodeConfig;
 use calico_node::node::daemon;
-use calico_node::node::supervisor::{Fault, Faults};
+use calico_node::node::supervisor::Faults;
 use common::{Etcd, NetNs, free_port, http_get};
 use tokio_util::sync::CancellationToken;
 

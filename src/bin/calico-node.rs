@@ -7,6 +7,7 @@
 //! preStop hook; `-allocate-tunnel-addrs` settles the tunnel addresses once;
 //! `-monitor-addresses` keeps the Node's address current.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,8 +29,11 @@ fn init_logging(env: &dyn Env) {
         .unwrap_or("info");
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colours only for a person at a terminal: under `kubectl logs` or in a log file the
+    // escape codes would be printed as they are.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
@@ -44,7 +48,8 @@ async fn client(cfg: &NodeConfig) -> anyhow::Result<calico_node::datastore::Clie
     Ok(calico_node::datastore::Client::new(ds))
 }
 
-/// Cancelled on SIGTERM or SIGINT.
+/// Cancelled on SIGTERM or SIGINT. The listening task is the root of shutdown, so it is on
+/// no tracker: it ends when the signal comes, or with the runtime.
 fn on_signal() -> CancellationToken {
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
@@ -136,7 +141,7 @@ fn prestop() {
         std::path::PathBuf::from,
     );
     let path = shutdown::timestamp_file(&ProcessEnv, &state);
-    let node = calico_node::node::config::determine_nodename(&ProcessEnv);
+    let node = calico_node::env::determine_nodename(&ProcessEnv);
     match shutdown::save_timestamp(&path) {
         Ok(ts) => {
             tracing::info!(%node, file = %path.display(), timestamp = %ts, "shutting down node")

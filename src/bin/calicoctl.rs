@@ -4,7 +4,10 @@
 async fn main() {
     // Warnings of the library (e.g. a stored value that cannot be decoded and is skipped,
     // named by key) go to stderr; stdout stays the command's output.
+    // Colours only when stderr is a terminal (not in a pipe, a file or a CI log).
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_max_level(tracing::Level::WARN)
         .without_time()

@@ -603,7 +603,7 @@ async fn host_route(
                 // the pod's route takes its place, as in Felix's own calculation.
                 Some(r)
                     if r.header.kind == netlink_packet_route::route::RouteType::BlackHole
-                        && u8::from(r.header.protocol) == crate::felix::calc::PROTO_FELIX =>
+                        && u8::from(r.header.protocol) == crate::model::felix::PROTO_FELIX =>
                 {
                     h.route()
                         .add(host_route_message(addr, index))

@@ -234,7 +234,9 @@ fn host_lock(
     // grants it (polling would leave it idle between tries: parallel ADDs queue on it),
     // and given up after `timeout`. A grant that comes after that finds nobody waiting
     // and is dropped at once, which releases it.
-    let (tx, rx) = std::sync::mpsc::channel();
+    // One grant, one slot: the send never waits, and fails (dropping the lock) when
+    // nobody is waiting any more.
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::spawn(move || {
         let _ = tx.send(nix::fcntl::Flock::lock(
             file,

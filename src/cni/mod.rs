@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tracing::Instrument;
 
 use crate::env::Env;
 
@@ -354,7 +355,7 @@ impl NetConf {
             .unwrap_or_else(|| "/var/lib/calico/nodename".into());
         match std::fs::read_to_string(&file) {
             Ok(n) if !n.trim().is_empty() => Ok(n.trim().to_string()),
-            _ if self.nodename_file_optional => Ok(crate::node::config::determine_nodename(
+            _ if self.nodename_file_optional => Ok(crate::env::determine_nodename(
                 &crate::env::MapEnv::default(),
             )),
             Ok(_) | Err(_) => Err(conf_error(
@@ -498,14 +499,33 @@ pub fn plugin_main(plugin: Plugin, env: &dyn Env, stdin: &[u8], out: &mut dyn Wr
             .enable_all()
             .build()
             .map_err(|e| CniError::new(code::IO_FAILURE, "cannot start", e.to_string()))?;
-        rt.block_on(async {
+        let run = async {
             match plugin {
                 Plugin::Calico => plugin::execute(&cni_env, &conf, stdin).await,
                 Plugin::CalicoIpam => ipam_plugin::execute(&cni_env, &conf).await,
             }
-        })
+        };
+        rt.block_on(run.instrument(pod_span(&cni_env)))
     })();
     finish(out, outcome, &version)
+}
+
+/// The span every line of one call is logged in (STYLE: spans per pod): the command, the
+/// container and, when the runtime passed them, the pod's namespace and name, as Calico's
+/// plugin logs `ContainerID`, `Namespace` and `Workload` on each line.
+pub fn pod_span(env: &CniEnv) -> tracing::Span {
+    let span = tracing::info_span!(
+        "pod",
+        command = %env.command.as_str(),
+        container_id = %env.container_id,
+        namespace = tracing::field::Empty,
+        pod = tracing::field::Empty,
+    );
+    if let Some((namespace, pod)) = env.k8s_pod() {
+        span.record("namespace", tracing::field::display(namespace));
+        span.record("pod", tracing::field::display(pod));
+    }
+    span
 }
 
 /// `VERSION`'s answer.

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use super::bird::RenderError;
 use super::calc::{ConfdState, ConfigProblem};
@@ -30,9 +30,8 @@ use crate::bgp::config::DesiredBgpConfig;
 use crate::bgp::fsm::State;
 use crate::bgp::speaker::{PeerStatus, Speaker};
 use crate::datastore::syncer::SyncerEvent;
-use crate::node::http::HealthReporter;
-use crate::node::supervisor::{
-    ActorResult, FaultInput, Restart, RestartPolicy, given_up, next_fault,
+use crate::health::{
+    ActorResult, FaultInput, HealthReporter, Restart, RestartPolicy, given_up, next_fault,
 };
 
 struct Running {
@@ -282,7 +281,9 @@ fn start(
     let (config, rx) = watch::channel(cfg.clone());
     let speaker = Speaker::new(cfg, felix.clone(), status.clone());
     let cancel = cancel.child_token();
-    let task = tokio::spawn(speaker.run(rx, cancel.clone()));
+    // Awaited by confd however it ends (so within the daemon's tracked task), and in
+    // confd's span (the node's).
+    let task = tokio::spawn(speaker.run(rx, cancel.clone()).in_current_span());
     Running {
         config,
         task,
@@ -330,11 +331,10 @@ mod tests {
 
     use super::*;
     use crate::datastore::syncer::{SyncStatus, SyncValue, Update, UpdateType};
+    use crate::health::{Fault, HealthAggregator};
     use crate::model::bgp::BGPConfigurationSpec;
     use crate::model::node::{NodeBGPSpec, NodeSpec};
     use crate::model::{AnyResource, Resource};
-    use crate::node::http::HealthAggregator;
-    use crate::node::supervisor::Fault;
 
     const P: &str = "/calico/resources/v3/projectcalico.org";
 
@@ -374,7 +374,7 @@ mod tests {
         ]
     }
 
-    fn entry(h: &HealthAggregator) -> crate::node::http::ReporterState {
+    fn entry(h: &HealthAggregator) -> crate::health::ReporterState {
         h.snapshot()
             .reporters
             .into_iter()

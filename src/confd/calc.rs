@@ -711,8 +711,8 @@ pub fn desired(input: &Input) -> Result<Desired, NotReady> {
         .values()
         .filter(|p| {
             !matches!(
-                crate::felix::calc::encap(p),
-                crate::felix::calc::Encap::Vxlan { .. }
+                crate::model::ippool::encap(p),
+                crate::model::ippool::Encap::Vxlan { .. }
             )
         })
         .filter_map(|p| p.net())

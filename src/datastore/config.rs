@@ -174,6 +174,17 @@ impl DatastoreConfig {
     pub async fn connect(&self) -> Result<Arc<dyn Datastore>, DatastoreError> {
         Ok(Arc::new(EtcdDatastore::connect(self).await?))
     }
+
+    /// [`DatastoreConfig::connect`], with the datastore's tasks (watch pumps) on `tasks`:
+    /// the daemon's tracker, so that shutdown waits for them.
+    pub async fn connect_on(
+        &self,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Result<Arc<dyn Datastore>, DatastoreError> {
+        Ok(Arc::new(
+            EtcdDatastore::connect(self).await?.with_tasks(tasks),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -61,6 +61,10 @@ pub struct EtcdDatastore {
     /// The member that answered last.
     current: Arc<AtomicUsize>,
     list_page: i64,
+    /// Where each watch's pump task runs (it ends when its receiver is dropped): the
+    /// daemon's tracker ([`EtcdDatastore::with_tasks`]), so shutdown waits for them; a
+    /// tracker of its own for the short-lived CLI and CNI processes.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// Whether a failure says nothing definite: no working member answered (connection errors,
@@ -304,7 +308,14 @@ impl EtcdDatastore {
             members: Arc::new(members),
             current: Arc::new(AtomicUsize::new(0)),
             list_page: LIST_PAGE,
+            tasks: tokio_util::task::TaskTracker::new(),
         })
+    }
+
+    /// Run the watches' tasks on `tasks` (the daemon's tracker, awaited at shutdown).
+    pub fn with_tasks(mut self, tasks: tokio_util::task::TaskTracker) -> Self {
+        self.tasks = tasks;
+        self
     }
 
     /// Send a request to the current member; while the failure is [`uncertain`], to the
@@ -685,7 +696,7 @@ impl Datastore for EtcdDatastore {
             })
             .await?;
         let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 let msg = tokio::select! {
                     _ = tx.closed() => return,

@@ -24,10 +24,10 @@ use tracing::{debug, info, warn};
 
 use super::client::decode_any;
 use super::{Datastore, DatastoreError, KeyValue, WatchEvent};
+use crate::health::HealthReporter;
 use crate::model::ipam::{AllocationBlock, BlockAffinity, IPAMConfig, IPAMHandle};
 use crate::model::keys::{IpamKey, parse_ipam_key, parse_resource_key};
 use crate::model::{AnyResource, kind_by_plural};
-use crate::node::http::HealthReporter;
 
 /// Everything Calico keeps under this prefix: v3 resources and IPAM records.
 pub const CALICO_PREFIX: &str = "/calico/";

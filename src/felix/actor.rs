@@ -32,9 +32,8 @@ use crate::bgp::RouteUpdate;
 use crate::datastore::Datastore;
 use crate::datastore::client::Client;
 use crate::datastore::syncer::SyncerEvent;
+use crate::health::{ActorResult, FaultInput, HealthReporter, next_fault};
 use crate::ipam::Ipam;
-use crate::node::http::HealthReporter;
-use crate::node::supervisor::{ActorResult, FaultInput, next_fault};
 
 /// Felix's Prometheus metrics (REFERENCE §5 names, Calico's help texts and labels).
 #[derive(Clone)]

@@ -19,8 +19,7 @@ use crate::model::ippool::IPPoolSpec;
 use crate::model::node::NodeSpec;
 use crate::model::workload::WorkloadEndpointSpec;
 
-/// The protocol of routes Felix owns.
-pub const PROTO_FELIX: u8 = 80;
+pub use crate::model::felix::PROTO_FELIX;
 pub const TUNL0: &str = "tunl0";
 pub const VXLAN_DEV: &str = "vxlan.calico";
 
@@ -176,28 +175,7 @@ pub type BgpTable = crate::bgp::rib::FastMap<IpNet, IpAddr>;
 /// Desired routes by prefix.
 pub type RouteTable = crate::bgp::rib::FastMap<IpNet, Route>;
 
-/// How a pool's traffic crosses nodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encap {
-    None,
-    Ipip { cross_subnet: bool },
-    Vxlan { cross_subnet: bool },
-}
-
-/// A pool's encapsulation (VXLAN wins if both are set; validation forbids that).
-pub fn encap(pool: &IPPoolSpec) -> Encap {
-    match (pool.vxlan(), pool.ipip()) {
-        ("Always", _) => Encap::Vxlan {
-            cross_subnet: false,
-        },
-        ("CrossSubnet", _) => Encap::Vxlan { cross_subnet: true },
-        (_, "Always") => Encap::Ipip {
-            cross_subnet: false,
-        },
-        (_, "CrossSubnet") => Encap::Ipip { cross_subnet: true },
-        _ => Encap::None,
-    }
-}
+pub use crate::model::ippool::{Encap, encap};
 
 /// A node's VTEP MAC: `vxlanTunnelMACAddr`, or derived from its name when empty
 /// (0x66, then the first five bytes of SHA1 of the name).

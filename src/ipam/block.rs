@@ -10,27 +10,9 @@ use ipnet::IpNet;
 
 use crate::model::ipam::{AllocationAttribute, AllocationBlock};
 
-/// The address `n` positions after the start of `net`.
-pub fn nth_ip(net: &IpNet, n: usize) -> IpAddr {
-    match net {
-        IpNet::V4(v4) => IpAddr::V4((u32::from(v4.network()).wrapping_add(n as u32)).into()),
-        IpNet::V6(v6) => IpAddr::V6((u128::from(v6.network()).wrapping_add(n as u128)).into()),
-    }
-}
-
-/// How far `ip` lies into `net`, if inside.
-pub fn ordinal_in(net: &IpNet, ip: IpAddr) -> Option<usize> {
-    if !net.contains(&ip) {
-        return None;
-    }
-    match (net, ip) {
-        (IpNet::V4(n), IpAddr::V4(a)) => Some((u32::from(a) - u32::from(n.network())) as usize),
-        (IpNet::V6(n), IpAddr::V6(a)) => {
-            usize::try_from(u128::from(a) - u128::from(n.network())).ok()
-        }
-        _ => None,
-    }
-}
+/// Address arithmetic of a block lives with the block record in the model (the model's
+/// `borrowed` needs it too); re-exported here, where the allocator's callers find it.
+pub use crate::model::ipam::{nth_ip, ordinal_in};
 
 impl AllocationBlock {
     /// A new, empty block: every ordinal free, in order.

@@ -10,6 +10,11 @@ use serde_json::Value;
 use super::validate::{self, Validated, ValidationError};
 use super::{Kind, ObjectMeta, Resource};
 
+/// The kernel route protocol (`proto 80`) of the routes Felix owns (REFERENCE §5): Felix
+/// takes these as its own; the CNI plugin replaces Felix's blackhole for a /32 block with
+/// the pod's route. A shared fact of the dataplane, so it lives below both.
+pub const PROTO_FELIX: u8 = 80;
+
 /// A FelixConfiguration resource.
 pub type FelixConfiguration = Resource<FelixConfigurationSpec>;
 

@@ -2,7 +2,9 @@
 //! block affinities, handles and the IPAM configuration. The allocator lives in `src/ipam`.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::stored::{UnknownFields, decode_lenient, encode_with};
@@ -175,7 +177,7 @@ impl AllocationBlock {
             if Some(node.as_str()) == owner || ordinal as u128 >= hosts(&cidr) {
                 continue;
             }
-            let ip = crate::ipam::block::nth_ip(&cidr, ordinal);
+            let ip = nth_ip(&cidr, ordinal);
             out.push((ipnet::IpNet::from(ip), node.clone()));
         }
         out
@@ -183,6 +185,28 @@ impl AllocationBlock {
 }
 
 /// How many addresses a network holds (saturating for IPv6).
+/// The address `n` positions after the start of `net`.
+pub fn nth_ip(net: &IpNet, n: usize) -> IpAddr {
+    match net {
+        IpNet::V4(v4) => IpAddr::V4((u32::from(v4.network()).wrapping_add(n as u32)).into()),
+        IpNet::V6(v6) => IpAddr::V6((u128::from(v6.network()).wrapping_add(n as u128)).into()),
+    }
+}
+
+/// How far `ip` lies into `net`, if inside.
+pub fn ordinal_in(net: &IpNet, ip: IpAddr) -> Option<usize> {
+    if !net.contains(&ip) {
+        return None;
+    }
+    match (net, ip) {
+        (IpNet::V4(n), IpAddr::V4(a)) => Some((u32::from(a) - u32::from(n.network())) as usize),
+        (IpNet::V6(n), IpAddr::V6(a)) => {
+            usize::try_from(u128::from(a) - u128::from(n.network())).ok()
+        }
+        _ => None,
+    }
+}
+
 fn hosts(net: &ipnet::IpNet) -> u128 {
     let bits = u32::from(net.max_prefix_len() - net.prefix_len());
     1u128.checked_shl(bits).unwrap_or(u128::MAX)

@@ -79,6 +79,30 @@ impl IPPoolSpec {
     }
 }
 
+/// How a pool's traffic crosses nodes: Felix programs its routes by it, confd leaves VXLAN
+/// pools out of BGP (Calico's `vxlan` backend needs no BGP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    None,
+    Ipip { cross_subnet: bool },
+    Vxlan { cross_subnet: bool },
+}
+
+/// A pool's encapsulation (VXLAN wins if both are set; validation forbids that).
+pub fn encap(pool: &IPPoolSpec) -> Encap {
+    match (pool.vxlan(), pool.ipip()) {
+        ("Always", _) => Encap::Vxlan {
+            cross_subnet: false,
+        },
+        ("CrossSubnet", _) => Encap::Vxlan { cross_subnet: true },
+        (_, "Always") => Encap::Ipip {
+            cross_subnet: false,
+        },
+        (_, "CrossSubnet") => Encap::Ipip { cross_subnet: true },
+        _ => Encap::None,
+    }
+}
+
 impl Kind for IPPoolSpec {
     const KIND: &'static str = "IPPool";
     const PLURAL: &'static str = "ippools";

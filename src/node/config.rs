@@ -121,20 +121,6 @@ fn parse_encap(var: &str, v: Option<String>) -> Result<String, NodeConfigError> 
     }
 }
 
-/// The node name: `NODENAME`, else `HOSTNAME`, else the kernel's hostname; lower-cased.
-pub fn determine_nodename(env: &dyn Env) -> String {
-    env.non_empty("NODENAME")
-        .or_else(|| env.non_empty("HOSTNAME"))
-        .or_else(|| {
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-        })
-        .unwrap_or_else(|| "localhost".into())
-        .trim()
-        .to_ascii_lowercase()
-}
-
 fn pool_error(var: &str, e: ValidationError) -> NodeConfigError {
     bad(var, &e.value, e.reason)
 }
@@ -142,7 +128,7 @@ fn pool_error(var: &str, e: ValidationError) -> NodeConfigError {
 impl NodeConfig {
     /// Read and check every variable; the first bad one is reported by name.
     pub fn from_env(env: &dyn Env) -> Result<Self, NodeConfigError> {
-        let nodename = determine_nodename(env);
+        let nodename = crate::env::determine_nodename(env);
         crate::model::validate::name("NODENAME", &nodename)
             .map_err(|e| bad("NODENAME", &nodename, e.reason))?;
         let datastore =

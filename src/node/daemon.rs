@@ -22,16 +22,17 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{Instrument, error, info};
 
 use super::config::NodeConfig;
-use super::http::{self, HealthAggregator};
+use super::http;
 use super::startup;
-use super::supervisor::{ActorResult, Faults, Supervisor};
+use super::supervisor::{Faults, Supervisor};
 use crate::datastore::syncer::{
     CALICO_PREFIX, SyncStatus, Syncer, SyncerEvent, SyncerMetrics, UpdateType,
 };
 use crate::datastore::{Client, Datastore};
+use crate::health::{ActorResult, HealthAggregator, HealthReporter};
 use crate::model::FelixConfigurationSpec;
 
 /// How long start-up waits for the datastore before giving up (the orchestrator restarts us).
@@ -165,7 +166,20 @@ pub async fn run(cfg: NodeConfig, shutdown: CancellationToken) -> anyhow::Result
 }
 
 /// [`run`], with test fault ports into the actors (see [`super::supervisor`]).
+///
+/// Everything runs inside a `node{name=...}` span (STYLE: spans per node): the supervisor
+/// spawns each actor in the span it is called from, so every actor's lines name the node,
+/// which tells the nodes of a lab apart when their logs are read together.
 pub async fn run_with(
+    cfg: NodeConfig,
+    shutdown: CancellationToken,
+    faults: Faults,
+) -> anyhow::Result<()> {
+    let span = tracing::info_span!("node", name = %cfg.nodename);
+    run_in_span(cfg, shutdown, faults).instrument(span).await
+}
+
+async fn run_in_span(
     cfg: NodeConfig,
     shutdown: CancellationToken,
     faults: Faults,
@@ -218,11 +232,12 @@ async fn run_started(
     sup: &Supervisor,
     registry: prometheus::Registry,
     health: &HealthAggregator,
-    startup_health: &http::HealthReporter,
+    startup_health: &HealthReporter,
 ) -> anyhow::Result<()> {
+    // The datastore's watch tasks run on the daemon's tracker, so shutdown waits for them.
     let ds: Arc<dyn Datastore> = cfg
         .datastore
-        .connect()
+        .connect_on(sup.tracker())
         .await
         .context("connecting to etcd")?;
     let client = Client::new(ds.clone());

@@ -3,7 +3,6 @@
 //! Prometheus metrics on 9091 (`/metrics`). Servers take their listener and a shutdown
 //! token as parameters (mini-redis style), so tests bind `127.0.0.1:0`.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 
@@ -15,126 +14,11 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus::{Encoder, Registry, TextEncoder};
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{Instrument, debug};
 
-/// One actor's health.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ReporterState {
-    pub name: String,
-    pub live: bool,
-    pub ready: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-/// The node's health: ready when every actor is ready, live when every actor is live.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct HealthReport {
-    pub live: bool,
-    pub ready: bool,
-    pub reporters: Vec<ReporterState>,
-}
-
-type States = Arc<Mutex<BTreeMap<String, ReporterState>>>;
-
-fn lock(s: &States) -> std::sync::MutexGuard<'_, BTreeMap<String, ReporterState>> {
-    // Each update replaces one entry whole: a poisoned lock still holds consistent data.
-    s.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Collects the health of every actor. Cheap to clone.
-#[derive(Clone, Default)]
-pub struct HealthAggregator {
-    states: States,
-}
-
-/// An actor's handle for reporting its health.
-#[derive(Clone)]
-pub struct HealthReporter {
-    name: String,
-    states: States,
-}
-
-impl HealthAggregator {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Register an actor: live, not ready ("starting") until it says otherwise.
-    pub fn register(&self, name: &str) -> HealthReporter {
-        lock(&self.states).insert(
-            name.to_string(),
-            ReporterState {
-                name: name.to_string(),
-                live: true,
-                ready: false,
-                reason: Some("starting".into()),
-            },
-        );
-        HealthReporter {
-            name: name.to_string(),
-            states: self.states.clone(),
-        }
-    }
-
-    /// Register an actor that reports liveness only (ready from the start): a supervised
-    /// task with no readiness of its own, such as an endpoint or the IPAM collector.
-    pub fn register_liveness(&self, name: &str) -> HealthReporter {
-        lock(&self.states).insert(
-            name.to_string(),
-            ReporterState {
-                name: name.to_string(),
-                live: true,
-                ready: true,
-                reason: None,
-            },
-        );
-        HealthReporter {
-            name: name.to_string(),
-            states: self.states.clone(),
-        }
-    }
-
-    /// The current report.
-    pub fn snapshot(&self) -> HealthReport {
-        let reporters: Vec<ReporterState> = lock(&self.states).values().cloned().collect();
-        HealthReport {
-            live: reporters.iter().all(|r| r.live),
-            ready: !reporters.is_empty() && reporters.iter().all(|r| r.ready),
-            reporters,
-        }
-    }
-}
-
-impl HealthReporter {
-    /// Report readiness; `reason` says why not. Once the actor is reported dead it stays
-    /// not ready and its reason stays the cause of death: an actor that keeps reporting
-    /// readiness (confd after giving up on the speaker) must not hide why the node is not
-    /// live, nor have it counted as available meanwhile (a rolling update would move on).
-    pub fn set_ready(&self, ready: bool, reason: Option<String>) {
-        if let Some(s) = lock(&self.states).get_mut(&self.name) {
-            s.ready = ready && s.live;
-            if s.live {
-                s.reason = if ready { None } else { reason };
-            }
-        }
-    }
-
-    /// Report liveness (a dead actor makes `/liveness` fail, so the node is restarted; it
-    /// is not ready either until it reports readiness again alive).
-    pub fn set_live(&self, live: bool, reason: Option<String>) {
-        if let Some(s) = lock(&self.states).get_mut(&self.name) {
-            s.live = live;
-            if !live {
-                s.ready = false;
-                s.reason = reason;
-            }
-        }
-    }
-}
+use crate::health::HealthAggregator;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -229,6 +113,9 @@ impl Connections {
 
 /// Accept connections until cancelled; each is served on its own task, within `limits`.
 /// A failed accept (no descriptor left) pauses instead of spinning ([`crate::accept`]).
+/// The connection tasks are on a tracker of the server's own, awaited before it returns
+/// (each is closed by the shutdown token), so the daemon's tracker, which awaits this
+/// server, covers them too.
 async fn serve<F>(
     listener: Arc<TcpListener>,
     limits: ServeLimits,
@@ -243,9 +130,14 @@ where
     let what = listener
         .local_addr()
         .map_or_else(|_| "http".to_string(), |a| format!("http {a}"));
+    let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => {
+                tasks.close();
+                tasks.wait().await;
+                return Ok(());
+            }
             a = crate::accept::accept(&listener, &mut backoff, &what) => a,
         };
         let handler = handler.clone();
@@ -254,35 +146,38 @@ where
             .unwrap_or_else(|e| e.into_inner())
             .admit(limits.max_connections, &shutdown);
         let connections = connections.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                // Every endpoint here is read-only.
-                let r = if req.method() == Method::GET {
-                    handler(&req)
-                } else {
-                    respond(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        "text/plain",
-                        "method not allowed\n",
-                    )
-                };
-                async move { Ok::<_, Infallible>(r) }
-            });
-            let conn = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                _ = token.cancelled() => {}
-                r = conn => if let Err(e) = r {
-                    debug!(%peer, error = %e, "HTTP connection error");
-                },
+        tasks.spawn(
+            async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    // Every endpoint here is read-only.
+                    let r = if req.method() == Method::GET {
+                        handler(&req)
+                    } else {
+                        respond(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            "text/plain",
+                            "method not allowed\n",
+                        )
+                    };
+                    async move { Ok::<_, Infallible>(r) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    r = conn => if let Err(e) = r {
+                        debug!(%peer, error = %e, "HTTP connection error");
+                    },
+                }
+                connections
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .done(id);
             }
-            connections
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .done(id);
-        });
+            .in_current_span(),
+        );
     }
 }
 
@@ -488,11 +383,6 @@ mod tests {
             );
         }
         t.cancel();
-    }
-
-    #[tokio::test]
-    async fn no_reporters_means_not_ready() {
-        assert!(!HealthAggregator::new().snapshot().ready);
     }
 
     #[tokio::test]

@@ -145,7 +145,8 @@ pub fn run(checks: &HealthChecks, cfg: &ProbeConfig) -> Vec<String> {
         ),
     ];
     let deadline = std::time::Instant::now() + PROBE_DEADLINE;
-    let (tx, rx) = std::sync::mpsc::channel();
+    // Bounded by the number of checks: each thread sends one answer, so none ever waits.
+    let (tx, rx) = std::sync::mpsc::sync_channel(all.len());
     let mut pending = Vec::new();
     for (i, (on, name, check)) in all.into_iter().enumerate() {
         if !on {

@@ -2,8 +2,8 @@
 //!
 //! An actor whose inputs can be made again (an endpoint's listener, the IPAM collector's
 //! datastore client) is restarted with backoff (1 s doubling to 30 s, back to 1 s after it
-//! ran a minute); after [`GIVE_UP_AFTER`] failures in a row it is reported dead instead.
-//! confd applies the same rule ([`RestartPolicy`]) to the BGP speaker it runs, counted in
+//! ran a minute); after [`crate::health::GIVE_UP_AFTER`] failures in a row it is reported dead instead.
+//! confd applies the same rule ([`crate::health::RestartPolicy`]) to the BGP speaker it runs, counted in
 //! the same metric under `bgp`.
 //! An actor fed by a channel that dies with it (Felix, the syncer, confd, the cluster
 //! view: the syncer's subscriptions are made once) is not restarted: its end turns
@@ -19,36 +19,17 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, warn};
+use tracing::{Instrument, error, warn};
 
-use super::http::{HealthAggregator, HealthReporter};
-
-/// First pause before a restart.
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-/// Longest pause before a restart.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// A run this long counts as healthy: the backoff and the failure count start again.
-const HEALTHY_RUN: Duration = Duration::from_secs(60);
-/// Failures in a row after which a restartable actor is reported dead.
-pub const GIVE_UP_AFTER: u32 = 5;
-
-/// What an actor's run ended with: `Ok` when it returned by itself, `Err` with its error.
-pub type ActorResult = Result<(), String>;
-
-/// A failure a test injects into a supervised actor.
-#[derive(Debug, Clone)]
-pub enum Fault {
-    /// The actor returns this error.
-    Fail(String),
-    /// The actor panics with this message.
-    Panic(String),
-}
+use crate::health::{
+    ActorResult, Fault, FaultInput, HealthAggregator, HealthReporter, Restart, RestartPolicy,
+    given_up,
+};
 
 /// Test-only fault ports, by actor name; the daemon runs with none.
 #[derive(Default)]
@@ -71,30 +52,6 @@ impl Faults {
 
     fn take(&mut self, name: &str) -> Option<mpsc::Receiver<Fault>> {
         self.ports.remove(name)
-    }
-}
-
-impl Fault {
-    /// Act the fault out where it is received: the error to end with, or a panic here.
-    pub fn strike(self) -> String {
-        match self {
-            Fault::Fail(why) => why,
-            Fault::Panic(msg) => panic!("{msg}"),
-        }
-    }
-}
-
-/// A test's fault input into an actor's own loop; `None` in production.
-pub type FaultInput = Option<mpsc::Receiver<Fault>>;
-
-/// The next fault on `input`; never, without one (or once its sender is gone).
-pub async fn next_fault(input: &mut FaultInput) -> Fault {
-    match input {
-        Some(rx) => match rx.recv().await {
-            Some(f) => f,
-            None => std::future::pending().await,
-        },
-        None => std::future::pending().await,
     }
 }
 
@@ -173,15 +130,18 @@ impl Supervisor {
             self.shutdown.clone(),
             self.fault_port(name),
         );
-        self.tracker.spawn(async move {
-            let ended = run_once(actor, faults).await;
+        let tracker = self.tracker.clone();
+        // In the caller's span (the daemon's `node{name=...}`), as are the actor's lines.
+        let task = async move {
+            let ended = run_once(&tracker, actor, faults).await;
             if shutdown.is_cancelled() {
                 return;
             }
             let why = describe(&name, ended);
             error!("{why}; the node reports itself not live");
             reporter.set_live(false, Some(why));
-        });
+        };
+        self.tracker.spawn(task.in_current_span());
     }
 
     /// Run an actor made by `make`, restarted with backoff whenever it ends before shutdown.
@@ -194,11 +154,12 @@ impl Supervisor {
         let (name, shutdown) = (name.to_string(), self.shutdown.clone());
         let faults = self.fault_port(&name);
         let restarts = self.restarts.with_label_values(&[name.as_str()]);
-        self.tracker.spawn(async move {
+        let tracker = self.tracker.clone();
+        let task = async move {
             let mut policy = RestartPolicy::default();
             loop {
                 let started = Instant::now();
-                let ended = run_once(make(), faults.clone()).await;
+                let ended = run_once(&tracker, make(), faults.clone()).await;
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -219,7 +180,14 @@ impl Supervisor {
                 }
                 restarts.inc();
             }
-        });
+        };
+        self.tracker.spawn(task.in_current_span());
+    }
+
+    /// The daemon's tracker, for tasks spawned below the actors (the datastore's watches),
+    /// so that shutdown waits for them too.
+    pub fn tracker(&self) -> TaskTracker {
+        self.tracker.clone()
     }
 
     /// The restart counter of actor `name`, for an actor that restarts a part of itself
@@ -229,65 +197,17 @@ impl Supervisor {
     }
 }
 
-/// What to do after a failure: restart after a pause, or give up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Restart {
-    /// Start again after this pause.
-    After(Duration),
-    /// Too many failures in a row: report the actor dead.
-    GiveUp { failures: u32 },
-}
-
-/// The supervisor's restart rule, also used by confd for the speaker it runs: pauses of
-/// 1 s doubling to 30 s; a run of a minute or more counts as healthy and starts the
-/// count again; [`GIVE_UP_AFTER`] failures in a row give up, so a part that can never
-/// run (its port taken, its directory missing) ends on `/liveness`, where the
-/// orchestrator sees it, as Calico's liveness probe reports a BIRD that keeps dying.
-#[derive(Debug, Clone)]
-pub struct RestartPolicy {
-    backoff: Duration,
-    failures: u32,
-}
-
-impl Default for RestartPolicy {
-    fn default() -> Self {
-        RestartPolicy {
-            backoff: FIRST_BACKOFF,
-            failures: 0,
-        }
-    }
-}
-
-impl RestartPolicy {
-    /// A run that lasted `ran_for` has ended: restart after how long, or give up.
-    pub fn failed(&mut self, ran_for: Duration) -> Restart {
-        if ran_for >= HEALTHY_RUN {
-            *self = RestartPolicy::default();
-        }
-        self.failures += 1;
-        if self.failures >= GIVE_UP_AFTER {
-            return Restart::GiveUp {
-                failures: self.failures,
-            };
-        }
-        let pause = self.backoff;
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-        Restart::After(pause)
-    }
-}
-
-/// The liveness reason of an actor given up on: the last cause and the count.
-pub fn given_up(why: &str, failures: u32) -> String {
-    format!("{why} ({failures} failures in a row; not restarted)")
-}
-
-/// One run of an actor in a task of its own (so a panic is caught), ended early by a
-/// fault from its port.
-async fn run_once<F>(actor: F, faults: FaultPort) -> Result<ActorResult, String>
+/// One run of an actor in a task of its own on the daemon's tracker (so a panic is caught,
+/// and shutdown waits for it), ended early by a fault from its port.
+async fn run_once<F>(
+    tracker: &TaskTracker,
+    actor: F,
+    faults: FaultPort,
+) -> Result<ActorResult, String>
 where
     F: Future<Output = ActorResult> + Send + 'static,
 {
-    let task = tokio::spawn(async move {
+    let run = async move {
         let fault = async {
             match &faults {
                 Some(port) => port.lock().await.recv().await,
@@ -301,7 +221,8 @@ where
                 Fault::Panic(msg) => panic!("{msg}"),
             },
         }
-    });
+    };
+    let task = tracker.spawn(run.in_current_span());
     task.await.map_err(|e| match e.try_into_panic() {
         Ok(p) => p
             .downcast_ref::<String>()
@@ -324,6 +245,9 @@ fn describe(name: &str, ended: Result<ActorResult, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    use crate::health::{FIRST_BACKOFF, GIVE_UP_AFTER};
 
     fn live(h: &HealthAggregator, name: &str) -> (bool, Option<String>) {
         let r = h.snapshot();
@@ -393,31 +317,6 @@ mod tests {
         s.tracker.close();
         s.tracker.wait().await;
         assert!(h.snapshot().live);
-    }
-
-    #[test]
-    fn restart_pauses_double_to_a_cap_reset_after_a_healthy_run_and_give_up() {
-        let quick = Duration::from_millis(10);
-        let mut p = RestartPolicy::default();
-        assert_eq!(p.failed(quick), Restart::After(Duration::from_secs(1)));
-        assert_eq!(p.failed(quick), Restart::After(Duration::from_secs(2)));
-        assert_eq!(p.failed(quick), Restart::After(Duration::from_secs(4)));
-        // A minute of healthy running starts again from the first pause.
-        assert_eq!(p.failed(HEALTHY_RUN), Restart::After(FIRST_BACKOFF));
-        for want in [2, 4, 8] {
-            assert_eq!(p.failed(quick), Restart::After(Duration::from_secs(want)));
-        }
-        assert_eq!(p.failed(quick), Restart::GiveUp { failures: 5 });
-        let mut p = RestartPolicy {
-            backoff: Duration::from_secs(16),
-            failures: 0,
-        };
-        p.failed(quick);
-        assert_eq!(
-            p.failed(quick),
-            Restart::After(MAX_BACKOFF),
-            "capped at 30 s"
-        );
     }
 
     #[tokio::test(start_paused = true)]
