@@ -512,9 +512,10 @@ pub fn plugin_main(plugin: Plugin, env: &dyn Env, stdin: &[u8], out: &mut dyn Wr
 
 /// The span every line of one call is logged in (STYLE: spans per pod): the command, the
 /// container and, when the runtime passed them, the pod's namespace and name, as Calico's
-/// plugin logs `ContainerID`, `Namespace` and `Workload` on each line.
+/// plugin logs `ContainerID`, `Namespace` and `Workload` on each line. At ERROR level, so it
+/// is enabled whatever the log level and the warnings carry it too.
 pub fn pod_span(env: &CniEnv) -> tracing::Span {
-    let span = tracing::info_span!(
+    let span = tracing::error_span!(
         "pod",
         command = %env.command.as_str(),
         container_id = %env.container_id,

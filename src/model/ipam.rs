@@ -184,7 +184,6 @@ impl AllocationBlock {
     }
 }
 
-/// How many addresses a network holds (saturating for IPv6).
 /// The address `n` positions after the start of `net`.
 pub fn nth_ip(net: &IpNet, n: usize) -> IpAddr {
     match net {
@@ -207,6 +206,7 @@ pub fn ordinal_in(net: &IpNet, ip: IpAddr) -> Option<usize> {
     }
 }
 
+/// How many addresses a network holds (saturating for IPv6).
 fn hosts(net: &ipnet::IpNet) -> u128 {
     let bits = u32::from(net.max_prefix_len() - net.prefix_len());
     1u128.checked_shl(bits).unwrap_or(u128::MAX)

@@ -2,11 +2,12 @@
 //! §4/§5). The CNI plugin writes every one that applies at ADD, before the host side comes
 //! up (so the pod works before Felix's next pass, and IPv6 DAD is off before the link-local
 //! address appears), as Calico's `configureSysctls` (cni-plugin
-//! `pkg/dataplane/linux/dataplane_linux.go`) does. Each setting has one keeper after that:
-//! [`Owner::Felix`] for those Felix puts back when they drift (Calico's
-//! `configureProcSysForInterface` in `felix/dataplane/linux/endpoint_mgr.go`), and
-//! [`Owner::Cni`] for those only the ADD writes. Ground level: both `cni` and `felix` read
-//! it, neither imports the other.
+//! `pkg/dataplane/linux/dataplane_linux.go`) does. After the ADD each setting has one
+//! keeper: [`Owner::Felix`] for the three Felix puts back when they drift, and
+//! [`Owner::Cni`] for those only the ADD writes. Calico's Felix (`configureInterface` in
+//! `felix/dataplane/linux/endpoint_mgr.go`) also keeps `route_localnet` and `proxy_ndp`;
+//! ours does not yet (the split is the one this project had before the list was shared).
+//! Ground level: both `cni` and `felix` read it, neither imports the other.
 
 /// Which address family a setting belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +23,7 @@ pub enum Family {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owner {
     /// Only the CNI plugin's ADD writes it (settings that matter while the link comes up,
-    /// or that Felix does not watch).
+    /// and those our Felix does not keep yet).
     Cni,
     /// Felix keeps it: each full pass, and each repair of the interface, writes it when
     /// it differs.

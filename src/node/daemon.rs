@@ -175,7 +175,8 @@ pub async fn run_with(
     shutdown: CancellationToken,
     faults: Faults,
 ) -> anyhow::Result<()> {
-    let span = tracing::info_span!("node", name = %cfg.nodename);
+    // At ERROR level: enabled whatever the log level, so warnings and errors carry it too.
+    let span = tracing::error_span!("node", name = %cfg.nodename);
     run_in_span(cfg, shutdown, faults).instrument(span).await
 }
 
