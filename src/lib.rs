@@ -12,4 +12,5 @@ pub mod felix;
 pub mod ipam;
 pub mod model;
 pub mod node;
+pub mod prefix_map;
 pub mod state_file;
