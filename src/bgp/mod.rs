@@ -13,6 +13,7 @@ mod codec_tests;
 pub mod config;
 pub mod fsm;
 pub mod message;
+pub mod metrics;
 mod openmap;
 pub mod rib;
 pub mod session;
