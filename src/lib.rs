@@ -13,4 +13,5 @@ pub mod health;
 pub mod ipam;
 pub mod model;
 pub mod node;
+pub mod prefix_map;
 pub mod state_file;

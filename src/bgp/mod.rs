@@ -1,7 +1,9 @@
 //! The native BGP speaker (replaces BIRD): the wire codec (`message`, `update`), the
 //! session FSM (`fsm`, sans-IO) and its task (`session`), the RIB (`rib`), and the speaker
-//! actor (`speaker`) that applies a desired configuration (`config`) and hands best routes
-//! to Felix (DESIGN: bgp -> felix, one way).
+//! (`speaker`: a sans-IO core and the actor around it) that applies a desired
+//! configuration (`config`) and hands best routes to Felix (DESIGN: bgp -> felix, one
+//! way). Per-peer status goes out as data on a unix socket (`status`; calicoctl renders
+//! it, `crate::ctl::node_status`) and as Prometheus metrics (`metrics`).
 
 // Enums that carry an UPDATE (messages, FSM inputs and outputs, session events) are
 // decoded or produced once and consumed at once; boxing the large variant would only add an
@@ -13,6 +15,7 @@ mod codec_tests;
 pub mod config;
 pub mod fsm;
 pub mod message;
+pub mod metrics;
 mod openmap;
 pub mod rib;
 pub mod session;

@@ -6,7 +6,7 @@
 
 use std::hash::{BuildHasher, BuildHasherDefault, Hash};
 
-use super::rib::PrefixHasher;
+use crate::prefix_map::PrefixHasher;
 
 /// Where a probe for a key ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,7 +5,6 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -15,50 +14,9 @@ use super::config::ExportPolicy;
 use super::openmap::{OpenMap, Slot};
 use super::update::{AsPath, Attributes, Origin, Update};
 
-/// The hasher of prefix-keyed tables: a multiply-rotate over the key's words and a
-/// murmur3 finaliser (several times cheaper than SipHash on these small keys, which matters
-/// at a million routes). Keys are prefixes from configured peers, not from strangers.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PrefixHasher(u64);
-
-impl PrefixHasher {
-    fn add(&mut self, w: u64) {
-        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-}
-
-impl Hasher for PrefixHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(b));
-        }
-    }
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-    fn write_u32(&mut self, i: u32) {
-        self.add(u64::from(i));
-    }
-    fn write_u64(&mut self, i: u64) {
-        self.add(i);
-    }
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-    fn finish(&self) -> u64 {
-        let mut h = self.0;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        h ^ (h >> 33)
-    }
-}
-
-/// A table keyed by prefix.
-pub type PrefixMap<V> = HashMap<IpNet, V, BuildHasherDefault<PrefixHasher>>;
+// The prefix-keyed tables live in the ground-level `crate::prefix_map` (Felix uses them
+// too); re-exported here for the code that still names them through the RIB.
+pub use crate::prefix_map::{FastMap, PrefixHasher, PrefixMap};
 
 /// What the RIB knows of an established peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -367,9 +325,6 @@ fn change(
     e.rebest(lists, cmp);
     (delta, gone)
 }
-
-/// A hash map with a fast hash for prefixes (not DoS-resistant: keys come from our own peers).
-pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<PrefixHasher>>;
 
 /// Apply `op` to `key`'s entry (created by a put, removed when its last path goes), then
 /// hand `then` its best path before and after, and how many paths the slot gained. Also

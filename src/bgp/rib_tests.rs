@@ -473,20 +473,6 @@ fn exported_routes_carry_the_communities_of_their_prefix() {
     );
 }
 
-/// Sequential /24s (what a big table looks like) spread over the low bits the hash table
-/// indexes by, as well as random keys would (about 1 - 1/e of the slots used).
-#[test]
-fn prefix_hasher_spreads_sequential_prefixes() {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    let b = BuildHasherDefault::<PrefixHasher>::default();
-    let mut used = std::collections::HashSet::new();
-    for i in 0..65_536u32 {
-        let p = IpNet::new(IpAddr::V4(Ipv4Addr::from(0x1000_0000 + (i << 8))), 24).unwrap();
-        used.insert(b.hash_one(p) & 0xffff);
-    }
-    assert!(used.len() > 40_000, "{} of 65536 slots", used.len());
-}
-
 /// What Felix is told: a learned best route, its next hop changing when the peer
 /// re-announces, nothing when a stale mark comes and goes, a withdrawal when our own
 /// block takes over and when the route goes.

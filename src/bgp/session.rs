@@ -1,7 +1,9 @@
 //! The session task: performs what the FSM (`fsm.rs`) asks (TCP connects with MD5 and TTL
 //! options, writes, closes, timers) and feeds back what happens (connections, decoded
 //! messages, decode errors, timer expiries). One task per peer; a panic inside it ends
-//! that task only (the speaker sees the join error and reports the peer down).
+//! that task only (the speaker sees the join error and reports the peer down). The task
+//! and everything it spawns run on the speaker's `TaskTracker` (its shutdown waits for
+//! the last NOTIFICATIONs) and inside a `peer` span (every log line names the peer).
 //!
 //! Channels:
 //! ```text
@@ -32,6 +34,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use super::fsm::peer_add_path;
 use super::fsm::{
@@ -125,6 +129,22 @@ pub enum SessionEvent {
     },
 }
 
+impl SessionEvent {
+    /// The peer whose session this event is from.
+    pub fn peer(&self) -> IpAddr {
+        match self {
+            SessionEvent::State { peer, .. }
+            | SessionEvent::Established { peer, .. }
+            | SessionEvent::Drained { peer, .. }
+            | SessionEvent::Down { peer, .. }
+            | SessionEvent::Updates { peer, .. }
+            | SessionEvent::RouteRefresh { peer, .. }
+            | SessionEvent::Sent { peer, .. }
+            | SessionEvent::NotificationReceived { peer, .. } => *peer,
+        }
+    }
+}
+
 /// What connect tasks, readers and writers tell the session task.
 enum Internal {
     Connected(ConnId, TcpStream),
@@ -163,13 +183,25 @@ const SEND_HOLD_MIN: Duration = Duration::from_secs(8 * 60);
 /// NOTIFICATION) before it is stopped: a peer with a zero window never takes it.
 const WRITER_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
-/// Start a session task.
+/// Start a session task on a tracker of its own (tests; the speaker uses [`spawn_on`]).
 pub fn spawn(
     peer: PeerConfig,
     events: mpsc::Sender<SessionEvent>,
 ) -> (mpsc::Sender<SessionCmd>, tokio::task::JoinHandle<()>) {
+    spawn_on(&TaskTracker::new(), peer, events)
+}
+
+/// Start a session task on `tracker`, in a `peer` span (every log line of the session
+/// carries its peer); the tasks it spawns (connects, readers, writers) run on the same
+/// tracker, in the same span.
+pub fn spawn_on(
+    tracker: &TaskTracker,
+    peer: PeerConfig,
+    events: mpsc::Sender<SessionEvent>,
+) -> (mpsc::Sender<SessionCmd>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    let task = tokio::spawn(run(peer, rx, events));
+    let span = tracing::info_span!("peer", addr = %peer.address);
+    let task = tracker.spawn(run(peer, rx, events, tracker.clone()).instrument(span));
     (tx, task)
 }
 
@@ -240,18 +272,21 @@ struct Conn {
 
 impl Conn {
     /// Stop reading; let the writer flush what it holds for a while, then stop it too.
-    fn close(self) {
+    fn close(self, tracker: &TaskTracker) {
         self.reader.abort();
         drop(self.writer);
         let mut w = self.writer_task;
-        tokio::spawn(async move {
-            if tokio::time::timeout(WRITER_FLUSH_LIMIT, &mut w)
-                .await
-                .is_err()
-            {
-                w.abort();
+        tracker.spawn(
+            async move {
+                if tokio::time::timeout(WRITER_FLUSH_LIMIT, &mut w)
+                    .await
+                    .is_err()
+                {
+                    w.abort();
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 }
 
@@ -282,12 +317,15 @@ struct Task {
     /// Since when the established connection's writer queue has been full, and the
     /// bytes it had written then (RFC 9687's SendHoldTimer).
     send_stall: Option<(Instant, u64)>,
+    /// Where the tasks of this session (connects, readers, writers) are spawned.
+    tracker: TaskTracker,
 }
 
 async fn run(
     peer: PeerConfig,
     mut cmds: mpsc::Receiver<SessionCmd>,
     events: mpsc::Sender<SessionEvent>,
+    tracker: TaskTracker,
 ) {
     // Small: one message can hold all of a 64 KiB read.
     let (internal, mut internal_rx) = mpsc::channel(8);
@@ -305,7 +343,9 @@ async fn run(
         outq: VecDeque::new(),
         written: 0,
         send_stall: None,
+        tracker,
     };
+    tracing::debug!(port = t.peer.port, "session task started");
     t.input(Input::Start).await;
     loop {
         #[cfg(test)]
@@ -329,6 +369,7 @@ async fn run(
                 Some(SessionCmd::Send { epoch, updates }) => t.queue_updates(epoch, updates).await,
                 Some(SessionCmd::Restarted) => t.fsm.restart_done(),
                 Some(SessionCmd::Stop(cease)) => {
+                    tracing::debug!(cease, "session stopped by the speaker");
                     t.input(Input::Stop { cease }).await;
                     t.flush_and_close().await;
                     return;
@@ -417,22 +458,21 @@ impl Task {
         let (rd, wr) = stream.into_split();
         let (wtx, wrx) = mpsc::channel(WRITER_QUEUE);
         let written = Arc::new(AtomicU64::new(0));
-        let writer_task = tokio::spawn(write_loop(
-            id,
-            wr,
-            wrx,
-            self.internal.clone(),
-            written.clone(),
-        ));
-        let reader = tokio::spawn(read_loop(
-            id,
-            rd,
-            (
-                self.peer.session.ibgp(),
-                self.peer.session.add_path_capability(),
-            ),
-            self.internal.clone(),
-        ));
+        let writer_task = self.tracker.spawn(
+            write_loop(id, wr, wrx, self.internal.clone(), written.clone()).in_current_span(),
+        );
+        let reader = self.tracker.spawn(
+            read_loop(
+                id,
+                rd,
+                (
+                    self.peer.session.ibgp(),
+                    self.peer.session.add_path_capability(),
+                ),
+                self.internal.clone(),
+            )
+            .in_current_span(),
+        );
         self.conns.insert(
             id,
             Conn {
@@ -500,16 +540,19 @@ impl Task {
             Output::Connect { conn } => {
                 let cfg = self.peer.clone();
                 let tx = self.internal.clone();
-                tokio::spawn(async move {
-                    let msg = match connect(&cfg).await {
-                        Ok(s) => Internal::Connected(conn, s),
-                        Err(e) => Internal::Input(Input::ConnectFailed {
-                            conn,
-                            reason: e.to_string(),
-                        }),
-                    };
-                    let _ = tx.send(msg).await;
-                });
+                self.tracker.spawn(
+                    async move {
+                        let msg = match connect(&cfg).await {
+                            Ok(s) => Internal::Connected(conn, s),
+                            Err(e) => Internal::Input(Input::ConnectFailed {
+                                conn,
+                                reason: e.to_string(),
+                            }),
+                        };
+                        let _ = tx.send(msg).await;
+                    }
+                    .in_current_span(),
+                );
             }
             Output::Send { conn, msg } => {
                 let kind = message_kind(&msg);
@@ -544,7 +587,7 @@ impl Task {
             }
             Output::Close { conn } => {
                 if let Some(c) = self.conns.remove(&conn) {
-                    c.close();
+                    c.close(&self.tracker);
                 }
             }
             Output::SetTimer { timer, after } => match after {
@@ -735,7 +778,7 @@ impl Task {
     /// Give writers a moment to send the last NOTIFICATION.
     async fn flush_and_close(&mut self) {
         for (_, c) in self.conns.drain() {
-            c.close();
+            c.close(&self.tracker);
         }
         tokio::task::yield_now().await;
     }
@@ -1090,5 +1133,55 @@ pub(crate) mod tests {
             took >= Duration::from_secs(480) && took < Duration::from_secs(500),
             "after {took:?}"
         );
+    }
+
+    /// STYLE: every log line of a session carries its peer (a `peer` span around the
+    /// task and what it spawns), so that `kubectl logs` of a node with many peers says
+    /// which session a line is about. (Before: no span at all.)
+    #[test]
+    fn a_sessions_log_lines_carry_its_peer() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Port 1 on loopback: nothing listens; the session starts and is stopped.
+            let (cmds, mut events) = spawn_toward(1, 3);
+            cmds.send(SessionCmd::Stop(err::ADMIN_SHUTDOWN))
+                .await
+                .unwrap();
+            while events.recv().await.is_some() {}
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains("calico_node::bgp::session"))
+            .collect();
+        assert!(lines.len() >= 2, "{out}");
+        for l in lines {
+            assert!(
+                l.contains("peer{addr=127.0.0.1}"),
+                "a line without its peer: {l}"
+            );
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! the datastore and with the other documents) before the first one is written.
 
 pub mod ipam;
+pub mod node_status;
 pub mod output;
 
 use std::io::{Read, Write};
@@ -83,7 +84,7 @@ pub fn node_status(env: &dyn Env) -> (String, i32) {
         .var("CALICO_BGP_STATUS_SOCKET")
         .unwrap_or_else(|| crate::bgp::status::DEFAULT_SOCKET.to_string());
     match crate::bgp::status::fetch(std::path::Path::new(&path)) {
-        Ok(peers) => (crate::bgp::status::render_node_status(&peers), 0),
+        Ok(peers) => (node_status::render_node_status(&peers), 0),
         Err(_) => ("Calico process is not running.\n".to_string(), 1),
     }
 }
