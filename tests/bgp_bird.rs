@@ -171,7 +171,7 @@ fn status_and_metrics(us: &OurSpeaker) {
 
     let registry = prometheus::Registry::new();
     registry
-        .register(Box::new(calico_node::bgp::status::BgpMetrics::new(
+        .register(Box::new(calico_node::bgp::metrics::BgpMetrics::new(
             us.status.clone(),
         )))
         .unwrap();

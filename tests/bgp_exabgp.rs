@@ -282,7 +282,7 @@ fn a_route_too_large_to_reflect_is_not_exported_and_nothing_flaps() {
     }
     assert_eq!(us.routes(), want);
     // The metric, as /metrics renders it.
-    let metrics = calico_node::bgp::status::BgpMetrics::new(us.status.clone());
+    let metrics = calico_node::bgp::metrics::BgpMetrics::new(us.status.clone());
     // As a registry gathers them: families without a sample are left out.
     let families: Vec<_> = prometheus::core::Collector::collect(&metrics)
         .into_iter()

@@ -16,7 +16,6 @@ use tokio_util::task::TaskTracker;
 use super::speaker::PeerStatus;
 
 // Kept at its old path for the callers that name it here (node::daemon, tests/bgp_*).
-pub use super::metrics::BgpMetrics;
 
 /// Where calico-node serves BGP status and calicoctl reads it.
 pub const DEFAULT_SOCKET: &str = "/var/run/calico/bgp-status.sock";

@@ -170,10 +170,10 @@ pub struct Input<'a> {
 
 /// BGP's best paths: prefix to next hop (a hash map: a million entries are updated one by
 /// one as BGP learns them).
-pub type BgpTable = crate::bgp::rib::FastMap<IpNet, IpAddr>;
+pub type BgpTable = crate::prefix_map::FastMap<IpNet, IpAddr>;
 
 /// Desired routes by prefix.
-pub type RouteTable = crate::bgp::rib::FastMap<IpNet, Route>;
+pub type RouteTable = crate::prefix_map::FastMap<IpNet, Route>;
 
 pub use crate::model::ippool::{Encap, encap};
 

@@ -295,7 +295,7 @@ async fn run_started(
     if cfg.backend == super::config::NetworkingBackend::Bird {
         let (status_tx, status_rx) = tokio::sync::watch::channel(Vec::new());
         registry
-            .register(Box::new(crate::bgp::status::BgpMetrics::new(
+            .register(Box::new(crate::bgp::metrics::BgpMetrics::new(
                 status_rx.clone(),
             )))
             .context("registering BGP metrics")?;
