@@ -11,5 +11,6 @@ pub mod env;
 pub mod felix;
 pub mod ipam;
 pub mod model;
+pub mod netlink;
 pub mod node;
 pub mod state_file;

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use super::nat::NatError;
-use super::routes::RouteError;
+use super::routes::{RouteError, RouteReason};
 use super::tunnels::TunnelError;
 
 #[derive(Debug, thiserror::Error)]
@@ -15,12 +15,17 @@ pub enum Problem {
     /// is not a CIDR); the rest of the dataplane is.
     #[error("{0}")]
     Calc(String),
-    /// A netlink request of the route reconciler failed as a whole (a dump, a link list).
+    /// A netlink request of the route reconciler failed as a whole (a dump, a link list,
+    /// a batch not sent); the kernel's errno stays typed inside.
     #[error(transparent)]
     Routes(#[from] RouteError),
-    /// One desired route could not be programmed.
+    /// One desired route could not be programmed: no such interface, no uplink, or the
+    /// kernel's refusal (its errno).
     #[error("{prefix}: {reason}")]
-    Route { prefix: ipnet::IpNet, reason: String },
+    Route {
+        prefix: ipnet::IpNet,
+        reason: RouteReason,
+    },
     /// A neighbour or FDB entry could not be programmed.
     #[error("{what}: {reason}")]
     Neighbour { what: String, reason: String },
@@ -32,8 +37,12 @@ pub enum Problem {
     Sysctl { path: String, error: std::io::Error },
     /// The pods' MTU could not be written for the CNI plugin.
     #[error("{}: {error}", path.display())]
-    MtuFile { path: PathBuf, error: std::io::Error },
-    /// A change queued on the route writer was refused by the kernel.
-    #[error("{0}")]
-    Refused(String),
+    MtuFile {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    /// A change queued on the route writer was refused by the kernel (or its batch was
+    /// not sent): what the writer's failure channel carries.
+    #[error(transparent)]
+    Refused(#[from] crate::netlink::WriteFailure),
 }
