@@ -185,7 +185,7 @@ fn notice(m: &Message<'_>) -> Notice {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// An RTM_NEWROUTE message as the kernel sends it in a dump: rtmsg, RTA_TABLE, RTA_DST,

@@ -4,6 +4,7 @@
 //!   holding an address (through an `rtnetlink` handle);
 //! - [`batch`]: route requests in batches on a writer thread of their own, and the route
 //!   dump read after them;
+//! - [`routes`]: the routes to one destination through an `rtnetlink` handle;
 //! - [`notify`]: the link and route notifications, our own echoes filtered in the kernel;
 //! - [`socket`]: the blocking sockets, and a link's deletion on a thread of its own;
 //! - [`decode`]: replies and notifications decoded with netlink-packet-core and
@@ -17,6 +18,7 @@ pub mod decode;
 mod error;
 pub mod links;
 pub mod notify;
+pub mod routes;
 pub mod socket;
 
 pub use batch::{Outcomes, Request, WriteFailure, Writer};
