@@ -368,7 +368,16 @@ async fn run_ops(w: &Writer, ops: Vec<Op>, pass: &mut Pass) {
     if ops.is_empty() {
         return;
     }
-    let requests: Vec<Request> = ops.iter().map(Op::request).collect();
+    // Each request's prefix and whether it is a put: all that is kept of the operations
+    // while the kernel works (a million of them at a cold start).
+    let mut what = Vec::with_capacity(ops.len());
+    let requests: Vec<Request> = ops
+        .into_iter()
+        .map(|op| {
+            what.push((op.prefix(), matches!(op, Op::Put(..))));
+            op.request()
+        })
+        .collect();
     let outcomes = match w.send(requests).await {
         Ok(o) => o,
         Err(e) => {
@@ -376,16 +385,16 @@ async fn run_ops(w: &Writer, ops: Vec<Op>, pass: &mut Pass) {
             return;
         }
     };
-    for (op, r) in ops.iter().zip(outcomes) {
-        match (r, op) {
-            (Ok(()), Op::Put(..)) => pass.added_or_replaced += 1,
-            (Ok(()), _) => pass.deleted += 1,
-            (Err(errno), Op::Put(p, _)) => pass.failures.push(RouteFailure::Route {
-                prefix: *p,
+    for ((prefix, put), r) in what.into_iter().zip(outcomes) {
+        match (r, put) {
+            (Ok(()), true) => pass.added_or_replaced += 1,
+            (Ok(()), false) => pass.deleted += 1,
+            (Err(errno), true) => pass.failures.push(RouteFailure::Route {
+                prefix,
                 reason: RouteReason::Refused { errno },
             }),
             // Already gone.
-            (Err(_), _) => {}
+            (Err(_), false) => {}
         }
     }
 }
