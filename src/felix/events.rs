@@ -1,8 +1,7 @@
 //! The kernel's link and route notifications (read by the netlink adapter's
 //! [`Notifications`], on a socket of their own: a burst of notifications must never stall
-//! a request) as Felix reads them. Felix needs
-//! to know what was touched, not how: each notification is reduced to the interface it
-//! concerns (REFERENCE §5: an interface event resyncs that interface). The kernel drops
+//! a request) as Felix reads them. Felix needs to know what was touched, not how: each
+//! notification is reduced to the interface it concerns (REFERENCE §5: an interface event resyncs that interface). The kernel drops
 //! the echoes of our own route additions before they reach us (a classic BPF filter), and
 //! a lost burst (ENOBUFS) or a notification not understood counts as "anything may have
 //! changed", so the full pass that follows repairs whatever was missed.
