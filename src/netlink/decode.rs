@@ -5,10 +5,11 @@
 //! measurably more there: a dump of a million routes is decoded on the writer's thread at
 //! every resync. Measured 2026-12-07 on this project's machine (AMD EPYC, 2 shared vCPUs),
 //! release build, thread CPU time, best of 15 interleaved rounds, a dump of 100k routes
-//! (`typed_decode_costs_no_more_than_hand_written_offsets`): hand-written offsets
-//! 2.05 ms, buffer types (`NetlinkBuffer`, `RouteHeader`, `NlasIterator`) 8.33 ms (4x),
-//! `RouteMessage::parse` 34.5 ms (17x). At a million routes the buffer types would add
-//! about 60 ms of the writer's CPU to every resync.
+//! (`typed_decode_costs_no_more_than_hand_written_offsets`), two runs: hand-written
+//! offsets 1.94 ms and 2.05 ms, buffer types (`NetlinkBuffer`, `RouteHeader`,
+//! `NlasIterator`) 8.02 ms and 8.33 ms (4x), `RouteMessage::parse` 29.7 ms and 34.5 ms
+//! (15-17x). At a million routes the buffer types would add about 60 ms of the writer's
+//! CPU to every resync.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
