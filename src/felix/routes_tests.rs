@@ -504,3 +504,33 @@ fn trie_order_spreads_consecutive_blocks_and_puts_ipv4_first() {
     assert!(trie_order(&a) < trie_order(&b));
     assert!(trie_order(&top) < trie_order(&v6));
 }
+
+#[test]
+fn puts_are_replaces_and_deletions_name_exactly_the_route_seen() {
+    let k = wanted(&via("10.0.0.2", Dev::Uplink), &links(), UPLINK).unwrap();
+    let Request::Replace(m) = Op::Put(net("10.244.1.0/26"), k.clone()).request() else {
+        panic!("a put replaces (REFERENCE §5: replace semantics)");
+    };
+    assert_eq!(m.header.table, RouteHeader::RT_TABLE_MAIN);
+    assert!(m.header.flags.contains(RouteFlags::Onlink));
+    assert_eq!(u8::from(m.header.protocol), PROTO_FELIX);
+    assert!(m.attributes.contains(&RouteAttribute::Oif(2)));
+    // A route of another metric is deleted with its metric, so that no other goes.
+    let mut seen = raw("10.244.1.0/26", 80, Some(2), Some("10.0.0.9"));
+    seen.priority = 20;
+    let Request::Delete(d) = Op::Del(seen).request() else {
+        panic!("a deletion deletes");
+    };
+    assert!(d.attributes.contains(&RouteAttribute::Priority(20)));
+    assert!(d.attributes.contains(&RouteAttribute::Oif(2)));
+    // BGP's removal deletes the route as programmed.
+    let Request::Delete(r) = Op::Remove(net("10.244.1.0/26"), k).request() else {
+        panic!("a removal deletes");
+    };
+    assert_eq!(r.header.scope, RouteScope::Universe);
+    assert!(
+        !r.attributes
+            .iter()
+            .any(|a| matches!(a, RouteAttribute::Priority(_)))
+    );
+}
