@@ -19,10 +19,12 @@ use calico_node::bgp::{LearnedRoute, RouteUpdate};
 use calico_node::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, Update, UpdateType};
 use calico_node::felix::actor::{self, FelixMetrics};
 use calico_node::felix::calc::{Dev, PROTO_FELIX, Route, Target};
-use calico_node::felix::routes::{interface_with, reconcile};
+use calico_node::felix::routes::reconcile;
 use calico_node::health::HealthAggregator;
 use calico_node::model::node::NodeBGPSpec;
 use calico_node::model::{AnyResource, IPPool, IPPoolSpec, Node, NodeSpec};
+use calico_node::netlink::Writer;
+use calico_node::netlink::links::interface_with;
 use common::NetNs;
 use futures::{StreamExt, TryStreamExt};
 use ipnet::{IpNet, Ipv4Net};
@@ -74,7 +76,7 @@ fn ours(n: usize) -> Option<(Duration, Duration)> {
         let uplink = interface_with(&h, "10.0.0.1".parse().unwrap())
             .await
             .unwrap();
-        let (w, _failures) = calico_node::felix::nlbatch::Writer::spawn().unwrap();
+        let (w, _failures) = Writer::spawn().unwrap();
         let t = Instant::now();
         let p = reconcile(&h, &w, &desired, ("cali", uplink), &[], None)
             .await

@@ -12,6 +12,7 @@ pub mod felix;
 pub mod health;
 pub mod ipam;
 pub mod model;
+pub mod netlink;
 pub mod node;
 pub mod prefix_map;
 pub mod state_file;

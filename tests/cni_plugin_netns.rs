@@ -219,6 +219,64 @@ fn pod_network_round_trip(plugin_dir: &str) {
 
 /// With /32 blocks the pod's address is a whole block, for which Felix programs a
 /// blackhole: the pod's route takes its place instead of failing the ADD.
+/// The pod's host route meets a route to its address through another interface (the
+/// kernel answers EEXIST; the existing route is read back): ADD fails naming the conflict,
+/// and the other route stays.
+#[test]
+fn a_route_to_the_pods_address_through_another_interface_is_a_conflict() {
+    let Some(host) = NetNs::new("cn-node") else {
+        return;
+    };
+    let Some(pod) = NetNs::new("cn-pod") else {
+        return;
+    };
+    host.add_uplink();
+    let port = free_port();
+    let Some(etcd) = Etcd::start_on(Some(&host.name), port) else {
+        return;
+    };
+    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
+    let key = "/calico/resources/v3/projectcalico.org/ippools/pool";
+    let mut pool: Value = serde_json::from_str(&etcd.etcdctl_value(key)).unwrap();
+    pool["spec"]["blockSize"] = 32.into();
+    etcd.etcdctl(&["put", key, &pool.to_string()]);
+    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "calico-ipam"}});
+    let netns = format!("/run/netns/{}", pod.name);
+    let env = |cmd| {
+        [
+            ("CNI_COMMAND", cmd),
+            ("CNI_CONTAINERID", "c0f11c"),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+        ]
+    };
+    let (code, res) = cni(&host, &env("ADD"), &conf);
+    assert_eq!(code, 0, "{res}");
+    let ip = res["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .to_string();
+    let (code, res) = cni(&host, &env("DEL"), &conf);
+    assert_eq!(code, 0, "{res}");
+    // Someone else's route to the address the block gives again.
+    host.ip(&["route", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    let eth0 = host.ifindex("eth0");
+    let (code, res) = cni(&host, &env("ADD"), &conf);
+    assert_ne!(code, 0, "{res}");
+    assert!(
+        res.to_string().contains(&format!(
+            "route to {ip}/32 already exists via ifindex {eth0}"
+        )),
+        "{res}"
+    );
+    assert!(
+        sh(&host, &format!("ip route show {ip}")).contains("dev eth0"),
+        "the other route stays"
+    );
+}
+
 #[test]
 fn felixs_blackhole_for_a_32_block_gives_way_to_the_pods_route() {
     let Some(host) = NetNs::new("cn-node") else {

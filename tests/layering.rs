@@ -75,12 +75,6 @@ const SAME_LAYER: &[(&str, &str, &str)] = &[
         "confd runs and restarts the speaker it configures (as Calico's calico-node runs \
          BIRD beside confd); not a message type, kept as it is by issue 16",
     ),
-    // removed at merge of issue 16: FastMap moves to a shared ground module (speaker branch)
-    (
-        "felix",
-        "bgp::rib::FastMap",
-        "pending: Felix's route tables use the speaker's hash map type",
-    ),
 ];
 
 /// Imports that run downward-to-upward today and are removed by another branch of issue

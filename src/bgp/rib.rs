@@ -16,7 +16,6 @@ use super::update::{AsPath, Attributes, Origin, Update};
 
 // The prefix-keyed tables live in the ground-level `crate::prefix_map` (Felix uses them
 // too); re-exported here for the code that still names them through the RIB.
-pub use crate::prefix_map::{FastMap, PrefixHasher, PrefixMap};
 
 /// What the RIB knows of an established peer.
 #[derive(Debug, Clone, PartialEq, Eq)]

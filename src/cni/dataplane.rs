@@ -11,10 +11,10 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
-};
+use netlink_packet_route::route::{RouteMessage, RouteProtocol, RouteScope};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
+
+use crate::netlink::NetlinkError;
 
 /// The host side's MAC (Calico uses one fixed MAC on every host veth).
 pub const HOST_MAC: [u8; 6] = [0xee; 6];
@@ -24,9 +24,6 @@ pub const HOST_LINK_LOCAL: std::net::Ipv6Addr =
     std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
 /// The pod's gateway, answered by the host through proxy ARP.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-const EEXIST: i32 = 17;
-const ENOENT: i32 = 2;
-const ENODEV: i32 = 19;
 
 /// Dataplane failures, with the object and operation.
 #[derive(Debug, thiserror::Error)]
@@ -34,13 +31,12 @@ pub enum DataplaneError {
     /// The pod's network namespace could not be opened or entered.
     #[error("network namespace {path}: {reason}")]
     Netns { path: String, reason: String },
-    /// A netlink request failed (errno kept).
-    #[error("{op}: {message}")]
-    Netlink {
-        op: String,
-        errno: Option<i32>,
-        message: String,
-    },
+    /// A netlink request failed (the kernel's errno kept typed).
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// An interface or address that must be there is not (one just created, the pod's).
+    #[error("{op}: {reason}")]
+    Missing { op: String, reason: &'static str },
     /// A sysctl could not be written.
     #[error("sysctl {path}: {reason}")]
     Sysctl { path: String, reason: String },
@@ -65,33 +61,25 @@ pub enum DataplaneError {
 
 fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
     let op = op.into();
-    move |e| {
-        let errno = match &e {
-            rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
-            _ => None,
-        };
-        DataplaneError::Netlink {
-            op,
-            errno,
-            message: e.to_string(),
-        }
-    }
+    move |e| NetlinkError::from_rtnetlink(op, e).into()
 }
 
-fn errno(e: &DataplaneError) -> Option<i32> {
-    match e {
-        DataplaneError::Netlink { errno, .. } => *errno,
-        _ => None,
+impl DataplaneError {
+    /// The object is gone already (ENODEV, ENOENT, ESRCH): nothing left to delete.
+    fn is_gone(&self) -> bool {
+        matches!(self, DataplaneError::Netlink(e) if e.is_gone())
+    }
+
+    /// EEXIST: the object is there already.
+    fn is_exists(&self) -> bool {
+        matches!(self, DataplaneError::Netlink(e) if e.is_exists())
     }
 }
 
 /// A netlink handle for the calling thread's current namespace.
 fn connect() -> Result<Handle, DataplaneError> {
-    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| DataplaneError::Netlink {
-        op: "open netlink socket".into(),
-        errno: e.raw_os_error(),
-        message: e.to_string(),
-    })?;
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| NetlinkError::io("open netlink socket", e))?;
     tokio::spawn(conn);
     Ok(handle)
 }
@@ -157,25 +145,9 @@ fn enter_netns(path: &str) -> Result<(), DataplaneError> {
     nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| ns_err(e.to_string()))
 }
 
+/// The link named `name`, None when there is none (see [`crate::netlink::links::by_name`]).
 async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, DataplaneError> {
-    match h
-        .link()
-        .get()
-        .match_name(name.to_string())
-        .execute()
-        .try_next()
-        .await
-    {
-        Ok(l) => Ok(l),
-        Err(e) => {
-            let e = nl(format!("get link {name}"))(e);
-            if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) {
-                Ok(None)
-            } else {
-                Err(e)
-            }
-        }
-    }
+    Ok(crate::netlink::links::by_name(h, name).await?)
 }
 
 fn write_sysctl(path: &str, value: &str) -> Result<(), DataplaneError> {
@@ -353,10 +325,9 @@ async fn host_index(h: &Handle, name: &str) -> Result<u32, DataplaneError> {
     link_by_name(h, name)
         .await?
         .map(|l| l.header.index)
-        .ok_or_else(|| DataplaneError::Netlink {
+        .ok_or_else(|| DataplaneError::Missing {
             op: format!("find {name}"),
-            errno: Some(ENODEV),
-            message: "just created, now missing".into(),
+            reason: "just created, now missing",
         })
 }
 
@@ -452,7 +423,7 @@ async fn delete_host_side(h: &Handle, name: &str) -> Result<bool, DataplaneError
         .await
         .map_err(nl(format!("delete {name}")))
     {
-        Err(e) if !matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Err(e),
+        Err(e) if !e.is_gone() => Err(e),
         _ => Ok(true),
     }
 }
@@ -463,10 +434,9 @@ async fn delete_host_side(h: &Handle, name: &str) -> Result<bool, DataplaneError
 async fn pod_link_up(h: &Handle, ifname: &str, v4_routes: bool) -> Result<u32, DataplaneError> {
     let link = link_by_name(h, ifname)
         .await?
-        .ok_or_else(|| DataplaneError::Netlink {
+        .ok_or_else(|| DataplaneError::Missing {
             op: format!("find {ifname} in the pod"),
-            errno: Some(ENODEV),
-            message: "missing".into(),
+            reason: "missing",
         })?;
     let index = link.header.index;
     set_up(h, index, ifname).await?;
@@ -541,21 +511,6 @@ async fn pod_addresses(
     Ok(())
 }
 
-fn route_oif(r: &RouteMessage) -> Option<u32> {
-    r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Oif(i) => Some(*i),
-        _ => None,
-    })
-}
-
-fn route_dst(r: &RouteMessage) -> Option<IpAddr> {
-    r.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
-        RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
-        _ => None,
-    })
-}
-
 /// The pod's host route: `<addr>/32 (or /128) dev <index> scope link proto boot`.
 fn host_route_message(addr: IpNet, index: u32) -> RouteMessage {
     match addr.addr() {
@@ -591,19 +546,15 @@ async fn host_route(
         .map_err(nl(format!("add route {addr} dev {ifname}")))
     {
         Ok(()) => Ok(()),
-        Err(e) if errno(&e) == Some(EEXIST) => {
-            let existing = list_routes(h, addr.addr().is_ipv6()).await?;
-            match existing.iter().find(|r| {
-                route_dst(r) == Some(addr.addr())
-                    && usize::from(r.header.destination_prefix_length)
-                        == usize::from(addr.prefix_len())
-            }) {
-                Some(r) if route_oif(r) == Some(index) => Ok(()),
+        Err(e) if e.is_exists() => {
+            let existing = crate::netlink::routes::to(h, addr).await?;
+            match existing.first() {
+                Some(r) if r.oif == Some(index) => Ok(()),
                 // Felix's blackhole for a block that is this one address (a /32 block):
                 // the pod's route takes its place, as in Felix's own calculation.
                 Some(r)
-                    if r.header.kind == netlink_packet_route::route::RouteType::BlackHole
-                        && u8::from(r.header.protocol) == crate::model::felix::PROTO_FELIX =>
+                    if r.kind == u8::from(netlink_packet_route::route::RouteType::BlackHole)
+                        && r.protocol == crate::model::felix::PROTO_FELIX =>
                 {
                     h.route()
                         .add(host_route_message(addr, index))
@@ -614,7 +565,7 @@ async fn host_route(
                 }
                 Some(r) => Err(DataplaneError::RouteConflict {
                     ip: addr,
-                    other: format!("ifindex {}", route_oif(r).unwrap_or(0)),
+                    other: format!("ifindex {}", r.oif.unwrap_or(0)),
                     ours: ifname.into(),
                 }),
                 None => Err(e),
@@ -622,20 +573,6 @@ async fn host_route(
         }
         Err(e) => Err(e),
     }
-}
-
-async fn list_routes(h: &Handle, v6: bool) -> Result<Vec<RouteMessage>, DataplaneError> {
-    let query = if v6 {
-        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
-    } else {
-        RouteMessageBuilder::<Ipv4Addr>::new().build()
-    };
-    h.route()
-        .get(query)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list routes"))
 }
 
 /// Remove the pod's interface (and so the pair) from inside the pod's namespace, by its
@@ -661,7 +598,7 @@ pub fn teardown(
                     .await
                     .map_err(nl(format!("delete {ifname} in {netns}")))
                 {
-                    Err(e) if !matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => return Err(e),
+                    Err(e) if !e.is_gone() => return Err(e),
                     _ => {}
                 }
             }
@@ -690,13 +627,12 @@ pub async fn check(spec: &PodSpec) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("host interface {} is missing", spec.host_ifname))?;
     for a in &spec.addrs {
-        let routes = list_routes(&host, a.addr().is_ipv6())
+        // The host route is always the address's /32 (/128).
+        let host_prefix = IpNet::new(a.addr(), a.max_prefix_len()).expect("the maximal length");
+        let routes = crate::netlink::routes::to(&host, host_prefix)
             .await
             .map_err(|e| e.to_string())?;
-        if !routes
-            .iter()
-            .any(|r| route_dst(r) == Some(a.addr()) && route_oif(r) == Some(link.header.index))
-        {
+        if !routes.iter().any(|r| r.oif == Some(link.header.index)) {
             return Err(format!(
                 "host route {a} dev {} is missing",
                 spec.host_ifname
@@ -705,7 +641,7 @@ pub async fn check(spec: &PodSpec) -> Result<(), String> {
     }
     let (ifname, addrs) = (spec.container_ifname.clone(), spec.addrs.clone());
     in_netns(&spec.netns, move |h| async move {
-        let link = link_by_name(&h, &ifname).await?.ok_or_else(|| DataplaneError::Netlink { op: format!("find {ifname}"), errno: Some(ENODEV), message: "missing in the pod".into() })?;
+        let link = link_by_name(&h, &ifname).await?.ok_or_else(|| DataplaneError::Missing { op: format!("find {ifname}"), reason: "missing in the pod" })?;
         let have: Vec<netlink_packet_route::address::AddressMessage> =
             h.address().get().set_link_index_filter(link.header.index).execute().try_collect().await.map_err(nl("list addresses"))?;
         for a in &addrs {
@@ -714,7 +650,7 @@ pub async fn check(spec: &PodSpec) -> Result<(), String> {
                     && m.attributes.iter().any(|x| matches!(x, netlink_packet_route::address::AddressAttribute::Address(ip) if *ip == a.addr()))
             });
             if !found {
-                return Err(DataplaneError::Netlink { op: format!("check {a} on {ifname}"), errno: None, message: "address missing in the pod".into() });
+                return Err(DataplaneError::Missing { op: format!("check {a} on {ifname}"), reason: "address missing in the pod" });
             }
         }
         Ok(())

@@ -323,7 +323,7 @@ pub async fn run(
                 // A queued change the kernel refused: say so, read the kernel back soon.
                 tracing::warn!(problem = %failure, "dataplane");
                 metrics.failures.inc();
-                health.set_ready(false, Some(failure));
+                health.set_ready(false, Some(failure.to_string()));
                 touched.unknown = true;
                 due.get_or_insert(tokio::time::Instant::now() + EVENT_DEBOUNCE);
             }
@@ -380,7 +380,7 @@ pub async fn run(
                 }
                 let problems =
                     match routes::apply_changes(&handle, &writer, &changes, *uplink).await {
-                        Ok(p) => p.failures,
+                        Ok(p) => p.failures.iter().map(ToString::to_string).collect(),
                         Err(e) => vec![e.to_string()],
                     };
                 metrics.apply_time.observe(started.elapsed().as_secs_f64());
@@ -550,7 +550,7 @@ async fn repair_touched(
     for only in scopes {
         let started = Instant::now();
         match routes::reconcile(h, writer, &desired.routes, (&prefix, uplink), &keep, only).await {
-            Ok(p) => problems.extend(p.failures),
+            Ok(p) => problems.extend(p.failures.iter().map(ToString::to_string)),
             Err(e) => problems.push(e.to_string()),
         }
         let took = started.elapsed().as_secs_f64();
@@ -653,7 +653,7 @@ async fn apply(
     }
     let started = Instant::now();
     match routes::reconcile(h, writer, &desired.routes, (&prefix, uplink), keep, None).await {
-        Ok(p) => problems.extend(p.failures),
+        Ok(p) => problems.extend(p.failures.iter().map(ToString::to_string)),
         Err(e) => problems.push(e.to_string()),
     }
     metrics

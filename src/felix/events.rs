@@ -1,19 +1,17 @@
-//! The kernel's link and route notifications, on a socket of their own (not the one Felix
-//! sends requests on: a burst of notifications must never stall a request). Felix needs
-//! to know what was touched, not how: each notification is reduced to the interface it
-//! concerns (REFERENCE §5: an interface event resyncs that interface). The kernel drops
+//! The kernel's link and route notifications (read by the netlink adapter's
+//! [`Notifications`], on a socket of their own: a burst of notifications must never stall
+//! a request) as Felix reads them. Felix needs to know what was touched, not how: each
+//! notification is reduced to the interface it concerns (REFERENCE §5: an interface event resyncs that interface). The kernel drops
 //! the echoes of our own route additions before they reach us (a classic BPF filter), and
 //! a lost burst (ENOBUFS) or a notification not understood counts as "anything may have
 //! changed", so the full pass that follows repairs whatever was missed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-
-use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
-use tokio::io::unix::AsyncFd;
 
 use super::calc::PROTO_FELIX;
+use crate::netlink::decode::Notice;
+use crate::netlink::notify::{Notifications, Received};
 
 /// What the notifications read said was touched.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -46,71 +44,25 @@ impl Touched {
     }
 }
 
-/// Kernel notifications of links and IPv4/IPv6 routes.
+/// Kernel notifications of links and IPv4/IPv6 routes, reduced to what they touched.
 pub struct Events {
-    fd: AsyncFd<Socket>,
-    buf: Vec<u8>,
+    socket: Notifications,
 }
 
 impl Events {
-    /// Subscribe (in the caller's network namespace).
+    /// Subscribe (in the caller's network namespace); the echoes of our own route
+    /// additions are dropped by the kernel.
     pub fn open() -> io::Result<Events> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        let groups = rtnetlink::constants::RTMGRP_LINK
-            | rtnetlink::constants::RTMGRP_IPV4_ROUTE
-            | rtnetlink::constants::RTMGRP_IPV6_ROUTE;
-        socket.bind(&SocketAddr::new(0, groups))?;
-        socket.set_non_blocking(true)?;
-        let fd = socket.as_raw_fd();
-        if let Err(e) = drop_our_route_echoes(fd) {
-            tracing::debug!(error = %e, "no netlink event filter; our own route echoes are read and ignored");
-        }
-        // Room for bursts (privileged: beyond rmem_max), else what the system allows.
-        let size: libc::c_int = 4 << 20;
-        if setsockopt(fd, libc::SO_RCVBUFFORCE, &size).is_err() {
-            let _ = setsockopt(fd, libc::SO_RCVBUF, &size);
-        }
-        // SAFETY: the socket owns its descriptor, which stays open and the same until the
-        // AsyncFd (which owns the socket) is dropped.
-        let fd = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
         Ok(Events {
-            fd,
-            buf: vec![0; 1 << 16],
+            socket: Notifications::open(Some(PROTO_FELIX))?,
         })
     }
 
     /// Wait until something of interest happened (or notifications were lost): what.
     pub async fn next(&mut self) -> io::Result<Touched> {
         loop {
-            let mut guard = self.fd.readable().await?;
             let mut seen = Touched::default();
-            loop {
-                // SAFETY: recv into our own buffer, on a descriptor we own.
-                let n = unsafe {
-                    libc::recv(
-                        guard.get_inner().as_raw_fd(),
-                        self.buf.as_mut_ptr() as *mut libc::c_void,
-                        self.buf.len(),
-                        0,
-                    )
-                };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    match e.raw_os_error() {
-                        Some(libc::EAGAIN) => {
-                            guard.clear_ready();
-                            break;
-                        }
-                        // Notifications were dropped: whatever they said, a pass will see.
-                        Some(libc::ENOBUFS) => seen.unknown = true,
-                        Some(libc::EINTR) => {}
-                        _ => return Err(e),
-                    }
-                    continue;
-                }
-                classify(&self.buf[..n as usize], &mut seen);
-            }
+            self.socket.recv(|r| touch(r, &mut seen)).await?;
             if !seen.is_empty() {
                 return Ok(seen);
             }
@@ -118,112 +70,38 @@ impl Events {
     }
 }
 
-/// Add what a datagram of notifications touched to `t`. The echoes of routes of ours being
-/// added touch nothing (the filter drops those already; this also holds without it).
-fn classify(mut b: &[u8], t: &mut Touched) {
-    while b.len() >= 16 {
-        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        let kind = u16::from_ne_bytes([b[4], b[5]]);
-        if len < 16 || len > b.len() {
-            t.unknown = true;
-            return;
+/// Add what one notification (or a loss) touched to `t`. The echoes of routes of ours
+/// being added touch nothing (the filter drops those already; this also holds without it).
+fn touch(r: Received, t: &mut Touched) {
+    match r {
+        Received::Lost | Received::Notice(Notice::NotUnderstood) => t.unknown = true,
+        Received::Notice(Notice::Link { index, name }) => {
+            t.links.insert(index, name);
         }
-        let body = &b[16..len];
-        match kind {
-            // ifinfomsg (16 bytes: the index at 4), then attributes.
-            libc::RTM_NEWLINK | libc::RTM_DELLINK if body.len() >= 16 => {
-                let index = u32::from_ne_bytes([body[4], body[5], body[6], body[7]]);
-                let name = attribute(&body[16..], libc::IFLA_IFNAME).map(|v| {
-                    let v = v.split(|c| *c == 0).next().unwrap_or_default();
-                    String::from_utf8_lossy(v).into_owned()
-                });
-                t.links.insert(index, name);
-            }
-            // rtmsg (12 bytes: the protocol at 5), then attributes.
-            libc::RTM_NEWROUTE | libc::RTM_DELROUTE if body.len() >= 12 => {
-                let ours_added = kind == libc::RTM_NEWROUTE && body[5] == PROTO_FELIX;
-                if !ours_added {
-                    match attribute(&body[12..], libc::RTA_OIF) {
-                        Some(v) if v.len() >= 4 => {
-                            t.route_ifaces
-                                .insert(u32::from_ne_bytes([v[0], v[1], v[2], v[3]]));
-                        }
-                        _ => t.routes = true,
+        Received::Notice(Notice::Route {
+            added,
+            protocol,
+            oif,
+        }) => {
+            let ours_added = added && protocol == PROTO_FELIX;
+            if !ours_added {
+                match oif {
+                    Some(i) => {
+                        t.route_ifaces.insert(i);
                     }
+                    None => t.routes = true,
                 }
             }
-            _ => t.unknown = true,
         }
-        b = &b[((len + 3) & !3).min(b.len())..];
     }
 }
 
-/// The value of the first attribute of type `kind` in a run of netlink attributes.
-fn attribute(mut a: &[u8], kind: u16) -> Option<&[u8]> {
-    while a.len() >= 4 {
-        let len = u16::from_ne_bytes([a[0], a[1]]) as usize;
-        let t = u16::from_ne_bytes([a[2], a[3]]);
-        if len < 4 || len > a.len() {
-            return None;
-        }
-        if t == kind {
-            return Some(&a[4..len]);
-        }
-        a = &a[((len + 3) & !3).min(a.len())..];
+/// Add what a datagram of notifications touched to `t`.
+#[cfg(test)]
+fn classify(b: &[u8], t: &mut Touched) {
+    for n in crate::netlink::decode::notices(b) {
+        touch(Received::Notice(n), t);
     }
-    None
-}
-
-fn setsockopt<T>(fd: RawFd, opt: libc::c_int, value: &T) -> io::Result<()> {
-    // SAFETY: `value` is a plain value of the size given, alive for the call.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            value as *const T as *const libc::c_void,
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Have the kernel drop notifications of routes of ours being added (RTM_NEWROUTE with
-/// protocol 80): the echo of our own programming, a million of them when BGP brings a
-/// million routes.
-fn drop_our_route_echoes(fd: RawFd) -> io::Result<()> {
-    // Loads of half words are big-endian: compare nlmsg_type (host order) as such.
-    let newroute = u32::from(u16::from_be_bytes(libc::RTM_NEWROUTE.to_ne_bytes()));
-    let op = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
-    };
-    let prog = [
-        // A = nlmsg_type (offset 4).
-        op(libc::BPF_LD | libc::BPF_H | libc::BPF_ABS, 0, 0, 4),
-        op(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 3, newroute),
-        // A = rtm_protocol (the rtmsg follows the 16-byte header; its sixth byte).
-        op(libc::BPF_LD | libc::BPF_B | libc::BPF_ABS, 0, 0, 21),
-        op(
-            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
-            0,
-            1,
-            u32::from(PROTO_FELIX),
-        ),
-        op(libc::BPF_RET | libc::BPF_K, 0, 0, 0),
-        op(libc::BPF_RET | libc::BPF_K, 0, 0, u32::MAX),
-    ];
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_ptr() as *mut libc::sock_filter,
-    };
-    setsockopt(fd, libc::SO_ATTACH_FILTER, &fprog)
 }
 
 #[cfg(test)]

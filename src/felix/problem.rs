@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::calc::CalcProblem;
 use super::nat::NatError;
 use super::neigh::NeighbourProblem;
-use super::routes::RouteError;
+use super::routes::{RouteError, RouteReason};
 use super::tunnels::TunnelError;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,14 +17,16 @@ pub enum Problem {
     /// is not a CIDR); the rest of the dataplane is.
     #[error(transparent)]
     Calc(#[from] CalcProblem),
-    /// A netlink request of the route reconciler failed as a whole (a dump, a link list).
+    /// A netlink request of the route reconciler failed as a whole (a dump, a link list,
+    /// a batch not sent); the kernel's errno stays typed inside.
     #[error(transparent)]
     Routes(#[from] RouteError),
-    /// One desired route could not be programmed.
+    /// One desired route could not be programmed: no such interface, no uplink, or the
+    /// kernel's refusal (its errno).
     #[error("{prefix}: {reason}")]
     Route {
         prefix: ipnet::IpNet,
-        reason: String,
+        reason: RouteReason,
     },
     /// A neighbour or FDB entry could not be programmed.
     #[error(transparent)]
@@ -42,7 +44,8 @@ pub enum Problem {
         path: PathBuf,
         error: std::io::Error,
     },
-    /// A change queued on the route writer was refused by the kernel.
-    #[error("{0}")]
-    Refused(String),
+    /// A change queued on the route writer was refused by the kernel (or its batch was
+    /// not sent): what the writer's failure channel carries.
+    #[error(transparent)]
+    Refused(#[from] crate::netlink::WriteFailure),
 }

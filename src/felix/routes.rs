@@ -2,78 +2,149 @@
 //! ones (REFERENCE §5). Ours are routes with protocol 80 and every route on a `cali*`,
 //! `vxlan.calico` or `tunl0` interface except the kernel's own (`proto kernel`: connected
 //! subnets, IPv6 link-local); routes on a workload interface that no desired route names
-//! are the CNI plugin's until its endpoint arrives. No other route is ever touched. One pass dumps the
-//! table, diffs, and sends the fixes (replace semantics) with many requests in flight.
+//! are the CNI plugin's until its endpoint arrives. No other route is ever touched.
+//!
+//! Plan and execute: [`plan`] decides, without I/O, which kernel routes are ours and what
+//! to send (replace in place, delete other metrics and what is not desired, keep BGP's
+//! routes through a restart, in the FIB trie's cheapest order); [`reconcile`] dumps the
+//! table through the netlink adapter, plans, and sends the fixes in batches.
+//! [`plan_changes`] and [`apply_changes`] do the same for BGP's changes between passes.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
-    RouteType,
+    RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use super::calc::{Dev, PROTO_FELIX, Route, RouteTable, TUNL0, Target, VXLAN_DEV};
-use super::nlbatch::{RawRoute, Request, Writer};
+use super::problem::Problem;
+use crate::netlink::{NetlinkError, RawRoute, Request, Writer};
 
 /// `proto kernel`.
 const PROTO_KERNEL: u8 = 2;
 
+/// A netlink request of a reconciler that failed as a whole (a dump, a link list).
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
+    /// The kernel or the socket failed; the errno stays typed (see [`NetlinkError`]).
+    #[error(transparent)]
+    Kernel(#[from] NetlinkError),
+    /// A failure known only in words (`tunnels`' own checks: a device just created and
+    /// missing). New code returns [`RouteError::Kernel`].
     #[error("{op}: {message}")]
     Netlink { op: String, message: String },
 }
 
-enum Op {
-    Put(IpNet, Kernel),
-    Del(RouteMessage),
+/// Why one desired route is not in the kernel as desired.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteReason {
+    /// A `Dev::Uplink` route, and no interface holds this node's IP.
+    #[error("no interface holds this node's IP")]
+    NoUplink,
+    /// The route's interface does not exist (yet).
+    #[error("no interface {0}")]
+    NoInterface(String),
+    /// The kernel refused the route with this errno.
+    #[error("{}", std::io::Error::from_raw_os_error(*errno))]
+    Refused { errno: i32 },
+}
+
+/// A problem of one pass: a desired route not programmed, or the pass's requests not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteFailure {
+    #[error("{prefix}: {reason}")]
+    Route { prefix: IpNet, reason: RouteReason },
+    /// The batch could not be sent or its answers not read: nothing is known of it.
+    #[error("netlink: {0}")]
+    Netlink(NetlinkError),
+}
+
+impl RouteFailure {
+    /// Whether the message a user reads (log, readiness reason) contains `text`.
+    pub fn contains(&self, text: &str) -> bool {
+        self.to_string().contains(text)
+    }
+}
+
+impl From<RouteFailure> for Problem {
+    fn from(f: RouteFailure) -> Problem {
+        match f {
+            RouteFailure::Route { prefix, reason } => Problem::Route { prefix, reason },
+            RouteFailure::Netlink(e) => Problem::Routes(RouteError::Kernel(e)),
+        }
+    }
 }
 
 /// What one pass did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Pass {
     pub added_or_replaced: usize,
     pub deleted: usize,
     /// Our routes in the table after the pass (through the interface, for a pass of one).
     pub ours: usize,
     /// Desired routes that could not be programmed (missing interface, kernel refusal).
-    pub failures: Vec<String>,
+    pub failures: Vec<RouteFailure>,
 }
 
 /// A route as the kernel has it, reduced to what we compare.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Kernel {
-    kind: RouteType,
-    oif: Option<u32>,
-    gateway: Option<IpAddr>,
-    protocol: u8,
-    scope: RouteScope,
-    onlink: bool,
+pub struct Kernel {
+    pub kind: RouteType,
+    pub oif: Option<u32>,
+    pub gateway: Option<IpAddr>,
+    pub protocol: u8,
+    pub scope: RouteScope,
+    pub onlink: bool,
+}
+
+impl Kernel {
+    fn of(r: &RawRoute) -> Kernel {
+        Kernel {
+            kind: RouteType::from(r.kind),
+            oif: r.oif,
+            gateway: r.gateway,
+            protocol: r.protocol,
+            scope: RouteScope::from(r.scope),
+            // RTNH_F_ONLINK.
+            onlink: r.flags & 4 != 0,
+        }
+    }
+}
+
+/// One request a plan asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Add the route of the default metric for the prefix, or replace it in place.
+    Put(IpNet, Kernel),
+    /// Delete exactly this route, as the dump reported it.
+    Del(RawRoute),
+    /// Delete the route we programmed for the prefix (BGP's withdrawals between passes:
+    /// the table is not read).
+    Remove(IpNet, Kernel),
+}
+
+impl Op {
+    pub fn prefix(&self) -> IpNet {
+        match self {
+            Op::Put(p, _) | Op::Remove(p, _) => *p,
+            Op::Del(r) => r.dst,
+        }
+    }
+
+    fn request(&self) -> Request {
+        match self {
+            Op::Put(p, k) => Request::Replace(message(p, k)),
+            Op::Del(r) => Request::Delete(raw_message(r)),
+            Op::Remove(p, k) => Request::Delete(message(p, k)),
+        }
+    }
 }
 
 pub(crate) fn is_ours_dev(name: &str, prefix: &str) -> bool {
     name.starts_with(prefix) || name == VXLAN_DEV || name == TUNL0
-}
-
-fn dst(m: &RouteMessage) -> Option<IpNet> {
-    let len = m.header.destination_prefix_length;
-    let addr = m.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
-        RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
-        _ => None,
-    });
-    let addr = addr.unwrap_or(
-        if m.header.address_family == netlink_packet_route::AddressFamily::Inet6 {
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-        } else {
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-        },
-    );
-    IpNet::new(addr, len).ok()
 }
 
 /// The kernel form of a desired route, or why it cannot be made.
@@ -81,13 +152,13 @@ fn wanted(
     route: &Route,
     links: &HashMap<String, u32>,
     uplink: Option<u32>,
-) -> Result<Kernel, String> {
+) -> Result<Kernel, RouteReason> {
     let index = |dev: &Dev| match dev {
-        Dev::Uplink => uplink.ok_or_else(|| "no interface holds this node's IP".to_string()),
+        Dev::Uplink => uplink.ok_or(RouteReason::NoUplink),
         Dev::Named(n) => links
             .get(n)
             .copied()
-            .ok_or_else(|| format!("no interface {n}")),
+            .ok_or_else(|| RouteReason::NoInterface(n.clone())),
     };
     Ok(match &route.target {
         Target::Blackhole => Kernel {
@@ -117,12 +188,13 @@ fn wanted(
     })
 }
 
-fn message(prefix: &IpNet, k: &Kernel) -> RouteMessage {
+/// A route message for `prefix` (through `gateway` when given) in the main table.
+fn base_message(prefix: &IpNet, gateway: Option<IpAddr>) -> RouteMessage {
     let mut m = match prefix {
         IpNet::V4(n) => {
             let mut b =
                 RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(n.addr(), n.prefix_len());
-            if let Some(IpAddr::V4(g)) = k.gateway {
+            if let Some(IpAddr::V4(g)) = gateway {
                 b = b.gateway(g);
             }
             b.build()
@@ -130,13 +202,18 @@ fn message(prefix: &IpNet, k: &Kernel) -> RouteMessage {
         IpNet::V6(n) => {
             let mut b =
                 RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(n.addr(), n.prefix_len());
-            if let Some(IpAddr::V6(g)) = k.gateway {
+            if let Some(IpAddr::V6(g)) = gateway {
                 b = b.gateway(g);
             }
             b.build()
         }
     };
     m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m
+}
+
+fn message(prefix: &IpNet, k: &Kernel) -> RouteMessage {
+    let mut m = base_message(prefix, k.gateway);
     m.header.kind = k.kind;
     m.header.protocol = RouteProtocol::from(k.protocol);
     m.header.scope = k.scope;
@@ -151,25 +228,7 @@ fn message(prefix: &IpNet, k: &Kernel) -> RouteMessage {
 
 /// The message that deletes exactly this route.
 fn raw_message(r: &RawRoute) -> RouteMessage {
-    let mut m = match (r.dst, r.gateway) {
-        (IpNet::V4(n), gw) => {
-            let mut b =
-                RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(n.addr(), n.prefix_len());
-            if let Some(IpAddr::V4(g)) = gw {
-                b = b.gateway(g);
-            }
-            b.build()
-        }
-        (IpNet::V6(n), gw) => {
-            let mut b =
-                RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(n.addr(), n.prefix_len());
-            if let Some(IpAddr::V6(g)) = gw {
-                b = b.gateway(g);
-            }
-            b.build()
-        }
-    };
-    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    let mut m = base_message(&r.dst, r.gateway);
     m.header.kind = RouteType::from(r.kind);
     m.header.protocol = RouteProtocol::from(r.protocol);
     m.header.scope = RouteScope::from(r.scope);
@@ -182,87 +241,103 @@ fn raw_message(r: &RawRoute) -> RouteMessage {
     m
 }
 
+/// `rtnetlink` errors as a [`RouteError`] of `op`, errno kept (for `tunnels` and `neigh`,
+/// which call `rtnetlink` themselves).
 pub(crate) fn nl(op: String) -> impl FnOnce(rtnetlink::Error) -> RouteError {
-    move |e| RouteError::Netlink {
-        op,
-        message: e.to_string(),
-    }
+    move |e| RouteError::Kernel(NetlinkError::from_rtnetlink(op, e))
 }
 
-/// Interface indexes by name.
+/// Interface indexes by name (see [`crate::netlink::links::list`]).
 pub(crate) async fn links(h: &Handle) -> Result<HashMap<String, u32>, RouteError> {
-    let mut out = HashMap::new();
-    let mut s = h.link().get().execute();
-    while let Some(l) = s.try_next().await.map_err(nl("list links".into()))? {
-        for a in &l.attributes {
-            if let netlink_packet_route::link::LinkAttribute::IfName(n) = a {
-                out.insert(n.clone(), l.header.index);
-            }
-        }
-    }
-    Ok(out)
+    Ok(crate::netlink::links::list(h).await?)
 }
 
 /// One route change: the prefix, the route of ours the kernel has now (as we last
 /// programmed it), and the one wanted (None: remove).
 pub type Change = (IpNet, Option<Route>, Option<Route>);
 
-/// Queue route changes on the writer without reading the kernel's table (BGP's updates
-/// between full passes): puts replace, removals delete exactly the route we programmed.
-/// Returns at once; the kernel's refusals arrive on the writer's failure channel (a
-/// removal of a route already gone is not one). The pass counts what was queued.
-pub async fn apply_changes(
-    h: &Handle,
-    w: &Writer,
-    changes: &[Change],
-    uplink: Option<u32>,
-) -> Result<Pass, RouteError> {
+/// Whether any change names an interface (then the links are listed first).
+fn names_a_link(changes: &[Change]) -> bool {
     let named = |r: &Option<Route>| {
         matches!(
             r,
             Some(Route {
                 target: Target::Via {
-                    dev: crate::felix::calc::Dev::Named(_),
+                    dev: Dev::Named(_),
                     ..
                 } | Target::Link(_),
                 ..
             })
         )
     };
-    let links = if changes.iter().any(|(_, old, new)| named(old) || named(new)) {
-        links(h).await?
-    } else {
-        HashMap::new()
-    };
-    let mut pass = Pass::default();
-    let mut requests = Vec::with_capacity(changes.len());
-    let mut labels = Vec::with_capacity(changes.len());
+    changes.iter().any(|(_, old, new)| named(old) || named(new))
+}
+
+/// The requests for BGP's changes between passes, without reading the kernel's table:
+/// puts replace; a removal deletes exactly the route we programmed (none when its
+/// interface is gone: the kernel removed the route with it). Puts that cannot be made are
+/// failures.
+pub fn plan_changes(
+    changes: &[Change],
+    links: &HashMap<String, u32>,
+    uplink: Option<u32>,
+) -> (Vec<Op>, Vec<RouteFailure>) {
+    let mut ops = Vec::with_capacity(changes.len());
+    let mut failures = Vec::new();
     for (p, old, new) in changes {
         match (old, new) {
-            (_, Some(r)) => match wanted(r, &links, uplink) {
-                Ok(k) => {
-                    requests.push(Request::Replace(message(p, &k)));
-                    labels.push(Some(*p));
-                    pass.added_or_replaced += 1;
-                }
-                Err(why) => pass.failures.push(format!("{p}: {why}")),
+            (_, Some(r)) => match wanted(r, links, uplink) {
+                Ok(k) => ops.push(Op::Put(*p, k)),
+                Err(reason) => failures.push(RouteFailure::Route { prefix: *p, reason }),
             },
             (Some(r), None) => {
-                if let Ok(k) = wanted(r, &links, uplink) {
-                    requests.push(Request::Delete(message(p, &k)));
-                    // Already gone is fine: no label, no report.
-                    labels.push(None);
-                    pass.deleted += 1;
+                if let Ok(k) = wanted(r, links, uplink) {
+                    ops.push(Op::Remove(*p, k));
                 }
             }
             (None, None) => {}
         }
     }
-    w.submit(requests, labels)
-        .map_err(|e| RouteError::Netlink {
-            op: "queue route changes".into(),
-            message: e.to_string(),
-        })?;
+    (ops, failures)
+}
+
+/// Queue route changes on the writer without reading the kernel's table (BGP's updates
+/// between full passes; see [`plan_changes`]). Returns at once; the kernel's refusals
+/// arrive on the writer's failure channel (a removal of a route already gone is not one).
+/// The pass counts what was queued.
+pub async fn apply_changes(
+    h: &Handle,
+    w: &Writer,
+    changes: &[Change],
+    uplink: Option<u32>,
+) -> Result<Pass, RouteError> {
+    let links = if names_a_link(changes) {
+        links(h).await?
+    } else {
+        HashMap::new()
+    };
+    let (ops, failures) = plan_changes(changes, &links, uplink);
+    let mut pass = Pass {
+        failures,
+        ..Pass::default()
+    };
+    let mut requests = Vec::with_capacity(ops.len());
+    let mut labels = Vec::with_capacity(ops.len());
+    for op in &ops {
+        requests.push(op.request());
+        match op {
+            Op::Put(p, _) => {
+                labels.push(Some(*p));
+                pass.added_or_replaced += 1;
+            }
+            // Already gone is fine: no label, no report.
+            Op::Del(_) | Op::Remove(..) => {
+                labels.push(None);
+                pass.deleted += 1;
+            }
+        }
+    }
+    w.submit(requests, labels)?;
     Ok(pass)
 }
 
@@ -287,49 +362,37 @@ fn trie_order(p: &IpNet) -> u64 {
     }
 }
 
-/// Send the operations in batches (see [`super::nlbatch`]) and count the outcomes into
-/// `pass`.
-async fn run_ops(w: &Writer, mut ops: Vec<Op>, pass: &mut Pass) {
+/// Send the operations in batches (see [`crate::netlink::batch`]) and count the outcomes
+/// into `pass`.
+async fn run_ops(w: &Writer, ops: Vec<Op>, pass: &mut Pass) {
     if ops.is_empty() {
         return;
     }
-    // Stable: a prefix's own operations (a deletion of another metric, then the put) keep
-    // their order.
-    ops.sort_by_cached_key(|op| match op {
-        Op::Put(p, _) => trie_order(p),
-        Op::Del(m) => dst(m).map_or(0, |d| trie_order(&d)),
-    });
-    // Each request's prefix, formatted only for a failure.
+    // Each request's prefix and whether it is a put: all that is kept of the operations
+    // while the kernel works (a million of them at a cold start).
     let mut what = Vec::with_capacity(ops.len());
     let requests: Vec<Request> = ops
         .into_iter()
-        .map(|op| match op {
-            Op::Put(p, k) => {
-                what.push((Some(p), true));
-                Request::Replace(message(&p, &k))
-            }
-            Op::Del(m) => {
-                what.push((dst(&m), false));
-                Request::Delete(m)
-            }
+        .map(|op| {
+            what.push((op.prefix(), matches!(op, Op::Put(..))));
+            op.request()
         })
         .collect();
     let outcomes = match w.send(requests).await {
         Ok(o) => o,
         Err(e) => {
-            pass.failures.push(format!("netlink: {e}"));
+            pass.failures.push(RouteFailure::Netlink(e));
             return;
         }
     };
-    for ((what, put), r) in what.into_iter().zip(outcomes) {
+    for ((prefix, put), r) in what.into_iter().zip(outcomes) {
         match (r, put) {
             (Ok(()), true) => pass.added_or_replaced += 1,
             (Ok(()), false) => pass.deleted += 1,
-            (Err(errno), true) => pass.failures.push(format!(
-                "{}: {}",
-                what.map_or_else(String::new, |p| p.to_string()),
-                std::io::Error::from_raw_os_error(errno)
-            )),
+            (Err(errno), true) => pass.failures.push(RouteFailure::Route {
+                prefix,
+                reason: RouteReason::Refused { errno },
+            }),
             // Already gone.
             (Err(_), false) => {}
         }
@@ -338,58 +401,89 @@ async fn run_ops(w: &Writer, mut ops: Vec<Op>, pass: &mut Pass) {
 
 /// An interface's MTU.
 pub async fn mtu_of(h: &Handle, index: u32) -> Result<u32, RouteError> {
-    let l = h
-        .link()
-        .get()
-        .match_index(index)
-        .execute()
-        .try_next()
-        .await
-        .map_err(nl(format!("get link {index}")))?;
-    Ok(l.and_then(|l| {
-        l.attributes.iter().find_map(|a| match a {
-            netlink_packet_route::link::LinkAttribute::Mtu(m) => Some(*m),
-            _ => None,
-        })
-    })
-    .unwrap_or(1500))
+    Ok(crate::netlink::links::mtu_of(h, index).await?)
 }
 
 /// The index of the interface that holds `ip` (the uplink of NoEncap routes).
 pub async fn interface_with(h: &Handle, ip: IpAddr) -> Result<Option<u32>, RouteError> {
-    let addrs: Vec<_> = h
-        .address()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("list addresses".into()))?;
-    Ok(addrs.iter().find_map(|a| {
-        a.attributes.iter().find_map(|at| match at {
-            netlink_packet_route::address::AddressAttribute::Address(x) if *x == ip => {
-                Some(a.header.index)
-            }
-            _ => None,
-        })
-    }))
+    Ok(crate::netlink::links::interface_with(h, ip).await?)
 }
 
-/// One pass: make the main table's routes of ours be exactly `desired`. `prefix` is the
-/// workload interface prefix (`cali`); `uplink` the interface of `Dev::Uplink` routes.
-/// Routes of ours via a gateway inside `keep` stay even when not desired: BGP's routes
-/// while the speaker has not delivered its table yet (forwarding state kept across a
-/// restart). With `only`, the pass covers the routes through that interface (index) and
-/// no other: the kernel dumps that interface's routes, and desired routes through other
-/// interfaces, or that cannot be made, are not looked at.
-pub async fn reconcile(
-    h: &Handle,
-    w: &Writer,
+/// Which of the kernel's routes are ours, and the interfaces a pass works with.
+pub struct Ownership<'a> {
+    /// Interface indexes by name, as the kernel has them.
+    pub links: &'a HashMap<String, u32>,
+    /// The workload interface prefix (`cali`).
+    pub prefix: &'a str,
+    /// The interface of `Dev::Uplink` routes.
+    pub uplink: Option<u32>,
+}
+
+/// What a pass is to do.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// The requests, in the order to send them (see [`trie_order`]).
+    pub ops: Vec<Op>,
+    /// Desired routes that cannot be made (a missing interface).
+    pub failures: Vec<RouteFailure>,
+    /// The desired routes the pass covers (all, or those through `only`).
+    pub looked_at: usize,
+}
+
+/// Whether the kernel's route `r` is ours (REFERENCE §5): protocol 80, or on a `cali*`,
+/// `vxlan.calico` or `tunl0` interface and not the kernel's own; a route on a workload
+/// interface no desired route names belongs to the CNI plugin (its endpoint is on its
+/// way) and is left alone.
+fn is_ours(
+    k: &Kernel,
+    names: &HashMap<u32, &str>,
+    prefix: &str,
+    workload_ifaces: &std::collections::HashSet<&str>,
+) -> bool {
+    k.protocol == PROTO_FELIX
+        || (k.protocol != PROTO_KERNEL
+            && k.oif.and_then(|i| names.get(&i)).is_some_and(|n| {
+                is_ours_dev(n, prefix) && (!n.starts_with(prefix) || workload_ifaces.contains(n))
+            }))
+}
+
+/// Whether a desired route leaves through interface `i` (a pass of one interface covers
+/// only those).
+fn through(route: &Route, i: u32, links: &HashMap<String, u32>, uplink: Option<u32>) -> bool {
+    match &route.target {
+        Target::Blackhole => false,
+        Target::Link(dev)
+        | Target::Via {
+            dev: Dev::Named(dev),
+            ..
+        } => links.get(dev) == Some(&i),
+        Target::Via {
+            dev: Dev::Uplink, ..
+        } => uplink == Some(i),
+    }
+}
+
+/// Plan one pass: the requests that make the main table's routes of ours exactly
+/// `desired`, given the kernel's routes `observed` (a dump of both families, every
+/// table). The default metric's route is replaced in place (no gap); routes of ours for a
+/// desired prefix with other metrics are deleted, and so are routes of ours not desired,
+/// except those via a gateway inside `keep` (BGP's routes while the speaker has not
+/// delivered its table yet: forwarding state kept across a restart). With `only`, the
+/// pass covers the routes through that interface and no other: `observed` is that
+/// interface's, and desired routes through other interfaces are not looked at. The
+/// requests come in the FIB trie's cheapest order, a prefix's own in their order.
+pub fn plan(
     desired: &RouteTable,
-    (prefix, uplink): (&str, Option<u32>),
+    observed: impl IntoIterator<Item = RawRoute>,
+    own: &Ownership<'_>,
     keep: &[IpNet],
     only: Option<u32>,
-) -> Result<Pass, RouteError> {
-    let links = links(h).await?;
+) -> Plan {
+    let Ownership {
+        links,
+        prefix,
+        uplink,
+    } = *own;
     let names: HashMap<u32, &str> = links.iter().map(|(n, i)| (*i, n.as_str())).collect();
     let workload_ifaces: std::collections::HashSet<&str> = desired
         .values()
@@ -401,77 +495,39 @@ pub async fn reconcile(
     // Ours in the kernel: the first route of each prefix, and any further ones (rare: other
     // metrics) apart, so the common case costs no allocation per route.
     let capacity = if only.is_some() { 0 } else { desired.len() };
-    let mut have: crate::bgp::rib::FastMap<IpNet, (Kernel, RawRoute)> =
-        crate::bgp::rib::FastMap::with_capacity_and_hasher(capacity, Default::default());
-    let mut more: crate::bgp::rib::FastMap<IpNet, Vec<(Kernel, RawRoute)>> = Default::default();
-    for v6 in [false, true] {
-        // On the writer: after everything queued before is in the kernel.
-        let routes = w.dump(v6, only).await.map_err(|e| RouteError::Netlink {
-            op: "list routes".into(),
-            message: e.to_string(),
-        })?;
-        for r in routes {
-            if r.table != u32::from(RouteHeader::RT_TABLE_MAIN) {
-                continue;
+    let mut have: crate::prefix_map::FastMap<IpNet, (Kernel, RawRoute)> =
+        crate::prefix_map::FastMap::with_capacity_and_hasher(capacity, Default::default());
+    let mut more: crate::prefix_map::FastMap<IpNet, Vec<(Kernel, RawRoute)>> = Default::default();
+    for r in observed {
+        if r.table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+            continue;
+        }
+        let k = Kernel::of(&r);
+        if !is_ours(&k, &names, prefix, &workload_ifaces) {
+            continue;
+        }
+        match have.entry(r.dst) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((k, r));
             }
-            let k = Kernel {
-                kind: RouteType::from(r.kind),
-                oif: r.oif,
-                gateway: r.gateway,
-                protocol: r.protocol,
-                scope: RouteScope::from(r.scope),
-                // RTNH_F_ONLINK.
-                onlink: r.flags & 4 != 0,
-            };
-            // The kernel's own routes (connected subnets, IPv6 link-local) are never ours,
-            // whatever interface they are on.
-            // A workload interface no endpoint names yet belongs to the CNI plugin (its
-            // endpoint is on its way): its routes are left alone.
-            let ours = k.protocol == PROTO_FELIX
-                || (k.protocol != PROTO_KERNEL
-                    && k.oif.and_then(|i| names.get(&i)).is_some_and(|n| {
-                        is_ours_dev(n, prefix)
-                            && (!n.starts_with(prefix) || workload_ifaces.contains(n))
-                    }));
-            if ours {
-                match have.entry(r.dst) {
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert((k, r));
-                    }
-                    std::collections::hash_map::Entry::Occupied(_) => {
-                        more.entry(r.dst).or_default().push((k, r));
-                    }
-                }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                more.entry(r.dst).or_default().push((k, r));
             }
         }
     }
 
-    let mut pass = Pass::default();
-    let mut ops = Vec::new();
-    let mut looked_at = 0;
+    let mut plan = Plan::default();
     for (p, route) in desired {
-        if let Some(i) = only {
-            // Cheap tests first: most routes of a big table are not this interface's.
-            let through = match &route.target {
-                Target::Blackhole => false,
-                Target::Link(dev)
-                | Target::Via {
-                    dev: Dev::Named(dev),
-                    ..
-                } => links.get(dev) == Some(&i),
-                Target::Via {
-                    dev: Dev::Uplink, ..
-                } => uplink == Some(i),
-            };
-            if !through {
-                continue;
-            }
+        // Cheap tests first: most routes of a big table are not this interface's.
+        if only.is_some_and(|i| !through(route, i, links, uplink)) {
+            continue;
         }
-        looked_at += 1;
-        let k = match wanted(route, &links, uplink) {
+        plan.looked_at += 1;
+        let k = match wanted(route, links, uplink) {
             Ok(k) => k,
-            Err(why) => {
-                pass.failures.push(format!("{p}: {why}"));
+            Err(reason) => {
+                plan.failures
+                    .push(RouteFailure::Route { prefix: *p, reason });
                 continue;
             }
         };
@@ -484,59 +540,66 @@ pub async fn reconcile(
         if extra.is_empty() && first.as_ref().is_some_and(|(have, _)| *have == k) {
             continue;
         }
-        let existing = first.into_iter().chain(extra);
         // Replace the route of the default metric in place (no gap); routes of ours for
         // the prefix with other metrics go.
         let default_metric = if p.addr().is_ipv6() { 1024 } else { 0 };
-        for (_, r) in existing {
+        for (_, r) in first.into_iter().chain(extra) {
             if r.priority != default_metric {
-                ops.push(Op::Del(raw_message(&r)));
+                plan.ops.push(Op::Del(r));
             }
         }
-        ops.push(Op::Put(*p, k));
+        plan.ops.push(Op::Put(*p, k));
     }
     // What is left of ours is not desired.
     let left = have.into_iter().map(|(d, kr)| (d, vec![kr]));
     for (d, v) in left.chain(more) {
         let kept = keep.iter().any(|n| n.contains(&d));
-        ops.extend(
+        plan.ops.extend(
             v.into_iter()
                 .filter(|(k, _)| !(kept && k.gateway.is_some()))
-                .map(|(_, r)| Op::Del(raw_message(&r))),
+                .map(|(_, r)| Op::Del(r)),
         );
     }
+    // Stable: a prefix's own operations (a deletion of another metric, then the put) keep
+    // their order.
+    plan.ops.sort_by_cached_key(|op| trie_order(&op.prefix()));
+    plan
+}
+
+/// One pass: make the main table's routes of ours be exactly `desired` (see [`plan`]).
+/// `prefix` is the workload interface prefix (`cali`); `uplink` the interface of
+/// `Dev::Uplink` routes. The links are listed, the table dumped on the writer (after
+/// everything queued before is in the kernel), the plan sent in batches.
+pub async fn reconcile(
+    h: &Handle,
+    w: &Writer,
+    desired: &RouteTable,
+    (prefix, uplink): (&str, Option<u32>),
+    keep: &[IpNet],
+    only: Option<u32>,
+) -> Result<Pass, RouteError> {
+    let links = links(h).await?;
+    let v4 = w.dump(false, only).await?;
+    let v6 = w.dump(true, only).await?;
+    let own = Ownership {
+        links: &links,
+        prefix,
+        uplink,
+    };
+    let Plan {
+        ops,
+        failures,
+        looked_at,
+    } = plan(desired, v4.into_iter().chain(v6), &own, keep, only);
+    let mut pass = Pass {
+        failures,
+        ..Pass::default()
+    };
     run_ops(w, ops, &mut pass).await;
-    pass.ours = looked_at - pass.failures.len();
+    pass.ours = looked_at.saturating_sub(pass.failures.len());
     Ok(pass)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn trie_order_spreads_consecutive_blocks_and_puts_ipv4_first() {
-        let mut blocks: Vec<IpNet> = (0..8u32)
-            .map(|i| {
-                IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + (i << 8)), 24).unwrap())
-            })
-            .collect();
-        blocks.sort_by_key(trie_order);
-        let thirds: Vec<u8> = blocks
-            .iter()
-            .map(|b| match b {
-                IpNet::V4(n) => n.addr().octets()[2],
-                IpNet::V6(_) => unreachable!(),
-            })
-            .collect();
-        // The bit-reversal permutation of 0..8.
-        assert_eq!(thirds, [0, 4, 2, 6, 1, 5, 3, 7]);
-        // The prefix length breaks ties of one address; IPv6 sorts after every IPv4.
-        let a: IpNet = "10.0.0.0/24".parse().unwrap();
-        let b: IpNet = "10.0.0.0/26".parse().unwrap();
-        let v6: IpNet = "fd00::/122".parse().unwrap();
-        let top: IpNet = "255.255.255.255/32".parse().unwrap();
-        assert!(trie_order(&a) < trie_order(&b));
-        assert!(trie_order(&top) < trie_order(&v6));
-    }
-}
+#[path = "routes_tests.rs"]
+mod tests;
