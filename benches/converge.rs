@@ -272,7 +272,7 @@ fn measure(lab: &Lab, label: &str) -> Measured {
             &lab.ep,
             pod,
             "ADD",
-            &format!("pod-{}", pod.name),
+            &container_id(pod),
         );
         assert!(ok, "{label}: ADD: {v}");
         add_time.push(t0.elapsed());
@@ -400,7 +400,7 @@ fn measure(lab: &Lab, label: &str) -> Measured {
             &lab.ep,
             pod,
             "DEL",
-            &format!("pod-{}", pod.name),
+            &container_id(pod),
         );
     }
     Measured {
@@ -485,4 +485,12 @@ fn main() {
         "  calico-node idle RSS: {} MiB (max of {NODES} nodes; goal <= 20 MiB)",
         rss.iter().max().copied().unwrap_or(0) as f64 / 1024.0
     );
+}
+
+/// A pod's container ID: its namespace's random part first. Outside Kubernetes the host
+/// interface is `cali` + the ID's first 11 characters, so IDs must differ there
+/// (`pod-cv-p-<hex>` collided for pods whose first hex byte matched).
+fn container_id(pod: &NetNs) -> String {
+    let random = pod.name.rsplit('-').next().unwrap_or(&pod.name);
+    format!("{random}-cv-pod")
 }
