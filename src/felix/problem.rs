@@ -20,7 +20,10 @@ pub enum Problem {
     Routes(#[from] RouteError),
     /// One desired route could not be programmed.
     #[error("{prefix}: {reason}")]
-    Route { prefix: ipnet::IpNet, reason: String },
+    Route {
+        prefix: ipnet::IpNet,
+        reason: String,
+    },
     /// A neighbour or FDB entry could not be programmed.
     #[error("{what}: {reason}")]
     Neighbour { what: String, reason: String },
@@ -32,8 +35,15 @@ pub enum Problem {
     Sysctl { path: String, error: std::io::Error },
     /// The pods' MTU could not be written for the CNI plugin.
     #[error("{}: {error}", path.display())]
-    MtuFile { path: PathBuf, error: std::io::Error },
+    MtuFile {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     /// A change queued on the route writer was refused by the kernel.
     #[error("{0}")]
     Refused(String),
+    /// A failure a reconciler reports as text (routes, neighbours, sysctls), until it
+    /// reports typed ones.
+    #[error("{0}")]
+    Reconciler(String),
 }
