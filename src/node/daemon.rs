@@ -240,6 +240,10 @@ async fn run_started(
         _ = shutdown.cancelled() => return Ok(()),
         r = startup::startup(&client, cfg, DATASTORE_WAIT, &report) => r?,
     };
+    // Felix and the tunnel addresses are registered (not ready) before start-up says it is
+    // ready: otherwise `/readiness` says 200 for the moment before they are.
+    let felix_health = health.register("felix");
+    let tunnel_health = health.register("tunnel-addrs");
     startup_health.set_ready(true, None);
     info!(node = %cfg.nodename, ipv4 = ?started.ipv4, "start-up complete");
     // Calico: the shutdown timestamp goes once the node is up again.
@@ -345,7 +349,6 @@ async fn run_started(
     }
     // This node's tunnel addresses, apart from Felix (Calico's `-allocate-tunnel-addrs`):
     // its failures make the node not ready under its own name, and are retried.
-    let tunnel_health = health.register("tunnel-addrs");
     sup.spawn_once(
         "tunnel-addrs",
         Some(tunnel_health.clone()),
@@ -357,7 +360,6 @@ async fn run_started(
             shutdown.child_token(),
         ),
     );
-    let felix_health = health.register("felix");
     sup.spawn_once(
         "felix",
         Some(felix_health.clone()),
