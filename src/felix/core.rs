@@ -23,7 +23,9 @@
 //!   are repaired, or a full pass runs when another link changed or notifications were
 //!   lost;
 //! - a change the kernel refused (writer failure, BGP changes or repair problems) makes
-//!   Felix not ready and schedules a full pass that reads the kernel back;
+//!   Felix not ready and schedules a full pass that reads the kernel back; a full pass's
+//!   own problems make Felix not ready until a pass without any (they are retried at the
+//!   next full pass, not sooner);
 //! - while BGP has not delivered its table, routes of the BGP-routed pools are kept
 //!   (forwarding state kept across a speaker restart).
 
