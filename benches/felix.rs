@@ -168,9 +168,9 @@ async fn felix(
     let health = HealthAggregator::new().register("felix");
     let cfg = actor::Config {
         node: "bench".into(),
-        datastore: None,
         mtu_file: None,
         faults: None,
+        tasks: tokio_util::task::TaskTracker::new(),
     };
     let task = tokio::spawn(actor::run(
         cfg,

@@ -88,7 +88,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .context("listing IP pools")?;
             let ipam = calico_node::ipam::Ipam::new(client.datastore().clone());
-            let changes = calico_node::felix::tunnel_addr::reconcile(
+            let changes = calico_node::node::tunnel_addrs::reconcile(
                 &client,
                 &ipam,
                 &cfg.nodename,

@@ -4,6 +4,7 @@
 //!   etcd --list/watch--> [syncer] --SyncerEvent (mpsc 1024)--> [cluster view] (counts)
 //!                           |--SyncerEvent--> [confd] --watch config--> [speaker] --routes--+
 //!                           |--SyncerEvent--> [Felix] <------------------------------------+
+//!                           |--SyncerEvent--> [tunnel-addrs] --IPAM, this Node--> etcd
 //!                           +--> metrics registry --> [metrics HTTP :9091]
 //!                           +--> health aggregator --> [health HTTP :9099]
 //!   SIGTERM/SIGINT --> root CancellationToken --> every task (TaskTracker waits <= 2 s)
@@ -11,7 +12,7 @@
 //!
 //! Every actor runs under the [`Supervisor`]: the endpoints, the BGP status socket and the
 //! IPAM collector are restarted with backoff; the syncer and its consumers (cluster view,
-//! confd with the speaker, Felix) turn `/liveness` false with their name and the cause
+//! confd with the speaker, Felix, the tunnel addresses) turn `/liveness` false with their name and the cause
 //! when they end. confd restarts the speaker itself.
 
 use std::collections::BTreeMap;
@@ -207,7 +208,15 @@ async fn run_in_span(
             }
         });
     }
-    let result = run_started(&cfg, &shutdown, &sup, registry, &health, &startup_health).await;
+    let result = run_started(
+        &cfg,
+        (&shutdown, &tracker),
+        &sup,
+        registry,
+        &health,
+        &startup_health,
+    )
+    .await;
     if let Err(e) = &result {
         error!("{e:#}");
     }
@@ -229,7 +238,7 @@ async fn run_in_span(
 
 async fn run_started(
     cfg: &NodeConfig,
-    shutdown: &CancellationToken,
+    (shutdown, tracker): (&CancellationToken, &TaskTracker),
     sup: &Supervisor,
     registry: prometheus::Registry,
     health: &HealthAggregator,
@@ -247,6 +256,10 @@ async fn run_started(
         _ = shutdown.cancelled() => return Ok(()),
         r = startup::startup(&client, cfg, DATASTORE_WAIT, &report) => r?,
     };
+    // Felix and the tunnel addresses are registered (not ready) before start-up says it is
+    // ready: otherwise `/readiness` says 200 for the moment before they are.
+    let felix_health = health.register("felix");
+    let tunnel_health = health.register("tunnel-addrs");
     startup_health.set_ready(true, None);
     info!(node = %cfg.nodename, ipv4 = ?started.ipv4, "start-up complete");
     // Calico: the shutdown timestamp goes once the node is up again.
@@ -280,6 +293,7 @@ async fn run_started(
         .with_health(syncer_health.clone());
     let view_rx = syncer.subscribe(1024);
     let felix_rx = syncer.subscribe(1024);
+    let tunnel_rx = syncer.subscribe(1024);
     // The actors below are fed by the syncer's subscriptions, made once: one that ends
     // cannot be restarted alone, so its end makes the node not live (supervisor module).
     sup.spawn_once("cluster-view", None, async move {
@@ -349,18 +363,28 @@ async fn run_started(
             ),
         );
     }
-    // Felix's tunnel-address task runs inside each pass and is awaited there: a failure
-    // or panic of it is a readiness problem of Felix, tried again on the next pass.
-    let felix_health = health.register("felix");
+    // This node's tunnel addresses, apart from Felix (Calico's `-allocate-tunnel-addrs`):
+    // its failures make the node not ready under its own name, and are retried.
+    sup.spawn_once(
+        "tunnel-addrs",
+        Some(tunnel_health.clone()),
+        super::tunnel_addrs::run(
+            cfg.nodename.clone(),
+            client.clone(),
+            tunnel_rx,
+            tunnel_health,
+            shutdown.child_token(),
+        ),
+    );
     sup.spawn_once(
         "felix",
         Some(felix_health.clone()),
         crate::felix::actor::run(
             crate::felix::actor::Config {
                 node: cfg.nodename.clone(),
-                datastore: Some(ds.clone()),
                 mtu_file: Some(cfg.state_dir.join("mtu")),
                 faults: sup.fault_input("felix"),
+                tasks: tracker.clone(),
             },
             felix_rx,
             bgp_rx,

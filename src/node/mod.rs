@@ -10,3 +10,4 @@ pub mod probe;
 pub mod shutdown;
 pub mod startup;
 pub mod supervisor;
+pub mod tunnel_addrs;

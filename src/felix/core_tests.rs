@@ -1,0 +1,514 @@
+//! The decisions of Felix's loop, one test per rule, on the sans-IO core: no root, no
+//! clock (instants are built from one base and durations), no kernel.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::bgp::LearnedRoute;
+use crate::datastore::KeyValue;
+use crate::datastore::syncer::{self, SyncStatus, Update, UpdateType};
+use crate::felix::calc::CalcProblem;
+use crate::felix::routes::RouteReason;
+use crate::netlink::WriteFailure;
+
+const RES: &str = "/calico/resources/v3/projectcalico.org";
+
+fn put(key: &str, json: &str) -> Input {
+    let kv = KeyValue {
+        key: key.into(),
+        value: json.as_bytes().to_vec(),
+        mod_revision: 1,
+        create_revision: 1,
+    };
+    let value = syncer::decode(&kv)
+        .expect("a modelled key")
+        .expect("a valid value");
+    Input::Datastore(SyncerEvent::Update(Update {
+        key: key.into(),
+        update_type: UpdateType::New,
+        value: Some(Arc::new(value)),
+        revision: 1,
+    }))
+}
+
+fn in_sync() -> Input {
+    Input::Datastore(SyncerEvent::Status(SyncStatus::InSync))
+}
+
+fn pool(name: &str, cidr: &str, vxlan: &str) -> Input {
+    put(
+        &format!("{RES}/ippools/{name}"),
+        &format!(
+            r#"{{"kind":"IPPool","apiVersion":"projectcalico.org/v3","metadata":{{"name":"{name}"}},"spec":{{"cidr":"{cidr}","vxlanMode":"{vxlan}","ipipMode":"Never","natOutgoing":true,"nodeSelector":"all()"}}}}"#
+        ),
+    )
+}
+
+fn node(name: &str, ip: &str) -> Input {
+    put(
+        &format!("{RES}/nodes/{name}"),
+        &format!(
+            r#"{{"kind":"Node","apiVersion":"projectcalico.org/v3","metadata":{{"name":"{name}"}},"spec":{{"bgp":{{"ipv4Address":"{ip}/24"}}}}}}"#
+        ),
+    )
+}
+
+fn felix_config(spec: &str) -> Input {
+    put(
+        &format!("{RES}/felixconfigurations/default"),
+        &format!(
+            r#"{{"kind":"FelixConfiguration","apiVersion":"projectcalico.org/v3","metadata":{{"name":"default"}},"spec":{spec}}}"#
+        ),
+    )
+}
+
+fn best(prefix: &str, next_hop: &str) -> RouteUpdate {
+    RouteUpdate::Best(LearnedRoute {
+        prefix: prefix.parse().unwrap(),
+        next_hop: next_hop.parse().unwrap(),
+    })
+}
+
+fn link(index: u32, name: &str) -> Input {
+    let mut t = Touched::default();
+    t.links.insert(index, Some(name.into()));
+    Input::Kernel(t)
+}
+
+/// A clock of the test's own: `ms(n)` is `n` ms after the core started.
+struct Clock(Instant);
+
+impl Clock {
+    fn ms(&self, n: u64) -> Instant {
+        self.0 + Duration::from_millis(n)
+    }
+}
+
+fn start() -> (Core, Clock) {
+    let t0 = Instant::now();
+    (Core::new("node-a", t0), Clock(t0))
+}
+
+/// The outputs that act on the dataplane (timers and health left out).
+fn actions(out: &[Output]) -> Vec<&Output> {
+    out.iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Output::FullPass(_) | Output::Repair(_) | Output::ApplyChanges { .. }
+            )
+        })
+        .collect()
+}
+
+fn full_pass(out: &[Output]) -> Option<&Pass> {
+    out.iter().find_map(|o| match o {
+        Output::FullPass(p) => Some(p),
+        _ => None,
+    })
+}
+
+fn health_of(out: &[Output]) -> Option<&Health> {
+    out.iter().find_map(|o| match o {
+        Output::Health(h) => Some(h),
+        _ => None,
+    })
+}
+
+fn timer(out: &[Output]) -> Option<Instant> {
+    out.iter().find_map(|o| match o {
+        Output::SetTimer(t) => Some(*t),
+        _ => None,
+    })
+}
+
+fn done(uplink: Option<u32>) -> Input {
+    Input::PassDone {
+        uplink,
+        problems: Vec::new(),
+    }
+}
+
+/// A core in sync whose first full pass is done (uplink 2), with a pool and this node.
+fn synced() -> (Core, Clock) {
+    let (mut c, clock) = start();
+    c.handle(clock.ms(0), pool("p", "10.244.0.0/16", "Never"));
+    c.handle(clock.ms(0), node("node-a", "10.0.0.1"));
+    let out = c.handle(clock.ms(0), in_sync());
+    assert!(full_pass(&out).is_some(), "{out:?}");
+    c.handle(clock.ms(1), done(Some(2)));
+    (c, clock)
+}
+
+#[test]
+fn nothing_is_programmed_before_the_datastore_is_in_sync() {
+    let (mut c, clock) = start();
+    let out = c.handle(clock.ms(0), pool("p", "10.244.0.0/16", "Never"));
+    assert!(actions(&out).is_empty(), "{out:?}");
+    let out = c.handle(
+        clock.ms(0),
+        Input::Bgp(vec![best("10.9.0.0/24", "10.0.0.2")]),
+    );
+    assert!(actions(&out).is_empty(), "{out:?}");
+    // Even the resync timer waits for the datastore.
+    let out = c.handle(clock.ms(90_000), Input::Timer);
+    assert!(actions(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn the_first_time_in_sync_a_full_pass_runs_even_with_nothing_changed() {
+    let (mut c, clock) = start();
+    let out = c.handle(clock.ms(0), in_sync());
+    let pass = full_pass(&out).expect("a full pass");
+    assert!(pass.desired.routes.is_empty());
+    // Its result: ready.
+    let out = c.handle(clock.ms(5), done(None));
+    assert_eq!(health_of(&out), Some(&Health::Ready));
+    // In sync again (a resync) with nothing changed: nothing to do.
+    let out = c.handle(clock.ms(6), in_sync());
+    assert!(actions(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_full_pass_carries_what_the_executor_needs() {
+    let (mut c, clock) = start();
+    c.handle(
+        clock.ms(0),
+        felix_config(r#"{"vxlanMTU":1400,"interfacePrefix":"pod"}"#),
+    );
+    c.handle(clock.ms(0), pool("p", "10.244.0.0/16", "Never"));
+    c.handle(clock.ms(0), node("node-a", "10.0.0.1"));
+    let out = c.handle(clock.ms(0), in_sync());
+    let pass = full_pass(&out).expect("a full pass");
+    assert_eq!(pass.prefix, "pod");
+    assert_eq!(pass.node_ip, Some("10.0.0.1".parse().unwrap()));
+    assert_eq!((pass.vxlan_mtu, pass.ipip_mtu), (Some(1400), None));
+    // BGP has not delivered its table: the BGP-routed pool's routes stay.
+    assert_eq!(pass.keep, vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]);
+}
+
+#[test]
+fn a_datastore_change_makes_a_full_pass_and_one_that_changes_nothing_does_not() {
+    let (mut c, clock) = synced();
+    let out = c.handle(clock.ms(10), pool("q", "10.245.0.0/16", "Always"));
+    assert!(full_pass(&out).is_some(), "{out:?}");
+    c.handle(clock.ms(11), done(Some(2)));
+    // A FelixConfiguration of another node changes nothing of ours.
+    let other = put(
+        &format!("{RES}/felixconfigurations/node.node-b"),
+        r#"{"kind":"FelixConfiguration","apiVersion":"projectcalico.org/v3","metadata":{"name":"node.node-b"},"spec":{}}"#,
+    );
+    let out = c.handle(clock.ms(12), other);
+    assert!(actions(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn queued_datastore_events_are_folded_before_one_decision() {
+    let (mut c, clock) = synced();
+    let mut out = c.fold(clock.ms(10), pool("q", "10.245.0.0/16", "Never"));
+    out.extend(c.fold(clock.ms(10), pool("r", "10.246.0.0/16", "Never")));
+    assert!(actions(&out).is_empty(), "fold alone decides nothing");
+    let out = c.decide(clock.ms(10));
+    assert_eq!(actions(&out).len(), 1, "{out:?}");
+    let pass = full_pass(&out).unwrap();
+    assert_eq!(
+        pass.keep.len(),
+        3,
+        "both pools are in the one pass: {pass:?}"
+    );
+}
+
+#[test]
+fn bgp_changes_go_straight_to_the_kernel_against_the_last_pass() {
+    let (mut c, clock) = synced();
+    let out = c.handle(
+        clock.ms(10),
+        Input::Bgp(vec![best("10.244.1.0/26", "10.0.0.2")]),
+    );
+    let [Output::ApplyChanges { changes, uplink }] = &actions(&out)[..] else {
+        panic!("{out:?}");
+    };
+    assert_eq!(*uplink, Some(2), "the last pass's uplink");
+    assert_eq!(changes.len(), 1);
+    let (p, old, new) = &changes[0];
+    assert_eq!(p.to_string(), "10.244.1.0/26");
+    assert!(old.is_none() && new.is_some(), "{changes:?}");
+    c.handle(clock.ms(11), Input::ChangesApplied(Vec::new()));
+    // The same route again changes nothing; a withdrawal removes it.
+    let out = c.handle(
+        clock.ms(12),
+        Input::Bgp(vec![best("10.244.1.0/26", "10.0.0.2")]),
+    );
+    assert!(actions(&out).is_empty(), "{out:?}");
+    let out = c.handle(
+        clock.ms(13),
+        Input::Bgp(vec![RouteUpdate::Withdrawn(
+            "10.244.1.0/26".parse().unwrap(),
+        )]),
+    );
+    let [Output::ApplyChanges { changes, .. }] = &actions(&out)[..] else {
+        panic!("{out:?}");
+    };
+    assert!(changes[0].2.is_none(), "{changes:?}");
+}
+
+#[test]
+fn a_due_full_pass_takes_bgp_changes_with_it() {
+    let (mut c, clock) = synced();
+    c.fold(clock.ms(10), pool("q", "10.245.0.0/16", "Never"));
+    c.fold(
+        clock.ms(10),
+        Input::Bgp(vec![best("10.244.1.0/26", "10.0.0.2")]),
+    );
+    let out = c.decide(clock.ms(10));
+    let pass = full_pass(&out).expect("a full pass, not changes");
+    assert!(
+        pass.desired
+            .routes
+            .contains_key(&"10.244.1.0/26".parse().unwrap())
+    );
+    assert_eq!(actions(&out).len(), 1);
+}
+
+#[test]
+fn bgps_first_in_sync_makes_a_full_pass_that_keeps_nothing() {
+    let (mut c, clock) = synced();
+    let out = c.handle(clock.ms(10), Input::Bgp(vec![RouteUpdate::InSync]));
+    let pass = full_pass(&out).expect("a full pass");
+    assert!(pass.keep.is_empty(), "{pass:?}");
+    c.handle(clock.ms(11), done(Some(2)));
+    let out = c.handle(clock.ms(12), Input::Bgp(vec![RouteUpdate::InSync]));
+    assert!(actions(&out).is_empty(), "only the first: {out:?}");
+}
+
+#[test]
+fn without_a_speaker_nothing_is_kept_for_bgp() {
+    let (mut c, clock) = synced();
+    assert!(c.bgp_open());
+    c.handle(clock.ms(10), Input::BgpClosed);
+    assert!(!c.bgp_open());
+    let out = c.handle(clock.ms(11), pool("q", "10.245.0.0/16", "Never"));
+    assert!(full_pass(&out).unwrap().keep.is_empty());
+}
+
+#[test]
+fn kernel_events_are_debounced_then_a_workload_interface_is_repaired() {
+    let (mut c, clock) = synced();
+    let out = c.handle(clock.ms(100), link(7, "cali1234"));
+    assert!(actions(&out).is_empty(), "{out:?}");
+    assert_eq!(timer(&out), Some(clock.ms(200)));
+    // A second event within the debounce does not push the deadline.
+    let mut t = Touched::default();
+    t.route_ifaces.insert(5);
+    let out = c.handle(clock.ms(150), Input::Kernel(t));
+    assert!(timer(&out).is_none() && actions(&out).is_empty(), "{out:?}");
+    let out = c.handle(clock.ms(200), Input::Timer);
+    let [Output::Repair(r)] = &actions(&out)[..] else {
+        panic!("{out:?}");
+    };
+    assert_eq!(r.scopes, vec![Some(5), Some(7)]);
+    assert_eq!(r.workloads, vec!["cali1234".to_string()]);
+    assert_eq!((r.uplink, r.prefix.as_str()), (Some(2), "cali"));
+    assert_eq!(r.keep.len(), 1, "BGP not in sync: its pool kept");
+    // No problem: readiness unchanged, nothing more to do.
+    let out = c.handle(clock.ms(210), Input::Repaired(Vec::new()));
+    assert!(
+        out.iter().all(|o| matches!(o, Output::SetTimer(_))),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn interface_less_routes_touched_repair_the_whole_table() {
+    let (mut c, clock) = synced();
+    let t = Touched {
+        routes: true,
+        ..Default::default()
+    };
+    c.handle(clock.ms(100), Input::Kernel(t));
+    let out = c.handle(clock.ms(200), Input::Timer);
+    let [Output::Repair(r)] = &actions(&out)[..] else {
+        panic!("{out:?}");
+    };
+    assert_eq!(r.scopes, vec![None]);
+    assert!(r.workloads.is_empty());
+}
+
+#[test]
+fn another_link_or_lost_notifications_make_a_full_pass_instead_of_a_repair() {
+    for input in [
+        link(2, "eth0"),
+        Input::Kernel({
+            let mut t = Touched::default();
+            t.links.insert(9, None);
+            t
+        }),
+        Input::NotificationsLost,
+    ] {
+        let (mut c, clock) = synced();
+        let out = c.handle(clock.ms(100), input);
+        assert!(actions(&out).is_empty(), "debounced: {out:?}");
+        let out = c.handle(clock.ms(200), Input::Timer);
+        assert!(full_pass(&out).is_some(), "{out:?}");
+    }
+}
+
+#[test]
+fn a_timer_before_the_debounce_ends_does_nothing() {
+    let (mut c, clock) = synced();
+    c.handle(clock.ms(100), link(7, "cali1"));
+    let out = c.handle(clock.ms(150), Input::Timer);
+    assert!(actions(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn refused_changes_make_felix_not_ready_and_read_the_kernel_back() {
+    for input in [
+        Input::WriterFailed(Problem::Refused(WriteFailure::Refused {
+            prefix: "10.9.0.0/24".parse().unwrap(),
+            errno: libc::EEXIST,
+        })),
+        Input::ChangesApplied(vec![unreachable("10.9.0.0/24")]),
+        Input::Repaired(vec![no_interface("cali1")]),
+    ] {
+        let (mut c, clock) = synced();
+        let out = c.handle(clock.ms(100), input);
+        let Some(Health::NotReady(why)) = health_of(&out) else {
+            panic!("{out:?}");
+        };
+        assert!(
+            why.contains("10.9.0.0/24") || why.contains("cali1"),
+            "{why}"
+        );
+        assert!(actions(&out).is_empty(), "{out:?}");
+        assert_eq!(timer(&out), Some(clock.ms(200)));
+        let out = c.handle(clock.ms(200), Input::Timer);
+        assert!(full_pass(&out).is_some(), "{out:?}");
+        let out = c.handle(clock.ms(210), done(Some(2)));
+        assert_eq!(
+            health_of(&out),
+            Some(&Health::Ready),
+            "the pass says all is well"
+        );
+    }
+}
+
+#[test]
+fn a_pass_with_problems_is_not_ready_with_all_of_them() {
+    let (mut c, clock) = start();
+    c.handle(clock.ms(0), in_sync());
+    let out = c.handle(
+        clock.ms(1),
+        Input::PassDone {
+            uplink: None,
+            problems: vec![
+                Problem::Calc(CalcProblem::NotACidr {
+                    interface: "w".into(),
+                    entry: "bad".into(),
+                }),
+                unreachable("10.9.0.0/24"),
+            ],
+        },
+    );
+    assert_eq!(
+        health_of(&out),
+        Some(&Health::NotReady(
+            "workload w: ipNetworks entry \"bad\" is not a CIDR; \
+             10.9.0.0/24: Network is unreachable (os error 101)"
+                .into()
+        ))
+    );
+    // Problems of a full pass are retried at the next one, not sooner.
+    assert!(actions(&out).is_empty());
+}
+
+#[test]
+fn the_route_refresh_interval_makes_a_full_pass() {
+    let (mut c, clock) = synced();
+    assert_eq!(c.deadline(), clock.ms(90_000));
+    let out = c.handle(clock.ms(90_000), Input::Timer);
+    assert!(full_pass(&out).is_some(), "{out:?}");
+    assert_eq!(timer(&out), Some(clock.ms(180_000)));
+    c.handle(clock.ms(90_010), done(Some(2)));
+    // The interval in force when the timer fires sets the next one.
+    let out = c.handle(
+        clock.ms(100_000),
+        felix_config(r#"{"routeRefreshInterval":"10s"}"#),
+    );
+    c.handle(clock.ms(100_001), done(Some(2)));
+    assert!(full_pass(&out).is_some());
+    c.handle(clock.ms(180_000), Input::Timer);
+    c.handle(clock.ms(180_001), done(Some(2)));
+    assert_eq!(c.deadline(), clock.ms(190_000));
+}
+
+#[test]
+fn the_ipip_module_missing_is_logged_as_an_error_once() {
+    let (mut c, clock) = synced();
+    let missing = || Input::PassDone {
+        uplink: None,
+        problems: vec![Problem::Tunnel(TunnelError::NoIpip("no tunl0".into()))],
+    };
+    let logged = |out: &[Output]| out.iter().any(|o| matches!(o, Output::LogError(_)));
+    c.handle(clock.ms(10), pool("q", "10.245.0.0/16", "Never"));
+    assert!(logged(&c.handle(clock.ms(11), missing())));
+    c.handle(clock.ms(12), pool("r", "10.246.0.0/16", "Never"));
+    let out = c.handle(clock.ms(13), missing());
+    assert!(!logged(&out), "{out:?}");
+    assert!(matches!(health_of(&out), Some(Health::NotReady(_))));
+}
+
+#[test]
+fn nothing_starts_while_an_execution_is_out() {
+    let (mut c, clock) = start();
+    let out = c.handle(clock.ms(0), in_sync());
+    assert!(full_pass(&out).is_some());
+    let out = c.handle(clock.ms(1), pool("q", "10.245.0.0/16", "Never"));
+    assert!(actions(&out).is_empty(), "{out:?}");
+    // Its result lets the pending change go.
+    let out = c.handle(clock.ms(2), done(None));
+    assert!(full_pass(&out).is_some(), "{out:?}");
+}
+
+#[test]
+fn a_repair_before_any_pass_becomes_a_full_pass() {
+    let (mut c, clock) = start();
+    c.handle(clock.ms(0), link(7, "cali1"));
+    let out = c.handle(clock.ms(100), Input::Timer);
+    assert!(actions(&out).is_empty(), "not in sync: {out:?}");
+    let out = c.handle(clock.ms(110), in_sync());
+    assert!(full_pass(&out).is_some(), "{out:?}");
+}
+
+#[test]
+fn the_deadline_comes_before_the_action_whose_result_may_move_it() {
+    let (mut c, clock) = synced();
+    c.handle(clock.ms(100), link(7, "cali1"));
+    let out = c.handle(clock.ms(200), Input::Timer);
+    assert!(
+        matches!(&out[..], [Output::SetTimer(_), Output::Repair(_)]),
+        "{out:?}"
+    );
+    // The repair fails: a read-back is due, and its deadline is the last one given.
+    let out = c.handle(clock.ms(210), Input::Repaired(vec![no_interface("cali1")]));
+    assert_eq!(timer(&out), Some(clock.ms(310)));
+    assert_eq!(c.deadline(), clock.ms(310));
+}
+
+/// A route the kernel refused (ENETUNREACH).
+fn unreachable(prefix: &str) -> Problem {
+    Problem::Route {
+        prefix: prefix.parse().unwrap(),
+        reason: RouteReason::Refused {
+            errno: libc::ENETUNREACH,
+        },
+    }
+}
+
+/// A workload's route whose interface is gone.
+fn no_interface(name: &str) -> Problem {
+    Problem::Route {
+        prefix: "10.0.0.5/32".parse().unwrap(),
+        reason: RouteReason::NoInterface(name.into()),
+    }
+}
