@@ -306,12 +306,12 @@ pub async fn remove_vxlan(
     };
     let index = l.header.index;
     // Opened here, in the caller's network namespace; used on the thread.
-    let mut socket = socket::open().map_err(delete_failed)?;
+    let mut sock = socket::open().map_err(delete_failed)?;
     let (tx, done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("felix-vxlan-del".into())
         .spawn(move || {
-            let _ = tx.send(socket::delete_link(&mut socket, index));
+            let _ = tx.send(socket::delete_link(&mut sock, index));
         })
         .map_err(delete_failed)?;
     *pending = Some(PendingRemoval { done });
