@@ -12,10 +12,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 use calico_node::felix::calc::Nat;
-use calico_node::felix::calc::{Dev, Fdb, Ipip, Neighbour, PROTO_FELIX, Route, Target, Vxlan};
-use calico_node::felix::routes::{Pass, interface_with, reconcile};
+use calico_node::felix::calc::{Dev, Fdb, Ipip, Neighbour, Route, Target, Vxlan};
+use calico_node::felix::routes::{Pass, reconcile};
 use calico_node::felix::tunnels::{Outcome, TunnelError, ensure_ipip, ensure_vxlan};
 use calico_node::felix::{nat, neigh};
+use calico_node::model::felix::PROTO_FELIX;
+use calico_node::netlink::Writer;
+use calico_node::netlink::links::interface_with;
 use common::NetNs;
 use ipnet::IpNet;
 
@@ -57,7 +60,7 @@ fn pass_keeping(
         let uplink = interface_with(&h, "10.0.0.1".parse().unwrap())
             .await
             .unwrap();
-        let (w, _failures) = calico_node::felix::nlbatch::Writer::spawn().unwrap();
+        let (w, _failures) = Writer::spawn().unwrap();
         reconcile(&h, &w, &desired, ("cali", uplink), &keep, only)
             .await
             .unwrap()
@@ -387,7 +390,7 @@ fn routes_via_a_gateway_inside_kept_pools_survive_until_bgp_has_its_table() {
 
 #[test]
 fn batched_requests_report_each_outcome_in_order() {
-    use calico_node::felix::nlbatch::{Request, send};
+    use calico_node::netlink::batch::{Request, send};
     use netlink_packet_route::route::{RouteProtocol, RouteType};
     let Some(ns) = node_ns("felix-batch", &[]) else {
         return;

@@ -189,7 +189,7 @@ async fn borrowing_strict_affinity_max_blocks_and_release() {
     .map(|c| c.parse().unwrap())
     .find(|c| !taken.contains(c))
     .unwrap();
-    let ip = calico_node::ipam::block::nth_ip(&free, 5);
+    let ip = calico_node::model::ipam::nth_ip(&free, 5);
     ipam.assign_ip(ip, "manual", &BTreeMap::new())
         .await
         .unwrap();

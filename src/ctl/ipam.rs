@@ -87,7 +87,7 @@ pub async fn execute(client: &Client, args: &IpamArgs) -> Result<String, CtlErro
                     .into_iter()
                     .find(|(c, _)| *c == block)
                     .ok_or_else(|| CtlError::Usage(format!("block {block} vanished")))?;
-                let ord = crate::ipam::block::ordinal_in(&block, *ip).unwrap_or(0);
+                let ord = crate::model::ipam::ordinal_in(&block, *ip).unwrap_or(0);
                 let attrs = b
                     .allocations
                     .get(ord)
@@ -147,7 +147,7 @@ pub async fn execute(client: &Client, args: &IpamArgs) -> Result<String, CtlErro
                             _ => sec.get("type").cloned().unwrap_or_default(),
                         };
                         rows.push(vec![
-                            crate::ipam::block::nth_ip(&cidr, ord).to_string(),
+                            crate::model::ipam::nth_ip(&cidr, ord).to_string(),
                             node,
                             cidr.to_string(),
                             b.host().unwrap_or("").to_string(),

@@ -14,12 +14,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net};
 use sha1::{Digest, Sha1};
 
+use crate::model::felix::PROTO_FELIX;
 use crate::model::ipam::AllocationBlock;
 use crate::model::ippool::IPPoolSpec;
 use crate::model::node::NodeSpec;
 use crate::model::workload::WorkloadEndpointSpec;
 
-pub use crate::model::felix::PROTO_FELIX;
 pub const TUNL0: &str = "tunl0";
 pub const VXLAN_DEV: &str = "vxlan.calico";
 

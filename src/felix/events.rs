@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
-use super::calc::PROTO_FELIX;
+use crate::model::felix::PROTO_FELIX;
 use crate::netlink::decode::Notice;
 use crate::netlink::notify::{Notifications, Received};
 

@@ -4,7 +4,8 @@
 //! permanent entries on those interfaces; every other entry is left alone.
 //!
 //! Plan and execute: [`observe`] keeps the kernel's entries that are ours, [`plan`]
-//! decides (pure, tested without root) and [`reconcile`] does the netlink I/O.
+//! decides (pure, tested without root) and [`reconcile`] does the netlink I/O through the
+//! adapter ([`crate::netlink`]), the kernel's errno kept typed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -18,7 +19,8 @@ use rtnetlink::Handle;
 
 use super::calc::{Fdb, Neighbour, VXLAN_DEV};
 use super::problem::Problem;
-use super::routes::{RouteError, is_ours_dev, links, nl};
+use super::routes::is_ours_dev;
+use crate::netlink::{NetlinkError, links};
 
 /// What one pass did.
 #[derive(Debug, Default)]
@@ -39,15 +41,16 @@ pub enum NeighbourProblem {
     /// A remote VTEP's FDB entry needs vxlan.calico, which is missing.
     #[error("FDB entry {mac:02x?}: no {VXLAN_DEV}")]
     NoVxlanDevice { mac: [u8; 6] },
-    /// The kernel refused a neighbour entry.
-    #[error("neighbour {ip}: {reason}")]
-    NeighbourRefused { ip: IpAddr, reason: String },
-    /// The kernel refused an FDB entry.
-    #[error("FDB {mac:02x?} -> {dst}: {reason}")]
+    /// The kernel refused a neighbour entry with this errno (positive; the kernel's
+    /// answer of a [`NetlinkError::Kernel`]).
+    #[error("neighbour {ip}: {}", std::io::Error::from_raw_os_error(*errno))]
+    NeighbourRefused { ip: IpAddr, errno: i32 },
+    /// The kernel refused an FDB entry with this errno.
+    #[error("FDB {mac:02x?} -> {dst}: {}", std::io::Error::from_raw_os_error(*errno))]
     FdbRefused {
         mac: [u8; 6],
         dst: IpAddr,
-        reason: String,
+        errno: i32,
     },
 }
 
@@ -274,9 +277,9 @@ pub async fn reconcile(
     neighbours: &BTreeSet<Neighbour>,
     fdb: &BTreeSet<Fdb>,
     prefix: &str,
-) -> Result<Pass, RouteError> {
+) -> Result<Pass, NetlinkError> {
     let links = Links {
-        by_name: links(h).await?,
+        by_name: links::list(h).await?,
     };
     // A dump of the IP neighbour tables does not include the bridge FDB: two dumps.
     let mut all: Vec<NeighbourMessage> = h
@@ -285,7 +288,7 @@ pub async fn reconcile(
         .execute()
         .try_collect()
         .await
-        .map_err(nl("list neighbours".into()))?;
+        .map_err(NetlinkError::rtnetlink("list neighbours"))?;
     let fdb_dump: Vec<NeighbourMessage> = h
         .neighbours()
         .get()
@@ -293,7 +296,7 @@ pub async fn reconcile(
         .execute()
         .try_collect()
         .await
-        .map_err(nl("list FDB entries".into()))?;
+        .map_err(NetlinkError::rtnetlink("list FDB entries"))?;
     all.extend(fdb_dump);
     let (observed, by_key) = observe(
         &links,
@@ -310,8 +313,8 @@ pub async fn reconcile(
 }
 
 /// Carry out the ops, many in flight: sets counted as added (a refusal is a problem),
-/// deletions counted as deleted (a refusal is not: the entry is looked at again at the
-/// next pass).
+/// deletions counted as deleted (a refusal is not: an entry gone already is what was
+/// wanted, any other is looked at again at the next pass).
 async fn execute(
     h: &Handle,
     ops: Vec<Op>,
@@ -328,31 +331,38 @@ async fn execute(
             (op, m)
         })
         .collect();
-    let results: Vec<(Op, Result<(), rtnetlink::Error>)> = futures::stream::iter(ops)
+    let results: Vec<(Op, Result<(), NetlinkError>)> = futures::stream::iter(ops)
         .map(|(op, m)| {
             let h = h.clone();
             async move {
                 let r = match (&op, m) {
-                    (&Op::SetNeighbour { ifindex, ip, mac }, _) => {
-                        h.neighbours()
-                            .add(ifindex, ip)
-                            .link_layer_address(&mac)
-                            .state(NeighbourState::Permanent)
-                            .replace()
-                            .execute()
-                            .await
-                    }
-                    (&Op::SetFdb { ifindex, mac, dst }, _) => {
-                        h.neighbours()
-                            .add_bridge(ifindex, &mac)
-                            .destination(dst)
-                            .flags(NeighbourFlags::Own)
-                            .state(NeighbourState::Permanent)
-                            .replace()
-                            .execute()
-                            .await
-                    }
-                    (Op::Delete(_), Some(m)) => h.neighbours().del(m).execute().await,
+                    (&Op::SetNeighbour { ifindex, ip, mac }, _) => h
+                        .neighbours()
+                        .add(ifindex, ip)
+                        .link_layer_address(&mac)
+                        .state(NeighbourState::Permanent)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(NetlinkError::rtnetlink(format!("set neighbour {ip}"))),
+                    (&Op::SetFdb { ifindex, mac, dst }, _) => h
+                        .neighbours()
+                        .add_bridge(ifindex, &mac)
+                        .destination(dst)
+                        .flags(NeighbourFlags::Own)
+                        .state(NeighbourState::Permanent)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(NetlinkError::rtnetlink(format!(
+                            "set FDB {mac:02x?} -> {dst}"
+                        ))),
+                    (Op::Delete(_), Some(m)) => h
+                        .neighbours()
+                        .del(m)
+                        .execute()
+                        .await
+                        .map_err(NetlinkError::rtnetlink("delete a neighbour entry")),
                     (Op::Delete(_), None) => Ok(()),
                 };
                 (op, r)
@@ -366,22 +376,22 @@ async fn execute(
             (Op::Delete(_), Ok(())) => pass.deleted += 1,
             (Op::Delete(_), Err(_)) => {}
             (_, Ok(())) => pass.added += 1,
-            (Op::SetNeighbour { ip, .. }, Err(e)) => {
-                pass.failures
-                    .push(Problem::from(NeighbourProblem::NeighbourRefused {
-                        ip,
-                        reason: e.to_string(),
-                    }))
-            }
-            (Op::SetFdb { mac, dst, .. }, Err(e)) => {
-                pass.failures
-                    .push(Problem::from(NeighbourProblem::FdbRefused {
-                        mac,
-                        dst,
-                        reason: e.to_string(),
-                    }))
-            }
+            (op, Err(e)) => pass.failures.push(set_failed(op, e)),
         }
+    }
+}
+
+/// A set that failed: the kernel's refusal names the entry, its errno kept; a request
+/// the kernel did not answer (the connection failed) is a netlink problem of the pass.
+fn set_failed(op: Op, e: NetlinkError) -> Problem {
+    match (op, e.errno()) {
+        (Op::SetNeighbour { ip, .. }, Some(errno)) => {
+            NeighbourProblem::NeighbourRefused { ip, errno }.into()
+        }
+        (Op::SetFdb { mac, dst, .. }, Some(errno)) => {
+            NeighbourProblem::FdbRefused { mac, dst, errno }.into()
+        }
+        _ => Problem::Neighbours(e),
     }
 }
 

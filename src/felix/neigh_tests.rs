@@ -271,3 +271,54 @@ fn dumped_messages_read_as_seen_entries() {
     want.permanent = false;
     assert_eq!(seen(&m), Some(want));
 }
+
+/// A set the kernel refused is a problem naming the entry, with the kernel's errno kept
+/// (typed, not its text); a set that got no answer at all is a netlink problem of the
+/// pass, not a refusal.
+#[test]
+fn a_refused_set_names_the_entry_and_keeps_the_errno() {
+    let set = Op::SetNeighbour {
+        ifindex: CALI,
+        ip: ip("10.244.0.7"),
+        mac: MAC_A,
+    };
+    let refused = NetlinkError::kernel("set neighbour 10.244.0.7", libc::EINVAL);
+    let p = set_failed(set.clone(), refused);
+    assert!(
+        matches!(
+            &p,
+            Problem::Neighbour(NeighbourProblem::NeighbourRefused { errno, .. })
+                if *errno == libc::EINVAL
+        ),
+        "{p:?}"
+    );
+    assert!(
+        p.to_string()
+            .starts_with("neighbour 10.244.0.7: Invalid argument"),
+        "{p}"
+    );
+
+    let fdb = Op::SetFdb {
+        ifindex: VX,
+        mac: MAC_B,
+        dst: ip("10.0.0.2"),
+    };
+    let p = set_failed(fdb, NetlinkError::kernel("set FDB", libc::ENODEV));
+    assert!(
+        matches!(&p, Problem::Neighbour(NeighbourProblem::FdbRefused { errno, .. }) if *errno == libc::ENODEV),
+        "{p:?}"
+    );
+    assert!(
+        p.to_string()
+            .starts_with("FDB [66, 00, 00, 00, 00, 0b] -> 10.0.0.2: No such device"),
+        "{p}"
+    );
+
+    let lost = NetlinkError::io("set neighbour 10.244.0.7", std::io::Error::other("closed"));
+    let p = set_failed(set, lost);
+    assert!(
+        matches!(&p, Problem::Neighbours(e) if e.errno().is_none()),
+        "{p:?}"
+    );
+    assert_eq!(p.to_string(), "set neighbour 10.244.0.7: closed");
+}

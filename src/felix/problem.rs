@@ -31,6 +31,10 @@ pub enum Problem {
     /// A neighbour or FDB entry could not be programmed.
     #[error(transparent)]
     Neighbour(#[from] NeighbourProblem),
+    /// A netlink request of the neighbour reconciler failed as a whole (the link list, a
+    /// dump) or got no answer; the kernel's errno stays typed inside.
+    #[error(transparent)]
+    Neighbours(crate::netlink::NetlinkError),
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
     #[error(transparent)]

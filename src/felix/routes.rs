@@ -19,9 +19,10 @@ use netlink_packet_route::route::{
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-use super::calc::{Dev, PROTO_FELIX, Route, RouteTable, TUNL0, Target, VXLAN_DEV};
+use super::calc::{Dev, Route, RouteTable, TUNL0, Target, VXLAN_DEV};
 use super::problem::Problem;
-use crate::netlink::{NetlinkError, RawRoute, Request, Writer};
+use crate::model::felix::PROTO_FELIX;
+use crate::netlink::{NetlinkError, RawRoute, Request, Writer, links};
 
 /// `proto kernel`.
 const PROTO_KERNEL: u8 = 2;
@@ -32,10 +33,6 @@ pub enum RouteError {
     /// The kernel or the socket failed; the errno stays typed (see [`NetlinkError`]).
     #[error(transparent)]
     Kernel(#[from] NetlinkError),
-    /// A failure known only in words (`tunnels`' own checks: a device just created and
-    /// missing). New code returns [`RouteError::Kernel`].
-    #[error("{op}: {message}")]
-    Netlink { op: String, message: String },
 }
 
 /// Why one desired route is not in the kernel as desired.
@@ -241,17 +238,6 @@ fn raw_message(r: &RawRoute) -> RouteMessage {
     m
 }
 
-/// `rtnetlink` errors as a [`RouteError`] of `op`, errno kept (for `tunnels` and `neigh`,
-/// which call `rtnetlink` themselves).
-pub(crate) fn nl(op: String) -> impl FnOnce(rtnetlink::Error) -> RouteError {
-    move |e| RouteError::Kernel(NetlinkError::from_rtnetlink(op, e))
-}
-
-/// Interface indexes by name (see [`crate::netlink::links::list`]).
-pub(crate) async fn links(h: &Handle) -> Result<HashMap<String, u32>, RouteError> {
-    Ok(crate::netlink::links::list(h).await?)
-}
-
 /// One route change: the prefix, the route of ours the kernel has now (as we last
 /// programmed it), and the one wanted (None: remove).
 pub type Change = (IpNet, Option<Route>, Option<Route>);
@@ -312,7 +298,7 @@ pub async fn apply_changes(
     uplink: Option<u32>,
 ) -> Result<Pass, RouteError> {
     let links = if names_a_link(changes) {
-        links(h).await?
+        links::list(h).await?
     } else {
         HashMap::new()
     };
@@ -401,12 +387,12 @@ async fn run_ops(w: &Writer, ops: Vec<Op>, pass: &mut Pass) {
 
 /// An interface's MTU.
 pub async fn mtu_of(h: &Handle, index: u32) -> Result<u32, RouteError> {
-    Ok(crate::netlink::links::mtu_of(h, index).await?)
+    Ok(links::mtu_of(h, index).await?)
 }
 
 /// The index of the interface that holds `ip` (the uplink of NoEncap routes).
 pub async fn interface_with(h: &Handle, ip: IpAddr) -> Result<Option<u32>, RouteError> {
-    Ok(crate::netlink::links::interface_with(h, ip).await?)
+    Ok(links::interface_with(h, ip).await?)
 }
 
 /// Which of the kernel's routes are ours, and the interfaces a pass works with.
@@ -578,7 +564,7 @@ pub async fn reconcile(
     keep: &[IpNet],
     only: Option<u32>,
 ) -> Result<Pass, RouteError> {
-    let links = links(h).await?;
+    let links = links::list(h).await?;
     let v4 = w.dump(false, only).await?;
     let v6 = w.dump(true, only).await?;
     let own = Ownership {

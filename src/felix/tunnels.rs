@@ -5,7 +5,9 @@
 //!
 //! Plan and execute: what the kernel has is read into [`SeenVxlan`] and addresses; the
 //! decisions ([`plan_vxlan`], [`plan_ipip`], [`plan_addresses`], [`removal_step`]) are pure
-//! and tested without root; the `ensure_*`/`remove_vxlan` functions do the I/O.
+//! and tested without root; the `ensure_*`/`remove_vxlan` functions do the I/O, through
+//! the netlink adapter ([`crate::netlink`]): a device that is not there is absence (a
+//! lookup's `None`, a removal already done), never a failure read from text.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -15,7 +17,7 @@ use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, L
 use rtnetlink::{Handle, LinkIpIp, LinkUnspec, LinkVxlan};
 
 use super::calc::{Ipip, TUNL0, VXLAN_DEV, Vxlan};
-use super::routes::{RouteError, nl};
+use crate::netlink::{NetlinkError, links, socket};
 
 /// What a pass did to a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,31 +31,21 @@ pub enum Outcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
+    /// A netlink request failed; the kernel's errno stays typed (see [`NetlinkError`]).
     #[error(transparent)]
-    Netlink(#[from] RouteError),
+    Netlink(#[from] NetlinkError),
+    /// The kernel would not make tunl0 (or it did not appear): what it answered.
     #[error(
-        "IPIP pools need the ipip kernel module, which this kernel does not have (creating {TUNL0} failed: {0}); IPIP routes are not programmed"
+        "IPIP pools need the ipip kernel module, which this kernel does not have ({0}); IPIP routes are not programmed"
     )]
-    NoIpip(String),
+    NoIpip(NetlinkError),
+    /// A device the kernel accepted to make is not there when looked up right after.
+    #[error("find {0}: just created, now missing")]
+    Vanished(&'static str),
     #[error(
         "{VXLAN_DEV} needs this node's IPv4 address (spec.bgp.ipv4Address) and the interface holding it"
     )]
     NoUplink,
-}
-
-async fn link(h: &Handle, name: &str) -> Result<Option<LinkMessage>, RouteError> {
-    match h
-        .link()
-        .get()
-        .match_name(name.to_string())
-        .execute()
-        .try_next()
-        .await
-    {
-        Ok(l) => Ok(l),
-        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(e) => Err(nl(format!("get link {name}"))(e)),
-    }
 }
 
 fn vxlan_info(l: &LinkMessage) -> Option<&[InfoVxlan]> {
@@ -220,7 +212,7 @@ pub fn plan_addresses(have: &[(Ipv4Addr, u8)], want: Option<Ipv4Addr>) -> Vec<Ad
 
 /// A removal of vxlan.calico under way on a thread of its own (see [`remove_vxlan`]).
 pub struct PendingRemoval {
-    done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
+    done: tokio::sync::oneshot::Receiver<Result<(), NetlinkError>>,
 }
 
 /// Where an earlier removal stands when a pass comes to remove vxlan.calico.
@@ -231,7 +223,7 @@ pub enum Removal {
     /// The kernel has not answered yet.
     Running,
     /// The kernel answered.
-    Finished(std::io::Result<()>),
+    Finished(Result<(), NetlinkError>),
     /// Its thread ended without a word.
     Lost,
 }
@@ -256,24 +248,28 @@ pub fn removal_step(state: Removal) -> Result<RemovalStep, TunnelError> {
     }
 }
 
-/// What a finished removal's outcome means: gone already is as good as removed.
+/// What a finished removal's outcome means: gone already (ENODEV) is as good as removed.
+/// A failure is told as the removal of vxlan.calico, its errno kept.
 fn removed(
-    r: Result<std::io::Result<()>, tokio::sync::oneshot::error::RecvError>,
+    r: Result<Result<(), NetlinkError>, tokio::sync::oneshot::error::RecvError>,
 ) -> Result<(), TunnelError> {
     match r {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
-        Ok(Err(e)) => Err(delete_failed(e)),
-        Err(_) => Err(delete_failed("the removal's thread stopped")),
+        Ok(Err(e)) if e.is_no_device() => Ok(()),
+        Ok(Err(e)) => Err(e.with_op(delete_op()).into()),
+        Err(_) => Err(delete_failed(std::io::Error::other(
+            "the removal's thread stopped",
+        ))),
     }
 }
 
-fn delete_failed(e: impl std::fmt::Display) -> TunnelError {
-    RouteError::Netlink {
-        op: format!("delete {VXLAN_DEV}"),
-        message: e.to_string(),
-    }
-    .into()
+fn delete_op() -> String {
+    format!("delete {VXLAN_DEV}")
+}
+
+/// The removal of vxlan.calico could not be started, or its thread was lost.
+fn delete_failed(e: std::io::Error) -> TunnelError {
+    NetlinkError::io(delete_op(), e).into()
 }
 
 /// Take the state of the removal in `pending` (it is left there while it runs).
@@ -305,17 +301,17 @@ pub async fn remove_vxlan(
     if removal_step(removal_state(pending))? == RemovalStep::Wait {
         return Ok(Outcome::Unchanged);
     }
-    let Some(l) = link(h, VXLAN_DEV).await? else {
+    let Some(l) = links::by_name(h, VXLAN_DEV).await? else {
         return Ok(Outcome::Unchanged);
     };
     let index = l.header.index;
     // Opened here, in the caller's network namespace; used on the thread.
-    let mut socket = crate::felix::nlbatch::open().map_err(delete_failed)?;
+    let mut sock = socket::open().map_err(delete_failed)?;
     let (tx, done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("felix-vxlan-del".into())
         .spawn(move || {
-            let _ = tx.send(crate::felix::nlbatch::delete_link(&mut socket, index));
+            let _ = tx.send(socket::delete_link(&mut sock, index));
         })
         .map_err(delete_failed)?;
     *pending = Some(PendingRemoval { done });
@@ -340,7 +336,9 @@ pub async fn ensure_vxlan(
     parent: Option<u32>,
     mtu: u32,
 ) -> Result<Outcome, TunnelError> {
-    let seen = link(h, VXLAN_DEV).await?.map(|l| SeenVxlan::of(&l));
+    let seen = links::by_name(h, VXLAN_DEV)
+        .await?
+        .map(|l| SeenVxlan::of(&l));
     let (outcome, ops) = plan_vxlan(want, parent, mtu, seen.as_ref())?;
     execute(h, ops).await?;
     let Some(want) = want else {
@@ -355,19 +353,16 @@ pub async fn ensure_vxlan(
         .set(LinkUnspec::new_with_index(index).up().build())
         .execute()
         .await
-        .map_err(nl(format!("set {VXLAN_DEV} up")))?;
+        .map_err(NetlinkError::rtnetlink(format!("set {VXLAN_DEV} up")))?;
     Ok(outcome)
 }
 
 /// The index of a device just made.
-async fn index_of_new(h: &Handle, name: &str) -> Result<u32, RouteError> {
-    link(h, name)
+async fn index_of_new(h: &Handle, name: &'static str) -> Result<u32, TunnelError> {
+    links::by_name(h, name)
         .await?
         .map(|l| l.header.index)
-        .ok_or_else(|| RouteError::Netlink {
-            op: format!("find {name}"),
-            message: "just created, now missing".into(),
-        })
+        .ok_or(TunnelError::Vanished(name))
 }
 
 /// Carry out device ops in order; the first failure ends it. A kernel refusing to make
@@ -380,7 +375,7 @@ async fn execute(h: &Handle, ops: Vec<DeviceOp>) -> Result<(), TunnelError> {
                 .del(index)
                 .execute()
                 .await
-                .map_err(nl(format!("delete {VXLAN_DEV}")))?,
+                .map_err(NetlinkError::rtnetlink(delete_op()))?,
             DeviceOp::CreateVxlan(d) => {
                 let msg = LinkVxlan::new(VXLAN_DEV, d.vni)
                     .dev(d.parent)
@@ -394,12 +389,13 @@ async fn execute(h: &Handle, ops: Vec<DeviceOp>) -> Result<(), TunnelError> {
                     .add(msg)
                     .execute()
                     .await
-                    .map_err(nl(format!("create {VXLAN_DEV}")))?
+                    .map_err(NetlinkError::rtnetlink(format!("create {VXLAN_DEV}")))?
             }
             DeviceOp::CreateIpip { mtu } => {
                 let msg = LinkIpIp::new(TUNL0).mtu(mtu).build();
                 if let Err(e) = h.link().add(msg).execute().await {
-                    return Err(TunnelError::NoIpip(e.to_string()));
+                    let op = format!("create {TUNL0}");
+                    return Err(TunnelError::NoIpip(NetlinkError::from_rtnetlink(op, e)));
                 }
             }
         }
@@ -417,22 +413,26 @@ pub async fn ensure_ipip(
     let Some(want) = want else {
         return Ok(Outcome::Unchanged);
     };
-    let existing = link(h, TUNL0).await?.map(|l| l.header.index);
+    let existing = links::by_name(h, TUNL0).await?.map(|l| l.header.index);
     let (outcome, ops) = plan_ipip(Some(want), existing.is_some(), mtu);
     execute(h, ops).await?;
     let index = match existing {
         Some(i) => i,
-        None => link(h, TUNL0)
+        // Made, yet the kernel has no such device: no ipip module to hold it.
+        None => links::by_name(h, TUNL0)
             .await?
             .map(|l| l.header.index)
-            .ok_or_else(|| TunnelError::NoIpip("the device did not appear".into()))?,
+            .ok_or_else(|| {
+                let op = format!("get link {TUNL0} after creating it");
+                TunnelError::NoIpip(NetlinkError::kernel(op, libc::ENODEV))
+            })?,
     };
     set_address(h, index, TUNL0, want.address).await?;
     h.link()
         .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
         .execute()
         .await
-        .map_err(nl(format!("set {TUNL0} up")))?;
+        .map_err(NetlinkError::rtnetlink(format!("set {TUNL0} up")))?;
     Ok(outcome)
 }
 
@@ -443,7 +443,7 @@ async fn set_address(
     index: u32,
     name: &str,
     addr: Option<Ipv4Addr>,
-) -> Result<(), RouteError> {
+) -> Result<(), NetlinkError> {
     let dump: Vec<_> = h
         .address()
         .get()
@@ -451,7 +451,7 @@ async fn set_address(
         .execute()
         .try_collect()
         .await
-        .map_err(nl(format!("list addresses of {name}")))?;
+        .map_err(NetlinkError::rtnetlink(format!("list addresses of {name}")))?;
     let mut have = Vec::new();
     let mut messages = std::collections::HashMap::new();
     for a in dump {
@@ -471,7 +471,7 @@ async fn set_address(
                         .del(a)
                         .execute()
                         .await
-                        .map_err(nl(format!("remove {ip} from {name}")))?;
+                        .map_err(NetlinkError::rtnetlink(format!("remove {ip} from {name}")))?;
                 }
             }
             AddrOp::Add(ip) => h
@@ -479,7 +479,7 @@ async fn set_address(
                 .add(index, IpAddr::V4(ip), 32)
                 .execute()
                 .await
-                .map_err(nl(format!("add {ip}/32 to {name}")))?,
+                .map_err(NetlinkError::rtnetlink(format!("add {ip}/32 to {name}")))?,
         }
     }
     Ok(())

@@ -159,13 +159,13 @@ fn a_removal_under_way_is_waited_for_and_its_failure_reported() {
         removal_step(Removal::Finished(Ok(()))).unwrap(),
         RemovalStep::LookAgain
     );
-    // Gone already is as good as removed.
-    let gone = std::io::Error::from_raw_os_error(libc::ENODEV);
+    // Gone already is as good as removed. The errors as `socket::delete_link` gives them.
+    let gone = NetlinkError::kernel("delete link 7", libc::ENODEV);
     assert_eq!(
         removal_step(Removal::Finished(Err(gone))).unwrap(),
         RemovalStep::LookAgain
     );
-    let busy = std::io::Error::from_raw_os_error(libc::EBUSY);
+    let busy = NetlinkError::kernel("delete link 7", libc::EBUSY);
     let e = removal_step(Removal::Finished(Err(busy))).unwrap_err();
     assert!(e.to_string().starts_with("delete vxlan.calico: "), "{e}");
     assert_eq!(removal_step(Removal::Lost).unwrap(), RemovalStep::LookAgain);
@@ -202,4 +202,23 @@ fn a_pending_removal_is_kept_while_it_runs_and_dropped_once_it_ends() {
     ));
     assert!(pending.is_none());
     assert!(matches!(removal_state(&mut pending), Removal::Idle));
+}
+
+/// A removal's failure keeps the kernel's errno (typed), told as the removal of
+/// vxlan.calico; a device just made and missing says so.
+#[test]
+fn a_removal_failure_keeps_the_kernels_errno() {
+    let busy = NetlinkError::kernel("delete link 7", libc::EBUSY);
+    let e = removal_step(Removal::Finished(Err(busy))).unwrap_err();
+    assert!(
+        matches!(&e, TunnelError::Netlink(n) if n.errno() == Some(libc::EBUSY) && n.op() == "delete vxlan.calico"),
+        "{e:?}"
+    );
+    // Only the kernel's "no such device" is "gone already", not any failure that mentions it.
+    let refused = NetlinkError::kernel("delete link 7", libc::ENOENT);
+    assert!(removal_step(Removal::Finished(Err(refused))).is_err());
+    assert_eq!(
+        TunnelError::Vanished(VXLAN_DEV).to_string(),
+        "find vxlan.calico: just created, now missing"
+    );
 }

@@ -32,8 +32,8 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::block::ordinal_in;
 use crate::datastore::{Client, ClientError, Datastore, DatastoreError, KeyValue};
+use crate::model::ipam::ordinal_in;
 use crate::model::ipam::{AffinityState, AllocationBlock, BlockAffinity, IPAMConfig, IPAMHandle};
 use crate::model::keys::{self, IPAM_CONFIG_KEY, IpamKey};
 use crate::model::selector::Selector;

@@ -8,11 +8,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::model::ipam::{AllocationAttribute, AllocationBlock};
-
-/// Address arithmetic of a block lives with the block record in the model (the model's
-/// `borrowed` needs it too); re-exported here, where the allocator's callers find it.
-pub use crate::model::ipam::{nth_ip, ordinal_in};
+// A block's address arithmetic lives with the block record in the model (the model's
+// `borrowed` needs it too).
+use crate::model::ipam::{AllocationAttribute, AllocationBlock, nth_ip, ordinal_in};
 
 impl AllocationBlock {
     /// A new, empty block: every ordinal free, in order.

@@ -26,10 +26,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 
 use super::allocator::{Ipam, IpamError, IpamResult};
-use super::block::nth_ip;
 use crate::datastore::client::decode_kv;
 use crate::datastore::{Client, Datastore, DatastoreError, KeyValue};
 use crate::model::ipam::AllocationBlock;
+use crate::model::ipam::nth_ip;
 use crate::model::keys;
 use crate::model::{Kind, NodeSpec, WorkloadEndpointSpec};
 

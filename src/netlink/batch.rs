@@ -126,11 +126,19 @@ pub struct Writer {
 
 impl Writer {
     /// Start the thread, in the caller's network namespace. Failures of jobs nobody waits
-    /// for arrive on the returned channel. Unbounded: a failure is one per refused
-    /// request of a job already queued, and the writer thread must never block on a
-    /// reader that is itself waiting for the writer.
+    /// for arrive on the returned channel.
     pub fn spawn() -> io::Result<(Writer, tokio::sync::mpsc::UnboundedReceiver<WriteFailure>)> {
+        // The job queue is unbounded: its senders are async tasks (Felix's loop) that
+        // must never block a runtime thread on a full queue (`submit` is synchronous on
+        // purpose: it returns at once). What it holds is bounded by its callers: `send`
+        // and `dump` wait for their jobs' answers, and `submit` queues one job per round
+        // of BGP changes; while the kernel lags, those wait here encoded and in order,
+        // the changes a bound would only hold back elsewhere.
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        // The failure channel is unbounded on purpose: the writer thread must never block
+        // on it, as its reader (Felix's loop) may itself be waiting for the writer (a
+        // `send`, a `dump`). It holds at most one failure per refused request of a job
+        // already queued.
         let (fail_tx, fail_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut socket = open()?;
         std::thread::Builder::new()

@@ -58,6 +58,23 @@ impl NetlinkError {
         }
     }
 
+    /// [`Self::from_rtnetlink`] for `map_err`: `.map_err(NetlinkError::rtnetlink(op))`.
+    pub fn rtnetlink(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+        let op = op.into();
+        move |e| NetlinkError::from_rtnetlink(op, e)
+    }
+
+    /// The same failure told as `op`: the caller's name for what it did (`delete
+    /// vxlan.calico` rather than the adapter's `delete link 7`), the errno kept.
+    pub fn with_op(self, op: impl Into<String>) -> NetlinkError {
+        let op = op.into();
+        match self {
+            NetlinkError::Kernel { errno, .. } => NetlinkError::Kernel { op, errno },
+            NetlinkError::Io { source, .. } => NetlinkError::Io { op, source },
+            NetlinkError::Decode { message, .. } => NetlinkError::Decode { op, message },
+        }
+    }
+
     /// What was being done.
     pub fn op(&self) -> &str {
         match self {
@@ -124,5 +141,14 @@ mod tests {
         );
         assert!(!io.is_gone());
         assert_eq!(io.op(), "list routes");
+    }
+
+    #[test]
+    fn a_failure_told_as_the_callers_op_keeps_its_errno() {
+        let e = NetlinkError::kernel("delete link 7", libc::EBUSY).with_op("delete vxlan.calico");
+        assert_eq!(e.errno(), Some(libc::EBUSY));
+        assert!(e.to_string().starts_with("delete vxlan.calico: "), "{e}");
+        let io = NetlinkError::io("delete link 7", io::Error::other("x")).with_op("delete d");
+        assert_eq!((io.op(), io.errno()), ("delete d", None));
     }
 }

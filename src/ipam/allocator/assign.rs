@@ -947,7 +947,7 @@ mod tests {
         let affine = ipam.affine_blocks("node-a", false).await.unwrap();
         assert_eq!(affine.len(), 6);
         for (i, block) in affine.iter().enumerate() {
-            let freed = crate::ipam::block::nth_ip(block, 2);
+            let freed = crate::model::ipam::nth_ip(block, 2);
             assert_eq!(ipam.release_ips(&[freed]).await.unwrap(), vec![freed]);
             let again = ipam
                 .auto_assign(&args(&format!("again-{i}"), "node-a", 1))

@@ -229,7 +229,7 @@ mod tests {
         .map(|c| c.parse::<IpNet>().unwrap())
         .find(|c| !taken.contains(c))
         .unwrap();
-        let ip = crate::ipam::block::nth_ip(&free_block, 2);
+        let ip = crate::model::ipam::nth_ip(&free_block, 2);
         ipam.assign_ip(ip, "manual", &BTreeMap::new())
             .await
             .unwrap();
