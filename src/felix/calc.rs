@@ -175,7 +175,7 @@ pub type BgpTable = crate::prefix_map::FastMap<IpNet, IpAddr>;
 /// Desired routes by prefix.
 pub type RouteTable = crate::prefix_map::FastMap<IpNet, Route>;
 
-pub use crate::model::ippool::{Encap, encap};
+use crate::model::ippool::{Encap, encap};
 
 /// A node's VTEP MAC: `vxlanTunnelMACAddr`, or derived from its name when empty
 /// (0x66, then the first five bytes of SHA1 of the name).

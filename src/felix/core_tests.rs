@@ -9,7 +9,7 @@ use crate::datastore::KeyValue;
 use crate::datastore::syncer::{self, SyncStatus, Update, UpdateType};
 use crate::felix::calc::CalcProblem;
 use crate::felix::routes::RouteReason;
-use crate::netlink::WriteFailure;
+use crate::netlink::{NetlinkError, WriteFailure};
 
 const RES: &str = "/calico/resources/v3/projectcalico.org";
 
@@ -447,7 +447,10 @@ fn the_ipip_module_missing_is_logged_as_an_error_once() {
     let (mut c, clock) = synced();
     let missing = || Input::PassDone {
         uplink: None,
-        problems: vec![Problem::Tunnel(TunnelError::NoIpip("no tunl0".into()))],
+        problems: vec![Problem::Tunnel(TunnelError::NoIpip(NetlinkError::kernel(
+            "create tunl0",
+            libc::EOPNOTSUPP,
+        )))],
     };
     let logged = |out: &[Output]| out.iter().any(|o| matches!(o, Output::LogError(_)));
     c.handle(clock.ms(10), pool("q", "10.245.0.0/16", "Never"));

@@ -15,7 +15,7 @@ use super::calc::Nat;
 use super::core::{Pass, Repair};
 use super::metrics::{FelixMetrics, RouteTableStats};
 use super::problem::Problem;
-use super::routes::{self, Change, RouteError};
+use super::routes::{self, Change};
 use super::{nat, neigh, sysctls, tunnels};
 use crate::netlink::Writer;
 
@@ -31,10 +31,10 @@ pub struct Dataplane {
 }
 
 /// A reconciler's pass: its failures, or the netlink request that failed as a whole.
-fn reported<F: Into<Problem>>(r: Result<Vec<F>, RouteError>) -> Vec<Problem> {
+fn reported<F: Into<Problem>, E: Into<Problem>>(r: Result<Vec<F>, E>) -> Vec<Problem> {
     match r {
         Ok(failures) => failures.into_iter().map(Into::into).collect(),
-        Err(e) => vec![Problem::Routes(e)],
+        Err(e) => vec![e.into()],
     }
 }
 
@@ -133,7 +133,7 @@ impl Dataplane {
             .route_resync_time
             .observe(started.elapsed().as_secs_f64());
         let r = neigh::reconcile(h, &desired.neighbours, &desired.fdb, &pass.prefix).await;
-        problems.extend(reported(r.map(|p| p.failures)));
+        problems.extend(reported(r.map(|p| p.failures).map_err(Problem::Neighbours)));
         if desired.vxlan.is_none()
             && let Err(e) = tunnels::remove_vxlan(h, &mut self.vxlan_removal).await
         {
@@ -173,7 +173,9 @@ impl Dataplane {
         if !r.workloads.is_empty() {
             let d = &r.desired;
             let pass = neigh::reconcile(h, &d.neighbours, &d.fdb, &r.prefix).await;
-            problems.extend(reported(pass.map(|p| p.failures)));
+            problems.extend(reported(
+                pass.map(|p| p.failures).map_err(Problem::Neighbours),
+            ));
         }
         log(&problems, "dataplane repair");
         self.metrics

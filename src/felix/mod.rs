@@ -13,7 +13,6 @@ pub mod events;
 pub mod metrics;
 pub mod nat;
 pub mod neigh;
-pub mod nlbatch;
 pub mod problem;
 pub mod routes;
 pub mod state;

@@ -13,7 +13,7 @@ use crate::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, UpdateType};
 use crate::model::AnyResource;
 use crate::model::felix::FelixConfigurationSpec;
 use crate::model::ipam::AllocationBlock;
-use crate::model::ippool::IPPoolSpec;
+use crate::model::ippool::{Encap, IPPoolSpec, encap};
 use crate::model::node::NodeSpec;
 use crate::model::workload::WorkloadEndpointSpec;
 
@@ -254,7 +254,7 @@ impl State {
     pub fn bgp_routed_pools(&self) -> Vec<IpNet> {
         self.pools
             .values()
-            .filter(|p| !matches!(calc::encap(p), calc::Encap::Vxlan { .. }))
+            .filter(|p| !matches!(encap(p), Encap::Vxlan { .. }))
             .filter_map(|p| p.net())
             .collect()
     }

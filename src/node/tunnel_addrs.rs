@@ -26,12 +26,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::datastore::client::{Client, ClientError};
 use crate::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, UpdateType};
-use crate::felix::calc::{Encap, encap};
 use crate::health::ActorResult;
 use crate::health::HealthReporter;
 use crate::ipam::{Ipam, TunnelKind};
 use crate::model::AnyResource;
 use crate::model::ippool::IPPoolSpec;
+use crate::model::ippool::{Encap, encap};
 use crate::model::node::NodeSpec;
 
 fn field(spec: &NodeSpec, kind: TunnelKind) -> Option<String> {
