@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use crate::datastore::client::{Client, ClientError};
 use crate::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, UpdateType};
@@ -32,6 +34,7 @@ use crate::ipam::{Ipam, TunnelKind};
 use crate::model::AnyResource;
 use crate::model::ippool::IPPoolSpec;
 use crate::model::ippool::{Encap, encap};
+use crate::model::keys::{IpamKey, parse_ipam_key};
 use crate::model::node::NodeSpec;
 
 fn field(spec: &NodeSpec, kind: TunnelKind) -> Option<String> {
@@ -184,6 +187,9 @@ async fn settle(
         .map_err(|e| e.to_string())
 }
 
+/// Both kinds of tunnel address a node may hold.
+const TUNNEL_KINDS: [TunnelKind; 2] = [TunnelKind::Vxlan, TunnelKind::Ipip];
+
 /// First pause before a failed reconcile is tried again; it doubles up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -223,6 +229,17 @@ impl View {
             SyncerEvent::Update(u) => u,
         };
         let key = u.key.as_str();
+        // The IPAM records the addresses live in (a block holding one of them, this node's
+        // tunnel handles): edited or released by someone else (`calicoctl ipam release`),
+        // they are put right at once, as Felix's full pass after any block change did.
+        if let Some(k) = parse_ipam_key(key) {
+            self.dirty |= match k {
+                IpamKey::Block(cidr) => self.addresses().any(|ip| cidr.contains(&ip)),
+                IpamKey::Handle(id) => TUNNEL_KINDS.iter().any(|t| t.handle(&self.node) == id),
+                IpamKey::Affinity { .. } | IpamKey::Config => false,
+            };
+            return;
+        }
         let value = match (&u.update_type, u.value.as_deref()) {
             (UpdateType::Deleted, _) | (_, None) => None,
             (_, Some(v)) => Some(v),
@@ -245,6 +262,14 @@ impl View {
             }
         };
         self.dirty |= changed;
+    }
+
+    /// The tunnel addresses this Node carries.
+    fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let spec = self.me.as_ref().map(|(_, spec)| spec);
+        TUNNEL_KINDS
+            .iter()
+            .filter_map(move |t| spec.and_then(|s| current(s, *t)))
     }
 
     /// Whether a reconcile is due now: in sync, and something changed.
@@ -299,9 +324,17 @@ pub async fn run(
             continue;
         }
         let pools = view.take();
+        // In a task of its own, awaited here and aborted with this actor: a panic in the
+        // IPAM code becomes a failed reconcile, retried with backoff (as when Felix's pass
+        // ran it), not the end of the actor.
+        let task = {
+            let (client, ipam, node) = (client.clone(), ipam.clone(), node.clone());
+            let job = async move { reconcile(&client, &ipam, &node, pools.iter()).await };
+            AbortOnDropHandle::new(tokio::spawn(job.in_current_span()))
+        };
         let result = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            r = reconcile(&client, &ipam, &node, pools.iter()) => r,
+            r = task => r.unwrap_or_else(|e| Err(format!("the reconcile failed: {e}"))),
         };
         match result {
             Ok(changes) => {
@@ -503,6 +536,50 @@ mod tests {
         // While a resync is in progress, nothing is done.
         v.apply(&SyncerEvent::Status(SyncStatus::ResyncInProgress));
         assert!(!v.due());
+    }
+
+    /// The block holding one of this Node's tunnel addresses and this node's tunnel
+    /// handles are watched (an address released by hand is put back at once); other IPAM
+    /// records are not.
+    #[test]
+    fn the_ipam_records_of_this_nodes_addresses_ask_for_a_reconcile() {
+        let ipam = "/calico/ipam/v2";
+        let mut v = View::new("node-a");
+        v.apply(&IN_SYNC);
+        v.take();
+        let spec = NodeSpec {
+            ipv4_vxlan_tunnel_addr: Some("10.5.0.7".into()),
+            ..Default::default()
+        };
+        v.apply(&node_event("node-a", spec));
+        v.take();
+        v.apply(&event(
+            &format!("{ipam}/assignment/ipv4/block/10.6.0.0-26"),
+            None,
+        ));
+        v.apply(&event(
+            &format!("{ipam}/handle/vxlan-tunnel-addr-node-b"),
+            None,
+        ));
+        v.apply(&event(
+            &format!("{ipam}/host/node-a/ipv4/block/10.5.0.0-26"),
+            None,
+        ));
+        assert!(
+            !v.due(),
+            "another block, another node's handle, an affinity"
+        );
+        v.apply(&event(
+            &format!("{ipam}/assignment/ipv4/block/10.5.0.0-26"),
+            None,
+        ));
+        assert!(v.due(), "the block holding 10.5.0.7");
+        v.take();
+        v.apply(&event(
+            &format!("{ipam}/handle/ipip-tunnel-addr-node-a"),
+            None,
+        ));
+        assert!(v.due(), "this node's handle");
     }
 
     fn ready(health: &crate::health::HealthAggregator) -> (bool, Option<String>) {

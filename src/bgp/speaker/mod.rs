@@ -189,6 +189,9 @@ impl Speaker {
         for (_, s) in self.sessions.drain() {
             let _ = s.tx.try_send(SessionCmd::Stop(err::ADMIN_SHUTDOWN));
         }
+        // Nobody reads the sessions' events from here on: closed, their sends fail at once
+        // instead of blocking the sessions before they flush their Cease and close.
+        self.events.close();
         self.tracker.close();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait()).await;
         Ok(())
