@@ -171,11 +171,21 @@ pub struct Core {
     busy: Option<Busy>,
 }
 
+/// When the next refresh is looked at: after `interval`, or after the default interval
+/// when the refresh is off (0).
+fn refresh_or_default(interval: std::time::Duration) -> std::time::Duration {
+    if interval.is_zero() {
+        std::time::Duration::from_secs(90)
+    } else {
+        interval
+    }
+}
+
 impl Core {
     /// Felix for `node`, started at `now` (the first resync is one refresh interval on).
     pub fn new(node: &str, now: Instant) -> Core {
         let state = State::new(node);
-        let next_resync = now + state.config().route_refresh_interval();
+        let next_resync = now + refresh_or_default(state.config().route_refresh_interval());
         Core {
             state,
             full: false,
@@ -343,8 +353,11 @@ impl Core {
 
     fn timer_fired(&mut self, now: Instant) {
         if now >= self.next_resync {
-            self.next_resync = now + self.state.config().route_refresh_interval();
-            self.full = true;
+            let interval = self.state.config().route_refresh_interval();
+            // 0 turns the periodic refresh off, as in Calico; the setting is looked at
+            // again after the default interval (a pass every instant otherwise).
+            self.full |= !interval.is_zero();
+            self.next_resync = now + refresh_or_default(interval);
         }
         if self.due.is_some_and(|d| d <= now) {
             self.due = None;

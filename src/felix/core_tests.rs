@@ -442,6 +442,29 @@ fn the_route_refresh_interval_makes_a_full_pass() {
     assert_eq!(c.deadline(), clock.ms(190_000));
 }
 
+/// `routeRefreshInterval: 0s` turns the periodic pass off (Calico); the setting is looked
+/// at again after 90 s, so turning it back on takes effect.
+#[test]
+fn a_zero_route_refresh_interval_turns_the_periodic_pass_off() {
+    let (mut c, clock) = synced();
+    c.handle(
+        clock.ms(10),
+        felix_config(r#"{"routeRefreshInterval":"0s"}"#),
+    );
+    c.handle(clock.ms(11), done(Some(2)));
+    let out = c.handle(clock.ms(90_000), Input::Timer);
+    assert!(full_pass(&out).is_none(), "{out:?}");
+    assert_eq!(c.deadline(), clock.ms(180_000));
+    c.handle(
+        clock.ms(100_000),
+        felix_config(r#"{"routeRefreshInterval":"10s"}"#),
+    );
+    c.handle(clock.ms(100_001), done(Some(2)));
+    let out = c.handle(clock.ms(180_000), Input::Timer);
+    assert!(full_pass(&out).is_some(), "{out:?}");
+    assert_eq!(c.deadline(), clock.ms(190_000));
+}
+
 #[test]
 fn the_ipip_module_missing_is_logged_as_an_error_once() {
     let (mut c, clock) = synced();
