@@ -217,53 +217,80 @@ fn pod_network_round_trip(plugin_dir: &str) {
     assert_eq!(code, 1, "CHECK fails once the pod network is gone");
 }
 
-/// With /32 blocks the pod's address is a whole block, for which Felix programs a
-/// blackhole: the pod's route takes its place instead of failing the ADD.
+/// A node with etcd and a pool of /32 blocks, where a pod (container `container`) was added
+/// then deleted: its address's block is empty and still affine, so the next ADD of that
+/// container gets the same address. The pod's namespace, etcd, the plugin's config and
+/// that address.
+struct EmptiedBlock {
+    // Dropped in this order: etcd (in the node's namespace) first, the node's last.
+    _etcd: Etcd,
+    _pod: NetNs,
+    host: NetNs,
+    conf: Value,
+    netns: String,
+    container: &'static str,
+    ip: String,
+}
+
+impl EmptiedBlock {
+    fn new(container: &'static str) -> Option<EmptiedBlock> {
+        let host = NetNs::new("cn-node")?;
+        let pod = NetNs::new("cn-pod")?;
+        host.add_uplink();
+        let etcd = Etcd::start_on(Some(&host.name), free_port())?;
+        common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
+        let key = "/calico/resources/v3/projectcalico.org/ippools/pool";
+        let mut pool: Value = serde_json::from_str(&etcd.etcdctl_value(key)).unwrap();
+        pool["spec"]["blockSize"] = 32.into();
+        etcd.etcdctl(&["put", key, &pool.to_string()]);
+        let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
+            "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "calico-ipam"}});
+        let netns = format!("/run/netns/{}", pod.name);
+        let mut lab = EmptiedBlock {
+            host,
+            _pod: pod,
+            _etcd: etcd,
+            conf,
+            netns,
+            container,
+            ip: String::new(),
+        };
+        let (code, res) = lab.cni("ADD");
+        assert_eq!(code, 0, "{res}");
+        lab.ip = res["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches("/32")
+            .to_string();
+        let (code, res) = lab.cni("DEL");
+        assert_eq!(code, 0, "{res}");
+        Some(lab)
+    }
+
+    fn cni(&self, command: &str) -> (i32, Value) {
+        let env = [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", self.container),
+            ("CNI_NETNS", self.netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        cni(&self.host, &env, &self.conf)
+    }
+}
+
 /// The pod's host route meets a route to its address through another interface (the
 /// kernel answers EEXIST; the existing route is read back): ADD fails naming the conflict,
 /// and the other route stays.
 #[test]
 fn a_route_to_the_pods_address_through_another_interface_is_a_conflict() {
-    let Some(host) = NetNs::new("cn-node") else {
+    let Some(lab) = EmptiedBlock::new("c0f11c") else {
         return;
     };
-    let Some(pod) = NetNs::new("cn-pod") else {
-        return;
-    };
-    host.add_uplink();
-    let port = free_port();
-    let Some(etcd) = Etcd::start_on(Some(&host.name), port) else {
-        return;
-    };
-    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
-    let key = "/calico/resources/v3/projectcalico.org/ippools/pool";
-    let mut pool: Value = serde_json::from_str(&etcd.etcdctl_value(key)).unwrap();
-    pool["spec"]["blockSize"] = 32.into();
-    etcd.etcdctl(&["put", key, &pool.to_string()]);
-    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
-        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "calico-ipam"}});
-    let netns = format!("/run/netns/{}", pod.name);
-    let env = |cmd| {
-        [
-            ("CNI_COMMAND", cmd),
-            ("CNI_CONTAINERID", "c0f11c"),
-            ("CNI_NETNS", netns.as_str()),
-            ("CNI_IFNAME", "eth0"),
-        ]
-    };
-    let (code, res) = cni(&host, &env("ADD"), &conf);
-    assert_eq!(code, 0, "{res}");
-    let ip = res["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .trim_end_matches("/32")
-        .to_string();
-    let (code, res) = cni(&host, &env("DEL"), &conf);
-    assert_eq!(code, 0, "{res}");
+    let (host, ip) = (&lab.host, &lab.ip);
     // Someone else's route to the address the block gives again.
     host.ip(&["route", "add", &format!("{ip}/32"), "dev", "eth0"]);
     let eth0 = host.ifindex("eth0");
-    let (code, res) = cni(&host, &env("ADD"), &conf);
+    let (code, res) = lab.cni("ADD");
     assert_ne!(code, 0, "{res}");
     assert!(
         res.to_string().contains(&format!(
@@ -272,49 +299,19 @@ fn a_route_to_the_pods_address_through_another_interface_is_a_conflict() {
         "{res}"
     );
     assert!(
-        sh(&host, &format!("ip route show {ip}")).contains("dev eth0"),
+        sh(host, &format!("ip route show {ip}")).contains("dev eth0"),
         "the other route stays"
     );
 }
 
+/// With /32 blocks the pod's address is a whole block, for which Felix programs a
+/// blackhole: the pod's route takes its place instead of failing the ADD.
 #[test]
 fn felixs_blackhole_for_a_32_block_gives_way_to_the_pods_route() {
-    let Some(host) = NetNs::new("cn-node") else {
+    let Some(lab) = EmptiedBlock::new("b1ac0e") else {
         return;
     };
-    let Some(pod) = NetNs::new("cn-pod") else {
-        return;
-    };
-    host.add_uplink();
-    let port = free_port();
-    let Some(etcd) = Etcd::start_on(Some(&host.name), port) else {
-        return;
-    };
-    common::seed_in_netns(&host, etcd.endpoint(), "10.65.0.0/16");
-    let key = "/calico/resources/v3/projectcalico.org/ippools/pool";
-    let mut pool: Value = serde_json::from_str(&etcd.etcdctl_value(key)).unwrap();
-    pool["spec"]["blockSize"] = 32.into();
-    etcd.etcdctl(&["put", key, &pool.to_string()]);
-    let conf = json!({"cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "calico",
-        "etcd_endpoints": etcd.endpoint(), "nodename": "node-1", "ipam": {"type": "calico-ipam"}});
-    let netns = format!("/run/netns/{}", pod.name);
-    let env = |cmd| {
-        [
-            ("CNI_COMMAND", cmd),
-            ("CNI_CONTAINERID", "b1ac0e"),
-            ("CNI_NETNS", netns.as_str()),
-            ("CNI_IFNAME", "eth0"),
-        ]
-    };
-    let (code, res) = cni(&host, &env("ADD"), &conf);
-    assert_eq!(code, 0, "{res}");
-    let ip = res["ips"][0]["address"]
-        .as_str()
-        .unwrap()
-        .trim_end_matches("/32")
-        .to_string();
-    let (code, res) = cni(&host, &env("DEL"), &conf);
-    assert_eq!(code, 0, "{res}");
+    let (host, ip) = (&lab.host, &lab.ip);
     // Felix's blackhole for the (now empty, still affine) /32 block.
     host.ip(&[
         "route",
@@ -324,7 +321,7 @@ fn felixs_blackhole_for_a_32_block_gives_way_to_the_pods_route() {
         "proto",
         "80",
     ]);
-    let (code, res) = cni(&host, &env("ADD"), &conf);
+    let (code, res) = lab.cni("ADD");
     assert_eq!(code, 0, "{res}");
     assert_eq!(
         res["ips"][0]["address"],
@@ -333,7 +330,7 @@ fn felixs_blackhole_for_a_32_block_gives_way_to_the_pods_route() {
     );
     let cali = res["interfaces"][0]["name"].as_str().unwrap();
     assert_eq!(
-        sh(&host, &format!("ip route show {ip}")).trim(),
+        sh(host, &format!("ip route show {ip}")).trim(),
         format!("{ip} dev {cali} scope link")
     );
 }

@@ -4,13 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use super::calc::*;
 use crate::bgp::config::PeerType;
-use crate::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, Update, UpdateType};
+use crate::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent};
 use crate::model::bgp::{BGPConfigurationSpec, BGPPeerSpec};
 use crate::model::ipam::{AllocationAttribute, AllocationBlock};
 use crate::model::ippool::IPPoolSpec;
@@ -592,16 +591,7 @@ fn service_ranges_and_prefix_communities() {
 }
 
 fn update(key: &str, value: Option<AnyResource>) -> SyncerEvent {
-    SyncerEvent::Update(Update {
-        key: key.into(),
-        update_type: if value.is_some() {
-            UpdateType::New
-        } else {
-            UpdateType::Deleted
-        },
-        value: value.map(|v| Arc::new(SyncValue::Resource(v))),
-        revision: 1,
-    })
+    SyncerEvent::update(key, value.map(SyncValue::Resource))
 }
 
 fn res<S: crate::model::Kind>(name: &str, spec: S) -> Resource<S> {

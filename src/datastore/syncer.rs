@@ -110,6 +110,23 @@ pub enum SyncerEvent {
     Status(SyncStatus),
 }
 
+impl SyncerEvent {
+    /// A put (`Some`) or a delete (`None`) of `key` as the syncer delivers it, at revision
+    /// 1: for tests and replays of the actors that consume it.
+    pub fn update(key: &str, value: Option<SyncValue>) -> SyncerEvent {
+        SyncerEvent::Update(Update {
+            key: key.into(),
+            update_type: if value.is_some() {
+                UpdateType::New
+            } else {
+                UpdateType::Deleted
+            },
+            value: value.map(Arc::new),
+            revision: 1,
+        })
+    }
+}
+
 fn json<T>(r: Result<T, serde_json::Error>) -> Result<T, String> {
     r.map_err(|e| e.to_string())
 }

@@ -292,24 +292,13 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use super::*;
     use crate::bgp::LearnedRoute;
-    use crate::datastore::syncer::Update;
     use crate::model::Resource;
 
     fn update(key: &str, value: Option<SyncValue>) -> FelixInput {
-        FelixInput::Datastore(SyncerEvent::Update(Update {
-            key: key.into(),
-            update_type: if value.is_some() {
-                UpdateType::New
-            } else {
-                UpdateType::Deleted
-            },
-            value: value.map(Arc::new),
-            revision: 1,
-        }))
+        FelixInput::Datastore(SyncerEvent::update(key, value))
     }
 
     fn resource<S: crate::model::Kind>(name: &str, spec: S) -> Resource<S> {

@@ -474,16 +474,7 @@ mod tests {
     }
 
     fn event(key: &str, value: Option<AnyResource>) -> SyncerEvent {
-        SyncerEvent::Update(crate::datastore::syncer::Update {
-            key: key.into(),
-            update_type: if value.is_some() {
-                UpdateType::New
-            } else {
-                UpdateType::Deleted
-            },
-            value: value.map(|v| Arc::new(SyncValue::Resource(v))),
-            revision: 1,
-        })
+        SyncerEvent::update(key, value.map(SyncValue::Resource))
     }
 
     fn pool_event(name: &str, spec: IPPoolSpec) -> SyncerEvent {
