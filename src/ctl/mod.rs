@@ -318,7 +318,7 @@ pub async fn write_batch(
 fn kind_arg(kind: &str) -> Result<&'static KindInfo, CtlError> {
     lookup_kind(kind).ok_or_else(|| {
         CtlError::Usage(format!(
-            "resource type '{kind}' is not supported (supported: ippool, bgpconfiguration, bgppeer, node, felixconfiguration, workloadendpoint, clusterinformation)"
+            "resource type '{kind}' is not supported (supported: ippool, bgpconfiguration, bgppeer, node, felixconfiguration, workloadendpoint, clusterinformation, tier, networkset, globalnetworkset)"
         ))
     })
 }
