@@ -129,7 +129,7 @@ fn calicoctl_writes_lists_and_deletes_tiers_and_network_sets() {
     let tiers = ok(&calicoctl(&etcd, &["get", "tiers"], ""));
     assert_eq!(
         tiers,
-        "NAME       ORDER   \napp        1e+06   \nsecurity   100     \n"
+        "NAME       ORDER   \nsecurity   100     \napp        1e+06   \n"
     );
     assert_eq!(
         ok(&calicoctl(
@@ -368,7 +368,7 @@ fn node_startup_creates_the_builtin_tiers_once_and_keeps_a_users_edits() {
     }
     assert_eq!(
         ok(&calicoctl(&etcd, &["get", "tiers"], "")),
-        "NAME            ORDER   \ndefault         1e+06   \nkube-admin      1000    \nkube-baseline   1e+07   \n"
+        "NAME            ORDER   \nkube-admin      1000    \ndefault         1e+06   \nkube-baseline   1e+07   \n"
     );
 
     // A user labels the default tier; an older Calico's kube-admin tier (no order, as

@@ -342,7 +342,9 @@ async fn get(client: &Client, args: &GetArgs) -> Result<String, CtlError> {
         Some(args.namespace.as_deref().unwrap_or("default"))
     };
     let (items, revision) = if args.names.is_empty() {
-        client.list_any(info, ns).await?
+        let (mut items, rev) = client.list_any(info, ns).await?;
+        crate::model::tier::calicoctl_list(&mut items);
+        (items, rev)
     } else {
         let mut items = Vec::new();
         for name in &args.names {

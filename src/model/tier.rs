@@ -182,6 +182,22 @@ pub fn builtin_tier(name: &str, order: f64, action: &str) -> Tier {
     )
 }
 
+/// What calicoctl's tier lister does to a list (not to a get by name): Calico's client
+/// defaults every tier read by `List` (`DefaultTierFields`), and calicoctl sorts the tiers
+/// by order, stably (name order among equals).
+pub fn calicoctl_list(items: &mut [super::AnyResource]) {
+    for r in items.iter_mut() {
+        if let super::AnyResource::Tier(t) = r {
+            t.spec.set_defaults(&mut t.metadata);
+        }
+    }
+    let order = |r: &super::AnyResource| match r {
+        super::AnyResource::Tier(t) => t.spec.order_or_default(),
+        _ => f64::INFINITY,
+    };
+    items.sort_by(|a, b| order(a).total_cmp(&order(b)));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +283,25 @@ mod tests {
         }
         assert!(is_protected("default") && is_protected("kube-admin"));
         assert!(!is_protected("app"));
+    }
+
+    #[test]
+    fn calicoctl_lists_tiers_by_order_with_defaults() {
+        let mut old = Tier::new("zeta", TierSpec::default());
+        old.spec.default_action = Some("Pass".into());
+        let mut items = vec![
+            AnyResource::Tier(builtin_tier("default", 1e6, "Deny")),
+            AnyResource::Tier(builtin_tier("kube-admin", 1000.0, "Pass")),
+            AnyResource::Tier(builtin_tier("kube-baseline", 1e7, "Pass")),
+            AnyResource::Tier(old),
+        ];
+        calicoctl_list(&mut items);
+        let names: Vec<&str> = items.iter().map(|r| r.meta().name.as_str()).collect();
+        assert_eq!(names, ["kube-admin", "default", "zeta", "kube-baseline"]);
+        let AnyResource::Tier(z) = &items[2] else {
+            panic!("not a tier")
+        };
+        assert_eq!(z.spec.order, Some(1e6));
     }
 
     #[test]
