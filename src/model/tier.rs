@@ -126,6 +126,68 @@ fn tier_name(name: &str) -> Validated {
     Ok(())
 }
 
+/// Kubernetes' label-name rule (`k8svalidation.IsQualifiedName`) as Calico checks a
+/// tier's label keys: an optional DNS-subdomain prefix and `/`, then a name of at most 63
+/// alphanumerics, `-`, `_` or `.`, starting and ending alphanumeric.
+fn qualified_name_problem(key: &str) -> Option<String> {
+    let (prefix, name) = match key.split('/').collect::<Vec<_>>().as_slice() {
+        [name] => (None, *name),
+        [prefix, name] => (Some(*prefix), *name),
+        _ => return Some(format!("a qualified name {QUALIFIED}")),
+    };
+    if let Some(p) = prefix {
+        if p.is_empty() {
+            return Some("prefix part must be non-empty".into());
+        }
+        if let Err(e) = validate::name("prefix", p) {
+            return Some(format!("prefix part {}", e.reason));
+        }
+    }
+    if name.is_empty() {
+        return Some("name part must be non-empty".into());
+    }
+    if name.len() > 63 {
+        return Some("name part must be no more than 63 characters".into());
+    }
+    (!label_word(name)).then(|| format!("name part {QUALIFIED}"))
+}
+
+const QUALIFIED: &str = "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character";
+
+/// `([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`
+fn label_word(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    alnum(s.chars().next())
+        && alnum(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Calico's `validateObjectMetaLabels` for a tier: keys are qualified names, values empty
+/// or label words of at most 63 characters.
+fn tier_labels(meta: &ObjectMeta) -> Validated {
+    for (k, v) in &meta.labels {
+        if let Some(reason) = qualified_name_problem(k) {
+            return Err(ValidationError::new("metadata.labels", k, reason));
+        }
+        if v.len() > 63 {
+            return Err(ValidationError::new(
+                &format!("metadata.labels.{k}"),
+                v,
+                "must be no more than 63 characters",
+            ));
+        }
+        if !v.is_empty() && !label_word(v) {
+            return Err(ValidationError::new(
+                &format!("metadata.labels.{k}"),
+                v,
+                format!("a valid label must be an empty string or {QUALIFIED}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Kind for TierSpec {
     const KIND: &'static str = "Tier";
     const PLURAL: &'static str = "tiers";
@@ -138,6 +200,7 @@ impl Kind for TierSpec {
 
     fn validate(&self, meta: &ObjectMeta) -> Validated {
         tier_name(&meta.name)?;
+        tier_labels(meta)?;
         let action = self.default_action_or_default();
         validate::one_of("spec.defaultAction", action, &["Deny", "Pass"])?;
         let order = self.order_or_default();
@@ -241,6 +304,36 @@ mod tests {
         );
         let mut ok = Tier::new("a".repeat(63), TierSpec::default());
         assert!(prepare_resource(&mut ok).is_ok());
+    }
+
+    #[test]
+    fn labels_follow_kubernetes_rules() {
+        let with = |k: &str, v: &str| {
+            let mut t = Tier::new("app", TierSpec::default());
+            t.metadata.labels.insert(k.into(), v.into());
+            prepare_resource(&mut t).map_err(|e| e.to_string())
+        };
+        assert!(with("example.com/Owner_1", "sec-ops.2").is_ok());
+        assert!(with("owner", "").is_ok());
+        assert_eq!(
+            with("a/b/c", "x").unwrap_err(),
+            "error with field metadata.labels = 'a/b/c' (a qualified name must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character)"
+        );
+        assert_eq!(
+            with("/b", "x").unwrap_err(),
+            "error with field metadata.labels = '/b' (prefix part must be non-empty)"
+        );
+        assert_eq!(
+            with("owner", "-x").unwrap_err(),
+            "error with field metadata.labels.owner = '-x' (a valid label must be an empty string or must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character)"
+        );
+        assert_eq!(
+            with(&"k".repeat(64), "x").unwrap_err(),
+            format!(
+                "error with field metadata.labels = '{}' (name part must be no more than 63 characters)",
+                "k".repeat(64)
+            )
+        );
     }
 
     #[test]
