@@ -318,7 +318,7 @@ pub async fn write_batch(
 fn kind_arg(kind: &str) -> Result<&'static KindInfo, CtlError> {
     lookup_kind(kind).ok_or_else(|| {
         CtlError::Usage(format!(
-            "resource type '{kind}' is not supported (supported: ippool, bgpconfiguration, bgppeer, node, felixconfiguration, workloadendpoint, clusterinformation)"
+            "resource type '{kind}' is not supported (supported: ippool, bgpconfiguration, bgppeer, node, felixconfiguration, workloadendpoint, clusterinformation, tier, networkset, globalnetworkset)"
         ))
     })
 }
@@ -342,7 +342,9 @@ async fn get(client: &Client, args: &GetArgs) -> Result<String, CtlError> {
         Some(args.namespace.as_deref().unwrap_or("default"))
     };
     let (items, revision) = if args.names.is_empty() {
-        client.list_any(info, ns).await?
+        let (mut items, rev) = client.list_any(info, ns).await?;
+        crate::model::tier::calicoctl_list(&mut items);
+        (items, rev)
     } else {
         let mut items = Vec::new();
         for name in &args.names {

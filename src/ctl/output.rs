@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 
+use crate::model::tier::go_fmt_float;
 use crate::model::{API_VERSION, AnyResource, KindInfo};
 
 /// Output formats of `calicoctl get`.
@@ -93,6 +94,22 @@ fn headers(info: &KindInfo, wide: bool, ctx: &TableContext) -> Vec<&'static str>
             h
         }
         ("BGPConfiguration", _) => vec!["NAME", "LOGSEVERITY", "MESHENABLED", "ASNUMBER"],
+        // calicoctl/resourcemgr/tier.go: the same two columns in both forms.
+        ("Tier", _) => vec!["NAME", "ORDER"],
+        // resourcemgr/networkset.go, globalnetworkset.go.
+        ("NetworkSet", wide) => {
+            let mut h = if ctx.all_namespaces {
+                vec!["NAMESPACE", "NAME"]
+            } else {
+                vec!["NAME"]
+            };
+            if wide {
+                h.push("NETS");
+            }
+            h
+        }
+        ("GlobalNetworkSet", false) => vec!["NAME"],
+        ("GlobalNetworkSet", true) => vec!["NAME", "NETS"],
         _ => vec!["NAME"],
     }
 }
@@ -198,8 +215,45 @@ fn row(r: &AnyResource, wide: bool, ctx: &TableContext) -> Vec<String> {
                 s.as_number.map(|a| a.to_string()).unwrap_or_default(),
             ]
         }
+        AnyResource::Tier(t) => vec![name, go_fmt_float(t.spec.order_or_default())],
+        AnyResource::NetworkSet(n) => {
+            let mut v = Vec::new();
+            if ctx.all_namespaces {
+                v.push(n.namespace().unwrap_or("default").to_string());
+            }
+            v.push(name);
+            if wide {
+                v.push(join_and_truncate(&n.spec.nets, 80));
+            }
+            v
+        }
+        AnyResource::GlobalNetworkSet(n) if wide => {
+            vec![name, join_and_truncate(&n.spec.nets, 80)]
+        }
         _ => vec![name],
     }
+}
+
+/// calicoctl's `joinAndTruncate`: items joined by `,`, cut to `max` bytes ending in `...`
+/// once longer.
+pub fn join_and_truncate(items: &[String], max: usize) -> String {
+    let mut out = String::new();
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(item);
+        if out.len() > max {
+            let mut cut = max - 3;
+            while !out.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            out.truncate(cut);
+            out.push_str("...");
+            break;
+        }
+    }
+    out
 }
 
 /// A table of resources of one kind.
@@ -279,6 +333,18 @@ mod tests {
             "NAME                  CIDR             SELECTOR   \ndefault-ipv4-ippool   192.168.0.0/16   all()      \n"
         );
         assert_eq!(tabwriter(&[vec!["A".into()]]), "A    \n");
+    }
+
+    #[test]
+    fn nets_are_joined_and_truncated_like_calicoctl() {
+        let nets: Vec<String> = (0..10).map(|i| format!("10.{i}.0.0/16")).collect();
+        let s = join_and_truncate(&nets, 80);
+        assert_eq!(s.len(), 80);
+        assert!(
+            s.starts_with("10.0.0.0/16,10.1.0.0/16,") && s.ends_with("..."),
+            "{s}"
+        );
+        assert_eq!(join_and_truncate(&nets[..2], 80), "10.0.0.0/16,10.1.0.0/16");
     }
 }
 

@@ -30,6 +30,14 @@ pub enum ClientError {
         "update conflict: {0} has been modified; read it again and retry (resourceVersion {1} is stale)"
     )]
     Conflict(String, i64),
+    /// Calico refuses the operation on this resource (`ErrorOperationNotSupported`), e.g.
+    /// deleting a built-in tier.
+    #[error("operation {operation} is not supported on {identifier}: {reason}")]
+    OperationNotSupported {
+        operation: String,
+        identifier: String,
+        reason: String,
+    },
     /// A stored value does not decode as its kind.
     #[error("cannot decode stored {key}: {reason}")]
     Decode { key: String, reason: String },
@@ -332,6 +340,7 @@ impl Client {
         name: &str,
         revision: Option<i64>,
     ) -> ClientResult<Resource<S>> {
+        self.check_delete::<S>(name).await?;
         let ns = ns_for::<S>(namespace);
         let key = resource_key(S::PLURAL, ns, name);
         let kv = self
@@ -340,6 +349,53 @@ impl Client {
             .await
             .map_err(|e| self.map_ds::<S>(e, ns, name))?;
         decode_kv(&kv)
+    }
+}
+
+/// Plurals of the kinds whose `spec.tier` names a tier (Calico's tier delete checks each).
+const TIERED_PLURALS: &[&str] = &[
+    "networkpolicies",
+    "globalnetworkpolicies",
+    "stagednetworkpolicies",
+    "stagedglobalnetworkpolicies",
+];
+
+impl Client {
+    /// What Calico's clientv3 refuses before a delete: a built-in tier
+    /// (`names.TierIsProtected`), and a tier that policies still name.
+    async fn check_delete<S: Kind>(&self, name: &str) -> ClientResult<()> {
+        if S::KIND != model::tier::TierSpec::KIND {
+            return Ok(());
+        }
+        if model::tier::is_protected(name) {
+            return Err(ClientError::OperationNotSupported {
+                operation: "Delete".into(),
+                identifier: name.into(),
+                reason: format!("Cannot delete {name} tier"),
+            });
+        }
+        for plural in TIERED_PLURALS {
+            let (kvs, _) = self
+                .ds
+                .list(&resource_prefix(plural, None))
+                .await
+                .map_err(ClientError::Datastore)?;
+            // Read raw: the tier is all that matters here, whatever else the value holds.
+            let in_tier = kvs.iter().any(|kv| {
+                serde_json::from_slice::<serde_json::Value>(&kv.value)
+                    .ok()
+                    .and_then(|v| v["spec"]["tier"].as_str().map(str::to_string))
+                    .is_some_and(|t| t == name)
+            });
+            if in_tier {
+                return Err(ClientError::OperationNotSupported {
+                    operation: "delete".into(),
+                    identifier: name.into(),
+                    reason: "Cannot delete a non-empty tier".into(),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -362,6 +418,9 @@ macro_rules! dispatch {
             AnyResource::FelixConfiguration($r) => $body.map(AnyResource::FelixConfiguration),
             AnyResource::WorkloadEndpoint($r) => $body.map(AnyResource::WorkloadEndpoint),
             AnyResource::ClusterInformation($r) => $body.map(AnyResource::ClusterInformation),
+            AnyResource::Tier($r) => $body.map(AnyResource::Tier),
+            AnyResource::NetworkSet($r) => $body.map(AnyResource::NetworkSet),
+            AnyResource::GlobalNetworkSet($r) => $body.map(AnyResource::GlobalNetworkSet),
         }
     };
 }
@@ -389,6 +448,10 @@ impl Client {
         op: WriteOp,
         batch: &[AnyResource],
     ) -> ClientResult<Resource<S>> {
+        if op == WriteOp::Delete {
+            // Calico refuses these before looking the resource up.
+            self.check_delete::<S>(&r.metadata.name).await?;
+        }
         let old = self.get::<S>(r.namespace(), &r.metadata.name).await?;
         let what = || describe::<S>(r.namespace(), &r.metadata.name);
         match (op, &old) {

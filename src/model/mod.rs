@@ -9,10 +9,12 @@ pub mod ipam;
 pub mod ippool;
 pub mod keys;
 pub mod meta;
+pub mod networkset;
 pub mod node;
 pub mod selector;
 pub mod stored;
 pub mod sysctl;
+pub mod tier;
 pub mod validate;
 pub mod workload;
 
@@ -28,7 +30,9 @@ pub use cluster::{ClusterInformation, ClusterInformationSpec};
 pub use felix::{FelixConfiguration, FelixConfigurationSpec};
 pub use ippool::{IPPool, IPPoolSpec};
 pub use meta::{API_VERSION, ObjectMeta, Resource};
+pub use networkset::{GlobalNetworkSet, GlobalNetworkSetSpec, NetworkSet, NetworkSetSpec};
 pub use node::{Node, NodeSpec};
+pub use tier::{Tier, TierSpec};
 pub use validate::{Validated, ValidationError};
 pub use workload::{WorkloadEndpoint, WorkloadEndpointSpec};
 
@@ -123,6 +127,24 @@ pub const KINDS: &[KindInfo] = &[
             "clusterinfo",
             "clusterinfos",
         ],
+    },
+    KindInfo {
+        kind: "Tier",
+        plural: "tiers",
+        namespaced: false,
+        aliases: &["tier", "tiers"],
+    },
+    KindInfo {
+        kind: "NetworkSet",
+        plural: "networksets",
+        namespaced: true,
+        aliases: &["networkset", "networksets", "netsets"],
+    },
+    KindInfo {
+        kind: "GlobalNetworkSet",
+        plural: "globalnetworksets",
+        namespaced: false,
+        aliases: &["globalnetworkset", "globalnetworksets", "gnetsets"],
     },
 ];
 
@@ -300,6 +322,9 @@ any_resource! {
     FelixConfiguration => FelixConfigurationSpec,
     WorkloadEndpoint => WorkloadEndpointSpec,
     ClusterInformation => ClusterInformationSpec,
+    Tier => TierSpec,
+    NetworkSet => NetworkSetSpec,
+    GlobalNetworkSet => GlobalNetworkSetSpec,
 }
 
 impl AnyResource {

@@ -14,6 +14,7 @@ use super::config::{DEFAULT_POOL_NAME, IpSetting, NodeConfig};
 use crate::datastore::client::new_uid;
 use crate::datastore::{Client, ClientError};
 use crate::model::node::NodeBGPSpec;
+use crate::model::tier::{BUILTIN_TIERS, builtin_tier};
 use crate::model::{
     ClusterInformation, ClusterInformationSpec, IPPool, IPPoolSpec, Node, NodeSpec,
 };
@@ -253,6 +254,26 @@ pub async fn ensure_cluster_information(
     )))
 }
 
+/// Create the built-in tiers that do not exist (Calico's `EnsureInitialized`, which
+/// calico-node's start-up calls in etcd mode): `default` (order 1e6, Deny), `kube-admin`
+/// (1000, Pass) and `kube-baseline` (1e7, Pass). Create-only, as Calico's
+/// `ensureTierExists`: a tier that exists, whoever wrote it and whatever it holds, is left
+/// alone. Returns the names of the tiers it created.
+pub async fn ensure_builtin_tiers(client: &Client) -> Result<Vec<String>, StartupError> {
+    let mut created = Vec::new();
+    for (name, order, action) in BUILTIN_TIERS {
+        match client.create(builtin_tier(name, *order, action)).await {
+            Ok(_) => {
+                info!(tier = name, "Tier is now available");
+                created.push(name.to_string());
+            }
+            Err(ClientError::AlreadyExists(_)) => {}
+            Err(e) => return Err(ds_err("creating the built-in tiers")(e)),
+        }
+    }
+    Ok(created)
+}
+
 /// Write `<dir>/nodename` atomically and durably (the CNI plugin reads it; see
 /// [`crate::state_file::write_atomic`]).
 pub fn write_nodename_file(dir: &Path, nodename: &str) -> Result<(), StartupError> {
@@ -288,6 +309,7 @@ pub async fn startup(
     let node = register_node(client, cfg, ipv4).await?;
     let created_pool = ensure_default_pool(client, cfg).await?;
     ensure_cluster_information(client, cfg).await?;
+    ensure_builtin_tiers(client).await?;
     write_nodename_file(&cfg.state_dir, &cfg.nodename)?;
     Ok(StartupResult {
         node,
