@@ -747,6 +747,48 @@ async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_syncer_decodes_tiers_and_sets() {
+        let kv = |key: &str, value: &str| KeyValue {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            mod_revision: 5,
+            create_revision: 5,
+        };
+        let p = "/calico/resources/v3/projectcalico.org";
+        let cases = [
+            (
+                format!("{p}/tiers/default"),
+                r#"{"kind":"Tier","apiVersion":"projectcalico.org/v3","metadata":{"name":"default"},"spec":{"order":1000000,"defaultAction":"Deny"}}"#,
+                "Tier",
+            ),
+            (
+                format!("{p}/networksets/ns1/s"),
+                r#"{"kind":"NetworkSet","apiVersion":"projectcalico.org/v3","metadata":{"name":"s","namespace":"ns1"},"spec":{"nets":["10.0.0.0/8"]}}"#,
+                "NetworkSet",
+            ),
+            (
+                format!("{p}/globalnetworksets/g"),
+                r#"{"kind":"GlobalNetworkSet","apiVersion":"projectcalico.org/v3","metadata":{"name":"g"},"spec":{"nets":["10.0.0.0/8"],"allowedEgressDomains":["x.com"]}}"#,
+                "GlobalNetworkSet",
+            ),
+        ];
+        for (key, value, kind) in cases {
+            match decode(&kv(&key, value)) {
+                Some(Ok(SyncValue::Resource(r))) => assert_eq!(r.kind(), kind),
+                other => panic!("{key}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            crate::model::AnyResource::decode_slice("GlobalNetworkSet", cases_value()),
+            Ok(crate::model::AnyResource::GlobalNetworkSet(_))
+        ));
+    }
+
+    fn cases_value() -> &'static [u8] {
+        br#"{"kind":"GlobalNetworkSet","apiVersion":"projectcalico.org/v3","metadata":{"name":"g"},"spec":{}}"#
+    }
+
     fn pool_kv(name: &str, cidr: &str, rev: i64) -> KeyValue {
         let v = format!(
             r#"{{"kind":"IPPool","apiVersion":"projectcalico.org/v3","metadata":{{"name":"{name}"}},"spec":{{"cidr":"{cidr}"}}}}"#

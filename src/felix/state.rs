@@ -297,6 +297,40 @@ mod tests {
     use crate::bgp::LearnedRoute;
     use crate::model::Resource;
 
+    /// Felix has no policy dataplane yet: these kinds reach it and change nothing (and a
+    /// delete of one is no change either), without an error.
+    #[test]
+    fn felix_state_ignores_tiers_and_sets_for_now() {
+        use crate::model::networkset::{
+            GlobalNetworkSet, GlobalNetworkSetSpec, NetworkSet, NetworkSetSpec,
+        };
+        let p = "/calico/resources/v3/projectcalico.org";
+        let values = [
+            (
+                format!("{p}/tiers/default"),
+                AnyResource::Tier(crate::model::tier::builtin_tier("default", 1e6, "Deny")),
+            ),
+            (
+                format!("{p}/networksets/default/s"),
+                AnyResource::NetworkSet(NetworkSet::new("s", NetworkSetSpec::default())),
+            ),
+            (
+                format!("{p}/globalnetworksets/g"),
+                AnyResource::GlobalNetworkSet(GlobalNetworkSet::new(
+                    "g",
+                    GlobalNetworkSetSpec::default(),
+                )),
+            ),
+        ];
+        let mut s = State::new("node-a");
+        for (key, v) in values {
+            let put = SyncerEvent::update(&key, Some(SyncValue::Resource(v)));
+            assert!(!s.apply(&FelixInput::Datastore(put)), "{key}");
+            let del = SyncerEvent::update(&key, None);
+            assert!(!s.apply(&FelixInput::Datastore(del)), "{key}");
+        }
+    }
+
     fn update(key: &str, value: Option<SyncValue>) -> FelixInput {
         FelixInput::Datastore(SyncerEvent::update(key, value))
     }

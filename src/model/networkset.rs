@@ -98,9 +98,7 @@ impl Kind for GlobalNetworkSetSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datastore::KeyValue;
-    use crate::datastore::syncer::{SyncValue, decode};
-    use crate::model::{AnyResource, prepare_resource};
+    use crate::model::prepare_resource;
 
     #[test]
     fn calicos_examples_round_trip() {
@@ -181,81 +179,5 @@ mod tests {
             prepare_resource(&mut g).unwrap_err().to_string(),
             "error with field metadata.namespace = 'ns1' (GlobalNetworkSet is not a namespaced kind)"
         );
-    }
-
-    #[test]
-    fn the_syncer_decodes_tiers_and_sets() {
-        let kv = |key: &str, value: &str| KeyValue {
-            key: key.into(),
-            value: value.as_bytes().to_vec(),
-            mod_revision: 5,
-            create_revision: 5,
-        };
-        let p = "/calico/resources/v3/projectcalico.org";
-        let cases = [
-            (
-                format!("{p}/tiers/default"),
-                r#"{"kind":"Tier","apiVersion":"projectcalico.org/v3","metadata":{"name":"default"},"spec":{"order":1000000,"defaultAction":"Deny"}}"#,
-                "Tier",
-            ),
-            (
-                format!("{p}/networksets/ns1/s"),
-                r#"{"kind":"NetworkSet","apiVersion":"projectcalico.org/v3","metadata":{"name":"s","namespace":"ns1"},"spec":{"nets":["10.0.0.0/8"]}}"#,
-                "NetworkSet",
-            ),
-            (
-                format!("{p}/globalnetworksets/g"),
-                r#"{"kind":"GlobalNetworkSet","apiVersion":"projectcalico.org/v3","metadata":{"name":"g"},"spec":{"nets":["10.0.0.0/8"],"allowedEgressDomains":["x.com"]}}"#,
-                "GlobalNetworkSet",
-            ),
-        ];
-        for (key, value, kind) in cases {
-            match decode(&kv(&key, value)) {
-                Some(Ok(SyncValue::Resource(r))) => assert_eq!(r.kind(), kind),
-                other => panic!("{key}: {other:?}"),
-            }
-        }
-        assert!(matches!(
-            AnyResource::decode_slice("GlobalNetworkSet", cases_value()),
-            Ok(AnyResource::GlobalNetworkSet(_))
-        ));
-    }
-
-    /// Felix has no policy dataplane yet: these kinds reach it and change nothing (and a
-    /// delete of one is no change either), without an error.
-    #[test]
-    fn felix_state_ignores_tiers_and_sets_for_now() {
-        use crate::datastore::syncer::SyncerEvent;
-        use crate::felix::FelixInput;
-        use crate::felix::state::State;
-        let p = "/calico/resources/v3/projectcalico.org";
-        let values = [
-            (
-                format!("{p}/tiers/default"),
-                AnyResource::Tier(crate::model::tier::builtin_tier("default", 1e6, "Deny")),
-            ),
-            (
-                format!("{p}/networksets/default/s"),
-                AnyResource::NetworkSet(NetworkSet::new("s", NetworkSetSpec::default())),
-            ),
-            (
-                format!("{p}/globalnetworksets/g"),
-                AnyResource::GlobalNetworkSet(GlobalNetworkSet::new(
-                    "g",
-                    GlobalNetworkSetSpec::default(),
-                )),
-            ),
-        ];
-        let mut s = State::new("node-a");
-        for (key, v) in values {
-            let put = SyncerEvent::update(&key, Some(SyncValue::Resource(v)));
-            assert!(!s.apply(&FelixInput::Datastore(put)), "{key}");
-            let del = SyncerEvent::update(&key, None);
-            assert!(!s.apply(&FelixInput::Datastore(del)), "{key}");
-        }
-    }
-
-    fn cases_value() -> &'static [u8] {
-        br#"{"kind":"GlobalNetworkSet","apiVersion":"projectcalico.org/v3","metadata":{"name":"g"},"spec":{}}"#
     }
 }
