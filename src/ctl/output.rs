@@ -93,7 +93,68 @@ fn headers(info: &KindInfo, wide: bool, ctx: &TableContext) -> Vec<&'static str>
             h
         }
         ("BGPConfiguration", _) => vec!["NAME", "LOGSEVERITY", "MESHENABLED", "ASNUMBER"],
+        (kind, wide) if policy_kind(kind) => {
+            let mut h = namespace_header(info, ctx);
+            h.extend(["NAME", "TIER"]);
+            if wide {
+                h.extend(["ORDER", "SELECTOR"]);
+            }
+            h
+        }
+        ("StagedKubernetesNetworkPolicy", wide) => {
+            let mut h = namespace_header(info, ctx);
+            h.push("NAME");
+            if wide {
+                h.push("PODSELECTOR");
+            }
+            h
+        }
+        ("Profile", true) => vec!["NAME", "LABELS"],
         _ => vec!["NAME"],
+    }
+}
+
+/// Kinds printed with calicoctl's policy columns (`NAME TIER` / `+ ORDER SELECTOR`).
+fn policy_kind(kind: &str) -> bool {
+    matches!(
+        kind,
+        "NetworkPolicy"
+            | "GlobalNetworkPolicy"
+            | "StagedNetworkPolicy"
+            | "StagedGlobalNetworkPolicy"
+    )
+}
+
+/// calicoctl adds a leading NAMESPACE column for namespaced kinds across namespaces.
+fn namespace_header(info: &KindInfo, ctx: &TableContext) -> Vec<&'static str> {
+    if ctx.all_namespaces && info.namespaced {
+        vec!["NAMESPACE"]
+    } else {
+        vec![]
+    }
+}
+
+/// A policy row: `[NAMESPACE] NAME TIER [ORDER SELECTOR]`; ORDER prints as Go's `%v`
+/// of a float (`100`, `1.5`), empty when unset.
+fn policy_row(
+    r: &AnyResource,
+    (tier, order, selector): (&str, Option<f64>, &str),
+    wide: bool,
+    ctx: &TableContext,
+) -> Vec<String> {
+    let mut v = namespace_cell(r, ctx);
+    v.extend([r.meta().name.clone(), tier.to_string()]);
+    if wide {
+        v.push(order.map(|o| o.to_string()).unwrap_or_default());
+        v.push(selector.to_string());
+    }
+    v
+}
+
+fn namespace_cell(r: &AnyResource, ctx: &TableContext) -> Vec<String> {
+    match r.namespace() {
+        Some(ns) if ctx.all_namespaces => vec![ns.to_string()],
+        _ => vec![],
     }
 }
 
@@ -197,6 +258,40 @@ fn row(r: &AnyResource, wide: bool, ctx: &TableContext) -> Vec<String> {
                     .unwrap_or_default(),
                 s.as_number.map(|a| a.to_string()).unwrap_or_default(),
             ]
+        }
+        AnyResource::NetworkPolicy(p) => {
+            let s = &p.spec;
+            policy_row(r, (&s.tier, s.order, &s.selector), wide, ctx)
+        }
+        AnyResource::GlobalNetworkPolicy(p) => {
+            let s = &p.spec;
+            policy_row(r, (&s.tier, s.order, &s.selector), wide, ctx)
+        }
+        AnyResource::StagedNetworkPolicy(p) => {
+            let s = &p.spec;
+            policy_row(r, (&s.tier, s.order, &s.selector), wide, ctx)
+        }
+        AnyResource::StagedGlobalNetworkPolicy(p) => {
+            let s = &p.spec;
+            policy_row(r, (&s.tier, s.order, &s.selector), wide, ctx)
+        }
+        AnyResource::StagedKubernetesNetworkPolicy(p) => {
+            let mut v = namespace_cell(r, ctx);
+            v.push(name);
+            if wide {
+                v.push(p.spec.pod_selector_display());
+            }
+            v
+        }
+        AnyResource::Profile(p) if wide => {
+            let labels = p
+                .spec
+                .labels_to_apply
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![name, labels]
         }
         _ => vec![name],
     }

@@ -362,6 +362,16 @@ macro_rules! dispatch {
             AnyResource::FelixConfiguration($r) => $body.map(AnyResource::FelixConfiguration),
             AnyResource::WorkloadEndpoint($r) => $body.map(AnyResource::WorkloadEndpoint),
             AnyResource::ClusterInformation($r) => $body.map(AnyResource::ClusterInformation),
+            AnyResource::NetworkPolicy($r) => $body.map(AnyResource::NetworkPolicy),
+            AnyResource::GlobalNetworkPolicy($r) => $body.map(AnyResource::GlobalNetworkPolicy),
+            AnyResource::StagedNetworkPolicy($r) => $body.map(AnyResource::StagedNetworkPolicy),
+            AnyResource::StagedGlobalNetworkPolicy($r) => {
+                $body.map(AnyResource::StagedGlobalNetworkPolicy)
+            }
+            AnyResource::StagedKubernetesNetworkPolicy($r) => {
+                $body.map(AnyResource::StagedKubernetesNetworkPolicy)
+            }
+            AnyResource::Profile($r) => $body.map(AnyResource::Profile),
         }
     };
 }

@@ -10,6 +10,8 @@ pub mod ippool;
 pub mod keys;
 pub mod meta;
 pub mod node;
+pub mod policy;
+pub mod rule;
 pub mod selector;
 pub mod stored;
 pub mod sysctl;
@@ -29,6 +31,10 @@ pub use felix::{FelixConfiguration, FelixConfigurationSpec};
 pub use ippool::{IPPool, IPPoolSpec};
 pub use meta::{API_VERSION, ObjectMeta, Resource};
 pub use node::{Node, NodeSpec};
+pub use policy::{
+    GlobalNetworkPolicySpec, NetworkPolicySpec, ProfileSpec, StagedGlobalNetworkPolicySpec,
+    StagedKubernetesNetworkPolicySpec, StagedNetworkPolicySpec,
+};
 pub use validate::{Validated, ValidationError};
 pub use workload::{WorkloadEndpoint, WorkloadEndpointSpec};
 
@@ -123,6 +129,77 @@ pub const KINDS: &[KindInfo] = &[
             "clusterinfo",
             "clusterinfos",
         ],
+    },
+    // The policy kinds, with calicoctl's names (calicoctl/calicoctl/resourcemgr/*.go).
+    KindInfo {
+        kind: "NetworkPolicy",
+        plural: "networkpolicies",
+        namespaced: true,
+        aliases: &[
+            "networkpolicy",
+            "networkpolicies",
+            "policy",
+            "np",
+            "policies",
+            "pol",
+            "pols",
+        ],
+    },
+    KindInfo {
+        kind: "GlobalNetworkPolicy",
+        plural: "globalnetworkpolicies",
+        namespaced: false,
+        aliases: &[
+            "globalnetworkpolicy",
+            "globalnetworkpolicies",
+            "gnp",
+            "gnps",
+        ],
+    },
+    KindInfo {
+        kind: "StagedNetworkPolicy",
+        plural: "stagednetworkpolicies",
+        namespaced: true,
+        aliases: &[
+            "stagednetworkpolicy",
+            "stagednetworkpolicies",
+            "stagedpolicy",
+            "snp",
+            "stagedpolicies",
+            "spol",
+            "spols",
+        ],
+    },
+    KindInfo {
+        kind: "StagedGlobalNetworkPolicy",
+        plural: "stagedglobalnetworkpolicies",
+        namespaced: false,
+        aliases: &[
+            "stagedglobalnetworkpolicy",
+            "stagedglobalnetworkpolicies",
+            "sgnp",
+            "sgnps",
+        ],
+    },
+    KindInfo {
+        kind: "StagedKubernetesNetworkPolicy",
+        plural: "stagedkubernetesnetworkpolicies",
+        namespaced: true,
+        aliases: &[
+            "stagedkubernetesnetworkpolicy",
+            "stagedkubernetesnetworkpolicies",
+            "stagedkubernetespolicy",
+            "sknp",
+            "stagedkubernetespolicies",
+            "skpol",
+            "skpols",
+        ],
+    },
+    KindInfo {
+        kind: "Profile",
+        plural: "profiles",
+        namespaced: false,
+        aliases: &["profile", "profiles", "pro", "pros"],
     },
 ];
 
@@ -300,6 +377,12 @@ any_resource! {
     FelixConfiguration => FelixConfigurationSpec,
     WorkloadEndpoint => WorkloadEndpointSpec,
     ClusterInformation => ClusterInformationSpec,
+    NetworkPolicy => NetworkPolicySpec,
+    GlobalNetworkPolicy => GlobalNetworkPolicySpec,
+    StagedNetworkPolicy => StagedNetworkPolicySpec,
+    StagedGlobalNetworkPolicy => StagedGlobalNetworkPolicySpec,
+    StagedKubernetesNetworkPolicy => StagedKubernetesNetworkPolicySpec,
+    Profile => ProfileSpec,
 }
 
 impl AnyResource {
