@@ -127,7 +127,7 @@ fn policies_and_profiles_apply_store_list_patch_and_delete() {
     );
     assert_eq!(
         np["spec"],
-        json!({"order": 100.0, "ingress": [{"action": "Allow", "protocol": "TCP",
+        json!({"order": 100, "ingress": [{"action": "Allow", "protocol": "TCP",
             "source": {"selector": "role == 'frontend'"},
             "destination": {"ports": [6379, "7000:7010"]},
             "metadata": {"annotations": {"from": "frontend", "to": "database"}}}],
@@ -135,6 +135,11 @@ fn policies_and_profiles_apply_store_list_patch_and_delete() {
             "types": ["Ingress", "Egress"]})
     );
     assert!(np["metadata"].get("resourceVersion").is_none());
+    // Go's encoding/json writes an integral float64 without a fraction.
+    assert!(
+        etcd.etcdctl_value(&format!("{RES}/networkpolicies/production/allow-tcp-6379"))
+            .contains(r#""order":100,"#)
+    );
     let gnp = stored(&etcd, &format!("{RES}/globalnetworkpolicies/deny-blue"));
     assert_eq!(
         gnp["spec"],
@@ -182,6 +187,39 @@ fn policies_and_profiles_apply_store_list_patch_and_delete() {
         "NAME       LABELS        \ndev-apps   profile=dev   \n"
     );
 
+    // Staged kinds are stored and listed too; an unset order prints as Go's `<nil>`.
+    ok(&calicoctl(
+        &etcd,
+        &["apply", "-f", "-"],
+        "apiVersion: projectcalico.org/v3\nkind: StagedGlobalNetworkPolicy\nmetadata:\n  name: try-deny\nspec:\n  stagedAction: Set\n  selector: all()\n  egress:\n    - action: Deny\n---\napiVersion: projectcalico.org/v3\nkind: StagedKubernetesNetworkPolicy\nmetadata:\n  name: knp\n  namespace: production\nspec:\n  podSelector:\n    matchLabels:\n      app: web\n  policyTypes: [Ingress]\n",
+    ));
+    assert_eq!(
+        stored(
+            &etcd,
+            &format!("{RES}/stagedglobalnetworkpolicies/try-deny")
+        )["spec"],
+        json!({"stagedAction": "Set", "egress": [{"action": "Deny"}],
+            "selector": "all()", "types": ["Egress"]})
+    );
+    assert_eq!(
+        ok(&calicoctl(&etcd, &["get", "sgnp", "-o", "wide"], "")),
+        "NAME       TIER   ORDER   SELECTOR   \ntry-deny          <nil>   all()      \n"
+    );
+    assert_eq!(
+        ok(&calicoctl(
+            &etcd,
+            &["get", "sknp", "-n", "production", "-o", "wide"],
+            ""
+        )),
+        "NAME   PODSELECTOR         \nknp    {map[app:web] []}   \n"
+    );
+    ok(&calicoctl(&etcd, &["delete", "sgnp", "try-deny"], ""));
+    ok(&calicoctl(
+        &etcd,
+        &["delete", "sknp", "knp", "-n", "production"],
+        "",
+    ));
+
     // The syncer's decoder delivers them to Felix as typed resources.
     for key in [
         format!("{RES}/networkpolicies/production/allow-tcp-6379"),
@@ -222,7 +260,7 @@ fn policies_and_profiles_apply_store_list_patch_and_delete() {
     ));
     assert_eq!(
         stored(&etcd, &format!("{RES}/globalnetworkpolicies/deny-blue"))["spec"]["order"],
-        20.0
+        20
     );
     let out = calicoctl(
         &etcd,

@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 
+use crate::model::policy::go_float_v;
 use crate::model::{API_VERSION, AnyResource, KindInfo};
 
 /// Output formats of `calicoctl get`.
@@ -135,7 +136,7 @@ fn namespace_header(info: &KindInfo, ctx: &TableContext) -> Vec<&'static str> {
 }
 
 /// A policy row: `[NAMESPACE] NAME TIER [ORDER SELECTOR]`; ORDER prints as Go's `%v`
-/// of a float (`100`, `1.5`), empty when unset.
+/// of a float (`100`, `1.5`, `1e+06`), `<nil>` when unset.
 fn policy_row(
     r: &AnyResource,
     (tier, order, selector): (&str, Option<f64>, &str),
@@ -145,7 +146,8 @@ fn policy_row(
     let mut v = namespace_cell(r, ctx);
     v.extend([r.meta().name.clone(), tier.to_string()]);
     if wide {
-        v.push(order.map(|o| o.to_string()).unwrap_or_default());
+        // A Go template over a nil *float64 prints `<nil>`.
+        v.push(order.map(go_float_v).unwrap_or_else(|| "<nil>".into()));
         v.push(selector.to_string());
     }
     v
@@ -284,13 +286,15 @@ fn row(r: &AnyResource, wide: bool, ctx: &TableContext) -> Vec<String> {
             v
         }
         AnyResource::Profile(p) if wide => {
-            let labels = p
+            // calicoctl's `join` sorts the `k=v` strings, not the keys.
+            let mut labels = p
                 .spec
                 .labels_to_apply
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
+                .collect::<Vec<_>>();
+            labels.sort();
+            let labels = labels.join(",");
             vec![name, labels]
         }
         _ => vec![name],

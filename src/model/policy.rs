@@ -42,6 +42,34 @@ struct Common<'a> {
     performance_hints: &'a [String],
 }
 
+/// `order` as Go's encoding/json writes a float64: integral values without a fraction
+/// (`100`, not serde's `100.0`), so the stored bytes are Calico's.
+fn order_json<S: serde::Serializer>(order: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match order {
+        Some(o) if o.fract() == 0.0 && o.abs() < 1e18 => s.serialize_i64(*o as i64),
+        Some(o) => s.serialize_f64(*o),
+        None => s.serialize_none(),
+    }
+}
+
+/// A float as Go's `fmt` prints it with `%v` (calicoctl's ORDER column is a Go template
+/// over `*float64`): shortest digits, in exponent form (`1e+06`, `1.5e-05`) when the
+/// decimal exponent is below -4 or at least 6, as strconv's shortest `'g'` does.
+pub fn go_float_v(f: f64) -> String {
+    if f == 0.0 || !f.is_finite() {
+        return format!("{f}");
+    }
+    let sci = format!("{f:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if (-4..6).contains(&exp) {
+        format!("{f}")
+    } else {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exp.abs())
+    }
+}
+
 /// Calico's `defaultPolicyTypesField`: with no `types`, egress rules alone mean Egress,
 /// both kinds mean both, anything else Ingress.
 pub fn default_types(ingress: &[Rule], egress: &[Rule], types: &mut Vec<String>) {
@@ -232,7 +260,11 @@ fn staged_action(value: &str) -> Validated {
 pub struct NetworkPolicySpec {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tier: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "order_json"
+    )]
     pub order: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress: Vec<Rule>,
@@ -286,7 +318,11 @@ impl Kind for NetworkPolicySpec {
 pub struct GlobalNetworkPolicySpec {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tier: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "order_json"
+    )]
     pub order: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress: Vec<Rule>,
@@ -393,7 +429,11 @@ pub struct StagedNetworkPolicySpec {
     pub staged_action: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tier: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "order_json"
+    )]
     pub order: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress: Vec<Rule>,
@@ -455,7 +495,11 @@ pub struct StagedGlobalNetworkPolicySpec {
     pub staged_action: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tier: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "order_json"
+    )]
     pub order: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ingress: Vec<Rule>,
@@ -551,14 +595,33 @@ pub struct StagedKubernetesNetworkPolicySpec {
 }
 
 impl StagedKubernetesNetworkPolicySpec {
-    /// The `PODSELECTOR` column: `key=value` pairs of `matchLabels`.
+    /// The `PODSELECTOR` column: calicoctl prints the Go struct with `%v`
+    /// (`{map[app:web] [{tier In [a b]}]}`).
     pub fn pod_selector_display(&self) -> String {
-        self.pod_selector
+        let labels = self
+            .pod_selector
             .match_labels
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| format!("{k}:{v}"))
             .collect::<Vec<_>>()
-            .join(",")
+            .join(" ");
+        let exprs = self
+            .pod_selector
+            .match_expressions
+            .iter()
+            .map(|e| {
+                let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                let values = e
+                    .get("values")
+                    .and_then(Value::as_array)
+                    .map(|v| v.iter().filter_map(Value::as_str).collect::<Vec<_>>())
+                    .unwrap_or_default()
+                    .join(" ");
+                format!("{{{} {} [{values}]}}", s("key"), s("operator"))
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        format!("{{map[{labels}] [{exprs}]}}")
     }
 }
 
@@ -678,6 +741,39 @@ mod tests {
             serde_json::to_string(&staged).unwrap(),
             r#"{"stagedAction":"Set","selector":"a == 'b'"}"#
         );
+    }
+
+    #[test]
+    fn order_is_written_and_printed_as_go_does() {
+        let spec = |o: f64| GlobalNetworkPolicySpec {
+            order: Some(o),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&spec(100.0)).unwrap(),
+            r#"{"order":100}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&spec(1e6)).unwrap(),
+            r#"{"order":1000000}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&spec(10.5)).unwrap(),
+            r#"{"order":10.5}"#
+        );
+        for (f, go) in [
+            (100.0, "100"),
+            (10.5, "10.5"),
+            (123456.0, "123456"),
+            (1e6, "1e+06"),
+            (1234567.0, "1.234567e+06"),
+            (0.0001, "0.0001"),
+            (0.000015, "1.5e-05"),
+            (-3.0, "-3"),
+            (0.0, "0"),
+        ] {
+            assert_eq!(go_float_v(f), go, "{f}");
+        }
     }
 
     #[test]
@@ -801,6 +897,47 @@ mod tests {
         for (v, field) in cases {
             assert_eq!(refused_field(v.clone()), field, "{v}");
         }
+    }
+
+    /// A value a newer Calico stored (fields this version does not know, at the top of the
+    /// spec and inside a rule) decodes leniently and is written back with them intact.
+    #[test]
+    fn stored_values_of_a_newer_calico_keep_unknown_fields() {
+        let stored = json!({"kind": "GlobalNetworkPolicy", "apiVersion": API_VERSION,
+            "metadata": {"name": "g", "labels": {"projectcalico.org/tier": "default"}},
+            "spec": {"order": 5, "futureKnob": {"a": 1},
+                "ingress": [{"action": "Allow", "protocol": "TCP",
+                    "destination": {"ports": [443], "newMatch": "x"}}],
+                "selector": "all()", "types": ["Ingress"]}});
+        let bytes = serde_json::to_vec(&stored).unwrap();
+        let r = crate::model::decode_stored::<GlobalNetworkPolicySpec>(&bytes).unwrap();
+        assert_eq!(r.spec.order, Some(5.0));
+        assert_eq!(
+            r.spec.ingress[0].destination.ports,
+            vec![crate::model::rule::Port::Range { min: 443, max: 443 }]
+        );
+        let written: Value =
+            serde_json::from_slice(&crate::model::stored::encode_with(&r, &r.unknown)).unwrap();
+        assert_eq!(written, stored);
+        // User input stays strict: the same document is refused, naming the field.
+        let e = AnyResource::from_document(stored).unwrap_err().to_string();
+        assert!(
+            e.contains("spec.futureKnob") || e.contains("newMatch"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pod_selector_prints_as_calicoctl_does() {
+        let s: StagedKubernetesNetworkPolicySpec = serde_json::from_value(json!({
+            "podSelector": {"matchLabels": {"b": "2", "a": "1"},
+                "matchExpressions": [{"key": "tier", "operator": "In", "values": ["x", "y"]}]}}))
+        .unwrap();
+        assert_eq!(s.pod_selector_display(), "{map[a:1 b:2] [{tier In [x y]}]}");
+        assert_eq!(
+            StagedKubernetesNetworkPolicySpec::default().pod_selector_display(),
+            "{map[] []}"
+        );
     }
 
     #[test]
