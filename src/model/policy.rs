@@ -14,6 +14,9 @@ use super::{Kind, ObjectMeta, Resource};
 
 /// Label Calico's client puts on every policy: its tier (`default` when unset).
 pub const LABEL_TIER: &str = "projectcalico.org/tier";
+/// Name prefix of Kubernetes NetworkPolicies converted into etcd by kube-controllers
+/// (`KubernetesNetworkPolicyEtcdPrefix`).
+pub const KNP_PREFIX: &str = "knp.default.";
 /// The tier of a policy with no `tier`.
 pub const DEFAULT_TIER: &str = "default";
 
@@ -308,6 +311,15 @@ impl Kind for NetworkPolicySpec {
 
     fn validate(&self, meta: &ObjectMeta) -> Validated {
         policy_name(&meta.name, true)?;
+        // In etcd mode kube-controllers stores Kubernetes NetworkPolicies under this
+        // prefix; calicoctl refuses to write Calico policies there.
+        if meta.name.starts_with(KNP_PREFIX) {
+            return Err(ValidationError::new(
+                "metadata.name",
+                &meta.name,
+                "kubernetes network policies must be managed through the kubernetes API",
+            ));
+        }
         self.common().validate()
     }
 }
