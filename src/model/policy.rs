@@ -657,6 +657,26 @@ impl Kind for StagedKubernetesNetworkPolicySpec {
     }
 }
 
+/// Kubernetes' label name part (`IsQualifiedName` without prefix, `IsValidLabelValue`):
+/// 1-63 characters of alphanumerics, `-`, `_`, `.`, starting and ending alphanumeric.
+fn label_name_part(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    (1..=63).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && alnum(s.chars().next())
+        && alnum(s.chars().last())
+}
+
+/// Kubernetes' `IsQualifiedName`: `[<DNS subdomain>/]<name part>`, as Calico's `labels`
+/// validator requires of `labelsToApply` keys.
+fn qualified_name(k: &str) -> bool {
+    match k.split_once('/') {
+        Some((prefix, name)) => validate::name("", prefix).is_ok() && label_name_part(name),
+        None => label_name_part(k),
+    }
+}
+
 /// Calico's `ProfileSpec`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -676,12 +696,19 @@ impl Kind for ProfileSpec {
     fn validate(&self, _meta: &ObjectMeta) -> Validated {
         validate_rules("spec.ingress", &self.ingress)?;
         validate_rules("spec.egress", &self.egress)?;
-        for k in self.labels_to_apply.keys() {
-            if k.is_empty() || k.len() > 317 {
+        for (k, v) in &self.labels_to_apply {
+            if !qualified_name(k) {
                 return Err(ValidationError::new(
                     "spec.labelsToApply",
                     k,
-                    "not a valid label key",
+                    "not a valid label key ([prefix/]name, name at most 63 alphanumerics, '-', '_' or '.')",
+                ));
+            }
+            if !v.is_empty() && !label_name_part(v) {
+                return Err(ValidationError::new(
+                    &format!("spec.labelsToApply.{k}"),
+                    v,
+                    "not a valid label value (at most 63 alphanumerics, '-', '_' or '.', starting and ending alphanumeric)",
                 ));
             }
         }
@@ -985,6 +1012,15 @@ mod tests {
             write(v).unwrap(),
             r#"{"apiVersion":"projectcalico.org/v3","kind":"Profile","metadata":{"name":"dev-apps"},"spec":{"egress":[{"action":"Allow"}],"ingress":[{"action":"Deny","source":{"nets":["10.0.20.0/24"]}},{"action":"Allow","source":{"selector":"profile == 'dev'"}}],"labelsToApply":{"profile":"dev"}}}"#
         );
+        // The profiles kube-controllers writes in etcd mode are accepted.
+        let v = doc(
+            "Profile",
+            "kns.default",
+            json!({"ingress": [{"action": "Allow"}],
+            "egress": [{"action": "Allow"}],
+            "labelsToApply": {"pcns.projectcalico.org/name": "default", "pcns.team": ""}}),
+        );
+        assert!(write(v).is_ok());
         let v = doc(
             "StagedKubernetesNetworkPolicy",
             "k",
