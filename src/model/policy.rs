@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::rule::{Rule, validate_rules};
+use super::rule::{Rule, label_name_part, qualified_name, validate_rules};
 use super::validate::{self, Validated, ValidationError};
 use super::{Kind, ObjectMeta, Resource};
 
@@ -654,26 +654,6 @@ impl Kind for StagedKubernetesNetworkPolicySpec {
             &["Ingress", "Egress"],
             "type",
         )
-    }
-}
-
-/// Kubernetes' label name part (`IsQualifiedName` without prefix, `IsValidLabelValue`):
-/// 1-63 characters of alphanumerics, `-`, `_`, `.`, starting and ending alphanumeric.
-fn label_name_part(s: &str) -> bool {
-    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
-    (1..=63).contains(&s.len())
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        && alnum(s.chars().next())
-        && alnum(s.chars().last())
-}
-
-/// Kubernetes' `IsQualifiedName`: `[<DNS subdomain>/]<name part>`, as Calico's `labels`
-/// validator requires of `labelsToApply` keys.
-fn qualified_name(k: &str) -> bool {
-    match k.split_once('/') {
-        Some((prefix, name)) => validate::name("", prefix).is_ok() && label_name_part(name),
-        None => label_name_part(k),
     }
 }
 

@@ -525,6 +525,9 @@ impl Rule {
         if let Some(h) = &self.http {
             self.validate_http(field, h)?;
         }
+        if let Some(m) = &self.metadata {
+            m.validate(&f("metadata"))?;
+        }
         Ok(())
     }
 
@@ -677,6 +680,59 @@ fn parse_net(field: &str, n: &str) -> Result<IpNet, ValidationError> {
         return Ok(IpNet::from(ip));
     }
     validate::cidr(field, n, false)
+}
+
+/// Kubernetes' label name part (`IsQualifiedName` without prefix, `IsValidLabelValue`):
+/// 1-63 characters of alphanumerics, `-`, `_`, `.`, starting and ending alphanumeric.
+pub(crate) fn label_name_part(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    (1..=63).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && alnum(s.chars().next())
+        && alnum(s.chars().last())
+}
+
+/// Kubernetes' `IsQualifiedName`: `[<DNS subdomain>/]<name part>`, as Calico's `labels`
+/// validator requires of `labelsToApply` keys.
+pub(crate) fn qualified_name(k: &str) -> bool {
+    match k.split_once('/') {
+        Some((prefix, name)) => validate::name("", prefix).is_ok() && label_name_part(name),
+        None => label_name_part(k),
+    }
+}
+
+/// Calico's limit on the total size of annotations (keys plus values).
+const ANNOTATIONS_MAX_BYTES: usize = 256 * 1024;
+
+impl RuleMetadata {
+    /// Calico's `validateObjectMetaAnnotations`: keys are qualified names (compared in
+    /// lower case), and all of them together at most 256 KiB.
+    fn validate(&self, field: &str) -> Validated {
+        let f = format!("{field}.annotations");
+        let mut total = 0;
+        for (k, v) in &self.annotations {
+            if !qualified_name(&k.to_ascii_lowercase()) {
+                return Err(ValidationError::new(
+                    &f,
+                    k,
+                    "not a valid annotation key ([prefix/]name, name at most 63 alphanumerics, '-', '_' or '.')",
+                ));
+            }
+            total += k.len() + v.len();
+        }
+        if total > ANNOTATIONS_MAX_BYTES {
+            return Err(ValidationError::new(
+                &f,
+                total,
+                format!(
+                    "total size of annotations is too large by {} bytes",
+                    total - ANNOTATIONS_MAX_BYTES
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Check a list of rules (`spec.ingress`), each named by its index.
@@ -838,6 +894,10 @@ mod tests {
             (
                 json!({"action": "Allow", "source": {"services": {"name": "s"}, "selector": "a == 'b'"}}),
                 "spec.ingress[0].source.services",
+            ),
+            (
+                json!({"action": "Allow", "metadata": {"annotations": {"no spaces": "x"}}}),
+                "spec.ingress[0].metadata.annotations",
             ),
             (
                 json!({"action": "Deny", "http": {"methods": ["GET"]}}),
