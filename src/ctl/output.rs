@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::model::tier::go_fmt_float;
+use crate::model::gofloat;
 use crate::model::{API_VERSION, AnyResource, KindInfo};
 
 /// Output formats of `calicoctl get`.
@@ -110,7 +110,69 @@ fn headers(info: &KindInfo, wide: bool, ctx: &TableContext) -> Vec<&'static str>
         }
         ("GlobalNetworkSet", false) => vec!["NAME"],
         ("GlobalNetworkSet", true) => vec!["NAME", "NETS"],
+        (kind, wide) if policy_kind(kind) => {
+            let mut h = namespace_header(info, ctx);
+            h.extend(["NAME", "TIER"]);
+            if wide {
+                h.extend(["ORDER", "SELECTOR"]);
+            }
+            h
+        }
+        ("StagedKubernetesNetworkPolicy", wide) => {
+            let mut h = namespace_header(info, ctx);
+            h.push("NAME");
+            if wide {
+                h.push("PODSELECTOR");
+            }
+            h
+        }
+        ("Profile", true) => vec!["NAME", "LABELS"],
         _ => vec!["NAME"],
+    }
+}
+
+/// Kinds printed with calicoctl's policy columns (`NAME TIER` / `+ ORDER SELECTOR`).
+fn policy_kind(kind: &str) -> bool {
+    matches!(
+        kind,
+        "NetworkPolicy"
+            | "GlobalNetworkPolicy"
+            | "StagedNetworkPolicy"
+            | "StagedGlobalNetworkPolicy"
+    )
+}
+
+/// calicoctl adds a leading NAMESPACE column for namespaced kinds across namespaces.
+fn namespace_header(info: &KindInfo, ctx: &TableContext) -> Vec<&'static str> {
+    if ctx.all_namespaces && info.namespaced {
+        vec!["NAMESPACE"]
+    } else {
+        vec![]
+    }
+}
+
+/// A policy row: `[NAMESPACE] NAME TIER [ORDER SELECTOR]`; ORDER prints as Go's `%v`
+/// of a float (`100`, `1.5`, `1e+06`), `<nil>` when unset.
+fn policy_row(
+    r: &AnyResource,
+    (tier, order, selector): (&str, Option<f64>, &str),
+    wide: bool,
+    ctx: &TableContext,
+) -> Vec<String> {
+    let mut v = namespace_cell(r, ctx);
+    v.extend([r.meta().name.clone(), tier.to_string()]);
+    if wide {
+        // A Go template over a nil *float64 prints `<nil>`.
+        v.push(order.map(gofloat::fmt_v).unwrap_or_else(|| "<nil>".into()));
+        v.push(selector.to_string());
+    }
+    v
+}
+
+fn namespace_cell(r: &AnyResource, ctx: &TableContext) -> Vec<String> {
+    match r.namespace() {
+        Some(ns) if ctx.all_namespaces => vec![ns.to_string()],
+        _ => vec![],
     }
 }
 
@@ -215,7 +277,7 @@ fn row(r: &AnyResource, wide: bool, ctx: &TableContext) -> Vec<String> {
                 s.as_number.map(|a| a.to_string()).unwrap_or_default(),
             ]
         }
-        AnyResource::Tier(t) => vec![name, go_fmt_float(t.spec.order_or_default())],
+        AnyResource::Tier(t) => vec![name, gofloat::fmt_v(t.spec.order_or_default())],
         AnyResource::NetworkSet(n) => {
             let mut v = Vec::new();
             if ctx.all_namespaces {
@@ -229,6 +291,42 @@ fn row(r: &AnyResource, wide: bool, ctx: &TableContext) -> Vec<String> {
         }
         AnyResource::GlobalNetworkSet(n) if wide => {
             vec![name, join_and_truncate(&n.spec.nets, 80)]
+        }
+        AnyResource::NetworkPolicy(p) => {
+            let s = &p.spec;
+            policy_row(r, (&s.tier, s.order, &s.selector), wide, ctx)
+        }
+        AnyResource::GlobalNetworkPolicy(p) => {
+            let s = &p.spec;
+            policy_row(r, (&s.tier, s.order, &s.selector), wide, ctx)
+        }
+        AnyResource::StagedNetworkPolicy(p) => {
+            let s = &p.spec;
+            policy_row(r, (&s.tier, s.order, &s.selector), wide, ctx)
+        }
+        AnyResource::StagedGlobalNetworkPolicy(p) => {
+            let s = &p.spec;
+            policy_row(r, (&s.tier, s.order, &s.selector), wide, ctx)
+        }
+        AnyResource::StagedKubernetesNetworkPolicy(p) => {
+            let mut v = namespace_cell(r, ctx);
+            v.push(name);
+            if wide {
+                v.push(p.spec.pod_selector_display());
+            }
+            v
+        }
+        AnyResource::Profile(p) if wide => {
+            // calicoctl's `join` sorts the `k=v` strings, not the keys.
+            let mut labels = p
+                .spec
+                .labels_to_apply
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>();
+            labels.sort();
+            let labels = labels.join(",");
+            vec![name, labels]
         }
         _ => vec![name],
     }

@@ -421,6 +421,16 @@ macro_rules! dispatch {
             AnyResource::Tier($r) => $body.map(AnyResource::Tier),
             AnyResource::NetworkSet($r) => $body.map(AnyResource::NetworkSet),
             AnyResource::GlobalNetworkSet($r) => $body.map(AnyResource::GlobalNetworkSet),
+            AnyResource::NetworkPolicy($r) => $body.map(AnyResource::NetworkPolicy),
+            AnyResource::GlobalNetworkPolicy($r) => $body.map(AnyResource::GlobalNetworkPolicy),
+            AnyResource::StagedNetworkPolicy($r) => $body.map(AnyResource::StagedNetworkPolicy),
+            AnyResource::StagedGlobalNetworkPolicy($r) => {
+                $body.map(AnyResource::StagedGlobalNetworkPolicy)
+            }
+            AnyResource::StagedKubernetesNetworkPolicy($r) => {
+                $body.map(AnyResource::StagedKubernetesNetworkPolicy)
+            }
+            AnyResource::Profile($r) => $body.map(AnyResource::Profile),
         }
     };
 }

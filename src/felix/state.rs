@@ -351,6 +351,19 @@ mod tests {
         )))
     }
 
+    /// Policies reach Felix (issue 17) but are not enforced yet: they change nothing.
+    #[test]
+    fn policy_kinds_are_received_and_ignored() {
+        let mut s = State::new("node-a");
+        let np = SyncValue::Resource(AnyResource::NetworkPolicy(resource(
+            "p",
+            crate::model::NetworkPolicySpec::default(),
+        )));
+        let key = "/calico/resources/v3/projectcalico.org/networkpolicies/ns/p";
+        assert!(!s.apply(&update(key, Some(np))));
+        assert!(!s.apply(&update(key, None)));
+    }
+
     #[test]
     fn updates_and_deletes_by_key_reach_the_desired_dataplane() {
         let mut s = State::new("node-a");

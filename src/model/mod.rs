@@ -5,12 +5,15 @@ pub mod asn;
 pub mod bgp;
 pub mod cluster;
 pub mod felix;
+pub mod gofloat;
 pub mod ipam;
 pub mod ippool;
 pub mod keys;
 pub mod meta;
 pub mod networkset;
 pub mod node;
+pub mod policy;
+pub mod rule;
 pub mod selector;
 pub mod stored;
 pub mod sysctl;
@@ -32,6 +35,10 @@ pub use ippool::{IPPool, IPPoolSpec};
 pub use meta::{API_VERSION, ObjectMeta, Resource};
 pub use networkset::{GlobalNetworkSet, GlobalNetworkSetSpec, NetworkSet, NetworkSetSpec};
 pub use node::{Node, NodeSpec};
+pub use policy::{
+    GlobalNetworkPolicySpec, NetworkPolicySpec, ProfileSpec, StagedGlobalNetworkPolicySpec,
+    StagedKubernetesNetworkPolicySpec, StagedNetworkPolicySpec,
+};
 pub use tier::{Tier, TierSpec};
 pub use validate::{Validated, ValidationError};
 pub use workload::{WorkloadEndpoint, WorkloadEndpointSpec};
@@ -145,6 +152,77 @@ pub const KINDS: &[KindInfo] = &[
         plural: "globalnetworksets",
         namespaced: false,
         aliases: &["globalnetworkset", "globalnetworksets", "gnetsets"],
+    },
+    // The policy kinds, with calicoctl's names (calicoctl/calicoctl/resourcemgr/*.go).
+    KindInfo {
+        kind: "NetworkPolicy",
+        plural: "networkpolicies",
+        namespaced: true,
+        aliases: &[
+            "networkpolicy",
+            "networkpolicies",
+            "policy",
+            "np",
+            "policies",
+            "pol",
+            "pols",
+        ],
+    },
+    KindInfo {
+        kind: "GlobalNetworkPolicy",
+        plural: "globalnetworkpolicies",
+        namespaced: false,
+        aliases: &[
+            "globalnetworkpolicy",
+            "globalnetworkpolicies",
+            "gnp",
+            "gnps",
+        ],
+    },
+    KindInfo {
+        kind: "StagedNetworkPolicy",
+        plural: "stagednetworkpolicies",
+        namespaced: true,
+        aliases: &[
+            "stagednetworkpolicy",
+            "stagednetworkpolicies",
+            "stagedpolicy",
+            "snp",
+            "stagedpolicies",
+            "spol",
+            "spols",
+        ],
+    },
+    KindInfo {
+        kind: "StagedGlobalNetworkPolicy",
+        plural: "stagedglobalnetworkpolicies",
+        namespaced: false,
+        aliases: &[
+            "stagedglobalnetworkpolicy",
+            "stagedglobalnetworkpolicies",
+            "sgnp",
+            "sgnps",
+        ],
+    },
+    KindInfo {
+        kind: "StagedKubernetesNetworkPolicy",
+        plural: "stagedkubernetesnetworkpolicies",
+        namespaced: true,
+        aliases: &[
+            "stagedkubernetesnetworkpolicy",
+            "stagedkubernetesnetworkpolicies",
+            "stagedkubernetespolicy",
+            "sknp",
+            "stagedkubernetespolicies",
+            "skpol",
+            "skpols",
+        ],
+    },
+    KindInfo {
+        kind: "Profile",
+        plural: "profiles",
+        namespaced: false,
+        aliases: &["profile", "profiles", "pro", "pros"],
     },
 ];
 
@@ -325,6 +403,12 @@ any_resource! {
     Tier => TierSpec,
     NetworkSet => NetworkSetSpec,
     GlobalNetworkSet => GlobalNetworkSetSpec,
+    NetworkPolicy => NetworkPolicySpec,
+    GlobalNetworkPolicy => GlobalNetworkPolicySpec,
+    StagedNetworkPolicy => StagedNetworkPolicySpec,
+    StagedGlobalNetworkPolicy => StagedGlobalNetworkPolicySpec,
+    StagedKubernetesNetworkPolicy => StagedKubernetesNetworkPolicySpec,
+    Profile => ProfileSpec,
 }
 
 impl AnyResource {

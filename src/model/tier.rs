@@ -2,7 +2,7 @@
 //! selects an endpoint but no rule matches (REFERENCE §9; Calico's `api/.../v3/tier.go`,
 //! `libcalico-go/lib/names/policy.go`, `libcalico-go/lib/resources/tier.go`).
 
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use super::validate::{self, Validated, ValidationError};
 use super::{Kind, ObjectMeta, Resource};
@@ -47,45 +47,13 @@ pub struct TierSpec {
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        serialize_with = "go_json_float"
+        serialize_with = "crate::model::gofloat::json"
     )]
     pub order: Option<f64>,
     /// `Deny` (default) or `Pass`: what happens at the end of the tier when a policy of it
     /// selected the endpoint but none of its rules matched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_action: Option<String>,
-}
-
-/// Write a float as Go's `encoding/json` does: an integral value in range has no `.0`
-/// (`"order":1000000`, not `1000000.0`), so the stored JSON is byte-for-byte Calico's.
-fn go_json_float<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => s.serialize_i64(*f as i64),
-        Some(f) => s.serialize_f64(*f),
-        None => s.serialize_none(),
-    }
-}
-
-/// A float as Go's `fmt` prints it with `%v` (calicoctl's `{{.Spec.Order}}`): shortest
-/// digits, in exponent form (`1e+06`) when the exponent is below -4 or at least 6.
-pub fn go_fmt_float(f: f64) -> String {
-    if f == 0.0 || !f.is_finite() {
-        return if f.is_nan() {
-            "NaN".into()
-        } else if f.is_infinite() {
-            if f > 0.0 { "+Inf" } else { "-Inf" }.into()
-        } else {
-            "0".into()
-        };
-    }
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    if (-4..6).contains(&exp) {
-        return f.to_string();
-    }
-    let sign = if exp < 0 { '-' } else { '+' };
-    format!("{mantissa}e{sign}{:02}", exp.abs())
 }
 
 impl TierSpec {
@@ -225,7 +193,7 @@ impl Kind for TierSpec {
             if order != *want_order {
                 return Err(ValidationError::new(
                     "spec.order",
-                    go_fmt_float(order),
+                    crate::model::gofloat::fmt_v(order),
                     format!("{name} tier order must be {want_order}"),
                 ));
             }
@@ -399,14 +367,14 @@ mod tests {
 
     #[test]
     fn orders_print_as_go_prints_them() {
-        assert_eq!(go_fmt_float(1e6), "1e+06");
-        assert_eq!(go_fmt_float(1e7), "1e+07");
-        assert_eq!(go_fmt_float(1000.0), "1000");
-        assert_eq!(go_fmt_float(100000.0), "100000");
-        assert_eq!(go_fmt_float(100.5), "100.5");
-        assert_eq!(go_fmt_float(1234567.5), "1.2345675e+06");
-        assert_eq!(go_fmt_float(0.00001), "1e-05");
-        assert_eq!(go_fmt_float(0.0), "0");
+        assert_eq!(crate::model::gofloat::fmt_v(1e6), "1e+06");
+        assert_eq!(crate::model::gofloat::fmt_v(1e7), "1e+07");
+        assert_eq!(crate::model::gofloat::fmt_v(1000.0), "1000");
+        assert_eq!(crate::model::gofloat::fmt_v(100000.0), "100000");
+        assert_eq!(crate::model::gofloat::fmt_v(100.5), "100.5");
+        assert_eq!(crate::model::gofloat::fmt_v(1234567.5), "1.2345675e+06");
+        assert_eq!(crate::model::gofloat::fmt_v(0.00001), "1e-05");
+        assert_eq!(crate::model::gofloat::fmt_v(0.0), "0");
     }
 
     #[test]
