@@ -5,28 +5,9 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use common::{Etcd, assert_golden, output_with_stdin};
-
-fn calicoctl(etcd: &Etcd, args: &[&str], stdin: &str) -> Output {
-    output_with_stdin(
-        Command::new(env!("CARGO_BIN_EXE_calicoctl"))
-            .args(["-c", "/nonexistent/calicoctl.cfg"])
-            .args(args)
-            .env("ETCD_ENDPOINTS", etcd.endpoint()),
-        stdin,
-    )
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "calicoctl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
+use common::{Etcd, assert_golden, calicoctl, ok};
 
 const RESOURCES: &str = "\
 apiVersion: projectcalico.org/v3

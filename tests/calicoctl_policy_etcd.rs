@@ -6,34 +6,13 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
 use calico_node::datastore::KeyValue;
 use calico_node::datastore::syncer::{SyncValue, decode};
 use calico_node::model::AnyResource;
-use common::{Etcd, output_with_stdin};
+use common::{Etcd, calicoctl, ok};
 use serde_json::{Value, json};
 
 const RES: &str = "/calico/resources/v3/projectcalico.org";
-
-fn calicoctl(etcd: &Etcd, args: &[&str], stdin: &str) -> Output {
-    output_with_stdin(
-        Command::new(env!("CARGO_BIN_EXE_calicoctl"))
-            .args(["-c", "/nonexistent/calicoctl.cfg"])
-            .args(args)
-            .env("ETCD_ENDPOINTS", etcd.endpoint()),
-        stdin,
-    )
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "calicoctl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
 
 fn stored(etcd: &Etcd, key: &str) -> Value {
     serde_json::from_str(&etcd.etcdctl_value(key)).expect("stored JSON")

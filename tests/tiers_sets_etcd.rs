@@ -8,29 +8,10 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{Etcd, output_with_stdin};
+use common::{Etcd, calicoctl, ok};
 use serde_json::{Value, json};
 
 const RES: &str = "/calico/resources/v3/projectcalico.org";
-
-fn calicoctl(etcd: &Etcd, args: &[&str], stdin: &str) -> Output {
-    output_with_stdin(
-        Command::new(env!("CARGO_BIN_EXE_calicoctl"))
-            .args(["-c", "/nonexistent/calicoctl.cfg"])
-            .args(args)
-            .env("ETCD_ENDPOINTS", etcd.endpoint()),
-        stdin,
-    )
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "calicoctl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
 
 fn fails(out: &Output) -> String {
     assert!(!out.status.success(), "calicoctl should have failed");

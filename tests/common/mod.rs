@@ -872,3 +872,24 @@ pub fn thread_cpu_ns(pid: u32) -> Vec<(u32, String, u64)> {
 pub fn cpu_ns(pid: u32) -> u64 {
     thread_cpu_ns(pid).iter().map(|t| t.2).sum()
 }
+
+/// calicoctl against `etcd` (no config file), `stdin` fed in.
+pub fn calicoctl(etcd: &Etcd, args: &[&str], stdin: &str) -> std::process::Output {
+    output_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_calicoctl"))
+            .args(["-c", "/nonexistent/calicoctl.cfg"])
+            .args(args)
+            .env("ETCD_ENDPOINTS", etcd.endpoint()),
+        stdin,
+    )
+}
+
+/// The stdout of a calicoctl run that must have succeeded (its stderr in the failure).
+pub fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "calicoctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
