@@ -322,3 +322,38 @@ fn a_bad_rule_is_refused_naming_the_field_and_nothing_is_written() {
         ""
     );
 }
+
+/// A policy is created only in a tier that exists (Calico's clientv3 reads the tier
+/// first): refused naming the tier, nothing written; the built-in tiers always pass
+/// (calicoctl creates them), and so does a tier created earlier in the same file.
+#[test]
+fn a_policy_in_a_tier_that_does_not_exist_is_refused() {
+    let Some(etcd) = Etcd::start() else { return };
+    let gnp = "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: guard\nspec:\n  tier: security\n  selector: all()\n";
+    let out = calicoctl(&etcd, &["create", "-f", "-"], gnp);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("resource does not exist: Tier(security)"),
+        "{err}"
+    );
+    assert_eq!(
+        etcd.etcdctl(&["get", "--prefix", "/calico/", "--keys-only"])
+            .trim(),
+        "",
+        "nothing written"
+    );
+    let np = "apiVersion: projectcalico.org/v3\nkind: NetworkPolicy\nmetadata:\n  name: p\nspec:\n  tier: kube-admin\n  selector: all()\n";
+    ok(&calicoctl(&etcd, &["apply", "-f", "-"], np));
+    let tier = "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata:\n  name: security\nspec:\n  order: 100\n";
+    ok(&calicoctl(
+        &etcd,
+        &["apply", "-f", "-"],
+        &format!("{tier}---\n{gnp}"),
+    ));
+    assert!(
+        !etcd
+            .etcdctl_value(&format!("{RES}/globalnetworkpolicies/guard"))
+            .is_empty()
+    );
+}

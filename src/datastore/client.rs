@@ -220,6 +220,9 @@ impl Client {
         if let Some(old) = old {
             r.spec.validate_update(&old.spec)?;
         }
+        if old.is_none() && TIERED_PLURALS.contains(&S::PLURAL) {
+            self.check_tier_exists(r, batch).await?;
+        }
         if let Some(pool) = (r as &dyn Any).downcast_ref::<IPPool>() {
             let (pools, _) = self.list::<IPPoolSpec>(None).await?;
             let others = pools
@@ -361,6 +364,31 @@ const TIERED_PLURALS: &[&str] = &[
 ];
 
 impl Client {
+    /// Calico's clientv3 creates a policy only in a tier that exists (`networkpolicy.go`
+    /// and its siblings: the tier is read first). calicoctl creates the built-in tiers
+    /// before every write (`EnsureInitialized`), so those always pass; a tier created
+    /// earlier in the same file does too (calicoctl writes the documents in order).
+    async fn check_tier_exists<S: Kind>(
+        &self,
+        r: &Resource<S>,
+        batch: &[AnyResource],
+    ) -> ClientResult<()> {
+        let spec = serde_json::to_value(&r.spec).unwrap_or_default();
+        let tier = spec["tier"].as_str().filter(|t| !t.is_empty());
+        let tier = tier.unwrap_or(model::tier::DEFAULT_TIER);
+        if model::tier::is_protected(tier)
+            || batch
+                .iter()
+                .any(|b| matches!(b, AnyResource::Tier(t) if t.metadata.name == tier))
+        {
+            return Ok(());
+        }
+        match self.get::<model::tier::TierSpec>(None, tier).await? {
+            Some(_) => Ok(()),
+            None => Err(ClientError::NotFound(format!("Tier({tier})"))),
+        }
+    }
+
     /// What Calico's clientv3 refuses before a delete: a built-in tier
     /// (`names.TierIsProtected`), and a tier that policies still name.
     async fn check_delete<S: Kind>(&self, name: &str) -> ClientResult<()> {

@@ -17,8 +17,7 @@ pub const LABEL_TIER: &str = "projectcalico.org/tier";
 /// Name prefix of Kubernetes NetworkPolicies converted into etcd by kube-controllers
 /// (`KubernetesNetworkPolicyEtcdPrefix`).
 pub const KNP_PREFIX: &str = "knp.default.";
-/// The tier of a policy with no `tier`.
-pub const DEFAULT_TIER: &str = "default";
+use super::tier::DEFAULT_TIER;
 
 /// A NetworkPolicy resource (namespaced).
 pub type NetworkPolicy = Resource<NetworkPolicySpec>;
