@@ -6,7 +6,7 @@
 # build, iproute2 for namespaces, prometheus for promtool, openssl for TLS test
 # certificates, podman/runc/busybox-static as a real CNI client, the reference CNI
 # plugins, nftables/iputils for dataplane tests, BIRD/GoBGP/FRR/ExaBGP as real BGP peers).
-CALICO_APT_PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 iputils-ping nftables prometheus procps psmisc
+CALICO_APT_PACKAGES=(protobuf-compiler libprotobuf-dev etcd-server etcd-client iproute2 iputils-ping nftables iptables ipset iperf3 prometheus procps psmisc
     openssl podman runc catatonit busybox-static containernetworking-plugins util-linux tar
     bird2 gobgpd frr exabgp)
 

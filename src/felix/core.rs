@@ -125,6 +125,8 @@ pub struct Pass {
     /// `vxlanMTU` and `ipipMTU` when set (else the uplink's less the tunnel's overhead).
     pub vxlan_mtu: Option<u32>,
     pub ipip_mtu: Option<u32>,
+    /// The policy dataplane, written in full by the pass (drift repaired).
+    pub policy: Arc<crate::felix::policy::PolicyDataplane>,
 }
 
 /// A repair: the routes of each scope (an interface; `None`: the whole table, when
@@ -345,6 +347,7 @@ impl Core {
                 .or_else(|| self.state.node_ipv4()),
             vxlan_mtu: cfg.vxlan_mtu,
             ipip_mtu: cfg.ipip_mtu,
+            policy: Arc::default(),
             desired: desired.clone(),
         };
         self.busy = Some(Busy::Pass(desired));

@@ -62,6 +62,18 @@ impl Dataplane {
         }
     }
 
+    /// Make the policy dataplane `dp`, writing only what `delta` says changed (all of it
+    /// when `delta.full`). SCAFFOLDING for the parallel work of issue 17: the nftables
+    /// executor replaces this body; until then policy is not enforced.
+    pub async fn apply_policy(
+        &mut self,
+        dp: &crate::felix::policy::PolicyDataplane,
+        delta: &crate::felix::policy::Delta,
+    ) -> Vec<Problem> {
+        let _ = (dp, delta);
+        Vec::new()
+    }
+
     /// One pass over every part of the dataplane; the problems met (each part runs
     /// anyway), and the uplink used.
     pub async fn full_pass(&mut self, pass: &Pass) -> (Vec<Problem>, Option<u32>) {
