@@ -678,12 +678,12 @@ impl PolicyCalc {
         labels
     }
 
-    fn is_local(&self, e: &EndpointInfo) -> bool {
+    pub(crate) fn is_local(&self, e: &EndpointInfo) -> bool {
         e.node == self.node && !e.iface.is_empty()
     }
 
     /// One local endpoint's policy, given its labels.
-    fn endpoint(&self, e: &EndpointInfo, labels: &BTreeMap<String, String>) -> Endpoint {
+    pub(crate) fn endpoint(&self, e: &EndpointInfo, labels: &BTreeMap<String, String>) -> Endpoint {
         let mut selecting: Vec<(&String, &ResolvedPolicy)> = self
             .policies
             .iter()
@@ -803,7 +803,11 @@ impl PolicyCalc {
 }
 
 /// The (address, protocol, port) members an endpoint gives a named-port set.
-fn port_members(e: &EndpointInfo, proto: NamedPortProto, name: &str) -> Vec<(IpAddr, u8, u16)> {
+pub(crate) fn port_members(
+    e: &EndpointInfo,
+    proto: NamedPortProto,
+    name: &str,
+) -> Vec<(IpAddr, u8, u16)> {
     let mut out = Vec::new();
     for (n, p, port) in &e.ports {
         if n != name || !proto.matches(*p) {
