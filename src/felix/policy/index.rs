@@ -226,11 +226,13 @@ impl PolicyEngine {
         }
         let j = std::mem::take(&mut self.journal);
         let dp = &*self.dp;
-        let mut d = Delta::default();
-        d.endpoints = changed(j.endpoints, &dp.endpoints);
-        d.policies = changed(j.policies, &dp.policies);
-        d.profiles = changed(j.profiles, &dp.profiles);
-        d.endpoint_to_host = j.endpoint_to_host.is_some_and(|v| v != dp.endpoint_to_host);
+        let mut d = Delta {
+            endpoints: changed(j.endpoints, &dp.endpoints),
+            policies: changed(j.policies, &dp.policies),
+            profiles: changed(j.profiles, &dp.profiles),
+            endpoint_to_host: j.endpoint_to_host.is_some_and(|v| v != dp.endpoint_to_host),
+            ..Default::default()
+        };
         for (id, existed) in &j.sets {
             if *existed != dp.sets.contains_key(id) {
                 d.sets.insert(id.clone());

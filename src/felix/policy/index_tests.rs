@@ -92,7 +92,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn endpoint(idx: u8, local: bool, role: u8, ip: u8, profiles: u8, port: bool) -> EndpointInfo {
-    let ns = if idx % 2 == 0 { "ns1" } else { "ns2" };
+    let ns = if idx.is_multiple_of(2) { "ns1" } else { "ns2" };
     let mut spec = WorkloadEndpointSpec {
         node: if local { "node-a" } else { "node-b" }.into(),
         interface_name: format!("cali{idx}"),
@@ -107,7 +107,7 @@ fn endpoint(idx: u8, local: bool, role: u8, ip: u8, profiles: u8, port: bool) ->
         spec.ports =
             vec![serde_json::from_str(r#"{"name":"http","protocol":"TCP","port":80}"#).unwrap()];
     }
-    let mut w: Resource<WorkloadEndpointSpec> = Resource::new(&format!("e{idx}"), spec);
+    let mut w: Resource<WorkloadEndpointSpec> = Resource::new(format!("e{idx}"), spec);
     w.metadata.namespace = Some(ns.into());
     if role < 3 {
         w.metadata
@@ -250,4 +250,92 @@ fn a_label_change_touches_only_its_sets_and_its_endpoint() {
     assert!(d.policies.is_empty() && d.sets.is_empty(), "{d:?}");
     assert_eq!(d.added.len(), 1, "{d:?}");
     assert!(dp.endpoints["cali5"].ingress.is_empty());
+}
+
+/// 1,000 local endpoints, 100 policies each selecting ~5% and using two selector sets,
+/// 20 network sets (the benchmark's shape): the cost of a label change does not depend on the number of
+/// endpoints (what it writes stays a few members and one endpoint). Prints the times
+/// (`--nocapture`); the bound is loose (debug build, shared machine).
+#[test]
+fn a_label_change_at_scale_writes_a_few_members_and_is_fast() {
+    let mut e = PolicyEngine::new("node-a");
+    let calc = e.inputs_mut();
+    for i in 0..100 {
+        let json = format!(
+            r#"{{"selector":"app == 'a{}'","ingress":[{{"action":"Allow","source":{{"selector":"app == 'a{}'"}}}}],"egress":[{{"action":"Allow","destination":{{"selector":"group == 'g{}'"}}}}]}}"#,
+            i % 20,
+            (i + 1) % 20,
+            i % 20
+        );
+        let name = format!("p{i}");
+        calc.policies.insert(
+            gnp_id(&name),
+            resolve_gnp(&name, &serde_json::from_str(&json).unwrap()).unwrap(),
+        );
+    }
+    let ep = |i: usize, app: usize| {
+        let mut w: Resource<WorkloadEndpointSpec> = Resource::new(
+            format!("e{i}"),
+            WorkloadEndpointSpec {
+                node: "node-a".into(),
+                interface_name: format!("cali{i}"),
+                ip_networks: vec![format!(
+                    "10.{}.{}.{}/32",
+                    i / 65536,
+                    (i / 256) % 256,
+                    i % 256
+                )],
+                ..Default::default()
+            },
+        );
+        w.metadata.namespace = Some("ns".into());
+        w.metadata.labels.insert("app".into(), format!("a{app}"));
+        w.metadata
+            .labels
+            .insert("group".into(), format!("g{}", i % 20));
+        EndpointInfo::from_wep(&w)
+    };
+    for i in 0..1000 {
+        e.endpoint(&format!("k{i}"), Some(ep(i, i % 20)));
+    }
+    for i in 0..20 {
+        let labels = [("group".to_string(), format!("g{i}"))].into();
+        e.net_set(
+            &format!("n{i}"),
+            Some(NetSetInfo::new(
+                &labels,
+                None,
+                &[format!("192.168.{i}.0/24")],
+            )),
+        );
+    }
+    let t = std::time::Instant::now();
+    let (dp, _) = e.take();
+    let cold = t.elapsed();
+    assert_eq!(dp.endpoints.len(), 1000);
+    assert!(!dp.policies.is_empty() && !dp.sets.is_empty());
+    drop(dp);
+    let mut times = Vec::new();
+    for n in 0..50 {
+        let i = 17 * n;
+        let t = std::time::Instant::now();
+        e.endpoint(&format!("k{i}"), Some(ep(i, (i + n + 1) % 20)));
+        let (dp, d) = e.take();
+        times.push(t.elapsed());
+        drop(dp);
+        let members: usize = d
+            .added
+            .values()
+            .chain(d.removed.values())
+            .map(|s| match s {
+                IpSet::Nets(n) => n.len(),
+                IpSet::Ports(p) => p.len(),
+            })
+            .sum();
+        assert!(d.endpoints.len() <= 1 && members <= 4, "{d:?}");
+    }
+    times.sort();
+    let (median, worst) = (times[times.len() / 2], times[times.len() - 1]);
+    println!("cold calculation {cold:?}, label change median {median:?} worst {worst:?}");
+    assert!(median < std::time::Duration::from_millis(20), "{median:?}");
 }
