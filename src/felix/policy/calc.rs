@@ -678,8 +678,10 @@ impl PolicyCalc {
         labels
     }
 
+    /// A local endpoint gets chains; as in Calico, one without addresses is left out
+    /// (its interface then has no dispatch entry: dropped).
     pub(crate) fn is_local(&self, e: &EndpointInfo) -> bool {
-        e.node == self.node && !e.iface.is_empty()
+        e.node == self.node && !e.iface.is_empty() && !e.nets.is_empty()
     }
 
     /// One local endpoint's policy, given its labels.
