@@ -144,7 +144,9 @@ impl State {
         if key.ends_with("/bgpconfigurations/default") {
             gone |= !std::mem::take(&mut self.service_ranges).is_empty();
         }
-        self.config_changed();
+        if key.contains("/felixconfigurations/") {
+            self.config_changed();
+        }
         gone
     }
 
@@ -661,6 +663,42 @@ mod tests {
             SyncStatus::InSync,
         )));
         assert!(s.datastore_in_sync);
+    }
+
+    /// `defaultEndpointToHostAction` (node over global) reaches the policy dataplane;
+    /// without it, Felix's default Drop.
+    #[test]
+    fn endpoint_to_host_action_follows_the_felix_configuration() {
+        let mut s = State::new("node-a");
+        let prefix = "/calico/resources/v3/projectcalico.org/felixconfigurations/";
+        let fc = |name: &str, action: &str| {
+            SyncValue::Resource(AnyResource::FelixConfiguration(resource(
+                name,
+                FelixConfigurationSpec {
+                    default_endpoint_to_host_action: Some(action.into()),
+                    ..Default::default()
+                },
+            )))
+        };
+        assert_eq!(s.policy_update().0.endpoint_to_host, EndpointToHost::Drop);
+        s.apply(&update(
+            &format!("{prefix}default"),
+            Some(fc("default", "Accept")),
+        ));
+        assert!(std::mem::take(&mut s.policy_changed));
+        let (dp, delta) = s.policy_update();
+        assert_eq!(dp.endpoint_to_host, EndpointToHost::Accept);
+        assert!(delta.endpoint_to_host);
+        s.apply(&update(
+            &format!("{prefix}node.node-a"),
+            Some(fc("node.node-a", "Return")),
+        ));
+        assert_eq!(s.policy_update().0.endpoint_to_host, EndpointToHost::Return);
+        s.apply(&update(&format!("{prefix}node.node-a"), None));
+        s.apply(&update(&format!("{prefix}default"), None));
+        let (dp, delta) = s.policy_update();
+        assert_eq!(dp.endpoint_to_host, EndpointToHost::Drop);
+        assert!(delta.endpoint_to_host);
     }
 
     #[test]
