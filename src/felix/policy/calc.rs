@@ -229,8 +229,9 @@ impl NetSetInfo {
 pub struct ResolvedPolicy {
     pub tier: String,
     pub order: Option<f64>,
-    /// The name part of the sort key (`name`, then namespace, then kind).
-    pub sort_name: (String, String, &'static str),
+    /// The tie-break of equal orders: `<name>/<namespace>/<kind>` compared as text
+    /// (Calico's `PolKVLess`).
+    pub sort_name: String,
     pub selector: Selector,
     pub ingress: bool,
     pub egress: bool,
@@ -511,7 +512,7 @@ fn resolved(
     ResolvedPolicy {
         tier: tier_or_default(tier),
         order,
-        sort_name,
+        sort_name: format!("{}/{}/{}", sort_name.0, sort_name.1, sort_name.2),
         selector: parse(&selector),
         ingress,
         egress,
@@ -722,11 +723,20 @@ impl PolicyCalc {
         }
     }
 
-    /// Sort policies by tier (order, name), then order, then name/namespace/kind.
+    /// Whether a tier exists (`default` always does): Calico sorts the tiers that do
+    /// not after all others (`TierLess`).
+    fn tier_exists(&self, name: &str) -> bool {
+        name == crate::model::tier::DEFAULT_TIER || self.tiers.contains_key(name)
+    }
+
+    /// Sort policies by tier (existing first, then order, then name), then order, then
+    /// `name/namespace/kind`.
     fn sort(&self, ps: &mut [(&String, &ResolvedPolicy)]) {
         ps.sort_by(|(_, a), (_, b)| {
             let (ta, tb) = (self.tier(&a.tier), self.tier(&b.tier));
-            cmp_order(ta.order, tb.order)
+            (!self.tier_exists(&a.tier))
+                .cmp(&!self.tier_exists(&b.tier))
+                .then_with(|| cmp_order(ta.order, tb.order))
                 .then_with(|| a.tier.cmp(&b.tier))
                 .then_with(|| cmp_order(a.order, b.order))
                 .then_with(|| a.sort_name.cmp(&b.sort_name))

@@ -229,6 +229,10 @@ fn tiers_sort_by_order_then_name_and_policies_by_order_then_name() {
     w.gnp("s-1", &pol("security", Some(1.0)));
     w.gnp("z-1", &pol("zz-no-order", Some(1.0)));
     w.gnp("admin", &pol("kube-admin", None));
+    // A tier that does not exist sorts after every tier that does.
+    w.gnp("ghost", &pol("aaa-missing", Some(1.0)));
+    // Equal orders: `name/namespace/kind` as text ('-' sorts before '/').
+    w.gnp("d-b-x", &pol("default", Some(100.0)));
     w.np("ns1", "d-a", &pol("default", Some(100.0)));
     let dp = w.dp();
     let got = tiers(&dp.endpoints["cali-a"].ingress);
@@ -243,6 +247,7 @@ fn tiers_sort_by_order_then_name_and_policies_by_order_then_name() {
                 ids(&[
                     "gnp/d-a",
                     "np/ns1/d-a",
+                    "gnp/d-b-x",
                     "gnp/d-b",
                     "gnp/d-late",
                     "gnp/d-none"
@@ -251,6 +256,8 @@ fn tiers_sort_by_order_then_name_and_policies_by_order_then_name() {
             ),
             // A tier without an order comes last; its default action is Deny.
             ("zz-no-order".into(), ids(&["gnp/z-1"]), TierEnd::Deny),
+            // A tier that does not exist: after every tier that does.
+            ("aaa-missing".into(), ids(&["gnp/ghost"]), TierEnd::Deny),
         ]
     );
     assert!(dp.endpoints["cali-a"].egress.is_empty());
