@@ -443,6 +443,11 @@ fn entity(
     if !neg.is_empty() {
         m.not_sets.push(sel_set(parse(&neg), sets));
     }
+    // `services` (Kubernetes Services' endpoints): no Service exists in etcd mode, so the
+    // side matches nothing (an empty set), as Calico's service IP set would be.
+    if er.services.is_some() {
+        m.sets.push(sel_set(nothing(), sets));
+    }
     m.ports = numeric;
     m.not_ports = not_numeric;
     m

@@ -756,3 +756,17 @@ fn diff_of_a_label_change_names_set_members_and_the_endpoints_whose_tiers_change
     assert!(d.added.is_empty());
     assert!(!d.endpoint_to_host);
 }
+
+#[test]
+fn a_services_match_matches_nothing_in_etcd_mode() {
+    let mut w = World::new();
+    w.ep(wep("node-a", "ns1", "a", "10.0.0.1/32", &[], &[]));
+    w.gnp(
+        "p",
+        r#"{"egress":[{"action":"Allow","destination":{"services":{"name":"kubernetes","namespace":"default"}}}]}"#,
+    );
+    let dp = w.dp();
+    let r = &dp.policies["gnp/p"].outbound[0];
+    assert_eq!(r.dst.sets.len(), 1);
+    assert!(nets(&dp, &r.dst.sets[0]).is_empty());
+}
