@@ -124,7 +124,11 @@ impl State {
         }
         policy |= match self.policy_keys.remove(key) {
             Some(PolicyKey::Tier(t)) => self.policy.inputs_mut().tiers.remove(&t).is_some(),
-            Some(PolicyKey::Policy(id)) => self.policy.inputs_mut().policies.remove(&id).is_some(),
+            Some(PolicyKey::Policy(id)) => {
+                let had = self.policy.calc().policies.contains_key(&id);
+                self.policy.policy(&id, None);
+                had
+            }
             Some(PolicyKey::Profile(p)) => self.policy.inputs_mut().profiles.remove(&p).is_some(),
             None => false,
         };
@@ -159,6 +163,13 @@ impl State {
         };
         if self.policy.calc().endpoint_to_host != e2h {
             self.policy.set_endpoint_to_host(e2h);
+            self.policy_changed = true;
+        }
+    }
+
+    fn put_policy(&mut self, id: &str, p: Option<super::policy::calc::ResolvedPolicy>) {
+        if self.policy.calc().policies.get(id) != p.as_ref() {
+            self.policy.policy(id, p);
             self.policy_changed = true;
         }
     }
@@ -242,9 +253,7 @@ impl State {
                 let id = gnp_id(&p.metadata.name);
                 self.policy_key(key, PolicyKey::Policy(id.clone()));
                 let r = resolve_gnp(&p.metadata.name, &p.spec);
-                if self.policy.calc().policies.get(&id) != r.as_ref() {
-                    self.policy_changed |= keep(&mut self.policy.inputs_mut().policies, &id, r);
-                }
+                self.put_policy(&id, r);
                 false
             }
             SyncValue::Resource(AnyResource::NetworkPolicy(p)) => {
@@ -252,10 +261,7 @@ impl State {
                 let id = np_id(ns, &p.metadata.name);
                 self.policy_key(key, PolicyKey::Policy(id.clone()));
                 let r = resolve_np(ns, &p.metadata.name, &p.spec);
-                if self.policy.calc().policies.get(&id) != Some(&r) {
-                    self.policy_changed |=
-                        keep(&mut self.policy.inputs_mut().policies, &id, Some(r));
-                }
+                self.put_policy(&id, Some(r));
                 false
             }
             SyncValue::Resource(AnyResource::Profile(p)) => {

@@ -68,6 +68,10 @@ pub struct PolicyEngine {
     profile_users: BTreeMap<String, usize>,
     /// The interface of each local endpoint in the dataplane, by key.
     ifaces: BTreeMap<String, String>,
+    /// The sets each programmed policy and profile holds (what it let go of when it goes
+    /// or changes).
+    held_policy_sets: BTreeMap<String, BTreeMap<String, SetDef>>,
+    held_profile_sets: BTreeMap<String, BTreeMap<String, SetDef>>,
 }
 
 fn members_of(set: &IpSet) -> Vec<Member> {
@@ -294,17 +298,23 @@ impl PolicyEngine {
         }
         self.set_defs.clear();
         self.set_users.clear();
+        self.held_policy_sets.clear();
+        self.held_profile_sets.clear();
         for id in self.policy_users.keys() {
-            for (sid, def) in &self.calc.policies[id].sets {
+            let sets = &self.calc.policies[id].sets;
+            for (sid, def) in sets {
                 self.set_defs.insert(sid.clone(), def.clone());
                 *self.set_users.entry(sid.clone()).or_default() += 1;
             }
+            self.held_policy_sets.insert(id.clone(), sets.clone());
         }
         for name in self.profile_users.keys() {
-            for (sid, def) in &self.calc.profiles[name].sets {
+            let sets = &self.calc.profiles[name].sets;
+            for (sid, def) in sets {
                 self.set_defs.insert(sid.clone(), def.clone());
                 *self.set_users.entry(sid.clone()).or_default() += 1;
             }
+            self.held_profile_sets.insert(name.clone(), sets.clone());
         }
         self.counts = self
             .set_defs
@@ -475,16 +485,38 @@ impl PolicyEngine {
         }
     }
 
-    /// Program (or remove) a policy's (or profile's) chains and take (or let go of) its
-    /// sets.
+    /// Program (or remove) a policy's (or profile's) chains and take (or let go of) the
+    /// sets it holds.
     fn activate(&mut self, id: &str, policy: bool, on: bool) {
-        let (chains, sets) = if policy {
-            let p = &self.calc.policies[id];
-            (p.chains.clone(), p.sets.clone())
+        let held = if policy {
+            &mut self.held_policy_sets
         } else {
-            let p = &self.calc.profiles[id];
-            (p.chains.clone(), p.sets.clone())
+            &mut self.held_profile_sets
         };
+        let sets = if on {
+            let sets = if policy {
+                self.calc.policies[id].sets.clone()
+            } else {
+                self.calc.profiles[id].sets.clone()
+            };
+            held.insert(id.to_string(), sets.clone());
+            sets
+        } else {
+            held.remove(id).unwrap_or_default()
+        };
+        let chains = on.then(|| {
+            if policy {
+                self.calc.policies[id].chains.clone()
+            } else {
+                self.calc.profiles[id].chains.clone()
+            }
+        });
+        self.put_chains(id, policy, chains);
+        self.hold_sets(sets, on);
+    }
+
+    /// Put (or remove) a policy's or profile's chains.
+    fn put_chains(&mut self, id: &str, policy: bool, chains: Option<Chains>) {
         let (map, journal) = if policy {
             (
                 &mut Arc::make_mut(&mut self.dp).policies,
@@ -499,11 +531,14 @@ impl PolicyEngine {
         journal
             .entry(id.to_string())
             .or_insert_with(|| map.get(id).cloned());
-        if on {
-            map.insert(id.to_string(), chains);
-        } else {
-            map.remove(id);
-        }
+        match chains {
+            Some(c) => map.insert(id.to_string(), c),
+            None => map.remove(id),
+        };
+    }
+
+    /// Take (or let go of) sets for one user.
+    fn hold_sets(&mut self, sets: BTreeMap<String, SetDef>, on: bool) {
         for (sid, def) in sets {
             let n = self.set_users.entry(sid.clone()).or_default();
             if on {
@@ -518,6 +553,54 @@ impl PolicyEngine {
                     self.remove_set(&sid);
                 }
             }
+        }
+    }
+
+    /// A policy added, changed or removed (tiers and profiles unchanged): its chains and
+    /// sets are swapped in place when it is programmed, and the local endpoints its old
+    /// or new selector matches are recomputed. Costs one selector evaluation per local
+    /// endpoint, plus the recomputation of the endpoints it selects.
+    pub fn policy(&mut self, id: &str, new: Option<super::calc::ResolvedPolicy>) {
+        let old = match &new {
+            Some(p) => self.calc.policies.insert(id.to_string(), p.clone()),
+            None => self.calc.policies.remove(id),
+        };
+        if self.rebuild || old == new {
+            return;
+        }
+        if self.policy_users.contains_key(id) {
+            // Programmed: the new version's sets before the old version's go (those both
+            // use stay), then its chains.
+            let sets = new.as_ref().map(|p| p.sets.clone()).unwrap_or_default();
+            self.hold_sets(sets.clone(), true);
+            let old_sets = self
+                .held_policy_sets
+                .insert(id.to_string(), sets)
+                .unwrap_or_default();
+            self.hold_sets(old_sets, false);
+            if let Some(p) = &new {
+                self.put_chains(id, true, Some(p.chains.clone()));
+            }
+        }
+        let affected: Vec<(String, String)> = self
+            .ifaces
+            .iter()
+            .filter(|(k, _)| {
+                let l = &self.labels[*k];
+                old.as_ref().is_some_and(|p| p.selector.matches(l))
+                    || new.as_ref().is_some_and(|p| p.selector.matches(l))
+            })
+            .map(|(k, i)| (k.clone(), i.clone()))
+            .collect();
+        for (key, iface) in affected {
+            let info = &self.calc.endpoints[&key];
+            let ep = self.calc.endpoint(info, &self.labels[&key]);
+            let old_ep = self.dp.endpoints.get(&iface).cloned();
+            self.use_chains(&ep, true);
+            if let Some(o) = &old_ep {
+                self.use_chains(o, false);
+            }
+            self.put_endpoint(&iface, Some(ep));
         }
     }
 

@@ -42,6 +42,18 @@ const POLICIES: &[(&str, Option<&str>, &str)] = &[
     ),
 ];
 
+/// Other versions of the policies above (other selectors and sets, the same ids).
+const ALTERNATIVES: &[&str] = &[
+    r#"{"selector":"role in {'a', 'c'}","types":["Ingress"],"ingress":[
+        {"action":"Allow","source":{"selector":"has(net)"}},
+        {"action":"Deny","source":{"selector":"role == 'c'"}}]}"#,
+    r#"{"selector":"role == 'c'","types":["Egress"],"egress":[
+        {"action":"Allow","destination":{"selector":"role in {'b', 'c'}","notSelector":"x == '1'"}}]}"#,
+    r#"{"tier":"t1","selector":"all()","ingress":[
+        {"action":"Allow","source":{"selector":"role == 'b'"}}]}"#,
+    r#"{"namespaceSelector":"team == 'red'","types":["Egress"],"egress":[{"action":"Log"}]}"#,
+];
+
 const PROFILES: &[(&str, &str)] = &[
     (
         "p0",
@@ -70,7 +82,8 @@ enum Op {
         net: u8,
     },
     DelNetSet(u8),
-    Policy(usize, bool),
+    /// A policy on or off, through the incremental path or a rebuild.
+    Policy(usize, bool, bool, bool),
     Profile(usize, bool),
     Tier(bool),
     EndpointToHost(u8),
@@ -84,7 +97,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..6).prop_map(Op::DelEp),
         2 => (0u8..3, any::<bool>(), 0u8..3).prop_map(|(idx, label, net)| Op::NetSet { idx, label, net }),
         1 => (0u8..3).prop_map(Op::DelNetSet),
-        2 => (0..POLICIES.len(), any::<bool>()).prop_map(|(i, on)| Op::Policy(i, on)),
+        4 => (0..POLICIES.len(), any::<bool>(), any::<bool>(), any::<bool>())
+            .prop_map(|(i, on, r, alt)| Op::Policy(i, on, r, alt)),
         1 => (0..PROFILES.len(), any::<bool>()).prop_map(|(i, on)| Op::Profile(i, on)),
         1 => any::<bool>().prop_map(Op::Tier),
         1 => (0u8..3).prop_map(Op::EndpointToHost),
@@ -152,9 +166,15 @@ fn apply(e: &mut PolicyEngine, op: &Op) {
             );
         }
         Op::DelNetSet(idx) => e.net_set(&format!("n{idx}"), None),
-        Op::Policy(i, on) => {
+        Op::Policy(i, on, rebuild, alt) => {
+            let alt = *alt;
             let (name, ns, json) = POLICIES[*i];
-            let calc = e.inputs_mut();
+            // The incremental path also sees other versions of the same policy.
+            let json = if !*rebuild && *on && alt {
+                ALTERNATIVES[*i]
+            } else {
+                json
+            };
             let (id, p) = match ns {
                 None => (
                     gnp_id(name),
@@ -165,10 +185,24 @@ fn apply(e: &mut PolicyEngine, op: &Op) {
                     resolve_np(ns, name, &serde_json::from_str(json).unwrap()),
                 ),
             };
-            if *on {
-                calc.policies.insert(id, p);
+            // A changed version of the policy too: another rule order.
+            let p = if *i % 2 == 1 && !*rebuild && !alt {
+                let mut q = p;
+                q.chains.inbound.reverse();
+                q.chains.outbound.reverse();
+                q
             } else {
-                calc.policies.remove(&id);
+                p
+            };
+            if *rebuild {
+                let calc = e.inputs_mut();
+                if *on {
+                    calc.policies.insert(id, p);
+                } else {
+                    calc.policies.remove(&id);
+                }
+            } else {
+                e.policy(&id, on.then_some(p));
             }
         }
         Op::Profile(i, on) => {
@@ -336,12 +370,12 @@ fn a_label_change_at_scale_writes_a_few_members_and_is_fast() {
     }
     times.sort();
     let (median, worst) = (times[times.len() / 2], times[times.len() - 1]);
-    // A policy change rebuilds: what it costs, and that its delta is the policy alone.
+    // A policy change: what it costs, and that its delta is the policy and its endpoints.
     let json = r#"{"selector":"app == 'a3'","ingress":[{"action":"Deny"}]}"#;
     let t = std::time::Instant::now();
-    e.inputs_mut().policies.insert(
-        gnp_id("new"),
-        resolve_gnp("new", &serde_json::from_str(json).unwrap()).unwrap(),
+    e.policy(
+        &gnp_id("new"),
+        resolve_gnp("new", &serde_json::from_str(json).unwrap()),
     );
     let (_, d) = e.take();
     let policy_change = t.elapsed();
