@@ -779,11 +779,27 @@ impl PolicyCalc {
 
     /// The whole dataplane, computed from scratch.
     pub fn dataplane(&self) -> PolicyDataplane {
-        let labels: BTreeMap<String, BTreeMap<String, String>> = self
-            .endpoints
+        let labels = self.all_labels();
+        let (mut dp, defs) = self.without_members(&labels);
+        for (id, def) in defs {
+            dp.sets.insert(id, self.members(def, &labels));
+        }
+        dp
+    }
+
+    /// Every endpoint's labels after inheritance, by key.
+    pub(crate) fn all_labels(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.endpoints
             .iter()
             .map(|(k, e)| (k.clone(), self.labels(e)))
-            .collect();
+            .collect()
+    }
+
+    /// The dataplane without its sets, and the sets its chains use.
+    pub(crate) fn without_members(
+        &self,
+        labels: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> (PolicyDataplane, BTreeMap<String, &SetDef>) {
         let mut dp = PolicyDataplane {
             endpoint_to_host: self.endpoint_to_host,
             ..Default::default()
@@ -812,10 +828,7 @@ impl PolicyCalc {
             }
             dp.endpoints.insert(e.iface.clone(), ep);
         }
-        for (id, def) in defs {
-            dp.sets.insert(id, self.members(def, &labels));
-        }
-        dp
+        (dp, defs)
     }
 }
 

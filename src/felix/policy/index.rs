@@ -272,13 +272,10 @@ impl PolicyEngine {
     /// Recompute everything from the inputs; the journal records what differs.
     fn rebuild_all(&mut self) {
         self.rebuild = false;
-        let new = self.calc.dataplane();
-        self.labels = self
-            .calc
-            .endpoints
-            .iter()
-            .map(|(k, e)| (k.clone(), self.calc.labels(e)))
-            .collect();
+        self.labels = self.calc.all_labels();
+        let (mut new, defs) = self.calc.without_members(&self.labels);
+        let defs: BTreeMap<String, SetDef> =
+            defs.into_iter().map(|(k, v)| (k, v.clone())).collect();
         self.ifaces = self
             .calc
             .endpoints
@@ -316,11 +313,18 @@ impl PolicyEngine {
             }
             self.held_profile_sets.insert(name.clone(), sets.clone());
         }
+        debug_assert_eq!(
+            self.set_defs.keys().collect::<Vec<_>>(),
+            defs.keys().collect::<Vec<_>>()
+        );
         self.counts = self
             .set_defs
             .iter()
             .map(|(id, def)| (id.clone(), self.count_from_scratch(def)))
             .collect();
+        for (id, def) in &self.set_defs {
+            new.sets.insert(id.clone(), set_of(def, &self.counts[id]));
+        }
         // Journal: everything of the old and the new dataplane.
         let old = std::mem::take(&mut self.dp);
         for k in old.endpoints.keys().chain(new.endpoints.keys()) {
@@ -606,26 +610,7 @@ impl PolicyEngine {
 
     fn create_set(&mut self, id: &str, def: SetDef) {
         let counts = self.count_from_scratch(&def);
-        let set = match def.named_port {
-            None => IpSet::Nets(
-                counts
-                    .keys()
-                    .filter_map(|m| match m {
-                        Member::Net(n) => Some(*n),
-                        Member::Port(..) => None,
-                    })
-                    .collect(),
-            ),
-            Some(_) => IpSet::Ports(
-                counts
-                    .keys()
-                    .filter_map(|m| match m {
-                        Member::Port(a, p, o) => Some((*a, *p, *o)),
-                        Member::Net(_) => None,
-                    })
-                    .collect(),
-            ),
-        };
+        let set = set_of(&def, &counts);
         self.journal.sets.entry(id.to_string()).or_insert(false);
         // Members a set had at the last take were journaled when it went; others were
         // not in it then.
@@ -684,6 +669,30 @@ fn endpoint_members(e: &EndpointInfo, def: &SetDef) -> Vec<Member> {
             .into_iter()
             .map(|(a, p, o)| Member::Port(a, p, o))
             .collect(),
+    }
+}
+
+/// A set's members from their counts.
+fn set_of(def: &SetDef, counts: &BTreeMap<Member, u32>) -> IpSet {
+    match def.named_port {
+        None => IpSet::Nets(
+            counts
+                .keys()
+                .filter_map(|m| match m {
+                    Member::Net(n) => Some(*n),
+                    Member::Port(..) => None,
+                })
+                .collect(),
+        ),
+        Some(_) => IpSet::Ports(
+            counts
+                .keys()
+                .filter_map(|m| match m {
+                    Member::Port(a, p, o) => Some((*a, *p, *o)),
+                    Member::Net(_) => None,
+                })
+                .collect(),
+        ),
     }
 }
 
