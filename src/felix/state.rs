@@ -214,7 +214,15 @@ impl State {
                     self.policy_changed = true;
                 }
                 if w.spec.node == self.node {
-                    self.workloads.insert(key.to_string(), w.spec.clone()) != Some(w.spec.clone())
+                    // Profiles, named ports and the service account are policy's alone.
+                    let routing = |s: &WorkloadEndpointSpec| WorkloadEndpointSpec {
+                        profiles: Vec::new(),
+                        ports: Vec::new(),
+                        service_account_name: String::new(),
+                        ..s.clone()
+                    };
+                    let old = self.workloads.insert(key.to_string(), w.spec.clone());
+                    old.as_ref().map(routing) != Some(routing(&w.spec))
                 } else {
                     // Moved to another node: it is not ours any more.
                     self.workloads.remove(key).is_some()
