@@ -16,10 +16,11 @@
 //! - empty `types` means both directions; tiers by order (none last) then name; policies
 //!   by order (none last) then name.
 //!
-//! [`PolicyCalc`] keeps the inputs and an index (selector -> members, endpoint -> the
-//! policies that select it) so that one endpoint's change updates the last dataplane in
-//! O(#selectors + #changed members) and yields a precise [`Delta`]; [`diff`] computes the
-//! same delta between any two dataplanes (the property tests hold the two equal).
+//! [`PolicyCalc::dataplane`] computes the whole dataplane from scratch (the reference);
+//! `policy::index::PolicyEngine` keeps it up to date change by change (an endpoint's
+//! change costs O(#selectors + #changed members)) with a precise [`Delta`]; [`diff`]
+//! computes the delta between any two dataplanes (the property tests hold the engine to
+//! both).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
