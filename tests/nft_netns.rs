@@ -633,7 +633,7 @@ fn traffic_follows_the_policy_and_its_changes() {
     let delta = diff(&dp, &next);
     assert!(delta.endpoints.is_empty() && delta.policies.is_empty());
     let n = next.clone();
-    node.run_in(move || {
+    let tables = node.run_in(move || {
         let mut t = tables;
         t.apply(&n, &delta).unwrap();
         t
@@ -642,4 +642,130 @@ fn traffic_follows_the_policy_and_its_changes() {
     assert!(connects(&c, "10.65.0.2", 8080));
     assert!(!connects(&c, "10.65.0.2", 9090));
     assert!(ping(&a, "10.99.0.1"), "defaultEndpointToHostAction Accept");
+
+    // A relabel alone (set elements only, the netlink batch): a denied again.
+    let mut last = next.clone();
+    if let Some(IpSet::Nets(s)) = last.sets.get_mut("s:denied") {
+        s.insert(net("10.65.0.1/32"));
+    }
+    let delta = diff(&next, &last);
+    assert!(delta.sets.is_empty() && !delta.endpoint_to_host);
+    node.run_in(move || {
+        let mut t = tables;
+        t.apply(&last, &delta).unwrap();
+    });
+    assert!(!ping(&a, "10.65.0.2"), "a now denied by the set");
+    assert!(ping(&c, "10.65.0.2"), "c still allowed");
+}
+
+/// A benchmark-sized dataplane: `n` endpoints, 100 policies whose selectors match ~5% of
+/// them each, 20 network-set nets in the selector sets.
+fn large(n: u32) -> PolicyDataplane {
+    let mut dp = PolicyDataplane::default();
+    let ip = |i: u32| -> IpNet {
+        IpNet::new(
+            IpAddr::from([10, 65, (i / 250) as u8, (i % 250) as u8 + 1]),
+            32,
+        )
+        .unwrap()
+    };
+    for p in 0..100u32 {
+        let members: BTreeSet<IpNet> = (0..n)
+            .filter(|i| (i + p) % 20 == 0)
+            .map(ip)
+            .collect::<BTreeSet<_>>();
+        let mut members = members;
+        members.insert(IpNet::new(IpAddr::from([172, 16, (p % 20) as u8, 0]), 24).unwrap());
+        dp.sets.insert(format!("s:sel{p}"), IpSet::Nets(members));
+        let mut r = rule(Action::Allow);
+        r.protocol = Some(6);
+        r.src.sets = vec![format!("s:sel{p}")];
+        r.dst.ports = vec![PortRange { lo: 80, hi: 80 }];
+        dp.policies.insert(
+            format!("gnp/p{p}"),
+            Chains {
+                inbound: vec![r.clone()],
+                outbound: vec![r],
+            },
+        );
+    }
+    dp.profiles.insert(
+        "open".into(),
+        Chains {
+            inbound: vec![rule(Action::Allow)],
+            outbound: vec![rule(Action::Allow)],
+        },
+    );
+    for i in 0..n {
+        let pols: Vec<String> = (0..100u32)
+            .filter(|p| (i + p) % 20 == 0)
+            .map(|p| format!("gnp/p{p}"))
+            .collect();
+        let pols: Vec<&str> = pols.iter().map(|s| s.as_str()).collect();
+        let mut ep = endpoint(
+            &format!("w{i}"),
+            vec![tier("default", &pols, TierEnd::Deny)],
+            &["open"],
+        );
+        ep.egress = ep.ingress.clone();
+        dp.endpoints.insert(format!("cali{i:011}"), ep);
+    }
+    dp
+}
+
+/// The cost of one small transaction (a relabel: one member out of one set, into another)
+/// with 1,000 endpoints loaded, against the full apply: printed, and bounded loosely.
+#[test]
+fn one_small_transaction_with_1000_endpoints_is_cheap() {
+    let Some(ns) = NetNs::new("nft-big") else {
+        return;
+    };
+    if !have_nft() {
+        return;
+    }
+    let dp = large(1000);
+    let (full_ms, times) = ns.run_in(move || {
+        let mut t = PolicyTables::new();
+        let started = std::time::Instant::now();
+        t.write_full(&dp, &Nat::default(), "cali").unwrap();
+        let full_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut times = Vec::new();
+        let mut cur = dp;
+        for k in 0..40u32 {
+            let mut next = cur.clone();
+            let m = IpNet::new(IpAddr::from([10, 65, 9, (k % 200) as u8 + 1]), 32).unwrap();
+            let (from, to) = if k % 2 == 0 {
+                ("s:sel1", "s:sel2")
+            } else {
+                ("s:sel2", "s:sel1")
+            };
+            if let Some(IpSet::Nets(s)) = next.sets.get_mut(from) {
+                s.remove(&m);
+            }
+            if let Some(IpSet::Nets(s)) = next.sets.get_mut(to) {
+                s.insert(m);
+            }
+            let delta = diff(&cur, &next);
+            let started = std::time::Instant::now();
+            t.apply(&next, &delta).unwrap();
+            times.push(started.elapsed().as_secs_f64() * 1e3);
+            cur = next;
+        }
+        (full_ms, times)
+    });
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p50 = sorted[sorted.len() / 2];
+    let max = sorted[sorted.len() - 1];
+    eprintln!(
+        "nft with 1000 endpoints: full apply {full_ms:.1} ms; one relabel: p50 {p50:.2} ms, max {max:.2} ms"
+    );
+    assert!(p50 < 50.0, "one small transaction took {p50} ms");
+}
+
+#[test]
+#[ignore]
+fn dump_large_script() {
+    let s = calico_node::felix::nft::render::full(&large(1000), &Nat::default(), "cali");
+    std::fs::write("/tmp/wtb-large.nft", s).unwrap();
 }

@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use super::netlink::{self, BatchError, ElementChange};
 use super::render::{self, Programmed};
 use crate::felix::calc::Nat;
 use crate::felix::policy::{Delta, PolicyDataplane};
@@ -49,6 +50,50 @@ pub struct PolicyTables {
 
 const FULL: &str = "full apply of table calico";
 const INCREMENTAL: &str = "incremental apply of table calico";
+const ELEMENTS: &str = "set elements of table calico (netlink batch)";
+
+/// When `delta` changes set members only, of sets that exist: the element changes, both
+/// families, deletions first.
+fn element_changes(
+    dp: &PolicyDataplane,
+    delta: &Delta,
+    programmed: &Programmed,
+) -> Option<Vec<ElementChange>> {
+    let only_members = delta.endpoints.is_empty()
+        && delta.policies.is_empty()
+        && delta.profiles.is_empty()
+        && delta.sets.is_empty()
+        && !delta.endpoint_to_host;
+    if !only_members {
+        return None;
+    }
+    let ids: std::collections::BTreeSet<&String> =
+        delta.added.keys().chain(delta.removed.keys()).collect();
+    let mut dels = Vec::new();
+    let mut adds = Vec::new();
+    for id in ids {
+        let set = dp.sets.get(id).filter(|_| programmed.sets.contains(id))?;
+        for v6 in [false, true] {
+            let (del, add) =
+                render::member_changes(set, delta.added.get(id), delta.removed.get(id), v6);
+            let name = render::set_name(id, v6);
+            dels.push(ElementChange {
+                v6,
+                set: name.clone(),
+                add: false,
+                elements: del,
+            });
+            adds.push(ElementChange {
+                v6,
+                set: name,
+                add: true,
+                elements: add,
+            });
+        }
+    }
+    dels.extend(adds);
+    Some(dels)
+}
 
 impl PolicyTables {
     pub fn new() -> PolicyTables {
@@ -83,6 +128,24 @@ impl PolicyTables {
     /// full apply wrote it.
     pub fn apply(&mut self, dp: &PolicyDataplane, delta: &Delta) -> Result<(), NftError> {
         let Some(programmed) = self.programmed.as_mut().filter(|_| !delta.full) else {
+            return self.full(dp);
+        };
+        if let Some(changes) = element_changes(dp, delta, programmed) {
+            self.stats.calls += 1;
+            match netlink::write(&changes) {
+                Ok(()) => return Ok(()),
+                Err(BatchError::Unencodable(_)) => {}
+                Err(e) => {
+                    self.stats.errors += 1;
+                    self.programmed = None;
+                    return Err(NftError::Refused {
+                        step: ELEMENTS,
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
+        let Some(programmed) = self.programmed.as_mut() else {
             return self.full(dp);
         };
         let script = render::incremental(dp, delta, programmed);

@@ -16,11 +16,14 @@
 //! ```
 //!
 //! `render` is pure (the whole tables, or one transaction for a [`Delta`]); `exec` runs
-//! `nft -f -` and keeps what it has programmed, so that a delta knows what exists.
+//! `nft -f -` and keeps what it has programmed, so that a delta knows what exists; a delta
+//! of set elements only (a relabel) goes as one nfnetlink batch (`netlink`), as nft's own
+//! cache fetch costs more than the change.
 //!
 //! [`Delta`]: crate::felix::policy::Delta
 
 pub mod exec;
+pub mod netlink;
 pub mod render;
 
 pub use exec::{NftError, PolicyTables};

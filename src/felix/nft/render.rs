@@ -618,11 +618,12 @@ fn incremental_family(
                     delta.removed.get(id.as_str()),
                     v6,
                 );
+                let text = |v: Vec<Element>| v.iter().map(Element::text).collect::<Vec<_>>();
                 if !del.is_empty() {
-                    let _ = writeln!(s, "delete element {t} {name} {}", braces(&del));
+                    let _ = writeln!(s, "delete element {t} {name} {}", braces(&text(del)));
                 }
                 if !add.is_empty() {
-                    let _ = writeln!(s, "add element {t} {name} {}", braces(&add));
+                    let _ = writeln!(s, "add element {t} {name} {}", braces(&text(add)));
                 }
             }
         }
@@ -726,58 +727,90 @@ fn incremental_family(
     }
 }
 
+/// One element of an IP set in the kernel: a net of an interval set, or an (address,
+/// protocol, port) of a named-port set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Element {
+    Net(IpNet),
+    Port(std::net::IpAddr, u8, u16),
+}
+
+impl Element {
+    fn text(&self) -> String {
+        match self {
+            Element::Net(n) => net_text(n),
+            Element::Port(a, proto, port) => format!("{a} . {proto} . {port}"),
+        }
+    }
+}
+
 /// The elements to delete and to add in one family when `added` and `removed` changed a
 /// set that now holds `now`. For nets, what changes is the outermost members, computed
-/// before and after.
-fn member_changes(
+/// before and after, among the members that nest with a changed one.
+pub fn member_changes(
     now: &IpSet,
     added: Option<&IpSet>,
     removed: Option<&IpSet>,
     v6: bool,
-) -> (Vec<String>, Vec<String>) {
+) -> (Vec<Element>, Vec<Element>) {
     match now {
         IpSet::Nets(now) => {
-            let add: BTreeSet<IpNet> = match added {
-                Some(IpSet::Nets(a)) => a.clone(),
-                _ => BTreeSet::new(),
+            let empty = BTreeSet::new();
+            let add = match added {
+                Some(IpSet::Nets(a)) => a,
+                _ => &empty,
             };
-            let rem: BTreeSet<IpNet> = match removed {
-                Some(IpSet::Nets(r)) => r.clone(),
-                _ => BTreeSet::new(),
+            let rem = match removed {
+                Some(IpSet::Nets(r)) => r,
+                _ => &empty,
             };
             let fam = |n: &&IpNet| n.addr().is_ipv6() == v6;
-            if !add.iter().chain(rem.iter()).any(|n| fam(&n)) {
+            let changed: Vec<IpNet> = add.iter().chain(rem.iter()).filter(fam).copied().collect();
+            if changed.is_empty() {
                 return (Vec::new(), Vec::new());
             }
-            // Only members that nest with a changed one can change their outermost-ness.
-            let touched = |n: &IpNet| {
-                add.iter()
-                    .chain(rem.iter())
-                    .any(|c| c.contains(n) || n.contains(c))
-            };
-            let after: BTreeSet<IpNet> =
-                outermost(now.iter().filter(fam).filter(|n| touched(n)).copied())
-                    .into_iter()
-                    .collect();
-            let before_members = now
+            // Only members that nest with a changed one can change their outermost-ness
+            // (a member containing a touched one nests with the change too).
+            let touched = nested(now, &changed);
+            let after: BTreeSet<IpNet> = outermost(touched.iter().copied().filter(|n| fam(&n)))
+                .into_iter()
+                .collect();
+            let before_members = touched
                 .iter()
+                .copied()
                 .filter(|n| !add.contains(n))
-                .chain(rem.iter())
-                .filter(fam)
-                .filter(|n| touched(n))
-                .copied();
+                .chain(rem.iter().copied())
+                .filter(|n| fam(&n));
             let before: BTreeSet<IpNet> = outermost(before_members).into_iter().collect();
             (
-                before.difference(&after).map(net_text).collect(),
-                after.difference(&before).map(net_text).collect(),
+                before
+                    .difference(&after)
+                    .map(|n| Element::Net(*n))
+                    .collect(),
+                after
+                    .difference(&before)
+                    .map(|n| Element::Net(*n))
+                    .collect(),
             )
         }
         IpSet::Ports(_) => {
-            let text = |s: Option<&IpSet>| match s {
-                Some(p @ IpSet::Ports(_)) => elements(p, v6),
+            let of = |s: Option<&IpSet>| match s {
+                Some(IpSet::Ports(p)) => p
+                    .iter()
+                    .filter(|(a, _, _)| a.is_ipv6() == v6)
+                    .map(|(a, proto, port)| Element::Port(*a, *proto, *port))
+                    .collect(),
                 _ => Vec::new(),
             };
-            (text(removed), text(added))
+            (of(removed), of(added))
         }
     }
+}
+
+/// The members of `set` that nest with one of `changed` (contain it or are inside it).
+fn nested(set: &BTreeSet<IpNet>, changed: &[IpNet]) -> Vec<IpNet> {
+    set.iter()
+        .filter(|n| changed.iter().any(|c| c.contains(*n) || n.contains(c)))
+        .copied()
+        .collect()
 }
