@@ -31,6 +31,37 @@ pub struct FelixMetrics {
     // Policy (issue 17).
     local_policies: IntGauge,
     local_selectors: IntGauge,
+    nft: NftMetrics,
+}
+
+/// The nftables executor's metrics (Calico's names and help texts, felix/nftables).
+#[derive(Clone)]
+struct NftMetrics {
+    calls: IntGauge,
+    errors: IntGauge,
+    chains: IntGauge,
+    rules: IntGauge,
+    sets: IntGauge,
+}
+
+impl NftMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<NftMetrics> {
+        let g = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        Ok(NftMetrics {
+            calls: g("felix_nft_calls", "Number of nftables transactions run.")?,
+            errors: g(
+                "felix_nft_errors",
+                "Number of nftables transactions that failed.",
+            )?,
+            chains: g("felix_nft_chains", "Number of active nftables chains.")?,
+            rules: g("felix_nft_rules", "Number of active nftables rules.")?,
+            sets: g("felix_nft_sets", "Number of active Calico nftables sets.")?,
+        })
+    }
 }
 
 impl FelixMetrics {
@@ -110,6 +141,7 @@ impl FelixMetrics {
                 "felix_active_local_selectors",
                 "Number of active selectors on this host.",
             )?,
+            nft: NftMetrics::new(registry)?,
         };
         m.resync_state.set(1);
         registry.register(Box::new(m.apply_time.clone()))?;
@@ -139,6 +171,17 @@ impl FelixMetrics {
                 .with_label_values(&[table])
                 .set(t.ifaces[i].len() as i64);
         }
+    }
+
+    /// The nftables executor's counts (`felix_nft_*`).
+    pub(crate) fn set_nft(&self, s: &super::nft::exec::NftStats) {
+        self.nft.calls.set(s.calls as i64);
+        self.nft.errors.set(s.errors as i64);
+        self.nft.chains.set(s.chains);
+        if s.rules > 0 || s.chains == 0 {
+            self.nft.rules.set(s.rules);
+        }
+        self.nft.sets.set(s.sets);
     }
 
     /// The NAT gauges for what was applied: per family, two sets and two rules when the
