@@ -101,6 +101,36 @@ fn a_relabel_is_a_policy_only_change_and_the_policy_gauges_follow() {
     );
     assert_eq!(metric("felix_active_local_selectors"), Some(1.0));
     assert_eq!(metric("felix_active_local_endpoints"), Some(1.0));
+    // What the executor wrote: the policy's chain, the selector's set (Calico's name), and
+    // the workload's chain jumping to the policy.
+    use calico_node::felix::nft::render;
+    use calico_node::felix::policy::calc::selector_set_id;
+    let web = render::set_name(
+        &selector_set_id(&calico_node::model::selector::Selector::parse("role == 'web'").unwrap()),
+        false,
+    );
+    let pi = render::policy_chain("gnp/db", true);
+    let tw = render::endpoint_chain("calipol1", true);
+    let table = || {
+        let out = ns
+            .command("nft")
+            .args(["list", "table", "ip", "calico"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    common::until("the policy in nftables", Duration::from_secs(10), || {
+        let t = table();
+        t.contains(&format!("chain {pi}")) && t.contains(&format!("set {web}"))
+    });
+    let chain_of = |name: &str| {
+        let t = table();
+        let start = t
+            .find(&format!("chain {name} {{"))
+            .unwrap_or_else(|| panic!("{name}: {t}"));
+        t[start..].split("\n\t}").next().unwrap().to_string()
+    };
+    assert!(chain_of(&tw).contains(&pi), "{}", chain_of(&tw));
     common::until("ready with the workload", Duration::from_secs(10), ready);
 
     // Settle (kernel events of our own writes are debounced), then relabel.
@@ -123,6 +153,12 @@ fn a_relabel_is_a_policy_only_change_and_the_policy_gauges_follow() {
         metric("felix_int_dataplane_apply_time_seconds_count").unwrap() > applies,
         "the policy apply was not timed"
     );
+    common::until(
+        "the policy gone from nftables",
+        Duration::from_secs(10),
+        || !table().contains(&format!("chain {pi}")),
+    );
+    assert!(!chain_of(&tw).contains(&pi), "{}", chain_of(&tw));
 
     // Back, then the policy goes.
     etcd.etcdctl(&["put", &wep_key, &wep("db")]);
