@@ -124,12 +124,16 @@ fn canonical_quote(s: &str) -> String {
 }
 
 impl Expr {
-    /// The operands of a chain of one operator (the parser nests them to the left).
+    /// The operands of a chain of one operator, as Calico's parser collects them: the
+    /// parser nests a chain to the left, so a right operand of the same operator came
+    /// from parentheses and stays a group (`a && (b && c)`). A parenthesized group as the
+    /// first operand (`(a && b) && c`) cannot be told from a chain here and is flattened
+    /// (Calico keeps it nested: the id differs, the meaning does not).
     fn chain<'a>(&'a self, out: &mut Vec<&'a Expr>, and: bool) {
         match (self, and) {
             (Expr::And(a, b), true) | (Expr::Or(a, b), false) => {
                 a.chain(out, and);
-                b.chain(out, and);
+                out.push(b);
             }
             _ => out.push(self),
         }

@@ -147,6 +147,27 @@ fn set_ids_are_calicos_sha224_of_the_canonical_selector() {
         assert_eq!(selector_set_id(&s), id, "{sel} -> {}", s.canonical());
         assert_eq!(id.len(), 2 + 38);
     }
+    // Chains are flat, groups on the right stay groups (Calico's AndNode/OrNode).
+    for (sel, canonical) in [
+        (
+            "a == 'x' && b == 'y' && has(c)",
+            r#"(a == "x" && b == "y" && has(c))"#,
+        ),
+        (
+            "(projectcalico.org/namespace == 'ns1') && (role == 'db' && tier in {'b', 'a'})",
+            r#"(projectcalico.org/namespace == "ns1" && (role == "db" && tier in {"a", "b"}))"#,
+        ),
+        (
+            "a == 'x' || (b == 'y' || c == 'z')",
+            r#"(a == "x" || (b == "y" || c == "z"))"#,
+        ),
+        (
+            "a == 'x' && (b == 'y' || c == 'z')",
+            r#"(a == "x" && (b == "y" || c == "z"))"#,
+        ),
+    ] {
+        assert_eq!(Selector::parse(sel).unwrap().canonical(), canonical);
+    }
     // A named-port set hashes the selector's id, the protocol and the name.
     let all = Selector::all();
     let n = named_port_set_id(&all, NamedPortProto::Tcp, "http");
