@@ -165,6 +165,21 @@ fn set_ids_are_calicos_sha224_of_the_canonical_selector() {
             "a == 'x' && (b == 'y' || c == 'z')",
             r#"(a == "x" && (b == "y" || c == "z"))"#,
         ),
+        // A parenthesized chain first stays a group too.
+        (
+            "(a == 'x' && b == 'y') && c == 'z'",
+            r#"((a == "x" && b == "y") && c == "z")"#,
+        ),
+        (
+            "((a == 'x' || b == 'y')) || c == 'z'",
+            r#"((a == "x" || b == "y") || c == "z")"#,
+        ),
+        (
+            "(a == 'x' || b == 'y') && c == 'z'",
+            r#"((a == "x" || b == "y") && c == "z")"#,
+        ),
+        ("!(a == 'x' && b == 'y')", r#"!(a == "x" && b == "y")"#),
+        ("((all()))", "all()"),
     ] {
         assert_eq!(Selector::parse(sel).unwrap().canonical(), canonical);
     }
