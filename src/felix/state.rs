@@ -129,7 +129,11 @@ impl State {
                 self.policy.policy(&id, None);
                 had
             }
-            Some(PolicyKey::Profile(p)) => self.policy.inputs_mut().profiles.remove(&p).is_some(),
+            Some(PolicyKey::Profile(p)) => {
+                let had = self.policy.calc().profiles.contains_key(&p);
+                self.policy.profile(&p, None);
+                had
+            }
             None => false,
         };
         self.policy_changed |= policy;
@@ -277,8 +281,8 @@ impl State {
                 self.policy_key(key, PolicyKey::Profile(name.clone()));
                 let r = resolve_profile(&p.spec);
                 if self.policy.calc().profiles.get(&name) != Some(&r) {
-                    self.policy_changed |=
-                        keep(&mut self.policy.inputs_mut().profiles, &name, Some(r));
+                    self.policy.profile(&name, Some(r));
+                    self.policy_changed = true;
                 }
                 false
             }

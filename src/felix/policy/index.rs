@@ -560,6 +560,41 @@ impl PolicyEngine {
         }
     }
 
+    /// A profile added, changed or removed: its chains and sets are swapped in place when
+    /// it is programmed, and the endpoints naming it are looked at again (its
+    /// `labelsToApply` may change their labels, hence their sets and policies).
+    pub fn profile(&mut self, name: &str, new: Option<super::calc::ResolvedProfile>) {
+        let old = match &new {
+            Some(p) => self.calc.profiles.insert(name.to_string(), p.clone()),
+            None => self.calc.profiles.remove(name),
+        };
+        if self.rebuild || old == new {
+            return;
+        }
+        if self.profile_users.contains_key(name) {
+            let sets = new.as_ref().map(|p| p.sets.clone()).unwrap_or_default();
+            self.hold_sets(sets.clone(), true);
+            let old_sets = self
+                .held_profile_sets
+                .insert(name.to_string(), sets)
+                .unwrap_or_default();
+            self.hold_sets(old_sets, false);
+            if let Some(p) = &new {
+                self.put_chains(name, false, Some(p.chains.clone()));
+            }
+        }
+        let naming: Vec<(String, EndpointInfo)> = self
+            .calc
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.profiles.iter().any(|p| p == name))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        for (key, info) in naming {
+            self.endpoint(&key, Some(info));
+        }
+    }
+
     /// A policy added, changed or removed (tiers and profiles unchanged): its chains and
     /// sets are swapped in place when it is programmed, and the local endpoints its old
     /// or new selector matches are recomputed. Costs one selector evaluation per local

@@ -65,6 +65,12 @@ const PROFILES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Other versions of the profiles above (other labels, rules and sets).
+const PROFILE_ALTERNATIVES: &[&str] = &[
+    r#"{"labelsToApply":{"pcns.team":"blue","role":"a"},"egress":[{"action":"Allow","destination":{"selector":"role == 'b'"}}]}"#,
+    r#"{"ingress":[{"action":"Deny","source":{"selector":"has(x)"}}]}"#,
+];
+
 #[derive(Debug, Clone)]
 enum Op {
     Ep {
@@ -84,7 +90,9 @@ enum Op {
     DelNetSet(u8),
     /// A policy on or off, through the incremental path or a rebuild.
     Policy(usize, bool, bool, bool),
-    Profile(usize, bool),
+    /// A profile on or off (or its other version), through the incremental path or a
+    /// rebuild.
+    Profile(usize, bool, bool, bool),
     Tier(bool),
     EndpointToHost(u8),
 }
@@ -99,7 +107,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..3).prop_map(Op::DelNetSet),
         4 => (0..POLICIES.len(), any::<bool>(), any::<bool>(), any::<bool>())
             .prop_map(|(i, on, r, alt)| Op::Policy(i, on, r, alt)),
-        1 => (0..PROFILES.len(), any::<bool>()).prop_map(|(i, on)| Op::Profile(i, on)),
+        2 => (0..PROFILES.len(), any::<bool>(), any::<bool>(), any::<bool>())
+            .prop_map(|(i, on, r, alt)| Op::Profile(i, on, r, alt)),
         1 => any::<bool>().prop_map(Op::Tier),
         1 => (0u8..3).prop_map(Op::EndpointToHost),
     ]
@@ -205,16 +214,18 @@ fn apply(e: &mut PolicyEngine, op: &Op) {
                 e.policy(&id, on.then_some(p));
             }
         }
-        Op::Profile(i, on) => {
+        Op::Profile(i, on, rebuild, alt) => {
             let (name, json) = PROFILES[*i];
-            let calc = e.inputs_mut();
-            if *on {
-                calc.profiles.insert(
-                    name.into(),
-                    resolve_profile(&serde_json::from_str(json).unwrap()),
-                );
+            let json = if *alt { PROFILE_ALTERNATIVES[*i] } else { json };
+            let p = on.then(|| resolve_profile(&serde_json::from_str(json).unwrap()));
+            if *rebuild {
+                let calc = e.inputs_mut();
+                match p {
+                    Some(p) => calc.profiles.insert(name.into(), p),
+                    None => calc.profiles.remove(name),
+                };
             } else {
-                calc.profiles.remove(name);
+                e.profile(name, p);
             }
         }
         Op::Tier(pass) => {
