@@ -11,8 +11,9 @@
 //! An endpoint's change costs one evaluation of each active set's selector (its old and
 //! new labels), and, for a local endpoint, one of each policy's selector: O(#selectors +
 //! #changed members), independent of the number of endpoints. A network set's change
-//! costs one evaluation per active set. Changes of policies, profiles and tiers (rarer)
-//! rebuild everything from [`PolicyCalc::dataplane`].
+//! costs one evaluation per active set; a policy's, one evaluation of its selector per
+//! local endpoint and the recomputation of those it selects; a profile's, the endpoints
+//! naming it. A tier's change (rare) rebuilds everything.
 //!
 //! What changed since the last [`PolicyEngine::take`] is kept in a journal of the values
 //! as they were then (first touch wins), so the delta handed out is exact: a member added
