@@ -191,6 +191,15 @@ fn diff(old: &PolicyDataplane, new: &PolicyDataplane) -> Delta {
     d
 }
 
+/// Pools of both families: both tables hold the filter layer.
+fn dual_stack() -> Nat {
+    Nat {
+        masquerade: BTreeSet::from([net("10.65.0.0/16")]),
+        all: BTreeSet::from([net("10.65.0.0/16"), net("fd00::/48")]),
+        snat_to: None,
+    }
+}
+
 fn nft_out(ns: &NetNs, args: &[&str]) -> String {
     let out = ns.command("nft").args(args).output().unwrap();
     assert!(
@@ -266,11 +275,7 @@ fn incremental_equals_full(steps: Vec<(&'static str, PolicyDataplane)>) {
     if !have_nft() {
         return;
     }
-    let nat = Nat {
-        masquerade: BTreeSet::from([net("10.65.0.0/16")]),
-        all: BTreeSet::from([net("10.65.0.0/16")]),
-        snat_to: None,
-    };
+    let nat = dual_stack();
     let mut prev = PolicyDataplane::default();
     let mut tables = Some(PolicyTables::new());
     {
@@ -318,7 +323,7 @@ fn full_render_loads_with_calicos_names() {
     let dp = rich();
     ns.run_in(move || {
         PolicyTables::new()
-            .write_full(&dp, &Nat::default(), "cali")
+            .write_full(&dp, &dual_stack(), "cali")
             .unwrap()
     });
     let v4 = nft_out(&ns, &["list", "table", "ip", "calico"]);
@@ -348,6 +353,8 @@ fn full_render_loads_with_calicos_names() {
     // The missing profile is skipped, the IPv6-only rule not rendered in IPv4.
     assert!(!v4.contains("missing-profile"), "{v4}");
     assert!(!v4.contains("icmpv6"), "{v4}");
+    // NAT and policy in one table.
+    assert!(v4.contains("chain cali-POSTROUTING {"), "{v4}");
     let v6 = nft_out(&ns, &["list", "table", "ip6", "calico"]);
     assert!(v6.contains("elements = { fd00::1 }"), "{v6}");
     assert!(

@@ -73,7 +73,7 @@ fn element_changes(
     let mut adds = Vec::new();
     for id in ids {
         let set = dp.sets.get(id).filter(|_| programmed.sets.contains(id))?;
-        for v6 in [false, true] {
+        for &v6 in render::families(programmed) {
             let (del, add) =
                 render::member_changes(set, delta.added.get(id), delta.removed.get(id), v6);
             let name = render::set_name(id, v6);
@@ -118,8 +118,9 @@ impl PolicyTables {
         let prefix = self.prefix.as_deref().unwrap_or("cali");
         let script = render::full(dp, &self.nat, prefix);
         self.run(FULL, &script)?;
-        self.programmed = Some(Programmed::of(dp));
-        self.count(dp);
+        self.programmed = Some(Programmed::of(dp, render::ipv6(&self.nat)));
+        let families = render::families(self.programmed.as_ref().expect("just set"));
+        self.count(dp, families);
         Ok(())
     }
 
@@ -153,21 +154,23 @@ impl PolicyTables {
             return Ok(());
         }
         programmed.update(dp, delta);
+        let n = render::families(programmed).len() as i64;
         if let Err(e) = self.run(INCREMENTAL, &script) {
             self.programmed = None;
             return Err(e);
         }
-        self.stats.sets = 2 * dp.sets.len() as i64;
-        self.stats.chains = chains_of(dp);
+        self.stats.sets = n * dp.sets.len() as i64;
+        self.stats.chains = n * chains_of(dp);
         Ok(())
     }
 
     /// Count what a full apply of `dp` wrote (rules: both families).
-    fn count(&mut self, dp: &PolicyDataplane) {
-        self.stats.sets = 2 * dp.sets.len() as i64;
-        self.stats.chains = chains_of(dp);
+    fn count(&mut self, dp: &PolicyDataplane, families: &[bool]) {
+        let n = families.len() as i64;
+        self.stats.sets = n * dp.sets.len() as i64;
+        self.stats.chains = n * chains_of(dp);
         let mut rules = 0;
-        for v6 in [false, true] {
+        for &v6 in families {
             for c in dp.policies.values().chain(dp.profiles.values()) {
                 rules += render::rules_lines(&c.inbound, v6).len();
                 rules += render::rules_lines(&c.outbound, v6).len();
@@ -190,9 +193,9 @@ impl PolicyTables {
     }
 }
 
-/// Policy, profile and endpoint chains, both families, both directions.
+/// Policy, profile and endpoint chains of one family, both directions.
 fn chains_of(dp: &PolicyDataplane) -> i64 {
-    4 * (dp.policies.len() + dp.profiles.len() + dp.endpoints.len()) as i64
+    2 * (dp.policies.len() + dp.profiles.len() + dp.endpoints.len()) as i64
 }
 
 /// Run `script` with `nft -f -` in the caller's network namespace.

@@ -46,12 +46,15 @@ pub struct Programmed {
     pub policies: BTreeSet<String>,
     pub profiles: BTreeSet<String>,
     pub sets: BTreeSet<String>,
+    /// Whether the IPv6 table holds the filter layer (there are IPv6 pools).
+    pub ipv6: bool,
 }
 
 impl Programmed {
     /// What a full apply of `dp` programs.
-    pub fn of(dp: &PolicyDataplane) -> Programmed {
+    pub fn of(dp: &PolicyDataplane, ipv6: bool) -> Programmed {
         Programmed {
+            ipv6,
             endpoints: dp.endpoints.keys().cloned().collect(),
             policies: dp.policies.keys().cloned().collect(),
             profiles: dp.profiles.keys().cloned().collect(),
@@ -550,12 +553,17 @@ fn table_body(dp: &PolicyDataplane, nat: &Nat, prefix: &str, v6: bool) -> String
 
 /// The script that replaces our tables (both families) with `dp` and `nat`, in one
 /// transaction: each table is declared, deleted (so the delete cannot fail) and defined.
-/// `prefix` is the workload interface prefix (`cali`).
+/// `prefix` is the workload interface prefix (`cali`). Without IPv6 pools (Felix's
+/// `ipv6Support` in effect off) the IPv6 table is not written: workloads have no IPv6
+/// address to police, and it halves the work.
 pub fn full(dp: &PolicyDataplane, nat: &Nat, prefix: &str) -> String {
     let mut s = String::new();
     for v6 in [false, true] {
         let fam = family(v6);
         let _ = writeln!(s, "table {fam} calico\ndelete table {fam} calico");
+        if v6 && !ipv6(nat) {
+            continue;
+        }
         let _ = writeln!(
             s,
             "table {fam} calico {{\n{}}}",
@@ -565,11 +573,25 @@ pub fn full(dp: &PolicyDataplane, nat: &Nat, prefix: &str) -> String {
     s
 }
 
+/// Whether the IPv6 table is written: there is an IPv6 pool.
+pub fn ipv6(nat: &Nat) -> bool {
+    nat.all.iter().any(|n| n.addr().is_ipv6())
+}
+
+/// The families written: IPv4, and IPv6 when `programmed.ipv6`.
+pub fn families(programmed: &Programmed) -> &'static [bool] {
+    if programmed.ipv6 {
+        &[false, true]
+    } else {
+        &[false]
+    }
+}
+
 /// The script that brings our tables from `programmed` to `dp`, writing only what `delta`
 /// names, in one transaction; empty when there is nothing to write. NAT is not touched.
 pub fn incremental(dp: &PolicyDataplane, delta: &Delta, programmed: &Programmed) -> String {
     let mut s = String::new();
-    for v6 in [false, true] {
+    for &v6 in families(programmed) {
         incremental_family(&mut s, dp, delta, programmed, v6);
     }
     s
