@@ -776,3 +776,169 @@ fn dump_large_script() {
     let s = calico_node::felix::nft::render::full(&large(1000), &Nat::default(), "cali");
     std::fs::write("/tmp/wtb-large.nft", s).unwrap();
 }
+
+/// What others wrote in the node's namespace: a foreign nft table and iptables-nft rules
+/// (Docker style: FORWARD policy DROP, a DOCKER-USER chain, a MASQUERADE rule), as nft and
+/// iptables-nft-save list them.
+fn foreign_state(ns: &NetNs) -> String {
+    let mut s = String::new();
+    for (fam, t) in [
+        ("inet", "foreign"),
+        ("ip", "filter"),
+        ("ip", "nat"),
+        ("ip6", "filter"),
+    ] {
+        s += &nft_out(ns, &["list", "table", fam, t]);
+    }
+    let save = ns.command("iptables-nft-save").output().unwrap();
+    assert!(save.status.success());
+    // Without the lines that carry the time of the dump.
+    for l in String::from_utf8_lossy(&save.stdout).lines() {
+        if !l.starts_with('#') {
+            s += l;
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// A foreign nft table and iptables-nft rules are byte-identical after our full apply,
+/// incremental changes (nft -f and the netlink batch), and the removal of every
+/// endpoint; our tables stay. With iptables-nft's FORWARD policy DROP (Docker), a flow our
+/// policy allows is still dropped by that other table: an accept in table `calico` is
+/// final for our table only (nft semantics); with the policy ACCEPT it passes.
+#[test]
+fn foreign_tables_and_iptables_nft_rules_stay_byte_identical() {
+    let Some(node) = NetNs::new("nft-foreign") else {
+        return;
+    };
+    if !have_nft() {
+        return;
+    }
+    if !common::have("iptables-nft") {
+        common::skip("iptables-nft is not installed");
+        return;
+    }
+    node.add_uplink();
+    sysctl(&node, "net.ipv4.ip_forward", "1");
+    let a = pod(&node, "nft-fa", "calia", "10.65.0.1");
+    let _b = pod(&node, "nft-fb", "calib", "10.65.0.2");
+    node.nft(
+        "table inet foreign {\n\
+         \tset blocked { type ipv4_addr; elements = { 192.0.2.1 } }\n\
+         \tchain input { type filter hook input priority 10; policy accept; ip saddr @blocked drop; }\n\
+         }\n",
+    );
+    let ipt = |args: &[&str]| {
+        let out = node.command("iptables-nft").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ipt(&["-N", "DOCKER-USER"]);
+    ipt(&["-A", "DOCKER-USER", "-j", "RETURN"]);
+    ipt(&["-A", "FORWARD", "-j", "DOCKER-USER"]);
+    ipt(&[
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        "172.17.0.0/16",
+        "!",
+        "-o",
+        "docker0",
+        "-j",
+        "MASQUERADE",
+    ]);
+    let ip6t = node
+        .command("ip6tables-nft")
+        .args(["-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "DROP"])
+        .output()
+        .unwrap();
+    assert!(ip6t.status.success());
+    let before = foreign_state(&node);
+
+    // Full apply: a allowed to b by a set.
+    let mut dp = PolicyDataplane::default();
+    dp.sets.insert("s:a".into(), nets(&["10.65.0.1/32"]));
+    let mut allow = rule(Action::Allow);
+    allow.src.sets = vec!["s:a".into()];
+    dp.policies.insert(
+        "gnp/allow-a".into(),
+        Chains {
+            inbound: vec![allow],
+            outbound: vec![],
+        },
+    );
+    dp.profiles.insert(
+        "open".into(),
+        Chains {
+            inbound: vec![],
+            outbound: vec![rule(Action::Allow)],
+        },
+    );
+    dp.endpoints
+        .insert("calia".into(), endpoint("a", vec![], &["open"]));
+    dp.endpoints.insert(
+        "calib".into(),
+        endpoint(
+            "b",
+            vec![tier("default", &["gnp/allow-a"], TierEnd::Deny)],
+            &["open"],
+        ),
+    );
+    let d = dp.clone();
+    let tables = node.run_in(move || {
+        let mut t = PolicyTables::new();
+        t.write_full(&d, &dual_stack(), "cali").unwrap();
+        t
+    });
+    assert_eq!(foreign_state(&node), before, "after the full apply");
+    assert!(
+        ping(&a, "10.65.0.2"),
+        "allowed by our policy, FORWARD policy ACCEPT"
+    );
+
+    // Docker's FORWARD policy DROP: the other table drops what ours accepted.
+    ipt(&["-P", "FORWARD", "DROP"]);
+    assert!(
+        !ping(&a, "10.65.0.2"),
+        "an accept in table calico does not override another table's drop"
+    );
+    ipt(&["-P", "FORWARD", "ACCEPT"]);
+    let before = foreign_state(&node);
+
+    // Incremental: a set element (netlink batch), then a new endpoint (nft -f).
+    let mut next = dp.clone();
+    if let Some(IpSet::Nets(s)) = next.sets.get_mut("s:a") {
+        s.insert(net("10.65.0.3/32"));
+    }
+    let d1 = diff(&dp, &next);
+    let mut last = next.clone();
+    last.endpoints
+        .insert("calic".into(), endpoint("c", vec![], &["open"]));
+    let d2 = diff(&next, &last);
+    let (n2, l2) = (next.clone(), last.clone());
+    let tables = node.run_in(move || {
+        let mut t = tables;
+        t.apply(&n2, &d1).unwrap();
+        t.apply(&l2, &d2).unwrap();
+        t
+    });
+    assert_eq!(foreign_state(&node), before, "after incremental applies");
+
+    // Every endpoint and policy gone: our tables stay (empty), others unchanged.
+    let empty = PolicyDataplane::default();
+    let d3 = diff(&last, &empty);
+    node.run_in(move || {
+        let mut t = tables;
+        t.apply(&empty, &d3).unwrap();
+    });
+    assert_eq!(foreign_state(&node), before, "after removing everything");
+    let ours = nft_out(&node, &["list", "table", "ip", "calico"]);
+    assert!(ours.contains("chain filter-cali-FORWARD"), "{ours}");
+    assert!(!ours.contains("calia"), "{ours}");
+}
