@@ -133,12 +133,12 @@ fn message(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32, family: u8, res_id:
     pad(buf);
 }
 
+/// The sequence numbers of the messages to be acknowledged, with their set names.
+type Acked = Vec<(u32, String)>;
+
 /// The batch for `changes` (table `calico`), and the sequence numbers of the messages
 /// that will be acknowledged, with their set names. Pure.
-pub fn encode(
-    changes: &[ElementChange],
-    seq0: u32,
-) -> Result<(Vec<u8>, Vec<(u32, String)>), BatchError> {
+pub fn encode(changes: &[ElementChange], seq0: u32) -> Result<(Vec<u8>, Acked), BatchError> {
     let mut buf = Vec::new();
     let mut acked = Vec::new();
     let mut seq = seq0;
