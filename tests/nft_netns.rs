@@ -942,3 +942,84 @@ fn foreign_tables_and_iptables_nft_rules_stay_byte_identical() {
     assert!(ours.contains("chain filter-cali-FORWARD"), "{ours}");
     assert!(!ours.contains("calia"), "{ours}");
 }
+
+/// A transaction nft refuses names the step and nft's message, changes nothing, and the
+/// next apply rewrites everything; a full pass with the same dataplane skips the rewrite
+/// until the drift-repair interval, and then repairs drift.
+#[test]
+fn a_refused_delta_is_reported_and_the_next_apply_is_full() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let Some(ns) = NetNs::new("nft-fail") else {
+        return;
+    };
+    if !have_nft() {
+        return;
+    }
+    let mut dp = PolicyDataplane::default();
+    dp.policies.insert("gnp/x".into(), Chains::default());
+    dp.endpoints.insert(
+        "calia".into(),
+        endpoint("a", vec![tier("default", &["gnp/x"], TierEnd::Deny)], &[]),
+    );
+    let dp = Arc::new(dp);
+    let d = dp.clone();
+    let (err, before, t) = ns.run_in(move || {
+        let mut t = PolicyTables::new();
+        let now = Instant::now();
+        assert!(t.ensure_full(&d, &Nat::default(), "cali", now).unwrap());
+        assert!(
+            !t.ensure_full(&d, &Nat::default(), "cali", now).unwrap(),
+            "unchanged: skipped"
+        );
+        let before = t.stats;
+        // The policy goes but the delta forgets the endpoint that jumps to it.
+        let mut next = (*d).clone();
+        next.policies.clear();
+        let delta = Delta {
+            policies: BTreeSet::from(["gnp/x".to_string()]),
+            ..Default::default()
+        };
+        let err = t.apply(&next, &delta).unwrap_err();
+        (err, before, t)
+    });
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("incremental apply of table calico: nft refused"),
+        "{msg}"
+    );
+    assert!(msg.contains("filter-cali-pi-gnp/x"), "{msg}");
+    assert_eq!(t.stats.errors, before.errors + 1);
+    let listed = nft_out(&ns, &["list", "table", "ip", "calico"]);
+    assert!(
+        listed.contains("chain filter-cali-pi-gnp/x"),
+        "nothing applied: {listed}"
+    );
+
+    // The next apply, whatever its delta, is full.
+    let d = dp.clone();
+    let mut t = ns.run_in(move || {
+        let mut t = t;
+        t.apply(&d, &Delta::default()).unwrap();
+        t
+    });
+    assert_eq!(t.stats.calls, before.calls + 2);
+    // Drift: our table flushed by someone; the full pass after the interval repairs it.
+    let out = ns
+        .command("nft")
+        .args(["flush", "table", "ip", "calico"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let d = dp.clone();
+    ns.run_in(move || {
+        let later = Instant::now() + Duration::from_secs(91);
+        assert!(t.ensure_full(&d, &Nat::default(), "cali", later).unwrap());
+        assert!(!t.ensure_full(&d, &Nat::default(), "cali", later).unwrap());
+    });
+    let listed = nft_out(&ns, &["list", "table", "ip", "calico"]);
+    assert!(
+        listed.contains("\"calia\" : goto filter-cali-fw-calia"),
+        "{listed}"
+    );
+}

@@ -162,11 +162,10 @@ impl Dataplane {
             problems.push(e.into());
         }
         // Policy and NAT, one transaction replacing our tables (drift repaired).
-        match self
-            .tables
-            .write_full(&pass.policy, &desired.nat, &pass.prefix)
-        {
-            Ok(()) => self.metrics.set_nat(&desired.nat),
+        let r = (self.tables).ensure_full(&pass.policy, &desired.nat, &pass.prefix, Instant::now());
+        match r {
+            Ok(true) => self.metrics.set_nat(&desired.nat),
+            Ok(false) => {}
             Err(e) => problems.push(e.into()),
         }
         self.metrics.set_nft(&self.tables.stats);
