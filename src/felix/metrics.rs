@@ -28,6 +28,9 @@ pub struct FelixMetrics {
     hosts: IntGauge,
     ipsets: IntGaugeVec,
     rules: IntGaugeVec,
+    // Policy (issue 17).
+    local_policies: IntGauge,
+    local_selectors: IntGauge,
     nft: NftMetrics,
 }
 
@@ -130,6 +133,14 @@ impl FelixMetrics {
                 "Number of active iptables rules.",
                 &["ip_version", "table"],
             )?,
+            local_policies: IntGauge::new(
+                "felix_active_local_policies",
+                "Number of active policies on this host.",
+            )?,
+            local_selectors: IntGauge::new(
+                "felix_active_local_selectors",
+                "Number of active selectors on this host.",
+            )?,
             nft: NftMetrics::new(registry)?,
         };
         m.resync_state.set(1);
@@ -148,6 +159,8 @@ impl FelixMetrics {
         registry.register(Box::new(m.hosts.clone()))?;
         registry.register(Box::new(m.ipsets.clone()))?;
         registry.register(Box::new(m.rules.clone()))?;
+        registry.register(Box::new(m.local_policies.clone()))?;
+        registry.register(Box::new(m.local_selectors.clone()))?;
         Ok(m)
     }
 
@@ -238,6 +251,20 @@ impl RouteTableStats {
 }
 
 impl FelixMetrics {
+    /// The policy gauges for the policy dataplane written: the policies and the selector
+    /// sets active on this host.
+    pub(crate) fn set_policy(&self, dp: &super::policy::PolicyDataplane) {
+        self.local_policies.set(dp.policies.len() as i64);
+        self.local_selectors.set(dp.sets.len() as i64);
+    }
+
+    /// A policy-only apply took since `started` (Calico's dataplane apply time covers
+    /// every apply), and wrote `dp`.
+    pub(crate) fn policy_applied(&self, started: Instant, dp: &super::policy::PolicyDataplane) {
+        self.apply_time.observe(started.elapsed().as_secs_f64());
+        self.set_policy(dp);
+    }
+
     /// Count a datastore event (and the resyncs it announces) before it is folded.
     pub(crate) fn datastore_event(&self, ev: &SyncerEvent) {
         self.messages.inc();
