@@ -209,8 +209,8 @@ impl PolicyTables {
         let mut rules = 0;
         for &v6 in families {
             for c in dp.policies.values().chain(dp.profiles.values()) {
-                rules += render::rules_lines(&c.inbound, v6).len();
-                rules += render::rules_lines(&c.outbound, v6).len();
+                rules += render::rules_lines(&c.inbound, v6, true).len();
+                rules += render::rules_lines(&c.outbound, v6, false).len();
             }
             for ep in dp.endpoints.values() {
                 rules += render::endpoint_lines(dp, ep, true).len();

@@ -45,8 +45,13 @@ fn actions() {
         (Action::Log, "counter log prefix \"calico-packet: \""),
     ];
     for (a, want) in cases {
-        assert_eq!(rule_lines(&rule(a), false), vec![want.to_string()]);
+        assert_eq!(rule_lines(&rule(a), false, false), vec![want.to_string()]);
     }
+    // Inbound (the last check of the path), Allow accepts at once.
+    assert_eq!(
+        rule_lines(&rule(Action::Allow), false, true),
+        vec!["counter accept".to_string()]
+    );
 }
 
 /// Ports OR named ports: one rule per alternative; numeric ports as an anonymous set with
@@ -62,7 +67,7 @@ fn ports_and_named_ports_are_alternatives() {
     r.dst.named_port_sets = vec!["n:web".into()];
     r.src.not_ports = vec![PortRange { lo: 22, hi: 22 }];
     assert_eq!(
-        rule_lines(&r, false),
+        rule_lines(&r, false, false),
         vec![
             format!("meta l4proto 6 th sport != {{ 22 }} th dport {{ 80, 8000-8080 }} {ALLOW}"),
             format!(
@@ -82,21 +87,21 @@ fn nets_and_sets_per_family() {
     r.dst.sets = vec!["s:x".into()];
     r.dst.not_sets = vec!["s:y".into()];
     assert_eq!(
-        rule_lines(&r, false),
+        rule_lines(&r, false, false),
         vec![
             "ip saddr { 10.0.0.0/8 } ip saddr != { 10.2.0.0/16 } ip daddr @cali40s-x ip daddr != @cali40s-y counter drop"
                 .to_string()
         ]
     );
     assert_eq!(
-        rule_lines(&r, true),
+        rule_lines(&r, true, false),
         vec![
             "ip6 saddr { fd00::/8 } ip6 daddr @cali60s-x ip6 daddr != @cali60s-y counter drop"
                 .to_string()
         ]
     );
     r.src.nets = vec![net("fd00::/8")];
-    assert!(rule_lines(&r, false).is_empty());
+    assert!(rule_lines(&r, false, false).is_empty());
 }
 
 /// ipVersion and ICMP versions limit the family; notICMP with a code negates the pair.
@@ -104,8 +109,8 @@ fn nets_and_sets_per_family() {
 fn icmp_and_ip_version() {
     let mut r = rule(Action::Allow);
     r.ip_version = Some(6);
-    assert!(rule_lines(&r, false).is_empty());
-    assert_eq!(rule_lines(&r, true).len(), 1);
+    assert!(rule_lines(&r, false, false).is_empty());
+    assert_eq!(rule_lines(&r, true, false).len(), 1);
     let mut r = rule(Action::Allow);
     r.protocol = Some(1);
     r.icmp = Some(Icmp {
@@ -114,10 +119,10 @@ fn icmp_and_ip_version() {
         code: Some(0),
     });
     assert_eq!(
-        rule_lines(&r, false),
+        rule_lines(&r, false, false),
         vec![format!("meta l4proto 1 icmp type 8 icmp code 0 {ALLOW}")]
     );
-    assert!(rule_lines(&r, true).is_empty());
+    assert!(rule_lines(&r, true, false).is_empty());
     let mut r = rule(Action::Deny);
     r.not_icmp = Some(Icmp {
         v6: true,
@@ -126,7 +131,7 @@ fn icmp_and_ip_version() {
     });
     r.not_protocol = Some(17);
     assert_eq!(
-        rule_lines(&r, true),
+        rule_lines(&r, true, false),
         vec![
             "meta l4proto != 17 icmpv6 type . icmpv6 code != { 128 . 0 } counter drop".to_string()
         ]
@@ -160,26 +165,34 @@ fn endpoint_chain_order() {
     };
     let got = endpoint_lines(&dp, &ep, true);
     let want = [
-        "ct state established,related accept",
-        "ct state invalid counter drop",
+        "ct state vmap { established : accept, related : accept, invalid : drop }",
         "meta mark set meta mark & 0xfffcffff",
+        "meta mark & 0x00020000 == 0 jump filter-cali-pi-gnp/a",
         "meta mark set meta mark & 0xfffdffff",
         "meta mark & 0x00020000 == 0 jump filter-cali-pi-gnp/a",
-        "meta mark & 0x00010000 == 0x00010000 return",
-        "meta mark set meta mark & 0xfffdffff",
-        "meta mark & 0x00020000 == 0 jump filter-cali-pi-gnp/a",
-        "meta mark & 0x00010000 == 0x00010000 return",
         "meta mark & 0x00020000 == 0 counter drop",
         "jump filter-cali-pri-p",
-        "meta mark & 0x00010000 == 0x00010000 return",
         "counter drop",
     ];
     assert_eq!(got, want);
-    // Outbound: no tier, the profile's outbound chain, then drop.
+    // Outbound: the policy and profile chains mark and return; the endpoint chain
+    // returns on the accept mark.
+    let ep = Endpoint {
+        egress: vec![tier(&["gnp/a"], TierEnd::Deny)],
+        ..ep
+    };
     let got = endpoint_lines(&dp, &ep, false);
+    let ret = "meta mark & 0x00010000 == 0x00010000 return";
     assert_eq!(
-        got[3..],
-        ["jump filter-cali-pro-p", want[11], "counter drop"]
+        got[2..],
+        [
+            "meta mark & 0x00020000 == 0 jump filter-cali-po-gnp/a",
+            ret,
+            "meta mark & 0x00020000 == 0 counter drop",
+            "jump filter-cali-pro-p",
+            ret,
+            "counter drop"
+        ]
     );
 }
 
