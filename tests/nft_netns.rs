@@ -155,19 +155,8 @@ fn diff(old: &PolicyDataplane, new: &PolicyDataplane) -> Delta {
         endpoint_to_host: old.endpoint_to_host != new.endpoint_to_host,
         ..Default::default()
     };
-    // An endpoint whose profile appears or goes is rewritten (its chain skips missing
-    // ones).
-    for (i, ep) in &new.endpoints {
-        if ep.profiles.iter().any(|p| d.profiles.contains(p))
-            || ep
-                .ingress
-                .iter()
-                .chain(ep.egress.iter())
-                .any(|t| t.policies.iter().any(|p| d.policies.contains(p)))
-        {
-            d.endpoints.insert(i.clone());
-        }
-    }
+    // Endpoints whose policies or profiles come or go are not named: the executor
+    // rewrites them itself.
     for k in old.sets.keys().chain(new.sets.keys()) {
         match (old.sets.get(k), new.sets.get(k)) {
             (Some(IpSet::Nets(a)), Some(IpSet::Nets(b))) if a != b => {
@@ -972,11 +961,21 @@ fn a_refused_delta_is_reported_and_the_next_apply_is_full() {
             "unchanged: skipped"
         );
         let before = t.stats;
-        // The policy goes but the delta forgets the endpoint that jumps to it.
+        // The policy changes to refer to a set the dataplane lacks (an inconsistent
+        // calc), along with a second policy change in the same transaction.
         let mut next = (*d).clone();
-        next.policies.clear();
+        let mut r = rule(Action::Deny);
+        r.src.sets = vec!["s:nope".into()];
+        next.policies.insert(
+            "gnp/x".into(),
+            Chains {
+                inbound: vec![r],
+                outbound: vec![],
+            },
+        );
+        next.policies.insert("gnp/y".into(), Chains::default());
         let delta = Delta {
-            policies: BTreeSet::from(["gnp/x".to_string()]),
+            policies: BTreeSet::from(["gnp/x".to_string(), "gnp/y".to_string()]),
             ..Default::default()
         };
         let err = t.apply(&next, &delta).unwrap_err();
@@ -987,12 +986,29 @@ fn a_refused_delta_is_reported_and_the_next_apply_is_full() {
         msg.starts_with("incremental apply of table calico: nft refused"),
         "{msg}"
     );
-    assert!(msg.contains("filter-cali-pi-gnp/x"), "{msg}");
+    assert!(msg.contains("cali40s-nope"), "{msg}");
     assert_eq!(t.stats.errors, before.errors + 1);
     let listed = nft_out(&ns, &["list", "table", "ip", "calico"]);
+    assert!(!listed.contains("gnp/y"), "nothing applied: {listed}");
+    // A set element the kernel does not have, removed: the netlink batch is refused,
+    // naming the set.
+    let d = dp.clone();
+    let (err, t) = ns.run_in(move || {
+        let mut t = t;
+        t.apply(&d, &Delta::default()).unwrap();
+        let mut next = (*d).clone();
+        next.sets.insert("s:a".into(), nets(&[]));
+        t.apply(&next, &diff(&d, &next)).unwrap();
+        let delta = Delta {
+            removed: [("s:a".to_string(), nets(&["10.9.9.9/32"]))].into(),
+            ..Default::default()
+        };
+        (t.apply(&next, &delta).unwrap_err(), t)
+    });
+    let msg = err.to_string();
     assert!(
-        listed.contains("chain filter-cali-pi-gnp/x"),
-        "nothing applied: {listed}"
+        msg.contains("netlink batch") && msg.contains("set cali40s-a"),
+        "{msg}"
     );
 
     // The next apply, whatever its delta, is full.
@@ -1002,7 +1018,7 @@ fn a_refused_delta_is_reported_and_the_next_apply_is_full() {
         t.apply(&d, &Delta::default()).unwrap();
         t
     });
-    assert_eq!(t.stats.calls, before.calls + 2);
+    assert_eq!(t.stats.calls, before.calls + 5);
     // Drift: our table flushed by someone; the full pass after the interval repairs it.
     let out = ns
         .command("nft")

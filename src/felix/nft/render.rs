@@ -697,7 +697,8 @@ fn incremental_family(
         }
     }
     let mut new_endpoints = Vec::new();
-    for iface in &delta.endpoints {
+    let endpoints = endpoints_to_write(dp, delta, programmed);
+    for iface in &endpoints {
         if let Some(ep) = dp.endpoints.get(iface) {
             let have = programmed.endpoints.contains(iface);
             for to in [true, false] {
@@ -789,6 +790,41 @@ impl Element {
             Element::Port(a, proto, port) => format!("{a} . {proto} . {port}"),
         }
     }
+}
+
+/// The endpoints whose chains a delta rewrites: those it names, and those that refer to
+/// a policy or profile that comes into being or goes (an endpoint chain skips the ones
+/// that do not exist, so it changes with them even when the delta forgets to say so).
+fn endpoints_to_write(
+    dp: &PolicyDataplane,
+    delta: &Delta,
+    programmed: &Programmed,
+) -> BTreeSet<String> {
+    let mut out = delta.endpoints.clone();
+    let policies: BTreeSet<&String> = delta
+        .policies
+        .iter()
+        .filter(|id| dp.policies.contains_key(*id) != programmed.policies.contains(*id))
+        .collect();
+    let profiles: BTreeSet<&String> = delta
+        .profiles
+        .iter()
+        .filter(|p| dp.profiles.contains_key(*p) != programmed.profiles.contains(*p))
+        .collect();
+    if policies.is_empty() && profiles.is_empty() {
+        return out;
+    }
+    for (iface, ep) in &dp.endpoints {
+        let tiers = ep.ingress.iter().chain(ep.egress.iter());
+        let refers = tiers
+            .flat_map(|t| t.policies.iter())
+            .any(|id| policies.contains(id))
+            || ep.profiles.iter().any(|p| profiles.contains(p));
+        if refers && programmed.endpoints.contains(iface) {
+            out.insert(iface.clone());
+        }
+    }
+    out
 }
 
 /// The elements to delete and to add in one family when `added` and `removed` changed a
