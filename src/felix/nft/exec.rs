@@ -29,13 +29,17 @@ pub enum NftError {
 /// Counts behind the `felix_nft_*` metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NftStats {
-    /// nft transactions run, and those refused.
+    /// `nft -f` transactions run, and those refused.
     pub calls: u64,
     pub errors: u64,
-    /// Chains, rules and sets in our tables (both families) after the last success.
-    pub chains: i64,
-    pub rules: i64,
-    pub sets: i64,
+    /// Set element batches (netlink) run, and those refused.
+    pub set_calls: u64,
+    pub set_errors: u64,
+    /// Per family (IPv4, IPv6): the policy, profile and endpoint chains and the sets in
+    /// our tables after the last success, and their rules as of the last full write.
+    pub chains: [i64; 2],
+    pub rules: [i64; 2],
+    pub sets: [i64; 2],
 }
 
 /// Our tables as last written; see the module documentation.
@@ -169,12 +173,12 @@ impl PolicyTables {
             return self.full(dp);
         };
         if let Some(changes) = element_changes(dp, delta, programmed) {
-            self.stats.calls += 1;
+            self.stats.set_calls += 1;
             match netlink::write(&changes) {
                 Ok(()) => return Ok(()),
                 Err(BatchError::Unencodable(_)) => {}
                 Err(e) => {
-                    self.stats.errors += 1;
+                    self.stats.set_errors += 1;
                     self.programmed = None;
                     return Err(NftError::Refused {
                         step: ELEMENTS,
@@ -191,23 +195,25 @@ impl PolicyTables {
             return Ok(());
         }
         programmed.update(dp, delta);
-        let n = render::families(programmed).len() as i64;
+        let families = render::families(programmed);
         if let Err(e) = self.run(INCREMENTAL, &script) {
             self.programmed = None;
             return Err(e);
         }
-        self.stats.sets = n * dp.sets.len() as i64;
-        self.stats.chains = n * chains_of(dp);
+        for &v6 in families {
+            self.stats.sets[v6 as usize] = dp.sets.len() as i64;
+            self.stats.chains[v6 as usize] = chains_of(dp);
+        }
         Ok(())
     }
 
-    /// Count what a full apply of `dp` wrote (rules: both families).
+    /// Count what a full apply of `dp` wrote in `families`.
     fn count(&mut self, dp: &PolicyDataplane, families: &[bool]) {
-        let n = families.len() as i64;
-        self.stats.sets = n * dp.sets.len() as i64;
-        self.stats.chains = n * chains_of(dp);
-        let mut rules = 0;
+        self.stats.sets = [0; 2];
+        self.stats.chains = [0; 2];
+        self.stats.rules = [0; 2];
         for &v6 in families {
+            let mut rules = 0;
             for c in dp.policies.values().chain(dp.profiles.values()) {
                 rules += render::rules_lines(&c.inbound, v6, true).len();
                 rules += render::rules_lines(&c.outbound, v6, false).len();
@@ -216,8 +222,11 @@ impl PolicyTables {
                 rules += render::endpoint_lines(dp, ep, true).len();
                 rules += render::endpoint_lines(dp, ep, false).len();
             }
+            let f = v6 as usize;
+            self.stats.rules[f] = rules as i64;
+            self.stats.sets[f] = dp.sets.len() as i64;
+            self.stats.chains[f] = chains_of(dp);
         }
-        self.stats.rules = rules as i64;
     }
 
     fn run(&mut self, step: &'static str, script: &str) -> Result<(), NftError> {
