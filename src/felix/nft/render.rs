@@ -55,7 +55,12 @@ impl Programmed {
     pub fn of(dp: &PolicyDataplane, ipv6: bool) -> Programmed {
         Programmed {
             ipv6,
-            endpoints: dp.endpoints.keys().cloned().collect(),
+            endpoints: dp
+                .endpoints
+                .keys()
+                .filter(|i| valid_iface(i))
+                .cloned()
+                .collect(),
             policies: dp.policies.keys().cloned().collect(),
             profiles: dp.profiles.keys().cloned().collect(),
             sets: dp.sets.keys().cloned().collect(),
@@ -79,7 +84,7 @@ impl Programmed {
         }
         follow(
             &mut self.endpoints,
-            delta.endpoints.iter().cloned(),
+            delta.endpoints.iter().filter(|i| valid_iface(i)).cloned(),
             &dp.endpoints,
         );
         follow(
@@ -141,7 +146,14 @@ pub fn endpoint_chain(iface: &str, to: bool) -> String {
 /// `cali40<id>` / `cali60<id>` with `:` made `-` (Calico's set names).
 pub fn set_name(id: &str, v6: bool) -> String {
     let n = if v6 { "60" } else { "40" };
-    format!("cali{n}{}", id.replace(':', "-"))
+    let plain = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_' | '.'));
+    if plain {
+        format!("cali{n}{}", id.replace(':', "-"))
+    } else {
+        chain_name(&format!("cali{n}"), id)
+    }
 }
 
 fn family(v6: bool) -> &'static str {
@@ -417,9 +429,21 @@ pub fn wl_to_host_lines(action: EndpointToHost, v6: bool) -> Vec<String> {
     v
 }
 
+/// Whether `name` can be a Linux interface name (at most 15 bytes, no `/`, space or
+/// quote): an endpoint whose name is not is left out, so that one bad WorkloadEndpoint
+/// cannot make the whole transaction fail.
+pub fn valid_iface(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@' | ':'))
+}
+
 fn dispatch_elements(dp: &PolicyDataplane, to: bool) -> Vec<String> {
     dp.endpoints
         .keys()
+        .filter(|i| valid_iface(i))
         .map(|i| dispatch_element(i, to))
         .collect()
 }
@@ -550,7 +574,7 @@ fn table_body(dp: &PolicyDataplane, nat: &Nat, prefix: &str, v6: bool) -> String
             &rules_lines(&c.outbound, v6, false),
         );
     }
-    for (iface, ep) in &dp.endpoints {
+    for (iface, ep) in dp.endpoints.iter().filter(|(i, _)| valid_iface(i)) {
         for to in [true, false] {
             chain_block(
                 &mut out,
@@ -698,7 +722,7 @@ fn incremental_family(
     }
     let mut new_endpoints = Vec::new();
     let endpoints = endpoints_to_write(dp, delta, programmed);
-    for iface in &endpoints {
+    for iface in endpoints.iter().filter(|i| valid_iface(i)) {
         if let Some(ep) = dp.endpoints.get(iface) {
             let have = programmed.endpoints.contains(iface);
             for to in [true, false] {

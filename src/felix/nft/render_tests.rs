@@ -318,6 +318,28 @@ fn incremental_writes_only_what_changed() {
     );
 }
 
+/// An endpoint whose interface name nft cannot carry is left out (not the whole
+/// transaction refused).
+#[test]
+fn an_endpoint_with_a_bad_interface_name_is_left_out() {
+    let mut dp = small();
+    dp.endpoints.insert("cali\"x".into(), Endpoint::default());
+    dp.endpoints
+        .insert("cali0123456789abcdef".into(), Endpoint::default());
+    let s = full(&dp, &Nat::default(), "cali");
+    assert!(
+        !s.contains("cali\"x") && !s.contains("cali0123456789abcdef"),
+        "{s}"
+    );
+    assert_eq!(Programmed::of(&dp, false).endpoints.len(), 1);
+    let delta = Delta {
+        endpoints: dp.endpoints.keys().cloned().collect(),
+        ..Default::default()
+    };
+    let s = incremental(&dp, &delta, &Programmed::default());
+    assert!(!s.contains("cali\"x") && s.contains("calia"), "{s}");
+}
+
 /// The full script replaces both tables; without IPv6 pools the IPv6 table is only
 /// removed.
 #[test]
