@@ -519,8 +519,19 @@ fn connects(ns: &NetNs, ip: &str, port: u16) -> bool {
     })
 }
 
+/// One ping, waiting a second: for what must be dropped.
 fn ping(from: &NetNs, to: &str) -> bool {
     common::cluster::ping(from, to)
+}
+
+/// Up to five pings (a loaded machine may lose the first to ARP): for what must pass.
+fn reaches(from: &NetNs, to: &str) -> bool {
+    (0..5).any(|_| ping(from, to))
+}
+
+/// Up to five connection attempts: for what must pass.
+fn connects_eventually(ns: &NetNs, ip: &str, port: u16) -> bool {
+    (0..5).any(|_| connects(ns, ip, port))
 }
 
 /// Real traffic between pods: an allow by selector set passes, a deny by set drops, a port
@@ -543,7 +554,7 @@ fn traffic_follows_the_policy_and_its_changes() {
     listen(&b, 8080);
     listen(&b, 9090);
     // Before any policy: everything passes.
-    assert!(ping(&a, "10.65.0.2") && ping(&c, "10.65.0.2") && ping(&b, "10.65.0.1"));
+    assert!(reaches(&a, "10.65.0.2") && reaches(&c, "10.65.0.2") && reaches(&b, "10.65.0.1"));
 
     let mut dp = PolicyDataplane::default();
     dp.sets
@@ -597,26 +608,31 @@ fn traffic_follows_the_policy_and_its_changes() {
         t.write_full(&d, &Nat::default(), "cali").unwrap();
         t
     });
-    assert!(ping(&a, "10.65.0.2"), "allowed by the selector set");
+    assert!(reaches(&a, "10.65.0.2"), "allowed by the selector set");
     assert!(!ping(&c, "10.65.0.2"), "denied by the selector set");
-    assert!(connects(&a, "10.65.0.2", 8080), "allowed port");
+    assert!(connects_eventually(&a, "10.65.0.2", 8080), "allowed port");
     assert!(!connects(&a, "10.65.0.2", 9090), "end-of-tier drop");
     assert!(!connects(&c, "10.65.0.2", 8080), "denied by set, TCP too");
     assert!(
         !ping(&b, "10.65.0.1"),
         "no egress policy, no profile: dropped"
     );
-    assert!(ping(&a, "10.65.0.3"), "the profile allows");
+    assert!(reaches(&a, "10.65.0.3"), "the profile allows");
     // To the host: dropped by default.
     assert!(!ping(&a, "10.99.0.1"), "defaultEndpointToHostAction Drop");
     let v4 = nft_out(
         &node,
         &["list", "chain", "ip", "calico", "filter-cali-pi-gnp/b"],
     );
+    let logged = v4
+        .lines()
+        .find(|l| l.contains("log prefix"))
+        .and_then(|l| l.split("counter packets ").nth(1))
+        .and_then(|n| n.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
     assert!(
-        v4.contains("meta l4proto icmp counter packets 2 ")
-            || v4.contains("ip protocol icmp counter packets 2 "),
-        "the Log rule counted the two pings that reached b's policy:\n{v4}"
+        logged >= Some(2),
+        "the Log rule counted the pings (a's and c's) that reached b's policy:\n{v4}"
     );
 
     // c is relabelled out of the denied set; the host is made reachable.
@@ -633,10 +649,13 @@ fn traffic_follows_the_policy_and_its_changes() {
         t.apply(&n, &delta).unwrap();
         t
     });
-    assert!(ping(&c, "10.65.0.2"), "c no longer denied");
-    assert!(connects(&c, "10.65.0.2", 8080));
+    assert!(reaches(&c, "10.65.0.2"), "c no longer denied");
+    assert!(connects_eventually(&c, "10.65.0.2", 8080));
     assert!(!connects(&c, "10.65.0.2", 9090));
-    assert!(ping(&a, "10.99.0.1"), "defaultEndpointToHostAction Accept");
+    assert!(
+        reaches(&a, "10.99.0.1"),
+        "defaultEndpointToHostAction Accept"
+    );
 
     // A relabel alone (set elements only, the netlink batch): a denied again.
     let mut last = next.clone();
@@ -650,7 +669,7 @@ fn traffic_follows_the_policy_and_its_changes() {
         t.apply(&last, &delta).unwrap();
     });
     assert!(!ping(&a, "10.65.0.2"), "a now denied by the set");
-    assert!(ping(&c, "10.65.0.2"), "c still allowed");
+    assert!(reaches(&c, "10.65.0.2"), "c still allowed");
 }
 
 /// A benchmark-sized dataplane: `n` endpoints, 100 policies whose selectors match ~5% of
@@ -886,7 +905,7 @@ fn foreign_tables_and_iptables_nft_rules_stay_byte_identical() {
     });
     assert_eq!(foreign_state(&node), before, "after the full apply");
     assert!(
-        ping(&a, "10.65.0.2"),
+        reaches(&a, "10.65.0.2"),
         "allowed by our policy, FORWARD policy ACCEPT"
     );
 
