@@ -1067,3 +1067,36 @@ fn a_refused_delta_is_reported_and_the_next_apply_is_full() {
         "{listed}"
     );
 }
+
+/// A full pass after an incremental apply of an equal dataplane (another `Arc`) writes
+/// nothing; one with a different dataplane, NAT or prefix rewrites.
+#[test]
+fn a_full_pass_skips_what_an_apply_already_wrote() {
+    use std::sync::Arc;
+    use std::time::Instant;
+    let Some(ns) = NetNs::new("nft-skip") else {
+        return;
+    };
+    if !have_nft() {
+        return;
+    }
+    ns.run_in(|| {
+        let mut t = PolicyTables::new();
+        let now = Instant::now();
+        let base = Arc::new(rich());
+        assert!(t.ensure_full(&base, &Nat::default(), "cali", now).unwrap());
+        let mut next = rich();
+        next.endpoints.remove("calib");
+        let next = Arc::new(next);
+        t.apply(&next, &diff(&base, &next)).unwrap();
+        t.written(&next);
+        let calls = t.stats.calls;
+        let equal = Arc::new((*next).clone());
+        assert!(!t.ensure_full(&equal, &Nat::default(), "cali", now).unwrap());
+        assert_eq!(t.stats.calls, calls, "nothing written");
+        assert!(t.ensure_full(&base, &Nat::default(), "cali", now).unwrap());
+        assert!(t.ensure_full(&base, &dual_stack(), "cali", now).unwrap());
+        assert!(t.ensure_full(&base, &dual_stack(), "tap", now).unwrap());
+        assert!(!t.ensure_full(&base, &dual_stack(), "tap", now).unwrap());
+    });
+}

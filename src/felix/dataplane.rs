@@ -7,6 +7,7 @@
 //! another failed; the problems go back to the core.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use rtnetlink::Handle;
@@ -67,10 +68,13 @@ impl Dataplane {
     /// Make the policy dataplane `dp`, writing only what `delta` says changed (all of it
     /// when `delta.full`, or when the tables are not known to be right), in one nft
     /// transaction. The problems met (at most one: the transaction is all or nothing).
-    pub async fn apply_policy(&mut self, dp: &PolicyDataplane, delta: &Delta) -> Vec<Problem> {
+    pub async fn apply_policy(&mut self, dp: &Arc<PolicyDataplane>, delta: &Delta) -> Vec<Problem> {
         let started = Instant::now();
         let tables = &mut self.tables;
         let r = blocking(|| tables.apply(dp, delta));
+        if r.is_ok() {
+            self.tables.written(dp);
+        }
         self.metrics
             .apply_time
             .observe(started.elapsed().as_secs_f64());

@@ -51,10 +51,13 @@ pub struct PolicyTables {
     nat: Nat,
     /// The workload interface prefix of the last full pass.
     prefix: Option<String>,
-    /// The dataplane of the last full write and when it was made, while no apply came
-    /// after it: a full pass with the same dataplane and NAT skips the rewrite (which
-    /// costs ~1 s with 1,000 endpoints) until [`REWRITE_AFTER`] has passed.
-    last_full: Option<(Arc<PolicyDataplane>, Instant)>,
+    /// The dataplane in our tables, when known (after a full write, or an apply whose
+    /// caller handed it over with [`PolicyTables::written`]): a full pass with an equal
+    /// dataplane, the same NAT and prefix skips the rewrite (~1 s with 1,000 endpoints)
+    /// until [`REWRITE_AFTER`] has passed since the last full write.
+    written: Option<Arc<PolicyDataplane>>,
+    /// When the last full write was made.
+    last_full: Option<Instant>,
     pub stats: NftStats,
 }
 
@@ -114,9 +117,9 @@ impl PolicyTables {
         PolicyTables::default()
     }
 
-    /// The full pass: replace our tables with `dp` and `nat` unless the last write was a
-    /// full one of this very dataplane (same `Arc`), NAT and prefix less than
-    /// [`REWRITE_AFTER`] ago. Whether nft ran.
+    /// The full pass: replace our tables with `dp` and `nat` unless they hold an equal
+    /// dataplane, that NAT and prefix, and the last full write is less than
+    /// [`REWRITE_AFTER`] old (drift repair). Whether nft ran.
     pub fn ensure_full(
         &mut self,
         dp: &Arc<PolicyDataplane>,
@@ -124,10 +127,15 @@ impl PolicyTables {
         prefix: &str,
         now: Instant,
     ) -> Result<bool, NftError> {
-        let fresh = self.last_full.as_ref().is_some_and(|(last, at)| {
-            Arc::ptr_eq(last, dp) && now.saturating_duration_since(*at) < REWRITE_AFTER
-        });
-        if fresh
+        let recent = self
+            .last_full
+            .is_some_and(|at| now.saturating_duration_since(at) < REWRITE_AFTER);
+        let same = self
+            .written
+            .as_ref()
+            .is_some_and(|w| Arc::ptr_eq(w, dp) || **w == **dp);
+        if recent
+            && same
             && self.programmed.is_some()
             && self.nat == *nat
             && self.prefix.as_deref() == Some(prefix)
@@ -135,8 +143,17 @@ impl PolicyTables {
             return Ok(false);
         }
         self.write_full(dp, nat, prefix)?;
-        self.last_full = Some((dp.clone(), now));
+        self.written = Some(dp.clone());
+        self.last_full = Some(now);
         Ok(true)
+    }
+
+    /// The caller's `Arc` of the dataplane its last successful [`PolicyTables::apply`]
+    /// wrote (cheap to keep; lets the next full pass see there is nothing to rewrite).
+    pub fn written(&mut self, dp: &Arc<PolicyDataplane>) {
+        if self.programmed.is_some() {
+            self.written = Some(dp.clone());
+        }
     }
 
     /// Replace our tables with `dp` and `nat` in one transaction (the full pass: drift
@@ -154,11 +171,13 @@ impl PolicyTables {
 
     fn full(&mut self, dp: &PolicyDataplane) -> Result<(), NftError> {
         self.programmed = None;
+        self.written = None;
         self.last_full = None;
         let prefix = self.prefix.as_deref().unwrap_or("cali");
         let script = render::full(dp, &self.nat, prefix);
         self.run(FULL, &script)?;
         self.programmed = Some(Programmed::of(dp, render::ipv6(&self.nat)));
+        self.last_full = Some(Instant::now());
         let families = render::families(self.programmed.as_ref().expect("just set"));
         self.count(dp, families);
         Ok(())
@@ -168,7 +187,7 @@ impl PolicyTables {
     /// `delta.full` or when the tables are not known to be right). NAT stays as the last
     /// full apply wrote it.
     pub fn apply(&mut self, dp: &PolicyDataplane, delta: &Delta) -> Result<(), NftError> {
-        self.last_full = None;
+        self.written = None;
         let Some(programmed) = self.programmed.as_mut().filter(|_| !delta.full) else {
             return self.full(dp);
         };
