@@ -367,6 +367,9 @@ fn incremental_deltas_equal_a_full_apply() {
     if let Some(IpSet::Nets(s)) = relabel.sets.get_mut("s:aaaa") {
         s.remove(&net("10.65.0.1/32"));
         s.insert(net("10.65.0.9/32"));
+        s.remove(&net("fd00::1/128"));
+        s.insert(net("fd00::9/128"));
+        s.insert(net("fd00::a/128"));
     }
     if let Some(IpSet::Nets(s)) = relabel.sets.get_mut("s:bbbb") {
         s.insert(net("10.65.0.1/32"));
