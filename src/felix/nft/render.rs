@@ -4,10 +4,12 @@
 //! [`Programmed`]. Names follow Calico's nftables mode (REFERENCE §9): chains carry the
 //! layer prefix `filter-`, sets are `cali40<id>` / `cali60<id>` with `:` made `-`.
 //!
-//! Marks (REFERENCE §9, mask 0xffff0000): a policy's Allow sets the accept mark 0x10000
-//! and returns, Pass sets the pass mark 0x20000 and returns; the endpoint chain returns on
-//! the accept mark, skips a tier's later policies on the pass mark and drops at the end of
-//! a tier unless it passed. `filter-FORWARD` accepts on the accept mark.
+//! Marks (REFERENCE §9, mask 0xffff0000): an outbound policy's Allow sets the accept
+//! mark 0x10000 and returns (the destination's `cali-tw-` chain, or
+//! `defaultEndpointToHostAction`, still follows), an inbound one accepts at once; Pass
+//! sets the pass mark 0x20000 and returns. The endpoint chain returns on the accept mark,
+//! skips a tier's later policies on the pass mark and drops at the end of a tier unless it
+//! passed. `filter-FORWARD` accepts on the accept mark.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
