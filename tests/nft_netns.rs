@@ -795,13 +795,6 @@ fn one_small_transaction_with_1000_endpoints_is_cheap() {
     assert!(p50 < 50.0, "one small transaction took {p50} ms");
 }
 
-#[test]
-#[ignore]
-fn dump_large_script() {
-    let s = calico_node::felix::nft::render::full(&large(1000), &Nat::default(), "cali");
-    std::fs::write("/tmp/wtb-large.nft", s).unwrap();
-}
-
 /// What others wrote in the node's namespace: a foreign nft table and iptables-nft rules
 /// (Docker style: FORWARD policy DROP, a DOCKER-USER chain, a MASQUERADE rule), as nft and
 /// iptables-nft-save list them.
