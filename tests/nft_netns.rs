@@ -1084,7 +1084,7 @@ fn a_full_pass_skips_what_an_apply_already_wrote() {
     if !have_nft() {
         return;
     }
-    ns.run_in(|| {
+    let t = ns.run_in(|| {
         let mut t = PolicyTables::new();
         let now = Instant::now();
         let base = Arc::new(rich());
@@ -1102,5 +1102,19 @@ fn a_full_pass_skips_what_an_apply_already_wrote() {
         assert!(t.ensure_full(&base, &dual_stack(), "cali", now).unwrap());
         assert!(t.ensure_full(&base, &dual_stack(), "tap", now).unwrap());
         assert!(!t.ensure_full(&base, &dual_stack(), "tap", now).unwrap());
+        // Much later, nothing has written nftables since: still nothing to repair.
+        let later = now + std::time::Duration::from_secs(600);
+        assert!(!t.ensure_full(&base, &dual_stack(), "tap", later).unwrap());
+        t
+    });
+    // Someone writes nftables (their own table): the next full pass past the interval
+    // rewrites ours (it cannot tell what changed).
+    ns.nft("table inet theirs {\n}\n");
+    ns.run_in(move || {
+        let mut t = t;
+        let base = Arc::new(rich());
+        let later = Instant::now() + std::time::Duration::from_secs(600);
+        assert!(t.ensure_full(&base, &dual_stack(), "tap", later).unwrap());
+        assert!(!t.ensure_full(&base, &dual_stack(), "tap", later).unwrap());
     });
 }

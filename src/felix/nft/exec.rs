@@ -58,6 +58,9 @@ pub struct PolicyTables {
     written: Option<Arc<PolicyDataplane>>,
     /// When the last full write was made.
     last_full: Option<Instant>,
+    /// The nftables generation after our last write: unchanged, no one has touched
+    /// nftables since, so a full pass of an equal dataplane has nothing to repair.
+    generation: Option<u32>,
     pub stats: NftStats,
 }
 
@@ -118,8 +121,10 @@ impl PolicyTables {
     }
 
     /// The full pass: replace our tables with `dp` and `nat` unless they hold an equal
-    /// dataplane, that NAT and prefix, and the last full write is less than
-    /// [`REWRITE_AFTER`] old (drift repair). Whether nft ran.
+    /// dataplane, that NAT and prefix, and either the last full write is less than
+    /// [`REWRITE_AFTER`] old or nothing has written nftables since our last write (the
+    /// ruleset generation is the same): drift repair without a periodic rewrite. Whether
+    /// nft ran.
     pub fn ensure_full(
         &mut self,
         dp: &Arc<PolicyDataplane>,
@@ -130,15 +135,17 @@ impl PolicyTables {
         let recent = self
             .last_full
             .is_some_and(|at| now.saturating_duration_since(at) < REWRITE_AFTER);
+        let untouched =
+            || self.generation.is_some() && netlink::generation().ok() == self.generation;
         let same = self
             .written
             .as_ref()
             .is_some_and(|w| Arc::ptr_eq(w, dp) || **w == **dp);
-        if recent
-            && same
+        if same
             && self.programmed.is_some()
             && self.nat == *nat
             && self.prefix.as_deref() == Some(prefix)
+            && (recent || untouched())
         {
             return Ok(false);
         }
@@ -171,6 +178,7 @@ impl PolicyTables {
 
     fn full(&mut self, dp: &PolicyDataplane) -> Result<(), NftError> {
         self.programmed = None;
+        self.generation = None;
         self.written = None;
         self.last_full = None;
         let prefix = self.prefix.as_deref().unwrap_or("cali");
@@ -178,6 +186,7 @@ impl PolicyTables {
         self.run(FULL, &script)?;
         self.programmed = Some(Programmed::of(dp, render::ipv6(&self.nat)));
         self.last_full = Some(Instant::now());
+        self.generation = netlink::generation().ok();
         let families = render::families(self.programmed.as_ref().expect("just set"));
         self.count(dp, families);
         Ok(())
@@ -194,7 +203,10 @@ impl PolicyTables {
         if let Some(changes) = element_changes(dp, delta, programmed) {
             self.stats.set_calls += 1;
             match netlink::write(&changes) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.generation = netlink::generation().ok();
+                    return Ok(());
+                }
                 Err(BatchError::Unencodable(_)) => {}
                 Err(e) => {
                     self.stats.set_errors += 1;
@@ -219,6 +231,7 @@ impl PolicyTables {
             self.programmed = None;
             return Err(e);
         }
+        self.generation = netlink::generation().ok();
         for &v6 in families {
             self.stats.sets[v6 as usize] = dp.sets.len() as i64;
             self.stats.chains[v6 as usize] = chains_of(dp);
