@@ -82,7 +82,8 @@ fn rich() -> PolicyDataplane {
     let mut deny = rule(Action::Deny);
     deny.src.not_sets = vec!["s:bbbb".into()];
     deny.src.nets = vec![net("192.168.0.0/16"), net("fd00:1::/64")];
-    deny.src.not_nets = vec![net("192.168.1.0/24")];
+    // Both families in notNets: a family with none would not get the rule at all.
+    deny.src.not_nets = vec![net("192.168.1.0/24"), net("fd00:1:0:1::/64")];
     deny.dst.not_ports = vec![PortRange { lo: 22, hi: 22 }];
     deny.protocol = Some(17);
     let mut ping = rule(Action::Allow);
@@ -346,7 +347,9 @@ fn full_render_loads_with_calicos_names() {
     let v6 = nft_out(&ns, &["list", "table", "ip6", "calico"]);
     assert!(v6.contains("elements = { fd00::1 }"), "{v6}");
     assert!(
-        v6.contains("ip6 saddr fd00:1::/64 ip6 saddr != @cali60s-bbbb"),
+        v6.contains(
+            "ip6 saddr fd00:1::/64 ip6 saddr != fd00:1:0:1::/64 ip6 saddr != @cali60s-bbbb"
+        ),
         "{v6}"
     );
     assert!(!v6.contains("192.168"), "{v6}");

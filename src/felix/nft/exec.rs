@@ -83,7 +83,8 @@ fn element_changes(
         && delta.policies.is_empty()
         && delta.profiles.is_empty()
         && delta.sets.is_empty()
-        && !delta.endpoint_to_host;
+        && !delta.endpoint_to_host
+        && !delta.encap_drops;
     if !only_members {
         return None;
     }

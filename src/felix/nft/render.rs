@@ -19,8 +19,8 @@ use ipnet::IpNet;
 use crate::felix::calc::Nat;
 use crate::felix::nat;
 use crate::felix::policy::{
-    Action, Delta, Endpoint, EndpointToHost, IpSet, Match, PolicyDataplane, PortRange, Rule,
-    TierEnd,
+    Action, Delta, EncapDrops, Endpoint, EndpointToHost, IpSet, Match, PolicyDataplane, PortRange,
+    Rule, TierEnd,
 };
 
 /// The accept mark: set by an Allow, read by the endpoint chain and `filter-FORWARD`.
@@ -247,7 +247,17 @@ fn side_matches(m: &Match, side: char, v6: bool) -> Option<String> {
         }
         let _ = write!(s, "{fam} {side}addr {} ", braces(&nets));
     }
+    // As Calico (`FilterRuleToIPVersion`): `notNets` none of whose entries is of this
+    // family make the rule not apply to it, and a negated catch-all matches nothing.
     let not_nets = of_family(&m.not_nets);
+    if !m.not_nets.is_empty()
+        && (not_nets.is_empty()
+            || m.not_nets
+                .iter()
+                .any(|n| n.addr().is_ipv6() == v6 && n.prefix_len() == 0))
+    {
+        return None;
+    }
     if !not_nets.is_empty() {
         let _ = write!(s, "{fam} {side}addr != {} ", braces(&not_nets));
     }
@@ -431,6 +441,38 @@ pub fn wl_to_host_lines(action: EndpointToHost, v6: bool) -> Vec<String> {
     v
 }
 
+/// `filter-cali-from-wl-dispatch`: the encapsulated packets workloads may not send
+/// (Calico drops them in every from-workload chain), then the endpoint's chain by
+/// interface; an interface we do not know is dropped.
+pub fn from_wl_dispatch_lines(drops: EncapDrops) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(port) = drops.vxlan_port {
+        v.push(format!("udp dport {port} counter drop"));
+    }
+    if drops.ipip {
+        v.push("meta l4proto 4 counter drop".to_string());
+    }
+    v.push(format!("iifname vmap @{FROM_WL_DISPATCH}"));
+    v.push("counter drop".to_string());
+    v
+}
+
+/// The interface-name wildcards of `interfacePrefix`, which may list several prefixes
+/// separated by commas (`cali,tap`), as Felix reads it: one rule each.
+pub fn ifname_wildcards(prefix: &str) -> Vec<String> {
+    let all: Vec<String> = prefix
+        .split(',')
+        .map(str::trim)
+        .filter(|p| valid_iface(p))
+        .map(|p| format!("\"{p}*\""))
+        .collect();
+    if all.is_empty() {
+        vec!["\"cali*\"".to_string()]
+    } else {
+        all
+    }
+}
+
 /// Whether `name` can be a Linux interface name (at most 15 bytes, no `/`, space or
 /// quote): an endpoint whose name is not is left out, so that one bad WorkloadEndpoint
 /// cannot make the whole transaction fail.
@@ -467,15 +509,12 @@ fn chain_block(out: &mut String, name: &str, head: Option<&str>, rules: &[String
 
 /// The fixed chains of the filter layer.
 fn static_chains(out: &mut String, dp: &PolicyDataplane, prefix: &str, v6: bool) {
-    let any = format!("\"{prefix}*\"");
+    let any = ifname_wildcards(prefix);
     chain_block(
         out,
         FROM_WL_DISPATCH,
         None,
-        &[
-            format!("iifname vmap @{FROM_WL_DISPATCH}"),
-            "counter drop".to_string(),
-        ],
+        &from_wl_dispatch_lines(dp.encap_drops),
     );
     chain_block(
         out,
@@ -496,20 +535,30 @@ fn static_chains(out: &mut String, dp: &PolicyDataplane, prefix: &str, v6: bool)
         out,
         CALI_FORWARD,
         None,
-        &[
-            format!(
-                "meta mark set meta mark & 0x{:08x}",
-                !(MARK_ACCEPT | MARK_PASS)
-            ),
-            format!("iifname {any} jump {FROM_WL_DISPATCH}"),
-            format!("oifname {any} jump {TO_WL_DISPATCH}"),
-        ],
+        &[format!(
+            "meta mark set meta mark & 0x{:08x}",
+            !(MARK_ACCEPT | MARK_PASS)
+        )]
+        .into_iter()
+        // Every from-workload jump before any to-workload one: the destination's
+        // inbound Allow accepts at once, so the source's egress policy comes first.
+        .chain(
+            any.iter()
+                .map(|w| format!("iifname {w} jump {FROM_WL_DISPATCH}")),
+        )
+        .chain(
+            any.iter()
+                .map(|w| format!("oifname {w} jump {TO_WL_DISPATCH}")),
+        )
+        .collect::<Vec<_>>(),
     );
     chain_block(
         out,
         CALI_INPUT,
         None,
-        &[format!("iifname {any} goto {WL_TO_HOST}")],
+        &any.iter()
+            .map(|w| format!("iifname {w} goto {WL_TO_HOST}"))
+            .collect::<Vec<_>>(),
     );
     chain_block(
         out,
@@ -734,6 +783,13 @@ fn incremental_family(
                 new_endpoints.push(iface);
             }
         }
+    }
+    if delta.encap_drops {
+        chains.push((
+            FROM_WL_DISPATCH.to_string(),
+            true,
+            from_wl_dispatch_lines(dp.encap_drops),
+        ));
     }
     if delta.endpoint_to_host {
         chains.push((

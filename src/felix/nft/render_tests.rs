@@ -93,6 +93,11 @@ fn nets_and_sets_per_family() {
                 .to_string()
         ]
     );
+    // notNets none of which is IPv6: the rule does not apply to IPv6 (Calico's
+    // FilterRuleToIPVersion), or an Allow with `notNets: [10.0.0.0/8]` would open all
+    // IPv6 traffic.
+    assert!(rule_lines(&r, true, false).is_empty());
+    r.src.not_nets.clear();
     assert_eq!(
         rule_lines(&r, true, false),
         vec![
@@ -102,6 +107,48 @@ fn nets_and_sets_per_family() {
     );
     r.src.nets = vec![net("fd00::/8")];
     assert!(rule_lines(&r, false, false).is_empty());
+    // A negated catch-all matches nothing.
+    let mut r = rule(Action::Allow);
+    r.dst.not_nets = vec![net("0.0.0.0/0")];
+    assert!(rule_lines(&r, false, false).is_empty());
+    r.dst.not_nets = vec![net("10.0.0.0/8")];
+    assert_eq!(rule_lines(&r, false, false).len(), 1);
+    assert!(rule_lines(&r, true, false).is_empty());
+}
+
+/// The from-workload dispatch drops VXLAN and IPIP packets unless allowed, then
+/// dispatches; several interface prefixes give one rule each, every from-workload jump
+/// before any to-workload one.
+#[test]
+fn encapsulated_packets_from_workloads_and_interface_prefixes() {
+    use crate::felix::policy::EncapDrops;
+    assert_eq!(
+        from_wl_dispatch_lines(EncapDrops::default()),
+        vec![
+            "udp dport 4789 counter drop".to_string(),
+            "meta l4proto 4 counter drop".to_string(),
+            format!("iifname vmap @{FROM_WL_DISPATCH}"),
+            "counter drop".to_string(),
+        ]
+    );
+    let allowed = EncapDrops {
+        vxlan_port: None,
+        ipip: false,
+    };
+    assert_eq!(from_wl_dispatch_lines(allowed).len(), 2);
+    assert_eq!(
+        ifname_wildcards("cali, tap"),
+        vec!["\"cali*\"".to_string(), "\"tap*\"".to_string()]
+    );
+    assert_eq!(ifname_wildcards(""), vec!["\"cali*\"".to_string()]);
+    let script = full(
+        &crate::felix::policy::PolicyDataplane::default(),
+        &crate::felix::calc::Nat::default(),
+        "cali,tap",
+    );
+    let pos = |s: &str| script.find(s).unwrap_or_else(|| panic!("{s} in {script}"));
+    assert!(pos("iifname \"tap*\" jump") < pos("oifname \"cali*\" jump"));
+    assert!(script.contains("iifname \"tap*\" goto"));
 }
 
 /// ipVersion and ICMP versions limit the family; notICMP with a code negates the pair.
