@@ -200,10 +200,13 @@ impl EndpointInfo {
 }
 
 /// A NetworkSet or GlobalNetworkSet: labels (a namespaced one carries its namespace) and
-/// networks.
+/// networks. A namespaced one has the namespace's profile `kns.<ns>` as parent, as in
+/// Calico's network-set update processor: it inherits the `pcns.` labels that profile
+/// applies, so a rule's `namespaceSelector` reaches it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NetSetInfo {
     pub labels: BTreeMap<String, String>,
+    pub profiles: Vec<String>,
     pub nets: Vec<IpNet>,
 }
 
@@ -219,6 +222,10 @@ impl NetSetInfo {
         }
         NetSetInfo {
             labels,
+            profiles: namespace
+                .map(|ns| format!("kns.{ns}"))
+                .into_iter()
+                .collect(),
             nets: networks(nets),
         }
     }
@@ -675,8 +682,21 @@ impl PolicyCalc {
     /// An endpoint's labels with its profiles' `labelsToApply` (own labels win; among
     /// profiles, the first naming a label).
     pub fn labels(&self, e: &EndpointInfo) -> BTreeMap<String, String> {
-        let mut labels = e.labels.clone();
-        for p in &e.profiles {
+        self.inherited(&e.labels, &e.profiles)
+    }
+
+    /// A network set's labels with its namespace profile's `labelsToApply` (own win).
+    pub fn net_set_labels(&self, s: &NetSetInfo) -> BTreeMap<String, String> {
+        self.inherited(&s.labels, &s.profiles)
+    }
+
+    fn inherited(
+        &self,
+        own: &BTreeMap<String, String>,
+        profiles: &[String],
+    ) -> BTreeMap<String, String> {
+        let mut labels = own.clone();
+        for p in profiles {
             if let Some(p) = self.profiles.get(p) {
                 for (k, v) in &p.labels {
                     labels.entry(k.clone()).or_insert_with(|| v.clone());
@@ -761,7 +781,7 @@ impl PolicyCalc {
                     }
                 }
                 for s in self.net_sets.values() {
-                    if def.selector.matches(&s.labels) {
+                    if def.selector.matches(&self.net_set_labels(s)) {
                         nets.extend(s.nets.iter().copied());
                     }
                 }

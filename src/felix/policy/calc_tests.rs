@@ -562,6 +562,44 @@ fn selector_sets_hold_endpoints_of_every_node_and_network_sets_nets() {
     );
 }
 
+/// A namespaced NetworkSet inherits the `pcns.` labels of its namespace's profile
+/// `kns.<ns>` (Calico's network-set processor gives it that parent), so a rule's
+/// `namespaceSelector` plus selector reaches its nets; a global one has no namespace.
+#[test]
+fn a_namespace_selector_reaches_the_network_sets_of_the_namespace() {
+    let mut w = World::new();
+    w.ep(wep(
+        "node-a",
+        "ns1",
+        "a",
+        "10.0.0.1/32",
+        &[("app", "x")],
+        &[],
+    ));
+    w.profile("kns.ns1", r#"{"labelsToApply":{"pcns.team":"red"}}"#);
+    w.profile("kns.ns2", r#"{"labelsToApply":{"pcns.team":"blue"}}"#);
+    w.net_set(
+        "/ns/ns1/ext",
+        Some("ns1"),
+        &[("k", "v")],
+        &["172.16.0.0/12"],
+    );
+    w.net_set(
+        "/ns/ns2/ext",
+        Some("ns2"),
+        &[("k", "v")],
+        &["172.17.0.0/16"],
+    );
+    w.net_set("/gns/ext", None, &[("k", "v")], &["172.18.0.0/16"]);
+    w.gnp(
+        "p",
+        r#"{"ingress":[{"action":"Allow","source":{"namespaceSelector":"team == 'red'","selector":"k == 'v'"}}]}"#,
+    );
+    let dp = w.dp();
+    let id = &dp.policies["gnp/p"].inbound[0].src.sets[0];
+    assert_eq!(nets(&dp, id), vec!["172.16.0.0/12"]);
+}
+
 #[test]
 fn a_not_selector_folds_into_the_positive_selector_and_alone_is_a_negative_set() {
     let mut w = World::new();

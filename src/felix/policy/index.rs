@@ -209,21 +209,26 @@ impl PolicyEngine {
         if self.rebuild {
             return;
         }
+        // Labels with the namespace profile's, as it is now (a profile change takes the
+        // set out under the old labels first: see `profile`).
+        let labels = |s: &Option<NetSetInfo>| s.as_ref().map(|s| self.calc.net_set_labels(s));
+        let (old_labels, new_labels) = (labels(&old), labels(&info));
         let ids: Vec<String> = self.set_defs.keys().cloned().collect();
         for id in ids {
             let def = &self.set_defs[&id];
             if def.named_port.is_some() {
                 continue;
             }
-            let nets = |s: &Option<NetSetInfo>| -> Vec<Member> {
-                match s {
-                    Some(s) if def.selector.matches(&s.labels) => {
-                        s.nets.iter().map(|n| Member::Net(*n)).collect()
+            let nets =
+                |s: &Option<NetSetInfo>, l: &Option<BTreeMap<String, String>>| -> Vec<Member> {
+                    match (s, l) {
+                        (Some(s), Some(l)) if def.selector.matches(l) => {
+                            s.nets.iter().map(|n| Member::Net(*n)).collect()
+                        }
+                        _ => Vec::new(),
                     }
-                    _ => Vec::new(),
-                }
-            };
-            let (before, after) = (nets(&old), nets(&info));
+                };
+            let (before, after) = (nets(&old, &old_labels), nets(&info, &new_labels));
             if before != after {
                 for m in after {
                     self.count(&id, m, true);
@@ -394,7 +399,7 @@ impl PolicyEngine {
         }
         if def.named_port.is_none() {
             for s in self.calc.net_sets.values() {
-                if def.selector.matches(&s.labels) {
+                if def.selector.matches(&self.calc.net_set_labels(s)) {
                     for n in &s.nets {
                         *c.entry(Member::Net(*n)).or_default() += 1;
                     }
@@ -580,6 +585,28 @@ impl PolicyEngine {
     /// it is programmed, and the endpoints naming it are looked at again (its
     /// `labelsToApply` may change their labels, hence their sets and policies).
     pub fn profile(&mut self, name: &str, new: Option<super::calc::ResolvedProfile>) {
+        // The network sets whose namespace profile this is: out under the old labels now,
+        // back in under the new ones at the end.
+        let sets: Vec<(String, NetSetInfo)> = if self.rebuild {
+            Vec::new()
+        } else {
+            self.calc
+                .net_sets
+                .iter()
+                .filter(|(_, s)| s.profiles.iter().any(|p| p == name))
+                .map(|(k, s)| (k.clone(), s.clone()))
+                .collect()
+        };
+        for (key, _) in &sets {
+            self.net_set(key, None);
+        }
+        self.profile_inner(name, new);
+        for (key, s) in sets {
+            self.net_set(&key, Some(s));
+        }
+    }
+
+    fn profile_inner(&mut self, name: &str, new: Option<super::calc::ResolvedProfile>) {
         let old = match &new {
             Some(p) => self.calc.profiles.insert(name.to_string(), p.clone()),
             None => self.calc.profiles.remove(name),

@@ -63,12 +63,16 @@ const PROFILES: &[(&str, &str)] = &[
         "p1",
         r#"{"labelsToApply":{"x":"1"},"egress":[{"action":"Allow","destination":{"selector":"role == 'a'"}}]}"#,
     ),
+    // The namespace profile a namespaced network set inherits labels from (endpoints'
+    // bit masks never name it).
+    ("kns.ns1", r#"{"labelsToApply":{"pcns.team":"red"}}"#),
 ];
 
 /// Other versions of the profiles above (other labels, rules and sets).
 const PROFILE_ALTERNATIVES: &[&str] = &[
     r#"{"labelsToApply":{"pcns.team":"blue","role":"a"},"egress":[{"action":"Allow","destination":{"selector":"role == 'b'"}}]}"#,
     r#"{"ingress":[{"action":"Deny","source":{"selector":"has(x)"}}]}"#,
+    r#"{"labelsToApply":{"pcns.team":"blue"}}"#,
 ];
 
 #[derive(Debug, Clone)]
