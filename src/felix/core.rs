@@ -343,6 +343,14 @@ impl Core {
             }
             self.full = true;
         }
+        // A policy change before a repair: it is what a user waits for (a label change
+        // enforced within milliseconds), and repairs of a busy node (link events of
+        // many interfaces) must not hold it back.
+        if !self.full
+            && let Some(out) = self.policy()
+        {
+            return Some(out);
+        }
         if self.repair && !self.full {
             self.repair = false;
             if let Some((desired, uplink)) = &self.last {
@@ -361,7 +369,7 @@ impl Core {
             self.full = true;
         }
         if !self.full {
-            return self.policy();
+            return None;
         }
         self.full = false;
         self.repair = false;

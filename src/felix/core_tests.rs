@@ -647,6 +647,40 @@ fn a_policy_only_change_applies_a_delta_and_makes_no_full_pass() {
     );
 }
 
+/// A policy change waits for no repair: with a repair of touched interfaces due as well,
+/// the policy delta goes first (a busy node's link events must not hold a label change
+/// back), then the repair.
+#[test]
+fn a_policy_change_goes_before_a_due_repair() {
+    let (mut c, clock) = synced();
+    c.handle(
+        clock.ms(10),
+        local_wep("a", "10.244.0.2/32", r#"{"app":"x"}"#),
+    );
+    c.handle(clock.ms(11), done(Some(2)));
+    c.handle(clock.ms(12), link(7, "cali1234"));
+    let out = c.handle(clock.ms(112), Input::Timer);
+    assert!(matches!(actions(&out)[..], [Output::Repair(_)]), "{out:?}");
+    // While the repair runs, a policy and another link event arrive.
+    c.handle(
+        clock.ms(113),
+        gnp(
+            "p",
+            r#"{"selector":"app == 'x'","ingress":[{"action":"Allow"}]}"#,
+        ),
+    );
+    c.handle(clock.ms(114), link(8, "cali5678"));
+    c.handle(clock.ms(214), Input::Timer);
+    let out = c.handle(clock.ms(215), Input::Repaired(Vec::new()));
+    let (_, delta) = policy_apply(&out).expect("the policy first");
+    assert_eq!(delta.policies, ["gnp/p".to_string()].into());
+    let out = c.handle(clock.ms(216), Input::PolicyApplied(Vec::new()));
+    let [Output::Repair(r)] = &actions(&out)[..] else {
+        panic!("then the repair: {out:?}");
+    };
+    assert_eq!(r.workloads, vec!["cali5678".to_string()]);
+}
+
 #[test]
 fn a_failed_policy_apply_makes_felix_not_ready_and_the_next_write_whole() {
     let (mut c, clock) = synced();
