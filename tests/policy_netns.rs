@@ -142,12 +142,24 @@ impl Cluster {
 
     fn apply(&self, yaml: &str) {
         let l = &self.lab;
-        calicoctl(&l.nodes[0], &l.ep, l.states[0].path(), &["apply", "-f", "-"], yaml);
+        calicoctl(
+            &l.nodes[0],
+            &l.ep,
+            l.states[0].path(),
+            &["apply", "-f", "-"],
+            yaml,
+        );
     }
 
     fn delete(&self, yaml: &str) {
         let l = &self.lab;
-        calicoctl(&l.nodes[0], &l.ep, l.states[0].path(), &["delete", "-f", "-"], yaml);
+        calicoctl(
+            &l.nodes[0],
+            &l.ep,
+            l.states[0].path(),
+            &["delete", "-f", "-"],
+            yaml,
+        );
     }
 
     /// Waits until every case holds; panics with the rulesets and logs.
@@ -699,9 +711,145 @@ spec:
     cl.delete(only_dns);
     cl.expect(
         "policy deleted after the restart",
-        &[c(&cl, "a", "c", Udp(5353), true), c(&cl, "d", "c", Tcp(80), true)],
+        &[
+            c(&cl, "a", "c", Udp(5353), true),
+            c(&cl, "d", "c", Tcp(80), true),
+        ],
     );
 }
 
 /// A probe round's cost when something is dropped (the probe timeout).
 const PROBE_MS: u128 = common::policy::PROBE_TIMEOUT.as_millis();
+
+/// Pods made in non-Kubernetes mode carry their CNI network's profile: they reach each
+/// other, across nodes; a node host, or the hub, reaching a pod of another node is
+/// dropped until the user's profile admits its network; a host reaches its own pods (Calico
+/// does not police host-to-local-workload traffic); a pod reaches its own host as
+/// `defaultEndpointToHostAction` says (Return, which calico-node writes in etcd mode, then
+/// Drop set by the user); an endpoint with no profile and no policy is denied both ways.
+#[test]
+fn pod_network_profile_hosts_and_endpoint_to_host() {
+    use common::cluster::add_pod;
+    use common::policy::allow_pod_network;
+    if !common::have("nft") {
+        common::skip("nft is not installed");
+        return;
+    }
+    let Some(lab) = Lab::new("cn-ph", 2) else {
+        return;
+    };
+    let _daemons: Vec<Process> = (0..2).map(|i| lab.start_node(i, &[])).collect();
+    lab.wait_ready(Duration::from_secs(40));
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let ctl = |args: &[&str], stdin: &str| {
+        calicoctl(n1, &lab.ep, lab.states[0].path(), args, stdin);
+    };
+    // The profile exactly as the CNI plugin creates it (it does not overwrite this one).
+    allow_pod_network(n1, &lab.ep, lab.states[0].path(), &[]);
+    let a = add_pod(n1, "node-1", &lab.ep, &lab.pa);
+    let b = add_pod(n2, "node-2", &lab.ep, &lab.pb);
+    let _servers = [
+        Servers::start(&lab.pa, &TCP_PORTS, &UDP_PORTS),
+        Servers::start(&lab.pb, &TCP_PORTS, &UDP_PORTS),
+        Servers::start(n2, &[7000], &[]),
+    ];
+    let context = || {
+        let mut s = format!("pods a {a} (node-1), b {b} (node-2)\n");
+        for (i, n) in lab.nodes.iter().enumerate() {
+            s += &format!("== node-{} nft ruleset\n{}", i + 1, nft_ruleset(n));
+        }
+        s + &lab.logs()
+    };
+    let expect = |phase: &str, cases: &[Case]| {
+        let took = expect_traffic(phase, SETTLE, cases, context);
+        eprintln!("{phase}: as expected after {took:?}");
+    };
+    let hub = &lab.hub;
+    expect(
+        "the network's profile",
+        &[
+            case("a -> b (other node)", &lab.pa, &b, Tcp(80), true),
+            case("b -> a (other node)", &lab.pb, &a, Udp(53), true),
+            case("a -> b (other node)", &lab.pa, &b, Icmp, true),
+            case("hub -> b", hub, &b, Icmp, false),
+            case("hub -> a", hub, &a, Tcp(80), false),
+            case("node-1 -> b (other node)", n1, &b, Tcp(80), false),
+            case("node-2 -> a (other node)", n2, &a, Icmp, false),
+            case("node-2 -> b (its own pod)", n2, &b, Tcp(80), true),
+            case("node-1 -> a (its own pod)", n1, &a, Icmp, true),
+            case("b -> its host", &lab.pb, "10.99.0.2", Tcp(7000), true),
+            case(
+                "b -> hub (outside the pools)",
+                &lab.pb,
+                "10.99.0.254",
+                Icmp,
+                true,
+            ),
+        ],
+    );
+    // The user admits the hosts' network in the profile.
+    allow_pod_network(n1, &lab.ep, lab.states[0].path(), &["10.99.0.0/24"]);
+    expect(
+        "the hosts admitted",
+        &[
+            case("hub -> b", hub, &b, Icmp, true),
+            case("hub -> a", hub, &a, Tcp(80), true),
+            case("node-1 -> b (other node)", n1, &b, Tcp(80), true),
+            case("node-2 -> a (other node)", n2, &a, Icmp, true),
+            case("a -> b (other node)", &lab.pa, &b, Tcp(80), true),
+        ],
+    );
+    // defaultEndpointToHostAction Drop on node-2: b no longer reaches its host (the host
+    // still reaches b, and b the others).
+    let to_host = |action: &str| {
+        format!(
+            "apiVersion: projectcalico.org/v3
+kind: FelixConfiguration
+metadata:
+  name: node.node-2
+spec:
+  defaultEndpointToHostAction: {action}
+"
+        )
+    };
+    ctl(&["apply", "-f", "-"], &to_host("Drop"));
+    expect(
+        "defaultEndpointToHostAction Drop",
+        &[
+            case("b -> its host", &lab.pb, "10.99.0.2", Tcp(7000), false),
+            case("b -> its host", &lab.pb, "10.99.0.2", Icmp, false),
+            case("node-2 -> b (its own pod)", n2, &b, Tcp(80), true),
+            case("b -> a (other node)", &lab.pb, &a, Tcp(80), true),
+        ],
+    );
+    ctl(&["apply", "-f", "-"], &to_host("Return"));
+    expect(
+        "defaultEndpointToHostAction Return",
+        &[case("b -> its host", &lab.pb, "10.99.0.2", Tcp(7000), true)],
+    );
+    // No profile and no policy: b is denied both ways (a still reaches the hub).
+    let etcd = &lab.etcd;
+    let prefix = "/calico/resources/v3/projectcalico.org/workloadendpoints/";
+    let out = etcd.etcdctl(&["get", "--prefix", prefix]);
+    let lines: Vec<&str> = out.lines().collect();
+    let (key, value) = lines
+        .chunks(2)
+        .find_map(|kv| match kv {
+            [k, v] if v.contains(&b) => Some((k.to_string(), v.to_string())),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("b's endpoint: {out}"));
+    let mut wep: serde_json::Value = serde_json::from_str(&value).unwrap();
+    wep["spec"]["profiles"] = json!([]);
+    etcd.etcdctl(&["put", &key, &wep.to_string()]);
+    expect(
+        "no profile, no policy",
+        &[
+            case("a -> b (other node)", &lab.pa, &b, Tcp(80), false),
+            case("a -> b (other node)", &lab.pa, &b, Icmp, false),
+            case("b -> a (other node)", &lab.pb, &a, Udp(53), false),
+            case("b -> hub", &lab.pb, "10.99.0.254", Icmp, false),
+            case("a -> hub", &lab.pa, "10.99.0.254", Icmp, true),
+        ],
+    );
+}

@@ -30,7 +30,8 @@ pub const POD_NETWORK: &str = "k8s-pod-network";
 /// `has(k8s-pod-network)`, that label applied to its endpoints), plus an ingress rule for
 /// those networks. `calicoctl apply` through `node` (where `etcd` is reachable).
 pub fn allow_pod_network(node: &NetNs, etcd: &str, state: &Path, from_nets: &[&str]) {
-    let mut ingress = vec![json!({"action": "Allow", "source": {"selector": format!("has({POD_NETWORK})")}})];
+    let mut ingress =
+        vec![json!({"action": "Allow", "source": {"selector": format!("has({POD_NETWORK})")}})];
     if !from_nets.is_empty() {
         ingress.push(json!({"action": "Allow", "source": {"nets": from_nets}}));
     }
@@ -44,7 +45,13 @@ pub fn allow_pod_network(node: &NetNs, etcd: &str, state: &Path, from_nets: &[&s
             "labelsToApply": {POD_NETWORK: ""},
         },
     });
-    calicoctl(node, etcd, state, &["apply", "-f", "-"], &profile.to_string());
+    calicoctl(
+        node,
+        etcd,
+        state,
+        &["apply", "-f", "-"],
+        &profile.to_string(),
+    );
 }
 
 /// The profile kube-controllers writes for Kubernetes namespace `ns` (`kns.<ns>`: allow
@@ -338,7 +345,11 @@ pub fn expect_traffic(
 
 /// `nft list ruleset` inside `ns` (for failure messages and counters).
 pub fn nft_ruleset(ns: &NetNs) -> String {
-    let out = ns.command("nft").args(["list", "ruleset"]).output().unwrap();
+    let out = ns
+        .command("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
 }
 
