@@ -227,7 +227,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 
 /// Whether `proto` traffic from inside `from` (a namespace path under /run/netns) to `to`
 /// gets through (and its answer back).
-fn probe_in(from: &str, to: &str, proto: Proto) -> bool {
+fn probe_in(from: &str, to: &str, proto: Proto, timeout: Duration) -> bool {
     if let Proto::Icmp = proto {
         return std::process::Command::new("ip")
             .args(["netns", "exec", from, "ping", "-c", "1", "-W", "1", to])
@@ -244,16 +244,16 @@ fn probe_in(from: &str, to: &str, proto: Proto) -> bool {
         match proto {
             Proto::Tcp(port) => {
                 let addr: SocketAddr = format!("{to}:{port}").parse().unwrap();
-                let Ok(mut s) = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT) else {
+                let Ok(mut s) = TcpStream::connect_timeout(&addr, timeout) else {
                     return false;
                 };
-                let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+                let _ = s.set_read_timeout(Some(timeout));
                 let mut buf = [0u8; 3];
                 s.read_exact(&mut buf).is_ok() && &buf == b"ok\n"
             }
             Proto::Udp(port) => {
                 let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-                let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
+                let _ = s.set_read_timeout(Some(timeout));
                 if s.send_to(b"probe", (to.as_str(), port)).is_err() {
                     return false;
                 }
@@ -265,6 +265,37 @@ fn probe_in(from: &str, to: &str, proto: Proto) -> bool {
     })
     .join()
     .unwrap()
+}
+
+/// Whether `proto` traffic from `from` to `to` gets through within `timeout` (TCP and UDP;
+/// ICMP waits a second).
+pub fn reaches(from: &NetNs, to: &str, proto: Proto, timeout: Duration) -> bool {
+    probe_in(&from.name, to, proto, timeout)
+}
+
+/// Polls [`reaches`] (with a short timeout) until it gives `want`; how long after `since`
+/// that was, within about `timeout`. Panics after `limit`.
+pub fn time_until_reaches(
+    from: &NetNs,
+    to: &str,
+    proto: Proto,
+    want: bool,
+    since: Instant,
+    limit: Duration,
+) -> Duration {
+    let timeout = Duration::from_millis(50);
+    loop {
+        let probed = Instant::now();
+        if reaches(from, to, proto, timeout) == want {
+            return probed.saturating_duration_since(since);
+        }
+        assert!(
+            since.elapsed() < limit,
+            "{proto:?} from {} to {to} never became {}",
+            from.name,
+            if want { "pass" } else { "drop" }
+        );
+    }
 }
 
 /// One expectation: traffic from a pod (or host) namespace to an address passes or is
@@ -296,7 +327,7 @@ pub fn mismatches(cases: &[Case]) -> Vec<String> {
     let handles: Vec<_> = cases
         .iter()
         .cloned()
-        .map(|c| std::thread::spawn(move || (probe_in(&c.from, &c.to, c.proto), c)))
+        .map(|c| std::thread::spawn(move || (probe_in(&c.from, &c.to, c.proto, PROBE_TIMEOUT), c)))
         .collect();
     handles
         .into_iter()
