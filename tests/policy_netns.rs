@@ -739,6 +739,8 @@ spec:
 /// does not police host-to-local-workload traffic); a pod reaches its own host as
 /// `defaultEndpointToHostAction` says (Return, which calico-node writes in etcd mode, then
 /// Drop set by the user); an endpoint with no profile and no policy is denied both ways.
+/// A foreign nftables table and iptables-nft rules in the node namespace are byte-identical
+/// after start, every apply and shutdown; policy stays enforced after shutdown.
 #[test]
 fn pod_network_profile_hosts_and_endpoint_to_host() {
     use common::cluster::add_pod;
@@ -750,9 +752,56 @@ fn pod_network_profile_hosts_and_endpoint_to_host() {
     let Some(lab) = Lab::new("cn-ph", 2) else {
         return;
     };
-    let _daemons: Vec<Process> = (0..2).map(|i| lab.start_node(i, &[])).collect();
-    lab.wait_ready(Duration::from_secs(40));
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    // Others' rules in node-2 before calico-node starts: a foreign nftables table and
+    // iptables-nft rules (Docker-style chains, a NAT rule). They must stay byte-identical.
+    n2.nft(
+        "table inet foreign {
+  set blocked { type ipv4_addr; elements = { 192.0.2.1 } }
+  chain input { type filter hook input priority 10; policy accept; ip saddr @blocked drop; }
+  chain forward { type filter hook forward priority 5; policy accept; ip saddr @blocked drop; }
+}
+",
+    );
+    for args in [
+        &["-N", "DOCKER-USER"][..],
+        &["-A", "DOCKER-USER", "-s", "192.0.2.2", "-j", "DROP"],
+        &["-A", "FORWARD", "-j", "DOCKER-USER"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "192.0.2.0/24",
+            "-j",
+            "MASQUERADE",
+        ],
+    ] {
+        let out = n2.command("iptables-nft").args(args).output().unwrap();
+        assert!(out.status.success(), "iptables-nft {args:?}: {out:?}");
+    }
+    let others = || {
+        let foreign = n2
+            .command("nft")
+            .args(["list", "table", "inet", "foreign"])
+            .output()
+            .unwrap();
+        let saved = n2.command("iptables-nft-save").output().unwrap();
+        let saved: String = String::from_utf8_lossy(&saved.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        String::from_utf8_lossy(&foreign.stdout).to_string() + &saved
+    };
+    let others_before = others();
+    assert!(
+        others_before.contains("DOCKER-USER -s 192.0.2.2/32 -j DROP"),
+        "{others_before}"
+    );
+    let mut daemons: Vec<Process> = (0..2).map(|i| lab.start_node(i, &[])).collect();
+    lab.wait_ready(Duration::from_secs(40));
     let ctl = |args: &[&str], stdin: &str| {
         calicoctl(n1, &lab.ep, lab.states[0].path(), args, stdin);
     };
@@ -856,6 +905,36 @@ spec:
             case("a -> b (other node)", &lab.pa, &b, Icmp, false),
             case("b -> a (other node)", &lab.pb, &a, Udp(53), false),
             case("b -> hub", &lab.pb, "10.99.0.254", Icmp, false),
+            case("a -> hub", &lab.pa, "10.99.0.254", Icmp, true),
+        ],
+    );
+    assert_eq!(
+        others(),
+        others_before,
+        "others' nftables and iptables-nft rules on node-2 changed while policy was applied"
+    );
+    // SIGTERM: calico-node drains and exits; our table stays (policy stays enforced),
+    // others' rules are still untouched.
+    let pid = nix::unistd::Pid::from_raw(daemons[1].0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let exited = Instant::now();
+    while daemons[1].0.try_wait().unwrap().is_none() {
+        assert!(
+            exited.elapsed() < Duration::from_secs(10),
+            "calico-node did not exit on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        others(),
+        others_before,
+        "others' rules on node-2 changed at shutdown"
+    );
+    expect(
+        "after calico-node's shutdown",
+        &[
+            case("a -> b (other node)", &lab.pa, &b, Tcp(80), false),
+            case("node-2 -> b (its own pod)", n2, &b, Tcp(80), true),
             case("a -> hub", &lab.pa, "10.99.0.254", Icmp, true),
         ],
     );
