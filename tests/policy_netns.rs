@@ -54,7 +54,8 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(prefix: &str) -> Option<Cluster> {
+    /// The cluster; `env` is given to every `calico-node` (e.g. the pool's VXLAN mode).
+    fn new(prefix: &str, env: &'static [(&'static str, &'static str)]) -> Option<Cluster> {
         if !common::have("nft") {
             common::skip("nft is not installed");
             return None;
@@ -62,7 +63,7 @@ impl Cluster {
         let lab = Lab::new(prefix, 2)?;
         let c_ns = NetNs::new(&format!("{prefix}pc"))?;
         let d_ns = NetNs::new(&format!("{prefix}pd"))?;
-        let daemons = (0..2).map(|i| Some(lab.start_node(i, &[]))).collect();
+        let daemons = (0..2).map(|i| Some(lab.start_node(i, env))).collect();
         lab.wait_ready(Duration::from_secs(40));
         let mut cl = Cluster {
             daemons,
@@ -185,7 +186,7 @@ impl Cluster {
 
 #[test]
 fn default_tier_semantics_with_real_traffic() {
-    let Some(cl) = Cluster::new("cn-pt") else {
+    let Some(cl) = Cluster::new("cn-pt", &[]) else {
         return;
     };
     let c = |from, to, proto, passes| cl.case(from, to, proto, passes);
@@ -462,7 +463,7 @@ spec:
 
 #[test]
 fn tiers_pass_live_changes_and_restart_without_gap() {
-    let Some(mut cl) = Cluster::new("cn-pl") else {
+    let Some(mut cl) = Cluster::new("cn-pl", &[]) else {
         return;
     };
     let c = |cl: &Cluster, from, to, proto, passes| cl.case(from, to, proto, passes);
@@ -936,6 +937,67 @@ spec:
             case("a -> b (other node)", &lab.pa, &b, Tcp(80), false),
             case("node-2 -> b (its own pod)", n2, &b, Tcp(80), true),
             case("a -> hub", &lab.pa, "10.99.0.254", Icmp, true),
+        ],
+    );
+}
+
+/// Across nodes over VXLAN (the pool's vxlanMode Always): the receiving node enforces the
+/// policy on traffic decapsulated from vxlan.calico as on traffic routed directly.
+#[test]
+fn policy_across_nodes_over_vxlan() {
+    let Some(cl) = Cluster::new("cn-pv", &[("CALICO_IPV4POOL_VXLAN", "Always")]) else {
+        return;
+    };
+    let c = |from, to, proto, passes| cl.case(from, to, proto, passes);
+    cl.expect(
+        "default allow over VXLAN",
+        &[
+            c("a", "c", Tcp(80), true),
+            c("a", "c", Udp(53), true),
+            c("d", "b", Icmp, true),
+        ],
+    );
+    let r = common::cluster::routes(&cl.lab.nodes[0]);
+    assert!(r.contains("dev vxlan.calico"), "routes over VXLAN: {r}");
+    let policy = "apiVersion: projectcalico.org/v3
+kind: NetworkPolicy
+metadata:
+  name: db-from-clients
+  namespace: prod
+spec:
+  selector: role == 'db'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    source:
+      selector: role == 'client'
+    destination:
+      ports: [80]
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: clients-no-icmp-out
+spec:
+  selector: role == 'client'
+  types: [Egress]
+  egress:
+  - action: Deny
+    protocol: ICMP
+  - action: Allow
+";
+    cl.apply(policy);
+    cl.expect(
+        "policy over VXLAN",
+        &[
+            c("a", "c", Tcp(80), true),
+            c("c", "a", Tcp(80), true),
+            c("a", "c", Tcp(8080), false),
+            c("a", "c", Udp(53), false),
+            c("d", "b", Tcp(80), false),
+            c("a", "b", Tcp(80), true),
+            c("d", "a", Icmp, false),
+            c("c", "a", Icmp, true),
         ],
     );
 }
