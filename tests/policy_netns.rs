@@ -14,9 +14,17 @@
 //!   continues.
 //! - `tiers_pass_live_changes_and_restart_without_gap`: Pass to the next tier, a tier's
 //!   end-of-tier drop and its defaultAction Pass; deleting a policy restores the profile's
-//!   behaviour; relabelling a pod changes what it can reach (time printed); restarting
-//!   calico-node lets no packet of a denied flow through (nft counters in the far pod) while
-//!   an allowed flow keeps arriving.
+//!   behaviour; relabelling a pod changes what it can reach (timed from the datastore
+//!   write, bound 1 s); restarting calico-node on the receiving node, then on the sending
+//!   node, lets no packet of a denied flow through (nft counters in the far pod) while an
+//!   allowed flow keeps arriving.
+//! - `policy_across_nodes_over_vxlan`: the same enforcement on traffic decapsulated from
+//!   vxlan.calico.
+//! - `pod_network_profile_hosts_and_endpoint_to_host`: non-Kubernetes pods and their CNI
+//!   network's profile; node hosts reaching pods of another node (dropped until the profile
+//!   admits them) and their own (never policed); `defaultEndpointToHostAction` Return and
+//!   Drop; an endpoint with neither profile nor policy; a foreign nft table and
+//!   iptables-nft rules untouched through start, applies and shutdown.
 
 mod common;
 
