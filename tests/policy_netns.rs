@@ -1009,7 +1009,11 @@ spec:
 /// policy on traffic decapsulated from vxlan.calico as on traffic routed directly.
 #[test]
 fn policy_across_nodes_over_vxlan() {
-    let Some(cl) = Cluster::new("cn-pv", &[("CALICO_IPV4POOL_VXLAN", "Always")]) else {
+    let env = &[
+        ("CALICO_IPV4POOL_VXLAN", "Always"),
+        ("FELIX_PROMETHEUSMETRICSENABLED", "true"),
+    ];
+    let Some(cl) = Cluster::new("cn-pv", env) else {
         return;
     };
     let c = |from, to, proto, passes| cl.case(from, to, proto, passes);
@@ -1064,4 +1068,24 @@ spec:
             c("c", "a", Icmp, true),
         ],
     );
+    // Felix's policy gauges on each node: two local endpoints, each selected by one of
+    // the two policies.
+    let metric = |node: usize, name: &str| -> Option<f64> {
+        let (_, body) = cl.lab.nodes[node]
+            .run_in(|| common::http_get(9091, "/metrics"))
+            .ok()?;
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+    for node in 0..2 {
+        common::until("the policy gauges", SETTLE, || {
+            metric(node, "felix_active_local_endpoints") == Some(2.0)
+                && metric(node, "felix_active_local_policies") == Some(2.0)
+                && metric(node, "felix_active_local_selectors").is_some_and(|n| n > 0.0)
+        });
+    }
 }
