@@ -10,8 +10,8 @@
 //!   once a policy selects the pod; allow by selector (namespaced) and namespaceSelector;
 //!   nets and notNets; a port range and a named port; egress deny; ordered policies (the
 //!   lower order Deny beats an Allow, and the other way round); a GlobalNetworkPolicy across
-//!   namespaces; a NetworkSet used by selector (and its nets changed live); Log counts and
-//!   continues.
+//!   namespaces; a NetworkSet used by selector (and its nets changed live), a
+//!   GlobalNetworkSet by a GlobalNetworkPolicy's selector; Log counts and continues.
 //! - `tiers_pass_live_changes_and_restart_without_gap`: Pass to the next tier, a tier's
 //!   end-of-tier drop and its defaultAction Pass; deleting a policy restores the profile's
 //!   behaviour; relabelling a pod changes what it can reach (timed from the datastore
@@ -505,6 +505,41 @@ spec:
     );
     cl.delete(from_set);
     cl.delete(&set(&a_net));
+
+    // The same with a GlobalNetworkSet and a GlobalNetworkPolicy.
+    let global = format!(
+        "apiVersion: projectcalico.org/v3
+kind: GlobalNetworkSet
+metadata:
+  name: trusted-hosts
+  labels:
+    trusted-global: 'yes'
+spec:
+  nets: [{d_net}]
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: db-from-global-set
+spec:
+  selector: role == 'db'
+  ingress:
+  - action: Allow
+    source:
+      selector: trusted-global == 'yes'
+"
+    );
+    cl.apply(&global);
+    cl.expect(
+        "GlobalNetworkSet by selector",
+        &[
+            c("d", "c", Tcp(80), true),
+            c("d", "b", Icmp, true),
+            c("a", "c", Tcp(80), false),
+            c("a", "b", Udp(53), false),
+        ],
+    );
+    cl.delete(&global);
 
     // Log logs (an nft counter on the rule with Calico's prefix) and goes on: the Allow
     // after it decides; what nothing allows is still dropped at the end of the tier.
