@@ -937,3 +937,129 @@ fn add_never_deletes_another_containers_veth_of_the_same_name() {
         ""
     );
 }
+
+const PROFILES: &str = "/calico/resources/v3/projectcalico.org/profiles/";
+
+/// The etcd mod_revision of `key` (0 when absent).
+fn mod_revision(etcd: &Etcd, key: &str) -> i64 {
+    let v: Value = serde_json::from_str(&etcd.etcdctl(&["get", key, "-w", "json"])).unwrap();
+    v["kvs"][0]["mod_revision"].as_i64().unwrap_or(0)
+}
+
+/// Calico's plugin outside Kubernetes (cni-plugin/pkg/plugin/plugin.go): ADD creates the
+/// profile named after the network when it is missing (egress allowed, ingress from
+/// `has(<network>)`, `labelsToApply {<network>: ""}`) and never rewrites one that exists,
+/// even one a person edited. Kubernetes pods (profile `kns.<ns>`) and a configuration
+/// naming a policy handler get none.
+#[test]
+fn add_creates_the_networks_profile_once_and_keeps_a_hand_edited_one() {
+    let Some((host, etcd, conf)) = node_with_etcd() else {
+        return;
+    };
+    let pods: Vec<NetNs> = (0..5).filter_map(|_| NetNs::new("cn-prof")).collect();
+    if pods.len() < 5 {
+        return;
+    }
+    let key = format!("{PROFILES}k8s-pod-network");
+    assert_eq!(etcd.etcdctl_value(&key), "");
+    let (code, res) = call_for(&host, "ADD", "prof-c1", &pods[0], "", &conf);
+    assert_eq!(code, 0, "{res}");
+    let stored: Value = serde_json::from_str(&etcd.etcdctl_value(&key)).unwrap();
+    assert_eq!(stored["kind"], "Profile");
+    assert_eq!(stored["metadata"]["name"], "k8s-pod-network");
+    assert_eq!(
+        stored["spec"],
+        json!({"ingress": [{"action": "Allow", "source": {"selector": "has(k8s-pod-network)"}}],
+            "egress": [{"action": "Allow"}], "labelsToApply": {"k8s-pod-network": ""}})
+    );
+    let wep = etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "/calico/resources/v3/projectcalico.org/workloadendpoints/default/",
+        "--print-value-only",
+    ]);
+    assert!(wep.contains(r#""profiles":["k8s-pod-network"]"#), "{wep}");
+
+    // A second container on the network: the profile is not written again.
+    let created = mod_revision(&etcd, &key);
+    let (code, res) = call_for(&host, "ADD", "prof-c2", &pods[1], "", &conf);
+    assert_eq!(code, 0, "{res}");
+    assert_eq!(mod_revision(&etcd, &key), created, "written once");
+
+    // A person's edit (ingress from anywhere) survives the next ADD byte for byte.
+    let mut edited = stored.clone();
+    edited["spec"]["ingress"] = json!([{"action": "Allow"}]);
+    etcd.etcdctl(&["put", &key, &edited.to_string()]);
+    let before = etcd.etcdctl_value(&key);
+    let (code, res) = call_for(&host, "ADD", "prof-c3", &pods[2], "", &conf);
+    assert_eq!(code, 0, "{res}");
+    assert_eq!(
+        etcd.etcdctl_value(&key),
+        before,
+        "a hand-edited profile is kept"
+    );
+
+    // Kubernetes mode, and a network with a policy handler: no profile of their network.
+    let mut k8s = conf.clone();
+    k8s["name"] = json!("k8s-net");
+    let (code, res) = call_for(&host, "ADD", "prof-c4", &pods[3], POD_P, &k8s);
+    assert_eq!(code, 0, "{res}");
+    let mut handled = conf.clone();
+    handled["name"] = json!("handled-net");
+    handled["policy"] = json!({"type": "k8s"});
+    let (code, res) = call_for(&host, "ADD", "prof-c5", &pods[4], "", &handled);
+    assert_eq!(code, 0, "{res}");
+    let names = etcd.etcdctl(&["get", "--prefix", PROFILES, "--keys-only"]);
+    assert_eq!(
+        names.split_whitespace().collect::<Vec<_>>(),
+        vec![key.as_str()]
+    );
+}
+
+/// A network whose profile cannot be created (its name, 64 characters, is not a valid
+/// label key for `labelsToApply`) fails the ADD with a configuration error naming the
+/// field, and leaves no address, no endpoint, no interface and no profile behind.
+#[test]
+fn a_profile_that_cannot_be_created_fails_add_without_leaks() {
+    let Some((host, etcd, mut conf)) = node_with_etcd() else {
+        return;
+    };
+    let Some(pod) = NetNs::new("cn-prof") else {
+        return;
+    };
+    conf["name"] = json!("n".repeat(64));
+    let (code, err) = call_for(&host, "ADD", "badprof", &pod, "", &conf);
+    assert_eq!((code, err["code"].as_u64()), (1, Some(4)), "{err}");
+    assert_eq!(
+        err["msg"], "invalid network configuration field name",
+        "{err}"
+    );
+    assert!(
+        err["details"].as_str().unwrap().contains("labelsToApply"),
+        "{err}"
+    );
+    for prefix in [
+        "/calico/ipam/v2/handle/",
+        "/calico/resources/v3/projectcalico.org/workloadendpoints/",
+        PROFILES,
+    ] {
+        assert_eq!(
+            etcd.etcdctl(&["get", "--prefix", prefix, "--keys-only"])
+                .trim(),
+            "",
+            "{prefix}"
+        );
+    }
+    let blocks = etcd.etcdctl(&[
+        "get",
+        "--prefix",
+        "/calico/ipam/v2/assignment/",
+        "--print-value-only",
+    ]);
+    assert!(!blocks.contains("badprof"), "{blocks}");
+    assert!(!sh(&host, "ip link").contains("cali"), "no interface left");
+    assert!(
+        !sh(&pod, "ip link").contains("eth0"),
+        "no pod interface left"
+    );
+}

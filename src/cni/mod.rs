@@ -5,6 +5,7 @@
 pub mod dataplane;
 pub mod ipam_plugin;
 pub mod plugin;
+pub mod profile;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -187,6 +188,14 @@ pub struct IpamConf {
     pub ipv6_pools: Vec<String>,
 }
 
+/// The `policy` section (Calico's `types.Policy`): `type: k8s` names Kubernetes policy as
+/// the handler; empty means the plugin manages the network's profile itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct PolicyConf {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+}
+
 /// The network configuration Calico's plugins read from stdin.
 #[derive(Debug, Clone, Deserialize)]
 pub struct NetConf {
@@ -198,6 +207,8 @@ pub struct NetConf {
     pub kind: String,
     #[serde(default)]
     pub ipam: IpamConf,
+    #[serde(default)]
+    pub policy: PolicyConf,
     #[serde(default)]
     pub datastore_type: Option<String>,
     #[serde(default)]

@@ -1,7 +1,7 @@
 //! `calico`, the main CNI plugin (REFERENCE §4): addresses from the IPAM plugin named in
 //! `ipam.type` (run from CNI_PATH as the spec says, so `host-local` works too), the pod's
-//! veth and routes, and its WorkloadEndpoint. A failure after IPAM releases the addresses
-//! and removes what was created.
+//! veth and routes, its WorkloadEndpoint and, outside Kubernetes, the network's profile
+//! (`profile`). A failure after IPAM releases the addresses and removes what was created.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,6 +14,7 @@ use sha1::{Digest, Sha1};
 
 use super::dataplane::{self, PodSpec};
 use super::ipam_plugin::{self, check_datastore_ready, ipam_error};
+use super::profile;
 use super::{CniEnv, CniError, CniResult, Command, Interface, NetConf, code, version_result};
 use crate::datastore::{Client, ClientError, Datastore};
 use crate::model::workload::{WorkloadEndpoint, WorkloadEndpointSpec, workload_endpoint_name};
@@ -468,15 +469,31 @@ where
         })?;
         Ok::<_, CniError>(result)
     };
+    // The network's profile (non-Kubernetes mode) is made sure of at the same time: it
+    // exists before the endpoint that names it, so Felix never sees the endpoint without
+    // its profile (which would deny all its traffic for a moment).
+    let profile = async {
+        if profile::wants_network_profile(env, conf) {
+            profile::ensure_network_profile(client, &conf.name).await?;
+        }
+        Ok::<_, CniError>(())
+    };
     // The pair is made on threads of its own meanwhile; it is awaited only where needed.
-    let assigned = match assigned.await {
-        Ok(v) => v,
-        Err(e) => {
-            // The IPAM plugin undoes its own partial work; only the pair is ours to remove.
+    // Both steps run to their end (IPAM is never cut off half-way), then a failure of
+    // either undoes what the other did.
+    let (assigned, profile) = tokio::join!(assigned, profile);
+    let assigned = match (assigned, profile) {
+        (Ok(v), Ok(())) => v,
+        (assigned, profile) => {
+            // The IPAM plugin undoes its own partial work; the pair is ours to remove, and
+            // the addresses too when only the profile failed.
+            if assigned.is_ok() {
+                let _ = ipam(Command::Del).await;
+            }
             if veth.await.is_ok() {
                 let _ = dataplane::teardown(&env.netns, &env.ifname).await;
             }
-            return Err(e);
+            return Err(assigned.err().or(profile.err()).expect("one step failed"));
         }
     };
     let mut wep_created = false;
