@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use common::bgp::bird_external;
 use common::cluster::{Lab, add_pod, block_of, calicoctl, ping, routes};
-use common::policy::allow_pod_network;
 use common::{have, skip};
 
 const NODES: usize = 3;
@@ -212,10 +211,6 @@ spec:
 
     // Pods on the two clients: their blocks cross the reflector with the next hop kept.
     let (n2, n3) = (&nodes[1], &nodes[2]);
-    // Pods of the CNI network admit each other through the network's profile (the CNI
-    // plugin creates it; applied here too, as a user may, so that this routing test
-    // depends on nothing else of policy).
-    allow_pod_network(n2, ep, lab.states[1].path(), &[]);
     let a = add_pod(n2, "node-2", ep, pa);
     let b = add_pod(n3, "node-3", ep, pb);
     let on_n2 = format!("{} via 10.99.0.3 dev eth0 proto 80 onlink", block_of(&b));

@@ -13,7 +13,6 @@ use calico_node::bgp::config::{DesiredBgpConfig, DesiredPeer, ExportPolicy, Peer
 use calico_node::confd::bird;
 use common::bgp::bird_external;
 use common::cluster::{add_pod, block_of, calico_node, ping, routes};
-use common::policy::allow_pod_network;
 use common::{Etcd, NetNs, free_port, have, http_get, skip};
 use ipnet::IpNet;
 
@@ -207,11 +206,6 @@ fn real_bird_on_one_node_and_our_speaker_on_the_other_converge() {
                 .is_ok_and(|(s, _)| s == 200)
         });
     }
-    // Pods of the CNI network admit each other through the network's profile (the CNI
-    // plugin creates it; applied here too, as a user may, so that this routing test
-    // depends on nothing else of policy).
-    allow_pod_network(&n1, &ep, s1.path(), &[]);
-
     // Pods on both nodes: node-1's block reaches node-2 through BIRD, node-2's reaches
     // node-1's kernel through BIRD's kernel protocol (confd reloaded BIRD with the new
     // aggregate when node-1's block was claimed).

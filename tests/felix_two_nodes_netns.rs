@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use common::cluster::{
     add_pod, block_of, calicoctl, calicoctl_try, has_vxlan_device, ping, routes,
 };
-use common::policy::allow_pod_network;
 use common::{Etcd, NetNs, free_port, http_get};
 use serde_json::Value;
 
@@ -68,10 +67,6 @@ fn pods_on_two_nodes_ping_each_other_over_vxlan_then_bgp_routes() {
         });
     }
 
-    // Pods of the CNI network admit each other through the network's profile (the CNI
-    // plugin creates it; applied here too, as a user may, so that this routing test
-    // depends on nothing else of policy).
-    allow_pod_network(&n1, &endpoint, s1.path(), &[]);
     let a1 = add_pod(&n1, "node-1", &endpoint, &p1);
     let a2 = add_pod(&n2, "node-2", &endpoint, &p2);
     // Each node learns the other's block and VTEP from etcd.

@@ -905,8 +905,7 @@ fn pod_network_profile_hosts_and_endpoint_to_host() {
     let ctl = |args: &[&str], stdin: &str| {
         calicoctl(n1, &lab.ep, lab.states[0].path(), args, stdin);
     };
-    // The profile exactly as the CNI plugin creates it (it does not overwrite this one).
-    allow_pod_network(n1, &lab.ep, lab.states[0].path(), &[]);
+    // The CNI plugin creates the network's profile at the first ADD.
     let a = add_pod(n1, "node-1", &lab.ep, &lab.pa);
     let b = add_pod(n2, "node-2", &lab.ep, &lab.pb);
     let _servers = [
