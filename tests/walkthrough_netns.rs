@@ -18,7 +18,6 @@ use common::cluster::{
     Lab, add_pod, block_of, calicoctl, calicoctl_try, del_pod, has_vxlan_device, ip_show, ping,
     routes,
 };
-use common::policy::allow_pod_network;
 
 const NODES: usize = 3;
 
@@ -53,10 +52,6 @@ fn walkthrough_mesh_pods_mode_switch_route_reflector_and_release() {
 
     // Pods on node-2 and node-3 reach each other over BGP-learned routes.
     let (n2, n3) = (&nodes[1], &nodes[2]);
-    // Pods of the CNI network admit each other through the network's profile (the CNI
-    // plugin creates it; applied here too, as a user may, so that this routing test
-    // depends on nothing else of policy).
-    allow_pod_network(n2, ep, states[1].path(), &[]);
     let a = add_pod(n2, "node-2", ep, pa);
     let b = add_pod(n3, "node-3", ep, pb);
     let direct_b = format!("{} via 10.99.0.3 dev eth0 proto 80 onlink", block_of(&b));
