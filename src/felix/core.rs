@@ -278,7 +278,7 @@ impl Core {
                 };
                 self.last = Some((desired, uplink));
                 // The pass may have failed to write the policy: write it whole next time.
-                self.policy_full |= !problems.is_empty();
+                self.policy_full |= problems.iter().any(may_touch_policy);
                 if let Some(e) = self.ipip_missing(&problems) {
                     out.push(Output::LogError(e));
                 }
@@ -462,6 +462,24 @@ impl Core {
         })?;
         (!std::mem::replace(&mut self.warned_ipip, true)).then_some(e)
     }
+}
+
+/// Whether a full pass's problem may have left the policy tables other than written
+/// (routes, neighbours, tunnels and sysctls are written apart from them; anything else,
+/// NAT and nftables included, is taken to).
+fn may_touch_policy(p: &Problem) -> bool {
+    !matches!(
+        p,
+        Problem::Calc(_)
+            | Problem::Routes(_)
+            | Problem::Route { .. }
+            | Problem::Neighbour(_)
+            | Problem::Neighbours(_)
+            | Problem::Tunnel(_)
+            | Problem::Sysctl { .. }
+            | Problem::MtuFile { .. }
+            | Problem::Refused(_)
+    )
 }
 
 /// Ready when there are no problems, else not ready with all of them.

@@ -676,3 +676,29 @@ fn a_failed_policy_apply_makes_felix_not_ready_and_the_next_write_whole() {
     let pass = full_pass(&out).expect("a full pass");
     assert_eq!(pass.policy.policies.len(), 2);
 }
+
+#[test]
+fn a_pass_problem_apart_from_the_policy_tables_keeps_policy_applies_incremental() {
+    let (mut c, clock) = synced();
+    c.handle(
+        clock.ms(10),
+        local_wep("a", "10.244.0.2/32", r#"{"app":"x"}"#),
+    );
+    let route = Problem::Route {
+        prefix: "10.244.0.2/32".parse().unwrap(),
+        reason: RouteReason::Refused { errno: 1 },
+    };
+    c.handle(
+        clock.ms(11),
+        Input::PassDone {
+            uplink: Some(2),
+            problems: vec![route],
+        },
+    );
+    let out = c.handle(clock.ms(12), gnp("p", r#"{"selector":"app == 'x'"}"#));
+    let (_, delta) = policy_apply(&out).expect("a policy apply");
+    assert!(
+        !delta.full,
+        "a route problem says nothing of the policy tables"
+    );
+}

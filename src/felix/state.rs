@@ -10,9 +10,9 @@ use ipnet::IpNet;
 use super::FelixInput;
 use super::calc::{self, Desired, Input, Settings};
 use super::policy::calc::{
-    EndpointInfo, NetSetInfo, PolicyCalc, TierInfo, gnp_id, np_id, resolve_gnp, resolve_np,
-    resolve_profile,
+    EndpointInfo, NetSetInfo, TierInfo, gnp_id, np_id, resolve_gnp, resolve_np, resolve_profile,
 };
+use super::policy::index::PolicyEngine;
 use super::policy::{Delta, EndpointToHost, PolicyDataplane};
 use crate::bgp::RouteUpdate;
 use crate::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, UpdateType};
@@ -45,13 +45,11 @@ pub struct State {
     bgp_changed: Vec<IpNet>,
     /// Whether a datastore update changed anything since the last full pass.
     pub datastore_changed: bool,
-    /// The policy calculation's inputs (every endpoint of the cluster, policies, tiers,
-    /// profiles, network sets).
-    policy: PolicyCalc,
+    /// The policy calculation: its inputs (every endpoint of the cluster, policies,
+    /// tiers, profiles, network sets), its last result and its indexes.
+    policy: PolicyEngine,
     /// What each policy-related datastore key holds (deletes come by key).
     policy_keys: BTreeMap<String, PolicyKey>,
-    /// The policy dataplane last computed ([`State::policy_update`]).
-    policy_dp: Arc<PolicyDataplane>,
     /// Whether a datastore update changed the policy inputs since the last
     /// [`State::policy_update`].
     pub policy_changed: bool,
@@ -71,7 +69,7 @@ impl State {
     pub fn new(node: &str) -> State {
         State {
             node: node.to_string(),
-            policy: PolicyCalc::new(node),
+            policy: PolicyEngine::new(node),
             ..Default::default()
         }
     }
@@ -115,12 +113,27 @@ impl State {
 
     fn forget(&mut self, key: &str) -> bool {
         self.all_workloads.remove(key);
-        let mut policy = self.policy.endpoints.remove(key).is_some()
-            | self.policy.net_sets.remove(key).is_some();
+        let mut policy = false;
+        if self.policy.calc().endpoints.contains_key(key) {
+            self.policy.endpoint(key, None);
+            policy = true;
+        }
+        if self.policy.calc().net_sets.contains_key(key) {
+            self.policy.net_set(key, None);
+            policy = true;
+        }
         policy |= match self.policy_keys.remove(key) {
-            Some(PolicyKey::Tier(t)) => self.policy.tiers.remove(&t).is_some(),
-            Some(PolicyKey::Policy(id)) => self.policy.policies.remove(&id).is_some(),
-            Some(PolicyKey::Profile(p)) => self.policy.profiles.remove(&p).is_some(),
+            Some(PolicyKey::Tier(t)) => self.policy.inputs_mut().tiers.remove(&t).is_some(),
+            Some(PolicyKey::Policy(id)) => {
+                let had = self.policy.calc().policies.contains_key(&id);
+                self.policy.policy(&id, None);
+                had
+            }
+            Some(PolicyKey::Profile(p)) => {
+                let had = self.policy.calc().profiles.contains_key(&p);
+                self.policy.profile(&p, None);
+                had
+            }
             None => false,
         };
         self.policy_changed |= policy;
@@ -139,7 +152,9 @@ impl State {
         if key.ends_with("/bgpconfigurations/default") {
             gone |= !std::mem::take(&mut self.service_ranges).is_empty();
         }
-        self.config_changed();
+        if key.contains("/felixconfigurations/") {
+            self.config_changed();
+        }
         gone
     }
 
@@ -150,8 +165,22 @@ impl State {
             "Accept" => EndpointToHost::Accept,
             _ => EndpointToHost::Drop,
         };
-        if self.policy.endpoint_to_host != e2h {
-            self.policy.endpoint_to_host = e2h;
+        if self.policy.calc().endpoint_to_host != e2h {
+            self.policy.set_endpoint_to_host(e2h);
+            self.policy_changed = true;
+        }
+    }
+
+    fn put_policy(&mut self, id: &str, p: Option<super::policy::calc::ResolvedPolicy>) {
+        if self.policy.calc().policies.get(id) != p.as_ref() {
+            self.policy.policy(id, p);
+            self.policy_changed = true;
+        }
+    }
+
+    fn net_set(&mut self, key: &str, info: NetSetInfo) {
+        if self.policy.calc().net_sets.get(key) != Some(&info) {
+            self.policy.net_set(key, Some(info));
             self.policy_changed = true;
         }
     }
@@ -183,13 +212,21 @@ impl State {
                 }
                 // Policy sees every endpoint of the cluster (their addresses fill the
                 // selector sets); a change of labels alone is no routing change.
-                self.policy_changed |= keep(
-                    &mut self.policy.endpoints,
-                    key,
-                    Some(EndpointInfo::from_wep(w)),
-                );
+                let info = EndpointInfo::from_wep(w);
+                if self.policy.calc().endpoints.get(key) != Some(&info) {
+                    self.policy.endpoint(key, Some(info));
+                    self.policy_changed = true;
+                }
                 if w.spec.node == self.node {
-                    self.workloads.insert(key.to_string(), w.spec.clone()) != Some(w.spec.clone())
+                    // Profiles, named ports and the service account are policy's alone.
+                    let routing = |s: &WorkloadEndpointSpec| WorkloadEndpointSpec {
+                        profiles: Vec::new(),
+                        ports: Vec::new(),
+                        service_account_name: String::new(),
+                        ..s.clone()
+                    };
+                    let old = self.workloads.insert(key.to_string(), w.spec.clone());
+                    old.as_ref().map(routing) != Some(routing(&w.spec))
                 } else {
                     // Moved to another node: it is not ours any more.
                     self.workloads.remove(key).is_some()
@@ -217,18 +254,18 @@ impl State {
             SyncValue::Resource(AnyResource::Tier(t)) => {
                 let name = t.metadata.name.clone();
                 self.policy_key(key, PolicyKey::Tier(name.clone()));
-                self.policy_changed |= keep(
-                    &mut self.policy.tiers,
-                    &name,
-                    Some(TierInfo::from_spec(&t.spec)),
-                );
+                let info = TierInfo::from_spec(&t.spec);
+                if self.policy.calc().tiers.get(&name) != Some(&info) {
+                    self.policy_changed |=
+                        keep(&mut self.policy.inputs_mut().tiers, &name, Some(info));
+                }
                 false
             }
             SyncValue::Resource(AnyResource::GlobalNetworkPolicy(p)) => {
                 let id = gnp_id(&p.metadata.name);
                 self.policy_key(key, PolicyKey::Policy(id.clone()));
                 let r = resolve_gnp(&p.metadata.name, &p.spec);
-                self.policy_changed |= keep(&mut self.policy.policies, &id, r);
+                self.put_policy(&id, r);
                 false
             }
             SyncValue::Resource(AnyResource::NetworkPolicy(p)) => {
@@ -236,25 +273,28 @@ impl State {
                 let id = np_id(ns, &p.metadata.name);
                 self.policy_key(key, PolicyKey::Policy(id.clone()));
                 let r = resolve_np(ns, &p.metadata.name, &p.spec);
-                self.policy_changed |= keep(&mut self.policy.policies, &id, Some(r));
+                self.put_policy(&id, Some(r));
                 false
             }
             SyncValue::Resource(AnyResource::Profile(p)) => {
                 let name = p.metadata.name.clone();
                 self.policy_key(key, PolicyKey::Profile(name.clone()));
                 let r = resolve_profile(&p.spec);
-                self.policy_changed |= keep(&mut self.policy.profiles, &name, Some(r));
+                if self.policy.calc().profiles.get(&name) != Some(&r) {
+                    self.policy.profile(&name, Some(r));
+                    self.policy_changed = true;
+                }
                 false
             }
             SyncValue::Resource(AnyResource::NetworkSet(n)) => {
                 let ns = n.metadata.namespace.as_deref().unwrap_or("default");
                 let info = NetSetInfo::new(&n.metadata.labels, Some(ns), &n.spec.nets);
-                self.policy_changed |= keep(&mut self.policy.net_sets, key, Some(info));
+                self.net_set(key, info);
                 false
             }
             SyncValue::Resource(AnyResource::GlobalNetworkSet(n)) => {
                 let info = NetSetInfo::new(&n.metadata.labels, None, &n.spec.nets);
-                self.policy_changed |= keep(&mut self.policy.net_sets, key, Some(info));
+                self.net_set(key, info);
                 false
             }
             // Staged policies are never enforced (Calico).
@@ -265,15 +305,12 @@ impl State {
     /// The policy dataplane for what is known now, and what changed since the last call.
     pub fn policy_update(&mut self) -> (Arc<PolicyDataplane>, Delta) {
         self.policy_changed = false;
-        let new = self.policy.dataplane();
-        let delta = super::policy::calc::diff(&self.policy_dp, &new);
-        self.policy_dp = Arc::new(new);
-        (self.policy_dp.clone(), delta)
+        self.policy.take()
     }
 
     /// The policy dataplane last computed.
     pub fn policy_dataplane(&self) -> &Arc<PolicyDataplane> {
-        &self.policy_dp
+        self.policy.dataplane()
     }
 
     /// The FelixConfiguration in force: `node.<name>` over `default`.
@@ -644,6 +681,42 @@ mod tests {
             SyncStatus::InSync,
         )));
         assert!(s.datastore_in_sync);
+    }
+
+    /// `defaultEndpointToHostAction` (node over global) reaches the policy dataplane;
+    /// without it, Felix's default Drop.
+    #[test]
+    fn endpoint_to_host_action_follows_the_felix_configuration() {
+        let mut s = State::new("node-a");
+        let prefix = "/calico/resources/v3/projectcalico.org/felixconfigurations/";
+        let fc = |name: &str, action: &str| {
+            SyncValue::Resource(AnyResource::FelixConfiguration(resource(
+                name,
+                FelixConfigurationSpec {
+                    default_endpoint_to_host_action: Some(action.into()),
+                    ..Default::default()
+                },
+            )))
+        };
+        assert_eq!(s.policy_update().0.endpoint_to_host, EndpointToHost::Drop);
+        s.apply(&update(
+            &format!("{prefix}default"),
+            Some(fc("default", "Accept")),
+        ));
+        assert!(std::mem::take(&mut s.policy_changed));
+        let (dp, delta) = s.policy_update();
+        assert_eq!(dp.endpoint_to_host, EndpointToHost::Accept);
+        assert!(delta.endpoint_to_host);
+        s.apply(&update(
+            &format!("{prefix}node.node-a"),
+            Some(fc("node.node-a", "Return")),
+        ));
+        assert_eq!(s.policy_update().0.endpoint_to_host, EndpointToHost::Return);
+        s.apply(&update(&format!("{prefix}node.node-a"), None));
+        s.apply(&update(&format!("{prefix}default"), None));
+        let (dp, delta) = s.policy_update();
+        assert_eq!(dp.endpoint_to_host, EndpointToHost::Drop);
+        assert!(delta.endpoint_to_host);
     }
 
     #[test]

@@ -41,6 +41,18 @@ enum Expr {
     Not(Box<Expr>),
     And(Box<Expr>, Box<Expr>),
     Or(Box<Expr>, Box<Expr>),
+    /// A parenthesized `&&` (`||`) chain as the first operand of another `&&` (`||`)
+    /// chain: `(a && b) && c`. The same meaning as without the parentheses, but Calico's
+    /// parser keeps it a group, and its canonical text (hence the set id) shows it.
+    Group(Box<Expr>),
+}
+
+/// Without the group marker.
+fn ungroup(e: Expr) -> Expr {
+    match e {
+        Expr::Group(inner) => *inner,
+        other => other,
+    }
 }
 
 /// A selector that does not parse, pointing at the position of the problem.
@@ -67,7 +79,7 @@ impl Selector {
         if p.at_end() {
             return Ok(Selector::all());
         }
-        let root = p.expr()?;
+        let root = ungroup(p.expr()?);
         p.skip_ws();
         if !p.at_end() {
             return Err(p.error("trailing input after selector"));
@@ -124,12 +136,15 @@ fn canonical_quote(s: &str) -> String {
 }
 
 impl Expr {
-    /// The operands of a chain of one operator (the parser nests them to the left).
+    /// The operands of a chain of one operator, as Calico's parser collects them: the
+    /// parser nests a chain to the left, so a right operand of the same operator came
+    /// from parentheses and stays a group (`a && (b && c)`); a parenthesized first
+    /// operand is marked [`Expr::Group`].
     fn chain<'a>(&'a self, out: &mut Vec<&'a Expr>, and: bool) {
         match (self, and) {
             (Expr::And(a, b), true) | (Expr::Or(a, b), false) => {
                 a.chain(out, and);
-                b.chain(out, and);
+                out.push(b);
             }
             _ => out.push(self),
         }
@@ -161,6 +176,7 @@ impl Expr {
                 out.push('!');
                 e.canonical(out);
             }
+            Expr::Group(e) => e.canonical(out),
             Expr::And(..) | Expr::Or(..) => {
                 let and = matches!(self, Expr::And(..));
                 let mut ops = Vec::new();
@@ -192,6 +208,7 @@ impl Expr {
             Expr::Not(e) => Expr::Not(Box::new(e.prefixed(p))),
             Expr::And(a, b) => Expr::And(Box::new(a.prefixed(p)), Box::new(b.prefixed(p))),
             Expr::Or(a, b) => Expr::Or(Box::new(a.prefixed(p)), Box::new(b.prefixed(p))),
+            Expr::Group(e) => Expr::Group(Box::new(e.prefixed(p))),
         }
     }
 
@@ -210,6 +227,7 @@ impl Expr {
             Expr::Not(e) => !e.eval(l),
             Expr::And(a, b) => a.eval(l) && b.eval(l),
             Expr::Or(a, b) => a.eval(l) || b.eval(l),
+            Expr::Group(e) => e.eval(l),
         }
     }
 
@@ -255,6 +273,7 @@ impl fmt::Display for Expr {
             Expr::Contains(k, v) => write!(f, "{k} contains {}", quote(v)),
             Expr::StartsWith(k, v) => write!(f, "{k} starts with {}", quote(v)),
             Expr::EndsWith(k, v) => write!(f, "{k} ends with {}", quote(v)),
+            Expr::Group(e) => write!(f, "({e})"),
             Expr::Not(e) => {
                 f.write_str("!")?;
                 write_child(f, e, 3)
@@ -358,29 +377,47 @@ impl Parser<'_> {
         }
     }
 
-    fn expr(&mut self) -> Result<Expr, SelectorError> {
-        let mut left = self.and()?;
-        while self.eat("||") {
-            let right = self.and()?;
-            left = Expr::Or(Box::new(left), Box::new(right));
+    /// A chain of `op`; a parenthesized first operand of the same operator stays a
+    /// [`Expr::Group`] when more operands follow (Calico's parser nests it).
+    fn chain(
+        &mut self,
+        op: &str,
+        operand: fn(&mut Self) -> Result<Expr, SelectorError>,
+        make: fn(Box<Expr>, Box<Expr>) -> Expr,
+    ) -> Result<Expr, SelectorError> {
+        let first = operand(self)?;
+        if !self.eat(op) {
+            return Ok(first);
         }
-        Ok(left)
+        let same = |e: &Expr| match e {
+            Expr::Group(inner) => {
+                matches!((&**inner, op), (Expr::And(..), "&&") | (Expr::Or(..), "||"))
+            }
+            _ => false,
+        };
+        let mut left = if same(&first) { first } else { ungroup(first) };
+        loop {
+            let right = ungroup(operand(self)?);
+            left = make(Box::new(left), Box::new(right));
+            if !self.eat(op) {
+                return Ok(left);
+            }
+        }
+    }
+
+    fn expr(&mut self) -> Result<Expr, SelectorError> {
+        self.chain("||", Self::and, Expr::Or)
     }
 
     fn and(&mut self) -> Result<Expr, SelectorError> {
-        let mut left = self.unary()?;
-        while self.eat("&&") {
-            let right = self.unary()?;
-            left = Expr::And(Box::new(left), Box::new(right));
-        }
-        Ok(left)
+        self.chain("&&", Self::unary, Expr::And)
     }
 
     fn unary(&mut self) -> Result<Expr, SelectorError> {
         self.skip_ws();
         // `!=` never starts a term, so a leading `!` is always negation.
         if self.eat("!") {
-            return Ok(Expr::Not(Box::new(self.unary()?)));
+            return Ok(Expr::Not(Box::new(ungroup(self.unary()?))));
         }
         self.primary()
     }
@@ -388,9 +425,12 @@ impl Parser<'_> {
     fn primary(&mut self) -> Result<Expr, SelectorError> {
         self.skip_ws();
         if self.eat("(") {
-            let e = self.expr()?;
+            let e = ungroup(self.expr()?);
             self.expect(")", "expected ')'")?;
-            return Ok(e);
+            return Ok(match e {
+                Expr::And(..) | Expr::Or(..) => Expr::Group(Box::new(e)),
+                other => other,
+            });
         }
         let save = self.pos;
         if self.eat_word("all") {

@@ -16,10 +16,11 @@
 //! - empty `types` means both directions; tiers by order (none last) then name; policies
 //!   by order (none last) then name.
 //!
-//! [`PolicyCalc`] keeps the inputs and an index (selector -> members, endpoint -> the
-//! policies that select it) so that one endpoint's change updates the last dataplane in
-//! O(#selectors + #changed members) and yields a precise [`Delta`]; [`diff`] computes the
-//! same delta between any two dataplanes (the property tests hold the two equal).
+//! [`PolicyCalc::dataplane`] computes the whole dataplane from scratch (the reference);
+//! `policy::index::PolicyEngine` keeps it up to date change by change (an endpoint's
+//! change costs O(#selectors + #changed members)) with a precise [`Delta`]; [`diff`]
+//! computes the delta between any two dataplanes (the property tests hold the engine to
+//! both).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -229,8 +230,9 @@ impl NetSetInfo {
 pub struct ResolvedPolicy {
     pub tier: String,
     pub order: Option<f64>,
-    /// The name part of the sort key (`name`, then namespace, then kind).
-    pub sort_name: (String, String, &'static str),
+    /// The tie-break of equal orders: `<name>/<namespace>/<kind>` compared as text
+    /// (Calico's `PolKVLess`).
+    pub sort_name: String,
     pub selector: Selector,
     pub ingress: bool,
     pub egress: bool,
@@ -442,6 +444,11 @@ fn entity(
     if !neg.is_empty() {
         m.not_sets.push(sel_set(parse(&neg), sets));
     }
+    // `services` (Kubernetes Services' endpoints): no Service exists in etcd mode, so the
+    // side matches nothing (an empty set), as Calico's service IP set would be.
+    if er.services.is_some() {
+        m.sets.push(sel_set(nothing(), sets));
+    }
     m.ports = numeric;
     m.not_ports = not_numeric;
     m
@@ -511,7 +518,7 @@ fn resolved(
     ResolvedPolicy {
         tier: tier_or_default(tier),
         order,
-        sort_name,
+        sort_name: format!("{}/{}/{}", sort_name.0, sort_name.1, sort_name.2),
         selector: parse(&selector),
         ingress,
         egress,
@@ -678,12 +685,14 @@ impl PolicyCalc {
         labels
     }
 
-    fn is_local(&self, e: &EndpointInfo) -> bool {
-        e.node == self.node && !e.iface.is_empty()
+    /// A local endpoint gets chains; as in Calico, one without addresses is left out
+    /// (its interface then has no dispatch entry: dropped).
+    pub(crate) fn is_local(&self, e: &EndpointInfo) -> bool {
+        e.node == self.node && !e.iface.is_empty() && !e.nets.is_empty()
     }
 
     /// One local endpoint's policy, given its labels.
-    fn endpoint(&self, e: &EndpointInfo, labels: &BTreeMap<String, String>) -> Endpoint {
+    pub(crate) fn endpoint(&self, e: &EndpointInfo, labels: &BTreeMap<String, String>) -> Endpoint {
         let mut selecting: Vec<(&String, &ResolvedPolicy)> = self
             .policies
             .iter()
@@ -720,11 +729,20 @@ impl PolicyCalc {
         }
     }
 
-    /// Sort policies by tier (order, name), then order, then name/namespace/kind.
+    /// Whether a tier exists (`default` always does): Calico sorts the tiers that do
+    /// not after all others (`TierLess`).
+    fn tier_exists(&self, name: &str) -> bool {
+        name == crate::model::tier::DEFAULT_TIER || self.tiers.contains_key(name)
+    }
+
+    /// Sort policies by tier (existing first, then order, then name), then order, then
+    /// `name/namespace/kind`.
     fn sort(&self, ps: &mut [(&String, &ResolvedPolicy)]) {
         ps.sort_by(|(_, a), (_, b)| {
             let (ta, tb) = (self.tier(&a.tier), self.tier(&b.tier));
-            cmp_order(ta.order, tb.order)
+            (!self.tier_exists(&a.tier))
+                .cmp(&!self.tier_exists(&b.tier))
+                .then_with(|| cmp_order(ta.order, tb.order))
                 .then_with(|| a.tier.cmp(&b.tier))
                 .then_with(|| cmp_order(a.order, b.order))
                 .then_with(|| a.sort_name.cmp(&b.sort_name))
@@ -762,11 +780,27 @@ impl PolicyCalc {
 
     /// The whole dataplane, computed from scratch.
     pub fn dataplane(&self) -> PolicyDataplane {
-        let labels: BTreeMap<String, BTreeMap<String, String>> = self
-            .endpoints
+        let labels = self.all_labels();
+        let (mut dp, defs) = self.without_members(&labels);
+        for (id, def) in defs {
+            dp.sets.insert(id, self.members(def, &labels));
+        }
+        dp
+    }
+
+    /// Every endpoint's labels after inheritance, by key.
+    pub(crate) fn all_labels(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.endpoints
             .iter()
             .map(|(k, e)| (k.clone(), self.labels(e)))
-            .collect();
+            .collect()
+    }
+
+    /// The dataplane without its sets, and the sets its chains use.
+    pub(crate) fn without_members(
+        &self,
+        labels: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> (PolicyDataplane, BTreeMap<String, &SetDef>) {
         let mut dp = PolicyDataplane {
             endpoint_to_host: self.endpoint_to_host,
             ..Default::default()
@@ -795,15 +829,16 @@ impl PolicyCalc {
             }
             dp.endpoints.insert(e.iface.clone(), ep);
         }
-        for (id, def) in defs {
-            dp.sets.insert(id, self.members(def, &labels));
-        }
-        dp
+        (dp, defs)
     }
 }
 
 /// The (address, protocol, port) members an endpoint gives a named-port set.
-fn port_members(e: &EndpointInfo, proto: NamedPortProto, name: &str) -> Vec<(IpAddr, u8, u16)> {
+pub(crate) fn port_members(
+    e: &EndpointInfo,
+    proto: NamedPortProto,
+    name: &str,
+) -> Vec<(IpAddr, u8, u16)> {
     let mut out = Vec::new();
     for (n, p, port) in &e.ports {
         if n != name || !proto.matches(*p) {

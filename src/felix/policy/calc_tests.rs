@@ -147,6 +147,42 @@ fn set_ids_are_calicos_sha224_of_the_canonical_selector() {
         assert_eq!(selector_set_id(&s), id, "{sel} -> {}", s.canonical());
         assert_eq!(id.len(), 2 + 38);
     }
+    // Chains are flat, groups on the right stay groups (Calico's AndNode/OrNode).
+    for (sel, canonical) in [
+        (
+            "a == 'x' && b == 'y' && has(c)",
+            r#"(a == "x" && b == "y" && has(c))"#,
+        ),
+        (
+            "(projectcalico.org/namespace == 'ns1') && (role == 'db' && tier in {'b', 'a'})",
+            r#"(projectcalico.org/namespace == "ns1" && (role == "db" && tier in {"a", "b"}))"#,
+        ),
+        (
+            "a == 'x' || (b == 'y' || c == 'z')",
+            r#"(a == "x" || (b == "y" || c == "z"))"#,
+        ),
+        (
+            "a == 'x' && (b == 'y' || c == 'z')",
+            r#"(a == "x" && (b == "y" || c == "z"))"#,
+        ),
+        // A parenthesized chain first stays a group too.
+        (
+            "(a == 'x' && b == 'y') && c == 'z'",
+            r#"((a == "x" && b == "y") && c == "z")"#,
+        ),
+        (
+            "((a == 'x' || b == 'y')) || c == 'z'",
+            r#"((a == "x" || b == "y") || c == "z")"#,
+        ),
+        (
+            "(a == 'x' || b == 'y') && c == 'z'",
+            r#"((a == "x" || b == "y") && c == "z")"#,
+        ),
+        ("!(a == 'x' && b == 'y')", r#"!(a == "x" && b == "y")"#),
+        ("((all()))", "all()"),
+    ] {
+        assert_eq!(Selector::parse(sel).unwrap().canonical(), canonical);
+    }
     // A named-port set hashes the selector's id, the protocol and the name.
     let all = Selector::all();
     let n = named_port_set_id(&all, NamedPortProto::Tcp, "http");
@@ -229,6 +265,10 @@ fn tiers_sort_by_order_then_name_and_policies_by_order_then_name() {
     w.gnp("s-1", &pol("security", Some(1.0)));
     w.gnp("z-1", &pol("zz-no-order", Some(1.0)));
     w.gnp("admin", &pol("kube-admin", None));
+    // A tier that does not exist sorts after every tier that does.
+    w.gnp("ghost", &pol("aaa-missing", Some(1.0)));
+    // Equal orders: `name/namespace/kind` as text ('-' sorts before '/').
+    w.gnp("d-b-x", &pol("default", Some(100.0)));
     w.np("ns1", "d-a", &pol("default", Some(100.0)));
     let dp = w.dp();
     let got = tiers(&dp.endpoints["cali-a"].ingress);
@@ -243,6 +283,7 @@ fn tiers_sort_by_order_then_name_and_policies_by_order_then_name() {
                 ids(&[
                     "gnp/d-a",
                     "np/ns1/d-a",
+                    "gnp/d-b-x",
                     "gnp/d-b",
                     "gnp/d-late",
                     "gnp/d-none"
@@ -251,6 +292,8 @@ fn tiers_sort_by_order_then_name_and_policies_by_order_then_name() {
             ),
             // A tier without an order comes last; its default action is Deny.
             ("zz-no-order".into(), ids(&["gnp/z-1"]), TierEnd::Deny),
+            // A tier that does not exist: after every tier that does.
+            ("aaa-missing".into(), ids(&["gnp/ghost"]), TierEnd::Deny),
         ]
     );
     assert!(dp.endpoints["cali-a"].egress.is_empty());
@@ -748,4 +791,18 @@ fn diff_of_a_label_change_names_set_members_and_the_endpoints_whose_tiers_change
     );
     assert!(d.added.is_empty());
     assert!(!d.endpoint_to_host);
+}
+
+#[test]
+fn a_services_match_matches_nothing_in_etcd_mode() {
+    let mut w = World::new();
+    w.ep(wep("node-a", "ns1", "a", "10.0.0.1/32", &[], &[]));
+    w.gnp(
+        "p",
+        r#"{"egress":[{"action":"Allow","destination":{"services":{"name":"kubernetes","namespace":"default"}}}]}"#,
+    );
+    let dp = w.dp();
+    let r = &dp.policies["gnp/p"].outbound[0];
+    assert_eq!(r.dst.sets.len(), 1);
+    assert!(nets(&dp, &r.dst.sets[0]).is_empty());
 }

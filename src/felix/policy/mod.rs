@@ -11,6 +11,7 @@
 //! ```
 
 pub mod calc;
+pub mod index;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
