@@ -82,7 +82,8 @@ fn rich() -> PolicyDataplane {
     let mut deny = rule(Action::Deny);
     deny.src.not_sets = vec!["s:bbbb".into()];
     deny.src.nets = vec![net("192.168.0.0/16"), net("fd00:1::/64")];
-    deny.src.not_nets = vec![net("192.168.1.0/24")];
+    // Both families in notNets: a family with none would not get the rule at all.
+    deny.src.not_nets = vec![net("192.168.1.0/24"), net("fd00:1:0:1::/64")];
     deny.dst.not_ports = vec![PortRange { lo: 22, hi: 22 }];
     deny.protocol = Some(17);
     let mut ping = rule(Action::Allow);
@@ -155,19 +156,8 @@ fn diff(old: &PolicyDataplane, new: &PolicyDataplane) -> Delta {
         endpoint_to_host: old.endpoint_to_host != new.endpoint_to_host,
         ..Default::default()
     };
-    // An endpoint whose profile appears or goes is rewritten (its chain skips missing
-    // ones).
-    for (i, ep) in &new.endpoints {
-        if ep.profiles.iter().any(|p| d.profiles.contains(p))
-            || ep
-                .ingress
-                .iter()
-                .chain(ep.egress.iter())
-                .any(|t| t.policies.iter().any(|p| d.policies.contains(p)))
-        {
-            d.endpoints.insert(i.clone());
-        }
-    }
+    // Endpoints whose policies or profiles come or go are not named: the executor
+    // rewrites them itself.
     for k in old.sets.keys().chain(new.sets.keys()) {
         match (old.sets.get(k), new.sets.get(k)) {
             (Some(IpSet::Nets(a)), Some(IpSet::Nets(b))) if a != b => {
@@ -189,6 +179,15 @@ fn diff(old: &PolicyDataplane, new: &PolicyDataplane) -> Delta {
         }
     }
     d
+}
+
+/// Pools of both families: both tables hold the filter layer.
+fn dual_stack() -> Nat {
+    Nat {
+        masquerade: BTreeSet::from([net("10.65.0.0/16")]),
+        all: BTreeSet::from([net("10.65.0.0/16"), net("fd00::/48")]),
+        snat_to: None,
+    }
 }
 
 fn nft_out(ns: &NetNs, args: &[&str]) -> String {
@@ -266,11 +265,7 @@ fn incremental_equals_full(steps: Vec<(&'static str, PolicyDataplane)>) {
     if !have_nft() {
         return;
     }
-    let nat = Nat {
-        masquerade: BTreeSet::from([net("10.65.0.0/16")]),
-        all: BTreeSet::from([net("10.65.0.0/16")]),
-        snat_to: None,
-    };
+    let nat = dual_stack();
     let mut prev = PolicyDataplane::default();
     let mut tables = Some(PolicyTables::new());
     {
@@ -318,7 +313,7 @@ fn full_render_loads_with_calicos_names() {
     let dp = rich();
     ns.run_in(move || {
         PolicyTables::new()
-            .write_full(&dp, &Nat::default(), "cali")
+            .write_full(&dp, &dual_stack(), "cali")
             .unwrap()
     });
     let v4 = nft_out(&ns, &["list", "table", "ip", "calico"]);
@@ -335,8 +330,7 @@ fn full_render_loads_with_calicos_names() {
         "chain filter-cali-pri-kns.default {",
         "chain filter-cali-tw-calia {",
         "jump filter-cali-pi-np/default/db",
-        "ct state established,related accept",
-        "ct state invalid counter packets 0 bytes 0 drop",
+        "ct state vmap { invalid : drop, established : accept, related : accept }",
         "ip daddr . meta l4proto . tcp dport @cali40n-cccc",
         "tcp dport { 80, 1000-2000 }",
         "iifname \"cali*\" jump filter-cali-from-wl-dispatch",
@@ -348,10 +342,14 @@ fn full_render_loads_with_calicos_names() {
     // The missing profile is skipped, the IPv6-only rule not rendered in IPv4.
     assert!(!v4.contains("missing-profile"), "{v4}");
     assert!(!v4.contains("icmpv6"), "{v4}");
+    // NAT and policy in one table.
+    assert!(v4.contains("chain cali-POSTROUTING {"), "{v4}");
     let v6 = nft_out(&ns, &["list", "table", "ip6", "calico"]);
     assert!(v6.contains("elements = { fd00::1 }"), "{v6}");
     assert!(
-        v6.contains("ip6 saddr fd00:1::/64 ip6 saddr != @cali60s-bbbb"),
+        v6.contains(
+            "ip6 saddr fd00:1::/64 ip6 saddr != fd00:1:0:1::/64 ip6 saddr != @cali60s-bbbb"
+        ),
         "{v6}"
     );
     assert!(!v6.contains("192.168"), "{v6}");
@@ -372,6 +370,9 @@ fn incremental_deltas_equal_a_full_apply() {
     if let Some(IpSet::Nets(s)) = relabel.sets.get_mut("s:aaaa") {
         s.remove(&net("10.65.0.1/32"));
         s.insert(net("10.65.0.9/32"));
+        s.remove(&net("fd00::1/128"));
+        s.insert(net("fd00::9/128"));
+        s.insert(net("fd00::a/128"));
     }
     if let Some(IpSet::Nets(s)) = relabel.sets.get_mut("s:bbbb") {
         s.insert(net("10.65.0.1/32"));
@@ -524,8 +525,19 @@ fn connects(ns: &NetNs, ip: &str, port: u16) -> bool {
     })
 }
 
+/// One ping, waiting a second: for what must be dropped.
 fn ping(from: &NetNs, to: &str) -> bool {
     common::cluster::ping(from, to)
+}
+
+/// Up to five pings (a loaded machine may lose the first to ARP): for what must pass.
+fn reaches(from: &NetNs, to: &str) -> bool {
+    (0..5).any(|_| ping(from, to))
+}
+
+/// Up to five connection attempts: for what must pass.
+fn connects_eventually(ns: &NetNs, ip: &str, port: u16) -> bool {
+    (0..5).any(|_| connects(ns, ip, port))
 }
 
 /// Real traffic between pods: an allow by selector set passes, a deny by set drops, a port
@@ -548,7 +560,7 @@ fn traffic_follows_the_policy_and_its_changes() {
     listen(&b, 8080);
     listen(&b, 9090);
     // Before any policy: everything passes.
-    assert!(ping(&a, "10.65.0.2") && ping(&c, "10.65.0.2") && ping(&b, "10.65.0.1"));
+    assert!(reaches(&a, "10.65.0.2") && reaches(&c, "10.65.0.2") && reaches(&b, "10.65.0.1"));
 
     let mut dp = PolicyDataplane::default();
     dp.sets
@@ -602,26 +614,31 @@ fn traffic_follows_the_policy_and_its_changes() {
         t.write_full(&d, &Nat::default(), "cali").unwrap();
         t
     });
-    assert!(ping(&a, "10.65.0.2"), "allowed by the selector set");
+    assert!(reaches(&a, "10.65.0.2"), "allowed by the selector set");
     assert!(!ping(&c, "10.65.0.2"), "denied by the selector set");
-    assert!(connects(&a, "10.65.0.2", 8080), "allowed port");
+    assert!(connects_eventually(&a, "10.65.0.2", 8080), "allowed port");
     assert!(!connects(&a, "10.65.0.2", 9090), "end-of-tier drop");
     assert!(!connects(&c, "10.65.0.2", 8080), "denied by set, TCP too");
     assert!(
         !ping(&b, "10.65.0.1"),
         "no egress policy, no profile: dropped"
     );
-    assert!(ping(&a, "10.65.0.3"), "the profile allows");
+    assert!(reaches(&a, "10.65.0.3"), "the profile allows");
     // To the host: dropped by default.
     assert!(!ping(&a, "10.99.0.1"), "defaultEndpointToHostAction Drop");
     let v4 = nft_out(
         &node,
         &["list", "chain", "ip", "calico", "filter-cali-pi-gnp/b"],
     );
+    let logged = v4
+        .lines()
+        .find(|l| l.contains("log prefix"))
+        .and_then(|l| l.split("counter packets ").nth(1))
+        .and_then(|n| n.split(' ').next())
+        .and_then(|n| n.parse::<u64>().ok());
     assert!(
-        v4.contains("meta l4proto icmp counter packets 2 ")
-            || v4.contains("ip protocol icmp counter packets 2 "),
-        "the Log rule counted the two pings that reached b's policy:\n{v4}"
+        logged >= Some(2),
+        "the Log rule counted the pings (a's and c's) that reached b's policy:\n{v4}"
     );
 
     // c is relabelled out of the denied set; the host is made reachable.
@@ -638,10 +655,13 @@ fn traffic_follows_the_policy_and_its_changes() {
         t.apply(&n, &delta).unwrap();
         t
     });
-    assert!(ping(&c, "10.65.0.2"), "c no longer denied");
-    assert!(connects(&c, "10.65.0.2", 8080));
+    assert!(reaches(&c, "10.65.0.2"), "c no longer denied");
+    assert!(connects_eventually(&c, "10.65.0.2", 8080));
     assert!(!connects(&c, "10.65.0.2", 9090));
-    assert!(ping(&a, "10.99.0.1"), "defaultEndpointToHostAction Accept");
+    assert!(
+        reaches(&a, "10.99.0.1"),
+        "defaultEndpointToHostAction Accept"
+    );
 
     // A relabel alone (set elements only, the netlink batch): a denied again.
     let mut last = next.clone();
@@ -655,7 +675,7 @@ fn traffic_follows_the_policy_and_its_changes() {
         t.apply(&last, &delta).unwrap();
     });
     assert!(!ping(&a, "10.65.0.2"), "a now denied by the set");
-    assert!(ping(&c, "10.65.0.2"), "c still allowed");
+    assert!(reaches(&c, "10.65.0.2"), "c still allowed");
 }
 
 /// A benchmark-sized dataplane: `n` endpoints, 100 policies whose selectors match ~5% of
@@ -724,7 +744,14 @@ fn one_small_transaction_with_1000_endpoints_is_cheap() {
         return;
     }
     let dp = large(1000);
-    let (full_ms, times) = ns.run_in(move || {
+    let started = std::time::Instant::now();
+    let script = calico_node::felix::nft::render::full(&dp, &Nat::default(), "cali");
+    let render_ms = started.elapsed().as_secs_f64() * 1e3;
+    let rules = script
+        .lines()
+        .filter(|l| l.starts_with("\t\t") && !l.contains("type "))
+        .count();
+    let (full_ms, times, add_ms) = ns.run_in(move || {
         let mut t = PolicyTables::new();
         let started = std::time::Instant::now();
         t.write_full(&dp, &Nat::default(), "cali").unwrap();
@@ -751,21 +778,346 @@ fn one_small_transaction_with_1000_endpoints_is_cheap() {
             times.push(started.elapsed().as_secs_f64() * 1e3);
             cur = next;
         }
-        (full_ms, times)
+        // A new endpoint (a pod added): its chains and dispatch entries, by nft -f.
+        let mut next = cur.clone();
+        let ep = cur.endpoints.values().next().expect("endpoints").clone();
+        next.endpoints.insert("calinew0000001".into(), ep);
+        let delta = diff(&cur, &next);
+        let started = std::time::Instant::now();
+        t.apply(&next, &delta).unwrap();
+        let add_ms = started.elapsed().as_secs_f64() * 1e3;
+        (full_ms, times, add_ms)
     });
     let mut sorted = times.clone();
     sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let p50 = sorted[sorted.len() / 2];
     let max = sorted[sorted.len() - 1];
     eprintln!(
-        "nft with 1000 endpoints: full apply {full_ms:.1} ms; one relabel: p50 {p50:.2} ms, max {max:.2} ms"
+        "nft with 1000 endpoints ({rules} rules): full apply {full_ms:.1} ms (render {render_ms:.1} ms); one relabel: p50 {p50:.2} ms, max {max:.2} ms; one endpoint added (nft -f): {add_ms:.1} ms"
     );
     assert!(p50 < 50.0, "one small transaction took {p50} ms");
 }
 
+/// What others wrote in the node's namespace: a foreign nft table and iptables-nft rules
+/// (Docker style: FORWARD policy DROP, a DOCKER-USER chain, a MASQUERADE rule), as nft and
+/// iptables-nft-save list them.
+fn foreign_state(ns: &NetNs) -> String {
+    let mut s = String::new();
+    for (fam, t) in [
+        ("inet", "foreign"),
+        ("ip", "filter"),
+        ("ip", "nat"),
+        ("ip6", "filter"),
+    ] {
+        s += &nft_out(ns, &["list", "table", fam, t]);
+    }
+    let save = ns.command("iptables-nft-save").output().unwrap();
+    assert!(save.status.success());
+    // Without the lines that carry the time of the dump.
+    for l in String::from_utf8_lossy(&save.stdout).lines() {
+        if !l.starts_with('#') {
+            s += l;
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// A foreign nft table and iptables-nft rules are byte-identical after our full apply,
+/// incremental changes (nft -f and the netlink batch), and the removal of every
+/// endpoint; our tables stay. With iptables-nft's FORWARD policy DROP (Docker), a flow our
+/// policy allows is still dropped by that other table: an accept in table `calico` is
+/// final for our table only (nft semantics); with the policy ACCEPT it passes.
 #[test]
-#[ignore]
-fn dump_large_script() {
-    let s = calico_node::felix::nft::render::full(&large(1000), &Nat::default(), "cali");
-    std::fs::write("/tmp/wtb-large.nft", s).unwrap();
+fn foreign_tables_and_iptables_nft_rules_stay_byte_identical() {
+    let Some(node) = NetNs::new("nft-foreign") else {
+        return;
+    };
+    if !have_nft() {
+        return;
+    }
+    if !common::have("iptables-nft") {
+        common::skip("iptables-nft is not installed");
+        return;
+    }
+    node.add_uplink();
+    sysctl(&node, "net.ipv4.ip_forward", "1");
+    let a = pod(&node, "nft-fa", "calia", "10.65.0.1");
+    let _b = pod(&node, "nft-fb", "calib", "10.65.0.2");
+    node.nft(
+        "table inet foreign {\n\
+         \tset blocked { type ipv4_addr; elements = { 192.0.2.1 } }\n\
+         \tchain input { type filter hook input priority 10; policy accept; ip saddr @blocked drop; }\n\
+         }\n",
+    );
+    let ipt = |args: &[&str]| {
+        let out = node.command("iptables-nft").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ipt(&["-N", "DOCKER-USER"]);
+    ipt(&["-A", "DOCKER-USER", "-j", "RETURN"]);
+    ipt(&["-A", "FORWARD", "-j", "DOCKER-USER"]);
+    ipt(&[
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        "172.17.0.0/16",
+        "!",
+        "-o",
+        "docker0",
+        "-j",
+        "MASQUERADE",
+    ]);
+    let ip6t = node
+        .command("ip6tables-nft")
+        .args(["-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "DROP"])
+        .output()
+        .unwrap();
+    assert!(ip6t.status.success());
+    let before = foreign_state(&node);
+
+    // Full apply: a allowed to b by a set.
+    let mut dp = PolicyDataplane::default();
+    dp.sets.insert("s:a".into(), nets(&["10.65.0.1/32"]));
+    let mut allow = rule(Action::Allow);
+    allow.src.sets = vec!["s:a".into()];
+    dp.policies.insert(
+        "gnp/allow-a".into(),
+        Chains {
+            inbound: vec![allow],
+            outbound: vec![],
+        },
+    );
+    dp.profiles.insert(
+        "open".into(),
+        Chains {
+            inbound: vec![],
+            outbound: vec![rule(Action::Allow)],
+        },
+    );
+    dp.endpoints
+        .insert("calia".into(), endpoint("a", vec![], &["open"]));
+    dp.endpoints.insert(
+        "calib".into(),
+        endpoint(
+            "b",
+            vec![tier("default", &["gnp/allow-a"], TierEnd::Deny)],
+            &["open"],
+        ),
+    );
+    let d = dp.clone();
+    let tables = node.run_in(move || {
+        let mut t = PolicyTables::new();
+        t.write_full(&d, &dual_stack(), "cali").unwrap();
+        t
+    });
+    assert_eq!(foreign_state(&node), before, "after the full apply");
+    assert!(
+        reaches(&a, "10.65.0.2"),
+        "allowed by our policy, FORWARD policy ACCEPT"
+    );
+
+    // Docker's FORWARD policy DROP: the other table drops what ours accepted.
+    ipt(&["-P", "FORWARD", "DROP"]);
+    assert!(
+        !ping(&a, "10.65.0.2"),
+        "an accept in table calico does not override another table's drop"
+    );
+    ipt(&["-P", "FORWARD", "ACCEPT"]);
+    let before = foreign_state(&node);
+
+    // Incremental: a set element (netlink batch), then a new endpoint (nft -f).
+    let mut next = dp.clone();
+    if let Some(IpSet::Nets(s)) = next.sets.get_mut("s:a") {
+        s.insert(net("10.65.0.3/32"));
+    }
+    let d1 = diff(&dp, &next);
+    let mut last = next.clone();
+    last.endpoints
+        .insert("calic".into(), endpoint("c", vec![], &["open"]));
+    let d2 = diff(&next, &last);
+    let (n2, l2) = (next.clone(), last.clone());
+    let tables = node.run_in(move || {
+        let mut t = tables;
+        t.apply(&n2, &d1).unwrap();
+        t.apply(&l2, &d2).unwrap();
+        t
+    });
+    assert_eq!(foreign_state(&node), before, "after incremental applies");
+
+    // Every endpoint and policy gone: our tables stay (empty), others unchanged.
+    let empty = PolicyDataplane::default();
+    let d3 = diff(&last, &empty);
+    node.run_in(move || {
+        let mut t = tables;
+        t.apply(&empty, &d3).unwrap();
+    });
+    assert_eq!(foreign_state(&node), before, "after removing everything");
+    let ours = nft_out(&node, &["list", "table", "ip", "calico"]);
+    assert!(ours.contains("chain filter-cali-FORWARD"), "{ours}");
+    assert!(!ours.contains("calia"), "{ours}");
+}
+
+/// A transaction nft refuses names the step and nft's message, changes nothing, and the
+/// next apply rewrites everything; a full pass with the same dataplane skips the rewrite
+/// until the drift-repair interval, and then repairs drift.
+#[test]
+fn a_refused_delta_is_reported_and_the_next_apply_is_full() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let Some(ns) = NetNs::new("nft-fail") else {
+        return;
+    };
+    if !have_nft() {
+        return;
+    }
+    let mut dp = PolicyDataplane::default();
+    dp.policies.insert("gnp/x".into(), Chains::default());
+    dp.endpoints.insert(
+        "calia".into(),
+        endpoint("a", vec![tier("default", &["gnp/x"], TierEnd::Deny)], &[]),
+    );
+    let dp = Arc::new(dp);
+    let d = dp.clone();
+    let (err, before, t) = ns.run_in(move || {
+        let mut t = PolicyTables::new();
+        let now = Instant::now();
+        assert!(t.ensure_full(&d, &Nat::default(), "cali", now).unwrap());
+        assert!(
+            !t.ensure_full(&d, &Nat::default(), "cali", now).unwrap(),
+            "unchanged: skipped"
+        );
+        let before = t.stats;
+        // The policy changes to refer to a set the dataplane lacks (an inconsistent
+        // calc), along with a second policy change in the same transaction.
+        let mut next = (*d).clone();
+        let mut r = rule(Action::Deny);
+        r.src.sets = vec!["s:nope".into()];
+        next.policies.insert(
+            "gnp/x".into(),
+            Chains {
+                inbound: vec![r],
+                outbound: vec![],
+            },
+        );
+        next.policies.insert("gnp/y".into(), Chains::default());
+        let delta = Delta {
+            policies: BTreeSet::from(["gnp/x".to_string(), "gnp/y".to_string()]),
+            ..Default::default()
+        };
+        let err = t.apply(&next, &delta).unwrap_err();
+        (err, before, t)
+    });
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("incremental apply of table calico: nft refused"),
+        "{msg}"
+    );
+    assert!(msg.contains("cali40s-nope"), "{msg}");
+    assert_eq!(t.stats.errors, before.errors + 1);
+    let listed = nft_out(&ns, &["list", "table", "ip", "calico"]);
+    assert!(!listed.contains("gnp/y"), "nothing applied: {listed}");
+    // A set element the kernel does not have, removed: the netlink batch is refused,
+    // naming the set.
+    let d = dp.clone();
+    let (err, t) = ns.run_in(move || {
+        let mut t = t;
+        t.apply(&d, &Delta::default()).unwrap();
+        let mut next = (*d).clone();
+        next.sets.insert("s:a".into(), nets(&[]));
+        t.apply(&next, &diff(&d, &next)).unwrap();
+        let delta = Delta {
+            removed: [("s:a".to_string(), nets(&["10.9.9.9/32"]))].into(),
+            ..Default::default()
+        };
+        (t.apply(&next, &delta).unwrap_err(), t)
+    });
+    let msg = err.to_string();
+    assert!(
+        msg.contains("netlink batch") && msg.contains("set cali40s-a"),
+        "{msg}"
+    );
+
+    // The next apply, whatever its delta, is full.
+    let d = dp.clone();
+    let mut t = ns.run_in(move || {
+        let mut t = t;
+        t.apply(&d, &Delta::default()).unwrap();
+        t
+    });
+    // nft -f: the refused one, two fulls and the set's creation; one netlink batch,
+    // refused.
+    assert_eq!(t.stats.calls, before.calls + 4);
+    assert_eq!((t.stats.set_calls, t.stats.set_errors), (1, 1));
+    // Drift: our table flushed by someone; the full pass after the interval repairs it.
+    let out = ns
+        .command("nft")
+        .args(["flush", "table", "ip", "calico"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let d = dp.clone();
+    ns.run_in(move || {
+        let later = Instant::now() + Duration::from_secs(91);
+        assert!(t.ensure_full(&d, &Nat::default(), "cali", later).unwrap());
+        assert!(!t.ensure_full(&d, &Nat::default(), "cali", later).unwrap());
+    });
+    let listed = nft_out(&ns, &["list", "table", "ip", "calico"]);
+    assert!(
+        listed.contains("\"calia\" : goto filter-cali-fw-calia"),
+        "{listed}"
+    );
+}
+
+/// A full pass after an incremental apply of an equal dataplane (another `Arc`) writes
+/// nothing; one with a different dataplane, NAT or prefix rewrites.
+#[test]
+fn a_full_pass_skips_what_an_apply_already_wrote() {
+    use std::sync::Arc;
+    use std::time::Instant;
+    let Some(ns) = NetNs::new("nft-skip") else {
+        return;
+    };
+    if !have_nft() {
+        return;
+    }
+    let t = ns.run_in(|| {
+        let mut t = PolicyTables::new();
+        let now = Instant::now();
+        let base = Arc::new(rich());
+        assert!(t.ensure_full(&base, &Nat::default(), "cali", now).unwrap());
+        let mut next = rich();
+        next.endpoints.remove("calib");
+        let next = Arc::new(next);
+        t.apply(&next, &diff(&base, &next)).unwrap();
+        t.written(&next);
+        let calls = t.stats.calls;
+        let equal = Arc::new((*next).clone());
+        assert!(!t.ensure_full(&equal, &Nat::default(), "cali", now).unwrap());
+        assert_eq!(t.stats.calls, calls, "nothing written");
+        assert!(t.ensure_full(&base, &Nat::default(), "cali", now).unwrap());
+        assert!(t.ensure_full(&base, &dual_stack(), "cali", now).unwrap());
+        assert!(t.ensure_full(&base, &dual_stack(), "tap", now).unwrap());
+        assert!(!t.ensure_full(&base, &dual_stack(), "tap", now).unwrap());
+        // Much later, nothing has written nftables since: still nothing to repair.
+        let later = now + std::time::Duration::from_secs(600);
+        assert!(!t.ensure_full(&base, &dual_stack(), "tap", later).unwrap());
+        t
+    });
+    // Someone writes nftables (their own table): the next full pass past the interval
+    // rewrites ours (it cannot tell what changed).
+    ns.nft("table inet theirs {\n}\n");
+    ns.run_in(move || {
+        let mut t = t;
+        let base = Arc::new(rich());
+        let later = Instant::now() + std::time::Duration::from_secs(600);
+        assert!(t.ensure_full(&base, &dual_stack(), "tap", later).unwrap());
+        assert!(!t.ensure_full(&base, &dual_stack(), "tap", later).unwrap());
+    });
 }

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use prometheus::{Histogram, HistogramOpts, IntGauge, IntGaugeVec, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Registry};
 
 use super::routes;
 use crate::datastore::syncer::{SyncStatus, SyncerEvent};
@@ -34,31 +34,53 @@ pub struct FelixMetrics {
     nft: NftMetrics,
 }
 
-/// The nftables executor's metrics (Calico's names and help texts, felix/nftables).
+/// The nftables executor's metrics (Calico's names, types, labels and help texts:
+/// felix/nftables/table.go and ipsets.go).
 #[derive(Clone)]
 struct NftMetrics {
-    calls: IntGauge,
-    errors: IntGauge,
-    chains: IntGauge,
-    rules: IntGauge,
-    sets: IntGauge,
+    calls: IntCounter,
+    errors: IntCounter,
+    set_calls: IntCounter,
+    set_errors: IntCounter,
+    chains: IntGaugeVec,
+    rules: IntGaugeVec,
+    sets: IntGaugeVec,
 }
 
 impl NftMetrics {
     fn new(registry: &Registry) -> prometheus::Result<NftMetrics> {
-        let g = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
-            let g = IntGauge::new(name, help)?;
+        let c = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let g = |name: &str, help: &str| -> prometheus::Result<IntGaugeVec> {
+            let g = IntGaugeVec::new(prometheus::Opts::new(name, help), &["ip_version"])?;
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
         Ok(NftMetrics {
-            calls: g("felix_nft_calls", "Number of nftables transactions run.")?,
-            errors: g(
+            calls: c("felix_nft_calls", "Number of nft rule write transactions.")?,
+            errors: c(
                 "felix_nft_errors",
-                "Number of nftables transactions that failed.",
+                "Number of nft errors when writing rules.",
             )?,
-            chains: g("felix_nft_chains", "Number of active nftables chains.")?,
-            rules: g("felix_nft_rules", "Number of active nftables rules.")?,
+            set_calls: c(
+                "felix_nft_set_calls",
+                "Number of nftables set transactions executed.",
+            )?,
+            set_errors: c(
+                "felix_nft_set_errors",
+                "Number of nftables set transaction failures.",
+            )?,
+            chains: g(
+                "felix_nft_chains",
+                "Number of active nft chains in the Calico table.",
+            )?,
+            rules: g(
+                "felix_nft_rules",
+                "Number of active nftables rules in the Calico table.",
+            )?,
             sets: g("felix_nft_sets", "Number of active Calico nftables sets.")?,
         })
     }
@@ -175,13 +197,16 @@ impl FelixMetrics {
 
     /// The nftables executor's counts (`felix_nft_*`).
     pub(crate) fn set_nft(&self, s: &super::nft::exec::NftStats) {
-        self.nft.calls.set(s.calls as i64);
-        self.nft.errors.set(s.errors as i64);
-        self.nft.chains.set(s.chains);
-        if s.rules > 0 || s.chains == 0 {
-            self.nft.rules.set(s.rules);
+        let up = |c: &IntCounter, to: u64| c.inc_by(to.saturating_sub(c.get()));
+        up(&self.nft.calls, s.calls);
+        up(&self.nft.errors, s.errors);
+        up(&self.nft.set_calls, s.set_calls);
+        up(&self.nft.set_errors, s.set_errors);
+        for (i, v) in ["4", "6"].into_iter().enumerate() {
+            self.nft.chains.with_label_values(&[v]).set(s.chains[i]);
+            self.nft.rules.with_label_values(&[v]).set(s.rules[i]);
+            self.nft.sets.with_label_values(&[v]).set(s.sets[i]);
         }
-        self.nft.sets.set(s.sets);
     }
 
     /// The NAT gauges for what was applied: per family, two sets and two rules when the
@@ -285,5 +310,47 @@ impl FelixMetrics {
         self.local_endpoints.set(eps as i64);
         self.cluster_endpoints.set(all_eps as i64);
         self.hosts.set(hosts as i64);
+    }
+}
+
+#[cfg(test)]
+mod nft_metrics_tests {
+    use prometheus::Encoder;
+
+    use super::*;
+    use crate::felix::nft::exec::NftStats;
+
+    /// The felix_nft_* metrics show the executor's counts with Calico's types and labels;
+    /// counters do not double when the same counts are reported again.
+    #[test]
+    fn nft_metrics_follow_the_executor_counts() {
+        let r = Registry::new();
+        let m = FelixMetrics::new(&r).unwrap();
+        let s = NftStats {
+            calls: 3,
+            errors: 1,
+            set_calls: 5,
+            set_errors: 0,
+            chains: [10, 0],
+            rules: [40, 0],
+            sets: [2, 0],
+        };
+        m.set_nft(&s);
+        m.set_nft(&s);
+        let mut buf = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&r.gather(), &mut buf)
+            .unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        for want in [
+            "# TYPE felix_nft_calls counter\nfelix_nft_calls 3\n",
+            "felix_nft_errors 1\n",
+            "felix_nft_set_calls 5\n",
+            "felix_nft_chains{ip_version=\"4\"} 10\n",
+            "felix_nft_rules{ip_version=\"4\"} 40\n",
+            "felix_nft_sets{ip_version=\"6\"} 0\n",
+        ] {
+            assert!(text.contains(want), "{want:?} not in\n{text}");
+        }
     }
 }

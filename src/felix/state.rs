@@ -13,7 +13,7 @@ use super::policy::calc::{
     EndpointInfo, NetSetInfo, TierInfo, gnp_id, np_id, resolve_gnp, resolve_np, resolve_profile,
 };
 use super::policy::index::PolicyEngine;
-use super::policy::{Delta, EndpointToHost, PolicyDataplane};
+use super::policy::{Delta, EncapDrops, EndpointToHost, PolicyDataplane};
 use crate::bgp::RouteUpdate;
 use crate::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, UpdateType};
 use crate::model::AnyResource;
@@ -167,6 +167,16 @@ impl State {
         };
         if self.policy.calc().endpoint_to_host != e2h {
             self.policy.set_endpoint_to_host(e2h);
+            self.policy_changed = true;
+        }
+        let c = self.config();
+        let drops = EncapDrops {
+            vxlan_port: (!c.allow_vxlan_packets_from_workloads.unwrap_or(false))
+                .then(|| c.vxlan_port()),
+            ipip: !c.allow_ipip_packets_from_workloads.unwrap_or(false),
+        };
+        if self.policy.calc().encap_drops != drops {
+            self.policy.set_encap_drops(drops);
             self.policy_changed = true;
         }
     }
@@ -717,6 +727,47 @@ mod tests {
         let (dp, delta) = s.policy_update();
         assert_eq!(dp.endpoint_to_host, EndpointToHost::Drop);
         assert!(delta.endpoint_to_host);
+    }
+
+    /// `allowVXLANPacketsFromWorkloads` / `allowIPIPPacketsFromWorkloads` (default false)
+    /// and `vxlanPort` decide which encapsulated packets from workloads are dropped.
+    #[test]
+    fn encapsulated_packets_from_workloads_follow_the_felix_configuration() {
+        let mut s = State::new("node-a");
+        let key = "/calico/resources/v3/projectcalico.org/felixconfigurations/default";
+        assert_eq!(s.policy_update().0.encap_drops, EncapDrops::default());
+        let spec = FelixConfigurationSpec {
+            vxlan_port: Some(4790),
+            allow_ipip_packets_from_workloads: Some(true),
+            ..Default::default()
+        };
+        s.apply(&update(
+            key,
+            Some(SyncValue::Resource(AnyResource::FelixConfiguration(
+                resource("default", spec),
+            ))),
+        ));
+        let (dp, delta) = s.policy_update();
+        let want = EncapDrops {
+            vxlan_port: Some(4790),
+            ipip: false,
+        };
+        assert_eq!((dp.encap_drops, delta.encap_drops), (want, true));
+        let spec = FelixConfigurationSpec {
+            allow_vxlan_packets_from_workloads: Some(true),
+            ..Default::default()
+        };
+        s.apply(&update(
+            key,
+            Some(SyncValue::Resource(AnyResource::FelixConfiguration(
+                resource("default", spec),
+            ))),
+        ));
+        let want = EncapDrops {
+            vxlan_port: None,
+            ipip: true,
+        };
+        assert_eq!(s.policy_update().0.encap_drops, want);
     }
 
     #[test]

@@ -64,6 +64,22 @@ pub struct FelixConfigurationSpec {
     /// `defaultEndpointToHostAction`: `Drop` (Felix's default), `Return` or `Accept`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_endpoint_to_host_action: Option<String>,
+    /// `allowVXLANPacketsFromWorkloads` (default false: a workload's VXLAN packets to the
+    /// VXLAN port are dropped, so that a pod cannot inject encapsulated traffic).
+    #[serde(
+        default,
+        rename = "allowVXLANPacketsFromWorkloads",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_vxlan_packets_from_workloads: Option<bool>,
+    /// `allowIPIPPacketsFromWorkloads` (default false: IP-in-IP packets from workloads
+    /// are dropped).
+    #[serde(
+        default,
+        rename = "allowIPIPPacketsFromWorkloads",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub allow_ipip_packets_from_workloads: Option<bool>,
     /// Every other Felix setting, passed through untouched.
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
@@ -157,13 +173,18 @@ impl FelixConfigurationSpec {
             "removeExternalRoutes",
             "natOutgoingAddress",
             "defaultEndpointToHostAction",
+            "allowVXLANPacketsFromWorkloads",
+            "allowIPIPPacketsFromWorkloads",
         ]
     }
 
     fn default_value_kind(field: &str) -> FieldKind {
         if DURATION_FIELDS.contains(&field) {
             FieldKind::Duration
-        } else if field.ends_with("Enabled") || field == "removeExternalRoutes" {
+        } else if field.ends_with("Enabled")
+            || field == "removeExternalRoutes"
+            || field.ends_with("FromWorkloads")
+        {
             FieldKind::Bool
         } else if field.ends_with("MTU")
             || field.ends_with("Port")

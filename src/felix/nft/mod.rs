@@ -25,5 +25,7 @@
 pub mod exec;
 pub mod netlink;
 pub mod render;
+#[cfg(test)]
+mod render_tests;
 
 pub use exec::{NftError, PolicyTables};

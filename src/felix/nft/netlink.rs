@@ -133,12 +133,12 @@ fn message(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32, family: u8, res_id:
     pad(buf);
 }
 
+/// The sequence numbers of the messages to be acknowledged, with their set names.
+type Acked = Vec<(u32, String)>;
+
 /// The batch for `changes` (table `calico`), and the sequence numbers of the messages
 /// that will be acknowledged, with their set names. Pure.
-pub fn encode(
-    changes: &[ElementChange],
-    seq0: u32,
-) -> Result<(Vec<u8>, Vec<(u32, String)>), BatchError> {
+pub fn encode(changes: &[ElementChange], seq0: u32) -> Result<(Vec<u8>, Acked), BatchError> {
     let mut buf = Vec::new();
     let mut acked = Vec::new();
     let mut seq = seq0;
@@ -216,15 +216,13 @@ impl Drop for Socket {
     }
 }
 
-/// Write `changes` as one transaction in the calling thread's network namespace.
-pub fn write(changes: &[ElementChange]) -> Result<(), BatchError> {
-    let (buf, acked) = encode(changes, 1)?;
-    if acked.is_empty() {
-        return Ok(());
-    }
+/// A netlink socket of the calling thread's network namespace, bound, with a 5 s
+/// receive timeout.
+fn open() -> Result<Socket, BatchError> {
     let last_os = || BatchError::Socket(std::io::Error::last_os_error());
-    // SAFETY: plain socket calls on a descriptor this function owns; buffers outlive them.
-    let sock = unsafe {
+    // SAFETY: plain socket calls on a descriptor this function owns; the structures
+    // passed outlive the calls.
+    unsafe {
         let fd = libc::socket(
             libc::AF_NETLINK,
             libc::SOCK_RAW | libc::SOCK_CLOEXEC,
@@ -233,14 +231,7 @@ pub fn write(changes: &[ElementChange]) -> Result<(), BatchError> {
         if fd < 0 {
             return Err(last_os());
         }
-        Socket(fd)
-    };
-    let timeout = libc::timeval {
-        tv_sec: 5,
-        tv_usec: 0,
-    };
-    // SAFETY: see above.
-    unsafe {
+        let sock = Socket(fd);
         let mut addr: libc::sockaddr_nl = std::mem::zeroed();
         addr.nl_family = libc::AF_NETLINK as u16;
         if libc::bind(
@@ -251,6 +242,10 @@ pub fn write(changes: &[ElementChange]) -> Result<(), BatchError> {
         {
             return Err(last_os());
         }
+        let timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
         libc::setsockopt(
             sock.0,
             libc::SOL_SOCKET,
@@ -258,39 +253,117 @@ pub fn write(changes: &[ElementChange]) -> Result<(), BatchError> {
             &timeout as *const libc::timeval as *const libc::c_void,
             std::mem::size_of::<libc::timeval>() as u32,
         );
+        Ok(sock)
+    }
+}
+
+/// Send `buf` to the kernel whole.
+fn send(sock: &Socket, buf: &[u8]) -> Result<(), BatchError> {
+    // SAFETY: the buffer and address outlive the call.
+    let sent = unsafe {
         let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
         kernel.nl_family = libc::AF_NETLINK as u16;
-        let sent = libc::sendto(
+        libc::sendto(
             sock.0,
             buf.as_ptr() as *const libc::c_void,
             buf.len(),
             0,
             &kernel as *const libc::sockaddr_nl as *const libc::sockaddr,
             std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        );
-        if sent < 0 || sent as usize != buf.len() {
-            return Err(last_os());
+        )
+    };
+    if sent < 0 || sent as usize != buf.len() {
+        return Err(BatchError::Socket(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Receive one datagram into `buf`; its length.
+fn recv(sock: &Socket, buf: &mut [u8]) -> Result<usize, BatchError> {
+    // SAFETY: the buffer outlives the call and its length is passed.
+    let n = unsafe { libc::recv(sock.0, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+    if n < 0 {
+        return Err(BatchError::Socket(std::io::Error::last_os_error()));
+    }
+    Ok(n as usize)
+}
+
+const NFT_MSG_NEWGEN: u16 = 15;
+const NFT_MSG_GETGEN: u16 = 16;
+const NFTA_GEN_ID: u16 = 1;
+
+/// The nftables ruleset generation of the calling thread's network namespace: it changes
+/// with every transaction, ours or anyone's. Equal to the one after our last write: no
+/// one has touched nftables since (no drift possible).
+pub fn generation() -> Result<u32, BatchError> {
+    let sock = open()?;
+    let mut buf = Vec::new();
+    message(
+        &mut buf,
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+        NLM_F_REQUEST,
+        1,
+        0,
+        0,
+        &[],
+    );
+    send(&sock, &buf)?;
+    let mut rbuf = vec![0u8; 8192];
+    loop {
+        let n = recv(&sock, &mut rbuf)?;
+        let mut at = 0usize;
+        while at + 20 <= n {
+            let len = u32::from_ne_bytes(rbuf[at..at + 4].try_into().expect("4 bytes")) as usize;
+            let ty = u16::from_ne_bytes(rbuf[at + 4..at + 6].try_into().expect("2 bytes"));
+            if len < 16 || at + len > n {
+                break;
+            }
+            if ty == NLMSG_ERROR {
+                let errno = i32::from_ne_bytes(rbuf[at + 16..at + 20].try_into().expect("4"));
+                return Err(BatchError::Refused {
+                    set: "(generation)".into(),
+                    error: std::io::Error::from_raw_os_error(-errno),
+                });
+            }
+            if ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+                // Attributes after the header (16) and nfgenmsg (4).
+                let mut a = at + 20;
+                while a + 4 <= at + len {
+                    let alen = u16::from_ne_bytes([rbuf[a], rbuf[a + 1]]) as usize;
+                    let aty = u16::from_ne_bytes([rbuf[a + 2], rbuf[a + 3]]) & 0x3fff;
+                    if alen < 4 {
+                        break;
+                    }
+                    if aty == NFTA_GEN_ID && alen >= 8 {
+                        let id = rbuf[a + 4..a + 8].try_into().expect("4 bytes");
+                        return Ok(u32::from_be_bytes(id));
+                    }
+                    a += (alen + 3) & !3;
+                }
+            }
+            at += (len + 3) & !3;
         }
     }
+}
+
+/// Write `changes` as one transaction in the calling thread's network namespace.
+pub fn write(changes: &[ElementChange]) -> Result<(), BatchError> {
+    let (buf, acked) = encode(changes, 1)?;
+    if acked.is_empty() {
+        return Ok(());
+    }
+    let sock = open()?;
+    send(&sock, &buf)?;
     // One answer (an ack or an error) per acknowledged message.
     let mut pending: Vec<(u32, String)> = acked;
     let mut first_error: Option<BatchError> = None;
     let mut rbuf = vec![0u8; 65536];
     while !pending.is_empty() {
-        // SAFETY: see above.
-        let n = unsafe {
-            libc::recv(
-                sock.0,
-                rbuf.as_mut_ptr() as *mut libc::c_void,
-                rbuf.len(),
-                0,
-            )
+        let n = match recv(&sock, &mut rbuf) {
+            Ok(n) => n,
+            Err(e) => return Err(first_error.unwrap_or(e)),
         };
-        if n < 0 {
-            return Err(first_error.unwrap_or_else(last_os));
-        }
         let mut at = 0usize;
-        let n = n as usize;
         while at + 16 <= n {
             let len = u32::from_ne_bytes(rbuf[at..at + 4].try_into().expect("4 bytes")) as usize;
             let ty = u16::from_ne_bytes(rbuf[at + 4..at + 6].try_into().expect("2 bytes"));

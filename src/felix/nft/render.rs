@@ -4,10 +4,12 @@
 //! [`Programmed`]. Names follow Calico's nftables mode (REFERENCE §9): chains carry the
 //! layer prefix `filter-`, sets are `cali40<id>` / `cali60<id>` with `:` made `-`.
 //!
-//! Marks (REFERENCE §9, mask 0xffff0000): a policy's Allow sets the accept mark 0x10000
-//! and returns, Pass sets the pass mark 0x20000 and returns; the endpoint chain returns on
-//! the accept mark, skips a tier's later policies on the pass mark and drops at the end of
-//! a tier unless it passed. `filter-FORWARD` accepts on the accept mark.
+//! Marks (REFERENCE §9, mask 0xffff0000): an outbound policy's Allow sets the accept
+//! mark 0x10000 and returns (the destination's `cali-tw-` chain, or
+//! `defaultEndpointToHostAction`, still follows), an inbound one accepts at once; Pass
+//! sets the pass mark 0x20000 and returns. The endpoint chain returns on the accept mark,
+//! skips a tier's later policies on the pass mark and drops at the end of a tier unless it
+//! passed. `filter-FORWARD` accepts on the accept mark.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -17,8 +19,8 @@ use ipnet::IpNet;
 use crate::felix::calc::Nat;
 use crate::felix::nat;
 use crate::felix::policy::{
-    Action, Delta, Endpoint, EndpointToHost, IpSet, Match, PolicyDataplane, PortRange, Rule,
-    TierEnd,
+    Action, Delta, EncapDrops, Endpoint, EndpointToHost, IpSet, Match, PolicyDataplane, PortRange,
+    Rule, TierEnd,
 };
 
 /// The accept mark: set by an Allow, read by the endpoint chain and `filter-FORWARD`.
@@ -46,13 +48,21 @@ pub struct Programmed {
     pub policies: BTreeSet<String>,
     pub profiles: BTreeSet<String>,
     pub sets: BTreeSet<String>,
+    /// Whether the IPv6 table holds the filter layer (there are IPv6 pools).
+    pub ipv6: bool,
 }
 
 impl Programmed {
     /// What a full apply of `dp` programs.
-    pub fn of(dp: &PolicyDataplane) -> Programmed {
+    pub fn of(dp: &PolicyDataplane, ipv6: bool) -> Programmed {
         Programmed {
-            endpoints: dp.endpoints.keys().cloned().collect(),
+            ipv6,
+            endpoints: dp
+                .endpoints
+                .keys()
+                .filter(|i| valid_iface(i))
+                .cloned()
+                .collect(),
             policies: dp.policies.keys().cloned().collect(),
             profiles: dp.profiles.keys().cloned().collect(),
             sets: dp.sets.keys().cloned().collect(),
@@ -76,7 +86,7 @@ impl Programmed {
         }
         follow(
             &mut self.endpoints,
-            delta.endpoints.iter().cloned(),
+            delta.endpoints.iter().filter(|i| valid_iface(i)).cloned(),
             &dp.endpoints,
         );
         follow(
@@ -138,7 +148,14 @@ pub fn endpoint_chain(iface: &str, to: bool) -> String {
 /// `cali40<id>` / `cali60<id>` with `:` made `-` (Calico's set names).
 pub fn set_name(id: &str, v6: bool) -> String {
     let n = if v6 { "60" } else { "40" };
-    format!("cali{n}{}", id.replace(':', "-"))
+    let plain = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_' | '.'));
+    if plain {
+        format!("cali{n}{}", id.replace(':', "-"))
+    } else {
+        chain_name(&format!("cali{n}"), id)
+    }
 }
 
 fn family(v6: bool) -> &'static str {
@@ -230,7 +247,17 @@ fn side_matches(m: &Match, side: char, v6: bool) -> Option<String> {
         }
         let _ = write!(s, "{fam} {side}addr {} ", braces(&nets));
     }
+    // As Calico (`FilterRuleToIPVersion`): `notNets` none of whose entries is of this
+    // family make the rule not apply to it, and a negated catch-all matches nothing.
     let not_nets = of_family(&m.not_nets);
+    if !m.not_nets.is_empty()
+        && (not_nets.is_empty()
+            || m.not_nets
+                .iter()
+                .any(|n| n.addr().is_ipv6() == v6 && n.prefix_len() == 0))
+    {
+        return None;
+    }
     if !not_nets.is_empty() {
         let _ = write!(s, "{fam} {side}addr != {} ", braces(&not_nets));
     }
@@ -273,8 +300,14 @@ fn port_alternatives(m: &Match, side: char, v6: bool) -> Vec<String> {
     alts
 }
 
-fn action_text(a: Action) -> String {
+/// An action's verdict. `inbound`: the rule runs in a `cali-pi-`/`cali-pri-` chain, only
+/// reached from a `cali-tw-` chain, the last check of the packet's path: an Allow there
+/// accepts at once (what marking and returning up to `filter-FORWARD` would end in, one
+/// rule fewer per policy in every endpoint chain). Outbound Allows mark and return, as
+/// the destination's `cali-tw-` chain or `defaultEndpointToHostAction` still follow.
+fn action_text(a: Action, inbound: bool) -> String {
     match a {
+        Action::Allow if inbound => "counter accept".to_string(),
         Action::Allow => format!("counter meta mark set meta mark | 0x{MARK_ACCEPT:08x} return"),
         Action::Deny => "counter drop".to_string(),
         Action::Pass => format!("counter meta mark set meta mark | 0x{MARK_PASS:08x} return"),
@@ -284,7 +317,7 @@ fn action_text(a: Action) -> String {
 
 /// One rule in one family: nft rules (more than one when ports OR named ports; none when
 /// the rule does not apply to this family).
-pub fn rule_lines(r: &Rule, v6: bool) -> Vec<String> {
+pub fn rule_lines(r: &Rule, v6: bool, inbound: bool) -> Vec<String> {
     if r.ip_version.is_some_and(|v| (v == 6) != v6)
         || r.icmp.is_some_and(|i| i.v6 != v6)
         || r.not_icmp.is_some_and(|i| i.v6 != v6)
@@ -325,7 +358,7 @@ pub fn rule_lines(r: &Rule, v6: bool) -> Vec<String> {
     };
     m += &src;
     m += &dst;
-    let action = action_text(r.action);
+    let action = action_text(r.action, inbound);
     let mut out = Vec::new();
     for sp in port_alternatives(&r.src, 's', v6) {
         for dp in port_alternatives(&r.dst, 'd', v6) {
@@ -336,23 +369,30 @@ pub fn rule_lines(r: &Rule, v6: bool) -> Vec<String> {
 }
 
 /// The rules of a policy or profile chain.
-pub fn rules_lines(rules: &[Rule], v6: bool) -> Vec<String> {
-    rules.iter().flat_map(|r| rule_lines(r, v6)).collect()
+pub fn rules_lines(rules: &[Rule], v6: bool, inbound: bool) -> Vec<String> {
+    rules
+        .iter()
+        .flat_map(|r| rule_lines(r, v6, inbound))
+        .collect()
 }
 
 /// The rules of an endpoint's chain (`to`: `cali-tw-`, else `cali-fw-`).
 pub fn endpoint_lines(dp: &PolicyDataplane, ep: &Endpoint, to: bool) -> Vec<String> {
     let mut v = vec![
-        "ct state established,related accept".to_string(),
-        "ct state invalid counter drop".to_string(),
+        "ct state vmap { established : accept, related : accept, invalid : drop }".to_string(),
         format!(
             "meta mark set meta mark & 0x{:08x}",
             !(MARK_ACCEPT | MARK_PASS)
         ),
     ];
+    // Inbound chains accept on Allow themselves (see `action_text`): nothing to return
+    // on.
+    let accepted = format!("meta mark & 0x{MARK_ACCEPT:08x} == 0x{MARK_ACCEPT:08x} return");
     let tiers = if to { &ep.ingress } else { &ep.egress };
-    for t in tiers {
-        v.push(format!("meta mark set meta mark & 0x{:08x}", !MARK_PASS));
+    for (i, t) in tiers.iter().enumerate() {
+        if i > 0 {
+            v.push(format!("meta mark set meta mark & 0x{:08x}", !MARK_PASS));
+        }
         for id in &t.policies {
             if !dp.policies.contains_key(id) {
                 continue;
@@ -361,9 +401,9 @@ pub fn endpoint_lines(dp: &PolicyDataplane, ep: &Endpoint, to: bool) -> Vec<Stri
                 "meta mark & 0x{MARK_PASS:08x} == 0 jump {}",
                 policy_chain(id, to)
             ));
-            v.push(format!(
-                "meta mark & 0x{MARK_ACCEPT:08x} == 0x{MARK_ACCEPT:08x} return"
-            ));
+            if !to {
+                v.push(accepted.clone());
+            }
         }
         if t.end == TierEnd::Deny {
             v.push(format!("meta mark & 0x{MARK_PASS:08x} == 0 counter drop"));
@@ -374,9 +414,9 @@ pub fn endpoint_lines(dp: &PolicyDataplane, ep: &Endpoint, to: bool) -> Vec<Stri
             continue;
         }
         v.push(format!("jump {}", profile_chain(p, to)));
-        v.push(format!(
-            "meta mark & 0x{MARK_ACCEPT:08x} == 0x{MARK_ACCEPT:08x} return"
-        ));
+        if !to {
+            v.push(accepted.clone());
+        }
     }
     v.push("counter drop".to_string());
     v
@@ -401,9 +441,53 @@ pub fn wl_to_host_lines(action: EndpointToHost, v6: bool) -> Vec<String> {
     v
 }
 
+/// `filter-cali-from-wl-dispatch`: the encapsulated packets workloads may not send
+/// (Calico drops them in every from-workload chain), then the endpoint's chain by
+/// interface; an interface we do not know is dropped.
+pub fn from_wl_dispatch_lines(drops: EncapDrops) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(port) = drops.vxlan_port {
+        v.push(format!("udp dport {port} counter drop"));
+    }
+    if drops.ipip {
+        v.push("meta l4proto 4 counter drop".to_string());
+    }
+    v.push(format!("iifname vmap @{FROM_WL_DISPATCH}"));
+    v.push("counter drop".to_string());
+    v
+}
+
+/// The interface-name wildcards of `interfacePrefix`, which may list several prefixes
+/// separated by commas (`cali,tap`), as Felix reads it: one rule each.
+pub fn ifname_wildcards(prefix: &str) -> Vec<String> {
+    let all: Vec<String> = prefix
+        .split(',')
+        .map(str::trim)
+        .filter(|p| valid_iface(p))
+        .map(|p| format!("\"{p}*\""))
+        .collect();
+    if all.is_empty() {
+        vec!["\"cali*\"".to_string()]
+    } else {
+        all
+    }
+}
+
+/// Whether `name` can be a Linux interface name (at most 15 bytes, no `/`, space or
+/// quote): an endpoint whose name is not is left out, so that one bad WorkloadEndpoint
+/// cannot make the whole transaction fail.
+pub fn valid_iface(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@' | ':'))
+}
+
 fn dispatch_elements(dp: &PolicyDataplane, to: bool) -> Vec<String> {
     dp.endpoints
         .keys()
+        .filter(|i| valid_iface(i))
         .map(|i| dispatch_element(i, to))
         .collect()
 }
@@ -425,15 +509,12 @@ fn chain_block(out: &mut String, name: &str, head: Option<&str>, rules: &[String
 
 /// The fixed chains of the filter layer.
 fn static_chains(out: &mut String, dp: &PolicyDataplane, prefix: &str, v6: bool) {
-    let any = format!("\"{prefix}*\"");
+    let any = ifname_wildcards(prefix);
     chain_block(
         out,
         FROM_WL_DISPATCH,
         None,
-        &[
-            format!("iifname vmap @{FROM_WL_DISPATCH}"),
-            "counter drop".to_string(),
-        ],
+        &from_wl_dispatch_lines(dp.encap_drops),
     );
     chain_block(
         out,
@@ -454,20 +535,30 @@ fn static_chains(out: &mut String, dp: &PolicyDataplane, prefix: &str, v6: bool)
         out,
         CALI_FORWARD,
         None,
-        &[
-            format!(
-                "meta mark set meta mark & 0x{:08x}",
-                !(MARK_ACCEPT | MARK_PASS)
-            ),
-            format!("iifname {any} jump {FROM_WL_DISPATCH}"),
-            format!("oifname {any} jump {TO_WL_DISPATCH}"),
-        ],
+        &[format!(
+            "meta mark set meta mark & 0x{:08x}",
+            !(MARK_ACCEPT | MARK_PASS)
+        )]
+        .into_iter()
+        // Every from-workload jump before any to-workload one: the destination's
+        // inbound Allow accepts at once, so the source's egress policy comes first.
+        .chain(
+            any.iter()
+                .map(|w| format!("iifname {w} jump {FROM_WL_DISPATCH}")),
+        )
+        .chain(
+            any.iter()
+                .map(|w| format!("oifname {w} jump {TO_WL_DISPATCH}")),
+        )
+        .collect::<Vec<_>>(),
     );
     chain_block(
         out,
         CALI_INPUT,
         None,
-        &[format!("iifname {any} goto {WL_TO_HOST}")],
+        &any.iter()
+            .map(|w| format!("iifname {w} goto {WL_TO_HOST}"))
+            .collect::<Vec<_>>(),
     );
     chain_block(
         out,
@@ -511,13 +602,13 @@ fn table_body(dp: &PolicyDataplane, nat: &Nat, prefix: &str, v6: bool) -> String
             &mut out,
             &policy_chain(id, true),
             None,
-            &rules_lines(&c.inbound, v6),
+            &rules_lines(&c.inbound, v6, true),
         );
         chain_block(
             &mut out,
             &policy_chain(id, false),
             None,
-            &rules_lines(&c.outbound, v6),
+            &rules_lines(&c.outbound, v6, false),
         );
     }
     for (name, c) in &dp.profiles {
@@ -525,16 +616,16 @@ fn table_body(dp: &PolicyDataplane, nat: &Nat, prefix: &str, v6: bool) -> String
             &mut out,
             &profile_chain(name, true),
             None,
-            &rules_lines(&c.inbound, v6),
+            &rules_lines(&c.inbound, v6, true),
         );
         chain_block(
             &mut out,
             &profile_chain(name, false),
             None,
-            &rules_lines(&c.outbound, v6),
+            &rules_lines(&c.outbound, v6, false),
         );
     }
-    for (iface, ep) in &dp.endpoints {
+    for (iface, ep) in dp.endpoints.iter().filter(|(i, _)| valid_iface(i)) {
         for to in [true, false] {
             chain_block(
                 &mut out,
@@ -550,12 +641,17 @@ fn table_body(dp: &PolicyDataplane, nat: &Nat, prefix: &str, v6: bool) -> String
 
 /// The script that replaces our tables (both families) with `dp` and `nat`, in one
 /// transaction: each table is declared, deleted (so the delete cannot fail) and defined.
-/// `prefix` is the workload interface prefix (`cali`).
+/// `prefix` is the workload interface prefix (`cali`). Without IPv6 pools (Felix's
+/// `ipv6Support` in effect off) the IPv6 table is not written: workloads have no IPv6
+/// address to police, and it halves the work.
 pub fn full(dp: &PolicyDataplane, nat: &Nat, prefix: &str) -> String {
     let mut s = String::new();
     for v6 in [false, true] {
         let fam = family(v6);
         let _ = writeln!(s, "table {fam} calico\ndelete table {fam} calico");
+        if v6 && !ipv6(nat) {
+            continue;
+        }
         let _ = writeln!(
             s,
             "table {fam} calico {{\n{}}}",
@@ -565,11 +661,25 @@ pub fn full(dp: &PolicyDataplane, nat: &Nat, prefix: &str) -> String {
     s
 }
 
+/// Whether the IPv6 table is written: there is an IPv6 pool.
+pub fn ipv6(nat: &Nat) -> bool {
+    nat.all.iter().any(|n| n.addr().is_ipv6())
+}
+
+/// The families written: IPv4, and IPv6 when `programmed.ipv6`.
+pub fn families(programmed: &Programmed) -> &'static [bool] {
+    if programmed.ipv6 {
+        &[false, true]
+    } else {
+        &[false]
+    }
+}
+
 /// The script that brings our tables from `programmed` to `dp`, writing only what `delta`
 /// names, in one transaction; empty when there is nothing to write. NAT is not touched.
 pub fn incremental(dp: &PolicyDataplane, delta: &Delta, programmed: &Programmed) -> String {
     let mut s = String::new();
-    for v6 in [false, true] {
+    for &v6 in families(programmed) {
         incremental_family(&mut s, dp, delta, programmed, v6);
     }
     s
@@ -634,23 +744,36 @@ fn incremental_family(
     for id in &delta.policies {
         if let Some(c) = dp.policies.get(id) {
             let have = programmed.policies.contains(id);
-            chains.push((policy_chain(id, true), have, rules_lines(&c.inbound, v6)));
-            chains.push((policy_chain(id, false), have, rules_lines(&c.outbound, v6)));
+            chains.push((
+                policy_chain(id, true),
+                have,
+                rules_lines(&c.inbound, v6, true),
+            ));
+            chains.push((
+                policy_chain(id, false),
+                have,
+                rules_lines(&c.outbound, v6, false),
+            ));
         }
     }
     for name in &delta.profiles {
         if let Some(c) = dp.profiles.get(name) {
             let have = programmed.profiles.contains(name);
-            chains.push((profile_chain(name, true), have, rules_lines(&c.inbound, v6)));
+            chains.push((
+                profile_chain(name, true),
+                have,
+                rules_lines(&c.inbound, v6, true),
+            ));
             chains.push((
                 profile_chain(name, false),
                 have,
-                rules_lines(&c.outbound, v6),
+                rules_lines(&c.outbound, v6, false),
             ));
         }
     }
     let mut new_endpoints = Vec::new();
-    for iface in &delta.endpoints {
+    let endpoints = endpoints_to_write(dp, delta, programmed);
+    for iface in endpoints.iter().filter(|i| valid_iface(i)) {
         if let Some(ep) = dp.endpoints.get(iface) {
             let have = programmed.endpoints.contains(iface);
             for to in [true, false] {
@@ -660,6 +783,13 @@ fn incremental_family(
                 new_endpoints.push(iface);
             }
         }
+    }
+    if delta.encap_drops {
+        chains.push((
+            FROM_WL_DISPATCH.to_string(),
+            true,
+            from_wl_dispatch_lines(dp.encap_drops),
+        ));
     }
     if delta.endpoint_to_host {
         chains.push((
@@ -742,6 +872,41 @@ impl Element {
             Element::Port(a, proto, port) => format!("{a} . {proto} . {port}"),
         }
     }
+}
+
+/// The endpoints whose chains a delta rewrites: those it names, and those that refer to
+/// a policy or profile that comes into being or goes (an endpoint chain skips the ones
+/// that do not exist, so it changes with them even when the delta forgets to say so).
+fn endpoints_to_write(
+    dp: &PolicyDataplane,
+    delta: &Delta,
+    programmed: &Programmed,
+) -> BTreeSet<String> {
+    let mut out = delta.endpoints.clone();
+    let policies: BTreeSet<&String> = delta
+        .policies
+        .iter()
+        .filter(|id| dp.policies.contains_key(*id) != programmed.policies.contains(*id))
+        .collect();
+    let profiles: BTreeSet<&String> = delta
+        .profiles
+        .iter()
+        .filter(|p| dp.profiles.contains_key(*p) != programmed.profiles.contains(*p))
+        .collect();
+    if policies.is_empty() && profiles.is_empty() {
+        return out;
+    }
+    for (iface, ep) in &dp.endpoints {
+        let tiers = ep.ingress.iter().chain(ep.egress.iter());
+        let refers = tiers
+            .flat_map(|t| t.policies.iter())
+            .any(|id| policies.contains(id))
+            || ep.profiles.iter().any(|p| profiles.contains(p));
+        if refers && programmed.endpoints.contains(iface) {
+            out.insert(iface.clone());
+        }
+    }
+    out
 }
 
 /// The elements to delete and to add in one family when `added` and `removed` changed a

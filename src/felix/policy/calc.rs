@@ -29,8 +29,8 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha224};
 
 use super::{
-    Action, Chains, Delta, Endpoint, EndpointToHost, Icmp, IpSet, Match, PolicyDataplane,
-    PortRange, Rule, TierEnd, TierPolicies,
+    Action, Chains, Delta, EncapDrops, Endpoint, EndpointToHost, Icmp, IpSet, Match,
+    PolicyDataplane, PortRange, Rule, TierEnd, TierPolicies,
 };
 use crate::model::networkset::networks;
 use crate::model::policy::{GlobalNetworkPolicySpec, NetworkPolicySpec, ProfileSpec};
@@ -644,6 +644,7 @@ pub struct PolicyCalc {
     /// This node's name: its endpoints get chains.
     pub node: String,
     pub endpoint_to_host: EndpointToHost,
+    pub encap_drops: EncapDrops,
 }
 
 impl PolicyCalc {
@@ -803,6 +804,7 @@ impl PolicyCalc {
     ) -> (PolicyDataplane, BTreeMap<String, &SetDef>) {
         let mut dp = PolicyDataplane {
             endpoint_to_host: self.endpoint_to_host,
+            encap_drops: self.encap_drops,
             ..Default::default()
         };
         let mut defs: BTreeMap<String, &SetDef> = BTreeMap::new();
@@ -874,6 +876,7 @@ pub fn diff(old: &PolicyDataplane, new: &PolicyDataplane) -> Delta {
         policies: changed(&old.policies, &new.policies),
         profiles: changed(&old.profiles, &new.profiles),
         endpoint_to_host: old.endpoint_to_host != new.endpoint_to_host,
+        encap_drops: old.encap_drops != new.encap_drops,
         ..Default::default()
     };
     for (id, set) in &new.sets {

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::calc::{EndpointInfo, NetSetInfo, PolicyCalc, SetDef};
-use super::{Chains, Delta, Endpoint, EndpointToHost, IpSet, PolicyDataplane};
+use super::{Chains, Delta, EncapDrops, Endpoint, EndpointToHost, IpSet, PolicyDataplane};
 
 /// One member of an IP set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -46,6 +46,7 @@ struct Journal {
     /// Whether the member was in the set.
     members: BTreeMap<String, BTreeMap<Member, bool>>,
     endpoint_to_host: Option<EndpointToHost>,
+    encap_drops: Option<EncapDrops>,
 }
 
 /// The policy calculation's inputs, its last result and the indexes to update it.
@@ -121,6 +122,16 @@ impl PolicyEngine {
             .endpoint_to_host
             .get_or_insert(self.dp.endpoint_to_host);
         Arc::make_mut(&mut self.dp).endpoint_to_host = v;
+    }
+
+    /// `allowVXLANPacketsFromWorkloads` / `allowIPIPPacketsFromWorkloads`.
+    pub fn set_encap_drops(&mut self, v: EncapDrops) {
+        self.calc.encap_drops = v;
+        if self.rebuild || self.dp.encap_drops == v {
+            return;
+        }
+        self.journal.encap_drops.get_or_insert(self.dp.encap_drops);
+        Arc::make_mut(&mut self.dp).encap_drops = v;
     }
 
     /// An endpoint (of any node) added, changed (`Some`) or removed (`None`).
@@ -236,6 +247,7 @@ impl PolicyEngine {
             policies: changed(j.policies, &dp.policies),
             profiles: changed(j.profiles, &dp.profiles),
             endpoint_to_host: j.endpoint_to_host.is_some_and(|v| v != dp.endpoint_to_host),
+            encap_drops: j.encap_drops.is_some_and(|v| v != dp.encap_drops),
             ..Default::default()
         };
         for (id, existed) in &j.sets {
@@ -364,6 +376,9 @@ impl PolicyEngine {
             self.journal
                 .endpoint_to_host
                 .get_or_insert(old.endpoint_to_host);
+        }
+        if old.encap_drops != new.encap_drops {
+            self.journal.encap_drops.get_or_insert(old.encap_drops);
         }
         self.dp = Arc::new(new);
     }

@@ -38,6 +38,29 @@ pub struct PolicyDataplane {
     /// FelixConfiguration `defaultEndpointToHostAction` for traffic from a workload to its
     /// host.
     pub endpoint_to_host: EndpointToHost,
+    /// Encapsulated packets workloads may not send (Felix's
+    /// `allowVXLANPacketsFromWorkloads` / `allowIPIPPacketsFromWorkloads`, both false by
+    /// default): dropped before any policy, whatever the destination.
+    pub encap_drops: EncapDrops,
+}
+
+/// What [`PolicyDataplane::encap_drops`] drops from workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncapDrops {
+    /// UDP to this port (`vxlanPort`, default 4789); `None` when VXLAN is allowed.
+    pub vxlan_port: Option<u16>,
+    /// IP protocol 4 (IP in IP).
+    pub ipip: bool,
+}
+
+impl Default for EncapDrops {
+    /// Felix's defaults: both dropped, VXLAN on port 4789.
+    fn default() -> EncapDrops {
+        EncapDrops {
+            vxlan_port: Some(4789),
+            ipip: true,
+        }
+    }
 }
 
 /// One local workload endpoint's policy: the tiers that apply to it per direction (in
@@ -192,6 +215,8 @@ pub struct Delta {
     pub removed: BTreeMap<String, IpSet>,
     /// `endpoint_to_host` changed.
     pub endpoint_to_host: bool,
+    /// `encap_drops` changed.
+    pub encap_drops: bool,
 }
 
 impl Delta {

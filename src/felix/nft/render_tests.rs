@@ -1,0 +1,408 @@
+//! Rendering, table by table, against the semantics of REFERENCE §9: what each rule
+//! field becomes in nft, in which family, and what a delta writes.
+
+use std::collections::BTreeSet;
+
+use ipnet::IpNet;
+
+use super::render::*;
+use crate::felix::calc::Nat;
+use crate::felix::policy::{
+    Action, Chains, Delta, Endpoint, Icmp, IpSet, Match, PolicyDataplane, PortRange, Rule, TierEnd,
+    TierPolicies,
+};
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn rule(action: Action) -> Rule {
+    Rule {
+        action,
+        ip_version: None,
+        protocol: None,
+        not_protocol: None,
+        icmp: None,
+        not_icmp: None,
+        src: Match::default(),
+        dst: Match::default(),
+    }
+}
+
+const ALLOW: &str = "counter meta mark set meta mark | 0x00010000 return";
+
+/// Each action's verdict: Allow marks and returns, Pass marks pass and returns, Deny
+/// drops, Log logs with Calico's prefix and goes on.
+#[test]
+fn actions() {
+    let cases = [
+        (Action::Allow, ALLOW),
+        (Action::Deny, "counter drop"),
+        (
+            Action::Pass,
+            "counter meta mark set meta mark | 0x00020000 return",
+        ),
+        (Action::Log, "counter log prefix \"calico-packet: \""),
+    ];
+    for (a, want) in cases {
+        assert_eq!(rule_lines(&rule(a), false, false), vec![want.to_string()]);
+    }
+    // Inbound (the last check of the path), Allow accepts at once.
+    assert_eq!(
+        rule_lines(&rule(Action::Allow), false, true),
+        vec!["counter accept".to_string()]
+    );
+}
+
+/// Ports OR named ports: one rule per alternative; numeric ports as an anonymous set with
+/// ranges; named ports as (address, protocol, port) set lookups.
+#[test]
+fn ports_and_named_ports_are_alternatives() {
+    let mut r = rule(Action::Allow);
+    r.protocol = Some(6);
+    r.dst.ports = vec![
+        PortRange { lo: 80, hi: 80 },
+        PortRange { lo: 8000, hi: 8080 },
+    ];
+    r.dst.named_port_sets = vec!["n:web".into()];
+    r.src.not_ports = vec![PortRange { lo: 22, hi: 22 }];
+    assert_eq!(
+        rule_lines(&r, false, false),
+        vec![
+            format!("meta l4proto 6 th sport != {{ 22 }} th dport {{ 80, 8000-8080 }} {ALLOW}"),
+            format!(
+                "meta l4proto 6 th sport != {{ 22 }} ip daddr . meta l4proto . th dport @cali40n-web {ALLOW}"
+            ),
+        ]
+    );
+}
+
+/// Nets are split by family: a rule whose nets are all of the other family is not
+/// rendered; selector sets are per family; negations render with `!=`.
+#[test]
+fn nets_and_sets_per_family() {
+    let mut r = rule(Action::Deny);
+    r.src.nets = vec![net("10.0.0.0/8"), net("10.1.0.0/16"), net("fd00::/8")];
+    r.src.not_nets = vec![net("10.2.0.0/16")];
+    r.dst.sets = vec!["s:x".into()];
+    r.dst.not_sets = vec!["s:y".into()];
+    assert_eq!(
+        rule_lines(&r, false, false),
+        vec![
+            "ip saddr { 10.0.0.0/8 } ip saddr != { 10.2.0.0/16 } ip daddr @cali40s-x ip daddr != @cali40s-y counter drop"
+                .to_string()
+        ]
+    );
+    // notNets none of which is IPv6: the rule does not apply to IPv6 (Calico's
+    // FilterRuleToIPVersion), or an Allow with `notNets: [10.0.0.0/8]` would open all
+    // IPv6 traffic.
+    assert!(rule_lines(&r, true, false).is_empty());
+    r.src.not_nets.clear();
+    assert_eq!(
+        rule_lines(&r, true, false),
+        vec![
+            "ip6 saddr { fd00::/8 } ip6 daddr @cali60s-x ip6 daddr != @cali60s-y counter drop"
+                .to_string()
+        ]
+    );
+    r.src.nets = vec![net("fd00::/8")];
+    assert!(rule_lines(&r, false, false).is_empty());
+    // A negated catch-all matches nothing.
+    let mut r = rule(Action::Allow);
+    r.dst.not_nets = vec![net("0.0.0.0/0")];
+    assert!(rule_lines(&r, false, false).is_empty());
+    r.dst.not_nets = vec![net("10.0.0.0/8")];
+    assert_eq!(rule_lines(&r, false, false).len(), 1);
+    assert!(rule_lines(&r, true, false).is_empty());
+}
+
+/// The from-workload dispatch drops VXLAN and IPIP packets unless allowed, then
+/// dispatches; several interface prefixes give one rule each, every from-workload jump
+/// before any to-workload one.
+#[test]
+fn encapsulated_packets_from_workloads_and_interface_prefixes() {
+    use crate::felix::policy::EncapDrops;
+    assert_eq!(
+        from_wl_dispatch_lines(EncapDrops::default()),
+        vec![
+            "udp dport 4789 counter drop".to_string(),
+            "meta l4proto 4 counter drop".to_string(),
+            format!("iifname vmap @{FROM_WL_DISPATCH}"),
+            "counter drop".to_string(),
+        ]
+    );
+    let allowed = EncapDrops {
+        vxlan_port: None,
+        ipip: false,
+    };
+    assert_eq!(from_wl_dispatch_lines(allowed).len(), 2);
+    assert_eq!(
+        ifname_wildcards("cali, tap"),
+        vec!["\"cali*\"".to_string(), "\"tap*\"".to_string()]
+    );
+    assert_eq!(ifname_wildcards(""), vec!["\"cali*\"".to_string()]);
+    let script = full(
+        &crate::felix::policy::PolicyDataplane::default(),
+        &crate::felix::calc::Nat::default(),
+        "cali,tap",
+    );
+    let pos = |s: &str| script.find(s).unwrap_or_else(|| panic!("{s} in {script}"));
+    assert!(pos("iifname \"tap*\" jump") < pos("oifname \"cali*\" jump"));
+    assert!(script.contains("iifname \"tap*\" goto"));
+}
+
+/// ipVersion and ICMP versions limit the family; notICMP with a code negates the pair.
+#[test]
+fn icmp_and_ip_version() {
+    let mut r = rule(Action::Allow);
+    r.ip_version = Some(6);
+    assert!(rule_lines(&r, false, false).is_empty());
+    assert_eq!(rule_lines(&r, true, false).len(), 1);
+    let mut r = rule(Action::Allow);
+    r.protocol = Some(1);
+    r.icmp = Some(Icmp {
+        v6: false,
+        icmp_type: 8,
+        code: Some(0),
+    });
+    assert_eq!(
+        rule_lines(&r, false, false),
+        vec![format!("meta l4proto 1 icmp type 8 icmp code 0 {ALLOW}")]
+    );
+    assert!(rule_lines(&r, true, false).is_empty());
+    let mut r = rule(Action::Deny);
+    r.not_icmp = Some(Icmp {
+        v6: true,
+        icmp_type: 128,
+        code: Some(0),
+    });
+    r.not_protocol = Some(17);
+    assert_eq!(
+        rule_lines(&r, true, false),
+        vec![
+            "meta l4proto != 17 icmpv6 type . icmpv6 code != { 128 . 0 } counter drop".to_string()
+        ]
+    );
+}
+
+fn tier(policies: &[&str], end: TierEnd) -> TierPolicies {
+    TierPolicies {
+        tier: "t".into(),
+        policies: policies.iter().map(|s| s.to_string()).collect(),
+        end,
+    }
+}
+
+/// The endpoint chain: conntrack first, per tier its policies (skipped once passed,
+/// returning once accepted) and the end-of-tier drop unless the tier passes, then the
+/// profiles that exist, then the final drop.
+#[test]
+fn endpoint_chain_order() {
+    let mut dp = PolicyDataplane::default();
+    dp.policies.insert("gnp/a".into(), Chains::default());
+    dp.profiles.insert("p".into(), Chains::default());
+    let ep = Endpoint {
+        name: "w".into(),
+        ingress: vec![
+            tier(&["gnp/a", "gnp/missing"], TierEnd::Pass),
+            tier(&["gnp/a"], TierEnd::Deny),
+        ],
+        egress: vec![],
+        profiles: vec!["p".into(), "missing".into()],
+    };
+    let got = endpoint_lines(&dp, &ep, true);
+    let want = [
+        "ct state vmap { established : accept, related : accept, invalid : drop }",
+        "meta mark set meta mark & 0xfffcffff",
+        "meta mark & 0x00020000 == 0 jump filter-cali-pi-gnp/a",
+        "meta mark set meta mark & 0xfffdffff",
+        "meta mark & 0x00020000 == 0 jump filter-cali-pi-gnp/a",
+        "meta mark & 0x00020000 == 0 counter drop",
+        "jump filter-cali-pri-p",
+        "counter drop",
+    ];
+    assert_eq!(got, want);
+    // Outbound: the policy and profile chains mark and return; the endpoint chain
+    // returns on the accept mark.
+    let ep = Endpoint {
+        egress: vec![tier(&["gnp/a"], TierEnd::Deny)],
+        ..ep
+    };
+    let got = endpoint_lines(&dp, &ep, false);
+    let ret = "meta mark & 0x00010000 == 0x00010000 return";
+    assert_eq!(
+        got[2..],
+        [
+            "meta mark & 0x00020000 == 0 jump filter-cali-po-gnp/a",
+            ret,
+            "meta mark & 0x00020000 == 0 counter drop",
+            "jump filter-cali-pro-p",
+            ret,
+            "counter drop"
+        ]
+    );
+}
+
+/// Names: Calico's prefixes; a name too long or with characters nft cannot carry is
+/// hashed behind `_`.
+#[test]
+fn chain_and_set_names() {
+    assert_eq!(
+        policy_chain("np/ns/name", true),
+        "filter-cali-pi-np/ns/name"
+    );
+    assert_eq!(
+        profile_chain("kns.default", false),
+        "filter-cali-pro-kns.default"
+    );
+    assert_eq!(
+        endpoint_chain("cali12345", true),
+        "filter-cali-tw-cali12345"
+    );
+    assert_eq!(set_name("s:abc_-D", true), "cali60s-abc_-D");
+    let long = "x".repeat(300);
+    let h = policy_chain(&long, true);
+    assert!(h.starts_with("filter-cali-pi-_") && h.len() < 100, "{h}");
+    assert_ne!(policy_chain("a b", true), policy_chain("a c", true));
+    assert!(policy_chain("a b", true).starts_with("filter-cali-pi-_"));
+}
+
+/// Interval sets hold no member inside another (nft refuses overlaps).
+#[test]
+fn outermost_members_only() {
+    let got = outermost(
+        [
+            "10.0.0.0/8",
+            "10.1.2.3/32",
+            "11.0.0.1/32",
+            "10.0.0.0/8",
+            "11.0.0.0/31",
+        ]
+        .iter()
+        .map(|s| net(s)),
+    );
+    assert_eq!(got, vec![net("10.0.0.0/8"), net("11.0.0.0/31")]);
+}
+
+/// A member change inside an outer net writes nothing; the outer net going brings the
+/// inner members in.
+#[test]
+fn member_changes_follow_the_outermost() {
+    let now = IpSet::Nets(BTreeSet::from([net("10.0.0.0/8"), net("10.1.1.1/32")]));
+    let added = IpSet::Nets(BTreeSet::from([net("10.1.1.1/32")]));
+    assert_eq!(
+        member_changes(&now, Some(&added), None, false),
+        (vec![], vec![])
+    );
+    let now = IpSet::Nets(BTreeSet::from([net("10.1.1.1/32"), net("10.2.2.2/32")]));
+    let removed = IpSet::Nets(BTreeSet::from([net("10.0.0.0/8")]));
+    assert_eq!(
+        member_changes(&now, None, Some(&removed), false),
+        (
+            vec![Element::Net(net("10.0.0.0/8"))],
+            vec![
+                Element::Net(net("10.1.1.1/32")),
+                Element::Net(net("10.2.2.2/32"))
+            ]
+        )
+    );
+    // The other family: nothing.
+    assert_eq!(
+        member_changes(&now, None, Some(&removed), true),
+        (vec![], vec![])
+    );
+}
+
+fn small() -> PolicyDataplane {
+    let mut dp = PolicyDataplane::default();
+    dp.sets.insert(
+        "s:a".into(),
+        IpSet::Nets(BTreeSet::from([net("10.65.0.1/32")])),
+    );
+    dp.endpoints.insert("calia".into(), Endpoint::default());
+    dp
+}
+
+/// A label change writes set elements, not chains; an endpoint removed leaves the
+/// dispatch maps, then its chains go.
+#[test]
+fn incremental_writes_only_what_changed() {
+    let old = small();
+    let programmed = Programmed::of(&old, false);
+    let mut new = old.clone();
+    new.sets.insert(
+        "s:a".into(),
+        IpSet::Nets(BTreeSet::from([net("10.65.0.2/32")])),
+    );
+    let delta = Delta {
+        added: [(
+            "s:a".to_string(),
+            IpSet::Nets(BTreeSet::from([net("10.65.0.2/32")])),
+        )]
+        .into(),
+        removed: [(
+            "s:a".to_string(),
+            IpSet::Nets(BTreeSet::from([net("10.65.0.1/32")])),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        incremental(&new, &delta, &programmed),
+        "delete element ip calico cali40s-a { 10.65.0.1 }\nadd element ip calico cali40s-a { 10.65.0.2 }\n"
+    );
+    new.endpoints.clear();
+    let delta = Delta {
+        endpoints: BTreeSet::from(["calia".to_string()]),
+        ..Default::default()
+    };
+    assert_eq!(
+        incremental(&new, &delta, &programmed),
+        "delete element ip calico filter-cali-from-wl-dispatch { \"calia\" }\n\
+         delete element ip calico filter-cali-to-wl-dispatch { \"calia\" }\n\
+         delete chain ip calico filter-cali-tw-calia\n\
+         delete chain ip calico filter-cali-fw-calia\n"
+    );
+}
+
+/// An endpoint whose interface name nft cannot carry is left out (not the whole
+/// transaction refused).
+#[test]
+fn an_endpoint_with_a_bad_interface_name_is_left_out() {
+    let mut dp = small();
+    dp.endpoints.insert("cali\"x".into(), Endpoint::default());
+    dp.endpoints
+        .insert("cali0123456789abcdef".into(), Endpoint::default());
+    let s = full(&dp, &Nat::default(), "cali");
+    assert!(
+        !s.contains("cali\"x") && !s.contains("cali0123456789abcdef"),
+        "{s}"
+    );
+    assert_eq!(Programmed::of(&dp, false).endpoints.len(), 1);
+    let delta = Delta {
+        endpoints: dp.endpoints.keys().cloned().collect(),
+        ..Default::default()
+    };
+    let s = incremental(&dp, &delta, &Programmed::default());
+    assert!(!s.contains("cali\"x") && s.contains("calia"), "{s}");
+}
+
+/// The full script replaces both tables; without IPv6 pools the IPv6 table is only
+/// removed.
+#[test]
+fn full_replaces_our_tables_only() {
+    let s = full(&small(), &Nat::default(), "cali");
+    assert!(s.starts_with("table ip calico\ndelete table ip calico\ntable ip calico {\n"));
+    assert!(
+        s.ends_with("table ip6 calico\ndelete table ip6 calico\n"),
+        "{s}"
+    );
+    assert!(s.contains("\"calia\" : goto filter-cali-fw-calia"), "{s}");
+    let nat = Nat {
+        all: BTreeSet::from([net("fd00::/48")]),
+        ..Default::default()
+    };
+    let s = full(&small(), &nat, "cali");
+    assert!(s.contains("table ip6 calico {\n"), "{s}");
+    assert!(!s.contains("table inet"), "{s}");
+}
