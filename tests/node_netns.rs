@@ -128,11 +128,28 @@ fn node_starts_registers_serves_health_and_metrics_and_stops_on_sigterm() {
         .arg(format!("promtool check metrics < {}", file.display()))
         .output()
         .unwrap();
+    // Calico's nft counters keep Calico's names, without the `_total` promtool's lint wants
+    // (felix/nftables/table.go and ipsets.go declare them as counters): that one remark,
+    // for those names, is expected; anything else promtool says is a defect.
+    let calico_counters = [
+        "felix_nft_calls",
+        "felix_nft_errors",
+        "felix_nft_set_calls",
+        "felix_nft_set_errors",
+    ];
+    let said = String::from_utf8_lossy(&check.stdout).to_string()
+        + &String::from_utf8_lossy(&check.stderr);
+    let remarks: Vec<&str> = said
+        .lines()
+        .filter(|l| {
+            !calico_counters
+                .iter()
+                .any(|c| *l == format!("{c} counter metrics should have \"_total\" suffix"))
+        })
+        .collect();
     assert!(
-        check.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
+        check.status.success() || remarks.is_empty(),
+        "promtool: {said}"
     );
 
     // The node's IPAM collector frees an allocation nobody owns, and only that one.
