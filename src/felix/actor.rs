@@ -123,12 +123,19 @@ pub async fn run(
             let done = match output {
                 Output::FullPass(pass) => {
                     let (problems, uplink) = dataplane.full_pass(&pass).await;
+                    metrics.set_policy(&pass.policy);
                     Some(Input::PassDone { uplink, problems })
                 }
                 Output::Repair(r) => Some(Input::Repaired(dataplane.repair(&r).await)),
                 Output::ApplyChanges { changes, uplink } => Some(Input::ChangesApplied(
                     dataplane.apply_changes(&changes, uplink).await,
                 )),
+                Output::ApplyPolicy { dp, delta } => {
+                    let started = std::time::Instant::now();
+                    let problems = dataplane.apply_policy(&dp, &delta).await;
+                    metrics.policy_applied(started, &dp);
+                    Some(Input::PolicyApplied(problems))
+                }
                 Output::SetTimer(at) => {
                     wake = tokio::time::Instant::from_std(at);
                     None

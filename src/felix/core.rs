@@ -37,6 +37,7 @@ use ipnet::IpNet;
 use super::FelixInput;
 use super::calc::Desired;
 use super::events::Touched;
+use super::policy::{Delta, PolicyDataplane};
 use super::problem::Problem;
 use super::routes::Change;
 use super::state::State;
@@ -77,6 +78,8 @@ pub enum Input {
     Repaired(Vec<Problem>),
     /// The [`Output::ApplyChanges`] were queued, with these problems.
     ChangesApplied(Vec<Problem>),
+    /// The [`Output::ApplyPolicy`] was carried out, with these problems.
+    PolicyApplied(Vec<Problem>),
 }
 
 /// What the shell carries out.
@@ -94,6 +97,13 @@ pub enum Output {
     ApplyChanges {
         changes: Vec<Change>,
         uplink: Option<u32>,
+    },
+    /// Write the policy dataplane `dp`, only what `delta` says changed (everything when
+    /// `delta.full`); answer with [`Input::PolicyApplied`]. A policy-only change (a label,
+    /// a policy, a network set) goes this way, never through a full pass.
+    ApplyPolicy {
+        dp: Arc<PolicyDataplane>,
+        delta: Delta,
     },
     /// Wake up at this instant with [`Input::Timer`] (replaces the previous deadline).
     SetTimer(Instant),
@@ -148,6 +158,7 @@ enum Busy {
     Pass(Arc<Desired>),
     Repair,
     Changes,
+    Policy,
 }
 
 /// Felix's state and the decisions pending on it.
@@ -171,6 +182,9 @@ pub struct Core {
     bgp_open: bool,
     warned_ipip: bool,
     busy: Option<Busy>,
+    /// The policy dataplane in the kernel may differ from the last one computed (a failed
+    /// apply or pass): the next policy apply writes everything.
+    policy_full: bool,
 }
 
 /// When the next refresh is looked at: after `interval`, or after the default interval
@@ -200,6 +214,7 @@ impl Core {
             bgp_open: true,
             warned_ipip: false,
             busy: None,
+            policy_full: false,
         }
     }
 
@@ -262,10 +277,26 @@ impl Core {
                     return out;
                 };
                 self.last = Some((desired, uplink));
+                // The pass may have failed to write the policy: write it whole next time.
+                self.policy_full |= !problems.is_empty();
                 if let Some(e) = self.ipip_missing(&problems) {
                     out.push(Output::LogError(e));
                 }
                 out.push(Output::Health(health(&problems)));
+            }
+            Input::PolicyApplied(problems) => {
+                self.busy = None;
+                if !problems.is_empty() {
+                    let all: Vec<String> = problems.iter().map(Problem::to_string).collect();
+                    out.push(Output::Health(Health::NotReady(format!(
+                        "the policy dataplane failed to apply: {}",
+                        all.join("; ")
+                    ))));
+                    // What the kernel holds is unknown: the full pass soon writes it whole
+                    // (and says when all is well again), as does any apply before it.
+                    self.policy_full = true;
+                    self.read_back(now);
+                }
             }
             Input::Repaired(problems) | Input::ChangesApplied(problems) => {
                 self.busy = None;
@@ -330,7 +361,7 @@ impl Core {
             self.full = true;
         }
         if !self.full {
-            return None;
+            return self.policy();
         }
         self.full = false;
         self.repair = false;
@@ -347,11 +378,32 @@ impl Core {
                 .or_else(|| self.state.node_ipv4()),
             vxlan_mtu: cfg.vxlan_mtu,
             ipip_mtu: cfg.ipip_mtu,
-            policy: Arc::default(),
+            // The pass writes the policy whole: what it wrote is the base of the next
+            // deltas.
+            policy: self.state.policy_update().0,
             desired: desired.clone(),
         };
+        self.policy_full = false;
         self.busy = Some(Busy::Pass(desired));
         Some(Output::FullPass(pass))
+    }
+
+    /// A policy-only change: the policy dataplane's delta since the last apply, once a
+    /// full pass has programmed it (before that, the first pass carries it whole).
+    fn policy(&mut self) -> Option<Output> {
+        if !self.state.policy_changed || self.last.is_none() {
+            return None;
+        }
+        let (dp, mut delta) = self.state.policy_update();
+        if self.policy_full {
+            delta = Delta::full();
+        }
+        if delta.is_empty() {
+            return None;
+        }
+        self.policy_full = false;
+        self.busy = Some(Busy::Policy);
+        Some(Output::ApplyPolicy { dp, delta })
     }
 
     fn timer_fired(&mut self, now: Instant) {

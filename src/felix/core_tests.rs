@@ -538,3 +538,141 @@ fn no_interface(name: &str) -> Problem {
         reason: RouteReason::NoInterface(name.into()),
     }
 }
+
+// Policy (issue 17).
+
+fn gnp(name: &str, spec: &str) -> Input {
+    put(
+        &format!("{RES}/globalnetworkpolicies/{name}"),
+        &format!(
+            r#"{{"kind":"GlobalNetworkPolicy","apiVersion":"projectcalico.org/v3","metadata":{{"name":"{name}"}},"spec":{spec}}}"#
+        ),
+    )
+}
+
+fn local_wep(name: &str, ip: &str, labels: &str) -> Input {
+    put(
+        &format!("{RES}/workloadendpoints/ns1/{name}"),
+        &format!(
+            r#"{{"kind":"WorkloadEndpoint","apiVersion":"projectcalico.org/v3","metadata":{{"name":"{name}","namespace":"ns1","labels":{labels}}},"spec":{{"orchestrator":"k8s","node":"node-a","pod":"{name}","endpoint":"eth0","interfaceName":"cali-{name}","ipNetworks":["{ip}"]}}}}"#
+        ),
+    )
+}
+
+fn policy_apply(out: &[Output]) -> Option<(&Arc<crate::felix::policy::PolicyDataplane>, &Delta)> {
+    out.iter().find_map(|o| match o {
+        Output::ApplyPolicy { dp, delta } => Some((dp, delta)),
+        _ => None,
+    })
+}
+
+#[test]
+fn policy_is_not_programmed_before_in_sync_and_the_first_pass_carries_it_whole() {
+    let (mut c, clock) = start();
+    let out = c.handle(
+        clock.ms(0),
+        local_wep("a", "10.244.0.2/32", r#"{"app":"x"}"#),
+    );
+    assert!(
+        actions(&out).is_empty() && policy_apply(&out).is_none(),
+        "{out:?}"
+    );
+    let out = c.handle(
+        clock.ms(0),
+        gnp("p", r#"{"selector":"app == 'x'","types":["Ingress"]}"#),
+    );
+    assert!(policy_apply(&out).is_none(), "{out:?}");
+    let out = c.handle(clock.ms(0), in_sync());
+    let pass = full_pass(&out).expect("the first pass");
+    assert_eq!(
+        pass.policy.endpoints["cali-a"].ingress[0].policies,
+        vec!["gnp/p"]
+    );
+    assert!(policy_apply(&out).is_none(), "the pass writes it: {out:?}");
+}
+
+#[test]
+fn a_policy_only_change_applies_a_delta_and_makes_no_full_pass() {
+    let (mut c, clock) = synced();
+    let out = c.handle(
+        clock.ms(10),
+        local_wep("a", "10.244.0.2/32", r#"{"app":"x"}"#),
+    );
+    c.handle(clock.ms(11), done(Some(2)));
+    assert!(
+        full_pass(&out).is_some(),
+        "a new endpoint is a routing change"
+    );
+    let out = c.handle(
+        clock.ms(12),
+        gnp("p", r#"{"selector":"app == 'x'","types":["Ingress"],"ingress":[{"action":"Allow","source":{"selector":"app == 'x'"}}]}"#),
+    );
+    assert!(full_pass(&out).is_none(), "{out:?}");
+    let (dp, delta) = policy_apply(&out).expect("a policy apply");
+    assert!(!delta.full);
+    assert_eq!(delta.policies, ["gnp/p".to_string()].into());
+    assert_eq!(delta.endpoints, ["cali-a".to_string()].into());
+    assert_eq!(dp.policies.len(), 1);
+    // One at a time: nothing more until it is done.
+    let out = c.handle(
+        clock.ms(13),
+        local_wep("a", "10.244.0.2/32", r#"{"app":"y"}"#),
+    );
+    assert!(
+        policy_apply(&out).is_none() && full_pass(&out).is_none(),
+        "{out:?}"
+    );
+    let out = c.handle(clock.ms(14), Input::PolicyApplied(Vec::new()));
+    // The relabel: only a delta (the endpoint leaves the policy and the set).
+    assert!(
+        full_pass(&out).is_none(),
+        "a label change is policy-only: {out:?}"
+    );
+    let (dp, delta) = policy_apply(&out).expect("the relabel's apply");
+    assert!(dp.endpoints["cali-a"].ingress.is_empty());
+    assert_eq!(delta.endpoints, ["cali-a".to_string()].into());
+    assert!(
+        delta.policies.contains("gnp/p"),
+        "p is no longer programmed"
+    );
+    c.handle(clock.ms(15), Input::PolicyApplied(Vec::new()));
+    // The same again changes nothing.
+    let out = c.handle(
+        clock.ms(16),
+        local_wep("a", "10.244.0.2/32", r#"{"app":"y"}"#),
+    );
+    assert!(
+        actions(&out).is_empty() && policy_apply(&out).is_none(),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_failed_policy_apply_makes_felix_not_ready_and_the_next_write_whole() {
+    let (mut c, clock) = synced();
+    c.handle(
+        clock.ms(10),
+        local_wep("a", "10.244.0.2/32", r#"{"app":"x"}"#),
+    );
+    c.handle(clock.ms(11), done(Some(2)));
+    let out = c.handle(clock.ms(12), gnp("p", r#"{"selector":"app == 'x'"}"#));
+    assert!(policy_apply(&out).is_some());
+    let failure = Problem::Route {
+        prefix: "10.244.0.2/32".parse().unwrap(),
+        reason: RouteReason::Refused { errno: 1 },
+    };
+    let out = c.handle(clock.ms(13), Input::PolicyApplied(vec![failure]));
+    let Some(Health::NotReady(why)) = health_of(&out) else {
+        panic!("{out:?}")
+    };
+    assert!(why.contains("policy"), "{why}");
+    // Another change before the read-back: written whole.
+    let out = c.handle(clock.ms(14), gnp("q", r#"{"selector":"app == 'x'"}"#));
+    let (_, delta) = policy_apply(&out).expect("an apply");
+    assert!(delta.full, "{delta:?}");
+    c.handle(clock.ms(15), Input::PolicyApplied(Vec::new()));
+    // The read-back pass after the debounce carries the policy whole.
+    let out = c.handle(clock.ms(13) + EVENT_DEBOUNCE, Input::Timer);
+    let pass = full_pass(&out).expect("a full pass");
+    assert_eq!(pass.policy.policies.len(), 2);
+}

@@ -1,9 +1,9 @@
 //! Carries out the core's decisions (`felix::core`) against the kernel: a full pass over
 //! every part of the dataplane, a repair of what kernel events touched, and BGP's route
 //! changes. Holds what only the executor needs between passes: the netlink handle and
-//! route writer, the NAT last applied, a removal of `vxlan.calico` under way, the MTU
+//! route writer, our nftables tables (policy and NAT) as last written, a removal of `vxlan.calico` under way, the MTU
 //! file, and the route-table statistics behind the metrics. Each part calls the
-//! reconcilers (`routes`, `neigh`, `tunnels`, `nat`, `sysctls`) and runs even when
+//! reconcilers (`routes`, `neigh`, `tunnels`, `nft` for policy and NAT, `sysctls`) and runs even when
 //! another failed; the problems go back to the core.
 
 use std::path::PathBuf;
@@ -11,12 +11,13 @@ use std::time::Instant;
 
 use rtnetlink::Handle;
 
-use super::calc::Nat;
 use super::core::{Pass, Repair};
 use super::metrics::{FelixMetrics, RouteTableStats};
+use super::nft::PolicyTables;
+use super::policy::{Delta, PolicyDataplane};
 use super::problem::Problem;
 use super::routes::{self, Change};
-use super::{nat, neigh, sysctls, tunnels};
+use super::{neigh, sysctls, tunnels};
 use crate::netlink::Writer;
 
 /// The dataplane executor; see the module documentation.
@@ -25,7 +26,8 @@ pub struct Dataplane {
     writer: Writer,
     metrics: FelixMetrics,
     mtu_file: Option<PathBuf>,
-    last_nat: Option<Nat>,
+    /// Our nftables tables (policy and NAT) as last written.
+    tables: PolicyTables,
     vxlan_removal: Option<tunnels::PendingRemoval>,
     table_stats: RouteTableStats,
 }
@@ -56,22 +58,30 @@ impl Dataplane {
             writer,
             metrics,
             mtu_file,
-            last_nat: None,
+            tables: PolicyTables::new(),
             vxlan_removal: None,
             table_stats: RouteTableStats::default(),
         }
     }
 
     /// Make the policy dataplane `dp`, writing only what `delta` says changed (all of it
-    /// when `delta.full`). SCAFFOLDING for the parallel work of issue 17: the nftables
-    /// executor replaces this body; until then policy is not enforced.
-    pub async fn apply_policy(
-        &mut self,
-        dp: &crate::felix::policy::PolicyDataplane,
-        delta: &crate::felix::policy::Delta,
-    ) -> Vec<Problem> {
-        let _ = (dp, delta);
-        Vec::new()
+    /// when `delta.full`, or when the tables are not known to be right), in one nft
+    /// transaction. The problems met (at most one: the transaction is all or nothing).
+    pub async fn apply_policy(&mut self, dp: &PolicyDataplane, delta: &Delta) -> Vec<Problem> {
+        let started = Instant::now();
+        let r = self.tables.apply(dp, delta);
+        self.metrics
+            .apply_time
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.set_nft(&self.tables.stats);
+        match r {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                let problems = vec![Problem::from(e)];
+                log(&problems, "policy dataplane");
+                problems
+            }
+        }
     }
 
     /// One pass over every part of the dataplane; the problems met (each part runs
@@ -151,11 +161,15 @@ impl Dataplane {
         {
             problems.push(e.into());
         }
-        match nat::ensure(&desired.nat, &mut self.last_nat) {
-            Ok(true) => self.metrics.set_nat(&desired.nat),
-            Ok(false) => {}
+        // Policy and NAT, one transaction replacing our tables (drift repaired).
+        match self
+            .tables
+            .write_full(&pass.policy, &desired.nat, &pass.prefix)
+        {
+            Ok(()) => self.metrics.set_nat(&desired.nat),
             Err(e) => problems.push(e.into()),
         }
+        self.metrics.set_nft(&self.tables.stats);
         problems.extend(sysctls::ensure(&pass.prefix));
         log(&problems, "dataplane");
         (problems, uplink)

@@ -28,6 +28,40 @@ pub struct FelixMetrics {
     hosts: IntGauge,
     ipsets: IntGaugeVec,
     rules: IntGaugeVec,
+    // Policy (issue 17).
+    local_policies: IntGauge,
+    local_selectors: IntGauge,
+    nft: NftMetrics,
+}
+
+/// The nftables executor's metrics (Calico's names and help texts, felix/nftables).
+#[derive(Clone)]
+struct NftMetrics {
+    calls: IntGauge,
+    errors: IntGauge,
+    chains: IntGauge,
+    rules: IntGauge,
+    sets: IntGauge,
+}
+
+impl NftMetrics {
+    fn new(registry: &Registry) -> prometheus::Result<NftMetrics> {
+        let g = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        Ok(NftMetrics {
+            calls: g("felix_nft_calls", "Number of nftables transactions run.")?,
+            errors: g(
+                "felix_nft_errors",
+                "Number of nftables transactions that failed.",
+            )?,
+            chains: g("felix_nft_chains", "Number of active nftables chains.")?,
+            rules: g("felix_nft_rules", "Number of active nftables rules.")?,
+            sets: g("felix_nft_sets", "Number of active Calico nftables sets.")?,
+        })
+    }
 }
 
 impl FelixMetrics {
@@ -99,6 +133,15 @@ impl FelixMetrics {
                 "Number of active iptables rules.",
                 &["ip_version", "table"],
             )?,
+            local_policies: IntGauge::new(
+                "felix_active_local_policies",
+                "Number of active policies on this host.",
+            )?,
+            local_selectors: IntGauge::new(
+                "felix_active_local_selectors",
+                "Number of active selectors on this host.",
+            )?,
+            nft: NftMetrics::new(registry)?,
         };
         m.resync_state.set(1);
         registry.register(Box::new(m.apply_time.clone()))?;
@@ -116,6 +159,8 @@ impl FelixMetrics {
         registry.register(Box::new(m.hosts.clone()))?;
         registry.register(Box::new(m.ipsets.clone()))?;
         registry.register(Box::new(m.rules.clone()))?;
+        registry.register(Box::new(m.local_policies.clone()))?;
+        registry.register(Box::new(m.local_selectors.clone()))?;
         Ok(m)
     }
 
@@ -126,6 +171,17 @@ impl FelixMetrics {
                 .with_label_values(&[table])
                 .set(t.ifaces[i].len() as i64);
         }
+    }
+
+    /// The nftables executor's counts (`felix_nft_*`).
+    pub(crate) fn set_nft(&self, s: &super::nft::exec::NftStats) {
+        self.nft.calls.set(s.calls as i64);
+        self.nft.errors.set(s.errors as i64);
+        self.nft.chains.set(s.chains);
+        if s.rules > 0 || s.chains == 0 {
+            self.nft.rules.set(s.rules);
+        }
+        self.nft.sets.set(s.sets);
     }
 
     /// The NAT gauges for what was applied: per family, two sets and two rules when the
@@ -195,6 +251,20 @@ impl RouteTableStats {
 }
 
 impl FelixMetrics {
+    /// The policy gauges for the policy dataplane written: the policies and the selector
+    /// sets active on this host.
+    pub(crate) fn set_policy(&self, dp: &super::policy::PolicyDataplane) {
+        self.local_policies.set(dp.policies.len() as i64);
+        self.local_selectors.set(dp.sets.len() as i64);
+    }
+
+    /// A policy-only apply took since `started` (Calico's dataplane apply time covers
+    /// every apply), and wrote `dp`.
+    pub(crate) fn policy_applied(&self, started: Instant, dp: &super::policy::PolicyDataplane) {
+        self.apply_time.observe(started.elapsed().as_secs_f64());
+        self.set_policy(dp);
+    }
+
     /// Count a datastore event (and the resyncs it announces) before it is folded.
     pub(crate) fn datastore_event(&self, ev: &SyncerEvent) {
         self.messages.inc();

@@ -13,6 +13,7 @@ pub mod events;
 pub mod metrics;
 pub mod nat;
 pub mod neigh;
+pub mod nft;
 pub mod policy;
 pub mod problem;
 pub mod routes;

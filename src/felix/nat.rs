@@ -33,43 +33,53 @@ fn elements(nets: impl Iterator<Item = IpNet>) -> String {
     }
 }
 
-/// The nft script that makes our tables exactly what `nat` says.
+/// The sets and chains of NAT outgoing for one family, as lines inside `table <family>
+/// calico { … }`; `None` for IPv6 when no pool is IPv6 (nothing to masquerade). The
+/// policy renderer (`felix::nft::render`) puts them in the same table as the filter
+/// layer, so that a NAT change and a policy change are one table.
+pub(crate) fn body(nat: &Nat, v6: bool) -> Option<String> {
+    let n = if v6 { "60" } else { "40" };
+    let fam = |net: &&IpNet| net.addr().is_ipv6() == v6;
+    let masq = nat.masquerade.iter().filter(fam).copied();
+    let all: Vec<IpNet> = nat.all.iter().filter(fam).copied().collect();
+    if all.is_empty() && v6 {
+        return None;
+    }
+    let (addr_type, saddr) = if v6 {
+        ("ipv6_addr", "ip6")
+    } else {
+        ("ipv4_addr", "ip")
+    };
+    let action = match nat.snat_to {
+        Some(a) if a.is_ipv6() == v6 => format!("snat to {a}"),
+        _ => "masquerade fully-random".to_string(),
+    };
+    Some(format!(
+        "\tset cali{n}masq-ipam-pools {{\n\t\ttype {addr_type}\n\t\tflags interval\n{}\t}}\n\
+         \tset cali{n}all-ipam-pools {{\n\t\ttype {addr_type}\n\t\tflags interval\n{}\t}}\n\
+         \tchain cali-nat-outgoing {{\n\
+         \t\t{saddr} saddr @cali{n}masq-ipam-pools {saddr} daddr != @cali{n}all-ipam-pools {action}\n\
+         \t}}\n\
+         \tchain cali-POSTROUTING {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tjump cali-nat-outgoing\n\
+         \t}}\n",
+        elements(masq),
+        elements(all.into_iter()),
+    ))
+}
+
+/// The nft script that makes our tables exactly what `nat` says, with NAT alone in them
+/// (the daemon writes NAT together with policy: `felix::nft`).
 pub fn script(nat: &Nat) -> String {
     let mut s = String::new();
-    for (v6, family, n) in [(false, "ip", "40"), (true, "ip6", "60")] {
-        let fam = |net: &&IpNet| net.addr().is_ipv6() == v6;
-        let masq = nat.masquerade.iter().filter(fam).copied();
-        let all: Vec<IpNet> = nat.all.iter().filter(fam).copied().collect();
+    for (v6, family) in [(false, "ip"), (true, "ip6")] {
         // Declare, then delete: the delete cannot fail, and the whole script is one
         // transaction.
         s += &format!("table {family} calico\ndelete table {family} calico\n");
-        if all.is_empty() && v6 {
-            continue;
+        if let Some(body) = body(nat, v6) {
+            s += &format!("table {family} calico {{\n{body}}}\n");
         }
-        let (addr_type, saddr) = if v6 {
-            ("ipv6_addr", "ip6")
-        } else {
-            ("ipv4_addr", "ip")
-        };
-        let action = match nat.snat_to {
-            Some(a) if a.is_ipv6() == v6 => format!("snat to {a}"),
-            _ => "masquerade fully-random".to_string(),
-        };
-        s += &format!(
-            "table {family} calico {{\n\
-             \tset cali{n}masq-ipam-pools {{\n\t\ttype {addr_type}\n\t\tflags interval\n{}\t}}\n\
-             \tset cali{n}all-ipam-pools {{\n\t\ttype {addr_type}\n\t\tflags interval\n{}\t}}\n\
-             \tchain cali-nat-outgoing {{\n\
-             \t\t{saddr} saddr @cali{n}masq-ipam-pools {saddr} daddr != @cali{n}all-ipam-pools {action}\n\
-             \t}}\n\
-             \tchain cali-POSTROUTING {{\n\
-             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-             \t\tjump cali-nat-outgoing\n\
-             \t}}\n\
-             }}\n",
-            elements(masq),
-            elements(all.into_iter()),
-        );
     }
     s
 }

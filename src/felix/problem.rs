@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use super::calc::CalcProblem;
 use super::nat::NatError;
 use super::neigh::NeighbourProblem;
+use super::nft::NftError;
 use super::routes::{RouteError, RouteReason};
 use super::tunnels::TunnelError;
 
@@ -39,6 +40,10 @@ pub enum Problem {
     Tunnel(#[from] TunnelError),
     #[error(transparent)]
     Nat(#[from] NatError),
+    /// An nft transaction on our tables (policy and NAT) failed: the step and nft's
+    /// message; nothing of it was applied.
+    #[error(transparent)]
+    Nft(#[from] NftError),
     /// A sysctl could not be written (an interface gone meanwhile is no problem).
     #[error("{path}: {error}")]
     Sysctl { path: String, error: std::io::Error },

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use super::calc::{Desired, Dev, Route, Target};
 use super::core::{Core, Health, Input, Output};
 use super::events::Touched;
+use super::policy::{Delta, PolicyDataplane};
 use super::problem::Problem;
 use super::routes::RouteReason;
 use crate::bgp::{LearnedRoute, RouteUpdate};
@@ -101,6 +102,7 @@ impl Shell {
                         opt(p.ipip_mtu),
                     );
                     render_desired(&mut self.out, &p.desired, depth + 1);
+                    render_policy(&mut self.out, &p.policy, depth + 1);
                     let problems = self.problems();
                     let uplink = self.uplink;
                     Some(Input::PassDone { uplink, problems })
@@ -128,6 +130,11 @@ impl Shell {
                         let _ = writeln!(self.out, "{pad}  {p}: {} -> {}", r(old), r(new));
                     }
                     Some(Input::ChangesApplied(self.problems()))
+                }
+                Output::ApplyPolicy { dp, delta } => {
+                    let _ = writeln!(self.out, "{pad}apply policy: {}", render_delta(&delta));
+                    render_policy(&mut self.out, &dp, depth + 1);
+                    Some(Input::PolicyApplied(self.problems()))
                 }
             };
             if let Some(input) = result {
@@ -221,6 +228,64 @@ fn render_desired(out: &mut String, d: &Desired, depth: usize) {
     }
 }
 
+/// The policy dataplane, one line per endpoint, policy, profile and set.
+fn render_policy(out: &mut String, dp: &PolicyDataplane, depth: usize) {
+    let pad = "  ".repeat(depth);
+    let tiers = |ts: &[crate::felix::policy::TierPolicies]| {
+        ts.iter()
+            .map(|t| format!("{}:[{}]:{:?}", t.tier, t.policies.join(" "), t.end))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for (iface, e) in &dp.endpoints {
+        let _ = writeln!(
+            out,
+            "{pad}endpoint {iface} ({}) in {{{}}} out {{{}}} profiles [{}]",
+            e.name,
+            tiers(&e.ingress),
+            tiers(&e.egress),
+            e.profiles.join(" ")
+        );
+    }
+    for (id, c) in &dp.policies {
+        let _ = writeln!(out, "{pad}policy {id}: {:?} / {:?}", c.inbound, c.outbound);
+    }
+    for (name, c) in &dp.profiles {
+        let _ = writeln!(
+            out,
+            "{pad}profile {name}: {:?} / {:?}",
+            c.inbound, c.outbound
+        );
+    }
+    for (id, s) in &dp.sets {
+        let _ = writeln!(out, "{pad}set {id}: {s:?}");
+    }
+    if dp.endpoint_to_host != Default::default() {
+        let _ = writeln!(out, "{pad}endpoint-to-host {:?}", dp.endpoint_to_host);
+    }
+}
+
+fn render_delta(d: &Delta) -> String {
+    let list = |s: &BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(" ");
+    let members = |m: &std::collections::BTreeMap<String, crate::felix::policy::IpSet>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!(
+        "full {} endpoints [{}] policies [{}] profiles [{}] sets [{}] added [{}] removed [{}] endpoint-to-host {}",
+        d.full,
+        list(&d.endpoints),
+        list(&d.policies),
+        list(&d.profiles),
+        list(&d.sets),
+        members(&d.added),
+        members(&d.removed),
+        d.endpoint_to_host
+    )
+}
+
 fn describe(input: &Input) -> String {
     let problems = |p: &[Problem]| {
         let all: Vec<String> = p.iter().map(Problem::to_string).collect();
@@ -239,6 +304,7 @@ fn describe(input: &Input) -> String {
         }
         Input::Repaired(p) => format!("repaired: problems {}", problems(p)),
         Input::ChangesApplied(p) => format!("changes applied: problems {}", problems(p)),
+        Input::PolicyApplied(p) => format!("policy applied: problems {}", problems(p)),
         other => format!("{other:?}"),
     }
 }

@@ -3,11 +3,17 @@
 //! datastore key; nodes are also indexed by name.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use super::FelixInput;
 use super::calc::{self, Desired, Input, Settings};
+use super::policy::calc::{
+    EndpointInfo, NetSetInfo, PolicyCalc, TierInfo, gnp_id, np_id, resolve_gnp, resolve_np,
+    resolve_profile,
+};
+use super::policy::{Delta, EndpointToHost, PolicyDataplane};
 use crate::bgp::RouteUpdate;
 use crate::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, UpdateType};
 use crate::model::AnyResource;
@@ -39,14 +45,33 @@ pub struct State {
     bgp_changed: Vec<IpNet>,
     /// Whether a datastore update changed anything since the last full pass.
     pub datastore_changed: bool,
+    /// The policy calculation's inputs (every endpoint of the cluster, policies, tiers,
+    /// profiles, network sets).
+    policy: PolicyCalc,
+    /// What each policy-related datastore key holds (deletes come by key).
+    policy_keys: BTreeMap<String, PolicyKey>,
+    /// The policy dataplane last computed ([`State::policy_update`]).
+    policy_dp: Arc<PolicyDataplane>,
+    /// Whether a datastore update changed the policy inputs since the last
+    /// [`State::policy_update`].
+    pub policy_changed: bool,
     pub datastore_in_sync: bool,
     pub bgp_in_sync: bool,
+}
+
+/// What a policy-related datastore key holds.
+#[derive(Debug, Clone, PartialEq)]
+enum PolicyKey {
+    Tier(String),
+    Policy(String),
+    Profile(String),
 }
 
 impl State {
     pub fn new(node: &str) -> State {
         State {
             node: node.to_string(),
+            policy: PolicyCalc::new(node),
             ..Default::default()
         }
     }
@@ -90,6 +115,15 @@ impl State {
 
     fn forget(&mut self, key: &str) -> bool {
         self.all_workloads.remove(key);
+        let mut policy = self.policy.endpoints.remove(key).is_some()
+            | self.policy.net_sets.remove(key).is_some();
+        policy |= match self.policy_keys.remove(key) {
+            Some(PolicyKey::Tier(t)) => self.policy.tiers.remove(&t).is_some(),
+            Some(PolicyKey::Policy(id)) => self.policy.policies.remove(&id).is_some(),
+            Some(PolicyKey::Profile(p)) => self.policy.profiles.remove(&p).is_some(),
+            None => false,
+        };
+        self.policy_changed |= policy;
         let mut gone = self.pools.remove(key).is_some()
             | self.workloads.remove(key).is_some()
             | self.blocks.remove(key).is_some();
@@ -105,7 +139,26 @@ impl State {
         if key.ends_with("/bgpconfigurations/default") {
             gone |= !std::mem::take(&mut self.service_ranges).is_empty();
         }
+        self.config_changed();
         gone
+    }
+
+    /// The policy settings of FelixConfiguration may have changed.
+    fn config_changed(&mut self) {
+        let e2h = match self.config().endpoint_to_host_action() {
+            "Return" => EndpointToHost::Return,
+            "Accept" => EndpointToHost::Accept,
+            _ => EndpointToHost::Drop,
+        };
+        if self.policy.endpoint_to_host != e2h {
+            self.policy.endpoint_to_host = e2h;
+            self.policy_changed = true;
+        }
+    }
+
+    /// Record what a policy-related key holds.
+    fn policy_key(&mut self, key: &str, what: PolicyKey) {
+        self.policy_keys.insert(key.to_string(), what);
     }
 
     fn store(&mut self, key: &str, value: &SyncValue) -> bool {
@@ -128,9 +181,15 @@ impl State {
                 if !self.all_workloads.contains(key) {
                     self.all_workloads.insert(key.to_string());
                 }
+                // Policy sees every endpoint of the cluster (their addresses fill the
+                // selector sets); a change of labels alone is no routing change.
+                self.policy_changed |= keep(
+                    &mut self.policy.endpoints,
+                    key,
+                    Some(EndpointInfo::from_wep(w)),
+                );
                 if w.spec.node == self.node {
-                    self.workloads.insert(key.to_string(), w.spec.clone());
-                    true
+                    self.workloads.insert(key.to_string(), w.spec.clone()) != Some(w.spec.clone())
                 } else {
                     // Moved to another node: it is not ours any more.
                     self.workloads.remove(key).is_some()
@@ -143,7 +202,7 @@ impl State {
                 ranges != std::mem::replace(&mut self.service_ranges, ranges.clone())
             }
             SyncValue::Resource(AnyResource::FelixConfiguration(f)) => {
-                if f.metadata.name == "default" {
+                let changed = if f.metadata.name == "default" {
                     self.global = Some(f.spec.clone());
                     true
                 } else if f.metadata.name == format!("node.{}", self.node) {
@@ -151,10 +210,70 @@ impl State {
                     true
                 } else {
                     false
-                }
+                };
+                self.config_changed();
+                changed
             }
+            SyncValue::Resource(AnyResource::Tier(t)) => {
+                let name = t.metadata.name.clone();
+                self.policy_key(key, PolicyKey::Tier(name.clone()));
+                self.policy_changed |= keep(
+                    &mut self.policy.tiers,
+                    &name,
+                    Some(TierInfo::from_spec(&t.spec)),
+                );
+                false
+            }
+            SyncValue::Resource(AnyResource::GlobalNetworkPolicy(p)) => {
+                let id = gnp_id(&p.metadata.name);
+                self.policy_key(key, PolicyKey::Policy(id.clone()));
+                let r = resolve_gnp(&p.metadata.name, &p.spec);
+                self.policy_changed |= keep(&mut self.policy.policies, &id, r);
+                false
+            }
+            SyncValue::Resource(AnyResource::NetworkPolicy(p)) => {
+                let ns = p.metadata.namespace.as_deref().unwrap_or("default");
+                let id = np_id(ns, &p.metadata.name);
+                self.policy_key(key, PolicyKey::Policy(id.clone()));
+                let r = resolve_np(ns, &p.metadata.name, &p.spec);
+                self.policy_changed |= keep(&mut self.policy.policies, &id, Some(r));
+                false
+            }
+            SyncValue::Resource(AnyResource::Profile(p)) => {
+                let name = p.metadata.name.clone();
+                self.policy_key(key, PolicyKey::Profile(name.clone()));
+                let r = resolve_profile(&p.spec);
+                self.policy_changed |= keep(&mut self.policy.profiles, &name, Some(r));
+                false
+            }
+            SyncValue::Resource(AnyResource::NetworkSet(n)) => {
+                let ns = n.metadata.namespace.as_deref().unwrap_or("default");
+                let info = NetSetInfo::new(&n.metadata.labels, Some(ns), &n.spec.nets);
+                self.policy_changed |= keep(&mut self.policy.net_sets, key, Some(info));
+                false
+            }
+            SyncValue::Resource(AnyResource::GlobalNetworkSet(n)) => {
+                let info = NetSetInfo::new(&n.metadata.labels, None, &n.spec.nets);
+                self.policy_changed |= keep(&mut self.policy.net_sets, key, Some(info));
+                false
+            }
+            // Staged policies are never enforced (Calico).
             _ => false,
         }
+    }
+
+    /// The policy dataplane for what is known now, and what changed since the last call.
+    pub fn policy_update(&mut self) -> (Arc<PolicyDataplane>, Delta) {
+        self.policy_changed = false;
+        let new = self.policy.dataplane();
+        let delta = super::policy::calc::diff(&self.policy_dp, &new);
+        self.policy_dp = Arc::new(new);
+        (self.policy_dp.clone(), delta)
+    }
+
+    /// The policy dataplane last computed.
+    pub fn policy_dataplane(&self) -> &Arc<PolicyDataplane> {
+        &self.policy_dp
     }
 
     /// The FelixConfiguration in force: `node.<name>` over `default`.
@@ -290,6 +409,18 @@ impl State {
     }
 }
 
+/// Keep `value` under `name` (or remove it); true when that changed anything.
+fn keep<V: PartialEq>(map: &mut BTreeMap<String, V>, name: &str, value: Option<V>) -> bool {
+    match value {
+        Some(v) if map.get(name) == Some(&v) => false,
+        Some(v) => {
+            map.insert(name.to_string(), v);
+            true
+        }
+        None => map.remove(name).is_some(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -297,10 +428,10 @@ mod tests {
     use crate::bgp::LearnedRoute;
     use crate::model::Resource;
 
-    /// Felix has no policy dataplane yet: these kinds reach it and change nothing (and a
-    /// delete of one is no change either), without an error.
+    /// Tiers and network sets are policy inputs: no routing change, a policy change (and
+    /// a delete of one too).
     #[test]
-    fn felix_state_ignores_tiers_and_sets_for_now() {
+    fn tiers_and_sets_are_policy_changes_not_routing_changes() {
         use crate::model::networkset::{
             GlobalNetworkSet, GlobalNetworkSetSpec, NetworkSet, NetworkSetSpec,
         };
@@ -326,8 +457,10 @@ mod tests {
         for (key, v) in values {
             let put = SyncerEvent::update(&key, Some(SyncValue::Resource(v)));
             assert!(!s.apply(&FelixInput::Datastore(put)), "{key}");
+            assert!(std::mem::take(&mut s.policy_changed), "{key}");
             let del = SyncerEvent::update(&key, None);
             assert!(!s.apply(&FelixInput::Datastore(del)), "{key}");
+            assert!(std::mem::take(&mut s.policy_changed), "{key}");
         }
     }
 
@@ -351,17 +484,55 @@ mod tests {
         )))
     }
 
-    /// Policies reach Felix (issue 17) but are not enforced yet: they change nothing.
+    /// A policy is a policy change, never a routing change; a staged one is neither
+    /// (Calico never enforces them).
     #[test]
-    fn policy_kinds_are_received_and_ignored() {
+    fn policies_change_policy_only_and_staged_ones_change_nothing() {
         let mut s = State::new("node-a");
         let np = SyncValue::Resource(AnyResource::NetworkPolicy(resource(
             "p",
             crate::model::NetworkPolicySpec::default(),
         )));
         let key = "/calico/resources/v3/projectcalico.org/networkpolicies/ns/p";
+        assert!(!s.apply(&update(key, Some(np.clone()))));
+        assert!(std::mem::take(&mut s.policy_changed));
         assert!(!s.apply(&update(key, Some(np))));
+        assert!(!s.policy_changed, "the same policy again");
         assert!(!s.apply(&update(key, None)));
+        assert!(std::mem::take(&mut s.policy_changed));
+        let staged = SyncValue::Resource(AnyResource::StagedNetworkPolicy(resource(
+            "p",
+            crate::model::policy::StagedNetworkPolicySpec::default(),
+        )));
+        let key = "/calico/resources/v3/projectcalico.org/stagednetworkpolicies/ns/p";
+        assert!(!s.apply(&update(key, Some(staged))));
+        assert!(!s.policy_changed);
+        assert!(!s.apply(&update(key, None)));
+        assert!(!s.policy_changed);
+    }
+
+    /// A label change on a local endpoint is policy-only; an address change is both.
+    #[test]
+    fn a_label_change_is_policy_only_and_an_address_change_is_both() {
+        let mut s = State::new("node-a");
+        let key = "/calico/resources/v3/projectcalico.org/workloadendpoints/ns/w";
+        let labelled = |ip: &str, app: &str| {
+            let SyncValue::Resource(AnyResource::WorkloadEndpoint(mut w)) = wep("node-a", ip)
+            else {
+                unreachable!()
+            };
+            w.metadata.labels.insert("app".into(), app.into());
+            SyncValue::Resource(AnyResource::WorkloadEndpoint(w))
+        };
+        assert!(s.apply(&update(key, Some(labelled("10.244.0.3/32", "a")))));
+        assert!(std::mem::take(&mut s.policy_changed));
+        assert!(!s.apply(&update(key, Some(labelled("10.244.0.3/32", "b")))));
+        assert!(std::mem::take(&mut s.policy_changed));
+        assert!(s.apply(&update(key, Some(labelled("10.244.0.4/32", "b")))));
+        assert!(std::mem::take(&mut s.policy_changed));
+        let (dp, delta) = s.policy_update();
+        assert!(dp.endpoints.contains_key("cali1"));
+        assert!(delta.endpoints.contains("cali1"));
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct FelixConfigurationSpec {
     pub remove_external_routes: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat_outgoing_address: Option<String>,
+    /// `defaultEndpointToHostAction`: `Drop` (Felix's default), `Return` or `Accept`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_endpoint_to_host_action: Option<String>,
     /// Every other Felix setting, passed through untouched.
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
@@ -153,6 +156,7 @@ impl FelixConfigurationSpec {
             "deviceRouteProtocol",
             "removeExternalRoutes",
             "natOutgoingAddress",
+            "defaultEndpointToHostAction",
         ]
     }
 
@@ -169,6 +173,21 @@ impl FelixConfigurationSpec {
             FieldKind::Int
         } else {
             FieldKind::String
+        }
+    }
+
+    /// `defaultEndpointToHostAction` (case-insensitive as Felix reads it), default `Drop`;
+    /// a value Felix does not know is `Drop` too.
+    pub fn endpoint_to_host_action(&self) -> &'static str {
+        match self
+            .default_endpoint_to_host_action
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("return") => "Return",
+            Some("accept") => "Accept",
+            _ => "Drop",
         }
     }
 
@@ -257,6 +276,13 @@ impl Kind for FelixConfigurationSpec {
             if let Some(v) = v {
                 validate::port(f, v)?;
             }
+        }
+        if let Some(v) = &self.default_endpoint_to_host_action {
+            validate::one_of(
+                "spec.defaultEndpointToHostAction",
+                v,
+                &["Drop", "Return", "Accept"],
+            )?;
         }
         if let Some(v) = self.vxlan_vni
             && !(1..=16_777_215).contains(&v)

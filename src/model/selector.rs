@@ -89,6 +89,23 @@ impl Selector {
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.root.eval(labels)
     }
+
+    /// Calico's canonical text of the selector (`Selector.String()` in libcalico-go's
+    /// parser): every `&&`/`||` chain in parentheses, values in double quotes (single
+    /// when they hold a double quote), `in` sets sorted. Felix's IP set ids hash it.
+    pub fn canonical(&self) -> String {
+        let mut out = String::new();
+        self.root.canonical(&mut out);
+        out
+    }
+
+    /// The same selector with every label name prefixed (Calico's `PrefixVisitor`, used
+    /// for `namespaceSelector` (`pcns.`) and service account selectors (`pcsa.`)).
+    pub fn prefixed(&self, prefix: &str) -> Selector {
+        Selector {
+            root: self.root.prefixed(prefix),
+        }
+    }
 }
 
 impl FromStr for Selector {
@@ -98,7 +115,86 @@ impl FromStr for Selector {
     }
 }
 
+fn canonical_quote(s: &str) -> String {
+    if s.contains('"') {
+        format!("'{s}'")
+    } else {
+        format!("\"{s}\"")
+    }
+}
+
 impl Expr {
+    /// The operands of a chain of one operator (the parser nests them to the left).
+    fn chain<'a>(&'a self, out: &mut Vec<&'a Expr>, and: bool) {
+        match (self, and) {
+            (Expr::And(a, b), true) | (Expr::Or(a, b), false) => {
+                a.chain(out, and);
+                b.chain(out, and);
+            }
+            _ => out.push(self),
+        }
+    }
+
+    fn canonical(&self, out: &mut String) {
+        let set = |s: &[String]| {
+            let mut v: Vec<&String> = s.iter().collect();
+            v.sort();
+            v.dedup();
+            v.iter()
+                .map(|x| canonical_quote(x))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            Expr::All => out.push_str("all()"),
+            Expr::Has(k) => out.push_str(&format!("has({k})")),
+            Expr::Eq(k, v) => out.push_str(&format!("{k} == {}", canonical_quote(v))),
+            Expr::Ne(k, v) => out.push_str(&format!("{k} != {}", canonical_quote(v))),
+            Expr::In(k, s) => out.push_str(&format!("{k} in {{{}}}", set(s))),
+            Expr::NotIn(k, s) => out.push_str(&format!("{k} not in {{{}}}", set(s))),
+            Expr::Contains(k, v) => out.push_str(&format!("{k} contains {}", canonical_quote(v))),
+            Expr::StartsWith(k, v) => {
+                out.push_str(&format!("{k} starts with {}", canonical_quote(v)))
+            }
+            Expr::EndsWith(k, v) => out.push_str(&format!("{k} ends with {}", canonical_quote(v))),
+            Expr::Not(e) => {
+                out.push('!');
+                e.canonical(out);
+            }
+            Expr::And(..) | Expr::Or(..) => {
+                let and = matches!(self, Expr::And(..));
+                let mut ops = Vec::new();
+                self.chain(&mut ops, and);
+                out.push('(');
+                for (i, e) in ops.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(if and { " && " } else { " || " });
+                    }
+                    e.canonical(out);
+                }
+                out.push(')');
+            }
+        }
+    }
+
+    fn prefixed(&self, p: &str) -> Expr {
+        let k = |k: &String| format!("{p}{k}");
+        match self {
+            Expr::All => Expr::All,
+            Expr::Has(x) => Expr::Has(k(x)),
+            Expr::Eq(x, v) => Expr::Eq(k(x), v.clone()),
+            Expr::Ne(x, v) => Expr::Ne(k(x), v.clone()),
+            Expr::In(x, v) => Expr::In(k(x), v.clone()),
+            Expr::NotIn(x, v) => Expr::NotIn(k(x), v.clone()),
+            Expr::Contains(x, v) => Expr::Contains(k(x), v.clone()),
+            Expr::StartsWith(x, v) => Expr::StartsWith(k(x), v.clone()),
+            Expr::EndsWith(x, v) => Expr::EndsWith(k(x), v.clone()),
+            Expr::Not(e) => Expr::Not(Box::new(e.prefixed(p))),
+            Expr::And(a, b) => Expr::And(Box::new(a.prefixed(p)), Box::new(b.prefixed(p))),
+            Expr::Or(a, b) => Expr::Or(Box::new(a.prefixed(p)), Box::new(b.prefixed(p))),
+        }
+    }
+
     fn eval(&self, l: &BTreeMap<String, String>) -> bool {
         let get = |k: &str| l.get(k).map(String::as_str);
         match self {

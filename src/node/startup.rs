@@ -274,6 +274,51 @@ pub async fn ensure_builtin_tiers(client: &Client) -> Result<Vec<String>, Startu
     Ok(created)
 }
 
+/// In etcd mode calico-node makes workload-to-host traffic go on to the host's own rules:
+/// FelixConfiguration `node.<name>` gets `defaultEndpointToHostAction: Return`, created
+/// when missing and set when empty; a value someone chose is left alone (Calico's
+/// `configureFelix...` in `node/pkg/lifecycle/startup/startup.go`). Felix's own default,
+/// without this, is Drop.
+pub async fn ensure_felix_node_config(client: &Client, nodename: &str) -> Result<(), StartupError> {
+    use crate::model::felix::{FelixConfiguration, FelixConfigurationSpec};
+    let name = format!("node.{nodename}");
+    for _ in 0..10 {
+        let existing = client
+            .get::<FelixConfigurationSpec>(None, &name)
+            .await
+            .map_err(ds_err("reading the node's FelixConfiguration"))?;
+        let result = match existing {
+            None => {
+                let spec = FelixConfigurationSpec {
+                    default_endpoint_to_host_action: Some("Return".into()),
+                    ..Default::default()
+                };
+                client.create(FelixConfiguration::new(&name, spec)).await
+            }
+            Some(c)
+                if c.spec
+                    .default_endpoint_to_host_action
+                    .as_deref()
+                    .is_some_and(|a| !a.is_empty()) =>
+            {
+                return Ok(());
+            }
+            Some(mut c) => {
+                c.spec.default_endpoint_to_host_action = Some("Return".into());
+                client.update(c).await
+            }
+        };
+        match result {
+            Ok(_) => return Ok(()),
+            Err(ClientError::Conflict(..)) | Err(ClientError::AlreadyExists(_)) => continue,
+            Err(e) => return Err(ds_err("writing the node's FelixConfiguration")(e)),
+        }
+    }
+    Err(ds_err("writing the node's FelixConfiguration")(
+        ClientError::Conflict(format!("FelixConfiguration({name})"), 0),
+    ))
+}
+
 /// Write `<dir>/nodename` atomically and durably (the CNI plugin reads it; see
 /// [`crate::state_file::write_atomic`]).
 pub fn write_nodename_file(dir: &Path, nodename: &str) -> Result<(), StartupError> {
@@ -310,6 +355,7 @@ pub async fn startup(
     let created_pool = ensure_default_pool(client, cfg).await?;
     ensure_cluster_information(client, cfg).await?;
     ensure_builtin_tiers(client).await?;
+    ensure_felix_node_config(client, &cfg.nodename).await?;
     write_nodename_file(&cfg.state_dir, &cfg.nodename)?;
     Ok(StartupResult {
         node,
@@ -385,6 +431,62 @@ mod tests {
         let mut all = vec![("CALICO_STATE_DIR", dir.to_str().unwrap())];
         all.extend_from_slice(pairs);
         NodeConfig::from_env(&MapEnv::from_pairs(&all)).unwrap()
+    }
+
+    /// Calico's etcd-mode start-up: `node.<name>` gets Return when missing or empty, and
+    /// an administrator's value stays.
+    #[tokio::test]
+    async fn startup_sets_endpoint_to_host_return_unless_chosen() {
+        use crate::model::felix::{FelixConfiguration, FelixConfigurationSpec};
+        let client = Client::new(Arc::new(MemoryDatastore::new()));
+        let action = |client: Client, name: &'static str| async move {
+            client
+                .get::<FelixConfigurationSpec>(None, name)
+                .await
+                .unwrap()
+                .unwrap()
+                .spec
+                .default_endpoint_to_host_action
+        };
+        ensure_felix_node_config(&client, "n1").await.unwrap();
+        assert_eq!(
+            action(client.clone(), "node.n1").await.as_deref(),
+            Some("Return")
+        );
+        // Empty: set; another field is kept.
+        let spec = FelixConfigurationSpec {
+            vxlan_mtu: Some(1400),
+            ..Default::default()
+        };
+        client
+            .create(FelixConfiguration::new("node.n2", spec))
+            .await
+            .unwrap();
+        ensure_felix_node_config(&client, "n2").await.unwrap();
+        assert_eq!(
+            action(client.clone(), "node.n2").await.as_deref(),
+            Some("Return")
+        );
+        let n2 = client
+            .get::<FelixConfigurationSpec>(None, "node.n2")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n2.spec.vxlan_mtu, Some(1400));
+        // Chosen: left alone.
+        let spec = FelixConfigurationSpec {
+            default_endpoint_to_host_action: Some("Drop".into()),
+            ..Default::default()
+        };
+        client
+            .create(FelixConfiguration::new("node.n3", spec))
+            .await
+            .unwrap();
+        ensure_felix_node_config(&client, "n3").await.unwrap();
+        assert_eq!(
+            action(client.clone(), "node.n3").await.as_deref(),
+            Some("Drop")
+        );
     }
 
     #[tokio::test]

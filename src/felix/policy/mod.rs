@@ -10,6 +10,8 @@
 //!  network sets, endpoints  --> PolicyDataplane -->  table ip/ip6 calico (chains, sets, maps)
 //! ```
 
+pub mod calc;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
