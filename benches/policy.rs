@@ -972,6 +972,10 @@ impl Node {
             .env("CALICO_IPAM_GC_INTERVAL", "0")
             .stdout(Stdio::null())
             .stderr(log);
+        // A closer look at calico-node: `CALICO_BENCH_NODE_LOG=debug` (its RUST_LOG).
+        if let Ok(filter) = std::env::var("CALICO_BENCH_NODE_LOG") {
+            c.env("RUST_LOG", filter);
+        }
         Process(c.spawn().unwrap())
     }
 
@@ -1144,6 +1148,7 @@ fn label_changes(
     label: &'static str,
 ) -> Result<Vec<Change>, String> {
     let seen = gens.seen.clone();
+    let verbose = std::env::var_os("CALICO_BENCH_VERBOSE").is_some();
     mon.drain();
     let mut plan = Vec::new();
     let n = eps.len();
@@ -1178,7 +1183,15 @@ fn label_changes(
             let put = Instant::now();
             let mut extra = 0;
             let found = loop {
-                match blocks.recv_timeout(Duration::from_secs(10)) {
+                let got = blocks.recv_timeout(Duration::from_secs(10));
+                if verbose && let Ok(b) = &got {
+                    eprintln!(
+                        "  [{iface} {ip}] generation {}: {:?}",
+                        b.generation,
+                        &b.lines[..b.lines.len().min(6)]
+                    );
+                }
+                match got {
                     Ok(b) if b.mentions(&iface, &ip) => break Some(b),
                     Ok(_) => extra += 1,
                     Err(_) => break None,
@@ -1221,13 +1234,13 @@ fn label_changes(
         (Ok(out), blocks)
     });
     *mon.blocks.lock().unwrap() = blocks;
-    res
+    res.map_err(|e| format!("{e}; calico-node log:\n{}", node.log_tail()))
 }
 
 // ---------------------------------------------------------------------------------------
 // The datapath between the two pods.
 
-fn iperf(client: &NetNs, server_ip: Ipv4Addr) -> Result<f64, String> {
+fn iperf(client: &NetNs, server_ip: Ipv4Addr) -> Result<Flow, String> {
     let out = client
         .command("iperf3")
         .args([
@@ -1242,14 +1255,41 @@ fn iperf(client: &NetNs, server_ip: Ipv4Addr) -> Result<f64, String> {
         .output()
         .map_err(|e| e.to_string())?;
     let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-    v["end"]["sum_received"]["bits_per_second"]
+    let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .ok_or_else(|| format!("iperf3: {}", v["error"]))
+        .ok_or_else(|| format!("iperf3: {}", v["error"]))?;
+    // Both ends' CPU (user + system, which holds the veth and netfilter work done in
+    // their context), in percent of the run: bits per CPU-second does not drop when
+    // others load the machine.
+    let cpu = &v["end"]["cpu_utilization_percent"];
+    let pct =
+        cpu["host_total"].as_f64().unwrap_or(0.0) + cpu["remote_total"].as_f64().unwrap_or(0.0);
+    Ok(Flow {
+        bps,
+        bits_per_cpu_s: if pct > 0.0 { bps / (pct / 100.0) } else { 0.0 },
+    })
 }
 
-/// New TCP connections a second from the client pod to a sink in the server pod, over
-/// `secs` (each closed by an RST, so no TIME_WAIT piles up).
-fn connection_rate(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, secs: f64) -> f64 {
+/// One iperf3 run: bits a second, and bits per CPU-second of both ends.
+#[derive(Clone, Copy)]
+struct Flow {
+    bps: f64,
+    bits_per_cpu_s: f64,
+}
+
+/// This thread's CPU time (user + system).
+fn thread_cpu() -> Duration {
+    // SAFETY: getrusage fills the struct passed.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut r) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(r.ru_utime) + tv(r.ru_stime)
+}
+
+/// New TCP connections from the client pod to a sink in the server pod over `secs` (each
+/// closed by an RST, so no TIME_WAIT piles up): per second, and per CPU-second of the two
+/// threads (connect and accept, which carry the veth and netfilter work in their context).
+fn connection_rate(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, secs: f64) -> (f64, f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -1258,21 +1298,21 @@ fn connection_rate(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, secs: f6
         let f = std::fs::File::open(&srv_path).unwrap();
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         let l = TcpListener::bind(("0.0.0.0", RATE_PORT)).unwrap();
-        l.set_nonblocking(true).unwrap();
         ready_tx.send(()).unwrap();
+        let cpu0 = thread_cpu();
         while !s2.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok((c, _)) => drop(c),
-                Err(_) => std::thread::sleep(Duration::from_micros(200)),
+            if let Ok((c, _)) = l.accept() {
+                drop(c);
             }
         }
+        thread_cpu() - cpu0
     });
     ready_rx.recv().unwrap();
-    let done = Arc::new(AtomicU64::new(0));
-    let d2 = done.clone();
     let to = SocketAddr::from((server_ip, RATE_PORT));
-    client.run_in(move || {
+    let (done, client_cpu) = client.run_in(move || {
+        let cpu0 = thread_cpu();
         let t0 = Instant::now();
+        let mut done = 0u64;
         while t0.elapsed().as_secs_f64() < secs {
             if let Ok(c) = TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
                 let linger = libc::linger {
@@ -1289,13 +1329,21 @@ fn connection_rate(client: &NetNs, server: &NetNs, server_ip: Ipv4Addr, secs: f6
                         std::mem::size_of::<libc::linger>() as u32,
                     );
                 }
-                d2.fetch_add(1, Ordering::Relaxed);
+                done += 1;
             }
         }
+        let cpu = thread_cpu() - cpu0;
+        // Wake the sink's accept so it sees the stop.
+        (done, cpu)
     });
     stop.store(true, Ordering::Relaxed);
-    let _ = sink.join();
-    done.load(Ordering::Relaxed) as f64 / secs
+    let _ = client.run_in(move || TcpStream::connect_timeout(&to, Duration::from_secs(1)));
+    let server_cpu = sink.join().unwrap_or_default();
+    let cpu = (client_cpu + server_cpu).as_secs_f64();
+    (
+        done as f64 / secs,
+        if cpu > 0.0 { done as f64 / cpu } else { 0.0 },
+    )
 }
 
 /// Whether a TCP connection from the client pod to `port` on the server is refused or
@@ -1389,7 +1437,11 @@ fn main() {
     let mut running = None;
     // Interleaved, three times; calico-node is stopped while iptables loads (the last one
     // started runs on for the changes and the datapath).
-    for _ in 0..3 {
+    let rounds: usize = std::env::var("CALICO_BENCH_POLICY_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for _ in 0..rounds {
         if ours_err.is_none() {
             drop(running.take());
         }
@@ -1459,6 +1511,15 @@ fn main() {
     // Let the first passes settle: single changes are timed in steady state.
     std::thread::sleep(Duration::from_secs(3));
     println!("  {}", table_summary(node));
+    if let Ok(secs) = std::env::var("CALICO_BENCH_POLICY_PAUSE") {
+        // A look by hand at the running node.
+        println!(
+            "  paused {secs} s: node namespace {}, etcd {}",
+            node.ns.name,
+            node.etcd.endpoint()
+        );
+        std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(60)));
+    }
     let gens = Generations::start(&node.ns);
     let mon = Monitor::start(&node.ns);
 
@@ -1518,25 +1579,35 @@ fn main() {
         println!("  (nft monitor reported lost events: the counts per change may be short)");
     }
     match datapath(node, &eps) {
-        Ok((tw, rw, tn, rn)) => {
+        Ok((w, o)) => {
             println!(
-                "  datapath between two pods (iperf3 TCP 3 s, and new connections over 2 s; best of 3, alternated): {POLICIES} policies {:.2} Gbit/s, {:.0} conn/s; no policy {:.2} Gbit/s, {:.0} conn/s; ratio throughput {:.3}x, connection rate {:.3}x (goal >= 0.95x)",
-                tw / 1e9,
-                rw,
-                tn / 1e9,
-                rn,
-                tw / tn,
-                rw / rn
+                "  datapath between two pods (iperf3 TCP 3 s, new connections over 2 s; best of 3, alternated): {POLICIES} policies {:.2} Gbit/s, {:.0} conn/s; no policy {:.2} Gbit/s, {:.0} conn/s; ratio throughput {:.3}x, connection rate {:.3}x (goal >= 0.95x); per CPU-second of the two ends: throughput {:.3}x, connections {:.3}x",
+                w.bps / 1e9,
+                w.conns,
+                o.bps / 1e9,
+                o.conns,
+                w.bps / o.bps,
+                w.conns / o.conns,
+                w.bits_per_cpu_s / o.bits_per_cpu_s,
+                w.conns_per_cpu_s / o.conns_per_cpu_s
             );
             readme.push(format!(
-                "pod-to-pod TCP throughput (iperf3), with the policies vs none | {:.2} Gbit/s | {:.2} Gbit/s | {:.3}x | >= 0.95x",
-                tw / 1e9,
-                tn / 1e9,
-                tw / tn
+                "pod-to-pod TCP throughput (iperf3), the policies vs none; per CPU-second | {:.2} Gbit/s; {:.2} Gbit | {:.2} Gbit/s; {:.2} Gbit | {:.3}x; {:.3}x | >= 0.95x",
+                w.bps / 1e9,
+                w.bits_per_cpu_s / 1e9,
+                o.bps / 1e9,
+                o.bits_per_cpu_s / 1e9,
+                w.bps / o.bps,
+                w.bits_per_cpu_s / o.bits_per_cpu_s
             ));
             readme.push(format!(
-                "pod-to-pod new TCP connections/s, with the policies vs none | {rw:.0} | {rn:.0} | {:.3}x | >= 0.95x",
-                rw / rn
+                "pod-to-pod new TCP connections, the policies vs none: per second; per CPU-second | {:.0}; {:.0} | {:.0}; {:.0} | {:.3}x; {:.3}x | >= 0.95x",
+                w.conns,
+                w.conns_per_cpu_s,
+                o.conns,
+                o.conns_per_cpu_s,
+                w.conns / o.conns,
+                w.conns_per_cpu_s / o.conns_per_cpu_s
             ));
         }
         Err(e) => {
@@ -1589,27 +1660,38 @@ fn print_readme(rows: &[String]) {
 }
 
 /// One iperf3 run and one connection-rate run, each printed.
-fn measure(
-    cli: &NetNs,
-    srv: &NetNs,
-    server_ip: Ipv4Addr,
-    what: &str,
-) -> (Result<f64, String>, f64) {
-    let bps = iperf(cli, server_ip);
-    let rate = connection_rate(cli, srv, server_ip, 2.0);
-    println!(
-        "    {what}: {}, {rate:.0} conn/s",
-        match &bps {
-            Ok(b) => format!("{:.2} Gbit/s", b / 1e9),
-            Err(e) => format!("iperf3 failed: {e}"),
-        }
-    );
-    (bps, rate)
+fn measure(cli: &NetNs, srv: &NetNs, server_ip: Ipv4Addr, what: &str) -> Result<Datapath, String> {
+    let flow = iperf(cli, server_ip);
+    let (rate, per_cpu) = connection_rate(cli, srv, server_ip, 2.0);
+    match &flow {
+        Ok(f) => println!(
+            "    {what}: {:.2} Gbit/s ({:.2} Gbit per CPU-second), {rate:.0} conn/s ({per_cpu:.0} per CPU-second)",
+            f.bps / 1e9,
+            f.bits_per_cpu_s / 1e9
+        ),
+        Err(e) => println!("    {what}: iperf3 failed: {e}"),
+    }
+    let f = flow?;
+    Ok(Datapath {
+        bps: f.bps,
+        bits_per_cpu_s: f.bits_per_cpu_s,
+        conns: rate,
+        conns_per_cpu_s: per_cpu,
+    })
+}
+
+/// What one datapath run measured (or the best of several, field by field).
+#[derive(Clone, Copy, Default)]
+struct Datapath {
+    bps: f64,
+    bits_per_cpu_s: f64,
+    conns: f64,
+    conns_per_cpu_s: f64,
 }
 
 /// Throughput and connection rate with the policies, then without (deleted), three times:
 /// (with bit/s, with conn/s, none bit/s, none conn/s), the best of each.
-fn datapath(node: &Node, eps: &[Ep]) -> Result<(f64, f64, f64, f64), String> {
+fn datapath(node: &Node, eps: &[Ep]) -> Result<(Datapath, Datapath), String> {
     let (srv, cli) = (&node.pods[0], &node.pods[1]);
     let server_ip = eps[SERVER].ip;
     let _iperf = Process(
@@ -1672,16 +1754,16 @@ fn datapath(node: &Node, eps: &[Ep]) -> Result<(f64, f64, f64, f64), String> {
         none.push(measure(cli, srv, server_ip, "no policy"));
     }
     // The best of each: on a shared machine other load only ever lowers a figure.
-    let best = |v: &[(Result<f64, String>, f64)]| -> Result<(f64, f64), String> {
-        let mut t: f64 = 0.0;
-        let mut r: f64 = 0.0;
-        for (bps, rate) in v {
-            t = t.max(bps.clone()?);
-            r = r.max(*rate);
+    let best = |v: &[Result<Datapath, String>]| -> Result<Datapath, String> {
+        let mut b = Datapath::default();
+        for d in v {
+            let d = d.clone()?;
+            b.bps = b.bps.max(d.bps);
+            b.bits_per_cpu_s = b.bits_per_cpu_s.max(d.bits_per_cpu_s);
+            b.conns = b.conns.max(d.conns);
+            b.conns_per_cpu_s = b.conns_per_cpu_s.max(d.conns_per_cpu_s);
         }
-        Ok((t, r))
+        Ok(b)
     };
-    let (tw, rw) = best(&with)?;
-    let (tn, rn) = best(&none)?;
-    Ok((tw, rw, tn, rn))
+    Ok((best(&with)?, best(&none)?))
 }
