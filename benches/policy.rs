@@ -1218,6 +1218,7 @@ fn label_changes(
                 }
                 None => {
                     failures += 1;
+                    eprintln!("  change not seen within 10 s: {iface} {ip} ({app}, {role})");
                     if failures >= 3 {
                         return (
                             Err(format!(
