@@ -828,13 +828,24 @@ impl Monitor {
                 l3.store(true, Ordering::Relaxed);
             }
         });
-        // Let it subscribe before anything happens.
-        std::thread::sleep(Duration::from_millis(300));
-        Monitor {
+        let m = Monitor {
             _child: Process(child),
             blocks: std::sync::Mutex::new(rx),
             lost,
+        };
+        // Listening once it shows a table of the bench's own come and go (a fixed sleep
+        // lost the first change on a loaded machine).
+        let t = Instant::now();
+        'ready: while t.elapsed() < Duration::from_secs(20) {
+            ns.nft("add table ip polb_probe\ndelete table ip polb_probe\n");
+            let rx = m.blocks.lock().unwrap();
+            while let Ok(b) = rx.recv_timeout(Duration::from_millis(500)) {
+                if b.lines.iter().any(|l| l.contains("polb_probe")) {
+                    break 'ready;
+                }
+            }
         }
+        m
     }
 
     fn drain(&self) {
