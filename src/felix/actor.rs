@@ -131,9 +131,9 @@ pub async fn run(
                     dataplane.apply_changes(&changes, uplink).await,
                 )),
                 Output::ApplyPolicy { dp, delta } => {
-                    let started = std::time::Instant::now();
+                    // Timed in `felix_int_dataplane_apply_time_seconds` by the dataplane.
                     let problems = dataplane.apply_policy(&dp, &delta).await;
-                    metrics.policy_applied(started, &dp);
+                    metrics.set_policy(&dp);
                     Some(Input::PolicyApplied(problems))
                 }
                 Output::SetTimer(at) => {

@@ -283,13 +283,6 @@ impl FelixMetrics {
         self.local_selectors.set(dp.sets.len() as i64);
     }
 
-    /// A policy-only apply took since `started` (Calico's dataplane apply time covers
-    /// every apply), and wrote `dp`.
-    pub(crate) fn policy_applied(&self, started: Instant, dp: &super::policy::PolicyDataplane) {
-        self.apply_time.observe(started.elapsed().as_secs_f64());
-        self.set_policy(dp);
-    }
-
     /// Count a datastore event (and the resyncs it announces) before it is folded.
     pub(crate) fn datastore_event(&self, ev: &SyncerEvent) {
         self.messages.inc();

@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::netlink::{self, BatchError, ElementChange};
@@ -54,8 +54,12 @@ pub struct PolicyTables {
     /// The dataplane in our tables, when known (after a full write, or an apply whose
     /// caller handed it over with [`PolicyTables::written`]): a full pass with an equal
     /// dataplane, the same NAT and prefix skips the rewrite (~1 s with 1,000 endpoints)
-    /// until [`REWRITE_AFTER`] has passed since the last full write.
-    written: Option<Arc<PolicyDataplane>>,
+    /// until [`REWRITE_AFTER`] has passed since the last full write. Weak: a strong
+    /// reference would make the calculation's next change (`Arc::make_mut`) copy the
+    /// whole dataplane (milliseconds with 1,000 endpoints, on every label change); the
+    /// change moves it instead, and this reference dies, so a full pass after a change
+    /// that was never applied rewrites.
+    written: Option<Weak<PolicyDataplane>>,
     /// When the last full write was made.
     last_full: Option<Instant>,
     /// The nftables generation after our last write: unchanged, no one has touched
@@ -141,7 +145,8 @@ impl PolicyTables {
         let same = self
             .written
             .as_ref()
-            .is_some_and(|w| Arc::ptr_eq(w, dp) || **w == **dp);
+            .and_then(Weak::upgrade)
+            .is_some_and(|w| Arc::ptr_eq(&w, dp) || *w == **dp);
         if same
             && self.programmed.is_some()
             && self.nat == *nat
@@ -151,7 +156,7 @@ impl PolicyTables {
             return Ok(false);
         }
         self.write_full(dp, nat, prefix)?;
-        self.written = Some(dp.clone());
+        self.written = Some(Arc::downgrade(dp));
         self.last_full = Some(now);
         Ok(true)
     }
@@ -160,7 +165,7 @@ impl PolicyTables {
     /// wrote (cheap to keep; lets the next full pass see there is nothing to rewrite).
     pub fn written(&mut self, dp: &Arc<PolicyDataplane>) {
         if self.programmed.is_some() {
-            self.written = Some(dp.clone());
+            self.written = Some(Arc::downgrade(dp));
         }
     }
 
