@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{Etcd, NetNs, free_port, http_get};
@@ -52,35 +52,8 @@ fn felix_programs_vxlan_from_the_datastore_and_repairs_and_follows_pool_changes(
     let Some(etcd) = Etcd::start_on(Some(&ns.name), etcd_port) else {
         return;
     };
-    let (health_port, metrics_port) = (free_port(), free_port());
-    let state = tempfile::tempdir().unwrap();
-    let log = std::fs::File::create(state.path().join("calico-node.log")).unwrap();
-    let child = ns
-        .command(env!("CARGO_BIN_EXE_calico-node"))
-        .env_clear()
-        .env("NODENAME", "node-a")
-        .env("ETCD_ENDPOINTS", format!("http://127.0.0.1:{etcd_port}"))
-        .env("IP_AUTODETECTION_METHOD", "interface=eth1")
-        .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
-        .env("CALICO_IPV4POOL_VXLAN", "Always")
-        .env("CALICO_STATE_DIR", state.path())
-        .env(
-            "CALICO_BGP_STATUS_SOCKET",
-            state.path().join("bgp-status.sock"),
-        )
-        .env("FELIX_HEALTHPORT", health_port.to_string())
-        .env("FELIX_PROMETHEUSMETRICSENABLED", "true")
-        .env("FELIX_PROMETHEUSMETRICSPORT", metrics_port.to_string())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let _daemon = common::Process(child);
-    let ready = || {
-        ns.run_in(move || http_get(health_port, "/readiness"))
-            .is_ok_and(|(s, _)| s == 200)
-    };
-    common::until("calico-node ready", Duration::from_secs(30), ready);
+    let node = common::VxlanNode::start(&ns, etcd_port);
+    let (metrics_port, state) = (node.metrics_port, &node.state);
 
     // A remote node with its VTEP, its block, and a block of ours.
     etcd.etcdctl(&[

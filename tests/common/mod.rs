@@ -894,3 +894,53 @@ pub fn ok(out: &std::process::Output) -> String {
     );
     String::from_utf8(out.stdout.clone()).unwrap()
 }
+
+/// A calico-node of the built binary in `ns` as node `node-a` (uplink `eth1`, pool
+/// 10.244.0.0/16 with VXLAN Always), on etcd at `etcd_port`, with its health and metrics
+/// ports; ended on drop. Waits until ready.
+pub struct VxlanNode {
+    pub health_port: u16,
+    pub metrics_port: u16,
+    pub state: tempfile::TempDir,
+    _daemon: Process,
+}
+
+impl VxlanNode {
+    pub fn start(ns: &NetNs, etcd_port: u16) -> VxlanNode {
+        let (health_port, metrics_port) = (free_port(), free_port());
+        let state = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(state.path().join("calico-node.log")).unwrap();
+        let child = ns
+            .command(env!("CARGO_BIN_EXE_calico-node"))
+            .env_clear()
+            .env("NODENAME", "node-a")
+            .env("ETCD_ENDPOINTS", format!("http://127.0.0.1:{etcd_port}"))
+            .env("IP_AUTODETECTION_METHOD", "interface=eth1")
+            .env("CALICO_IPV4POOL_CIDR", "10.244.0.0/16")
+            .env("CALICO_IPV4POOL_VXLAN", "Always")
+            .env("CALICO_STATE_DIR", state.path())
+            .env(
+                "CALICO_BGP_STATUS_SOCKET",
+                state.path().join("bgp-status.sock"),
+            )
+            .env("FELIX_HEALTHPORT", health_port.to_string())
+            .env("FELIX_PROMETHEUSMETRICSENABLED", "true")
+            .env("FELIX_PROMETHEUSMETRICSPORT", metrics_port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let node = VxlanNode {
+            health_port,
+            metrics_port,
+            state,
+            _daemon: Process(child),
+        };
+        let ready = || {
+            ns.run_in(move || http_get(health_port, "/readiness"))
+                .is_ok_and(|(s, _)| s == 200)
+        };
+        until("calico-node ready", Duration::from_secs(30), ready);
+        node
+    }
+}
