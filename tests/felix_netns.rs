@@ -13,9 +13,11 @@ use std::process::Command;
 
 use calico_node::felix::calc::Nat;
 use calico_node::felix::calc::{Dev, Fdb, Ipip, Neighbour, Route, Target, Vxlan};
+use calico_node::felix::neigh;
+use calico_node::felix::nft::PolicyTables;
+use calico_node::felix::policy::PolicyDataplane;
 use calico_node::felix::routes::{Pass, reconcile};
 use calico_node::felix::tunnels::{Outcome, TunnelError, ensure_ipip, ensure_vxlan};
-use calico_node::felix::{nat, neigh};
 use calico_node::model::felix::PROTO_FELIX;
 use calico_node::netlink::Writer;
 use calico_node::netlink::links::interface_with;
@@ -596,22 +598,34 @@ fn nat_outgoing_tables() {
     // Someone else's table.
     nft(&["add", "table", "inet", "filter"]);
     let net = |s: &str| s.parse::<IpNet>().unwrap();
-    let apply = |n: Nat| {
-        ns.with_netlink(move |_| async move { nat::apply(&n) })
-            .unwrap()
+    // As the daemon writes it: NAT in our table beside the (here empty) policy layer.
+    let mut tables = Some(PolicyTables::new());
+    let mut apply = |n: Nat| {
+        let mut t = tables.take().expect("tables");
+        tables = Some(ns.run_in(move || {
+            t.write_full(&PolicyDataplane::default(), &n, "cali")
+                .unwrap();
+            t
+        }));
     };
     apply(Nat {
         masquerade: BTreeSet::from([net("10.244.0.0/16")]),
         all: BTreeSet::from([net("10.244.0.0/16"), net("10.96.0.0/16")]),
         snat_to: None,
     });
-    let expected = "table inet filter {\n}\n\
-table ip calico {\n\
-\tset cali40masq-ipam-pools {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.244.0.0/16 }\n\t}\n\n\
-\tset cali40all-ipam-pools {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.96.0.0/16, 10.244.0.0/16 }\n\t}\n\n\
-\tchain cali-nat-outgoing {\n\t\tip saddr @cali40masq-ipam-pools ip daddr != @cali40all-ipam-pools masquerade fully-random\n\t}\n\n\
-\tchain cali-POSTROUTING {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tjump cali-nat-outgoing\n\t}\n}\n";
-    assert_eq!(nft(&["list", "ruleset"]), expected);
+    let rules = nft(&["list", "ruleset"]);
+    assert!(
+        rules.starts_with("table inet filter {\n}\ntable ip calico {\n"),
+        "{rules}"
+    );
+    for want in [
+        "\tset cali40masq-ipam-pools {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.244.0.0/16 }\n\t}\n",
+        "\tset cali40all-ipam-pools {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.96.0.0/16, 10.244.0.0/16 }\n\t}\n",
+        "\tchain cali-nat-outgoing {\n\t\tip saddr @cali40masq-ipam-pools ip daddr != @cali40all-ipam-pools masquerade fully-random\n\t}\n",
+        "\tchain cali-POSTROUTING {\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n\t\tjump cali-nat-outgoing\n\t}\n",
+    ] {
+        assert!(rules.contains(want), "{want:?} not in\n{rules}");
+    }
 
     // Pools change, and an SNAT address is set: replaced in one go; IPv6 pools get a
     // table of their own.

@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 
 use super::calc::CalcProblem;
-use super::nat::NatError;
 use super::neigh::NeighbourProblem;
 use super::nft::NftError;
 use super::routes::{RouteError, RouteReason};
@@ -38,8 +37,6 @@ pub enum Problem {
     Neighbours(crate::netlink::NetlinkError),
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
-    #[error(transparent)]
-    Nat(#[from] NatError),
     /// An nft transaction on our tables (policy and NAT) failed: the step and nft's
     /// message; nothing of it was applied.
     #[error(transparent)]
