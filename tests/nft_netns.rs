@@ -988,9 +988,13 @@ fn a_refused_delta_is_reported_and_the_next_apply_is_full() {
     let (err, before, t) = ns.run_in(move || {
         let mut t = PolicyTables::new();
         let now = Instant::now();
-        assert!(t.ensure_full(&d, &Nat::default(), "cali", now).unwrap());
         assert!(
-            !t.ensure_full(&d, &Nat::default(), "cali", now).unwrap(),
+            t.ensure_full(&d, &Delta::full(), &Nat::default(), "cali", now)
+                .unwrap()
+        );
+        assert!(
+            !t.ensure_full(&d, &Delta::default(), &Nat::default(), "cali", now)
+                .unwrap(),
             "unchanged: skipped"
         );
         let before = t.stats;
@@ -1065,8 +1069,15 @@ fn a_refused_delta_is_reported_and_the_next_apply_is_full() {
     let d = dp.clone();
     ns.run_in(move || {
         let later = Instant::now() + Duration::from_secs(91);
-        assert!(t.ensure_full(&d, &Nat::default(), "cali", later).unwrap());
-        assert!(!t.ensure_full(&d, &Nat::default(), "cali", later).unwrap());
+        let none = Delta::default();
+        assert!(
+            t.ensure_full(&d, &none, &Nat::default(), "cali", later)
+                .unwrap()
+        );
+        assert!(
+            !t.ensure_full(&d, &none, &Nat::default(), "cali", later)
+                .unwrap()
+        );
     });
     let listed = nft_out(&ns, &["list", "table", "ip", "calico"]);
     assert!(
@@ -1091,7 +1102,10 @@ fn a_full_pass_skips_what_an_apply_already_wrote() {
         let mut t = PolicyTables::new();
         let now = Instant::now();
         let base = Arc::new(rich());
-        assert!(t.ensure_full(&base, &Nat::default(), "cali", now).unwrap());
+        assert!(
+            t.ensure_full(&base, &Delta::full(), &Nat::default(), "cali", now)
+                .unwrap()
+        );
         let mut next = rich();
         next.endpoints.remove("calib");
         let next = Arc::new(next);
@@ -1099,15 +1113,54 @@ fn a_full_pass_skips_what_an_apply_already_wrote() {
         t.written(&next);
         let calls = t.stats.calls;
         let equal = Arc::new((*next).clone());
-        assert!(!t.ensure_full(&equal, &Nat::default(), "cali", now).unwrap());
+        let none = Delta::default();
+        assert!(
+            !t.ensure_full(&equal, &none, &Nat::default(), "cali", now)
+                .unwrap()
+        );
         assert_eq!(t.stats.calls, calls, "nothing written");
-        assert!(t.ensure_full(&base, &Nat::default(), "cali", now).unwrap());
-        assert!(t.ensure_full(&base, &dual_stack(), "cali", now).unwrap());
-        assert!(t.ensure_full(&base, &dual_stack(), "tap", now).unwrap());
-        assert!(!t.ensure_full(&base, &dual_stack(), "tap", now).unwrap());
+        // Another dataplane, its delta known, tables untouched since our write: the delta
+        // is written, not the table (it keeps its handle, and the rule handles of what
+        // did not change).
+        let handle = || {
+            let out = std::process::Command::new("nft")
+                .args(["-a", "list", "table", "ip", "calico"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.lines().next().unwrap_or_default().to_string()
+        };
+        let before = handle();
+        let back = diff(&next, &base);
+        assert!(
+            t.ensure_full(&base, &back, &Nat::default(), "cali", now)
+                .unwrap()
+        );
+        assert_eq!(handle(), before, "the delta only, not a new table");
+        assert!(
+            !t.ensure_full(&base, &none, &Nat::default(), "cali", now)
+                .unwrap()
+        );
+        // NAT or prefix changed: rewritten whole (a new table).
+        assert!(
+            t.ensure_full(&base, &none, &dual_stack(), "cali", now)
+                .unwrap()
+        );
+        assert_ne!(handle(), before, "a new table");
+        assert!(
+            t.ensure_full(&base, &none, &dual_stack(), "tap", now)
+                .unwrap()
+        );
+        assert!(
+            !t.ensure_full(&base, &none, &dual_stack(), "tap", now)
+                .unwrap()
+        );
         // Much later, nothing has written nftables since: still nothing to repair.
         let later = now + std::time::Duration::from_secs(600);
-        assert!(!t.ensure_full(&base, &dual_stack(), "tap", later).unwrap());
+        assert!(
+            !t.ensure_full(&base, &none, &dual_stack(), "tap", later)
+                .unwrap()
+        );
         t
     });
     // Someone writes nftables (their own table): the next full pass past the interval
@@ -1117,7 +1170,14 @@ fn a_full_pass_skips_what_an_apply_already_wrote() {
         let mut t = t;
         let base = Arc::new(rich());
         let later = Instant::now() + std::time::Duration::from_secs(600);
-        assert!(t.ensure_full(&base, &dual_stack(), "tap", later).unwrap());
-        assert!(!t.ensure_full(&base, &dual_stack(), "tap", later).unwrap());
+        let none = Delta::default();
+        assert!(
+            t.ensure_full(&base, &none, &dual_stack(), "tap", later)
+                .unwrap()
+        );
+        assert!(
+            !t.ensure_full(&base, &none, &dual_stack(), "tap", later)
+                .unwrap()
+        );
     });
 }

@@ -137,6 +137,10 @@ pub struct Pass {
     pub ipip_mtu: Option<u32>,
     /// The policy dataplane, written in full by the pass (drift repaired).
     pub policy: Arc<crate::felix::policy::PolicyDataplane>,
+    /// What changed in it since the last write: enough when the executor's tables are
+    /// known and no one touched nftables since (a pod added: its chains, not 30,000
+    /// rules); `Delta::full()` when what the kernel holds is unknown.
+    pub policy_delta: Delta,
 }
 
 /// A repair: the routes of each scope (an interface; `None`: the whole table, when
@@ -376,6 +380,12 @@ impl Core {
         self.touched = Touched::default();
         let desired = Arc::new(self.state.desired());
         let cfg = self.state.config();
+        let (policy, delta) = self.state.policy_update();
+        let policy_delta = if self.policy_full {
+            Delta::full()
+        } else {
+            delta
+        };
         let pass = Pass {
             keep: self.kept(),
             prefix: cfg.interface_prefix().to_string(),
@@ -386,9 +396,9 @@ impl Core {
                 .or_else(|| self.state.node_ipv4()),
             vxlan_mtu: cfg.vxlan_mtu,
             ipip_mtu: cfg.ipip_mtu,
-            // The pass writes the policy whole: what it wrote is the base of the next
-            // deltas.
-            policy: self.state.policy_update().0,
+            // What the pass writes is the base of the next deltas.
+            policy,
+            policy_delta,
             desired: desired.clone(),
         };
         self.policy_full = false;

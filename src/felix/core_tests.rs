@@ -647,6 +647,43 @@ fn a_policy_only_change_applies_a_delta_and_makes_no_full_pass() {
     );
 }
 
+/// A full pass carries the policy's delta since the last write (a pod added: its
+/// endpoint), so that the executor can write only that; after a failed policy write the
+/// delta is full.
+#[test]
+fn a_full_pass_carries_the_policy_delta_since_the_last_write() {
+    let (mut c, clock) = synced();
+    let out = c.handle(
+        clock.ms(10),
+        local_wep("a", "10.244.0.2/32", r#"{"app":"x"}"#),
+    );
+    let pass = full_pass(&out).expect("a new endpoint is a routing change");
+    assert!(!pass.policy_delta.full);
+    assert_eq!(pass.policy_delta.endpoints, ["cali-a".to_string()].into());
+    c.handle(clock.ms(11), done(Some(2)));
+    let out = c.handle(
+        clock.ms(12),
+        gnp(
+            "p",
+            r#"{"selector":"app == 'x'","ingress":[{"action":"Allow"}]}"#,
+        ),
+    );
+    assert!(policy_apply(&out).is_some());
+    c.handle(
+        clock.ms(13),
+        Input::PolicyApplied(vec![Problem::Route {
+            prefix: "10.244.0.2/32".parse().unwrap(),
+            reason: RouteReason::Refused { errno: 1 },
+        }]),
+    );
+    let out = c.handle(
+        clock.ms(14),
+        local_wep("b", "10.244.0.3/32", r#"{"app":"y"}"#),
+    );
+    let pass = full_pass(&out).expect("a routing change");
+    assert!(pass.policy_delta.full, "the kernel's tables are unknown");
+}
+
 /// A policy change waits for no repair: with a repair of touched interfaces due as well,
 /// the policy delta goes first (a busy node's link events must not hold a label change
 /// back), then the repair.

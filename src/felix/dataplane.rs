@@ -166,10 +166,17 @@ impl Dataplane {
         {
             problems.push(e.into());
         }
-        // Policy and NAT, one transaction replacing our tables (drift repaired).
+        // Policy and NAT, one transaction (our tables replaced, drift repaired, unless
+        // they are known untouched: then what changed).
         let tables = &mut self.tables;
         let r = blocking(|| {
-            tables.ensure_full(&pass.policy, &desired.nat, &pass.prefix, Instant::now())
+            tables.ensure_full(
+                &pass.policy,
+                &pass.policy_delta,
+                &desired.nat,
+                &pass.prefix,
+                Instant::now(),
+            )
         });
         match r {
             Ok(true) => self.metrics.set_nat(&desired.nat),
