@@ -330,12 +330,16 @@ fn full_render_loads_with_calicos_names() {
         "chain filter-cali-pri-kns.default {",
         "chain filter-cali-tw-calia {",
         "jump filter-cali-pi-np/default/db",
-        "ct state vmap { invalid : drop, established : accept, related : accept }",
+        "ct state established,related accept",
+        "ct state invalid drop",
         "ip daddr . meta l4proto . tcp dport @cali40n-cccc",
         "tcp dport { 80, 1000-2000 }",
         "iifname \"cali*\" jump filter-cali-from-wl-dispatch",
         "type filter hook forward priority filter; policy accept;",
+        "type filter hook forward priority filter + 1; policy accept;",
+        "oifname \"cali*\" jump filter-cali-to-wl-dispatch",
         "iifname \"cali*\" goto filter-cali-wl-to-host",
+        "iifname \"cali*\" goto filter-cali-wl-to-host-action",
     ] {
         assert!(v4.contains(want), "{want:?} not in\n{v4}");
     }

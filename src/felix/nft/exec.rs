@@ -270,8 +270,8 @@ impl PolicyTables {
         for &v6 in families {
             let mut rules = 0;
             for c in dp.policies.values().chain(dp.profiles.values()) {
-                rules += render::rules_lines(&c.inbound, v6, true).len();
-                rules += render::rules_lines(&c.outbound, v6, false).len();
+                rules += render::rules_lines(&c.inbound, v6).len();
+                rules += render::rules_lines(&c.outbound, v6).len();
             }
             for ep in dp.endpoints.values() {
                 rules += render::endpoint_lines(dp, ep, true).len();

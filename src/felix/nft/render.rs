@@ -4,12 +4,17 @@
 //! [`Programmed`]. Names follow Calico's nftables mode (REFERENCE §9): chains carry the
 //! layer prefix `filter-`, sets are `cali40<id>` / `cali60<id>` with `:` made `-`.
 //!
-//! Marks (REFERENCE §9, mask 0xffff0000): an outbound policy's Allow sets the accept
-//! mark 0x10000 and returns (the destination's `cali-tw-` chain, or
-//! `defaultEndpointToHostAction`, still follows), an inbound one accepts at once; Pass
-//! sets the pass mark 0x20000 and returns. The endpoint chain returns on the accept mark,
-//! skips a tier's later policies on the pass mark and drops at the end of a tier unless it
-//! passed. `filter-FORWARD` accepts on the accept mark.
+//! Verdicts (REFERENCE §9 gives Calico's marks, mask 0xffff0000): an Allow accepts. The
+//! workload's egress policy runs in a base chain of its own (`filter-FORWARD`,
+//! `filter-INPUT`, priority filter) and its ingress policy, or
+//! `defaultEndpointToHostAction`, in a later one (`filter-FORWARD-to-wl`,
+//! `filter-INPUT-wl-to-host`, priority filter + 1): an accept ends only its base chain,
+//! so the destination's policy still follows, as after Calico's accept mark and return,
+//! without a mark check after every policy jump. Pass sets the pass mark 0x20000 and
+//! returns; the endpoint chain checks it before a tier's later policies and its drop only
+//! where a policy of the tier can pass. Conntrack (established and related accepted,
+//! invalid dropped) and the clearing of the pass mark run once, in the dispatch chains
+//! every packet to or from a workload passes, not in each endpoint chain.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -19,12 +24,10 @@ use ipnet::IpNet;
 use crate::felix::calc::Nat;
 use crate::felix::nat;
 use crate::felix::policy::{
-    Action, Delta, EncapDrops, Endpoint, EndpointToHost, IpSet, Match, PolicyDataplane, PortRange,
-    Rule, TierEnd,
+    Action, Chains, Delta, EncapDrops, Endpoint, EndpointToHost, IpSet, Match, PolicyDataplane,
+    PortRange, Rule, TierEnd,
 };
 
-/// The accept mark: set by an Allow, read by the endpoint chain and `filter-FORWARD`.
-pub const MARK_ACCEPT: u32 = 0x10000;
 /// The pass mark: set by a Pass, ends the tier's evaluation.
 pub const MARK_PASS: u32 = 0x20000;
 /// The prefix of `log` rules (Calico's default `logPrefix`).
@@ -33,12 +36,15 @@ pub const LOG_PREFIX: &str = "calico-packet";
 const MAX_NAME: usize = 255;
 
 pub const FORWARD: &str = "filter-FORWARD";
+pub const FORWARD_TO_WL: &str = "filter-FORWARD-to-wl";
 pub const INPUT: &str = "filter-INPUT";
+pub const INPUT_WL_TO_HOST: &str = "filter-INPUT-wl-to-host";
 pub const CALI_FORWARD: &str = "filter-cali-FORWARD";
 pub const CALI_INPUT: &str = "filter-cali-INPUT";
 pub const FROM_WL_DISPATCH: &str = "filter-cali-from-wl-dispatch";
 pub const TO_WL_DISPATCH: &str = "filter-cali-to-wl-dispatch";
 pub const WL_TO_HOST: &str = "filter-cali-wl-to-host";
+pub const WL_TO_HOST_ACTION: &str = "filter-cali-wl-to-host-action";
 
 /// What of the policy dataplane is in the kernel (written by the last successful apply):
 /// what an incremental apply adds to, rewrites or deletes.
@@ -48,6 +54,9 @@ pub struct Programmed {
     pub policies: BTreeSet<String>,
     pub profiles: BTreeSet<String>,
     pub sets: BTreeSet<String>,
+    /// The policies with a Pass rule: the endpoint chains that jump to one check the pass
+    /// mark after it (see [`endpoint_lines`]), so they are rewritten when this changes.
+    pub passes: BTreeSet<String>,
     /// Whether the IPv6 table holds the filter layer (there are IPv6 pools).
     pub ipv6: bool,
 }
@@ -64,6 +73,12 @@ impl Programmed {
                 .cloned()
                 .collect(),
             policies: dp.policies.keys().cloned().collect(),
+            passes: dp
+                .policies
+                .iter()
+                .filter(|(_, c)| passes(c))
+                .map(|(id, _)| id.clone())
+                .collect(),
             profiles: dp.profiles.keys().cloned().collect(),
             sets: dp.sets.keys().cloned().collect(),
         }
@@ -94,6 +109,13 @@ impl Programmed {
             delta.policies.iter().cloned(),
             &dp.policies,
         );
+        for id in &delta.policies {
+            if dp.policies.get(id).is_some_and(passes) {
+                self.passes.insert(id.clone());
+            } else {
+                self.passes.remove(id);
+            }
+        }
         follow(
             &mut self.profiles,
             delta.profiles.iter().cloned(),
@@ -222,11 +244,20 @@ fn ports_text(ports: &[PortRange]) -> String {
             }
         })
         .collect();
-    format!("{{ {} }}", v.join(", "))
+    match_values(&v)
 }
 
 fn braces(v: &[String]) -> String {
     format!("{{ {} }}", v.join(", "))
+}
+
+/// The right-hand side of a match on `v`: one value as it is, several as an anonymous set
+/// (each of which is a set object in the kernel, the costliest part of a rule to load).
+fn match_values(v: &[String]) -> String {
+    match v {
+        [one] => one.clone(),
+        _ => braces(v),
+    }
 }
 
 /// The address and negated-port matches of one side of a rule; `None` when the rule
@@ -245,7 +276,7 @@ fn side_matches(m: &Match, side: char, v6: bool) -> Option<String> {
         if nets.is_empty() {
             return None;
         }
-        let _ = write!(s, "{fam} {side}addr {} ", braces(&nets));
+        let _ = write!(s, "{fam} {side}addr {} ", match_values(&nets));
     }
     // As Calico (`FilterRuleToIPVersion`): `notNets` none of whose entries is of this
     // family make the rule not apply to it, and a negated catch-all matches nothing.
@@ -259,7 +290,7 @@ fn side_matches(m: &Match, side: char, v6: bool) -> Option<String> {
         return None;
     }
     if !not_nets.is_empty() {
-        let _ = write!(s, "{fam} {side}addr != {} ", braces(&not_nets));
+        let _ = write!(s, "{fam} {side}addr != {} ", match_values(&not_nets));
     }
     for id in &m.sets {
         let _ = write!(s, "{fam} {side}addr @{} ", set_name(id, v6));
@@ -300,15 +331,11 @@ fn port_alternatives(m: &Match, side: char, v6: bool) -> Vec<String> {
     alts
 }
 
-/// An action's verdict. `inbound`: the rule runs in a `cali-pi-`/`cali-pri-` chain, only
-/// reached from a `cali-tw-` chain, the last check of the packet's path: an Allow there
-/// accepts at once (what marking and returning up to `filter-FORWARD` would end in, one
-/// rule fewer per policy in every endpoint chain). Outbound Allows mark and return, as
-/// the destination's `cali-tw-` chain or `defaultEndpointToHostAction` still follow.
-fn action_text(a: Action, inbound: bool) -> String {
+/// An action's verdict (see the module documentation: an Allow accepts, ending the base
+/// chain of this direction's policy).
+fn action_text(a: Action) -> String {
     match a {
-        Action::Allow if inbound => "counter accept".to_string(),
-        Action::Allow => format!("counter meta mark set meta mark | 0x{MARK_ACCEPT:08x} return"),
+        Action::Allow => "counter accept".to_string(),
         Action::Deny => "counter drop".to_string(),
         Action::Pass => format!("counter meta mark set meta mark | 0x{MARK_PASS:08x} return"),
         Action::Log => format!("counter log prefix \"{LOG_PREFIX}: \""),
@@ -317,7 +344,7 @@ fn action_text(a: Action, inbound: bool) -> String {
 
 /// One rule in one family: nft rules (more than one when ports OR named ports; none when
 /// the rule does not apply to this family).
-pub fn rule_lines(r: &Rule, v6: bool, inbound: bool) -> Vec<String> {
+pub fn rule_lines(r: &Rule, v6: bool) -> Vec<String> {
     if r.ip_version.is_some_and(|v| (v == 6) != v6)
         || r.icmp.is_some_and(|i| i.v6 != v6)
         || r.not_icmp.is_some_and(|i| i.v6 != v6)
@@ -358,7 +385,7 @@ pub fn rule_lines(r: &Rule, v6: bool, inbound: bool) -> Vec<String> {
     };
     m += &src;
     m += &dst;
-    let action = action_text(r.action, inbound);
+    let action = action_text(r.action);
     let mut out = Vec::new();
     for sp in port_alternatives(&r.src, 's', v6) {
         for dp in port_alternatives(&r.dst, 'd', v6) {
@@ -369,83 +396,115 @@ pub fn rule_lines(r: &Rule, v6: bool, inbound: bool) -> Vec<String> {
 }
 
 /// The rules of a policy or profile chain.
-pub fn rules_lines(rules: &[Rule], v6: bool, inbound: bool) -> Vec<String> {
-    rules
-        .iter()
-        .flat_map(|r| rule_lines(r, v6, inbound))
-        .collect()
+pub fn rules_lines(rules: &[Rule], v6: bool) -> Vec<String> {
+    rules.iter().flat_map(|r| rule_lines(r, v6)).collect()
 }
 
-/// The rules of an endpoint's chain (`to`: `cali-tw-`, else `cali-fw-`).
+/// Whether a policy has a Pass rule (in either direction).
+pub fn passes(c: &Chains) -> bool {
+    passes_to(c, true) || passes_to(c, false)
+}
+
+/// Whether a policy has a Pass rule among its inbound (`to`) or outbound rules.
+fn passes_to(c: &Chains, to: bool) -> bool {
+    let rules = if to { &c.inbound } else { &c.outbound };
+    rules.iter().any(|r| r.action == Action::Pass)
+}
+
+/// The rules of an endpoint's chain (`to`: `cali-tw-`, else `cali-fw-`): each tier's
+/// policies in order, the tier's drop, the profiles, the final drop. The pass mark is
+/// checked (and cleared before the next tier) only after a policy with a Pass rule, and
+/// nothing follows a drop that nothing can skip.
 pub fn endpoint_lines(dp: &PolicyDataplane, ep: &Endpoint, to: bool) -> Vec<String> {
-    let mut v = vec![
-        "ct state vmap { established : accept, related : accept, invalid : drop }".to_string(),
-        format!(
-            "meta mark set meta mark & 0x{:08x}",
-            !(MARK_ACCEPT | MARK_PASS)
-        ),
-    ];
-    // Inbound chains accept on Allow themselves (see `action_text`): nothing to return
-    // on.
-    let accepted = format!("meta mark & 0x{MARK_ACCEPT:08x} == 0x{MARK_ACCEPT:08x} return");
+    let mut v = Vec::new();
+    let unpassed = format!("meta mark & 0x{MARK_PASS:08x} == 0");
+    // Whether a Pass may have set the mark since it was last cleared (the dispatch chain
+    // clears it before the endpoint chain).
+    let mut marked = false;
     let tiers = if to { &ep.ingress } else { &ep.egress };
     for (i, t) in tiers.iter().enumerate() {
-        if i > 0 {
+        if i > 0 && marked {
             v.push(format!("meta mark set meta mark & 0x{:08x}", !MARK_PASS));
+            marked = false;
         }
         for id in &t.policies {
-            if !dp.policies.contains_key(id) {
+            let Some(c) = dp.policies.get(id) else {
                 continue;
-            }
-            v.push(format!(
-                "meta mark & 0x{MARK_PASS:08x} == 0 jump {}",
-                policy_chain(id, to)
-            ));
-            if !to {
-                v.push(accepted.clone());
-            }
+            };
+            let chain = policy_chain(id, to);
+            v.push(if marked {
+                format!("{unpassed} jump {chain}")
+            } else {
+                format!("jump {chain}")
+            });
+            marked |= passes_to(c, to);
         }
         if t.end == TierEnd::Deny {
-            v.push(format!("meta mark & 0x{MARK_PASS:08x} == 0 counter drop"));
+            if !marked {
+                v.push("counter drop".to_string());
+                return v;
+            }
+            v.push(format!("{unpassed} counter drop"));
         }
     }
     for p in &ep.profiles {
-        if !dp.profiles.contains_key(p) {
-            continue;
-        }
-        v.push(format!("jump {}", profile_chain(p, to)));
-        if !to {
-            v.push(accepted.clone());
+        if dp.profiles.contains_key(p) {
+            v.push(format!("jump {}", profile_chain(p, to)));
         }
     }
     v.push("counter drop".to_string());
     v
 }
 
-/// `cali-wl-to-host`: the endpoint's egress policy, then `defaultEndpointToHostAction`
-/// (IPv6 neighbour discovery and MLD first, as Calico's ICMPv6 filter).
-pub fn wl_to_host_lines(action: EndpointToHost, v6: bool) -> Vec<String> {
+/// `cali-wl-to-host`, in `filter-INPUT`: the endpoint's egress policy (IPv6 neighbour
+/// discovery and MLD accepted first, as Calico's ICMPv6 filter); what it accepts meets
+/// `defaultEndpointToHostAction` in `filter-INPUT-wl-to-host` (see
+/// [`wl_to_host_action_lines`]).
+pub fn wl_to_host_lines(v6: bool) -> Vec<String> {
     let mut v = Vec::new();
     if v6 {
-        v.push("icmpv6 type { 130, 131, 132, 133, 135, 136 } accept".to_string());
+        v.push(format!("icmpv6 type {ND_TYPES} accept"));
     }
-    v.push(format!("jump {FROM_WL_DISPATCH}"));
-    v.push(
-        match action {
-            EndpointToHost::Drop => "counter drop",
-            EndpointToHost::Return => "return",
-            EndpointToHost::Accept => "accept",
-        }
-        .to_string(),
-    );
+    v.push(format!("goto {FROM_WL_DISPATCH}"));
     v
 }
 
-/// `filter-cali-from-wl-dispatch`: the encapsulated packets workloads may not send
-/// (Calico drops them in every from-workload chain), then the endpoint's chain by
+/// Neighbour discovery and MLD (ICMPv6 130-133, 135, 136).
+const ND_TYPES: &str = "{ 130, 131, 132, 133, 135, 136 }";
+
+/// `cali-wl-to-host-action`: `defaultEndpointToHostAction` for what a workload's egress
+/// policy let through to the host. Drop keeps the replies of the host's own connections
+/// (conntrack, as Calico's endpoint chain accepts them before the action) and neighbour
+/// discovery.
+pub fn wl_to_host_action_lines(action: EndpointToHost, v6: bool) -> Vec<String> {
+    match action {
+        EndpointToHost::Drop => {
+            let mut v = vec!["ct state established,related accept".to_string()];
+            if v6 {
+                v.push(format!("icmpv6 type {ND_TYPES} accept"));
+            }
+            v.push("counter drop".to_string());
+            v
+        }
+        EndpointToHost::Return => vec!["return".to_string()],
+        EndpointToHost::Accept => vec!["accept".to_string()],
+    }
+}
+
+/// Conntrack and the pass mark, at the top of both dispatch chains.
+fn dispatch_head() -> [String; 3] {
+    [
+        "ct state established,related accept".to_string(),
+        "ct state invalid drop".to_string(),
+        format!("meta mark set meta mark & 0x{:08x}", !MARK_PASS),
+    ]
+}
+
+/// `filter-cali-from-wl-dispatch`: conntrack, the encapsulated packets workloads may not
+/// send (Calico drops them in every from-workload chain), then the endpoint's chain by
 /// interface; an interface we do not know is dropped.
 pub fn from_wl_dispatch_lines(drops: EncapDrops) -> Vec<String> {
-    let mut v = Vec::new();
+    let mut v = dispatch_head().to_vec();
     if let Some(port) = drops.vxlan_port {
         v.push(format!("udp dport {port} counter drop"));
     }
@@ -507,7 +566,8 @@ fn chain_block(out: &mut String, name: &str, head: Option<&str>, rules: &[String
     out.push_str("\t}\n");
 }
 
-/// The fixed chains of the filter layer.
+/// The fixed chains of the filter layer (see the module documentation for the two base
+/// chains of each hook).
 fn static_chains(out: &mut String, dp: &PolicyDataplane, prefix: &str, v6: bool) {
     let any = ifname_wildcards(prefix);
     chain_block(
@@ -516,64 +576,57 @@ fn static_chains(out: &mut String, dp: &PolicyDataplane, prefix: &str, v6: bool)
         None,
         &from_wl_dispatch_lines(dp.encap_drops),
     );
+    let mut to_wl = dispatch_head().to_vec();
+    to_wl.push(format!("oifname vmap @{TO_WL_DISPATCH}"));
+    to_wl.push("counter drop".to_string());
+    chain_block(out, TO_WL_DISPATCH, None, &to_wl);
+    chain_block(out, WL_TO_HOST, None, &wl_to_host_lines(v6));
     chain_block(
         out,
-        TO_WL_DISPATCH,
+        WL_TO_HOST_ACTION,
         None,
-        &[
-            format!("oifname vmap @{TO_WL_DISPATCH}"),
-            "counter drop".to_string(),
-        ],
+        &wl_to_host_action_lines(dp.endpoint_to_host, v6),
     );
-    chain_block(
-        out,
-        WL_TO_HOST,
-        None,
-        &wl_to_host_lines(dp.endpoint_to_host, v6),
-    );
+    let each = |f: &dyn Fn(&String) -> String| any.iter().map(f).collect::<Vec<_>>();
     chain_block(
         out,
         CALI_FORWARD,
         None,
-        &[format!(
-            "meta mark set meta mark & 0x{:08x}",
-            !(MARK_ACCEPT | MARK_PASS)
-        )]
-        .into_iter()
-        // Every from-workload jump before any to-workload one: the destination's
-        // inbound Allow accepts at once, so the source's egress policy comes first.
-        .chain(
-            any.iter()
-                .map(|w| format!("iifname {w} jump {FROM_WL_DISPATCH}")),
-        )
-        .chain(
-            any.iter()
-                .map(|w| format!("oifname {w} jump {TO_WL_DISPATCH}")),
-        )
-        .collect::<Vec<_>>(),
+        &each(&|w| format!("iifname {w} jump {FROM_WL_DISPATCH}")),
     );
     chain_block(
         out,
         CALI_INPUT,
         None,
-        &any.iter()
-            .map(|w| format!("iifname {w} goto {WL_TO_HOST}"))
-            .collect::<Vec<_>>(),
+        &each(&|w| format!("iifname {w} goto {WL_TO_HOST}")),
     );
+    let base = |hook: &str, later: bool| {
+        let then = if later { " + 1" } else { "" };
+        format!("type filter hook {hook} priority filter{then}; policy accept;")
+    };
     chain_block(
         out,
         FORWARD,
-        Some("type filter hook forward priority filter; policy accept;"),
-        &[
-            format!("jump {CALI_FORWARD}"),
-            format!("meta mark & 0x{MARK_ACCEPT:08x} == 0x{MARK_ACCEPT:08x} accept"),
-        ],
+        Some(&base("forward", false)),
+        &[format!("jump {CALI_FORWARD}")],
+    );
+    chain_block(
+        out,
+        FORWARD_TO_WL,
+        Some(&base("forward", true)),
+        &each(&|w| format!("oifname {w} jump {TO_WL_DISPATCH}")),
     );
     chain_block(
         out,
         INPUT,
-        Some("type filter hook input priority filter; policy accept;"),
+        Some(&base("input", false)),
         &[format!("jump {CALI_INPUT}")],
+    );
+    chain_block(
+        out,
+        INPUT_WL_TO_HOST,
+        Some(&base("input", true)),
+        &each(&|w| format!("iifname {w} goto {WL_TO_HOST_ACTION}")),
     );
 }
 
@@ -602,13 +655,13 @@ fn table_body(dp: &PolicyDataplane, nat: &Nat, prefix: &str, v6: bool) -> String
             &mut out,
             &policy_chain(id, true),
             None,
-            &rules_lines(&c.inbound, v6, true),
+            &rules_lines(&c.inbound, v6),
         );
         chain_block(
             &mut out,
             &policy_chain(id, false),
             None,
-            &rules_lines(&c.outbound, v6, false),
+            &rules_lines(&c.outbound, v6),
         );
     }
     for (name, c) in &dp.profiles {
@@ -616,13 +669,13 @@ fn table_body(dp: &PolicyDataplane, nat: &Nat, prefix: &str, v6: bool) -> String
             &mut out,
             &profile_chain(name, true),
             None,
-            &rules_lines(&c.inbound, v6, true),
+            &rules_lines(&c.inbound, v6),
         );
         chain_block(
             &mut out,
             &profile_chain(name, false),
             None,
-            &rules_lines(&c.outbound, v6, false),
+            &rules_lines(&c.outbound, v6),
         );
     }
     for (iface, ep) in dp.endpoints.iter().filter(|(i, _)| valid_iface(i)) {
@@ -744,30 +797,18 @@ fn incremental_family(
     for id in &delta.policies {
         if let Some(c) = dp.policies.get(id) {
             let have = programmed.policies.contains(id);
-            chains.push((
-                policy_chain(id, true),
-                have,
-                rules_lines(&c.inbound, v6, true),
-            ));
-            chains.push((
-                policy_chain(id, false),
-                have,
-                rules_lines(&c.outbound, v6, false),
-            ));
+            chains.push((policy_chain(id, true), have, rules_lines(&c.inbound, v6)));
+            chains.push((policy_chain(id, false), have, rules_lines(&c.outbound, v6)));
         }
     }
     for name in &delta.profiles {
         if let Some(c) = dp.profiles.get(name) {
             let have = programmed.profiles.contains(name);
-            chains.push((
-                profile_chain(name, true),
-                have,
-                rules_lines(&c.inbound, v6, true),
-            ));
+            chains.push((profile_chain(name, true), have, rules_lines(&c.inbound, v6)));
             chains.push((
                 profile_chain(name, false),
                 have,
-                rules_lines(&c.outbound, v6, false),
+                rules_lines(&c.outbound, v6),
             ));
         }
     }
@@ -793,9 +834,9 @@ fn incremental_family(
     }
     if delta.endpoint_to_host {
         chains.push((
-            WL_TO_HOST.to_string(),
+            WL_TO_HOST_ACTION.to_string(),
             true,
-            wl_to_host_lines(dp.endpoint_to_host, v6),
+            wl_to_host_action_lines(dp.endpoint_to_host, v6),
         ));
     }
     for (name, have, _) in &chains {
@@ -875,8 +916,10 @@ impl Element {
 }
 
 /// The endpoints whose chains a delta rewrites: those it names, and those that refer to
-/// a policy or profile that comes into being or goes (an endpoint chain skips the ones
-/// that do not exist, so it changes with them even when the delta forgets to say so).
+/// a policy or profile that comes into being or goes, or to a policy that gains or loses
+/// a Pass rule (an endpoint chain skips the ones that do not exist and checks the pass
+/// mark after the ones that pass, so it changes with them even when the delta does not
+/// name it).
 fn endpoints_to_write(
     dp: &PolicyDataplane,
     delta: &Delta,
@@ -886,7 +929,10 @@ fn endpoints_to_write(
     let policies: BTreeSet<&String> = delta
         .policies
         .iter()
-        .filter(|id| dp.policies.contains_key(*id) != programmed.policies.contains(*id))
+        .filter(|id| {
+            dp.policies.contains_key(*id) != programmed.policies.contains(*id)
+                || dp.policies.get(*id).is_some_and(passes) != programmed.passes.contains(*id)
+        })
         .collect();
     let profiles: BTreeSet<&String> = delta
         .profiles

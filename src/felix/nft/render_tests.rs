@@ -29,10 +29,11 @@ fn rule(action: Action) -> Rule {
     }
 }
 
-const ALLOW: &str = "counter meta mark set meta mark | 0x00010000 return";
+const ALLOW: &str = "counter accept";
 
-/// Each action's verdict: Allow marks and returns, Pass marks pass and returns, Deny
-/// drops, Log logs with Calico's prefix and goes on.
+/// Each action's verdict: Allow accepts (ending its base chain only: the other
+/// direction's policy still follows), Pass marks pass and returns, Deny drops, Log logs
+/// with Calico's prefix and goes on.
 #[test]
 fn actions() {
     let cases = [
@@ -45,13 +46,8 @@ fn actions() {
         (Action::Log, "counter log prefix \"calico-packet: \""),
     ];
     for (a, want) in cases {
-        assert_eq!(rule_lines(&rule(a), false, false), vec![want.to_string()]);
+        assert_eq!(rule_lines(&rule(a), false), vec![want.to_string()]);
     }
-    // Inbound (the last check of the path), Allow accepts at once.
-    assert_eq!(
-        rule_lines(&rule(Action::Allow), false, true),
-        vec!["counter accept".to_string()]
-    );
 }
 
 /// Ports OR named ports: one rule per alternative; numeric ports as an anonymous set with
@@ -67,11 +63,11 @@ fn ports_and_named_ports_are_alternatives() {
     r.dst.named_port_sets = vec!["n:web".into()];
     r.src.not_ports = vec![PortRange { lo: 22, hi: 22 }];
     assert_eq!(
-        rule_lines(&r, false, false),
+        rule_lines(&r, false),
         vec![
-            format!("meta l4proto 6 th sport != {{ 22 }} th dport {{ 80, 8000-8080 }} {ALLOW}"),
+            format!("meta l4proto 6 th sport != 22 th dport {{ 80, 8000-8080 }} {ALLOW}"),
             format!(
-                "meta l4proto 6 th sport != {{ 22 }} ip daddr . meta l4proto . th dport @cali40n-web {ALLOW}"
+                "meta l4proto 6 th sport != 22 ip daddr . meta l4proto . th dport @cali40n-web {ALLOW}"
             ),
         ]
     );
@@ -87,44 +83,47 @@ fn nets_and_sets_per_family() {
     r.dst.sets = vec!["s:x".into()];
     r.dst.not_sets = vec!["s:y".into()];
     assert_eq!(
-        rule_lines(&r, false, false),
+        rule_lines(&r, false),
         vec![
-            "ip saddr { 10.0.0.0/8 } ip saddr != { 10.2.0.0/16 } ip daddr @cali40s-x ip daddr != @cali40s-y counter drop"
+            "ip saddr 10.0.0.0/8 ip saddr != 10.2.0.0/16 ip daddr @cali40s-x ip daddr != @cali40s-y counter drop"
                 .to_string()
         ]
     );
     // notNets none of which is IPv6: the rule does not apply to IPv6 (Calico's
     // FilterRuleToIPVersion), or an Allow with `notNets: [10.0.0.0/8]` would open all
     // IPv6 traffic.
-    assert!(rule_lines(&r, true, false).is_empty());
+    assert!(rule_lines(&r, true).is_empty());
     r.src.not_nets.clear();
     assert_eq!(
-        rule_lines(&r, true, false),
+        rule_lines(&r, true),
         vec![
-            "ip6 saddr { fd00::/8 } ip6 daddr @cali60s-x ip6 daddr != @cali60s-y counter drop"
+            "ip6 saddr fd00::/8 ip6 daddr @cali60s-x ip6 daddr != @cali60s-y counter drop"
                 .to_string()
         ]
     );
     r.src.nets = vec![net("fd00::/8")];
-    assert!(rule_lines(&r, false, false).is_empty());
+    assert!(rule_lines(&r, false).is_empty());
     // A negated catch-all matches nothing.
     let mut r = rule(Action::Allow);
     r.dst.not_nets = vec![net("0.0.0.0/0")];
-    assert!(rule_lines(&r, false, false).is_empty());
+    assert!(rule_lines(&r, false).is_empty());
     r.dst.not_nets = vec![net("10.0.0.0/8")];
-    assert_eq!(rule_lines(&r, false, false).len(), 1);
-    assert!(rule_lines(&r, true, false).is_empty());
+    assert_eq!(rule_lines(&r, false).len(), 1);
+    assert!(rule_lines(&r, true).is_empty());
 }
 
-/// The from-workload dispatch drops VXLAN and IPIP packets unless allowed, then
-/// dispatches; several interface prefixes give one rule each, every from-workload jump
-/// before any to-workload one.
+/// The from-workload dispatch: conntrack and the pass mark first, then VXLAN and IPIP
+/// packets dropped unless allowed, then the endpoint's chain; several interface
+/// prefixes give one rule each.
 #[test]
 fn encapsulated_packets_from_workloads_and_interface_prefixes() {
     use crate::felix::policy::EncapDrops;
     assert_eq!(
         from_wl_dispatch_lines(EncapDrops::default()),
         vec![
+            "ct state established,related accept".to_string(),
+            "ct state invalid drop".to_string(),
+            "meta mark set meta mark & 0xfffdffff".to_string(),
             "udp dport 4789 counter drop".to_string(),
             "meta l4proto 4 counter drop".to_string(),
             format!("iifname vmap @{FROM_WL_DISPATCH}"),
@@ -135,7 +134,7 @@ fn encapsulated_packets_from_workloads_and_interface_prefixes() {
         vxlan_port: None,
         ipip: false,
     };
-    assert_eq!(from_wl_dispatch_lines(allowed).len(), 2);
+    assert_eq!(from_wl_dispatch_lines(allowed).len(), 5);
     assert_eq!(
         ifname_wildcards("cali, tap"),
         vec!["\"cali*\"".to_string(), "\"tap*\"".to_string()]
@@ -146,9 +145,26 @@ fn encapsulated_packets_from_workloads_and_interface_prefixes() {
         &crate::felix::calc::Nat::default(),
         "cali,tap",
     );
-    let pos = |s: &str| script.find(s).unwrap_or_else(|| panic!("{s} in {script}"));
-    assert!(pos("iifname \"tap*\" jump") < pos("oifname \"cali*\" jump"));
-    assert!(script.contains("iifname \"tap*\" goto"));
+    // From workloads in the first forward base chain, to workloads in the later one (an
+    // egress Allow accepts, ending only the first), each prefix in both.
+    let chain = |name: &str| {
+        let start = script
+            .find(&format!("chain {name} {{"))
+            .unwrap_or_else(|| panic!("{name} in {script}"));
+        let body = &script[start..];
+        body[..body.find('}').unwrap()].to_string()
+    };
+    for w in ["cali", "tap"] {
+        assert!(chain(CALI_FORWARD).contains(&format!("iifname \"{w}*\" jump {FROM_WL_DISPATCH}")));
+        assert!(chain(FORWARD_TO_WL).contains(&format!("oifname \"{w}*\" jump {TO_WL_DISPATCH}")));
+        assert!(chain(CALI_INPUT).contains(&format!("iifname \"{w}*\" goto {WL_TO_HOST}")));
+        assert!(
+            chain(INPUT_WL_TO_HOST).contains(&format!("iifname \"{w}*\" goto {WL_TO_HOST_ACTION}"))
+        );
+    }
+    assert!(chain(FORWARD).contains("hook forward priority filter;"));
+    assert!(chain(FORWARD_TO_WL).contains("hook forward priority filter + 1;"));
+    assert!(chain(INPUT_WL_TO_HOST).contains("hook input priority filter + 1;"));
 }
 
 /// ipVersion and ICMP versions limit the family; notICMP with a code negates the pair.
@@ -156,8 +172,8 @@ fn encapsulated_packets_from_workloads_and_interface_prefixes() {
 fn icmp_and_ip_version() {
     let mut r = rule(Action::Allow);
     r.ip_version = Some(6);
-    assert!(rule_lines(&r, false, false).is_empty());
-    assert_eq!(rule_lines(&r, true, false).len(), 1);
+    assert!(rule_lines(&r, false).is_empty());
+    assert_eq!(rule_lines(&r, true).len(), 1);
     let mut r = rule(Action::Allow);
     r.protocol = Some(1);
     r.icmp = Some(Icmp {
@@ -166,10 +182,10 @@ fn icmp_and_ip_version() {
         code: Some(0),
     });
     assert_eq!(
-        rule_lines(&r, false, false),
+        rule_lines(&r, false),
         vec![format!("meta l4proto 1 icmp type 8 icmp code 0 {ALLOW}")]
     );
-    assert!(rule_lines(&r, true, false).is_empty());
+    assert!(rule_lines(&r, true).is_empty());
     let mut r = rule(Action::Deny);
     r.not_icmp = Some(Icmp {
         v6: true,
@@ -178,7 +194,7 @@ fn icmp_and_ip_version() {
     });
     r.not_protocol = Some(17);
     assert_eq!(
-        rule_lines(&r, true, false),
+        rule_lines(&r, true),
         vec![
             "meta l4proto != 17 icmpv6 type . icmpv6 code != { 128 . 0 } counter drop".to_string()
         ]
@@ -193,13 +209,19 @@ fn tier(policies: &[&str], end: TierEnd) -> TierPolicies {
     }
 }
 
-/// The endpoint chain: conntrack first, per tier its policies (skipped once passed,
-/// returning once accepted) and the end-of-tier drop unless the tier passes, then the
-/// profiles that exist, then the final drop.
+/// The endpoint chain: per tier its policies, the end-of-tier drop unless the tier
+/// passes, then the profiles that exist, then the final drop. Without a Pass rule no mark
+/// is checked and nothing follows a tier's drop; after a policy that can pass, the later
+/// policies of its tier and its drop check the pass mark, and the next tier clears it.
 #[test]
 fn endpoint_chain_order() {
     let mut dp = PolicyDataplane::default();
     dp.policies.insert("gnp/a".into(), Chains::default());
+    let passing = Chains {
+        inbound: vec![rule(Action::Pass)],
+        outbound: vec![],
+    };
+    dp.policies.insert("gnp/pass".into(), passing);
     dp.profiles.insert("p".into(), Chains::default());
     let ep = Endpoint {
         name: "w".into(),
@@ -210,34 +232,48 @@ fn endpoint_chain_order() {
         egress: vec![],
         profiles: vec!["p".into(), "missing".into()],
     };
-    let got = endpoint_lines(&dp, &ep, true);
-    let want = [
-        "ct state vmap { established : accept, related : accept, invalid : drop }",
-        "meta mark set meta mark & 0xfffcffff",
-        "meta mark & 0x00020000 == 0 jump filter-cali-pi-gnp/a",
-        "meta mark set meta mark & 0xfffdffff",
-        "meta mark & 0x00020000 == 0 jump filter-cali-pi-gnp/a",
-        "meta mark & 0x00020000 == 0 counter drop",
-        "jump filter-cali-pri-p",
-        "counter drop",
-    ];
-    assert_eq!(got, want);
-    // Outbound: the policy and profile chains mark and return; the endpoint chain
-    // returns on the accept mark.
+    // No Pass rule: plain jumps, and the drop of the second tier ends the chain.
+    assert_eq!(
+        endpoint_lines(&dp, &ep, true),
+        [
+            "jump filter-cali-pi-gnp/a",
+            "jump filter-cali-pi-gnp/a",
+            "counter drop"
+        ]
+    );
+    // A policy that passes: what follows it in its tier checks the mark, the next tier
+    // clears it.
     let ep = Endpoint {
-        egress: vec![tier(&["gnp/a"], TierEnd::Deny)],
+        ingress: vec![
+            tier(&["gnp/a", "gnp/pass", "gnp/a"], TierEnd::Deny),
+            tier(&["gnp/a"], TierEnd::Pass),
+        ],
         ..ep
     };
-    let got = endpoint_lines(&dp, &ep, false);
-    let ret = "meta mark & 0x00010000 == 0x00010000 return";
     assert_eq!(
-        got[2..],
+        endpoint_lines(&dp, &ep, true),
         [
-            "meta mark & 0x00020000 == 0 jump filter-cali-po-gnp/a",
-            ret,
+            "jump filter-cali-pi-gnp/a",
+            "jump filter-cali-pi-gnp/pass",
+            "meta mark & 0x00020000 == 0 jump filter-cali-pi-gnp/a",
             "meta mark & 0x00020000 == 0 counter drop",
+            "meta mark set meta mark & 0xfffdffff",
+            "jump filter-cali-pi-gnp/a",
+            "jump filter-cali-pri-p",
+            "counter drop",
+        ]
+    );
+    // Outbound: the passing policy has no egress Pass rule; no mark is checked.
+    let ep = Endpoint {
+        egress: vec![tier(&["gnp/pass", "gnp/a"], TierEnd::Pass)],
+        ..ep
+    };
+    assert_eq!(
+        endpoint_lines(&dp, &ep, false),
+        [
+            "jump filter-cali-po-gnp/pass",
+            "jump filter-cali-po-gnp/a",
             "jump filter-cali-pro-p",
-            ret,
             "counter drop"
         ]
     );
@@ -363,6 +399,51 @@ fn incremental_writes_only_what_changed() {
          delete chain ip calico filter-cali-tw-calia\n\
          delete chain ip calico filter-cali-fw-calia\n"
     );
+}
+
+/// A policy that gains a Pass rule rewrites the chains of the endpoints that jump to it
+/// (what follows it must check the pass mark), though the delta names only the policy;
+/// one that loses it again does too, and a change that keeps it does not.
+#[test]
+fn a_policy_gaining_a_pass_rewrites_its_endpoints() {
+    let mut old = small();
+    old.policies.insert("gnp/a".into(), Chains::default());
+    old.policies.insert("gnp/b".into(), Chains::default());
+    let ep = Endpoint {
+        name: "a".into(),
+        ingress: vec![tier(&["gnp/a", "gnp/b"], TierEnd::Deny)],
+        ..Default::default()
+    };
+    old.endpoints.insert("calia".into(), ep);
+    let mut programmed = Programmed::of(&old, false);
+    let mut new = old.clone();
+    new.policies.get_mut("gnp/a").unwrap().inbound = vec![rule(Action::Pass)];
+    let delta = Delta {
+        policies: BTreeSet::from(["gnp/a".to_string()]),
+        ..Default::default()
+    };
+    let s = incremental(&new, &delta, &programmed);
+    assert!(
+        s.contains(
+            "add rule ip calico filter-cali-tw-calia meta mark & 0x00020000 == 0 jump filter-cali-pi-gnp/b"
+        ),
+        "{s}"
+    );
+    programmed.update(&new, &delta);
+    assert!(programmed.passes.contains("gnp/a"));
+    // A change that keeps the Pass: the policy's chains only.
+    new.policies.get_mut("gnp/a").unwrap().outbound = vec![rule(Action::Deny)];
+    let s = incremental(&new, &delta, &programmed);
+    assert!(!s.contains("filter-cali-tw-calia"), "{s}");
+    // The Pass gone: plain jumps again.
+    new.policies.get_mut("gnp/a").unwrap().inbound.clear();
+    let s = incremental(&new, &delta, &programmed);
+    assert!(
+        s.contains("add rule ip calico filter-cali-tw-calia jump filter-cali-pi-gnp/b"),
+        "{s}"
+    );
+    programmed.update(&new, &delta);
+    assert!(programmed.passes.is_empty());
 }
 
 /// An endpoint whose interface name nft cannot carry is left out (not the whole
