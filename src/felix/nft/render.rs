@@ -131,22 +131,23 @@ impl Programmed {
     }
 }
 
-/// `prefix` + `suffix`, or, when that is too long for nft or `suffix` has characters an
-/// nft name cannot carry, `prefix` + `_` + a hash of `suffix` (Calico's
-/// GetLengthLimitedID, with SHA-1 hex where Calico uses SHA-256 base64).
+/// `prefix` + `suffix`, or, when that is too long for nft (or exactly as long and
+/// `suffix` starts with `_`), `prefix` + `_` + the base64url SHA-256 of `suffix`, cut to
+/// fit: Calico's `GetLengthLimitedID`. A `suffix` with characters an nft name cannot
+/// carry is hashed too (Calico's names are validated before they get here).
 pub fn chain_name(prefix: &str, suffix: &str) -> String {
+    let suffix = if suffix.is_empty() { "_" } else { suffix };
     let plain = suffix
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
-        && !suffix.is_empty()
-        && !suffix.starts_with('_');
-    if plain && prefix.len() + suffix.len() <= MAX_NAME {
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'));
+    let len = prefix.len() + suffix.len();
+    if plain && (len < MAX_NAME || (len == MAX_NAME && !suffix.starts_with('_'))) {
         return format!("{prefix}{suffix}");
     }
-    use sha1::Digest;
-    let hash = sha1::Sha1::digest(suffix.as_bytes());
-    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}_{hex}")
+    use sha2::Digest;
+    let hash = crate::felix::policy::calc::base64url(&sha2::Sha256::digest(suffix.as_bytes()));
+    let room = MAX_NAME.saturating_sub(prefix.len() + 1).min(hash.len());
+    format!("{prefix}_{}", &hash[..room])
 }
 
 /// `cali-pi-<id>` (inbound) or `cali-po-<id>` (outbound) of a policy.

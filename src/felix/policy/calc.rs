@@ -56,7 +56,8 @@ pub fn unique_id(prefix: &str, content: &str) -> String {
     format!("{prefix}:{}", base64url(&h.finalize()))
 }
 
-fn base64url(bytes: &[u8]) -> String {
+/// Base64url without padding (Go's `base64.RawURLEncoding`).
+pub(crate) fn base64url(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(bytes.len() * 4 / 3 + 2);
     for c in bytes.chunks(3) {
