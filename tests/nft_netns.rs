@@ -682,6 +682,122 @@ fn traffic_follows_the_policy_and_its_changes() {
     assert!(reaches(&c, "10.65.0.2"), "c still allowed");
 }
 
+/// Spoofing: a workload sending from an address its interface does not route to is
+/// dropped in `raw-PREROUTING` (Calico's strict reverse-path check), in IPv4 and IPv6,
+/// while its own address passes. Before our table the same spoofed packets arrive (the
+/// interfaces' rp_filter sysctl is off here), so the drop is ours.
+#[test]
+fn spoofed_sources_from_workloads_are_dropped() {
+    let Some(node) = NetNs::new("nft-rpf") else {
+        return;
+    };
+    if !have_nft() {
+        return;
+    }
+    node.add_uplink();
+    sysctl(&node, "net.ipv4.ip_forward", "1");
+    sysctl(&node, "net.ipv6.conf.all.forwarding", "1");
+    sysctl(&node, "net.ipv4.conf.all.rp_filter", "0");
+    let a = pod(&node, "nft-ra", "calia", "10.65.0.1");
+    let b = pod(&node, "nft-rb", "calib", "10.65.0.2");
+    for (p, iface, own) in [(&a, "calia", "fd00::1"), (&b, "calib", "fd00::2")] {
+        sysctl(&node, &format!("net.ipv4.conf.{iface}.rp_filter"), "0");
+        node.ip(&["-6", "addr", "add", "fe80::1/64", "dev", iface, "nodad"]);
+        node.ip(&["-6", "route", "add", &format!("{own}/128"), "dev", iface]);
+        p.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{own}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        p.ip(&[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ]);
+    }
+    // a also holds the addresses it will spoof.
+    a.ip(&["addr", "add", "10.65.0.9/32", "dev", "eth0"]);
+    a.ip(&["-6", "addr", "add", "fd00::9/128", "dev", "eth0", "nodad"]);
+    // What reaches b from the spoofed addresses, counted in b.
+    b.nft(
+        "table inet spy {
+  chain input { type filter hook input priority 0; policy accept;
+    ip saddr 10.65.0.9 counter
+    ip6 saddr fd00::9 counter
+  }
+}
+",
+    );
+    let arrived = || {
+        let out = nft_out(&b, &["list", "table", "inet", "spy"]);
+        let counts: Vec<u64> = out
+            .lines()
+            .filter_map(|l| l.split("counter packets ").nth(1))
+            .filter_map(|n| n.split(' ').next()?.parse().ok())
+            .collect();
+        assert_eq!(counts.len(), 2, "{out}");
+        (counts[0], counts[1])
+    };
+    let spoof = |src: &str, dst: &str| {
+        let _ = a
+            .command("ping")
+            .args(["-c", "2", "-i", "0.2", "-W", "1", "-I", src, dst])
+            .output();
+    };
+    // The pods' link-local addresses finish duplicate address detection first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !(ping(&a, "10.65.0.2") && ping(&a, "fd00::2")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "genuine sources: IPv4 {}, IPv6 {}",
+            ping(&a, "10.65.0.2"),
+            ping(&a, "fd00::2")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    spoof("10.65.0.9", "10.65.0.2");
+    spoof("fd00::9", "fd00::2");
+    let before = arrived();
+    assert!(
+        before.0 > 0 && before.1 > 0,
+        "without our table the spoofed packets arrive: {before:?}"
+    );
+
+    let mut dp = PolicyDataplane::default();
+    dp.profiles.insert(
+        "open".into(),
+        Chains {
+            inbound: vec![rule(Action::Allow)],
+            outbound: vec![rule(Action::Allow)],
+        },
+    );
+    for (iface, name) in [("calia", "a"), ("calib", "b")] {
+        dp.endpoints
+            .insert(iface.into(), endpoint(name, vec![], &["open"]));
+    }
+    node.run_in(move || {
+        PolicyTables::new()
+            .write_full(&dp, &dual_stack(), "cali")
+            .unwrap()
+    });
+    spoof("10.65.0.9", "10.65.0.2");
+    spoof("fd00::9", "fd00::2");
+    assert_eq!(arrived(), before, "spoofed sources dropped, both families");
+    assert!(
+        reaches(&a, "10.65.0.2") && reaches(&a, "fd00::2"),
+        "genuine sources pass"
+    );
+    for fam in ["ip", "ip6"] {
+        let raw = nft_out(&node, &["list", "chain", fam, "calico", "raw-PREROUTING"]);
+        assert!(
+            !raw.contains("counter packets 0 "),
+            "{fam}: the check counted the spoofed packets:\n{raw}"
+        );
+    }
+}
+
 /// A benchmark-sized dataplane: `n` endpoints, 100 policies whose selectors match ~5% of
 /// them each, 20 network-set nets in the selector sets.
 fn large(n: u32) -> PolicyDataplane {

@@ -39,6 +39,7 @@ pub const FORWARD: &str = "filter-FORWARD";
 pub const FORWARD_TO_WL: &str = "filter-FORWARD-to-wl";
 pub const INPUT: &str = "filter-INPUT";
 pub const INPUT_WL_TO_HOST: &str = "filter-INPUT-wl-to-host";
+pub const RAW_PREROUTING: &str = "raw-PREROUTING";
 pub const CALI_FORWARD: &str = "filter-cali-FORWARD";
 pub const CALI_INPUT: &str = "filter-cali-INPUT";
 pub const FROM_WL_DISPATCH: &str = "filter-cali-from-wl-dispatch";
@@ -628,6 +629,15 @@ fn static_chains(out: &mut String, dp: &PolicyDataplane, prefix: &str, v6: bool)
         INPUT_WL_TO_HOST,
         Some(&base("input", true)),
         &each(&|w| format!("iifname {w} goto {WL_TO_HOST_ACTION}")),
+    );
+    // Strict reverse-path check of what workloads send, before conntrack (Calico's raw
+    // PREROUTING): a source the workload's interface does not route to is spoofed.
+    // IPv4 has the interface's rp_filter sysctl too; IPv6 has only this.
+    chain_block(
+        out,
+        RAW_PREROUTING,
+        Some("type filter hook prerouting priority raw; policy accept;"),
+        &each(&|w| format!("iifname {w} fib saddr . mark . iif oif 0 counter drop")),
     );
 }
 
