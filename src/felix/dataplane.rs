@@ -152,22 +152,9 @@ impl Dataplane {
         if let Err(e) = tunnels::ensure_ipip(h, desired.ipip.as_ref(), ipip_mtu).await {
             problems.push(e.into());
         }
-        let started = Instant::now();
-        let scope = (pass.prefix.as_str(), uplink);
-        let r = routes::reconcile(h, &self.writer, &desired.routes, scope, &pass.keep, None);
-        problems.extend(reported(r.await.map(|p| p.failures)));
-        self.metrics
-            .route_resync_time
-            .observe(started.elapsed().as_secs_f64());
-        let r = neigh::reconcile(h, &desired.neighbours, &desired.fdb, &pass.prefix).await;
-        problems.extend(reported(r.map(|p| p.failures).map_err(Problem::Neighbours)));
-        if desired.vxlan.is_none()
-            && let Err(e) = tunnels::remove_vxlan(h, &mut self.vxlan_removal).await
-        {
-            problems.push(e.into());
-        }
-        // Policy and NAT, one transaction (our tables replaced, drift repaired, unless
-        // they are known untouched: then what changed).
+        // Policy and NAT first, one transaction (our tables replaced, drift repaired,
+        // unless they are known untouched: then what changed): a workload's route comes
+        // after its policy, so no packet reaches it unpoliced.
         let tables = &mut self.tables;
         let r = blocking(|| {
             tables.ensure_full(
@@ -184,6 +171,20 @@ impl Dataplane {
             Err(e) => problems.push(e.into()),
         }
         self.metrics.set_nft(&self.tables.stats);
+        let started = Instant::now();
+        let scope = (pass.prefix.as_str(), uplink);
+        let r = routes::reconcile(h, &self.writer, &desired.routes, scope, &pass.keep, None);
+        problems.extend(reported(r.await.map(|p| p.failures)));
+        self.metrics
+            .route_resync_time
+            .observe(started.elapsed().as_secs_f64());
+        let r = neigh::reconcile(h, &desired.neighbours, &desired.fdb, &pass.prefix).await;
+        problems.extend(reported(r.map(|p| p.failures).map_err(Problem::Neighbours)));
+        if desired.vxlan.is_none()
+            && let Err(e) = tunnels::remove_vxlan(h, &mut self.vxlan_removal).await
+        {
+            problems.push(e.into());
+        }
         problems.extend(sysctls::ensure(&pass.prefix));
         log(&problems, "dataplane");
         (problems, uplink)
