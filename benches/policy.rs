@@ -1382,9 +1382,10 @@ fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> Result<(), String> 
     Ok(())
 }
 
+/// The median; zero for none (a side that was not run).
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 fn main() {
@@ -1392,7 +1393,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    // Harness checks: `iptables` runs that side alone; `datapath` skips the label changes.
+    // Harness checks: `iptables` runs that side alone; `datapath` skips the label changes;
+    // `changes` (see below) runs neither the iptables side nor the datapath.
     let only = std::env::var("CALICO_BENCH_POLICY_ONLY").unwrap_or_default();
     if only == "netlink" {
         netlink_self_check();
@@ -1400,6 +1402,8 @@ fn main() {
     }
     let only_iptables = only == "iptables";
     let skip_changes = only == "datapath";
+    // `changes`: our cold start and the label changes only (no iptables, no datapath).
+    let only_changes = only == "changes";
     let mut eps = endpoints(n);
     let pols = policies();
     for p in &pols {
@@ -1461,6 +1465,9 @@ fn main() {
             ("iptables-nft-restore", &mut ipt_nft),
             ("iptables-legacy-restore", &mut ipt_legacy),
         ] {
+            if only_changes {
+                continue;
+            }
             if let Some((a, b)) = iptables_load(&ipset, &rules, restore) {
                 out.push(a + b);
             }
@@ -1589,7 +1596,7 @@ fn main() {
                     },
                     ms(sorted[sorted.len() / 2]),
                     ms(p99),
-                    ms(median(after)),
+                    ms(median(after.clone())),
                     if label == "role" {
                         " (goal p99 <= 5 ms)"
                     } else {
@@ -1599,6 +1606,18 @@ fn main() {
                 println!(
                     "    per change: at most {maxe} elements and {maxr} rules written (e.g. {}); {extra} other transactions in between",
                     changes[0].block
+                );
+                let mut after_sorted = after.clone();
+                after_sorted.sort();
+                let q = |v: &[Duration], q: usize| ms(v[(v.len() * q / 100).min(v.len() - 1)]);
+                println!(
+                    "    tail: from the write p90 {:.2} / p99 {:.2} / max {:.2} ms; from its return p90 {:.2} / p99 {:.2} / max {:.2} ms",
+                    q(&sorted, 90),
+                    q(&sorted, 99),
+                    ms(sorted[sorted.len() - 1]),
+                    q(&after_sorted, 90),
+                    q(&after_sorted, 99),
+                    ms(after_sorted[after_sorted.len() - 1]),
                 );
                 readme.push(format!(
                     "{} `{label}` label changes: etcd put to nft commit, median / p99 | {:.2} / {:.2} ms; <= {maxe} elements, {maxr} rules per change | - | - | {}",
@@ -1616,6 +1635,10 @@ fn main() {
     }
     if mon.lost.load(Ordering::Relaxed) {
         println!("  (nft monitor reported lost events: the counts per change may be short)");
+    }
+    if only_changes {
+        print_readme(&readme);
+        return;
     }
     match datapath(node, &eps) {
         Ok((w, o)) => {

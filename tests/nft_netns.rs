@@ -1301,3 +1301,62 @@ fn a_full_pass_skips_what_an_apply_already_wrote() {
         );
     });
 }
+
+/// The kept netlink socket: batches of set elements and generation reads, many on one
+/// socket; a batch the kernel refuses (an unknown set) leaves nothing half-written and
+/// the next batches on the same socket are answered for themselves (their own sequence
+/// numbers), each transaction moving the generation by one.
+#[test]
+fn one_netlink_socket_carries_many_batches_and_survives_a_refused_one() {
+    use calico_node::felix::nft::netlink::{BatchError, Conn, ElementChange};
+    use calico_node::felix::nft::render::Element;
+    let Some(ns) = NetNs::new("nft-conn") else {
+        return;
+    };
+    if !have_nft() {
+        return;
+    }
+    ns.nft("table ip calico {\n  set cali40s-a { type ipv4_addr; flags interval; }\n}\n");
+    let change = |set: &str, add: bool, last: u8| ElementChange {
+        v6: false,
+        set: set.to_string(),
+        add,
+        elements: vec![Element::Net(net(&format!("10.65.0.{last}/32")))],
+    };
+    let errors = ns.run_in(move || {
+        let mut c = Conn::open().unwrap();
+        let mut errors = Vec::new();
+        let g0 = c.generation().unwrap();
+        for k in 1..=20u8 {
+            c.write(&[change("cali40s-a", true, k)]).unwrap();
+        }
+        assert_eq!(c.generation().unwrap(), g0.wrapping_add(20));
+        // Refused whole: the good half of the batch is not written either.
+        let refused = c.write(&[
+            change("cali40s-a", true, 100),
+            change("cali40s-nope", true, 101),
+        ]);
+        match refused {
+            Err(BatchError::Refused { set, .. }) => errors.push(set),
+            other => panic!("refused batch: {other:?}"),
+        }
+        assert_eq!(
+            c.generation().unwrap(),
+            g0.wrapping_add(20),
+            "nothing committed"
+        );
+        for k in 1..=10u8 {
+            c.write(&[change("cali40s-a", false, k)]).unwrap();
+        }
+        assert_eq!(c.generation().unwrap(), g0.wrapping_add(30));
+        errors
+    });
+    assert_eq!(errors, ["cali40s-nope"]);
+    let listed = nft_out(&ns, &["list", "set", "ip", "calico", "cali40s-a"]);
+    for k in 1..=20 {
+        let a = format!("10.65.0.{k}");
+        let present = listed.contains(&format!("{a},")) || listed.contains(&format!("{a} "));
+        assert_eq!(present, k > 10, "{a} in\n{listed}");
+    }
+    assert!(!listed.contains("10.65.0.100"), "{listed}");
+}

@@ -65,6 +65,9 @@ pub struct PolicyTables {
     /// The nftables generation after our last write: unchanged, no one has touched
     /// nftables since, so a full pass of an equal dataplane has nothing to repair.
     generation: Option<u32>,
+    /// The netlink socket of set element batches and generation reads, kept open (see
+    /// [`netlink::Conn`]); dropped after a socket error, opened again when next needed.
+    conn: Option<netlink::Conn>,
     pub stats: NftStats,
 }
 
@@ -146,8 +149,6 @@ impl PolicyTables {
         let recent = self
             .last_full
             .is_some_and(|at| now.saturating_duration_since(at) < REWRITE_AFTER);
-        let untouched =
-            || self.generation.is_some() && netlink::generation().ok() == self.generation;
         let same = self
             .written
             .as_ref()
@@ -157,7 +158,7 @@ impl PolicyTables {
             && self.programmed.is_some()
             && self.nat == *nat
             && self.prefix.as_deref() == Some(prefix)
-            && (recent || untouched())
+            && (recent || self.untouched())
         {
             return Ok(false);
         }
@@ -166,7 +167,7 @@ impl PolicyTables {
             && self.programmed.is_some()
             && self.nat == *nat
             && self.prefix.as_deref() == Some(prefix)
-            && untouched()
+            && self.untouched()
         {
             self.apply(dp, delta)?;
             self.written(dp);
@@ -209,7 +210,7 @@ impl PolicyTables {
         self.run(FULL, &script)?;
         self.programmed = Some(Programmed::of(dp, render::ipv6(&self.nat)));
         self.last_full = Some(Instant::now());
-        self.generation = netlink::generation().ok();
+        self.generation = self.current_generation();
         let families = render::families(self.programmed.as_ref().expect("just set"));
         self.count(dp, families);
         Ok(())
@@ -225,9 +226,13 @@ impl PolicyTables {
         };
         if let Some(changes) = element_changes(dp, delta, programmed) {
             self.stats.set_calls += 1;
-            match netlink::write(&changes) {
+            let written = self.connection().and_then(|c| c.write(&changes));
+            if matches!(written, Err(BatchError::Socket(_))) {
+                self.conn = None;
+            }
+            match written {
                 Ok(()) => {
-                    self.generation = netlink::generation().ok();
+                    self.generation = self.current_generation();
                     return Ok(());
                 }
                 Err(BatchError::Unencodable(_)) => {}
@@ -254,12 +259,35 @@ impl PolicyTables {
             self.programmed = None;
             return Err(e);
         }
-        self.generation = netlink::generation().ok();
+        self.generation = self.current_generation();
         for &v6 in families {
             self.stats.sets[v6 as usize] = dp.sets.len() as i64;
             self.stats.chains[v6 as usize] = chains_of(dp);
         }
         Ok(())
+    }
+
+    /// Whether nothing has written nftables since our last write (the generation is the
+    /// one our last write left).
+    fn untouched(&mut self) -> bool {
+        self.generation.is_some() && self.current_generation() == self.generation
+    }
+
+    /// The nftables generation now; `None` when it cannot be read.
+    fn current_generation(&mut self) -> Option<u32> {
+        let r = self.connection().and_then(|c| c.generation());
+        if r.is_err() {
+            self.conn = None;
+        }
+        r.ok()
+    }
+
+    /// The kept netlink socket, opened when there is none.
+    fn connection(&mut self) -> Result<&mut netlink::Conn, BatchError> {
+        if self.conn.is_none() {
+            self.conn = Some(netlink::Conn::open()?);
+        }
+        Ok(self.conn.as_mut().expect("just opened"))
     }
 
     /// Count what a full apply of `dp` wrote in `families`.
