@@ -13,7 +13,8 @@
 //! 2. Label changes: 200 WEP updates, each moving one endpoint to another value of a label
 //!    that rule selectors use (its address leaves one set and joins another), timed from
 //!    the etcd write until `nft monitor` shows the transaction that carries it; what each
-//!    such transaction wrote (elements, rules, chains). Then 50 changes of the label the
+//!    such transaction wrote (elements, rules, chains); the time is when our own listener
+//!    reads the transaction's generation off the kernel's socket. Then 50 changes of the label the
 //!    policies' own selectors use (the endpoint's chains change).
 //! 3. Datapath: two of the endpoints are real pods (own namespaces); iperf3 TCP throughput
 //!    and a TCP connection rate between them with the 100 policies in place and with none
@@ -23,7 +24,8 @@
 //! The other endpoints are veth pairs with both ends in the node namespace (Felix
 //! dispatches by the host-side name; nothing sends through them). Everything lives in
 //! namespaces of the bench's own, removed at the end. `CALICO_BENCH_POLICY_ONLY=iptables`
-//! runs the iptables side alone (a check of the harness).
+//! runs the iptables side alone (a check of the harness); `=changes` our cold start and
+//! the label changes alone.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -1554,12 +1556,14 @@ fn main() {
         );
         std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(60)));
     }
-    // Changes are timed when nft monitor's `# new generation` line is read. A raw
-    // listener of our own (`CALICO_BENCH_POLICY_GEN_LISTENER=1`, it reads the generation
-    // straight off the socket) was meant to skip nft's formatting, but with it subscribed
-    // calico-node's element-only batches did not show up until its next `nft -f` (seen
-    // 2026-12-07; not understood yet): off by default.
-    let gens = if std::env::var_os("CALICO_BENCH_POLICY_GEN_LISTENER").is_none() {
+    // Changes are timed when a raw listener of our own reads the transaction's new
+    // generation straight off the kernel's socket (the commit: what enforces the change);
+    // nft monitor, which names what each transaction wrote, prints a few milliseconds
+    // later on a loaded machine, and its line is the time only when the listener missed
+    // a generation. `CALICO_BENCH_POLICY_NO_GEN_LISTENER=1` times with nft monitor alone.
+    // (On 2026-12-07 element-only batches seemed not to reach the listener until the next
+    // `nft -f`; not seen again since the executor keeps its netlink socket open.)
+    let gens = if std::env::var_os("CALICO_BENCH_POLICY_NO_GEN_LISTENER").is_some() {
         Generations {
             seen: Default::default(),
             stop: Default::default(),
