@@ -108,6 +108,9 @@ fn headers(info: &KindInfo, wide: bool, ctx: &TableContext) -> Vec<&'static str>
             }
             h
         }
+        // resourcemgr/hostendpoint.go.
+        ("HostEndpoint", false) => vec!["NAME", "NODE"],
+        ("HostEndpoint", true) => vec!["NAME", "NODE", "INTERFACE", "IPS", "PROFILES"],
         ("GlobalNetworkSet", false) => vec!["NAME"],
         ("GlobalNetworkSet", true) => vec!["NAME", "NETS"],
         (kind, wide) if policy_kind(kind) => {
@@ -286,6 +289,18 @@ fn row(r: &AnyResource, wide: bool, ctx: &TableContext) -> Vec<String> {
             v.push(name);
             if wide {
                 v.push(join_and_truncate(&n.spec.nets, 80));
+            }
+            v
+        }
+        AnyResource::HostEndpoint(h) => {
+            let s = &h.spec;
+            let mut v = vec![name, s.node.clone()];
+            if wide {
+                v.extend([
+                    s.interface_name.clone(),
+                    s.expected_ips.join(","),
+                    s.profiles.join(","),
+                ]);
             }
             v
         }

@@ -447,6 +447,7 @@ macro_rules! dispatch {
             AnyResource::WorkloadEndpoint($r) => $body.map(AnyResource::WorkloadEndpoint),
             AnyResource::ClusterInformation($r) => $body.map(AnyResource::ClusterInformation),
             AnyResource::Tier($r) => $body.map(AnyResource::Tier),
+            AnyResource::HostEndpoint($r) => $body.map(AnyResource::HostEndpoint),
             AnyResource::NetworkSet($r) => $body.map(AnyResource::NetworkSet),
             AnyResource::GlobalNetworkSet($r) => $body.map(AnyResource::GlobalNetworkSet),
             AnyResource::NetworkPolicy($r) => $body.map(AnyResource::NetworkPolicy),

@@ -6,6 +6,7 @@ pub mod bgp;
 pub mod cluster;
 pub mod felix;
 pub mod gofloat;
+pub mod hostendpoint;
 pub mod ipam;
 pub mod ippool;
 pub mod keys;
@@ -31,6 +32,7 @@ pub use asn::AsNumber;
 pub use bgp::{BGPConfiguration, BGPConfigurationSpec, BGPPeer, BGPPeerSpec};
 pub use cluster::{ClusterInformation, ClusterInformationSpec};
 pub use felix::{FelixConfiguration, FelixConfigurationSpec};
+pub use hostendpoint::{HostEndpoint, HostEndpointSpec};
 pub use ippool::{IPPool, IPPoolSpec};
 pub use meta::{API_VERSION, ObjectMeta, Resource};
 pub use networkset::{GlobalNetworkSet, GlobalNetworkSetSpec, NetworkSet, NetworkSetSpec};
@@ -123,6 +125,12 @@ pub const KINDS: &[KindInfo] = &[
         plural: "workloadendpoints",
         namespaced: true,
         aliases: &["workloadendpoint", "workloadendpoints", "wep", "weps"],
+    },
+    KindInfo {
+        kind: "HostEndpoint",
+        plural: "hostendpoints",
+        namespaced: false,
+        aliases: &["hostendpoint", "hostendpoints", "hep", "heps"],
     },
     KindInfo {
         kind: "ClusterInformation",
@@ -399,6 +407,7 @@ any_resource! {
     Node => NodeSpec,
     FelixConfiguration => FelixConfigurationSpec,
     WorkloadEndpoint => WorkloadEndpointSpec,
+    HostEndpoint => HostEndpointSpec,
     ClusterInformation => ClusterInformationSpec,
     Tier => TierSpec,
     NetworkSet => NetworkSetSpec,

@@ -57,7 +57,7 @@ impl Protocol {
         matches!(self.number(), Some(6 | 17 | 132))
     }
 
-    fn validate(&self, field: &str) -> Validated {
+    pub(crate) fn validate(&self, field: &str) -> Validated {
         match self {
             Protocol::Number(0) => Err(ValidationError::new(field, 0, "protocol number invalid")),
             Protocol::Number(_) => Ok(()),
