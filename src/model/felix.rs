@@ -80,9 +80,129 @@ pub struct FelixConfigurationSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub allow_ipip_packets_from_workloads: Option<bool>,
+    /// `failsafeInboundHostPorts`: what reaches a host endpoint whatever the policy (an
+    /// empty list: none); unset, [`DEFAULT_FAILSAFE_INBOUND`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe_inbound_host_ports: Option<Vec<ProtoPort>>,
+    /// `failsafeOutboundHostPorts`: what a host endpoint may always send; unset,
+    /// [`DEFAULT_FAILSAFE_OUTBOUND`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe_outbound_host_ports: Option<Vec<ProtoPort>>,
     /// Every other Felix setting, passed through untouched.
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
+}
+
+/// Calico's `ProtoPort`: a failsafe port, with the protocol (`TCP`, `UDP` or `SCTP`; Felix
+/// takes `tcp` when none is given) and, optionally, the only network it is open to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProtoPort {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub net: String,
+}
+
+impl ProtoPort {
+    fn of(protocol: &str, port: u16) -> ProtoPort {
+        ProtoPort {
+            protocol: protocol.to_string(),
+            port,
+            net: String::new(),
+        }
+    }
+
+    /// The protocol in upper case (a value someone else stored in lower case reads the
+    /// same), `TCP` when none is given.
+    pub fn protocol(&self) -> String {
+        if self.protocol.is_empty() {
+            "TCP".to_string()
+        } else {
+            self.protocol.to_ascii_uppercase()
+        }
+    }
+}
+
+/// Felix's default `failsafeInboundHostPorts`: SSH, DHCP, BGP, etcd, Typha, the
+/// Kubernetes API.
+pub const DEFAULT_FAILSAFE_INBOUND: &[(&str, u16)] = &[
+    ("TCP", 22),
+    ("UDP", 68),
+    ("TCP", 179),
+    ("TCP", 2379),
+    ("TCP", 2380),
+    ("TCP", 5473),
+    ("TCP", 6443),
+    ("TCP", 6666),
+    ("TCP", 6667),
+];
+
+/// Felix's default `failsafeOutboundHostPorts`: DNS, DHCP, BGP, etcd, Typha, the
+/// Kubernetes API.
+pub const DEFAULT_FAILSAFE_OUTBOUND: &[(&str, u16)] = &[
+    ("UDP", 53),
+    ("UDP", 67),
+    ("TCP", 179),
+    ("TCP", 2379),
+    ("TCP", 2380),
+    ("TCP", 5473),
+    ("TCP", 6443),
+    ("TCP", 6666),
+    ("TCP", 6667),
+];
+
+/// Felix's port-list format, as `FELIX_FAILSAFE*HOSTPORTS` takes it: comma-separated
+/// `<port>`, `<protocol>:<port>` or `<protocol>:<net>:<port>` (an IPv6 net in brackets),
+/// protocol `tcp` (the default) or `udp`; `none` is the empty list.
+pub fn parse_port_list(raw: &str) -> Result<Vec<ProtoPort>, String> {
+    if raw.trim().eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let mut rest = entry.to_string();
+        let mut net = String::new();
+        if let (Some(a), Some(b)) = (entry.find('['), entry.find("]:"))
+            && a < b
+        {
+            net = entry[a + 1..b].to_string();
+            rest = format!("{}{}", &entry[..a], &entry[b + 2..]);
+        }
+        let parts: Vec<&str> = rest.split(':').collect();
+        let (proto, port) = match parts.as_slice() {
+            [port] => ("tcp", *port),
+            [proto, port] => (*proto, *port),
+            [proto, n, port] => {
+                net = n.to_string();
+                (*proto, *port)
+            }
+            _ => {
+                return Err(format!(
+                    "{entry}: ports should be <protocol>:<net>:<number> or <protocol>:<number> or <number>"
+                ));
+            }
+        };
+        let proto = proto.to_ascii_lowercase();
+        if proto != "tcp" && proto != "udp" {
+            return Err(format!("{entry}: unknown protocol: {proto}"));
+        }
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{entry}: ports should be integers in range 0-65535"))?;
+        if !net.is_empty() {
+            let parsed = super::networkset::parse_net(&net)
+                .ok_or_else(|| format!("{entry}: invalid CIDR or IP {net}"))?;
+            net = parsed.trunc().to_string();
+        }
+        out.push(ProtoPort {
+            protocol: proto.to_ascii_uppercase(),
+            port,
+            net,
+        });
+    }
+    Ok(out)
 }
 
 /// Which fields are durations (Felix takes them in seconds from the environment).
@@ -114,6 +234,14 @@ impl FelixConfigurationSpec {
             return Ok(false);
         };
         let bad = |reason: &str| ValidationError::new(env_name, value, reason.to_string());
+        // An empty port list is unset (Felix's defaults), as Felix reads it; `none` is
+        // the empty list.
+        if matches!(Self::default_value_kind(field), FieldKind::PortList) && value.trim().is_empty()
+        {
+            obj.remove(field);
+            *self = serde_json::from_value(Value::Object(obj)).map_err(|e| bad(&e.to_string()))?;
+            return Ok(true);
+        }
         let probe = Self::default_value_kind(field);
         let parsed = match probe {
             FieldKind::Bool => Value::Bool(match value.to_ascii_lowercase().as_str() {
@@ -136,6 +264,10 @@ impl FelixConfigurationSpec {
                 Value::from(validate::format_duration(d))
             }
             FieldKind::String => Value::from(value),
+            FieldKind::PortList => {
+                serde_json::to_value(parse_port_list(value).map_err(|e| bad(&e))?)
+                    .expect("ports serialize")
+            }
         };
         // Only the variable's own field is validated: another field that someone else
         // stored badly in the datastore (e.g. an overflowing duration) is reported by the
@@ -175,11 +307,15 @@ impl FelixConfigurationSpec {
             "defaultEndpointToHostAction",
             "allowVXLANPacketsFromWorkloads",
             "allowIPIPPacketsFromWorkloads",
+            "failsafeInboundHostPorts",
+            "failsafeOutboundHostPorts",
         ]
     }
 
     fn default_value_kind(field: &str) -> FieldKind {
-        if DURATION_FIELDS.contains(&field) {
+        if field.ends_with("HostPorts") {
+            FieldKind::PortList
+        } else if DURATION_FIELDS.contains(&field) {
             FieldKind::Duration
         } else if field.ends_with("Enabled")
             || field == "removeExternalRoutes"
@@ -210,6 +346,19 @@ impl FelixConfigurationSpec {
             Some("accept") => "Accept",
             _ => "Drop",
         }
+    }
+
+    /// `failsafeInboundHostPorts`, Felix's defaults when unset.
+    pub fn failsafe_inbound(&self) -> Vec<ProtoPort> {
+        failsafe_or(&self.failsafe_inbound_host_ports, DEFAULT_FAILSAFE_INBOUND)
+    }
+
+    /// `failsafeOutboundHostPorts`, Felix's defaults when unset.
+    pub fn failsafe_outbound(&self) -> Vec<ProtoPort> {
+        failsafe_or(
+            &self.failsafe_outbound_host_ports,
+            DEFAULT_FAILSAFE_OUTBOUND,
+        )
     }
 
     /// `routeRefreshInterval`, default 90 s.
@@ -270,10 +419,18 @@ impl FelixConfigurationSpec {
 }
 
 enum FieldKind {
+    PortList,
     Bool,
     Int,
     Duration,
     String,
+}
+
+fn failsafe_or(set: &Option<Vec<ProtoPort>>, default: &[(&str, u16)]) -> Vec<ProtoPort> {
+    match set {
+        Some(v) => v.clone(),
+        None => default.iter().map(|(p, n)| ProtoPort::of(p, *n)).collect(),
+    }
 }
 
 impl Kind for FelixConfigurationSpec {
@@ -296,6 +453,34 @@ impl Kind for FelixConfigurationSpec {
         ] {
             if let Some(v) = v {
                 validate::port(f, v)?;
+            }
+        }
+        for (f, v) in [
+            (
+                "spec.failsafeInboundHostPorts",
+                &self.failsafe_inbound_host_ports,
+            ),
+            (
+                "spec.failsafeOutboundHostPorts",
+                &self.failsafe_outbound_host_ports,
+            ),
+        ] {
+            for (i, p) in v.iter().flatten().enumerate() {
+                if !["TCP", "UDP", "SCTP"].contains(&p.protocol.as_str()) && !p.protocol.is_empty()
+                {
+                    return Err(ValidationError::new(
+                        &format!("{f}[{i}].protocol"),
+                        &p.protocol,
+                        "protocol must be 'TCP' or 'UDP' or 'SCTP'.",
+                    ));
+                }
+                if !p.net.is_empty() && super::networkset::parse_net(&p.net).is_none() {
+                    return Err(ValidationError::new(
+                        &format!("{f}[{i}].net"),
+                        &p.net,
+                        "not a valid CIDR or IP address",
+                    ));
+                }
             }
         }
         if let Some(v) = &self.default_endpoint_to_host_action {
@@ -367,6 +552,97 @@ impl Kind for FelixConfigurationSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Felix's port-list cases (felix/config/config_params_test.go): old and new syntax,
+    /// nets (IPv6 in brackets), `none`; empty is unset (the defaults); bad ones refused
+    /// naming the variable.
+    #[test]
+    fn failsafe_ports_parse_as_felix_does() {
+        let pp = |proto: &str, port: u16, net: &str| ProtoPort {
+            protocol: proto.into(),
+            port,
+            net: net.into(),
+        };
+        assert_eq!(
+            parse_port_list("1,2").unwrap(),
+            [pp("TCP", 1, ""), pp("TCP", 2, "")]
+        );
+        assert_eq!(
+            parse_port_list("tcp:1,udp:2").unwrap(),
+            [pp("TCP", 1, ""), pp("UDP", 2, "")]
+        );
+        assert_eq!(
+            parse_port_list("tcp:0.0.0.0/0:1,udp:[::/0]:2, 3").unwrap(),
+            [
+                pp("TCP", 1, "0.0.0.0/0"),
+                pp("UDP", 2, "::/0"),
+                pp("TCP", 3, "")
+            ]
+        );
+        assert_eq!(
+            parse_port_list("udp:10.0.0.1:53").unwrap(),
+            [pp("UDP", 53, "10.0.0.1/32")]
+        );
+        assert_eq!(parse_port_list("none").unwrap(), []);
+        for bad in [
+            "foo:1",
+            "tcp:0.0.0.0/0:1:bar",
+            "tcp:http",
+            "tcp:70000",
+            "udp:10.0.0.300:53",
+        ] {
+            assert!(parse_port_list(bad).is_err(), "{bad}");
+        }
+
+        let mut c = FelixConfigurationSpec::default();
+        let defaults = c.failsafe_inbound();
+        assert_eq!(defaults.len(), 9);
+        assert_eq!(defaults[0], pp("TCP", 22, ""));
+        assert_eq!(c.failsafe_outbound()[0], pp("UDP", 53, ""));
+        assert!(
+            c.apply_env("FELIX_FAILSAFEINBOUNDHOSTPORTS", "udp:68,tcp:179")
+                .unwrap()
+        );
+        assert_eq!(
+            c.failsafe_inbound(),
+            [pp("UDP", 68, ""), pp("TCP", 179, "")]
+        );
+        assert!(
+            c.apply_env("FELIX_FAILSAFEOUTBOUNDHOSTPORTS", "none")
+                .unwrap()
+        );
+        assert!(c.failsafe_outbound().is_empty());
+        assert!(c.apply_env("FELIX_FAILSAFEINBOUNDHOSTPORTS", "").unwrap());
+        assert_eq!(c.failsafe_inbound(), defaults);
+        let err = c
+            .apply_env("FELIX_FAILSAFEINBOUNDHOSTPORTS", "sctp:9")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("FELIX_FAILSAFEINBOUNDHOSTPORTS") && err.contains("unknown protocol"),
+            "{err}"
+        );
+
+        // In the datastore: Calico's JSON, validated.
+        let stored: FelixConfigurationSpec = serde_json::from_str(
+            r#"{"failsafeInboundHostPorts":[{"protocol":"TCP","port":22},{"port":80,"net":"10.0.0.0/8"}],"failsafeOutboundHostPorts":[]}"#,
+        )
+        .unwrap();
+        assert!(stored.validate(&ObjectMeta::default()).is_ok());
+        assert_eq!(stored.failsafe_inbound()[1].protocol(), "TCP");
+        assert!(stored.failsafe_outbound().is_empty());
+        let bad: FelixConfigurationSpec =
+            serde_json::from_str(r#"{"failsafeInboundHostPorts":[{"protocol":"ICMP","port":22}]}"#)
+                .unwrap();
+        let err = bad
+            .validate(&ObjectMeta::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spec.failsafeInboundHostPorts[0].protocol"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn per_node_values_override_global_and_unknown_fields_survive() {
