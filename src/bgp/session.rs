@@ -1101,8 +1101,12 @@ pub(crate) mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_sends_keepalives_but_reads_nothing_hits_the_send_hold_timer() {
         let (listener, port) = tiny_window_listener();
-        let (cmds, mut events) = spawn_toward(port, 3);
-        let (mut sock, _buf) = accept_and_answer_open(&listener, 3).await;
+        // A hold time of 30 s (send hold time still 8 minutes): with paused time the
+        // clock jumps as soon as every task waits, and on a loaded machine the session
+        // may see a KEEPALIVE's readiness a virtual second late; with 3 s, three such
+        // misses in a row expired the hold timer instead (seen in the suite, 2026-12-08).
+        let (cmds, mut events) = spawn_toward(port, 30);
+        let (mut sock, _buf) = accept_and_answer_open(&listener, 30).await;
         let keepalive = Message::Keepalive.to_bytes(&Codec::default()).unwrap();
         let (epoch, _) = established(&mut events).await;
         let updates = bulk_host_routes(None);
