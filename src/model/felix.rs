@@ -81,11 +81,11 @@ pub struct FelixConfigurationSpec {
     )]
     pub allow_ipip_packets_from_workloads: Option<bool>,
     /// `failsafeInboundHostPorts`: what reaches a host endpoint whatever the policy (an
-    /// empty list: none); unset, [`DEFAULT_FAILSAFE_INBOUND`].
+    /// empty list: none); unset, Felix's defaults ([`DEFAULT_FAILSAFE_INBOUND`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failsafe_inbound_host_ports: Option<Vec<ProtoPort>>,
-    /// `failsafeOutboundHostPorts`: what a host endpoint may always send; unset,
-    /// [`DEFAULT_FAILSAFE_OUTBOUND`].
+    /// `failsafeOutboundHostPorts`: what a host endpoint may always send; unset, Felix's
+    /// defaults ([`DEFAULT_FAILSAFE_OUTBOUND`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failsafe_outbound_host_ports: Option<Vec<ProtoPort>>,
     /// Every other Felix setting, passed through untouched.
@@ -125,25 +125,14 @@ impl ProtoPort {
     }
 }
 
-/// Felix's default `failsafeInboundHostPorts`: SSH, DHCP, BGP, etcd, Typha, the
-/// Kubernetes API.
-pub const DEFAULT_FAILSAFE_INBOUND: &[(&str, u16)] = &[
-    ("TCP", 22),
-    ("UDP", 68),
-    ("TCP", 179),
-    ("TCP", 2379),
-    ("TCP", 2380),
-    ("TCP", 5473),
-    ("TCP", 6443),
-    ("TCP", 6666),
-    ("TCP", 6667),
-];
+/// Felix's default `failsafeInboundHostPorts`: SSH, DHCP, then [`FAILSAFE_BOTH_WAYS`].
+pub const DEFAULT_FAILSAFE_INBOUND: &[(&str, u16)] = &[("TCP", 22), ("UDP", 68)];
 
-/// Felix's default `failsafeOutboundHostPorts`: DNS, DHCP, BGP, etcd, Typha, the
-/// Kubernetes API.
-pub const DEFAULT_FAILSAFE_OUTBOUND: &[(&str, u16)] = &[
-    ("UDP", 53),
-    ("UDP", 67),
+/// Felix's default `failsafeOutboundHostPorts`: DNS, DHCP, then [`FAILSAFE_BOTH_WAYS`].
+pub const DEFAULT_FAILSAFE_OUTBOUND: &[(&str, u16)] = &[("UDP", 53), ("UDP", 67)];
+
+/// The end of both default failsafe lists: BGP, etcd, Typha, the Kubernetes API.
+pub const FAILSAFE_BOTH_WAYS: &[(&str, u16)] = &[
     ("TCP", 179),
     ("TCP", 2379),
     ("TCP", 2380),
@@ -429,7 +418,11 @@ enum FieldKind {
 fn failsafe_or(set: &Option<Vec<ProtoPort>>, default: &[(&str, u16)]) -> Vec<ProtoPort> {
     match set {
         Some(v) => v.clone(),
-        None => default.iter().map(|(p, n)| ProtoPort::of(p, *n)).collect(),
+        None => default
+            .iter()
+            .chain(FAILSAFE_BOTH_WAYS)
+            .map(|(p, n)| ProtoPort::of(p, *n))
+            .collect(),
     }
 }
 

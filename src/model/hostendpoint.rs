@@ -60,15 +60,12 @@ fn interface(field: &str, value: &str) -> Validated {
             && value
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)));
-    if ok {
-        Ok(())
-    } else {
-        Err(ValidationError::new(
-            field,
-            value,
-            "must be \"*\" or a Linux interface name (1-15 letters, digits, '_', '.', '-')",
-        ))
-    }
+    validate::require(
+        ok,
+        field,
+        value,
+        "must be \"*\" or a Linux interface name (1-15 letters, digits, '_', '.', '-')",
+    )
 }
 
 /// Kubernetes' `IsValidPortName`, which Calico's `portName` check uses: 1-15 lower-case
@@ -82,15 +79,12 @@ fn port_name(field: &str, value: &str) -> Validated {
         && !value.starts_with('-')
         && !value.ends_with('-')
         && !value.contains("--");
-    if ok {
-        Ok(())
-    } else {
-        Err(ValidationError::new(
-            field,
-            value,
-            "not a valid port name (1-15 lower-case letters, digits and '-', with a letter, no '-' at either end, no '--')",
-        ))
-    }
+    validate::require(
+        ok,
+        field,
+        value,
+        "not a valid port name (1-15 lower-case letters, digits and '-', with a letter, no '-' at either end, no '--')",
+    )
 }
 
 impl Kind for HostEndpointSpec {

@@ -182,14 +182,20 @@ pub fn mac(field: &str, value: &str) -> Validated {
         && parts
             .iter()
             .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+    require(
+        ok,
+        field,
+        value,
+        "not a valid MAC address (e.g. ee:ee:ee:ee:ee:ee)",
+    )
+}
+
+/// `Ok` when `ok`, else the error naming `field`, `value` and `reason`.
+pub fn require(ok: bool, field: &str, value: &str, reason: &str) -> Validated {
     if ok {
         Ok(())
     } else {
-        Err(ValidationError::new(
-            field,
-            value,
-            "not a valid MAC address (e.g. ee:ee:ee:ee:ee:ee)",
-        ))
+        Err(ValidationError::new(field, value, reason))
     }
 }
 
