@@ -10,10 +10,11 @@ use ipnet::IpNet;
 use super::FelixInput;
 use super::calc::{self, Desired, Input, Settings};
 use super::policy::calc::{
-    EndpointInfo, NetSetInfo, TierInfo, gnp_id, np_id, resolve_gnp, resolve_np, resolve_profile,
+    EndpointInfo, NetSetInfo, TierInfo, gnp_stage_id, np_id, resolve_gnp, resolve_np,
+    resolve_profile,
 };
 use super::policy::index::PolicyEngine;
-use super::policy::{Delta, EncapDrops, EndpointToHost, PolicyDataplane};
+use super::policy::{Delta, EncapDrops, EndpointToHost, Failsafe, PolicyDataplane};
 use crate::bgp::RouteUpdate;
 use crate::datastore::syncer::{SyncStatus, SyncValue, SyncerEvent, UpdateType};
 use crate::model::AnyResource;
@@ -67,11 +68,15 @@ enum PolicyKey {
 
 impl State {
     pub fn new(node: &str) -> State {
-        State {
+        let mut s = State {
             node: node.to_string(),
             policy: PolicyEngine::new(node),
             ..Default::default()
-        }
+        };
+        // Felix's defaults (the failsafe ports above all) before any FelixConfiguration.
+        s.config_changed();
+        s.policy_changed = false;
+        s
     }
 
     /// Fold one input in; true when it can change the desired dataplane.
@@ -179,6 +184,16 @@ impl State {
             self.policy.set_encap_drops(drops);
             self.policy_changed = true;
         }
+        let (fin, fout) = (
+            failsafes(&c.failsafe_inbound()),
+            failsafes(&c.failsafe_outbound()),
+        );
+        let calc = self.policy.calc();
+        if calc.failsafe_in != fin || calc.failsafe_out != fout || calc.vxlan_port != c.vxlan_port()
+        {
+            self.policy.set_host_config(fin, fout, c.vxlan_port());
+            self.policy_changed = true;
+        }
     }
 
     fn put_policy(&mut self, id: &str, p: Option<super::policy::calc::ResolvedPolicy>) {
@@ -272,10 +287,28 @@ impl State {
                 false
             }
             SyncValue::Resource(AnyResource::GlobalNetworkPolicy(p)) => {
-                let id = gnp_id(&p.metadata.name);
+                // The id carries the stage: a policy that moved (preDNAT, doNotTrack
+                // toggled) leaves its old chain.
+                let id = gnp_stage_id(&p.metadata.name, &p.spec);
+                if let Some(PolicyKey::Policy(old)) = self.policy_keys.get(key)
+                    && *old != id
+                {
+                    let old = old.clone();
+                    self.put_policy(&old, None);
+                }
                 self.policy_key(key, PolicyKey::Policy(id.clone()));
                 let r = resolve_gnp(&p.metadata.name, &p.spec);
-                self.put_policy(&id, r);
+                self.put_policy(&id, Some(r));
+                false
+            }
+            SyncValue::Resource(AnyResource::HostEndpoint(h)) => {
+                // Every node's host endpoints give selector sets their expected
+                // addresses; this node's are programmed.
+                let info = EndpointInfo::from_hep(h);
+                if self.policy.calc().endpoints.get(key) != Some(&info) {
+                    self.policy.endpoint(key, Some(info));
+                    self.policy_changed = true;
+                }
                 false
             }
             SyncValue::Resource(AnyResource::NetworkPolicy(p)) => {
@@ -457,6 +490,52 @@ impl State {
 }
 
 /// Keep `value` under `name` (or remove it); true when that changed anything.
+/// Failsafe ports as the dataplane takes them; an entry whose protocol or net does not
+/// parse is left out (with a warning: validation refuses them, others may write them).
+fn failsafes(ports: &[crate::model::felix::ProtoPort]) -> Vec<Failsafe> {
+    ports
+        .iter()
+        .filter_map(|p| {
+            let protocol = match p.protocol().as_str() {
+                "TCP" => 6,
+                "UDP" => 17,
+                "SCTP" => 132,
+                other => {
+                    tracing::warn!(
+                        protocol = other,
+                        port = p.port,
+                        "failsafe port with an unknown protocol left out"
+                    );
+                    return None;
+                }
+            };
+            let net = if p.net.is_empty() {
+                None
+            } else {
+                let n = p
+                    .net
+                    .parse::<IpNet>()
+                    .ok()
+                    .or_else(|| p.net.parse::<std::net::IpAddr>().ok().map(IpNet::from));
+                if n.is_none() {
+                    tracing::warn!(
+                        net = p.net,
+                        port = p.port,
+                        "failsafe port with a net that does not parse left out"
+                    );
+                    return None;
+                }
+                n
+            };
+            Some(Failsafe {
+                protocol,
+                port: p.port,
+                net,
+            })
+        })
+        .collect()
+}
+
 fn keep<V: PartialEq>(map: &mut BTreeMap<String, V>, name: &str, value: Option<V>) -> bool {
     match value {
         Some(v) if map.get(name) == Some(&v) => false,

@@ -91,7 +91,8 @@ fn element_changes(
         && delta.profiles.is_empty()
         && delta.sets.is_empty()
         && !delta.endpoint_to_host
-        && !delta.encap_drops;
+        && !delta.encap_drops
+        && !delta.host;
     if !only_members {
         return None;
     }
@@ -205,10 +206,10 @@ impl PolicyTables {
         self.generation = None;
         self.written = None;
         self.last_full = None;
-        let prefix = self.prefix.as_deref().unwrap_or("cali");
-        let script = render::full(dp, &self.nat, prefix);
+        let prefix = self.prefix.clone().unwrap_or_else(|| "cali".to_string());
+        let script = render::full(dp, &self.nat, &prefix);
         self.run(FULL, &script)?;
-        self.programmed = Some(Programmed::of(dp, render::ipv6(&self.nat)));
+        self.programmed = Some(Programmed::of(dp, render::ipv6(&self.nat), &prefix));
         self.last_full = Some(Instant::now());
         self.generation = self.current_generation();
         let families = render::families(self.programmed.as_ref().expect("just set"));
@@ -297,10 +298,18 @@ impl PolicyTables {
         self.stats.rules = [0; 2];
         for &v6 in families {
             let mut rules = 0;
-            for c in dp.policies.values().chain(dp.profiles.values()) {
-                rules += render::rules_lines(&c.inbound, v6).len();
-                rules += render::rules_lines(&c.outbound, v6).len();
-            }
+            let policies = dp
+                .policies
+                .iter()
+                .flat_map(|(id, c)| render::policy_chains(id, c, v6));
+            let profiles = dp
+                .profiles
+                .iter()
+                .flat_map(|(n, c)| render::profile_chains(n, c, v6));
+            rules += policies
+                .chain(profiles)
+                .map(|(_, r)| r.len())
+                .sum::<usize>();
             for ep in dp.endpoints.values() {
                 rules += render::endpoint_lines(dp, ep, true).len();
                 rules += render::endpoint_lines(dp, ep, false).len();

@@ -24,10 +24,15 @@ use ipnet::IpNet;
 use crate::felix::calc::Nat;
 use crate::felix::nat;
 use crate::felix::policy::{
-    Action, Chains, Delta, EncapDrops, Endpoint, EndpointToHost, IpSet, Match, PolicyDataplane,
-    PortRange, Rule, TierEnd,
+    ALL_INTERFACES_KEY, Action, Chains, Delta, EncapDrops, Endpoint, EndpointToHost, Failsafe,
+    HostEndpoint, IpSet, Match, PRE_DNAT_PREFIX, PolicyDataplane, PortRange, Rule, Stage, TierEnd,
+    TierPolicies, UNTRACKED_PREFIX, stage_of,
 };
 
+/// The accept mark: set when a pre-DNAT or untracked policy allowed a packet (the filter
+/// layer's host endpoint policy is then skipped, as in Calico), and on forwarded packets
+/// (so that the host endpoints' egress policy for DNAT'd host traffic skips them).
+pub const MARK_ACCEPT: u32 = 0x10000;
 /// The pass mark: set by a Pass, ends the tier's evaluation.
 pub const MARK_PASS: u32 = 0x20000;
 /// The prefix of `log` rules (Calico's default `logPrefix`).
@@ -60,13 +65,22 @@ pub struct Programmed {
     pub passes: BTreeSet<String>,
     /// Whether the IPv6 table holds the filter layer (there are IPv6 pools).
     pub ipv6: bool,
+    /// The chains of the host layer (see [`host_chains`]), rewritten whole when it changes.
+    pub host: BTreeSet<String>,
+    /// The workload interface prefix the tables were written with.
+    pub prefix: String,
 }
 
 impl Programmed {
     /// What a full apply of `dp` programs.
-    pub fn of(dp: &PolicyDataplane, ipv6: bool) -> Programmed {
+    pub fn of(dp: &PolicyDataplane, ipv6: bool, prefix: &str) -> Programmed {
         Programmed {
             ipv6,
+            host: host_chains(dp, prefix, false)
+                .into_iter()
+                .map(|c| c.name)
+                .collect(),
+            prefix: prefix.to_string(),
             endpoints: dp
                 .endpoints
                 .keys()
@@ -129,6 +143,12 @@ impl Programmed {
             .chain(delta.removed.keys())
             .cloned();
         follow(&mut self.sets, sets, &dp.sets);
+        if rewrites_host(dp, delta, self) {
+            self.host = host_chains(dp, &self.prefix, false)
+                .into_iter()
+                .map(|c| c.name)
+                .collect();
+        }
     }
 }
 
@@ -151,10 +171,16 @@ pub fn chain_name(prefix: &str, suffix: &str) -> String {
     format!("{prefix}_{}", &hash[..room])
 }
 
-/// `cali-pi-<id>` (inbound) or `cali-po-<id>` (outbound) of a policy.
+/// `cali-pi-<id>` (inbound) or `cali-po-<id>` (outbound) of a policy, in its stage's
+/// layer: `filter-`, `mangle-` (pre-DNAT) or `raw-` (untracked).
 pub fn policy_chain(id: &str, inbound: bool) -> String {
     let p = if inbound { "pi" } else { "po" };
-    chain_name(&format!("filter-cali-{p}-"), id)
+    let (layer, id) = match stage_of(id) {
+        Stage::Normal => ("filter", id),
+        Stage::PreDnat => ("mangle", &id[PRE_DNAT_PREFIX.len()..]),
+        Stage::Untracked => ("raw", &id[UNTRACKED_PREFIX.len()..]),
+    };
+    chain_name(&format!("{layer}-cali-{p}-"), id)
 }
 
 /// `cali-pri-<name>` (inbound) or `cali-pro-<name>` (outbound) of a profile.
@@ -334,10 +360,19 @@ fn port_alternatives(m: &Match, side: char, v6: bool) -> Vec<String> {
 }
 
 /// An action's verdict (see the module documentation: an Allow accepts, ending the base
-/// chain of this direction's policy).
-fn action_text(a: Action) -> String {
+/// chain of this direction's policy; before DNAT or conntrack it also sets the accept
+/// mark, and an untracked Allow leaves the packet untracked).
+fn action_text(a: Action, stage: Stage) -> String {
     match a {
-        Action::Allow => "counter accept".to_string(),
+        Action::Allow => match stage {
+            Stage::Normal => "counter accept".to_string(),
+            Stage::PreDnat => {
+                format!("counter meta mark set meta mark | 0x{MARK_ACCEPT:08x} accept")
+            }
+            Stage::Untracked => {
+                format!("counter meta mark set meta mark | 0x{MARK_ACCEPT:08x} notrack accept")
+            }
+        },
         Action::Deny => "counter drop".to_string(),
         Action::Pass => format!("counter meta mark set meta mark | 0x{MARK_PASS:08x} return"),
         Action::Log => format!("counter log prefix \"{LOG_PREFIX}: \""),
@@ -346,7 +381,7 @@ fn action_text(a: Action) -> String {
 
 /// One rule in one family: nft rules (more than one when ports OR named ports; none when
 /// the rule does not apply to this family).
-pub fn rule_lines(r: &Rule, v6: bool) -> Vec<String> {
+pub fn rule_lines(r: &Rule, v6: bool, stage: Stage) -> Vec<String> {
     if r.ip_version.is_some_and(|v| (v == 6) != v6)
         || r.icmp.is_some_and(|i| i.v6 != v6)
         || r.not_icmp.is_some_and(|i| i.v6 != v6)
@@ -387,7 +422,7 @@ pub fn rule_lines(r: &Rule, v6: bool) -> Vec<String> {
     };
     m += &src;
     m += &dst;
-    let action = action_text(r.action);
+    let action = action_text(r.action, stage);
     let mut out = Vec::new();
     for sp in port_alternatives(&r.src, 's', v6) {
         for dp in port_alternatives(&r.dst, 'd', v6) {
@@ -397,9 +432,35 @@ pub fn rule_lines(r: &Rule, v6: bool) -> Vec<String> {
     out
 }
 
-/// The rules of a policy or profile chain.
-pub fn rules_lines(rules: &[Rule], v6: bool) -> Vec<String> {
-    rules.iter().flat_map(|r| rule_lines(r, v6)).collect()
+/// The rules of a policy or profile chain, in `stage`'s layer.
+pub fn rules_lines(rules: &[Rule], v6: bool, stage: Stage) -> Vec<String> {
+    rules
+        .iter()
+        .flat_map(|r| rule_lines(r, v6, stage))
+        .collect()
+}
+
+/// The chains of policy `id`: (name, rules), inbound then outbound.
+pub fn policy_chains(id: &str, c: &Chains, v6: bool) -> [(String, Vec<String>); 2] {
+    let stage = stage_of(id);
+    [
+        (policy_chain(id, true), rules_lines(&c.inbound, v6, stage)),
+        (policy_chain(id, false), rules_lines(&c.outbound, v6, stage)),
+    ]
+}
+
+/// The chains of profile `name`: (name, rules), inbound then outbound.
+pub fn profile_chains(name: &str, c: &Chains, v6: bool) -> [(String, Vec<String>); 2] {
+    [
+        (
+            profile_chain(name, true),
+            rules_lines(&c.inbound, v6, Stage::Normal),
+        ),
+        (
+            profile_chain(name, false),
+            rules_lines(&c.outbound, v6, Stage::Normal),
+        ),
+    ]
 }
 
 /// Whether a policy has a Pass rule (in either direction).
@@ -419,11 +480,32 @@ fn passes_to(c: &Chains, to: bool) -> bool {
 /// nothing follows a drop that nothing can skip.
 pub fn endpoint_lines(dp: &PolicyDataplane, ep: &Endpoint, to: bool) -> Vec<String> {
     let mut v = Vec::new();
+    let tiers = if to { &ep.ingress } else { &ep.egress };
+    if tier_lines(dp, tiers, to, &mut v) {
+        return v;
+    }
+    profiles_and_drop(dp, &ep.profiles, to, &mut v);
+    v
+}
+
+/// The profiles' chains, then the final drop.
+fn profiles_and_drop(dp: &PolicyDataplane, profiles: &[String], to: bool, v: &mut Vec<String>) {
+    for p in profiles {
+        if dp.profiles.contains_key(p) {
+            v.push(format!("jump {}", profile_chain(p, to)));
+        }
+    }
+    v.push("counter drop".to_string());
+}
+
+/// Each tier's policies in order (their inbound chains when `inbound`) and its end, onto
+/// `v`; true when a drop nothing can skip ended it (nothing may follow). The pass mark is
+/// clear on entry.
+fn tier_lines(dp: &PolicyDataplane, tiers: &[TierPolicies], to: bool, v: &mut Vec<String>) -> bool {
     let unpassed = format!("meta mark & 0x{MARK_PASS:08x} == 0");
     // Whether a Pass may have set the mark since it was last cleared (the dispatch chain
     // clears it before the endpoint chain).
     let mut marked = false;
-    let tiers = if to { &ep.ingress } else { &ep.egress };
     for (i, t) in tiers.iter().enumerate() {
         if i > 0 && marked {
             v.push(format!("meta mark set meta mark & 0x{:08x}", !MARK_PASS));
@@ -444,18 +526,12 @@ pub fn endpoint_lines(dp: &PolicyDataplane, ep: &Endpoint, to: bool) -> Vec<Stri
         if t.end == TierEnd::Deny {
             if !marked {
                 v.push("counter drop".to_string());
-                return v;
+                return true;
             }
             v.push(format!("{unpassed} counter drop"));
         }
     }
-    for p in &ep.profiles {
-        if dp.profiles.contains_key(p) {
-            v.push(format!("jump {}", profile_chain(p, to)));
-        }
-    }
-    v.push("counter drop".to_string());
-    v
+    false
 }
 
 /// `cali-wl-to-host`, in `filter-INPUT`: the endpoint's egress policy (IPv6 neighbour
@@ -661,33 +737,16 @@ fn table_body(dp: &PolicyDataplane, nat: &Nat, prefix: &str, v6: bool) -> String
         }
         out.push_str("\t}\n");
     }
-    for (id, c) in &dp.policies {
-        chain_block(
-            &mut out,
-            &policy_chain(id, true),
-            None,
-            &rules_lines(&c.inbound, v6),
-        );
-        chain_block(
-            &mut out,
-            &policy_chain(id, false),
-            None,
-            &rules_lines(&c.outbound, v6),
-        );
-    }
-    for (name, c) in &dp.profiles {
-        chain_block(
-            &mut out,
-            &profile_chain(name, true),
-            None,
-            &rules_lines(&c.inbound, v6),
-        );
-        chain_block(
-            &mut out,
-            &profile_chain(name, false),
-            None,
-            &rules_lines(&c.outbound, v6),
-        );
+    let policies = dp
+        .policies
+        .iter()
+        .flat_map(|(id, c)| policy_chains(id, c, v6));
+    let profiles = dp
+        .profiles
+        .iter()
+        .flat_map(|(n, c)| profile_chains(n, c, v6));
+    for (name, rules) in policies.chain(profiles) {
+        chain_block(&mut out, &name, None, &rules);
     }
     for (iface, ep) in dp.endpoints.iter().filter(|(i, _)| valid_iface(i)) {
         for to in [true, false] {
@@ -700,6 +759,9 @@ fn table_body(dp: &PolicyDataplane, nat: &Nat, prefix: &str, v6: bool) -> String
         }
     }
     static_chains(&mut out, dp, prefix, v6);
+    for c in host_chains(dp, prefix, v6) {
+        chain_block(&mut out, &c.name, c.head.as_deref(), &c.rules);
+    }
     out
 }
 
@@ -808,19 +870,13 @@ fn incremental_family(
     for id in &delta.policies {
         if let Some(c) = dp.policies.get(id) {
             let have = programmed.policies.contains(id);
-            chains.push((policy_chain(id, true), have, rules_lines(&c.inbound, v6)));
-            chains.push((policy_chain(id, false), have, rules_lines(&c.outbound, v6)));
+            chains.extend(policy_chains(id, c, v6).map(|(n, r)| (n, have, r)));
         }
     }
     for name in &delta.profiles {
         if let Some(c) = dp.profiles.get(name) {
             let have = programmed.profiles.contains(name);
-            chains.push((profile_chain(name, true), have, rules_lines(&c.inbound, v6)));
-            chains.push((
-                profile_chain(name, false),
-                have,
-                rules_lines(&c.outbound, v6),
-            ));
+            chains.extend(profile_chains(name, c, v6).map(|(n, r)| (n, have, r)));
         }
     }
     let mut new_endpoints = Vec::new();
@@ -850,9 +906,40 @@ fn incremental_family(
             wl_to_host_action_lines(dp.endpoint_to_host, v6),
         ));
     }
+    // The host layer, whole, when it or what it refers to changed: its chains that stay
+    // are flushed and refilled, new ones added, those that go flushed now and deleted
+    // at the end (nothing refers to them then).
+    let mut heads: Vec<(String, String)> = Vec::new();
+    let mut host_gone: Vec<&String> = Vec::new();
+    if rewrites_host(dp, delta, programmed) {
+        let host = host_chains(dp, &programmed.prefix, v6);
+        let names: BTreeSet<&str> = host.iter().map(|c| c.name.as_str()).collect();
+        host_gone = programmed
+            .host
+            .iter()
+            .filter(|n| !names.contains(n.as_str()))
+            .collect();
+        for c in host {
+            let have = programmed.host.contains(&c.name);
+            if let (Some(h), false) = (&c.head, have) {
+                heads.push((c.name.clone(), h.clone()));
+            }
+            chains.push((c.name, have, c.rules));
+        }
+        for name in &host_gone {
+            let _ = writeln!(s, "flush chain {t} {name}");
+        }
+    }
     for (name, have, _) in &chains {
         if !have {
-            let _ = writeln!(s, "add chain {t} {name}");
+            match heads.iter().find(|(n, _)| n == name) {
+                Some((_, head)) => {
+                    let _ = writeln!(s, "add chain {t} {name} {{ {head} }}");
+                }
+                None => {
+                    let _ = writeln!(s, "add chain {t} {name}");
+                }
+            }
         }
     }
     for (name, have, rules) in &chains {
@@ -862,6 +949,9 @@ fn incremental_family(
         for r in rules {
             let _ = writeln!(s, "add rule {t} {name} {r}");
         }
+    }
+    for name in host_gone {
+        let _ = writeln!(s, "delete chain {t} {name}");
     }
     // 3. Dispatch: new endpoints in, removed ones out (then their chains).
     for (map, to) in [(FROM_WL_DISPATCH, false), (TO_WL_DISPATCH, true)] {
@@ -1035,4 +1125,386 @@ fn nested(set: &BTreeSet<IpNet>, changed: &[IpNet]) -> Vec<IpNet> {
         .filter(|n| changed.iter().any(|c| c.contains(*n) || n.contains(c)))
         .copied()
         .collect()
+}
+
+// The host layer (REFERENCE §10; Calico's `HostEndpointTo*Chains`, `failsafe*Chain` and
+// the static chains that dispatch to them). Each stage has a base chain of its own, so
+// that an Allow (an accept) ends only its stage:
+//
+//   prerouting  raw + 1    raw-PREROUTING-host     untracked policy in (`raw-cali-fh-`)
+//               mangle     mangle-PREROUTING-host  pre-DNAT policy (`mangle-cali-fh-`)
+//   input       filter + 2 filter-INPUT-host       normal policy in (`filter-cali-fh-`)
+//   forward     filter - 1 filter-FORWARD-from-host  applyOnForward in (`filter-cali-fhfw-`)
+//               filter + 2 filter-FORWARD-to-host    applyOnForward out (`filter-cali-thfw-`)
+//   output      raw        raw-OUTPUT-host         untracked policy out (`raw-cali-th-`)
+//               filter     filter-OUTPUT-host      normal policy out (`filter-cali-th-`)
+//   postrouting mangle     mangle-POSTROUTING-host normal policy out for DNAT'd host
+//                                                  traffic (its interface is known here)
+//
+// Loopback is never policed; workload traffic meets the workload chains (and
+// `defaultEndpointToHostAction`) instead of normal host endpoint policy; what a pre-DNAT
+// or untracked policy allowed carries the accept mark and skips the filter layer's host
+// endpoint policy. Each host endpoint chain starts with conntrack (not before conntrack)
+// and Felix's failsafe ports.
+
+pub const RAW_PREROUTING_HOST: &str = "raw-PREROUTING-host";
+pub const RAW_OUTPUT_HOST: &str = "raw-OUTPUT-host";
+pub const MANGLE_PREROUTING_HOST: &str = "mangle-PREROUTING-host";
+pub const MANGLE_POSTROUTING_HOST: &str = "mangle-POSTROUTING-host";
+pub const INPUT_HOST: &str = "filter-INPUT-host";
+pub const OUTPUT_HOST: &str = "filter-OUTPUT-host";
+pub const FORWARD_FROM_HOST: &str = "filter-FORWARD-from-host";
+pub const FORWARD_TO_HOST: &str = "filter-FORWARD-to-host";
+pub const FROM_HOST_DISPATCH: &str = "filter-cali-from-host-endpoint";
+pub const TO_HOST_DISPATCH: &str = "filter-cali-to-host-endpoint";
+pub const FROM_HOST_FWD_DISPATCH: &str = "filter-cali-from-hep-forward";
+pub const TO_HOST_FWD_DISPATCH: &str = "filter-cali-to-hep-forward";
+pub const MANGLE_FROM_HOST_DISPATCH: &str = "mangle-cali-from-host-endpoint";
+pub const RAW_FROM_HOST_DISPATCH: &str = "raw-cali-from-host-endpoint";
+pub const RAW_TO_HOST_DISPATCH: &str = "raw-cali-to-host-endpoint";
+pub const FAILSAFE_IN: &str = "filter-cali-failsafe-in";
+pub const FAILSAFE_OUT: &str = "filter-cali-failsafe-out";
+pub const MANGLE_FAILSAFE_IN: &str = "mangle-cali-failsafe-in";
+pub const RAW_FAILSAFE_IN: &str = "raw-cali-failsafe-in";
+pub const RAW_FAILSAFE_OUT: &str = "raw-cali-failsafe-out";
+
+/// One chain of the host layer; `head` is a base chain's hook.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostChain {
+    pub name: String,
+    pub head: Option<String>,
+    pub rules: Vec<String>,
+}
+
+/// A host endpoint chain: `<layer>-cali-<kind>-<iface>` (`fh`, `th`, `fhfw`, `thfw`).
+pub fn host_endpoint_chain(layer: &str, kind: &str, iface: &str) -> String {
+    chain_name(&format!("{layer}-cali-{kind}-"), iface)
+}
+
+/// Whether the host layer is rewritten for `delta`: it changed, or a policy or profile
+/// it refers to did (an endpoint chain skips the ones that do not exist and checks the
+/// pass mark after the ones that pass).
+fn rewrites_host(dp: &PolicyDataplane, delta: &Delta, programmed: &Programmed) -> bool {
+    if delta.host {
+        return true;
+    }
+    if programmed.host.is_empty() && dp.host.endpoints.is_empty() {
+        return false;
+    }
+    let eps = dp.host.endpoints.values();
+    eps.clone()
+        .flat_map(HostEndpoint::policies)
+        .any(|id| delta.policies.contains(id))
+        || eps
+            .flat_map(|h| h.profiles.iter())
+            .any(|p| delta.profiles.contains(p))
+}
+
+/// The failsafe rules for `ports`: `dport` (or `sport`) matches, the net on the side
+/// `net_side` (`s` or `d`); an entry with a net of the other family is left out.
+fn failsafe_rules(ports: &[Failsafe], port_side: char, net_side: char, v6: bool) -> Vec<String> {
+    ports
+        .iter()
+        .filter(|f| f.net.is_none_or(|n| n.addr().is_ipv6() == v6))
+        .map(|f| {
+            let net = f
+                .net
+                .map(|n| format!("{} {net_side}addr {} ", family(v6), net_text(&n.trunc())))
+                .unwrap_or_default();
+            format!(
+                "meta l4proto {} th {port_side}port {} {net}accept",
+                f.protocol, f.port
+            )
+        })
+        .collect()
+}
+
+/// The head of a tracked host endpoint chain: conntrack, IPv6 neighbour discovery (the
+/// node must keep resolving its neighbours), the failsafe chain, the pass mark cleared.
+fn host_head(failsafe: &str, v6: bool) -> Vec<String> {
+    let mut v = vec![
+        "ct state established,related accept".to_string(),
+        "ct state invalid drop".to_string(),
+    ];
+    if v6 {
+        v.push(format!("icmpv6 type {ND_TYPES} accept"));
+    }
+    v.push(format!("jump {failsafe}"));
+    v.push(clear_pass());
+    v
+}
+
+fn clear_pass() -> String {
+    format!("meta mark set meta mark & 0x{:08x}", !MARK_PASS)
+}
+
+/// A stage's chain for one direction of a host endpoint: nothing when it has no tiers
+/// (the stage lets the packet through), else `head` and the tiers; pre-DNAT, untracked
+/// and forward stages end without a drop (their tiers do, where they deny).
+fn stage_lines(
+    dp: &PolicyDataplane,
+    head: Vec<String>,
+    tiers: &[TierPolicies],
+    inbound: bool,
+) -> Vec<String> {
+    if tiers.is_empty() {
+        return Vec::new();
+    }
+    let mut v = head;
+    tier_lines(dp, tiers, inbound, &mut v);
+    v
+}
+
+/// The normal chain of one direction of a host endpoint: its tiers, profiles, drop.
+fn normal_lines(dp: &PolicyDataplane, h: &HostEndpoint, inbound: bool, v6: bool) -> Vec<String> {
+    let failsafe = if inbound { FAILSAFE_IN } else { FAILSAFE_OUT };
+    let mut v = host_head(failsafe, v6);
+    let tiers = if inbound { &h.ingress } else { &h.egress };
+    if !tier_lines(dp, tiers, inbound, &mut v) {
+        profiles_and_drop(dp, &h.profiles, inbound, &mut v);
+    }
+    v
+}
+
+/// The dispatch rules to `chain(iface)` for the endpoints `eps` (by interface, the
+/// all-interfaces one last as the default; `dir` is `iif` or `oif`); `before_default`
+/// goes before the default.
+fn host_dispatch(
+    eps: &[(&String, &HostEndpoint)],
+    dir: &str,
+    chain: impl Fn(&str) -> String,
+    before_default: &[String],
+) -> Vec<String> {
+    let mut v: Vec<String> = eps
+        .iter()
+        .filter(|(i, _)| i.as_str() != ALL_INTERFACES_KEY)
+        .map(|(i, _)| format!("{dir}name \"{i}\" goto {}", chain(i)))
+        .collect();
+    if eps.iter().any(|(i, _)| i.as_str() == ALL_INTERFACES_KEY) {
+        v.extend(before_default.iter().cloned());
+        v.push(format!("goto {}", chain(ALL_INTERFACES_KEY)));
+    }
+    v
+}
+
+fn base(hook: &str, priority: &str) -> Option<String> {
+    Some(format!(
+        "type filter hook {hook} priority {priority}; policy accept;"
+    ))
+}
+
+/// Every chain of the host layer in one family; none without a host endpoint.
+pub fn host_chains(dp: &PolicyDataplane, prefix: &str, v6: bool) -> Vec<HostChain> {
+    let host = &dp.host;
+    // Loopback is never policed, even when a host endpoint names it.
+    let eps: Vec<(&String, &HostEndpoint)> = host
+        .endpoints
+        .iter()
+        .filter(|(i, _)| i.as_str() == ALL_INTERFACES_KEY || (valid_iface(i) && *i != "lo"))
+        .collect();
+    if eps.is_empty() {
+        return Vec::new();
+    }
+    let mut out: Vec<HostChain> = Vec::new();
+    let mut chain = |name: &str, head: Option<String>, rules: Vec<String>| {
+        out.push(HostChain {
+            name: name.to_string(),
+            head,
+            rules,
+        })
+    };
+    let wl = ifname_wildcards(prefix);
+    let accepted = format!("meta mark & 0x{MARK_ACCEPT:08x} == 0x{MARK_ACCEPT:08x}");
+    let clear = format!(
+        "meta mark set meta mark & 0x{:08x}",
+        !(MARK_ACCEPT | MARK_PASS)
+    );
+    let vxlan = host.vxlan_port;
+
+    // Failsafe ports.
+    let (fin, fout) = (&host.failsafe_in, &host.failsafe_out);
+    chain(FAILSAFE_IN, None, failsafe_rules(fin, 'd', 's', v6));
+    chain(FAILSAFE_OUT, None, failsafe_rules(fout, 'd', 'd', v6));
+    chain(MANGLE_FAILSAFE_IN, None, failsafe_rules(fin, 'd', 's', v6));
+    // Before conntrack the replies of the other direction's failsafe connections too.
+    let mut raw_in = failsafe_rules(fin, 'd', 's', v6);
+    raw_in.extend(failsafe_rules(fout, 's', 's', v6));
+    chain(RAW_FAILSAFE_IN, None, raw_in);
+    let mut raw_out = failsafe_rules(fout, 'd', 'd', v6);
+    raw_out.extend(failsafe_rules(fin, 's', 'd', v6));
+    chain(RAW_FAILSAFE_OUT, None, raw_out);
+
+    // Each endpoint's chains.
+    for (iface, h) in &eps {
+        for inbound in [true, false] {
+            let kind = if inbound { "fh" } else { "th" };
+            chain(
+                &host_endpoint_chain("filter", kind, iface),
+                None,
+                normal_lines(dp, h, inbound, v6),
+            );
+            let tracked = vec![
+                "ct state established,related accept".to_string(),
+                "ct state invalid drop".to_string(),
+                clear_pass(),
+            ];
+            let tiers = if inbound {
+                &h.forward_ingress
+            } else {
+                &h.forward_egress
+            };
+            chain(
+                &host_endpoint_chain("filter", &format!("{kind}fw"), iface),
+                None,
+                stage_lines(dp, tracked, tiers, inbound),
+            );
+        }
+        if !h.pre_dnat.is_empty() {
+            let head = vec![
+                "ct state established,related accept".to_string(),
+                "ct state invalid drop".to_string(),
+                format!("jump {MANGLE_FAILSAFE_IN}"),
+                clear_pass(),
+            ];
+            chain(
+                &host_endpoint_chain("mangle", "fh", iface),
+                None,
+                stage_lines(dp, head, &h.pre_dnat, true),
+            );
+        }
+        if untracked(iface, h) {
+            for inbound in [true, false] {
+                let (kind, failsafe, tiers) = if inbound {
+                    ("fh", RAW_FAILSAFE_IN, &h.untracked_ingress)
+                } else {
+                    ("th", RAW_FAILSAFE_OUT, &h.untracked_egress)
+                };
+                let mut v = vec![format!("jump {failsafe}"), clear_pass()];
+                tier_lines(dp, tiers, inbound, &mut v);
+                chain(&host_endpoint_chain("raw", kind, iface), None, v);
+            }
+        }
+    }
+
+    // Dispatch.
+    let to_wl: Vec<String> = wl.iter().map(|w| format!("oifname {w} return")).collect();
+    let filter = |kind: &'static str| move |i: &str| host_endpoint_chain("filter", kind, i);
+    chain(
+        FROM_HOST_DISPATCH,
+        None,
+        host_dispatch(&eps, "iif", filter("fh"), &[]),
+    );
+    chain(
+        TO_HOST_DISPATCH,
+        None,
+        host_dispatch(&eps, "oif", filter("th"), &to_wl),
+    );
+    chain(
+        FROM_HOST_FWD_DISPATCH,
+        None,
+        host_dispatch(&eps, "iif", filter("fhfw"), &[]),
+    );
+    chain(
+        TO_HOST_FWD_DISPATCH,
+        None,
+        host_dispatch(&eps, "oif", filter("thfw"), &[]),
+    );
+    let pre: Vec<_> = eps
+        .iter()
+        .copied()
+        .filter(|(_, h)| !h.pre_dnat.is_empty())
+        .collect();
+    let mangle = |i: &str| host_endpoint_chain("mangle", "fh", i);
+    chain(
+        MANGLE_FROM_HOST_DISPATCH,
+        None,
+        host_dispatch(&pre, "iif", mangle, &[]),
+    );
+    let raw: Vec<_> = eps
+        .iter()
+        .copied()
+        .filter(|(i, h)| untracked(i, h))
+        .collect();
+    let raw_chain = |kind: &'static str| move |i: &str| host_endpoint_chain("raw", kind, i);
+    chain(
+        RAW_FROM_HOST_DISPATCH,
+        None,
+        host_dispatch(&raw, "iif", raw_chain("fh"), &[]),
+    );
+    chain(
+        RAW_TO_HOST_DISPATCH,
+        None,
+        host_dispatch(&raw, "oif", raw_chain("th"), &[]),
+    );
+
+    // Base chains.
+    let each = |f: &dyn Fn(&String) -> String| wl.iter().map(f).collect::<Vec<_>>();
+    let mut rules = vec![clear.clone()];
+    rules.extend(each(&|w| format!("iifname {w} return")));
+    rules.push("iifname \"lo\" return".to_string());
+    rules.push(format!("jump {RAW_FROM_HOST_DISPATCH}"));
+    chain(RAW_PREROUTING_HOST, base("prerouting", "raw + 1"), rules);
+    let rules = vec![
+        clear,
+        "oifname \"lo\" return".to_string(),
+        format!("jump {RAW_TO_HOST_DISPATCH}"),
+    ];
+    chain(RAW_OUTPUT_HOST, base("output", "raw"), rules);
+    let rules = vec![
+        "iifname \"lo\" return".to_string(),
+        "ct state established,related accept".to_string(),
+        format!("{accepted} accept"),
+        format!("jump {MANGLE_FROM_HOST_DISPATCH}"),
+    ];
+    chain(MANGLE_PREROUTING_HOST, base("prerouting", "mangle"), rules);
+    // Encapsulated traffic between nodes is not held up by a host endpoint (Calico
+    // allows it from and to its own hosts).
+    let tunnels = [
+        "meta l4proto 4 return".to_string(),
+        format!("udp dport {vxlan} return"),
+    ];
+    let mut rules = each(&|w| format!("iifname {w} return"));
+    rules.push("iifname \"lo\" return".to_string());
+    rules.push(format!("{accepted} return"));
+    rules.extend(tunnels.iter().cloned());
+    rules.push(format!("jump {FROM_HOST_DISPATCH}"));
+    chain(INPUT_HOST, base("input", "filter + 2"), rules);
+    let mut rules = vec![
+        "oifname \"lo\" return".to_string(),
+        format!("{accepted} return"),
+    ];
+    rules.extend(each(&|w| format!("oifname {w} return")));
+    rules.extend(tunnels.iter().cloned());
+    // DNAT'd host traffic: its interface is only known after routing again.
+    rules.push("ct status dnat return".to_string());
+    rules.push(format!("jump {TO_HOST_DISPATCH}"));
+    chain(OUTPUT_HOST, base("output", "filter"), rules);
+    let rules = vec![
+        format!("{accepted} return"),
+        format!("jump {FROM_HOST_FWD_DISPATCH}"),
+    ];
+    chain(FORWARD_FROM_HOST, base("forward", "filter - 1"), rules);
+    let rules = vec![
+        format!("meta mark set meta mark | 0x{MARK_ACCEPT:08x}"),
+        format!("jump {TO_HOST_FWD_DISPATCH}"),
+    ];
+    chain(FORWARD_TO_HOST, base("forward", "filter + 2"), rules);
+    let rules = vec![
+        format!("{accepted} return"),
+        "oifname \"lo\" return".to_string(),
+        format!("ct status dnat jump {TO_HOST_DISPATCH}"),
+    ];
+    chain(
+        MANGLE_POSTROUTING_HOST,
+        base("postrouting", "mangle"),
+        rules,
+    );
+    out
+}
+
+/// Whether a host endpoint has untracked policy (never the all-interfaces one: Calico
+/// does not support it there).
+fn untracked(iface: &str, h: &HostEndpoint) -> bool {
+    iface != ALL_INTERFACES_KEY
+        && !(h.untracked_ingress.is_empty() && h.untracked_egress.is_empty())
 }

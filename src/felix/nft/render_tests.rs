@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use ipnet::IpNet;
 
 use super::render::*;
+use crate::felix::policy::Stage;
 use crate::felix::calc::Nat;
 use crate::felix::policy::{
     Action, Chains, Delta, Endpoint, Icmp, IpSet, Match, PolicyDataplane, PortRange, Rule, TierEnd,
@@ -46,7 +47,7 @@ fn actions() {
         (Action::Log, "counter log prefix \"calico-packet: \""),
     ];
     for (a, want) in cases {
-        assert_eq!(rule_lines(&rule(a), false), vec![want.to_string()]);
+        assert_eq!(rule_lines(&rule(a), false, Stage::Normal), vec![want.to_string()]);
     }
 }
 
@@ -63,7 +64,7 @@ fn ports_and_named_ports_are_alternatives() {
     r.dst.named_port_sets = vec!["n:web".into()];
     r.src.not_ports = vec![PortRange { lo: 22, hi: 22 }];
     assert_eq!(
-        rule_lines(&r, false),
+        rule_lines(&r, false, Stage::Normal),
         vec![
             format!("meta l4proto 6 th sport != 22 th dport {{ 80, 8000-8080 }} {ALLOW}"),
             format!(
@@ -83,7 +84,7 @@ fn nets_and_sets_per_family() {
     r.dst.sets = vec!["s:x".into()];
     r.dst.not_sets = vec!["s:y".into()];
     assert_eq!(
-        rule_lines(&r, false),
+        rule_lines(&r, false, Stage::Normal),
         vec![
             "ip saddr 10.0.0.0/8 ip saddr != 10.2.0.0/16 ip daddr @cali40s-x ip daddr != @cali40s-y counter drop"
                 .to_string()
@@ -92,24 +93,24 @@ fn nets_and_sets_per_family() {
     // notNets none of which is IPv6: the rule does not apply to IPv6 (Calico's
     // FilterRuleToIPVersion), or an Allow with `notNets: [10.0.0.0/8]` would open all
     // IPv6 traffic.
-    assert!(rule_lines(&r, true).is_empty());
+    assert!(rule_lines(&r, true, Stage::Normal).is_empty());
     r.src.not_nets.clear();
     assert_eq!(
-        rule_lines(&r, true),
+        rule_lines(&r, true, Stage::Normal),
         vec![
             "ip6 saddr fd00::/8 ip6 daddr @cali60s-x ip6 daddr != @cali60s-y counter drop"
                 .to_string()
         ]
     );
     r.src.nets = vec![net("fd00::/8")];
-    assert!(rule_lines(&r, false).is_empty());
+    assert!(rule_lines(&r, false, Stage::Normal).is_empty());
     // A negated catch-all matches nothing.
     let mut r = rule(Action::Allow);
     r.dst.not_nets = vec![net("0.0.0.0/0")];
-    assert!(rule_lines(&r, false).is_empty());
+    assert!(rule_lines(&r, false, Stage::Normal).is_empty());
     r.dst.not_nets = vec![net("10.0.0.0/8")];
-    assert_eq!(rule_lines(&r, false).len(), 1);
-    assert!(rule_lines(&r, true).is_empty());
+    assert_eq!(rule_lines(&r, false, Stage::Normal).len(), 1);
+    assert!(rule_lines(&r, true, Stage::Normal).is_empty());
 }
 
 /// The from-workload dispatch: conntrack and the pass mark first, then VXLAN and IPIP
@@ -172,8 +173,8 @@ fn encapsulated_packets_from_workloads_and_interface_prefixes() {
 fn icmp_and_ip_version() {
     let mut r = rule(Action::Allow);
     r.ip_version = Some(6);
-    assert!(rule_lines(&r, false).is_empty());
-    assert_eq!(rule_lines(&r, true).len(), 1);
+    assert!(rule_lines(&r, false, Stage::Normal).is_empty());
+    assert_eq!(rule_lines(&r, true, Stage::Normal).len(), 1);
     let mut r = rule(Action::Allow);
     r.protocol = Some(1);
     r.icmp = Some(Icmp {
@@ -182,10 +183,10 @@ fn icmp_and_ip_version() {
         code: Some(0),
     });
     assert_eq!(
-        rule_lines(&r, false),
+        rule_lines(&r, false, Stage::Normal),
         vec![format!("meta l4proto 1 icmp type 8 icmp code 0 {ALLOW}")]
     );
-    assert!(rule_lines(&r, true).is_empty());
+    assert!(rule_lines(&r, true, Stage::Normal).is_empty());
     let mut r = rule(Action::Deny);
     r.not_icmp = Some(Icmp {
         v6: true,
@@ -194,7 +195,7 @@ fn icmp_and_ip_version() {
     });
     r.not_protocol = Some(17);
     assert_eq!(
-        rule_lines(&r, true),
+        rule_lines(&r, true, Stage::Normal),
         vec![
             "meta l4proto != 17 icmpv6 type . icmpv6 code != { 128 . 0 } counter drop".to_string()
         ]
@@ -367,7 +368,7 @@ fn small() -> PolicyDataplane {
 #[test]
 fn incremental_writes_only_what_changed() {
     let old = small();
-    let programmed = Programmed::of(&old, false);
+    let programmed = Programmed::of(&old, false, "cali");
     let mut new = old.clone();
     new.sets.insert(
         "s:a".into(),
@@ -418,7 +419,7 @@ fn a_policy_gaining_a_pass_rewrites_its_endpoints() {
         ..Default::default()
     };
     old.endpoints.insert("calia".into(), ep);
-    let mut programmed = Programmed::of(&old, false);
+    let mut programmed = Programmed::of(&old, false, "cali");
     let mut new = old.clone();
     new.policies.get_mut("gnp/a").unwrap().inbound = vec![rule(Action::Pass)];
     let delta = Delta {
@@ -462,7 +463,7 @@ fn an_endpoint_with_a_bad_interface_name_is_left_out() {
         !s.contains("cali\"x") && !s.contains("cali0123456789abcdef"),
         "{s}"
     );
-    assert_eq!(Programmed::of(&dp, false).endpoints.len(), 1);
+    assert_eq!(Programmed::of(&dp, false, "cali").endpoints.len(), 1);
     let delta = Delta {
         endpoints: dp.endpoints.keys().cloned().collect(),
         ..Default::default()

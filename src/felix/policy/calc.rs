@@ -29,9 +29,11 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha224};
 
 use super::{
-    Action, Chains, Delta, EncapDrops, Endpoint, EndpointToHost, Icmp, IpSet, Match,
-    PolicyDataplane, PortRange, Rule, TierEnd, TierPolicies,
+    ALL_INTERFACES_KEY, Action, Chains, Delta, EncapDrops, Endpoint, EndpointToHost, Failsafe,
+    HostEndpoint, HostLayer, Icmp, IpSet, Match, PRE_DNAT_PREFIX, PolicyDataplane, PortRange, Rule,
+    Stage, TierEnd, TierPolicies, UNTRACKED_PREFIX,
 };
+use crate::model::hostendpoint::HostEndpoint as HostEndpointResource;
 use crate::model::networkset::networks;
 use crate::model::policy::{GlobalNetworkPolicySpec, NetworkPolicySpec, ProfileSpec};
 use crate::model::rule::{EntityRule, Port, Protocol, Rule as ModelRule};
@@ -144,6 +146,9 @@ pub struct EndpointInfo {
     pub nets: Vec<IpNet>,
     /// Named ports: (name, protocol number or 0, port).
     pub ports: Vec<(String, u8, u16)>,
+    /// A HostEndpoint: `iface` is its interface (`*` for all), `nets` its `expectedIPs`;
+    /// it gets the host layer's chains, never a workload's.
+    pub host: bool,
 }
 
 impl EndpointInfo {
@@ -196,6 +201,35 @@ impl EndpointInfo {
             profiles: w.spec.profiles.clone(),
             nets,
             ports,
+            host: false,
+        }
+    }
+
+    /// From a HostEndpoint resource: its own labels (no namespace), its expected
+    /// addresses as the members it gives selector sets.
+    pub fn from_hep(h: &HostEndpointResource) -> EndpointInfo {
+        let nets = h
+            .spec
+            .expected_ips
+            .iter()
+            .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+            .map(IpNet::from)
+            .collect();
+        let ports = h
+            .spec
+            .ports
+            .iter()
+            .map(|p| (p.name.clone(), p.protocol.number().unwrap_or(0), p.port))
+            .collect();
+        EndpointInfo {
+            name: h.metadata.name.clone(),
+            node: h.spec.node.clone(),
+            iface: h.spec.interface_name.clone(),
+            labels: h.metadata.labels.clone(),
+            profiles: h.spec.profiles.clone(),
+            nets,
+            ports,
+            host: true,
         }
     }
 }
@@ -244,6 +278,11 @@ pub struct ResolvedPolicy {
     pub selector: Selector,
     pub ingress: bool,
     pub egress: bool,
+    /// Where it is enforced (workloads only see `Normal` ones).
+    pub stage: Stage,
+    /// `applyOnForward`: a normal policy also for traffic forwarded through host
+    /// endpoints.
+    pub apply_on_forward: bool,
     pub chains: Chains,
     pub sets: BTreeMap<String, SetDef>,
 }
@@ -256,9 +295,20 @@ pub struct ResolvedProfile {
     pub labels: BTreeMap<String, String>,
 }
 
-/// The chain id of a GlobalNetworkPolicy.
+/// The chain id of a GlobalNetworkPolicy (normal stage).
 pub fn gnp_id(name: &str) -> String {
     format!("gnp/{name}")
+}
+
+/// The chain id of a GlobalNetworkPolicy in its stage (see [`super::stage_of`]).
+pub fn gnp_stage_id(name: &str, spec: &GlobalNetworkPolicySpec) -> String {
+    if spec.do_not_track {
+        format!("{UNTRACKED_PREFIX}{}", gnp_id(name))
+    } else if spec.pre_dnat {
+        format!("{PRE_DNAT_PREFIX}{}", gnp_id(name))
+    } else {
+        gnp_id(name)
+    }
 }
 
 /// The chain id of a NetworkPolicy.
@@ -530,17 +580,17 @@ fn resolved(
         selector: parse(&selector),
         ingress,
         egress,
+        stage: Stage::Normal,
+        apply_on_forward: false,
         chains,
         sets,
     }
 }
 
-/// A GlobalNetworkPolicy resolved (`globalnetworkpolicyprocessor`). Policies for host
-/// endpoints only (preDNAT, doNotTrack) never apply to workloads.
-pub fn resolve_gnp(name: &str, spec: &GlobalNetworkPolicySpec) -> Option<ResolvedPolicy> {
-    if spec.pre_dnat || spec.do_not_track {
-        return None;
-    }
+/// A GlobalNetworkPolicy resolved (`globalnetworkpolicyprocessor`), under
+/// [`gnp_stage_id`]. Pre-DNAT and untracked policies apply to host endpoints only; a
+/// pre-DNAT one has no egress (validation refuses egress rules; others may write them).
+pub fn resolve_gnp(name: &str, spec: &GlobalNetworkPolicySpec) -> ResolvedPolicy {
     let mut sel = spec.selector.clone();
     if !spec.namespace_selector.is_empty() {
         sel = prefix_and_append(sel, &spec.namespace_selector, NAMESPACE_PREFIX)
@@ -550,7 +600,7 @@ pub fn resolve_gnp(name: &str, spec: &GlobalNetworkPolicySpec) -> Option<Resolve
         sel = prefix_and_append(sel, &spec.service_account_selector, SERVICE_ACCOUNT_PREFIX)
             .replace("all()", &format!("has({LABEL_SERVICE_ACCOUNT})"));
     }
-    Some(resolved(
+    let mut p = resolved(
         &spec.tier,
         spec.order,
         (name.to_string(), String::new(), "GlobalNetworkPolicy"),
@@ -558,7 +608,18 @@ pub fn resolve_gnp(name: &str, spec: &GlobalNetworkPolicySpec) -> Option<Resolve
         &spec.types,
         (&spec.ingress, &spec.egress),
         None,
-    ))
+    );
+    p.apply_on_forward = spec.apply_on_forward;
+    p.stage = if spec.do_not_track {
+        Stage::Untracked
+    } else if spec.pre_dnat {
+        p.egress = false;
+        p.chains.outbound.clear();
+        Stage::PreDnat
+    } else {
+        Stage::Normal
+    };
+    p
 }
 
 /// A NetworkPolicy resolved (`networkpolicyprocessor`).
@@ -653,6 +714,11 @@ pub struct PolicyCalc {
     pub node: String,
     pub endpoint_to_host: EndpointToHost,
     pub encap_drops: EncapDrops,
+    /// `failsafeInboundHostPorts` / `failsafeOutboundHostPorts`.
+    pub failsafe_in: Vec<Failsafe>,
+    pub failsafe_out: Vec<Failsafe>,
+    /// `vxlanPort`.
+    pub vxlan_port: u16,
 }
 
 impl PolicyCalc {
@@ -710,44 +776,136 @@ impl PolicyCalc {
     /// A local endpoint gets chains; as in Calico, one without addresses is left out
     /// (its interface then has no dispatch entry: dropped).
     pub(crate) fn is_local(&self, e: &EndpointInfo) -> bool {
-        e.node == self.node && !e.iface.is_empty() && !e.nets.is_empty()
+        !e.host && e.node == self.node && !e.iface.is_empty() && !e.nets.is_empty()
     }
 
-    /// One local endpoint's policy, given its labels.
-    pub(crate) fn endpoint(&self, e: &EndpointInfo, labels: &BTreeMap<String, String>) -> Endpoint {
+    /// The policies selecting `labels`, in evaluation order.
+    fn selecting(&self, labels: &BTreeMap<String, String>) -> Vec<(&String, &ResolvedPolicy)> {
         let mut selecting: Vec<(&String, &ResolvedPolicy)> = self
             .policies
             .iter()
             .filter(|(_, p)| p.selector.matches(labels))
             .collect();
         self.sort(&mut selecting);
-        let tiers = |ingress: bool| {
-            let mut out: Vec<TierPolicies> = Vec::new();
-            for (id, p) in &selecting {
-                if !(if ingress { p.ingress } else { p.egress }) {
-                    continue;
-                }
-                match out.last_mut() {
-                    Some(t) if t.tier == p.tier => t.policies.push((*id).clone()),
-                    _ => out.push(TierPolicies {
-                        tier: p.tier.clone(),
-                        policies: vec![(*id).clone()],
-                        end: self.tier(&p.tier).end,
-                    }),
-                }
+        selecting
+    }
+
+    /// The tiers of `selecting` that have a policy `keep` takes, each with the policies
+    /// it takes, in order; a tier ends in `end` when given, else in its `defaultAction`.
+    fn tiers(
+        &self,
+        selecting: &[(&String, &ResolvedPolicy)],
+        keep: impl Fn(&ResolvedPolicy) -> bool,
+        end: Option<TierEnd>,
+    ) -> Vec<TierPolicies> {
+        let mut out: Vec<TierPolicies> = Vec::new();
+        for (id, p) in selecting.iter().filter(|(_, p)| keep(p)) {
+            match out.last_mut() {
+                Some(t) if t.tier == p.tier => t.policies.push((*id).clone()),
+                _ => out.push(TierPolicies {
+                    tier: p.tier.clone(),
+                    policies: vec![(*id).clone()],
+                    end: end.unwrap_or_else(|| self.tier(&p.tier).end),
+                }),
             }
-            out
+        }
+        out
+    }
+
+    /// The endpoint's profiles that exist.
+    fn existing_profiles(&self, e: &EndpointInfo) -> Vec<String> {
+        e.profiles
+            .iter()
+            .filter(|p| self.profiles.contains_key(*p))
+            .cloned()
+            .collect()
+    }
+
+    /// One local endpoint's policy, given its labels: normal-stage policies only.
+    pub(crate) fn endpoint(&self, e: &EndpointInfo, labels: &BTreeMap<String, String>) -> Endpoint {
+        let selecting = self.selecting(labels);
+        let normal = |ingress: bool| {
+            move |p: &ResolvedPolicy| {
+                p.stage == Stage::Normal && if ingress { p.ingress } else { p.egress }
+            }
         };
         Endpoint {
             name: e.name.clone(),
-            ingress: tiers(true),
-            egress: tiers(false),
-            profiles: e
-                .profiles
-                .iter()
-                .filter(|p| self.profiles.contains_key(*p))
-                .cloned()
-                .collect(),
+            ingress: self.tiers(&selecting, normal(true), None),
+            egress: self.tiers(&selecting, normal(false), None),
+            profiles: self.existing_profiles(e),
+        }
+    }
+
+    /// One host endpoint's policy, split by stage as Calico's `tierInfoToProtoTierInfo`
+    /// does: pre-DNAT and untracked tiers end in Pass.
+    pub(crate) fn host_endpoint(
+        &self,
+        e: &EndpointInfo,
+        labels: &BTreeMap<String, String>,
+    ) -> HostEndpoint {
+        let selecting = self.selecting(labels);
+        let of = |stage: Stage, ingress: bool, forward: bool| {
+            move |p: &ResolvedPolicy| {
+                p.stage == stage
+                    && (!forward || p.apply_on_forward)
+                    && if ingress { p.ingress } else { p.egress }
+            }
+        };
+        let pass = Some(TierEnd::Pass);
+        HostEndpoint {
+            name: e.name.clone(),
+            ingress: self.tiers(&selecting, of(Stage::Normal, true, false), None),
+            egress: self.tiers(&selecting, of(Stage::Normal, false, false), None),
+            forward_ingress: self.tiers(&selecting, of(Stage::Normal, true, true), None),
+            forward_egress: self.tiers(&selecting, of(Stage::Normal, false, true), None),
+            pre_dnat: self.tiers(&selecting, of(Stage::PreDnat, true, false), pass),
+            untracked_ingress: self.tiers(&selecting, of(Stage::Untracked, true, false), pass),
+            untracked_egress: self.tiers(&selecting, of(Stage::Untracked, false, false), pass),
+            profiles: self.existing_profiles(e),
+        }
+    }
+
+    /// This node's host endpoints by interface: per interface name (and for `*`), the
+    /// one whose name sorts first (Calico's `resolveHostEndpoints`). One that names no
+    /// interface (Calico then matches `expectedIPs` against the host's addresses) is not
+    /// programmed here: its addresses still fill selector sets.
+    pub(crate) fn host_endpoints(
+        &self,
+        labels: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> BTreeMap<String, HostEndpoint> {
+        let mut best: BTreeMap<String, (&String, &EndpointInfo)> = BTreeMap::new();
+        for (key, e) in &self.endpoints {
+            if !e.host || e.node != self.node || e.iface.is_empty() {
+                continue;
+            }
+            let iface = if e.iface == crate::model::hostendpoint::ALL_INTERFACES {
+                ALL_INTERFACES_KEY.to_string()
+            } else {
+                e.iface.clone()
+            };
+            match best.get(&iface) {
+                Some((_, b)) if b.name <= e.name => {}
+                _ => {
+                    best.insert(iface, (key, e));
+                }
+            }
+        }
+        best.into_iter()
+            .map(|(iface, (key, e))| (iface, self.host_endpoint(e, &labels[key])))
+            .collect()
+    }
+
+    /// The host layer: this node's host endpoints and the failsafe ports.
+    pub(crate) fn host_layer(
+        &self,
+        labels: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> HostLayer {
+        HostLayer {
+            endpoints: self.host_endpoints(labels),
+            failsafe_in: self.failsafe_in.clone(),
+            failsafe_out: self.failsafe_out.clone(),
+            vxlan_port: self.vxlan_port,
         }
     }
 
@@ -834,25 +992,45 @@ impl PolicyCalc {
                 continue;
             }
             let ep = self.endpoint(e, &labels[key]);
-            for t in ep.ingress.iter().chain(&ep.egress) {
-                for id in &t.policies {
-                    if !dp.policies.contains_key(id) {
-                        let p = &self.policies[id];
-                        dp.policies.insert(id.clone(), p.chains.clone());
-                        defs.extend(p.sets.iter().map(|(k, v)| (k.clone(), v)));
-                    }
-                }
-            }
-            for name in &ep.profiles {
-                if !dp.profiles.contains_key(name) {
-                    let p = &self.profiles[name];
-                    dp.profiles.insert(name.clone(), p.chains.clone());
-                    defs.extend(p.sets.iter().map(|(k, v)| (k.clone(), v)));
-                }
-            }
+            let policies = ep
+                .ingress
+                .iter()
+                .chain(&ep.egress)
+                .flat_map(|t| &t.policies);
+            self.take_chains(&mut dp, &mut defs, policies, &ep.profiles);
             dp.endpoints.insert(e.iface.clone(), ep);
         }
+        let host = self.host_layer(labels);
+        for h in host.endpoints.values() {
+            self.take_chains(&mut dp, &mut defs, h.policies(), &h.profiles);
+        }
+        dp.host = host;
         (dp, defs)
+    }
+
+    /// Put the chains of `policies` and `profiles` in `dp` (once each) and the sets they
+    /// use in `defs`.
+    fn take_chains<'a, 'b>(
+        &'a self,
+        dp: &mut PolicyDataplane,
+        defs: &mut BTreeMap<String, &'a SetDef>,
+        policies: impl Iterator<Item = &'b String>,
+        profiles: &[String],
+    ) {
+        for id in policies {
+            if !dp.policies.contains_key(id) {
+                let p = &self.policies[id];
+                dp.policies.insert(id.clone(), p.chains.clone());
+                defs.extend(p.sets.iter().map(|(k, v)| (k.clone(), v)));
+            }
+        }
+        for name in profiles {
+            if !dp.profiles.contains_key(name) {
+                let p = &self.profiles[name];
+                dp.profiles.insert(name.clone(), p.chains.clone());
+                defs.extend(p.sets.iter().map(|(k, v)| (k.clone(), v)));
+            }
+        }
     }
 }
 
@@ -898,6 +1076,7 @@ pub fn diff(old: &PolicyDataplane, new: &PolicyDataplane) -> Delta {
         profiles: changed(&old.profiles, &new.profiles),
         endpoint_to_host: old.endpoint_to_host != new.endpoint_to_host,
         encap_drops: old.encap_drops != new.encap_drops,
+        host: old.host != new.host,
         ..Default::default()
     };
     for (id, set) in &new.sets {

@@ -68,8 +68,9 @@ impl World {
     }
 
     fn gnp(&mut self, name: &str, json: &str) -> &mut Self {
-        let p = resolve_gnp(name, &spec(json)).expect("a workload policy");
-        self.calc.policies.insert(gnp_id(name), p);
+        let spec = spec(json);
+        let p = resolve_gnp(name, &spec);
+        self.calc.policies.insert(gnp_stage_id(name, &spec), p);
         self
     }
 
@@ -750,9 +751,18 @@ fn profiles_follow_the_endpoint_in_order_and_host_only_policies_never_apply() {
     assert_eq!(dp.endpoints["cali-a"].profiles, vec!["p2", "p1"]);
     assert_eq!(dp.profiles["p1"].inbound.len(), 1);
     assert_eq!(dp.sets.len(), 1, "the profile's selector set");
-    let pre: GlobalNetworkPolicySpec =
-        spec(r#"{"preDNAT":true,"applyOnForward":true,"ingress":[{"action":"Deny"}]}"#);
-    assert!(resolve_gnp("pre", &pre).is_none());
+    // Pre-DNAT and untracked policies are for host endpoints only.
+    w.gnp(
+        "pre",
+        r#"{"preDNAT":true,"applyOnForward":true,"ingress":[{"action":"Deny"}]}"#,
+    );
+    w.gnp(
+        "untracked",
+        r#"{"doNotTrack":true,"applyOnForward":true,"ingress":[{"action":"Deny"}]}"#,
+    );
+    let dp = w.dp();
+    assert!(dp.endpoints["cali-a"].ingress.is_empty());
+    assert!(dp.policies.is_empty());
 }
 
 #[test]

@@ -26,7 +26,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::calc::{EndpointInfo, NetSetInfo, PolicyCalc, SetDef};
-use super::{Chains, Delta, EncapDrops, Endpoint, EndpointToHost, IpSet, PolicyDataplane};
+use super::{
+    Chains, Delta, EncapDrops, Endpoint, EndpointToHost, Failsafe, HostEndpoint, HostLayer, IpSet,
+    PolicyDataplane,
+};
 
 /// One member of an IP set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -47,6 +50,7 @@ struct Journal {
     members: BTreeMap<String, BTreeMap<Member, bool>>,
     endpoint_to_host: Option<EndpointToHost>,
     encap_drops: Option<EncapDrops>,
+    host: Option<HostLayer>,
 }
 
 /// The policy calculation's inputs, its last result and the indexes to update it.
@@ -134,8 +138,63 @@ impl PolicyEngine {
         Arc::make_mut(&mut self.dp).encap_drops = v;
     }
 
+    /// `failsafeInboundHostPorts` / `failsafeOutboundHostPorts`, and `vxlanPort`.
+    pub fn set_host_config(
+        &mut self,
+        inbound: Vec<Failsafe>,
+        outbound: Vec<Failsafe>,
+        vxlan_port: u16,
+    ) {
+        self.calc.failsafe_in = inbound.clone();
+        self.calc.failsafe_out = outbound.clone();
+        self.calc.vxlan_port = vxlan_port;
+        let h = &self.dp.host;
+        if self.rebuild
+            || (h.failsafe_in == inbound
+                && h.failsafe_out == outbound
+                && h.vxlan_port == vxlan_port)
+        {
+            return;
+        }
+        self.journal.host.get_or_insert_with(|| h.clone());
+        let h = &mut Arc::make_mut(&mut self.dp).host;
+        h.failsafe_in = inbound;
+        h.failsafe_out = outbound;
+        h.vxlan_port = vxlan_port;
+    }
+
+    /// This node's host endpoints computed again (they are few): what they use is taken
+    /// before what they used is let go.
+    fn refresh_host(&mut self) {
+        if self.rebuild {
+            return;
+        }
+        let new = self.calc.host_endpoints(&self.labels);
+        if new == self.dp.host.endpoints {
+            return;
+        }
+        for h in new.values() {
+            self.use_refs(host_policies(h), dedup(&h.profiles), true);
+        }
+        let old = self.dp.host.clone();
+        for h in old.endpoints.values() {
+            self.use_refs(host_policies(h), dedup(&h.profiles), false);
+        }
+        self.journal.host.get_or_insert(old);
+        Arc::make_mut(&mut self.dp).host.endpoints = new;
+    }
+
     /// An endpoint (of any node) added, changed (`Some`) or removed (`None`).
     pub fn endpoint(&mut self, key: &str, info: Option<EndpointInfo>) {
+        let host = info.as_ref().is_some_and(|i| i.host)
+            || self.calc.endpoints.get(key).is_some_and(|i| i.host);
+        self.endpoint_inner(key, info);
+        if host {
+            self.refresh_host();
+        }
+    }
+
+    fn endpoint_inner(&mut self, key: &str, info: Option<EndpointInfo>) {
         if self.rebuild {
             match info {
                 Some(i) => self.calc.endpoints.insert(key.to_string(), i),
@@ -253,6 +312,7 @@ impl PolicyEngine {
             profiles: changed(j.profiles, &dp.profiles),
             endpoint_to_host: j.endpoint_to_host.is_some_and(|v| v != dp.endpoint_to_host),
             encap_drops: j.encap_drops.is_some_and(|v| v != dp.encap_drops),
+            host: j.host.is_some_and(|v| v != dp.host),
             ..Default::default()
         };
         for (id, existed) in &j.sets {
@@ -303,11 +363,21 @@ impl PolicyEngine {
             .collect();
         self.policy_users.clear();
         self.profile_users.clear();
-        for ep in new.endpoints.values() {
-            for id in endpoint_policies(ep) {
+        let users = new
+            .endpoints
+            .values()
+            .map(|ep| (endpoint_policies(ep), dedup(&ep.profiles)))
+            .chain(
+                new.host
+                    .endpoints
+                    .values()
+                    .map(|h| (host_policies(h), dedup(&h.profiles))),
+            );
+        for (policies, profiles) in users {
+            for id in policies {
                 *self.policy_users.entry(id).or_default() += 1;
             }
-            for p in dedup(&ep.profiles) {
+            for p in profiles {
                 *self.profile_users.entry(p.clone()).or_default() += 1;
             }
         }
@@ -384,6 +454,9 @@ impl PolicyEngine {
         }
         if old.encap_drops != new.encap_drops {
             self.journal.encap_drops.get_or_insert(old.encap_drops);
+        }
+        if old.host != new.host {
+            self.journal.host.get_or_insert_with(|| old.host.clone());
         }
         self.dp = Arc::new(new);
     }
@@ -478,7 +551,12 @@ impl PolicyEngine {
 
     /// Take (`acquire`) or let go of the policies and profiles an endpoint uses.
     fn use_chains(&mut self, ep: &Endpoint, acquire: bool) {
-        for id in endpoint_policies(ep) {
+        self.use_refs(endpoint_policies(ep), dedup(&ep.profiles), acquire);
+    }
+
+    /// Take or let go of policies and profiles for one user.
+    fn use_refs(&mut self, policies: BTreeSet<String>, profiles: BTreeSet<&String>, acquire: bool) {
+        for id in policies {
             let n = self.policy_users.entry(id.clone()).or_default();
             if acquire {
                 *n += 1;
@@ -493,7 +571,7 @@ impl PolicyEngine {
                 }
             }
         }
-        for name in dedup(&ep.profiles) {
+        for name in profiles {
             let n = self.profile_users.entry(name.clone()).or_default();
             if acquire {
                 *n += 1;
@@ -684,6 +762,7 @@ impl PolicyEngine {
             }
             self.put_endpoint(&iface, Some(ep));
         }
+        self.refresh_host();
     }
 
     fn create_set(&mut self, id: &str, def: SetDef) {
@@ -737,6 +816,11 @@ fn endpoint_policies(ep: &Endpoint) -> BTreeSet<String> {
         .chain(&ep.egress)
         .flat_map(|t| t.policies.iter().cloned())
         .collect()
+}
+
+/// The policies a host endpoint uses, each once.
+fn host_policies(h: &HostEndpoint) -> BTreeSet<String> {
+    h.policies().cloned().collect()
 }
 
 /// What an endpoint the selector matches gives the set.

@@ -191,7 +191,7 @@ fn apply(e: &mut PolicyEngine, op: &Op) {
             let (id, p) = match ns {
                 None => (
                     gnp_id(name),
-                    resolve_gnp(name, &serde_json::from_str(json).unwrap()).unwrap(),
+                    resolve_gnp(name, &serde_json::from_str(json).unwrap()),
                 ),
                 Some(ns) => (
                     np_id(ns, name),
@@ -285,7 +285,7 @@ fn a_label_change_touches_only_its_sets_and_its_endpoint() {
         let (name, _, json) = POLICIES[0];
         calc.policies.insert(
             gnp_id(name),
-            resolve_gnp(name, &serde_json::from_str(json).unwrap()).unwrap(),
+            resolve_gnp(name, &serde_json::from_str(json).unwrap()),
         );
     }
     for i in 0..6 {
@@ -319,7 +319,7 @@ fn a_label_change_at_scale_writes_a_few_members_and_is_fast() {
         let name = format!("p{i}");
         calc.policies.insert(
             gnp_id(&name),
-            resolve_gnp(&name, &serde_json::from_str(&json).unwrap()).unwrap(),
+            resolve_gnp(&name, &serde_json::from_str(&json).unwrap()),
         );
     }
     let ep = |i: usize, app: usize| {
@@ -390,7 +390,7 @@ fn a_label_change_at_scale_writes_a_few_members_and_is_fast() {
     let t = std::time::Instant::now();
     e.policy(
         &gnp_id("new"),
-        resolve_gnp("new", &serde_json::from_str(json).unwrap()),
+        Some(resolve_gnp("new", &serde_json::from_str(json).unwrap())),
     );
     let (_, d) = e.take();
     let policy_change = t.elapsed();

@@ -42,6 +42,108 @@ pub struct PolicyDataplane {
     /// `allowVXLANPacketsFromWorkloads` / `allowIPIPPacketsFromWorkloads`, both false by
     /// default): dropped before any policy, whatever the destination.
     pub encap_drops: EncapDrops,
+    /// This node's host endpoints and the failsafe ports (REFERENCE §10).
+    pub host: HostLayer,
+}
+
+/// Where a policy is enforced (Calico's split of a host endpoint's tiers): the filter
+/// layer (`Normal`, for workloads and host endpoints), before kube-proxy's DNAT
+/// (`PreDnat`, host endpoints' ingress only) or before conntrack (`Untracked`, host
+/// endpoints only). The policy's chain id says which: `prednat/…` and `untracked/…`
+/// (see [`stage_of`]), so a policy that moves between stages is a new chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    Normal,
+    PreDnat,
+    Untracked,
+}
+
+/// The id prefix of pre-DNAT policies.
+pub const PRE_DNAT_PREFIX: &str = "prednat/";
+/// The id prefix of untracked (`doNotTrack`) policies.
+pub const UNTRACKED_PREFIX: &str = "untracked/";
+
+/// The stage of a policy, from its chain id.
+pub fn stage_of(id: &str) -> Stage {
+    if id.starts_with(PRE_DNAT_PREFIX) {
+        Stage::PreDnat
+    } else if id.starts_with(UNTRACKED_PREFIX) {
+        Stage::Untracked
+    } else {
+        Stage::Normal
+    }
+}
+
+/// The interface key of the all-interfaces host endpoint (`interfaceName: "*"`), as
+/// Calico names its chains (`cali-fh-any-interface-at-all`).
+pub const ALL_INTERFACES_KEY: &str = "any-interface-at-all";
+
+/// This node's host endpoints as the dataplane enforces them, and Felix's failsafe ports.
+/// No endpoint: nothing of this layer is programmed (host traffic is not policed).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostLayer {
+    /// The active host endpoint of each interface, by interface name
+    /// ([`ALL_INTERFACES_KEY`] for the all-interfaces one): where several name the same
+    /// interface, the one whose name sorts first (Calico).
+    pub endpoints: BTreeMap<String, HostEndpoint>,
+    /// `failsafeInboundHostPorts` / `failsafeOutboundHostPorts`.
+    pub failsafe_in: Vec<Failsafe>,
+    pub failsafe_out: Vec<Failsafe>,
+    /// `vxlanPort`: VXLAN between nodes passes host endpoints.
+    pub vxlan_port: u16,
+}
+
+/// One failsafe port: traffic to it (and, before conntrack, its replies) is always
+/// allowed through host endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Failsafe {
+    /// IP protocol number (6, 17 or 132).
+    pub protocol: u8,
+    pub port: u16,
+    /// Only from (inbound) or to (outbound) this network.
+    pub net: Option<IpNet>,
+}
+
+/// One host endpoint's policy, split as Calico's calculation splits it
+/// (`tierInfoToProtoTierInfo`): normal policies for traffic to and from the host,
+/// `applyOnForward` ones also for forwarded traffic, pre-DNAT ones (ingress only) and
+/// untracked ones; the tiers of the last two end in Pass (the filter layer decides what
+/// they leave). Profiles apply to the normal layer only.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HostEndpoint {
+    /// The HostEndpoint's name.
+    pub name: String,
+    /// Traffic from the interface to the host (`cali-fh-`) and from the host out of it
+    /// (`cali-th-`).
+    pub ingress: Vec<TierPolicies>,
+    pub egress: Vec<TierPolicies>,
+    /// Forwarded traffic in through (`cali-fhfw-`) and out through (`cali-thfw-`) it.
+    pub forward_ingress: Vec<TierPolicies>,
+    pub forward_egress: Vec<TierPolicies>,
+    /// Before kube-proxy's DNAT, in through it.
+    pub pre_dnat: Vec<TierPolicies>,
+    /// Before conntrack, in and out.
+    pub untracked_ingress: Vec<TierPolicies>,
+    pub untracked_egress: Vec<TierPolicies>,
+    pub profiles: Vec<String>,
+}
+
+impl HostEndpoint {
+    /// Every policy id it uses (with repeats).
+    pub fn policies(&self) -> impl Iterator<Item = &String> {
+        [
+            &self.ingress,
+            &self.egress,
+            &self.forward_ingress,
+            &self.forward_egress,
+            &self.pre_dnat,
+            &self.untracked_ingress,
+            &self.untracked_egress,
+        ]
+        .into_iter()
+        .flatten()
+        .flat_map(|t| t.policies.iter())
+    }
 }
 
 /// What [`PolicyDataplane::encap_drops`] drops from workloads.
@@ -217,6 +319,8 @@ pub struct Delta {
     pub endpoint_to_host: bool,
     /// `encap_drops` changed.
     pub encap_drops: bool,
+    /// `host` changed: the host layer is rewritten whole (it is small).
+    pub host: bool,
 }
 
 impl Delta {
