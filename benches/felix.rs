@@ -172,6 +172,7 @@ async fn felix(
         mtu_file: None,
         faults: None,
         tasks: tokio_util::task::TaskTracker::new(),
+        env: Vec::new(),
     };
     let task = tokio::spawn(actor::run(
         cfg,

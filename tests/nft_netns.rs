@@ -16,6 +16,9 @@ use calico_node::felix::policy::{
     PortRange, Rule, TierEnd, TierPolicies,
 };
 use common::NetNs;
+
+/// The route refresh interval the executor is given (Felix's default).
+const REFRESH: std::time::Duration = std::time::Duration::from_secs(90);
 use ipnet::IpNet;
 
 fn net(s: &str) -> IpNet {
@@ -1109,11 +1112,11 @@ fn a_refused_delta_is_reported_and_the_next_apply_is_full() {
         let mut t = PolicyTables::new();
         let now = Instant::now();
         assert!(
-            t.ensure_full(&d, &Delta::full(), &Nat::default(), "cali", now)
+            t.ensure_full(&d, &Delta::full(), &Nat::default(), "cali", now, REFRESH)
                 .unwrap()
         );
         assert!(
-            !t.ensure_full(&d, &Delta::default(), &Nat::default(), "cali", now)
+            !t.ensure_full(&d, &Delta::default(), &Nat::default(), "cali", now, REFRESH)
                 .unwrap(),
             "unchanged: skipped"
         );
@@ -1191,11 +1194,11 @@ fn a_refused_delta_is_reported_and_the_next_apply_is_full() {
         let later = Instant::now() + Duration::from_secs(91);
         let none = Delta::default();
         assert!(
-            t.ensure_full(&d, &none, &Nat::default(), "cali", later)
+            t.ensure_full(&d, &none, &Nat::default(), "cali", later, REFRESH)
                 .unwrap()
         );
         assert!(
-            !t.ensure_full(&d, &none, &Nat::default(), "cali", later)
+            !t.ensure_full(&d, &none, &Nat::default(), "cali", later, REFRESH)
                 .unwrap()
         );
     });
@@ -1223,7 +1226,7 @@ fn a_full_pass_skips_what_an_apply_already_wrote() {
         let now = Instant::now();
         let base = Arc::new(rich());
         assert!(
-            t.ensure_full(&base, &Delta::full(), &Nat::default(), "cali", now)
+            t.ensure_full(&base, &Delta::full(), &Nat::default(), "cali", now, REFRESH)
                 .unwrap()
         );
         let mut next = rich();
@@ -1235,7 +1238,7 @@ fn a_full_pass_skips_what_an_apply_already_wrote() {
         let equal = Arc::new((*next).clone());
         let none = Delta::default();
         assert!(
-            !t.ensure_full(&equal, &none, &Nat::default(), "cali", now)
+            !t.ensure_full(&equal, &none, &Nat::default(), "cali", now, REFRESH)
                 .unwrap()
         );
         assert_eq!(t.stats.calls, calls, "nothing written");
@@ -1253,32 +1256,32 @@ fn a_full_pass_skips_what_an_apply_already_wrote() {
         let before = handle();
         let back = diff(&next, &base);
         assert!(
-            t.ensure_full(&base, &back, &Nat::default(), "cali", now)
+            t.ensure_full(&base, &back, &Nat::default(), "cali", now, REFRESH)
                 .unwrap()
         );
         assert_eq!(handle(), before, "the delta only, not a new table");
         assert!(
-            !t.ensure_full(&base, &none, &Nat::default(), "cali", now)
+            !t.ensure_full(&base, &none, &Nat::default(), "cali", now, REFRESH)
                 .unwrap()
         );
         // NAT or prefix changed: rewritten whole (a new table).
         assert!(
-            t.ensure_full(&base, &none, &dual_stack(), "cali", now)
+            t.ensure_full(&base, &none, &dual_stack(), "cali", now, REFRESH)
                 .unwrap()
         );
         assert_ne!(handle(), before, "a new table");
         assert!(
-            t.ensure_full(&base, &none, &dual_stack(), "tap", now)
+            t.ensure_full(&base, &none, &dual_stack(), "tap", now, REFRESH)
                 .unwrap()
         );
         assert!(
-            !t.ensure_full(&base, &none, &dual_stack(), "tap", now)
+            !t.ensure_full(&base, &none, &dual_stack(), "tap", now, REFRESH)
                 .unwrap()
         );
         // Much later, nothing has written nftables since: still nothing to repair.
         let later = now + std::time::Duration::from_secs(600);
         assert!(
-            !t.ensure_full(&base, &none, &dual_stack(), "tap", later)
+            !t.ensure_full(&base, &none, &dual_stack(), "tap", later, REFRESH)
                 .unwrap()
         );
         t
@@ -1292,11 +1295,11 @@ fn a_full_pass_skips_what_an_apply_already_wrote() {
         let later = Instant::now() + std::time::Duration::from_secs(600);
         let none = Delta::default();
         assert!(
-            t.ensure_full(&base, &none, &dual_stack(), "tap", later)
+            t.ensure_full(&base, &none, &dual_stack(), "tap", later, REFRESH)
                 .unwrap()
         );
         assert!(
-            !t.ensure_full(&base, &none, &dual_stack(), "tap", later)
+            !t.ensure_full(&base, &none, &dual_stack(), "tap", later, REFRESH)
                 .unwrap()
         );
     });

@@ -38,6 +38,8 @@ pub struct Config {
     pub faults: FaultInput,
     /// Where Felix's own tasks run (the netlink connection): the daemon's tracker.
     pub tasks: TaskTracker,
+    /// `FELIX_*` variables, over the datastore's FelixConfiguration.
+    pub env: Vec<(String, String)>,
 }
 
 /// The time on tokio's clock (paused in tests), as the core takes it.
@@ -75,10 +77,11 @@ pub async fn run(
         node,
         mtu_file,
         mut faults,
+        env,
         ..
     } = cfg;
     let mut dataplane = Dataplane::new(handle, writer, metrics.clone(), mtu_file);
-    let mut core = Core::new(&node, now());
+    let mut core = Core::with_env(&node, now(), env);
     let mut wake = tokio::time::Instant::from_std(core.deadline());
     loop {
         let input = tokio::select! {

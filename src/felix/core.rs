@@ -141,6 +141,9 @@ pub struct Pass {
     /// known and no one touched nftables since (a pod added: its chains, not 30,000
     /// rules); `Delta::full()` when what the kernel holds is unknown.
     pub policy_delta: Delta,
+    /// `routeRefreshInterval` (the default when off): unchanged tables are rewritten at
+    /// most this often, when nftables was written since (drift repaired).
+    pub refresh: Duration,
 }
 
 /// A repair: the routes of each scope (an interface; `None`: the whole table, when
@@ -204,7 +207,12 @@ fn refresh_or_default(interval: std::time::Duration) -> std::time::Duration {
 impl Core {
     /// Felix for `node`, started at `now` (the first resync is one refresh interval on).
     pub fn new(node: &str, now: Instant) -> Core {
-        let state = State::new(node);
+        Core::with_env(node, now, Vec::new())
+    }
+
+    /// Felix for `node` with `FELIX_*` variables `env` (over the datastore's settings).
+    pub fn with_env(node: &str, now: Instant, env: Vec<(String, String)>) -> Core {
+        let state = State::with_env(node, env);
         let next_resync = now + refresh_or_default(state.config().route_refresh_interval());
         Core {
             state,
@@ -396,6 +404,7 @@ impl Core {
                 .or_else(|| self.state.node_ipv4()),
             vxlan_mtu: cfg.vxlan_mtu,
             ipip_mtu: cfg.ipip_mtu,
+            refresh: refresh_or_default(cfg.route_refresh_interval()),
             // What the pass writes is the base of the next deltas.
             policy,
             policy_delta,

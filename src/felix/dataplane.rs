@@ -163,6 +163,7 @@ impl Dataplane {
                 &desired.nat,
                 &pass.prefix,
                 Instant::now(),
+                pass.refresh,
             )
         });
         match r {

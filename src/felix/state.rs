@@ -56,6 +56,9 @@ pub struct State {
     pub policy_changed: bool,
     pub datastore_in_sync: bool,
     pub bgp_in_sync: bool,
+    /// `FELIX_*` variables: they override the datastore's FelixConfiguration (validated at
+    /// start-up).
+    env: Vec<(String, String)>,
 }
 
 /// What a policy-related datastore key holds.
@@ -68,9 +71,15 @@ enum PolicyKey {
 
 impl State {
     pub fn new(node: &str) -> State {
+        State::with_env(node, Vec::new())
+    }
+
+    /// Felix for `node` with `FELIX_*` variables `env`.
+    pub fn with_env(node: &str, env: Vec<(String, String)>) -> State {
         let mut s = State {
             node: node.to_string(),
             policy: PolicyEngine::new(node),
+            env,
             ..Default::default()
         };
         // Felix's defaults (the failsafe ports above all) before any FelixConfiguration.
@@ -359,10 +368,15 @@ impl State {
     /// The FelixConfiguration in force: `node.<name>` over `default`.
     pub fn config(&self) -> FelixConfigurationSpec {
         let empty = FelixConfigurationSpec::default();
-        FelixConfigurationSpec::merged(
+        let mut c = FelixConfigurationSpec::merged(
             self.global.as_ref().unwrap_or(&empty),
             self.per_node.as_ref().unwrap_or(&empty),
-        )
+        );
+        for (k, v) in &self.env {
+            // Checked at start-up: a value that does not parse stopped it there.
+            let _ = c.apply_env(k, v);
+        }
+        c
     }
 
     /// The settings the calculation uses.

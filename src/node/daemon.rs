@@ -385,6 +385,7 @@ async fn run_started(
                 mtu_file: Some(cfg.state_dir.join("mtu")),
                 faults: sup.fault_input("felix"),
                 tasks: tracker.clone(),
+                env: cfg.felix_env.clone(),
             },
             felix_rx,
             bgp_rx,

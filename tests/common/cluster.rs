@@ -30,6 +30,12 @@ impl Lab {
     /// loud skip) without root, iproute2, etcd or ping (the pods are there to reach each
     /// other).
     pub fn new(prefix: &str, count: usize) -> Option<Lab> {
+        Lab::with_etcd_port(prefix, count, free_port())
+    }
+
+    /// Like [`Lab::new`], etcd's client port `port` (in the hub's own namespace: 2379, as
+    /// a cluster has it, takes nothing from the machine).
+    pub fn with_etcd_port(prefix: &str, count: usize, port: u16) -> Option<Lab> {
         if !super::have("ping") {
             super::skip("ping is not installed");
             return None;
@@ -42,7 +48,6 @@ impl Lab {
         let pb = NetNs::new(&format!("{prefix}pb"))?;
         assert_eq!(nodes.len(), count);
         bridged(&hub, &nodes);
-        let port = free_port();
         let etcd = Etcd::start_on_also(&hub.name, port, "10.99.0.254")?;
         Some(Lab {
             states: (0..count).map(|_| tempfile::tempdir().unwrap()).collect(),

@@ -273,6 +273,11 @@ pub fn reaches(from: &NetNs, to: &str, proto: Proto, timeout: Duration) -> bool 
     probe_in(&from.name, to, proto, timeout)
 }
 
+/// [`reaches`] from the namespace named `from` (for a thread that cannot borrow it).
+pub fn reaches_from(from: &str, to: &str, proto: Proto, timeout: Duration) -> bool {
+    probe_in(from, to, proto, timeout)
+}
+
 /// Polls [`reaches`] (with a short timeout) until it gives `want`; how long after `since`
 /// that was, within about `timeout`. Panics after `limit`.
 pub fn time_until_reaches(

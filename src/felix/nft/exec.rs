@@ -54,7 +54,7 @@ pub struct PolicyTables {
     /// The dataplane in our tables, when known (after a full write, or an apply whose
     /// caller handed it over with [`PolicyTables::written`]): a full pass with an equal
     /// dataplane, the same NAT and prefix skips the rewrite (~1 s with 1,000 endpoints)
-    /// until [`REWRITE_AFTER`] has passed since the last full write. Weak: a strong
+    /// until the refresh interval has passed since the last full write. Weak: a strong
     /// reference would make the calculation's next change (`Arc::make_mut`) copy the
     /// whole dataplane (milliseconds with 1,000 endpoints, on every label change); the
     /// change moves it instead, and this reference dies, so a full pass after a change
@@ -70,10 +70,6 @@ pub struct PolicyTables {
     conn: Option<netlink::Conn>,
     pub stats: NftStats,
 }
-
-/// How long a full pass may skip rewriting unchanged tables: drift (someone else's
-/// `nft flush ruleset`) is repaired within this (Felix's route refresh interval).
-pub const REWRITE_AFTER: Duration = Duration::from_secs(90);
 
 const FULL: &str = "full apply of table calico";
 const INCREMENTAL: &str = "incremental apply of table calico";
@@ -131,7 +127,8 @@ impl PolicyTables {
 
     /// The full pass: replace our tables with `dp` and `nat` unless they hold an equal
     /// dataplane, that NAT and prefix, and either the last full write is less than
-    /// [`REWRITE_AFTER`] old or nothing has written nftables since our last write (the
+    /// `refresh` old (the route refresh interval: drift, someone else's `nft flush
+    /// ruleset`, is repaired within it) or nothing has written nftables since our last write (the
     /// ruleset generation is the same): drift repair without a periodic rewrite. Whether
     /// nft ran.
     ///
@@ -146,10 +143,11 @@ impl PolicyTables {
         nat: &Nat,
         prefix: &str,
         now: Instant,
+        refresh: Duration,
     ) -> Result<bool, NftError> {
         let recent = self
             .last_full
-            .is_some_and(|at| now.saturating_duration_since(at) < REWRITE_AFTER);
+            .is_some_and(|at| now.saturating_duration_since(at) < refresh);
         let same = self
             .written
             .as_ref()

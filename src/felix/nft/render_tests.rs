@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use ipnet::IpNet;
 
 use super::render::*;
-use crate::felix::policy::Stage;
 use crate::felix::calc::Nat;
+use crate::felix::policy::Stage;
 use crate::felix::policy::{
     Action, Chains, Delta, Endpoint, Icmp, IpSet, Match, PolicyDataplane, PortRange, Rule, TierEnd,
     TierPolicies,
@@ -47,7 +47,10 @@ fn actions() {
         (Action::Log, "counter log prefix \"calico-packet: \""),
     ];
     for (a, want) in cases {
-        assert_eq!(rule_lines(&rule(a), false, Stage::Normal), vec![want.to_string()]);
+        assert_eq!(
+            rule_lines(&rule(a), false, Stage::Normal),
+            vec![want.to_string()]
+        );
     }
 }
 
