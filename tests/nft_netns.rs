@@ -12,8 +12,8 @@ use std::net::IpAddr;
 use calico_node::felix::calc::Nat;
 use calico_node::felix::nft::PolicyTables;
 use calico_node::felix::policy::{
-    Action, Chains, Delta, Endpoint, EndpointToHost, Icmp, IpSet, Match, PolicyDataplane,
-    PortRange, Rule, TierEnd, TierPolicies,
+    ALL_INTERFACES_KEY, Action, Chains, Delta, Endpoint, EndpointToHost, Failsafe, HostEndpoint,
+    Icmp, IpSet, Match, PolicyDataplane, PortRange, Rule, TierEnd, TierPolicies,
 };
 use common::NetNs;
 
@@ -157,6 +157,7 @@ fn diff(old: &PolicyDataplane, new: &PolicyDataplane) -> Delta {
         policies: changed(&old.policies, &new.policies),
         profiles: changed(&old.profiles, &new.profiles),
         endpoint_to_host: old.endpoint_to_host != new.endpoint_to_host,
+        host: old.host != new.host,
         ..Default::default()
     };
     // Endpoints whose policies or profiles come or go are not named: the executor
@@ -451,6 +452,91 @@ fn incremental_deltas_equal_a_full_apply() {
     }
     let mut to_host = policy_gone.clone();
     to_host.endpoint_to_host = EndpointToHost::Return;
+    // The host layer: a host endpoint with a normal policy and failsafe ports, then one
+    // for all interfaces with pre-DNAT, untracked and forward policies, a policy of the
+    // layer changed, the failsafe ports changed, the layer gone.
+    let mut host = to_host.clone();
+    host.host.failsafe_in = vec![Failsafe {
+        protocol: 6,
+        port: 22,
+        net: None,
+    }];
+    host.host.failsafe_out = vec![Failsafe {
+        protocol: 17,
+        port: 53,
+        net: Some(net("10.0.0.0/8")),
+    }];
+    host.host.vxlan_port = 4789;
+    host.host.endpoints.insert(
+        "eth0".into(),
+        HostEndpoint {
+            name: "node-eth0".into(),
+            ingress: vec![tier("default", &["gnp/web"], TierEnd::Deny)],
+            profiles: vec!["kns.default".into()],
+            ..Default::default()
+        },
+    );
+    let mut host_all = host.clone();
+    for (id, inbound) in [("prednat/gnp/np", true), ("untracked/gnp/raw", false)] {
+        let mut allow = rule(Action::Allow);
+        allow.dst.ports = vec![PortRange {
+            lo: 30080,
+            hi: 30080,
+        }];
+        host_all.policies.insert(
+            id.into(),
+            if inbound {
+                Chains {
+                    inbound: vec![allow],
+                    outbound: vec![],
+                }
+            } else {
+                Chains {
+                    inbound: vec![allow.clone()],
+                    outbound: vec![allow],
+                }
+            },
+        );
+    }
+    host_all.host.endpoints.insert(
+        ALL_INTERFACES_KEY.into(),
+        HostEndpoint {
+            name: "node-all".into(),
+            egress: vec![tier("default", &["gnp/web"], TierEnd::Pass)],
+            forward_ingress: vec![tier("default", &["gnp/web"], TierEnd::Deny)],
+            pre_dnat: vec![tier("default", &["prednat/gnp/np"], TierEnd::Pass)],
+            ..Default::default()
+        },
+    );
+    host_all
+        .host
+        .endpoints
+        .get_mut("eth0")
+        .unwrap()
+        .untracked_ingress = vec![tier("default", &["untracked/gnp/raw"], TierEnd::Pass)];
+    host_all
+        .host
+        .endpoints
+        .get_mut("eth0")
+        .unwrap()
+        .untracked_egress = vec![tier("default", &["untracked/gnp/raw"], TierEnd::Pass)];
+    let mut host_policy = host_all.clone();
+    host_policy
+        .policies
+        .get_mut("prednat/gnp/np")
+        .unwrap()
+        .inbound
+        .push(rule(Action::Pass));
+    let mut host_failsafe = host_policy.clone();
+    host_failsafe.host.failsafe_in.push(Failsafe {
+        protocol: 6,
+        port: 179,
+        net: None,
+    });
+    let mut host_gone = host_failsafe.clone();
+    host_gone.host.endpoints.clear();
+    host_gone.policies.remove("prednat/gnp/np");
+    host_gone.policies.remove("untracked/gnp/raw");
     incremental_equals_full(vec![
         ("the first dataplane", base),
         ("a label change", relabel),
@@ -464,6 +550,11 @@ fn incremental_deltas_equal_a_full_apply() {
         ("a profile appearing", profile_appears),
         ("a policy and set removed", policy_gone),
         ("defaultEndpointToHostAction", to_host),
+        ("a host endpoint", host),
+        ("all interfaces, pre-DNAT and untracked", host_all),
+        ("a pre-DNAT policy changed", host_policy),
+        ("failsafe ports changed", host_failsafe),
+        ("host endpoints gone", host_gone),
         ("everything removed", PolicyDataplane::default()),
     ]);
 }

@@ -6,9 +6,11 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::felix::policy::calc::{
-    TierInfo, diff, gnp_id, np_id, resolve_gnp, resolve_np, resolve_profile,
+    TierInfo, diff, gnp_id, gnp_stage_id, np_id, resolve_gnp, resolve_np, resolve_profile,
 };
+use crate::felix::policy::{Failsafe, PRE_DNAT_PREFIX, UNTRACKED_PREFIX};
 use crate::model::Resource;
+use crate::model::hostendpoint::HostEndpointSpec;
 use crate::model::workload::WorkloadEndpointSpec;
 
 const POLICIES: &[(&str, Option<&str>, &str)] = &[
@@ -40,6 +42,25 @@ const POLICIES: &[(&str, Option<&str>, &str)] = &[
             {"action":"Allow","source":{"nets":["10.9.0.0/16"],"selector":"has(net)"}}],
             "egress":[{"action":"Log"},{"action":"Allow","destination":{"selector":"has(role)"}}]}"#,
     ),
+    // For host endpoints: pre-DNAT, untracked, applyOnForward.
+    (
+        "e",
+        None,
+        r#"{"selector":"has(role)","preDNAT":true,"applyOnForward":true,"types":["Ingress"],"ingress":[
+            {"action":"Deny","source":{"selector":"role == 'b'"}},{"action":"Pass"}]}"#,
+    ),
+    (
+        "f",
+        None,
+        r#"{"selector":"role == 'a'","doNotTrack":true,"applyOnForward":true,"ingress":[
+            {"action":"Allow","destination":{"ports":["http"]}}],"egress":[{"action":"Allow"}]}"#,
+    ),
+    (
+        "g",
+        None,
+        r#"{"selector":"role != 'c'","applyOnForward":true,"ingress":[
+            {"action":"Allow","source":{"selector":"has(x)"}}]}"#,
+    ),
 ];
 
 /// Other versions of the policies above (other selectors and sets, the same ids).
@@ -52,6 +73,12 @@ const ALTERNATIVES: &[&str] = &[
     r#"{"tier":"t1","selector":"all()","ingress":[
         {"action":"Allow","source":{"selector":"role == 'b'"}}]}"#,
     r#"{"namespaceSelector":"team == 'red'","types":["Egress"],"egress":[{"action":"Log"}]}"#,
+    // The pre-DNAT policy moved to the normal stage (another chain id).
+    r#"{"selector":"has(role)","applyOnForward":true,"types":["Ingress"],"ingress":[
+        {"action":"Deny","source":{"selector":"role == 'b'"}}]}"#,
+    r#"{"selector":"role == 'b'","doNotTrack":true,"applyOnForward":true,"ingress":[
+        {"action":"Allow"}]}"#,
+    r#"{"selector":"all()","egress":[{"action":"Deny"}]}"#,
 ];
 
 const PROFILES: &[(&str, &str)] = &[
@@ -99,6 +126,11 @@ enum Op {
     Profile(usize, bool, bool, bool),
     Tier(bool),
     EndpointToHost(u8),
+    /// A host endpoint: index, local, interface (eth0, eth1, `*`), role, profiles.
+    Hep(u8, bool, u8, u8, u8),
+    DelHep(u8),
+    /// Failsafe ports: the defaults or one other list.
+    HostConfig(bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -115,6 +147,10 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(i, on, r, alt)| Op::Profile(i, on, r, alt)),
         1 => any::<bool>().prop_map(Op::Tier),
         1 => (0u8..3).prop_map(Op::EndpointToHost),
+        3 => (0u8..4, any::<bool>(), 0u8..3, 0u8..4, 0u8..4)
+            .prop_map(|(i, l, f, r, p)| Op::Hep(i, l, f, r, p)),
+        1 => (0u8..4).prop_map(Op::DelHep),
+        1 => any::<bool>().prop_map(Op::HostConfig),
     ]
 }
 
@@ -147,8 +183,51 @@ fn endpoint(idx: u8, local: bool, role: u8, ip: u8, profiles: u8, port: bool) ->
     EndpointInfo::from_wep(&w)
 }
 
+fn host_endpoint(idx: u8, local: bool, iface: u8, role: u8, profiles: u8) -> EndpointInfo {
+    let spec = HostEndpointSpec {
+        node: if local { "node-a" } else { "node-b" }.into(),
+        interface_name: ["eth0", "eth1", "*"][iface as usize].into(),
+        expected_ips: vec![format!("10.0.1.{idx}")],
+        profiles: (0..PROFILES.len())
+            .filter(|i| profiles & (1 << i) != 0)
+            .map(|i| PROFILES[i].0.to_string())
+            .collect(),
+        ports: vec![
+            serde_json::from_str(r#"{"name":"http","protocol":"TCP","port":8080}"#).unwrap(),
+        ],
+    };
+    let mut h: Resource<HostEndpointSpec> = Resource::new(format!("h{idx}"), spec);
+    if role < 3 {
+        h.metadata
+            .labels
+            .insert("role".into(), ["a", "b", "c"][role as usize].into());
+    }
+    EndpointInfo::from_hep(&h)
+}
+
 fn apply(e: &mut PolicyEngine, op: &Op) {
     match op {
+        Op::Hep(idx, local, iface, role, profiles) => e.endpoint(
+            &format!("h{idx}"),
+            Some(host_endpoint(*idx, *local, *iface, *role, *profiles)),
+        ),
+        Op::DelHep(idx) => e.endpoint(&format!("h{idx}"), None),
+        Op::HostConfig(other) => {
+            let ports = if *other {
+                vec![Failsafe {
+                    protocol: 6,
+                    port: 22,
+                    net: Some("10.1.0.0/16".parse().unwrap()),
+                }]
+            } else {
+                vec![Failsafe {
+                    protocol: 6,
+                    port: 22,
+                    net: None,
+                }]
+            };
+            e.set_host_config(ports.clone(), ports, if *other { 4790 } else { 4789 });
+        }
         Op::Ep {
             idx,
             local,
@@ -189,10 +268,23 @@ fn apply(e: &mut PolicyEngine, op: &Op) {
                 json
             };
             let (id, p) = match ns {
-                None => (
-                    gnp_id(name),
-                    resolve_gnp(name, &serde_json::from_str(json).unwrap()),
-                ),
+                None => {
+                    let spec = serde_json::from_str(json).unwrap();
+                    let id = gnp_stage_id(name, &spec);
+                    // A policy that moved stage leaves its other chain ids (as Felix's
+                    // state does with the key's previous id).
+                    for other in [PRE_DNAT_PREFIX, UNTRACKED_PREFIX, ""] {
+                        let other = format!("{other}{}", gnp_id(name));
+                        if other != id {
+                            if *rebuild {
+                                e.inputs_mut().policies.remove(&other);
+                            } else {
+                                e.policy(&other, None);
+                            }
+                        }
+                    }
+                    (id, resolve_gnp(name, &spec))
+                }
                 Some(ns) => (
                     np_id(ns, name),
                     resolve_np(ns, name, &serde_json::from_str(json).unwrap()),
