@@ -494,3 +494,144 @@ fn full_replaces_our_tables_only() {
     assert!(s.contains("table ip6 calico {\n"), "{s}");
     assert!(!s.contains("table inet"), "{s}");
 }
+
+/// The host layer: nothing without a host endpoint; with one, failsafe rules per family
+/// (a net of the other family left out, replies before conntrack), loopback and
+/// workloads skipped before the dispatch, the stage's Allow (mark, notrack), and a
+/// policy's chain in its stage's layer.
+#[test]
+fn host_layer_chains() {
+    use crate::felix::policy::{ALL_INTERFACES_KEY, Failsafe, HostEndpoint};
+    let mut dp = PolicyDataplane::default();
+    assert!(host_chains(&dp, "cali", false).is_empty());
+    dp.host.failsafe_in = vec![
+        Failsafe {
+            protocol: 6,
+            port: 22,
+            net: None,
+        },
+        Failsafe {
+            protocol: 6,
+            port: 179,
+            net: Some(net("fd00::/64")),
+        },
+    ];
+    dp.host.failsafe_out = vec![Failsafe {
+        protocol: 17,
+        port: 53,
+        net: Some(net("10.0.0.0/8")),
+    }];
+    dp.host.vxlan_port = 4789;
+    dp.policies.insert(
+        "untracked/gnp/u".into(),
+        Chains {
+            inbound: vec![rule(Action::Allow)],
+            outbound: vec![],
+        },
+    );
+    dp.policies.insert(
+        "prednat/gnp/p".into(),
+        Chains {
+            inbound: vec![rule(Action::Allow)],
+            outbound: vec![],
+        },
+    );
+    dp.host.endpoints.insert(
+        "eth0".into(),
+        HostEndpoint {
+            untracked_ingress: vec![tier(&["untracked/gnp/u"], TierEnd::Pass)],
+            ..Default::default()
+        },
+    );
+    dp.host.endpoints.insert(
+        ALL_INTERFACES_KEY.into(),
+        HostEndpoint {
+            pre_dnat: vec![tier(&["prednat/gnp/p"], TierEnd::Pass)],
+            ..Default::default()
+        },
+    );
+    // A host endpoint for loopback is never programmed.
+    dp.host
+        .endpoints
+        .insert("lo".into(), HostEndpoint::default());
+    let chains = host_chains(&dp, "cali", false);
+    let get = |n: &str| {
+        chains
+            .iter()
+            .find(|c| c.name == n)
+            .map(|c| c.rules.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(get(FAILSAFE_IN), vec!["meta l4proto 6 th dport 22 accept"]);
+    assert_eq!(
+        get(FAILSAFE_OUT),
+        vec!["meta l4proto 17 th dport 53 ip daddr 10.0.0.0/8 accept"]
+    );
+    assert_eq!(
+        get(RAW_FAILSAFE_IN),
+        vec![
+            "meta l4proto 6 th dport 22 accept",
+            "meta l4proto 17 th sport 53 ip saddr 10.0.0.0/8 accept"
+        ]
+    );
+    let v6 = host_chains(&dp, "cali", true);
+    let in6 = &v6.iter().find(|c| c.name == FAILSAFE_IN).unwrap().rules;
+    assert!(in6.contains(&"meta l4proto 6 th dport 179 ip6 saddr fd00::/64 accept".to_string()));
+    assert!(
+        !chains.iter().any(|c| c.name.ends_with("-lo")),
+        "{chains:?}"
+    );
+    assert_eq!(
+        get(FROM_HOST_DISPATCH),
+        vec![
+            "iifname \"eth0\" goto filter-cali-fh-eth0",
+            "goto filter-cali-fh-any-interface-at-all"
+        ]
+    );
+    // The all-interfaces endpoint is pre-DNAT's default; untracked only for eth0.
+    assert_eq!(
+        get(MANGLE_FROM_HOST_DISPATCH),
+        vec!["goto mangle-cali-fh-any-interface-at-all"]
+    );
+    assert_eq!(
+        get(RAW_FROM_HOST_DISPATCH),
+        vec!["iifname \"eth0\" goto raw-cali-fh-eth0"]
+    );
+    let to = get(TO_HOST_DISPATCH);
+    assert_eq!(to[1], "oifname \"cali*\" return", "{to:?}");
+    let input = get(INPUT_HOST);
+    assert!(input.starts_with(&[
+        "iifname \"cali*\" return".into(),
+        "iifname \"lo\" return".into()
+    ]));
+    assert_eq!(
+        get("raw-cali-fh-eth0"),
+        vec![
+            "jump raw-cali-failsafe-in",
+            "meta mark set meta mark & 0xfffdffff",
+            "jump raw-cali-pi-gnp/u"
+        ]
+    );
+    assert_eq!(policy_chain("prednat/gnp/p", true), "mangle-cali-pi-gnp/p");
+    let (_, raw) = &policy_chains("untracked/gnp/u", &dp.policies["untracked/gnp/u"], false)[0];
+    assert_eq!(
+        raw,
+        &vec!["counter meta mark set meta mark | 0x00010000 notrack accept"]
+    );
+    let (_, mangle) = &policy_chains("prednat/gnp/p", &dp.policies["prednat/gnp/p"], false)[0];
+    assert_eq!(
+        mangle,
+        &vec!["counter meta mark set meta mark | 0x00010000 accept"]
+    );
+    // The normal chain of a host endpoint without policy or profile: failsafe, then drop.
+    assert_eq!(
+        get("filter-cali-fh-eth0"),
+        vec![
+            "ct state established,related accept",
+            "ct state invalid drop",
+            "jump filter-cali-failsafe-in",
+            "meta mark set meta mark & 0xfffdffff",
+            "counter drop"
+        ]
+    );
+}
