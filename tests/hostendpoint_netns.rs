@@ -257,14 +257,12 @@ fn failsafe_policy_prednat_and_untracked() {
         "BGP established again through the host endpoint",
         || c.bgp_established().then_some(()),
     );
-    assert!(
-        reaches(
-            n1,
-            "10.99.0.254",
-            Proto::Tcp(8080),
-            Duration::from_millis(500)
-        ) == false
-    );
+    assert!(!reaches(
+        n1,
+        "10.99.0.254",
+        Proto::Tcp(8080),
+        Duration::from_millis(500)
+    ));
 
     // Failsafe inbound without 22: SSH dropped (the test can fail), etcd still open.
     c.apply(NO_SSH);
@@ -380,23 +378,15 @@ spec:
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let nodeport = [
-        case(
-            "hub -> node-1:30080 -> pod a",
-            hub,
-            node1,
-            Proto::Tcp(30080),
-            true,
-        ),
-        case(
-            "node-2 -> node-1:30080 -> pod a",
-            n2,
-            node1,
-            Proto::Tcp(30080),
-            true,
-        ),
-    ];
-    c.expect("NodePort before the pre-DNAT policy", &nodeport);
+    // The NodePort from `from` (named `who`), expected to pass or not.
+    let nodeport = |who: &str, from: &NetNs, passes: bool| {
+        let what = format!("{who} -> node-1:30080 -> pod a");
+        case(&what, from, node1, Proto::Tcp(30080), passes)
+    };
+    c.expect(
+        "NodePort before the pre-DNAT policy",
+        &[nodeport("hub", hub, true), nodeport("node-2", n2, true)],
+    );
     c.apply(
         r#"
 apiVersion: projectcalico.org/v3
@@ -418,20 +408,8 @@ spec:
     c.expect(
         "pre-DNAT denies the NodePort from node-2 only",
         &[
-            case(
-                "hub -> node-1:30080 -> pod a",
-                hub,
-                node1,
-                Proto::Tcp(30080),
-                true,
-            ),
-            case(
-                "node-2 -> node-1:30080 -> pod a",
-                n2,
-                node1,
-                Proto::Tcp(30080),
-                false,
-            ),
+            nodeport("hub", hub, true),
+            nodeport("node-2", n2, false),
             case("node-2 -> pod a direct", n2, &pa, Proto::Tcp(80), true),
         ],
     );
