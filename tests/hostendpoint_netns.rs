@@ -507,18 +507,19 @@ spec:
             ),
         ],
     );
-    let rules = nft_ruleset(n1);
-    for gone in [
-        "filter-INPUT-host",
-        "cali-failsafe",
-        "cali-fh-",
-        "mangle-PREROUTING-host",
-    ] {
-        assert!(
-            !rules.contains(gone),
-            "host layer left behind ({gone}):\n{rules}"
-        );
-    }
+    // The second deletion may land after the traffic above already holds.
+    common::bgp::wait_for(LIMIT, "the host layer removed", || {
+        let rules = nft_ruleset(n1);
+        [
+            "filter-INPUT-host",
+            "cali-failsafe",
+            "cali-fh-",
+            "mangle-PREROUTING-host",
+        ]
+        .iter()
+        .all(|gone| !rules.contains(gone))
+        .then_some(())
+    });
     drop(c.node1.take());
 }
 
@@ -700,4 +701,42 @@ spec:
         "the flush neither opened the port nor was repaired"
     );
     c.expect("drift repaired", &star[..2]);
+
+    // logPrefix at run time: a Log rule's prefix follows the FelixConfiguration, with
+    // Calico's specifiers (kind, name).
+    c.apply(
+        r#"
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: log-ssh
+spec:
+  selector: role == 'node'
+  types: [Ingress]
+  ingress:
+  - action: Log
+    protocol: TCP
+    destination: {ports: [22]}
+"#,
+    );
+    let prefix_shows = |want: &str| {
+        common::bgp::wait_for(LIMIT, &format!("log prefix {want}"), || {
+            nft_ruleset(n1)
+                .contains(&format!("log prefix \"{want}: \""))
+                .then_some(())
+        })
+    };
+    prefix_shows("calico-packet");
+    c.apply(
+        r#"
+apiVersion: projectcalico.org/v3
+kind: FelixConfiguration
+metadata:
+  name: node.node-1
+spec:
+  defaultEndpointToHostAction: Drop
+  logPrefix: "hep-%k-%n"
+"#,
+    );
+    prefix_shows("hep-gnp-log-ssh");
 }

@@ -193,6 +193,10 @@ impl State {
             self.policy.set_encap_drops(drops);
             self.policy_changed = true;
         }
+        if self.policy.calc().log_prefix != c.log_prefix() {
+            self.policy.set_log_prefix(c.log_prefix());
+            self.policy_changed = true;
+        }
         let (fin, fout) = (
             failsafes(&c.failsafe_inbound()),
             failsafes(&c.failsafe_outbound()),

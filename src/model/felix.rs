@@ -88,6 +88,22 @@ pub struct FelixConfigurationSpec {
     /// defaults ([`DEFAULT_FAILSAFE_OUTBOUND`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failsafe_outbound_host_ports: Option<Vec<ProtoPort>>,
+    /// `logPrefix`: the prefix of Log rules' log lines, with Calico's specifiers `%t`
+    /// (tier), `%k` (kind), `%n` (name), `%p` (namespace/name); default `calico-packet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_prefix: Option<String>,
+    /// `nftablesFilterAllowAction` / `nftablesMangleAllowAction` (and the `iptables*`
+    /// ones): `Accept` (default) or `Return`. Stored and validated; in nftables an
+    /// accept ends only the base chain it is in (every other table still sees the
+    /// packet), so both give the same verdicts here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nftables_filter_allow_action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nftables_mangle_allow_action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iptables_filter_allow_action: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iptables_mangle_allow_action: Option<String>,
     /// Every other Felix setting, passed through untouched.
     #[serde(flatten)]
     pub other: BTreeMap<String, Value>,
@@ -298,6 +314,11 @@ impl FelixConfigurationSpec {
             "allowIPIPPacketsFromWorkloads",
             "failsafeInboundHostPorts",
             "failsafeOutboundHostPorts",
+            "logPrefix",
+            "nftablesFilterAllowAction",
+            "nftablesMangleAllowAction",
+            "iptablesFilterAllowAction",
+            "iptablesMangleAllowAction",
         ]
     }
 
@@ -335,6 +356,14 @@ impl FelixConfigurationSpec {
             Some("accept") => "Accept",
             _ => "Drop",
         }
+    }
+
+    /// `logPrefix`, `calico-packet` when unset or empty.
+    pub fn log_prefix(&self) -> &str {
+        self.log_prefix
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .unwrap_or("calico-packet")
     }
 
     /// `failsafeInboundHostPorts`, Felix's defaults when unset.
@@ -483,6 +512,44 @@ impl Kind for FelixConfigurationSpec {
                 &["Drop", "Return", "Accept"],
             )?;
         }
+        for (field, v) in [
+            (
+                "spec.nftablesFilterAllowAction",
+                &self.nftables_filter_allow_action,
+            ),
+            (
+                "spec.nftablesMangleAllowAction",
+                &self.nftables_mangle_allow_action,
+            ),
+            (
+                "spec.iptablesFilterAllowAction",
+                &self.iptables_filter_allow_action,
+            ),
+            (
+                "spec.iptablesMangleAllowAction",
+                &self.iptables_mangle_allow_action,
+            ),
+        ] {
+            // Calico's pattern `^(?i)(Accept|Return)?$`.
+            if let Some(v) = v {
+                let ok = v.is_empty()
+                    || v.eq_ignore_ascii_case("accept")
+                    || v.eq_ignore_ascii_case("return");
+                validate::require(ok, field, v, "must be Accept or Return")?;
+            }
+        }
+        if let Some(v) = &self.log_prefix {
+            // Calico's pattern `^([a-zA-Z0-9%: /_-])*$`.
+            let ok = v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "%: /_-".contains(c));
+            validate::require(
+                ok,
+                "spec.logPrefix",
+                v,
+                "may hold only letters, digits, '%', ':', ' ', '/', '_' and '-'",
+            )?;
+        }
         if let Some(v) = self.vxlan_vni
             && !(1..=16_777_215).contains(&v)
         {
@@ -549,6 +616,41 @@ mod tests {
     /// Felix's port-list cases (felix/config/config_params_test.go): old and new syntax,
     /// nets (IPv6 in brackets), `none`; empty is unset (the defaults); bad ones refused
     /// naming the variable.
+    /// `logPrefix` and the allow actions are checked as Calico's patterns say, and
+    /// reach `FELIX_*` variables too.
+    #[test]
+    fn log_prefix_and_allow_actions_are_validated() {
+        let spec = |json: &str| -> FelixConfigurationSpec { serde_json::from_str(json).unwrap() };
+        let meta = ObjectMeta::default();
+        assert!(
+            spec(r#"{"logPrefix":"drop %k/%n: x_y-z"}"#)
+                .validate(&meta)
+                .is_ok()
+        );
+        let e = spec(r#"{"logPrefix":"a\"b"}"#).validate(&meta).unwrap_err();
+        assert!(e.to_string().contains("spec.logPrefix"), "{e}");
+        assert_eq!(spec("{}").log_prefix(), "calico-packet");
+        assert!(
+            spec(r#"{"nftablesFilterAllowAction":"return"}"#)
+                .validate(&meta)
+                .is_ok()
+        );
+        let e = spec(r#"{"nftablesMangleAllowAction":"Drop"}"#)
+            .validate(&meta)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("spec.nftablesMangleAllowAction"),
+            "{e}"
+        );
+        let mut s = FelixConfigurationSpec::default();
+        assert!(s.apply_env("FELIX_LOGPREFIX", "calico-%t").unwrap());
+        assert_eq!(s.log_prefix(), "calico-%t");
+        assert!(
+            s.apply_env("FELIX_IPTABLESFILTERALLOWACTION", "Reject")
+                .is_err()
+        );
+    }
+
     #[test]
     fn failsafe_ports_parse_as_felix_does() {
         let pp = |proto: &str, port: u16, net: &str| ProtoPort {

@@ -14,6 +14,7 @@ use calico_node::datastore::{DatastoreConfig, EtcdDatastore};
 
 pub mod bgp;
 pub mod cluster;
+pub mod kube_proxy;
 pub mod policy;
 
 /// Whether a program is installed.

@@ -88,7 +88,8 @@ fn element_changes(
         && delta.sets.is_empty()
         && !delta.endpoint_to_host
         && !delta.encap_drops
-        && !delta.host;
+        && !delta.host
+        && !delta.log_prefix;
     if !only_members {
         return None;
     }
@@ -299,11 +300,11 @@ impl PolicyTables {
             let policies = dp
                 .policies
                 .iter()
-                .flat_map(|(id, c)| render::policy_chains(id, c, v6));
+                .flat_map(|(id, c)| render::policy_chains(dp, id, c, v6));
             let profiles = dp
                 .profiles
                 .iter()
-                .flat_map(|(n, c)| render::profile_chains(n, c, v6));
+                .flat_map(|(n, c)| render::profile_chains(dp, n, c, v6));
             rules += policies
                 .chain(profiles)
                 .map(|(_, r)| r.len())

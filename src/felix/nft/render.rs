@@ -362,7 +362,7 @@ fn port_alternatives(m: &Match, side: char, v6: bool) -> Vec<String> {
 /// An action's verdict (see the module documentation: an Allow accepts, ending the base
 /// chain of this direction's policy; before DNAT or conntrack it also sets the accept
 /// mark, and an untracked Allow leaves the packet untracked).
-fn action_text(a: Action, stage: Stage) -> String {
+fn action_text(a: Action, stage: Stage, log: &str) -> String {
     match a {
         Action::Allow => match stage {
             Stage::Normal => "counter accept".to_string(),
@@ -375,13 +375,18 @@ fn action_text(a: Action, stage: Stage) -> String {
         },
         Action::Deny => "counter drop".to_string(),
         Action::Pass => format!("counter meta mark set meta mark | 0x{MARK_PASS:08x} return"),
-        Action::Log => format!("counter log prefix \"{LOG_PREFIX}: \""),
+        Action::Log => format!("counter log prefix \"{log}: \""),
     }
 }
 
 /// One rule in one family: nft rules (more than one when ports OR named ports; none when
 /// the rule does not apply to this family).
 pub fn rule_lines(r: &Rule, v6: bool, stage: Stage) -> Vec<String> {
+    rule_lines_logging(r, v6, stage, LOG_PREFIX)
+}
+
+/// [`rule_lines`] with Log rules logging with prefix `log`.
+pub fn rule_lines_logging(r: &Rule, v6: bool, stage: Stage, log: &str) -> Vec<String> {
     if r.ip_version.is_some_and(|v| (v == 6) != v6)
         || r.icmp.is_some_and(|i| i.v6 != v6)
         || r.not_icmp.is_some_and(|i| i.v6 != v6)
@@ -422,7 +427,7 @@ pub fn rule_lines(r: &Rule, v6: bool, stage: Stage) -> Vec<String> {
     };
     m += &src;
     m += &dst;
-    let action = action_text(r.action, stage);
+    let action = action_text(r.action, stage, log);
     let mut out = Vec::new();
     for sp in port_alternatives(&r.src, 's', v6) {
         for dp in port_alternatives(&r.dst, 'd', v6) {
@@ -432,35 +437,155 @@ pub fn rule_lines(r: &Rule, v6: bool, stage: Stage) -> Vec<String> {
     out
 }
 
-/// The rules of a policy or profile chain, in `stage`'s layer.
-pub fn rules_lines(rules: &[Rule], v6: bool, stage: Stage) -> Vec<String> {
+/// The rules of a policy or profile chain, in `stage`'s layer, Log rules logging with
+/// prefix `log`.
+pub fn rules_lines(rules: &[Rule], v6: bool, stage: Stage, log: &str) -> Vec<String> {
     rules
         .iter()
-        .flat_map(|r| rule_lines(r, v6, stage))
+        .flat_map(|r| rule_lines_logging(r, v6, stage, log))
         .collect()
 }
 
 /// The chains of policy `id`: (name, rules), inbound then outbound.
-pub fn policy_chains(id: &str, c: &Chains, v6: bool) -> [(String, Vec<String>); 2] {
+pub fn policy_chains(
+    dp: &PolicyDataplane,
+    id: &str,
+    c: &Chains,
+    v6: bool,
+) -> [(String, Vec<String>); 2] {
     let stage = stage_of(id);
+    let log = log_prefix(dp, id, false);
     [
-        (policy_chain(id, true), rules_lines(&c.inbound, v6, stage)),
-        (policy_chain(id, false), rules_lines(&c.outbound, v6, stage)),
+        (
+            policy_chain(id, true),
+            rules_lines(&c.inbound, v6, stage, &log),
+        ),
+        (
+            policy_chain(id, false),
+            rules_lines(&c.outbound, v6, stage, &log),
+        ),
     ]
 }
 
 /// The chains of profile `name`: (name, rules), inbound then outbound.
-pub fn profile_chains(name: &str, c: &Chains, v6: bool) -> [(String, Vec<String>); 2] {
+pub fn profile_chains(
+    dp: &PolicyDataplane,
+    name: &str,
+    c: &Chains,
+    v6: bool,
+) -> [(String, Vec<String>); 2] {
+    let log = log_prefix(dp, name, true);
     [
         (
             profile_chain(name, true),
-            rules_lines(&c.inbound, v6, Stage::Normal),
+            rules_lines(&c.inbound, v6, Stage::Normal, &log),
         ),
         (
             profile_chain(name, false),
-            rules_lines(&c.outbound, v6, Stage::Normal),
+            rules_lines(&c.outbound, v6, Stage::Normal, &log),
         ),
     ]
+}
+
+/// Whether a policy or profile has a Log rule.
+pub fn logs(c: &Chains) -> bool {
+    c.inbound
+        .iter()
+        .chain(&c.outbound)
+        .any(|r| r.action == Action::Log)
+}
+
+/// The log prefix of policy (or profile) `id`'s Log rules: `logPrefix` with Calico's
+/// specifiers expanded (`%t` tier, `%k` kind `gnp`/`np`/`pro`, `%n` name, `%p`
+/// namespace/name), characters an nft string cannot carry made `_`, cut to fit nft's
+/// 127 bytes with the `: ` after it.
+pub fn log_prefix(dp: &PolicyDataplane, id: &str, profile: bool) -> String {
+    let format = if dp.log_prefix.is_empty() {
+        LOG_PREFIX
+    } else {
+        dp.log_prefix.as_str()
+    };
+    let mut out = String::new();
+    if !format.contains('%') {
+        out.push_str(format);
+    } else {
+        let plain = match stage_of(id) {
+            Stage::Normal => id,
+            Stage::PreDnat => &id[PRE_DNAT_PREFIX.len()..],
+            Stage::Untracked => &id[UNTRACKED_PREFIX.len()..],
+        };
+        let (kind, namespace, name) = if profile {
+            ("pro", "", plain)
+        } else {
+            match plain.split('/').collect::<Vec<_>>()[..] {
+                ["gnp", name] => ("gnp", "", name),
+                ["np", ns, name] => ("np", ns, name),
+                _ => ("unknown", "", "unknown"),
+            }
+        };
+        let tier = if profile {
+            String::new()
+        } else {
+            tier_of(dp, id)
+        };
+        let mut chars = format.chars().peekable();
+        while let Some(c) = chars.next() {
+            let spec = (c == '%').then(|| chars.peek().copied()).flatten();
+            let value = match spec {
+                Some('t') => Some(tier.clone()),
+                Some('k') => Some(kind.to_string()),
+                Some('n') => Some(name.to_string()),
+                Some('p') if namespace.is_empty() => Some(name.to_string()),
+                Some('p') => Some(format!("{namespace}/{name}")),
+                _ => None,
+            };
+            match value {
+                Some(v) => {
+                    chars.next();
+                    out.push_str(&v);
+                }
+                None => out.push(c),
+            }
+        }
+    }
+    let mut clean: String = out
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "%: /_-.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    clean.truncate(125);
+    clean
+}
+
+/// The tier of policy `id`, from an endpoint that uses it.
+fn tier_of(dp: &PolicyDataplane, id: &str) -> String {
+    let workload = dp
+        .endpoints
+        .values()
+        .flat_map(|e| e.ingress.iter().chain(&e.egress));
+    let host = dp.host.endpoints.values().flat_map(|h| {
+        [
+            &h.ingress,
+            &h.egress,
+            &h.forward_ingress,
+            &h.forward_egress,
+            &h.pre_dnat,
+            &h.untracked_ingress,
+            &h.untracked_egress,
+        ]
+        .into_iter()
+        .flatten()
+    });
+    workload
+        .chain(host)
+        .find(|t| t.policies.iter().any(|p| p == id))
+        .map(|t| t.tier.clone())
+        .unwrap_or_default()
 }
 
 /// Whether a policy has a Pass rule (in either direction).
@@ -740,11 +865,11 @@ fn table_body(dp: &PolicyDataplane, nat: &Nat, prefix: &str, v6: bool) -> String
     let policies = dp
         .policies
         .iter()
-        .flat_map(|(id, c)| policy_chains(id, c, v6));
+        .flat_map(|(id, c)| policy_chains(dp, id, c, v6));
     let profiles = dp
         .profiles
         .iter()
-        .flat_map(|(n, c)| profile_chains(n, c, v6));
+        .flat_map(|(n, c)| profile_chains(dp, n, c, v6));
     for (name, rules) in policies.chain(profiles) {
         chain_block(&mut out, &name, None, &rules);
     }
@@ -867,16 +992,30 @@ fn incremental_family(
     // 2. Chains: every chain to write is declared first, so jumps between them resolve in
     // any order; those that exist are flushed and refilled.
     let mut chains: Vec<(String, bool, Vec<String>)> = Vec::new();
-    for id in &delta.policies {
-        if let Some(c) = dp.policies.get(id) {
-            let have = programmed.policies.contains(id);
-            chains.extend(policy_chains(id, c, v6).map(|(n, r)| (n, have, r)));
+    // A new log prefix: every policy and profile with a Log rule too.
+    let logging = |c: &&Chains| delta.log_prefix && logs(c);
+    let policies = delta.policies.iter().cloned().chain(
+        dp.policies
+            .iter()
+            .filter(|(id, c)| logging(c) && programmed.policies.contains(*id))
+            .map(|(id, _)| id.clone()),
+    );
+    for id in policies.collect::<BTreeSet<String>>() {
+        if let Some(c) = dp.policies.get(&id) {
+            let have = programmed.policies.contains(&id);
+            chains.extend(policy_chains(dp, &id, c, v6).map(|(n, r)| (n, have, r)));
         }
     }
-    for name in &delta.profiles {
-        if let Some(c) = dp.profiles.get(name) {
-            let have = programmed.profiles.contains(name);
-            chains.extend(profile_chains(name, c, v6).map(|(n, r)| (n, have, r)));
+    let profiles = delta.profiles.iter().cloned().chain(
+        dp.profiles
+            .iter()
+            .filter(|(n, c)| logging(c) && programmed.profiles.contains(*n))
+            .map(|(n, _)| n.clone()),
+    );
+    for name in profiles.collect::<BTreeSet<String>>() {
+        if let Some(c) = dp.profiles.get(&name) {
+            let have = programmed.profiles.contains(&name);
+            chains.extend(profile_chains(dp, &name, c, v6).map(|(n, r)| (n, have, r)));
         }
     }
     let mut new_endpoints = Vec::new();

@@ -613,12 +613,17 @@ fn host_layer_chains() {
         ]
     );
     assert_eq!(policy_chain("prednat/gnp/p", true), "mangle-cali-pi-gnp/p");
-    let (_, raw) = &policy_chains("untracked/gnp/u", &dp.policies["untracked/gnp/u"], false)[0];
+    let (_, raw) = &policy_chains(
+        &dp,
+        "untracked/gnp/u",
+        &dp.policies["untracked/gnp/u"],
+        false,
+    )[0];
     assert_eq!(
         raw,
         &vec!["counter meta mark set meta mark | 0x00010000 notrack accept"]
     );
-    let (_, mangle) = &policy_chains("prednat/gnp/p", &dp.policies["prednat/gnp/p"], false)[0];
+    let (_, mangle) = &policy_chains(&dp, "prednat/gnp/p", &dp.policies["prednat/gnp/p"], false)[0];
     assert_eq!(
         mangle,
         &vec!["counter meta mark set meta mark | 0x00010000 accept"]
@@ -634,4 +639,55 @@ fn host_layer_chains() {
             "counter drop"
         ]
     );
+}
+
+/// `logPrefix`: Calico's specifiers expanded per policy (tier, kind, name,
+/// namespace/name), profiles as `pro`, the default when unset, nothing an nft string
+/// cannot carry; a new prefix rewrites every chain with a Log rule and no other.
+#[test]
+fn log_prefix_specifiers_and_rewrite() {
+    let mut dp = PolicyDataplane::default();
+    assert_eq!(log_prefix(&dp, "gnp/a", false), "calico-packet");
+    dp.log_prefix = "drop %t %k %p %n%x\"".into();
+    dp.endpoints.insert(
+        "calia".into(),
+        Endpoint {
+            ingress: vec![tier(&["np/ns1/web"], TierEnd::Deny)],
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        log_prefix(&dp, "np/ns1/web", false),
+        "drop t np ns1/web web%x_"
+    );
+    assert_eq!(log_prefix(&dp, "prednat/gnp/g", false), "drop  gnp g g%x_");
+    assert_eq!(
+        log_prefix(&dp, "kns.ns1", true),
+        "drop  pro kns.ns1 kns.ns1%x_"
+    );
+    dp.log_prefix = "x".repeat(300);
+    assert_eq!(log_prefix(&dp, "gnp/a", false).len(), 125);
+
+    let logged = Chains {
+        inbound: vec![rule(Action::Log), rule(Action::Allow)],
+        outbound: vec![],
+    };
+    let plain = Chains {
+        inbound: vec![rule(Action::Allow)],
+        outbound: vec![],
+    };
+    let mut dp = PolicyDataplane::default();
+    dp.policies.insert("np/ns1/web".into(), logged.clone());
+    dp.policies.insert("gnp/quiet".into(), plain);
+    dp.profiles.insert("kns.ns1".into(), logged);
+    let programmed = Programmed::of(&dp, false, "cali");
+    dp.log_prefix = "calico-%k".into();
+    let delta = Delta {
+        log_prefix: true,
+        ..Default::default()
+    };
+    let s = incremental(&dp, &delta, &programmed);
+    assert!(s.contains("log prefix \"calico-np: \""), "{s}");
+    assert!(s.contains("log prefix \"calico-pro: \""), "{s}");
+    assert!(!s.contains("gnp/quiet"), "{s}");
 }

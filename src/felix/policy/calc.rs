@@ -719,6 +719,8 @@ pub struct PolicyCalc {
     pub failsafe_out: Vec<Failsafe>,
     /// `vxlanPort`.
     pub vxlan_port: u16,
+    /// `logPrefix`.
+    pub log_prefix: String,
 }
 
 impl PolicyCalc {
@@ -984,6 +986,7 @@ impl PolicyCalc {
         let mut dp = PolicyDataplane {
             endpoint_to_host: self.endpoint_to_host,
             encap_drops: self.encap_drops,
+            log_prefix: self.log_prefix.clone(),
             ..Default::default()
         };
         let mut defs: BTreeMap<String, &SetDef> = BTreeMap::new();
@@ -1077,6 +1080,7 @@ pub fn diff(old: &PolicyDataplane, new: &PolicyDataplane) -> Delta {
         endpoint_to_host: old.endpoint_to_host != new.endpoint_to_host,
         encap_drops: old.encap_drops != new.encap_drops,
         host: old.host != new.host,
+        log_prefix: old.log_prefix != new.log_prefix,
         ..Default::default()
     };
     for (id, set) in &new.sets {

@@ -51,6 +51,7 @@ struct Journal {
     endpoint_to_host: Option<EndpointToHost>,
     encap_drops: Option<EncapDrops>,
     host: Option<HostLayer>,
+    log_prefix: Option<String>,
 }
 
 /// The policy calculation's inputs, its last result and the indexes to update it.
@@ -136,6 +137,18 @@ impl PolicyEngine {
         }
         self.journal.encap_drops.get_or_insert(self.dp.encap_drops);
         Arc::make_mut(&mut self.dp).encap_drops = v;
+    }
+
+    /// `logPrefix`.
+    pub fn set_log_prefix(&mut self, v: &str) {
+        self.calc.log_prefix = v.to_string();
+        if self.rebuild || self.dp.log_prefix == v {
+            return;
+        }
+        self.journal
+            .log_prefix
+            .get_or_insert_with(|| self.dp.log_prefix.clone());
+        Arc::make_mut(&mut self.dp).log_prefix = v.to_string();
     }
 
     /// `failsafeInboundHostPorts` / `failsafeOutboundHostPorts`, and `vxlanPort`.
@@ -313,6 +326,7 @@ impl PolicyEngine {
             endpoint_to_host: j.endpoint_to_host.is_some_and(|v| v != dp.endpoint_to_host),
             encap_drops: j.encap_drops.is_some_and(|v| v != dp.encap_drops),
             host: j.host.is_some_and(|v| v != dp.host),
+            log_prefix: j.log_prefix.is_some_and(|v| v != dp.log_prefix),
             ..Default::default()
         };
         for (id, existed) in &j.sets {
@@ -457,6 +471,11 @@ impl PolicyEngine {
         }
         if old.host != new.host {
             self.journal.host.get_or_insert_with(|| old.host.clone());
+        }
+        if old.log_prefix != new.log_prefix {
+            self.journal
+                .log_prefix
+                .get_or_insert_with(|| old.log_prefix.clone());
         }
         self.dp = Arc::new(new);
     }

@@ -44,6 +44,9 @@ pub struct PolicyDataplane {
     pub encap_drops: EncapDrops,
     /// This node's host endpoints and the failsafe ports (REFERENCE §10).
     pub host: HostLayer,
+    /// FelixConfiguration `logPrefix` as given (specifiers unexpanded; empty: Felix's
+    /// default `calico-packet`).
+    pub log_prefix: String,
 }
 
 /// Where a policy is enforced (Calico's split of a host endpoint's tiers): the filter
@@ -321,6 +324,8 @@ pub struct Delta {
     pub encap_drops: bool,
     /// `host` changed: the host layer is rewritten whole (it is small).
     pub host: bool,
+    /// `log_prefix` changed: every chain with a Log rule is rewritten.
+    pub log_prefix: bool,
 }
 
 impl Delta {
