@@ -642,6 +642,73 @@ spec:
         ],
     );
 
+    // A host endpoint with no interface name, matched by its expected address (eth1's):
+    // it governs eth1 instead of the all-interfaces one, and lets go when the address
+    // moves away.
+    c.apply(
+        r#"
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata:
+  name: node-1-by-address
+  labels:
+    role: open
+spec:
+  node: node-1
+  expectedIPs: ["10.98.0.1"]
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: open-8080
+spec:
+  selector: role == 'open'
+  types: [Ingress]
+  ingress:
+  - action: Allow
+    protocol: TCP
+    destination: {ports: [8080]}
+"#,
+    );
+    c.expect(
+        "host endpoint matched by address",
+        &[
+            case(
+                "hub -> node-1 eth1 tcp/8080",
+                hub,
+                "10.98.0.1",
+                Proto::Tcp(8080),
+                true,
+            ),
+            case(
+                "hub -> node-1 eth1 tcp/9090",
+                hub,
+                "10.98.0.1",
+                Proto::Tcp(9090),
+                false,
+            ),
+            case(
+                "hub -> node-1 eth0 tcp/8080",
+                hub,
+                node1,
+                Proto::Tcp(8080),
+                false,
+            ),
+        ],
+    );
+    n1.ip(&["addr", "del", "10.98.0.1/24", "dev", "eth1"]);
+    n1.ip(&["addr", "add", "10.98.0.2/24", "dev", "eth1"]);
+    c.expect(
+        "the address moved: eth1 back under the all-interfaces endpoint",
+        &[case(
+            "hub -> node-1 eth1 tcp/8080",
+            hub,
+            "10.98.0.2",
+            Proto::Tcp(8080),
+            false,
+        )],
+    );
+
     // Restart: a prober knocks on the denied port the whole time; not one gets through.
     let stop = Arc::new(AtomicBool::new(false));
     let passed = Arc::new(AtomicU32::new(0));

@@ -127,6 +127,16 @@ pub async fn run(
                 Output::FullPass(pass) => {
                     let (problems, uplink) = dataplane.full_pass(&pass).await;
                     metrics.set_policy(&pass.policy);
+                    if pass.host_addrs {
+                        match dataplane.host_addresses().await {
+                            Ok(a) => {
+                                outputs.extend(fold(&mut core, &metrics, Input::HostAddresses(a)))
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot read the host's addresses for host endpoints matched by address")
+                            }
+                        }
+                    }
                     Some(Input::PassDone { uplink, problems })
                 }
                 Output::Repair(r) => Some(Input::Repaired(dataplane.repair(&r).await)),

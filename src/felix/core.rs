@@ -80,6 +80,9 @@ pub enum Input {
     ChangesApplied(Vec<Problem>),
     /// The [`Output::ApplyPolicy`] was carried out, with these problems.
     PolicyApplied(Vec<Problem>),
+    /// The host's interface addresses, read after a full pass that asked for them
+    /// ([`Pass::host_addrs`]).
+    HostAddresses(std::collections::BTreeMap<String, Vec<std::net::IpAddr>>),
 }
 
 /// What the shell carries out.
@@ -144,6 +147,9 @@ pub struct Pass {
     /// `routeRefreshInterval` (the default when off): unchanged tables are rewritten at
     /// most this often, when nftables was written since (drift repaired).
     pub refresh: Duration,
+    /// Read the host's interface addresses after the pass and answer with
+    /// [`Input::HostAddresses`] too (a host endpoint of this node is matched by address).
+    pub host_addrs: bool,
 }
 
 /// A repair: the routes of each scope (an interface; `None`: the whole table, when
@@ -310,6 +316,7 @@ impl Core {
                     self.read_back(now);
                 }
             }
+            Input::HostAddresses(addrs) => self.state.set_host_addrs(addrs),
             Input::Repaired(problems) | Input::ChangesApplied(problems) => {
                 self.busy = None;
                 if !problems.is_empty() {
@@ -405,6 +412,7 @@ impl Core {
             vxlan_mtu: cfg.vxlan_mtu,
             ipip_mtu: cfg.ipip_mtu,
             refresh: refresh_or_default(cfg.route_refresh_interval()),
+            host_addrs: self.state.wants_host_addrs(),
             // What the pass writes is the base of the next deltas.
             policy,
             policy_delta,
@@ -452,7 +460,13 @@ impl Core {
                 .links
                 .values()
                 .any(|n| !n.as_deref().is_some_and(|n| n.starts_with(prefix)));
-            if self.touched.unknown || other_link {
+            // A host address changed: host endpoints matched by address may move (when
+            // there are none, it changes nothing of ours).
+            let addrs = std::mem::take(&mut self.touched.addrs) && self.state.wants_host_addrs();
+            if self.touched.is_empty() && !addrs {
+                return;
+            }
+            if self.touched.unknown || other_link || addrs {
                 self.full = true;
             } else {
                 self.repair = true;

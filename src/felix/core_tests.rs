@@ -773,3 +773,54 @@ fn a_pass_problem_apart_from_the_policy_tables_keeps_policy_applies_incremental(
         "a route problem says nothing of the policy tables"
     );
 }
+
+/// A host endpoint matched by address: the full pass asks for the host's addresses, and
+/// a global address change makes a full pass (without one, address changes are
+/// ignored); the addresses read put the endpoint on the interface holding its address.
+#[test]
+fn host_endpoints_matched_by_address_follow_the_hosts_addresses() {
+    let addr_changed = || {
+        Input::Kernel(Touched {
+            addrs: true,
+            ..Default::default()
+        })
+    };
+    let (mut c, clock) = synced();
+    c.handle(clock.ms(100), addr_changed());
+    let out = c.handle(clock.ms(300), Input::Timer);
+    assert!(
+        full_pass(&out).is_none(),
+        "no host endpoint wants addresses: {out:?}"
+    );
+
+    let out = c.handle(
+        clock.ms(400),
+        put(
+            &format!("{RES}/hostendpoints/by-ip"),
+            r#"{"kind":"HostEndpoint","apiVersion":"projectcalico.org/v3",
+                "metadata":{"name":"by-ip"},"spec":{"node":"node-a","expectedIPs":["10.0.0.1"]}}"#,
+        ),
+    );
+    let pass =
+        full_pass(&out).unwrap_or_else(|| panic!("a datastore change makes a full pass: {out:?}"));
+    assert!(pass.host_addrs, "{pass:?}");
+    c.handle(clock.ms(401), done(Some(2)));
+    let addrs = std::collections::BTreeMap::from([
+        ("eth0".to_string(), vec!["10.0.0.1".parse().unwrap()]),
+        ("cali1".to_string(), vec!["10.0.0.1".parse().unwrap()]),
+    ]);
+    let out = c.handle(clock.ms(402), Input::HostAddresses(addrs));
+    let dp = out
+        .iter()
+        .find_map(|o| match o {
+            Output::ApplyPolicy { dp, .. } => Some(dp.clone()),
+            _ => None,
+        })
+        .expect("the host layer changed: a policy apply");
+    // Workload interfaces are never host endpoints.
+    assert_eq!(dp.host.endpoints.keys().collect::<Vec<_>>(), ["eth0"]);
+    c.handle(clock.ms(403), Input::PolicyApplied(Vec::new()));
+    c.handle(clock.ms(500), addr_changed());
+    let out = c.handle(clock.ms(700), Input::Timer);
+    assert!(full_pass(&out).is_some(), "{out:?}");
+}

@@ -91,6 +91,16 @@ impl Dataplane {
 
     /// One pass over every part of the dataplane; the problems met (each part runs
     /// anyway), and the uplink used.
+    /// The host's interface addresses by interface name.
+    pub async fn host_addresses(
+        &self,
+    ) -> Result<
+        std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+        crate::netlink::NetlinkError,
+    > {
+        crate::netlink::links::addresses(&self.handle).await
+    }
+
     pub async fn full_pass(&mut self, pass: &Pass) -> (Vec<Problem>, Option<u32>) {
         let started = Instant::now();
         let (problems, uplink) = self.apply(pass).await;

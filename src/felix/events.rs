@@ -24,16 +24,24 @@ pub struct Touched {
     pub route_ifaces: BTreeSet<u32>,
     /// Routes through no interface (blackholes) or several (multipath) changed.
     pub routes: bool,
+    /// An address of global scope was added or removed (link-local ones, which every
+    /// new workload interface gets, are not counted).
+    pub addrs: bool,
 }
 
 impl Touched {
     pub fn is_empty(&self) -> bool {
-        !self.unknown && !self.routes && self.links.is_empty() && self.route_ifaces.is_empty()
+        !self.unknown
+            && !self.routes
+            && !self.addrs
+            && self.links.is_empty()
+            && self.route_ifaces.is_empty()
     }
 
     pub fn merge(&mut self, other: Touched) {
         self.unknown |= other.unknown;
         self.routes |= other.routes;
+        self.addrs |= other.addrs;
         for (i, name) in other.links {
             let slot = self.links.entry(i).or_default();
             if name.is_some() {
@@ -77,6 +85,10 @@ fn touch(r: Received, t: &mut Touched) {
         Received::Lost | Received::Notice(Notice::NotUnderstood) => t.unknown = true,
         Received::Notice(Notice::Link { index, name }) => {
             t.links.insert(index, name);
+        }
+        Received::Notice(Notice::Addr { scope }) => {
+            // RT_SCOPE_UNIVERSE (0) and site; not link (253) or host (254).
+            t.addrs |= scope < 253;
         }
         Received::Notice(Notice::Route {
             added,
@@ -173,9 +185,20 @@ mod tests {
         assert_eq!(all.links[&3], None);
     }
 
+    /// An address notification: global scope counts, link scope (a new workload
+    /// interface's IPv6 link-local address) does not.
+    #[test]
+    fn global_addresses_count_and_link_local_ones_do_not() {
+        let mut m = msg(libc::RTM_NEWADDR, 0);
+        let t = touched(&m);
+        assert!(t.addrs && !t.unknown, "{t:?}");
+        m[19] = 253;
+        assert!(touched(&m).is_empty());
+    }
+
     #[test]
     fn what_is_not_understood_may_have_changed_anything() {
-        assert!(touched(&msg(libc::RTM_NEWADDR, 0)).unknown);
+        assert!(touched(&msg(libc::RTM_NEWNEIGH, 0)).unknown);
         // A length beyond the datagram.
         let mut m = msg(libc::RTM_DELROUTE, 3);
         m[0..4].copy_from_slice(&64u32.to_ne_bytes());

@@ -318,9 +318,13 @@ impl State {
                 // Every node's host endpoints give selector sets their expected
                 // addresses; this node's are programmed.
                 let info = EndpointInfo::from_hep(h);
+                // One of this node matched by address: a full pass reads the host's
+                // addresses for it.
+                let by_address = info.node == self.node && info.iface.is_empty();
                 if self.policy.calc().endpoints.get(key) != Some(&info) {
                     self.policy.endpoint(key, Some(info));
                     self.policy_changed = true;
+                    return by_address;
                 }
                 false
             }
@@ -355,6 +359,26 @@ impl State {
             }
             // Staged policies are never enforced (Calico).
             _ => false,
+        }
+    }
+
+    /// Whether a host endpoint of this node is matched by address: the full pass then
+    /// reads the host's interface addresses.
+    pub fn wants_host_addrs(&self) -> bool {
+        self.policy.calc().wants_host_addrs()
+    }
+
+    /// The host's interface addresses (workload interfaces left out), as read.
+    pub fn set_host_addrs(&mut self, addrs: BTreeMap<String, Vec<std::net::IpAddr>>) {
+        let prefix = self.config().interface_prefix().to_string();
+        let addrs: BTreeMap<String, Vec<std::net::IpAddr>> = addrs
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with(&prefix))
+            .collect();
+        if self.policy.calc().host_addrs != addrs {
+            let before = self.policy.dataplane().host.clone();
+            self.policy.set_host_addrs(addrs);
+            self.policy_changed |= self.policy.dataplane().host != before;
         }
     }
 

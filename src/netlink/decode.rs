@@ -158,6 +158,8 @@ pub enum Notice {
         protocol: u8,
         oif: Option<u32>,
     },
+    /// RTM_NEWADDR or RTM_DELADDR: the address's scope (0 global, 253 link, 254 host).
+    Addr { scope: u8 },
     /// A message of another type, one too short for its type, or a length that does
     /// not fit (the rest of the datagram is lost with it).
     NotUnderstood,
@@ -201,6 +203,10 @@ fn notice(m: &Message<'_>) -> Notice {
                 oif,
             }
         }
+        // struct ifaddrmsg { family, prefixlen, flags, scope: u8; index: u32 }
+        libc::RTM_NEWADDR | libc::RTM_DELADDR if m.payload.len() >= 8 => Notice::Addr {
+            scope: m.payload[3],
+        },
         _ => Notice::NotUnderstood,
     }
 }

@@ -101,3 +101,28 @@ pub async fn interface_with(h: &Handle, ip: IpAddr) -> Result<Option<u32>, Netli
         })
     }))
 }
+
+/// Every interface's addresses, by interface name (what host endpoints named by their
+/// expected addresses are matched against).
+pub async fn addresses(
+    h: &Handle,
+) -> Result<std::collections::BTreeMap<String, Vec<IpAddr>>, NetlinkError> {
+    let names: HashMap<u32, String> = list(h).await?.into_iter().map(|(n, i)| (i, n)).collect();
+    let mut out: std::collections::BTreeMap<String, Vec<IpAddr>> = Default::default();
+    let mut s = h.address().get().execute();
+    while let Some(a) = s
+        .try_next()
+        .await
+        .map_err(|e| NetlinkError::from_rtnetlink("list addresses", e))?
+    {
+        let Some(name) = names.get(&a.header.index) else {
+            continue;
+        };
+        for at in &a.attributes {
+            if let AddressAttribute::Address(x) = at {
+                out.entry(name.clone()).or_default().push(*x);
+            }
+        }
+    }
+    Ok(out)
+}

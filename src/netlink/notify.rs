@@ -20,7 +20,7 @@ pub enum Received {
     Lost,
 }
 
-/// A subscription to the link and IPv4/IPv6 route groups.
+/// A subscription to the link, IPv4/IPv6 route and address groups.
 pub struct Notifications {
     fd: AsyncFd<Socket>,
     buf: Vec<u8>,
@@ -35,7 +35,9 @@ impl Notifications {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         let groups = rtnetlink::constants::RTMGRP_LINK
             | rtnetlink::constants::RTMGRP_IPV4_ROUTE
-            | rtnetlink::constants::RTMGRP_IPV6_ROUTE;
+            | rtnetlink::constants::RTMGRP_IPV6_ROUTE
+            | rtnetlink::constants::RTMGRP_IPV4_IFADDR
+            | rtnetlink::constants::RTMGRP_IPV6_IFADDR;
         socket.bind(&SocketAddr::new(0, groups))?;
         socket.set_non_blocking(true)?;
         let fd = socket.as_raw_fd();

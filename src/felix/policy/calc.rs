@@ -721,6 +721,9 @@ pub struct PolicyCalc {
     pub vxlan_port: u16,
     /// `logPrefix`.
     pub log_prefix: String,
+    /// This host's interfaces (not workloads') and their addresses, for host endpoints
+    /// with no `interfaceName` (matched by `expectedIPs`).
+    pub host_addrs: BTreeMap<String, Vec<IpAddr>>,
 }
 
 impl PolicyCalc {
@@ -869,33 +872,51 @@ impl PolicyCalc {
     }
 
     /// This node's host endpoints by interface: per interface name (and for `*`), the
-    /// one whose name sorts first (Calico's `resolveHostEndpoints`). One that names no
-    /// interface (Calico then matches `expectedIPs` against the host's addresses) is not
-    /// programmed here: its addresses still fill selector sets.
+    /// one whose name sorts first among those naming it and those naming no interface
+    /// whose `expectedIPs` hold one of its addresses (Calico's `resolveHostEndpoints`).
     pub(crate) fn host_endpoints(
         &self,
         labels: &BTreeMap<String, BTreeMap<String, String>>,
     ) -> BTreeMap<String, HostEndpoint> {
         let mut best: BTreeMap<String, (&String, &EndpointInfo)> = BTreeMap::new();
         for (key, e) in &self.endpoints {
-            if !e.host || e.node != self.node || e.iface.is_empty() {
+            if !e.host || e.node != self.node {
                 continue;
             }
-            let iface = if e.iface == crate::model::hostendpoint::ALL_INTERFACES {
-                ALL_INTERFACES_KEY.to_string()
+            let ifaces: Vec<String> = if e.iface == crate::model::hostendpoint::ALL_INTERFACES {
+                vec![ALL_INTERFACES_KEY.to_string()]
+            } else if !e.iface.is_empty() {
+                vec![e.iface.clone()]
             } else {
-                e.iface.clone()
+                // No interface named: the interfaces holding one of its expected addresses.
+                self.host_addrs
+                    .iter()
+                    .filter(|(_, addrs)| {
+                        addrs.iter().any(|a| e.nets.iter().any(|n| n.addr() == *a))
+                    })
+                    .map(|(name, _)| name.clone())
+                    .collect()
             };
-            match best.get(&iface) {
-                Some((_, b)) if b.name <= e.name => {}
-                _ => {
-                    best.insert(iface, (key, e));
+            for iface in ifaces {
+                match best.get(&iface) {
+                    Some((_, b)) if b.name <= e.name => {}
+                    _ => {
+                        best.insert(iface, (key, e));
+                    }
                 }
             }
         }
         best.into_iter()
             .map(|(iface, (key, e))| (iface, self.host_endpoint(e, &labels[key])))
             .collect()
+    }
+
+    /// Whether a host endpoint of this node is matched by its addresses (the host's
+    /// interface addresses are then needed).
+    pub fn wants_host_addrs(&self) -> bool {
+        self.endpoints
+            .values()
+            .any(|e| e.host && e.node == self.node && e.iface.is_empty())
     }
 
     /// The host layer: this node's host endpoints and the failsafe ports.

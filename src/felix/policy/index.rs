@@ -139,6 +139,15 @@ impl PolicyEngine {
         Arc::make_mut(&mut self.dp).encap_drops = v;
     }
 
+    /// The host's interface addresses (for host endpoints matched by address).
+    pub fn set_host_addrs(&mut self, addrs: BTreeMap<String, Vec<IpAddr>>) {
+        if self.calc.host_addrs == addrs {
+            return;
+        }
+        self.calc.host_addrs = addrs;
+        self.refresh_host();
+    }
+
     /// `logPrefix`.
     pub fn set_log_prefix(&mut self, v: &str) {
         self.calc.log_prefix = v.to_string();

@@ -131,6 +131,8 @@ enum Op {
     DelHep(u8),
     /// Failsafe ports: the defaults or one other list.
     HostConfig(bool),
+    /// The host's addresses: which endpoint address eth1 holds (none: 4).
+    HostAddrs(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -147,10 +149,11 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(i, on, r, alt)| Op::Profile(i, on, r, alt)),
         1 => any::<bool>().prop_map(Op::Tier),
         1 => (0u8..3).prop_map(Op::EndpointToHost),
-        3 => (0u8..4, any::<bool>(), 0u8..3, 0u8..4, 0u8..4)
+        3 => (0u8..4, any::<bool>(), 0u8..4, 0u8..4, 0u8..4)
             .prop_map(|(i, l, f, r, p)| Op::Hep(i, l, f, r, p)),
         1 => (0u8..4).prop_map(Op::DelHep),
         1 => any::<bool>().prop_map(Op::HostConfig),
+        1 => (0u8..5).prop_map(Op::HostAddrs),
     ]
 }
 
@@ -186,7 +189,7 @@ fn endpoint(idx: u8, local: bool, role: u8, ip: u8, profiles: u8, port: bool) ->
 fn host_endpoint(idx: u8, local: bool, iface: u8, role: u8, profiles: u8) -> EndpointInfo {
     let spec = HostEndpointSpec {
         node: if local { "node-a" } else { "node-b" }.into(),
-        interface_name: ["eth0", "eth1", "*"][iface as usize].into(),
+        interface_name: ["eth0", "eth1", "*", ""][iface as usize].into(),
         expected_ips: vec![format!("10.0.1.{idx}")],
         profiles: (0..PROFILES.len())
             .filter(|i| profiles & (1 << i) != 0)
@@ -212,6 +215,16 @@ fn apply(e: &mut PolicyEngine, op: &Op) {
             Some(host_endpoint(*idx, *local, *iface, *role, *profiles)),
         ),
         Op::DelHep(idx) => e.endpoint(&format!("h{idx}"), None),
+        Op::HostAddrs(i) => {
+            let mut addrs = BTreeMap::new();
+            if *i < 4 {
+                addrs.insert(
+                    "eth1".to_string(),
+                    vec![format!("10.0.1.{i}").parse().unwrap()],
+                );
+            }
+            e.set_host_addrs(addrs);
+        }
         Op::HostConfig(other) => {
             let ports = if *other {
                 vec![Failsafe {
