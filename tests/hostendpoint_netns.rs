@@ -523,10 +523,16 @@ spec:
     drop(c.node1.take());
 }
 
+/// A short route refresh (the full pass that repairs drift comes within seconds) and the
+/// inbound failsafe ports from the environment, over the datastore's (Felix's defaults).
+const ENV: &[(&str, &str)] = &[
+    ("FELIX_ROUTEREFRESHINTERVAL", "2"),
+    ("FELIX_FAILSAFEINBOUNDHOSTPORTS", "tcp:22,tcp:179"),
+];
+
 #[test]
 fn all_interfaces_endpoint_restart_and_drift() {
-    // A short route refresh: the full pass that repairs drift comes within seconds.
-    let Some(mut c) = Cluster::new("hepall", &[("FELIX_ROUTEREFRESHINTERVAL", "2")]) else {
+    let Some(mut c) = Cluster::new("hepall", ENV) else {
         return;
     };
     let (n1, n2, hub) = (&c.lab.nodes[0], &c.lab.nodes[1], &c.lab.hub);
@@ -612,6 +618,20 @@ spec:
         ),
     ];
     c.expect("all-interfaces host endpoint", &star);
+    // FELIX_FAILSAFEINBOUNDHOSTPORTS replaced the default list (DHCP 68, etcd, ...).
+    let failsafe = n1
+        .command("nft")
+        .args(["list", "chain", "ip", "calico", "filter-cali-failsafe-in"])
+        .output()
+        .unwrap();
+    let failsafe = String::from_utf8_lossy(&failsafe.stdout);
+    assert!(
+        failsafe.contains("dport 22 accept")
+            && failsafe.contains("dport 179 accept")
+            && !failsafe.contains("dport 68")
+            && !failsafe.contains("dport 2379"),
+        "{failsafe}"
+    );
     c.apply(
         r#"
 apiVersion: projectcalico.org/v3
@@ -727,7 +747,7 @@ spec:
     };
     drop(c.node1.take());
     std::thread::sleep(Duration::from_secs(1));
-    c.node1 = Some(c.lab.start_node(0, &[("FELIX_ROUTEREFRESHINTERVAL", "2")]));
+    c.node1 = Some(c.lab.start_node(0, ENV));
     c.lab.wait_ready(LIMIT);
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
