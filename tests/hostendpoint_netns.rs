@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use common::cluster::{Lab, add_pod, calicoctl};
 use common::policy::{
-    Proto, Servers, allow_pod_network, case, expect_traffic, nft_ruleset, reaches, reaches_from,
+    HEP_NODE1_ETH0, NODEPORT_NOT_FROM_NODE2, Proto, Servers, allow_pod_network, case,
+    expect_traffic, nft_ruleset, reaches, reaches_from,
 };
 use common::{NetNs, Process};
 
@@ -73,24 +74,23 @@ impl Cluster {
         })
     }
 
-    fn apply(&self, yaml: &str) {
+    /// `calicoctl <verb> -f -` of `yaml` on node-1.
+    fn calicoctl(&self, verb: &str, yaml: &str) {
         calicoctl(
             &self.lab.nodes[0],
             &self.lab.ep,
             self.lab.states[0].path(),
-            &["apply", "-f", "-"],
+            &[verb, "-f", "-"],
             yaml,
         );
     }
 
+    fn apply(&self, yaml: &str) {
+        self.calicoctl("apply", yaml);
+    }
+
     fn delete(&self, yaml: &str) {
-        calicoctl(
-            &self.lab.nodes[0],
-            &self.lab.ep,
-            self.lab.states[0].path(),
-            &["delete", "-f", "-"],
-            yaml,
-        );
+        self.calicoctl("delete", yaml);
     }
 
     fn pod_ip(&self, pod: &NetNs) -> String {
@@ -125,19 +125,6 @@ impl Cluster {
         self.lab.node_status(0).contains("Established")
     }
 }
-
-const HEP_ETH0: &str = r#"
-apiVersion: projectcalico.org/v3
-kind: HostEndpoint
-metadata:
-  name: node-1-eth0
-  labels:
-    role: node
-spec:
-  node: node-1
-  interfaceName: eth0
-  expectedIPs: ["10.99.0.1"]
-"#;
 
 /// The default failsafe inbound list without SSH (22).
 const NO_SSH: &str = r#"
@@ -186,7 +173,7 @@ fn failsafe_policy_prednat_and_untracked() {
     c.expect("no host endpoint: host traffic is not policed", &open);
 
     // A host endpoint with no policy: default deny, failsafe ports open.
-    c.apply(HEP_ETH0);
+    c.apply(HEP_NODE1_ETH0);
     let denied = [
         case(
             "hub -> node-1 tcp/22 (failsafe)",
@@ -387,24 +374,7 @@ spec:
         "NodePort before the pre-DNAT policy",
         &[nodeport("hub", hub, true), nodeport("node-2", n2, true)],
     );
-    c.apply(
-        r#"
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata:
-  name: nodeport-not-from-node-2
-spec:
-  selector: role == 'node'
-  preDNAT: true
-  applyOnForward: true
-  types: [Ingress]
-  ingress:
-  - action: Deny
-    protocol: TCP
-    source: {nets: ["10.99.0.2/32"]}
-    destination: {ports: [30080]}
-"#,
-    );
+    c.apply(NODEPORT_NOT_FROM_NODE2);
     c.expect(
         "pre-DNAT denies the NodePort from node-2 only",
         &[
@@ -484,7 +454,7 @@ spec:
     );
 
     // Removing the host endpoints: nothing of the host layer stays.
-    c.delete(HEP_ETH0);
+    c.delete(HEP_NODE1_ETH0);
     c.delete(
         "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata:\n  name: node-1-eth1\n",
     );

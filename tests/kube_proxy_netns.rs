@@ -18,7 +18,10 @@ use std::time::Duration;
 use common::NetNs;
 use common::cluster::{Lab, add_pod, calicoctl};
 use common::kube_proxy::{Backend, Service, saved, sync};
-use common::policy::{Case, Proto, Servers, allow_pod_network, case, expect_traffic, nft_ruleset};
+use common::policy::{
+    Case, HEP_NODE1_ETH0, NODEPORT_NOT_FROM_NODE2, Proto, Servers, allow_pod_network, case,
+    expect_traffic, nft_ruleset,
+};
 
 const LIMIT: Duration = Duration::from_secs(20);
 const CLUSTER_IP: &str = "10.96.0.10";
@@ -178,35 +181,8 @@ spec:
     expect("backend policy denies pod b", &denied_b);
 
     // A pre-DNAT policy on node-1's host endpoint denies the NodePort from node-2.
-    apply(
-        r#"
-apiVersion: projectcalico.org/v3
-kind: HostEndpoint
-metadata:
-  name: node-1-eth0
-  labels:
-    role: node
-spec:
-  node: node-1
-  interfaceName: eth0
-  expectedIPs: ["10.99.0.1"]
----
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata:
-  name: nodeport-not-from-node-2
-spec:
-  selector: role == 'node'
-  preDNAT: true
-  applyOnForward: true
-  types: [Ingress]
-  ingress:
-  - action: Deny
-    protocol: TCP
-    source: {nets: ["10.99.0.2/32"]}
-    destination: {ports: [30080]}
-"#,
-    );
+    apply(HEP_NODE1_ETH0);
+    apply(NODEPORT_NOT_FROM_NODE2);
     let all = [
         denied_b[0].clone(),
         denied_b[1].clone(),

@@ -401,3 +401,36 @@ pub fn nft_counted(ns: &NetNs, needle: &str) -> u64 {
         })
         .sum()
 }
+
+/// A HostEndpoint for node-1's eth0 (10.99.0.1 in the lab), labelled `role: node`.
+pub const HEP_NODE1_ETH0: &str = r#"
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata:
+  name: node-1-eth0
+  labels:
+    role: node
+spec:
+  node: node-1
+  interfaceName: eth0
+  expectedIPs: ["10.99.0.1"]
+"#;
+
+/// A pre-DNAT policy for `role == 'node'` host endpoints denying TCP 30080 (a NodePort)
+/// from node-2's address (10.99.0.2).
+pub const NODEPORT_NOT_FROM_NODE2: &str = r#"
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata:
+  name: nodeport-not-from-node-2
+spec:
+  selector: role == 'node'
+  preDNAT: true
+  applyOnForward: true
+  types: [Ingress]
+  ingress:
+  - action: Deny
+    protocol: TCP
+    source: {nets: ["10.99.0.2/32"]}
+    destination: {ports: [30080]}
+"#;
