@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::cluster::{Lab, add_pod, calicoctl};
+use common::cluster::{Lab, add_pod, calicoctl, pod_ipv4};
 use common::policy::{
     HEP_NODE1_ETH0, NODEPORT_NOT_FROM_NODE2, Proto, Servers, allow_pod_network, case,
     expect_traffic, nft_ruleset, reaches, reaches_from,
@@ -93,21 +93,6 @@ impl Cluster {
         self.calicoctl("delete", yaml);
     }
 
-    fn pod_ip(&self, pod: &NetNs) -> String {
-        let out = pod
-            .command("ip")
-            .args(["-4", "-o", "addr", "show", "eth0"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let addr = text
-            .split_whitespace()
-            .skip_while(|w| *w != "inet")
-            .nth(1)
-            .unwrap();
-        addr.split('/').next().unwrap().to_string()
-    }
-
     fn context(&self) -> String {
         format!(
             "node-1 ruleset:\n{}\nlogs:\n{}",
@@ -151,7 +136,7 @@ fn failsafe_policy_prednat_and_untracked() {
         return;
     };
     let (n1, n2, hub) = (&c.lab.nodes[0], &c.lab.nodes[1], &c.lab.hub);
-    let (pa, pb) = (c.pod_ip(&c.lab.pa), c.pod_ip(&c.lab.pb));
+    let (pa, pb) = (pod_ipv4(&c.lab.pa), pod_ipv4(&c.lab.pb));
     let node1 = "10.99.0.1";
     let open = [
         case("hub -> node-1 tcp/8080", hub, node1, Proto::Tcp(8080), true),

@@ -16,7 +16,7 @@ mod common;
 use std::time::Duration;
 
 use common::NetNs;
-use common::cluster::{Lab, add_pod, calicoctl};
+use common::cluster::{Lab, add_pod, calicoctl, pod_ipv4};
 use common::kube_proxy::{Backend, Service, saved, sync};
 use common::policy::{
     Case, HEP_NODE1_ETH0, NODEPORT_NOT_FROM_NODE2, Proto, Servers, allow_pod_network, case,
@@ -26,21 +26,6 @@ use common::policy::{
 const LIMIT: Duration = Duration::from_secs(20);
 const CLUSTER_IP: &str = "10.96.0.10";
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
-
-fn pod_ip(pod: &NetNs) -> String {
-    let out = pod
-        .command("ip")
-        .args(["-4", "-o", "addr", "show", "eth0"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let addr = text
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .unwrap();
-    addr.split('/').next().unwrap().to_string()
-}
 
 /// Our table as nft lists it without counters.
 fn ours(ns: &NetNs) -> String {
@@ -77,7 +62,7 @@ fn services_with_kube_proxy(backend: Backend) {
     let pa = add_pod(n1, "node-1", &lab.ep, &lab.pa);
     add_pod(n2, "node-2", &lab.ep, &lab.pb);
     add_pod(n1, "node-1", &lab.ep, &pc);
-    let pb = pod_ip(&lab.pb);
+    let pb = pod_ipv4(&lab.pb);
     let _servers = Servers::start(&lab.pa, &[80], &[]);
     let apply = |yaml: &str| {
         calicoctl(

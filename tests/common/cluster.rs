@@ -321,3 +321,19 @@ fn default_route(n: &NetNs) {
         "eth0",
     ]);
 }
+
+/// The IPv4 address of a pod's `eth0`.
+pub fn pod_ipv4(pod: &NetNs) -> String {
+    let out = pod
+        .command("ip")
+        .args(["-4", "-o", "addr", "show", "eth0"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let addr = text
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no IPv4 address on {}'s eth0: {text}", pod.name));
+    addr.split('/').next().unwrap().to_string()
+}
