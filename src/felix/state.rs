@@ -370,10 +370,17 @@ impl State {
 
     /// The host's interface addresses (workload interfaces left out), as read.
     pub fn set_host_addrs(&mut self, addrs: BTreeMap<String, Vec<std::net::IpAddr>>) {
-        let prefix = self.config().interface_prefix().to_string();
+        // `interfacePrefix` may list several prefixes (`cali,tap`).
+        let config = self.config();
+        let prefixes: Vec<&str> = config
+            .interface_prefix()
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .collect();
         let addrs: BTreeMap<String, Vec<std::net::IpAddr>> = addrs
             .into_iter()
-            .filter(|(name, _)| !name.starts_with(&prefix))
+            .filter(|(name, _)| !prefixes.iter().any(|p| name.starts_with(p)))
             .collect();
         if self.policy.calc().host_addrs != addrs {
             let before = self.policy.dataplane().host.clone();
