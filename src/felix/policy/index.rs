@@ -79,6 +79,9 @@ pub struct PolicyEngine {
     /// or changes).
     held_policy_sets: BTreeMap<String, BTreeMap<String, SetDef>>,
     held_profile_sets: BTreeMap<String, BTreeMap<String, SetDef>>,
+    /// The keys of host endpoints (of any node): without any, a change never touches
+    /// the host layer and its recomputation (a scan of every endpoint) is skipped.
+    host_keys: BTreeSet<String>,
 }
 
 fn members_of(set: &IpSet) -> Vec<Member> {
@@ -188,7 +191,7 @@ impl PolicyEngine {
     /// This node's host endpoints computed again (they are few): what they use is taken
     /// before what they used is let go.
     fn refresh_host(&mut self) {
-        if self.rebuild {
+        if self.rebuild || (self.host_keys.is_empty() && self.dp.host.endpoints.is_empty()) {
             return;
         }
         let new = self.calc.host_endpoints(&self.labels);
@@ -210,6 +213,11 @@ impl PolicyEngine {
     pub fn endpoint(&mut self, key: &str, info: Option<EndpointInfo>) {
         let host = info.as_ref().is_some_and(|i| i.host)
             || self.calc.endpoints.get(key).is_some_and(|i| i.host);
+        if info.as_ref().is_some_and(|i| i.host) {
+            self.host_keys.insert(key.to_string());
+        } else {
+            self.host_keys.remove(key);
+        }
         self.endpoint_inner(key, info);
         if host {
             self.refresh_host();
@@ -373,6 +381,13 @@ impl PolicyEngine {
     /// Recompute everything from the inputs; the journal records what differs.
     fn rebuild_all(&mut self) {
         self.rebuild = false;
+        self.host_keys = self
+            .calc
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.host)
+            .map(|(k, _)| k.clone())
+            .collect();
         self.labels = self.calc.all_labels();
         let (mut new, defs) = self.calc.without_members(&self.labels);
         let defs: BTreeMap<String, SetDef> =
