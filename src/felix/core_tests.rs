@@ -808,6 +808,7 @@ fn host_endpoints_matched_by_address_follow_the_hosts_addresses() {
     let addrs = std::collections::BTreeMap::from([
         ("eth0".to_string(), vec!["10.0.0.1".parse().unwrap()]),
         ("cali1".to_string(), vec!["10.0.0.1".parse().unwrap()]),
+        ("kube-ipvs0".to_string(), vec!["10.0.0.1".parse().unwrap()]),
     ]);
     let out = c.handle(clock.ms(402), Input::HostAddresses(addrs));
     let dp = out
@@ -817,7 +818,8 @@ fn host_endpoints_matched_by_address_follow_the_hosts_addresses() {
             _ => None,
         })
         .expect("the host layer changed: a policy apply");
-    // Workload interfaces are never host endpoints.
+    // Workload interfaces and kube-ipvs0 (Felix's default interfaceExclude) are never
+    // host endpoints.
     assert_eq!(dp.host.endpoints.keys().collect::<Vec<_>>(), ["eth0"]);
     c.handle(clock.ms(403), Input::PolicyApplied(Vec::new()));
     c.handle(clock.ms(500), addr_changed());

@@ -368,7 +368,8 @@ impl State {
         self.policy.calc().wants_host_addrs()
     }
 
-    /// The host's interface addresses (workload interfaces left out), as read.
+    /// The host's interface addresses (workload interfaces and kube-ipvs0 left out), as
+    /// read.
     pub fn set_host_addrs(&mut self, addrs: BTreeMap<String, Vec<std::net::IpAddr>>) {
         // `interfacePrefix` may list several prefixes (`cali,tap`).
         let config = self.config();
@@ -378,9 +379,13 @@ impl State {
             .map(str::trim)
             .filter(|p| !p.is_empty())
             .collect();
+        // kube-ipvs0 holds kube-proxy's service addresses: Felix's default
+        // `interfaceExclude` leaves it out of host endpoint resolution.
         let addrs: BTreeMap<String, Vec<std::net::IpAddr>> = addrs
             .into_iter()
-            .filter(|(name, _)| !prefixes.iter().any(|p| name.starts_with(p)))
+            .filter(|(name, _)| {
+                name != "kube-ipvs0" && !prefixes.iter().any(|p| name.starts_with(p))
+            })
             .collect();
         if self.policy.calc().host_addrs != addrs {
             let before = self.policy.dataplane().host.clone();
